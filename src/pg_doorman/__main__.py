@@ -1,0 +1,3 @@
+from pg_doorman.app.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,418 @@
+"""Message framing.
+
+`MessageBuffer` yields whole messages and serves the low-volume phases (login,
+cleanup, admin). `BackendScanner` and `FrontendScanner` serve the relay: they walk a
+byte stream message by message, decode only the messages that drive a pooling
+decision, and let everything else through as byte ranges. A message that is not
+decoded is never buffered whole, so a 1 GB DataRow costs no more memory than the
+chunk it arrives in.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final
+
+from pg_doorman.protocol import codes
+from pg_doorman.protocol.messages import ProtocolError
+
+_LENGTH = struct.Struct("!I")
+_unpack_length = _LENGTH.unpack_from
+_MAX = codes.MAX_MESSAGE_SIZE
+
+
+class MessageBuffer:
+    """Accumulates bytes and yields complete (type, body) messages."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def __len__(self) -> int:
+        return len(self._buf)
+
+    def next_message(self) -> tuple[int, bytes] | None:
+        buf = self._buf
+        if len(buf) < 5:
+            return None
+        (length,) = _unpack_length(buf, 1)
+        if length < 4 or length > _MAX:
+            raise ProtocolError(f"invalid message length {length}")
+        end = length + 1
+        if len(buf) < end:
+            return None
+        msg_type = buf[0]
+        body = bytes(buf[5:end])
+        del buf[:end]
+        return msg_type, body
+
+    def take_rest(self) -> bytes:
+        rest = bytes(self._buf)
+        self._buf.clear()
+        return rest
+
+
+class _HeldMessage:
+    """The unfinished tail of a stream: a partial header or a partial decoded message.
+
+    Once the header is known the total size is too, so a large message arriving in
+    many chunks is appended without rescanning or re-copying what came before.
+    """
+
+    __slots__ = ("_buf", "_total")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._total = 0
+
+    def __bool__(self) -> bool:
+        return bool(self._buf)
+
+    @property
+    def size(self) -> int:
+        return len(self._buf)
+
+    def hold(self, data: bytes, pos: int) -> None:
+        self._buf += memoryview(data)[pos:]
+        if len(self._buf) >= 5:
+            (length,) = _unpack_length(self._buf, 1)
+            self._total = length + 1
+        else:
+            self._total = 0
+
+    def join(self, data: bytes) -> bytes:
+        """Add data; return the whole held run once it may contain a full message."""
+        buf = self._buf
+        if self._total and len(buf) + len(data) < self._total:
+            buf += data
+            return b""
+        joined = bytes(buf) + data
+        buf.clear()
+        self._total = 0
+        return joined
+
+    def take(self) -> bytes:
+        held = bytes(self._buf)
+        self._buf.clear()
+        self._total = 0
+        return held
+
+
+# ---- cleanup flags armed by CommandComplete tags -------------------------------
+
+CLEAN_SET: Final = 1  # SET seen: RESET ALL (and RESET ROLE) at check-in
+CLEAN_PREPARE: Final = 2  # server-side prepared statements exist: DEALLOCATE ALL
+CLEAN_DECLARE: Final = 4  # cursors may be open (WITH HOLD survives commit): CLOSE ALL
+CLEAN_LISTEN: Final = 8  # LISTEN seen: UNLISTEN * so notifications don't leak
+
+
+def tag_cleanup_effect(tag: bytes, flags: int) -> int:
+    """New cleanup flags after a CommandComplete tag (without the trailing NUL)."""
+    first = tag[:1]
+    if first == b"S":
+        if tag == b"SET":
+            return flags | CLEAN_SET
+    elif first == b"R":
+        if tag == b"RESET":
+            return flags & ~CLEAN_SET
+    elif first == b"D":
+        if tag == b"DECLARE CURSOR":
+            return flags | CLEAN_DECLARE
+        if tag == b"DISCARD ALL":
+            return 0
+        if tag == b"DEALLOCATE ALL":
+            return flags & ~CLEAN_PREPARE
+    elif first == b"P":
+        if tag == b"PREPARE":
+            return flags | CLEAN_PREPARE
+    elif first == b"C":
+        if tag == b"CLOSE CURSOR ALL":
+            return flags & ~CLEAN_DECLARE
+    elif first == b"L":
+        if tag == b"LISTEN":
+            return flags | CLEAN_LISTEN
+    elif first == b"U" and tag == b"UNLISTEN":
+        # UNLISTEN of one channel leaves others; only "UNLISTEN *" is safe to trust,
+        # and the tag doesn't say which, so keep the flag.
+        return flags
+    return flags
+
+
+def cleanup_queries(flags: int) -> list[str]:
+    """Statements that undo session state, in an order that always succeeds."""
+    statements: list[str] = []
+    if flags & CLEAN_SET:
+        statements += ["RESET ROLE", "RESET ALL"]
+    if flags & CLEAN_PREPARE:
+        statements.append("DEALLOCATE ALL")
+    if flags & CLEAN_DECLARE:
+        statements.append("CLOSE ALL")
+    if flags & CLEAN_LISTEN:
+        statements.append("UNLISTEN *")
+    return statements
+
+
+# Backend message types the relay must decode.
+_Z = codes.READY_FOR_QUERY
+_E = codes.ERROR_RESPONSE
+_C = codes.COMMAND_COMPLETE
+_S = codes.PARAMETER_STATUS
+_G = codes.COPY_IN_RESPONSE
+_H = codes.COPY_OUT_RESPONSE
+_W = codes.COPY_BOTH_RESPONSE
+_BACKEND_DECODED: Final = frozenset((_Z, _E, _C, _S, _G, _H, _W))
+
+
+class BackendScanner:
+    """Walks backend->client bytes, tracking transaction and copy state.
+
+    `feed()` returns the bytes that can be forwarded now and holds back at most an
+    incomplete header or an incomplete decoded message. After each call the caller
+    reads `ready_count`/`status` (ReadyForQuery seen), `copy_in_started` and the rest.
+    """
+
+    __slots__ = (
+        "_held",
+        "_need",
+        "cleanup_flags",
+        "copy_in_started",
+        "error_count",
+        "in_copy",
+        "last_error",
+        "param_changes",
+        "parameters",
+        "ready_count",
+        "status",
+    )
+
+    def __init__(self, parameters: dict[str, str]) -> None:
+        self._held = _HeldMessage()
+        self._need = 0
+        self.parameters = parameters
+        self.status = codes.TX_IDLE
+        self.ready_count = 0
+        self.copy_in_started = 0
+        self.in_copy = False
+        self.error_count = 0
+        self.last_error: bytes | None = None
+        self.cleanup_flags = 0
+        self.param_changes = 0
+
+    def reset_counters(self) -> None:
+        self.ready_count = 0
+        self.copy_in_started = 0
+
+    @property
+    def mid_message(self) -> bool:
+        return bool(self._held) or self._need > 0
+
+    def feed(self, data: bytes) -> bytes:
+        self.ready_count = 0
+        self.copy_in_started = 0
+        if self._held:
+            data = self._held.join(data)
+            if not data:
+                return b""
+        n = len(data)
+        pos = self._need
+        if pos:
+            if pos >= n:
+                self._need = pos - n
+                return data
+            self._need = 0
+        decoded = _BACKEND_DECODED
+        while n - pos >= 5:
+            msg_type = data[pos]
+            (length,) = _unpack_length(data, pos + 1)
+            end = pos + 1 + length
+            if msg_type not in decoded:
+                if length < 4 or length > _MAX:
+                    raise ProtocolError(f"invalid backend message length {length}")
+                if end > n:
+                    self._need = end - n
+                    return data
+                pos = end
+                continue
+            if end > n:
+                if length > _MAX:
+                    raise ProtocolError(f"invalid backend message length {length}")
+                break
+            if msg_type == _Z:
+                self.ready_count += 1
+                self.status = data[pos + 5]
+                self.in_copy = False
+            elif msg_type == _C:
+                self.in_copy = False
+                tag = data[pos + 5 : end - 1]
+                if not tag.startswith(b"SELECT"):
+                    self.cleanup_flags = tag_cleanup_effect(tag, self.cleanup_flags)
+            elif msg_type == _E:
+                self.in_copy = False
+                self.error_count += 1
+                self.last_error = data[pos + 5 : end]
+            elif msg_type == _S:
+                self._parameter_status(data[pos + 5 : end])
+            elif msg_type == _G:
+                self.in_copy = True
+                self.copy_in_started += 1
+            else:  # CopyOutResponse / CopyBothResponse
+                self.in_copy = True
+            pos = end
+        if pos < n:
+            self._held.hold(data, pos)
+            return data[:pos]
+        return data
+
+    def _parameter_status(self, body: bytes) -> None:
+        self.param_changes += 1
+        parts = body.split(b"\x00")
+        if len(parts) >= 2:
+            self.parameters[parts[0].decode("utf-8", "replace")] = parts[1].decode(
+                "utf-8", "replace"
+            )
+
+
+# Frontend message types the relay acts on.
+_QUERY = codes.QUERY
+_SYNC = codes.SYNC
+_FUNCTION_CALL = codes.FUNCTION_CALL
+_EXECUTE = codes.EXECUTE
+_TERMINATE = codes.TERMINATE
+_PARSE = codes.PARSE
+_COPY_DONE = codes.COPY_DONE
+_COPY_FAIL = codes.COPY_FAIL
+_FLUSH = codes.FLUSH
+_COPY_DATA = codes.COPY_DATA
+_FRONTEND_VALID: Final = frozenset(b"BCDEFHPQSXcdfp")
+
+
+class FrontendScanner:
+    """Walks client->server bytes and keeps the request/response accounting.
+
+    `pending_ready` counts ReadyForQuery messages the server still owes (one per
+    Query, Sync and FunctionCall); `batch_open` says the client has sent part of an
+    extended-protocol batch without its Sync. A server may go back to the pool only
+    when both are clear, so no half-sent batch is ever split across two servers.
+    """
+
+    __slots__ = (
+        "_held",
+        "_need",
+        "batch_open",
+        "copy_in",
+        "flush_seen",
+        "named_parse_seen",
+        "pending_ready",
+        "syncs_after_execute",
+        "terminated",
+    )
+
+    def __init__(self) -> None:
+        self._held = _HeldMessage()
+        self._need = 0
+        self.pending_ready = 0
+        self.batch_open = False
+        self.copy_in = False
+        self.syncs_after_execute = 0
+        self.terminated = False
+        self.named_parse_seen = False
+        self.flush_seen = False
+
+    @property
+    def held_bytes(self) -> int:
+        return self._held.size
+
+    @property
+    def mid_message(self) -> bool:
+        return bool(self._held) or self._need > 0
+
+    def reset(self) -> None:
+        """Forget accounting of a server that is no longer attached."""
+        self.pending_ready = 0
+        self.batch_open = False
+        self.copy_in = False
+        self.syncs_after_execute = 0
+
+    def on_copy_in_started(self) -> None:
+        # The backend ignores Sync and Flush while in copy-in, so Syncs the client
+        # sent after the COPY's Execute will never be answered.
+        self.pending_ready -= self.syncs_after_execute
+        if self.pending_ready < 0:
+            self.pending_ready = 0
+        self.syncs_after_execute = 0
+        self.copy_in = True
+
+    def on_copy_aborted_by_server(self) -> None:
+        self.copy_in = False
+
+    def feed(self, data: bytes) -> bytes:
+        """Account for client bytes; return what may be forwarded to the server.
+
+        Stops at Terminate (which is never forwarded) and sets `terminated`.
+        """
+        if self._held:
+            data = self._held.join(data)
+            if not data:
+                return b""
+        n = len(data)
+        pos = self._need
+        if pos:
+            if pos >= n:
+                self._need = pos - n
+                return data
+            self._need = 0
+        valid = _FRONTEND_VALID
+        while n - pos >= 5:
+            msg_type = data[pos]
+            (length,) = _unpack_length(data, pos + 1)
+            if msg_type not in valid or length < 4 or length > _MAX:
+                raise ProtocolError(
+                    f"invalid frontend message type {msg_type!r} or length {length}"
+                )
+            end = pos + 1 + length
+            if msg_type == _SYNC or msg_type == _QUERY or msg_type == _FUNCTION_CALL:
+                if msg_type == _SYNC:
+                    if self.copy_in:
+                        pass  # ignored by the backend during copy-in
+                    else:
+                        self.pending_ready += 1
+                        self.syncs_after_execute += 1
+                        self.batch_open = False
+                else:
+                    self.pending_ready += 1
+                    self.syncs_after_execute = 0
+                    self.batch_open = False
+            elif msg_type == _TERMINATE:
+                self.terminated = True
+                return data[:pos]
+            else:
+                if msg_type == _PARSE:
+                    if end > n:
+                        break  # need the statement name: hold the message
+                    if length > 4 and data[pos + 5] != 0:
+                        self.named_parse_seen = True
+                    self.batch_open = True
+                elif msg_type == _EXECUTE:
+                    self.syncs_after_execute = 0
+                    self.batch_open = True
+                elif msg_type == _COPY_DONE or msg_type == _COPY_FAIL:
+                    self.copy_in = False
+                elif msg_type == _FLUSH:
+                    self.flush_seen = True
+                elif msg_type != _COPY_DATA:
+                    self.batch_open = True
+            if end > n:
+                self._need = end - n
+                return data
+            pos = end
+        if pos < n:
+            self._held.hold(data, pos)
+            return data[:pos]
+        return data
+
+    def take_held(self) -> bytes:
+        return self._held.take()

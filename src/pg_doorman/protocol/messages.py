@@ -1,0 +1,236 @@
+"""Builders and parsers for the messages the pooler creates or inspects.
+
+Builders return complete messages (type byte + int32 length + body) as bytes.
+Parsers take a message body (without the 5-byte header).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+
+from pg_doorman.protocol import codes
+
+_HEADER = struct.Struct("!cI")
+_INT32 = struct.Struct("!i")
+_UINT32 = struct.Struct("!I")
+_INT16 = struct.Struct("!h")
+_AUTH_CODE = struct.Struct("!ci")
+_KEY_DATA = struct.Struct("!ii")
+
+# Messages that never change: build once.
+READY_IDLE = b"Z\x00\x00\x00\x05I"
+READY_IN_TRANSACTION = b"Z\x00\x00\x00\x05T"
+READY_FAILED = b"Z\x00\x00\x00\x05E"
+AUTH_OK = b"R\x00\x00\x00\x08\x00\x00\x00\x00"
+SYNC = b"S\x00\x00\x00\x04"
+FLUSH = b"H\x00\x00\x00\x04"
+TERMINATE = b"X\x00\x00\x00\x04"
+PARSE_COMPLETE = b"1\x00\x00\x00\x04"
+BIND_COMPLETE = b"2\x00\x00\x00\x04"
+CLOSE_COMPLETE = b"3\x00\x00\x00\x04"
+EMPTY_QUERY = b"I\x00\x00\x00\x04"
+NO_DATA = b"n\x00\x00\x00\x04"
+SSL_REFUSED = b"N"
+
+
+class ProtocolError(Exception):
+    """A peer sent bytes that do not form a valid message."""
+
+
+def build(msg_type: bytes, body: bytes = b"") -> bytes:
+    return _HEADER.pack(msg_type, len(body) + 4) + body
+
+
+def cstring(value: str) -> bytes:
+    return value.encode() + b"\x00"
+
+
+def ready_for_query(status: int) -> bytes:
+    return b"Z\x00\x00\x00\x05" + bytes((status,))
+
+
+def error_response(
+    severity: str,
+    code: str,
+    message: str,
+    *,
+    detail: str | None = None,
+    hint: str | None = None,
+) -> bytes:
+    """ErrorResponse with both the localized (S) and non-localized (V) severity."""
+    parts = [b"S", cstring(severity), b"V", cstring(severity), b"C", cstring(code)]
+    parts += [b"M", cstring(message)]
+    if detail:
+        parts += [b"D", cstring(detail)]
+    if hint:
+        parts += [b"H", cstring(hint)]
+    parts.append(b"\x00")
+    return build(b"E", b"".join(parts))
+
+
+def notice_response(code: str, message: str, severity: str = "NOTICE") -> bytes:
+    body = b"S" + cstring(severity) + b"V" + cstring(severity) + b"C" + cstring(code)
+    return build(b"N", body + b"M" + cstring(message) + b"\x00")
+
+
+def parameter_status(name: str, value: str) -> bytes:
+    return build(b"S", cstring(name) + cstring(value))
+
+
+def backend_key_data(pid: int, secret: int) -> bytes:
+    return build(b"K", _KEY_DATA.pack(pid, secret))
+
+
+def command_complete(tag: str) -> bytes:
+    return build(b"C", cstring(tag))
+
+
+def auth_request(code: int, payload: bytes = b"") -> bytes:
+    return build(b"R", _INT32.pack(code) + payload)
+
+
+def auth_md5(salt: bytes) -> bytes:
+    return auth_request(codes.AUTH_MD5, salt)
+
+
+def auth_sasl(mechanisms: Sequence[str]) -> bytes:
+    return auth_request(codes.AUTH_SASL, b"".join(cstring(m) for m in mechanisms) + b"\x00")
+
+
+def auth_sasl_continue(data: bytes) -> bytes:
+    return auth_request(codes.AUTH_SASL_CONTINUE, data)
+
+
+def auth_sasl_final(data: bytes) -> bytes:
+    return auth_request(codes.AUTH_SASL_FINAL, data)
+
+
+def negotiate_protocol_version(newest_minor: int, unsupported: Sequence[str]) -> bytes:
+    body = _INT32.pack(newest_minor) + _INT32.pack(len(unsupported))
+    return build(b"v", body + b"".join(cstring(name) for name in unsupported))
+
+
+def query(sql: str) -> bytes:
+    return build(b"Q", cstring(sql))
+
+
+def password_message(payload: bytes) -> bytes:
+    return build(b"p", payload)
+
+
+def sasl_initial_response(mechanism: str, data: bytes) -> bytes:
+    return build(b"p", cstring(mechanism) + _INT32.pack(len(data)) + data)
+
+
+def startup_message(params: Mapping[str, str], version: int = codes.PROTOCOL_3_0) -> bytes:
+    body = _INT32.pack(version)
+    body += b"".join(cstring(k) + cstring(v) for k, v in params.items()) + b"\x00"
+    return _INT32.pack(len(body) + 4) + body
+
+
+def cancel_request(pid: int, secret: int) -> bytes:
+    return _INT32.pack(16) + _INT32.pack(codes.CANCEL_REQUEST_CODE) + _KEY_DATA.pack(pid, secret)
+
+
+def row_description(columns: Sequence[tuple[str, int]]) -> bytes:
+    """RowDescription for text-format columns given as (name, type oid)."""
+    parts = [_INT16.pack(len(columns))]
+    for name, oid in columns:
+        # table oid 0, column 0, type oid, size -1, modifier -1, format text
+        parts.append(cstring(name) + struct.pack("!ihihih", 0, 0, oid, -1, -1, 0))
+    return build(b"T", b"".join(parts))
+
+
+def data_row(values: Iterable[str | None]) -> bytes:
+    items = list(values)
+    parts = [_INT16.pack(len(items))]
+    for value in items:
+        if value is None:
+            parts.append(_INT32.pack(-1))
+        else:
+            raw = value.encode()
+            parts.append(_INT32.pack(len(raw)) + raw)
+    return build(b"D", b"".join(parts))
+
+
+# ---- parsers ---------------------------------------------------------------
+
+
+def read_cstring(body: bytes, pos: int) -> tuple[str, int]:
+    """Decode a NUL-terminated string at pos; return it and the position after the NUL."""
+    end = body.find(b"\x00", pos)
+    if end < 0:
+        raise ProtocolError("unterminated string")
+    return body[pos:end].decode("utf-8", "replace"), end + 1
+
+
+def parse_error_fields(body: bytes) -> dict[str, str]:
+    """Fields of an ErrorResponse/NoticeResponse keyed by their one-letter code."""
+    fields: dict[str, str] = {}
+    pos = 0
+    end = len(body)
+    while pos < end and body[pos] != 0:
+        code = chr(body[pos])
+        value, pos = read_cstring(body, pos + 1)
+        fields[code] = value
+    return fields
+
+
+def parse_parameter_status(body: bytes) -> tuple[str, str]:
+    name, pos = read_cstring(body, 0)
+    value, _ = read_cstring(body, pos)
+    return name, value
+
+
+def parse_backend_key_data(body: bytes) -> tuple[int, int]:
+    if len(body) < 8:
+        raise ProtocolError("BackendKeyData too short")
+    pid, secret = _KEY_DATA.unpack_from(body, 0)
+    return pid, secret
+
+
+def parse_auth_request(body: bytes) -> tuple[int, bytes]:
+    if len(body) < 4:
+        raise ProtocolError("Authentication message too short")
+    (code,) = _INT32.unpack_from(body, 0)
+    return code, body[4:]
+
+
+def parse_sasl_mechanisms(payload: bytes) -> list[str]:
+    return [m.decode() for m in payload.split(b"\x00") if m]
+
+
+def parse_sasl_initial_response(body: bytes) -> tuple[str, bytes]:
+    mechanism, pos = read_cstring(body, 0)
+    if len(body) < pos + 4:
+        raise ProtocolError("SASLInitialResponse too short")
+    (length,) = _INT32.unpack_from(body, pos)
+    data = body[pos + 4 :]
+    if length != -1 and length != len(data):
+        raise ProtocolError("SASLInitialResponse length mismatch")
+    return mechanism, data
+
+
+def parse_command_tag(body: bytes) -> str:
+    return body.rstrip(b"\x00").decode("ascii", "replace")
+
+
+def parse_query_text(body: bytes) -> str:
+    return body.rstrip(b"\x00").decode("utf-8", "replace")
+
+
+def message_types(data: bytes) -> list[int]:
+    """Type bytes of the complete messages in data."""
+    types = []
+    pos = 0
+    while len(data) - pos >= 5:
+        (length,) = _UINT32.unpack_from(data, pos + 1)
+        types.append(data[pos])
+        pos += 1 + length
+    return types
+
+
+def header(msg_type: int, length: int) -> bytes:
+    """Header of a message whose body is written separately."""
+    return bytes((msg_type,)) + _UINT32.pack(length)

@@ -1,0 +1,113 @@
+"""The first packet a client sends: SSL/GSS negotiation, cancel, or startup."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from pg_doorman.protocol import codes, sqlstate
+
+_INT32 = struct.Struct("!i")
+_TWO_INT32 = struct.Struct("!ii")
+
+
+class StartupError(Exception):
+    """A bad startup packet; answered with a FATAL error of `code` and a close."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class SSLRequest:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class GSSEncRequest:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRequest:
+    pid: int
+    secret: int
+
+
+@dataclass(frozen=True, slots=True)
+class StartupMessage:
+    minor_version: int
+    parameters: dict[str, str]
+    # Protocol options (`_pq_.*`) the client asked for; we support none of them.
+    protocol_options: list[str] = field(default_factory=list)
+
+    @property
+    def needs_negotiation(self) -> bool:
+        return self.minor_version > 0 or bool(self.protocol_options)
+
+
+StartupPacket = SSLRequest | GSSEncRequest | CancelRequest | StartupMessage
+
+
+def startup_packet_length(header: bytes) -> int:
+    """Validate the length word of a startup packet (first 4 bytes)."""
+    length = int(_INT32.unpack_from(header, 0)[0])
+    if length < 8 or length > codes.MAX_STARTUP_PACKET:
+        raise StartupError(sqlstate.PROTOCOL_VIOLATION, f"invalid startup packet length {length}")
+    return length
+
+
+def parse_startup_packet(packet: bytes) -> StartupPacket:
+    """Parse a whole startup packet (length word included)."""
+    (code,) = _INT32.unpack_from(packet, 4)
+    if code == codes.SSL_REQUEST_CODE:
+        return SSLRequest()
+    if code == codes.GSSENC_REQUEST_CODE:
+        return GSSEncRequest()
+    if code == codes.CANCEL_REQUEST_CODE:
+        if len(packet) != 16:
+            raise StartupError(sqlstate.PROTOCOL_VIOLATION, "invalid cancel request length")
+        pid, secret = _TWO_INT32.unpack_from(packet, 8)
+        return CancelRequest(pid, secret)
+    major, minor = code >> 16, code & 0xFFFF
+    if major != 3:
+        raise StartupError(
+            sqlstate.FEATURE_NOT_SUPPORTED,
+            f"unsupported frontend protocol {major}.{minor}: server supports 3.0",
+        )
+    return StartupMessage(minor, *_parse_parameters(packet[8:]))
+
+
+def _parse_parameters(raw: bytes) -> tuple[dict[str, str], list[str]]:
+    """Name/value pairs, each NUL-terminated, closed by an empty name."""
+    params: dict[str, str] = {}
+    options: list[str] = []
+    pos = 0
+    while True:
+        end = raw.find(b"\x00", pos)
+        if end < 0:
+            raise StartupError(sqlstate.PROTOCOL_VIOLATION, "invalid startup packet layout")
+        if end == pos:
+            if end != len(raw) - 1:
+                raise StartupError(
+                    sqlstate.PROTOCOL_VIOLATION,
+                    "invalid startup packet layout: expected terminator as last byte",
+                )
+            return params, options
+        value_end = raw.find(b"\x00", end + 1)
+        if value_end < 0:
+            raise StartupError(sqlstate.PROTOCOL_VIOLATION, "invalid startup packet layout")
+        try:
+            name = raw[pos:end].decode()
+            value = raw[end + 1 : value_end].decode()
+        except UnicodeDecodeError as exc:
+            raise StartupError(
+                sqlstate.PROTOCOL_VIOLATION, "invalid UTF-8 in startup packet"
+            ) from exc
+        if name.startswith("_pq_."):
+            options.append(name)
+        else:
+            params[name] = value
+        pos = value_end + 1

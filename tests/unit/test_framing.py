@@ -1,0 +1,261 @@
+"""Framing: any chunking of a valid stream gives the same bytes and the same decisions."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pg_doorman.protocol import codes, messages
+from pg_doorman.protocol.framing import (
+    CLEAN_DECLARE,
+    CLEAN_LISTEN,
+    CLEAN_PREPARE,
+    CLEAN_SET,
+    BackendScanner,
+    FrontendScanner,
+    MessageBuffer,
+    cleanup_queries,
+    tag_cleanup_effect,
+)
+from pg_doorman.protocol.messages import ProtocolError
+
+
+def msg(t: bytes, body: bytes = b"") -> bytes:
+    return messages.build(t, body)
+
+
+def data_row(size: int) -> bytes:
+    return msg(b"D", struct.pack("!hi", 1, size) + b"x" * size)
+
+
+BACKEND_STREAM = b"".join(
+    [
+        msg(b"T", b"\x00\x01a\x00" + b"\x00" * 18),
+        data_row(3),
+        data_row(70000),
+        msg(b"S", b"TimeZone\x00UTC\x00"),
+        messages.command_complete("SELECT 2"),
+        messages.command_complete("SET"),
+        msg(b"N", b"SNOTICE\x00Mhello\x00\x00"),
+        messages.command_complete("DECLARE CURSOR"),
+        messages.READY_IN_TRANSACTION,
+        messages.error_response("ERROR", "22012", "division by zero"),
+        messages.READY_FAILED,
+        messages.command_complete("ROLLBACK"),
+        messages.READY_IDLE,
+    ]
+)
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    chunks, last = [], 0
+    for p in points:
+        chunks.append(data[last:p])
+        last = p
+    chunks.append(data[last:])
+    return [c for c in chunks if c]
+
+
+def run_backend(chunks: list[bytes]) -> tuple[bytes, BackendScanner, list[tuple[int, int]]]:
+    params: dict[str, str] = {}
+    scanner = BackendScanner(params)
+    out = bytearray()
+    readies = []
+    for chunk in chunks:
+        out += scanner.feed(chunk)
+        if scanner.ready_count:
+            readies.append((scanner.ready_count, scanner.status))
+    return bytes(out), scanner, readies
+
+
+@settings(max_examples=300)
+@given(st.lists(st.integers(min_value=0, max_value=len(BACKEND_STREAM)), max_size=40))
+def test_backend_scanner_any_chunking(cuts: list[int]) -> None:
+    out, scanner, readies = run_backend(split(BACKEND_STREAM, cuts))
+    assert out == BACKEND_STREAM
+    assert sum(count for count, _ in readies) == 3
+    assert scanner.status == codes.TX_IDLE
+    assert scanner.parameters == {"TimeZone": "UTC"}
+    assert scanner.error_count == 1
+    assert scanner.cleanup_flags == CLEAN_SET | CLEAN_DECLARE
+    assert not scanner.mid_message
+
+
+def test_backend_scanner_streams_large_rows_without_holding_them() -> None:
+    row = data_row(1_000_000)
+    scanner = BackendScanner({})
+    # A first chunk with the header and part of the body is passed through at once.
+    assert scanner.feed(row[:1000]) == row[:1000]
+    assert scanner.mid_message
+    assert scanner.feed(row[1000:500_000]) == row[1000:500_000]
+    assert scanner.feed(row[500_000:] + messages.READY_IDLE) == row[500_000:] + messages.READY_IDLE
+    assert scanner.ready_count == 1
+    assert not scanner.mid_message
+
+
+def test_backend_scanner_holds_partial_decoded_message() -> None:
+    scanner = BackendScanner({})
+    z = messages.READY_IN_TRANSACTION
+    assert scanner.feed(data_row(1) + z[:3]) == data_row(1)
+    assert scanner.ready_count == 0
+    assert scanner.feed(z[3:]) == z
+    assert scanner.ready_count == 1
+    assert scanner.status == codes.TX_IN_BLOCK
+
+
+def test_backend_scanner_copy_states() -> None:
+    scanner = BackendScanner({})
+    scanner.feed(msg(b"G", b"\x00\x00\x00"))
+    assert scanner.in_copy and scanner.copy_in_started == 1
+    scanner.feed(messages.command_complete("COPY 3") + messages.READY_IDLE)
+    assert not scanner.in_copy
+    scanner.feed(msg(b"H", b"\x00\x00\x00") + msg(b"d", b"1\n"))
+    assert scanner.in_copy
+    scanner.feed(msg(b"c") + messages.command_complete("COPY 1"))
+    assert not scanner.in_copy
+
+
+@pytest.mark.parametrize("length", [0, 3, codes.MAX_MESSAGE_SIZE + 1])
+def test_backend_scanner_rejects_bad_lengths(length: int) -> None:
+    scanner = BackendScanner({})
+    with pytest.raises(ProtocolError):
+        scanner.feed(b"D" + struct.pack("!I", length) + b"\x00" * 8)
+
+
+def frontend_stream() -> bytes:
+    return b"".join(
+        [
+            messages.query("select 1"),
+            msg(b"P", b"stmt\x00select $1\x00\x00\x00"),
+            msg(b"B", b"\x00stmt\x00" + b"\x00" * 6),
+            msg(b"E", b"\x00\x00\x00\x00\x00"),
+            messages.SYNC,
+            msg(b"P", b"\x00select 2\x00\x00\x00"),
+            msg(b"B", b"\x00\x00" + b"\x00" * 6),
+            msg(b"E", b"\x00\x00\x00\x00\x00"),
+            messages.FLUSH,
+        ]
+    )
+
+
+@settings(max_examples=300)
+@given(st.lists(st.integers(min_value=0, max_value=200), max_size=30))
+def test_frontend_scanner_any_chunking(cuts: list[int]) -> None:
+    stream = frontend_stream()
+    scanner = FrontendScanner()
+    out = bytearray()
+    for chunk in split(stream, cuts):
+        out += scanner.feed(chunk)
+    assert bytes(out) == stream
+    assert scanner.pending_ready == 2
+    assert scanner.batch_open  # the last batch has no Sync yet
+    assert scanner.named_parse_seen
+    assert scanner.flush_seen
+    assert not scanner.mid_message
+
+
+def test_frontend_scanner_stops_at_terminate() -> None:
+    scanner = FrontendScanner()
+    data = messages.query("select 1") + messages.TERMINATE + messages.query("select 2")
+    assert scanner.feed(data) == messages.query("select 1")
+    assert scanner.terminated
+
+
+def test_frontend_scanner_rejects_server_message_types() -> None:
+    scanner = FrontendScanner()
+    with pytest.raises(ProtocolError):
+        scanner.feed(messages.READY_IDLE)
+
+
+def test_frontend_scanner_syncs_ignored_during_copy_in() -> None:
+    scanner = FrontendScanner()
+    # Extended-protocol COPY as libpq sends it: Sync right after Execute.
+    scanner.feed(msg(b"P", b"\x00copy t from stdin\x00\x00\x00") + msg(b"B", b"\x00" * 8))
+    scanner.feed(msg(b"E", b"\x00\x00\x00\x00\x00") + messages.SYNC)
+    assert scanner.pending_ready == 1
+    scanner.on_copy_in_started()  # the backend ignored that Sync
+    assert scanner.pending_ready == 0
+    scanner.feed(msg(b"d", b"1\n") + messages.SYNC)  # also ignored while copying
+    assert scanner.pending_ready == 0 and not scanner.batch_open
+    scanner.feed(msg(b"c") + messages.SYNC)
+    assert scanner.pending_ready == 1
+    assert not scanner.batch_open and not scanner.copy_in
+
+
+def test_frontend_scanner_simple_copy_keeps_batch_closed() -> None:
+    scanner = FrontendScanner()
+    scanner.feed(messages.query("copy t from stdin"))
+    scanner.on_copy_in_started()
+    assert scanner.pending_ready == 1
+    scanner.feed(msg(b"d", b"1\n") + msg(b"c"))
+    assert not scanner.batch_open and not scanner.copy_in
+    assert scanner.pending_ready == 1
+
+
+def test_frontend_scanner_large_parse_is_held_until_complete() -> None:
+    scanner = FrontendScanner()
+    big = msg(b"P", b"s\x00" + b"x" * 100_000 + b"\x00\x00\x00")
+    assert scanner.feed(big[:10]) == b""
+    assert scanner.held_bytes == 10
+    assert scanner.feed(big[10:50_000]) == b""
+    assert scanner.feed(big[50_000:]) == big
+    assert scanner.held_bytes == 0
+    assert scanner.named_parse_seen
+
+
+def test_message_buffer_yields_messages() -> None:
+    buf = MessageBuffer()
+    stream = messages.AUTH_OK + messages.parameter_status("a", "b") + messages.READY_IDLE
+    for byte in stream:
+        buf.feed(bytes([byte]))
+    got = []
+    while (m := buf.next_message()) is not None:
+        got.append(m)
+    assert [t for t, _ in got] == [
+        codes.AUTHENTICATION,
+        codes.PARAMETER_STATUS,
+        codes.READY_FOR_QUERY,
+    ]
+    assert got[1][1] == b"a\x00b\x00"
+
+
+def test_message_buffer_rejects_negative_length() -> None:
+    buf = MessageBuffer()
+    buf.feed(b"Q\xff\xff\xff\xff")
+    with pytest.raises(ProtocolError):
+        buf.next_message()
+
+
+@pytest.mark.parametrize(
+    ("tag", "before", "after"),
+    [
+        (b"SET", 0, CLEAN_SET),
+        (b"RESET", CLEAN_SET | CLEAN_DECLARE, CLEAN_DECLARE),
+        (b"DECLARE CURSOR", 0, CLEAN_DECLARE),
+        (b"CLOSE CURSOR ALL", CLEAN_DECLARE, 0),
+        (b"PREPARE", 0, CLEAN_PREPARE),
+        (b"DEALLOCATE ALL", CLEAN_PREPARE | CLEAN_SET, CLEAN_SET),
+        (b"DISCARD ALL", CLEAN_SET | CLEAN_PREPARE | CLEAN_DECLARE | CLEAN_LISTEN, 0),
+        (b"LISTEN", 0, CLEAN_LISTEN),
+        (b"SELECT 1", CLEAN_SET, CLEAN_SET),
+        (b"INSERT 0 1", 0, 0),
+    ],
+)
+def test_tag_cleanup_effect(tag: bytes, before: int, after: int) -> None:
+    assert tag_cleanup_effect(tag, before) == after
+
+
+def test_cleanup_queries_order() -> None:
+    flags = CLEAN_SET | CLEAN_PREPARE | CLEAN_DECLARE | CLEAN_LISTEN
+    assert cleanup_queries(flags) == [
+        "RESET ROLE",
+        "RESET ALL",
+        "DEALLOCATE ALL",
+        "CLOSE ALL",
+        "UNLISTEN *",
+    ]
+    assert cleanup_queries(0) == []

@@ -1,0 +1,146 @@
+"""Message builders and parsers, and the startup packet."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pg_doorman.protocol import codes, messages, sqlstate
+from pg_doorman.protocol.startup import (
+    CancelRequest,
+    GSSEncRequest,
+    SSLRequest,
+    StartupError,
+    StartupMessage,
+    parse_startup_packet,
+    startup_packet_length,
+)
+
+
+def test_error_response_fields_round_trip() -> None:
+    raw = messages.error_response("FATAL", "28P01", "bad password", detail="d", hint="h")
+    assert raw[:1] == b"E"
+    (length,) = struct.unpack("!I", raw[1:5])
+    assert length == len(raw) - 1
+    fields = messages.parse_error_fields(raw[5:])
+    assert fields == {
+        "S": "FATAL",
+        "V": "FATAL",
+        "C": "28P01",
+        "M": "bad password",
+        "D": "d",
+        "H": "h",
+    }
+
+
+def test_fixed_messages() -> None:
+    assert messages.ready_for_query(codes.TX_IDLE) == messages.READY_IDLE
+    assert messages.build(b"S") == messages.SYNC
+    assert messages.auth_request(codes.AUTH_OK) == messages.AUTH_OK
+    assert messages.command_complete("SELECT 1") == b"C\x00\x00\x00\x0dSELECT 1\x00"
+
+
+def test_backend_key_data_round_trip() -> None:
+    raw = messages.backend_key_data(42, -7)
+    assert messages.parse_backend_key_data(raw[5:]) == (42, -7)
+
+
+def test_parameter_status_round_trip() -> None:
+    raw = messages.parameter_status("TimeZone", "Europe/Berlin")
+    assert messages.parse_parameter_status(raw[5:]) == ("TimeZone", "Europe/Berlin")
+
+
+def test_sasl_initial_response_round_trip() -> None:
+    raw = messages.sasl_initial_response("SCRAM-SHA-256", b"n,,n=,r=abc")
+    assert messages.parse_sasl_initial_response(raw[5:]) == ("SCRAM-SHA-256", b"n,,n=,r=abc")
+
+
+def test_sasl_initial_response_length_mismatch() -> None:
+    body = messages.cstring("SCRAM-SHA-256") + struct.pack("!i", 99) + b"short"
+    with pytest.raises(messages.ProtocolError):
+        messages.parse_sasl_initial_response(body)
+
+
+def test_negotiate_protocol_version() -> None:
+    raw = messages.negotiate_protocol_version(0, ["_pq_.foo"])
+    assert raw[:1] == b"v"
+    assert raw[5:] == struct.pack("!ii", 0, 1) + b"_pq_.foo\x00"
+
+
+def test_row_description_and_data_row() -> None:
+    desc = messages.row_description([("a", 25), ("b", 23)])
+    assert struct.unpack("!h", desc[5:7]) == (2,)
+    row = messages.data_row(["x", None])
+    assert row[5:] == struct.pack("!h", 2) + struct.pack("!i", 1) + b"x" + struct.pack("!i", -1)
+
+
+def test_message_types() -> None:
+    data = messages.EMPTY_QUERY + messages.READY_IDLE
+    assert messages.message_types(data) == [codes.EMPTY_QUERY_RESPONSE, codes.READY_FOR_QUERY]
+
+
+# ---- startup packets -------------------------------------------------------
+
+
+def test_startup_message() -> None:
+    raw = messages.startup_message({"user": "u", "database": "d"})
+    assert startup_packet_length(raw[:4]) == len(raw)
+    request = parse_startup_packet(raw)
+    assert request == StartupMessage(0, {"user": "u", "database": "d"}, [])
+    assert not request.needs_negotiation
+
+
+def test_startup_protocol_3_2_negotiates() -> None:
+    raw = messages.startup_message({"user": "u", "_pq_.x": "1"}, version=codes.PROTOCOL_3_2)
+    request = parse_startup_packet(raw)
+    assert isinstance(request, StartupMessage)
+    assert request.minor_version == 2
+    assert request.protocol_options == ["_pq_.x"]
+    assert request.needs_negotiation
+    assert request.parameters == {"user": "u"}
+
+
+def test_special_requests() -> None:
+    ssl = struct.pack("!ii", 8, codes.SSL_REQUEST_CODE)
+    gss = struct.pack("!ii", 8, codes.GSSENC_REQUEST_CODE)
+    assert isinstance(parse_startup_packet(ssl), SSLRequest)
+    assert isinstance(parse_startup_packet(gss), GSSEncRequest)
+    assert parse_startup_packet(messages.cancel_request(5, -9)) == CancelRequest(5, -9)
+
+
+@pytest.mark.parametrize("length", [0, 7, 10001, -1])
+def test_bad_startup_lengths(length: int) -> None:
+    with pytest.raises(StartupError) as info:
+        startup_packet_length(struct.pack("!i", length))
+    assert info.value.code == sqlstate.PROTOCOL_VIOLATION
+
+
+def test_protocol_2_refused() -> None:
+    raw = struct.pack("!ii", 9, 2 << 16) + b"\x00"
+    with pytest.raises(StartupError) as info:
+        parse_startup_packet(raw)
+    assert info.value.code == sqlstate.FEATURE_NOT_SUPPORTED
+
+
+def test_odd_parameter_list_refused() -> None:
+    body = struct.pack("!i", codes.PROTOCOL_3_0) + b"user\x00"
+    raw = struct.pack("!i", len(body) + 4) + body
+    with pytest.raises(StartupError):
+        parse_startup_packet(raw)
+
+
+@given(
+    st.dictionaries(
+        st.text(min_size=1).filter(lambda s: "\x00" not in s and not s.startswith("_pq_.")),
+        st.text().filter(lambda s: "\x00" not in s),
+        max_size=8,
+    )
+)
+def test_startup_parameters_round_trip(params: dict[str, str]) -> None:
+    raw = messages.startup_message(params)
+    request = parse_startup_packet(raw)
+    assert isinstance(request, StartupMessage)
+    assert request.parameters == params
