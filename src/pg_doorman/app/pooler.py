@@ -1,0 +1,374 @@
+"""The running pooler: pools built from the config, listeners, cancel routing, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address
+
+from pg_doorman.auth.hba import HbaRules, legacy_hba_allows
+from pg_doorman.auth.md5 import is_md5_hash
+from pg_doorman.auth.methods import AuthDecision, ClientAuth, decide_client_auth
+from pg_doorman.auth.scram import ScramVerifier, is_scram_verifier
+from pg_doorman.config import Config, PoolConfig, UserConfig
+from pg_doorman.net.client import ClientConnection
+from pg_doorman.net.ids import IdAllocator
+from pg_doorman.net.server import BackendCredentials, ServerConnection, open_server
+from pg_doorman.pool.pool import Pool, PoolSettings
+from pg_doorman.protocol import messages, sqlstate
+
+logger = logging.getLogger("pg_doorman")
+
+ADMIN_DATABASES = frozenset(("pgdoorman", "pgbouncer"))
+# Session parameters a client sets at startup that change query results; they follow
+# the client from server to server. application_name joins them on request.
+SYNCED_PARAMETERS = (
+    "client_encoding",
+    "DateStyle",
+    "IntervalStyle",
+    "TimeZone",
+    "standard_conforming_strings",
+)
+
+
+class MemoryBudget:
+    """Global cap on bytes of client messages held in memory (max_memory_usage)."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def add(self, delta: int) -> bool:
+        """Account delta bytes; False if a growth would exceed the limit (not applied)."""
+        if delta > 0 and self.limit and self.used + delta > self.limit:
+            return False
+        self.used += delta
+        return True
+
+
+@dataclass
+class PoolEntry:
+    """Everything the pooler keeps for one (database, user) pair."""
+
+    pool: Pool
+    user: UserConfig
+    password: str
+    credentials: BackendCredentials
+    check_query: bytes
+    synced_parameters: tuple[str, ...] = ()
+    scram_verifier: ScramVerifier | None = None
+    clients: set[ClientConnection] = field(default_factory=set)
+
+
+def _ms(value: int | None, default: int) -> float:
+    return (default if value is None else value) / 1000.0
+
+
+def pool_settings(config: Config, name: str, pool: PoolConfig, user: UserConfig) -> PoolSettings:
+    general = config.general
+    mode = user.pool_mode or pool.pool_mode
+    return PoolSettings(
+        database=name,
+        user=user.username,
+        pool_size=user.pool_size,
+        min_pool_size=user.min_pool_size or 0,
+        pool_mode=mode,
+        query_wait_timeout=general.query_wait_timeout / 1000.0,
+        connect_timeout=_ms(pool.connect_timeout, general.connect_timeout),
+        server_lifetime=_ms(
+            user.server_lifetime if user.server_lifetime is not None else pool.server_lifetime,
+            general.server_lifetime,
+        ),
+        idle_timeout=_ms(pool.idle_timeout, general.idle_timeout),
+        idle_check_timeout=general.server_idle_check_timeout / 1000.0,
+        round_robin=general.server_round_robin,
+        cleanup_server_connections=pool.cleanup_server_connections,
+        max_concurrent_creates=max(general.max_concurrent_creates, 1),
+        retain_max=general.retain_connections_max,
+        server_host=pool.server_host,
+        server_port=pool.server_port,
+        server_database=pool.server_database or name,
+        server_user=user.server_username or user.username,
+        application_name=pool.application_name or "pg_doorman",
+        startup_parameters={**general.startup_parameters, **pool.startup_parameters},
+    )
+
+
+def backend_credentials(user: UserConfig) -> BackendCredentials:
+    server_user = user.server_username or user.username
+    if user.server_password:
+        return BackendCredentials(user=server_user, password=user.server_password)
+    password = user.password
+    if is_md5_hash(password):
+        return BackendCredentials(user=server_user, md5_hash=password)
+    if is_scram_verifier(password):
+        return BackendCredentials(user=server_user, scram_verifier=ScramVerifier.parse(password))
+    return BackendCredentials(user=server_user)
+
+
+class Pooler:
+    def __init__(
+        self,
+        config: Config,
+        loop: asyncio.AbstractEventLoop,
+        ids: IdAllocator | None = None,
+    ) -> None:
+        self.config = config
+        self.loop = loop
+        self.ids = ids or IdAllocator()
+        self.memory = MemoryBudget(config.general.max_memory_usage)
+        self.clients: dict[int, ClientConnection] = {}
+        self.entries: dict[tuple[str, str], PoolEntry] = {}
+        self.hba: HbaRules | None = (
+            HbaRules.parse(config.general.pg_hba) if config.general.pg_hba else None
+        )
+        self.shutting_down = False
+        self.accepted_total = 0
+        self.cancel_requests = 0
+        self._servers: list[asyncio.AbstractServer] = []
+        self._retain_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._drained = asyncio.Event()
+        self._build_pools()
+
+    # ---- pools --------------------------------------------------------------
+
+    def _build_pools(self) -> None:
+        check_query = messages.query(self.config.general.pooler_check_query)
+        synced: tuple[str, ...] = SYNCED_PARAMETERS
+        if self.config.general.sync_server_parameters:
+            synced += ("application_name",)
+        for name, pool_config in self.config.pools.items():
+            for user in pool_config.users:
+                settings = pool_settings(self.config, name, pool_config, user)
+                credentials = backend_credentials(user)
+                pool = Pool(settings, self._make_connector(credentials), self.loop)
+                verifier = (
+                    ScramVerifier.parse(user.password) if is_scram_verifier(user.password) else None
+                )
+                self.entries[(name, user.username)] = PoolEntry(
+                    pool=pool,
+                    user=user,
+                    password=user.password,
+                    credentials=credentials,
+                    check_query=check_query,
+                    synced_parameters=synced,
+                    scram_verifier=verifier,
+                )
+
+    def _make_connector(self, credentials: BackendCredentials):  # type: ignore[no-untyped-def]
+        async def connect(pool: Pool) -> ServerConnection:
+            return await open_server(pool, self.ids.next_server_id(), credentials, self.loop)
+
+        return connect
+
+    def pool_entry(self, database: str, user: str) -> PoolEntry | None:
+        return self.entries.get((database, user))
+
+    @property
+    def pools(self) -> Iterable[Pool]:
+        return (entry.pool for entry in self.entries.values())
+
+    # ---- authentication -----------------------------------------------------
+
+    def is_admin_database(self, database: str) -> bool:
+        return database in ADMIN_DATABASES
+
+    def decide_auth(
+        self,
+        database: str,
+        user: str,
+        *,
+        address: IPv4Address | IPv6Address | None,
+        unix: bool,
+        ssl: bool,
+    ) -> AuthDecision:
+        entry = self.entries.get((database, user))
+        stored = entry.password if entry is not None else ""
+        general = self.config.general
+        if self.hba is not None:
+            rule = self.hba.match(
+                conn_type="local" if unix else "host",
+                ssl=ssl,
+                database=database,
+                user=user,
+                address=address,
+            )
+            decision = decide_client_auth(rule, True, stored)
+        else:
+            if general.hba and not legacy_hba_allows(general.hba, None if unix else address):
+                return AuthDecision(ClientAuth.REJECT, "address not allowed by hba", by_hba=True)
+            decision = decide_client_auth(None, False, stored)
+        return decision
+
+    # ---- clients ------------------------------------------------------------
+
+    def register_client(self, client: ClientConnection) -> bool:
+        """Track a new client; False if it exceeds max_connections."""
+        self.accepted_total += 1
+        self.clients[client.client_id] = client
+        return len(self.clients) <= self.config.general.max_connections
+
+    def unregister_client(self, client: ClientConnection) -> None:
+        if self.clients.get(client.client_id) is client:
+            del self.clients[client.client_id]
+        if self.shutting_down and not self.clients:
+            self._drained.set()
+
+    def tune_client_socket(self, sock: socket.socket) -> None:
+        general = self.config.general
+        with contextlib.suppress(OSError):
+            if general.tcp_no_delay:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            if hasattr(socket, "TCP_KEEPIDLE"):
+                sock.setsockopt(
+                    socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, general.tcp_keepalives_idle
+                )
+                sock.setsockopt(
+                    socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, general.tcp_keepalives_interval
+                )
+                sock.setsockopt(
+                    socket.IPPROTO_TCP, socket.TCP_KEEPCNT, general.tcp_keepalives_count
+                )
+            if general.tcp_user_timeout and hasattr(socket, "TCP_USER_TIMEOUT"):
+                sock.setsockopt(
+                    socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, general.tcp_user_timeout * 1000
+                )
+            if general.tcp_so_linger > 0:
+                sock.setsockopt(
+                    socket.SOL_SOCKET,
+                    socket.SO_LINGER,
+                    (1).to_bytes(4, "little") + general.tcp_so_linger.to_bytes(4, "little"),
+                )
+            if general.tcp_socket_buffer_size:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, general.tcp_socket_buffer_size)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, general.tcp_socket_buffer_size)
+
+    # ---- cancel -------------------------------------------------------------
+
+    def handle_cancel(self, pid: int, secret: int) -> None:
+        """Forward a CancelRequest to the backend the client holds right now, if any."""
+        self.cancel_requests += 1
+        client = self.clients.get(pid)
+        if client is None or client.secret != secret:
+            logger.info("cancel request for unknown client id %d or wrong secret: ignored", pid)
+            return
+        server = client.server
+        if server is None or server.closed:
+            logger.debug("cancel request for idle client %s: nothing to cancel", client.name)
+            return
+        server.canceled = True
+        task = self.loop.create_task(self._send_cancel(server))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_cancel(self, server: ServerConnection) -> None:
+        settings = server.pool.settings
+        host = settings.server_host
+        try:
+            async with asyncio.timeout(settings.connect_timeout):
+                if host.startswith("/"):
+                    path = f"{host.rstrip('/')}/.s.PGSQL.{settings.server_port}"
+                    reader, writer = await asyncio.open_unix_connection(path)
+                else:
+                    reader, writer = await asyncio.open_connection(host, settings.server_port)
+                writer.write(messages.cancel_request(server.backend_pid, server.backend_secret))
+                await writer.drain()
+                # Close with FIN after PostgreSQL hangs up, so nobody sees a reset.
+                await reader.read()
+                writer.close()
+        except (OSError, TimeoutError) as exc:
+            logger.warning("could not forward cancel to server %d: %s", server.server_id, exc)
+
+    # ---- lifecycle ----------------------------------------------------------
+
+    async def start(self) -> None:
+        general = self.config.general
+        backlog = general.backlog or min(general.max_connections, 4096)
+
+        def factory() -> ClientConnection:
+            return ClientConnection(self)
+
+        server = await self.loop.create_server(
+            factory,
+            general.host,
+            general.port,
+            reuse_address=True,
+            reuse_port=True,
+            backlog=backlog,
+        )
+        self._servers.append(server)
+        if general.unix_socket_dir:
+            path = os.path.join(general.unix_socket_dir, f".s.PGSQL.{general.port}")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+            def unix_factory() -> ClientConnection:
+                return ClientConnection(self, unix=True)
+
+            unix_server = await self.loop.create_unix_server(unix_factory, path, backlog=backlog)
+            os.chmod(path, int(general.unix_socket_mode, 8))
+            self._servers.append(unix_server)
+        self._retain_task = self.loop.create_task(self._retain_loop())
+        for entry in self.entries.values():
+            entry.pool.retain(0)  # closes nothing, opens min_pool_size servers
+        logger.info(
+            "pg_doorman listening on %s:%d (%d pools)",
+            general.host,
+            general.port,
+            len(self.entries),
+        )
+
+    async def _retain_loop(self) -> None:
+        general = self.config.general
+        interval = max(general.retain_connections_time, 100) / 1000.0
+        while True:
+            await asyncio.sleep(interval)
+            self.retain_once()
+
+    def retain_once(self) -> None:
+        """One retain cycle: at most retain_connections_max idle servers closed in all."""
+        limit = self.config.general.retain_connections_max
+        remaining: int | None = limit if limit > 0 else None
+        pools = list(self.pools)
+        random.shuffle(pools)  # no pool is always first in line
+        for pool in pools:
+            closed = pool.retain(remaining)
+            if remaining is not None:
+                remaining = max(remaining - closed, 0)
+
+    async def shutdown(self, timeout: float | None = None) -> None:
+        """Stop accepting, let transactions finish, then close everything."""
+        if timeout is None:
+            timeout = self.config.general.shutdown_timeout / 1000.0
+        self.shutting_down = True
+        for server in self._servers:
+            server.close()
+        for client in list(self.clients.values()):
+            if client.server is None:
+                client.fail(sqlstate.ADMIN_SHUTDOWN, "pooler is shutting down")
+        if self.clients:
+            logger.info("waiting up to %.0fs for %d clients to finish", timeout, len(self.clients))
+            for client in list(self.clients.values()):
+                client.closing_after_transaction = True
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._drained.wait()
+        for client in list(self.clients.values()):
+            client.fail(sqlstate.ADMIN_SHUTDOWN, "pooler is shutting down")
+        for pool in self.pools:
+            pool.close("pooler is shutting down")
+        if self._retain_task is not None:
+            self._retain_task.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.sleep(0)

@@ -1,0 +1,759 @@
+"""A client connection: startup, authentication, then the relay.
+
+Startup and authentication run as one short coroutine per connection. After the
+greeting the connection is driven by callbacks only: between transactions the first
+message of the next one checks a server out of the pool synchronously when one is
+idle, and only a client that must wait leaves a callback in the pool's queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import re
+import socket
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
+
+from pg_doorman.auth.md5 import verify_md5_response
+from pg_doorman.auth.methods import ClientAuth
+from pg_doorman.auth.scram import AuthenticationFailed, ScramError, ScramServerSession
+from pg_doorman.pool.pool import AcquireError, Pool, PooledServer
+from pg_doorman.protocol import codes, messages, sqlstate
+from pg_doorman.protocol.framing import CLEAN_PREPARE, FrontendScanner, MessageBuffer
+from pg_doorman.protocol.messages import ProtocolError
+from pg_doorman.protocol.startup import (
+    CancelRequest,
+    GSSEncRequest,
+    SSLRequest,
+    StartupError,
+    StartupMessage,
+    parse_startup_packet,
+    startup_packet_length,
+)
+
+if TYPE_CHECKING:
+    from pg_doorman.app.pooler import PoolEntry, Pooler
+    from pg_doorman.net.server import ServerConnection
+
+logger = logging.getLogger("pg_doorman.client")
+
+# Client states.
+STARTUP = 0
+LOGIN = 1
+IDLE = 2  # logged in, no server
+WAITING = 3  # queued for a server
+ACTIVE = 4  # holds a server
+CLOSED = 5
+
+_STATE_NAMES = {STARTUP: "startup", LOGIN: "login", IDLE: "idle", WAITING: "waiting"}
+_STATE_NAMES.update({ACTIVE: "active", CLOSED: "closed"})
+
+_unpack_length = messages._INT32.unpack_from  # signed: a negative length is invalid
+_VALID_TYPES = frozenset(b"BCDEFHPQSXcdfp")
+_NOT_REPORTED = frozenset(("user", "database", "options", "replication"))
+# Names that may be spliced into SET statements; anything else is refused at login.
+_GUC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?")
+
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, pooler: Pooler, *, unix: bool = False) -> None:
+        self.pooler = pooler
+        self.loop = pooler.loop
+        self.unix = unix
+        self.transport: asyncio.Transport | None = None
+        self.state = STARTUP
+        self.client_id = 0
+        self.secret = 0
+        self.user = ""
+        self.database = ""
+        self.application_name = ""
+        self.address: str = ""
+        self.port = 0
+        self.pool: Pool | None = None
+        self.entry: PoolEntry | None = None
+        self.server: ServerConnection | None = None
+        self.frontend = FrontendScanner()
+        self.parameters: dict[str, str] = {}
+        self.write_paused = False
+        self.reading_paused = False
+        self.connected_at = time.monotonic()
+        self.wait_started = 0.0
+        self.transactions = 0
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.over_limit = False
+        # Set at shutdown: close as soon as the current transaction ends.
+        self.closing_after_transaction = False
+        self._startup_buf = bytearray()
+        self._inbox = MessageBuffer()
+        self._login_waiter: asyncio.Future[None] | None = None
+        self._login_task: asyncio.Task[None] | None = None
+        self._pending = b""  # bytes of the next transaction, before a server is attached
+        self._check_query_next = False
+        self._param_mark = 0
+        # Startup parameters PostgreSQL doesn't report back (search_path before 18,
+        # statement_timeout, ...): SET on each server this client uses.
+        self.extra_parameters: dict[str, str] = {}
+        self._memory_accounted = 0
+        self._on_data: Callable[[bytes], None] = self._startup_data
+
+    # ---- asyncio.Protocol ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement the interface without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        self.client_id = self.pooler.ids.next_client_id()
+        self.secret = self.pooler.ids.cancel_secret()
+        peer = transport.get_extra_info("peername")
+        if not self.unix and isinstance(peer, tuple):
+            self.address, self.port = str(peer[0]), int(peer[1])
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                self.pooler.tune_client_socket(sock)
+        self.over_limit = not self.pooler.register_client(self)
+
+    def data_received(self, data: bytes) -> None:
+        self._on_data(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        was = self.state
+        self.state = CLOSED
+        self._on_data = _ignore
+        if self._login_task is not None and not self._login_task.done():
+            waiter = self._login_waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        if was == WAITING and self.pool is not None:
+            self.pool.cancel_wait(self)
+        server = self.server
+        if server is not None:
+            self.server = None
+            server.client_gone()
+        self._account_memory(0)
+        self.pooler.unregister_client(self)
+        if was >= IDLE and self.pooler.config.general.log_client_disconnections:
+            logger.info(
+                "client %s disconnected (%s@%s) after %.1fs",
+                self.name,
+                self.user,
+                self.database,
+                time.monotonic() - self.connected_at,
+            )
+
+    def pause_writing(self) -> None:
+        # The client reads slower than its server writes: stop reading the server.
+        self.write_paused = True
+        server = self.server
+        if server is not None:
+            server.pause_relay()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        server = self.server
+        if server is not None:
+            server.resume_relay()
+
+    def pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and self.transport is not None and self.state != WAITING:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    # ---- output -------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if data and self.transport is not None and self.state != CLOSED:
+            self.bytes_sent += len(data)
+            self.transport.write(data)
+
+    def fail(self, code: str, message: str, *, detail: str | None = None) -> None:
+        """Send a FATAL error and close: the session cannot go on."""
+        if self.state == CLOSED or self.transport is None:
+            return
+        logger.info("client %s: %s (%s)", self.name, message, code)
+        self.transport.write(messages.error_response("FATAL", code, message, detail=detail))
+        self.close()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    @property
+    def name(self) -> str:
+        return f"#c{self.client_id}"
+
+    @property
+    def state_name(self) -> str:
+        return _STATE_NAMES[self.state]
+
+    # ---- startup ------------------------------------------------------------
+
+    def _startup_data(self, data: bytes) -> None:
+        buf = self._startup_buf
+        buf += data
+        while len(buf) >= 4:
+            try:
+                length = startup_packet_length(bytes(buf[:4]))
+            except StartupError as exc:
+                self.fail(exc.code, exc.message)
+                return
+            if len(buf) < length:
+                return
+            packet = bytes(buf[:length])
+            del buf[:length]
+            try:
+                request = parse_startup_packet(packet)
+            except StartupError as exc:
+                self.fail(exc.code, exc.message)
+                return
+            if isinstance(request, SSLRequest | GSSEncRequest):
+                if buf:
+                    # Bytes after the request would be read as if they came through
+                    # the encrypted channel: refuse, as PostgreSQL does.
+                    self.fail(sqlstate.PROTOCOL_VIOLATION, "unexpected data after SSL request")
+                    return
+                self.write(messages.SSL_REFUSED)
+                continue
+            if isinstance(request, CancelRequest):
+                self.pooler.handle_cancel(request.pid, request.secret)
+                self.close()
+                return
+            assert isinstance(request, StartupMessage)
+            self.state = LOGIN
+            rest = bytes(buf)
+            buf.clear()
+            self._inbox.feed(rest)
+            self._on_data = self._login_data
+            self._login_task = self.loop.create_task(self._login(request))
+            return
+
+    def _login_data(self, data: bytes) -> None:
+        self._inbox.feed(data)
+        waiter = self._login_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _next_message(self) -> tuple[int, bytes]:
+        while True:
+            msg = self._inbox.next_message()
+            if msg is not None:
+                return msg
+            if self.state == CLOSED:
+                raise ConnectionError("client went away")
+            self._login_waiter = self.loop.create_future()
+            await self._login_waiter
+            self._login_waiter = None
+
+    async def _login(self, startup: StartupMessage) -> None:
+        try:
+            await self._login_steps(startup)
+        except StartupError as exc:
+            self.fail(exc.code, exc.message)
+        except ProtocolError as exc:
+            self.fail(sqlstate.PROTOCOL_VIOLATION, f"invalid message during login: {exc}")
+        except ConnectionError:
+            self.close()
+        except Exception:
+            logger.exception("client %s: login failed unexpectedly", self.name)
+            self.fail(sqlstate.INTERNAL_ERROR, "internal error during login")
+
+    async def _login_steps(self, startup: StartupMessage) -> None:
+        if startup.needs_negotiation:
+            self.write(messages.negotiate_protocol_version(0, startup.protocol_options))
+        params = startup.parameters
+        user = params.get("user", "")
+        if not user:
+            raise StartupError(
+                sqlstate.INVALID_AUTHORIZATION,
+                "no PostgreSQL user name specified in startup packet",
+            )
+        self.user = user
+        self.database = database = params.get("database") or user
+        self.application_name = params.get("application_name", "")
+        if "replication" in params and params["replication"].lower() not in (
+            "false",
+            "off",
+            "0",
+            "no",
+        ):
+            raise StartupError(
+                sqlstate.FEATURE_NOT_SUPPORTED, "replication connections are not supported"
+            )
+        if self.pooler.shutting_down:
+            raise StartupError(sqlstate.CANNOT_CONNECT_NOW, "the pooler is shutting down")
+        if self.over_limit:
+            raise StartupError(sqlstate.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
+        if self.pooler.is_admin_database(database):
+            raise StartupError(
+                sqlstate.FEATURE_NOT_SUPPORTED, "the admin console is not available in this build"
+            )
+        address = None
+        if not self.unix and self.address:
+            address = ipaddress.ip_address(self.address.split("%", 1)[0])
+        decision = self.pooler.decide_auth(
+            database, user, address=address, unix=self.unix, ssl=False
+        )
+        entry = self.pooler.pool_entry(database, user)
+        if decision.method == ClientAuth.REJECT and decision.by_hba:
+            raise StartupError(
+                sqlstate.INVALID_AUTHORIZATION,
+                f'{decision.reason} for host "{self.address or "local"}", user "{user}", '
+                f'database "{database}"',
+            )
+        if entry is None and decision.method == ClientAuth.TRUST:
+            raise StartupError(
+                sqlstate.INVALID_CATALOG_NAME,
+                f'no pool for database "{database}" and user "{user}"',
+            )
+        if entry is None or decision.method == ClientAuth.REJECT:
+            if decision.reason and entry is not None:
+                logger.info("client %s: %s", self.name, decision.reason)
+            # Ask for a password anyway, as PostgreSQL does, so a refusal doesn't tell
+            # which user names exist.
+            await self._auth_md5(None)  # always refuses
+            return
+        if decision.method == ClientAuth.MD5:
+            await self._auth_md5(entry.password)
+        elif decision.method == ClientAuth.SCRAM:
+            await self._auth_scram(entry)
+        self.entry = entry
+        self.pool = pool = entry.pool
+        server_parameters = pool.server_parameters
+        if server_parameters is None:
+            server_parameters = await self._fetch_server_parameters(pool)
+        settings = dict(params)
+        settings.update(parse_options(params.get("options", "")))
+        self._adopt_startup_parameters(settings, server_parameters, entry.synced_parameters)
+        greeting = [messages.AUTH_OK]
+        for name, value in self.parameters.items():
+            greeting.append(messages.parameter_status(name, value))
+        greeting.append(messages.backend_key_data(self.client_id, self.secret))
+        greeting.append(messages.READY_IDLE)
+        if self.state == CLOSED:
+            return
+        self.write(b"".join(greeting))
+        self.state = IDLE
+        if self.pooler.config.general.log_client_connections:
+            logger.info(
+                "client %s connected (%s@%s) from %s",
+                self.name,
+                user,
+                database,
+                self.address or "unix socket",
+            )
+        rest = self._inbox.take_rest()
+        self._on_data = self._relay_data
+        if rest:
+            self._relay_data(rest)
+
+    def _adopt_startup_parameters(
+        self,
+        startup: dict[str, str],
+        server_parameters: dict[str, str],
+        synced: tuple[str, ...],
+    ) -> None:
+        """Split the client's startup parameters into reported and extra ones."""
+        canonical = {name.lower(): name for name in server_parameters}
+        canonical.update((name.lower(), name) for name in synced)
+        # What the greeting reports: the server's set, overridden by the client's wishes.
+        self.parameters = dict(server_parameters)
+        for raw_name, value in startup.items():
+            lowered = raw_name.lower()
+            if lowered in _NOT_REPORTED:
+                continue
+            name = canonical.get(lowered)
+            if name is not None:
+                self.parameters[name] = value
+                if name not in synced and lowered != "application_name":
+                    # Reported by the server but not followed by default (search_path
+                    # on PostgreSQL 18): apply it like any other startup setting.
+                    self.extra_parameters[name] = value
+            elif lowered == "application_name":
+                self.parameters["application_name"] = value
+            else:
+                if not _GUC_NAME.fullmatch(raw_name):
+                    raise StartupError(
+                        sqlstate.PROTOCOL_VIOLATION,
+                        f"invalid configuration parameter name {raw_name!r}",
+                    )
+                self.extra_parameters[raw_name] = value
+        if "application_name" not in synced:
+            # Shown to this client, but the backend keeps the pool's name.
+            self.application_name = startup.get("application_name", "")
+
+    async def _auth_md5(self, stored: str | None) -> None:
+        """MD5 challenge; with no stored hash it always ends in a refusal."""
+        salt = os.urandom(4)
+        self.write(messages.auth_md5(salt))
+        msg_type, body = await self._next_message()
+        if msg_type != codes.PASSWORD_MESSAGE:
+            raise StartupError(sqlstate.PROTOCOL_VIOLATION, "expected a password response")
+        if stored is None or not verify_md5_response(stored, salt, body):
+            raise StartupError(
+                sqlstate.INVALID_PASSWORD, f'password authentication failed for user "{self.user}"'
+            )
+
+    async def _auth_scram(self, entry: PoolEntry) -> None:
+        verifier = entry.scram_verifier
+        assert verifier is not None
+        session = ScramServerSession(verifier)
+        self.write(messages.auth_sasl(ScramServerSession.mechanisms))
+        msg_type, body = await self._next_message()
+        if msg_type != codes.PASSWORD_MESSAGE:
+            raise StartupError(sqlstate.PROTOCOL_VIOLATION, "expected a SASL response")
+        try:
+            mechanism, data = messages.parse_sasl_initial_response(body)
+            self.write(messages.auth_sasl_continue(session.handle_client_first(mechanism, data)))
+            msg_type, body = await self._next_message()
+            if msg_type != codes.PASSWORD_MESSAGE:
+                raise StartupError(sqlstate.PROTOCOL_VIOLATION, "expected a SASL response")
+            final = session.handle_client_final(body)
+        except AuthenticationFailed:
+            raise StartupError(
+                sqlstate.INVALID_PASSWORD, f'password authentication failed for user "{self.user}"'
+            ) from None
+        except ScramError as exc:
+            raise StartupError(
+                sqlstate.PROTOCOL_VIOLATION, f"invalid SCRAM exchange: {exc}"
+            ) from exc
+        self.write(messages.auth_sasl_final(final))
+        # Passthrough: the ClientKey lets the pooler log in to the backend as this user.
+        entry.credentials.scram_client_key = session.client_key
+
+    async def _fetch_server_parameters(self, pool: Pool) -> dict[str, str]:
+        """The first login of a pool needs a backend to learn its ParameterStatus set."""
+        future: asyncio.Future[PooledServer] = self.loop.create_future()
+        waiter = _FutureWaiter(future)
+        server = pool.acquire(waiter)
+        if server is None:
+            try:
+                server = await future
+            except AcquireError as exc:
+                pool.cancel_wait(waiter)
+                raise StartupError(exc.code, exc.message) from None
+        from pg_doorman.net.server import ServerConnection
+
+        assert isinstance(server, ServerConnection)
+        params = dict(server.parameters)
+        pool.server_parameters = params
+        server.finish()
+        return params
+
+    # ---- relay --------------------------------------------------------------
+
+    def _relay_data(self, data: bytes) -> None:
+        self.bytes_received += len(data)
+        server = self.server
+        if server is not None:
+            self._forward(server, data)
+        elif self.state == WAITING:
+            self._pending += data
+        else:
+            self._between_transactions(data)
+
+    def _forward(self, server: ServerConnection, data: bytes) -> None:
+        frontend = self.frontend
+        try:
+            out = frontend.feed(data)
+        except ProtocolError as exc:
+            self.fail(sqlstate.PROTOCOL_VIOLATION, f"invalid message from client: {exc}")
+            return
+        if out:
+            if frontend.named_parse_seen:
+                frontend.named_parse_seen = False
+                server.scanner.cleanup_flags |= CLEAN_PREPARE
+            server.bytes_sent += len(out)
+            assert server.transport is not None
+            server.transport.write(out)
+        if (frontend.held_bytes or self._memory_accounted) and not self._account_memory(
+            frontend.held_bytes
+        ):
+            return
+        if frontend.terminated:
+            self.close()
+
+    def _between_transactions(self, data: bytes) -> None:
+        """No server attached: answer what needs none, else check one out."""
+        buf = self._pending + data if self._pending else data
+        self._pending = b""
+        entry = self.entry
+        assert entry is not None
+        check_query = entry.check_query
+        while True:
+            n = len(buf)
+            if n < 5:
+                self._pending = buf
+                return
+            msg_type = buf[0]
+            (length,) = _unpack_length(buf, 1)
+            if msg_type not in _VALID_TYPES or length < 4 or length > codes.MAX_MESSAGE_SIZE:
+                self.fail(
+                    sqlstate.PROTOCOL_VIOLATION,
+                    f"invalid message from client: type {msg_type!r} length {length}",
+                )
+                return
+            if msg_type == codes.TERMINATE:
+                self.close()
+                return
+            if msg_type == codes.QUERY and length + 1 == len(check_query):
+                if n < length + 1:
+                    self._pending = buf
+                    return
+                if buf[: length + 1] == check_query:
+                    buf = buf[length + 1 :]
+                    cached = entry.pool.check_query_response
+                    if cached is not None:
+                        self.write(cached)
+                        continue
+                    self._check_query_next = True
+            break
+        server = entry.pool.acquire(self)
+        if server is None:
+            self.state = WAITING
+            self.wait_started = time.monotonic()
+            self._pending = buf
+            self.pause_reading()
+            return
+        self._start(server, buf)  # type: ignore[arg-type]
+
+    def _start(self, server: ServerConnection, data: bytes) -> None:
+        """Begin a transaction on a server just checked out."""
+        if self._check_query_next:
+            self._check_query_next = False
+            self._pending = data
+            self.state = WAITING  # nothing is forwarded until the probe is answered
+            self.pause_reading()
+            server.capture_query(self.entry.check_query, self._check_query_done)  # type: ignore[union-attr]
+            return
+        self._attach(server)
+        self._forward(server, data)
+
+    def _check_query_done(self, server: ServerConnection, reply: bytes | None) -> None:
+        pool = self.pool
+        assert pool is not None
+        if reply is None:
+            self.fail(sqlstate.CONNECTION_FAILURE, "server failed to answer the check query")
+            return
+        if codes.ERROR_RESPONSE not in messages.message_types(reply) and reply.endswith(
+            messages.READY_IDLE
+        ):
+            pool.check_query_response = reply
+        server.finish()
+        if self.state == CLOSED:
+            return
+        self.write(reply)
+        self.state = IDLE
+        self.resume_reading()
+        if self._pending:
+            self._between_transactions(b"")
+
+    def _attach(self, server: ServerConnection) -> None:
+        self.server = server
+        self.state = ACTIVE
+        server.attach(self)
+        statement = self._parameter_sync_statement(server)
+        if statement:
+            server.send_parameter_sync(statement)
+        self._param_mark = server.scanner.param_changes
+
+    def _parameter_sync_statement(self, server: ServerConnection) -> str:
+        """A statement that gives the server this client's session parameters.
+
+        set_config() takes the value exactly as a startup packet carries it, so list
+        settings like search_path keep their meaning and nothing needs quoting rules.
+        """
+        assert self.entry is not None
+        mine = self.parameters
+        theirs = server.parameters
+        changes: list[tuple[str, str]] = []
+        for name in self.entry.synced_parameters:
+            value = mine.get(name)
+            if value is not None and not same_parameter(name, value, theirs.get(name)):
+                changes.append((name, value))
+        resets: list[str] = []
+        wanted = self.extra_parameters
+        applied = server.extra_parameters
+        if wanted or applied:
+            changes += [(n, v) for n, v in wanted.items() if applied.get(n) != v]
+            resets = [f'RESET "{name}"' for name in applied if name not in wanted]
+            server.extra_parameters = dict(wanted)
+        statements = resets
+        if changes:
+            calls = ", ".join(
+                f"pg_catalog.set_config({quote_literal(n)}, {quote_literal(v)}, false)"
+                for n, v in changes
+            )
+            statements = [f"SELECT {calls}", *resets]
+        return ";".join(statements)
+
+    def accept_server_parameters(self, server: ServerConnection) -> None:
+        assert self.entry is not None
+        for name in self.entry.synced_parameters:
+            if name in server.parameters and name in self.parameters:
+                self.parameters[name] = server.parameters[name]
+
+    def parameters_refused(self, server: ServerConnection) -> None:
+        """The server rejected this client's startup parameters: stop asking for them."""
+        self.accept_server_parameters(server)
+        if self.extra_parameters:
+            logger.warning(
+                "client %s: dropping startup parameters the server refused: %s",
+                self.name,
+                ", ".join(self.extra_parameters),
+            )
+            self.extra_parameters = {}
+
+    def detach_server(self, server: ServerConnection) -> None:
+        if server.scanner.param_changes != self._param_mark:
+            # The transaction changed session parameters: carry them to the next server.
+            self.accept_server_parameters(server)
+        self.server = None
+        if self.state == ACTIVE:
+            self.state = IDLE
+        self.frontend.reset()
+        if self.closing_after_transaction:
+            # After the reply now being relayed has been written.
+            self.loop.call_soon(self.fail, sqlstate.ADMIN_SHUTDOWN, "pooler is shut down now")
+
+    # Pool waiter callbacks.
+
+    def on_server(self, server: PooledServer) -> None:
+        if self.state != WAITING:
+            # Gone while the server was on its way: give it back untouched.
+            if self.pool is not None:
+                self.pool.release(server)
+            return
+        from pg_doorman.net.server import ServerConnection
+
+        assert isinstance(server, ServerConnection)
+        self.state = IDLE
+        self.resume_reading()
+        data, self._pending = self._pending, b""
+        self._start(server, data)
+
+    def on_acquire_error(self, code: str, message: str) -> None:
+        self.fail(code, message)
+
+    def on_server_lost(self, server: ServerConnection) -> None:
+        """The attached server died or broke the protocol."""
+        if self.server is server:
+            self.server = None
+        self.fail(
+            sqlstate.CONNECTION_FAILURE,
+            "server connection lost during the transaction",
+            detail="The PostgreSQL backend closed the connection unexpectedly; "
+            "the transaction was not committed by the pooler.",
+        )
+
+    def _account_memory(self, held: int) -> bool:
+        delta = held - self._memory_accounted
+        if not delta:
+            return True
+        self._memory_accounted = held
+        if not self.pooler.memory.add(delta) and delta > 0:
+            self.fail(
+                sqlstate.OUT_OF_MEMORY,
+                "pooler is temporarily out of memory (max_memory_usage); try again later",
+            )
+            return False
+        return True
+
+
+def parse_options(options: str) -> dict[str, str]:
+    """Settings from the libpq `options` startup parameter (`-c name=value`, `--name=value`).
+
+    Other server command-line switches make no sense through a pooler and are refused.
+    """
+    words: list[str] = []
+    word: list[str] = []
+    escaped = False
+    for char in options:
+        if escaped:
+            word.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char.isspace():
+            if word:
+                words.append("".join(word))
+                word = []
+        else:
+            word.append(char)
+    if word:
+        words.append("".join(word))
+    settings: dict[str, str] = {}
+    i = 0
+    while i < len(words):
+        current = words[i]
+        if current == "-c" and i + 1 < len(words):
+            setting = words[i + 1]
+            i += 2
+        elif (current.startswith("-c") and len(current) > 2) or (
+            current.startswith("--") and "=" in current
+        ):
+            setting = current[2:]
+            i += 1
+        else:
+            raise StartupError(
+                sqlstate.FEATURE_NOT_SUPPORTED,
+                f"unsupported startup option {current!r}: only -c name=value is supported",
+            )
+        name, sep, value = setting.partition("=")
+        if not sep or not name:
+            raise StartupError(sqlstate.SYNTAX_ERROR, f"invalid startup option {setting!r}")
+        settings[name.replace("-", "_")] = value
+    return settings
+
+
+def same_parameter(name: str, mine: str, theirs: str | None) -> bool:
+    if theirs is None:
+        return False
+    if name == "client_encoding":
+        # "utf8", "UTF-8" and "UTF8" are one encoding.
+        return mine.replace("-", "").replace("_", "").upper() == theirs.replace("_", "").upper()
+    return mine == theirs
+
+
+def quote_literal(value: str) -> str:
+    """An escape-string literal: safe whatever standard_conforming_strings is."""
+    return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+class _FutureWaiter:
+    """Adapts the pool's callback interface to a future, for the login path."""
+
+    def __init__(self, future: asyncio.Future[PooledServer]) -> None:
+        self.future = future
+
+    def on_server(self, server: PooledServer) -> None:
+        if self.future.done():
+            server_pool_release(server)
+        else:
+            self.future.set_result(server)
+
+    def on_acquire_error(self, code: str, message: str) -> None:
+        if not self.future.done():
+            self.future.set_exception(AcquireError(code, message))
+
+
+def server_pool_release(server: PooledServer) -> None:
+    from pg_doorman.net.server import ServerConnection
+
+    if isinstance(server, ServerConnection):
+        server.finish()
+
+
+def _ignore(data: bytes) -> None:
+    pass
+
+
+def tune_socket(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

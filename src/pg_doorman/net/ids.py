@@ -1,0 +1,37 @@
+"""Identifiers handed to clients: connection ids (the BackendKeyData pid) and cancel secrets.
+
+One allocator per process, injected where needed, so that worker processes can later
+draw from disjoint ranges and a cancel key tells which worker owns the client.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+
+class IdAllocator:
+    __slots__ = ("_next_client", "_next_server", "worker_id")
+
+    # Low bits of a client id count connections; the worker id sits above them.
+    WORKER_SHIFT = 24
+
+    def __init__(self, worker_id: int = 0) -> None:
+        self.worker_id = worker_id
+        self._next_client = 0
+        self._next_server = 0
+
+    def next_client_id(self) -> int:
+        self._next_client = (self._next_client % ((1 << self.WORKER_SHIFT) - 1)) + 1
+        return (self.worker_id << self.WORKER_SHIFT) | self._next_client
+
+    def next_server_id(self) -> int:
+        self._next_server += 1
+        return self._next_server
+
+    @staticmethod
+    def cancel_secret() -> int:
+        # BackendKeyData carries a signed int32.
+        return secrets.randbits(32) - (1 << 31)
+
+    def owner_of(self, client_id: int) -> int:
+        return client_id >> self.WORKER_SHIFT

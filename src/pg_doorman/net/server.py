@@ -1,0 +1,646 @@
+"""A connection to a PostgreSQL backend.
+
+Login is a short coroutine; after that the connection is driven by callbacks only.
+`data_received` dispatches on the current mode: relaying to the attached client,
+swallowing the reply to a cleanup or probe query, or watching an idle socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
+
+from pg_doorman.auth.md5 import md5_password_response, md5_salted_response
+from pg_doorman.auth.scram import ScramClientSession, ScramError, ScramVerifier
+from pg_doorman.pool.pool import AcquireError, Pool
+from pg_doorman.protocol import codes, messages, sqlstate
+from pg_doorman.protocol.framing import (
+    CLEAN_PREPARE,
+    CLEAN_SET,
+    BackendScanner,
+    MessageBuffer,
+    cleanup_queries,
+)
+from pg_doorman.protocol.messages import ProtocolError
+
+if TYPE_CHECKING:
+    from pg_doorman.net.client import ClientConnection
+
+logger = logging.getLogger("pg_doorman.server")
+
+# Modes of a server connection.
+LOGIN = 0
+IDLE = 1
+ACTIVE = 2
+CLEANUP = 3
+PROBE = 4
+CLOSED = 5
+
+_MODE_NAMES = {LOGIN: "login", IDLE: "idle", ACTIVE: "active", CLEANUP: "cleanup"}
+_MODE_NAMES.update({PROBE: "probe", CLOSED: "closed"})
+
+_READY_I = codes.TX_IDLE
+
+
+@dataclass
+class BackendCredentials:
+    """How to log in to the backend for one pool.
+
+    Either an explicit plaintext `password`, or passthrough of what the pooler stores
+    for the client: an md5 hash (pass-the-hash) or a SCRAM verifier plus the ClientKey
+    recovered from a client's SCRAM login.
+    """
+
+    user: str
+    password: str | None = None
+    md5_hash: str | None = None
+    scram_verifier: ScramVerifier | None = None
+    scram_client_key: bytes | None = None
+
+
+class ServerConnection(asyncio.Protocol):
+    def __init__(
+        self,
+        pool: Pool,
+        server_id: int,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.pool = pool
+        self.server_id = server_id
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.mode = LOGIN
+        self.parameters: dict[str, str] = {}
+        # Non-reported session parameters SET on behalf of clients (see client.py).
+        self.extra_parameters: dict[str, str] = {}
+        self.scanner = BackendScanner(self.parameters)
+        self.backend_pid = 0
+        self.backend_secret = 0
+        self.client: ClientConnection | None = None
+        self.closed = False
+        self.discarded = False
+        self.canceled = False
+        self.peer: tuple[str, int] | str = ""
+        now = time.monotonic()
+        self.created = now
+        self.idle_since = now
+        self.lifetime_deadline = pool.lifetime_deadline(now)
+        self.idle_limit = pool.idle_limit()
+        self.served_clients = 0
+        self.transactions = 0
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self._inbox = MessageBuffer()
+        self._login_waiter: asyncio.Future[None] | None = None
+        self._on_data: Callable[[bytes], None] = self._login_data
+        self._pending_replies = 0
+        self._after_quiet: Callable[[bool], None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._reading_paused = False
+        self._quiet_ok = True
+        self._captured: bytearray | None = None
+        self._sync_pending = False
+
+    # ---- asyncio.Protocol ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement the interface without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        self.peer = transport.get_extra_info("peername") or ""
+
+    def data_received(self, data: bytes) -> None:
+        self._on_data(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        was = self.mode
+        self.closed = True
+        self.mode = CLOSED
+        if self._timer is not None:
+            self._timer.cancel()
+        waiter = self._login_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(
+                AcquireError(sqlstate.CONNECTION_FAILURE, "server closed the connection")
+            )
+        if was == ACTIVE and self.client is not None:
+            client = self.client
+            self.client = None
+            client.on_server_lost(self)
+        elif was == IDLE:
+            with contextlib.suppress(ValueError):
+                self.pool.idle.remove(self)
+        elif was in (CLEANUP, PROBE) and self._after_quiet is not None:
+            done, self._after_quiet = self._after_quiet, None
+            done(False)
+            return
+        if was != LOGIN:
+            self._retire("server closed the connection")
+
+    def pause_writing(self) -> None:
+        # The backend isn't reading: stop reading from the client feeding it.
+        client = self.client
+        if client is not None:
+            client.pause_reading()
+
+    def resume_writing(self) -> None:
+        client = self.client
+        if client is not None:
+            client.resume_reading()
+
+    # ---- login --------------------------------------------------------------
+
+    def _login_data(self, data: bytes) -> None:
+        self._inbox.feed(data)
+        waiter = self._login_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _next_message(self) -> tuple[int, bytes]:
+        while True:
+            msg = self._inbox.next_message()
+            if msg is not None:
+                return msg
+            if self.closed:
+                raise AcquireError(sqlstate.CONNECTION_FAILURE, "server closed the connection")
+            self._login_waiter = self.loop.create_future()
+            await self._login_waiter
+            self._login_waiter = None
+
+    def _send(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    async def login(self, startup: dict[str, str], creds: BackendCredentials) -> None:
+        """Run the startup exchange until the first ReadyForQuery."""
+        self._send(messages.startup_message(startup))
+        scram: ScramClientSession | None = None
+        while True:
+            msg_type, body = await self._next_message()
+            if msg_type == codes.AUTHENTICATION:
+                code, payload = messages.parse_auth_request(body)
+                if code == codes.AUTH_OK:
+                    continue
+                if code == codes.AUTH_SASL:
+                    mechanisms = messages.parse_sasl_mechanisms(payload)
+                    if "SCRAM-SHA-256" not in mechanisms:
+                        raise AcquireError(
+                            sqlstate.FEATURE_NOT_SUPPORTED,
+                            f"server offers unsupported SASL mechanisms {mechanisms}",
+                        )
+                    scram = _scram_session(creds)
+                    self._send(
+                        messages.sasl_initial_response("SCRAM-SHA-256", scram.client_first())
+                    )
+                elif code == codes.AUTH_SASL_CONTINUE:
+                    if scram is None:
+                        raise AcquireError(sqlstate.PROTOCOL_VIOLATION, "unexpected SASL continue")
+                    try:
+                        final = scram.handle_server_first(payload)
+                    except ScramError as exc:
+                        raise AcquireError(sqlstate.PROTOCOL_VIOLATION, str(exc)) from exc
+                    self._send(messages.password_message(final))
+                elif code == codes.AUTH_SASL_FINAL:
+                    if scram is None:
+                        raise AcquireError(sqlstate.PROTOCOL_VIOLATION, "unexpected SASL final")
+                    try:
+                        scram.handle_server_final(payload)
+                    except Exception as exc:
+                        raise AcquireError(sqlstate.INVALID_PASSWORD, str(exc)) from exc
+                elif code == codes.AUTH_MD5:
+                    self._send(messages.password_message(_md5_answer(creds, payload[:4])))
+                elif code == codes.AUTH_CLEARTEXT:
+                    if creds.password is None:
+                        raise AcquireError(
+                            sqlstate.INVALID_AUTHORIZATION,
+                            "server asked for a cleartext password but only a hash is "
+                            f"configured for user {creds.user!r}; set server_password",
+                        )
+                    self._send(messages.password_message(messages.cstring(creds.password)))
+                else:
+                    raise AcquireError(
+                        sqlstate.FEATURE_NOT_SUPPORTED,
+                        f"server requested unsupported authentication method {code}",
+                    )
+            elif msg_type == codes.PARAMETER_STATUS:
+                name, value = messages.parse_parameter_status(body)
+                self.parameters[name] = value
+            elif msg_type == codes.BACKEND_KEY_DATA:
+                self.backend_pid, self.backend_secret = messages.parse_backend_key_data(body)
+            elif msg_type == codes.READY_FOR_QUERY:
+                break
+            elif msg_type == codes.ERROR_RESPONSE:
+                fields = messages.parse_error_fields(body)
+                raise AcquireError(
+                    fields.get("C", sqlstate.CONNECTION_FAILURE),
+                    fields.get("M", "server rejected the connection"),
+                )
+            elif msg_type in (codes.NOTICE_RESPONSE, codes.NEGOTIATE_PROTOCOL_VERSION):
+                continue
+            else:
+                raise AcquireError(
+                    sqlstate.PROTOCOL_VIOLATION,
+                    f"unexpected message {chr(msg_type)!r} during server login",
+                )
+        if len(self._inbox):
+            raise AcquireError(sqlstate.PROTOCOL_VIOLATION, "server sent data after login")
+        self.mode = IDLE
+        self._on_data = self._idle_data
+
+    # ---- pool protocol ------------------------------------------------------
+
+    def is_usable(self, now: float) -> bool:
+        return not (self.closed or self.canceled or now >= self.lifetime_deadline)
+
+    def idle_expired(self, now: float) -> bool:
+        # Only servers that have served a client age out when idle (min_pool_size
+        # prewarmed ones wait for their first client).
+        return bool(self.served_clients) and now - self.idle_since >= self.idle_limit
+
+    def needs_probe(self, now: float) -> bool:
+        limit = self.pool.settings.idle_check_timeout
+        return limit > 0 and now - self.idle_since >= limit
+
+    def mark_idle(self, now: float) -> None:
+        self.mode = IDLE
+        self.idle_since = now
+        self._on_data = self._idle_data
+
+    def probe(self, done: Callable[[bool], None]) -> None:
+        """Send an empty query and report whether the server answered in time."""
+        self._run_quiet([""], done, PROBE)
+
+    def close(self, reason: str) -> None:
+        if self.closed:
+            return
+        logger.debug("closing server %d (%s): %s", self.server_id, self.pool.name, reason)
+        self.closed = True
+        self.mode = CLOSED
+        if self.transport is not None:
+            with contextlib.suppress(Exception):  # the socket may already be gone
+                self.transport.write(messages.TERMINATE)
+            self.transport.close()
+
+    def _retire(self, reason: str) -> None:
+        """Give the pool slot back (the pool ignores repeats)."""
+        self.pool.discard(self, reason)
+
+    # ---- idle ---------------------------------------------------------------
+
+    def _idle_data(self, data: bytes) -> None:
+        # An idle backend speaks only to say goodbye (idle_session_timeout,
+        # pg_terminate_backend) or to report something we can't attribute: drop it.
+        with contextlib.suppress(ValueError):
+            self.pool.idle.remove(self)
+        self._retire("server sent data while idle")
+
+    # ---- relay --------------------------------------------------------------
+
+    def attach(self, client: ClientConnection) -> None:
+        self.client = client
+        self.mode = ACTIVE
+        self.served_clients += 1
+        self._on_data = self._relay
+        if client.write_paused and self.transport is not None:
+            self.transport.pause_reading()
+            self._reading_paused = True
+
+    def send_parameter_sync(self, statement: str) -> None:
+        """SET the client's session parameters before its transaction; the reply is
+        swallowed in front of the relay."""
+        assert self.transport is not None
+        self._sync_pending = True
+        self._inbox = MessageBuffer()
+        self.transport.write(messages.query(statement))
+
+    def _swallow_sync_reply(self, data: bytes) -> bytes:
+        inbox = self._inbox
+        inbox.feed(data)
+        while True:
+            msg = inbox.next_message()
+            if msg is None:
+                return b""
+            msg_type, body = msg
+            if msg_type == codes.PARAMETER_STATUS:
+                name, value = messages.parse_parameter_status(body)
+                self.parameters[name] = value
+                self.scanner.param_changes += 1
+            elif msg_type == codes.ERROR_RESPONSE:
+                fields = messages.parse_error_fields(body)
+                logger.warning(
+                    "server %d (%s): could not apply client parameters: %s",
+                    self.server_id,
+                    self.pool.name,
+                    fields.get("M", "?"),
+                )
+                # The failed statement rolled back every SET in it.
+                self.extra_parameters = {}
+                if self.client is not None:
+                    self.client.parameters_refused(self)
+            elif msg_type == codes.READY_FOR_QUERY:
+                self._sync_pending = False
+                return inbox.take_rest()
+
+    def _relay(self, data: bytes) -> None:
+        client = self.client
+        assert client is not None
+        if self._sync_pending:
+            data = self._swallow_sync_reply(data)
+            if not data:
+                return
+        scanner = self.scanner
+        self.bytes_received += len(data)
+        try:
+            out = scanner.feed(data)
+        except ProtocolError as exc:
+            self._broken(f"invalid data from server: {exc}")
+            return
+        frontend = client.frontend
+        if scanner.copy_in_started:
+            frontend.on_copy_in_started()
+        if frontend.copy_in and not scanner.in_copy:
+            frontend.on_copy_aborted_by_server()
+        if scanner.ready_count:
+            frontend.pending_ready -= scanner.ready_count
+            if (
+                frontend.pending_ready <= 0
+                and scanner.status == _READY_I
+                and not frontend.batch_open
+                and not scanner.in_copy
+                and not frontend.copy_in
+                and not scanner.mid_message
+                and not frontend.mid_message
+            ):
+                frontend.pending_ready = 0
+                self.transactions += 1
+                client.transactions += 1
+                if not self.pool.settings.session_mode:
+                    # Give the server back before the last write to the client, so
+                    # the next waiter starts while these bytes are on their way.
+                    client.detach_server(self)
+                    self.finish()
+        client.write(out)
+
+    def _broken(self, reason: str) -> None:
+        logger.error("server %d (%s): %s", self.server_id, self.pool.name, reason)
+        client = self.client
+        self.client = None
+        self.close(reason)
+        self._retire(reason)
+        if client is not None:
+            client.on_server_lost(self)
+
+    def resume_relay(self) -> None:
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def pause_relay(self) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    # ---- check-in -----------------------------------------------------------
+
+    def finish(self) -> None:
+        """The transaction (or session) is over: clean up, then return to the pool."""
+        self.client = None
+        self.resume_relay()
+        if self.closed:
+            self._retire("closed")
+            return
+        if self.canceled:
+            # A cancel we forwarded may still be in flight: never reuse this backend.
+            self.close("a cancel request was forwarded to it")
+            self._retire("canceled")
+            return
+        statements = []
+        if self.scanner.status != _READY_I:
+            statements.append("ROLLBACK")
+        settings = self.pool.settings
+        if settings.session_mode:
+            statements.append("DISCARD ALL")
+        elif settings.cleanup_server_connections:
+            statements += cleanup_queries(self.scanner.cleanup_flags)
+        elif self.scanner.cleanup_flags & CLEAN_PREPARE:
+            # Leftover named statements would collide with the next client's.
+            statements.append("DEALLOCATE ALL")
+        if not statements:
+            self.pool.release(self)
+            return
+        self._run_quiet(statements, self._cleanup_done, CLEANUP)
+
+    def _cleanup_done(self, ok: bool) -> None:
+        if ok and self.scanner.status == _READY_I:
+            if self.scanner.cleanup_flags & CLEAN_SET or self.pool.settings.session_mode:
+                self.extra_parameters = {}  # RESET ALL / DISCARD ALL undid them
+            self.scanner.cleanup_flags = 0
+            self.pool.release(self)
+        else:
+            self.close("cleanup failed")
+            self._retire("cleanup failed")
+
+    def client_gone(self) -> None:
+        """The attached client disconnected."""
+        client = self.client
+        self.client = None
+        if client is None or self.closed:
+            self._retire("client gone")
+            return
+        frontend = client.frontend
+        if (
+            frontend.pending_ready > 0
+            or frontend.mid_message
+            or frontend.batch_open
+            or self.scanner.in_copy
+            or self.scanner.mid_message
+        ):
+            # The server is mid-reply or holds a half-sent batch: its state is unknown.
+            self.close("client disconnected while the server was busy")
+            self._retire("client gone mid-request")
+            return
+        self.finish()
+
+    def capture_query(
+        self,
+        query_message: bytes,
+        done: Callable[[ServerConnection, bytes | None], None],
+    ) -> None:
+        """Run one simple query and hand its complete raw reply to `done`."""
+        captured = bytearray()
+        self._captured = captured
+
+        def finished(ok: bool) -> None:
+            self._captured = None
+            if ok:
+                done(self, bytes(captured))
+            else:
+                self.close("check query failed")
+                self._retire("check query failed")
+                done(self, None)
+
+        self._run_quiet([], finished, CLEANUP, raw=query_message)
+
+    def _run_quiet(
+        self,
+        statements: list[str],
+        done: Callable[[bool], None],
+        mode: int,
+        *,
+        raw: bytes | None = None,
+    ) -> None:
+        """Send statements as separate queries and swallow the replies."""
+        assert self.transport is not None
+        self.mode = mode
+        self._inbox = MessageBuffer()
+        payload = b"".join(messages.query(s) for s in statements)
+        if raw is not None:
+            payload += raw
+        self._pending_replies = len(statements) + (raw is not None)
+        self._after_quiet = done
+        self._quiet_ok = True
+        self._on_data = self._quiet_data
+        self._timer = self.loop.call_later(self.pool.settings.connect_timeout, self._quiet_timeout)
+        self.transport.write(payload)
+
+    def _quiet_data(self, data: bytes) -> None:
+        if self._captured is not None:
+            self._captured += data
+        self._inbox.feed(data)
+        try:
+            while True:
+                msg = self._inbox.next_message()
+                if msg is None:
+                    return
+                msg_type, body = msg
+                if msg_type == codes.ERROR_RESPONSE and self._captured is None:
+                    fields = messages.parse_error_fields(body)
+                    logger.warning(
+                        "server %d (%s): cleanup query failed: %s",
+                        self.server_id,
+                        self.pool.name,
+                        fields.get("M", "?"),
+                    )
+                    self._quiet_ok = False
+                elif msg_type == codes.PARAMETER_STATUS:
+                    name, value = messages.parse_parameter_status(body)
+                    self.parameters[name] = value
+                elif msg_type == codes.READY_FOR_QUERY:
+                    self.scanner.status = body[0]
+                    self._pending_replies -= 1
+                    if self._pending_replies == 0:
+                        self._quiet_finished(self._quiet_ok and not len(self._inbox))
+                        return
+        except ProtocolError:
+            self._quiet_finished(False)
+
+    def _quiet_timeout(self) -> None:
+        self._timer = None
+        self._quiet_finished(False)
+
+    def _quiet_finished(self, ok: bool) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        done, self._after_quiet = self._after_quiet, None
+        self.mode = IDLE
+        self._on_data = self._idle_data
+        if done is not None:
+            done(ok)
+
+    @property
+    def state_name(self) -> str:
+        return _MODE_NAMES[self.mode]
+
+
+def _scram_session(creds: BackendCredentials) -> ScramClientSession:
+    if creds.password is not None:
+        return ScramClientSession(password=creds.password)
+    if creds.scram_client_key is not None:
+        verifier = creds.scram_verifier
+        return ScramClientSession(
+            client_key=creds.scram_client_key,
+            server_key=verifier.server_key if verifier is not None else None,
+        )
+    if creds.scram_verifier is not None:
+        raise AcquireError(
+            sqlstate.INVALID_AUTHORIZATION,
+            f"cannot log in to the server as {creds.user!r} with SCRAM yet: passthrough "
+            "needs one client to log in with SCRAM first (or set server_password)",
+        )
+    raise AcquireError(
+        sqlstate.INVALID_AUTHORIZATION,
+        f"server requires SCRAM for {creds.user!r} but the configured password is an md5 "
+        "hash; store the SCRAM verifier from pg_authid or set server_password",
+    )
+
+
+def _md5_answer(creds: BackendCredentials, salt: bytes) -> bytes:
+    if creds.password is not None:
+        answer = md5_password_response(creds.password, creds.user, salt)
+    elif creds.md5_hash is not None:
+        answer = md5_salted_response(creds.md5_hash, salt)
+    else:
+        raise AcquireError(
+            sqlstate.INVALID_AUTHORIZATION,
+            f"server asked for an md5 password for {creds.user!r} but none is configured "
+            "(a SCRAM verifier can't answer md5; set server_password)",
+        )
+    return messages.cstring(answer)
+
+
+async def open_server(
+    pool: Pool,
+    server_id: int,
+    creds: BackendCredentials,
+    loop: asyncio.AbstractEventLoop,
+) -> ServerConnection:
+    """Connect and log in to the pool's backend, within connect_timeout."""
+    settings = pool.settings
+    startup = {
+        "user": settings.server_user,
+        "database": settings.server_database,
+        "application_name": settings.application_name,
+    }
+    startup.update(settings.startup_parameters)
+    host = settings.server_host
+
+    def factory() -> ServerConnection:
+        return ServerConnection(pool, server_id, loop)
+
+    server: ServerConnection | None = None
+    try:
+        async with asyncio.timeout(settings.connect_timeout):
+            if host.startswith("/"):
+                path = f"{host.rstrip('/')}/.s.PGSQL.{settings.server_port}"
+                _, server = await loop.create_unix_connection(factory, path)
+            else:
+                _, server = await loop.create_connection(factory, host, settings.server_port)
+            await server.login(startup, creds)
+    except TimeoutError:
+        if server is not None:
+            server.close("connect timeout")
+        raise AcquireError(
+            sqlstate.CONNECTION_FAILURE,
+            f"timeout connecting to server {host}:{settings.server_port} "
+            f"(connect_timeout {settings.connect_timeout:g}s)",
+        ) from None
+    except AcquireError:
+        if server is not None:
+            server.close("login failed")
+        raise
+    except OSError as exc:
+        raise AcquireError(
+            sqlstate.CONNECTION_FAILURE,
+            f"cannot connect to server {host}:{settings.server_port}: {exc.strerror or exc}",
+        ) from exc
+    return server

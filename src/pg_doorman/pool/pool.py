@@ -1,0 +1,376 @@
+"""One pool of backend connections per (database, user).
+
+The pool knows nothing about sockets: it keeps idle servers, a FIFO of waiting
+clients, and the count of servers it owns, and asks an injected connector to open new
+ones. A server returned while clients wait goes straight to the oldest waiter, never
+through the idle list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pg_doorman.protocol import sqlstate
+
+logger = logging.getLogger("pg_doorman.pool")
+
+
+class PooledServer(Protocol):
+    """What the pool needs from a server connection."""
+
+    server_id: int
+    closed: bool
+    # Set by the pool when the server stops counting against it (exactly once).
+    discarded: bool
+
+    def is_usable(self, now: float) -> bool: ...
+
+    def idle_expired(self, now: float) -> bool: ...
+
+    def needs_probe(self, now: float) -> bool: ...
+
+    def probe(self, done: Callable[[bool], None]) -> None: ...
+
+    def close(self, reason: str) -> None: ...
+
+    def mark_idle(self, now: float) -> None: ...
+
+
+class Waiter(Protocol):
+    """A client waiting for a server."""
+
+    def on_server(self, server: PooledServer) -> None: ...
+
+    def on_acquire_error(self, code: str, message: str) -> None: ...
+
+
+class AcquireError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class PoolSettings:
+    """Effective settings of one (database, user) pool, resolved from the config."""
+
+    database: str
+    user: str
+    pool_size: int
+    min_pool_size: int = 0
+    pool_mode: str = "transaction"
+    query_wait_timeout: float = 5.0
+    connect_timeout: float = 3.0
+    server_lifetime: float = 1200.0
+    idle_timeout: float = 600.0
+    idle_check_timeout: float = 60.0
+    round_robin: bool = False
+    cleanup_server_connections: bool = True
+    max_concurrent_creates: int = 4
+    retain_max: int = 3
+    server_host: str = "127.0.0.1"
+    server_port: int = 5432
+    server_database: str = ""
+    server_user: str = ""
+    application_name: str = "pg_doorman"
+    startup_parameters: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def session_mode(self) -> bool:
+        return self.pool_mode == "session"
+
+
+class _WaitEntry:
+    __slots__ = ("cancelled", "enqueued", "timer", "waiter")
+
+    def __init__(self, waiter: Waiter, enqueued: float) -> None:
+        self.waiter = waiter
+        self.enqueued = enqueued
+        self.timer: asyncio.TimerHandle | None = None
+        self.cancelled = False
+
+
+Connector = Callable[["Pool"], Awaitable[PooledServer]]
+
+# Backend errors that no retry will fix: tell waiting clients at once.
+_PERMANENT_LOGIN_ERRORS = frozenset(("28P01", "28000", "3D000", "42501", "42704", "0A000"))
+_JITTER = 0.2
+
+
+class Pool:
+    def __init__(
+        self,
+        settings: PoolSettings,
+        connector: Connector,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.settings = settings
+        self._connector = connector
+        self._loop = loop
+        self.idle: deque[PooledServer] = deque()
+        self._waiters: deque[_WaitEntry] = deque()
+        self.waiting = 0
+        # Servers this pool owns in any state: idle, active, cleaning, connecting.
+        self.size = 0
+        self.connecting = 0
+        self.probing = 0
+        self.closed = False
+        self.paused = False
+        self.last_connect_error: AcquireError | None = None
+        self.server_parameters: dict[str, str] | None = None
+        self.check_query_response: bytes | None = None
+        self._connect_failures = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.max_wait_started: float | None = None
+
+    # ---- acquire / release --------------------------------------------------
+
+    def acquire(self, waiter: Waiter) -> PooledServer | None:
+        """An idle server now, or None after queueing the waiter (answered later)."""
+        if not self.paused and not self._waiters:
+            server = self._pop_idle()
+            if server is not None:
+                return server
+        entry = _WaitEntry(waiter, self._loop.time())
+        entry.timer = self._loop.call_later(
+            self.settings.query_wait_timeout, self._wait_timeout, entry
+        )
+        self._waiters.append(entry)
+        self.waiting += 1
+        self._grow()
+        return None
+
+    def cancel_wait(self, waiter: Waiter) -> None:
+        for entry in self._waiters:
+            if entry.waiter is waiter and not entry.cancelled:
+                self._drop_entry(entry)
+                return
+
+    def release(self, server: PooledServer, *, fresh: bool = False) -> None:
+        """Take back a clean, idle server (`fresh`: just opened, serve it once anyway)."""
+        if self.closed or (not fresh and not server.is_usable(time.monotonic())):
+            self.discard(server, "lifetime reached or pool closed")
+            return
+        entry = self._next_waiter()
+        if entry is not None:
+            self._hand_over(entry, server)
+            return
+        server.mark_idle(time.monotonic())
+        self.idle.append(server)
+
+    def discard(self, server: PooledServer, reason: str) -> None:
+        """Forget a server (closing it if needed) and refill for waiting clients."""
+        if server.discarded:
+            return
+        server.discarded = True
+        if not server.closed:
+            server.close(reason)
+        self.size -= 1
+        if self._waiters or self.size < self.settings.min_pool_size:
+            self._grow()
+
+    def _pop_idle(self) -> PooledServer | None:
+        idle = self.idle
+        now = time.monotonic()
+        while idle:
+            server = idle.popleft() if self.settings.round_robin else idle.pop()
+            if not server.is_usable(now) or server.idle_expired(now):
+                self.discard(server, "lifetime or idle timeout reached")
+                continue
+            if server.needs_probe(now):
+                self._probe(server)
+                continue
+            return server
+        return None
+
+    def _probe(self, server: PooledServer) -> None:
+        self.probing += 1
+
+        def done(ok: bool) -> None:
+            self.probing -= 1
+            if ok:
+                self.release(server)
+            else:
+                self.discard(server, "idle check failed")
+
+        server.probe(done)
+
+    def _next_waiter(self) -> _WaitEntry | None:
+        if self.paused:
+            return None
+        waiters = self._waiters
+        while waiters:
+            entry = waiters.popleft()
+            if not entry.cancelled:
+                self.waiting -= 1
+                return entry
+        return None
+
+    def _hand_over(self, entry: _WaitEntry, server: PooledServer) -> None:
+        if entry.timer is not None:
+            entry.timer.cancel()
+        entry.waiter.on_server(server)
+
+    def _drop_entry(self, entry: _WaitEntry) -> None:
+        entry.cancelled = True
+        self.waiting -= 1
+        if entry.timer is not None:
+            entry.timer.cancel()
+
+    def _wait_timeout(self, entry: _WaitEntry) -> None:
+        if entry.cancelled:
+            return
+        self._drop_entry(entry)
+        err = self.last_connect_error
+        if err is not None and self.size == 0:
+            entry.waiter.on_acquire_error(err.code, err.message)
+            return
+        entry.waiter.on_acquire_error(
+            sqlstate.TOO_MANY_CONNECTIONS,
+            "could not get a database connection from the pool within "
+            f"query_wait_timeout ({self.settings.query_wait_timeout:g}s); "
+            "please try again later",
+        )
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        while self._waiters and self.idle:
+            server = self._pop_idle()
+            if server is None:
+                break
+            entry = self._next_waiter()
+            if entry is None:
+                self.idle.append(server)
+                break
+            self._hand_over(entry, server)
+        self._grow()
+
+    # ---- growing ------------------------------------------------------------
+
+    def _grow(self) -> None:
+        """Open servers for queued clients (and the minimum), within the limits."""
+        if self.closed:
+            return
+        s = self.settings
+        wanted = max(self.waiting - self.connecting - self.probing, 0)
+        wanted = max(wanted, s.min_pool_size - self.size)
+        room = s.pool_size - self.size
+        parallel = s.max_concurrent_creates - self.connecting
+        for _ in range(min(wanted, room, parallel)):
+            self.size += 1
+            self.connecting += 1
+            task = self._loop.create_task(self._connect_one())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _connect_one(self) -> None:
+        try:
+            server = await self._connector(self)
+        except AcquireError as err:
+            self.connecting -= 1
+            self.size -= 1
+            self._connect_failed(err)
+            return
+        except Exception as exc:  # unexpected: keep the pool alive, tell waiters
+            logger.exception("pool %s: unexpected error opening a server", self.name)
+            self.connecting -= 1
+            self.size -= 1
+            self._connect_failed(AcquireError(sqlstate.INTERNAL_ERROR, str(exc)))
+            return
+        self.connecting -= 1
+        self._connect_failures = 0
+        self.last_connect_error = None
+        self.release(server, fresh=True)
+
+    def _connect_failed(self, err: AcquireError) -> None:
+        self.last_connect_error = err
+        self._connect_failures += 1
+        logger.warning("pool %s: cannot connect to server: %s", self.name, err.message)
+        if err.code in _PERMANENT_LOGIN_ERRORS:
+            # Retrying can't help; fail everyone who waits now, with the real reason.
+            while True:
+                entry = self._next_waiter()
+                if entry is None:
+                    break
+                if entry.timer is not None:
+                    entry.timer.cancel()
+                entry.waiter.on_acquire_error(err.code, err.message)
+            return
+        if self._waiters:
+            # Back off a little so a down server isn't hammered; waiters keep their
+            # own query_wait_timeout.
+            delay = min(0.05 * (2 ** min(self._connect_failures, 5)), 1.0)
+            self._loop.call_later(delay, self._grow)
+
+    # ---- maintenance --------------------------------------------------------
+
+    def retain(self, budget: int | None) -> int:
+        """Close expired idle servers (at most `budget`; None = no limit) and refill the
+        minimum. Returns how many were closed."""
+        closed = 0
+        now = time.monotonic()
+        for server in list(self.idle):
+            if budget is not None and closed >= budget:
+                break
+            if not server.is_usable(now) or server.idle_expired(now):
+                self.idle.remove(server)
+                self.discard(server, "lifetime or idle timeout reached")
+                closed += 1
+        if self.size < self.settings.min_pool_size:
+            self._grow()
+        return closed
+
+    def lifetime_deadline(self, now: float) -> float:
+        lifetime = self.settings.server_lifetime
+        if lifetime <= 0:
+            return float("inf")
+        return now + lifetime * random.uniform(1 - _JITTER, 1 + _JITTER)
+
+    def idle_limit(self) -> float:
+        timeout = self.settings.idle_timeout
+        if timeout <= 0:
+            return float("inf")
+        return timeout * random.uniform(1 - _JITTER, 1 + _JITTER)
+
+    def close_idle(self, reason: str) -> None:
+        while self.idle:
+            self.discard(self.idle.pop(), reason)
+
+    def close(self, reason: str) -> None:
+        """Stop the pool: fail waiters, close idle servers; active ones close on return."""
+        self.closed = True
+        while True:
+            entry = self._next_waiter()
+            if entry is None:
+                break
+            if entry.timer is not None:
+                entry.timer.cancel()
+            entry.waiter.on_acquire_error(sqlstate.ADMIN_SHUTDOWN, reason)
+        self.close_idle(reason)
+        for task in list(self._tasks):
+            task.cancel()
+
+    @property
+    def name(self) -> str:
+        return f"{self.settings.user}@{self.settings.database}"
+
+    @property
+    def active(self) -> int:
+        return self.size - len(self.idle) - self.connecting - self.probing
+
+    def oldest_wait(self, now: float) -> float:
+        for entry in self._waiters:
+            if not entry.cancelled:
+                return now - entry.enqueued
+        return 0.0

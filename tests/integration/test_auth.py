@@ -1,0 +1,154 @@
+"""Client authentication (md5, SCRAM, trust, pg_hba) and backend passthrough."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import psycopg
+import pytest
+
+from helpers import ExamplePostgres
+from helpers import pgwire as w
+from helpers.pooler import PoolerFactory
+
+
+@pytest.mark.parametrize("kind", ["md5", "scram", "trust"])
+def test_login_methods(pg: ExamplePostgres, pooler: PoolerFactory, kind: str) -> None:
+    proc = pooler()
+    user = {"md5": pg.md5_user, "scram": pg.scram_user, "trust": pg.trust_user}[kind]
+    with psycopg.connect(proc.dsn(user.name, user.password), autocommit=True) as conn:
+        assert conn.execute("select current_user").fetchone() == (user.name,)
+
+
+def test_scram_requested_for_scram_user(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    proc = pooler()
+    user = pg.scram_user
+    conn = w.PgWire(proc.host, proc.port)
+    try:
+        received = conn.startup(user.name, "example_db", user.password)
+        codes = [int.from_bytes(p[:4], "big") for t, p in received if t == b"R"]
+        assert codes[:3] == [w.AUTH_SASL, w.AUTH_SASL_CONTINUE, w.AUTH_SASL_FINAL]
+        assert codes[-1] == w.AUTH_OK
+        kinds = w.msg_types(received)
+        assert kinds.endswith("KZ")
+        assert {"server_version", "client_encoding", "TimeZone"} <= set(conn.parameters)
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("kind", ["md5", "scram"])
+def test_wrong_password(pg: ExamplePostgres, pooler: PoolerFactory, kind: str) -> None:
+    proc = pooler()
+    user = pg.md5_user if kind == "md5" else pg.scram_user
+    with pytest.raises(w.ServerError) as info:
+        w.PgWire.connect(proc.host, proc.port, user.name, "example_db", "wrong")
+    assert info.value.sqlstate == "28P01"
+    assert info.value.severity == "FATAL"
+
+    # asyncpg sees the same
+    async def main() -> None:
+        with pytest.raises(asyncpg.InvalidPasswordError):
+            await asyncpg.connect(proc.dsn(user.name, "wrong"))
+
+    asyncio.run(main())
+
+
+def test_unknown_user_and_database(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    proc = pooler()
+    with pytest.raises(w.ServerError) as info:
+        w.PgWire.connect(proc.host, proc.port, "nobody", "example_db", "test")
+    assert info.value.sqlstate == "28P01"
+    with pytest.raises(w.ServerError) as info:
+        w.PgWire.connect(proc.host, proc.port, pg.md5_user.name, "nodb", "test")
+    assert info.value.sqlstate in ("28P01", "3D000")
+
+
+def test_hba_reject_and_first_match(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    md5, scram = pg.md5_user, pg.scram_user
+    hba = (
+        f"host all {md5.name} 127.0.0.1/32 reject\n"
+        "host all all 127.0.0.1/32 scram-sha-256\n"
+        f"host all {md5.name} 127.0.0.1/32 md5\n"
+    )
+    proc = pooler(general={"pg_hba": hba})
+    with pytest.raises(w.ServerError) as info:
+        w.PgWire.connect(proc.host, proc.port, md5.name, "example_db", md5.password)
+    assert info.value.sqlstate == "28000"
+    assert "pg_hba" in info.value.message
+    conn = w.PgWire.connect(proc.host, proc.port, scram.name, "example_db", scram.password)
+    conn.close()
+
+
+def test_hba_scram_rule_refuses_md5_stored_user(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    md5 = pg.md5_user
+    proc = pooler(general={"pg_hba": "host all all 127.0.0.1/32 scram-sha-256\n"})
+    with pytest.raises(w.ServerError) as info:
+        w.PgWire.connect(proc.host, proc.port, md5.name, "example_db", md5.password)
+    assert info.value.sqlstate in ("28000", "28P01")
+
+
+def test_no_matching_hba_rule(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    scram = pg.scram_user
+    proc = pooler(general={"pg_hba": "host all all 10.0.0.0/8 trust\n"})
+    with pytest.raises(w.ServerError) as info:
+        w.PgWire.connect(proc.host, proc.port, scram.name, "example_db", scram.password)
+    assert info.value.sqlstate == "28000"
+
+
+def test_explicit_server_credentials(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    """A client-facing user mapped onto another PostgreSQL role with a plaintext password."""
+    scram = pg.scram_user
+    proc = pooler(
+        pools={
+            "example_db": {
+                "users": [
+                    {
+                        "username": "app",
+                        "password": w.md5_password_hash("apppass", "app"),
+                        "server_username": scram.name,
+                        "server_password": scram.password,
+                        "pool_size": 2,
+                    }
+                ]
+            }
+        }
+    )
+    with psycopg.connect(proc.dsn("app", "apppass"), autocommit=True) as conn:
+        assert conn.execute("select current_user").fetchone() == (scram.name,)
+
+
+def test_backend_rejects_server_password(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    scram = pg.scram_user
+    proc = pooler(
+        pools={
+            "example_db": {
+                "users": [
+                    {
+                        "username": "app",
+                        "password": w.md5_password_hash("apppass", "app"),
+                        "server_username": scram.name,
+                        "server_password": "not-the-password",
+                    }
+                ]
+            }
+        }
+    )
+    with pytest.raises(psycopg.OperationalError) as info:
+        psycopg.connect(proc.dsn("app", "apppass"))
+    assert "password authentication failed" in str(info.value)
+
+
+def test_scram_passthrough_survives_reconnects(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    """Backends opened later reuse the key captured at the first SCRAM login."""
+    scram = pg.scram_user
+    proc = pooler(
+        general={"server_lifetime": 1},
+        pools={"example_db": {"users": [{"username": scram.name, "pool_size": 2}]}},
+    )
+    with psycopg.connect(proc.dsn(scram.name, scram.password), autocommit=True) as conn:
+        pids = set()
+        for _ in range(5):
+            pids.add(conn.execute("select pg_backend_pid()").fetchone()[0])
+            conn.execute("select pg_sleep(0.05)")
+        assert len(pids) >= 2  # lifetime 1 ms: every transaction gets a fresh backend

@@ -1,0 +1,194 @@
+"""Startup negotiation and malformed input: clear errors, and the pooler keeps serving."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import psycopg
+import pytest
+
+from helpers import ExamplePostgres
+from helpers import pgwire as w
+from helpers.pooler import PoolerFactory, PoolerProcess
+
+
+def raw_socket(proc: PoolerProcess) -> socket.socket:
+    sock = socket.create_connection((proc.host, proc.port), timeout=5)
+    return sock
+
+
+def read_all(sock: socket.socket) -> bytes:
+    data = bytearray()
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except (TimeoutError, ConnectionResetError):
+            break
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+def still_serves(pg: ExamplePostgres, proc: PoolerProcess) -> None:
+    user = pg.md5_user
+    with psycopg.connect(proc.dsn(user.name, user.password), autocommit=True) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_ssl_and_gssenc_requests_are_refused_then_startup_works(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    proc = pooler()
+    user = pg.md5_user
+    conn = w.PgWire(proc.host, proc.port)
+    try:
+        conn.send_raw(w.gssenc_request())
+        assert conn.read_bytes(1) == b"N"
+        assert conn.request_ssl() == b"N"
+        conn.startup(user.name, "example_db", user.password)
+        assert conn.execute_query("select 7") == [("7",)]
+    finally:
+        conn.close()
+
+
+def test_libpq_sslmode_prefer_falls_back(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    proc = pooler()
+    user = pg.scram_user
+    dsn = proc.dsn(user.name, user.password).replace("sslmode=disable", "sslmode=prefer")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_protocol_3_2_gets_negotiation(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    proc = pooler()
+    user = pg.md5_user
+    conn = w.PgWire(proc.host, proc.port)
+    try:
+        received = conn.startup(
+            user.name,
+            "example_db",
+            user.password,
+            params={"_pq_.made_up": "1"},
+            protocol=(3 << 16) | 2,
+        )
+        negotiation = [payload for t, payload in received if t == b"v"]
+        assert len(negotiation) == 1
+        newest_minor, count = struct.unpack_from("!ii", negotiation[0])
+        assert (newest_minor, count) == (0, 1)
+        assert negotiation[0][8:] == b"_pq_.made_up\x00"
+        assert conn.execute_query("select 1") == [("1",)]
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("length", [4, 10_001, 2**31 - 1])
+def test_bad_startup_length_rejected(
+    pg: ExamplePostgres, pooler: PoolerFactory, length: int
+) -> None:
+    proc = pooler()
+    with raw_socket(proc) as sock:
+        sock.sendall(struct.pack("!i", length) + b"\x00" * 8)
+        reply = read_all(sock)
+    assert reply[:1] == b"E"
+    fields = w.error_fields(reply[5:])
+    assert fields["C"] == "08P01"
+    assert fields["S"] == "FATAL"
+    still_serves(pg, proc)
+
+
+def test_missing_user_rejected(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    proc = pooler()
+    with raw_socket(proc) as sock:
+        sock.sendall(w.startup_message({"database": "example_db"}))
+        reply = read_all(sock)
+    assert w.error_fields(reply[5:])["C"] == "28000"
+
+
+def test_replication_connection_rejected(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    proc = pooler()
+    with raw_socket(proc) as sock:
+        sock.sendall(w.startup_message({"user": pg.md5_user.name, "replication": "database"}))
+        reply = read_all(sock)
+    assert w.error_fields(reply[5:])["C"] == "0A000"
+
+
+def test_garbage_after_login_is_a_protocol_violation(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    proc = pooler()
+    user = pg.md5_user
+    conn = w.PgWire.connect(proc.host, proc.port, user.name, "example_db", user.password)
+    conn.send_raw(b"Z\x00\x00\x00\x05I")  # a backend message type from a client
+    received = conn.wait_closed()
+    error = w.first_error(received)
+    assert error is not None and error.sqlstate == "08P01" and error.severity == "FATAL"
+    still_serves(pg, proc)
+
+
+def test_negative_message_length_mid_session(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    proc = pooler()
+    user = pg.md5_user
+    conn = w.PgWire.connect(proc.host, proc.port, user.name, "example_db", user.password)
+    conn.execute_query("select 1")
+    conn.send_raw(b"Q\xff\xff\xff\xf0select 1")
+    error = w.first_error(conn.wait_closed())
+    assert error is not None and error.sqlstate == "08P01"
+    still_serves(pg, proc)
+
+
+def test_client_vanishing_mid_batch_leaves_server_clean(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    proc = pooler(pools={"example_db": {"users": [{"username": pg.md5_user.name, "pool_size": 1}]}})
+    user = pg.md5_user
+    conn = w.PgWire.connect(proc.host, proc.port, user.name, "example_db", user.password)
+    # Half a batch: Parse/Bind/Execute without Sync, then gone.
+    conn.send_raw(w.parse("s1", "select 1") + w.bind("", "s1") + w.execute())
+    conn.close_socket()
+    for _ in range(3):
+        with psycopg.connect(proc.dsn(user.name, user.password), autocommit=True) as other:
+            assert other.execute("select 42").fetchone() == (42,)
+            # The abandoned named statement doesn't exist on the server we get.
+            names = other.execute("select name from pg_prepared_statements").fetchall()
+            assert ("s1",) not in names
+
+
+def test_random_bytes_do_not_hurt(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    import random
+
+    proc = pooler()
+    rng = random.Random(1234)
+    for _ in range(30):
+        with raw_socket(proc) as sock:
+            sock.sendall(bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 300))))
+            sock.shutdown(socket.SHUT_WR)
+            read_all(sock)
+    still_serves(pg, proc)
+
+
+def test_config_errors_exit_2_before_listening(pooler: PoolerFactory) -> None:
+    proc = pooler(pools={"example_db": {"pool_mode": "statement"}}, start=False)
+    proc.spawn()
+    assert proc.wait_exit() == 2
+    assert "pools.example_db.pool_mode" in proc.log_text()
+
+
+def test_check_config_flag(pooler: PoolerFactory) -> None:
+    import subprocess
+    import sys
+
+    good = pooler(start=False)
+    path = good.write_config()
+    ok = subprocess.run(
+        [sys.executable, "-m", "pg_doorman", "-t", str(path)], capture_output=True, text=True
+    )
+    assert ok.returncode == 0, ok.stderr
+    bad = pooler(general={"port": "not a port"}, start=False)
+    bad_path = bad.write_config()
+    failed = subprocess.run(
+        [sys.executable, "-m", "pg_doorman", "-t", str(bad_path)], capture_output=True, text=True
+    )
+    assert failed.returncode == 2
+    assert "general.port" in failed.stderr

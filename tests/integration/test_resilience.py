@@ -1,0 +1,204 @@
+"""COPY, large results, cancel, dead backends and PostgreSQL restarts."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import socket
+import threading
+import time
+
+import asyncpg
+import psycopg
+import pytest
+
+from helpers import ExamplePostgres
+from helpers import pgwire as w
+from helpers.pooler import PoolerFactory, PoolerProcess
+
+
+def connect(pg: ExamplePostgres, proc: PoolerProcess, **kwargs: object) -> psycopg.Connection:
+    user = pg.md5_user
+    return psycopg.connect(proc.dsn(user.name, user.password), **kwargs)  # type: ignore[arg-type]
+
+
+def test_copy_in_and_out(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    proc = pooler()
+    with connect(pg, proc) as conn:
+        conn.execute("create temp table c(id int, t text)")
+        with conn.cursor().copy("copy c from stdin") as copy:
+            for i in range(5000):
+                copy.write_row((i, f"row {i}"))
+        totals = conn.execute("select count(*), sum(id) from c").fetchone()
+        assert totals == (5000, sum(range(5000)))
+        out = io.BytesIO()
+        with conn.cursor().copy("copy (select * from c order by id) to stdout") as copy:
+            for chunk in copy:
+                out.write(chunk)
+        lines = out.getvalue().decode().splitlines()
+        assert len(lines) == 5000 and lines[42] == "42\trow 42"
+        conn.commit()
+        # An error inside COPY IN leaves the session usable.
+        with (
+            pytest.raises(psycopg.errors.InvalidTextRepresentation),
+            conn.cursor().copy("copy c from stdin") as copy,
+        ):
+            copy.write(b"not-a-number\tx\n")
+        conn.rollback()
+        assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_asyncpg_copy(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    proc = pooler()
+    user = pg.scram_user
+
+    async def main() -> None:
+        conn = await asyncpg.connect(proc.dsn(user.name, user.password), statement_cache_size=0)
+        try:
+            await conn.execute("create temp table ac(x int)")
+            await conn.copy_records_to_table("ac", records=[(i,) for i in range(1000)])
+            assert await conn.fetchval("select sum(x) from ac") == sum(range(1000))
+            buf = io.BytesIO()
+            await conn.copy_from_query("select x from ac order by x", output=buf)
+            assert buf.getvalue().decode().splitlines()[:3] == ["0", "1", "2"]
+        finally:
+            await conn.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.slow
+def test_large_result_slow_reader_keeps_rss_bounded(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """100 MB through a client that reads slowly: backpressure, no buffering of the result."""
+    proc = pooler()
+    user = pg.md5_user
+    conn = w.PgWire.connect(proc.host, proc.port, user.name, "example_db", user.password)
+    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    baseline = proc.rss_bytes()
+    conn.send_raw(w.query("select repeat('x', 1000000) from generate_series(1, 100)"))
+    received = 0
+    peak = baseline
+    deadline = time.monotonic() + 120
+    done = False
+    while not done and time.monotonic() < deadline:
+        chunk = conn.sock.recv(256 * 1024)
+        if not chunk:
+            break
+        received += len(chunk)
+        if chunk.endswith(b"Z\x00\x00\x00\x05I"):
+            done = True
+        peak = max(peak, proc.rss_bytes())
+        time.sleep(0.002)  # a slow reader
+    conn.close()
+    assert done and received > 100_000_000
+    # The pooler holds at most a few socket buffers' worth, not the 100 MB result.
+    assert peak - baseline < 30 * 1024 * 1024, (baseline, peak)
+
+
+def test_large_single_row_streams(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    proc = pooler()
+    with connect(pg, proc, autocommit=True) as conn:
+        value = conn.execute("select repeat('ab', 3000000)").fetchone()[0]
+        assert len(value) == 6_000_000
+        big = "y" * 5_000_000
+        assert conn.execute("select length(%s)", (big,)).fetchone() == (5_000_000,)
+
+
+def test_cancel_pg_sleep(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    proc = pooler()
+    with connect(pg, proc, autocommit=True) as conn:
+        timer = threading.Timer(0.5, conn.cancel)
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute("select pg_sleep(20)")
+        assert time.monotonic() - started < 10
+        timer.join()
+        assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_cancel_of_idle_client_does_nothing(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    proc = pooler(pools={"example_db": {"users": [{"username": pg.md5_user.name, "pool_size": 1}]}})
+    user = pg.md5_user
+    idle = w.PgWire.connect(proc.host, proc.port, user.name, "example_db", user.password)
+    assert idle.backend_pid is not None and idle.secret_key is not None
+    with connect(pg, proc, autocommit=True) as busy:
+        # The idle client holds no server: its cancel must not reach busy's query.
+        args = (proc.host, proc.port, idle.backend_pid, idle.secret_key)
+        timer = threading.Timer(0.3, w.cancel, args)
+        timer.start()
+        assert busy.execute("select 5 from pg_sleep(1)").fetchone() == (5,)
+        timer.join()
+    # Wrong secret for a busy client: ignored as well.
+    idle.close()
+
+
+def test_backend_killed_mid_transaction(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    proc = pooler()
+    with connect(pg, proc) as victim, connect(pg, proc, autocommit=True) as bystander:
+        pid = victim.execute("select pg_backend_pid()").fetchone()[0]
+        pg.psql(f"select pg_terminate_backend({pid})")
+        with pytest.raises(psycopg.OperationalError):
+            victim.execute("select 1")
+        assert bystander.execute("select 1").fetchone() == (1,)
+    with connect(pg, proc, autocommit=True) as later:
+        assert later.execute("select 2").fetchone() == (2,)
+
+
+def test_idle_server_killed_is_replaced(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    proc = pooler(pools={"example_db": {"users": [{"username": pg.md5_user.name, "pool_size": 1}]}})
+    with connect(pg, proc, autocommit=True) as conn:
+        pid = conn.execute("select pg_backend_pid()").fetchone()[0]
+        pg.psql(f"select pg_terminate_backend({pid})")
+        time.sleep(0.3)
+        assert conn.execute("select pg_backend_pid()").fetchone()[0] != pid
+
+
+def test_postgres_restart_recovery(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    proc = pooler()
+    with connect(pg, proc, autocommit=True) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+    pg.restart()
+    # Idle servers died with PostgreSQL; new transactions get fresh ones.
+    for _ in range(3):
+        with connect(pg, proc, autocommit=True) as conn:
+            assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_postgres_down_gives_clear_error_then_recovers(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    proc = pooler(general={"query_wait_timeout": 1000, "connect_timeout": 500})
+    with connect(pg, proc, autocommit=True) as conn:
+        conn.execute("select 1")
+    pg.kill()
+    try:
+        with (
+            pytest.raises(psycopg.OperationalError) as info,
+            connect(pg, proc, autocommit=True) as conn,
+        ):
+            conn.execute("select 1")
+        assert "server" in str(info.value) or "query_wait_timeout" in str(info.value)
+    finally:
+        pg.start()
+    with connect(pg, proc, autocommit=True) as conn:
+        assert conn.execute("select 3").fetchone() == (3,)
+
+
+def test_graceful_shutdown_lets_transaction_finish(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    import signal
+
+    proc = pooler()
+    with connect(pg, proc) as conn:
+        conn.execute("select 1")  # transaction open
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        assert conn.execute("select 2").fetchone() == (2,)
+        conn.commit()
+        with pytest.raises(psycopg.OperationalError):
+            conn.execute("select 3")
+    assert proc.wait_exit() == 0
