@@ -16,7 +16,7 @@ from pg_doorman.auth.hba import HbaRules, legacy_hba_allows
 from pg_doorman.auth.md5 import is_md5_hash
 from pg_doorman.auth.methods import AuthDecision, ClientAuth, decide_client_auth
 from pg_doorman.auth.scram import ScramVerifier, is_scram_verifier
-from pg_doorman.config import Config, PoolConfig, UserConfig
+from pg_doorman.config import Config, GeneralConfig, PoolConfig, UserConfig
 from pg_doorman.net.client import ClientConnection
 from pg_doorman.net.ids import IdAllocator
 from pg_doorman.net.server import BackendCredentials, ServerConnection, open_server
@@ -99,7 +99,25 @@ def pool_settings(config: Config, name: str, pool: PoolConfig, user: UserConfig)
         server_user=user.server_username or user.username,
         application_name=pool.application_name or "pg_doorman",
         startup_parameters={**general.startup_parameters, **pool.startup_parameters},
+        prepared_statements=general.prepared_statements and mode == "transaction",
+        statements_cache_size=max(config.pool_setting(pool, "prepared_statements_cache_size"), 1),
+        server_statements_cache_size=_server_statements_cache_size(pool, general),
     )
+
+
+# Per-server statement LRU when not configured. PgDoorman uses the pool size, which
+# makes a server re-prepare as soon as a client uses more statements than that.
+DEFAULT_SERVER_STATEMENTS = 256
+
+
+def _server_statements_cache_size(pool: PoolConfig, general: GeneralConfig) -> int:
+    for value in (
+        pool.server_prepared_statements_cache_size,
+        general.server_prepared_statements_cache_size,
+    ):
+        if value is not None:
+            return value
+    return DEFAULT_SERVER_STATEMENTS
 
 
 def backend_credentials(user: UserConfig) -> BackendCredentials:
@@ -208,6 +226,40 @@ class Pooler:
                 return AuthDecision(ClientAuth.REJECT, "address not allowed by hba", by_hba=True)
             decision = decide_client_auth(None, False, stored)
         return decision
+
+    def admin_auth_method(
+        self,
+        database: str,
+        user: str,
+        *,
+        address: IPv4Address | IPv6Address | None,
+        unix: bool,
+    ) -> ClientAuth | None:
+        """How an admin console login authenticates; None when no pg_hba line matches.
+
+        Without pg_hba it is MD5, as in PgDoorman; with pg_hba the matching line's method
+        applies (the pooler knows the admin password, so it can also run SCRAM).
+        """
+        if self.hba is None:
+            if self.config.general.hba and not legacy_hba_allows(
+                self.config.general.hba, None if unix else address
+            ):
+                return ClientAuth.REJECT
+            return ClientAuth.MD5
+        rule = self.hba.match(
+            conn_type="local" if unix else "host",
+            ssl=False,
+            database=database,
+            user=user,
+            address=address,
+        )
+        if rule is None:
+            return None
+        return {
+            "trust": ClientAuth.TRUST,
+            "reject": ClientAuth.REJECT,
+            "scram-sha-256": ClientAuth.SCRAM,
+        }.get(rule.method, ClientAuth.MD5)
 
     # ---- clients ------------------------------------------------------------
 

@@ -18,10 +18,18 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
-from pg_doorman.auth.md5 import verify_md5_response
+from pg_doorman.auth.md5 import md5_password_hash, verify_md5_response
 from pg_doorman.auth.methods import ClientAuth
-from pg_doorman.auth.scram import AuthenticationFailed, ScramError, ScramServerSession
+from pg_doorman.auth.scram import (
+    AuthenticationFailed,
+    ScramError,
+    ScramServerSession,
+    ScramVerifier,
+    make_scram_verifier,
+)
 from pg_doorman.pool.pool import AcquireError, Pool, PooledServer
+from pg_doorman.prepared.deallocate import parse_deallocate
+from pg_doorman.prepared.rewriter import SYNTH, BatchRewriter
 from pg_doorman.protocol import codes, messages, sqlstate
 from pg_doorman.protocol.framing import CLEAN_PREPARE, FrontendScanner, MessageBuffer
 from pg_doorman.protocol.messages import ProtocolError
@@ -40,6 +48,7 @@ if TYPE_CHECKING:
     from pg_doorman.net.server import ServerConnection
 
 logger = logging.getLogger("pg_doorman.client")
+_now = time.monotonic
 
 # Client states.
 STARTUP = 0
@@ -55,6 +64,18 @@ _STATE_NAMES.update({ACTIVE: "active", CLOSED: "closed"})
 _unpack_length = messages._INT32.unpack_from  # signed: a negative length is invalid
 _VALID_TYPES = frozenset(b"BCDEFHPQSXcdfp")
 _NOT_REPORTED = frozenset(("user", "database", "options", "replication"))
+# Session settings that change how a statement is parsed or planned.
+_PLANNING = frozenset(
+    (
+        "search_path",
+        "DateStyle",
+        "IntervalStyle",
+        "TimeZone",
+        "standard_conforming_strings",
+        "default_text_search_config",
+        "role",
+    )
+)
 # Names that may be spliced into SET statements; anything else is refused at login.
 _GUC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?")
 
@@ -83,9 +104,11 @@ class ClientConnection(asyncio.Protocol):
         self.connected_at = time.monotonic()
         self.wait_started = 0.0
         self.transactions = 0
+        self.queries = 0
         self.bytes_received = 0
         self.bytes_sent = 0
         self.over_limit = False
+        self.admin = False
         # Set at shutdown: close as soon as the current transaction ends.
         self.closing_after_transaction = False
         self._startup_buf = bytearray()
@@ -95,6 +118,7 @@ class ClientConnection(asyncio.Protocol):
         self._pending = b""  # bytes of the next transaction, before a server is attached
         self._check_query_next = False
         self._param_mark = 0
+        self.rewriter: BatchRewriter | None = None
         # Startup parameters PostgreSQL doesn't report back (search_path before 18,
         # statement_timeout, ...): SET on each server this client uses.
         self.extra_parameters: dict[str, str] = {}
@@ -291,13 +315,12 @@ class ClientConnection(asyncio.Protocol):
             raise StartupError(sqlstate.CANNOT_CONNECT_NOW, "the pooler is shutting down")
         if self.over_limit:
             raise StartupError(sqlstate.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
-        if self.pooler.is_admin_database(database):
-            raise StartupError(
-                sqlstate.FEATURE_NOT_SUPPORTED, "the admin console is not available in this build"
-            )
         address = None
         if not self.unix and self.address:
             address = ipaddress.ip_address(self.address.split("%", 1)[0])
+        if self.pooler.is_admin_database(database):
+            await self._admin_login(database, user, address)
+            return
         decision = self.pooler.decide_auth(
             database, user, address=address, unix=self.unix, ssl=False
         )
@@ -332,6 +355,9 @@ class ClientConnection(asyncio.Protocol):
         settings = dict(params)
         settings.update(parse_options(params.get("options", "")))
         self._adopt_startup_parameters(settings, server_parameters, entry.synced_parameters)
+        if pool.settings.prepared_statements:
+            self.rewriter = BatchRewriter(pool.statements, self._planning_context())
+            self.frontend.rewriter = self.rewriter
         greeting = [messages.AUTH_OK]
         for name, value in self.parameters.items():
             greeting.append(messages.parameter_status(name, value))
@@ -353,6 +379,51 @@ class ClientConnection(asyncio.Protocol):
         self._on_data = self._relay_data
         if rest:
             self._relay_data(rest)
+
+    async def _admin_login(
+        self,
+        database: str,
+        user: str,
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
+    ) -> None:
+        """Log in to the admin console: admin credentials, pg_hba applies too."""
+        general = self.pooler.config.general
+        method = self.pooler.admin_auth_method(database, user, address=address, unix=self.unix)
+        if method is None:
+            raise StartupError(
+                sqlstate.INVALID_AUTHORIZATION,
+                f'no pg_hba entry matches the admin console for user "{user}"',
+            )
+        if user != general.admin_username:
+            await self._auth_md5(None)  # always refuses
+            return
+        if method == ClientAuth.MD5:
+            await self._auth_md5(md5_password_hash(general.admin_password, user))
+        elif method == ClientAuth.SCRAM:
+            await self._auth_scram_with(
+                ScramVerifier.parse(make_scram_verifier(general.admin_password))
+            )
+        elif method == ClientAuth.REJECT:
+            raise StartupError(
+                sqlstate.INVALID_AUTHORIZATION, f'pg_hba rejects the admin console for "{user}"'
+            )
+        from pg_doorman.admin.console import AdminConsole
+
+        console = AdminConsole(self.pooler, self)
+        if self.state == CLOSED:
+            return
+        self.admin = True
+        self.write(
+            messages.AUTH_OK
+            + console.greeting()
+            + messages.backend_key_data(self.client_id, self.secret)
+            + messages.READY_IDLE
+        )
+        self.state = IDLE
+        rest = self._inbox.take_rest()
+        self._on_data = console.data_received
+        if rest:
+            console.data_received(rest)
 
     def _adopt_startup_parameters(
         self,
@@ -389,6 +460,12 @@ class ClientConnection(asyncio.Protocol):
             # Shown to this client, but the backend keeps the pool's name.
             self.application_name = startup.get("application_name", "")
 
+    def _planning_context(self) -> bytes:
+        """Settings that change what a statement text means (search_path above all):
+        clients share a server-side statement only when these agree."""
+        items = sorted({**self.parameters, **self.extra_parameters}.items())
+        return b"\x00".join(f"{k}={v}".encode() for k, v in items if k in _PLANNING)
+
     async def _auth_md5(self, stored: str | None) -> None:
         """MD5 challenge; with no stored hash it always ends in a refusal."""
         salt = os.urandom(4)
@@ -404,6 +481,12 @@ class ClientConnection(asyncio.Protocol):
     async def _auth_scram(self, entry: PoolEntry) -> None:
         verifier = entry.scram_verifier
         assert verifier is not None
+        client_key = await self._auth_scram_with(verifier)
+        # Passthrough: the ClientKey lets the pooler log in to the backend as this user.
+        entry.credentials.scram_client_key = client_key
+
+    async def _auth_scram_with(self, verifier: ScramVerifier) -> bytes:
+        """SCRAM-SHA-256 exchange; returns the client's recovered ClientKey."""
         session = ScramServerSession(verifier)
         self.write(messages.auth_sasl(ScramServerSession.mechanisms))
         msg_type, body = await self._next_message()
@@ -425,8 +508,7 @@ class ClientConnection(asyncio.Protocol):
                 sqlstate.PROTOCOL_VIOLATION, f"invalid SCRAM exchange: {exc}"
             ) from exc
         self.write(messages.auth_sasl_final(final))
-        # Passthrough: the ClientKey lets the pooler log in to the backend as this user.
-        entry.credentials.scram_client_key = session.client_key
+        return session.client_key
 
     async def _fetch_server_parameters(self, pool: Pool) -> dict[str, str]:
         """The first login of a pool needs a backend to learn its ParameterStatus set."""
@@ -461,6 +543,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _forward(self, server: ServerConnection, data: bytes) -> None:
         frontend = self.frontend
+        if frontend.pending_ready == 0:
+            server.query_started = _now()  # a new request starts
         try:
             out = frontend.feed(data)
         except ProtocolError as exc:
@@ -477,6 +561,10 @@ class ClientConnection(asyncio.Protocol):
             frontend.held_bytes
         ):
             return
+        rewriter = self.rewriter
+        if rewriter is not None and rewriter.expect and rewriter.expect[0][0] == SYNTH:
+            # Answers due before anything the server still owes: send them now.
+            self.write(rewriter.drain())
         if frontend.terminated:
             self.close()
 
@@ -503,6 +591,15 @@ class ClientConnection(asyncio.Protocol):
             if msg_type == codes.TERMINATE:
                 self.close()
                 return
+            if msg_type == codes.QUERY and self.rewriter is not None and length < 205:
+                if n < length + 1:
+                    self._pending = buf
+                    return
+                reply = self._local_deallocate(buf[5:length])
+                if reply is not None:
+                    self.write(reply)
+                    buf = buf[length + 1 :]
+                    continue
             if msg_type == codes.QUERY and length + 1 == len(check_query):
                 if n < length + 1:
                     self._pending = buf
@@ -523,6 +620,23 @@ class ClientConnection(asyncio.Protocol):
             self.pause_reading()
             return
         self._start(server, buf)  # type: ignore[arg-type]
+
+    def _local_deallocate(self, query: bytes) -> bytes | None:
+        """Answer DEALLOCATE of protocol-level statements, which no server knows by the
+        client's name; anything else (SQL-level PREPAREs) goes to the server."""
+        rewriter = self.rewriter
+        assert rewriter is not None
+        parsed = parse_deallocate(query)
+        if parsed is None:
+            return None
+        deallocate_all, name = parsed
+        if deallocate_all:
+            rewriter.named.clear()
+            rewriter.unnamed = None
+            return messages.command_complete("DEALLOCATE ALL") + messages.READY_IDLE
+        if rewriter.named.pop(name, None) is None:
+            return None
+        return messages.command_complete("DEALLOCATE") + messages.READY_IDLE
 
     def _start(self, server: ServerConnection, data: bytes) -> None:
         """Begin a transaction on a server just checked out."""
@@ -559,6 +673,8 @@ class ClientConnection(asyncio.Protocol):
         self.server = server
         self.state = ACTIVE
         server.attach(self)
+        if self.rewriter is not None:
+            self.rewriter.attach(server.statements)
         statement = self._parameter_sync_statement(server)
         if statement:
             server.send_parameter_sync(statement)
@@ -619,6 +735,8 @@ class ClientConnection(asyncio.Protocol):
         if self.state == ACTIVE:
             self.state = IDLE
         self.frontend.reset()
+        if self.rewriter is not None:
+            self.rewriter.detach()
         if self.closing_after_transaction:
             # After the reply now being relayed has been written.
             self.loop.call_soon(self.fail, sqlstate.ADMIN_SHUTDOWN, "pooler is shut down now")

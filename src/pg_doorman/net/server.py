@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, cast
 from pg_doorman.auth.md5 import md5_password_response, md5_salted_response
 from pg_doorman.auth.scram import ScramClientSession, ScramError, ScramVerifier
 from pg_doorman.pool.pool import AcquireError, Pool
+from pg_doorman.prepared.registry import ServerStatements
 from pg_doorman.protocol import codes, messages, sqlstate
 from pg_doorman.protocol.framing import (
     CLEAN_PREPARE,
@@ -46,6 +47,7 @@ _MODE_NAMES = {LOGIN: "login", IDLE: "idle", ACTIVE: "active", CLEANUP: "cleanup
 _MODE_NAMES.update({PROBE: "probe", CLOSED: "closed"})
 
 _READY_I = codes.TX_IDLE
+_now = time.monotonic
 
 
 @dataclass
@@ -80,6 +82,9 @@ class ServerConnection(asyncio.Protocol):
         # Non-reported session parameters SET on behalf of clients (see client.py).
         self.extra_parameters: dict[str, str] = {}
         self.scanner = BackendScanner(self.parameters)
+        self.statements = ServerStatements(pool.settings.server_statements_cache_size)
+        # Set when the statements the server really has may differ from `statements`.
+        self.statements_unknown = False
         self.backend_pid = 0
         self.backend_secret = 0
         self.client: ClientConnection | None = None
@@ -96,6 +101,13 @@ class ServerConnection(asyncio.Protocol):
         self.transactions = 0
         self.bytes_received = 0
         self.bytes_sent = 0
+        self.queries = 0
+        # Per transaction: when it and the current query started, byte counts at attach.
+        self.xact_started = 0.0
+        self.query_started = 0.0
+        self._xact_base_sent = 0
+        self._xact_base_received = 0
+        self._errors_seen = 0
         self._inbox = MessageBuffer()
         self._login_waiter: asyncio.Future[None] | None = None
         self._on_data: Callable[[bytes], None] = self._login_data
@@ -106,6 +118,7 @@ class ServerConnection(asyncio.Protocol):
         self._quiet_ok = True
         self._captured: bytearray | None = None
         self._sync_pending = False
+        self._clears_statements = False
 
     # ---- asyncio.Protocol ---------------------------------------------------
 
@@ -309,6 +322,9 @@ class ServerConnection(asyncio.Protocol):
         self.client = client
         self.mode = ACTIVE
         self.served_clients += 1
+        self.xact_started = self.query_started = _now()
+        self._xact_base_sent = self.bytes_sent
+        self._xact_base_received = self.bytes_received
         self._on_data = self._relay
         if client.write_paused and self.transport is not None:
             self.transport.pause_reading()
@@ -359,18 +375,39 @@ class ServerConnection(asyncio.Protocol):
                 return
         scanner = self.scanner
         self.bytes_received += len(data)
+        rewriter = client.rewriter
+        scanner.hook = rewriter if rewriter is not None and rewriter.expect else None
         try:
             out = scanner.feed(data)
         except ProtocolError as exc:
             self._broken(f"invalid data from server: {exc}")
             return
+        if rewriter is not None:
+            if scanner.hook is None and rewriter.leading_queries and scanner.ready_count:
+                rewriter.leading_queries = max(rewriter.leading_queries - scanner.ready_count, 0)
+            if rewriter.desynced:
+                rewriter.desynced = False
+                self.statements_unknown = True
+        if scanner.statements_reset:
+            scanner.statements_reset = False
+            self.statements.clear()
         frontend = client.frontend
         if scanner.copy_in_started:
             frontend.on_copy_in_started()
         if frontend.copy_in and not scanner.in_copy:
             frontend.on_copy_aborted_by_server()
+        if scanner.error_count != self._errors_seen:
+            self._count_errors()
         if scanner.ready_count:
-            frontend.pending_ready -= scanner.ready_count
+            ready = scanner.ready_count
+            now = _now()
+            stats = self.pool.stats
+            each = (now - self.query_started) / ready
+            for _ in range(ready):
+                stats.record_query(each)
+            self.queries += ready
+            client.queries += ready
+            frontend.pending_ready -= ready
             if (
                 frontend.pending_ready <= 0
                 and scanner.status == _READY_I
@@ -383,12 +420,31 @@ class ServerConnection(asyncio.Protocol):
                 frontend.pending_ready = 0
                 self.transactions += 1
                 client.transactions += 1
+                stats.record_transaction(
+                    now - self.xact_started,
+                    self.bytes_sent - self._xact_base_sent,
+                    self.bytes_received - self._xact_base_received,
+                )
+                self.xact_started = now
+                self._xact_base_sent = self.bytes_sent
+                self._xact_base_received = self.bytes_received
                 if not self.pool.settings.session_mode:
                     # Give the server back before the last write to the client, so
                     # the next waiter starts while these bytes are on their way.
                     client.detach_server(self)
                     self.finish()
         client.write(out)
+
+    def _count_errors(self) -> None:
+        scanner = self.scanner
+        new = scanner.error_count - self._errors_seen
+        self._errors_seen = scanner.error_count
+        code = "XX000"
+        if scanner.last_error is not None:
+            code = messages.parse_error_fields(scanner.last_error).get("C", code)
+        stats = self.pool.stats
+        for _ in range(new):
+            stats.record_error(code)
 
     def _broken(self, reason: str) -> None:
         logger.error("server %d (%s): %s", self.server_id, self.pool.name, reason)
@@ -434,15 +490,21 @@ class ServerConnection(asyncio.Protocol):
         elif self.scanner.cleanup_flags & CLEAN_PREPARE:
             # Leftover named statements would collide with the next client's.
             statements.append("DEALLOCATE ALL")
+        if self.statements_unknown and "DEALLOCATE ALL" not in statements:
+            statements.append("DEALLOCATE ALL")
         if not statements:
             self.pool.release(self)
             return
+        self._clears_statements = "DEALLOCATE ALL" in statements or "DISCARD ALL" in statements
         self._run_quiet(statements, self._cleanup_done, CLEANUP)
 
     def _cleanup_done(self, ok: bool) -> None:
         if ok and self.scanner.status == _READY_I:
             if self.scanner.cleanup_flags & CLEAN_SET or self.pool.settings.session_mode:
                 self.extra_parameters = {}  # RESET ALL / DISCARD ALL undid them
+            if self._clears_statements:
+                self.statements.clear()
+                self.statements_unknown = False
             self.scanner.cleanup_flags = 0
             self.pool.release(self)
         else:

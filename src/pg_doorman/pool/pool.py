@@ -17,7 +17,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from pg_doorman.prepared.registry import PoolStatements
 from pg_doorman.protocol import sqlstate
+from pg_doorman.stats.counters import PoolStats
 
 logger = logging.getLogger("pg_doorman.pool")
 
@@ -82,6 +84,10 @@ class PoolSettings:
     server_user: str = ""
     application_name: str = "pg_doorman"
     startup_parameters: dict[str, str] = field(default_factory=dict)
+    # Protocol-level prepared statements shared across clients (transaction mode).
+    prepared_statements: bool = True
+    statements_cache_size: int = 8192
+    server_statements_cache_size: int = 256
 
     @property
     def session_mode(self) -> bool:
@@ -116,6 +122,8 @@ class Pool:
         self._connector = connector
         self._loop = loop
         self.idle: deque[PooledServer] = deque()
+        # Every logged-in server this pool owns, in any state (for SHOW SERVERS & co).
+        self.servers: set[PooledServer] = set()
         self._waiters: deque[_WaitEntry] = deque()
         self.waiting = 0
         # Servers this pool owns in any state: idle, active, cleaning, connecting.
@@ -129,7 +137,8 @@ class Pool:
         self.check_query_response: bytes | None = None
         self._connect_failures = 0
         self._tasks: set[asyncio.Task[None]] = set()
-        self.max_wait_started: float | None = None
+        self.stats = PoolStats()
+        self.statements = PoolStatements(settings.statements_cache_size)
 
     # ---- acquire / release --------------------------------------------------
 
@@ -138,6 +147,7 @@ class Pool:
         if not self.paused and not self._waiters:
             server = self._pop_idle()
             if server is not None:
+                self.stats.record_no_wait()
                 return server
         entry = _WaitEntry(waiter, self._loop.time())
         entry.timer = self._loop.call_later(
@@ -171,6 +181,7 @@ class Pool:
         if server.discarded:
             return
         server.discarded = True
+        self.servers.discard(server)
         if not server.closed:
             server.close(reason)
         self.size -= 1
@@ -217,6 +228,7 @@ class Pool:
     def _hand_over(self, entry: _WaitEntry, server: PooledServer) -> None:
         if entry.timer is not None:
             entry.timer.cancel()
+        self.stats.record_wait(self._loop.time() - entry.enqueued)
         entry.waiter.on_server(server)
 
     def _drop_entry(self, entry: _WaitEntry) -> None:
@@ -291,6 +303,7 @@ class Pool:
         self.connecting -= 1
         self._connect_failures = 0
         self.last_connect_error = None
+        self.servers.add(server)
         self.release(server, fresh=True)
 
     def _connect_failed(self, err: AcquireError) -> None:

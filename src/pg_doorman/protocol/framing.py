@@ -11,7 +11,7 @@ chunk it arrives in.
 from __future__ import annotations
 
 import struct
-from typing import Final
+from typing import Final, Protocol
 
 from pg_doorman.protocol import codes
 from pg_doorman.protocol.messages import ProtocolError
@@ -102,6 +102,28 @@ class _HeldMessage:
         return held
 
 
+class BackendHook(Protocol):
+    """Decides, message by message, what reaches the client (see prepared.rewriter)."""
+
+    def backend(self, msg_type: int) -> int: ...
+
+    def take_prefix(self) -> bytes: ...
+
+    def drain(self) -> bytes: ...
+
+
+class FrontendHook(Protocol):
+    """Rewrites client messages (see prepared.rewriter)."""
+
+    skipping: bool
+
+    def frontend(self, msg_type: int, data: bytes, pos: int, end: int) -> bytes | None: ...
+
+
+_DROP = 1  # BackendHook.backend() result bits
+_HAS_PREFIX = 2
+
+
 # ---- cleanup flags armed by CommandComplete tags -------------------------------
 
 CLEAN_SET: Final = 1  # SET seen: RESET ALL (and RESET ROLE) at check-in
@@ -181,11 +203,13 @@ class BackendScanner:
         "cleanup_flags",
         "copy_in_started",
         "error_count",
+        "hook",
         "in_copy",
         "last_error",
         "param_changes",
         "parameters",
         "ready_count",
+        "statements_reset",
         "status",
     )
 
@@ -201,6 +225,10 @@ class BackendScanner:
         self.last_error: bytes | None = None
         self.cleanup_flags = 0
         self.param_changes = 0
+        # The server dropped all its prepared statements (DEALLOCATE ALL / DISCARD ALL).
+        self.statements_reset = False
+        # Rewrites the response stream of clients using shared prepared statements.
+        self.hook: BackendHook | None = None
 
     def reset_counters(self) -> None:
         self.ready_count = 0
@@ -224,6 +252,10 @@ class BackendScanner:
                 self._need = pos - n
                 return data
             self._need = 0
+        hook = self.hook
+        # With a hook, output is assembled from parts: data[start:...] plus insertions.
+        parts: list[bytes] | None = None
+        start = 0
         decoded = _BACKEND_DECODED
         while n - pos >= 5:
             msg_type = data[pos]
@@ -232,15 +264,32 @@ class BackendScanner:
             if msg_type not in decoded:
                 if length < 4 or length > _MAX:
                     raise ProtocolError(f"invalid backend message length {length}")
+                if hook is not None:
+                    action = hook.backend(msg_type)
+                    if action:
+                        if parts is None:
+                            parts = []
+                        parts.append(data[start:pos])
+                        if action & _HAS_PREFIX:
+                            parts.append(hook.take_prefix())
+                        start = end if action & _DROP else pos
                 if end > n:
                     self._need = end - n
-                    return data
+                    pos = n
+                    break
                 pos = end
                 continue
             if end > n:
                 if length > _MAX:
                     raise ProtocolError(f"invalid backend message length {length}")
                 break
+            if hook is not None:
+                action = hook.backend(msg_type)
+                if action & _HAS_PREFIX:
+                    if parts is None:
+                        parts = []
+                    parts += (data[start:pos], hook.take_prefix())
+                    start = pos
             if msg_type == _Z:
                 self.ready_count += 1
                 self.status = data[pos + 5]
@@ -250,6 +299,8 @@ class BackendScanner:
                 tag = data[pos + 5 : end - 1]
                 if not tag.startswith(b"SELECT"):
                     self.cleanup_flags = tag_cleanup_effect(tag, self.cleanup_flags)
+                    if tag == b"DEALLOCATE ALL" or tag == b"DISCARD ALL":
+                        self.statements_reset = True
             elif msg_type == _E:
                 self.in_copy = False
                 self.error_count += 1
@@ -262,10 +313,21 @@ class BackendScanner:
             else:  # CopyOutResponse / CopyBothResponse
                 self.in_copy = True
             pos = end
+        if hook is not None:
+            tail = hook.drain()
+            if tail:
+                if parts is None:
+                    parts = []
+                parts += (data[start:pos], tail)
+                start = pos
         if pos < n:
             self._held.hold(data, pos)
-            return data[:pos]
-        return data
+            if parts is None:
+                return data[:pos]
+        elif parts is None:
+            return data
+        parts.append(data[start:pos])
+        return b"".join(parts)
 
     def _parameter_status(self, body: bytes) -> None:
         self.param_changes += 1
@@ -288,6 +350,9 @@ _COPY_FAIL = codes.COPY_FAIL
 _FLUSH = codes.FLUSH
 _COPY_DATA = codes.COPY_DATA
 _FRONTEND_VALID: Final = frozenset(b"BCDEFHPQSXcdfp")
+# Messages a rewriter sees; the first five it needs whole.
+_REWRITTEN: Final = frozenset(b"PBDCSEHQF")
+_REWRITTEN_WHOLE: Final = frozenset(b"PBDCS")
 
 
 class FrontendScanner:
@@ -307,6 +372,7 @@ class FrontendScanner:
         "flush_seen",
         "named_parse_seen",
         "pending_ready",
+        "rewriter",
         "syncs_after_execute",
         "terminated",
     )
@@ -321,6 +387,7 @@ class FrontendScanner:
         self.terminated = False
         self.named_parse_seen = False
         self.flush_seen = False
+        self.rewriter: FrontendHook | None = None
 
     @property
     def held_bytes(self) -> int:
@@ -352,7 +419,8 @@ class FrontendScanner:
     def feed(self, data: bytes) -> bytes:
         """Account for client bytes; return what may be forwarded to the server.
 
-        Stops at Terminate (which is never forwarded) and sets `terminated`.
+        Stops at Terminate (which is never forwarded) and sets `terminated`. With a
+        rewriter, extended-protocol messages are replaced by what it returns.
         """
         if self._held:
             data = self._held.join(data)
@@ -365,6 +433,9 @@ class FrontendScanner:
                 self._need = pos - n
                 return data
             self._need = 0
+        rewriter = self.rewriter
+        parts: list[bytes] | None = None
+        start = 0
         valid = _FRONTEND_VALID
         while n - pos >= 5:
             msg_type = data[pos]
@@ -374,11 +445,26 @@ class FrontendScanner:
                     f"invalid frontend message type {msg_type!r} or length {length}"
                 )
             end = pos + 1 + length
+            if rewriter is not None and msg_type in _REWRITTEN:
+                skipping = rewriter.skipping
+                if end > n and (skipping or msg_type in _REWRITTEN_WHOLE):
+                    break  # rewriting needs the whole message
+                if skipping and msg_type != _SYNC:
+                    # Ignored, as PostgreSQL ignores messages after an error until Sync.
+                    if parts is None:
+                        parts = []
+                    parts.append(data[start:pos])
+                    start = pos = end
+                    continue
+                replacement = rewriter.frontend(msg_type, data, pos, end)
+                if replacement is not None:
+                    if parts is None:
+                        parts = []
+                    parts += (data[start:pos], replacement)
+                    start = end
             if msg_type == _SYNC or msg_type == _QUERY or msg_type == _FUNCTION_CALL:
                 if msg_type == _SYNC:
-                    if self.copy_in:
-                        pass  # ignored by the backend during copy-in
-                    else:
+                    if not self.copy_in:  # the backend ignores Sync during copy-in
                         self.pending_ready += 1
                         self.syncs_after_execute += 1
                         self.batch_open = False
@@ -388,12 +474,12 @@ class FrontendScanner:
                     self.batch_open = False
             elif msg_type == _TERMINATE:
                 self.terminated = True
-                return data[:pos]
+                return self._output(data, parts, start, pos)
             else:
                 if msg_type == _PARSE:
                     if end > n:
                         break  # need the statement name: hold the message
-                    if length > 4 and data[pos + 5] != 0:
+                    if rewriter is None and length > 4 and data[pos + 5] != 0:
                         self.named_parse_seen = True
                     self.batch_open = True
                 elif msg_type == _EXECUTE:
@@ -407,12 +493,18 @@ class FrontendScanner:
                     self.batch_open = True
             if end > n:
                 self._need = end - n
-                return data
+                return self._output(data, parts, start, n)
             pos = end
         if pos < n:
             self._held.hold(data, pos)
-            return data[:pos]
-        return data
+        return self._output(data, parts, start, pos)
+
+    @staticmethod
+    def _output(data: bytes, parts: list[bytes] | None, start: int, upto: int) -> bytes:
+        if parts is None:
+            return data if upto == len(data) else data[:upto]
+        parts.append(data[start:upto])
+        return b"".join(parts)
 
     def take_held(self) -> bytes:
         return self._held.take()

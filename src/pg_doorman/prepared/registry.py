@@ -1,0 +1,136 @@
+"""Prepared statements shared across clients: pool registry and per-server LRU.
+
+A client's Parse is mapped by content (query text, parameter types and the client's
+startup settings that change name resolution) to one server-side statement whose name
+is derived from that content, so every server connection of a pool, in any worker
+process, calls the same statement by the same name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections import OrderedDict
+from collections.abc import Iterable
+
+_LENGTH = struct.Struct("!I")
+
+
+class StatementEntry:
+    """One distinct statement of a pool."""
+
+    __slots__ = ("hits", "key", "misses", "name", "parse_message", "query")
+
+    def __init__(self, key: bytes, name: bytes, parse_message: bytes, query: bytes) -> None:
+        self.key = key
+        self.name = name  # server-side name, no NUL
+        self.parse_message = parse_message  # complete Parse message under that name
+        self.query = query
+        self.hits = 0  # Parses a server already had
+        self.misses = 0  # Parses (or re-Parses) sent to a server
+
+
+def statement_name(key: bytes) -> bytes:
+    return b"DOORMAN_" + hashlib.blake2b(key, digest_size=8).hexdigest().encode()
+
+
+class PoolStatements:
+    """The pool-level registry: content key -> entry, bounded LRU.
+
+    Evicting an entry never touches servers: clients keep their entries, and servers
+    keep their statements until their own LRU lets them go.
+    """
+
+    __slots__ = ("_entries", "capacity")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[bytes, StatementEntry] = OrderedDict()
+
+    def lookup(self, parse_body: bytes, name_end: int, context: bytes) -> StatementEntry:
+        """Entry for a Parse body (`name_end`: index after the client name's NUL)."""
+        rest = parse_body[name_end:]
+        key = rest + context
+        entries = self._entries
+        entry = entries.get(key)
+        if entry is not None:
+            entries.move_to_end(key)
+            return entry
+        name = statement_name(key)
+        body = name + b"\x00" + rest
+        message = b"P" + _LENGTH.pack(len(body) + 4) + body
+        query_end = rest.find(b"\x00")
+        entry = StatementEntry(key, name, message, rest[:query_end])
+        entries[key] = entry
+        if len(entries) > self.capacity:
+            entries.popitem(last=False)
+        return entry
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def entries(self) -> Iterable[StatementEntry]:
+        return self._entries.values()
+
+    @property
+    def bytes(self) -> int:
+        return sum(len(e.parse_message) for e in self._entries.values())
+
+
+class ServerStatements:
+    """Names prepared on one server connection, least recently used first.
+
+    Names evicted during a batch stay "present" until their Close is sent at the
+    batch's Sync, so a later message of the same batch can still use them.
+    """
+
+    __slots__ = ("_names", "capacity", "pending_close")
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._names: OrderedDict[bytes, None] = OrderedDict()
+        self.pending_close: list[bytes] = []
+
+    def has(self, name: bytes) -> bool:
+        names = self._names
+        if name in names:
+            names.move_to_end(name)
+            return True
+        if name in self.pending_close:
+            # Used again before its Close went out: keep it after all.
+            self.pending_close.remove(name)
+            self._add(name)
+            return True
+        return False
+
+    def add(self, name: bytes) -> None:
+        self._add(name)
+
+    def _add(self, name: bytes) -> None:
+        names = self._names
+        names[name] = None
+        if self.capacity and len(names) > self.capacity:
+            evicted, _ = names.popitem(last=False)
+            self.pending_close.append(evicted)
+
+    def forget(self, name: bytes) -> None:
+        """The server does not have it (its Parse failed)."""
+        self._names.pop(name, None)
+
+    def restore(self, name: bytes) -> None:
+        """A Close we sent was skipped: the server still has the statement."""
+        self._names[name] = None
+
+    def take_pending_close(self) -> list[bytes]:
+        pending, self.pending_close = self.pending_close, []
+        return pending
+
+    def clear(self) -> None:
+        self._names.clear()
+        self.pending_close.clear()
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names

@@ -1,0 +1,349 @@
+"""Rewrites one client's extended-protocol traffic onto pool-shared statements.
+
+Frontend side: Parse, Bind, Describe and Close are mapped from the client's statement
+names to the pool's content-derived server names. A Parse the server already has is
+not sent; a statement the server lacks is parsed just before the Bind or Describe that
+needs it; Closes of statements the server's LRU evicted wait for the batch's Sync.
+
+Backend side: a queue of expected responses mirrors, in order, every message sent for
+this client. It puts a synthetic ParseComplete (or CloseComplete, or error) where
+PostgreSQL would have sent one, drops the replies to messages the client didn't send,
+and applies PostgreSQL's rule that after an error everything up to Sync is skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections import deque
+from typing import Final
+
+from pg_doorman.prepared.registry import PoolStatements, ServerStatements, StatementEntry
+from pg_doorman.protocol import codes, messages, sqlstate
+
+logger = logging.getLogger("pg_doorman.prepared")
+
+_LENGTH = struct.Struct("!I")
+
+# Expected responses.
+SYNTH: Final = 0  # our own bytes to put in the stream here
+PARSE: Final = 1  # ParseComplete for a Parse the client sent
+HIDDEN_PARSE: Final = 2  # ParseComplete for a Parse we added: dropped
+BIND: Final = 3
+DESCRIBE_S: Final = 4  # ParameterDescription, then RowDescription/NoData
+DESCRIBE_S_ROWS: Final = 5
+DESCRIBE_P: Final = 6
+EXECUTE: Final = 7  # rows ... until CommandComplete/EmptyQuery/PortalSuspended
+CLOSE: Final = 8
+HIDDEN_CLOSE: Final = 9  # CloseComplete for a deferred Close: dropped
+SYNC: Final = 10
+QUERY: Final = 11  # simple Query or FunctionCall: everything up to ReadyForQuery
+
+# Backend actions returned to the scanner (bit flags).
+DROP: Final = 1
+HAS_PREFIX: Final = 2
+
+_ASYNC_TYPES = frozenset(
+    (codes.NOTICE_RESPONSE, codes.NOTIFICATION_RESPONSE, codes.PARAMETER_STATUS)
+)
+_EXECUTE_END = frozenset(
+    (codes.COMMAND_COMPLETE, codes.EMPTY_QUERY_RESPONSE, codes.PORTAL_SUSPENDED)
+)
+_ROW_DESCRIPTION_OR_NO_DATA = frozenset((codes.ROW_DESCRIPTION, codes.NO_DATA))
+
+Expectation = tuple[int, bytes]
+
+
+def close_statement(name: bytes) -> bytes:
+    body = b"S" + name + b"\x00"
+    return b"C" + _LENGTH.pack(len(body) + 4) + body
+
+
+def _missing_statement_error(name: bytes) -> bytes:
+    if name:
+        text = f'prepared statement "{name.decode("utf-8", "replace")}" does not exist'
+    else:
+        text = "unnamed prepared statement does not exist"
+    return messages.error_response("ERROR", sqlstate.INVALID_SQL_STATEMENT_NAME, text)
+
+
+class BatchRewriter:
+    """Statement mapping of one client plus the response queue of its current server."""
+
+    __slots__ = (
+        "_prefix",
+        "context",
+        "desynced",
+        "expect",
+        "leading_queries",
+        "named",
+        "registry",
+        "server",
+        "skipping",
+        "unnamed",
+    )
+
+    def __init__(self, registry: PoolStatements, context: bytes) -> None:
+        self.registry = registry
+        self.context = context  # client settings that change what a query text means
+        self.named: dict[bytes, StatementEntry] = {}
+        self.unnamed: StatementEntry | None = None
+        self.server: ServerStatements | None = None
+        self.expect: deque[Expectation] = deque()
+        # Queries sent while nothing else was expected: answered before anything queued.
+        self.leading_queries = 0
+        self.skipping = False  # after a synthetic error: drop client messages until Sync
+        self.desynced = False
+        self._prefix = bytearray()
+
+    # ---- attachment ---------------------------------------------------------
+
+    def attach(self, server: ServerStatements) -> None:
+        self.server = server
+        self.expect.clear()
+        self.leading_queries = 0
+        self.skipping = False
+
+    def detach(self) -> None:
+        self.server = None
+
+    @property
+    def active(self) -> bool:
+        """Responses need rewriting (else the scanner's fast path is enough)."""
+        return bool(self.expect)
+
+    # ---- frontend -----------------------------------------------------------
+
+    def frontend(self, msg_type: int, data: bytes, pos: int, end: int) -> bytes | None:
+        """Replacement for one client message (None: forward unchanged)."""
+        if msg_type == codes.SYNC:
+            self.skipping = False
+            return self._sync(data[pos:end])
+        if self.skipping:
+            return b""
+        if msg_type == codes.PARSE:
+            return self._parse(data[pos + 5 : end])
+        if msg_type == codes.BIND:
+            return self._bind(data[pos + 5 : end])
+        if msg_type == codes.EXECUTE:
+            self._push(EXECUTE)
+            return None
+        if msg_type == codes.DESCRIBE:
+            return self._describe(data[pos + 5 : end])
+        if msg_type == codes.CLOSE:
+            return self._close(data[pos + 5 : end])
+        if msg_type == codes.QUERY or msg_type == codes.FUNCTION_CALL:
+            if self.expect:
+                self.expect.append((QUERY, b""))
+            else:
+                self.leading_queries += 1
+        return None  # Flush and anything else
+
+    def _push(self, kind: int, payload: bytes = b"") -> None:
+        expect = self.expect
+        if not expect and self.leading_queries:
+            # Earlier simple queries are still being answered: they come first.
+            expect.extend((QUERY, b"") for _ in range(self.leading_queries))
+            self.leading_queries = 0
+        expect.append((kind, payload))
+
+    def _ensure_on_server(self, entry: StatementEntry) -> bytes:
+        """The Parse to send first if the server lacks the statement, else b''."""
+        server = self.server
+        assert server is not None
+        if server.has(entry.name):
+            return b""
+        entry.misses += 1
+        server.add(entry.name)
+        self._push(HIDDEN_PARSE, entry.name)
+        return entry.parse_message
+
+    def _parse(self, body: bytes) -> bytes:
+        name_end = body.find(b"\x00") + 1
+        entry = self.registry.lookup(body, name_end, self.context)
+        if name_end > 1:
+            self.named[body[: name_end - 1]] = entry
+        else:
+            self.unnamed = entry
+        server = self.server
+        assert server is not None
+        if server.has(entry.name):
+            entry.hits += 1
+            self._push(SYNTH, messages.PARSE_COMPLETE)
+            return b""
+        entry.misses += 1
+        server.add(entry.name)
+        self._push(PARSE, entry.name)
+        return entry.parse_message
+
+    def _resolve(self, name: bytes) -> StatementEntry | None:
+        return self.named.get(name) if name else self.unnamed
+
+    def _missing(self, name: bytes) -> bytes:
+        # Never forward an unknown name: it could collide with a server-side name.
+        self._push(SYNTH, _missing_statement_error(name))
+        self.skipping = True
+        return b""
+
+    def _bind(self, body: bytes) -> bytes | None:
+        portal_end = body.find(b"\x00") + 1
+        name_end = body.find(b"\x00", portal_end) + 1
+        entry = self._resolve(body[portal_end : name_end - 1])
+        if entry is None:
+            return self._missing(body[portal_end : name_end - 1])
+        prefix = self._ensure_on_server(entry)
+        self._push(BIND)
+        new_body = body[:portal_end] + entry.name + b"\x00" + body[name_end:]
+        return prefix + b"B" + _LENGTH.pack(len(new_body) + 4) + new_body
+
+    def _describe(self, body: bytes) -> bytes | None:
+        if body[:1] != b"S":
+            self._push(DESCRIBE_P)
+            return None
+        name = body[1:].rstrip(b"\x00")
+        entry = self._resolve(name)
+        if entry is None:
+            return self._missing(name)
+        prefix = self._ensure_on_server(entry)
+        self._push(DESCRIBE_S)
+        new_body = b"S" + entry.name + b"\x00"
+        return prefix + b"D" + _LENGTH.pack(len(new_body) + 4) + new_body
+
+    def _close(self, body: bytes) -> bytes | None:
+        if body[:1] != b"S":
+            self._push(CLOSE)
+            return None
+        name = body[1:].rstrip(b"\x00")
+        if name:
+            self.named.pop(name, None)
+        else:
+            self.unnamed = None
+        # The server-side statement stays for others; the client gets its CloseComplete.
+        self._push(SYNTH, messages.CLOSE_COMPLETE)
+        return b""
+
+    def _sync(self, sync: bytes) -> bytes | None:
+        server = self.server
+        assert server is not None
+        closes = server.take_pending_close() if server.pending_close else ()
+        if not closes:
+            self._push(SYNC)
+            return None
+        parts = []
+        for name in closes:
+            self._push(HIDDEN_CLOSE, name)
+            parts.append(close_statement(name))
+        self._push(SYNC)
+        parts.append(sync)
+        return b"".join(parts)
+
+    # ---- backend ------------------------------------------------------------
+
+    def backend(self, msg_type: int) -> int:
+        """Decide about one server message; see DROP/HAS_PREFIX."""
+        expect = self.expect
+        action = 0
+        if expect and expect[0][0] == SYNTH:
+            self._drain_into_prefix()
+            action = HAS_PREFIX
+        if msg_type in _ASYNC_TYPES:
+            return action
+        if not expect:
+            return action
+        kind, payload = expect[0]
+        if msg_type == codes.ERROR_RESPONSE:
+            if kind == QUERY:
+                return action  # a simple query's error; its ReadyForQuery follows
+            expect.popleft()
+            self._undo(kind, payload)
+            self._skip_to_sync()
+            return action
+        if msg_type == codes.READY_FOR_QUERY:
+            if kind == SYNC or kind == QUERY:
+                expect.popleft()
+            else:
+                self._lost(kind, msg_type)
+            return action
+        if kind == EXECUTE:
+            if msg_type in _EXECUTE_END:
+                expect.popleft()
+            return action
+        if kind == QUERY:
+            return action
+        if kind == PARSE:
+            ok = msg_type == codes.PARSE_COMPLETE
+        elif kind == HIDDEN_PARSE:
+            if msg_type == codes.PARSE_COMPLETE:
+                expect.popleft()
+                return action | DROP
+            ok = False
+        elif kind == BIND:
+            ok = msg_type == codes.BIND_COMPLETE
+        elif kind == DESCRIBE_S:
+            if msg_type == codes.PARAMETER_DESCRIPTION:
+                expect[0] = (DESCRIBE_S_ROWS, b"")
+                return action
+            ok = False
+        elif kind == DESCRIBE_S_ROWS or kind == DESCRIBE_P:
+            ok = msg_type in _ROW_DESCRIPTION_OR_NO_DATA
+        elif kind == CLOSE:
+            ok = msg_type == codes.CLOSE_COMPLETE
+        elif kind == HIDDEN_CLOSE:
+            if msg_type == codes.CLOSE_COMPLETE:
+                expect.popleft()
+                return action | DROP
+            ok = False
+        else:
+            ok = False
+        if ok:
+            expect.popleft()
+        else:
+            self._lost(kind, msg_type)
+        return action
+
+    def take_prefix(self) -> bytes:
+        prefix = bytes(self._prefix)
+        self._prefix.clear()
+        return prefix
+
+    def drain(self) -> bytes:
+        """Synthetic messages that are next in line, to send to the client now."""
+        if self.expect and self.expect[0][0] == SYNTH:
+            self._drain_into_prefix()
+        return self.take_prefix() if self._prefix else b""
+
+    def _drain_into_prefix(self) -> None:
+        expect = self.expect
+        prefix = self._prefix
+        while expect and expect[0][0] == SYNTH:
+            _, payload = expect.popleft()
+            prefix += payload
+            if payload[:1] == b"E":
+                # Our own error: PostgreSQL would skip to Sync from here as well.
+                self._skip_to_sync()
+
+    def _skip_to_sync(self) -> None:
+        """After an error the server ignores everything up to Sync: so do we."""
+        expect = self.expect
+        while expect and expect[0][0] != SYNC:
+            kind, payload = expect.popleft()
+            self._undo(kind, payload)
+
+    def _undo(self, kind: int, payload: bytes) -> None:
+        server = self.server
+        if server is None:
+            return
+        if kind == PARSE or kind == HIDDEN_PARSE:
+            server.forget(payload)  # never created
+        elif kind == HIDDEN_CLOSE:
+            server.restore(payload)  # never closed
+
+    def _lost(self, kind: int, msg_type: int) -> None:
+        # Should not happen; if it does, stop rewriting rather than corrupt the stream.
+        logger.error(
+            "prepared statements: unexpected %r while expecting kind %d; resetting",
+            chr(msg_type),
+            kind,
+        )
+        self.desynced = True
+        self.expect.clear()

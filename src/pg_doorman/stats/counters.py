@@ -1,0 +1,153 @@
+"""Per-pool counters and latency histograms, updated once per transaction.
+
+Everything is plain ints and lists so that updates cost a few attribute operations and
+so that counters from several worker processes can be merged by addition.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterable
+from typing import Final
+
+# Bucket upper bounds in seconds: 0.1 ms .. 60 s, roughly x2 apart (Prometheus style).
+BUCKETS: Final = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+
+
+class Histogram:
+    """Cumulative-on-read histogram over BUCKETS (the last slot counts +Inf)."""
+
+    __slots__ = ("counts", "sum", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.sum = 0.0
+        self.total = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(BUCKETS, seconds)] += 1
+        self.sum += seconds
+        self.total += 1
+
+    def merge(self, other: Histogram) -> None:
+        for i, count in enumerate(other.counts):
+            self.counts[i] += count
+        self.sum += other.sum
+        self.total += other.total
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """(upper bound, count of observations <= bound), ending with (+inf, total)."""
+        running = 0
+        out = []
+        for bound, count in zip((*BUCKETS, float("inf")), self.counts, strict=True):
+            running += count
+            out.append((bound, running))
+        return out
+
+    def quantile(self, q: float) -> float:
+        """Estimated q-quantile in seconds (linear inside the bucket), 0 when empty."""
+        if not self.total:
+            return 0.0
+        rank = q * self.total
+        running = 0
+        lower = 0.0
+        for bound, count in zip(BUCKETS, self.counts, strict=False):
+            if running + count >= rank and count:
+                return lower + (bound - lower) * (rank - running) / count
+            running += count
+            lower = bound
+        return BUCKETS[-1]
+
+
+def error_class(sqlstate: str) -> str:
+    """Label for the errors counter: the classes operators act on, else `other`."""
+    if sqlstate in ("25P02", "26000"):
+        return sqlstate
+    prefix = sqlstate[:2]
+    if prefix in ("08", "53", "57"):
+        return prefix
+    return "other"
+
+
+class PoolStats:
+    """Counters of one (database, user) pool. Times are in seconds."""
+
+    __slots__ = (
+        "bytes_received",
+        "bytes_sent",
+        "errors",
+        "query_count",
+        "query_histogram",
+        "query_time",
+        "wait_count",
+        "wait_histogram",
+        "wait_time",
+        "xact_count",
+        "xact_histogram",
+        "xact_time",
+    )
+
+    def __init__(self) -> None:
+        self.xact_count = 0
+        self.query_count = 0
+        self.bytes_received = 0  # from clients
+        self.bytes_sent = 0  # to clients
+        self.xact_time = 0.0
+        self.query_time = 0.0
+        self.wait_time = 0.0
+        self.wait_count = 0
+        self.errors: dict[str, int] = {}
+        self.xact_histogram = Histogram()
+        self.query_histogram = Histogram()
+        self.wait_histogram = Histogram()
+
+    def record_transaction(self, seconds: float, received: int, sent: int) -> None:
+        self.xact_count += 1
+        self.xact_time += seconds
+        self.xact_histogram.observe(seconds)
+        self.bytes_received += received
+        self.bytes_sent += sent
+
+    def record_query(self, seconds: float) -> None:
+        self.query_count += 1
+        self.query_time += seconds
+        self.query_histogram.observe(seconds)
+
+    def record_no_wait(self) -> None:
+        """A server was idle at once: a zero wait, without the bucket search."""
+        self.wait_count += 1
+        hist = self.wait_histogram
+        hist.counts[0] += 1
+        hist.total += 1
+
+    def record_wait(self, seconds: float) -> None:
+        self.wait_count += 1
+        self.wait_time += seconds
+        self.wait_histogram.observe(seconds)
+
+    def record_error(self, sqlstate: str) -> None:
+        label = error_class(sqlstate)
+        self.errors[label] = self.errors.get(label, 0) + 1
+
+    @property
+    def total_errors(self) -> int:
+        return sum(self.errors.values())
+
+    def merge(self, others: Iterable[PoolStats]) -> None:
+        for other in others:
+            self.xact_count += other.xact_count
+            self.query_count += other.query_count
+            self.bytes_received += other.bytes_received
+            self.bytes_sent += other.bytes_sent
+            self.xact_time += other.xact_time
+            self.query_time += other.query_time
+            self.wait_time += other.wait_time
+            self.wait_count += other.wait_count
+            for label, count in other.errors.items():
+                self.errors[label] = self.errors.get(label, 0) + count
+            self.xact_histogram.merge(other.xact_histogram)
+            self.query_histogram.merge(other.query_histogram)
+            self.wait_histogram.merge(other.wait_histogram)

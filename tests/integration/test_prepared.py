@@ -1,0 +1,483 @@
+"""Protocol-level prepared statements in transaction mode: drivers and raw-protocol parity."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import Callable, Iterator
+
+import asyncpg
+import pg8000.native
+import psycopg
+import psycopg2
+import pytest
+from sqlalchemy import ForeignKey, select
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, selectinload
+
+from helpers import ExamplePostgres
+from helpers import pgwire as w
+from helpers.pooler import PoolerFactory, PoolerProcess
+from pg_doorman.app.embedded_pg import find_pg_bin
+
+SMALL_CACHE = {"server_prepared_statements_cache_size": 5}
+
+
+def one_user_pool(pg: ExamplePostgres, size: int, user: str | None = None) -> dict[str, object]:
+    return {"example_db": {"users": [{"username": user or pg.md5_user.name, "pool_size": size}]}}
+
+
+# ---- drivers -------------------------------------------------------------------
+
+
+def test_asyncpg_many_clients_small_caches(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    proc = pooler(general=SMALL_CACHE, pools=one_user_pool(pg, 2, pg.scram_user.name))
+    user = pg.scram_user
+
+    async def client(n: int) -> None:
+        conn = await asyncpg.connect(proc.dsn(user.name, user.password))
+        try:
+            for i in range(30):
+                k = (n + i) % 30  # 30 distinct statements, far more than the server cache
+                value = await conn.fetchval(f"select $1::int + {k}", i)
+                assert value == i + k
+                if i % 5 == 0:
+                    async with conn.transaction():
+                        rows = await conn.fetch(
+                            f"select id from items where id <= $1 and {k} >= 0 order by id", 3
+                        )
+                        assert [r["id"] for r in rows] == [1, 2, 3]
+        finally:
+            await conn.close()
+
+    async def main() -> None:
+        await asyncio.gather(*(client(n) for n in range(40)))
+        conn = await asyncpg.connect(proc.dsn(user.name, user.password))
+        try:
+            async with conn.transaction():
+                names = await conn.fetch("select name from pg_prepared_statements")
+            # Server-side names are the pool's, and the server's LRU bounds them.
+            assert all(r["name"].startswith("DOORMAN_") for r in names)
+            assert len(names) <= 5 + 1
+        finally:
+            await conn.close()
+
+    asyncio.run(main())
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Author(Base):
+    __tablename__ = "sa_author"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str]
+    books: Mapped[list[Book]] = relationship(back_populates="author")
+
+
+class Book(Base):
+    __tablename__ = "sa_book"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    title: Mapped[str]
+    author_id: Mapped[int] = mapped_column(ForeignKey("sa_author.id"))
+    author: Mapped[Author] = relationship(back_populates="books")
+
+
+def test_sqlalchemy_async_selectin(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    proc = pooler(pools=one_user_pool(pg, 2, pg.scram_user.name))
+    user = pg.scram_user
+    url = proc.dsn(user.name, user.password).replace("postgresql://", "postgresql+asyncpg://")
+    url = url.replace("?sslmode=disable", "")
+
+    async def main() -> None:
+        engine = create_async_engine(url, pool_size=5)
+        try:
+            async with engine.begin() as conn:
+                await conn.run_sync(Base.metadata.drop_all)
+                await conn.run_sync(Base.metadata.create_all)
+            sessions = async_sessionmaker(engine, expire_on_commit=False)
+            async with sessions() as session, session.begin():
+                for a in range(10):
+                    author = Author(name=f"author {a}")
+                    author.books = [Book(title=f"book {a}.{b}") for b in range(a % 4)]
+                    session.add(author)
+
+            async def read() -> int:
+                async with sessions() as session:
+                    result = await session.execute(
+                        select(Author).options(selectinload(Author.books)).order_by(Author.id)
+                    )
+                    authors = result.scalars().all()
+                    assert [len(a.books) for a in authors] == [a % 4 for a in range(10)]
+                    return len(authors)
+
+            counts = await asyncio.gather(*(read() for _ in range(20)))
+            assert counts == [10] * 20
+            async with engine.begin() as conn:
+                await conn.run_sync(Base.metadata.drop_all)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(main())
+
+
+def test_psycopg_prepare_threshold_zero(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    proc = pooler(general=SMALL_CACHE, pools=one_user_pool(pg, 2))
+    user = pg.md5_user
+    conns = [
+        psycopg.connect(proc.dsn(user.name, user.password), prepare_threshold=0, autocommit=True)
+        for _ in range(4)
+    ]
+    try:
+        for i in range(40):
+            conn = conns[i % 4]
+            k = i % 9
+            assert conn.execute(f"select %s::int * {k + 1}", (i,)).fetchone() == (i * (k + 1),)
+        with conns[0].transaction():
+            conns[0].execute("select %s::int", (1,))
+            names = [r[0] for r in conns[0].execute("select name from pg_prepared_statements")]
+        assert names and all(name.startswith("DOORMAN_") for name in names)
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def test_psycopg_pipeline_with_error(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    proc = pooler(pools=one_user_pool(pg, 1))
+    user = pg.md5_user
+    with psycopg.connect(
+        proc.dsn(user.name, user.password), prepare_threshold=0, autocommit=True
+    ) as conn:
+        with conn.pipeline():
+            a = conn.execute("select %s::int", (1,))
+            b = conn.execute("select %s::int + 1", (1,))
+        assert (a.fetchone(), b.fetchone()) == ((1,), (2,))
+        with pytest.raises(psycopg.errors.DivisionByZero), conn.pipeline():
+            conn.execute("select %s::int", (1,))
+            conn.execute("select 1 / %s::int", (0,))
+            conn.execute("select %s::int + 2", (1,))
+        with conn.pipeline():
+            c = conn.execute("select %s::int + 2", (1,))
+            d = conn.execute("select %s::int", (5,))
+        assert (c.fetchone(), d.fetchone()) == ((3,), (5,))
+
+
+def test_pg8000(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    proc = pooler(general=SMALL_CACHE, pools=one_user_pool(pg, 2))
+    user = pg.md5_user
+    conns = [
+        pg8000.native.Connection(
+            user.name, host=proc.host, port=proc.port, database="example_db", password=user.password
+        )
+        for _ in range(3)
+    ]
+    try:
+        for i in range(30):
+            conn = conns[i % 3]
+            k = i % 8
+            assert conn.run(f"select cast(:v as int) + {k}", v=i) == [[i + k]]
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def test_psycopg2(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    proc = pooler(pools=one_user_pool(pg, 1))
+    user = pg.md5_user
+    conn = psycopg2.connect(proc.dsn(user.name, user.password))
+    try:
+        cur = conn.cursor()
+        cur.execute("prepare q(int) as select $1 + 1")
+        cur.execute("execute q(41)")
+        assert cur.fetchone() == (42,)
+        conn.commit()
+        cur.execute("select %s::text", ("x",))
+        assert cur.fetchone() == ("x",)
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def test_pgbench_prepared(pg: ExamplePostgres, pooler: PoolerFactory, tmp_path: object) -> None:
+    proc = pooler(pools=one_user_pool(pg, 2))
+    user = pg.md5_user
+    script = "\\set aid random(1, 100)\nselect id, name from items where id = :aid;\n"
+    result = subprocess.run(
+        [
+            str(find_pg_bin() / "pgbench"),
+            "-n", "-M", "prepared", "-c", "8", "-j", "2", "-t", "200",
+            "-h", proc.host, "-p", str(proc.port), "-U", user.name, "-f", "/dev/stdin",
+            "example_db",
+        ],
+        input=script,
+        capture_output=True,
+        text=True,
+        env={"PGPASSWORD": user.password, "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "number of failed transactions: 0" in result.stdout
+    assert "number of transactions actually processed: 1600/1600" in result.stdout
+
+
+def test_session_mode_passes_statements_through(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    proc = pooler(pools={"example_db": {"pool_mode": "session"}})
+    user = pg.md5_user
+    with psycopg.connect(
+        proc.dsn(user.name, user.password), prepare_threshold=0, autocommit=True
+    ) as conn:
+        conn.execute("select %s::int", (1,))
+        names = [r[0] for r in conn.execute("select name from pg_prepared_statements")]
+        assert names and all(name.startswith("_pg3_") for name in names)
+
+
+# ---- raw protocol --------------------------------------------------------------
+
+
+def connect(proc_or_pg: PoolerProcess | ExamplePostgres, pg: ExamplePostgres) -> w.PgWire:
+    user = pg.md5_user
+    return w.PgWire.connect(
+        proc_or_pg.host, proc_or_pg.port, user.name, "example_db", user.password
+    )
+
+
+@pytest.fixture
+def one_server(pg: ExamplePostgres, pooler: PoolerFactory) -> Iterator[PoolerProcess]:
+    yield pooler(general={"server_prepared_statements_cache_size": 2}, pools=one_user_pool(pg, 1))
+
+
+def test_named_statement_used_in_later_transactions(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    proc = pooler(pools=one_user_pool(pg, 2))
+    conn = connect(proc, pg)
+    other = connect(proc, pg)
+    try:
+        conn.send_raw(w.parse("s1", "select $1::int * 2", [23]) + w.sync())
+        assert w.msg_types(conn.read_until_ready()) == "1Z"
+        # Keep one server busy so later transactions land on the other one too.
+        other.send_raw(w.query("begin"))
+        other.read_until_ready()
+        for i in range(4):
+            conn.send_raw(w.bind("", "s1", [str(i)]) + w.execute() + w.sync())
+            got = conn.read_until_ready()
+            assert w.msg_types(got) == "2DCZ"
+            assert w.rows(got) == [(str(i * 2),)]
+            if i == 1:
+                other.send_raw(w.query("commit"))
+                other.read_until_ready()
+    finally:
+        conn.close()
+        other.close()
+
+
+def test_unknown_statement_is_26000_and_session_survives(
+    one_server: PoolerProcess, pg: ExamplePostgres
+) -> None:
+    conn = connect(one_server, pg)
+    try:
+        conn.send_raw(w.bind("", "nope") + w.execute() + w.sync())
+        got = conn.read_until_ready()
+        assert w.msg_types(got) == "EZ"
+        error = w.first_error(got)
+        assert error is not None and error.sqlstate == "26000" and error.severity == "ERROR"
+        assert error.message == 'prepared statement "nope" does not exist'
+        conn.send_raw(w.describe("S", "") + w.sync())
+        error = w.first_error(conn.read_until_ready())
+        assert error is not None and error.message == "unnamed prepared statement does not exist"
+        assert conn.execute_query("select 1") == [("1",)]
+    finally:
+        conn.close()
+
+
+def test_deallocate_answered_locally(one_server: PoolerProcess, pg: ExamplePostgres) -> None:
+    conn = connect(one_server, pg)
+    try:
+        conn.send_raw(w.parse("stmt", "select 1") + w.sync())
+        conn.read_until_ready()
+        got = conn.simple_query('deallocate "stmt"')
+        assert got == [(b"C", b"DEALLOCATE\x00"), (b"Z", b"I")]
+        conn.send_raw(w.bind("", "stmt") + w.execute() + w.sync())
+        assert w.first_error(conn.read_until_ready()) is not None
+        conn.send_raw(w.parse("stmt", "select 2") + w.bind("", "stmt") + w.execute() + w.sync())
+        assert w.rows(conn.read_until_ready()) == [("2",)]
+        got = conn.simple_query("DEALLOCATE ALL;")
+        assert got == [(b"C", b"DEALLOCATE ALL\x00"), (b"Z", b"I")]
+        # An SQL-level statement the pooler doesn't know goes to PostgreSQL.
+        error = w.first_error(conn.simple_query("deallocate unknown_one"))
+        assert error is not None and error.sqlstate == "26000"
+    finally:
+        conn.close()
+
+
+def test_eviction_inside_a_batch(one_server: PoolerProcess, pg: ExamplePostgres) -> None:
+    conn = connect(one_server, pg)
+    try:
+        batch = (
+            w.parse("a", "select 'a'")
+            + w.bind("", "a")
+            + w.execute()
+            + w.parse("b", "select 'b'")
+            + w.parse("c", "select 'c'")  # cache of 2: 'a' is evicted here
+            + w.bind("", "a")  # ... and used again in the same batch
+            + w.execute()
+            + w.bind("", "c")
+            + w.execute()
+            + w.sync()
+        )
+        for _ in range(3):
+            conn.send_raw(batch)
+            got = conn.read_until_ready()
+            assert w.first_error(got) is None, got
+            assert w.msg_types(got) == "12DC112DC2DCZ"
+            assert w.rows(got) == [("a",), ("a",), ("c",)]
+    finally:
+        conn.close()
+
+
+def test_client_vanishing_between_parse_and_sync(
+    one_server: PoolerProcess, pg: ExamplePostgres
+) -> None:
+    for _ in range(3):
+        gone = connect(one_server, pg)
+        gone.send_raw(w.parse("p", "select 42") + w.bind("", "p") + w.execute())
+        gone.close_socket()
+        conn = connect(one_server, pg)
+        try:
+            conn.send_raw(w.parse("p", "select 42") + w.bind("", "p") + w.execute() + w.sync())
+            got = conn.read_until_ready()
+            assert w.first_error(got) is None
+            assert w.rows(got) == [("42",)]
+        finally:
+            conn.close()
+
+
+def test_failed_parse_is_not_remembered(one_server: PoolerProcess, pg: ExamplePostgres) -> None:
+    conn = connect(one_server, pg)
+    try:
+        for _ in range(2):
+            conn.send_raw(w.parse("bad", "select nope") + w.sync())
+            error = w.first_error(conn.read_until_ready())
+            assert error is not None and error.sqlstate == "42703"
+        conn.send_raw(w.query("create temp table later(nope int)"))
+        conn.read_until_ready()
+    finally:
+        conn.close()
+
+
+def test_flush_mode_reparse(one_server: PoolerProcess, pg: ExamplePostgres) -> None:
+    conn = connect(one_server, pg)
+    try:
+        for i in range(3):
+            conn.send_raw(w.parse(f"f{i}", "select 7") + w.flush())
+            assert w.msg_types(conn.read_until(b"1")) == "1"
+            conn.send_raw(w.bind("", f"f{i}") + w.execute() + w.flush())
+            got = conn.read_until(b"C")
+            assert w.rows(got) == [("7",)]
+        conn.send_raw(w.sync())
+        assert w.msg_types(conn.read_until_ready()) == "Z"
+    finally:
+        conn.close()
+
+
+# ---- parity with PostgreSQL -----------------------------------------------------------
+
+
+def npgsql_batch(conn: w.PgWire) -> None:
+    """500 statements, a mix of new and repeated texts, one Sync (NpgsqlBatch-style)."""
+    batch = b"".join(
+        w.parse("", f"select {i % 37} as v") + w.bind("", "") + w.describe("P") + w.execute()
+        for i in range(500)
+    )
+    conn.send_raw(batch + w.sync())
+
+
+def describe_flow(conn: w.PgWire) -> None:
+    conn.send_raw(
+        w.parse("d1", "select id, name from items where id = $1", [23])
+        + w.describe("S", "d1")
+        + w.sync()
+    )
+    conn.read_until_ready()
+    conn.send_raw(w.bind("", "d1", ["3"]) + w.describe("P") + w.execute() + w.sync())
+
+
+def prepare_describe_bind_mix(conn: w.PgWire) -> None:
+    conn.send_raw(
+        w.parse("m1", "select $1::int", [23])
+        + w.parse("m2", "select $1::text", [25])
+        + w.describe("S", "m1")
+        + w.bind("p1", "m1", ["5"])
+        + w.describe("S", "m2")
+        + w.bind("", "m2", ["x"])
+        + w.execute()
+        + w.execute("p1")
+        + w.close("S", "m1")
+        + w.close("P", "p1")
+        + w.parse("m1", "select $1::int + 1", [23])
+        + w.bind("", "m1", ["5"])
+        + w.execute()
+        + w.sync()
+    )
+
+
+def error_mid_batch(conn: w.PgWire) -> None:
+    conn.send_raw(
+        w.parse("e1", "select 1")
+        + w.bind("", "e1")
+        + w.execute()
+        + w.parse("e2", "select 1/0")
+        + w.bind("", "e2")
+        + w.execute()
+        + w.parse("e3", "select 3")
+        + w.bind("", "e3")
+        + w.execute()
+        + w.sync()
+    )
+
+
+def rollback_after_error(conn: w.PgWire) -> None:
+    conn.send_raw(w.query("begin"))
+    conn.read_until_ready()
+    conn.send_raw(w.parse("r1", "select 1/0") + w.bind("", "r1") + w.execute() + w.sync())
+    conn.read_until_ready()
+    conn.send_raw(w.parse("r2", "rollback") + w.bind("", "r2") + w.execute() + w.sync())
+
+
+Scenario = Callable[[w.PgWire], None]
+SCENARIOS: dict[str, Scenario] = {
+    f.__name__: f
+    for f in (
+        npgsql_batch,
+        describe_flow,
+        prepare_describe_bind_mix,
+        error_mid_batch,
+        rollback_after_error,
+    )
+}
+
+
+def run(
+    target: PoolerProcess | ExamplePostgres, pg: ExamplePostgres, scenario: Scenario
+) -> list[w.Message]:
+    conn = connect(target, pg)
+    try:
+        start = len(conn.received)
+        scenario(conn)
+        conn.read_until_ready()
+        return conn.received[start:]
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_prepared_parity(pg: ExamplePostgres, pooler: PoolerFactory, name: str) -> None:
+    proc = pooler(general={"server_prepared_statements_cache_size": 20}, pools=one_user_pool(pg, 1))
+    scenario = SCENARIOS[name]
+    direct = run(pg, pg, scenario)
+    # Cold (statements new to the server), then warm (already prepared there).
+    for _ in range(2):
+        pooled = run(proc, pg, scenario)
+        assert w.msg_types(pooled) == w.msg_types(direct)
+        assert pooled == direct
