@@ -1,0 +1,257 @@
+"""Sans-IO prepared-statement rewriting: registry, server LRU, request and reply rewriting."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pg_doorman.prepared.deallocate import parse_deallocate
+from pg_doorman.prepared.registry import PoolStatements, ServerStatements, statement_name
+from pg_doorman.prepared.rewriter import BatchRewriter, close_statement
+from pg_doorman.protocol import messages
+from pg_doorman.protocol.framing import BackendScanner, FrontendScanner
+
+
+def msg(t: bytes, body: bytes = b"") -> bytes:
+    return messages.build(t, body)
+
+
+def parse(name: str, sql: str) -> bytes:
+    return msg(b"P", name.encode() + b"\x00" + sql.encode() + b"\x00\x00\x00")
+
+
+def bind(stmt: str, portal: str = "") -> bytes:
+    return msg(
+        b"B", portal.encode() + b"\x00" + stmt.encode() + b"\x00" + b"\x00\x00\x00\x00\x00\x00"
+    )
+
+
+def describe_s(name: str) -> bytes:
+    return msg(b"D", b"S" + name.encode() + b"\x00")
+
+
+def close_s(name: str) -> bytes:
+    return msg(b"C", b"S" + name.encode() + b"\x00")
+
+
+EXECUTE = msg(b"E", b"\x00\x00\x00\x00\x00")
+SYNC = messages.SYNC
+FLUSH = messages.FLUSH
+ROW = msg(b"D", struct.pack("!hi", 1, 1) + b"1")
+SELECT_1 = messages.command_complete("SELECT 1")
+PARAM_DESC = msg(b"t", b"\x00\x00")
+NO_DATA = messages.NO_DATA
+
+
+def server_name(sql: str, context: bytes = b"") -> bytes:
+    return statement_name(sql.encode() + b"\x00\x00\x00" + context)
+
+
+class Session:
+    """One client's rewriter wired to scanners, as the connection shells do it."""
+
+    def __init__(self, server_cache: int = 10) -> None:
+        self.registry = PoolStatements(100)
+        self.server = ServerStatements(server_cache)
+        self.rewriter = BatchRewriter(self.registry, b"")
+        self.frontend = FrontendScanner()
+        self.frontend.rewriter = self.rewriter
+        self.backend = BackendScanner({})
+        self.rewriter.attach(self.server)
+        self.to_client = bytearray()
+
+    def send(self, data: bytes) -> bytes:
+        out = self.frontend.feed(data)
+        self.to_client += self.rewriter.drain()
+        return out
+
+    def reply(self, data: bytes, cuts: list[int] | None = None) -> bytes:
+        chunks = [data] if not cuts else split(data, cuts)
+        for chunk in chunks:
+            self.backend.hook = self.rewriter if self.rewriter.expect else None
+            self.to_client += self.backend.feed(chunk)
+        return bytes(self.to_client)
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    chunks, last = [], 0
+    for p in points:
+        chunks.append(data[last:p])
+        last = p
+    chunks.append(data[last:])
+    return [c for c in chunks if c]
+
+
+def test_first_parse_is_renamed_and_sent() -> None:
+    s = Session()
+    out = s.send(parse("a", "select 1") + bind("a") + EXECUTE + SYNC)
+    name = server_name("select 1")
+    assert out.startswith(msg(b"P", name + b"\x00select 1\x00\x00\x00"))
+    assert msg(b"B", b"\x00" + name + b"\x00" + b"\x00" * 6) in out
+    reply = messages.PARSE_COMPLETE + messages.BIND_COMPLETE + ROW + SELECT_1 + messages.READY_IDLE
+    assert s.reply(reply) == reply
+    assert name in s.server
+
+
+@settings(max_examples=200)
+@given(st.lists(st.integers(min_value=0, max_value=60), max_size=12))
+def test_skipped_parse_gets_synthetic_parse_complete_any_chunking(cuts: list[int]) -> None:
+    s = Session()
+    s.send(parse("a", "select 1") + SYNC)
+    s.reply(messages.PARSE_COMPLETE + messages.READY_IDLE)
+    s.to_client.clear()
+    s.rewriter.named.clear()  # a new client of the same server
+    out = s.send(parse("b", "select 1") + describe_s("b") + bind("b") + EXECUTE + SYNC)
+    assert not out.startswith(b"P")  # not sent again
+    reply = PARAM_DESC + NO_DATA + messages.BIND_COMPLETE + ROW + SELECT_1 + messages.READY_IDLE
+    client_sees = s.reply(reply, cuts)
+    assert client_sees == messages.PARSE_COMPLETE + reply
+
+
+def test_statement_missing_on_server_is_parsed_silently() -> None:
+    s = Session()
+    s.send(parse("a", "select 1") + SYNC)
+    s.reply(messages.PARSE_COMPLETE + messages.READY_IDLE)
+    s.to_client.clear()
+    s.rewriter.attach(ServerStatements(10))  # next transaction, another server
+    out = s.send(bind("a") + EXECUTE + SYNC)
+    assert out.startswith(b"P")  # parsed first ...
+    reply = messages.BIND_COMPLETE + ROW + SELECT_1 + messages.READY_IDLE
+    # ... and its ParseComplete never reaches the client.
+    assert s.reply(messages.PARSE_COMPLETE + reply) == reply
+
+
+def test_error_skips_to_sync_and_forgets_failed_parse() -> None:
+    s = Session()
+    s.send(parse("a", "select 1/0") + bind("a") + EXECUTE + parse("c", "select 3") + SYNC)
+    error = messages.error_response("ERROR", "22012", "division by zero")
+    reply = messages.PARSE_COMPLETE + messages.BIND_COMPLETE + error + messages.READY_IDLE
+    assert s.reply(reply) == reply
+    assert server_name("select 1/0") in s.server  # created: its Parse succeeded
+    assert server_name("select 3") not in s.server  # skipped by the server
+
+
+def test_synthetic_parse_complete_not_sent_after_error() -> None:
+    s = Session()
+    s.send(parse("c", "select 3") + SYNC)
+    s.reply(messages.PARSE_COMPLETE + messages.READY_IDLE)
+    s.to_client.clear()
+    s.send(parse("x", "select nope") + parse("c2", "select 3") + SYNC)
+    error = messages.error_response("ERROR", "42703", "column does not exist")
+    # PostgreSQL skips the second Parse: no ParseComplete for it, real or synthetic.
+    assert s.reply(error + messages.READY_IDLE) == error + messages.READY_IDLE
+    assert server_name("select nope") not in s.server
+
+
+def test_unknown_statement_error_and_skip() -> None:
+    s = Session()
+    out = s.send(bind("ghost") + EXECUTE + parse("p", "select 1") + SYNC)
+    assert out == SYNC  # nothing else reaches the server
+    assert s.to_client[:1] == b"E"
+    fields = messages.parse_error_fields(bytes(s.to_client[5:]))
+    assert fields["C"] == "26000"
+    assert fields["M"] == 'prepared statement "ghost" does not exist'
+    assert s.reply(messages.READY_IDLE).endswith(messages.READY_IDLE)
+    assert "p" not in {k.decode() for k in s.rewriter.named}
+
+
+def test_close_is_answered_locally() -> None:
+    s = Session()
+    s.send(parse("a", "select 1") + SYNC)
+    s.reply(messages.PARSE_COMPLETE + messages.READY_IDLE)
+    s.to_client.clear()
+    out = s.send(close_s("a") + SYNC)
+    assert out == SYNC
+    assert s.reply(messages.READY_IDLE) == messages.CLOSE_COMPLETE + messages.READY_IDLE
+    assert b"a" not in s.rewriter.named
+
+
+def test_eviction_close_waits_for_sync() -> None:
+    s = Session(server_cache=1)
+    name_a, name_b = server_name("select 'a'"), server_name("select 'b'")
+    out = s.send(parse("a", "select 'a'") + parse("b", "select 'b'") + bind("a") + EXECUTE + SYNC)
+    # 'a' was evicted by 'b' but used again by the Bind: it stays and 'b' goes instead,
+    # closed just before the Sync, after every message that could still use it.
+    assert close_statement(name_a) not in out
+    assert out.endswith(close_statement(name_b) + SYNC)
+    visible = messages.PARSE_COMPLETE * 2 + messages.BIND_COMPLETE + ROW + SELECT_1
+    assert s.reply(visible + messages.CLOSE_COMPLETE + messages.READY_IDLE) == (
+        visible + messages.READY_IDLE
+    )
+    s.to_client.clear()
+    out = s.send(parse("c", "select 'c'") + SYNC)
+    assert out.endswith(close_statement(name_a) + SYNC)
+    reply = messages.PARSE_COMPLETE + messages.CLOSE_COMPLETE + messages.READY_IDLE
+    assert s.reply(reply) == messages.PARSE_COMPLETE + messages.READY_IDLE
+    assert list(s.server._names) == [server_name("select 'c'")]
+
+
+def test_flush_sends_synthetic_parse_complete_at_once() -> None:
+    s = Session()
+    s.send(parse("a", "select 1") + SYNC)
+    s.reply(messages.PARSE_COMPLETE + messages.READY_IDLE)
+    s.to_client.clear()
+    assert s.send(parse("b", "select 1") + FLUSH) == FLUSH
+    assert bytes(s.to_client) == messages.PARSE_COMPLETE
+
+
+def test_leading_simple_query_is_answered_first() -> None:
+    s = Session()
+    s.send(messages.query("select 1") + parse("a", "select 2") + SYNC)
+    reply = (
+        msg(b"T", b"\x00\x00")
+        + ROW
+        + SELECT_1
+        + messages.READY_IDLE
+        + messages.PARSE_COMPLETE
+        + messages.READY_IDLE
+    )
+    assert s.reply(reply) == reply
+    assert not s.rewriter.expect
+
+
+def test_registry_shares_by_content_and_context() -> None:
+    registry = PoolStatements(2)
+    body = b"a\x00select 1\x00\x00\x00"
+    first = registry.lookup(body, 2, b"")
+    assert registry.lookup(b"zz\x00select 1\x00\x00\x00", 3, b"") is first
+    assert registry.lookup(body, 2, b"search_path=x") is not first
+    registry.lookup(b"\x00select 2\x00\x00\x00", 1, b"")
+    assert len(registry) == 2  # bounded
+    assert first.name.startswith(b"DOORMAN_")
+
+
+def test_server_lru() -> None:
+    lru = ServerStatements(2)
+    lru.add(b"a")
+    lru.add(b"b")
+    lru.add(b"c")
+    assert lru.pending_close == [b"a"] and b"a" not in lru
+    assert lru.has(b"a")  # revived before its Close went out
+    assert lru.pending_close == [b"b"]
+    lru.forget(b"c")
+    assert b"c" not in lru
+    lru.restore(b"b")
+    assert b"b" in lru
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        (b"DEALLOCATE ALL", (True, b"")),
+        (b"  deallocate all ; ", (True, b"")),
+        (b"deallocate prepare all", (True, b"")),
+        (b'deallocate "Stmt ""1"""', (False, b'Stmt "1"')),
+        (b"DEALLOCATE MyStmt", (False, b"mystmt")),
+        (b"deallocate prepare s1;", (False, b"s1")),
+        (b"deallocate", None),
+        (b"select 1", None),
+        (b"deallocate a b", None),
+    ],
+)
+def test_parse_deallocate(query: bytes, expected: tuple[bool, bytes] | None) -> None:
+    assert parse_deallocate(query) == expected
