@@ -122,6 +122,7 @@ class ClientConnection(asyncio.Protocol):
         # Startup parameters PostgreSQL doesn't report back (search_path before 18,
         # statement_timeout, ...): SET on each server this client uses.
         self.extra_parameters: dict[str, str] = {}
+        self._fingerprint: tuple[object, ...] | None = None
         self._memory_accounted = 0
         self._on_data: Callable[[bytes], None] = self._startup_data
 
@@ -675,9 +676,17 @@ class ClientConnection(asyncio.Protocol):
         server.attach(self)
         if self.rewriter is not None:
             self.rewriter.attach(server.statements)
-        statement = self._parameter_sync_statement(server)
-        if statement:
-            server.send_parameter_sync(statement)
+        entry = self.entry
+        assert entry is not None
+        synced = entry.synced_parameters
+        if self.params_fingerprint(synced) != server.params_fingerprint(synced):
+            statement = self._parameter_sync_statement(server)
+            if statement:
+                server.send_parameter_sync(statement)
+            else:
+                # Equal after normalising (utf8 vs UTF8): adopt the server's spelling
+                # so the fingerprints match next time.
+                self.accept_server_parameters(server)
         self._param_mark = server.scanner.param_changes
 
     def _parameter_sync_statement(self, server: ServerConnection) -> str:
@@ -700,7 +709,7 @@ class ClientConnection(asyncio.Protocol):
         if wanted or applied:
             changes += [(n, v) for n, v in wanted.items() if applied.get(n) != v]
             resets = [f'RESET "{name}"' for name in applied if name not in wanted]
-            server.extra_parameters = dict(wanted)
+            server.set_extra_parameters(dict(wanted))
         statements = resets
         if changes:
             calls = ", ".join(
@@ -710,11 +719,22 @@ class ClientConnection(asyncio.Protocol):
             statements = [f"SELECT {calls}", *resets]
         return ";".join(statements)
 
+    def params_fingerprint(self, synced: tuple[str, ...]) -> tuple[object, ...]:
+        """This client's session parameters as one comparable value (cached)."""
+        if self._fingerprint is None:
+            mine = self.parameters
+            self._fingerprint = (
+                tuple(mine.get(name) for name in synced),
+                tuple(sorted(self.extra_parameters.items())),
+            )
+        return self._fingerprint
+
     def accept_server_parameters(self, server: ServerConnection) -> None:
         assert self.entry is not None
         for name in self.entry.synced_parameters:
             if name in server.parameters and name in self.parameters:
                 self.parameters[name] = server.parameters[name]
+        self._fingerprint = None
 
     def parameters_refused(self, server: ServerConnection) -> None:
         """The server rejected this client's startup parameters: stop asking for them."""
@@ -726,6 +746,7 @@ class ClientConnection(asyncio.Protocol):
                 ", ".join(self.extra_parameters),
             )
             self.extra_parameters = {}
+        self._fingerprint = None
 
     def detach_server(self, server: ServerConnection) -> None:
         if server.scanner.param_changes != self._param_mark:

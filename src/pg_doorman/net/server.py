@@ -48,6 +48,11 @@ _MODE_NAMES.update({PROBE: "probe", CLOSED: "closed"})
 
 _READY_I = codes.TX_IDLE
 _now = time.monotonic
+_NEVER = float("inf")
+
+# checkout_state() results.
+EXPIRED = 1
+NEEDS_PROBE = 2
 
 
 @dataclass
@@ -97,6 +102,10 @@ class ServerConnection(asyncio.Protocol):
         self.idle_since = now
         self.lifetime_deadline = pool.lifetime_deadline(now)
         self.idle_limit = pool.idle_limit()
+        self._expires_at = self.lifetime_deadline
+        self._probe_at = _NEVER
+        self._fingerprint: tuple[object, ...] | None = None
+        self._fingerprint_at = -1
         self.served_clients = 0
         self.transactions = 0
         self.bytes_received = 0
@@ -274,19 +283,44 @@ class ServerConnection(asyncio.Protocol):
     def is_usable(self, now: float) -> bool:
         return not (self.closed or self.canceled or now >= self.lifetime_deadline)
 
-    def idle_expired(self, now: float) -> bool:
-        # Only servers that have served a client age out when idle (min_pool_size
-        # prewarmed ones wait for their first client).
-        return bool(self.served_clients) and now - self.idle_since >= self.idle_limit
-
-    def needs_probe(self, now: float) -> bool:
-        limit = self.pool.settings.idle_check_timeout
-        return limit > 0 and now - self.idle_since >= limit
+    def checkout_state(self, now: float) -> int:
+        """For an idle server being checked out: 0 use it, EXPIRED, or NEEDS_PROBE."""
+        if now >= self._expires_at or self.closed or self.canceled:
+            return EXPIRED
+        if now >= self._probe_at:
+            return NEEDS_PROBE
+        return 0
 
     def mark_idle(self, now: float) -> None:
         self.mode = IDLE
         self.idle_since = now
         self._on_data = self._idle_data
+        # Deadlines precomputed here so that checkout is one comparison each.
+        expires = self.lifetime_deadline
+        if self.served_clients:
+            # Only servers that have served a client age out when idle (min_pool_size
+            # prewarmed ones wait for their first client).
+            expires = min(expires, now + self.idle_limit)
+        self._expires_at = expires
+        check = self.pool.settings.idle_check_timeout
+        self._probe_at = now + check if check > 0 else _NEVER
+
+    def params_fingerprint(self, synced: tuple[str, ...]) -> tuple[object, ...]:
+        """The server's session parameters as one comparable value, cached until they
+        change (ParameterStatus, or the extra parameters being replaced)."""
+        changes = self.scanner.param_changes
+        if self._fingerprint is None or self._fingerprint_at != changes:
+            theirs = self.parameters
+            self._fingerprint = (
+                tuple(theirs.get(name) for name in synced),
+                tuple(sorted(self.extra_parameters.items())),
+            )
+            self._fingerprint_at = changes
+        return self._fingerprint
+
+    def set_extra_parameters(self, extra: dict[str, str]) -> None:
+        self.extra_parameters = extra
+        self._fingerprint = None
 
     def probe(self, done: Callable[[bool], None]) -> None:
         """Send an empty query and report whether the server answered in time."""
@@ -359,7 +393,7 @@ class ServerConnection(asyncio.Protocol):
                     fields.get("M", "?"),
                 )
                 # The failed statement rolled back every SET in it.
-                self.extra_parameters = {}
+                self.set_extra_parameters({})
                 if self.client is not None:
                     self.client.parameters_refused(self)
             elif msg_type == codes.READY_FOR_QUERY:
@@ -501,7 +535,7 @@ class ServerConnection(asyncio.Protocol):
     def _cleanup_done(self, ok: bool) -> None:
         if ok and self.scanner.status == _READY_I:
             if self.scanner.cleanup_flags & CLEAN_SET or self.pool.settings.session_mode:
-                self.extra_parameters = {}  # RESET ALL / DISCARD ALL undid them
+                self.set_extra_parameters({})  # RESET ALL / DISCARD ALL undid them
             if self._clears_statements:
                 self.statements.clear()
                 self.statements_unknown = False
@@ -596,6 +630,7 @@ class ServerConnection(asyncio.Protocol):
                 elif msg_type == codes.PARAMETER_STATUS:
                     name, value = messages.parse_parameter_status(body)
                     self.parameters[name] = value
+                    self.scanner.param_changes += 1
                 elif msg_type == codes.READY_FOR_QUERY:
                     self.scanner.status = body[0]
                     self._pending_replies -= 1

@@ -34,9 +34,7 @@ class PooledServer(Protocol):
 
     def is_usable(self, now: float) -> bool: ...
 
-    def idle_expired(self, now: float) -> bool: ...
-
-    def needs_probe(self, now: float) -> bool: ...
+    def checkout_state(self, now: float) -> int: ...  # 0 = use, 1 = expired, 2 = probe first
 
     def probe(self, done: Callable[[bool], None]) -> None: ...
 
@@ -109,6 +107,7 @@ Connector = Callable[["Pool"], Awaitable[PooledServer]]
 # Backend errors that no retry will fix: tell waiting clients at once.
 _PERMANENT_LOGIN_ERRORS = frozenset(("28P01", "28000", "3D000", "42501", "42704", "0A000"))
 _JITTER = 0.2
+_EXPIRED = 1  # PooledServer.checkout_state()
 
 
 class Pool:
@@ -193,13 +192,13 @@ class Pool:
         now = time.monotonic()
         while idle:
             server = idle.popleft() if self.settings.round_robin else idle.pop()
-            if not server.is_usable(now) or server.idle_expired(now):
+            state = server.checkout_state(now)
+            if not state:
+                return server
+            if state == _EXPIRED:
                 self.discard(server, "lifetime or idle timeout reached")
-                continue
-            if server.needs_probe(now):
+            else:
                 self._probe(server)
-                continue
-            return server
         return None
 
     def _probe(self, server: PooledServer) -> None:
@@ -336,7 +335,7 @@ class Pool:
         for server in list(self.idle):
             if budget is not None and closed >= budget:
                 break
-            if not server.is_usable(now) or server.idle_expired(now):
+            if server.checkout_state(now) == _EXPIRED:
                 self.idle.remove(server)
                 self.discard(server, "lifetime or idle timeout reached")
                 closed += 1
