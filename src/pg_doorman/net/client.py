@@ -76,6 +76,8 @@ _PLANNING = frozenset(
         "role",
     )
 )
+# First bytes of a Query that could be DEALLOCATE (checked before the regex runs).
+_MAY_BE_DEALLOCATE = frozenset((b"d", b"D", b" ", b"\t", b"\n", b"\r"))
 # Names that may be spliced into SET statements; anything else is refused at login.
 _GUC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?")
 
@@ -592,7 +594,12 @@ class ClientConnection(asyncio.Protocol):
             if msg_type == codes.TERMINATE:
                 self.close()
                 return
-            if msg_type == codes.QUERY and self.rewriter is not None and length < 205:
+            if (
+                msg_type == codes.QUERY
+                and length < 205
+                and buf[5:6] in _MAY_BE_DEALLOCATE
+                and self.rewriter is not None
+            ):
                 if n < length + 1:
                     self._pending = buf
                     return
@@ -755,9 +762,10 @@ class ClientConnection(asyncio.Protocol):
         self.server = None
         if self.state == ACTIVE:
             self.state = IDLE
-        self.frontend.reset()
+        # Released only when nothing is pending, so the rest of the accounting is clear.
+        self.frontend.syncs_after_execute = 0
         if self.rewriter is not None:
-            self.rewriter.detach()
+            self.rewriter.server = None
         if self.closing_after_transaction:
             # After the reply now being relayed has been written.
             self.loop.call_soon(self.fail, sqlstate.ADMIN_SHUTDOWN, "pooler is shut down now")

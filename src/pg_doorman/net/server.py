@@ -436,9 +436,12 @@ class ServerConnection(asyncio.Protocol):
             ready = scanner.ready_count
             now = _now()
             stats = self.pool.stats
-            each = (now - self.query_started) / ready
-            for _ in range(ready):
-                stats.record_query(each)
+            if ready == 1:
+                stats.record_query(now - self.query_started)
+            else:
+                each = (now - self.query_started) / ready
+                for _ in range(ready):
+                    stats.record_query(each)
             self.queries += ready
             client.queries += ready
             frontend.pending_ready -= ready
@@ -504,7 +507,8 @@ class ServerConnection(asyncio.Protocol):
     def finish(self) -> None:
         """The transaction (or session) is over: clean up, then return to the pool."""
         self.client = None
-        self.resume_relay()
+        if self._reading_paused:
+            self.resume_relay()
         if self.closed:
             self._retire("closed")
             return
@@ -513,15 +517,24 @@ class ServerConnection(asyncio.Protocol):
             self.close("a cancel request was forwarded to it")
             self._retire("canceled")
             return
-        statements = []
-        if self.scanner.status != _READY_I:
-            statements.append("ROLLBACK")
+        scanner = self.scanner
         settings = self.pool.settings
+        if (
+            scanner.status == _READY_I
+            and not scanner.cleanup_flags
+            and not self.statements_unknown
+            and not settings.session_mode
+        ):
+            self.pool.release(self)  # the common case: nothing to undo
+            return
+        statements = []
+        if scanner.status != _READY_I:
+            statements.append("ROLLBACK")
         if settings.session_mode:
             statements.append("DISCARD ALL")
         elif settings.cleanup_server_connections:
-            statements += cleanup_queries(self.scanner.cleanup_flags)
-        elif self.scanner.cleanup_flags & CLEAN_PREPARE:
+            statements += cleanup_queries(scanner.cleanup_flags)
+        elif scanner.cleanup_flags & CLEAN_PREPARE:
             # Leftover named statements would collide with the next client's.
             statements.append("DEALLOCATE ALL")
         if self.statements_unknown and "DEALLOCATE ALL" not in statements:

@@ -104,9 +104,6 @@ class BatchRewriter:
         self.leading_queries = 0
         self.skipping = False
 
-    def detach(self) -> None:
-        self.server = None
-
     @property
     def active(self) -> bool:
         """Responses need rewriting (else the scanner's fast path is enough)."""

@@ -230,10 +230,6 @@ class BackendScanner:
         # Rewrites the response stream of clients using shared prepared statements.
         self.hook: BackendHook | None = None
 
-    def reset_counters(self) -> None:
-        self.ready_count = 0
-        self.copy_in_started = 0
-
     @property
     def mid_message(self) -> bool:
         return bool(self._held) or self._need > 0
@@ -396,13 +392,6 @@ class FrontendScanner:
     @property
     def mid_message(self) -> bool:
         return bool(self._held) or self._need > 0
-
-    def reset(self) -> None:
-        """Forget accounting of a server that is no longer attached."""
-        self.pending_ready = 0
-        self.batch_open = False
-        self.copy_in = False
-        self.syncs_after_execute = 0
 
     def on_copy_in_started(self) -> None:
         # The backend ignores Sync and Flush while in copy-in, so Syncs the client
