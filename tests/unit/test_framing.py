@@ -200,10 +200,10 @@ def test_frontend_scanner_large_parse_is_held_until_complete() -> None:
     scanner = FrontendScanner()
     big = msg(b"P", b"s\x00" + b"x" * 100_000 + b"\x00\x00\x00")
     assert scanner.feed(big[:10]) == b""
-    assert scanner.held_bytes == 10
+    assert len(scanner.held) == 10
     assert scanner.feed(big[10:50_000]) == b""
     assert scanner.feed(big[50_000:]) == big
-    assert scanner.held_bytes == 0
+    assert len(scanner.held) == 0
     assert scanner.named_parse_seen
 
 

@@ -560,8 +560,8 @@ class ClientConnection(asyncio.Protocol):
             server.bytes_sent += len(out)
             assert server.transport is not None
             server.transport.write(out)
-        if (frontend.held_bytes or self._memory_accounted) and not self._account_memory(
-            frontend.held_bytes
+        if (frontend.held or self._memory_accounted) and not self._account_memory(
+            len(frontend.held)
         ):
             return
         rewriter = self.rewriter

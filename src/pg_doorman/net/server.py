@@ -451,8 +451,10 @@ class ServerConnection(asyncio.Protocol):
                 and not frontend.batch_open
                 and not scanner.in_copy
                 and not frontend.copy_in
-                and not scanner.mid_message
-                and not frontend.mid_message
+                and not scanner.need
+                and not scanner.held
+                and not frontend.need
+                and not frontend.held
             ):
                 frontend.pending_ready = 0
                 self.transactions += 1

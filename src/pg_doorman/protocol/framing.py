@@ -56,50 +56,42 @@ class MessageBuffer:
         return rest
 
 
-class _HeldMessage:
-    """The unfinished tail of a stream: a partial header or a partial decoded message.
+class _Stream:
+    """What both scanners keep between chunks.
 
-    Once the header is known the total size is too, so a large message arriving in
-    many chunks is appended without rescanning or re-copying what came before.
+    `held` is the unfinished tail of the stream: a partial header, or a partial message
+    the scanner must see whole. Once its header is known so is its size (`held_total`),
+    so a large message arriving in many chunks is appended without rescanning.
+    `need` counts body bytes of a message being passed through without holding it.
+    Both are plain attributes: the relay checks them on every chunk.
     """
 
-    __slots__ = ("_buf", "_total")
+    __slots__ = ("held", "held_total", "need")
 
     def __init__(self) -> None:
-        self._buf = bytearray()
-        self._total = 0
-
-    def __bool__(self) -> bool:
-        return bool(self._buf)
+        self.held = bytearray()
+        self.held_total = 0
+        self.need = 0
 
     @property
-    def size(self) -> int:
-        return len(self._buf)
+    def mid_message(self) -> bool:
+        return bool(self.held) or self.need > 0
 
-    def hold(self, data: bytes, pos: int) -> None:
-        self._buf += memoryview(data)[pos:]
-        if len(self._buf) >= 5:
-            (length,) = _unpack_length(self._buf, 1)
-            self._total = length + 1
-        else:
-            self._total = 0
-
-    def join(self, data: bytes) -> bytes:
-        """Add data; return the whole held run once it may contain a full message."""
-        buf = self._buf
-        if self._total and len(buf) + len(data) < self._total:
-            buf += data
+    def _join(self, data: bytes) -> bytes:
+        """Add data to the held tail; the whole run once it may hold a full message."""
+        held = self.held
+        if self.held_total and len(held) + len(data) < self.held_total:
+            held += data
             return b""
-        joined = bytes(buf) + data
-        buf.clear()
-        self._total = 0
+        joined = bytes(held) + data
+        held.clear()
+        self.held_total = 0
         return joined
 
-    def take(self) -> bytes:
-        held = bytes(self._buf)
-        self._buf.clear()
-        self._total = 0
-        return held
+    def _hold(self, data: bytes, pos: int) -> None:
+        held = self.held
+        held += memoryview(data)[pos:]
+        self.held_total = _unpack_length(held, 1)[0] + 1 if len(held) >= 5 else 0
 
 
 class BackendHook(Protocol):
@@ -189,7 +181,7 @@ _W = codes.COPY_BOTH_RESPONSE
 _BACKEND_DECODED: Final = frozenset((_Z, _E, _C, _S, _G, _H, _W))
 
 
-class BackendScanner:
+class BackendScanner(_Stream):
     """Walks backend->client bytes, tracking transaction and copy state.
 
     `feed()` returns the bytes that can be forwarded now and holds back at most an
@@ -198,8 +190,6 @@ class BackendScanner:
     """
 
     __slots__ = (
-        "_held",
-        "_need",
         "cleanup_flags",
         "copy_in_started",
         "error_count",
@@ -214,8 +204,7 @@ class BackendScanner:
     )
 
     def __init__(self, parameters: dict[str, str]) -> None:
-        self._held = _HeldMessage()
-        self._need = 0
+        super().__init__()
         self.parameters = parameters
         self.status = codes.TX_IDLE
         self.ready_count = 0
@@ -230,24 +219,20 @@ class BackendScanner:
         # Rewrites the response stream of clients using shared prepared statements.
         self.hook: BackendHook | None = None
 
-    @property
-    def mid_message(self) -> bool:
-        return bool(self._held) or self._need > 0
-
     def feed(self, data: bytes) -> bytes:
         self.ready_count = 0
         self.copy_in_started = 0
-        if self._held:
-            data = self._held.join(data)
+        if self.held:
+            data = self._join(data)
             if not data:
                 return b""
         n = len(data)
-        pos = self._need
+        pos = self.need
         if pos:
             if pos >= n:
-                self._need = pos - n
+                self.need = pos - n
                 return data
-            self._need = 0
+            self.need = 0
         hook = self.hook
         # With a hook, output is assembled from parts: data[start:...] plus insertions.
         parts: list[bytes] | None = None
@@ -270,7 +255,7 @@ class BackendScanner:
                             parts.append(hook.take_prefix())
                         start = end if action & _DROP else pos
                 if end > n:
-                    self._need = end - n
+                    self.need = end - n
                     pos = n
                     break
                 pos = end
@@ -317,7 +302,7 @@ class BackendScanner:
                 parts += (data[start:pos], tail)
                 start = pos
         if pos < n:
-            self._held.hold(data, pos)
+            self._hold(data, pos)
             if parts is None:
                 return data[:pos]
         elif parts is None:
@@ -351,7 +336,7 @@ _REWRITTEN: Final = frozenset(b"PBDCSEHQF")
 _REWRITTEN_WHOLE: Final = frozenset(b"PBDCS")
 
 
-class FrontendScanner:
+class FrontendScanner(_Stream):
     """Walks client->server bytes and keeps the request/response accounting.
 
     `pending_ready` counts ReadyForQuery messages the server still owes (one per
@@ -361,8 +346,6 @@ class FrontendScanner:
     """
 
     __slots__ = (
-        "_held",
-        "_need",
         "batch_open",
         "copy_in",
         "flush_seen",
@@ -374,8 +357,7 @@ class FrontendScanner:
     )
 
     def __init__(self) -> None:
-        self._held = _HeldMessage()
-        self._need = 0
+        super().__init__()
         self.pending_ready = 0
         self.batch_open = False
         self.copy_in = False
@@ -384,14 +366,6 @@ class FrontendScanner:
         self.named_parse_seen = False
         self.flush_seen = False
         self.rewriter: FrontendHook | None = None
-
-    @property
-    def held_bytes(self) -> int:
-        return self._held.size
-
-    @property
-    def mid_message(self) -> bool:
-        return bool(self._held) or self._need > 0
 
     def on_copy_in_started(self) -> None:
         # The backend ignores Sync and Flush while in copy-in, so Syncs the client
@@ -411,17 +385,17 @@ class FrontendScanner:
         Stops at Terminate (which is never forwarded) and sets `terminated`. With a
         rewriter, extended-protocol messages are replaced by what it returns.
         """
-        if self._held:
-            data = self._held.join(data)
+        if self.held:
+            data = self._join(data)
             if not data:
                 return b""
         n = len(data)
-        pos = self._need
+        pos = self.need
         if pos:
             if pos >= n:
-                self._need = pos - n
+                self.need = pos - n
                 return data
-            self._need = 0
+            self.need = 0
         rewriter = self.rewriter
         parts: list[bytes] | None = None
         start = 0
@@ -481,11 +455,11 @@ class FrontendScanner:
                 elif msg_type != _COPY_DATA:
                     self.batch_open = True
             if end > n:
-                self._need = end - n
+                self.need = end - n
                 return self._output(data, parts, start, n)
             pos = end
         if pos < n:
-            self._held.hold(data, pos)
+            self._hold(data, pos)
         return self._output(data, parts, start, pos)
 
     @staticmethod
@@ -496,4 +470,7 @@ class FrontendScanner:
         return b"".join(parts)
 
     def take_held(self) -> bytes:
-        return self._held.take()
+        held = bytes(self.held)
+        self.held.clear()
+        self.held_total = 0
+        return held
