@@ -1,4 +1,10 @@
-"""How a client must authenticate: pg_hba's verdict combined with the stored password."""
+"""How a client must authenticate: pg_hba's verdict combined with the stored password.
+
+The stored password decides what the pooler can check: an md5 hash answers only an MD5
+challenge, a SCRAM verifier only a SCRAM exchange. This follows PostgreSQL: an `md5`
+(or `password`) line with a SCRAM verifier runs SCRAM, a `scram-sha-256` line with an
+md5 hash refuses the login.
+"""
 
 from __future__ import annotations
 
@@ -20,43 +26,57 @@ class ClientAuth(enum.Enum):
 @dataclass(frozen=True)
 class AuthDecision:
     method: ClientAuth
+    # Why a REJECT: logged, or (when by_hba) sent to the client followed by the
+    # caller's ' for host "...", user "...", database "..."', as PostgreSQL words it.
     reason: str = ""
-    # True when refused by pg_hba itself (28000); False for password problems (28P01).
+    # True when pg_hba itself refused (SQLSTATE 28000, said at once); False for password
+    # problems, which the client only learns as a failed password exchange (28P01).
     by_hba: bool = False
 
 
-def _by_password(stored: str) -> AuthDecision:
+def _for_user(user: str) -> str:
+    return f' for user "{user}"' if user else ""
+
+
+def _by_stored_password(stored: str, user: str) -> AuthDecision:
     if is_scram_verifier(stored):
         return AuthDecision(ClientAuth.SCRAM)
     if is_md5_hash(stored):
         return AuthDecision(ClientAuth.MD5)
     if not stored:
-        return AuthDecision(ClientAuth.REJECT, "no password is configured for this user")
+        return AuthDecision(ClientAuth.REJECT, f"password{_for_user(user)} is not set")
     return AuthDecision(
-        ClientAuth.REJECT, "the configured password is neither an md5 hash nor a SCRAM verifier"
+        ClientAuth.REJECT,
+        f"password{_for_user(user)} is neither an md5 hash nor a SCRAM-SHA-256 verifier",
     )
 
 
 def decide_client_auth(
-    rule: HbaRule | None, hba_configured: bool, stored_password: str
+    rule: HbaRule | None, hba_configured: bool, stored_password: str, *, user: str = ""
 ) -> AuthDecision:
+    """The exchange to run with the client, or REJECT with a reason.
+
+    `rule` is the first matching pg_hba line (None if none matched); `user` only names
+    the user in reasons.
+    """
     if not hba_configured:
-        return _by_password(stored_password)
+        return _by_stored_password(stored_password, user)
     if rule is None:
-        return AuthDecision(ClientAuth.REJECT, "no pg_hba entry matches", by_hba=True)
+        return AuthDecision(ClientAuth.REJECT, "no pg_hba entry", by_hba=True)
     if rule.method == "trust":
         return AuthDecision(ClientAuth.TRUST)
     if rule.method == "reject":
         return AuthDecision(
-            ClientAuth.REJECT, f"pg_hba line {rule.line_no} rejects the connection", by_hba=True
+            ClientAuth.REJECT, f"rejected by pg_hba line {rule.line_no}", by_hba=True
         )
-    decision = _by_password(stored_password)
+    decision = _by_stored_password(stored_password, user)
     if rule.method == "scram-sha-256" and decision.method == ClientAuth.MD5:
-        # PostgreSQL: an md5 hash can't answer a SCRAM exchange.
+        # An md5 hash can't answer a SCRAM exchange; PostgreSQL refuses too.
         return AuthDecision(
             ClientAuth.REJECT,
-            f"pg_hba line {rule.line_no} requires scram-sha-256 but the stored password is "
-            "an md5 hash",
+            f"pg_hba line {rule.line_no} requires scram-sha-256 but the stored password"
+            f"{_for_user(user)} is an md5 hash",
         )
-    # md5 and password rules accept both: a SCRAM verifier upgrades the exchange.
+    # `md5` and `password` lines take either format: a SCRAM verifier upgrades the
+    # exchange to SCRAM as in PostgreSQL, and cleartext is never asked for.
     return decision

@@ -1,32 +1,47 @@
-"""SCRAM-SHA-256 (RFC 5802/7677) as PostgreSQL speaks it, both roles.
+"""SCRAM-SHA-256 (RFC 5802/7677) as PostgreSQL speaks it, in both roles.
 
 `ScramServerSession` authenticates a client against a stored verifier and recovers the
 client's ClientKey from its proof; `ScramClientSession` logs in to PostgreSQL with a
-password or with such a recovered ClientKey (passthrough, no password stored).
+plaintext password or with such a recovered ClientKey (passthrough: no password stored).
+
+Like PostgreSQL without TLS channel binding: the GS2 header is "n,," (or "y,," from a
+client that could bind but was not offered SCRAM-SHA-256-PLUS), no authorization
+identity, and the user name in client-first-message is ignored.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
+import re
 import secrets
 import stringprep
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 MECHANISM = "SCRAM-SHA-256"
 DEFAULT_ITERATIONS = 4096
+DEFAULT_SALT_LENGTH = 16  # what PostgreSQL generates
+KEY_LENGTH = 32  # SHA-256 output
+_NONCE_BYTES = 18  # PostgreSQL's and libpq's raw nonce length
+
+# printable = %x21-2B / %x2D-7E: visible ASCII except the comma (RFC 5802).
+_PRINTABLE = re.compile(r"[\x21-\x2b\x2d-\x7e]+")
+_DIGITS = re.compile(r"[0-9]+")
+_ATTRIBUTE = re.compile(r"[A-Za-z]=")
 
 
 class ScramError(Exception):
-    """A malformed or unexpected SCRAM message."""
+    """A malformed or unexpected SCRAM message, or a feature we don't support."""
 
 
 class AuthenticationFailed(Exception):
-    """The proof (or the server's signature) did not verify."""
+    """The client's proof or the server's signature did not verify."""
 
 
 def _hmac(key: bytes, data: bytes) -> bytes:
@@ -38,66 +53,89 @@ def _sha256(data: bytes) -> bytes:
 
 
 def _xor(a: bytes, b: bytes) -> bytes:
-    return bytes(x ^ y for x, y in zip(a, b, strict=True))
+    return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(len(a), "big")
 
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _unb64(text: str, what: str) -> bytes:
+def _unb64(text: str, what: str, length: int | None = None) -> bytes:
     try:
-        return base64.b64decode(text.encode("ascii"), validate=True)
-    except (binascii.Error, UnicodeEncodeError) as exc:
-        raise ScramError(f"invalid base64 in {what}") from exc
+        data = base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raise ScramError(f"invalid base64 in {what}") from None
+    if length is not None and len(data) != length:
+        raise ScramError(f"{what} must be {length} bytes, got {len(data)}")
+    return data
 
 
-def _nonce() -> str:
-    return _b64(secrets.token_bytes(18))
+def _new_nonce() -> str:
+    return _b64(secrets.token_bytes(_NONCE_BYTES))
+
+
+def _check_nonce(nonce: str, what: str) -> str:
+    if not _PRINTABLE.fullmatch(nonce):
+        raise ScramError(f"{what} must be non-empty printable ASCII without commas")
+    return nonce
+
+
+# ---- SASLprep ----------------------------------------------------------------------
+
+_PROHIBITED: tuple[Callable[[str], bool], ...] = (
+    stringprep.in_table_c12,
+    stringprep.in_table_c21,
+    stringprep.in_table_c22,
+    stringprep.in_table_c3,
+    stringprep.in_table_c4,
+    stringprep.in_table_c5,
+    stringprep.in_table_c6,
+    stringprep.in_table_c7,
+    stringprep.in_table_c8,
+    stringprep.in_table_c9,
+    stringprep.in_table_a1,  # unassigned code points (RFC 3454 A.1)
+)
 
 
 def saslprep(password: str) -> bytes:
-    """RFC 4013 SASLprep; like PostgreSQL, fall back to the raw bytes when it fails."""
+    """The password bytes PostgreSQL feeds to PBKDF2 (RFC 4013 SASLprep, its way).
+
+    PostgreSQL uses the raw UTF-8 bytes when SASLprep fails, so this never raises.
+    It also skips SASLprep for pure ASCII and runs the prohibition and bidi checks on
+    the mapped characters before normalisation; both are copied so verifiers agree.
+    """
     raw = password.encode("utf-8")
-    if password.isascii() and all(0x20 <= ord(c) < 0x7F for c in password):
-        return raw  # nothing to map, normalize or prohibit
+    if password.isascii():
+        return raw
     mapped = "".join(
         " " if stringprep.in_table_c12(c) else c for c in password if not stringprep.in_table_b1(c)
     )
-    normalized = unicodedata.normalize("NFKC", mapped)
-    if not normalized:
+    if not mapped:
         return raw
-    prohibited = (
-        stringprep.in_table_c12,
-        stringprep.in_table_c21,
-        stringprep.in_table_c22,
-        stringprep.in_table_c3,
-        stringprep.in_table_c4,
-        stringprep.in_table_c5,
-        stringprep.in_table_c6,
-        stringprep.in_table_c7,
-        stringprep.in_table_c8,
-        stringprep.in_table_c9,
-        stringprep.in_table_a1,
-    )
-    for char in normalized:
-        if any(check(char) for check in prohibited):
+    if any(check(c) for c in mapped for check in _PROHIBITED):
+        return raw
+    if any(stringprep.in_table_d1(c) for c in mapped):
+        if any(stringprep.in_table_d2(c) for c in mapped):
             return raw
-    has_ral = any(stringprep.in_table_d1(c) for c in normalized)
-    if has_ral:
-        if any(stringprep.in_table_d2(c) for c in normalized):
+        if not (stringprep.in_table_d1(mapped[0]) and stringprep.in_table_d1(mapped[-1])):
             return raw
-        if not (stringprep.in_table_d1(normalized[0]) and stringprep.in_table_d1(normalized[-1])):
-            return raw
-    return normalized.encode("utf-8")
+    return unicodedata.normalize("NFKC", mapped).encode("utf-8")
 
 
-def _salted_password(password: str, salt: bytes, iterations: int) -> bytes:
-    return hashlib.pbkdf2_hmac("sha256", saslprep(password), salt, iterations)
+@functools.lru_cache(maxsize=64)
+def _derive_keys(password: str, salt: bytes, iterations: int) -> tuple[bytes, bytes]:
+    """(ClientKey, ServerKey). Cached: a pool logs in many times with the same values."""
+    salted = hashlib.pbkdf2_hmac("sha256", saslprep(password), salt, iterations)
+    return _hmac(salted, b"Client Key"), _hmac(salted, b"Server Key")
+
+
+# ---- stored verifier ------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class ScramVerifier:
+    """What PostgreSQL stores in pg_authid.rolpassword for a SCRAM-SHA-256 role."""
+
     iterations: int
     salt: bytes
     stored_key: bytes
@@ -105,21 +143,26 @@ class ScramVerifier:
 
     @classmethod
     def parse(cls, text: str) -> ScramVerifier:
-        """Parse `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>`."""
+        """Parse ``SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>``."""
         try:
             mechanism, params, keys = text.split("$")
             iterations_text, salt_text = params.split(":")
             stored_text, server_text = keys.split(":")
-            iterations = int(iterations_text)
         except ValueError:
             raise ScramError("not a SCRAM-SHA-256 verifier") from None
-        if mechanism != MECHANISM or iterations < 1:
+        if mechanism != MECHANISM:
             raise ScramError("not a SCRAM-SHA-256 verifier")
-        stored_key = _unb64(stored_text, "StoredKey")
-        server_key = _unb64(server_text, "ServerKey")
-        if len(stored_key) != 32 or len(server_key) != 32:
-            raise ScramError("SCRAM-SHA-256 verifier keys must be 32 bytes")
-        return cls(iterations, _unb64(salt_text, "salt"), stored_key, server_key)
+        if not _DIGITS.fullmatch(iterations_text) or int(iterations_text) < 1:
+            raise ScramError("invalid iteration count in SCRAM-SHA-256 verifier")
+        salt = _unb64(salt_text, "verifier salt")
+        if not salt:
+            raise ScramError("empty salt in SCRAM-SHA-256 verifier")
+        return cls(
+            int(iterations_text),
+            salt,
+            _unb64(stored_text, "verifier StoredKey", KEY_LENGTH),
+            _unb64(server_text, "verifier ServerKey", KEY_LENGTH),
+        )
 
     def to_text(self) -> str:
         return (
@@ -139,43 +182,65 @@ def is_scram_verifier(value: str) -> bool:
 def make_scram_verifier(
     password: str, *, salt: bytes | None = None, iterations: int = DEFAULT_ITERATIONS
 ) -> str:
-    salt = secrets.token_bytes(16) if salt is None else salt
-    salted = _salted_password(password, salt, iterations)
-    client_key = _hmac(salted, b"Client Key")
-    server_key = _hmac(salted, b"Server Key")
+    """The verifier PostgreSQL would store for `password` (random 16-byte salt by default)."""
+    if iterations < 1:
+        raise ValueError("iterations must be at least 1")
+    if salt is None:
+        salt = secrets.token_bytes(DEFAULT_SALT_LENGTH)
+    elif not salt:
+        raise ValueError("salt must not be empty")
+    client_key, server_key = _derive_keys(password, salt, iterations)
     return ScramVerifier(iterations, salt, _sha256(client_key), server_key).to_text()
 
 
-def _attributes(message: str, what: str) -> dict[str, str]:
-    """`a=b,c=d` into a dict; every attribute is one letter and appears once."""
-    attributes: dict[str, str] = {}
-    for part in message.split(","):
-        if len(part) < 2 or part[1] != "=" or not part[0].isalpha():
-            raise ScramError(f"malformed attribute {part!r} in {what}")
-        if part[0] in attributes:
-            raise ScramError(f"duplicate attribute {part[0]!r} in {what}")
-        attributes[part[0]] = part[2:]
-    return attributes
+# ---- message parsing ----------------------------------------------------------------
 
 
 def _decode(data: bytes, what: str) -> str:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ScramError(f"{what} is not valid UTF-8") from None
-    if not text.isprintable():
-        raise ScramError(f"{what} contains unprintable characters")
-    return text
+    """Bytes to str, byte-for-byte, so the AuthMessage can be rebuilt exactly.
+
+    Latin-1 round-trips any byte; the parts we interpret (flags, nonces, base64) are
+    checked to be ASCII, and the user name is never interpreted.
+    """
+    if not data:
+        raise ScramError(f"empty {what}")
+    if b"\x00" in data:
+        raise ScramError(f"{what} contains a NUL byte")
+    return data.decode("latin-1")
+
+
+def _attributes(text: str, what: str) -> list[tuple[str, str]]:
+    """``a=x,b=y`` into an ordered list of (letter, value)."""
+    attributes = []
+    for part in text.split(","):
+        if not _ATTRIBUTE.match(part):
+            raise ScramError(f"malformed attribute {part[:20]!r} in {what}")
+        attributes.append((part[0], part[2:]))
+    return attributes
+
+
+def _expect(attributes: list[tuple[str, str]], index: int, name: str, what: str) -> str:
+    if index >= len(attributes) or attributes[index][0] != name:
+        raise ScramError(f"{what} lacks the {name}= attribute where it belongs")
+    return attributes[index][1]
+
+
+def _escape_username(name: str) -> str:
+    return name.replace("=", "=3D").replace(",", "=2C")
+
+
+# ---- the pooler as a SCRAM server -----------------------------------------------------
 
 
 class ScramServerSession:
-    """The pooler's side of a client's SCRAM-SHA-256 login."""
+    """The pooler's side of a client's SCRAM-SHA-256 login against a stored verifier."""
 
     mechanisms: ClassVar[tuple[str, ...]] = (MECHANISM,)
 
     def __init__(self, verifier: ScramVerifier, *, nonce: str | None = None) -> None:
         self._verifier = verifier
-        self._server_nonce = nonce or _nonce()
+        self._server_nonce = _check_nonce(nonce, "server nonce") if nonce else _new_nonce()
+        self._state = "start"  # -> "first" -> "done"; "failed" after any error
         self._gs2_header = ""
         self._client_first_bare = ""
         self._server_first = ""
@@ -183,68 +248,86 @@ class ScramServerSession:
         self._client_key: bytes | None = None
 
     def handle_client_first(self, mechanism: str, data: bytes) -> bytes:
+        """SASLInitialResponse data -> AuthenticationSASLContinue data (server-first)."""
+        if self._state != "start":
+            raise ScramError("unexpected client-first-message")
+        self._state = "failed"  # until this message is accepted
+        if mechanism == MECHANISM + "-PLUS":
+            raise ScramError("channel binding (SCRAM-SHA-256-PLUS) is not supported")
         if mechanism != MECHANISM:
             raise ScramError(f"unsupported SASL mechanism {mechanism!r}")
         text = _decode(data, "client-first-message")
-        flag, sep, rest = text.partition(",")
-        if not sep:
+        parts = text.split(",", 2)
+        if len(parts) != 3:
             raise ScramError("malformed client-first-message")
+        flag, authzid, bare = parts
         if flag.startswith("p"):
-            raise ScramError("channel binding is not supported")
+            raise ScramError("the client requested channel binding (p=...), which is not supported")
         if flag not in ("n", "y"):
-            raise ScramError(f"malformed channel binding flag {flag!r}")
-        authzid, sep, bare = rest.partition(",")
-        if not sep or (authzid and not authzid.startswith("a=")):
-            raise ScramError("malformed client-first-message")
-        self._gs2_header = f"{flag},{authzid},"
+            raise ScramError(f"malformed channel binding flag {flag[:20]!r}")
+        if authzid:
+            raise ScramError("authorization identities (a=...) are not supported")
         attributes = _attributes(bare, "client-first-message")
-        if "m" in attributes:
-            raise ScramError("SCRAM extensions are not supported")
-        if "n" not in attributes or "r" not in attributes or not attributes["r"]:
-            raise ScramError("client-first-message lacks the user name or nonce")
-        if "," in attributes["r"]:
-            raise ScramError("invalid client nonce")
+        if attributes[0][0] == "m":
+            raise ScramError("mandatory SCRAM extensions (m=...) are not supported")
+        _expect(attributes, 0, "n", "client-first-message")  # the user name: ignored
+        client_nonce = _expect(attributes, 1, "r", "client-first-message")
+        _check_nonce(client_nonce, "client nonce")
+        # Further (optional) extensions are ignored, as PostgreSQL does.
+        self._gs2_header = f"{flag},,"
         self._client_first_bare = bare
-        self._nonce = attributes["r"] + self._server_nonce
+        self._nonce = client_nonce + self._server_nonce
         verifier = self._verifier
         self._server_first = f"r={self._nonce},s={_b64(verifier.salt)},i={verifier.iterations}"
+        self._state = "first"
         return self._server_first.encode("ascii")
 
     def handle_client_final(self, data: bytes) -> bytes:
-        if not self._server_first:
-            raise ScramError("client-final-message before client-first-message")
+        """SASLResponse data -> AuthenticationSASLFinal data (``v=<signature>``)."""
+        if self._state != "first":
+            raise ScramError("unexpected client-final-message")
+        self._state = "failed"
         text = _decode(data, "client-final-message")
-        without_proof, sep, proof_text = text.rpartition(",p=")
-        if not sep:
-            raise ScramError("client-final-message lacks the proof")
-        attributes = _attributes(without_proof, "client-final-message")
-        channel = _unb64(attributes.get("c", ""), "channel binding")
-        if channel != self._gs2_header.encode("ascii"):
-            raise ScramError("channel binding data does not match")
-        if attributes.get("r") != self._nonce:
-            raise ScramError("nonce mismatch")
-        proof = _unb64(proof_text, "proof")
-        if len(proof) != 32:
-            raise ScramError("invalid proof length")
+        attributes = _attributes(text, "client-final-message")
+        channel = _expect(attributes, 0, "c", "client-final-message")
+        nonce = _expect(attributes, 1, "r", "client-final-message")
+        proof_text = _expect(attributes, len(attributes) - 1, "p", "client-final-message")
+        if _unb64(channel, "channel binding") != self._gs2_header.encode("ascii"):
+            raise ScramError("channel binding attribute does not match client-first-message")
+        if nonce != self._nonce:
+            raise ScramError("nonce mismatch in client-final-message")
+        proof = _unb64(proof_text, "client proof", KEY_LENGTH)
+        without_proof = text[: len(text) - len(proof_text) - 3]  # drop ",p=<proof>"
         auth_message = ",".join((self._client_first_bare, self._server_first, without_proof))
+        auth_bytes = auth_message.encode("latin-1")
         verifier = self._verifier
-        signature = _hmac(verifier.stored_key, auth_message.encode("utf-8"))
-        client_key = _xor(proof, signature)
+        client_key = _xor(proof, _hmac(verifier.stored_key, auth_bytes))
         if not hmac.compare_digest(_sha256(client_key), verifier.stored_key):
-            raise AuthenticationFailed("SCRAM proof does not verify")
+            raise AuthenticationFailed("SCRAM proof does not verify (wrong password)")
         self._client_key = client_key
-        server_signature = _hmac(verifier.server_key, auth_message.encode("utf-8"))
-        return f"v={_b64(server_signature)}".encode("ascii")
+        self._state = "done"
+        return f"v={_b64(_hmac(verifier.server_key, auth_bytes))}".encode("ascii")
 
     @property
     def client_key(self) -> bytes:
+        """The client's ClientKey, recovered from its proof; only after a successful login."""
         if self._client_key is None:
             raise ScramError("no successful SCRAM exchange yet")
         return self._client_key
 
 
+# ---- the pooler as a SCRAM client -------------------------------------------------------
+
+
 class ScramClientSession:
-    """The pooler logging in to PostgreSQL with SCRAM-SHA-256."""
+    """The pooler logging in to PostgreSQL with SCRAM-SHA-256.
+
+    With `password` the keys come from PBKDF2 over the salt and iteration count the
+    server sends. With `client_key` (passthrough) no PBKDF2 is done, so the server's
+    verifier must be the one the key was recovered against; otherwise the server
+    refuses the proof. `server_key`, when known, lets us check the server's signature.
+    `username` only exists to reproduce RFC test vectors: PostgreSQL ignores it.
+    """
 
     def __init__(
         self,
@@ -253,52 +336,79 @@ class ScramClientSession:
         client_key: bytes | None = None,
         server_key: bytes | None = None,
         nonce: str | None = None,
+        username: str = "",
     ) -> None:
         if (password is None) == (client_key is None):
             raise ValueError("give exactly one of password and client_key")
+        if password is not None and server_key is not None:
+            raise ValueError("server_key is derived from the password; don't pass both")
+        if client_key is not None and len(client_key) != KEY_LENGTH:
+            raise ValueError(f"client_key must be {KEY_LENGTH} bytes")
+        if server_key is not None and len(server_key) != KEY_LENGTH:
+            raise ValueError(f"server_key must be {KEY_LENGTH} bytes")
         self._password = password
         self._client_key = client_key
         self._server_key = server_key
-        self._nonce = nonce or _nonce()
-        self._client_first_bare = f"n=,r={self._nonce}"
+        self._nonce = _check_nonce(nonce, "client nonce") if nonce else _new_nonce()
+        self._client_first_bare = f"n={_escape_username(username)},r={self._nonce}"
         self._auth_message = b""
+        self._state = "start"  # -> "final_sent" -> "done"; "failed" after a bad server-first
 
     def client_first(self) -> bytes:
-        return ("n,," + self._client_first_bare).encode("ascii")
+        """The SASLInitialResponse data: ``n,,n=,r=<nonce>``."""
+        return ("n,," + self._client_first_bare).encode("utf-8")
 
     def handle_server_first(self, data: bytes) -> bytes:
+        """AuthenticationSASLContinue data -> SASLResponse data (client-final-message)."""
+        if self._state != "start":
+            raise ScramError("unexpected server-first-message")
+        self._state = "failed"
         text = _decode(data, "server-first-message")
         attributes = _attributes(text, "server-first-message")
-        nonce = attributes.get("r", "")
+        if attributes[0][0] == "m":
+            raise ScramError("mandatory SCRAM extensions (m=...) are not supported")
+        nonce = _expect(attributes, 0, "r", "server-first-message")
+        salt_text = _expect(attributes, 1, "s", "server-first-message")
+        iterations_text = _expect(attributes, 2, "i", "server-first-message")
+        _check_nonce(nonce, "server nonce")
         if not nonce.startswith(self._nonce) or len(nonce) == len(self._nonce):
             raise ScramError("server nonce does not extend the client nonce")
-        salt = _unb64(attributes.get("s", ""), "salt")
-        try:
-            iterations = int(attributes.get("i", ""))
-        except ValueError:
-            raise ScramError("invalid iteration count") from None
-        if iterations < 1:
-            raise ScramError("invalid iteration count")
+        salt = _unb64(salt_text, "salt")
+        if not salt:
+            raise ScramError("empty salt in server-first-message")
+        if not _DIGITS.fullmatch(iterations_text) or int(iterations_text) < 1:
+            raise ScramError(f"invalid iteration count {iterations_text[:20]!r}")
         if self._password is not None:
-            salted = _salted_password(self._password, salt, iterations)
-            self._client_key = _hmac(salted, b"Client Key")
-            self._server_key = _hmac(salted, b"Server Key")
+            self._client_key, self._server_key = _derive_keys(
+                self._password, salt, int(iterations_text)
+            )
         assert self._client_key is not None
-        without_proof = f"c=biws,r={nonce}"
-        self._auth_message = ",".join((self._client_first_bare, text, without_proof)).encode()
-        stored_key = _sha256(self._client_key)
-        proof = _xor(self._client_key, _hmac(stored_key, self._auth_message))
+        without_proof = f"c={_b64(b'n,,')},r={nonce}"
+        self._auth_message = b",".join(
+            (self._client_first_bare.encode("utf-8"), data, without_proof.encode("ascii"))
+        )
+        signature = _hmac(_sha256(self._client_key), self._auth_message)
+        proof = _xor(self._client_key, signature)
+        self._state = "final_sent"
         return f"{without_proof},p={_b64(proof)}".encode("ascii")
 
     def handle_server_final(self, data: bytes) -> None:
+        """Check AuthenticationSASLFinal data; raises unless the server proved itself."""
+        if self._state != "final_sent":
+            raise ScramError("unexpected server-final-message")
+        # A failure here leaves the state alone: checking the server is side-effect free.
         text = _decode(data, "server-final-message")
         attributes = _attributes(text, "server-final-message")
-        if "e" in attributes:
-            raise AuthenticationFailed(f"server refused SCRAM login: {attributes['e']}")
-        if "v" not in attributes:
-            raise ScramError("server-final-message lacks the signature")
-        if self._server_key is None:
-            return  # passthrough without the verifier's ServerKey: nothing to check with
-        expected = _hmac(self._server_key, self._auth_message)
-        if not hmac.compare_digest(expected, _unb64(attributes["v"], "server signature")):
-            raise AuthenticationFailed("server signature does not verify")
+        if attributes[0][0] == "e":
+            raise AuthenticationFailed(f"server refused the SCRAM login: {attributes[0][1]}")
+        signature = _unb64(
+            _expect(attributes, 0, "v", "server-final-message"), "server signature", KEY_LENGTH
+        )
+        if len(attributes) != 1:
+            raise ScramError("unexpected attributes after the server signature")
+        if self._server_key is not None:
+            expected = _hmac(self._server_key, self._auth_message)
+            if not hmac.compare_digest(expected, signature):
+                raise AuthenticationFailed("server signature does not verify")
+        # Passthrough without the verifier's ServerKey has nothing to check it with.
+        self._state = "done"
