@@ -1,0 +1,60 @@
+"""CPU time and resident memory of a process and its descendants, read from /proc.
+
+A process tree rather than one pid, so a pooler that forks workers is measured whole.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True)
+class Usage:
+    cpu_seconds: float  # utime + stime
+    rss_bytes: int
+
+
+def _stat_fields(pid: int) -> list[bytes] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # comm may hold spaces and parentheses: the fixed fields start after the last ')'.
+    return data[data.rfind(b")") + 2 :].split()
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process below it, found through the ppid field of /proc/*/stat."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fields = _stat_fields(int(entry))
+        if fields is None or len(fields) < 2:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(parents.get(current, ()))
+    return tree
+
+
+def usage(pid: int) -> Usage:
+    """Summed utime+stime and RSS over the tree rooted at `pid` (zero if it is gone)."""
+    ticks = 0
+    pages = 0
+    for member in descendants(pid):
+        fields = _stat_fields(member)
+        if fields is None:
+            continue
+        # After the ')' field 0 is state (field 3 in proc(5)): utime is 14, stime 15, rss 24.
+        ticks += int(fields[11]) + int(fields[12])
+        pages += int(fields[21])
+    return Usage(cpu_seconds=ticks / CLK_TCK, rss_bytes=pages * PAGE_SIZE)

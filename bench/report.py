@@ -1,0 +1,338 @@
+"""Turn a results document (see bench.run) into markdown tables, a PNG chart and JSON.
+
+`python -m bench.report results.json --markdown docs/benchmarks.md --chart docs/img/x.png`
+re-renders a saved run without measuring again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+TARGETS = ("direct", "pg_doorman", "pgbouncer")
+LABELS = {"direct": "PostgreSQL direct", "pg_doorman": "pg_doorman", "pgbouncer": "PgBouncer"}
+COLORS = {"direct": "#4c72b0", "pg_doorman": "#dd8452", "pgbouncer": "#55a868"}
+# En dash for an empty cell, multiplication sign for ratios (escaped: ruff flags look-alikes).
+DASH = "\u2013"
+TIMES = "\u00d7"
+START = "<!-- bench:results:start -->"
+END = "<!-- bench:results:end -->"
+
+METRICS = ("tps", "p50_ms", "p99_ms", "cpu_us_per_tx", "rss_bytes")
+
+
+def _median(values: Iterable[float | int | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def summarize(doc: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    """(scenario key, target) -> medians over the rounds that succeeded, or the failure."""
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for run in doc["runs"]:
+        runs.setdefault((run["scenario"], run["target"]), []).append(run)
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for scenario in doc["scenarios"]:
+        for target in TARGETS:
+            key = (scenario["key"], target)
+            status = doc["targets"].get(target, {}).get("status", "not run")
+            rounds = runs.get(key, [])
+            good = [r for r in rounds if r["ok"]]
+            entry: dict[str, Any] = {"rounds": len(rounds), "ok_rounds": len(good)}
+            if status != "ok" and not rounds:
+                entry["status"] = status
+            elif not good:
+                entry["status"] = "failed"
+                entry["error"] = rounds[-1]["error"] if rounds else "not run"
+            else:
+                entry["status"] = "ok"
+                for metric in METRICS:
+                    entry[metric] = _median(r[metric] for r in good)
+                if len(good) < len(rounds):
+                    failed = next(r for r in rounds if not r["ok"])
+                    entry["error"] = (
+                        f"{len(rounds) - len(good)}/{len(rounds)} rounds failed: {failed['error']}"
+                    )
+            out[key] = entry
+    return out
+
+
+# --- formatting ------------------------------------------------------------------------
+
+
+def _num(value: float | None, digits: int = 0) -> str:
+    if value is None:
+        return DASH
+    return f"{value:,.{digits}f}"
+
+
+def _ratio(a: dict[str, Any], b: dict[str, Any]) -> str:
+    if a.get("status") != "ok" or b.get("status") != "ok" or not b.get("tps"):
+        return DASH
+    return f"{a['tps'] / b['tps']:.2f}{TIMES}"
+
+
+def _cell_tps(entry: dict[str, Any]) -> str:
+    if entry.get("status") == "ok":
+        return _num(entry["tps"])
+    return str(entry.get("status", DASH))
+
+
+def _load(meta: dict[str, Any], when: str) -> str:
+    values = meta.get("load_average", {}).get(when)
+    return " / ".join(f"{v:.2f}" for v in values) if values else "unknown"
+
+
+def _mib(value: float | None) -> str:
+    return DASH if value is None else f"{value / 2**20:.1f}"
+
+
+def summary_table(doc: dict[str, Any], summary: dict[tuple[str, str], dict[str, Any]]) -> str:
+    head = (
+        "| scenario | clients | direct tps | pg_doorman tps | PgBouncer tps "
+        "| pg_doorman / PgBouncer | pg_doorman / direct "
+        "| pg_doorman CPU µs/tx | PgBouncer CPU µs/tx |"
+    )
+    lines = [head, "|" + "---|" * 9]
+    for scenario in doc["scenarios"]:
+        d, p, b = (summary[(scenario["key"], t)] for t in TARGETS)
+        lines.append(
+            f"| {scenario['family']} | {scenario['clients']} | {_cell_tps(d)} | {_cell_tps(p)} "
+            f"| {_cell_tps(b)} | {_ratio(p, b)} | {_ratio(p, d)} "
+            f"| {_num(p.get('cpu_us_per_tx'), 1)} | {_num(b.get('cpu_us_per_tx'), 1)} |"
+        )
+    return "\n".join(lines)
+
+
+def detail_table(doc: dict[str, Any], summary: dict[tuple[str, str], dict[str, Any]]) -> str:
+    head = (
+        "| scenario | clients | target | tps | p50 ms | p99 ms | vs PgBouncer | vs direct "
+        "| CPU µs/tx | RSS MiB |"
+    )
+    lines = [head, "|" + "---|" * 10]
+    for scenario in doc["scenarios"]:
+        direct = summary[(scenario["key"], "direct")]
+        bouncer = summary[(scenario["key"], "pgbouncer")]
+        for target in TARGETS:
+            e = summary[(scenario["key"], target)]
+            vs_bouncer = _ratio(e, bouncer) if target == "pg_doorman" else DASH
+            vs_direct = _ratio(e, direct) if target != "direct" else DASH
+            lines.append(
+                f"| {scenario['family']} | {scenario['clients']} | {LABELS[target]} "
+                f"| {_cell_tps(e)} | {_num(e.get('p50_ms'), 2)} | {_num(e.get('p99_ms'), 2)} "
+                f"| {vs_bouncer} | {vs_direct} | {_num(e.get('cpu_us_per_tx'), 1)} "
+                f"| {_mib(e.get('rss_bytes'))} |"
+            )
+    return "\n".join(lines)
+
+
+def failures(doc: dict[str, Any], summary: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
+    out = []
+    for target in TARGETS:
+        info = doc["targets"].get(target, {})
+        if info.get("status") not in (None, "ok", "not run"):
+            detail = info.get("detail", "").strip()
+            out.append(f"- **{LABELS[target]}: {info['status']}**" + (":" if detail else ""))
+            if detail:
+                out.append("\n  ```\n" + _indent(detail, "  ") + "\n  ```")
+    for scenario in doc["scenarios"]:
+        for target in TARGETS:
+            e = summary[(scenario["key"], target)]
+            if e.get("error"):
+                out.append(f"- {scenario['key']}, {LABELS[target]}: {e['error']}")
+    return out
+
+
+def _indent(text: str, prefix: str) -> str:
+    return "\n".join(prefix + line for line in text.splitlines())
+
+
+def idle_table(doc: dict[str, Any]) -> str:
+    rows = doc.get("idle") or []
+    if not rows:
+        return "_Idle-client memory was not measured in this run._"
+    lines = [
+        "| target | idle clients connected | RSS before MiB | RSS after MiB "
+        "| bytes per idle client |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if row.get("status") != "ok":
+            empty = f" {DASH} |" * 3
+            lines.append(f"| {LABELS[row['target']]} | {row.get('status')} |{empty}")
+            continue
+        per = row.get("bytes_per_client")
+        lines.append(
+            f"| {LABELS[row['target']]} | {row['connected']:,} of {row['requested']:,} "
+            f"| {_mib(row['rss_before'])} | {_mib(row['rss_after'])} "
+            f"| {_num(per)} |"
+        )
+    for row in rows:
+        if row.get("errors"):
+            shown = "; ".join(f"{n}{TIMES} {text}" for text, n in row["errors"].items())
+            lines.append(f"\n{LABELS[row['target']]} connection errors: {shown}")
+    return "\n".join(lines)
+
+
+def results_markdown(doc: dict[str, Any], chart_link: str | None) -> str:
+    meta = doc["meta"]
+    summary = summarize(doc)
+    mode = "smoke run: a harness check, too short to compare" if meta["smoke"] else "full run"
+    parts = [
+        f"### Run of {meta['date']} ({mode})",
+        "",
+        f"- Machine: {meta['machine']}",
+        f"- PostgreSQL {meta['postgres_version']}, pg_doorman {meta['pooler_version']} "
+        f"(Python {meta['python']}, {meta['event_loop']}), PgBouncer {meta['pgbouncer_version']}",
+        f"- {meta['duration']} s per run (pgbench -T adds "
+        f"{meta.get('connect_allowance', 0):g} s per 1000 clients for connecting), "
+        f"{meta['rounds']} round(s) (median shown), "
+        f"client auth `{meta['auth']}`, pool_size {meta['pool_size']}, "
+        f"pgbench scale {meta['scale']}, `-j min(clients, 2)`",
+        f"- PgBouncer prepared statements: {meta['pgbouncer_prepared']}",
+        f"- Load average (1/5/15 min) before: {_load(meta, 'before')}, after: "
+        f"{_load(meta, 'after')}; the run took {meta['wall_seconds']:.0f} s",
+        f"- Command: `{meta['command']}`",
+        "",
+        summary_table(doc, summary),
+        "",
+    ]
+    if chart_link:
+        parts += [f"![tps and CPU per transaction]({chart_link})", ""]
+    parts += ["#### Per target", "", detail_table(doc, summary), ""]
+    parts += ["#### Idle clients", "", idle_table(doc), ""]
+    problems = failures(doc, summary)
+    if problems:
+        parts += ["#### Failures", "", *problems, ""]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+TEMPLATE = """# Benchmarks
+
+{start}
+{end}
+"""
+
+
+def write_markdown(path: Path, results: str) -> None:
+    """Replace the text between the result markers, keeping everything else in the file."""
+    text = path.read_text() if path.exists() else TEMPLATE.format(start=START, end=END)
+    if START not in text or END not in text:
+        text = text.rstrip() + f"\n\n{START}\n{END}\n"
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{head}{START}\n{results}{END}{tail}")
+
+
+def write_chart(doc: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    summary = summarize(doc)
+    families: list[str] = list(dict.fromkeys(s["family"] for s in doc["scenarios"]))
+    fig, axes = plt.subplots(
+        2, len(families), figsize=(3.6 * len(families), 6.4), squeeze=False, sharex="col"
+    )
+    for col, family in enumerate(families):
+        scenarios = [s for s in doc["scenarios"] if s["family"] == family]
+        xs = list(range(len(scenarios)))
+        labels = [str(s["clients"]) for s in scenarios]
+        tps_ax, cpu_ax = axes[0][col], axes[1][col]
+        for target in TARGETS:
+            entries = [summary[(s["key"], target)] for s in scenarios]
+            tps = [e.get("tps") if e.get("status") == "ok" else None for e in entries]
+            _plot(tps_ax, xs, tps, target)
+            # A failed run shows as a cross on the axis rather than silently missing.
+            failed = [x for x, e in zip(xs, entries, strict=True) if e.get("status") == "failed"]
+            if failed:
+                shift = (TARGETS.index(target) - 1) * 0.12  # side by side, not on top
+                tps_ax.scatter(
+                    [x + shift for x in failed],
+                    [0] * len(failed),
+                    marker="x",
+                    color=COLORS[target],
+                    clip_on=False,
+                    zorder=3,
+                )
+            if target != "direct":
+                cpu = [e.get("cpu_us_per_tx") if e.get("status") == "ok" else None for e in entries]
+                _plot(cpu_ax, xs, cpu, target)
+        tps_ax.set_title(family)
+        cpu_ax.set_xticks(xs, labels)
+        cpu_ax.set_xlabel("clients")
+        tps_ax.set_ylim(bottom=0)
+        cpu_ax.set_ylim(bottom=0)
+        tps_ax.grid(alpha=0.3)
+        cpu_ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("transactions / s")
+    axes[1][0].set_ylabel("pooler CPU µs / transaction")
+    handles = [Line2D([], [], color=COLORS[t], marker="o", label=LABELS[t]) for t in TARGETS]
+    handles.append(Line2D([], [], color="black", marker="x", ls="", label="run failed"))
+    fig.legend(handles=handles, loc="upper center", ncol=4, frameon=False)
+    meta = doc["meta"]
+    fig.suptitle(
+        f"{meta['date']}, {meta['duration']} s per run, {meta['machine_short']}",
+        y=0.005,
+        va="bottom",
+        fontsize=8,
+    )
+    fig.tight_layout(rect=(0, 0.03, 1, 0.94))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot(ax: Any, xs: Sequence[int], ys: Sequence[float | None], target: str) -> None:
+    if all(y is None for y in ys):
+        return
+    # NaN breaks the line: no segment drawn across a run that failed.
+    values = [float("nan") if y is None else y for y in ys]
+    ax.plot(xs, values, marker="o", color=COLORS[target], label=LABELS[target])
+
+
+def render(doc: dict[str, Any], markdown: Path | None, chart: Path | None) -> str:
+    """Write the chart and the markdown (either may be None); return the results text."""
+    link = None
+    if chart is not None:
+        try:
+            write_chart(doc, chart)
+        except ImportError as exc:
+            # The tables matter more than the picture: keep going without it.
+            print(f"no chart ({exc}): pip install matplotlib", file=sys.stderr)
+        else:
+            if markdown is not None:
+                link = _relative(chart, markdown.parent)
+    text = results_markdown(doc, link)
+    if markdown is not None:
+        write_markdown(markdown, text)
+    return text
+
+
+def _relative(path: Path, start: Path) -> str:
+    import os
+
+    return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, help="results JSON written by bench.run")
+    parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--chart", type=Path)
+    args = parser.parse_args(argv)
+    doc = json.loads(args.results.read_text())
+    print(render(doc, args.markdown, args.chart))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

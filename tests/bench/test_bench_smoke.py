@@ -1,0 +1,69 @@
+"""The benchmark harness works end to end: `python -m bench.run --smoke`.
+
+Checks that a report comes out with rows for PostgreSQL, pg_doorman and PgBouncer and
+that each measured something. No speed is asserted: the numbers are for people.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TARGETS = ("direct", "pg_doorman", "pgbouncer")
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def _bouncer_installed() -> bool:
+    """The harness's own rule: BOUNCER_EXE, else pgbouncer on PATH or in an sbin."""
+    override = os.environ.get("BOUNCER_EXE")
+    if override:
+        return os.access(override, os.X_OK)
+    path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbin"])
+    return shutil.which("pgbouncer", path=path) is not None
+
+
+def test_smoke_run_reports_all_targets(tmp_path: Path) -> None:
+    results = tmp_path / "results.json"
+    markdown = tmp_path / "benchmarks.md"
+    chart = tmp_path / "img" / "benchmarks.png"
+    argv = [sys.executable, "-m", "bench.run", "--smoke", "--json", str(results)]
+    argv += ["--markdown", str(markdown), "--chart", str(chart), "--workdir", str(tmp_path)]
+    # `-m bench.run` from the repository root: the harness is not an installed package.
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=200, check=False)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+
+    doc = json.loads(results.read_text())
+    by_target: dict[str, list[dict[str, object]]] = {t: [] for t in TARGETS}
+    for run in doc["runs"]:
+        by_target[run["target"]].append(run)
+
+    expected = list(TARGETS) if _bouncer_installed() else ["direct", "pg_doorman"]
+    for target in expected:
+        status = doc["targets"][target]
+        assert status["status"] == "ok", f"{target}: {status}\n{proc.stderr}"
+        good = [r for r in by_target[target] if r["ok"]]
+        assert good, f"no successful run for {target}: {by_target[target]}"
+        assert all(isinstance(r["tps"], float) and r["tps"] > 0 for r in good)
+        assert all(r["p99_ms"] is not None for r in good)
+    if "pgbouncer" not in expected:
+        assert doc["targets"]["pgbouncer"]["status"] == "not available"
+
+    # The pooler's own process was measured.
+    measured = [r for r in by_target["pg_doorman"] if r["ok"]]
+    assert all(r["cpu_us_per_tx"] and r["rss_bytes"] for r in measured)
+    assert any(row["target"] == "pg_doorman" and row["status"] == "ok" for row in doc["idle"])
+
+    text = markdown.read_text()
+    for label in ("PostgreSQL direct", "pg_doorman", "PgBouncer"):
+        assert f"| {label} |" in text
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
