@@ -76,6 +76,8 @@ _PLANNING = frozenset(
         "role",
     )
 )
+# Bytes a waiting client may send before its reading is paused.
+_WAITING_BACKLOG = 64 * 1024
 # First bytes of a Query that could be DEALLOCATE (checked before the regex runs).
 _MAY_BE_DEALLOCATE = frozenset((b"d", b"D", b" ", b"\t", b"\n", b"\r"))
 # Names that may be spliced into SET statements; anything else is refused at login.
@@ -540,7 +542,10 @@ class ClientConnection(asyncio.Protocol):
         if server is not None:
             self._forward(server, data)
         elif self.state == WAITING:
+            # Clients wait for answers before sending much more; only a flood is paused.
             self._pending += data
+            if len(self._pending) > _WAITING_BACKLOG:
+                self.pause_reading()
         else:
             self._between_transactions(data)
 
@@ -625,7 +630,6 @@ class ClientConnection(asyncio.Protocol):
             self.state = WAITING
             self.wait_started = time.monotonic()
             self._pending = buf
-            self.pause_reading()
             return
         self._start(server, buf)  # type: ignore[arg-type]
 
@@ -652,7 +656,6 @@ class ClientConnection(asyncio.Protocol):
             self._check_query_next = False
             self._pending = data
             self.state = WAITING  # nothing is forwarded until the probe is answered
-            self.pause_reading()
             server.capture_query(self.entry.check_query, self._check_query_done)  # type: ignore[union-attr]
             return
         self._attach(server)

@@ -93,12 +93,12 @@ class PoolSettings:
 
 
 class _WaitEntry:
-    __slots__ = ("cancelled", "enqueued", "timer", "waiter")
+    __slots__ = ("cancelled", "deadline", "enqueued", "waiter")
 
-    def __init__(self, waiter: Waiter, enqueued: float) -> None:
+    def __init__(self, waiter: Waiter, enqueued: float, deadline: float) -> None:
         self.waiter = waiter
         self.enqueued = enqueued
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = deadline
         self.cancelled = False
 
 
@@ -124,6 +124,9 @@ class Pool:
         # Every logged-in server this pool owns, in any state (for SHOW SERVERS & co).
         self.servers: set[PooledServer] = set()
         self._waiters: deque[_WaitEntry] = deque()
+        # One timer for the whole queue: waiters share query_wait_timeout and are served
+        # in order, so the oldest always times out first.
+        self._wait_timer: asyncio.TimerHandle | None = None
         self.waiting = 0
         # Servers this pool owns in any state: idle, active, cleaning, connecting.
         self.size = 0
@@ -148,12 +151,12 @@ class Pool:
             if server is not None:
                 self.stats.record_no_wait()
                 return server
-        entry = _WaitEntry(waiter, self._loop.time())
-        entry.timer = self._loop.call_later(
-            self.settings.query_wait_timeout, self._wait_timeout, entry
-        )
+        now = self._loop.time()
+        entry = _WaitEntry(waiter, now, now + self.settings.query_wait_timeout)
         self._waiters.append(entry)
         self.waiting += 1
+        if self._wait_timer is None:
+            self._wait_timer = self._loop.call_at(entry.deadline, self._expire_waiters)
         self._grow()
         return None
 
@@ -225,21 +228,31 @@ class Pool:
         return None
 
     def _hand_over(self, entry: _WaitEntry, server: PooledServer) -> None:
-        if entry.timer is not None:
-            entry.timer.cancel()
         self.stats.record_wait(self._loop.time() - entry.enqueued)
         entry.waiter.on_server(server)
 
     def _drop_entry(self, entry: _WaitEntry) -> None:
         entry.cancelled = True
         self.waiting -= 1
-        if entry.timer is not None:
-            entry.timer.cancel()
 
-    def _wait_timeout(self, entry: _WaitEntry) -> None:
-        if entry.cancelled:
-            return
-        self._drop_entry(entry)
+    def _expire_waiters(self) -> None:
+        """Fail the waiters whose query_wait_timeout passed; re-arm for the next one."""
+        self._wait_timer = None
+        now = self._loop.time()
+        waiters = self._waiters
+        while waiters:
+            entry = waiters[0]
+            if entry.cancelled:
+                waiters.popleft()
+                continue
+            if entry.deadline > now:
+                self._wait_timer = self._loop.call_at(entry.deadline, self._expire_waiters)
+                return
+            waiters.popleft()
+            self._drop_entry(entry)
+            self._fail_waiter(entry)
+
+    def _fail_waiter(self, entry: _WaitEntry) -> None:
         err = self.last_connect_error
         if err is not None and self.size == 0:
             entry.waiter.on_acquire_error(err.code, err.message)
@@ -315,8 +328,6 @@ class Pool:
                 entry = self._next_waiter()
                 if entry is None:
                     break
-                if entry.timer is not None:
-                    entry.timer.cancel()
                 entry.waiter.on_acquire_error(err.code, err.message)
             return
         if self._waiters:
@@ -366,10 +377,11 @@ class Pool:
             entry = self._next_waiter()
             if entry is None:
                 break
-            if entry.timer is not None:
-                entry.timer.cancel()
             entry.waiter.on_acquire_error(sqlstate.ADMIN_SHUTDOWN, reason)
         self.close_idle(reason)
+        if self._wait_timer is not None:
+            self._wait_timer.cancel()
+            self._wait_timer = None
         for task in list(self._tasks):
             task.cancel()
 
