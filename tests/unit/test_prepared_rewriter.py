@@ -65,7 +65,8 @@ class Session:
 
     def send(self, data: bytes) -> bytes:
         out = self.frontend.feed(data)
-        self.to_client += self.rewriter.drain()
+        if self.rewriter.expect and self.rewriter.only_synthetic_due():
+            self.to_client += self.rewriter.drain()
         return out
 
     def reply(self, data: bytes, cuts: list[int] | None = None) -> bytes:
@@ -151,12 +152,24 @@ def test_unknown_statement_error_and_skip() -> None:
     s = Session()
     out = s.send(bind("ghost") + EXECUTE + parse("p", "select 1") + SYNC)
     assert out == SYNC  # nothing else reaches the server
-    assert s.to_client[:1] == b"E"
-    fields = messages.parse_error_fields(bytes(s.to_client[5:]))
+    client_sees = s.reply(messages.READY_IDLE)
+    assert client_sees[:1] == b"E" and client_sees.endswith(messages.READY_IDLE)
+    fields = messages.parse_error_fields(client_sees[5:-6])
     assert fields["C"] == "26000"
     assert fields["M"] == 'prepared statement "ghost" does not exist'
-    assert s.reply(messages.READY_IDLE).endswith(messages.READY_IDLE)
     assert "p" not in {k.decode() for k in s.rewriter.named}
+
+
+def test_synthetic_answers_ride_with_the_server_reply() -> None:
+    s = Session()
+    s.send(parse("a", "select 1") + SYNC)
+    s.reply(messages.PARSE_COMPLETE + messages.READY_IDLE)
+    s.to_client.clear()
+    s.rewriter.named.clear()
+    s.send(parse("b", "select 1") + bind("b") + EXECUTE + SYNC)
+    assert not s.to_client  # nothing written on its own
+    reply = messages.BIND_COMPLETE + ROW + SELECT_1 + messages.READY_IDLE
+    assert s.reply(reply) == messages.PARSE_COMPLETE + reply
 
 
 def test_close_is_answered_locally() -> None:

@@ -29,7 +29,7 @@ from pg_doorman.auth.scram import (
 )
 from pg_doorman.pool.pool import AcquireError, Pool, PooledServer
 from pg_doorman.prepared.deallocate import parse_deallocate
-from pg_doorman.prepared.rewriter import SYNTH, BatchRewriter
+from pg_doorman.prepared.rewriter import BatchRewriter
 from pg_doorman.protocol import codes, messages, sqlstate
 from pg_doorman.protocol.framing import CLEAN_PREPARE, FrontendScanner, MessageBuffer
 from pg_doorman.protocol.messages import ProtocolError
@@ -570,8 +570,9 @@ class ClientConnection(asyncio.Protocol):
         ):
             return
         rewriter = self.rewriter
-        if rewriter is not None and rewriter.expect and rewriter.expect[0][0] == SYNTH:
-            # Answers due before anything the server still owes: send them now.
+        if rewriter is not None and rewriter.expect and rewriter.only_synthetic_due():
+            # Nothing is coming from the server to carry these answers: send them now.
+            # (Otherwise they go out with its reply, in one write.)
             self.write(rewriter.drain())
         if frontend.terminated:
             self.close()

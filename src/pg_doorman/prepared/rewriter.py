@@ -298,6 +298,10 @@ class BatchRewriter:
             self._lost(kind, msg_type)
         return action
 
+    def only_synthetic_due(self) -> bool:
+        """Everything still expected is ours to answer: the server will send nothing."""
+        return all(kind == SYNTH for kind, _ in self.expect)
+
     def take_prefix(self) -> bytes:
         prefix = bytes(self._prefix)
         self._prefix.clear()
