@@ -9,7 +9,7 @@ import os
 import random
 import socket
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 
 from pg_doorman.auth.hba import HbaRules, legacy_hba_allows
@@ -65,7 +65,6 @@ class PoolEntry:
     check_query: bytes
     synced_parameters: tuple[str, ...] = ()
     scram_verifier: ScramVerifier | None = None
-    clients: set[ClientConnection] = field(default_factory=set)
 
 
 def _ms(value: int | None, default: int) -> float:

@@ -13,7 +13,6 @@ import ipaddress
 import logging
 import os
 import re
-import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
@@ -885,26 +884,19 @@ class _FutureWaiter:
         self.future = future
 
     def on_server(self, server: PooledServer) -> None:
-        if self.future.done():
-            server_pool_release(server)
-        else:
+        if not self.future.done():
             self.future.set_result(server)
+            return
+        # The login gave up meanwhile: the server goes straight back.
+        from pg_doorman.net.server import ServerConnection
+
+        if isinstance(server, ServerConnection):
+            server.finish()
 
     def on_acquire_error(self, code: str, message: str) -> None:
         if not self.future.done():
             self.future.set_exception(AcquireError(code, message))
 
 
-def server_pool_release(server: PooledServer) -> None:
-    from pg_doorman.net.server import ServerConnection
-
-    if isinstance(server, ServerConnection):
-        server.finish()
-
-
 def _ignore(data: bytes) -> None:
     pass
-
-
-def tune_socket(sock: socket.socket) -> None:
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

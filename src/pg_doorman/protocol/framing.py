@@ -468,9 +468,3 @@ class FrontendScanner(_Stream):
             return data if upto == len(data) else data[:upto]
         parts.append(data[start:upto])
         return b"".join(parts)
-
-    def take_held(self) -> bytes:
-        held = bytes(self.held)
-        self.held.clear()
-        self.held_total = 0
-        return held

@@ -229,8 +229,3 @@ def message_types(data: bytes) -> list[int]:
         types.append(data[pos])
         pos += 1 + length
     return types
-
-
-def header(msg_type: int, length: int) -> bytes:
-    """Header of a message whose body is written separately."""
-    return bytes((msg_type,)) + _UINT32.pack(length)
