@@ -222,6 +222,8 @@ class BackendScanner(_Stream):
     def feed(self, data: bytes) -> bytes:
         self.ready_count = 0
         self.copy_in_started = 0
+        # The resume-from-last-chunk prologue is repeated in FrontendScanner.feed on
+        # purpose: it runs twice per transaction and a shared helper costs a call.
         if self.held:
             data = self._join(data)
             if not data:
