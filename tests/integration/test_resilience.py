@@ -202,3 +202,27 @@ def test_graceful_shutdown_lets_transaction_finish(
         with pytest.raises(psycopg.OperationalError):
             conn.execute("select 3")
     assert proc.wait_exit() == 0
+
+
+def test_backend_dying_while_client_idles_in_transaction(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """The slot is freed at once, without waiting for the idle client to speak."""
+    user = pg.md5_user
+    proc = pooler(
+        general={"query_wait_timeout": 3000},
+        pools={"example_db": {"users": [{"username": user.name, "pool_size": 1}]}},
+    )
+    idle = w.PgWire.connect(proc.host, proc.port, user.name, "example_db", user.password)
+    idle.execute_query("begin")
+    pid = int(idle.execute_query("select pg_backend_pid()")[0][0] or 0)
+    pg.psql(f"select pg_terminate_backend({pid})")
+    # The client learns about it without sending anything ...
+    received = idle.wait_closed()
+    codes = [w.error_fields(p).get("C") for t, p in received if t == b"E"]
+    assert "57P01" in codes or "08006" in codes
+    # ... and the only server slot serves someone else right away.
+    started = time.monotonic()
+    with connect(pg, proc, autocommit=True) as other:
+        assert other.execute("select 1").fetchone() == (1,)
+    assert time.monotonic() - started < 2
