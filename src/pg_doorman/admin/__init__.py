@@ -1,0 +1,1 @@
+"""The admin console (virtual databases `pgdoorman` and `pgbouncer`)."""
