@@ -26,11 +26,12 @@ from pg_doorman.auth.scram import (
     ScramVerifier,
     make_scram_verifier,
 )
+from pg_doorman.net.inbox import AwaitableInbox
 from pg_doorman.pool.pool import AcquireError, Pool, PooledServer
 from pg_doorman.prepared.deallocate import parse_deallocate
 from pg_doorman.prepared.rewriter import BatchRewriter
 from pg_doorman.protocol import codes, messages, sqlstate
-from pg_doorman.protocol.framing import CLEAN_PREPARE, FrontendScanner, MessageBuffer
+from pg_doorman.protocol.framing import CLEAN_PREPARE, FrontendScanner
 from pg_doorman.protocol.messages import ProtocolError
 from pg_doorman.protocol.startup import (
     CancelRequest,
@@ -115,8 +116,7 @@ class ClientConnection(asyncio.Protocol):
         # Set at shutdown: close as soon as the current transaction ends.
         self.closing_after_transaction = False
         self._startup_buf = bytearray()
-        self._inbox = MessageBuffer()
-        self._login_waiter: asyncio.Future[None] | None = None
+        self._inbox = AwaitableInbox(self.loop)
         self._login_task: asyncio.Task[None] | None = None
         self._pending = b""  # bytes of the next transaction, before a server is attached
         self._check_query_next = False
@@ -152,9 +152,7 @@ class ClientConnection(asyncio.Protocol):
         self.state = CLOSED
         self._on_data = _ignore
         if self._login_task is not None and not self._login_task.done():
-            waiter = self._login_waiter
-            if waiter is not None and not waiter.done():
-                waiter.set_result(None)
+            self._inbox.wake()
         if was == WAITING and self.pool is not None:
             self.pool.cancel_wait(self)
         server = self.server
@@ -259,26 +257,15 @@ class ClientConnection(asyncio.Protocol):
             rest = bytes(buf)
             buf.clear()
             self._inbox.feed(rest)
-            self._on_data = self._login_data
+            self._on_data = self._inbox.feed
             self._login_task = self.loop.create_task(self._login(request))
             return
 
-    def _login_data(self, data: bytes) -> None:
-        self._inbox.feed(data)
-        waiter = self._login_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
     async def _next_message(self) -> tuple[int, bytes]:
-        while True:
-            msg = self._inbox.next_message()
-            if msg is not None:
-                return msg
-            if self.state == CLOSED:
-                raise ConnectionError("client went away")
-            self._login_waiter = self.loop.create_future()
-            await self._login_waiter
-            self._login_waiter = None
+        return await self._inbox.receive(self._gone)
+
+    def _gone(self) -> Exception | None:
+        return ConnectionError("client went away") if self.state == CLOSED else None
 
     async def _login(self, startup: StartupMessage) -> None:
         try:

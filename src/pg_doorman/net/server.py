@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, cast
 
 from pg_doorman.auth.md5 import md5_password_response, md5_salted_response
 from pg_doorman.auth.scram import ScramClientSession, ScramError, ScramVerifier
+from pg_doorman.net.inbox import AwaitableInbox
 from pg_doorman.pool.pool import AcquireError, Pool
 from pg_doorman.prepared.registry import ServerStatements
 from pg_doorman.protocol import codes, messages, sqlstate
@@ -117,9 +118,8 @@ class ServerConnection(asyncio.Protocol):
         self._xact_base_sent = 0
         self._xact_base_received = 0
         self._errors_seen = 0
-        self._inbox = MessageBuffer()
-        self._login_waiter: asyncio.Future[None] | None = None
-        self._on_data: Callable[[bytes], None] = self._login_data
+        self._inbox: MessageBuffer = AwaitableInbox(loop)
+        self._on_data: Callable[[bytes], None] = self._inbox.feed
         self._pending_replies = 0
         self._after_quiet: Callable[[bool], None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -149,11 +149,8 @@ class ServerConnection(asyncio.Protocol):
         self.mode = CLOSED
         if self._timer is not None:
             self._timer.cancel()
-        waiter = self._login_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(
-                AcquireError(sqlstate.CONNECTION_FAILURE, "server closed the connection")
-            )
+        if isinstance(self._inbox, AwaitableInbox):
+            self._inbox.wake()  # a login waiting for a message sees `closed` and fails
         if was == ACTIVE and self.client is not None:
             client = self.client
             self.client = None
@@ -181,22 +178,15 @@ class ServerConnection(asyncio.Protocol):
 
     # ---- login --------------------------------------------------------------
 
-    def _login_data(self, data: bytes) -> None:
-        self._inbox.feed(data)
-        waiter = self._login_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
     async def _next_message(self) -> tuple[int, bytes]:
-        while True:
-            msg = self._inbox.next_message()
-            if msg is not None:
-                return msg
-            if self.closed:
-                raise AcquireError(sqlstate.CONNECTION_FAILURE, "server closed the connection")
-            self._login_waiter = self.loop.create_future()
-            await self._login_waiter
-            self._login_waiter = None
+        inbox = self._inbox
+        assert isinstance(inbox, AwaitableInbox)
+        return await inbox.receive(self._gone)
+
+    def _gone(self) -> Exception | None:
+        if self.closed:
+            return AcquireError(sqlstate.CONNECTION_FAILURE, "server closed the connection")
+        return None
 
     def _send(self, data: bytes) -> None:
         assert self.transport is not None
