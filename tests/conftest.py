@@ -18,6 +18,7 @@ if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
 
 from helpers import ExamplePostgres, start_example_postgres  # noqa: E402
+from helpers.pooler import PoolerFactory  # noqa: E402
 
 # The session cluster once created; the revive fixture below restarts it if a test
 # stopped or killed it and failed before starting it again.
@@ -59,3 +60,17 @@ def _revive_pg() -> Iterator[None]:
     server = _session_pg
     if server is not None and not server.running:
         server.start()
+
+
+@pytest.fixture
+def pooler(pg: ExamplePostgres, tmp_path: Path) -> Iterator[PoolerFactory]:
+    """Call it to start a pooler: ``proc = pooler()``, ``pooler(general={...})``.
+
+    Every pooler is stopped at teardown; the test fails if one crashed, hung on SIGTERM
+    or logged a Python traceback (``proc.allow_tracebacks = True`` opts out).
+    """
+    factory = PoolerFactory(pg, tmp_path)
+    yield factory
+    problems = factory.close()
+    if problems:
+        pytest.fail("\n\n".join(problems), pytrace=False)
