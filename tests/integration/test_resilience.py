@@ -226,3 +226,13 @@ def test_backend_dying_while_client_idles_in_transaction(
     with connect(pg, proc, autocommit=True) as other:
         assert other.execute("select 1").fetchone() == (1,)
     assert time.monotonic() - started < 2
+
+
+def test_sighup_does_not_stop_the_pooler(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    import signal
+
+    proc = pooler()
+    proc.send_signal(signal.SIGHUP)
+    proc.wait_for_log("SIGHUP")
+    with connect(pg, proc, autocommit=True) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)

@@ -127,6 +127,12 @@ async def serve(config: Config, *, ready: Callable[[], None] | None = None) -> i
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
+    # Reloading is not implemented yet; SIGHUP's default action would kill the pooler.
+    loop.add_signal_handler(
+        signal.SIGHUP,
+        logger.warning,
+        "received SIGHUP: configuration reload is not implemented yet; restart to apply changes",
+    )
     if ready is not None:
         ready()
     await stop.wait()
