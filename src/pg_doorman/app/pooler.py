@@ -20,7 +20,7 @@ from pg_doorman.config import Config, GeneralConfig, PoolConfig, UserConfig
 from pg_doorman.net.client import ClientConnection
 from pg_doorman.net.ids import IdAllocator
 from pg_doorman.net.server import BackendCredentials, ServerConnection, open_server
-from pg_doorman.pool.pool import Pool, PoolSettings
+from pg_doorman.pool.pool import Connector, Pool, PoolSettings
 from pg_doorman.protocol import messages, sqlstate
 
 logger = logging.getLogger("pg_doorman")
@@ -181,7 +181,7 @@ class Pooler:
                     scram_verifier=verifier,
                 )
 
-    def _make_connector(self, credentials: BackendCredentials):  # type: ignore[no-untyped-def]
+    def _make_connector(self, credentials: BackendCredentials) -> Connector:
         async def connect(pool: Pool) -> ServerConnection:
             return await open_server(pool, self.ids.next_server_id(), credentials, self.loop)
 

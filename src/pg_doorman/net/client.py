@@ -618,7 +618,7 @@ class ClientConnection(asyncio.Protocol):
             self.wait_started = time.monotonic()
             self._pending = buf
             return
-        self._start(server, buf)  # type: ignore[arg-type]
+        self._start(cast("ServerConnection", server), buf)
 
     def _local_deallocate(self, query: bytes) -> bytes | None:
         """Answer DEALLOCATE of protocol-level statements, which no server knows by the
@@ -643,7 +643,8 @@ class ClientConnection(asyncio.Protocol):
             self._check_query_next = False
             self._pending = data
             self.state = WAITING  # nothing is forwarded until the probe is answered
-            server.capture_query(self.entry.check_query, self._check_query_done)  # type: ignore[union-attr]
+            assert self.entry is not None
+            server.capture_query(self.entry.check_query, self._check_query_done)
             return
         self._attach(server)
         self._forward(server, data)
