@@ -228,11 +228,16 @@ def test_backend_dying_while_client_idles_in_transaction(
     assert time.monotonic() - started < 2
 
 
-def test_sighup_does_not_stop_the_pooler(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+def test_sighup_with_a_broken_file_keeps_serving(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
     import signal
 
     proc = pooler()
     proc.send_signal(signal.SIGHUP)
-    proc.wait_for_log("SIGHUP")
+    proc.wait_for_log("configuration reloaded")
+    proc.config_path.write_text("[general\nport = ", encoding="utf-8")
+    proc.send_signal(signal.SIGHUP)
+    proc.wait_for_log("reload failed, the old configuration stays")
     with connect(pg, proc, autocommit=True) as conn:
         assert conn.execute("select 1").fetchone() == (1,)

@@ -1,14 +1,21 @@
-"""Admin console on the virtual databases `pgdoorman` / `pgbouncer` (simple query only)."""
+"""Admin console on the virtual databases `pgdoorman` / `pgbouncer` (simple query only).
+
+Queries are run one after another by a small task per console, because PAUSE waits for
+transactions to finish; every other command answers at once.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import time
-from collections.abc import Callable, Sequence
+import re
+from collections import deque
 from typing import TYPE_CHECKING
 
 from pg_doorman import __version__
-from pg_doorman.net.server import ServerConnection
+from pg_doorman.admin.show import TEXT, Columns, Rows, ShowTables
+from pg_doorman.app.logsetup import apply_log_filter
+from pg_doorman.config import ConfigError
 from pg_doorman.protocol import codes, messages, sqlstate
 from pg_doorman.protocol.framing import MessageBuffer
 from pg_doorman.protocol.messages import ProtocolError
@@ -19,13 +26,31 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("pg_doorman.admin")
 
-TEXT = 25
-INT8 = 20
+_SET = re.compile(r"set\s+([a-z_][a-z0-9_.]*)\s*(?:=|\s+to\s+)\s*(.+)", re.IGNORECASE | re.DOTALL)
+# Session settings drivers send right after connecting: accepted and ignored, so that
+# tools which always send them can still use the console.
+_SESSION_SETTINGS = frozenset(
+    {
+        "application_name",
+        "client_encoding",
+        "datestyle",
+        "extra_float_digits",
+        "intervalstyle",
+        "search_path",
+        "statement_timeout",
+        "timezone",
+    }
+)
 
-Rows = list[Sequence[object]]
+
+class AdminError(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
 
 
-def result(columns: Sequence[tuple[str, int]], rows: Rows, tag: str) -> bytes:
+def result(columns: Columns, rows: Rows, tag: str) -> bytes:
     parts = [messages.row_description(columns)]
     for row in rows:
         parts.append(messages.data_row(None if v is None else str(v) for v in row))
@@ -33,19 +58,24 @@ def result(columns: Sequence[tuple[str, int]], rows: Rows, tag: str) -> bytes:
     return b"".join(parts)
 
 
+def _unquote(value: str) -> str:
+    value = value.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    return value
+
+
 class AdminConsole:
     def __init__(self, pooler: Pooler, client: ClientConnection) -> None:
         self.pooler = pooler
         self.client = client
         self._inbox = MessageBuffer()
-        self._commands: dict[str, Callable[[], bytes]] = {
-            "help": self._help,
-            "version": self._version,
-            "pools": self._pools,
-            "clients": self._clients,
-            "servers": self._servers,
-            "stats": self._stats,
-        }
+        self._tables = ShowTables(pooler).tables()
+        self._queries: deque[str] = deque()
+        self._worker: asyncio.Task[None] | None = None
+        self._waiting: asyncio.Future[None] | None = None
+        self._cancel_requested = False
+        client.on_cancel = self.cancel
 
     def greeting(self) -> bytes:
         params = {
@@ -59,6 +89,8 @@ class AdminConsole:
             "application_name": "pg_doorman",
         }
         return b"".join(messages.parameter_status(k, v) for k, v in params.items())
+
+    # ---- input --------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
         self._inbox.feed(data)
@@ -74,118 +106,144 @@ class AdminConsole:
                         "the admin console supports the simple query protocol only",
                     )
                     return
-                self.client.write(self._run(messages.parse_query_text(body)))
+                self._queries.append(messages.parse_query_text(body))
         except ProtocolError as exc:
             self.client.fail(sqlstate.PROTOCOL_VIOLATION, f"invalid message: {exc}")
+            return
+        if self._queries and (self._worker is None or self._worker.done()):
+            self._worker = self.pooler.loop.create_task(self._work())
+            self.pooler.track(self._worker)
 
-    def _run(self, text: str) -> bytes:
-        replies = []
+    def cancel(self) -> None:
+        """A CancelRequest for this session: stop waiting (PAUSE), if it is."""
+        if self._waiting is not None and not self._waiting.done():
+            self._cancel_requested = True
+            self._waiting.cancel()
+
+    async def _work(self) -> None:
+        while self._queries and not self.client.transport_closed:
+            text = self._queries.popleft()
+            self.client.write(await self._run(text))
+
+    # ---- dispatch -----------------------------------------------------------
+
+    async def _run(self, text: str) -> bytes:
+        replies: list[bytes] = []
         statements = [s.strip() for s in text.split(";") if s.strip()]
         if not statements:
             replies.append(messages.EMPTY_QUERY)
         for statement in statements:
-            words = statement.lower().split()
-            handler = None
-            if len(words) == 2 and words[0] == "show":
-                handler = self._commands.get(words[1])
-            if handler is None:
-                replies.append(
-                    messages.error_response(
-                        "ERROR", sqlstate.SYNTAX_ERROR, f"unsupported admin command: {statement}"
-                    )
-                )
+            try:
+                replies.append(await self._statement(statement))
+            except AdminError as exc:
+                replies.append(messages.error_response("ERROR", exc.code, exc.message))
                 break
-            replies.append(handler())
         replies.append(messages.READY_IDLE)
         return b"".join(replies)
 
-    def _help(self) -> bytes:
-        rows: Rows = [[f"SHOW {name.upper()}"] for name in self._commands]
-        return result([("item", TEXT)], rows, "SHOW")
+    async def _statement(self, statement: str) -> bytes:
+        words = statement.split()
+        command = words[0].lower()
+        args = words[1:]
+        if command == "show" and len(args) == 1:
+            table = self._tables.get(args[0].lower())
+            if table is not None:
+                columns, rows = table()
+                return result(columns, rows, "SHOW")
+        elif command == "set":
+            return self._set(statement)
+        elif command in ("pause", "resume", "reconnect", "kill") and len(args) <= 1:
+            database = _unquote(args[0]) if args else None
+            return await self._control(command, database)
+        elif command == "reload" and not args:
+            return self._reload()
+        elif command == "shutdown" and not args:
+            return self._shutdown()
+        elif command in ("select", "with") and "pg_catalog" in statement.lower():
+            # psql's describe and tab-completion queries: an empty answer, no error.
+            return result([("?column?", TEXT)], [], "SELECT 0")
+        raise AdminError(sqlstate.SYNTAX_ERROR, f"unsupported admin command: {statement}")
 
-    def _version(self) -> bytes:
-        return result([("version", TEXT)], [[f"pg_doorman {__version__}"]], "SHOW")
-
-    def _pools(self) -> bytes:
-        rows: Rows = []
-        for (database, user), entry in self.pooler.entries.items():
-            pool = entry.pool
-            clients = [c for c in self.pooler.clients.values() if c.pool is pool]
-            rows.append(
-                [
-                    database,
-                    user,
-                    pool.settings.pool_mode,
-                    sum(1 for c in clients if c.state_name == "idle"),
-                    sum(1 for c in clients if c.state_name == "active"),
-                    sum(1 for c in clients if c.state_name == "waiting"),
-                    pool.active,
-                    len(pool.idle),
-                    pool.connecting,
-                    pool.settings.pool_size,
-                    int(pool.oldest_wait(self.pooler.loop.time())),
-                    int(pool.paused),
-                ]
+    def _set(self, statement: str) -> bytes:
+        match = _SET.fullmatch(statement)
+        if match is None:
+            raise AdminError(sqlstate.SYNTAX_ERROR, "expected SET log_level = '<level>'")
+        name, value = match.group(1).lower(), _unquote(match.group(2))
+        if name == "log_level":
+            try:
+                apply_log_filter(value)
+            except ValueError as exc:
+                raise AdminError(sqlstate.SYNTAX_ERROR, f"invalid log_level: {exc}") from None
+            logger.info("log level set to %r by the admin console", value)
+        elif name not in _SESSION_SETTINGS:
+            raise AdminError(
+                sqlstate.SYNTAX_ERROR,
+                f"only log_level can be SET on the admin console, not {name}; "
+                "edit the config file and RELOAD to change other settings",
             )
-        columns = [
-            ("database", TEXT), ("user", TEXT), ("pool_mode", TEXT), ("cl_idle", INT8),
-            ("cl_active", INT8), ("cl_waiting", INT8), ("sv_active", INT8), ("sv_idle", INT8),
-            ("sv_login", INT8), ("pool_size", INT8), ("maxwait", INT8), ("paused", INT8),
-        ]  # fmt: skip
-        return result(columns, rows, "SHOW")
+        return messages.command_complete("SET")
 
-    def _clients(self) -> bytes:
-        now = time.monotonic()
-        rows: Rows = [
-            [
-                c.name, c.database, c.user, c.application_name, c.address or "unix",
-                c.state_name, c.transactions, c.queries, int(now - c.connected_at),
-            ]
-            for c in self.pooler.clients.values()
-        ]  # fmt: skip
-        columns = [
-            ("client_id", TEXT), ("database", TEXT), ("user", TEXT), ("application_name", TEXT),
-            ("addr", TEXT), ("state", TEXT), ("transaction_count", INT8),
-            ("query_count", INT8), ("age_seconds", INT8),
-        ]  # fmt: skip
-        return result(columns, rows, "SHOW")
+    async def _control(self, command: str, database: str | None) -> bytes:
+        from pg_doorman.app.pooler import UnknownDatabase
 
-    def _servers(self) -> bytes:
-        now = time.monotonic()
-        rows: Rows = []
-        for entry in self.pooler.entries.values():
-            for server in entry.pool.servers:
-                assert isinstance(server, ServerConnection)
-                rows.append(
-                    [
-                        f"0x{server.server_id:08X}", server.backend_pid,
-                        entry.pool.settings.database, entry.pool.settings.user,
-                        server.state_name, server.transactions, server.queries,
-                        int(now - server.created),
-                    ]
-                )  # fmt: skip
-        columns = [
-            ("server_id", TEXT), ("server_process_id", INT8), ("database_name", TEXT),
-            ("user", TEXT), ("state", TEXT), ("transaction_count", INT8), ("query_count", INT8),
-            ("age_seconds", INT8),
-        ]  # fmt: skip
-        return result(columns, rows, "SHOW")
+        pooler = self.pooler
+        scope = f'database "{database}"' if database else "all databases"
+        try:
+            if command == "pause":
+                return await self._pause(database, scope)
+            if command == "resume":
+                pooler.resume(database)
+            elif command == "reconnect":
+                pooler.reconnect(database)
+            else:
+                killed = pooler.kill(database)
+                logger.warning("KILL %s: %d clients disconnected", scope, killed)
+        except UnknownDatabase as exc:
+            raise AdminError(sqlstate.INVALID_CATALOG_NAME, str(exc)) from None
+        logger.info("%s %s by the admin console", command.upper(), scope)
+        return messages.command_complete(command.upper())
 
-    def _stats(self) -> bytes:
-        rows: Rows = []
-        for (database, user), entry in self.pooler.entries.items():
-            st = entry.pool.stats
-            rows.append(
-                [
-                    database, user, st.xact_count, st.query_count, st.bytes_received,
-                    st.bytes_sent, int(st.xact_time * 1e6), int(st.query_time * 1e6),
-                    int(st.wait_time * 1e6), st.total_errors,
-                ]
-            )  # fmt: skip
-        columns = [
-            ("database", TEXT), ("user", TEXT), ("total_xact_count", INT8),
-            ("total_query_count", INT8), ("total_received", INT8), ("total_sent", INT8),
-            ("total_xact_time", INT8), ("total_query_time", INT8), ("total_wait_time", INT8),
-            ("total_errors", INT8),
-        ]  # fmt: skip
-        return result(columns, rows, "SHOW")
+    async def _pause(self, database: str | None, scope: str) -> bytes:
+        pools = self.pooler.pause(database)
+        logger.info("PAUSE %s by the admin console", scope)
+        busy = sum(pool.active for pool in pools)
+        if busy:
+            # Said before waiting, so the operator knows why the command blocks.
+            self.client.write(
+                messages.notice_response(
+                    "00000",
+                    f"waiting for {busy} active server connections to be released "
+                    "(their transactions to finish); new transactions queue meanwhile",
+                )
+            )
+        self._waiting = asyncio.ensure_future(self.pooler.wait_paused(pools))
+        self._cancel_requested = False
+        try:
+            await self._waiting
+        except asyncio.CancelledError:
+            if not self._cancel_requested:
+                raise
+            raise AdminError(
+                sqlstate.QUERY_CANCELED,
+                "PAUSE canceled while waiting; the pools stay paused until RESUME",
+            ) from None
+        finally:
+            self._waiting = None
+        return messages.command_complete("PAUSE")
+
+    def _reload(self) -> bytes:
+        try:
+            notes = self.pooler.reload_file()
+        except ConfigError as exc:
+            logger.error("RELOAD failed, the old configuration stays: %s", exc)
+            raise AdminError(
+                "F0000", f"reload failed, the old configuration stays: {exc}"
+            ) from None
+        out = [messages.notice_response("00000", note) for note in notes]
+        out.append(messages.command_complete("RELOAD"))
+        return b"".join(out)
+
+    def _shutdown(self) -> bytes:
+        ok = self.pooler.request_shutdown()
+        logger.warning("SHUTDOWN by the admin console")
+        return result([("success", TEXT)], [["t" if ok else "f"]], "SHUTDOWN")

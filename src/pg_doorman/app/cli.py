@@ -108,9 +108,15 @@ async def serve(config: Config, *, ready: Callable[[], None] | None = None) -> i
     try:
         await pooler.start()
     except OSError as exc:
-        logger.error(
-            "cannot listen on %s:%d: %s", config.general.host, config.general.port, exc.strerror
-        )
+        if exc.strerror and exc.strerror.startswith("cannot listen"):
+            logger.error("%s", exc.strerror)
+        else:
+            logger.error(
+                "cannot listen on %s:%d: %s",
+                config.general.host,
+                config.general.port,
+                exc.strerror,
+            )
         return 1
     stop = asyncio.Event()
     signals = 0
@@ -127,12 +133,15 @@ async def serve(config: Config, *, ready: Callable[[], None] | None = None) -> i
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
-    # Reloading is not implemented yet; SIGHUP's default action would kill the pooler.
-    loop.add_signal_handler(
-        signal.SIGHUP,
-        logger.warning,
-        "received SIGHUP: configuration reload is not implemented yet; restart to apply changes",
-    )
+
+    def on_reload() -> None:
+        try:
+            pooler.reload_file()
+        except ConfigError as exc:
+            logger.error("SIGHUP: reload failed, the old configuration stays: %s", exc)
+
+    loop.add_signal_handler(signal.SIGHUP, on_reload)
+    pooler.on_shutdown_request = stop.set
     if ready is not None:
         ready()
     await stop.wait()

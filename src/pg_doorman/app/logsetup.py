@@ -49,3 +49,43 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(parse_level(level))
+    set_startup_level(level)
+
+
+_startup_level = "info"
+
+
+def set_startup_level(level: str) -> None:
+    """Remember the level chosen at startup, which `SET log_level = 'default'` restores."""
+    global _startup_level
+    _startup_level = level
+
+
+def apply_log_filter(text: str) -> None:
+    """Change logging at runtime: `level`, `default`, or a comma list mixing a level with
+    `logger=level` overrides (`info,pg_doorman.pool=debug`). ValueError if invalid; then
+    nothing changes."""
+    root_level: int | None = None
+    overrides: dict[str, int] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        name, sep, level = part.partition("=")
+        if sep:
+            name = name.strip()
+            if not name.startswith("pg_doorman"):
+                raise ValueError(f"unknown logger {name!r}; loggers are named pg_doorman.*")
+            overrides[name] = parse_level(level.strip())
+        elif part.lower() == "default":
+            root_level = parse_level(_startup_level)
+        else:
+            root_level = parse_level(part)
+    if root_level is None and not overrides:
+        raise ValueError("empty log filter")
+    if root_level is not None:
+        logging.getLogger().setLevel(root_level)
+        for name, existing in logging.Logger.manager.loggerDict.items():
+            if name.startswith("pg_doorman") and isinstance(existing, logging.Logger):
+                existing.setLevel(logging.NOTSET)
+    for name, level_no in overrides.items():
+        logging.getLogger(name).setLevel(level_no)

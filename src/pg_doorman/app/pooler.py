@@ -8,20 +8,26 @@ import logging
 import os
 import random
 import socket
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv6Address
+from typing import TYPE_CHECKING
 
+from pg_doorman.app.logsetup import apply_log_filter
 from pg_doorman.auth.hba import HbaRules, legacy_hba_allows
 from pg_doorman.auth.md5 import is_md5_hash
 from pg_doorman.auth.methods import AuthDecision, ClientAuth, decide_client_auth
 from pg_doorman.auth.scram import ScramVerifier, is_scram_verifier
-from pg_doorman.config import Config, GeneralConfig, PoolConfig, UserConfig
+from pg_doorman.config import Config, ConfigError, GeneralConfig, PoolConfig, UserConfig
 from pg_doorman.net.client import ClientConnection
 from pg_doorman.net.ids import IdAllocator
 from pg_doorman.net.server import BackendCredentials, ServerConnection, open_server
-from pg_doorman.pool.pool import Connector, Pool, PoolSettings
+from pg_doorman.pool.pool import Pool, PoolSettings
 from pg_doorman.protocol import messages, sqlstate
+from pg_doorman.stats.counters import STATS_PERIOD
+
+if TYPE_CHECKING:
+    from pg_doorman.web.server import WebServer
 
 logger = logging.getLogger("pg_doorman")
 
@@ -119,6 +125,29 @@ def _server_statements_cache_size(pool: PoolConfig, general: GeneralConfig) -> i
     return DEFAULT_SERVER_STATEMENTS
 
 
+def _same_kind(a: PoolSettings, b: PoolSettings) -> bool:
+    """Whether a pool can take new settings in place: clients depend on these two."""
+    return a.pool_mode == b.pool_mode and a.prepared_statements == b.prepared_statements
+
+
+def _backend_identity(s: PoolSettings) -> tuple[object, ...]:
+    """What a server connection was opened with: a change needs new servers."""
+    return (
+        s.server_host,
+        s.server_port,
+        s.server_database,
+        s.server_user,
+        s.application_name,
+        sorted(s.startup_parameters.items()),
+    )
+
+
+class UnknownDatabase(Exception):
+    def __init__(self, database: str) -> None:
+        super().__init__(f'No pool for database "{database}"')
+        self.database = database
+
+
 def backend_credentials(user: UserConfig) -> BackendCredentials:
     server_user = user.server_username or user.username
     if user.server_password:
@@ -150,6 +179,13 @@ class Pooler:
         self.shutting_down = False
         self.accepted_total = 0
         self.cancel_requests = 0
+        self.login_failures = 0
+        # Backend login of each pool, kept apart so a reload can change it in place.
+        self._credentials: dict[Pool, BackendCredentials] = {}
+        # Set by whoever runs the pooler: what the admin SHUTDOWN command triggers.
+        self.on_shutdown_request: Callable[[], None] | None = None
+        self._stats_task: asyncio.Task[None] | None = None
+        self.web: WebServer | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._retain_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -159,33 +195,76 @@ class Pooler:
     # ---- pools --------------------------------------------------------------
 
     def _build_pools(self) -> None:
-        check_query = messages.query(self.config.general.pooler_check_query)
+        for key, entry in self._entries_from(self.config).items():
+            self.entries[key] = entry
+
+    def _entries_from(self, config: Config) -> dict[tuple[str, str], PoolEntry]:
+        """Pool entries for a config: existing pools reused where their kind matches."""
+        check_query = messages.query(config.general.pooler_check_query)
         synced: tuple[str, ...] = SYNCED_PARAMETERS
-        if self.config.general.sync_server_parameters:
+        if config.general.sync_server_parameters:
             synced += ("application_name",)
-        for name, pool_config in self.config.pools.items():
+        entries: dict[tuple[str, str], PoolEntry] = {}
+        for name, pool_config in config.pools.items():
             for user in pool_config.users:
-                settings = pool_settings(self.config, name, pool_config, user)
+                key = (name, user.username)
+                settings = pool_settings(config, name, pool_config, user)
                 credentials = backend_credentials(user)
-                pool = Pool(settings, self._make_connector(credentials), self.loop)
                 verifier = (
                     ScramVerifier.parse(user.password) if is_scram_verifier(user.password) else None
                 )
-                self.entries[(name, user.username)] = PoolEntry(
-                    pool=pool,
-                    user=user,
-                    password=user.password,
-                    credentials=credentials,
-                    check_query=check_query,
-                    synced_parameters=synced,
-                    scram_verifier=verifier,
-                )
+                entry = self.entries.get(key)
+                if entry is not None and _same_kind(entry.pool.settings, settings):
+                    credentials = self._update_pool(entry.pool, settings, credentials)
+                    entry.user = user
+                    entry.password = user.password
+                    entry.credentials = credentials
+                    if entry.check_query != check_query:
+                        entry.pool.check_query_response = None
+                    entry.check_query = check_query
+                    entry.synced_parameters = synced
+                    entry.scram_verifier = verifier
+                else:
+                    pool = Pool(settings, self._connect_server, self.loop)
+                    self._credentials[pool] = credentials
+                    entry = PoolEntry(
+                        pool=pool,
+                        user=user,
+                        password=user.password,
+                        credentials=credentials,
+                        check_query=check_query,
+                        synced_parameters=synced,
+                        scram_verifier=verifier,
+                    )
+                entries[key] = entry
+        return entries
 
-    def _make_connector(self, credentials: BackendCredentials) -> Connector:
-        async def connect(pool: Pool) -> ServerConnection:
-            return await open_server(pool, self.ids.next_server_id(), credentials, self.loop)
+    def _update_pool(
+        self, pool: Pool, settings: PoolSettings, credentials: BackendCredentials
+    ) -> BackendCredentials:
+        """Apply reloaded settings to a kept pool; returns the credentials now in use."""
+        old_credentials = self._credentials[pool]
+        # A ClientKey learnt from a client's SCRAM login stays valid for the same verifier.
+        same_login = replace(old_credentials, scram_client_key=None) == credentials
+        if same_login:
+            credentials = old_credentials
+        if settings == pool.settings and same_login:
+            return credentials
+        reconnect = not same_login or _backend_identity(settings) != _backend_identity(
+            pool.settings
+        )
+        self._credentials[pool] = credentials
+        pool.update_settings(settings)
+        if reconnect:
+            logger.info("pool %s: backend settings changed, reconnecting", pool.name)
+            pool.reconnect("backend settings changed by a reload")
+        else:
+            logger.info("pool %s: settings changed", pool.name)
+        return credentials
 
-        return connect
+    async def _connect_server(self, pool: Pool) -> ServerConnection:
+        credentials = self._credentials[pool]
+        return await open_server(pool, self.ids.next_server_id(), credentials, self.loop)
 
     def pool_entry(self, database: str, user: str) -> PoolEntry | None:
         return self.entries.get((database, user))
@@ -193,6 +272,138 @@ class Pooler:
     @property
     def pools(self) -> Iterable[Pool]:
         return (entry.pool for entry in self.entries.values())
+
+    # ---- operations (admin console, signals) ----------------------------------
+
+    def entries_of(self, database: str | None) -> list[PoolEntry]:
+        """The pools of one database (all when None); UnknownDatabase if it has none."""
+        if database is None:
+            return list(self.entries.values())
+        found = [entry for (db, _), entry in self.entries.items() if db == database]
+        if not found:
+            raise UnknownDatabase(database)
+        return found
+
+    def clients_of(self, pool: Pool) -> list[ClientConnection]:
+        return [client for client in self.clients.values() if client.pool is pool]
+
+    def pause(self, database: str | None) -> list[Pool]:
+        """Queue new transactions of these pools; returns them for wait_paused()."""
+        pools = [entry.pool for entry in self.entries_of(database)]
+        for pool in pools:
+            pool.pause()
+        return pools
+
+    async def wait_paused(self, pools: list[Pool], *, poll: float = 0.02) -> None:
+        """Return once no server of `pools` is busy, then close their servers, as
+        PgBouncer does, so the database can be restarted underneath."""
+        while any(pool.paused and pool.active > 0 for pool in pools):
+            await asyncio.sleep(poll)
+        for pool in pools:
+            if pool.paused:
+                pool.close_idle("database paused")
+
+    def resume(self, database: str | None) -> None:
+        for entry in self.entries_of(database):
+            entry.pool.resume()
+
+    def reconnect(self, database: str | None) -> None:
+        for entry in self.entries_of(database):
+            entry.pool.reconnect("RECONNECT by admin")
+
+    def kill(self, database: str | None) -> int:
+        """Disconnect the clients and servers of these pools, which stay paused until
+        RESUME (as in PgBouncer). Returns how many clients were disconnected."""
+        killed = 0
+        for entry in self.entries_of(database):
+            pool = entry.pool
+            pool.pause()
+            for client in self.clients_of(pool):
+                client.fail(sqlstate.ADMIN_SHUTDOWN, "database killed by the administrator")
+                killed += 1
+            pool.fail_waiters(sqlstate.ADMIN_SHUTDOWN, "database killed by the administrator")
+            pool.close_all("KILL by admin")
+        return killed
+
+    def reload(self, config: Config) -> list[str]:
+        """Apply a new, already validated config to the running pooler.
+
+        Pools whose settings changed are updated in place (a change of backend address,
+        database, user or password replaces their servers as RECONNECT does); pools that
+        are gone, or whose pool_mode or prepared_statements changed, are retired: their
+        idle clients are disconnected at once and the rest after their transaction.
+        Returns one line per change that the operator should know about.
+        """
+        notes = [
+            f"{key} changed: needs a restart, the running value stays"
+            for key in self.config.restart_required_changes(config)
+        ]
+        old = self.config.general
+        new = config.general
+        if new.log_level and new.log_level != old.log_level:
+            apply_log_filter(new.log_level)
+            notes.append(f"log level set to {new.log_level}")
+        self.hba = HbaRules.parse(new.pg_hba) if new.pg_hba else None
+        self.memory.limit = new.max_memory_usage
+        previous = self.entries
+        self.config = config
+        self.entries = self._entries_from(config)
+        for key, entry in previous.items():
+            current = self.entries.get(key)
+            if current is None or current.pool is not entry.pool:
+                notes.append(f"pool {entry.pool.name} retired")
+                self._retire(entry.pool)
+        for database, user in self.entries.keys() - previous.keys():
+            notes.append(f"pool {user}@{database} added")
+        for entry in self.entries.values():
+            entry.pool.retain(0)  # opens min_pool_size servers of new pools
+        return notes
+
+    def _retire(self, pool: Pool) -> None:
+        message = "this pool was removed or changed by a configuration reload; reconnect"
+        for client in self.clients_of(pool):
+            if client.server is None:
+                client.fail(sqlstate.ADMIN_SHUTDOWN, message)
+            else:
+                client.closing_after_transaction = message
+        pool.close(message)
+        self._credentials.pop(pool, None)
+
+    def reload_file(self) -> list[str]:
+        """Reread the config file this pooler was started with and apply it."""
+        from pg_doorman.app.cli import load_checked_config
+
+        if self.config.source == "<memory>":
+            raise ConfigError("", "the configuration did not come from a file")
+        config = load_checked_config(self.config.source)
+        for warning in config.warnings:
+            logger.warning("config: %s", warning)
+        notes = self.reload(config)
+        logger.info("configuration reloaded from %s", config.source)
+        for note in notes:
+            logger.info("reload: %s", note)
+        return notes
+
+    def track(self, task: asyncio.Task[None]) -> None:
+        """Keep a background task referenced until done; cancelled at shutdown."""
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def request_shutdown(self) -> bool:
+        if self.on_shutdown_request is None:
+            return False
+        self.on_shutdown_request()
+        return True
+
+    async def _stats_loop(self) -> None:
+        last = self.loop.time()
+        while True:
+            await asyncio.sleep(STATS_PERIOD)
+            now = self.loop.time()
+            for pool in self.pools:
+                pool.stats.close_period(now - last)
+            logger.debug("stats period closed after %.1fs", now - last)
+            last = now
 
     # ---- authentication -----------------------------------------------------
 
@@ -313,6 +524,9 @@ class Pooler:
         if client is None or client.secret != secret:
             logger.info("cancel request for unknown client id %d or wrong secret: ignored", pid)
             return
+        if client.on_cancel is not None:
+            client.on_cancel()
+            return
         server = client.server
         if server is None or server.closed:
             logger.debug("cancel request for idle client %s: nothing to cancel", client.name)
@@ -344,6 +558,18 @@ class Pooler:
 
     async def start(self) -> None:
         general = self.config.general
+        # Metrics first: once clients can connect, the pooler can also be observed.
+        web = self.config.web
+        if web.enabled:
+            from pg_doorman.web.server import WebServer
+
+            self.web = WebServer(self, web.host, web.port)
+            try:
+                await self.web.start()
+            except OSError as exc:
+                raise OSError(
+                    exc.errno, f"cannot listen for metrics on {web.host}:{web.port}: {exc.strerror}"
+                ) from exc
         backlog = general.backlog or min(general.max_connections, 4096)
 
         def factory() -> ClientConnection:
@@ -370,6 +596,7 @@ class Pooler:
             os.chmod(path, int(general.unix_socket_mode, 8))
             self._servers.append(unix_server)
         self._retain_task = self.loop.create_task(self._retain_loop())
+        self._stats_task = self.loop.create_task(self._stats_loop())
         for entry in self.entries.values():
             entry.pool.retain(0)  # closes nothing, opens min_pool_size servers
         logger.info(
@@ -380,10 +607,9 @@ class Pooler:
         )
 
     async def _retain_loop(self) -> None:
-        general = self.config.general
-        interval = max(general.retain_connections_time, 100) / 1000.0
         while True:
-            await asyncio.sleep(interval)
+            # Read each time: a reload may change it.
+            await asyncio.sleep(max(self.config.general.retain_connections_time, 100) / 1000.0)
             self.retain_once()
 
     def retain_once(self) -> None:
@@ -404,13 +630,15 @@ class Pooler:
         self.shutting_down = True
         for server in self._servers:
             server.close()
+        if self.web is not None:
+            self.web.close()
         for client in list(self.clients.values()):
             if client.server is None:
                 client.fail(sqlstate.ADMIN_SHUTDOWN, "pooler is shutting down")
         if self.clients:
             logger.info("waiting up to %.0fs for %d clients to finish", timeout, len(self.clients))
             for client in list(self.clients.values()):
-                client.closing_after_transaction = True
+                client.closing_after_transaction = "pooler is shut down now"
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._drained.wait()
@@ -418,8 +646,9 @@ class Pooler:
             client.fail(sqlstate.ADMIN_SHUTDOWN, "pooler is shutting down")
         for pool in self.pools:
             pool.close("pooler is shutting down")
-        if self._retain_task is not None:
-            self._retain_task.cancel()
+        for task in (self._retain_task, self._stats_task):
+            if task is not None:
+                task.cancel()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.sleep(0)

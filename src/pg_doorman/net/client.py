@@ -111,10 +111,14 @@ class ClientConnection(asyncio.Protocol):
         self.queries = 0
         self.bytes_received = 0
         self.bytes_sent = 0
+        self.errors = 0
         self.over_limit = False
         self.admin = False
-        # Set at shutdown: close as soon as the current transaction ends.
-        self.closing_after_transaction = False
+        # What a CancelRequest for this client does when it holds no server (admin).
+        self.on_cancel: Callable[[], None] | None = None
+        # Set at shutdown or when its pool goes away: the FATAL message to close with
+        # as soon as the current transaction ends.
+        self.closing_after_transaction: str | None = None
         self._startup_buf = bytearray()
         self._inbox = AwaitableInbox(self.loop)
         self._login_task: asyncio.Task[None] | None = None
@@ -205,6 +209,8 @@ class ClientConnection(asyncio.Protocol):
         if self.state == CLOSED or self.transport is None:
             return
         logger.info("client %s: %s (%s)", self.name, message, code)
+        if self.state < IDLE:
+            self.pooler.login_failures += 1
         self.transport.write(messages.error_response("FATAL", code, message, detail=detail))
         self.close()
 
@@ -215,6 +221,10 @@ class ClientConnection(asyncio.Protocol):
     @property
     def name(self) -> str:
         return f"#c{self.client_id}"
+
+    @property
+    def transport_closed(self) -> bool:
+        return self.state == CLOSED or self.transport is None or self.transport.is_closing()
 
     @property
     def state_name(self) -> str:
@@ -757,9 +767,9 @@ class ClientConnection(asyncio.Protocol):
         self.frontend.syncs_after_execute = 0
         if self.rewriter is not None:
             self.rewriter.server = None
-        if self.closing_after_transaction:
+        if self.closing_after_transaction is not None:
             # After the reply now being relayed has been written.
-            self.loop.call_soon(self.fail, sqlstate.ADMIN_SHUTDOWN, "pooler is shut down now")
+            self.loop.call_soon(self.fail, sqlstate.ADMIN_SHUTDOWN, self.closing_after_transaction)
 
     # Pool waiter callbacks.
 

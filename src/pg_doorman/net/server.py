@@ -82,6 +82,7 @@ class ServerConnection(asyncio.Protocol):
         self.pool = pool
         self.server_id = server_id
         self.loop = loop
+        self.epoch = pool.epoch
         self.transport: asyncio.Transport | None = None
         self.mode = LOGIN
         self.parameters: dict[str, str] = {}
@@ -474,6 +475,8 @@ class ServerConnection(asyncio.Protocol):
         stats = self.pool.stats
         for _ in range(new):
             stats.record_error(code)
+        if self.client is not None:
+            self.client.errors += new
 
     def _broken(self, reason: str) -> None:
         logger.error("server %d (%s): %s", self.server_id, self.pool.name, reason)
@@ -483,6 +486,11 @@ class ServerConnection(asyncio.Protocol):
         self._retire(reason)
         if client is not None:
             client.on_server_lost(self)
+
+    @property
+    def relay_paused(self) -> bool:
+        """Reading from the server stopped because its client reads slowly."""
+        return self._reading_paused
 
     def resume_relay(self) -> None:
         if self._reading_paused and self.transport is not None:

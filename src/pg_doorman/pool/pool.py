@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from pg_doorman.prepared.registry import PoolStatements
+from pg_doorman.prepared.registry import PoolStatements, ServerStatements
 from pg_doorman.protocol import sqlstate
 from pg_doorman.stats.counters import PoolStats
 
@@ -29,8 +29,11 @@ class PooledServer(Protocol):
 
     server_id: int
     closed: bool
+    # The pool's epoch when the server was opened; RECONNECT moves the pool on.
+    epoch: int
     # Set by the pool when the server stops counting against it (exactly once).
     discarded: bool
+    statements: ServerStatements
 
     def is_usable(self, now: float) -> bool: ...
 
@@ -134,6 +137,8 @@ class Pool:
         self.probing = 0
         self.closed = False
         self.paused = False
+        # Bumped by reconnect(): servers of an older epoch are closed instead of reused.
+        self.epoch = 0
         self.last_connect_error: AcquireError | None = None
         self.server_parameters: dict[str, str] | None = None
         self.check_query_response: bytes | None = None
@@ -168,8 +173,11 @@ class Pool:
 
     def release(self, server: PooledServer, *, fresh: bool = False) -> None:
         """Take back a clean, idle server (`fresh`: just opened, serve it once anyway)."""
-        if self.closed or (not fresh and not server.is_usable(time.monotonic())):
-            self.discard(server, "lifetime reached or pool closed")
+        if self.closed or server.epoch != self.epoch or self.size > self.settings.pool_size:
+            self.discard(server, "pool closed, reconnected or shrunk")
+            return
+        if not fresh and not server.is_usable(time.monotonic()):
+            self.discard(server, "lifetime reached")
             return
         entry = self._next_waiter()
         if entry is not None:
@@ -183,7 +191,10 @@ class Pool:
         if server.discarded:
             return
         server.discarded = True
-        self.servers.discard(server)
+        if server in self.servers:
+            self.servers.remove(server)
+            self.statements.closed_hits += server.statements.hits
+            self.statements.closed_misses += server.statements.misses
         if not server.closed:
             server.close(reason)
         self.size -= 1
@@ -196,9 +207,9 @@ class Pool:
         while idle:
             server = idle.popleft() if self.settings.round_robin else idle.pop()
             state = server.checkout_state(now)
-            if not state:
+            if not state and server.epoch == self.epoch:
                 return server
-            if state == _EXPIRED:
+            if state == _EXPIRED or server.epoch != self.epoch:
                 self.discard(server, "lifetime or idle timeout reached")
             else:
                 self._probe(server)
@@ -216,8 +227,8 @@ class Pool:
 
         server.probe(done)
 
-    def _next_waiter(self) -> _WaitEntry | None:
-        if self.paused:
+    def _next_waiter(self, *, force: bool = False) -> _WaitEntry | None:
+        if self.paused and not force:
             return None
         waiters = self._waiters
         while waiters:
@@ -324,11 +335,7 @@ class Pool:
         logger.warning("pool %s: cannot connect to server: %s", self.name, err.message)
         if err.code in _PERMANENT_LOGIN_ERRORS:
             # Retrying can't help; fail everyone who waits now, with the real reason.
-            while True:
-                entry = self._next_waiter()
-                if entry is None:
-                    break
-                entry.waiter.on_acquire_error(err.code, err.message)
+            self.fail_waiters(err.code, err.message)
             return
         if self._waiters:
             # Back off a little so a down server isn't hammered; waiters keep their
@@ -370,14 +377,38 @@ class Pool:
         while self.idle:
             self.discard(self.idle.pop(), reason)
 
+    def reconnect(self, reason: str) -> None:
+        """Replace every server: idle ones close now, busy ones when given back."""
+        self.epoch += 1
+        self.close_idle(reason)
+        if self.size < self.settings.min_pool_size or self._waiters:
+            self._grow()
+
+    def close_all(self, reason: str) -> None:
+        """Close every server at once, busy ones included (KILL)."""
+        self.epoch += 1
+        self.close_idle(reason)
+        for server in list(self.servers):
+            self.discard(server, reason)
+
+    def fail_waiters(self, code: str, message: str) -> None:
+        while True:
+            entry = self._next_waiter(force=True)
+            if entry is None:
+                return
+            entry.waiter.on_acquire_error(code, message)
+
+    def update_settings(self, settings: PoolSettings) -> None:
+        """Apply reloaded settings that need no new servers (sizes, timeouts)."""
+        self.settings = settings
+        self.statements.capacity = settings.statements_cache_size
+        if self.settings.pool_size > self.size or self._waiters:
+            self._grow()
+
     def close(self, reason: str) -> None:
         """Stop the pool: fail waiters, close idle servers; active ones close on return."""
         self.closed = True
-        while True:
-            entry = self._next_waiter()
-            if entry is None:
-                break
-            entry.waiter.on_acquire_error(sqlstate.ADMIN_SHUTDOWN, reason)
+        self.fail_waiters(sqlstate.ADMIN_SHUTDOWN, reason)
         self.close_idle(reason)
         if self._wait_timer is not None:
             self._wait_timer.cancel()
@@ -388,6 +419,14 @@ class Pool:
     @property
     def name(self) -> str:
         return f"{self.settings.user}@{self.settings.database}"
+
+    def prepared_hits_misses(self) -> tuple[int, int]:
+        """Statement hits and misses of every server this pool has had."""
+        hits, misses = self.statements.closed_hits, self.statements.closed_misses
+        for server in self.servers:
+            hits += server.statements.hits
+            misses += server.statements.misses
+        return hits, misses
 
     @property
     def active(self) -> int:

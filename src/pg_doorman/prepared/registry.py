@@ -19,15 +19,20 @@ _LENGTH = struct.Struct("!I")
 class StatementEntry:
     """One distinct statement of a pool."""
 
-    __slots__ = ("hits", "key", "misses", "name", "parse_message", "query")
+    __slots__ = ("hits", "key", "kinds", "misses", "name", "parse_message", "query")
 
     def __init__(self, key: bytes, name: bytes, parse_message: bytes, query: bytes) -> None:
         self.key = key
         self.name = name  # server-side name, no NUL
         self.parse_message = parse_message  # complete Parse message under that name
         self.query = query
-        self.hits = 0  # Parses a server already had
+        self.hits = 0  # client Parses the server already had
         self.misses = 0  # Parses (or re-Parses) sent to a server
+        self.kinds = 0  # NAMED | UNNAMED: how clients have prepared it
+
+
+NAMED = 1
+UNNAMED = 2
 
 
 def statement_name(key: bytes) -> bytes:
@@ -41,11 +46,15 @@ class PoolStatements:
     keep their statements until their own LRU lets them go.
     """
 
-    __slots__ = ("_entries", "capacity")
+    __slots__ = ("_entries", "capacity", "closed_hits", "closed_misses")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._entries: OrderedDict[bytes, StatementEntry] = OrderedDict()
+        # ServerStatements counters of the pool's servers already closed: added to those
+        # of the live servers for pool totals, so counting costs the hot path nothing.
+        self.closed_hits = 0
+        self.closed_misses = 0
 
     def lookup(self, parse_body: bytes, name_end: int, context: bytes) -> StatementEntry:
         """Entry for a Parse body (`name_end`: index after the client name's NUL)."""
@@ -84,26 +93,31 @@ class ServerStatements:
     batch's Sync, so a later message of the same batch can still use them.
     """
 
-    __slots__ = ("_names", "capacity", "pending_close")
+    __slots__ = ("_names", "capacity", "hits", "misses", "pending_close")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._names: OrderedDict[bytes, None] = OrderedDict()
         self.pending_close: list[bytes] = []
+        self.hits = 0  # has() found the statement: a Parse or Bind needed no Parse
+        self.misses = 0  # add(): a Parse sent to the server
 
     def has(self, name: bytes) -> bool:
         names = self._names
         if name in names:
             names.move_to_end(name)
+            self.hits += 1
             return True
         if name in self.pending_close:
             # Used again before its Close went out: keep it after all.
             self.pending_close.remove(name)
             self._add(name)
+            self.hits += 1
             return True
         return False
 
     def add(self, name: bytes) -> None:
+        self.misses += 1
         self._add(name)
 
     def _add(self, name: bytes) -> None:

@@ -160,8 +160,10 @@ class BatchRewriter:
         entry = self.registry.lookup(body, name_end, self.context)
         if name_end > 1:
             self.named[body[: name_end - 1]] = entry
+            entry.kinds |= 1  # registry.NAMED
         else:
             self.unnamed = entry
+            entry.kinds |= 2  # registry.UNNAMED
         server = self.server
         assert server is not None
         if server.has(entry.name):

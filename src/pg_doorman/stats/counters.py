@@ -47,19 +47,30 @@ class Histogram:
             out.append((bound, running))
         return out
 
-    def quantile(self, q: float) -> float:
-        """Estimated q-quantile in seconds (linear inside the bucket), 0 when empty."""
-        if not self.total:
+    def quantile(self, q: float, since: list[int] | None = None) -> float:
+        """Estimated q-quantile in seconds (linear inside the bucket), 0 when empty.
+
+        `since`: bucket counts taken earlier; only observations after them count.
+        """
+        counts = self.counts
+        if since is not None:
+            counts = [now - then for now, then in zip(counts, since, strict=True)]
+        total = sum(counts)
+        if not total:
             return 0.0
-        rank = q * self.total
+        rank = q * total
         running = 0
         lower = 0.0
-        for bound, count in zip(BUCKETS, self.counts, strict=False):
+        for bound, count in zip(BUCKETS, counts, strict=False):
             if running + count >= rank and count:
                 return lower + (bound - lower) * (rank - running) / count
             running += count
             lower = bound
         return BUCKETS[-1]
+
+
+# Labels of the errors counter.
+ERROR_CLASSES: Final = ("08", "53", "57", "25P02", "26000", "other")
 
 
 def error_class(sqlstate: str) -> str:
@@ -72,10 +83,66 @@ def error_class(sqlstate: str) -> str:
     return "other"
 
 
+# Reported by SHOW LATENCY and the percentile gauges.
+PERCENTILES: Final = (0.5, 0.9, 0.95, 0.99)
+
+# Stats period, as in PgDoorman: averages and SHOW percentiles cover recent periods.
+STATS_PERIOD = 15.0
+
+
+class PeriodAverages:
+    """Rates (per second) and mean durations (µs) over the last closed stats period."""
+
+    __slots__ = (
+        "errors",
+        "query_count",
+        "query_time",
+        "received",
+        "sent",
+        "wait_time",
+        "xact_count",
+        "xact_time",
+    )
+
+    def __init__(self) -> None:
+        self.xact_count = 0
+        self.query_count = 0
+        self.received = 0
+        self.sent = 0
+        self.errors = 0
+        self.xact_time = 0
+        self.query_time = 0
+        self.wait_time = 0
+
+
+def _counts(stats: PoolStats) -> tuple[int, int, int, int, int, int]:
+    return (
+        stats.xact_count,
+        stats.query_count,
+        stats.bytes_received,
+        stats.bytes_sent,
+        stats.total_errors,
+        stats.wait_count,
+    )
+
+
+def _times(stats: PoolStats) -> tuple[float, float, float]:
+    return (stats.xact_time, stats.query_time, stats.wait_time)
+
+
+def _per(delta_time: float, count: int) -> int:
+    return int(delta_time / count * 1e6) if count else 0
+
+
 class PoolStats:
     """Counters of one (database, user) pool. Times are in seconds."""
 
     __slots__ = (
+        "_period_counts",
+        "_period_start_counts",
+        "_period_times",
+        "_window_base",
+        "averages",
         "bytes_received",
         "bytes_sent",
         "errors",
@@ -103,6 +170,58 @@ class PoolStats:
         self.xact_histogram = Histogram()
         self.query_histogram = Histogram()
         self.wait_histogram = Histogram()
+        self.averages = PeriodAverages()
+        self._period_counts = _counts(self)
+        self._period_times = _times(self)
+        # Histogram counts at the start of the previous period: SHOW percentiles cover
+        # the last one or two periods, never less than one full period once running.
+        zero = [0] * (len(BUCKETS) + 1)
+        self._window_base: tuple[list[int], list[int], list[int]] = (zero, zero, zero)
+        self._period_start_counts = self._window_base
+
+    def close_period(self, elapsed: float) -> None:
+        """End a stats period of `elapsed` seconds: recompute averages, move the window."""
+        counts, times = _counts(self), _times(self)
+        xacts, queries, received, sent, errors, waits = (
+            a - b for a, b in zip(counts, self._period_counts, strict=True)
+        )
+        xact_time, query_time, wait_time = (
+            a - b for a, b in zip(times, self._period_times, strict=True)
+        )
+        self._period_counts, self._period_times = counts, times
+        avg = self.averages
+        seconds = max(elapsed, 1e-9)
+        avg.xact_count = round(xacts / seconds)
+        avg.query_count = round(queries / seconds)
+        avg.received = round(received / seconds)
+        avg.sent = round(sent / seconds)
+        avg.errors = round(errors / seconds)
+        avg.xact_time = _per(xact_time, xacts)
+        avg.query_time = _per(query_time, queries)
+        avg.wait_time = _per(wait_time, waits)
+        self._window_base = self._period_start_counts
+        self._period_start_counts = (
+            list(self.query_histogram.counts),
+            list(self.xact_histogram.counts),
+            list(self.wait_histogram.counts),
+        )
+
+    def _recent(self, which: str) -> tuple[Histogram, list[int]]:
+        if which == "query":
+            return self.query_histogram, self._window_base[0]
+        if which == "transaction":
+            return self.xact_histogram, self._window_base[1]
+        return self.wait_histogram, self._window_base[2]
+
+    def recent_quantile(self, which: str, q: float) -> float:
+        """q-quantile in seconds of `query`, `transaction` or `wait` durations lately."""
+        histogram, base = self._recent(which)
+        return histogram.quantile(q, base)
+
+    def recent_count(self, which: str) -> int:
+        """How many `query`, `transaction` or `wait` durations recent_quantile covers."""
+        histogram, base = self._recent(which)
+        return histogram.total - sum(base)
 
     def record_transaction(self, seconds: float, received: int, sent: int) -> None:
         self.xact_count += 1

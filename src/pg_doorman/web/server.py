@@ -1,0 +1,90 @@
+"""The `[web]` HTTP listener: `GET /metrics` (Prometheus) and `GET /health`.
+
+A deliberately small HTTP/1.1 server: one request per connection, bounded headers and
+a read deadline, so a slow or hostile scraper costs one socket and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+from pg_doorman.web.metrics import render, snapshot
+
+if TYPE_CHECKING:
+    from pg_doorman.app.pooler import Pooler
+
+logger = logging.getLogger("pg_doorman.web")
+
+MAX_REQUEST_HEAD = 8192
+READ_TIMEOUT = 5.0
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class WebServer:
+    def __init__(self, pooler: Pooler, host: str, port: int) -> None:
+        self.pooler = pooler
+        self.host = host
+        self.port = port
+        self._server: asyncio.Server | None = None
+        self.scrapes = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._serve,
+            self.host,
+            self.port,
+            reuse_address=True,
+            reuse_port=True,
+            limit=MAX_REQUEST_HEAD,
+        )
+        logger.info("metrics on http://%s:%d/metrics", self.host, self.port)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = b""
+        try:
+            async with asyncio.timeout(READ_TIMEOUT):
+                head = await reader.readuntil(b"\r\n\r\n")
+            status, content_type, body = await self._respond(head)
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
+            status, content_type, body = "400 Bad Request", "text/plain", b"bad request\n"
+        except ConnectionError:
+            writer.close()
+            return
+        header = (
+            f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode()
+        with contextlib.suppress(ConnectionError):
+            writer.write(header + (b"" if head_only(head) else body))
+            await writer.drain()
+        writer.close()
+
+    async def _respond(self, head: bytes) -> tuple[str, str, bytes]:
+        request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        parts = request_line.split()
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            return "400 Bad Request", "text/plain", b"bad request\n"
+        method, target = parts[0], parts[1].split("?", 1)[0]
+        if method not in ("GET", "HEAD"):
+            return "405 Method Not Allowed", "text/plain", b"only GET and HEAD\n"
+        if target == "/metrics":
+            self.scrapes += 1
+            families = snapshot(self.pooler)
+            body = await asyncio.get_running_loop().run_in_executor(None, render, families)
+            return "200 OK", METRICS_CONTENT_TYPE, body
+        if target == "/health":
+            if self.pooler.shutting_down:
+                return "503 Service Unavailable", "text/plain", b"shutting down\n"
+            return "200 OK", "text/plain", b"OK\n"
+        return "404 Not Found", "text/plain", b"not found; try /metrics or /health\n"
+
+
+def head_only(head: bytes) -> bool:
+    return head.startswith(b"HEAD ")

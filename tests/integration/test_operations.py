@@ -1,0 +1,242 @@
+"""Steering a running pooler: PAUSE/RESUME, RECONNECT, KILL, RELOAD/SIGHUP, SHUTDOWN."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import psycopg
+import pytest
+
+from helpers import EXAMPLE_DB, ExamplePostgres
+from helpers import pgwire as w
+from helpers.pooler import PoolerFactory, PoolerProcess
+
+
+def admin(proc: PoolerProcess) -> w.PgWire:
+    return w.PgWire.connect(proc.host, proc.port, "admin", "pgdoorman", "admin")
+
+
+def client(proc: PoolerProcess, pg: ExamplePostgres) -> w.PgWire:
+    return w.PgWire.connect(proc.host, proc.port, pg.md5_user.name, EXAMPLE_DB, "test")
+
+
+def tags(messages: list[w.Message]) -> list[str]:
+    return [w.command_tag(p) for t, p in messages if t == b"C"]
+
+
+def notices(messages: list[w.Message]) -> list[str]:
+    return [w.error_fields(p)["M"] for t, p in messages if t == b"N"]
+
+
+def pool_row(console: w.PgWire, user: str) -> dict[str, str | None]:
+    got = console.simple_query("SHOW POOLS")
+    columns = next(w.row_description(p) for t, p in got if t == b"T")
+    rows = [dict(zip(columns, r, strict=True)) for r in w.rows(got)]
+    return next(r for r in rows if r["user"] == user)
+
+
+def test_pause_waits_for_transactions_and_resume_releases_the_queue(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    proc = pooler()
+    busy, late, console = client(proc, pg), client(proc, pg), admin(proc)
+    try:
+        busy.simple_query("begin; select 1")
+        console.send_raw(w.query("PAUSE example_db"))
+        # PAUSE says why it waits and does not finish while the transaction runs.
+        first = console.read_until(b"N")
+        assert "waiting for 1 active server connection" in notices(first)[0]
+        assert not [m for m in console.read_available(0.5) if m[0] in b"CZ"]
+        # A new transaction queues behind the pause.
+        late.send_raw(w.query("select 42"))
+        assert late.read_available(0.3) == []
+        # The open transaction may finish; then PAUSE completes.
+        assert w.first_error(busy.simple_query("select 2; commit")) is None
+        done = console.read_until_ready()
+        assert tags(done) == ["PAUSE"]
+        assert pool_row(console, pg.md5_user.name)["paused"] == "1"
+        assert pool_row(console, pg.md5_user.name)["sv_idle"] == "0"  # servers closed
+        assert late.read_available(0.3) == []
+        assert tags(console.simple_query("RESUME example_db")) == ["RESUME"]
+        got = late.read_until_ready()
+        assert w.rows(got) == [("42",)]
+        assert pool_row(console, pg.md5_user.name)["paused"] == "0"
+    finally:
+        for conn in (busy, late, console):
+            conn.close_socket()
+
+
+def test_pause_can_be_cancelled_and_unknown_database_errors(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    proc = pooler()
+    busy, console = client(proc, pg), admin(proc)
+    try:
+        busy.simple_query("begin")
+        console.send_raw(w.query("PAUSE"))
+        console.read_until(b"N")
+        assert console.backend_pid is not None and console.secret_key is not None
+        canceller = w.PgWire(proc.host, proc.port)
+        canceller.send_raw(w.cancel_request(console.backend_pid, console.secret_key))
+        canceller.close_socket()
+        got = console.read_until_ready()
+        error = w.first_error(got)
+        assert error is not None and error.sqlstate == "57014" and "RESUME" in error.message
+        assert pool_row(console, pg.md5_user.name)["paused"] == "1"
+        assert tags(console.simple_query("RESUME")) == ["RESUME"]
+        assert w.first_error(busy.simple_query("commit")) is None
+        for command in ("PAUSE nope", "RESUME nope", "RECONNECT nope", "KILL nope"):
+            error = w.first_error(console.simple_query(command))
+            assert error is not None and error.sqlstate == "3D000", command
+            assert 'No pool for database "nope"' in error.message
+    finally:
+        busy.close_socket()
+        console.close_socket()
+
+
+def test_reconnect_replaces_servers(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    proc = pooler(pools={EXAMPLE_DB: {"users": [{"username": "example_user_md5", "pool_size": 1}]}})
+    dsn = proc.dsn(pg.md5_user.name, "test")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        before = conn.execute("select pg_backend_pid()").fetchone()
+        assert before == conn.execute("select pg_backend_pid()").fetchone()
+        console = admin(proc)
+        try:
+            assert tags(console.simple_query("RECONNECT example_db")) == ["RECONNECT"]
+            after = conn.execute("select pg_backend_pid()").fetchone()
+            assert after != before
+            # A server busy during RECONNECT is replaced when its transaction ends.
+            conn.execute("begin")
+            inside = conn.execute("select pg_backend_pid()").fetchone()
+            assert tags(console.simple_query("RECONNECT")) == ["RECONNECT"]
+            assert conn.execute("select pg_backend_pid()").fetchone() == inside
+            conn.execute("commit")
+            assert conn.execute("select pg_backend_pid()").fetchone() != inside
+        finally:
+            console.close()
+
+
+def test_kill_disconnects_clients_and_servers_until_resume(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    proc = pooler()
+    idle, in_tx, console = client(proc, pg), client(proc, pg), admin(proc)
+    try:
+        idle.simple_query("select 1")
+        in_tx.simple_query("begin; select pg_backend_pid()")
+        pid_rows = w.rows(in_tx.received)
+        assert tags(console.simple_query("KILL example_db")) == ["KILL"]
+        for conn in (idle, in_tx):
+            error = w.first_error(conn.wait_closed())
+            assert error is not None and error.sqlstate == "57P01"
+        # The backend of the open transaction was closed too.
+        backend_pid = int(str(pid_rows[-1][0]))
+        with psycopg.connect(pg.dsn("postgres"), autocommit=True) as direct:
+            deadline = time.monotonic() + 5
+            while direct.execute(
+                "select count(*) from pg_stat_activity where pid = %s", (backend_pid,)
+            ).fetchone() != (0,):
+                assert time.monotonic() < deadline, "killed backend still there"
+                time.sleep(0.05)
+        row = pool_row(console, pg.md5_user.name)
+        assert (row["paused"], row["cl_idle"], row["sv_active"], row["sv_idle"]) == (
+            "1",
+            "0",
+            "0",
+            "0",
+        )
+        # New clients may log in but wait until RESUME.
+        late = client(proc, pg)
+        late.send_raw(w.query("select 7"))
+        assert late.read_available(0.3) == []
+        console.simple_query("RESUME")
+        assert w.rows(late.read_until_ready()) == [("7",)]
+        late.close()
+    finally:
+        for conn in (idle, in_tx, console):
+            conn.close_socket()
+
+
+def _user(proc: PoolerProcess, name: str) -> dict[str, Any]:
+    users: list[dict[str, Any]] = proc.config["pools"][EXAMPLE_DB]["users"]
+    return next(u for u in users if u["username"] == name)
+
+
+def test_reload_applies_changes_and_keeps_the_old_config_on_errors(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    proc = pooler()
+    user = pg.md5_user.name
+    with psycopg.connect(proc.dsn(user, "test"), autocommit=True) as conn:
+        before = conn.execute("select pg_backend_pid()").fetchone()
+        console = admin(proc)
+        try:
+            _user(proc, user)["pool_size"] = 9
+            proc.write_config()
+            got = console.simple_query("RELOAD")
+            assert tags(got) == ["RELOAD"] and w.first_error(got) is None
+            assert pool_row(console, user)["pool_size"] == "9"
+            # A size change keeps servers and clients.
+            assert conn.execute("select pg_backend_pid()").fetchone() == before
+
+            # An invalid file: an error naming the key; the running config stays.
+            proc.config["general"]["query_wait_timeout"] = "soon"
+            proc.write_config()
+            error = w.first_error(console.simple_query("RELOAD"))
+            assert error is not None and error.sqlstate == "F0000"
+            assert "general.query_wait_timeout" in error.message
+            assert pool_row(console, user)["pool_size"] == "9"
+            assert conn.execute("select 1").fetchone() == (1,)
+
+            # Backend settings changed: servers are replaced, the client stays.
+            del proc.config["general"]["query_wait_timeout"]
+            proc.config["pools"][EXAMPLE_DB]["application_name"] = "reloaded"
+            proc.write_config()
+            got = console.simple_query("RELOAD")
+            assert w.first_error(got) is None
+            row = conn.execute(
+                "select application_name from pg_stat_activity where pid = pg_backend_pid()"
+            ).fetchone()
+            assert row == ("reloaded",)
+        finally:
+            console.close()
+
+
+def test_sighup_reloads_pools_and_retires_removed_ones(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    proc = pooler()
+    scram = pg.scram_user.name
+    with psycopg.connect(proc.dsn(scram, "test"), autocommit=True) as doomed:
+        doomed.execute("select 1")
+        users = proc.config["pools"][EXAMPLE_DB]["users"]
+        proc.config["pools"][EXAMPLE_DB]["users"] = [u for u in users if u["username"] != scram]
+        proc.config["pools"]["second_db"] = {
+            "server_host": pg.host,
+            "server_port": pg.port,
+            "server_database": EXAMPLE_DB,
+            "users": [{"username": pg.md5_user.name, "password": pg.md5_user.pooler_password,
+                       "pool_size": 2}],
+        }  # fmt: skip
+        proc.write_config()
+        proc.reload()
+        proc.wait_for_log("configuration reloaded")
+        # The removed pool's idle client is told why it is disconnected.
+        with pytest.raises(psycopg.OperationalError, match="configuration reload"):
+            doomed.execute("select 1")
+    with psycopg.connect(
+        proc.dsn(pg.md5_user.name, "test", database="second_db"), autocommit=True
+    ) as conn:
+        assert conn.execute("select current_database()").fetchone() == (EXAMPLE_DB,)
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(proc.dsn(scram, "test"))
+
+
+def test_shutdown_command_stops_the_pooler(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    proc = pooler()
+    console = admin(proc)
+    got = console.simple_query("SHUTDOWN")
+    assert w.rows(got) == [("t",)] and tags(got) == ["SHUTDOWN"]
+    console.close_socket()
+    assert proc.wait_exit(15) == 0

@@ -1,0 +1,78 @@
+"""Per-pool counters: histogram buckets and quantiles, stats periods, error classes."""
+
+from __future__ import annotations
+
+import pytest
+
+from pg_doorman.stats.counters import BUCKETS, Histogram, PoolStats, error_class
+
+
+def test_histogram_buckets_are_cumulative_and_end_with_the_total() -> None:
+    hist = Histogram()
+    for seconds in (0.00005, 0.0003, 0.0003, 0.02, 100.0):
+        hist.observe(seconds)
+    cumulative = hist.cumulative()
+    assert len(cumulative) == len(BUCKETS) + 1
+    assert cumulative[0] == (0.0001, 1)
+    assert dict(cumulative)[0.0005] == 3
+    assert dict(cumulative)[0.025] == 4
+    assert cumulative[-1] == (float("inf"), 5)  # 100 s lands in +Inf
+    assert hist.total == 5 and hist.sum == pytest.approx(100.02065)
+
+
+def test_quantiles_interpolate_inside_the_bucket() -> None:
+    hist = Histogram()
+    for _ in range(100):
+        hist.observe(0.003)  # bucket (0.0025, 0.005]
+    assert 0.0025 < hist.quantile(0.5) <= 0.005
+    assert hist.quantile(0.99) <= 0.005
+    assert Histogram().quantile(0.5) == 0.0
+
+
+def test_quantile_since_counts_only_later_observations() -> None:
+    hist = Histogram()
+    for _ in range(1000):
+        hist.observe(2.0)
+    before = list(hist.counts)
+    for _ in range(10):
+        hist.observe(0.0002)
+    assert hist.quantile(0.99) > 1.0
+    assert hist.quantile(0.99, before) <= 0.00025
+
+
+def test_stats_period_averages_and_recent_window() -> None:
+    stats = PoolStats()
+    for _ in range(30):
+        stats.record_transaction(0.002, received=100, sent=300)
+        stats.record_query(0.002)
+        stats.record_no_wait()
+    stats.record_wait(0.5)
+    stats.record_error("08006")
+    stats.close_period(15.0)
+    avg = stats.averages
+    assert (avg.xact_count, avg.query_count) == (2, 2)  # 30 in 15 s
+    assert (avg.received, avg.sent) == (200, 600)
+    assert avg.xact_time == 2000 and avg.query_time == 2000  # µs
+    assert avg.wait_time == 500_000 // 31
+    # The window is the last closed period plus the running one.
+    assert stats.recent_count("transaction") == 30
+    stats.record_transaction(0.2, received=1, sent=1)
+    assert stats.recent_count("transaction") == 31
+    for _ in range(9):
+        stats.record_transaction(0.2, received=1, sent=1)
+    stats.close_period(15.0)
+    assert stats.averages.xact_time == 200_000 and stats.averages.xact_count == 1
+    assert stats.recent_count("transaction") == 10
+    assert stats.recent_quantile("transaction", 0.5) > 0.1
+    stats.close_period(15.0)  # an idle period
+    assert stats.averages.xact_count == 0 and stats.averages.xact_time == 0
+    assert stats.recent_count("transaction") == 0
+
+
+@pytest.mark.parametrize(
+    ("code", "label"),
+    [("08006", "08"), ("53300", "53"), ("57P01", "57"), ("25P02", "25P02"),
+     ("26000", "26000"), ("22012", "other"), ("42P01", "other")],
+)  # fmt: skip
+def test_error_classes(code: str, label: str) -> None:
+    assert error_class(code) == label
