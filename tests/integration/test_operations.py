@@ -240,3 +240,74 @@ def test_shutdown_command_stops_the_pooler(pg: ExamplePostgres, pooler: PoolerFa
     assert w.rows(got) == [("t",)] and tags(got) == ["SHUTDOWN"]
     console.close_socket()
     assert proc.wait_exit(15) == 0
+
+
+def test_reload_and_reconnect_under_load_lose_nothing(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """Clients keep running transactions while the pool shrinks, grows and reconnects:
+    every transaction succeeds and the pool ends within its new size."""
+    import threading
+
+    proc = pooler()
+    user = pg.md5_user.name
+    errors: list[BaseException] = []
+    done = [0]
+    stop = threading.Event()
+
+    def worker() -> None:
+        try:
+            with psycopg.connect(proc.dsn(user, "test"), autocommit=True) as conn:
+                while not stop.is_set():
+                    with conn.transaction():
+                        row = conn.execute("select %s::int + 1", (done[0],)).fetchone()
+                        assert row is not None
+                    done[0] += 1
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    console = admin(proc)
+    try:
+        for size in (1, 4, 2):
+            time.sleep(0.3)
+            _user(proc, user)["pool_size"] = size
+            proc.write_config()
+            assert w.first_error(console.simple_query("RELOAD")) is None
+            time.sleep(0.3)
+            assert tags(console.simple_query("RECONNECT")) == ["RECONNECT"]
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+    try:
+        assert not errors, errors
+        assert done[0] > 50
+        row = pool_row(console, user)
+        assert row["pool_size"] == "2"
+        assert int(row["sv_active"] or 0) + int(row["sv_idle"] or 0) <= 2
+    finally:
+        console.close()
+
+
+def test_console_that_vanishes_during_pause_leaves_the_pooler_working(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    proc = pooler()
+    busy, console = client(proc, pg), admin(proc)
+    try:
+        busy.simple_query("begin")
+        console.send_raw(w.query("PAUSE example_db"))
+        console.read_until(b"N")
+        console.close_socket()  # gone while PAUSE waits
+        assert w.first_error(busy.simple_query("select 1; commit")) is None
+        second = admin(proc)
+        assert pool_row(second, pg.md5_user.name)["paused"] == "1"  # the pause holds
+        assert tags(second.simple_query("RESUME")) == ["RESUME"]
+        assert w.rows(busy.simple_query("select 5")) == [("5",)]
+        second.close()
+    finally:
+        busy.close_socket()
