@@ -173,10 +173,19 @@ def test_reload_applies_changes_and_keeps_the_old_config_on_errors(
         console = admin(proc)
         try:
             _user(proc, user)["pool_size"] = 9
-            proc.write_config()
+            running_port = proc.port
+            proc.write_config(
+                {**proc.config, "general": {**proc.config["general"], "port": running_port + 1}}
+            )
             got = console.simple_query("RELOAD")
             assert tags(got) == ["RELOAD"] and w.first_error(got) is None
             assert pool_row(console, user)["pool_size"] == "9"
+            # The port needs a restart: the reload says so and keeps the running one.
+            assert any("general.port" in n and "restart" in n for n in notices(got))
+            config_rows = console.simple_query("SHOW CONFIG")
+            port_row = next(r for r in w.rows(config_rows) if r[0] == "general.port")
+            assert port_row[1] == str(running_port)
+            proc.config["general"]["port"] = running_port
             # A size change keeps servers and clients.
             assert conn.execute("select pg_backend_pid()").fetchone() == before
 

@@ -11,7 +11,7 @@ import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv6Address
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pg_doorman.app.logsetup import apply_log_filter
 from pg_doorman.auth.hba import HbaRules, legacy_hba_allows
@@ -139,6 +139,20 @@ def _backend_identity(s: PoolSettings) -> tuple[object, ...]:
         s.server_user,
         s.application_name,
         sorted(s.startup_parameters.items()),
+    )
+
+
+def _keep_running_values(running: Config, new: Config, keys: list[str]) -> Config:
+    """`new` with the running values of keys only a restart can change, so that what
+    SHOW CONFIG reports is what is in effect."""
+    kept: dict[str, dict[str, Any]] = {"general": {}, "web": {}}
+    for key in keys:
+        section, name = key.split(".", 1)
+        kept[section][name] = getattr(getattr(running, section), name)
+    return replace(
+        new,
+        general=replace(new.general, **kept["general"]),
+        web=replace(new.web, **kept["web"]),
     )
 
 
@@ -334,10 +348,9 @@ class Pooler:
         idle clients are disconnected at once and the rest after their transaction.
         Returns one line per change that the operator should know about.
         """
-        notes = [
-            f"{key} changed: needs a restart, the running value stays"
-            for key in self.config.restart_required_changes(config)
-        ]
+        restart_keys = self.config.restart_required_changes(config)
+        notes = [f"{key} changed: needs a restart, the running value stays" for key in restart_keys]
+        config = _keep_running_values(self.config, config, restart_keys)
         old = self.config.general
         new = config.general
         if new.log_level and new.log_level != old.log_level:
