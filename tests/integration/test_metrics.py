@@ -214,3 +214,19 @@ def _panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
         out.append(panel)
         stack.extend(panel.get("panels", []))
     return out
+
+
+def test_health_says_503_while_draining(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    import signal
+
+    proc, port = web_pooler(pooler)
+    with psycopg.connect(proc.dsn(pg.md5_user.name, "test")) as conn:
+        conn.execute("select 1")  # a transaction stays open: shutdown waits for it
+        proc.send_signal(signal.SIGTERM)
+        proc.wait_for_log("waiting up to")
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10)
+        assert info.value.code == 503
+        assert "pg_doorman_pools_clients" in scrape(port)  # metrics still served
+        conn.commit()
+    assert proc.wait_exit(15) == 0

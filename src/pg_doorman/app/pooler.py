@@ -643,8 +643,6 @@ class Pooler:
         self.shutting_down = True
         for server in self._servers:
             server.close()
-        if self.web is not None:
-            self.web.close()
         for client in list(self.clients.values()):
             if client.server is None:
                 client.fail(sqlstate.ADMIN_SHUTDOWN, "pooler is shutting down")
@@ -659,6 +657,9 @@ class Pooler:
             client.fail(sqlstate.ADMIN_SHUTDOWN, "pooler is shutting down")
         for pool in self.pools:
             pool.close("pooler is shutting down")
+        if self.web is not None:
+            # Open until here: /health says 503 and /metrics still serve while draining.
+            self.web.close()
         for task in (self._retain_task, self._stats_task):
             if task is not None:
                 task.cancel()
