@@ -309,3 +309,30 @@ def test_psql_catalog_queries_are_answered_harmlessly(
     assert result.returncode == 0, result.stderr
     assert "Did not find any relations" in result.stderr
     assert "example_user_md5" in result.stdout
+
+
+def test_console_survives_arbitrary_input(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    """Random statements built from the console's words and junk: each gets a result or
+    an ERROR, always followed by ReadyForQuery, and the session stays usable."""
+    import random
+
+    words = [
+        "SHOW", "SET", "PAUSE", "RESUME", "RECONNECT", "KILL", "RELOAD", "SELECT", "WITH",
+        "pools", "stats", "log_level", "=", "TO", "'info'", "'nope'", "example_db", "nope",
+        "pg_catalog", "\"x\"", "''", "\x00x", "é", "1", ";", "--", "\\", "(", ")",
+    ]  # fmt: skip
+    rng = random.Random(4242)
+    proc = pooler()
+    console = admin(proc)
+    try:
+        for _ in range(300):
+            text = " ".join(rng.choice(words) for _ in range(rng.randint(0, 5)))
+            if "KILL" in text.upper() or "PAUSE" in text.upper():
+                continue  # they act on the pools; covered by test_operations.py
+            got = console.simple_query(text.replace("\x00", ""))
+            assert got[-1][0] == b"Z", text
+            errors = [p for t, p in got if t == b"E"]
+            assert all(w.error_fields(p)["S"] == "ERROR" for p in errors), text
+        assert show(console, "VERSION")[1]
+    finally:
+        console.close()

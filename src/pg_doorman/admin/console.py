@@ -138,6 +138,14 @@ class AdminConsole:
             except AdminError as exc:
                 replies.append(messages.error_response("ERROR", exc.code, exc.message))
                 break
+            except Exception:  # a bug here must not leave the console without an answer
+                logger.exception("admin command failed: %s", statement)
+                replies.append(
+                    messages.error_response(
+                        "ERROR", sqlstate.INTERNAL_ERROR, f"internal error running: {statement}"
+                    )
+                )
+                break
         replies.append(messages.READY_IDLE)
         return b"".join(replies)
 
