@@ -70,7 +70,7 @@ class AdminConsole:
         self.pooler = pooler
         self.client = client
         self._inbox = MessageBuffer()
-        self._tables = ShowTables(pooler).tables()
+        self._tables = ShowTables(pooler)
         self._queries: deque[str] = deque()
         self._worker: asyncio.Task[None] | None = None
         self._waiting: asyncio.Future[None] | None = None
@@ -154,10 +154,14 @@ class AdminConsole:
         command = words[0].lower()
         args = words[1:]
         if command == "show" and len(args) == 1:
-            table = self._tables.get(args[0].lower())
-            if table is not None:
-                columns, rows = table()
-                return result(columns, rows, "SHOW")
+            name = args[0].lower()
+            local = self._tables.local.get(name)
+            if local is not None:
+                return result(*local(), "SHOW")
+            from_snapshot = self._tables.from_snapshot.get(name)
+            if from_snapshot is not None:
+                snapshot = await self.pooler.cluster_snapshot()
+                return result(*from_snapshot(snapshot), "SHOW")
         elif command == "set":
             return self._set(statement)
         elif command in ("pause", "resume", "reconnect", "kill") and len(args) <= 1:

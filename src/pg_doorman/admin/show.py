@@ -10,25 +10,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from pg_doorman import __version__
+from pg_doorman.admin.snapshot import PoolData, Snapshot
 from pg_doorman.config import RESTART_REQUIRED, GeneralConfig, PoolConfig, WebConfig
 from pg_doorman.config.loader import (
     GENERAL_NOT_IMPLEMENTED,
     POOL_NOT_IMPLEMENTED,
     WEB_NOT_IMPLEMENTED,
 )
-from pg_doorman.net.server import ServerConnection
 from pg_doorman.prepared.registry import NAMED, UNNAMED
-from pg_doorman.stats.counters import PERCENTILES
+from pg_doorman.stats.counters import PERCENTILES, quantile_of
 
 if TYPE_CHECKING:
-    from pg_doorman.app.pooler import PoolEntry, Pooler
-    from pg_doorman.net.client import ClientConnection
-    from pg_doorman.pool.pool import Pool
+    from pg_doorman.app.pooler import Pooler
 
 TEXT: Final = 25
 INT8: Final = 20
@@ -60,46 +57,31 @@ def _micros(seconds: float) -> int:
 
 
 class ShowTables:
-    """Every SHOW table of one pooler."""
+    """Every SHOW table: some read the config, the rest a (merged) snapshot."""
 
     def __init__(self, pooler: Pooler) -> None:
         self.pooler = pooler
-
-    def tables(self) -> dict[str, Callable[[], Table]]:
-        return {
+        self.local: dict[str, Callable[[], Table]] = {
             "help": self.help,
             "config": self.config,
-            "databases": self.databases,
-            "pools": self.pools,
-            "pools_extended": self.pools_extended,
-            "pools_memory": self.pools_memory,
-            "pool_memory": self.pools_memory,
-            "clients": self.clients,
-            "servers": self.servers,
-            "stats": self.stats,
-            "connections": self.connections,
-            "lists": self.lists,
             "users": self.users,
             "version": self.version,
             "log_level": self.log_level,
-            "prepared_statements": self.prepared_statements,
-            "latency": self.latency,
         }
-
-    # ---- helpers ------------------------------------------------------------
-
-    def _pool_clients(self) -> dict[Pool, list[ClientConnection]]:
-        by_pool: dict[Pool, list[ClientConnection]] = {}
-        for client in self.pooler.clients.values():
-            if client.pool is not None:
-                by_pool.setdefault(client.pool, []).append(client)
-        return by_pool
-
-    def _entries(self) -> Iterator[tuple[str, str, PoolEntry]]:
-        for (database, user), entry in self.pooler.entries.items():
-            yield database, user, entry
-
-    # ---- tables -------------------------------------------------------------
+        self.from_snapshot: dict[str, Callable[[Snapshot], Table]] = {
+            "databases": databases,
+            "pools": pools,
+            "pools_extended": pools_extended,
+            "pools_memory": pools_memory,
+            "pool_memory": pools_memory,
+            "clients": clients,
+            "servers": servers,
+            "stats": stats,
+            "connections": connections,
+            "lists": lists,
+            "prepared_statements": prepared_statements,
+            "latency": latency,
+        }
 
     def help(self) -> Table:
         items = [
@@ -132,249 +114,11 @@ class ShowTables:
         rows.extend(_settings_rows("web", config.web, WebConfig(), WEB_NOT_IMPLEMENTED))
         return _text(["key", "value", "default", "changeable"]), rows
 
-    def databases(self) -> Table:
-        by_pool = self._pool_clients()
-        rows: Rows = []
-        for database, user, entry in self._entries():
-            s = entry.pool.settings
-            rows.append(
-                [
-                    database, s.server_host, s.server_port, s.server_database, user,
-                    s.pool_size, s.min_pool_size, 0, s.pool_mode, s.pool_size,
-                    entry.pool.size, len(by_pool.get(entry.pool, ())), int(entry.pool.paused),
-                ]
-            )  # fmt: skip
-        columns = _typed(
-            "name", "host", "port:int", "database", "force_user", "pool_size:int",
-            "min_pool_size:int", "reserve_pool:int", "pool_mode", "max_connections:int",
-            "current_connections:int", "current_client_connections:int", "paused:int",
-        )  # fmt: skip
-        return columns, rows
-
-    def pools(self) -> Table:
-        by_pool = self._pool_clients()
-        now = time.monotonic()
-        loop_now = self.pooler.loop.time()
-        rows: Rows = []
-        for database, user, entry in self._entries():
-            pool = entry.pool
-            clients = by_pool.get(pool, [])
-            states = [c.state_name for c in clients]
-            maxwait = pool.oldest_wait(loop_now)
-            rows.append(
-                [
-                    database, user, pool.settings.pool_mode,
-                    states.count("idle"), states.count("active"), states.count("waiting"), 0,
-                    pool.active, len(pool.idle), _used_servers(pool, now), pool.connecting,
-                    pool.settings.pool_size, int(maxwait), _micros(maxwait) % 1_000_000,
-                    pool.stats.averages.xact_time, int(pool.paused), 0,
-                    int(_oldest_active(pool, now) * 1000),
-                ]
-            )  # fmt: skip
-        columns = _typed(
-            "database", "user", "pool_mode", "cl_idle:int", "cl_active:int", "cl_waiting:int",
-            "cl_cancel_req:int", "sv_active:int", "sv_idle:int", "sv_used:int", "sv_login:int",
-            "pool_size:int", "maxwait:int", "maxwait_us:int", "avg_xact_time:int",
-            "paused:int", "fallback_active:int", "oldest_active_age_ms:int",
-        )  # fmt: skip
-        return columns, rows
-
-    def pools_extended(self) -> Table:
-        by_pool = self._pool_clients()
-        now = time.monotonic()
-        loop_now = self.pooler.loop.time()
-        rows: Rows = []
-        for database, user, entry in self._entries():
-            pool = entry.pool
-            st = pool.stats
-            states = [c.state_name for c in by_pool.get(pool, [])]
-            maxwait = pool.oldest_wait(loop_now)
-            row: list[object] = [
-                database, user, states.count("active"), states.count("waiting"),
-                pool.active, len(pool.idle), _used_servers(pool, now), pool.connecting,
-                pool.settings.pool_size, int(maxwait), _micros(maxwait) % 1_000_000,
-                pool.settings.pool_mode, st.bytes_received, st.bytes_sent,
-            ]  # fmt: skip
-            for q in (0.99, 0.95, 0.5):
-                row.append(_micros(st.recent_quantile("query", q)))
-                row.append(_micros(st.recent_quantile("transaction", q)))
-            rows.append(row)
-        columns = _typed(
-            "database", "user", "cl_active:int", "cl_waiting:int", "sv_active:int",
-            "sv_idle:int", "sv_used:int", "sv_login:int", "pool_size:int", "maxwait:int",
-            "maxwait_us:int", "pool_mode", "bytes_received:int", "bytes_sent:int",
-            "query_0.99:int", "transaction_0.99:int", "query_0.95:int",
-            "transaction_0.95:int", "query_0.5:int", "transaction_0.5:int",
-        )  # fmt: skip
-        return columns, rows
-
-    def pools_memory(self) -> Table:
-        by_pool = self._pool_clients()
-        rows: Rows = []
-        for database, user, entry in self._entries():
-            pool = entry.pool
-            named = anonymous = held_bytes = 0
-            for client in by_pool.get(pool, []):
-                rewriter = client.rewriter
-                if rewriter is None:
-                    continue
-                named += len(rewriter.named)
-                held_bytes += sum(len(e.parse_message) for e in rewriter.named.values())
-                if rewriter.unnamed is not None:
-                    anonymous += 1
-                    held_bytes += len(rewriter.unnamed.parse_message)
-            rows.append(
-                [
-                    database, user, len(pool.statements), pool.statements.bytes,
-                    named + anonymous, held_bytes, named, anonymous, 0, 0,
-                ]
-            )  # fmt: skip
-        columns = _typed(
-            "database", "user", "pool_prepared_count:int", "pool_prepared_bytes:int",
-            "client_prepared_count:int", "client_prepared_bytes:int", "client_named_count:int",
-            "client_anonymous_count:int", "client_anonymous_evictions_alive:int",
-            "async_clients:int",
-        )  # fmt: skip
-        return columns, rows
-
-    def latency(self) -> Table:
-        """Percentiles of each pool's durations over the recent stats periods."""
-        rows: Rows = []
-        for database, user, entry in self._entries():
-            st = entry.pool.stats
-            for kind in ("query", "transaction", "wait"):
-                row: list[object] = [database, user, kind, st.recent_count(kind)]
-                row += [_micros(st.recent_quantile(kind, q)) for q in PERCENTILES]
-                rows.append(row)
-        columns = _typed("database", "user", "kind", "count:int", *(
-            f"p{round(q * 100)}:int" for q in PERCENTILES
-        ))  # fmt: skip
-        return columns, rows
-
-    def prepared_statements(self) -> Table:
-        rows: Rows = []
-        kinds = {NAMED: "named", UNNAMED: "anonymous", NAMED | UNNAMED: "mixed"}
-        for _, _, entry in self._entries():
-            pool = entry.pool
-            for statement in pool.statements.entries():
-                name = statement.name.decode()
-                rows.append(
-                    [
-                        pool.name, name.removeprefix("DOORMAN_"), name,
-                        statement.query.decode("utf-8", "replace"),
-                        statement.hits + statement.misses, kinds.get(statement.kinds, "-"),
-                        statement.hits, statement.misses,
-                    ]
-                )  # fmt: skip
-        columns = _typed(
-            "pool", "hash", "name", "query", "count_used:int", "kind", "hits:int", "misses:int"
-        )
-        return columns, rows
-
-    def clients(self) -> Table:
-        now = time.monotonic()
-        rows: Rows = []
-        for c in self.pooler.clients.values():
-            state = c.state_name
-            wait = "idle"
-            if c.write_paused:
-                wait = "write"
-            elif state in ("active", "waiting"):
-                wait = "read"
-            rows.append(
-                [
-                    c.name, c.database, c.user, c.application_name, c.address or "unix",
-                    c.port, "false", state, wait, c.transactions, c.queries, c.errors,
-                    int(now - c.connected_at),
-                ]
-            )  # fmt: skip
-        columns = _typed(
-            "client_id", "database", "user", "application_name", "addr", "port:int", "tls",
-            "state", "wait", "transaction_count:int", "query_count:int", "error_count:int",
-            "age_seconds:int",
-        )  # fmt: skip
-        return columns, rows
-
-    def servers(self) -> Table:
-        now = time.monotonic()
-        rows: Rows = []
-        for _, _, entry in self._entries():
-            pool = entry.pool
-            for server in pool.servers:
-                assert isinstance(server, ServerConnection)
-                state = server.state_name
-                wait = "write" if server.relay_paused else "read" if server.client else "idle"
-                rows.append(
-                    [
-                        f"0x{server.server_id:08X}", server.backend_pid,
-                        pool.settings.database, pool.settings.user,
-                        server.parameters.get("application_name", ""), "false", state, wait,
-                        server.transactions, server.queries, server.bytes_sent,
-                        server.bytes_received, int(now - server.created),
-                        server.statements.hits, server.statements.misses,
-                        len(server.statements),
-                    ]
-                )  # fmt: skip
-        columns = _typed(
-            "server_id", "server_process_id:int", "database_name", "user", "application_name",
-            "tls", "state", "wait", "transaction_count:int", "query_count:int",
-            "bytes_sent:int", "bytes_received:int", "age_seconds:int", "prepare_cache_hit:int",
-            "prepare_cache_miss:int", "prepare_cache_size:int",
-        )  # fmt: skip
-        return columns, rows
-
-    def stats(self) -> Table:
-        rows: Rows = []
-        for database, user, entry in self._entries():
-            st = entry.pool.stats
-            avg = st.averages
-            rows.append(
-                [
-                    database, user, st.xact_count, st.query_count, st.bytes_received,
-                    st.bytes_sent, _micros(st.xact_time), _micros(st.query_time),
-                    _micros(st.wait_time), st.total_errors, avg.xact_count, avg.query_count,
-                    avg.received, avg.sent, avg.errors, avg.xact_time, avg.query_time,
-                    avg.wait_time,
-                ]
-            )  # fmt: skip
-        columns = _typed(
-            "database", "user", "total_xact_count:int", "total_query_count:int",
-            "total_received:int", "total_sent:int", "total_xact_time:int",
-            "total_query_time:int", "total_wait_time:int", "total_errors:int",
-            "avg_xact_count:int", "avg_query_count:int", "avg_recv:int", "avg_sent:int",
-            "avg_errors:int", "avg_xact_time:int", "avg_query_time:int", "avg_wait_time:int",
-        )  # fmt: skip
-        return columns, rows
-
-    def connections(self) -> Table:
-        p = self.pooler
-        plain = p.accepted_total - p.cancel_requests
-        columns = _typed("total:int", "errors:int", "tls:int", "plain:int", "cancel:int")
-        return columns, [[p.accepted_total, p.login_failures, 0, plain, p.cancel_requests]]
-
-    def lists(self) -> Table:
-        p = self.pooler
-        states = [c.state_name for c in p.clients.values()]
-        free_servers = sum(len(e.pool.idle) for e in p.entries.values())
-        all_servers = sum(len(e.pool.servers) for e in p.entries.values())
-        items = [
-            ("databases", len({db for db, _ in p.entries})),
-            ("users", len({user for _, user in p.entries})),
-            ("pools", len(p.entries)),
-            ("free_clients", states.count("idle")),
-            ("used_clients", states.count("active") + states.count("waiting")),
-            ("login_clients", states.count("startup") + states.count("login")),
-            ("free_servers", free_servers),
-            ("used_servers", all_servers - free_servers),
-            ("dns_names", 0),
-            ("dns_zones", 0),
-            ("dns_queries", 0),
-            ("dns_pending", 0),
-        ]
-        return _typed("list", "items:int"), [list(item) for item in items]
-
     def users(self) -> Table:
-        rows: Rows = [[user, e.pool.settings.pool_mode] for _, user, e in self._entries()]
+        rows: Rows = [
+            [user, entry.pool.settings.pool_mode]
+            for (_, user), entry in self.pooler.entries.items()
+        ]
         return _text(["name", "pool_mode"]), rows
 
     def version(self) -> Table:
@@ -384,18 +128,195 @@ class ShowTables:
         return _text(["log_level"]), [[current_log_level()]]
 
 
-def _used_servers(pool: Pool, now: float) -> int:
-    """Idle servers due for the idle check before their next use, and those in it."""
-    due = sum(1 for server in pool.idle if server.checkout_state(now) == 2)
-    return due + pool.probing
+def _maxwait(p: PoolData) -> tuple[int, int]:
+    """maxwait split as PgBouncer shows it: whole seconds and the microseconds beyond."""
+    micros = _micros(p["maxwait"])
+    return micros // 1_000_000, micros % 1_000_000
 
 
-def _oldest_active(pool: Pool, now: float) -> float:
-    oldest = 0.0
-    for server in pool.servers:
-        if isinstance(server, ServerConnection) and server.client is not None:
-            oldest = max(oldest, now - server.xact_started)
-    return oldest
+def _recent_quantile(p: PoolData, kind: str, q: float) -> int:
+    h = p["histograms"][kind]
+    return _micros(quantile_of(h["counts"], q, h["base"]))
+
+
+def databases(snap: Snapshot) -> Table:
+    rows: Rows = [
+        [
+            p["database"], p["server_host"], p["server_port"], p["server_database"], p["user"],
+            p["pool_size"], p["min_pool_size"], 0, p["pool_mode"], p["pool_size"], p["size"],
+            p["clients"], p["paused"],
+        ]
+        for p in snap["pools"]
+    ]  # fmt: skip
+    columns = _typed(
+        "name", "host", "port:int", "database", "force_user", "pool_size:int",
+        "min_pool_size:int", "reserve_pool:int", "pool_mode", "max_connections:int",
+        "current_connections:int", "current_client_connections:int", "paused:int",
+    )  # fmt: skip
+    return columns, rows
+
+
+def pools(snap: Snapshot) -> Table:
+    rows: Rows = [
+        [
+            p["database"], p["user"], p["pool_mode"], p["cl_idle"], p["cl_active"],
+            p["cl_waiting"], 0, p["sv_active"], p["sv_idle"], p["sv_used"], p["sv_login"],
+            p["pool_size"], *_maxwait(p), p["averages"]["xact_time"], p["paused"], 0,
+            int(p["oldest_active"] * 1000),
+        ]
+        for p in snap["pools"]
+    ]  # fmt: skip
+    columns = _typed(
+        "database", "user", "pool_mode", "cl_idle:int", "cl_active:int", "cl_waiting:int",
+        "cl_cancel_req:int", "sv_active:int", "sv_idle:int", "sv_used:int", "sv_login:int",
+        "pool_size:int", "maxwait:int", "maxwait_us:int", "avg_xact_time:int",
+        "paused:int", "fallback_active:int", "oldest_active_age_ms:int",
+    )  # fmt: skip
+    return columns, rows
+
+
+def pools_extended(snap: Snapshot) -> Table:
+    rows: Rows = []
+    for p in snap["pools"]:
+        row: list[object] = [
+            p["database"], p["user"], p["cl_active"], p["cl_waiting"], p["sv_active"],
+            p["sv_idle"], p["sv_used"], p["sv_login"], p["pool_size"], *_maxwait(p),
+            p["pool_mode"], p["bytes_received"], p["bytes_sent"],
+        ]  # fmt: skip
+        for q in (0.99, 0.95, 0.5):
+            row.append(_recent_quantile(p, "query", q))
+            row.append(_recent_quantile(p, "transaction", q))
+        rows.append(row)
+    columns = _typed(
+        "database", "user", "cl_active:int", "cl_waiting:int", "sv_active:int",
+        "sv_idle:int", "sv_used:int", "sv_login:int", "pool_size:int", "maxwait:int",
+        "maxwait_us:int", "pool_mode", "bytes_received:int", "bytes_sent:int",
+        "query_0.99:int", "transaction_0.99:int", "query_0.95:int",
+        "transaction_0.95:int", "query_0.5:int", "transaction_0.5:int",
+    )  # fmt: skip
+    return columns, rows
+
+
+def pools_memory(snap: Snapshot) -> Table:
+    rows: Rows = [
+        [
+            p["database"], p["user"], len(p["statements"]),
+            sum(row[5] for row in p["statements"]),
+            p["client_named"] + p["client_anonymous"], p["client_prepared_bytes"],
+            p["client_named"], p["client_anonymous"], 0, 0,
+        ]
+        for p in snap["pools"]
+    ]  # fmt: skip
+    columns = _typed(
+        "database", "user", "pool_prepared_count:int", "pool_prepared_bytes:int",
+        "client_prepared_count:int", "client_prepared_bytes:int", "client_named_count:int",
+        "client_anonymous_count:int", "client_anonymous_evictions_alive:int",
+        "async_clients:int",
+    )  # fmt: skip
+    return columns, rows
+
+
+def latency(snap: Snapshot) -> Table:
+    """Percentiles of each pool's durations over the recent stats periods."""
+    rows: Rows = []
+    for p in snap["pools"]:
+        for kind in ("query", "transaction", "wait"):
+            h = p["histograms"][kind]
+            count = sum(h["counts"]) - sum(h["base"])
+            row: list[object] = [p["database"], p["user"], kind, count]
+            row += [_recent_quantile(p, kind, q) for q in PERCENTILES]
+            rows.append(row)
+    columns = _typed("database", "user", "kind", "count:int", *(
+        f"p{round(q * 100)}:int" for q in PERCENTILES
+    ))  # fmt: skip
+    return columns, rows
+
+
+def prepared_statements(snap: Snapshot) -> Table:
+    rows: Rows = []
+    kinds = {NAMED: "named", UNNAMED: "anonymous", NAMED | UNNAMED: "mixed"}
+    for p in snap["pools"]:
+        for name, query, hits, misses, kind, _ in p["statements"]:
+            rows.append(
+                [
+                    f"{p['user']}@{p['database']}", name.removeprefix("DOORMAN_"), name, query,
+                    hits + misses, kinds.get(kind, "-"), hits, misses,
+                ]
+            )  # fmt: skip
+    columns = _typed(
+        "pool", "hash", "name", "query", "count_used:int", "kind", "hits:int", "misses:int"
+    )
+    return columns, rows
+
+
+def clients(snap: Snapshot) -> Table:
+    columns = _typed(
+        "client_id", "database", "user", "application_name", "addr", "port:int", "tls",
+        "state", "wait", "transaction_count:int", "query_count:int", "error_count:int",
+        "age_seconds:int",
+    )  # fmt: skip
+    return columns, list(snap["clients"])
+
+
+def servers(snap: Snapshot) -> Table:
+    columns = _typed(
+        "server_id", "server_process_id:int", "database_name", "user", "application_name",
+        "tls", "state", "wait", "transaction_count:int", "query_count:int",
+        "bytes_sent:int", "bytes_received:int", "age_seconds:int", "prepare_cache_hit:int",
+        "prepare_cache_miss:int", "prepare_cache_size:int",
+    )  # fmt: skip
+    return columns, list(snap["servers"])
+
+
+def stats(snap: Snapshot) -> Table:
+    rows: Rows = []
+    for p in snap["pools"]:
+        avg = p["averages"]
+        rows.append(
+            [
+                p["database"], p["user"], p["xact_count"], p["query_count"],
+                p["bytes_received"], p["bytes_sent"], _micros(p["xact_time"]),
+                _micros(p["query_time"]), _micros(p["wait_time"]), sum(p["errors"].values()),
+                avg["xact_count"], avg["query_count"], avg["received"], avg["sent"],
+                avg["errors"], avg["xact_time"], avg["query_time"], avg["wait_time"],
+            ]
+        )  # fmt: skip
+    columns = _typed(
+        "database", "user", "total_xact_count:int", "total_query_count:int",
+        "total_received:int", "total_sent:int", "total_xact_time:int",
+        "total_query_time:int", "total_wait_time:int", "total_errors:int",
+        "avg_xact_count:int", "avg_query_count:int", "avg_recv:int", "avg_sent:int",
+        "avg_errors:int", "avg_xact_time:int", "avg_query_time:int", "avg_wait_time:int",
+    )  # fmt: skip
+    return columns, rows
+
+
+def connections(snap: Snapshot) -> Table:
+    plain = snap["accepted"] - snap["cancel_requests"]
+    columns = _typed("total:int", "errors:int", "tls:int", "plain:int", "cancel:int")
+    row = [snap["accepted"], snap["login_failures"], 0, plain, snap["cancel_requests"]]
+    return columns, [row]
+
+
+def lists(snap: Snapshot) -> Table:
+    states = [row[7] for row in snap["clients"]]
+    free_servers = sum(p["sv_idle"] for p in snap["pools"])
+    all_servers = len(snap["servers"])
+    items = [
+        ("databases", len({p["database"] for p in snap["pools"]})),
+        ("users", len({p["user"] for p in snap["pools"]})),
+        ("pools", len(snap["pools"])),
+        ("free_clients", states.count("idle")),
+        ("used_clients", states.count("active") + states.count("waiting")),
+        ("login_clients", snap["login_clients"]),
+        ("free_servers", free_servers),
+        ("used_servers", all_servers - free_servers),
+        ("dns_names", 0),
+        ("dns_zones", 0),
+        ("dns_queries", 0),
+        ("dns_pending", 0),
+    ]
+    return _typed("list", "items:int"), [list(item) for item in items]
 
 
 def _key(name: str) -> str:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING, Any
 
+from pg_doorman.admin.snapshot import Snapshot
+from pg_doorman.admin.snapshot import take as take_snapshot
 from pg_doorman.app.logsetup import apply_log_filter
 from pg_doorman.auth.hba import HbaRules, legacy_hba_allows
 from pg_doorman.auth.md5 import is_md5_hash
@@ -397,6 +399,10 @@ class Pooler:
             logger.info("reload: %s", note)
         return notes
 
+    async def cluster_snapshot(self) -> Snapshot:
+        """The state of the whole pooler, every worker process included."""
+        return take_snapshot(self)
+
     def track(self, task: asyncio.Task[None]) -> None:
         """Keep a background task referenced until done; cancelled at shutdown."""
         self._tasks.add(task)
@@ -576,7 +582,9 @@ class Pooler:
         if web.enabled:
             from pg_doorman.web.server import WebServer
 
-            self.web = WebServer(self, web.host, web.port)
+            self.web = WebServer(
+                self.cluster_snapshot, lambda: not self.shutting_down, web.host, web.port
+            )
             try:
                 await self.web.start()
             except OSError as exc:

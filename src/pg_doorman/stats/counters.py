@@ -40,33 +40,42 @@ class Histogram:
 
     def cumulative(self) -> list[tuple[float, int]]:
         """(upper bound, count of observations <= bound), ending with (+inf, total)."""
-        running = 0
-        out = []
-        for bound, count in zip((*BUCKETS, float("inf")), self.counts, strict=True):
-            running += count
-            out.append((bound, running))
-        return out
+        return cumulative_of(self.counts)
 
     def quantile(self, q: float, since: list[int] | None = None) -> float:
         """Estimated q-quantile in seconds (linear inside the bucket), 0 when empty.
 
         `since`: bucket counts taken earlier; only observations after them count.
         """
-        counts = self.counts
-        if since is not None:
-            counts = [now - then for now, then in zip(counts, since, strict=True)]
-        total = sum(counts)
-        if not total:
-            return 0.0
-        rank = q * total
-        running = 0
-        lower = 0.0
-        for bound, count in zip(BUCKETS, counts, strict=False):
-            if running + count >= rank and count:
-                return lower + (bound - lower) * (rank - running) / count
-            running += count
-            lower = bound
-        return BUCKETS[-1]
+        return quantile_of(self.counts, q, since)
+
+
+def cumulative_of(counts: list[int]) -> list[tuple[float, int]]:
+    """(upper bound, observations <= bound) for bucket counts, ending with (+inf, all)."""
+    running = 0
+    out = []
+    for bound, count in zip((*BUCKETS, float("inf")), counts, strict=True):
+        running += count
+        out.append((bound, running))
+    return out
+
+
+def quantile_of(counts: list[int], q: float, since: list[int] | None = None) -> float:
+    """q-quantile in seconds of bucket counts (minus `since`), linear inside a bucket."""
+    if since is not None:
+        counts = [now - then for now, then in zip(counts, since, strict=True)]
+    total = sum(counts)
+    if not total:
+        return 0.0
+    rank = q * total
+    running = 0
+    lower = 0.0
+    for bound, count in zip(BUCKETS, counts, strict=False):
+        if running + count >= rank and count:
+            return lower + (bound - lower) * (rank - running) / count
+        running += count
+        lower = bound
+    return BUCKETS[-1]
 
 
 # Labels of the errors counter.
@@ -217,6 +226,10 @@ class PoolStats:
         """q-quantile in seconds of `query`, `transaction` or `wait` durations lately."""
         histogram, base = self._recent(which)
         return histogram.quantile(q, base)
+
+    def window_bases(self) -> tuple[list[int], list[int], list[int]]:
+        """Bucket counts (query, transaction, wait) where the recent window starts."""
+        return self._window_base
 
     def recent_count(self, which: str) -> int:
         """How many `query`, `transaction` or `wait` durations recent_quantile covers."""

@@ -9,12 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
 
-from pg_doorman.web.metrics import render, snapshot
-
-if TYPE_CHECKING:
-    from pg_doorman.app.pooler import Pooler
+from pg_doorman.admin.snapshot import Snapshot
+from pg_doorman.web.metrics import render
 
 logger = logging.getLogger("pg_doorman.web")
 
@@ -24,8 +22,15 @@ METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class WebServer:
-    def __init__(self, pooler: Pooler, host: str, port: int) -> None:
-        self.pooler = pooler
+    def __init__(
+        self,
+        snapshot: Callable[[], Awaitable[Snapshot]],
+        healthy: Callable[[], bool],
+        host: str,
+        port: int,
+    ) -> None:
+        self._snapshot = snapshot
+        self._healthy = healthy
         self.host = host
         self.port = port
         self._server: asyncio.Server | None = None
@@ -76,12 +81,12 @@ class WebServer:
             return "405 Method Not Allowed", "text/plain", b"only GET and HEAD\n"
         if target == "/metrics":
             self.scrapes += 1
-            families = snapshot(self.pooler)
-            body = await asyncio.get_running_loop().run_in_executor(None, render, families)
+            snapshot = await self._snapshot()
+            body = await asyncio.get_running_loop().run_in_executor(None, render, snapshot)
             return "200 OK", METRICS_CONTENT_TYPE, body
         if target == "/health":
-            if self.pooler.shutting_down:
-                return "503 Service Unavailable", "text/plain", b"shutting down\n"
+            if not self._healthy():
+                return "503 Service Unavailable", "text/plain", b"shutting down or degraded\n"
             return "200 OK", "text/plain", b"OK\n"
         return "404 Not Found", "text/plain", b"not found; try /metrics or /health\n"
 

@@ -1,0 +1,278 @@
+"""The pooler's state as plain data: what SHOW tables and /metrics are built from.
+
+A snapshot holds only numbers, strings and lists, so that worker processes can send
+theirs as JSON and `merge()` can add them up into one picture of the whole pooler.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from pg_doorman.net.server import ServerConnection
+
+if TYPE_CHECKING:
+    from pg_doorman.app.pooler import Pooler
+    from pg_doorman.net.client import ClientConnection
+    from pg_doorman.pool.pool import Pool
+
+Snapshot = dict[str, Any]
+PoolData = dict[str, Any]
+
+# Per-pool numbers that add up across workers; the rest is taken as documented below.
+_SUMMED = (
+    "pool_size", "min_pool_size", "size", "clients", "cl_idle", "cl_active", "cl_waiting",
+    "sv_active", "sv_idle", "sv_used", "sv_login", "xact_count", "query_count",
+    "bytes_received", "bytes_sent", "xact_time", "query_time", "wait_time", "wait_count",
+    "client_named", "client_anonymous", "client_prepared_bytes", "hits", "misses",
+)  # fmt: skip
+_MAXED = ("paused", "maxwait", "oldest_active")
+_RATES = ("xact_count", "query_count", "received", "sent", "errors")
+_HISTOGRAMS = ("query", "transaction", "wait")
+
+
+def take(pooler: Pooler) -> Snapshot:
+    """This process's state."""
+    now = time.monotonic()
+    loop_now = pooler.loop.time()
+    by_pool: dict[Pool, list[ClientConnection]] = {}
+    client_rows = []
+    for c in pooler.clients.values():
+        if c.pool is not None:
+            by_pool.setdefault(c.pool, []).append(c)
+        state = c.state_name
+        wait = "idle"
+        if c.write_paused:
+            wait = "write"
+        elif state in ("active", "waiting"):
+            wait = "read"
+        client_rows.append(
+            [
+                c.name, c.database, c.user, c.application_name, c.address or "unix", c.port,
+                "false", state, wait, c.transactions, c.queries, c.errors,
+                int(now - c.connected_at),
+            ]
+        )  # fmt: skip
+    server_rows = []
+    pools = []
+    for (database, user), entry in pooler.entries.items():
+        pool = entry.pool
+        clients = by_pool.get(pool, [])
+        pools.append(_pool_data(database, user, pool, clients, now, loop_now))
+        for server in pool.servers:
+            if not isinstance(server, ServerConnection):
+                continue
+            wait = "write" if server.relay_paused else "read" if server.client else "idle"
+            server_rows.append(
+                [
+                    f"0x{server.server_id:08X}", server.backend_pid, database, user,
+                    server.parameters.get("application_name", ""), "false", server.state_name,
+                    wait, server.transactions, server.queries, server.bytes_sent,
+                    server.bytes_received, int(now - server.created), server.statements.hits,
+                    server.statements.misses, len(server.statements),
+                ]
+            )  # fmt: skip
+    states = [c.state_name for c in pooler.clients.values()]
+    return {
+        "workers": 1,
+        "memory": resident_memory(),
+        "log_level": logging.getLogger().level,
+        "accepted": pooler.accepted_total,
+        "cancel_requests": pooler.cancel_requests,
+        "login_failures": pooler.login_failures,
+        "connections": len(pooler.clients),
+        "login_clients": states.count("startup") + states.count("login"),
+        "clients": client_rows,
+        "servers": server_rows,
+        "pools": pools,
+    }
+
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def resident_memory() -> int:
+    """Resident set size of this process in bytes (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE_SIZE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _pool_data(
+    database: str,
+    user: str,
+    pool: Pool,
+    clients: list[ClientConnection],
+    now: float,
+    loop_now: float,
+) -> PoolData:
+    s = pool.settings
+    st = pool.stats
+    states = [c.state_name for c in clients]
+    oldest = 0.0
+    for server in pool.servers:
+        if isinstance(server, ServerConnection) and server.client is not None:
+            oldest = max(oldest, now - server.xact_started)
+    used = sum(1 for server in pool.idle if server.checkout_state(now) == 2) + pool.probing
+    named = anonymous = held_bytes = 0
+    for client in clients:
+        rewriter = client.rewriter
+        if rewriter is None:
+            continue
+        named += len(rewriter.named)
+        held_bytes += sum(len(e.parse_message) for e in rewriter.named.values())
+        if rewriter.unnamed is not None:
+            anonymous += 1
+            held_bytes += len(rewriter.unnamed.parse_message)
+    hits, misses = pool.prepared_hits_misses()
+    avg = st.averages
+    windows = st.window_bases()
+    return {
+        "database": database,
+        "user": user,
+        "pool_mode": s.pool_mode,
+        "server_host": s.server_host,
+        "server_port": s.server_port,
+        "server_database": s.server_database,
+        "pool_size": s.pool_size,
+        "min_pool_size": s.min_pool_size,
+        "size": pool.size,
+        "paused": int(pool.paused),
+        "clients": len(clients),
+        "cl_idle": states.count("idle"),
+        "cl_active": states.count("active"),
+        "cl_waiting": states.count("waiting"),
+        "sv_active": pool.active,
+        "sv_idle": len(pool.idle),
+        "sv_used": used,
+        "sv_login": pool.connecting,
+        "maxwait": pool.oldest_wait(loop_now),
+        "oldest_active": oldest,
+        "xact_count": st.xact_count,
+        "query_count": st.query_count,
+        "bytes_received": st.bytes_received,
+        "bytes_sent": st.bytes_sent,
+        "xact_time": st.xact_time,
+        "query_time": st.query_time,
+        "wait_time": st.wait_time,
+        "wait_count": st.wait_count,
+        "errors": dict(st.errors),
+        "averages": {
+            "xact_count": avg.xact_count,
+            "query_count": avg.query_count,
+            "received": avg.received,
+            "sent": avg.sent,
+            "errors": avg.errors,
+            "xact_time": avg.xact_time,
+            "query_time": avg.query_time,
+            "wait_time": avg.wait_time,
+        },
+        "histograms": {
+            "query": _histogram(st.query_histogram.counts, st.query_histogram.sum, windows[0]),
+            "transaction": _histogram(st.xact_histogram.counts, st.xact_histogram.sum, windows[1]),
+            "wait": _histogram(st.wait_histogram.counts, st.wait_histogram.sum, windows[2]),
+        },
+        "statements": _statements(pool),
+        "client_named": named,
+        "client_anonymous": anonymous,
+        "client_prepared_bytes": held_bytes,
+        "hits": hits,
+        "misses": misses,
+    }
+
+
+def _statements(pool: Pool) -> list[list[Any]]:
+    """[name, query, hits, misses, kinds, bytes] of each statement the pool knows."""
+    return [
+        [e.name.decode(), e.query.decode("utf-8", "replace"), e.hits, e.misses, e.kinds,
+         len(e.parse_message)]
+        for e in pool.statements.entries()
+    ]  # fmt: skip
+
+
+def _histogram(counts: list[int], total: float, base: list[int]) -> dict[str, Any]:
+    return {"counts": list(counts), "sum": total, "base": list(base)}
+
+
+def merge(snapshots: list[Snapshot]) -> Snapshot:
+    """One snapshot for the whole pooler: counts add up, lists are joined, the largest
+    wait and age win, and rate averages add while duration averages are weighted."""
+    if len(snapshots) == 1:
+        return snapshots[0]
+    out: Snapshot = {
+        "workers": sum(s["workers"] for s in snapshots),
+        "clients": [row for s in snapshots for row in s["clients"]],
+        "servers": [row for s in snapshots for row in s["servers"]],
+    }
+    for key in (
+        "memory", "accepted", "cancel_requests", "login_failures", "connections",
+        "login_clients",
+    ):  # fmt: skip
+        out[key] = sum(s[key] for s in snapshots)
+    out["log_level"] = min(s["log_level"] for s in snapshots)
+    pools: dict[tuple[str, str], PoolData] = {}
+    for snapshot in snapshots:
+        for data in snapshot["pools"]:
+            pool_key = (data["database"], data["user"])
+            if pool_key in pools:
+                _merge_pool(pools[pool_key], data)
+            else:
+                pools[pool_key] = _copy_pool(data)
+    out["pools"] = list(pools.values())
+    return out
+
+
+def _copy_pool(data: PoolData) -> PoolData:
+    copy = dict(data)
+    copy["errors"] = dict(data["errors"])
+    copy["averages"] = dict(data["averages"])
+    copy["histograms"] = {
+        name: {"counts": list(h["counts"]), "sum": h["sum"], "base": list(h["base"])}
+        for name, h in data["histograms"].items()
+    }
+    copy["statements"] = [list(row) for row in data["statements"]]
+    return copy
+
+
+def _merge_pool(into: PoolData, data: PoolData) -> None:
+    for key in _SUMMED:
+        into[key] += data[key]
+    for key in _MAXED:
+        into[key] = max(into[key], data[key])
+    for label, count in data["errors"].items():
+        into["errors"][label] = into["errors"].get(label, 0) + count
+    mine, theirs = into["averages"], data["averages"]
+    for time_key, weight_key in (
+        ("xact_time", "xact_count"),
+        ("query_time", "query_count"),
+    ):
+        weight = mine[weight_key] + theirs[weight_key]
+        if weight:
+            mine[time_key] = (
+                mine[time_key] * mine[weight_key] + theirs[time_key] * theirs[weight_key]
+            ) // weight
+        else:
+            mine[time_key] = max(mine[time_key], theirs[time_key])
+    mine["wait_time"] = max(mine["wait_time"], theirs["wait_time"])
+    for key in _RATES:
+        mine[key] += theirs[key]
+    for name in _HISTOGRAMS:
+        a, b = into["histograms"][name], data["histograms"][name]
+        a["counts"] = [x + y for x, y in zip(a["counts"], b["counts"], strict=True)]
+        a["base"] = [x + y for x, y in zip(a["base"], b["base"], strict=True)]
+        a["sum"] += b["sum"]
+    statements = {row[0]: row for row in into["statements"]}
+    for row in data["statements"]:
+        known = statements.get(row[0])
+        if known is None:
+            row = list(row)
+            into["statements"].append(row)
+            statements[row[0]] = row
+        else:
+            known[2] += row[2]
+            known[3] += row[3]
+            known[4] |= row[4]
