@@ -125,6 +125,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "runs while it connects (default 12; not for --connect runs)",
     )
     parser.add_argument("--warmup", type=int, default=2, help="seconds of unrecorded warm-up")
+    parser.add_argument(
+        "--workers", type=int, default=1, help="pg_doorman worker processes (general.workers)"
+    )
     parser.add_argument("--markdown", type=Path, help=f"default {DEFAULT_MARKDOWN} (not smoke)")
     parser.add_argument("--chart", type=Path, help=f"default {DEFAULT_CHART} (not smoke)")
     parser.add_argument("--json", type=Path, help="write the raw results here")
@@ -241,7 +244,7 @@ class Harness:
         self.logdir.mkdir()
 
         if "pg_doorman" in wanted:
-            self.pooler = Pooler(self.workdir / "pg_doorman", self.pg)
+            self.pooler = Pooler(self.workdir / "pg_doorman", self.pg, workers=self.args.workers)
             self.status["pg_doorman"] = self._start_one(self.pooler)
         else:
             self.status["pg_doorman"] = {"status": "not run"}

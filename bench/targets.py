@@ -81,6 +81,14 @@ def _wait_port(proc: subprocess.Popen[bytes], port: int, logs: list[Path], what:
         time.sleep(0.05)
 
 
+def _wait_log(proc: subprocess.Popen[bytes], log: Path, text: str, what: str) -> None:
+    deadline = time.monotonic() + 30
+    while text not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise TargetUnavailable(f"{what}: never logged {text!r}\nlog tail:\n{tail(log)}")
+        time.sleep(0.05)
+
+
 def _tails(logs: list[Path]) -> str:
     return "\n".join(tail(log) for log in logs if log.exists() and log.stat().st_size)
 
@@ -198,6 +206,7 @@ class Pooler:
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     argv: list[str] = field(default_factory=list)
+    workers: int = 1
 
     @property
     def log_path(self) -> Path:
@@ -220,6 +229,7 @@ class Pooler:
                 # PgBouncer runs with log_connections=0 too.
                 "log_client_connections": False,
                 "log_client_disconnections": False,
+                "workers": self.workers,
             },
             "pools": {
                 DATABASE: {
@@ -251,6 +261,8 @@ class Pooler:
         _live.add(self.proc)
         what = f"pg_doorman ({' '.join(self.argv)})"
         _wait_port(self.proc, self.port, [self.log_path], what)
+        if self.workers > 1:
+            _wait_log(self.proc, self.log_path, f"all {self.workers} workers ready", what)
         problem = psql_select_one(self.pg.bin_dir, self.port)
         if problem is not None:
             raise TargetUnavailable(

@@ -10,12 +10,11 @@ import asyncio
 import logging
 import re
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pg_doorman import __version__
 from pg_doorman.admin.show import TEXT, Columns, Rows, ShowTables
 from pg_doorman.app.logsetup import apply_log_filter
-from pg_doorman.config import ConfigError
 from pg_doorman.protocol import codes, messages, sqlstate
 from pg_doorman.protocol.framing import MessageBuffer
 from pg_doorman.protocol.messages import ProtocolError
@@ -73,7 +72,7 @@ class AdminConsole:
         self._tables = ShowTables(pooler)
         self._queries: deque[str] = deque()
         self._worker: asyncio.Task[None] | None = None
-        self._waiting: asyncio.Future[None] | None = None
+        self._waiting: asyncio.Future[list[dict[str, Any]]] | None = None
         self._cancel_requested = False
         client.on_cancel = self.cancel
 
@@ -163,12 +162,12 @@ class AdminConsole:
                 snapshot = await self.pooler.cluster_snapshot()
                 return result(*from_snapshot(snapshot), "SHOW")
         elif command == "set":
-            return self._set(statement)
+            return await self._set(statement)
         elif command in ("pause", "resume", "reconnect", "kill") and len(args) <= 1:
             database = _unquote(args[0]) if args else None
             return await self._control(command, database)
         elif command == "reload" and not args:
-            return self._reload()
+            return await self._reload()
         elif command == "shutdown" and not args:
             return self._shutdown()
         elif command in ("select", "with") and "pg_catalog" in statement.lower():
@@ -176,7 +175,7 @@ class AdminConsole:
             return result([("?column?", TEXT)], [], "SELECT 0")
         raise AdminError(sqlstate.SYNTAX_ERROR, f"unsupported admin command: {statement}")
 
-    def _set(self, statement: str) -> bytes:
+    async def _set(self, statement: str) -> bytes:
         match = _SET.fullmatch(statement)
         if match is None:
             raise AdminError(sqlstate.SYNTAX_ERROR, "expected SET log_level = '<level>'")
@@ -186,6 +185,7 @@ class AdminConsole:
                 apply_log_filter(value)
             except ValueError as exc:
                 raise AdminError(sqlstate.SYNTAX_ERROR, f"invalid log_level: {exc}") from None
+            await self.pooler.everywhere({"op": "log_level", "value": value})
             logger.info("log level set to %r by the admin console", value)
         elif name not in _SESSION_SETTINGS:
             raise AdminError(
@@ -198,27 +198,24 @@ class AdminConsole:
     async def _control(self, command: str, database: str | None) -> bytes:
         from pg_doorman.app.pooler import UnknownDatabase
 
-        pooler = self.pooler
         scope = f'database "{database}"' if database else "all databases"
         try:
-            if command == "pause":
-                return await self._pause(database, scope)
-            if command == "resume":
-                pooler.resume(database)
-            elif command == "reconnect":
-                pooler.reconnect(database)
-            else:
-                killed = pooler.kill(database)
-                logger.warning("KILL %s: %d clients disconnected", scope, killed)
+            self.pooler.entries_of(database)  # every worker has the same pools
         except UnknownDatabase as exc:
             raise AdminError(sqlstate.INVALID_CATALOG_NAME, str(exc)) from None
+        if command == "pause":
+            return await self._pause(database, scope)
+        replies = await self.pooler.everywhere({"op": command, "database": database})
+        if command == "kill":
+            killed = sum(reply.get("killed", 0) for reply in replies)
+            logger.warning("KILL %s: %d clients disconnected", scope, killed)
         logger.info("%s %s by the admin console", command.upper(), scope)
         return messages.command_complete(command.upper())
 
     async def _pause(self, database: str | None, scope: str) -> bytes:
-        pools = self.pooler.pause(database)
+        replies = await self.pooler.everywhere({"op": "pause", "database": database})
         logger.info("PAUSE %s by the admin console", scope)
-        busy = sum(pool.active for pool in pools)
+        busy = sum(reply.get("busy", 0) for reply in replies)
         if busy:
             # Said before waiting, so the operator knows why the command blocks.
             self.client.write(
@@ -228,7 +225,9 @@ class AdminConsole:
                     "(their transactions to finish); new transactions queue meanwhile",
                 )
             )
-        self._waiting = asyncio.ensure_future(self.pooler.wait_paused(pools))
+        self._waiting = asyncio.ensure_future(
+            self.pooler.everywhere({"op": "wait_paused", "database": database}, timeout=None)
+        )
         self._cancel_requested = False
         try:
             await self._waiting
@@ -243,15 +242,13 @@ class AdminConsole:
             self._waiting = None
         return messages.command_complete("PAUSE")
 
-    def _reload(self) -> bytes:
-        try:
-            notes = self.pooler.reload_file()
-        except ConfigError as exc:
-            logger.error("RELOAD failed, the old configuration stays: %s", exc)
-            raise AdminError(
-                "F0000", f"reload failed, the old configuration stays: {exc}"
-            ) from None
-        out = [messages.notice_response("00000", note) for note in notes]
+    async def _reload(self) -> bytes:
+        replies = await self.pooler.everywhere({"op": "reload"})
+        errors = [reply["error"] for reply in replies if "error" in reply]
+        if errors:
+            logger.error("RELOAD failed, the old configuration stays: %s", errors[0])
+            raise AdminError("F0000", f"reload failed, the old configuration stays: {errors[0]}")
+        out = [messages.notice_response("00000", note) for note in replies[0]["notes"]]
         out.append(messages.command_complete("RELOAD"))
         return b"".join(out)
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
+import socket
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from pg_doorman import __version__
+from pg_doorman.app.cluster import WorkerInfo
 from pg_doorman.app.logsetup import LEVELS, setup_logging
 from pg_doorman.config import Config, ConfigError, load_config
 
@@ -42,6 +45,10 @@ def _parser() -> argparse.ArgumentParser:
         "-t", "--test-config", action="store_true", help="validate the config and exit"
     )
     parser.add_argument("-V", "--version", action="version", version=f"pg_doorman {__version__}")
+    # Set by the supervisor when it starts a worker process (general.workers > 1).
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--rundir", help=argparse.SUPPRESS)
+    parser.add_argument("--unix-fd", type=int, help=argparse.SUPPRESS)
     return parser
 
 
@@ -52,20 +59,46 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return demo_main(args_list[1:])
     args = _parser().parse_args(args_list)
-    setup_logging(args.log_level or "info", args.log_format)
+    worker = _worker_info(args)
+    worker_index = worker.index if worker is not None else None
+    setup_logging(args.log_level or "info", args.log_format, worker_index)
     try:
         config = load_checked_config(args.config)
     except ConfigError as exc:
         print(f"pg_doorman: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    log_level = args.log_level or config.general.log_level or "info"
     if args.log_level is None and config.general.log_level:
-        setup_logging(config.general.log_level, args.log_format)
-    for warning in config.warnings:
-        logger.warning("config: %s", warning)
+        setup_logging(config.general.log_level, args.log_format, worker_index)
+    if worker is None:  # workers would repeat what the supervisor already said
+        for warning in config.warnings:
+            logger.warning("config: %s", warning)
     if args.test_config:
         print(f"pg_doorman: configuration {args.config} is valid")
         return 0
+    if worker is not None:
+        return run_loop(lambda: serve(config, worker=worker, unix_fd=args.unix_fd))
+    from pg_doorman.app.supervisor import Supervisor, worker_count
+
+    if worker_count(config) > 1:
+        return run_loop(lambda: Supervisor(config, log_level, args.log_format).serve())
     return run(config)
+
+
+async def _exit_with_parent(stop: asyncio.Event) -> None:
+    """A worker whose supervisor is gone (killed) shuts down instead of living on."""
+    parent = os.getppid()
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+    logger.warning("the supervisor is gone: shutting down")
+    stop.set()
+
+
+def _worker_info(args: argparse.Namespace) -> WorkerInfo | None:
+    if args.worker is None:
+        return None
+    index, _, count = str(args.worker).partition("/")
+    return WorkerInfo(index=int(index), count=int(count), rundir=str(args.rundir))
 
 
 def load_checked_config(path: str) -> Config:
@@ -100,13 +133,22 @@ def run(config: Config) -> int:
     return run_loop(lambda: serve(config))
 
 
-async def serve(config: Config, *, ready: Callable[[], None] | None = None) -> int:
+async def serve(
+    config: Config,
+    *,
+    ready: Callable[[], None] | None = None,
+    worker: WorkerInfo | None = None,
+    unix_fd: int | None = None,
+) -> int:
     from pg_doorman.app.pooler import Pooler
 
     loop = asyncio.get_running_loop()
-    pooler = Pooler(config, loop)
+    pooler = Pooler(config, loop, worker=worker)
+    unix_socket = None
+    if unix_fd is not None:
+        unix_socket = socket.socket(fileno=unix_fd)
     try:
-        await pooler.start()
+        await pooler.start(unix_socket=unix_socket)
     except OSError as exc:
         if exc.strerror and exc.strerror.startswith("cannot listen"):
             logger.error("%s", exc.strerror)
@@ -133,6 +175,11 @@ async def serve(config: Config, *, ready: Callable[[], None] | None = None) -> i
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal, signum)
+    if worker is not None:
+        # A terminal's Ctrl-C reaches every process of the group; the supervisor
+        # answers it by sending SIGTERM to the workers.
+        loop.add_signal_handler(signal.SIGINT, lambda: None)
+        pooler.track(loop.create_task(_exit_with_parent(stop)))
 
     def on_reload() -> None:
         try:

@@ -19,6 +19,10 @@ LEVELS = {
 
 
 class StructuredFormatter(logging.Formatter):
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
+
     def format(self, record: logging.LogRecord) -> str:
         entry = {
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
@@ -28,6 +32,8 @@ class StructuredFormatter(logging.Formatter):
             "message": record.getMessage(),
             "pid": record.process,
         }
+        if self.worker is not None:
+            entry["worker"] = self.worker
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
@@ -40,12 +46,16 @@ def parse_level(name: str) -> int:
         raise ValueError(f"unknown log level {name!r}; use one of {', '.join(LEVELS)}") from None
 
 
-def setup_logging(level: str = "info", fmt: str = "text") -> None:
+def setup_logging(level: str = "info", fmt: str = "text", worker: int | None = None) -> None:
+    """Log to stderr; `worker`: the index of a worker process, shown on each line."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "structured":
-        handler.setFormatter(StructuredFormatter())
+        handler.setFormatter(StructuredFormatter(worker))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        tag = "" if worker is None else f"[w{worker}] "
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s %(levelname)-7s {tag}%(name)s: %(message)s")
+        )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(parse_level(level))

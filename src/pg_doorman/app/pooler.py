@@ -7,14 +7,16 @@ import contextlib
 import logging
 import os
 import random
+import signal
 import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING, Any
 
-from pg_doorman.admin.snapshot import Snapshot
+from pg_doorman.admin.snapshot import Snapshot, merge
 from pg_doorman.admin.snapshot import take as take_snapshot
+from pg_doorman.app.cluster import Cluster, WorkerInfo, run_control, share
 from pg_doorman.app.logsetup import apply_log_filter
 from pg_doorman.auth.hba import HbaRules, legacy_hba_allows
 from pg_doorman.auth.md5 import is_md5_hash
@@ -79,14 +81,22 @@ def _ms(value: int | None, default: int) -> float:
     return (default if value is None else value) / 1000.0
 
 
-def pool_settings(config: Config, name: str, pool: PoolConfig, user: UserConfig) -> PoolSettings:
+def pool_settings(
+    config: Config,
+    name: str,
+    pool: PoolConfig,
+    user: UserConfig,
+    worker: tuple[int, int] = (0, 1),
+) -> PoolSettings:
+    """Settings of one pool; with several workers, this worker's share of its sizes."""
     general = config.general
     mode = user.pool_mode or pool.pool_mode
+    index, count = worker
     return PoolSettings(
         database=name,
         user=user.username,
-        pool_size=user.pool_size,
-        min_pool_size=user.min_pool_size or 0,
+        pool_size=share(user.pool_size, index, count, at_least_one=True),
+        min_pool_size=share(user.min_pool_size or 0, index, count),
         pool_mode=mode,
         query_wait_timeout=general.query_wait_timeout / 1000.0,
         connect_timeout=_ms(pool.connect_timeout, general.connect_timeout),
@@ -182,11 +192,15 @@ class Pooler:
         config: Config,
         loop: asyncio.AbstractEventLoop,
         ids: IdAllocator | None = None,
+        worker: WorkerInfo | None = None,
     ) -> None:
         self.config = config
         self.loop = loop
-        self.ids = ids or IdAllocator()
-        self.memory = MemoryBudget(config.general.max_memory_usage)
+        self.ids = ids or IdAllocator(worker.index if worker is not None else 0)
+        # Several workers: this one's index and their count; budgets are split by it.
+        self.worker = worker
+        self.cluster = Cluster(self, worker) if worker is not None and worker.count > 1 else None
+        self.memory = MemoryBudget(self._share(config.general.max_memory_usage))
         self.clients: dict[int, ClientConnection] = {}
         self.entries: dict[tuple[str, str], PoolEntry] = {}
         self.hba: HbaRules | None = (
@@ -208,6 +222,11 @@ class Pooler:
         self._drained = asyncio.Event()
         self._build_pools()
 
+    def _share(self, total: int) -> int:
+        if self.worker is None:
+            return total
+        return share(total, self.worker.index, self.worker.count, at_least_one=True)
+
     # ---- pools --------------------------------------------------------------
 
     def _build_pools(self) -> None:
@@ -224,7 +243,8 @@ class Pooler:
         for name, pool_config in config.pools.items():
             for user in pool_config.users:
                 key = (name, user.username)
-                settings = pool_settings(config, name, pool_config, user)
+                worker = (0, 1) if self.worker is None else (self.worker.index, self.worker.count)
+                settings = pool_settings(config, name, pool_config, user, worker)
                 credentials = backend_credentials(user)
                 verifier = (
                     ScramVerifier.parse(user.password) if is_scram_verifier(user.password) else None
@@ -359,7 +379,7 @@ class Pooler:
             apply_log_filter(new.log_level)
             notes.append(f"log level set to {new.log_level}")
         self.hba = HbaRules.parse(new.pg_hba) if new.pg_hba else None
-        self.memory.limit = new.max_memory_usage
+        self.memory.limit = self._share(new.max_memory_usage)
         previous = self.entries
         self.config = config
         self.entries = self._entries_from(config)
@@ -401,7 +421,21 @@ class Pooler:
 
     async def cluster_snapshot(self) -> Snapshot:
         """The state of the whole pooler, every worker process included."""
-        return take_snapshot(self)
+        local = take_snapshot(self)
+        if self.cluster is None:
+            return local
+        return merge([local, *await self.cluster.others({"op": "snapshot"})])
+
+    async def everywhere(
+        self, payload: dict[str, Any], timeout: float | None = 10.0
+    ) -> list[dict[str, Any]]:
+        """Carry out a control request in this worker and in every other one."""
+        if self.cluster is None:
+            return [await run_control(self, payload)]
+        local, others = await asyncio.gather(
+            run_control(self, payload), self.cluster.others(payload, timeout)
+        )
+        return [local, *others]
 
     def track(self, task: asyncio.Task[None]) -> None:
         """Keep a background task referenced until done; cancelled at shutdown."""
@@ -409,6 +443,10 @@ class Pooler:
         task.add_done_callback(self._tasks.discard)
 
     def request_shutdown(self) -> bool:
+        if self.cluster is not None:
+            # The supervisor stops every worker.
+            os.kill(os.getppid(), signal.SIGTERM)
+            return True
         if self.on_shutdown_request is None:
             return False
         self.on_shutdown_request()
@@ -496,7 +534,7 @@ class Pooler:
         """Track a new client; False if it exceeds max_connections."""
         self.accepted_total += 1
         self.clients[client.client_id] = client
-        return len(self.clients) <= self.config.general.max_connections
+        return len(self.clients) <= self._share(self.config.general.max_connections)
 
     def unregister_client(self, client: ClientConnection) -> None:
         if self.clients.get(client.client_id) is client:
@@ -539,6 +577,17 @@ class Pooler:
     def handle_cancel(self, pid: int, secret: int) -> None:
         """Forward a CancelRequest to the backend the client holds right now, if any."""
         self.cancel_requests += 1
+        owner = self.ids.owner_of(pid)
+        if self.cluster is not None and owner != self.cluster.info.index:
+            if 0 <= owner < self.cluster.info.count:
+                self.cluster.forward_cancel(owner, pid, secret)
+            else:
+                logger.info("cancel request for unknown client id %d: ignored", pid)
+            return
+        self.cancel_here(pid, secret)
+
+    def cancel_here(self, pid: int, secret: int) -> None:
+        """Cancel for a client of this worker."""
         client = self.clients.get(pid)
         if client is None or client.secret != secret:
             logger.info("cancel request for unknown client id %d or wrong secret: ignored", pid)
@@ -575,11 +624,13 @@ class Pooler:
 
     # ---- lifecycle ----------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, unix_socket: socket.socket | None = None) -> None:
+        """Listen and open min_pool_size servers; `unix_socket`: an already bound Unix
+        socket (handed down by the supervisor) instead of binding one here."""
         general = self.config.general
         # Metrics first: once clients can connect, the pooler can also be observed.
         web = self.config.web
-        if web.enabled:
+        if web.enabled and self.worker is None:  # with workers, the supervisor serves it
             from pg_doorman.web.server import WebServer
 
             self.web = WebServer(
@@ -605,7 +656,15 @@ class Pooler:
             backlog=backlog,
         )
         self._servers.append(server)
-        if general.unix_socket_dir:
+        if unix_socket is not None:
+
+            def inherited_factory() -> ClientConnection:
+                return ClientConnection(self, unix=True)
+
+            self._servers.append(
+                await self.loop.create_unix_server(inherited_factory, sock=unix_socket)
+            )
+        elif general.unix_socket_dir:
             path = os.path.join(general.unix_socket_dir, f".s.PGSQL.{general.port}")
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
@@ -618,6 +677,9 @@ class Pooler:
             self._servers.append(unix_server)
         self._retain_task = self.loop.create_task(self._retain_loop())
         self._stats_task = self.loop.create_task(self._stats_loop())
+        if self.cluster is not None:
+            # Last: the supervisor takes an answering control socket for "listening".
+            await self.cluster.start()
         for entry in self.entries.values():
             entry.pool.retain(0)  # closes nothing, opens min_pool_size servers
         logger.info(
@@ -665,6 +727,8 @@ class Pooler:
             client.fail(sqlstate.ADMIN_SHUTDOWN, "pooler is shutting down")
         for pool in self.pools:
             pool.close("pooler is shutting down")
+        if self.cluster is not None:
+            self.cluster.close()
         if self.web is not None:
             # Open until here: /health says 503 and /metrics still serve while draining.
             self.web.close()

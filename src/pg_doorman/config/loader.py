@@ -36,6 +36,8 @@ from .units import parse_byte_size, parse_duration_ms
 __all__ = ["ConfigError", "load_config", "parse_config"]
 
 NOT_IMPLEMENTED = "not implemented yet, ignored"
+# Worker ids live in the top bits of a 31-bit cancel key (see net/ids.py).
+MAX_WORKERS = 64
 NOT_APPLICABLE = "PgDoorman runtime tuning with no meaning here, ignored"
 UNKNOWN_KEY = "unknown key, ignored"
 
@@ -544,6 +546,7 @@ _GENERAL_SPEC: dict[str, Parser] = {
     "syslog_prog_name": _name,
     "daemon_pid_file": _name,
     "worker_threads": _positive,
+    "workers": _int_range(0, MAX_WORKERS, f"a number of processes from 0 to {MAX_WORKERS}"),
     "message_size_to_be_stream": _byte_size,
     "max_memory_usage": _byte_size,
     "max_concurrent_creates": _positive,

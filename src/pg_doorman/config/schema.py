@@ -44,6 +44,7 @@ RESTART_REQUIRED = frozenset(
         "general.unix_socket_dir",
         "general.unix_socket_mode",
         "general.worker_threads",
+        "general.workers",
         "general.daemon_pid_file",
         "general.syslog_prog_name",
         "general.tls_certificate",
@@ -102,6 +103,8 @@ class GeneralConfig:
     syslog_prog_name: str | None = None
     daemon_pid_file: str = "/tmp/pg_doorman.pid"
     worker_threads: int = 4
+    # Worker processes (pg_doorman only); 0 = one per CPU core.
+    workers: int = 1
 
     # Memory.
     message_size_to_be_stream: int = 1 * MIB

@@ -81,7 +81,11 @@ class WebServer:
             return "405 Method Not Allowed", "text/plain", b"only GET and HEAD\n"
         if target == "/metrics":
             self.scrapes += 1
-            snapshot = await self._snapshot()
+            try:
+                snapshot = await self._snapshot()
+            except Exception as exc:  # workers restarting: say so, keep serving
+                logger.warning("metrics unavailable: %s", exc)
+                return "503 Service Unavailable", "text/plain", b"metrics unavailable\n"
             body = await asyncio.get_running_loop().run_in_executor(None, render, snapshot)
             return "200 OK", METRICS_CONTENT_TYPE, body
         if target == "/health":

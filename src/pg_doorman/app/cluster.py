@@ -1,0 +1,162 @@
+"""Worker processes talking to each other: one JSON request per line over Unix sockets.
+
+With `general.workers` > 1 every worker listens on `<rundir>/w<index>.sock`. The admin
+console of any worker asks its siblings for their snapshots (SHOW, /metrics) and sends
+them control commands (PAUSE, RELOAD, ...); a CancelRequest that reached the wrong
+worker is passed to the one that owns the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pg_doorman.admin.snapshot import take as take_snapshot
+from pg_doorman.app.logsetup import apply_log_filter
+from pg_doorman.config import ConfigError
+
+if TYPE_CHECKING:
+    from pg_doorman.app.pooler import Pooler
+
+logger = logging.getLogger("pg_doorman.cluster")
+
+REQUEST_LIMIT = 1 << 16
+# Snapshots of many clients are large; the reader's line limit must allow them.
+REPLY_LIMIT = 1 << 30
+CALL_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    index: int
+    count: int
+    rundir: str
+
+    def socket_path(self, index: int) -> str:
+        return os.path.join(self.rundir, f"w{index}.sock")
+
+
+def share(total: int, index: int, count: int, *, at_least_one: bool = False) -> int:
+    """Worker `index`'s part of a budget split across `count` workers."""
+    part = total // count + (1 if index < total % count else 0)
+    if at_least_one and total > 0:
+        return max(part, 1)
+    return part
+
+
+async def request(path: str, payload: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+    """Send one request to the worker listening at `path` and return its reply."""
+    async with asyncio.timeout(timeout):
+        reader, writer = await asyncio.open_unix_connection(path, limit=REPLY_LIMIT)
+        try:
+            writer.write(json.dumps(payload).encode() + b"\n")
+            line = await reader.readline()
+        finally:
+            writer.close()
+    if not line:
+        raise ConnectionError(f"worker at {path} closed the connection")
+    reply: dict[str, Any] = json.loads(line)
+    return reply
+
+
+class Cluster:
+    """This worker's end: a control server, and calls to the other workers."""
+
+    def __init__(self, pooler: Pooler, info: WorkerInfo) -> None:
+        self.pooler = pooler
+        self.info = info
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        path = self.info.socket_path(self.info.index)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        self._server = await asyncio.start_unix_server(self._serve, path, limit=REQUEST_LIMIT)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def others(
+        self, payload: dict[str, Any], timeout: float | None = CALL_TIMEOUT
+    ) -> list[dict[str, Any]]:
+        """The replies of every other worker; a worker that is down is left out."""
+        indexes = [i for i in range(self.info.count) if i != self.info.index]
+        calls = [request(self.info.socket_path(i), payload, timeout) for i in indexes]
+        replies = []
+        for index, reply in zip(
+            indexes, await asyncio.gather(*calls, return_exceptions=True), strict=True
+        ):
+            if isinstance(reply, BaseException):
+                if isinstance(reply, asyncio.CancelledError):
+                    raise reply
+                logger.warning("worker %d did not answer %s: %s", index, payload["op"], reply)
+                continue
+            replies.append(reply)
+        return replies
+
+    def forward_cancel(self, owner: int, pid: int, secret: int) -> None:
+        async def send() -> None:
+            payload = {"op": "cancel", "pid": pid, "secret": secret}
+            try:
+                await request(self.info.socket_path(owner), payload, CALL_TIMEOUT)
+            except (OSError, TimeoutError, ValueError) as exc:
+                logger.warning("could not pass a cancel request to worker %d: %s", owner, exc)
+
+        self.pooler.track(self.pooler.loop.create_task(send()))
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await reader.readline()
+            if not line:
+                return
+            reply = await run_control(self.pooler, json.loads(line))
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+        except (ConnectionError, ValueError, asyncio.LimitOverrunError) as exc:
+            logger.warning("bad control request: %s", exc)
+        finally:
+            writer.close()
+
+
+async def run_control(pooler: Pooler, payload: dict[str, Any]) -> dict[str, Any]:
+    """Carry out one control request in this worker; errors come back as {"error"}."""
+    from pg_doorman.app.pooler import UnknownDatabase
+
+    op = payload.get("op")
+    database = payload.get("database")
+    try:
+        if op == "ping":
+            return {}
+        if op == "snapshot":
+            return take_snapshot(pooler)
+        if op == "cancel":
+            pooler.cancel_here(int(payload["pid"]), int(payload["secret"]))
+            return {}
+        if op == "pause":
+            pools = pooler.pause(database)
+            return {"busy": sum(pool.active for pool in pools)}
+        if op == "wait_paused":
+            await pooler.wait_paused([e.pool for e in pooler.entries_of(database)])
+            return {}
+        if op == "resume":
+            pooler.resume(database)
+            return {}
+        if op == "reconnect":
+            pooler.reconnect(database)
+            return {}
+        if op == "kill":
+            return {"killed": pooler.kill(database)}
+        if op == "reload":
+            return {"notes": pooler.reload_file()}
+        if op == "log_level":
+            apply_log_filter(str(payload["value"]))
+            return {}
+    except (UnknownDatabase, ConfigError, ValueError) as exc:
+        return {"error": str(exc)}
+    return {"error": f"unknown control request {op!r}"}

@@ -1,0 +1,198 @@
+"""Several worker processes behind one port (`general.workers` > 1).
+
+The supervisor starts the workers, restarts one that dies, forwards SIGHUP (reload) and
+stops them all on SIGINT/SIGTERM. Each worker listens on the port itself with
+SO_REUSEPORT, so the kernel spreads new connections over them; a Unix socket is bound
+once here and handed down. Pool budgets are split between workers (cluster.share), and
+the admin console and /metrics, which the supervisor serves, cover all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+
+from pg_doorman.admin.snapshot import Snapshot, merge, resident_memory
+from pg_doorman.app.cluster import CALL_TIMEOUT, WorkerInfo, request
+from pg_doorman.config import Config
+
+logger = logging.getLogger("pg_doorman.supervisor")
+
+READY_TIMEOUT = 30.0
+RESTART_DELAY = 1.0
+
+
+def worker_count(config: Config) -> int:
+    return config.general.workers or os.cpu_count() or 1
+
+
+class Supervisor:
+    def __init__(self, config: Config, log_level: str, log_format: str) -> None:
+        self.config = config
+        self.count = worker_count(config)
+        self.log_args = ["-l", log_level, "-F", log_format]
+        self.rundir = tempfile.mkdtemp(prefix="pg_doorman-")
+        self.info = WorkerInfo(index=-1, count=self.count, rundir=self.rundir)
+        self.workers: list[asyncio.subprocess.Process | None] = [None] * self.count
+        self.stopping = False
+        self._unix_socket: socket.socket | None = None
+        self._stop = asyncio.Event()
+
+    async def serve(self) -> int:
+        loop = asyncio.get_running_loop()
+        try:
+            self._unix_socket = self._bind_unix_socket()
+            for index in range(self.count):
+                await self._spawn(index)
+            if not await self._wait_ready():
+                return 1
+            logger.info("all %d workers ready", self.count)
+            web = None
+            if self.config.web.enabled:
+                from pg_doorman.web.server import WebServer
+
+                web = WebServer(
+                    self.snapshot, self.healthy, self.config.web.host, self.config.web.port
+                )
+                await web.start()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, self._stop.set)
+            loop.add_signal_handler(signal.SIGHUP, self._forward, signal.SIGHUP)
+            watchers = [loop.create_task(self._watch(index)) for index in range(self.count)]
+            await self._stop.wait()
+            logger.info("stopping %d workers", self.count)
+            self.stopping = True
+            await self._stop_workers()
+            for watcher in watchers:
+                watcher.cancel()
+            if web is not None:
+                web.close()
+            return 0
+        except OSError as exc:
+            logger.error("cannot start workers: %s", exc)
+            self.stopping = True
+            await self._stop_workers()
+            return 1
+        finally:
+            if self._unix_socket is not None:
+                self._unix_socket.close()
+            shutil.rmtree(self.rundir, ignore_errors=True)
+
+    # ---- workers ------------------------------------------------------------
+
+    def _bind_unix_socket(self) -> socket.socket | None:
+        general = self.config.general
+        if not general.unix_socket_dir:
+            return None
+        path = os.path.join(general.unix_socket_dir, f".s.PGSQL.{general.port}")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(path)
+        os.chmod(path, int(general.unix_socket_mode, 8))
+        sock.listen(general.backlog or min(general.max_connections, 4096))
+        sock.setblocking(False)
+        return sock
+
+    async def _spawn(self, index: int) -> None:
+        args = [
+            sys.executable, "-m", "pg_doorman", self.config.source, *self.log_args,
+            "--worker", f"{index}/{self.count}", "--rundir", self.rundir,
+        ]  # fmt: skip
+        fds: tuple[int, ...] = ()
+        if self._unix_socket is not None:
+            fds = (self._unix_socket.fileno(),)
+            args += ["--unix-fd", str(fds[0])]
+        self.workers[index] = await asyncio.create_subprocess_exec(*args, pass_fds=fds)
+
+    async def _wait_ready(self) -> bool:
+        """Every worker answers on its control socket (False if one died first)."""
+        deadline = asyncio.get_running_loop().time() + READY_TIMEOUT
+        for index in range(self.count):
+            while True:
+                worker = self.workers[index]
+                if worker is None or worker.returncode is not None:
+                    logger.error("worker %d exited while starting", index)
+                    self.stopping = True
+                    await self._stop_workers()
+                    return False
+                with contextlib.suppress(OSError, TimeoutError, ValueError):
+                    await request(self.info.socket_path(index), {"op": "ping"}, 1.0)
+                    break
+                if asyncio.get_running_loop().time() > deadline:
+                    logger.error("worker %d did not start within %.0fs", index, READY_TIMEOUT)
+                    self.stopping = True
+                    await self._stop_workers()
+                    return False
+                await asyncio.sleep(0.05)
+        return True
+
+    async def _watch(self, index: int) -> None:
+        """Restart worker `index` whenever it exits while the pooler is running."""
+        while True:
+            worker = self.workers[index]
+            assert worker is not None
+            code = await worker.wait()
+            if self.stopping:
+                return
+            logger.error("worker %d exited with code %s; starting a new one", index, code)
+            await asyncio.sleep(RESTART_DELAY)
+            if self.stopping:
+                return
+            await self._spawn(index)
+
+    def _forward(self, signum: int) -> None:
+        for worker in self.workers:
+            if worker is not None and worker.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.send_signal(signum)
+
+    async def _stop_workers(self) -> None:
+        """SIGTERM (graceful: transactions finish), then SIGKILL after the timeout."""
+        self._forward(signal.SIGTERM)
+        timeout = self.config.general.shutdown_timeout / 1000.0 + 5.0
+        running = [w for w in self.workers if w is not None and w.returncode is None]
+        if not running:
+            return
+        _, pending = await asyncio.wait(
+            [asyncio.ensure_future(w.wait()) for w in running], timeout=timeout
+        )
+        if pending:
+            logger.warning("%d workers did not stop in time: killing them", len(pending))
+            for worker in running:
+                if worker.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        worker.kill()
+            await asyncio.wait(pending)
+
+    # ---- what /metrics and /health see ----------------------------------------
+
+    async def snapshot(self) -> Snapshot:
+        calls = [
+            request(self.info.socket_path(i), {"op": "snapshot"}, CALL_TIMEOUT)
+            for i in range(self.count)
+        ]
+        replies = await asyncio.gather(*calls, return_exceptions=True)
+        snapshots: list[Snapshot] = []
+        for index, reply in enumerate(replies):
+            if isinstance(reply, BaseException):
+                logger.warning("worker %d did not send its metrics: %s", index, reply)
+            else:
+                snapshots.append(reply)
+        if not snapshots:
+            raise RuntimeError("no worker answered")
+        merged = merge(snapshots)
+        merged["memory"] += resident_memory()  # the supervisor's own
+        return merged
+
+    def healthy(self) -> bool:
+        return not self.stopping and all(
+            w is not None and w.returncode is None for w in self.workers
+        )

@@ -1,0 +1,289 @@
+"""Several worker processes (general.workers = 2): one pooler to clients and operators."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import urllib.request
+
+import psycopg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from helpers import EXAMPLE_DB, ExamplePostgres
+from helpers import pgwire as w
+from helpers.pooler import PoolerFactory, PoolerProcess
+from pg_doorman.app.embedded_pg import free_port
+
+WORKERS = 2
+CLIENTS = 24
+TRANSACTIONS = 10
+
+
+def start(pooler: PoolerFactory, pool_size: int = 4, **general: object) -> PoolerProcess:
+    users = [{"username": "example_user_md5", "pool_size": pool_size}]
+    proc = pooler(general={"workers": WORKERS, **general}, pools={EXAMPLE_DB: {"users": users}})
+    proc.wait_for_log(f"all {WORKERS} workers ready", timeout=30)
+    return proc
+
+
+def admin(proc: PoolerProcess) -> w.PgWire:
+    return w.PgWire.connect(proc.host, proc.port, "admin", "pgdoorman", "admin")
+
+
+def table(console: w.PgWire, what: str) -> list[dict[str, str | None]]:
+    got = console.simple_query(f"SHOW {what}")
+    error = w.first_error(got)
+    assert error is None, error
+    columns = next(w.row_description(p) for t, p in got if t == b"T")
+    return [dict(zip(columns, row, strict=True)) for row in w.rows(got)]
+
+
+def worker_of(client_id: str | None) -> int:
+    assert client_id is not None
+    return int(client_id.removeprefix("#c")) >> 24
+
+
+def run_clients(
+    proc: PoolerProcess, pg: ExamplePostgres
+) -> list[psycopg.Connection[tuple[object, ...]]]:
+    """CLIENTS connections, each running TRANSACTIONS transactions, left open."""
+    conns = [
+        psycopg.connect(proc.dsn(pg.md5_user.name, "test"), autocommit=True) for _ in range(CLIENTS)
+    ]
+    errors: list[BaseException] = []
+
+    def work(conn: psycopg.Connection[tuple[object, ...]]) -> None:
+        try:
+            for i in range(TRANSACTIONS):
+                assert conn.execute("select %s::int", (i,), prepare=False).fetchone() == (i,)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(c,)) for c in conns]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors, errors
+    return conns
+
+
+def test_clients_spread_over_workers_and_show_adds_them_up(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    proc = start(pooler)
+    conns = run_clients(proc, pg)
+    try:
+        console = admin(proc)
+        clients = [c for c in table(console, "CLIENTS") if c["user"] == pg.md5_user.name]
+        assert len(clients) == CLIENTS
+        assert {worker_of(c["client_id"]) for c in clients} == set(range(WORKERS))
+        stats = next(r for r in table(console, "STATS") if r["user"] == pg.md5_user.name)
+        assert stats["total_xact_count"] == str(CLIENTS * TRANSACTIONS)
+        pool = next(r for r in table(console, "POOLS") if r["user"] == pg.md5_user.name)
+        # pool_size 4 is split 2 + 2: the whole pooler never opens more than 4.
+        assert pool["pool_size"] == "4" and pool["cl_idle"] == str(CLIENTS)
+        servers = [s for s in table(console, "SERVERS") if s["user"] == pg.md5_user.name]
+        assert 2 <= len(servers) <= 4
+        latency = next(
+            r
+            for r in table(console, "LATENCY")
+            if r["user"] == pg.md5_user.name and r["kind"] == "transaction"
+        )
+        assert latency["count"] == str(CLIENTS * TRANSACTIONS)
+        console.close()
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def test_cancel_requests_reach_the_owning_worker(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """Each CancelRequest arrives on a new connection that the kernel gives to either
+    worker; every one must cancel its query."""
+    # 4 servers per worker: every sleeper runs at once, whichever worker it landed on.
+    proc = start(pooler, pool_size=8)
+    sleepers = [
+        psycopg.connect(proc.dsn(pg.md5_user.name, "test"), autocommit=True) for _ in range(4)
+    ]
+    outcomes: list[str] = []
+
+    def sleep(conn: psycopg.Connection[tuple[object, ...]]) -> None:
+        try:
+            conn.execute("select pg_sleep(20)")
+            outcomes.append("finished")
+        except psycopg.errors.QueryCanceled:
+            outcomes.append("canceled")
+
+    threads = [threading.Thread(target=sleep, args=(c,)) for c in sleepers]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.0)
+    started = time.monotonic()
+    for conn in sleepers:
+        conn.cancel()
+    for thread in threads:
+        thread.join(30)
+    assert outcomes == ["canceled"] * 4
+    assert time.monotonic() - started < 10
+    console = admin(proc)
+    connections = table(console, "CONNECTIONS")[0]
+    assert connections["cancel"] == "4"
+    console.close()
+    for conn in sleepers:
+        conn.close()
+
+
+def test_control_commands_act_on_every_worker(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    proc = start(pooler)
+    conns = run_clients(proc, pg)
+    console = admin(proc)
+    try:
+        got = console.simple_query("PAUSE example_db")
+        assert [w.command_tag(p) for t, p in got if t == b"C"] == ["PAUSE"]
+        pool = next(r for r in table(console, "POOLS") if r["user"] == pg.md5_user.name)
+        assert pool["paused"] == "1" and pool["sv_idle"] == "0"
+        blocked: list[object] = []
+        thread = threading.Thread(
+            target=lambda: blocked.append(conns[0].execute("select 3").fetchone())
+        )
+        thread.start()
+        time.sleep(0.5)
+        assert blocked == []
+        console.simple_query("RESUME example_db")
+        thread.join(10)
+        assert blocked == [(3,)]
+        # RELOAD reaches every worker: the global pool_size changes everywhere.
+        users = proc.config["pools"][EXAMPLE_DB]["users"]
+        next(u for u in users if u["username"] == pg.md5_user.name)["pool_size"] = 6
+        proc.write_config()
+        assert w.first_error(console.simple_query("RELOAD")) is None
+        pool = next(r for r in table(console, "POOLS") if r["user"] == pg.md5_user.name)
+        assert pool["pool_size"] == "6"
+        console.simple_query("SET log_level = 'info'")
+        # KILL disconnects the clients of both workers.
+        assert w.first_error(console.simple_query("KILL example_db")) is None
+        for conn in conns[:3]:
+            with pytest.raises(psycopg.OperationalError):
+                conn.execute("select 1")
+        console.simple_query("RESUME")
+        with psycopg.connect(proc.dsn(pg.md5_user.name, "test"), autocommit=True) as conn:
+            assert conn.execute("select 1").fetchone() == (1,)
+    finally:
+        console.close()
+        for conn in conns:
+            conn.close()
+
+
+def test_metrics_cover_every_worker(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    port = free_port()
+    proc = pooler(
+        general={"workers": WORKERS}, web={"enabled": True, "host": "127.0.0.1", "port": port}
+    )
+    proc.wait_for_log(f"all {WORKERS} workers ready", timeout=30)
+    conns = run_clients(proc, pg)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+        mine = (("database", EXAMPLE_DB), ("user", pg.md5_user.name))
+        assert samples[("pg_doorman_pools_transactions_total", mine)] == CLIENTS * TRANSACTIONS
+        assert samples[("pg_doorman_workers", ())] == WORKERS
+        assert samples[("pg_doorman_pool_size", mine)] == 4
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as response:
+            assert response.status == 200
+    finally:
+        for conn in conns:
+            conn.close()
+
+
+def test_a_dead_worker_is_replaced_and_the_other_keeps_serving(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    proc = start(pooler)
+    conns = run_clients(proc, pg)
+    console = admin(proc)
+    victims = {worker_of(c["client_id"]) for c in table(console, "CLIENTS") if c["user"]}
+    assert victims == {0, 1}
+    pids = _worker_pids(proc)
+    os.kill(pids[1], signal.SIGKILL)
+    proc.wait_for_log("worker 1 exited", timeout=10)
+    survivors = 0
+    for conn in conns:
+        try:
+            conn.execute("select 1")
+            survivors += 1
+        except psycopg.OperationalError:
+            pass  # a client of the killed worker
+    assert 0 < survivors < CLIENTS
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            fresh = [
+                psycopg.connect(proc.dsn(pg.md5_user.name, "test"), autocommit=True)
+                for _ in range(8)
+            ]
+            break
+        except psycopg.OperationalError:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    for conn in fresh:
+        assert conn.execute("select 2").fetchone() == (2,)
+        conn.close()
+    console.close()
+    for conn in conns:
+        conn.close()
+
+
+def test_sigterm_stops_every_worker(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    proc = start(pooler)
+    pids = _worker_pids(proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait_exit(20) == 0
+    for pid in pids:
+        deadline = time.monotonic() + 5
+        while _alive(pid):
+            assert time.monotonic() < deadline, f"worker {pid} outlived the supervisor"
+            time.sleep(0.05)
+
+
+def _worker_pids(proc: PoolerProcess) -> list[int]:
+    assert proc.pid is not None
+    children = f"/proc/{proc.pid}/task/{proc.pid}/children"
+    with open(children) as f:
+        pids = [int(p) for p in f.read().split()]
+    assert len(pids) == WORKERS
+    return sorted(pids, key=_worker_index)
+
+
+def _worker_index(pid: int) -> int:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        args = f.read().split(b"\x00")
+    return int(args[args.index(b"--worker") + 1].split(b"/")[0])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_shutdown_command_stops_the_supervisor(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    proc = start(pooler)
+    pids = _worker_pids(proc)
+    console = admin(proc)
+    got = console.simple_query("SHUTDOWN")
+    assert w.rows(got) == [("t",)]
+    console.close_socket()
+    assert proc.wait_exit(20) == 0
+    assert not any(_alive(pid) for pid in pids)
