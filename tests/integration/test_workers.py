@@ -122,7 +122,15 @@ def test_cancel_requests_reach_the_owning_worker(
     threads = [threading.Thread(target=sleep, args=(c,)) for c in sleepers]
     for thread in threads:
         thread.start()
-    time.sleep(1.0)
+    # Cancel only once every query runs on a server (a queued one has nothing to cancel).
+    with psycopg.connect(pg.dsn("postgres"), autocommit=True) as direct:
+        deadline = time.monotonic() + 10
+        while direct.execute(
+            "select count(*) from pg_stat_activity where query = 'select pg_sleep(20)'"
+            " and state = 'active'"
+        ).fetchone() != (4,):
+            assert time.monotonic() < deadline, "the sleepers did not all start"
+            time.sleep(0.05)
     started = time.monotonic()
     for conn in sleepers:
         conn.cancel()
@@ -287,3 +295,40 @@ def test_shutdown_command_stops_the_supervisor(pg: ExamplePostgres, pooler: Pool
     console.close_socket()
     assert proc.wait_exit(20) == 0
     assert not any(_alive(pid) for pid in pids)
+
+
+def test_unix_socket_and_sighup_reach_every_worker(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    import tempfile
+
+    user = pg.md5_user
+    with tempfile.TemporaryDirectory(prefix="pgd-sock-") as sockdir:
+        proc = start(
+            pooler,
+            unix_socket_dir=sockdir,
+            pg_hba="local all all md5\nhost all all 127.0.0.1/32 md5\n",
+        )
+        dsn = f"host={sockdir} port={proc.port} dbname={EXAMPLE_DB} user={user.name}"
+        conns = [psycopg.connect(dsn, password=user.password, autocommit=True) for _ in range(8)]
+        for conn in conns:
+            assert conn.execute("select 1").fetchone() == (1,)
+        console = admin(proc)
+        clients = [c for c in table(console, "CLIENTS") if c["addr"] == "unix"]
+        assert len(clients) == 8
+        # SIGHUP to the supervisor: every worker rereads the file.
+        users = proc.config["pools"][EXAMPLE_DB]["users"]
+        next(u for u in users if u["username"] == user.name)["pool_size"] = 10
+        proc.write_config()
+        proc.reload()
+        deadline = time.monotonic() + 10
+        while True:
+            pool = next(r for r in table(console, "POOLS") if r["user"] == user.name)
+            if pool["pool_size"] == "10":
+                break
+            assert time.monotonic() < deadline, pool
+            time.sleep(0.1)
+        assert proc.log_text().count("configuration reloaded") == WORKERS
+        console.close()
+        for conn in conns:
+            conn.close()
