@@ -135,6 +135,41 @@ def test_cancel_of_idle_client_does_nothing(pg: ExamplePostgres, pooler: PoolerF
     idle.close()
 
 
+def test_cancel_of_a_queued_query_answers_it_and_keeps_the_client(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """A client waiting for a server gets 57014 for its queued request, as if PostgreSQL
+    had canceled it, and stays usable; the server holder is not touched."""
+    proc = pooler(
+        general={"query_wait_timeout": 30_000},
+        pools={"example_db": {"users": [{"username": pg.md5_user.name, "pool_size": 1}]}},
+    )
+    user = pg.md5_user
+    with connect(pg, proc) as holder:
+        holder.execute("select 1")  # holds the only server in its transaction
+        queued = w.PgWire.connect(proc.host, proc.port, user.name, "example_db", user.password)
+        assert queued.backend_pid is not None and queued.secret_key is not None
+        # Simple protocol, then an extended batch, each canceled while queued.
+        for request in (
+            w.query("select 7"),
+            w.parse("", "select $1::int", [23]) + w.bind("", "", ["8"]) + w.execute() + w.sync(),
+        ):
+            queued.send_raw(request)
+            assert queued.read_available(0.3) == []
+            w.cancel(proc.host, proc.port, queued.backend_pid, queued.secret_key)
+            got = queued.read_until_ready()
+            error = w.first_error(got)
+            assert error is not None and error.sqlstate == "57014"
+            assert [t for t, _ in got] == [b"E", b"Z"] and queued.status == "I"
+        # Still queued behind the holder, then served once it commits.
+        queued.send_raw(w.query("select 9"))
+        assert queued.read_available(0.3) == []
+        holder.commit()
+        assert w.rows(queued.read_until_ready()) == [("9",)]
+        assert holder.execute("select 2").fetchone() == (2,)
+        queued.close()
+
+
 def test_backend_killed_mid_transaction(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
     proc = pooler()
     with connect(pg, proc) as victim, connect(pg, proc, autocommit=True) as bystander:

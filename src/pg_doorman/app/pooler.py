@@ -596,6 +596,9 @@ class Pooler:
             client.on_cancel()
             return
         server = client.server
+        if server is None and client.cancel_waiting():
+            logger.debug("client %s: canceled while waiting for a server", client.name)
+            return
         if server is None or server.closed:
             logger.debug("cancel request for idle client %s: nothing to cancel", client.name)
             return

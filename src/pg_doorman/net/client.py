@@ -84,6 +84,23 @@ _MAY_BE_DEALLOCATE = frozenset((b"d", b"D", b" ", b"\t", b"\n", b"\r"))
 _GUC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?")
 
 
+def first_request_end(buf: bytes) -> int | None:
+    """Where the first complete request in `buf` ends: after a Query or FunctionCall,
+    or after the Sync closing an extended-protocol batch; None if there is none yet."""
+    pos = 0
+    n = len(buf)
+    while pos + 5 <= n:
+        msg_type = buf[pos]
+        length: int = _unpack_length(buf, pos + 1)[0]
+        end = pos + 1 + length
+        if length < 4 or end > n:
+            return None
+        if msg_type in (codes.QUERY, codes.SYNC, codes.FUNCTION_CALL):
+            return end
+        pos = end
+    return None
+
+
 class ClientConnection(asyncio.Protocol):
     def __init__(self, pooler: Pooler, *, unix: bool = False) -> None:
         self.pooler = pooler
@@ -544,6 +561,30 @@ class ClientConnection(asyncio.Protocol):
                 self.pause_reading()
         else:
             self._between_transactions(data)
+
+    def cancel_waiting(self) -> bool:
+        """A CancelRequest while queued for a server: answer the first request with
+        57014 as PostgreSQL would, and keep waiting for whatever follows it. False when
+        there is nothing to cancel (not queued, or the request is still incomplete)."""
+        if self.state != WAITING or self.pool is None or self._check_query_next:
+            return False
+        end = first_request_end(self._pending)
+        if end is None:
+            return False
+        rest = self._pending[end:]
+        self._pending = b""
+        self.pool.cancel_wait(self)
+        self.state = IDLE
+        self.write(
+            messages.error_response(
+                "ERROR", sqlstate.QUERY_CANCELED, "canceling statement due to user request"
+            )
+            + messages.READY_IDLE
+        )
+        self.resume_reading()
+        if rest:
+            self._between_transactions(rest)
+        return True
 
     def _forward(self, server: ServerConnection, data: bytes) -> None:
         frontend = self.frontend
