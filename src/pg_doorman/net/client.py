@@ -102,6 +102,51 @@ def first_request_end(buf: bytes) -> int | None:
 
 
 class ClientConnection(asyncio.Protocol):
+    # Slots: thousands of idle clients each keep one of these.
+    __slots__ = (
+        "_check_query_next",
+        "_fingerprint",
+        "_inbox",
+        "_login_task",
+        "_memory_accounted",
+        "_on_data",
+        "_param_mark",
+        "_pending",
+        "_startup_buf",
+        "address",
+        "admin",
+        "application_name",
+        "bytes_received",
+        "bytes_sent",
+        "client_id",
+        "closing_after_transaction",
+        "connected_at",
+        "database",
+        "entry",
+        "errors",
+        "extra_parameters",
+        "frontend",
+        "loop",
+        "on_cancel",
+        "over_limit",
+        "parameters",
+        "pool",
+        "pooler",
+        "port",
+        "queries",
+        "reading_paused",
+        "rewriter",
+        "secret",
+        "server",
+        "state",
+        "transactions",
+        "transport",
+        "unix",
+        "user",
+        "wait_started",
+        "write_paused",
+    )
+
     def __init__(self, pooler: Pooler, *, unix: bool = False) -> None:
         self.pooler = pooler
         self.loop = pooler.loop
@@ -285,8 +330,14 @@ class ClientConnection(asyncio.Protocol):
             buf.clear()
             self._inbox.feed(rest)
             self._on_data = self._inbox.feed
-            self._login_task = self.loop.create_task(self._login(request))
+            self._login_task = task = self.loop.create_task(self._login(request))
+            task.add_done_callback(self._login_done)
             return
+
+    def _login_done(self, task: asyncio.Task[None]) -> None:
+        # Thousands of idle clients: don't keep a finished task and coroutine each.
+        if self._login_task is task:
+            self._login_task = None
 
     async def _next_message(self) -> tuple[int, bytes]:
         return await self._inbox.receive(self._gone)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import struct
 from collections import deque
-from typing import Final
+from typing import Final, cast
 
 from pg_doorman.prepared.registry import PoolStatements, ServerStatements, StatementEntry
 from pg_doorman.protocol import codes, messages, sqlstate
@@ -54,6 +54,10 @@ _ROW_DESCRIPTION_OR_NO_DATA = frozenset((codes.ROW_DESCRIPTION, codes.NO_DATA))
 Expectation = tuple[int, bytes]
 
 
+# Stands for an empty queue until the first expectation; never mutated (a tuple).
+_NOTHING_EXPECTED = cast("deque[Expectation]", ())
+
+
 def close_statement(name: bytes) -> bytes:
     body = b"S" + name + b"\x00"
     return b"C" + _LENGTH.pack(len(body) + 4) + body
@@ -89,7 +93,9 @@ class BatchRewriter:
         self.named: dict[bytes, StatementEntry] = {}
         self.unnamed: StatementEntry | None = None
         self.server: ServerStatements | None = None
-        self.expect: deque[Expectation] = deque()
+        # A deque only once the client uses the extended protocol: most idle clients never
+        # do, and an empty deque costs 600 bytes each.
+        self.expect: deque[Expectation] = _NOTHING_EXPECTED
         # Queries sent while nothing else was expected: answered before anything queued.
         self.leading_queries = 0
         self.skipping = False  # after a synthetic error: drop client messages until Sync
@@ -100,7 +106,8 @@ class BatchRewriter:
 
     def attach(self, server: ServerStatements) -> None:
         self.server = server
-        self.expect.clear()
+        if self.expect:
+            self.expect.clear()
         self.leading_queries = 0
         self.skipping = False
 
@@ -138,6 +145,8 @@ class BatchRewriter:
 
     def _push(self, kind: int, payload: bytes = b"") -> None:
         expect = self.expect
+        if expect is _NOTHING_EXPECTED:
+            self.expect = expect = deque()
         if not expect and self.leading_queries:
             # Earlier simple queries are still being answered: they come first.
             expect.extend((QUERY, b"") for _ in range(self.leading_queries))
@@ -349,4 +358,5 @@ class BatchRewriter:
             kind,
         )
         self.desynced = True
-        self.expect.clear()
+        if self.expect:
+            self.expect.clear()
