@@ -47,13 +47,16 @@ class Supervisor:
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
+        # First: a stop asked for while the workers start is carried out once they run.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._forward, signal.SIGHUP)
         try:
             self._unix_socket = self._bind_unix_socket()
             for index in range(self.count):
                 await self._spawn(index)
             if not await self._wait_ready():
                 return 1
-            logger.info("all %d workers ready", self.count)
             web = None
             if self.config.web.enabled:
                 from pg_doorman.web.server import WebServer
@@ -62,9 +65,8 @@ class Supervisor:
                     self.snapshot, self.healthy, self.config.web.host, self.config.web.port
                 )
                 await web.start()
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(signum, self._stop.set)
-            loop.add_signal_handler(signal.SIGHUP, self._forward, signal.SIGHUP)
+            # Logged once everything serves, /metrics included.
+            logger.info("all %d workers ready", self.count)
             watchers = [loop.create_task(self._watch(index)) for index in range(self.count)]
             await self._stop.wait()
             logger.info("stopping %d workers", self.count)
