@@ -295,7 +295,7 @@ class Pool:
 
     def _grow(self) -> None:
         """Open servers for queued clients (and the minimum), within the limits."""
-        if self.closed:
+        if self.closed or self.paused:  # paused: no server connections until RESUME
             return
         s = self.settings
         wanted = max(self.waiting - self.connecting - self.probing, 0)
