@@ -29,6 +29,14 @@ def notices(messages: list[w.Message]) -> list[str]:
     return [w.error_fields(p)["M"] for t, p in messages if t == b"N"]
 
 
+def pause_while_busy(busy: w.PgWire, console: w.PgWire, pause: str, begin: str) -> list[str]:
+    """Open a transaction on `busy`, send `pause` on the console and return the NOTICEs
+    it sends before it starts waiting for that transaction."""
+    busy.simple_query(begin)
+    console.send_raw(w.query(pause))
+    return notices(console.read_until(b"N"))
+
+
 def pool_row(console: w.PgWire, user: str) -> dict[str, str | None]:
     got = console.simple_query("SHOW POOLS")
     columns = next(w.row_description(p) for t, p in got if t == b"T")
@@ -42,11 +50,9 @@ def test_pause_waits_for_transactions_and_resume_releases_the_queue(
     proc = pooler()
     busy, late, console = client(proc, pg), client(proc, pg), admin(proc)
     try:
-        busy.simple_query("begin; select 1")
-        console.send_raw(w.query("PAUSE example_db"))
         # PAUSE says why it waits and does not finish while the transaction runs.
-        first = console.read_until(b"N")
-        assert "waiting for 1 active server connection" in notices(first)[0]
+        said = pause_while_busy(busy, console, "PAUSE example_db", "begin; select 1")
+        assert "waiting for 1 active server connection" in said[0]
         assert not [m for m in console.read_available(0.5) if m[0] in b"CZ"]
         # A new transaction queues behind the pause.
         late.send_raw(w.query("select 42"))
@@ -73,9 +79,7 @@ def test_pause_can_be_cancelled_and_unknown_database_errors(
     proc = pooler()
     busy, console = client(proc, pg), admin(proc)
     try:
-        busy.simple_query("begin")
-        console.send_raw(w.query("PAUSE"))
-        console.read_until(b"N")
+        pause_while_busy(busy, console, "PAUSE", "begin")
         assert console.backend_pid is not None and console.secret_key is not None
         canceller = w.PgWire(proc.host, proc.port)
         canceller.send_raw(w.cancel_request(console.backend_pid, console.secret_key))
@@ -308,9 +312,7 @@ def test_console_that_vanishes_during_pause_leaves_the_pooler_working(
     proc = pooler()
     busy, console = client(proc, pg), admin(proc)
     try:
-        busy.simple_query("begin")
-        console.send_raw(w.query("PAUSE example_db"))
-        console.read_until(b"N")
+        pause_while_busy(busy, console, "PAUSE example_db", "begin")
         console.close_socket()  # gone while PAUSE waits
         assert w.first_error(busy.simple_query("select 1; commit")) is None
         second = admin(proc)

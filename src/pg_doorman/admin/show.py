@@ -22,7 +22,7 @@ from pg_doorman.config.loader import (
     WEB_NOT_IMPLEMENTED,
 )
 from pg_doorman.prepared.registry import NAMED, UNNAMED
-from pg_doorman.stats.counters import PERCENTILES, quantile_of
+from pg_doorman.stats.counters import PERCENTILES, quantile_of, recent_count_of
 
 if TYPE_CHECKING:
     from pg_doorman.app.pooler import Pooler
@@ -222,7 +222,7 @@ def latency(snap: Snapshot) -> Table:
     for p in snap["pools"]:
         for kind in ("query", "transaction", "wait"):
             h = p["histograms"][kind]
-            count = sum(h["counts"]) - sum(h["base"])
+            count = recent_count_of(h["counts"], h["base"])
             row: list[object] = [p["database"], p["user"], kind, count]
             row += [_recent_quantile(p, kind, q) for q in PERCENTILES]
             rows.append(row)

@@ -39,10 +39,12 @@ def take(pooler: Pooler) -> Snapshot:
     loop_now = pooler.loop.time()
     by_pool: dict[Pool, list[ClientConnection]] = {}
     client_rows = []
+    logging_in = 0
     for c in pooler.clients.values():
         if c.pool is not None:
             by_pool.setdefault(c.pool, []).append(c)
         state = c.state_name
+        logging_in += state in ("startup", "login")
         wait = "idle"
         if c.write_paused:
             wait = "write"
@@ -74,7 +76,6 @@ def take(pooler: Pooler) -> Snapshot:
                     server.statements.misses, len(server.statements),
                 ]
             )  # fmt: skip
-    states = [c.state_name for c in pooler.clients.values()]
     return {
         "workers": 1,
         "memory": resident_memory(),
@@ -83,7 +84,7 @@ def take(pooler: Pooler) -> Snapshot:
         "cancel_requests": pooler.cancel_requests,
         "login_failures": pooler.login_failures,
         "connections": len(pooler.clients),
-        "login_clients": states.count("startup") + states.count("login"),
+        "login_clients": logging_in,
         "clients": client_rows,
         "servers": server_rows,
         "pools": pools,

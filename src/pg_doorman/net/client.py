@@ -267,8 +267,9 @@ class ClientConnection(asyncio.Protocol):
             self.transport.write(data)
 
     def fail(self, code: str, message: str, *, detail: str | None = None) -> None:
-        """Send a FATAL error and close: the session cannot go on."""
-        if self.state == CLOSED or self.transport is None:
+        """Send a FATAL error and close: the session cannot go on (once: a client
+        already being closed, by KILL say, is not told twice)."""
+        if self.state == CLOSED or self.transport is None or self.transport.is_closing():
             return
         logger.info("client %s: %s (%s)", self.name, message, code)
         if self.state < IDLE:

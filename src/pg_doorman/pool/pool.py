@@ -207,9 +207,10 @@ class Pool:
         while idle:
             server = idle.popleft() if self.settings.round_robin else idle.pop()
             state = server.checkout_state(now)
-            if not state and server.epoch == self.epoch:
+            # No epoch check: reconnect() empties the idle list, release() screens.
+            if not state:
                 return server
-            if state == _EXPIRED or server.epoch != self.epoch:
+            if state == _EXPIRED:
                 self.discard(server, "lifetime or idle timeout reached")
             else:
                 self._probe(server)
@@ -402,8 +403,7 @@ class Pool:
         """Apply reloaded settings that need no new servers (sizes, timeouts)."""
         self.settings = settings
         self.statements.capacity = settings.statements_cache_size
-        if self.settings.pool_size > self.size or self._waiters:
-            self._grow()
+        self._grow()  # a larger pool may serve queued clients now
 
     def close(self, reason: str) -> None:
         """Stop the pool: fail waiters, close idle servers; active ones close on return."""

@@ -60,6 +60,11 @@ def cumulative_of(counts: list[int]) -> list[tuple[float, int]]:
     return out
 
 
+def recent_count_of(counts: list[int], since: list[int]) -> int:
+    """Observations in bucket counts after the earlier counts `since`."""
+    return sum(counts) - sum(since)
+
+
 def quantile_of(counts: list[int], q: float, since: list[int] | None = None) -> float:
     """q-quantile in seconds of bucket counts (minus `since`), linear inside a bucket."""
     if since is not None:
@@ -234,7 +239,7 @@ class PoolStats:
     def recent_count(self, which: str) -> int:
         """How many `query`, `transaction` or `wait` durations recent_quantile covers."""
         histogram, base = self._recent(which)
-        return histogram.total - sum(base)
+        return recent_count_of(histogram.counts, base)
 
     def record_transaction(self, seconds: float, received: int, sent: int) -> None:
         self.xact_count += 1
