@@ -1,13 +1,28 @@
-# `make test` is the project's test command: lint, type check, then the whole test suite.
+# `make test` is the project's test command: lint, type check, build the compiled hot
+# path, then the whole test suite twice: on the compiled modules and on the sources.
 
 PYTHON := $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
 # bench/ is linted once it holds Python code.
-LINT_PATHS := src tests $(if $(wildcard bench/*.py bench/*/*.py),bench)
+LINT_PATHS := src tests scripts setup.py $(if $(wildcard bench/*.py bench/*/*.py),bench)
 
-.PHONY: test lint typecheck unit integration
+.PHONY: test lint typecheck unit integration compiled clean-compiled test-compiled test-python
 
-test: lint typecheck
+test: lint typecheck compiled test-compiled test-python
+
+test-compiled: export PG_DOORMAN_IMPL = compiled
+test-compiled:
 	$(call pytest)
+
+test-python: export PG_DOORMAN_IMPL = python
+test-python:
+	$(call pytest)
+
+# The optional mypyc build of the hot-path modules (see docs/performance.md).
+compiled:
+	$(PYTHON) scripts/build_compiled.py
+
+clean-compiled:
+	$(PYTHON) scripts/build_compiled.py --clean
 
 lint:
 	$(PYTHON) -m ruff check $(LINT_PATHS)
@@ -24,7 +39,7 @@ integration:
 
 # pytest exits 5 when it collected nothing; we always have tests, so say so and fail.
 define pytest
-	@echo "$(PYTHON) -m pytest -q $(1)"
+	@echo "PG_DOORMAN_IMPL=$${PG_DOORMAN_IMPL:-auto} $(PYTHON) -m pytest -q $(1)"
 	@$(PYTHON) -m pytest -q $(1); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: that is a failure here"; fi; \
 	exit $$rc

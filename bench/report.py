@@ -188,7 +188,8 @@ def results_markdown(doc: dict[str, Any], chart_link: str | None) -> str:
         "",
         f"- Machine: {meta['machine']}",
         f"- PostgreSQL {meta['postgres_version']}, pg_doorman {meta['pooler_version']} "
-        f"(Python {meta['python']}, {meta['event_loop']}), PgBouncer {meta['pgbouncer_version']}",
+        f"(Python {meta['python']}, {meta['event_loop']}, "
+        f"{meta.get('hot_path', 'hot path unknown')}), PgBouncer {meta['pgbouncer_version']}",
         f"- {meta['duration']} s per run (pgbench -T adds "
         f"{meta.get('connect_allowance', 0):g} s per 1000 clients for connecting), "
         f"{meta['rounds']} round(s) (median shown), "

@@ -403,6 +403,7 @@ class Harness:
                 "machine_short": short,
                 "python": platform.python_version(),
                 "event_loop": event_loop_name(),
+                "hot_path": self.pooler.hot_path() if self.pooler else "not run",
                 "postgres_version": self.pg.version(),
                 "pooler_version": self.pooler.version() if self.pooler else "not run",
                 "pgbouncer_version": bouncer_version,

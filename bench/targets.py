@@ -274,6 +274,14 @@ class Pooler:
 
         return __version__
 
+    def hot_path(self) -> str:
+        """What the running pooler said it runs: compiled or pure-Python hot path."""
+        for line in tail(self.log_path, 200).splitlines():
+            for name in ("compiled hot path", "pure-Python hot path"):
+                if name in line:
+                    return name
+        return "hot path unknown"
+
     def stop(self) -> None:
         _terminate(self.proc)
 

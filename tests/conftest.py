@@ -74,3 +74,9 @@ def pooler(pg: ExamplePostgres, tmp_path: Path) -> Iterator[PoolerFactory]:
     problems = factory.close()
     if problems:
         pytest.fail("\n\n".join(problems), pytrace=False)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    from pg_doorman import implementation
+
+    return f"pg_doorman hot path: {implementation.describe()}"

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING, Any
 
+from pg_doorman import implementation
 from pg_doorman.admin.snapshot import Snapshot, merge
 from pg_doorman.admin.snapshot import take as take_snapshot
 from pg_doorman.app.cluster import Cluster, WorkerInfo, run_control, share
@@ -686,10 +687,11 @@ class Pooler:
         for entry in self.entries.values():
             entry.pool.retain(0)  # closes nothing, opens min_pool_size servers
         logger.info(
-            "pg_doorman listening on %s:%d (%d pools)",
+            "pg_doorman listening on %s:%d (%d pools; %s)",
             general.host,
             general.port,
             len(self.entries),
+            implementation.describe(),
         )
 
     async def _retain_loop(self) -> None:

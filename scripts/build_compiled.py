@@ -1,0 +1,83 @@
+"""Compile the hot-path modules with mypyc, in place beside their sources.
+
+    python scripts/build_compiled.py           build (replacing any earlier build)
+    python scripts/build_compiled.py --clean   remove the build: the sources run
+
+Needs mypy (the `test` or `compiled` extra), a C compiler and the Python headers. The
+list of modules is `pg_doorman.implementation.COMPILED_MODULES`; the manifest written
+last records the hash of each compiled source, so a later edit makes the build stale
+and the package falls back to the sources instead of running old code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+PACKAGE = SRC / "pg_doorman"
+
+sys.path.insert(0, str(SRC))
+os.environ["PG_DOORMAN_IMPL"] = "python"  # importing the list must not need a build
+
+from pg_doorman.implementation import (  # noqa: E402
+    COMPILED_MODULES,
+    MANIFEST,
+    source_digest,
+    source_path,
+)
+
+
+def clean() -> None:
+    (PACKAGE / MANIFEST).unlink(missing_ok=True)
+    for pattern in ("**/*.so", "**/*.pyd"):
+        for path in PACKAGE.glob(pattern):
+            path.unlink()
+    # mypyc's shared runtime for the group lands at the top of the source tree.
+    for path in SRC.glob("*__mypyc*"):
+        path.unlink()
+    shutil.rmtree(SRC / "build", ignore_errors=True)
+
+
+def digests() -> dict[str, str]:
+    return {module: source_digest(source_path(module, PACKAGE)) for module in COMPILED_MODULES}
+
+
+def build() -> None:
+    clean()
+    sources = [source_path(module, PACKAGE) for module in COMPILED_MODULES]
+    before = digests()
+    env = dict(os.environ, MYPYC_OPT_LEVEL=os.environ.get("MYPYC_OPT_LEVEL", "3"))
+    argv = [sys.executable, "-m", "mypyc", *(str(p.relative_to(SRC)) for p in sources)]
+    print("+", " ".join(argv), flush=True)
+    subprocess.run(argv, cwd=SRC, env=env, check=True)
+    after = digests()
+    if after != before:
+        clean()
+        raise SystemExit("sources changed while compiling; run the build again")
+    manifest = {"sources": after, "python": sys.implementation.cache_tag}
+    (PACKAGE / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    shutil.rmtree(SRC / "build", ignore_errors=True)
+    print(f"compiled {len(sources)} modules; manifest: {(PACKAGE / MANIFEST).relative_to(ROOT)}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clean", action="store_true", help="remove the compiled build")
+    args = parser.parse_args()
+    if args.clean:
+        clean()
+        print("compiled build removed")
+    else:
+        build()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Which implementation of the hot-path modules runs: compiled or pure Python.
+
+The modules in `COMPILED_MODULES` can be compiled with mypyc (`make compiled`) into
+extension modules next to their sources. The sources stay the reference and the
+fallback; the compiled build is the same code, about twice as fast. `PG_DOORMAN_IMPL`
+picks one:
+
+- `auto` (default): the compiled build when one matching the sources is present;
+- `compiled`: the compiled build, or refuse to start and say why;
+- `python`: the sources, even when a compiled build is present.
+
+A build records a hash of every source it compiled (`compiled-manifest.json`). A build
+whose sources changed since is stale and never used: running old code after an edit is
+the bug this guards against.
+
+This module runs from the package's `__init__` and must stay pure Python.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from importlib.machinery import ModuleSpec
+from pathlib import Path
+from types import ModuleType
+
+ENV = "PG_DOORMAN_IMPL"
+CHOICES = ("auto", "compiled", "python")
+MANIFEST = "compiled-manifest.json"
+
+# The modules on the per-message and per-transaction path, compiled together.
+COMPILED_MODULES: tuple[str, ...] = (
+    "pg_doorman.protocol.codes",
+    "pg_doorman.protocol.framing",
+    "pg_doorman.protocol.messages",
+    "pg_doorman.net.client",
+    "pg_doorman.net.inbox",
+    "pg_doorman.net.server",
+    "pg_doorman.pool.pool",
+    "pg_doorman.prepared.registry",
+    "pg_doorman.prepared.rewriter",
+    "pg_doorman.stats.counters",
+)
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def source_path(module: str, package_dir: Path = PACKAGE_DIR) -> Path:
+    parts = module.split(".")[1:]
+    return package_dir.joinpath(*parts[:-1], parts[-1] + ".py")
+
+
+def source_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _extension_of(source: Path) -> Path | None:
+    """The extension module this interpreter would load instead of `source`."""
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        candidate = source.with_name(source.stem + suffix)
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def build_problem(package_dir: Path = PACKAGE_DIR) -> str | None:
+    """Why the compiled build can't be used, or None when it matches the sources."""
+    manifest_path = package_dir / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        digests = manifest["sources"]
+    except FileNotFoundError:
+        return "no compiled build is present"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{manifest_path.name} is unreadable ({exc})"
+    for module in COMPILED_MODULES:
+        source = source_path(module, package_dir)
+        if _extension_of(source) is None:
+            return f"{module} is not compiled for this Python ({sys.implementation.cache_tag})"
+        try:
+            current = source_digest(source)
+        except OSError as exc:
+            return f"cannot read {source.name}: {exc}"
+        if digests.get(module) != current:
+            return f"the compiled build is stale: {module} changed since it was built"
+    return None
+
+
+class SourceFinder:
+    """Import finder that loads the listed modules from their `.py` files, which
+    the default finder would skip in favour of an extension module beside them."""
+
+    def __init__(self, modules: Sequence[str]) -> None:
+        self.modules = frozenset(modules)
+
+    def find_spec(
+        self,
+        fullname: str,
+        path: Sequence[str] | None,
+        target: ModuleType | None = None,
+    ) -> ModuleSpec | None:
+        if fullname not in self.modules or not path:
+            return None
+        leaf = fullname.rpartition(".")[2] + ".py"
+        for entry in path:
+            candidate = os.path.join(entry, leaf)
+            if os.path.isfile(candidate):
+                return importlib.util.spec_from_file_location(fullname, candidate)
+        return None
+
+
+def select(environ: Mapping[str, str] = os.environ) -> tuple[str, str | None]:
+    """Install the choice; returns (`compiled` or `python`, why not compiled or None)."""
+    wanted = environ.get(ENV, "").strip().lower() or "auto"
+    if wanted not in CHOICES:
+        raise ImportError(f"{ENV}={environ[ENV]!r}: expected one of {', '.join(CHOICES)}")
+    if wanted == "python":
+        problem: str | None = f"{ENV}=python"
+    else:
+        problem = build_problem()
+        if problem is not None and wanted == "compiled":
+            raise ImportError(f"{ENV}=compiled, but {problem}: run `make compiled`")
+    if problem is None:
+        return "compiled", None
+    if not any(isinstance(finder, SourceFinder) for finder in sys.meta_path):
+        sys.meta_path.insert(0, SourceFinder(COMPILED_MODULES))
+    return "python", problem
+
+
+def loaded() -> str:
+    """What actually runs: `compiled` when the framing module came from an extension."""
+    from pg_doorman.protocol import framing
+
+    return "python" if (framing.__file__ or "").endswith(".py") else "compiled"
+
+
+ACTIVE, REASON = select()
+
+
+def describe() -> str:
+    """For the startup log line."""
+    if loaded() == "compiled":
+        return "compiled hot path"
+    return f"pure-Python hot path: {REASON}" if REASON else "pure-Python hot path"
