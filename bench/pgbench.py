@@ -71,6 +71,7 @@ class RunResult:
     p50_ms: float | None = None
     p99_ms: float | None = None
     cpu_us_per_tx: float | None = None
+    user_us_per_tx: float | None = None  # the part of cpu_us_per_tx spent outside the kernel
     rss_bytes: int | None = None
     initial_connection_ms: float | None = None
     pgbench_seconds: int = 0
@@ -205,6 +206,8 @@ def run_pgbench(
         if result.transactions:
             spent = after.cpu_seconds - before.cpu_seconds
             result.cpu_us_per_tx = spent * 1e6 / result.transactions
+            user = after.user_seconds - before.user_seconds
+            result.user_us_per_tx = user * 1e6 / result.transactions
     if proc.returncode == 0 and result.transactions > 0 and not result.error:
         result.ok = True
     elif not result.error and proc.returncode == 0:

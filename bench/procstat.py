@@ -15,6 +15,7 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 @dataclass(frozen=True)
 class Usage:
     cpu_seconds: float  # utime + stime
+    user_seconds: float  # utime alone: the process's own code, no syscalls
     rss_bytes: int
 
 
@@ -47,14 +48,18 @@ def descendants(pid: int) -> list[int]:
 
 
 def usage(pid: int) -> Usage:
-    """Summed utime+stime and RSS over the tree rooted at `pid` (zero if it is gone)."""
+    """Summed utime, stime and RSS over the tree rooted at `pid` (zero if it is gone)."""
     ticks = 0
+    user_ticks = 0
     pages = 0
     for member in descendants(pid):
         fields = _stat_fields(member)
         if fields is None:
             continue
         # After the ')' field 0 is state (field 3 in proc(5)): utime is 14, stime 15, rss 24.
+        user_ticks += int(fields[11])
         ticks += int(fields[11]) + int(fields[12])
         pages += int(fields[21])
-    return Usage(cpu_seconds=ticks / CLK_TCK, rss_bytes=pages * PAGE_SIZE)
+    return Usage(
+        cpu_seconds=ticks / CLK_TCK, user_seconds=user_ticks / CLK_TCK, rss_bytes=pages * PAGE_SIZE
+    )

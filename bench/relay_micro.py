@@ -6,6 +6,8 @@ pool. What remains is the interpreter's share of the per-transaction CPU, the pa
 the pooler's code controls (syscalls and the event loop come on top). Run:
 
     python -m bench.relay_micro [--transactions N] [--mode simple|extended|prepared]
+
+PG_DOORMAN_IMPL=python|compiled picks the implementation measured (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import statistics
 import time
 from typing import Any
 
+from pg_doorman import implementation
 from pg_doorman.app.pooler import Pooler
 from pg_doorman.config import parse_config
 from pg_doorman.net.client import ClientConnection
@@ -150,7 +153,8 @@ def main() -> None:
     timings = asyncio.run(run(args.transactions, args.mode))
     print(
         f"{args.mode}: {statistics.median(timings):.2f} µs of Python per transaction "
-        f"(median of {len(timings)} batches of 1000; best {min(timings):.2f})"
+        f"(median of {len(timings)} batches of 1000; best {min(timings):.2f}; "
+        f"{implementation.describe()})"
     )
 
 

@@ -23,7 +23,7 @@ TIMES = "\u00d7"
 START = "<!-- bench:results:start -->"
 END = "<!-- bench:results:end -->"
 
-METRICS = ("tps", "p50_ms", "p99_ms", "cpu_us_per_tx", "rss_bytes")
+METRICS = ("tps", "p50_ms", "p99_ms", "cpu_us_per_tx", "user_us_per_tx", "rss_bytes")
 
 
 def _median(values: Iterable[float | int | None]) -> float | None:
@@ -52,7 +52,7 @@ def summarize(doc: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
             else:
                 entry["status"] = "ok"
                 for metric in METRICS:
-                    entry[metric] = _median(r[metric] for r in good)
+                    entry[metric] = _median(r.get(metric) for r in good)
                 if len(good) < len(rounds):
                     failed = next(r for r in rounds if not r["ok"])
                     entry["error"] = (
@@ -112,9 +112,9 @@ def summary_table(doc: dict[str, Any], summary: dict[tuple[str, str], dict[str, 
 def detail_table(doc: dict[str, Any], summary: dict[tuple[str, str], dict[str, Any]]) -> str:
     head = (
         "| scenario | clients | target | tps | p50 ms | p99 ms | vs PgBouncer | vs direct "
-        "| CPU µs/tx | RSS MiB |"
+        "| CPU µs/tx | of which user | RSS MiB |"
     )
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
     for scenario in doc["scenarios"]:
         direct = summary[(scenario["key"], "direct")]
         bouncer = summary[(scenario["key"], "pgbouncer")]
@@ -126,7 +126,7 @@ def detail_table(doc: dict[str, Any], summary: dict[tuple[str, str], dict[str, A
                 f"| {scenario['family']} | {scenario['clients']} | {LABELS[target]} "
                 f"| {_cell_tps(e)} | {_num(e.get('p50_ms'), 2)} | {_num(e.get('p99_ms'), 2)} "
                 f"| {vs_bouncer} | {vs_direct} | {_num(e.get('cpu_us_per_tx'), 1)} "
-                f"| {_mib(e.get('rss_bytes'))} |"
+                f"| {_num(e.get('user_us_per_tx'), 1)} | {_mib(e.get('rss_bytes'))} |"
             )
     return "\n".join(lines)
 

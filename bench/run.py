@@ -46,6 +46,7 @@ from bench.targets import (
     find_bouncer,
     tail,
 )
+from pg_doorman.implementation import ENV as IMPL_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MARKDOWN = REPO / "docs" / "benchmarks.md"
@@ -442,17 +443,42 @@ def _progress(result: RunResult) -> str:
     head = f"{result.scenario:<22} {result.target:<10}"
     if not result.ok:
         return f"{head} FAILED {result.error}"
-    cpu = f" cpu {result.cpu_us_per_tx:.1f} µs/tx" if result.cpu_us_per_tx is not None else ""
+    cpu = ""
+    if result.cpu_us_per_tx is not None:
+        cpu = f" cpu {result.cpu_us_per_tx:.1f} µs/tx (user {result.user_us_per_tx or 0:.1f})"
     return (
         f"{head} tps {result.tps or 0:>10,.0f}  p50 {result.p50_ms or 0:.2f} ms  "
         f"p99 {result.p99_ms or 0:.2f} ms{cpu}"
     )
 
 
+# Where the output goes says nothing about the run, and would leak local paths.
+_OUTPUT_OPTIONS = ("--markdown", "--chart", "--json", "--workdir")
+
+
+def recorded_command(raw: list[str]) -> str:
+    """The command line as the report shows it: the implementation choice, the options
+    that shape the run, not the output paths."""
+    kept: list[str] = []
+    skip = False
+    for arg in raw:
+        if skip:
+            skip = False
+            continue
+        if arg in _OUTPUT_OPTIONS:
+            skip = True
+            continue
+        if arg.split("=", 1)[0] in _OUTPUT_OPTIONS or arg == "--keep":
+            continue
+        kept.append(arg)
+    impl = os.environ.get(IMPL_ENV)
+    prefix = f"{IMPL_ENV}={shlex.quote(impl)} " if impl else ""
+    return prefix + "python -m bench.run" + ("" if not kept else " " + shlex.join(kept))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    raw = list(sys.argv[1:] if argv is None else argv)
-    command = "python -m bench.run" + ("" if not raw else " " + shlex.join(raw))
+    command = recorded_command(list(sys.argv[1:] if argv is None else argv))
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _sigterm)
     raise_fd_limit()

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from pg_doorman.implementation import ENV as IMPL_ENV
+from pg_doorman.implementation import build_problem
+
 REPO = Path(__file__).resolve().parents[2]
 TARGETS = ("direct", "pg_doorman", "pgbouncer")
 
@@ -60,10 +63,31 @@ def test_smoke_run_reports_all_targets(tmp_path: Path) -> None:
     # The pooler's own process was measured.
     measured = [r for r in by_target["pg_doorman"] if r["ok"]]
     assert all(r["cpu_us_per_tx"] and r["rss_bytes"] for r in measured)
+    assert all(0 <= r["user_us_per_tx"] <= r["cpu_us_per_tx"] for r in measured)
     assert any(row["target"] == "pg_doorman" and row["status"] == "ok" for row in doc["idle"])
+
+    # The report names what ran and how to run it again, not where its files went.
+    meta = doc["meta"]
+    assert "--smoke" in meta["command"] and str(tmp_path) not in meta["command"]
+    wanted = os.environ.get(IMPL_ENV, "auto")
+    compiled = wanted == "compiled" or (wanted == "auto" and build_problem() is None)
+    assert meta["hot_path"] == ("compiled hot path" if compiled else "pure-Python hot path")
 
     text = markdown.read_text()
     for label in ("PostgreSQL direct", "pg_doorman", "PgBouncer"):
         assert f"| {label} |" in text
     if importlib.util.find_spec("matplotlib") is not None:
         assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("mode", ["simple", "extended", "prepared"])
+def test_relay_micro_runs(mode: str) -> None:
+    """The in-memory relay benchmark drives real transactions (it checks the pool's
+    transaction count itself) and names the implementation it measured."""
+    argv = [sys.executable, "-m", "bench.relay_micro", "--transactions", "3000", "--mode", mode]
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"{mode}: ") and "µs of Python per transaction" in proc.stdout
+    wanted = os.environ.get(IMPL_ENV, "auto")
+    compiled = wanted == "compiled" or (wanted == "auto" and build_problem() is None)
+    assert ("compiled hot path" in proc.stdout) is compiled
