@@ -8,7 +8,6 @@ sources, with the manifest that lets the package check the two match.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -48,15 +47,9 @@ class BuildPyWithManifest(build_py):
     def run(self) -> None:
         super().run()
         impl = _implementation()
-        package = HERE / "src" / "pg_doorman"
-        digests = {
-            module: impl.source_digest(impl.source_path(module, package))
-            for module in impl.COMPILED_MODULES
-        }
         target = Path(self.build_lib) / "pg_doorman" / impl.MANIFEST
         target.parent.mkdir(parents=True, exist_ok=True)
-        manifest = {"sources": digests, "python": sys.implementation.cache_tag}
-        target.write_text(json.dumps(manifest, indent=2) + "\n")
+        target.write_text(impl.manifest(HERE / "src" / "pg_doorman"))
 
 
 if COMPILE:

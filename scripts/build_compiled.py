@@ -12,7 +12,6 @@ and the package falls back to the sources instead of running old code.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -29,7 +28,7 @@ os.environ["PG_DOORMAN_IMPL"] = "python"  # importing the list must not need a b
 from pg_doorman.implementation import (  # noqa: E402
     COMPILED_MODULES,
     MANIFEST,
-    source_digest,
+    manifest,
     source_path,
 )
 
@@ -45,24 +44,19 @@ def clean() -> None:
     shutil.rmtree(SRC / "build", ignore_errors=True)
 
 
-def digests() -> dict[str, str]:
-    return {module: source_digest(source_path(module, PACKAGE)) for module in COMPILED_MODULES}
-
-
 def build() -> None:
     clean()
     sources = [source_path(module, PACKAGE) for module in COMPILED_MODULES]
-    before = digests()
+    before = manifest(PACKAGE)
     env = dict(os.environ, MYPYC_OPT_LEVEL=os.environ.get("MYPYC_OPT_LEVEL", "3"))
     argv = [sys.executable, "-m", "mypyc", *(str(p.relative_to(SRC)) for p in sources)]
     print("+", " ".join(argv), flush=True)
     subprocess.run(argv, cwd=SRC, env=env, check=True)
-    after = digests()
+    after = manifest(PACKAGE)
     if after != before:
         clean()
         raise SystemExit("sources changed while compiling; run the build again")
-    manifest = {"sources": after, "python": sys.implementation.cache_tag}
-    (PACKAGE / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    (PACKAGE / MANIFEST).write_text(after)
     shutil.rmtree(SRC / "build", ignore_errors=True)
     print(f"compiled {len(sources)} modules; manifest: {(PACKAGE / MANIFEST).relative_to(ROOT)}")
 

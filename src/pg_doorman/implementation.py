@@ -59,6 +59,15 @@ def source_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def manifest(package_dir: Path = PACKAGE_DIR) -> str:
+    """The manifest a build of the sources in `package_dir` records (JSON text)."""
+    digests = {
+        module: source_digest(source_path(module, package_dir)) for module in COMPILED_MODULES
+    }
+    document = {"sources": digests, "python": sys.implementation.cache_tag}
+    return json.dumps(document, indent=2) + "\n"
+
+
 def _extension_of(source: Path) -> Path | None:
     """The extension module this interpreter would load instead of `source`."""
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pg_doorman.implementation import ENV as IMPL_ENV
-from pg_doorman.implementation import build_problem
+from helpers.implementation import expect_compiled
 
 REPO = Path(__file__).resolve().parents[2]
 TARGETS = ("direct", "pg_doorman", "pgbouncer")
@@ -69,8 +68,7 @@ def test_smoke_run_reports_all_targets(tmp_path: Path) -> None:
     # The report names what ran and how to run it again, not where its files went.
     meta = doc["meta"]
     assert "--smoke" in meta["command"] and str(tmp_path) not in meta["command"]
-    wanted = os.environ.get(IMPL_ENV, "auto")
-    compiled = wanted == "compiled" or (wanted == "auto" and build_problem() is None)
+    compiled = expect_compiled()
     assert meta["hot_path"] == ("compiled hot path" if compiled else "pure-Python hot path")
 
     text = markdown.read_text()
@@ -88,6 +86,5 @@ def test_relay_micro_runs(mode: str) -> None:
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"{mode}: ") and "µs of Python per transaction" in proc.stdout
-    wanted = os.environ.get(IMPL_ENV, "auto")
-    compiled = wanted == "compiled" or (wanted == "auto" and build_problem() is None)
+    compiled = expect_compiled()
     assert ("compiled hot path" in proc.stdout) is compiled
