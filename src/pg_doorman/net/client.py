@@ -15,7 +15,7 @@ import os
 import re
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 from pg_doorman.auth.md5 import md5_password_hash, verify_md5_response
 from pg_doorman.auth.methods import ClientAuth
@@ -47,25 +47,25 @@ if TYPE_CHECKING:
     from pg_doorman.app.pooler import PoolEntry, Pooler
     from pg_doorman.net.server import ServerConnection
 
-logger = logging.getLogger("pg_doorman.client")
-_now = time.monotonic
+logger: Final = logging.getLogger("pg_doorman.client")
+_now: Final = time.monotonic
 
 # Client states.
-STARTUP = 0
-LOGIN = 1
-IDLE = 2  # logged in, no server
-WAITING = 3  # queued for a server
-ACTIVE = 4  # holds a server
-CLOSED = 5
+STARTUP: Final = 0
+LOGIN: Final = 1
+IDLE: Final = 2  # logged in, no server
+WAITING: Final = 3  # queued for a server
+ACTIVE: Final = 4  # holds a server
+CLOSED: Final = 5
 
-_STATE_NAMES = {STARTUP: "startup", LOGIN: "login", IDLE: "idle", WAITING: "waiting"}
+_STATE_NAMES: Final = {STARTUP: "startup", LOGIN: "login", IDLE: "idle", WAITING: "waiting"}
 _STATE_NAMES.update({ACTIVE: "active", CLOSED: "closed"})
 
-_unpack_length = messages._INT32.unpack_from  # signed: a negative length is invalid
-_VALID_TYPES = frozenset(b"BCDEFHPQSXcdfp")
-_NOT_REPORTED = frozenset(("user", "database", "options", "replication"))
+_unpack_length: Final = messages._INT32.unpack_from  # signed: a negative length is invalid
+_VALID_TYPES: Final = codes.type_table(b"BCDEFHPQSXcdfp")
+_NOT_REPORTED: Final = frozenset(("user", "database", "options", "replication"))
 # Session settings that change how a statement is parsed or planned.
-_PLANNING = frozenset(
+_PLANNING: Final = frozenset(
     (
         "search_path",
         "DateStyle",
@@ -77,11 +77,11 @@ _PLANNING = frozenset(
     )
 )
 # Bytes a waiting client may send before its reading is paused.
-_WAITING_BACKLOG = 64 * 1024
+_WAITING_BACKLOG: Final = 64 * 1024
 # First bytes of a Query that could be DEALLOCATE (checked before the regex runs).
-_MAY_BE_DEALLOCATE = frozenset((b"d", b"D", b" ", b"\t", b"\n", b"\r"))
+_MAY_BE_DEALLOCATE: Final = frozenset((b"d", b"D", b" ", b"\t", b"\n", b"\r"))
 # Names that may be spliced into SET statements; anything else is refused at login.
-_GUC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?")
+_GUC_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?")
 
 
 def first_request_end(buf: bytes) -> int | None:
@@ -679,8 +679,8 @@ class ClientConnection(asyncio.Protocol):
                 self._pending = buf
                 return
             msg_type = buf[0]
-            (length,) = _unpack_length(buf, 1)
-            if msg_type not in _VALID_TYPES or length < 4 or length > codes.MAX_MESSAGE_SIZE:
+            length = (buf[1] << 24) | (buf[2] << 16) | (buf[3] << 8) | buf[4]
+            if not _VALID_TYPES[msg_type] or length < 4 or length > codes.MAX_MESSAGE_SIZE:
                 self.fail(
                     sqlstate.PROTOCOL_VIOLATION,
                     f"invalid message from client: type {msg_type!r} length {length}",

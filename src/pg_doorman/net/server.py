@@ -14,7 +14,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Final, cast
 
 from pg_doorman.auth.md5 import md5_password_response, md5_salted_response
 from pg_doorman.auth.scram import ScramClientSession, ScramError, ScramVerifier
@@ -34,26 +34,26 @@ from pg_doorman.protocol.messages import ProtocolError
 if TYPE_CHECKING:
     from pg_doorman.net.client import ClientConnection
 
-logger = logging.getLogger("pg_doorman.server")
+logger: Final = logging.getLogger("pg_doorman.server")
 
 # Modes of a server connection.
-LOGIN = 0
-IDLE = 1
-ACTIVE = 2
-CLEANUP = 3
-PROBE = 4
-CLOSED = 5
+LOGIN: Final = 0
+IDLE: Final = 1
+ACTIVE: Final = 2
+CLEANUP: Final = 3
+PROBE: Final = 4
+CLOSED: Final = 5
 
-_MODE_NAMES = {LOGIN: "login", IDLE: "idle", ACTIVE: "active", CLEANUP: "cleanup"}
+_MODE_NAMES: Final = {LOGIN: "login", IDLE: "idle", ACTIVE: "active", CLEANUP: "cleanup"}
 _MODE_NAMES.update({PROBE: "probe", CLOSED: "closed"})
 
-_READY_I = codes.TX_IDLE
-_now = time.monotonic
-_NEVER = float("inf")
+_READY_I: Final = codes.TX_IDLE
+_now: Final = time.monotonic
+_NEVER: Final = float("inf")
 
 # checkout_state() results.
-EXPIRED = 1
-NEEDS_PROBE = 2
+EXPIRED: Final = 1
+NEEDS_PROBE: Final = 2
 
 
 @dataclass

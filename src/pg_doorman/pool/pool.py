@@ -15,13 +15,13 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Final, Protocol
 
 from pg_doorman.prepared.registry import PoolStatements, ServerStatements
 from pg_doorman.protocol import sqlstate
 from pg_doorman.stats.counters import PoolStats
 
-logger = logging.getLogger("pg_doorman.pool")
+logger: Final = logging.getLogger("pg_doorman.pool")
 
 
 class PooledServer(Protocol):
@@ -108,9 +108,9 @@ class _WaitEntry:
 Connector = Callable[["Pool"], Awaitable[PooledServer]]
 
 # Backend errors that no retry will fix: tell waiting clients at once.
-_PERMANENT_LOGIN_ERRORS = frozenset(("28P01", "28000", "3D000", "42501", "42704", "0A000"))
-_JITTER = 0.2
-_EXPIRED = 1  # PooledServer.checkout_state()
+_PERMANENT_LOGIN_ERRORS: Final = frozenset(("28P01", "28000", "3D000", "42501", "42704", "0A000"))
+_JITTER: Final = 0.2
+_EXPIRED: Final = 1  # PooledServer.checkout_state()
 
 
 class Pool:

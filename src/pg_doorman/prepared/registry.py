@@ -12,8 +12,9 @@ import hashlib
 import struct
 from collections import OrderedDict
 from collections.abc import Iterable
+from typing import Final
 
-_LENGTH = struct.Struct("!I")
+_LENGTH: Final = struct.Struct("!I")
 
 
 class StatementEntry:
@@ -31,8 +32,8 @@ class StatementEntry:
         self.kinds = 0  # NAMED | UNNAMED: how clients have prepared it
 
 
-NAMED = 1
-UNNAMED = 2
+NAMED: Final = 1
+UNNAMED: Final = 2
 
 
 def statement_name(key: bytes) -> bytes:

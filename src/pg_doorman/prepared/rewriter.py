@@ -21,9 +21,9 @@ from typing import Final, cast
 from pg_doorman.prepared.registry import PoolStatements, ServerStatements, StatementEntry
 from pg_doorman.protocol import codes, messages, sqlstate
 
-logger = logging.getLogger("pg_doorman.prepared")
+logger: Final = logging.getLogger("pg_doorman.prepared")
 
-_LENGTH = struct.Struct("!I")
+_LENGTH: Final = struct.Struct("!I")
 
 # Expected responses.
 SYNTH: Final = 0  # our own bytes to put in the stream here
@@ -43,19 +43,19 @@ QUERY: Final = 11  # simple Query or FunctionCall: everything up to ReadyForQuer
 DROP: Final = 1
 HAS_PREFIX: Final = 2
 
-_ASYNC_TYPES = frozenset(
+_ASYNC_TYPES: Final = codes.type_table(
     (codes.NOTICE_RESPONSE, codes.NOTIFICATION_RESPONSE, codes.PARAMETER_STATUS)
 )
-_EXECUTE_END = frozenset(
+_EXECUTE_END: Final = codes.type_table(
     (codes.COMMAND_COMPLETE, codes.EMPTY_QUERY_RESPONSE, codes.PORTAL_SUSPENDED)
 )
-_ROW_DESCRIPTION_OR_NO_DATA = frozenset((codes.ROW_DESCRIPTION, codes.NO_DATA))
+_ROW_DESCRIPTION_OR_NO_DATA: Final = codes.type_table((codes.ROW_DESCRIPTION, codes.NO_DATA))
 
 Expectation = tuple[int, bytes]
 
 
 # Stands for an empty queue until the first expectation; never mutated (a tuple).
-_NOTHING_EXPECTED = cast("deque[Expectation]", ())
+_NOTHING_EXPECTED: Final = cast("deque[Expectation]", ())
 
 
 def close_statement(name: bytes) -> bytes:
@@ -254,7 +254,7 @@ class BatchRewriter:
         if expect and expect[0][0] == SYNTH:
             self._drain_into_prefix()
             action = HAS_PREFIX
-        if msg_type in _ASYNC_TYPES:
+        if _ASYNC_TYPES[msg_type]:
             return action
         if not expect:
             return action
@@ -273,7 +273,7 @@ class BatchRewriter:
                 self._lost(kind, msg_type)
             return action
         if kind == EXECUTE:
-            if msg_type in _EXECUTE_END:
+            if _EXECUTE_END[msg_type]:
                 expect.popleft()
             return action
         if kind == QUERY:
@@ -293,7 +293,7 @@ class BatchRewriter:
                 return action
             ok = False
         elif kind == DESCRIBE_S_ROWS or kind == DESCRIBE_P:
-            ok = msg_type in _ROW_DESCRIPTION_OR_NO_DATA
+            ok = _ROW_DESCRIPTION_OR_NO_DATA[msg_type] == 1
         elif kind == CLOSE:
             ok = msg_type == codes.CLOSE_COMPLETE
         elif kind == HIDDEN_CLOSE:

@@ -1,5 +1,6 @@
 """Message type bytes and protocol numbers, as plain ints for cheap comparisons."""
 
+from collections.abc import Iterable
 from typing import Final
 
 # Frontend and backend message type bytes (ord values).
@@ -64,3 +65,15 @@ AUTH_SASL_FINAL: Final = 12
 MAX_MESSAGE_SIZE: Final = 256 * 1024 * 1024
 # PostgreSQL itself caps startup packets at 10000 bytes.
 MAX_STARTUP_PACKET: Final = 10000
+
+
+def type_table(types: Iterable[int]) -> bytes:
+    """A 256-byte membership table: `table[msg_type]` is 1 for the given types.
+
+    Indexing bytes is a native operation in the compiled build, where a frozenset
+    lookup boxes and hashes the type byte; interpreted, the two cost about the same.
+    """
+    table = bytearray(256)
+    for code in types:
+        table[code] = 1
+    return bytes(table)

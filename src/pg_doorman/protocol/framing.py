@@ -16,9 +16,9 @@ from typing import Final, Protocol
 from pg_doorman.protocol import codes
 from pg_doorman.protocol.messages import ProtocolError
 
-_LENGTH = struct.Struct("!I")
-_unpack_length = _LENGTH.unpack_from
-_MAX = codes.MAX_MESSAGE_SIZE
+_LENGTH: Final = struct.Struct("!I")
+_unpack_length: Final = _LENGTH.unpack_from
+_MAX: Final = codes.MAX_MESSAGE_SIZE
 
 
 class MessageBuffer:
@@ -112,8 +112,8 @@ class FrontendHook(Protocol):
     def frontend(self, msg_type: int, data: bytes, pos: int, end: int) -> bytes | None: ...
 
 
-_DROP = 1  # BackendHook.backend() result bits
-_HAS_PREFIX = 2
+_DROP: Final = 1  # BackendHook.backend() result bits
+_HAS_PREFIX: Final = 2
 
 
 # ---- cleanup flags armed by CommandComplete tags -------------------------------
@@ -171,14 +171,14 @@ def cleanup_queries(flags: int) -> list[str]:
 
 
 # Backend message types the relay must decode.
-_Z = codes.READY_FOR_QUERY
-_E = codes.ERROR_RESPONSE
-_C = codes.COMMAND_COMPLETE
-_S = codes.PARAMETER_STATUS
-_G = codes.COPY_IN_RESPONSE
-_H = codes.COPY_OUT_RESPONSE
-_W = codes.COPY_BOTH_RESPONSE
-_BACKEND_DECODED: Final = frozenset((_Z, _E, _C, _S, _G, _H, _W))
+_Z: Final = codes.READY_FOR_QUERY
+_E: Final = codes.ERROR_RESPONSE
+_C: Final = codes.COMMAND_COMPLETE
+_S: Final = codes.PARAMETER_STATUS
+_G: Final = codes.COPY_IN_RESPONSE
+_H: Final = codes.COPY_OUT_RESPONSE
+_W: Final = codes.COPY_BOTH_RESPONSE
+_BACKEND_DECODED: Final = codes.type_table((_Z, _E, _C, _S, _G, _H, _W))
 
 
 class BackendScanner(_Stream):
@@ -242,9 +242,11 @@ class BackendScanner(_Stream):
         decoded = _BACKEND_DECODED
         while n - pos >= 5:
             msg_type = data[pos]
-            (length,) = _unpack_length(data, pos + 1)
+            length = (
+                (data[pos + 1] << 24) | (data[pos + 2] << 16) | (data[pos + 3] << 8) | data[pos + 4]
+            )
             end = pos + 1 + length
-            if msg_type not in decoded:
+            if not decoded[msg_type]:
                 if length < 4 or length > _MAX:
                     raise ProtocolError(f"invalid backend message length {length}")
                 if hook is not None:
@@ -322,20 +324,20 @@ class BackendScanner(_Stream):
 
 
 # Frontend message types the relay acts on.
-_QUERY = codes.QUERY
-_SYNC = codes.SYNC
-_FUNCTION_CALL = codes.FUNCTION_CALL
-_EXECUTE = codes.EXECUTE
-_TERMINATE = codes.TERMINATE
-_PARSE = codes.PARSE
-_COPY_DONE = codes.COPY_DONE
-_COPY_FAIL = codes.COPY_FAIL
-_FLUSH = codes.FLUSH
-_COPY_DATA = codes.COPY_DATA
-_FRONTEND_VALID: Final = frozenset(b"BCDEFHPQSXcdfp")
+_QUERY: Final = codes.QUERY
+_SYNC: Final = codes.SYNC
+_FUNCTION_CALL: Final = codes.FUNCTION_CALL
+_EXECUTE: Final = codes.EXECUTE
+_TERMINATE: Final = codes.TERMINATE
+_PARSE: Final = codes.PARSE
+_COPY_DONE: Final = codes.COPY_DONE
+_COPY_FAIL: Final = codes.COPY_FAIL
+_FLUSH: Final = codes.FLUSH
+_COPY_DATA: Final = codes.COPY_DATA
+_FRONTEND_VALID: Final = codes.type_table(b"BCDEFHPQSXcdfp")
 # Messages a rewriter sees; the first five it needs whole.
-_REWRITTEN: Final = frozenset(b"PBDCSEHQF")
-_REWRITTEN_WHOLE: Final = frozenset(b"PBDCS")
+_REWRITTEN: Final = codes.type_table(b"PBDCSEHQF")
+_REWRITTEN_WHOLE: Final = codes.type_table(b"PBDCS")
 
 
 class FrontendScanner(_Stream):
@@ -404,15 +406,17 @@ class FrontendScanner(_Stream):
         valid = _FRONTEND_VALID
         while n - pos >= 5:
             msg_type = data[pos]
-            (length,) = _unpack_length(data, pos + 1)
-            if msg_type not in valid or length < 4 or length > _MAX:
+            length = (
+                (data[pos + 1] << 24) | (data[pos + 2] << 16) | (data[pos + 3] << 8) | data[pos + 4]
+            )
+            if not valid[msg_type] or length < 4 or length > _MAX:
                 raise ProtocolError(
                     f"invalid frontend message type {msg_type!r} or length {length}"
                 )
             end = pos + 1 + length
-            if rewriter is not None and msg_type in _REWRITTEN:
+            if rewriter is not None and _REWRITTEN[msg_type]:
                 skipping = rewriter.skipping
-                if end > n and (skipping or msg_type in _REWRITTEN_WHOLE):
+                if end > n and (skipping or _REWRITTEN_WHOLE[msg_type]):
                     break  # rewriting needs the whole message
                 if skipping and msg_type != _SYNC:
                     # Ignored, as PostgreSQL ignores messages after an error until Sync.

@@ -8,30 +8,31 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Final
 
 from pg_doorman.protocol import codes
 
-_HEADER = struct.Struct("!cI")
-_INT32 = struct.Struct("!i")
-_UINT32 = struct.Struct("!I")
-_INT16 = struct.Struct("!h")
-_AUTH_CODE = struct.Struct("!ci")
-_KEY_DATA = struct.Struct("!ii")
+_HEADER: Final = struct.Struct("!cI")
+_INT32: Final = struct.Struct("!i")
+_UINT32: Final = struct.Struct("!I")
+_INT16: Final = struct.Struct("!h")
+_AUTH_CODE: Final = struct.Struct("!ci")
+_KEY_DATA: Final = struct.Struct("!ii")
 
 # Messages that never change: build once.
-READY_IDLE = b"Z\x00\x00\x00\x05I"
-READY_IN_TRANSACTION = b"Z\x00\x00\x00\x05T"
-READY_FAILED = b"Z\x00\x00\x00\x05E"
-AUTH_OK = b"R\x00\x00\x00\x08\x00\x00\x00\x00"
-SYNC = b"S\x00\x00\x00\x04"
-FLUSH = b"H\x00\x00\x00\x04"
-TERMINATE = b"X\x00\x00\x00\x04"
-PARSE_COMPLETE = b"1\x00\x00\x00\x04"
-BIND_COMPLETE = b"2\x00\x00\x00\x04"
-CLOSE_COMPLETE = b"3\x00\x00\x00\x04"
-EMPTY_QUERY = b"I\x00\x00\x00\x04"
-NO_DATA = b"n\x00\x00\x00\x04"
-SSL_REFUSED = b"N"
+READY_IDLE: Final = b"Z\x00\x00\x00\x05I"
+READY_IN_TRANSACTION: Final = b"Z\x00\x00\x00\x05T"
+READY_FAILED: Final = b"Z\x00\x00\x00\x05E"
+AUTH_OK: Final = b"R\x00\x00\x00\x08\x00\x00\x00\x00"
+SYNC: Final = b"S\x00\x00\x00\x04"
+FLUSH: Final = b"H\x00\x00\x00\x04"
+TERMINATE: Final = b"X\x00\x00\x00\x04"
+PARSE_COMPLETE: Final = b"1\x00\x00\x00\x04"
+BIND_COMPLETE: Final = b"2\x00\x00\x00\x04"
+CLOSE_COMPLETE: Final = b"3\x00\x00\x00\x04"
+EMPTY_QUERY: Final = b"I\x00\x00\x00\x04"
+NO_DATA: Final = b"n\x00\x00\x00\x04"
+SSL_REFUSED: Final = b"N"
 
 
 class ProtocolError(Exception):

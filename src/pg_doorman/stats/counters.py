@@ -101,7 +101,7 @@ def error_class(sqlstate: str) -> str:
 PERCENTILES: Final = (0.5, 0.9, 0.95, 0.99)
 
 # Stats period, as in PgDoorman: averages and SHOW percentiles cover recent periods.
-STATS_PERIOD = 15.0
+STATS_PERIOD: Final = 15.0
 
 
 class PeriodAverages:
