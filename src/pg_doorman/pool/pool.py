@@ -176,14 +176,15 @@ class Pool:
         if self.closed or server.epoch != self.epoch or self.size > self.settings.pool_size:
             self.discard(server, "pool closed, reconnected or shrunk")
             return
-        if not fresh and not server.is_usable(time.monotonic()):
+        now = time.monotonic()
+        if not fresh and not server.is_usable(now):
             self.discard(server, "lifetime reached")
             return
         entry = self._next_waiter()
         if entry is not None:
             self._hand_over(entry, server)
             return
-        server.mark_idle(time.monotonic())
+        server.mark_idle(now)
         self.idle.append(server)
 
     def discard(self, server: PooledServer, reason: str) -> None:

@@ -11,10 +11,17 @@ chunk it arrives in.
 from __future__ import annotations
 
 import struct
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final
 
 from pg_doorman.protocol import codes
 from pg_doorman.protocol.messages import ProtocolError
+
+if TYPE_CHECKING:
+    # The scanners' hooks: BatchRewriter rewrites client messages (frontend()) and
+    # decides, message by message, what of the replies reaches the client (backend(),
+    # take_prefix(), drain()). Typed with the class itself, not a Protocol, so that the
+    # compiled build calls it natively: these calls run once per message.
+    from pg_doorman.prepared.rewriter import BatchRewriter
 
 _LENGTH: Final = struct.Struct("!I")
 _unpack_length: Final = _LENGTH.unpack_from
@@ -94,25 +101,7 @@ class _Stream:
         self.held_total = _unpack_length(held, 1)[0] + 1 if len(held) >= 5 else 0
 
 
-class BackendHook(Protocol):
-    """Decides, message by message, what reaches the client (see prepared.rewriter)."""
-
-    def backend(self, msg_type: int) -> int: ...
-
-    def take_prefix(self) -> bytes: ...
-
-    def drain(self) -> bytes: ...
-
-
-class FrontendHook(Protocol):
-    """Rewrites client messages (see prepared.rewriter)."""
-
-    skipping: bool
-
-    def frontend(self, msg_type: int, data: bytes, pos: int, end: int) -> bytes | None: ...
-
-
-_DROP: Final = 1  # BackendHook.backend() result bits
+_DROP: Final = 1  # BatchRewriter.backend() result bits
 _HAS_PREFIX: Final = 2
 
 
@@ -217,7 +206,7 @@ class BackendScanner(_Stream):
         # The server dropped all its prepared statements (DEALLOCATE ALL / DISCARD ALL).
         self.statements_reset = False
         # Rewrites the response stream of clients using shared prepared statements.
-        self.hook: BackendHook | None = None
+        self.hook: BatchRewriter | None = None
 
     def feed(self, data: bytes) -> bytes:
         self.ready_count = 0
@@ -369,7 +358,7 @@ class FrontendScanner(_Stream):
         self.terminated = False
         self.named_parse_seen = False
         self.flush_seen = False
-        self.rewriter: FrontendHook | None = None
+        self.rewriter: BatchRewriter | None = None
 
     def on_copy_in_started(self) -> None:
         # The backend ignores Sync and Flush while in copy-in, so Syncs the client
