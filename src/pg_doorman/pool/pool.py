@@ -123,7 +123,8 @@ class Pool:
         self.settings = settings
         self._connector = connector
         self._loop = loop
-        self.idle: deque[PooledServer] = deque()
+        # A list, not a deque: the compiled build pops and appends natively.
+        self.idle: list[PooledServer] = []
         # Every logged-in server this pool owns, in any state (for SHOW SERVERS & co).
         self.servers: set[PooledServer] = set()
         self._waiters: deque[_WaitEntry] = deque()
@@ -206,7 +207,7 @@ class Pool:
         idle = self.idle
         now = time.monotonic()
         while idle:
-            server = idle.popleft() if self.settings.round_robin else idle.pop()
+            server = idle.pop(0) if self.settings.round_robin else idle.pop()
             state = server.checkout_state(now)
             # No epoch check: reconnect() empties the idle list, release() screens.
             if not state:
