@@ -8,9 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pg_doorman.prepared import rewriter as rw
 from pg_doorman.prepared.deallocate import parse_deallocate
 from pg_doorman.prepared.registry import PoolStatements, ServerStatements, statement_name
-from pg_doorman.prepared.rewriter import BatchRewriter, close_statement
+from pg_doorman.prepared.rewriter import BatchRewriter, Expectations, close_statement
 from pg_doorman.protocol import messages
 from pg_doorman.protocol.framing import BackendScanner, FrontendScanner
 
@@ -225,6 +226,52 @@ def test_leading_simple_query_is_answered_first() -> None:
     )
     assert s.reply(reply) == reply
     assert not s.rewriter.expect
+
+
+def test_expectations_queue_order_and_reuse() -> None:
+    q = Expectations()
+    assert not q and len(q) == 0
+    q.append(rw.SYNTH, b"x")
+    q.append(rw.BIND)
+    q.append(rw.SYNC)
+    assert q and len(q) == 3
+    assert (q.first_kind(), q.first_payload()) == (rw.SYNTH, b"x")
+    assert not q.all_synthetic()
+    q.popleft()
+    assert (q.first_kind(), q.first_payload()) == (rw.BIND, b"")
+    q.replace_first(rw.SYNC)
+    assert q.first_kind() == rw.SYNC
+    q.popleft()
+    q.popleft()
+    assert not q and q.kinds == [] and q.payloads == []  # emptied: storage reset
+    q.append(rw.SYNTH)
+    assert q.all_synthetic()
+
+
+def test_expectations_compact_while_never_empty() -> None:
+    q = Expectations()
+    q.append(rw.BIND, b"0")
+    for i in range(1, 10_000):
+        q.append(rw.BIND, str(i).encode())
+        q.popleft()
+        assert q.first_payload() == str(i).encode()
+    assert len(q) == 1
+    assert len(q.kinds) <= 128  # consumed entries are dropped, not kept forever
+
+
+def test_pipelined_batches_that_never_drain_stay_correct_and_bounded() -> None:
+    s = Session()
+    s.send(parse("a", "select 1") + SYNC)
+    s.reply(messages.PARSE_COMPLETE + messages.READY_IDLE)
+    s.to_client.clear()
+    batch_reply = messages.BIND_COMPLETE + ROW + SELECT_1 + messages.READY_IDLE
+    s.send(bind("a") + EXECUTE + SYNC)  # one batch always in flight ahead
+    for _ in range(500):
+        s.send(bind("a") + EXECUTE + SYNC)
+        s.reply(batch_reply)
+    assert bytes(s.to_client) == batch_reply * 500
+    assert len(s.rewriter.expect) == 3  # the batch still in flight: Bind, Execute, Sync
+    assert len(s.rewriter.expect.kinds) <= 128
 
 
 def test_registry_shares_by_content_and_context() -> None:

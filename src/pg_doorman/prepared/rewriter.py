@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections import deque
-from typing import Final, cast
+from typing import Final
 
 from pg_doorman.prepared.registry import PoolStatements, ServerStatements, StatementEntry
 from pg_doorman.protocol import codes, messages, sqlstate
@@ -51,11 +50,68 @@ _EXECUTE_END: Final = codes.type_table(
 )
 _ROW_DESCRIPTION_OR_NO_DATA: Final = codes.type_table((codes.ROW_DESCRIPTION, codes.NO_DATA))
 
-Expectation = tuple[int, bytes]
+
+class Expectations:
+    """The responses still due from the server, oldest first: kinds with a payload
+    (a statement name, or our own bytes for SYNTH).
+
+    Two parallel lists and a read index rather than a deque of tuples: in the compiled
+    build every operation stays native and nothing is allocated per message.
+    """
+
+    __slots__ = ("_head", "kinds", "payloads")
+
+    def __init__(self) -> None:
+        self.kinds: list[int] = []
+        self.payloads: list[bytes] = []
+        self._head = 0
+
+    def __bool__(self) -> bool:
+        return self._head < len(self.kinds)
+
+    def __len__(self) -> int:
+        return len(self.kinds) - self._head
+
+    def append(self, kind: int, payload: bytes = b"") -> None:
+        self.kinds.append(kind)
+        self.payloads.append(payload)
+
+    def first_kind(self) -> int:
+        """Kind of the oldest expectation (the queue must not be empty)."""
+        return self.kinds[self._head]
+
+    def first_payload(self) -> bytes:
+        return self.payloads[self._head]
+
+    def replace_first(self, kind: int) -> None:
+        self.kinds[self._head] = kind
+        self.payloads[self._head] = b""
+
+    def popleft(self) -> None:
+        head = self._head + 1
+        if head == len(self.kinds):
+            self.clear()
+        elif head >= 64 and head * 2 > len(self.kinds):
+            # A client that pipelines without pause may never let the queue run empty:
+            # drop the consumed entries once they are the bigger part.
+            del self.kinds[:head]
+            del self.payloads[:head]
+            self._head = 0
+        else:
+            self._head = head
+
+    def clear(self) -> None:
+        self.kinds.clear()
+        self.payloads.clear()
+        self._head = 0
+
+    def all_synthetic(self) -> bool:
+        kinds = self.kinds
+        return all(kinds[i] == SYNTH for i in range(self._head, len(kinds)))
 
 
-# Stands for an empty queue until the first expectation; never mutated (a tuple).
-_NOTHING_EXPECTED: Final = cast("deque[Expectation]", ())
+# Stands for an empty queue until the first expectation; never appended to.
+_NOTHING_EXPECTED: Final = Expectations()
 
 
 def close_statement(name: bytes) -> bytes:
@@ -93,9 +149,9 @@ class BatchRewriter:
         self.named: dict[bytes, StatementEntry] = {}
         self.unnamed: StatementEntry | None = None
         self.server: ServerStatements | None = None
-        # A deque only once the client uses the extended protocol: most idle clients never
-        # do, and an empty deque costs 600 bytes each.
-        self.expect: deque[Expectation] = _NOTHING_EXPECTED
+        # A queue of its own only once the client uses the extended protocol: most idle
+        # clients never do.
+        self.expect: Expectations = _NOTHING_EXPECTED
         # Queries sent while nothing else was expected: answered before anything queued.
         self.leading_queries = 0
         self.skipping = False  # after a synthetic error: drop client messages until Sync
@@ -138,7 +194,7 @@ class BatchRewriter:
             return self._close(data[pos + 5 : end])
         if msg_type == codes.QUERY or msg_type == codes.FUNCTION_CALL:
             if self.expect:
-                self.expect.append((QUERY, b""))
+                self.expect.append(QUERY)
             else:
                 self.leading_queries += 1
         return None  # Flush and anything else
@@ -146,12 +202,13 @@ class BatchRewriter:
     def _push(self, kind: int, payload: bytes = b"") -> None:
         expect = self.expect
         if expect is _NOTHING_EXPECTED:
-            self.expect = expect = deque()
+            self.expect = expect = Expectations()
         if not expect and self.leading_queries:
             # Earlier simple queries are still being answered: they come first.
-            expect.extend((QUERY, b"") for _ in range(self.leading_queries))
+            for _ in range(self.leading_queries):
+                expect.append(QUERY)
             self.leading_queries = 0
-        expect.append((kind, payload))
+        expect.append(kind, payload)
 
     def _ensure_on_server(self, entry: StatementEntry) -> bytes:
         """The Parse to send first if the server lacks the statement, else b''."""
@@ -251,17 +308,18 @@ class BatchRewriter:
         """Decide about one server message; see DROP/HAS_PREFIX."""
         expect = self.expect
         action = 0
-        if expect and expect[0][0] == SYNTH:
+        if expect and expect.first_kind() == SYNTH:
             self._drain_into_prefix()
             action = HAS_PREFIX
         if _ASYNC_TYPES[msg_type]:
             return action
         if not expect:
             return action
-        kind, payload = expect[0]
+        kind = expect.first_kind()
         if msg_type == codes.ERROR_RESPONSE:
             if kind == QUERY:
                 return action  # a simple query's error; its ReadyForQuery follows
+            payload = expect.first_payload()
             expect.popleft()
             self._undo(kind, payload)
             self._skip_to_sync()
@@ -289,7 +347,7 @@ class BatchRewriter:
             ok = msg_type == codes.BIND_COMPLETE
         elif kind == DESCRIBE_S:
             if msg_type == codes.PARAMETER_DESCRIPTION:
-                expect[0] = (DESCRIBE_S_ROWS, b"")
+                expect.replace_first(DESCRIBE_S_ROWS)
                 return action
             ok = False
         elif kind == DESCRIBE_S_ROWS or kind == DESCRIBE_P:
@@ -311,7 +369,7 @@ class BatchRewriter:
 
     def only_synthetic_due(self) -> bool:
         """Everything still expected is ours to answer: the server will send nothing."""
-        return all(kind == SYNTH for kind, _ in self.expect)
+        return self.expect.all_synthetic()
 
     def take_prefix(self) -> bytes:
         prefix = bytes(self._prefix)
@@ -320,15 +378,16 @@ class BatchRewriter:
 
     def drain(self) -> bytes:
         """Synthetic messages that are next in line, to send to the client now."""
-        if self.expect and self.expect[0][0] == SYNTH:
+        if self.expect and self.expect.first_kind() == SYNTH:
             self._drain_into_prefix()
         return self.take_prefix() if self._prefix else b""
 
     def _drain_into_prefix(self) -> None:
         expect = self.expect
         prefix = self._prefix
-        while expect and expect[0][0] == SYNTH:
-            _, payload = expect.popleft()
+        while expect and expect.first_kind() == SYNTH:
+            payload = expect.first_payload()
+            expect.popleft()
             prefix += payload
             if payload[:1] == b"E":
                 # Our own error: PostgreSQL would skip to Sync from here as well.
@@ -337,8 +396,9 @@ class BatchRewriter:
     def _skip_to_sync(self) -> None:
         """After an error the server ignores everything up to Sync: so do we."""
         expect = self.expect
-        while expect and expect[0][0] != SYNC:
-            kind, payload = expect.popleft()
+        while expect and expect.first_kind() != SYNC:
+            kind, payload = expect.first_kind(), expect.first_payload()
+            expect.popleft()
             self._undo(kind, payload)
 
     def _undo(self, kind: int, payload: bytes) -> None:
