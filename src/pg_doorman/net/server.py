@@ -120,7 +120,6 @@ class ServerConnection(asyncio.Protocol):
         self._xact_base_received = 0
         self._errors_seen = 0
         self._inbox: MessageBuffer = AwaitableInbox(loop)
-        self._on_data: Callable[[bytes], None] = self._inbox.feed
         self._pending_replies = 0
         self._after_quiet: Callable[[bool], None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -142,7 +141,17 @@ class ServerConnection(asyncio.Protocol):
         self.peer = transport.get_extra_info("peername") or ""
 
     def data_received(self, data: bytes) -> None:
-        self._on_data(data)
+        # Dispatch on the mode rather than through a stored bound method: switching
+        # modes then allocates nothing, and it happens twice per transaction.
+        mode = self.mode
+        if mode == ACTIVE:
+            self._relay(data)
+        elif mode == IDLE:
+            self._idle_data(data)
+        elif mode == LOGIN:
+            self._inbox.feed(data)
+        elif mode != CLOSED:
+            self._quiet_data(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         was = self.mode
@@ -267,7 +276,6 @@ class ServerConnection(asyncio.Protocol):
         if len(self._inbox):
             raise AcquireError(sqlstate.PROTOCOL_VIOLATION, "server sent data after login")
         self.mode = IDLE
-        self._on_data = self._idle_data
 
     # ---- pool protocol ------------------------------------------------------
 
@@ -285,7 +293,6 @@ class ServerConnection(asyncio.Protocol):
     def mark_idle(self, now: float) -> None:
         self.mode = IDLE
         self.idle_since = now
-        self._on_data = self._idle_data
         # Deadlines precomputed here so that checkout is one comparison each.
         expires = self.lifetime_deadline
         if self.served_clients:
@@ -350,7 +357,6 @@ class ServerConnection(asyncio.Protocol):
         self.xact_started = self.query_started = _now()
         self._xact_base_sent = self.bytes_sent
         self._xact_base_received = self.bytes_received
-        self._on_data = self._relay
         if client.write_paused and self.transport is not None:
             self.transport.pause_reading()
             self._reading_paused = True
@@ -617,7 +623,6 @@ class ServerConnection(asyncio.Protocol):
         self._pending_replies = len(statements) + (raw is not None)
         self._after_quiet = done
         self._quiet_ok = True
-        self._on_data = self._quiet_data
         self._timer = self.loop.call_later(self.pool.settings.connect_timeout, self._quiet_timeout)
         self.transport.write(payload)
 
@@ -663,7 +668,6 @@ class ServerConnection(asyncio.Protocol):
             self._timer = None
         done, self._after_quiet = self._after_quiet, None
         self.mode = IDLE
-        self._on_data = self._idle_data
         if done is not None:
             done(ok)
 

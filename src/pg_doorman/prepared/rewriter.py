@@ -258,8 +258,12 @@ class BatchRewriter:
             return self._missing(body[portal_end : name_end - 1])
         prefix = self._ensure_on_server(entry)
         self._push(BIND)
-        new_body = body[:portal_end] + entry.name + b"\x00" + body[name_end:]
-        return prefix + b"B" + _LENGTH.pack(len(new_body) + 4) + new_body
+        name = entry.name
+        # One join instead of a chain of concatenations: this runs for every Bind.
+        length = len(body) - (name_end - portal_end) + len(name) + 5
+        return b"".join(
+            (prefix, b"B", _LENGTH.pack(length), body[:portal_end], name, b"\x00", body[name_end:])
+        )
 
     def _describe(self, body: bytes) -> bytes | None:
         if body[:1] != b"S":
