@@ -27,7 +27,7 @@ from pg_doorman.auth.scram import (
     make_scram_verifier,
 )
 from pg_doorman.net.inbox import AwaitableInbox
-from pg_doorman.pool.pool import AcquireError, Pool, PooledServer
+from pg_doorman.pool.pool import AcquireError, Pool
 from pg_doorman.prepared.deallocate import parse_deallocate
 from pg_doorman.prepared.rewriter import BatchRewriter
 from pg_doorman.protocol import codes, messages, sqlstate
@@ -582,7 +582,7 @@ class ClientConnection(asyncio.Protocol):
 
     async def _fetch_server_parameters(self, pool: Pool) -> dict[str, str]:
         """The first login of a pool needs a backend to learn its ParameterStatus set."""
-        future: asyncio.Future[PooledServer] = self.loop.create_future()
+        future: asyncio.Future[ServerConnection] = self.loop.create_future()
         waiter = _FutureWaiter(future)
         server = pool.acquire(waiter)
         if server is None:
@@ -591,9 +591,6 @@ class ClientConnection(asyncio.Protocol):
             except AcquireError as exc:
                 pool.cancel_wait(waiter)
                 raise StartupError(exc.code, exc.message) from None
-        from pg_doorman.net.server import ServerConnection
-
-        assert isinstance(server, ServerConnection)
         params = dict(server.parameters)
         pool.server_parameters = params
         server.finish()
@@ -721,7 +718,7 @@ class ClientConnection(asyncio.Protocol):
             self.wait_started = time.monotonic()
             self._pending = buf
             return
-        self._start(cast("ServerConnection", server), buf)
+        self._start(server, buf)
 
     def _local_deallocate(self, query: bytes) -> bytes | None:
         """Answer DEALLOCATE of protocol-level statements, which no server knows by the
@@ -866,15 +863,12 @@ class ClientConnection(asyncio.Protocol):
 
     # Pool waiter callbacks.
 
-    def on_server(self, server: PooledServer) -> None:
+    def on_server(self, server: ServerConnection) -> None:
         if self.state != WAITING:
             # Gone while the server was on its way: give it back untouched.
             if self.pool is not None:
                 self.pool.release(server)
             return
-        from pg_doorman.net.server import ServerConnection
-
-        assert isinstance(server, ServerConnection)
         self.state = IDLE
         self.resume_reading()
         data, self._pending = self._pending, b""
@@ -971,18 +965,15 @@ def quote_literal(value: str) -> str:
 class _FutureWaiter:
     """Adapts the pool's callback interface to a future, for the login path."""
 
-    def __init__(self, future: asyncio.Future[PooledServer]) -> None:
+    def __init__(self, future: asyncio.Future[ServerConnection]) -> None:
         self.future = future
 
-    def on_server(self, server: PooledServer) -> None:
+    def on_server(self, server: ServerConnection) -> None:
         if not self.future.done():
             self.future.set_result(server)
             return
         # The login gave up meanwhile: the server goes straight back.
-        from pg_doorman.net.server import ServerConnection
-
-        if isinstance(server, ServerConnection):
-            server.finish()
+        server.finish()
 
     def on_acquire_error(self, code: str, message: str) -> None:
         if not self.future.done():
