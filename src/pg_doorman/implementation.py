@@ -35,9 +35,12 @@ MANIFEST = "compiled-manifest.json"
 
 # The modules on the per-message and per-transaction path, compiled together.
 COMPILED_MODULES: tuple[str, ...] = (
+    "pg_doorman.auth.methods",
+    "pg_doorman.auth.scram",
     "pg_doorman.protocol.codes",
     "pg_doorman.protocol.framing",
     "pg_doorman.protocol.messages",
+    "pg_doorman.protocol.startup",
     "pg_doorman.net.client",
     "pg_doorman.net.inbox",
     "pg_doorman.net.server",

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pg_doorman.auth import scram
 from pg_doorman.auth.scram import (
     AuthenticationFailed,
     ScramClientSession,
@@ -479,3 +480,13 @@ def test_passthrough_without_server_key_still_checks_the_format() -> None:
 def test_client_session_arguments(kwargs: dict[str, object]) -> None:
     with pytest.raises((ValueError, ScramError)):
         ScramClientSession(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("key_length", [0, 1, 32, 63, 64, 65, 200])
+def test_keyed_hmac_matches_hmac_sha256(key_length: int) -> None:
+    key = bytes(range(key_length % 256)) * (key_length // 256 + 1)
+    key = key[:key_length]
+    for data in (b"", b"n=,r=abc", b"x" * 1000):
+        expected = hmac.digest(key, data, "sha256")
+        assert scram._keyed_hmac(key, data) == expected
+        assert scram._keyed_hmac(key, data) == expected  # again, from the cached pads

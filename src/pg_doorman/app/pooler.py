@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import socket
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv6Address
@@ -76,6 +77,39 @@ class PoolEntry:
     check_query: bytes
     synced_parameters: tuple[str, ...] = ()
     scram_verifier: ScramVerifier | None = None
+
+
+# Linux copies a listening socket's options to every connection it accepts.
+INHERITS_SOCKET_OPTIONS = sys.platform.startswith("linux")
+
+
+def apply_socket_options(sock: socket.socket, general: GeneralConfig) -> None:
+    """The [general] tcp_* options, on a client connection or a listening socket."""
+    with contextlib.suppress(OSError):
+        if not general.tcp_no_delay:
+            # asyncio and uvloop both enable TCP_NODELAY on every TCP connection.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, general.tcp_keepalives_idle)
+            sock.setsockopt(
+                socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, general.tcp_keepalives_interval
+            )
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, general.tcp_keepalives_count)
+        if hasattr(socket, "TCP_USER_TIMEOUT"):
+            # 0 turns it off: also undoes an earlier value after a reload.
+            sock.setsockopt(
+                socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, general.tcp_user_timeout * 1000
+            )
+        if general.tcp_so_linger > 0:
+            sock.setsockopt(
+                socket.SOL_SOCKET,
+                socket.SO_LINGER,
+                (1).to_bytes(4, "little") + general.tcp_so_linger.to_bytes(4, "little"),
+            )
+        if general.tcp_socket_buffer_size:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, general.tcp_socket_buffer_size)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, general.tcp_socket_buffer_size)
 
 
 def _ms(value: int | None, default: int) -> float:
@@ -217,7 +251,9 @@ class Pooler:
         self.on_shutdown_request: Callable[[], None] | None = None
         self._stats_task: asyncio.Task[None] | None = None
         self.web: WebServer | None = None
-        self._servers: list[asyncio.AbstractServer] = []
+        self._servers: list[asyncio.Server] = []
+        # Whether each accepted client socket needs its options set (see _tune_listeners).
+        self.tune_each_client = True
         self._retain_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._drained = asyncio.Event()
@@ -393,6 +429,7 @@ class Pooler:
             notes.append(f"pool {user}@{database} added")
         for entry in self.entries.values():
             entry.pool.retain(0)  # opens min_pool_size servers of new pools
+        self._tune_listeners()
         return notes
 
     def _retire(self, pool: Pool) -> None:
@@ -544,34 +581,21 @@ class Pooler:
             self._drained.set()
 
     def tune_client_socket(self, sock: socket.socket) -> None:
+        """Client socket options for one accepted connection: only where the listening
+        socket's options are not inherited, or TCP_NODELAY must be turned off."""
+        apply_socket_options(sock, self.config.general)
+
+    def _tune_listeners(self) -> None:
+        """Give the TCP listening sockets the client socket options. On Linux every
+        accepted connection inherits them (keepalive, user timeout, linger, buffer
+        sizes), which saves several setsockopt calls per connection; a reload applies
+        new values to the connections accepted after it."""
         general = self.config.general
-        with contextlib.suppress(OSError):
-            if general.tcp_no_delay:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            if hasattr(socket, "TCP_KEEPIDLE"):
-                sock.setsockopt(
-                    socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, general.tcp_keepalives_idle
-                )
-                sock.setsockopt(
-                    socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, general.tcp_keepalives_interval
-                )
-                sock.setsockopt(
-                    socket.IPPROTO_TCP, socket.TCP_KEEPCNT, general.tcp_keepalives_count
-                )
-            if general.tcp_user_timeout and hasattr(socket, "TCP_USER_TIMEOUT"):
-                sock.setsockopt(
-                    socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, general.tcp_user_timeout * 1000
-                )
-            if general.tcp_so_linger > 0:
-                sock.setsockopt(
-                    socket.SOL_SOCKET,
-                    socket.SO_LINGER,
-                    (1).to_bytes(4, "little") + general.tcp_so_linger.to_bytes(4, "little"),
-                )
-            if general.tcp_socket_buffer_size:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, general.tcp_socket_buffer_size)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, general.tcp_socket_buffer_size)
+        for server in self._servers:
+            for sock in server.sockets:
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    apply_socket_options(sock, general)
+        self.tune_each_client = not INHERITS_SOCKET_OPTIONS or not general.tcp_no_delay
 
     # ---- cancel -------------------------------------------------------------
 
@@ -660,6 +684,7 @@ class Pooler:
             backlog=backlog,
         )
         self._servers.append(server)
+        self._tune_listeners()
         if unix_socket is not None:
 
             def inherited_factory() -> ClientConnection:

@@ -11,7 +11,6 @@ identity, and the user name in client-first-message is ignored.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import functools
 import hashlib
@@ -22,18 +21,21 @@ import stringprep
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar, Final
 
-MECHANISM = "SCRAM-SHA-256"
-DEFAULT_ITERATIONS = 4096
-DEFAULT_SALT_LENGTH = 16  # what PostgreSQL generates
-KEY_LENGTH = 32  # SHA-256 output
-_NONCE_BYTES = 18  # PostgreSQL's and libpq's raw nonce length
+if TYPE_CHECKING:
+    from _hashlib import HASH
+
+MECHANISM: Final = "SCRAM-SHA-256"
+DEFAULT_ITERATIONS: Final = 4096
+DEFAULT_SALT_LENGTH: Final = 16  # what PostgreSQL generates
+KEY_LENGTH: Final = 32  # SHA-256 output
+_NONCE_BYTES: Final = 18  # PostgreSQL's and libpq's raw nonce length
 
 # printable = %x21-2B / %x2D-7E: visible ASCII except the comma (RFC 5802).
-_PRINTABLE = re.compile(r"[\x21-\x2b\x2d-\x7e]+")
-_DIGITS = re.compile(r"[0-9]+")
-_ATTRIBUTE = re.compile(r"[A-Za-z]=")
+_PRINTABLE: Final = re.compile(r"[\x21-\x2b\x2d-\x7e]+")
+_DIGITS: Final = re.compile(r"[0-9]+")
+_ATTRIBUTE: Final = re.compile(r"[A-Za-z]=")
 
 
 class ScramError(Exception):
@@ -45,7 +47,31 @@ class AuthenticationFailed(Exception):
 
 
 def _hmac(key: bytes, data: bytes) -> bytes:
-    return hmac.new(key, data, hashlib.sha256).digest()
+    return hmac.digest(key, data, "sha256")  # the one-shot C path, no HMAC object
+
+
+_IPAD: Final = bytes(b ^ 0x36 for b in range(256))
+_OPAD: Final = bytes(b ^ 0x5C for b in range(256))
+
+
+@functools.lru_cache(maxsize=256)
+def _hmac_pads(key: bytes) -> tuple[HASH, HASH]:
+    """SHA-256 states after the inner and outer pad of `key` (RFC 2104)."""
+    if len(key) > 64:
+        key = hashlib.sha256(key).digest()
+    block = key.ljust(64, b"\x00")
+    return hashlib.sha256(block.translate(_IPAD)), hashlib.sha256(block.translate(_OPAD))
+
+
+def _keyed_hmac(key: bytes, data: bytes) -> bytes:
+    """HMAC-SHA-256 under a key used again and again (a user's StoredKey and ServerKey):
+    the pads are hashed once, each login copies two hash states."""
+    inner_pad, outer_pad = _hmac_pads(key)
+    inner = inner_pad.copy()
+    inner.update(data)
+    outer = outer_pad.copy()
+    outer.update(inner.digest())
+    return outer.digest()
 
 
 def _sha256(data: bytes) -> bytes:
@@ -57,12 +83,13 @@ def _xor(a: bytes, b: bytes) -> bytes:
 
 
 def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
+    # binascii directly: base64.b64encode is a Python wrapper around it.
+    return binascii.b2a_base64(data, newline=False).decode("ascii")
 
 
 def _unb64(text: str, what: str, length: int | None = None) -> bytes:
     try:
-        data = base64.b64decode(text.encode("ascii"), validate=True)
+        data = binascii.a2b_base64(text.encode("ascii"), strict_mode=True)
     except (binascii.Error, UnicodeEncodeError):
         raise ScramError(f"invalid base64 in {what}") from None
     if length is not None and len(data) != length:
@@ -171,7 +198,9 @@ class ScramVerifier:
         )
 
 
+@functools.lru_cache(maxsize=1024)
 def is_scram_verifier(value: str) -> bool:
+    """Cached: the pooler asks at every login, about the same few stored passwords."""
     try:
         ScramVerifier.parse(value)
     except ScramError:
@@ -301,12 +330,12 @@ class ScramServerSession:
         auth_message = ",".join((self._client_first_bare, self._server_first, without_proof))
         auth_bytes = auth_message.encode("latin-1")
         verifier = self._verifier
-        client_key = _xor(proof, _hmac(verifier.stored_key, auth_bytes))
+        client_key = _xor(proof, _keyed_hmac(verifier.stored_key, auth_bytes))
         if not hmac.compare_digest(_sha256(client_key), verifier.stored_key):
             raise AuthenticationFailed("SCRAM proof does not verify (wrong password)")
         self._client_key = client_key
         self._state = "done"
-        return f"v={_b64(_hmac(verifier.server_key, auth_bytes))}".encode("ascii")
+        return f"v={_b64(_keyed_hmac(verifier.server_key, auth_bytes))}".encode("ascii")
 
     @property
     def client_key(self) -> bytes:

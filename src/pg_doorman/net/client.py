@@ -104,6 +104,7 @@ def first_request_end(buf: bytes) -> int | None:
 class ClientConnection(asyncio.Protocol):
     # Slots: thousands of idle clients each keep one of these.
     __slots__ = (
+        "_auth_final",
         "_check_query_next",
         "_fingerprint",
         "_inbox",
@@ -194,6 +195,9 @@ class ClientConnection(asyncio.Protocol):
         self._fingerprint: tuple[object, ...] | None = None
         self._memory_accounted = 0
         self._on_data: Callable[[bytes], None] = self._startup_data
+        # AuthenticationSASLFinal, held back to go out with what follows it in one write,
+        # as PostgreSQL sends it.
+        self._auth_final = b""
 
     # ---- asyncio.Protocol ---------------------------------------------------
 
@@ -205,9 +209,10 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if not self.unix and isinstance(peer, tuple):
             self.address, self.port = str(peer[0]), int(peer[1])
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                self.pooler.tune_client_socket(sock)
+            if self.pooler.tune_each_client:
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    self.pooler.tune_client_socket(sock)
         self.over_limit = not self.pooler.register_client(self)
 
     def data_received(self, data: bytes) -> None:
@@ -274,7 +279,8 @@ class ClientConnection(asyncio.Protocol):
         logger.info("client %s: %s (%s)", self.name, message, code)
         if self.state < IDLE:
             self.pooler.login_failures += 1
-        self.transport.write(messages.error_response("FATAL", code, message, detail=detail))
+        final, self._auth_final = self._auth_final, b""
+        self.transport.write(final + messages.error_response("FATAL", code, message, detail=detail))
         self.close()
 
     def close(self) -> None:
@@ -428,7 +434,8 @@ class ClientConnection(asyncio.Protocol):
         if pool.settings.prepared_statements:
             self.rewriter = BatchRewriter(pool.statements, self._planning_context())
             self.frontend.rewriter = self.rewriter
-        greeting = [messages.AUTH_OK]
+        greeting = [self._auth_final, messages.AUTH_OK]
+        self._auth_final = b""
         for name, value in self.parameters.items():
             greeting.append(messages.parameter_status(name, value))
         greeting.append(messages.backend_key_data(self.client_id, self.secret))
@@ -483,8 +490,10 @@ class ClientConnection(asyncio.Protocol):
         if self.state == CLOSED:
             return
         self.admin = True
+        final, self._auth_final = self._auth_final, b""
         self.write(
-            messages.AUTH_OK
+            final
+            + messages.AUTH_OK
             + console.greeting()
             + messages.backend_key_data(self.client_id, self.secret)
             + messages.READY_IDLE
@@ -577,7 +586,7 @@ class ClientConnection(asyncio.Protocol):
             raise StartupError(
                 sqlstate.PROTOCOL_VIOLATION, f"invalid SCRAM exchange: {exc}"
             ) from exc
-        self.write(messages.auth_sasl_final(final))
+        self._auth_final = messages.auth_sasl_final(final)
         return session.client_key
 
     async def _fetch_server_parameters(self, pool: Pool) -> dict[str, str]:

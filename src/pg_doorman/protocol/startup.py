@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import Final
 
 from pg_doorman.protocol import codes, sqlstate
 
-_INT32 = struct.Struct("!i")
-_TWO_INT32 = struct.Struct("!ii")
+_INT32: Final = struct.Struct("!i")
+_TWO_INT32: Final = struct.Struct("!ii")
 
 
 class StartupError(Exception):
