@@ -665,7 +665,7 @@ class ClientConnection(asyncio.Protocol):
         ):
             return
         rewriter = self.rewriter
-        if rewriter is not None and rewriter.expect and rewriter.only_synthetic_due():
+        if rewriter is not None and rewriter.expect.size and rewriter.only_synthetic_due():
             # Nothing is coming from the server to carry these answers: send them now.
             # (Otherwise they go out with its reply, in one write.)
             self.write(rewriter.drain())

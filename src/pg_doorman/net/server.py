@@ -407,7 +407,7 @@ class ServerConnection(asyncio.Protocol):
         scanner = self.scanner
         self.bytes_received += len(data)
         rewriter = client.rewriter
-        scanner.hook = rewriter if rewriter is not None and rewriter.expect else None
+        scanner.hook = rewriter if rewriter is not None and rewriter.expect.size else None
         try:
             out = scanner.feed(data)
         except ProtocolError as exc:

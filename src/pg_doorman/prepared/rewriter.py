@@ -56,58 +56,73 @@ class Expectations:
     (a statement name, or our own bytes for SYNTH).
 
     Two parallel lists and a read index rather than a deque of tuples: in the compiled
-    build every operation stays native and nothing is allocated per message.
+    build every operation stays native and nothing is allocated per message. Hot paths
+    test `size` and read `kinds[head]` directly: attribute reads stay cheap when the
+    module runs interpreted, where `__bool__` or a method would be a Python call.
     """
 
-    __slots__ = ("_head", "kinds", "payloads")
+    __slots__ = ("head", "kinds", "payloads", "size")
 
     def __init__(self) -> None:
         self.kinds: list[int] = []
         self.payloads: list[bytes] = []
-        self._head = 0
+        self.head = 0  # index of the oldest pending entry
+        self.size = 0  # entries pending
 
     def __bool__(self) -> bool:
-        return self._head < len(self.kinds)
+        return self.size > 0
 
     def __len__(self) -> int:
-        return len(self.kinds) - self._head
+        return self.size
 
     def append(self, kind: int, payload: bytes = b"") -> None:
         self.kinds.append(kind)
         self.payloads.append(payload)
+        self.size += 1
 
     def first_kind(self) -> int:
         """Kind of the oldest expectation (the queue must not be empty)."""
-        return self.kinds[self._head]
+        return self.kinds[self.head]
 
     def first_payload(self) -> bytes:
-        return self.payloads[self._head]
+        return self.payloads[self.head]
 
     def replace_first(self, kind: int) -> None:
-        self.kinds[self._head] = kind
-        self.payloads[self._head] = b""
+        self.kinds[self.head] = kind
+        self.payloads[self.head] = b""
 
     def popleft(self) -> None:
-        head = self._head + 1
-        if head == len(self.kinds):
-            self.clear()
-        elif head >= 64 and head * 2 > len(self.kinds):
+        size = self.size - 1
+        if not size:  # clear(), inlined: most batches end here
+            self.kinds.clear()
+            self.payloads.clear()
+            self.head = 0
+            self.size = 0
+            return
+        self.size = size
+        head = self.head + 1
+        if head >= 64 and head > size:
             # A client that pipelines without pause may never let the queue run empty:
             # drop the consumed entries once they are the bigger part.
             del self.kinds[:head]
             del self.payloads[:head]
-            self._head = 0
-        else:
-            self._head = head
+            head = 0
+        self.head = head
 
     def clear(self) -> None:
         self.kinds.clear()
         self.payloads.clear()
-        self._head = 0
+        self.head = 0
+        self.size = 0
 
     def all_synthetic(self) -> bool:
         kinds = self.kinds
-        return all(kinds[i] == SYNTH for i in range(self._head, len(kinds)))
+        # A loop, not all(<generator>): interpreted, creating the generator costs more
+        # than the one or two entries this usually looks at.
+        for i in range(self.head, len(kinds)):  # noqa: SIM110
+            if kinds[i] != SYNTH:
+                return False
+        return True
 
 
 # Stands for an empty queue until the first expectation; never appended to.
@@ -162,7 +177,7 @@ class BatchRewriter:
 
     def attach(self, server: ServerStatements) -> None:
         self.server = server
-        if self.expect:
+        if self.expect.size:
             self.expect.clear()
         self.leading_queries = 0
         self.skipping = False
@@ -170,7 +185,7 @@ class BatchRewriter:
     @property
     def active(self) -> bool:
         """Responses need rewriting (else the scanner's fast path is enough)."""
-        return bool(self.expect)
+        return self.expect.size > 0
 
     # ---- frontend -----------------------------------------------------------
 
@@ -193,7 +208,7 @@ class BatchRewriter:
         if msg_type == codes.CLOSE:
             return self._close(data[pos + 5 : end])
         if msg_type == codes.QUERY or msg_type == codes.FUNCTION_CALL:
-            if self.expect:
+            if self.expect.size:
                 self.expect.append(QUERY)
             else:
                 self.leading_queries += 1
@@ -203,12 +218,15 @@ class BatchRewriter:
         expect = self.expect
         if expect is _NOTHING_EXPECTED:
             self.expect = expect = Expectations()
-        if not expect and self.leading_queries:
+        if not expect.size and self.leading_queries:
             # Earlier simple queries are still being answered: they come first.
             for _ in range(self.leading_queries):
                 expect.append(QUERY)
             self.leading_queries = 0
-        expect.append(kind, payload)
+        # Expectations.append inlined: this runs for every extended-protocol message.
+        expect.kinds.append(kind)
+        expect.payloads.append(payload)
+        expect.size += 1
 
     def _ensure_on_server(self, entry: StatementEntry) -> bytes:
         """The Parse to send first if the server lacks the statement, else b''."""
@@ -312,14 +330,14 @@ class BatchRewriter:
         """Decide about one server message; see DROP/HAS_PREFIX."""
         expect = self.expect
         action = 0
-        if expect and expect.first_kind() == SYNTH:
+        if expect.size and expect.kinds[expect.head] == SYNTH:
             self._drain_into_prefix()
             action = HAS_PREFIX
         if _ASYNC_TYPES[msg_type]:
             return action
-        if not expect:
+        if not expect.size:
             return action
-        kind = expect.first_kind()
+        kind = expect.kinds[expect.head]
         if msg_type == codes.ERROR_RESPONSE:
             if kind == QUERY:
                 return action  # a simple query's error; its ReadyForQuery follows
@@ -382,14 +400,15 @@ class BatchRewriter:
 
     def drain(self) -> bytes:
         """Synthetic messages that are next in line, to send to the client now."""
-        if self.expect and self.expect.first_kind() == SYNTH:
+        expect = self.expect
+        if expect.size and expect.kinds[expect.head] == SYNTH:
             self._drain_into_prefix()
         return self.take_prefix() if self._prefix else b""
 
     def _drain_into_prefix(self) -> None:
         expect = self.expect
         prefix = self._prefix
-        while expect and expect.first_kind() == SYNTH:
+        while expect.size and expect.kinds[expect.head] == SYNTH:
             payload = expect.first_payload()
             expect.popleft()
             prefix += payload
@@ -400,7 +419,7 @@ class BatchRewriter:
     def _skip_to_sync(self) -> None:
         """After an error the server ignores everything up to Sync: so do we."""
         expect = self.expect
-        while expect and expect.first_kind() != SYNC:
+        while expect.size and expect.kinds[expect.head] != SYNC:
             kind, payload = expect.first_kind(), expect.first_payload()
             expect.popleft()
             self._undo(kind, payload)
@@ -422,5 +441,5 @@ class BatchRewriter:
             kind,
         )
         self.desynced = True
-        if self.expect:
+        if self.expect.size:
             self.expect.clear()
