@@ -46,10 +46,6 @@ class AuthenticationFailed(Exception):
     """The client's proof or the server's signature did not verify."""
 
 
-def _hmac(key: bytes, data: bytes) -> bytes:
-    return hmac.digest(key, data, "sha256")  # the one-shot C path, no HMAC object
-
-
 _IPAD: Final = bytes(b ^ 0x36 for b in range(256))
 _OPAD: Final = bytes(b ^ 0x5C for b in range(256))
 
@@ -63,9 +59,9 @@ def _hmac_pads(key: bytes) -> tuple[HASH, HASH]:
     return hashlib.sha256(block.translate(_IPAD)), hashlib.sha256(block.translate(_OPAD))
 
 
-def _keyed_hmac(key: bytes, data: bytes) -> bytes:
-    """HMAC-SHA-256 under a key used again and again (a user's StoredKey and ServerKey):
-    the pads are hashed once, each login copies two hash states."""
+def _hmac(key: bytes, data: bytes) -> bytes:
+    """HMAC-SHA-256. The keys here are used again and again (a user's StoredKey and
+    ServerKey at every login): their pads are hashed once, each call copies two states."""
     inner_pad, outer_pad = _hmac_pads(key)
     inner = inner_pad.copy()
     inner.update(data)
@@ -330,12 +326,12 @@ class ScramServerSession:
         auth_message = ",".join((self._client_first_bare, self._server_first, without_proof))
         auth_bytes = auth_message.encode("latin-1")
         verifier = self._verifier
-        client_key = _xor(proof, _keyed_hmac(verifier.stored_key, auth_bytes))
+        client_key = _xor(proof, _hmac(verifier.stored_key, auth_bytes))
         if not hmac.compare_digest(_sha256(client_key), verifier.stored_key):
             raise AuthenticationFailed("SCRAM proof does not verify (wrong password)")
         self._client_key = client_key
         self._state = "done"
-        return f"v={_b64(_keyed_hmac(verifier.server_key, auth_bytes))}".encode("ascii")
+        return f"v={_b64(_hmac(verifier.server_key, auth_bytes))}".encode("ascii")
 
     @property
     def client_key(self) -> bytes:

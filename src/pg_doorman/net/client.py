@@ -279,9 +279,15 @@ class ClientConnection(asyncio.Protocol):
         logger.info("client %s: %s (%s)", self.name, message, code)
         if self.state < IDLE:
             self.pooler.login_failures += 1
-        final, self._auth_final = self._auth_final, b""
-        self.transport.write(final + messages.error_response("FATAL", code, message, detail=detail))
+        self.transport.write(
+            self._take_auth_final() + messages.error_response("FATAL", code, message, detail=detail)
+        )
         self.close()
+
+    def _take_auth_final(self) -> bytes:
+        """The held-back AuthenticationSASLFinal (b"" if none), to lead the next write."""
+        final, self._auth_final = self._auth_final, b""
+        return final
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -434,8 +440,7 @@ class ClientConnection(asyncio.Protocol):
         if pool.settings.prepared_statements:
             self.rewriter = BatchRewriter(pool.statements, self._planning_context())
             self.frontend.rewriter = self.rewriter
-        greeting = [self._auth_final, messages.AUTH_OK]
-        self._auth_final = b""
+        greeting = [self._take_auth_final(), messages.AUTH_OK]
         for name, value in self.parameters.items():
             greeting.append(messages.parameter_status(name, value))
         greeting.append(messages.backend_key_data(self.client_id, self.secret))
@@ -490,9 +495,8 @@ class ClientConnection(asyncio.Protocol):
         if self.state == CLOSED:
             return
         self.admin = True
-        final, self._auth_final = self._auth_final, b""
         self.write(
-            final
+            self._take_auth_final()
             + messages.AUTH_OK
             + console.greeting()
             + messages.backend_key_data(self.client_id, self.secret)

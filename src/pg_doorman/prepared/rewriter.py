@@ -93,11 +93,8 @@ class Expectations:
 
     def popleft(self) -> None:
         size = self.size - 1
-        if not size:  # clear(), inlined: most batches end here
-            self.kinds.clear()
-            self.payloads.clear()
-            self.head = 0
-            self.size = 0
+        if not size:
+            self.clear()
             return
         self.size = size
         head = self.head + 1
