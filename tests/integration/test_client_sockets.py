@@ -31,8 +31,15 @@ def accepted_timers(port: int) -> list[str]:
     return timers
 
 
-def test_accepted_connections_have_keepalive_on(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
-    proc = pooler(general={"tcp_keepalives_idle": 30})
+@pytest.mark.parametrize("workers", [1, 2])
+def test_accepted_connections_have_keepalive_on(
+    pg: ExamplePostgres, pooler: PoolerFactory, workers: int
+) -> None:
+    """One process tunes its own listener; with workers, the supervisor's listener is
+    tuned and the connections it passes on keep the options."""
+    proc = pooler(general={"tcp_keepalives_idle": 30, "workers": workers})
+    if workers > 1:
+        proc.wait_for_log(f"all {workers} workers ready", timeout=30)
     user = pg.scram_user
     with psycopg.connect(proc.dsn(user.name, user.password), autocommit=True) as conn:
         assert conn.execute("select 1").fetchone() == (1,)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 import urllib.request
@@ -80,7 +81,9 @@ def test_clients_spread_over_workers_and_show_adds_them_up(
         console = admin(proc)
         clients = [c for c in table(console, "CLIENTS") if c["user"] == pg.md5_user.name]
         assert len(clients) == CLIENTS
-        assert {worker_of(c["client_id"]) for c in clients} == set(range(WORKERS))
+        # The supervisor hands each connection to the least-loaded worker: an even split.
+        per_worker = [worker_of(c["client_id"]) for c in clients]
+        assert [per_worker.count(i) for i in range(WORKERS)] == [CLIENTS // WORKERS] * WORKERS
         stats = next(r for r in table(console, "STATS") if r["user"] == pg.md5_user.name)
         assert stats["total_xact_count"] == str(CLIENTS * TRANSACTIONS)
         pool = next(r for r in table(console, "POOLS") if r["user"] == pg.md5_user.name)
@@ -98,6 +101,46 @@ def test_clients_spread_over_workers_and_show_adds_them_up(
     finally:
         for conn in conns:
             conn.close()
+
+
+def test_new_clients_go_to_the_worker_with_fewest(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    proc = start(pooler)
+    console = admin(proc)
+
+    def owners() -> dict[int, int]:
+        """Open clients per worker (the admin connection included)."""
+        counts = dict.fromkeys(range(WORKERS), 0)
+        for client in table(console, "CLIENTS"):
+            counts[worker_of(client["client_id"])] += 1
+        return counts
+
+    conns = [psycopg.connect(proc.dsn(pg.md5_user.name, "test")) for _ in range(8)]
+    before = owners()
+    assert sorted(before.values()) == [4, 5]
+    # Close the clients of the busier worker; it becomes the one with fewest.
+    busier = max(before, key=lambda i: before[i])
+    clients = [c for c in table(console, "CLIENTS") if c["user"] == pg.md5_user.name]
+    ports = {int(c["port"] or 0) for c in clients if worker_of(c["client_id"]) == busier}
+    for conn in [c for c in conns if local_port(c) in ports]:
+        conn.close()
+    deadline = time.monotonic() + 10
+    while owners()[busier] != before[busier] - len(ports):
+        assert time.monotonic() < deadline, owners()
+        time.sleep(0.05)
+    after = owners()
+    fresh = [psycopg.connect(proc.dsn(pg.md5_user.name, "test")) for _ in range(2)]
+    assert owners() == {busier: after[busier] + 2, 1 - busier: after[1 - busier]}
+    console.close()
+    for conn in conns + fresh:
+        conn.close()
+
+
+def local_port(conn: psycopg.Connection[tuple[object, ...]]) -> int:
+    with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
+        port: int = sock.getsockname()[1]
+    return port
 
 
 def test_cancel_requests_reach_the_owning_worker(
@@ -231,7 +274,8 @@ def test_a_dead_worker_is_replaced_and_the_other_keeps_serving(
             survivors += 1
         except psycopg.OperationalError:
             pass  # a client of the killed worker
-    assert 0 < survivors < CLIENTS
+    # The clients were split evenly: half of them lived on the killed worker.
+    assert survivors == CLIENTS - CLIENTS // WORKERS
     deadline = time.monotonic() + 15
     while True:
         try:
@@ -316,6 +360,8 @@ def test_unix_socket_and_sighup_reach_every_worker(
         console = admin(proc)
         clients = [c for c in table(console, "CLIENTS") if c["addr"] == "unix"]
         assert len(clients) == 8
+        # Unix connections are handed out by the supervisor too.
+        assert {worker_of(c["client_id"]) for c in clients} == set(range(WORKERS))
         # SIGHUP to the supervisor: every worker rereads the file.
         users = proc.config["pools"][EXAMPLE_DB]["users"]
         next(u for u in users if u["username"] == user.name)["pool_size"] = 10
@@ -332,3 +378,14 @@ def test_unix_socket_and_sighup_reach_every_worker(
         console.close()
         for conn in conns:
             conn.close()
+
+
+def test_a_port_in_use_stops_the_supervisor_with_a_clear_error(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    proc = pooler(general={"workers": WORKERS}, start=False)
+    with socket.create_server((proc.host, proc.port)):
+        proc.spawn()
+        assert proc.wait_exit(20) == 1
+    assert f"cannot listen on {proc.host}:{proc.port}" in proc.log_text()
+    assert "[w0]" not in proc.log_text()  # no worker was started

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from pg_doorman.app.pooler import INHERITS_SOCKET_OPTIONS, apply_socket_options
 from pg_doorman.config.schema import GeneralConfig
+from pg_doorman.net.sockopts import INHERITS_SOCKET_OPTIONS, apply_socket_options
 
 TUNED = GeneralConfig(
     tcp_keepalives_idle=7,

@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     # Set by the supervisor when it starts a worker process (general.workers > 1).
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--rundir", help=argparse.SUPPRESS)
-    parser.add_argument("--unix-fd", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--dispatch-fd", type=int, help=argparse.SUPPRESS)
     return parser
 
 
@@ -77,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pg_doorman: configuration {args.config} is valid")
         return 0
     if worker is not None:
-        return run_loop(lambda: serve(config, worker=worker, unix_fd=args.unix_fd))
+        return run_loop(lambda: serve(config, worker=worker, dispatch_fd=args.dispatch_fd))
     from pg_doorman.app.supervisor import Supervisor, worker_count
 
     if worker_count(config) > 1:
@@ -138,17 +138,17 @@ async def serve(
     *,
     ready: Callable[[], None] | None = None,
     worker: WorkerInfo | None = None,
-    unix_fd: int | None = None,
+    dispatch_fd: int | None = None,
 ) -> int:
     from pg_doorman.app.pooler import Pooler
 
     loop = asyncio.get_running_loop()
     pooler = Pooler(config, loop, worker=worker)
-    unix_socket = None
-    if unix_fd is not None:
-        unix_socket = socket.socket(fileno=unix_fd)
+    dispatch = None
+    if dispatch_fd is not None:
+        dispatch = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fileno=dispatch_fd)
     try:
-        await pooler.start(unix_socket=unix_socket)
+        await pooler.start(dispatch=dispatch)
     except OSError as exc:
         if exc.strerror and exc.strerror.startswith("cannot listen"):
             logger.error("%s", exc.strerror)

@@ -9,7 +9,6 @@ import os
 import random
 import signal
 import socket
-import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv6Address
@@ -19,6 +18,7 @@ from pg_doorman import implementation
 from pg_doorman.admin.snapshot import Snapshot, merge
 from pg_doorman.admin.snapshot import take as take_snapshot
 from pg_doorman.app.cluster import Cluster, WorkerInfo, run_control, share
+from pg_doorman.app.dispatch import LoadBoard, Receiver
 from pg_doorman.app.logsetup import apply_log_filter
 from pg_doorman.auth.hba import HbaRules, legacy_hba_allows
 from pg_doorman.auth.md5 import is_md5_hash
@@ -28,6 +28,7 @@ from pg_doorman.config import Config, ConfigError, GeneralConfig, PoolConfig, Us
 from pg_doorman.net.client import ClientConnection
 from pg_doorman.net.ids import IdAllocator
 from pg_doorman.net.server import BackendCredentials, ServerConnection, open_server
+from pg_doorman.net.sockopts import INHERITS_SOCKET_OPTIONS, apply_socket_options, options_key
 from pg_doorman.pool.pool import Pool, PoolSettings
 from pg_doorman.protocol import messages, sqlstate
 from pg_doorman.stats.counters import STATS_PERIOD
@@ -77,39 +78,6 @@ class PoolEntry:
     check_query: bytes
     synced_parameters: tuple[str, ...] = ()
     scram_verifier: ScramVerifier | None = None
-
-
-# Linux copies a listening socket's options to every connection it accepts.
-INHERITS_SOCKET_OPTIONS = sys.platform.startswith("linux")
-
-
-def apply_socket_options(sock: socket.socket, general: GeneralConfig) -> None:
-    """The [general] tcp_* options, on a client connection or a listening socket."""
-    with contextlib.suppress(OSError):
-        if not general.tcp_no_delay:
-            # asyncio and uvloop both enable TCP_NODELAY on every TCP connection.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if hasattr(socket, "TCP_KEEPIDLE"):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, general.tcp_keepalives_idle)
-            sock.setsockopt(
-                socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, general.tcp_keepalives_interval
-            )
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, general.tcp_keepalives_count)
-        if hasattr(socket, "TCP_USER_TIMEOUT"):
-            # 0 turns it off: also undoes an earlier value after a reload.
-            sock.setsockopt(
-                socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, general.tcp_user_timeout * 1000
-            )
-        if general.tcp_so_linger > 0:
-            sock.setsockopt(
-                socket.SOL_SOCKET,
-                socket.SO_LINGER,
-                (1).to_bytes(4, "little") + general.tcp_so_linger.to_bytes(4, "little"),
-            )
-        if general.tcp_socket_buffer_size:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, general.tcp_socket_buffer_size)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, general.tcp_socket_buffer_size)
 
 
 def _ms(value: int | None, default: int) -> float:
@@ -254,6 +222,10 @@ class Pooler:
         self._servers: list[asyncio.Server] = []
         # Whether each accepted client socket needs its options set (see _tune_listeners).
         self.tune_each_client = True
+        # With workers: the supervisor accepts and sends connections here.
+        self.receiver: Receiver | None = None
+        # ... from listeners it tuned with these options.
+        self._dispatched_options: tuple[object, ...] | None = None
         self._retain_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._drained = asyncio.Event()
@@ -577,6 +549,8 @@ class Pooler:
     def unregister_client(self, client: ClientConnection) -> None:
         if self.clients.get(client.client_id) is client:
             del self.clients[client.client_id]
+        if self.receiver is not None:
+            self.receiver.client_closed()
         if self.shutting_down and not self.clients:
             self._drained.set()
 
@@ -595,7 +569,15 @@ class Pooler:
             for sock in server.sockets:
                 if sock.family in (socket.AF_INET, socket.AF_INET6):
                     apply_socket_options(sock, general)
-        self.tune_each_client = not INHERITS_SOCKET_OPTIONS or not general.tcp_no_delay
+        self.tune_each_client = (
+            not INHERITS_SOCKET_OPTIONS
+            or not general.tcp_no_delay
+            # The supervisor's listeners keep the options they started with.
+            or (
+                self._dispatched_options is not None
+                and options_key(general) != self._dispatched_options
+            )
+        )
 
     # ---- cancel -------------------------------------------------------------
 
@@ -652,9 +634,9 @@ class Pooler:
 
     # ---- lifecycle ----------------------------------------------------------
 
-    async def start(self, unix_socket: socket.socket | None = None) -> None:
-        """Listen and open min_pool_size servers; `unix_socket`: an already bound Unix
-        socket (handed down by the supervisor) instead of binding one here."""
+    async def start(self, dispatch: socket.socket | None = None) -> None:
+        """Listen and open min_pool_size servers. `dispatch`: a worker's channel, over
+        which the supervisor sends the connections it accepted, instead of listening."""
         general = self.config.general
         # Metrics first: once clients can connect, the pooler can also be observed.
         web = self.config.web
@@ -670,6 +652,32 @@ class Pooler:
                 raise OSError(
                     exc.errno, f"cannot listen for metrics on {web.host}:{web.port}: {exc.strerror}"
                 ) from exc
+        if dispatch is not None:
+            assert self.worker is not None
+            board = LoadBoard(os.path.join(self.worker.rundir, "load"), self.worker.count)
+            self.receiver = Receiver(self.loop, dispatch, board, self.worker.index, self._adopt)
+            self._dispatched_options = options_key(general)
+            self._tune_listeners()
+            self.receiver.start()
+        else:
+            await self._listen()
+        self._retain_task = self.loop.create_task(self._retain_loop())
+        self._stats_task = self.loop.create_task(self._stats_loop())
+        if self.cluster is not None:
+            # Last: the supervisor takes an answering control socket for "listening".
+            await self.cluster.start()
+        for entry in self.entries.values():
+            entry.pool.retain(0)  # closes nothing, opens min_pool_size servers
+        logger.info(
+            "pg_doorman listening on %s:%d (%d pools; %s)",
+            general.host,
+            general.port,
+            len(self.entries),
+            implementation.describe(),
+        )
+
+    async def _listen(self) -> None:
+        general = self.config.general
         backlog = general.backlog or min(general.max_connections, 4096)
 
         def factory() -> ClientConnection:
@@ -685,15 +693,7 @@ class Pooler:
         )
         self._servers.append(server)
         self._tune_listeners()
-        if unix_socket is not None:
-
-            def inherited_factory() -> ClientConnection:
-                return ClientConnection(self, unix=True)
-
-            self._servers.append(
-                await self.loop.create_unix_server(inherited_factory, sock=unix_socket)
-            )
-        elif general.unix_socket_dir:
+        if general.unix_socket_dir:
             path = os.path.join(general.unix_socket_dir, f".s.PGSQL.{general.port}")
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
@@ -704,20 +704,20 @@ class Pooler:
             unix_server = await self.loop.create_unix_server(unix_factory, path, backlog=backlog)
             os.chmod(path, int(general.unix_socket_mode, 8))
             self._servers.append(unix_server)
-        self._retain_task = self.loop.create_task(self._retain_loop())
-        self._stats_task = self.loop.create_task(self._stats_loop())
-        if self.cluster is not None:
-            # Last: the supervisor takes an answering control socket for "listening".
-            await self.cluster.start()
-        for entry in self.entries.values():
-            entry.pool.retain(0)  # closes nothing, opens min_pool_size servers
-        logger.info(
-            "pg_doorman listening on %s:%d (%d pools; %s)",
-            general.host,
-            general.port,
-            len(self.entries),
-            implementation.describe(),
-        )
+
+    def _adopt(self, sock: socket.socket) -> None:
+        """Serve a connection the supervisor accepted and sent to this worker."""
+        client = ClientConnection(self, unix=sock.family == socket.AF_UNIX)
+        self.track(self.loop.create_task(self._open_adopted(client, sock)))
+
+    async def _open_adopted(self, client: ClientConnection, sock: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(lambda: client, sock)
+        except (OSError, ValueError) as exc:
+            logger.warning("a connection from the supervisor could not be opened: %s", exc)
+            sock.close()
+            if client.transport is None and self.receiver is not None:
+                self.receiver.client_closed()  # never registered, so never unregistered
 
     async def _retain_loop(self) -> None:
         while True:
@@ -762,6 +762,8 @@ class Pooler:
         if self.web is not None:
             # Open until here: /health says 503 and /metrics still serve while draining.
             self.web.close()
+        if self.receiver is not None:
+            self.receiver.stop()
         for task in (self._retain_task, self._stats_task):
             if task is not None:
                 task.cancel()

@@ -1,10 +1,10 @@
 """Several worker processes behind one port (`general.workers` > 1).
 
 The supervisor starts the workers, restarts one that dies, forwards SIGHUP (reload) and
-stops them all on SIGINT/SIGTERM. Each worker listens on the port itself with
-SO_REUSEPORT, so the kernel spreads new connections over them; a Unix socket is bound
-once here and handed down. Pool budgets are split between workers (cluster.share), and
-the admin console and /metrics, which the supervisor serves, cover all of them.
+stops them all on SIGINT/SIGTERM. It owns the listening sockets and hands each accepted
+connection to the least-loaded worker (app.dispatch). Pool budgets are split between
+workers (cluster.share), and the admin console and /metrics, which the supervisor
+serves, cover all of them.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ import tempfile
 
 from pg_doorman.admin.snapshot import Snapshot, merge, resident_memory
 from pg_doorman.app.cluster import CALL_TIMEOUT, WorkerInfo, request
+from pg_doorman.app.dispatch import Dispatcher, LoadBoard, bind_listeners, channel_pair
 from pg_doorman.config import Config
+from pg_doorman.net.sockopts import apply_socket_options
 
 logger = logging.getLogger("pg_doorman.supervisor")
 
@@ -42,7 +44,9 @@ class Supervisor:
         self.info = WorkerInfo(index=-1, count=self.count, rundir=self.rundir)
         self.workers: list[asyncio.subprocess.Process | None] = [None] * self.count
         self.stopping = False
-        self._unix_socket: socket.socket | None = None
+        self.dispatcher: Dispatcher | None = None
+        # The supervisor's end of each worker's dispatch channel, until that worker serves.
+        self._channels: list[socket.socket | None] = [None] * self.count
         self._stop = asyncio.Event()
 
     async def serve(self) -> int:
@@ -52,11 +56,20 @@ class Supervisor:
             loop.add_signal_handler(signum, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._forward, signal.SIGHUP)
         try:
-            self._unix_socket = self._bind_unix_socket()
+            listeners = bind_listeners(self.config.general)
+            for sock in listeners:
+                if sock.family != socket.AF_UNIX:
+                    # Accepted connections inherit them (Linux); workers check the rest.
+                    apply_socket_options(sock, self.config.general)
+            board = LoadBoard(os.path.join(self.rundir, "load"), self.count, create=True)
+            self.dispatcher = Dispatcher(loop, listeners, board, self.count)
             for index in range(self.count):
                 await self._spawn(index)
             if not await self._wait_ready():
                 return 1
+            for index in range(self.count):
+                self._attach(index)
+            self.dispatcher.start()
             web = None
             if self.config.web.enabled:
                 from pg_doorman.web.server import WebServer
@@ -71,6 +84,9 @@ class Supervisor:
             await self._stop.wait()
             logger.info("stopping %d workers", self.count)
             self.stopping = True
+            self.dispatcher.stop()
+            for sock in self.dispatcher.listeners:
+                sock.close()  # new connections are refused from now on
             await self._stop_workers()
             for watcher in watchers:
                 watcher.cancel()
@@ -78,63 +94,77 @@ class Supervisor:
                 web.close()
             return 0
         except OSError as exc:
-            logger.error("cannot start workers: %s", exc)
+            if exc.strerror and exc.strerror.startswith("cannot listen"):
+                logger.error("%s", exc.strerror)
+            else:
+                logger.error("cannot start workers: %s", exc)
             self.stopping = True
             await self._stop_workers()
             return 1
         finally:
-            if self._unix_socket is not None:
-                self._unix_socket.close()
+            if self.dispatcher is not None:
+                self.dispatcher.close()
+                self.dispatcher.board.close()
+            for channel in self._channels:
+                if channel is not None:
+                    channel.close()
             shutil.rmtree(self.rundir, ignore_errors=True)
 
     # ---- workers ------------------------------------------------------------
 
-    def _bind_unix_socket(self) -> socket.socket | None:
-        general = self.config.general
-        if not general.unix_socket_dir:
-            return None
-        path = os.path.join(general.unix_socket_dir, f".s.PGSQL.{general.port}")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(path)
-        os.chmod(path, int(general.unix_socket_mode, 8))
-        sock.listen(general.backlog or min(general.max_connections, 4096))
-        sock.setblocking(False)
-        return sock
-
     async def _spawn(self, index: int) -> None:
+        assert self.dispatcher is not None
+        self.dispatcher.reset(index)
+        ours, theirs = channel_pair()
+        old = self._channels[index]
+        if old is not None:
+            old.close()
+        self._channels[index] = ours
         args = [
             sys.executable, "-m", "pg_doorman", self.config.source, *self.log_args,
             "--worker", f"{index}/{self.count}", "--rundir", self.rundir,
+            "--dispatch-fd", str(theirs.fileno()),
         ]  # fmt: skip
-        fds: tuple[int, ...] = ()
-        if self._unix_socket is not None:
-            fds = (self._unix_socket.fileno(),)
-            args += ["--unix-fd", str(fds[0])]
-        self.workers[index] = await asyncio.create_subprocess_exec(*args, pass_fds=fds)
+        try:
+            self.workers[index] = await asyncio.create_subprocess_exec(
+                *args, pass_fds=(theirs.fileno(),)
+            )
+        finally:
+            theirs.close()
+
+    def _attach(self, index: int) -> None:
+        """Worker `index` answers: it gets connections from now on."""
+        channel = self._channels[index]
+        assert self.dispatcher is not None and channel is not None
+        self._channels[index] = None
+        self.dispatcher.attach(index, channel)
 
     async def _wait_ready(self) -> bool:
         """Every worker answers on its control socket (False if one died first)."""
-        deadline = asyncio.get_running_loop().time() + READY_TIMEOUT
         for index in range(self.count):
-            while True:
-                worker = self.workers[index]
-                if worker is None or worker.returncode is not None:
-                    logger.error("worker %d exited while starting", index)
-                    self.stopping = True
-                    await self._stop_workers()
-                    return False
-                with contextlib.suppress(OSError, TimeoutError, ValueError):
-                    await request(self.info.socket_path(index), {"op": "ping"}, 1.0)
-                    break
-                if asyncio.get_running_loop().time() > deadline:
-                    logger.error("worker %d did not start within %.0fs", index, READY_TIMEOUT)
-                    self.stopping = True
-                    await self._stop_workers()
-                    return False
-                await asyncio.sleep(0.05)
+            if not await self._ready(index):
+                self.stopping = True
+                await self._stop_workers()
+                return False
         return True
+
+    async def _ready(self, index: int) -> bool:
+        """Worker `index` answers on its control socket (False if it died first or
+        did not answer within READY_TIMEOUT)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + READY_TIMEOUT
+        while True:
+            worker = self.workers[index]
+            if worker is None or worker.returncode is not None:
+                logger.error("worker %d exited while starting", index)
+                return False
+            with contextlib.suppress(OSError, TimeoutError, ValueError):
+                await request(self.info.socket_path(index), {"op": "ping"}, 1.0)
+                return True
+            if loop.time() > deadline:
+                logger.error("worker %d did not start within %.0fs", index, READY_TIMEOUT)
+                return False
+            await asyncio.sleep(0.05)
 
     async def _watch(self, index: int) -> None:
         """Restart worker `index` whenever it exits while the pooler is running."""
@@ -144,11 +174,21 @@ class Supervisor:
             code = await worker.wait()
             if self.stopping:
                 return
+            assert self.dispatcher is not None
+            self.dispatcher.detach(index)  # its clients are gone; send it no more
             logger.error("worker %d exited with code %s; starting a new one", index, code)
             await asyncio.sleep(RESTART_DELAY)
             if self.stopping:
                 return
             await self._spawn(index)
+            if await self._ready(index):
+                self._attach(index)
+            elif not self.stopping:
+                # Not answering: end it; the next round of this loop starts another.
+                stuck = self.workers[index]
+                if stuck is not None and stuck.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        stuck.kill()
 
     def _forward(self, signum: int) -> None:
         for worker in self.workers:

@@ -1,0 +1,342 @@
+"""The supervisor accepts every client connection and hands it to the least-loaded worker.
+
+With `general.workers` > 1 the supervisor owns the listening sockets (TCP and the Unix
+socket). Each accepted connection goes to the worker with the fewest open clients, as a
+file descriptor over that worker's dispatch channel (a SOCK_SEQPACKET socket pair,
+SCM_RIGHTS); the worker wraps it in a transport as if it had accepted it itself.
+
+A worker's load is what the supervisor sent it minus what the worker has closed. The
+worker publishes its closed count in a shared file mapped by both (`LoadBoard`): no
+message, no system call per disconnect, and the supervisor reads exact counts even when
+connections arrive faster than the worker takes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import mmap
+import os
+import socket
+import sys
+from collections.abc import Callable
+
+from pg_doorman.config.schema import GeneralConfig
+
+logger = logging.getLogger("pg_doorman.dispatch")
+
+# The one byte sent with each descriptor: the socket's family.
+_KIND_OF_FAMILY = {socket.AF_INET: b"4", socket.AF_INET6: b"6", socket.AF_UNIX: b"u"}
+_FAMILY_OF_KIND = {kind[0]: family for family, kind in _KIND_OF_FAMILY.items()}
+_FD_SIZE = 4  # a C int, in host byte order, in SCM_RIGHTS data
+# Connections taken from one listener per wakeup: a burst of connects is served in
+# batches without starving the rest of the supervisor's loop.
+ACCEPT_BATCH = 64
+# Out of descriptors (EMFILE): try accepting again after this long.
+ACCEPT_RETRY_DELAY = 0.1
+
+
+class LoadBoard:
+    """One unsigned 64-bit counter per worker in a shared file: clients it has closed.
+
+    Each slot has one writer (its worker); the supervisor only reads. Aligned 8-byte
+    stores and loads don't tear on the platforms we run on, and a stale read only
+    makes one dispatch decision slightly off.
+    """
+
+    def __init__(self, path: str, count: int, *, create: bool = False) -> None:
+        size = 8 * count
+        flags = os.O_RDWR | (os.O_CREAT if create else 0)
+        fd = os.open(path, flags, 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, size)
+            self._map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self._slots = memoryview(self._map).cast("Q")
+
+    def closed(self, index: int) -> int:
+        return int(self._slots[index])
+
+    def set_closed(self, index: int, value: int) -> None:
+        self._slots[index] = value
+
+    def close(self) -> None:
+        self._slots.release()
+        self._map.close()
+
+
+def channel_pair() -> tuple[socket.socket, socket.socket]:
+    """A dispatch channel: (the supervisor's end, the worker's end)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    return ours, theirs
+
+
+def bind_listeners(general: GeneralConfig) -> list[socket.socket]:
+    """The pooler's listening sockets: TCP on host:port (every address the host
+    resolves to) and, with unix_socket_dir, the Unix socket."""
+    backlog = general.backlog or min(general.max_connections, 4096)
+    host = general.host or None
+    listeners: list[socket.socket] = []
+    try:
+        seen = set()
+        for family, kind, proto, _, address in socket.getaddrinfo(
+            host, general.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        ):
+            if (family, address) in seen:
+                continue
+            seen.add((family, address))
+            sock = socket.socket(family, kind, proto)
+            listeners.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            # As PgDoorman: a second instance can bind the port while this one drains.
+            if hasattr(socket, "SO_REUSEPORT"):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                raise OSError(
+                    exc.errno, f"cannot listen on {general.host}:{general.port}: {exc.strerror}"
+                ) from None
+            sock.listen(backlog)
+            sock.setblocking(False)
+        if general.unix_socket_dir:
+            path = os.path.join(general.unix_socket_dir, f".s.PGSQL.{general.port}")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listeners.append(sock)
+            sock.bind(path)
+            os.chmod(path, int(general.unix_socket_mode, 8))
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in listeners:
+            sock.close()
+        raise
+    return listeners
+
+
+class Dispatcher:
+    """The supervisor's side: accept, pick the least-loaded worker, pass the socket."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        listeners: list[socket.socket],
+        board: LoadBoard,
+        count: int,
+    ) -> None:
+        self.loop = loop
+        self.listeners = listeners
+        self.board = board
+        self.channels: list[socket.socket | None] = [None] * count
+        self.sent = [0] * count
+        self.dropped = 0
+        self._next = 0  # where the search for the least-loaded worker starts
+        self._accepting = False
+
+    # ---- workers ------------------------------------------------------------
+
+    def reset(self, index: int) -> None:
+        """A new worker process `index` is about to start: it has no clients yet."""
+        self.detach(index)
+        self.sent[index] = 0
+        self.board.set_closed(index, 0)
+
+    def attach(self, index: int, channel: socket.socket) -> None:
+        """Worker `index` serves: send it connections from now on."""
+        self.detach(index)
+        self.channels[index] = channel
+
+    def detach(self, index: int) -> None:
+        """Worker `index` is gone: send it nothing more."""
+        channel = self.channels[index]
+        if channel is not None:
+            self.channels[index] = None
+            channel.close()
+
+    def load(self, index: int) -> int:
+        return self.sent[index] - self.board.closed(index)
+
+    # ---- accepting ----------------------------------------------------------
+
+    def start(self) -> None:
+        if not self._accepting:
+            self._accepting = True
+            for listener in self.listeners:
+                self._watch(listener)
+
+    def _watch(self, listener: socket.socket) -> None:
+        kind = _KIND_OF_FAMILY[listener.family]
+        # The socket module's own accept() wraps each connection in a socket object
+        # (and looks up its family enum); the descriptor is all that is passed on.
+        accept_fd = listener._accept  # type: ignore[attr-defined]
+        self.loop.add_reader(listener.fileno(), self._accept, listener, accept_fd, kind)
+
+    def stop(self) -> None:
+        """Stop accepting (shutdown): later connections wait in the backlog or are
+        refused once the listeners close."""
+        if self._accepting:
+            self._accepting = False
+            for listener in self.listeners:
+                self.loop.remove_reader(listener.fileno())
+
+    def close(self) -> None:
+        self.stop()
+        for listener in self.listeners:
+            listener.close()
+        for index in range(len(self.channels)):
+            self.detach(index)
+
+    def _accept(
+        self, listener: socket.socket, accept_fd: Callable[[], tuple[int, object]], kind: bytes
+    ) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                fd, _ = accept_fd()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    logger.error("cannot accept connections: %s; retrying", exc.strerror)
+                    self._pause_accepting(listener)
+                # ECONNABORTED and the like: that client is gone, the next may not be.
+                return
+            try:
+                self.dispatch(fd, kind)
+            finally:
+                os.close(fd)
+
+    def _pause_accepting(self, listener: socket.socket) -> None:
+        self.loop.remove_reader(listener.fileno())
+
+        def resume() -> None:
+            if self._accepting and listener.fileno() >= 0:
+                self._watch(listener)
+
+        self.loop.call_later(ACCEPT_RETRY_DELAY, resume)
+
+    def dispatch(self, fd: int, kind: bytes) -> bool:
+        """Pass the connection `fd` to the least-loaded worker that takes it. The caller
+        closes its own copy either way; False if no worker could take it (the client is
+        then disconnected)."""
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd.to_bytes(_FD_SIZE, sys.byteorder))]
+        tried: set[int] | None = None
+        while True:
+            index = self._least_loaded(tried)
+            if index is None:
+                self.dropped += 1
+                logger.warning("no worker could take a new connection: it is closed")
+                return False
+            channel = self.channels[index]
+            assert channel is not None
+            try:
+                channel.sendmsg((kind,), rights)
+            except (BlockingIOError, InterruptedError):
+                # Its queue is full: it is stuck; try another.
+                tried = (tried or set()) | {index}
+                continue
+            except OSError as exc:
+                logger.warning("worker %d does not take connections (%s)", index, exc.strerror)
+                self.detach(index)
+                tried = (tried or set()) | {index}
+                continue
+            self.sent[index] += 1
+            return True
+
+    def _least_loaded(self, tried: set[int] | None) -> int | None:
+        count = len(self.channels)
+        best: int | None = None
+        best_load = 0
+        # Start after the last choice, so equally loaded workers take turns.
+        for step in range(count):
+            index = (self._next + step) % count
+            if self.channels[index] is None or (tried is not None and index in tried):
+                continue
+            load = self.load(index)
+            if best is None or load < best_load:
+                best, best_load = index, load
+        if best is not None:
+            self._next = (best + 1) % count
+        return best
+
+
+class Receiver:
+    """A worker's side: take the connections the supervisor sends."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        channel: socket.socket,
+        board: LoadBoard,
+        index: int,
+        adopt: Callable[[socket.socket], None],
+    ) -> None:
+        self.loop = loop
+        self.channel = channel
+        self.board = board
+        self.index = index
+        self.adopt = adopt
+        self.received = 0
+        self.closed = 0
+        self._space = socket.CMSG_SPACE(_FD_SIZE)
+
+    def start(self) -> None:
+        self.channel.setblocking(False)
+        self.loop.add_reader(self.channel.fileno(), self._receive)
+
+    def stop(self) -> None:
+        with contextlib.suppress(ValueError, OSError):
+            self.loop.remove_reader(self.channel.fileno())
+        self.channel.close()
+
+    def client_closed(self) -> None:
+        """One of the received connections is closed: publish the new count."""
+        self.closed += 1
+        self.board.set_closed(self.index, self.closed)
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                data, ancillary, _, _ = self.channel.recvmsg(1, self._space)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                logger.error("dispatch channel failed: %s", exc)
+                self.stop()
+                return
+            if not data:
+                # The supervisor is gone; the worker notices and shuts down.
+                self.stop()
+                return
+            for level, kind, payload in ancillary:
+                if level != socket.SOL_SOCKET or kind != socket.SCM_RIGHTS:
+                    continue
+                for offset in range(0, len(payload) - _FD_SIZE + 1, _FD_SIZE):
+                    fd = int.from_bytes(payload[offset : offset + _FD_SIZE], sys.byteorder)
+                    self._take(fd, data[0])
+
+    def _take(self, fd: int, kind: int) -> None:
+        self.received += 1
+        family = _FAMILY_OF_KIND.get(kind)
+        if family is None:
+            logger.error("dispatch channel sent an unknown socket kind %r", kind)
+            os.close(fd)
+            self.client_closed()
+            return
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
+        except OSError as exc:
+            logger.warning("a dispatched connection could not be opened: %s", exc)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            self.client_closed()
+            return
+        self.adopt(sock)

@@ -1,0 +1,176 @@
+"""The supervisor's dispatch of accepted connections to workers, over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pg_doorman.app.dispatch import Dispatcher, LoadBoard, Receiver, bind_listeners, channel_pair
+from pg_doorman.config.schema import GeneralConfig
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SOCK_SEQPACKET")
+
+WORKERS = 3
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture
+def board(tmp_path: Path) -> Iterator[LoadBoard]:
+    board = LoadBoard(str(tmp_path / "load"), WORKERS, create=True)
+    yield board
+    board.close()
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        yield sock
+
+
+def connect(listener: socket.socket) -> tuple[socket.socket, socket.socket]:
+    """A client connection and its accepted end."""
+    client = socket.create_connection(listener.getsockname())
+    accepted, _ = listener.accept()
+    return client, accepted
+
+
+def received_fd(channel: socket.socket) -> tuple[bytes, int]:
+    data, ancillary, _, _ = channel.recvmsg(1, socket.CMSG_SPACE(4))
+    ((level, kind, payload),) = ancillary
+    assert (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+    return data, int.from_bytes(payload[:4], sys.byteorder)
+
+
+def test_load_board_is_shared_between_mappings(tmp_path: Path) -> None:
+    path = str(tmp_path / "load")
+    writer = LoadBoard(path, 2, create=True)
+    reader = LoadBoard(path, 2)
+    writer.set_closed(1, 12345678901)
+    assert (reader.closed(0), reader.closed(1)) == (0, 12345678901)
+    writer.close()
+    reader.close()
+
+
+def test_each_connection_goes_to_the_least_loaded_worker(
+    loop: asyncio.AbstractEventLoop, board: LoadBoard, listener: socket.socket
+) -> None:
+    dispatcher = Dispatcher(loop, [], board, WORKERS)
+    workers = [channel_pair() for _ in range(WORKERS)]
+    for index, (ours, _) in enumerate(workers):
+        dispatcher.attach(index, ours)
+    peers = []
+    for _ in range(6):
+        client, accepted = connect(listener)
+        peers.append(client)
+        assert dispatcher.dispatch(accepted.fileno(), b"4")
+        accepted.close()
+    assert [dispatcher.load(i) for i in range(WORKERS)] == [2, 2, 2]
+    # Worker 1 closes both of its clients: the next two connections are its own.
+    board.set_closed(1, 2)
+    for _ in range(2):
+        client, accepted = connect(listener)
+        peers.append(client)
+        dispatcher.dispatch(accepted.fileno(), b"4")
+        accepted.close()
+    assert dispatcher.sent == [2, 4, 2]
+    # What arrives is a working socket for the client's connection.
+    _, theirs = workers[1]
+    for _ in range(4):
+        kind, fd = received_fd(theirs)
+        assert kind == b"4"
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fileno=fd) as sock:
+            sock.sendall(b"hello")
+    for client in (peers[1], peers[4], peers[6], peers[7]):
+        assert client.recv(5) == b"hello"
+    dispatcher.close()
+    for client in peers:
+        client.close()
+    for _, theirs in workers:
+        theirs.close()
+
+
+def test_a_gone_worker_is_skipped_and_a_full_one_passed_over(
+    loop: asyncio.AbstractEventLoop, board: LoadBoard, listener: socket.socket
+) -> None:
+    dispatcher = Dispatcher(loop, [], board, 2)
+    first, first_theirs = channel_pair()
+    second, second_theirs = channel_pair()
+    dispatcher.attach(0, first)
+    dispatcher.attach(1, second)
+    first_theirs.close()  # worker 0 died
+    client, accepted = connect(listener)
+    assert dispatcher.dispatch(accepted.fileno(), b"4")
+    assert dispatcher.channels[0] is None and dispatcher.sent == [0, 1]
+    # Worker 1 stops reading: once its queue is full, nothing takes connections.
+    accepted_list = [accepted]
+    clients = [client]
+    while True:
+        client, accepted = connect(listener)
+        clients.append(client)
+        accepted_list.append(accepted)
+        if not dispatcher.dispatch(accepted.fileno(), b"4"):
+            break
+        assert len(clients) < 100_000
+    assert dispatcher.dropped == 1
+    assert dispatcher.channels[1] is not None  # full is not gone
+    for sock in [*clients, *accepted_list, second_theirs]:
+        sock.close()
+    dispatcher.close()
+
+
+def test_the_dispatcher_accepts_and_the_receiver_adopts(
+    loop: asyncio.AbstractEventLoop, board: LoadBoard, tmp_path: Path
+) -> None:
+    """End to end on one loop: a listener bound from the config, the supervisor's
+    accept loop, the channel, and a worker's receiver answering on the adopted socket."""
+    general = GeneralConfig(host="127.0.0.1", port=0, unix_socket_dir=str(tmp_path))
+    listeners = bind_listeners(general)
+    assert sorted(s.family for s in listeners) == sorted([socket.AF_INET, socket.AF_UNIX])
+    tcp = next(s for s in listeners if s.family == socket.AF_INET)
+    dispatcher = Dispatcher(loop, listeners, board, WORKERS)
+    adopted: list[socket.socket] = []
+    receivers = []
+    for index in range(WORKERS):
+        ours, theirs = channel_pair()
+        dispatcher.attach(index, ours)
+        receiver = Receiver(loop, theirs, board, index, adopted.append)
+        receiver.start()
+        receivers.append(receiver)
+    dispatcher.start()
+
+    async def clients() -> list[bytes]:
+        address = tcp.getsockname()
+        tcp_pair = [await asyncio.open_connection(*address) for _ in range(2)]
+        unix_path = str(tmp_path / f".s.PGSQL.{general.port}")
+        unix_pair = await asyncio.open_unix_connection(unix_path)
+        while len(adopted) < 3:
+            await asyncio.sleep(0.01)
+        for sock in adopted:
+            sock.sendall(sock.family.name.encode() + b"\n")
+        answers = [await reader.readline() for reader, _ in [*tcp_pair, unix_pair]]
+        for _, writer in [*tcp_pair, unix_pair]:
+            writer.close()
+        return answers
+
+    answers = loop.run_until_complete(asyncio.wait_for(clients(), 10))
+    assert answers == [b"AF_INET\n", b"AF_INET\n", b"AF_UNIX\n"]
+    # One connection per worker: all were equally (un)loaded, so they took turns.
+    assert dispatcher.sent == [1, 1, 1]
+    receivers[0].client_closed()
+    assert dispatcher.load(0) == 0 and board.closed(0) == 1
+    for sock in adopted:
+        sock.close()
+    for receiver in receivers:
+        receiver.stop()
+    dispatcher.close()
