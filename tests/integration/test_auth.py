@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import asyncpg
 import psycopg
@@ -152,3 +153,43 @@ def test_scram_passthrough_survives_reconnects(pg: ExamplePostgres, pooler: Pool
             pids.add(conn.execute("select pg_backend_pid()").fetchone()[0])
             conn.execute("select pg_sleep(0.05)")
         assert len(pids) >= 2  # lifetime 1 ms: every transaction gets a fresh backend
+
+
+def test_login_decisions_follow_a_reload(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    """Login decisions are kept between logins; a reload of pg_hba or of a stored
+    password must apply to the very next login all the same."""
+    md5, scram = pg.md5_user, pg.scram_user
+    proc = pooler(general={"pg_hba": f"host all {md5.name} 127.0.0.1/32 reject\n"})
+
+    def login(password: str) -> str | None:
+        try:
+            w.PgWire.connect(proc.host, proc.port, md5.name, "example_db", password).close()
+        except w.ServerError as exc:
+            return exc.sqlstate
+        return None
+
+    def reload() -> None:
+        done = proc.log_text().count("configuration reloaded")
+        proc.reload(proc.config)
+        deadline = time.monotonic() + 10
+        while proc.log_text().count("configuration reloaded") == done:
+            assert time.monotonic() < deadline, proc.log_tail()
+            time.sleep(0.05)
+
+    assert [login(md5.password), login(md5.password)] == ["28000", "28000"]
+    proc.config["general"]["pg_hba"] = "host all all 127.0.0.1/32 md5\n"
+    reload()
+    assert [login(md5.password), login(md5.password)] == [None, None]
+    # The user's stored password becomes a SCRAM verifier: the next login is SCRAM.
+    users = proc.config["pools"]["example_db"]["users"]
+    verifier = next(u for u in users if u["username"] == scram.name)["password"]
+    next(u for u in users if u["username"] == md5.name)["password"] = verifier
+    reload()
+    conn = w.PgWire(proc.host, proc.port)
+    try:
+        received = conn.startup(md5.name, "example_db", scram.password)
+        codes = [int.from_bytes(p[:4], "big") for t, p in received if t == b"R"]
+        assert codes[0] == w.AUTH_SASL
+        assert codes[-1] == w.AUTH_OK
+    finally:
+        conn.close()
