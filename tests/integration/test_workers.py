@@ -248,6 +248,10 @@ def test_metrics_cover_every_worker(pg: ExamplePostgres, pooler: PoolerFactory) 
         mine = (("database", EXAMPLE_DB), ("user", pg.md5_user.name))
         assert samples[("pg_doorman_pools_transactions_total", mine)] == CLIENTS * TRANSACTIONS
         assert samples[("pg_doorman_workers", ())] == WORKERS
+        # Handed out by load: each worker holds half of the clients.
+        for index in range(WORKERS):
+            key = ("pg_doorman_worker_connection_count", (("worker", str(index)),))
+            assert samples[key] == CLIENTS // WORKERS
         assert samples[("pg_doorman_pool_size", mine)] == 4
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as response:
             assert response.status == 200

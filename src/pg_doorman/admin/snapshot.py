@@ -84,6 +84,10 @@ def take(pooler: Pooler) -> Snapshot:
         "cancel_requests": pooler.cancel_requests,
         "login_failures": pooler.login_failures,
         "connections": len(pooler.clients),
+        # Open client connections per worker index: how evenly the workers share them.
+        "worker_connections": {
+            str(pooler.worker.index if pooler.worker is not None else 0): len(pooler.clients)
+        },
         "login_clients": logging_in,
         "clients": client_rows,
         "servers": server_rows,
@@ -215,6 +219,9 @@ def merge(snapshots: list[Snapshot]) -> Snapshot:
     ):  # fmt: skip
         out[key] = sum(s[key] for s in snapshots)
     out["log_level"] = min(s["log_level"] for s in snapshots)
+    out["worker_connections"] = {
+        index: count for s in snapshots for index, count in s["worker_connections"].items()
+    }
     pools: dict[tuple[str, str], PoolData] = {}
     for snapshot in snapshots:
         for data in snapshot["pools"]:

@@ -90,6 +90,14 @@ def _collect(snap: Snapshot) -> Iterable[Metric]:
     yield GaugeMetricFamily(
         "pg_doorman_connection_count", "Client connections open now", snap["connections"]
     )
+    per_worker = GaugeMetricFamily(
+        "pg_doorman_worker_connection_count",
+        "Client connections open now, by worker process",
+        labels=["worker"],
+    )
+    for index, count in sorted(snap["worker_connections"].items(), key=lambda i: int(i[0])):
+        per_worker.add_metric([index], count)
+    yield per_worker
     yield from _pool_metrics(snap["pools"])
 
 
