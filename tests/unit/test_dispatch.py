@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import sys
 from collections.abc import Iterator
@@ -174,3 +175,36 @@ def test_the_dispatcher_accepts_and_the_receiver_adopts(
     for receiver in receivers:
         receiver.stop()
     dispatcher.close()
+
+
+def test_with_every_worker_gone_connections_wait_in_the_backlog(
+    loop: asyncio.AbstractEventLoop, board: LoadBoard
+) -> None:
+    """No worker to take a connection (all restarting): leave new connections queued
+    in the listen backlog rather than accepting and closing them."""
+    general = GeneralConfig(host="127.0.0.1", port=0)
+    listeners = bind_listeners(general)
+    dispatcher = Dispatcher(loop, listeners, board, 1)
+    dispatcher.start()
+
+    async def connect_and_wait() -> asyncio.StreamWriter:
+        _, writer = await asyncio.open_connection(*listeners[0].getsockname())
+        await asyncio.sleep(0.2)
+        return writer
+
+    writer = loop.run_until_complete(connect_and_wait())
+    assert dispatcher.sent == [0] and dispatcher.dropped == 0
+    ours, theirs = channel_pair()
+    dispatcher.attach(0, ours)  # a worker is back: the queued connection goes to it
+
+    async def taken() -> None:
+        while dispatcher.sent != [1]:
+            await asyncio.sleep(0.01)
+
+    loop.run_until_complete(asyncio.wait_for(taken(), 5))
+    kind, fd = received_fd(theirs)
+    assert kind == b"4"
+    os.close(fd)
+    writer.close()
+    dispatcher.close()
+    theirs.close()

@@ -140,7 +140,9 @@ class Dispatcher:
         self.sent = [0] * count
         self.dropped = 0
         self._next = 0  # where the search for the least-loaded worker starts
-        self._accepting = False
+        self._accepting = False  # between start() and stop()
+        self._paused = False  # out of descriptors: accepting again shortly
+        self._reading = False  # the listeners are in the event loop
 
     # ---- workers ------------------------------------------------------------
 
@@ -154,6 +156,7 @@ class Dispatcher:
         """Worker `index` serves: send it connections from now on."""
         self.detach(index)
         self.channels[index] = channel
+        self._update_reading()
 
     def detach(self, index: int) -> None:
         """Worker `index` is gone: send it nothing more."""
@@ -161,6 +164,7 @@ class Dispatcher:
         if channel is not None:
             self.channels[index] = None
             channel.close()
+            self._update_reading()
 
     def load(self, index: int) -> int:
         return self.sent[index] - self.board.closed(index)
@@ -168,25 +172,14 @@ class Dispatcher:
     # ---- accepting ----------------------------------------------------------
 
     def start(self) -> None:
-        if not self._accepting:
-            self._accepting = True
-            for listener in self.listeners:
-                self._watch(listener)
-
-    def _watch(self, listener: socket.socket) -> None:
-        kind = _KIND_OF_FAMILY[listener.family]
-        # The socket module's own accept() wraps each connection in a socket object
-        # (and looks up its family enum); the descriptor is all that is passed on.
-        accept_fd = listener._accept  # type: ignore[attr-defined]
-        self.loop.add_reader(listener.fileno(), self._accept, listener, accept_fd, kind)
+        self._accepting = True
+        self._update_reading()
 
     def stop(self) -> None:
         """Stop accepting (shutdown): later connections wait in the backlog or are
         refused once the listeners close."""
-        if self._accepting:
-            self._accepting = False
-            for listener in self.listeners:
-                self.loop.remove_reader(listener.fileno())
+        self._accepting = False
+        self._update_reading()
 
     def close(self) -> None:
         self.stop()
@@ -195,9 +188,31 @@ class Dispatcher:
         for index in range(len(self.channels)):
             self.detach(index)
 
-    def _accept(
-        self, listener: socket.socket, accept_fd: Callable[[], tuple[int, object]], kind: bytes
-    ) -> None:
+    def _update_reading(self) -> None:
+        """Accept while started, not paused, and some worker takes connections. With
+        every worker gone (restarting), new connections wait in the listen backlog
+        instead of being accepted only to be closed."""
+        should = (
+            self._accepting
+            and not self._paused
+            and any(channel is not None for channel in self.channels)
+        )
+        if should == self._reading:
+            return
+        self._reading = should
+        for listener in self.listeners:
+            if listener.fileno() < 0:
+                continue
+            if should:
+                kind = _KIND_OF_FAMILY[listener.family]
+                # The socket module's own accept() wraps each connection in a socket
+                # object (and looks up its family enum); only the descriptor is passed on.
+                accept_fd = listener._accept  # type: ignore[attr-defined]
+                self.loop.add_reader(listener.fileno(), self._accept, accept_fd, kind)
+            else:
+                self.loop.remove_reader(listener.fileno())
+
+    def _accept(self, accept_fd: Callable[[], tuple[int, object]], kind: bytes) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
                 fd, _ = accept_fd()
@@ -206,7 +221,7 @@ class Dispatcher:
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     logger.error("cannot accept connections: %s; retrying", exc.strerror)
-                    self._pause_accepting(listener)
+                    self._pause_accepting()
                 # ECONNABORTED and the like: that client is gone, the next may not be.
                 return
             try:
@@ -214,12 +229,13 @@ class Dispatcher:
             finally:
                 os.close(fd)
 
-    def _pause_accepting(self, listener: socket.socket) -> None:
-        self.loop.remove_reader(listener.fileno())
+    def _pause_accepting(self) -> None:
+        self._paused = True
+        self._update_reading()
 
         def resume() -> None:
-            if self._accepting and listener.fileno() >= 0:
-                self._watch(listener)
+            self._paused = False
+            self._update_reading()
 
         self.loop.call_later(ACCEPT_RETRY_DELAY, resume)
 
