@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers.sockets import connect, loopback_listener
 from pg_doorman.app.dispatch import Dispatcher, LoadBoard, Receiver, bind_listeners, channel_pair
 from pg_doorman.config.schema import GeneralConfig
 
@@ -35,15 +36,8 @@ def board(tmp_path: Path) -> Iterator[LoadBoard]:
 
 @pytest.fixture
 def listener() -> Iterator[socket.socket]:
-    with socket.create_server(("127.0.0.1", 0)) as sock:
+    with loopback_listener() as sock:
         yield sock
-
-
-def connect(listener: socket.socket) -> tuple[socket.socket, socket.socket]:
-    """A client connection and its accepted end."""
-    client = socket.create_connection(listener.getsockname())
-    accepted, _ = listener.accept()
-    return client, accepted
 
 
 def received_fd(channel: socket.socket) -> tuple[bytes, int]:

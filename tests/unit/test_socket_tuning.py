@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from helpers.sockets import connect, loopback_listener
 from pg_doorman.config.schema import GeneralConfig
 from pg_doorman.net.sockopts import INHERITS_SOCKET_OPTIONS, apply_socket_options
 
@@ -23,14 +24,8 @@ TUNED = GeneralConfig(
 
 @pytest.fixture
 def listener() -> Iterator[socket.socket]:
-    with socket.create_server(("127.0.0.1", 0)) as sock:
+    with loopback_listener() as sock:
         yield sock
-
-
-def accept(listener: socket.socket) -> tuple[socket.socket, socket.socket]:
-    client = socket.create_connection(listener.getsockname())
-    accepted, _ = listener.accept()
-    return client, accepted
 
 
 def assert_tuned(sock: socket.socket) -> None:
@@ -44,7 +39,7 @@ def assert_tuned(sock: socket.socket) -> None:
 
 
 def test_options_on_an_accepted_connection(listener: socket.socket) -> None:
-    client, accepted = accept(listener)
+    client, accepted = connect(listener)
     with client, accepted:
         apply_socket_options(accepted, TUNED)
         assert_tuned(accepted)
@@ -54,13 +49,13 @@ def test_options_on_an_accepted_connection(listener: socket.socket) -> None:
 def test_connections_inherit_the_listening_socket_options(listener: socket.socket) -> None:
     assert INHERITS_SOCKET_OPTIONS
     apply_socket_options(listener, TUNED)
-    client, accepted = accept(listener)
+    client, accepted = connect(listener)
     with client, accepted:
         assert_tuned(accepted)
 
 
 def test_no_delay_false_turns_it_off(listener: socket.socket) -> None:
-    client, accepted = accept(listener)
+    client, accepted = connect(listener)
     with client, accepted:
         accepted.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as the loop leaves it
         apply_socket_options(accepted, GeneralConfig(tcp_no_delay=False))

@@ -1,0 +1,20 @@
+"""Loopback TCP sockets for unit tests of socket handling."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def loopback_listener() -> Iterator[socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        yield sock
+
+
+def connect(listener: socket.socket) -> tuple[socket.socket, socket.socket]:
+    """A client connection to `listener` and its accepted end."""
+    client = socket.create_connection(listener.getsockname())
+    accepted, _ = listener.accept()
+    return client, accepted
