@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import sys
@@ -12,7 +13,14 @@ from pathlib import Path
 import pytest
 
 from helpers.sockets import connect, loopback_listener
-from pg_doorman.app.dispatch import Dispatcher, LoadBoard, Receiver, bind_listeners, channel_pair
+from pg_doorman.app.dispatch import (
+    LAG_LIMIT,
+    Dispatcher,
+    LoadBoard,
+    Receiver,
+    bind_listeners,
+    channel_pair,
+)
 from pg_doorman.config.schema import GeneralConfig
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SOCK_SEQPACKET")
@@ -202,3 +210,46 @@ def test_with_every_worker_gone_connections_wait_in_the_backlog(
     writer.close()
     dispatcher.close()
     theirs.close()
+
+
+def test_a_worker_that_stops_taking_connections_is_passed_over(
+    loop: asyncio.AbstractEventLoop, board: LoadBoard, listener: socket.socket
+) -> None:
+    """Worker 0 stops reading its channel (blocked or stopped); worker 1 keeps up.
+    Once worker 0 lags LAG_LIMIT connections behind, everything goes to worker 1,
+    although worker 1 then holds more clients; when worker 0 catches up it gets
+    connections again."""
+    dispatcher = Dispatcher(loop, [], board, 2)
+    (first, first_theirs), (second, second_theirs) = channel_pair(), channel_pair()
+    second_theirs.setblocking(False)
+    dispatcher.attach(0, first)
+    dispatcher.attach(1, second)
+    taken_by_second = 0
+    peers = []
+
+    def connect_one() -> None:
+        nonlocal taken_by_second
+        client, accepted = connect(listener)
+        peers.append(client)
+        assert dispatcher.dispatch(accepted.fileno(), b"4")
+        accepted.close()
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                _, fd = received_fd(second_theirs)
+                os.close(fd)
+                taken_by_second += 1
+        board.set_received(1, taken_by_second)
+
+    for _ in range(100):
+        connect_one()
+    assert dispatcher.sent == [LAG_LIMIT + 1, 100 - LAG_LIMIT - 1]
+    assert dispatcher.lagging(0) and not dispatcher.lagging(1)
+    # Worker 0 takes what was queued for it: it is preferred again (fewer clients).
+    for _ in range(LAG_LIMIT + 1):
+        os.close(received_fd(first_theirs)[1])
+    board.set_received(0, LAG_LIMIT + 1)
+    connect_one()
+    assert dispatcher.sent[0] == LAG_LIMIT + 2
+    dispatcher.close()
+    for sock in [*peers, first_theirs, second_theirs]:
+        sock.close()

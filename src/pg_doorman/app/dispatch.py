@@ -8,7 +8,9 @@ SCM_RIGHTS); the worker wraps it in a transport as if it had accepted it itself.
 A worker's load is what the supervisor sent it minus what the worker has closed. The
 worker publishes its closed count in a shared file mapped by both (`LoadBoard`): no
 message, no system call per disconnect, and the supervisor reads exact counts even when
-connections arrive faster than the worker takes them.
+connections arrive faster than the worker takes them. The worker also publishes how
+many connections it has taken from its channel: one that falls behind (blocked, or
+stopped) gets no more while another keeps up.
 """
 
 from __future__ import annotations
@@ -36,18 +38,23 @@ _FD_SIZE = 4  # a C int, in host byte order, in SCM_RIGHTS data
 ACCEPT_BATCH = 64
 # Out of descriptors (EMFILE): try accepting again after this long.
 ACCEPT_RETRY_DELAY = 0.1
+# Connections sent to a worker and not yet taken from its channel, beyond which it is
+# passed over while another worker keeps up. Above a burst's share, so that a worker
+# that is merely scheduled late is not passed over.
+LAG_LIMIT = 32
 
 
 class LoadBoard:
-    """One unsigned 64-bit counter per worker in a shared file: clients it has closed.
+    """Two unsigned 64-bit counters per worker in a shared file: the clients it has
+    closed, and the connections it has taken from its channel.
 
-    Each slot has one writer (its worker); the supervisor only reads. Aligned 8-byte
-    stores and loads don't tear on the platforms we run on, and a stale read only
-    makes one dispatch decision slightly off.
+    Each worker's counters have one writer (that worker); the supervisor only reads.
+    Aligned 8-byte stores and loads don't tear on the platforms we run on, and a stale
+    read only makes one dispatch decision slightly off.
     """
 
     def __init__(self, path: str, count: int, *, create: bool = False) -> None:
-        size = 8 * count
+        size = 16 * count
         flags = os.O_RDWR | (os.O_CREAT if create else 0)
         fd = os.open(path, flags, 0o600)
         try:
@@ -59,10 +66,16 @@ class LoadBoard:
         self._slots = memoryview(self._map).cast("Q")
 
     def closed(self, index: int) -> int:
-        return int(self._slots[index])
+        return int(self._slots[2 * index])
 
     def set_closed(self, index: int, value: int) -> None:
-        self._slots[index] = value
+        self._slots[2 * index] = value
+
+    def received(self, index: int) -> int:
+        return int(self._slots[2 * index + 1])
+
+    def set_received(self, index: int, value: int) -> None:
+        self._slots[2 * index + 1] = value
 
     def close(self) -> None:
         self._slots.release()
@@ -151,6 +164,7 @@ class Dispatcher:
         self.detach(index)
         self.sent[index] = 0
         self.board.set_closed(index, 0)
+        self.board.set_received(index, 0)
 
     def attach(self, index: int, channel: socket.socket) -> None:
         """Worker `index` serves: send it connections from now on."""
@@ -267,18 +281,23 @@ class Dispatcher:
             self.sent[index] += 1
             return True
 
+    def lagging(self, index: int) -> bool:
+        """Worker `index` has not taken LAG_LIMIT of the connections sent to it."""
+        return self.sent[index] - self.board.received(index) > LAG_LIMIT
+
     def _least_loaded(self, tried: set[int] | None) -> int | None:
         count = len(self.channels)
         best: int | None = None
-        best_load = 0
+        best_key = (False, 0)
         # Start after the last choice, so equally loaded workers take turns.
         for step in range(count):
             index = (self._next + step) % count
             if self.channels[index] is None or (tried is not None and index in tried):
                 continue
-            load = self.load(index)
-            if best is None or load < best_load:
-                best, best_load = index, load
+            # A worker that keeps up beats one that lags, whatever their loads.
+            key = (self.lagging(index), self.load(index))
+            if best is None or key < best_key:
+                best, best_key = index, key
         if best is not None:
             self._next = (best + 1) % count
         return best
@@ -341,6 +360,7 @@ class Receiver:
 
     def _take(self, fd: int, kind: int) -> None:
         self.received += 1
+        self.board.set_received(self.index, self.received)
         family = _FAMILY_OF_KIND.get(kind)
         if family is None:
             logger.error("dispatch channel sent an unknown socket kind %r", kind)
