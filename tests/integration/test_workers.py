@@ -393,3 +393,56 @@ def test_a_port_in_use_stops_the_supervisor_with_a_clear_error(
         assert proc.wait_exit(20) == 1
     assert f"cannot listen on {proc.host}:{proc.port}" in proc.log_text()
     assert "[w0]" not in proc.log_text()  # no worker was started
+
+
+def test_a_stopped_worker_is_passed_over(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    """A worker that stops (SIGSTOP here; a blocked event loop alike) stops taking the
+    connections sent to it. Its clients stay connected, so by load alone it would get
+    every other new client; past the lag limit the supervisor sends it no more, and new
+    clients keep logging in through the other worker. When it runs again, the clients
+    queued for it are served too."""
+    from pg_doorman.app.dispatch import LAG_LIMIT
+
+    proc = start(pooler)
+    stopped = _worker_pids(proc)[1]
+    attempts = 2 * (LAG_LIMIT + 1) + 20
+    opened: list[psycopg.Connection[tuple[object, ...]]] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def log_in() -> None:
+        try:
+            conn = psycopg.connect(
+                proc.dsn(pg.md5_user.name, "test"), autocommit=True, connect_timeout=60
+            )
+            conn.execute("select 1")
+        except psycopg.Error as exc:
+            errors.append(exc)
+            return
+        with lock:
+            opened.append(conn)
+
+    os.kill(stopped, signal.SIGSTOP)
+    threads = [threading.Thread(target=log_in) for _ in range(attempts)]
+    try:
+        for thread in threads:
+            thread.start()
+            time.sleep(0.01)  # one at a time, as the supervisor sees them
+        # At most LAG_LIMIT + 1 wait for the stopped worker; the rest log in.
+        served = attempts - (LAG_LIMIT + 1)
+        deadline = time.monotonic() + 30
+        while len(opened) < served:
+            assert not errors, errors
+            assert time.monotonic() < deadline, f"{len(opened)} of {attempts} logged in"
+            time.sleep(0.05)
+        assert len(opened) < attempts  # the stopped worker did get its share first
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    for thread in threads:
+        thread.join(60)
+    try:
+        assert not errors, errors
+        assert len(opened) == attempts
+    finally:
+        for conn in opened:
+            conn.close()
