@@ -91,11 +91,13 @@ class Expectations:
         self.kinds[self.head] = kind
         self.payloads[self.head] = b""
 
-    def popleft(self) -> None:
+    def popleft(self) -> bytes:
+        """Drop the oldest expectation; returns its payload."""
+        payload = self.payloads[self.head]
         size = self.size - 1
         if not size:
             self.clear()
-            return
+            return payload
         self.size = size
         head = self.head + 1
         if head >= 64 and head > size:
@@ -105,6 +107,7 @@ class Expectations:
             del self.payloads[:head]
             head = 0
         self.head = head
+        return payload
 
     def clear(self) -> None:
         self.kinds.clear()
@@ -338,9 +341,7 @@ class BatchRewriter:
         if msg_type == codes.ERROR_RESPONSE:
             if kind == QUERY:
                 return action  # a simple query's error; its ReadyForQuery follows
-            payload = expect.first_payload()
-            expect.popleft()
-            self._undo(kind, payload)
+            self._undo(kind, expect.popleft())
             self._skip_to_sync()
             return action
         if msg_type == codes.READY_FOR_QUERY:
@@ -406,8 +407,7 @@ class BatchRewriter:
         expect = self.expect
         prefix = self._prefix
         while expect.size and expect.kinds[expect.head] == SYNTH:
-            payload = expect.first_payload()
-            expect.popleft()
+            payload = expect.popleft()
             prefix += payload
             if payload[:1] == b"E":
                 # Our own error: PostgreSQL would skip to Sync from here as well.
@@ -417,9 +417,8 @@ class BatchRewriter:
         """After an error the server ignores everything up to Sync: so do we."""
         expect = self.expect
         while expect.size and expect.kinds[expect.head] != SYNC:
-            kind, payload = expect.first_kind(), expect.first_payload()
-            expect.popleft()
-            self._undo(kind, payload)
+            kind = expect.kinds[expect.head]
+            self._undo(kind, expect.popleft())
 
     def _undo(self, kind: int, payload: bytes) -> None:
         server = self.server
