@@ -26,6 +26,7 @@ import sys
 from collections.abc import Callable
 
 from pg_doorman.config.schema import GeneralConfig
+from pg_doorman.net.sockopts import apply_socket_options
 
 logger = logging.getLogger("pg_doorman.dispatch")
 
@@ -91,7 +92,8 @@ def channel_pair() -> tuple[socket.socket, socket.socket]:
 
 def bind_listeners(general: GeneralConfig) -> list[socket.socket]:
     """The pooler's listening sockets: TCP on host:port (every address the host
-    resolves to) and, with unix_socket_dir, the Unix socket."""
+    resolves to) and, with unix_socket_dir, the Unix socket. The TCP ones carry the
+    client socket options, which accepted connections inherit (Linux)."""
     backlog = general.backlog or min(general.max_connections, 4096)
     host = general.host or None
     listeners: list[socket.socket] = []
@@ -117,6 +119,7 @@ def bind_listeners(general: GeneralConfig) -> list[socket.socket]:
                 raise OSError(
                     exc.errno, f"cannot listen on {general.host}:{general.port}: {exc.strerror}"
                 ) from None
+            apply_socket_options(sock, general)
             sock.listen(backlog)
             sock.setblocking(False)
         if general.unix_socket_dir:

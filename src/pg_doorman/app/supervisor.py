@@ -23,7 +23,6 @@ from pg_doorman.admin.snapshot import Snapshot, merge, resident_memory
 from pg_doorman.app.cluster import CALL_TIMEOUT, WorkerInfo, request
 from pg_doorman.app.dispatch import Dispatcher, LoadBoard, bind_listeners, channel_pair
 from pg_doorman.config import Config
-from pg_doorman.net.sockopts import apply_socket_options
 
 logger = logging.getLogger("pg_doorman.supervisor")
 
@@ -57,10 +56,6 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, self._forward, signal.SIGHUP)
         try:
             listeners = bind_listeners(self.config.general)
-            for sock in listeners:
-                if sock.family != socket.AF_UNIX:
-                    # Accepted connections inherit them (Linux); workers check the rest.
-                    apply_socket_options(sock, self.config.general)
             board = LoadBoard(os.path.join(self.rundir, "load"), self.count, create=True)
             self.dispatcher = Dispatcher(loop, listeners, board, self.count)
             for index in range(self.count):
