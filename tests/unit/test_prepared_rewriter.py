@@ -12,7 +12,7 @@ from pg_doorman.prepared import rewriter as rw
 from pg_doorman.prepared.deallocate import parse_deallocate
 from pg_doorman.prepared.registry import PoolStatements, ServerStatements, statement_name
 from pg_doorman.prepared.rewriter import BatchRewriter, Expectations, close_statement
-from pg_doorman.protocol import messages
+from pg_doorman.protocol import codes, messages
 from pg_doorman.protocol.framing import BackendScanner, FrontendScanner
 
 
@@ -283,6 +283,44 @@ def test_registry_shares_by_content_and_context() -> None:
     registry.lookup(b"\x00select 2\x00\x00\x00", 1, b"")
     assert len(registry) == 2  # bounded
     assert first.name.startswith(b"DOORMAN_")
+
+
+def test_repeated_unnamed_parse_stays_correct_across_statements() -> None:
+    s = Session()
+    reply = messages.BIND_COMPLETE + ROW + SELECT_1 + messages.READY_IDLE
+    for sql in ("select 1", "select 1", "select 2", "select 1", "select 2"):
+        s.to_client.clear()
+        out = s.send(parse("", sql) + bind("") + EXECUTE + SYNC)
+        name = server_name(sql)
+        assert msg(b"B", b"\x00" + name + b"\x00" + b"\x00" * 6) in out
+        if out.startswith(b"P"):  # first time on this server
+            assert s.reply(messages.PARSE_COMPLETE + reply) == messages.PARSE_COMPLETE + reply
+        else:
+            assert s.reply(reply) == messages.PARSE_COMPLETE + reply
+    assert s.registry.lookup(b"\x00select 1\x00\x00\x00", 1, b"").hits == 2
+
+
+def test_repeated_parse_after_registry_eviction_registers_again() -> None:
+    registry = PoolStatements(1)
+    first, second = BatchRewriter(registry, b""), BatchRewriter(registry, b"")
+    for rewriter in (first, second):
+        rewriter.attach(ServerStatements(10))
+    first.frontend(codes.PARSE, parse("", "select 1"), 0, len(parse("", "select 1")))
+    second.frontend(codes.PARSE, parse("", "select 2"), 0, len(parse("", "select 2")))
+    assert [e.query for e in registry.entries()] == [b"select 2"]
+    # The same Parse again: the client's remembered entry was evicted, so it is
+    # looked up (and registered) again rather than reused.
+    first.frontend(codes.PARSE, parse("", "select 1"), 0, len(parse("", "select 1")))
+    assert [e.query for e in registry.entries()] == [b"select 1"]
+
+
+def test_long_parse_is_not_remembered() -> None:
+    s = Session()
+    sql = "select 1 -- " + "x" * 10_000
+    s.send(parse("", sql) + SYNC)
+    assert s.rewriter._last_parse == b""
+    s.send(parse("", "select 1") + SYNC)
+    assert s.rewriter._last_parse.startswith(b"\x00select 1\x00")
 
 
 def test_server_lru() -> None:

@@ -20,7 +20,7 @@ _LENGTH: Final = struct.Struct("!I")
 class StatementEntry:
     """One distinct statement of a pool."""
 
-    __slots__ = ("hits", "key", "kinds", "misses", "name", "parse_message", "query")
+    __slots__ = ("evicted", "hits", "key", "kinds", "misses", "name", "parse_message", "query")
 
     def __init__(self, key: bytes, name: bytes, parse_message: bytes, query: bytes) -> None:
         self.key = key
@@ -30,6 +30,7 @@ class StatementEntry:
         self.hits = 0  # client Parses the server already had
         self.misses = 0  # Parses (or re-Parses) sent to a server
         self.kinds = 0  # NAMED | UNNAMED: how clients have prepared it
+        self.evicted = False  # dropped from the pool registry (clients may still use it)
 
 
 NAMED: Final = 1
@@ -73,7 +74,7 @@ class PoolStatements:
         entry = StatementEntry(key, name, message, rest[:query_end])
         entries[key] = entry
         if len(entries) > self.capacity:
-            entries.popitem(last=False)
+            entries.popitem(last=False)[1].evicted = True
         return entry
 
     def __len__(self) -> int:

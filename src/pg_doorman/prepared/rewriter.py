@@ -125,6 +125,9 @@ class Expectations:
         return True
 
 
+# Longest Parse body a client keeps for the repeated-Parse shortcut: bounds its memory.
+_REMEMBERED_PARSE_MAX: Final = 8192
+
 # Stands for an empty queue until the first expectation; never appended to.
 _NOTHING_EXPECTED: Final = Expectations()
 
@@ -146,6 +149,8 @@ class BatchRewriter:
     """Statement mapping of one client plus the response queue of its current server."""
 
     __slots__ = (
+        "_last_parse",
+        "_last_parse_entry",
         "_prefix",
         "context",
         "desynced",
@@ -172,6 +177,11 @@ class BatchRewriter:
         self.skipping = False  # after a synthetic error: drop client messages until Sync
         self.desynced = False
         self._prefix = bytearray()
+        # The last Parse body and its entry: drivers that do not name their statements
+        # send the same Parse before every execution, and comparing bytes is cheaper
+        # than building and hashing the registry key again.
+        self._last_parse = b""
+        self._last_parse_entry: StatementEntry | None = None
 
     # ---- attachment ---------------------------------------------------------
 
@@ -241,7 +251,12 @@ class BatchRewriter:
 
     def _parse(self, body: bytes) -> bytes:
         name_end = body.find(b"\x00") + 1
-        entry = self.registry.lookup(body, name_end, self.context)
+        entry = self._last_parse_entry
+        if entry is None or entry.evicted or body != self._last_parse:
+            entry = self.registry.lookup(body, name_end, self.context)
+            if len(body) <= _REMEMBERED_PARSE_MAX:
+                self._last_parse = body
+                self._last_parse_entry = entry
         if name_end > 1:
             self.named[body[: name_end - 1]] = entry
             entry.kinds |= 1  # registry.NAMED
