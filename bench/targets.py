@@ -286,6 +286,47 @@ class Pooler:
         _terminate(self.proc)
 
 
+# --- the bare relay --------------------------------------------------------------------
+
+
+@dataclass
+class Relay:
+    """bench/relay.py in front of PostgreSQL: one upstream connection per client."""
+
+    workdir: Path
+    pg: Postgres
+    name: str = "relay"
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "relay.log"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port(HOST)
+        argv = [sys.executable, "-m", "bench.relay", str(self.port), str(self.pg.port)]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=Path(__file__).resolve().parents[1],
+                start_new_session=True,
+            )
+        _live.add(self.proc)
+        _wait_port(self.proc, self.port, [self.log_path], f"relay ({' '.join(argv)})")
+
+    def stop(self) -> None:
+        _terminate(self.proc)
+
+
 # --- PgBouncer -------------------------------------------------------------------------
 
 

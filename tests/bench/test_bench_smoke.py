@@ -88,3 +88,23 @@ def test_relay_micro_runs(mode: str) -> None:
     assert proc.stdout.startswith(f"{mode}: ") and "µs of Python per transaction" in proc.stdout
     compiled = expect_compiled()
     assert ("compiled hot path" in proc.stdout) is compiled
+
+
+def test_floor_smoke_measures_the_relay_beside_the_poolers() -> None:
+    """`python -m bench.floor --smoke`: the bare relay really carries pgbench's traffic
+    and each target's CPU per transaction is read."""
+    argv = [sys.executable, "-m", "bench.floor", "--smoke"]
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=200, check=False)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    rows = {
+        cells[1]: cells[2:]
+        for line in proc.stdout.splitlines()
+        if line.startswith("| aid-simple")
+        for cells in [[c.strip() for c in line.strip("|").split("|")]]
+    }
+    expected = ["bare uvloop relay", "pg_doorman"] + (["PgBouncer"] if _bouncer_installed() else [])
+    assert sorted(rows) == sorted(expected), proc.stdout
+    for label in expected:
+        tps, cpu, user, kernel = (float(v.replace(",", "")) for v in rows[label])
+        assert tps > 0, (label, proc.stdout)
+        assert cpu > 0 and 0 <= user <= cpu and kernel == pytest.approx(cpu - user, abs=0.11)
