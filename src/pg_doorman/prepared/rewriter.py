@@ -179,7 +179,8 @@ class BatchRewriter:
         self._prefix = bytearray()
         # The last Parse body and its entry: drivers that do not name their statements
         # send the same Parse before every execution, and comparing bytes is cheaper
-        # than building and hashing the registry key again.
+        # than building and hashing the registry key again. Reuse skips the registry's
+        # recency update, so an entry the registry evicted is looked up again instead.
         self._last_parse = b""
         self._last_parse_entry: StatementEntry | None = None
 
