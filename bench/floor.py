@@ -1,4 +1,4 @@
-"""The CPU floor of a Python pooler: a bare uvloop relay beside pg_doorman and PgBouncer.
+"""The CPU floor of a Python pooler: bare relays beside pg_doorman and PgBouncer.
 
     python -m bench.floor                       # 8 s runs, 2 rounds, 10 clients
     python -m bench.floor --smoke               # a few seconds: checks that it works
@@ -6,7 +6,8 @@
 bench/relay.py copies bytes between each client and its own PostgreSQL connection and
 does nothing else: no framing, no pool, no statistics. What it spends per transaction
 is what the event loop and the kernel cost any pooler built from uvloop protocol
-callbacks, however little that pooler's own code does. The three targets run the same
+callbacks, however little that pooler's own code does; its epoll variant shows what
+is left without asyncio at all. The three targets run the same
 pgbench scenarios, alternated, as in bench/run.py; the relay holds one backend per
 client, so the comparison is made at client counts up to the pool size (20).
 """
@@ -26,7 +27,12 @@ from bench.run import raise_fd_limit
 from bench.targets import POOL_SIZE, Bouncer, Pooler, Postgres, Relay, TargetUnavailable
 from bench.targets import find_bouncer as _find_bouncer
 
-LABELS = {"relay": "bare uvloop relay", "pg_doorman": "pg_doorman", "pgbouncer": "PgBouncer"}
+LABELS = {
+    "relay": "bare relay, uvloop",
+    "relay-epoll": "bare relay, epoll",
+    "pg_doorman": "pg_doorman",
+    "pgbouncer": "PgBouncer",
+}
 DEFAULT_FAMILIES = ("aid-simple", "S-simple", "S-extended", "S-prepared")
 
 
@@ -101,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         pg.start(1 if args.smoke else 10)
         targets.append(Relay(workdir / "relay", pg))
+        targets.append(Relay(workdir / "relay-epoll", pg, loop="epoll"))
         targets.append(Pooler(workdir / "pg_doorman", pg))
         exe = _find_bouncer()
         if exe is not None:

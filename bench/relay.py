@@ -1,17 +1,23 @@
-"""A transparent TCP relay on uvloop: the least any Python pooler does per transaction.
+"""A transparent TCP relay: the least any Python pooler does per transaction.
 
 Each client connection gets its own upstream connection and bytes are copied both
 ways, with no framing, pooling or bookkeeping at all. Its CPU per transaction is the
-floor for a pooler written as uvloop protocol callbacks (bench/floor.py measures it).
+floor for a pooler written in Python (bench/floor.py measures it). Two event loops:
 
-    python -m bench.relay LISTEN_PORT UPSTREAM_PORT [--host 127.0.0.1]
+- `uvloop` (default): asyncio protocol callbacks on uvloop, as pg_doorman is built;
+- `epoll`: no asyncio at all, a loop over `select.epoll` with `recv` and `send`, to
+  see what is left once the asyncio machinery is gone.
+
+    python -m bench.relay LISTEN_PORT UPSTREAM_PORT [--loop uvloop|epoll]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import select
 import signal
+import socket
 from typing import cast
 
 try:
@@ -94,13 +100,120 @@ async def serve(host: str, port: int, upstream_port: int) -> None:
     server.close()
 
 
+class EpollRelay:
+    """The same relay on a bare epoll loop. A peer that cannot take everything at once
+    gets the rest when it is writable, and its source is not read meanwhile."""
+
+    def __init__(self, host: str, port: int, upstream_port: int) -> None:
+        self.host = host
+        self.upstream_port = upstream_port
+        self.epoll = select.epoll()
+        self.listener = socket.create_server((host, port), backlog=1024)
+        self.listener.setblocking(False)
+        self.epoll.register(self.listener.fileno(), select.EPOLLIN)
+        self.sockets: dict[int, socket.socket] = {}
+        self.peers: dict[int, int] = {}
+        self.unsent: dict[int, bytes] = {}  # fd -> bytes still to write to it
+        self.stopped = False
+
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        listen_fd = self.listener.fileno()
+        while not self.stopped:
+            try:
+                events = self.epoll.poll()
+            except InterruptedError:
+                continue
+            for fd, mask in events:
+                if fd == listen_fd:
+                    self._accept()
+                elif mask & select.EPOLLOUT:
+                    self._flush(fd)
+                elif fd in self.sockets:
+                    self._read(fd)
+
+    def _stop(self, signum: int, frame: object) -> None:
+        self.stopped = True
+
+    def _accept(self) -> None:
+        try:
+            client, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        try:
+            upstream = socket.create_connection((self.host, self.upstream_port))
+        except OSError:
+            client.close()
+            return
+        for sock in (client, upstream):
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sockets[sock.fileno()] = sock
+            self.epoll.register(sock.fileno(), select.EPOLLIN)
+        self.peers[client.fileno()] = upstream.fileno()
+        self.peers[upstream.fileno()] = client.fileno()
+
+    def _read(self, fd: int) -> None:
+        try:
+            data = self.sockets[fd].recv(262144)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(fd)
+            return
+        peer = self.peers[fd]
+        try:
+            sent = self.sockets[peer].send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._close(fd)
+            return
+        if sent < len(data):
+            self.unsent[peer] = data[sent:]
+            self.epoll.modify(peer, select.EPOLLOUT)
+            self.epoll.modify(fd, 0)  # stop reading the source until the peer drains
+
+    def _flush(self, fd: int) -> None:
+        data = self.unsent.pop(fd, b"")
+        try:
+            sent = self.sockets[fd].send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._close(fd)
+            return
+        if sent < len(data):
+            self.unsent[fd] = data[sent:]
+            return
+        self.epoll.modify(fd, select.EPOLLIN)
+        self.epoll.modify(self.peers[fd], select.EPOLLIN)
+
+    def _close(self, fd: int) -> None:
+        for one in (fd, self.peers.get(fd, -1)):
+            sock = self.sockets.pop(one, None)
+            if sock is not None:
+                self.epoll.unregister(one)
+                self.peers.pop(one, None)
+                self.unsent.pop(one, None)
+                sock.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("port", type=int)
     parser.add_argument("upstream_port", type=int)
     parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--loop", choices=("uvloop", "epoll"), default="uvloop")
     args = parser.parse_args()
-    if uvloop is not None:
+    if args.loop == "epoll":
+        relay = EpollRelay(args.host, args.port, args.upstream_port)
+        print(f"relaying {args.host}:{args.port} -> {args.upstream_port} on epoll", flush=True)
+        relay.run()
+    elif uvloop is not None:
         uvloop.run(serve(args.host, args.port, args.upstream_port))
     else:
         asyncio.run(serve(args.host, args.port, args.upstream_port))

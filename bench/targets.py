@@ -295,13 +295,17 @@ class Relay:
 
     workdir: Path
     pg: Postgres
-    name: str = "relay"
+    loop: str = "uvloop"  # or "epoll"
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
 
     @property
+    def name(self) -> str:
+        return "relay" if self.loop == "uvloop" else f"relay-{self.loop}"
+
+    @property
     def log_path(self) -> Path:
-        return self.workdir / "relay.log"
+        return self.workdir / f"{self.name}.log"
 
     @property
     def pid(self) -> int | None:
@@ -311,6 +315,7 @@ class Relay:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port(HOST)
         argv = [sys.executable, "-m", "bench.relay", str(self.port), str(self.pg.port)]
+        argv += ["--loop", self.loop]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 argv,

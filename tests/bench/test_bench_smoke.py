@@ -102,7 +102,8 @@ def test_floor_smoke_measures_the_relay_beside_the_poolers() -> None:
         if line.startswith("| aid-simple")
         for cells in [[c.strip() for c in line.strip("|").split("|")]]
     }
-    expected = ["bare uvloop relay", "pg_doorman"] + (["PgBouncer"] if _bouncer_installed() else [])
+    expected = ["bare relay, uvloop", "bare relay, epoll", "pg_doorman"]
+    expected += ["PgBouncer"] if _bouncer_installed() else []
     assert sorted(rows) == sorted(expected), proc.stdout
     for label in expected:
         tps, cpu, user, kernel = (float(v.replace(",", "")) for v in rows[label])

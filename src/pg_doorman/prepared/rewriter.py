@@ -176,7 +176,8 @@ class BatchRewriter:
         self.leading_queries = 0
         self.skipping = False  # after a synthetic error: drop client messages until Sync
         self.desynced = False
-        self._prefix = bytearray()
+        # Synthetic answers due before the next server message; usually one.
+        self._prefix: list[bytes] = []
         # The last Parse body and its entry: drivers that do not name their statements
         # send the same Parse before every execution, and comparing bytes is cheaper
         # than building and hashing the registry key again. Reuse skips the registry's
@@ -408,8 +409,9 @@ class BatchRewriter:
         return self.expect.all_synthetic()
 
     def take_prefix(self) -> bytes:
-        prefix = bytes(self._prefix)
-        self._prefix.clear()
+        parts = self._prefix
+        prefix = parts[0] if len(parts) == 1 else b"".join(parts)
+        parts.clear()
         return prefix
 
     def drain(self) -> bytes:
@@ -424,7 +426,7 @@ class BatchRewriter:
         prefix = self._prefix
         while expect.size and expect.kinds[expect.head] == SYNTH:
             payload = expect.popleft()
-            prefix += payload
+            prefix.append(payload)
             if payload[:1] == b"E":
                 # Our own error: PostgreSQL would skip to Sync from here as well.
                 self._skip_to_sync()
