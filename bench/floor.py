@@ -24,8 +24,15 @@ from pathlib import Path
 
 from bench.pgbench import FAMILIES, RunResult, Scenario, run_pgbench
 from bench.run import raise_fd_limit
-from bench.targets import POOL_SIZE, Bouncer, Pooler, Postgres, Relay, TargetUnavailable
-from bench.targets import find_bouncer as _find_bouncer
+from bench.targets import (
+    POOL_SIZE,
+    Bouncer,
+    Pooler,
+    Postgres,
+    Relay,
+    TargetUnavailable,
+    find_bouncer,
+)
 
 LABELS = {
     "relay": "bare relay, uvloop",
@@ -109,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         targets.append(Relay(workdir / "relay", pg))
         targets.append(Relay(workdir / "relay-epoll", pg, loop="epoll"))
         targets.append(Pooler(workdir / "pg_doorman", pg))
-        exe = _find_bouncer()
+        exe = find_bouncer()
         if exe is not None:
             targets.append(Bouncer(workdir / "pgbouncer", pg, exe))
         else:
@@ -118,6 +125,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             target.start()
         logdir = workdir / "pgbench-logs"
         logdir.mkdir()
+        if not args.smoke:  # fill PostgreSQL's caches and the pool first; not recorded
+            for target in targets:
+                run_pgbench(
+                    bin_dir=pg.bin_dir,
+                    port=target.port,
+                    target=target.name,
+                    scenario=Scenario("aid-simple", args.clients),
+                    duration=2,
+                    logdir=logdir,
+                    round_no=0,
+                )
         for round_no in range(1, args.rounds + 1):
             for family in args.families:
                 scenario = Scenario(family, args.clients)
