@@ -184,6 +184,17 @@ def test_close_is_answered_locally() -> None:
     assert b"a" not in s.rewriter.named
 
 
+def test_several_synthetic_answers_go_out_together_in_order() -> None:
+    s = Session()
+    s.send(parse("a", "select 1") + SYNC)
+    s.reply(messages.PARSE_COMPLETE + messages.READY_IDLE)
+    s.to_client.clear()
+    out = s.send(parse("b", "select 1") + close_s("a") + bind("b") + EXECUTE + SYNC)
+    assert not out.startswith(b"P")  # both answered by the pooler
+    reply = messages.BIND_COMPLETE + ROW + SELECT_1 + messages.READY_IDLE
+    assert s.reply(reply) == messages.PARSE_COMPLETE + messages.CLOSE_COMPLETE + reply
+
+
 def test_eviction_close_waits_for_sync() -> None:
     s = Session(server_cache=1)
     name_a, name_b = server_name("select 'a'"), server_name("select 'b'")
