@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bench.pgbench import FAMILIES, RunResult, Scenario, run_pgbench
+from bench.report import median, number
 from bench.run import raise_fd_limit
 from bench.targets import (
     POOL_SIZE,
@@ -66,15 +66,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _median(values: list[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return statistics.median(present) if present else None
-
-
-def _fmt(value: float | None, digits: int) -> str:
-    return "\u2013" if value is None else f"{value:,.{digits}f}"
-
-
 def table(runs: list[RunResult], families: list[str], clients: int) -> str:
     lines = [
         "| scenario | target | tps | CPU µs/tx | of which user | kernel µs/tx |",
@@ -89,12 +80,12 @@ def table(runs: list[RunResult], families: list[str], clients: int) -> str:
                 why = failed[-1].error.splitlines()[0] if failed else "not run"
                 lines.append(f"| {key} | {label} | failed: {why} | | | |")
                 continue
-            cpu = _median([r.cpu_us_per_tx for r in good])
-            user = _median([r.user_us_per_tx for r in good])
+            cpu = median([r.cpu_us_per_tx for r in good])
+            user = median([r.user_us_per_tx for r in good])
             kernel = None if cpu is None or user is None else cpu - user
             lines.append(
-                f"| {key} | {label} | {_fmt(_median([r.tps for r in good]), 0)} "
-                f"| {_fmt(cpu, 1)} | {_fmt(user, 1)} | {_fmt(kernel, 1)} |"
+                f"| {key} | {label} | {number(median([r.tps for r in good]), 0)} "
+                f"| {number(cpu, 1)} | {number(user, 1)} | {number(kernel, 1)} |"
             )
     return "\n".join(lines)
 

@@ -165,32 +165,29 @@ class EpollRelay:
             self._close(fd)
             return
         peer = self.peers[fd]
-        try:
-            sent = self.sockets[peer].send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            self._close(fd)
-            return
-        if sent < len(data):
-            self.unsent[peer] = data[sent:]
+        if self._send(peer, data) is False:
             self.epoll.modify(peer, select.EPOLLOUT)
             self.epoll.modify(fd, 0)  # stop reading the source until the peer drains
 
     def _flush(self, fd: int) -> None:
-        data = self.unsent.pop(fd, b"")
+        if self._send(fd, self.unsent.pop(fd, b"")):
+            self.epoll.modify(fd, select.EPOLLIN)
+            self.epoll.modify(self.peers[fd], select.EPOLLIN)
+
+    def _send(self, fd: int, data: bytes) -> bool | None:
+        """Write to `fd`: True if all of it went out, False if the rest waits in
+        `unsent`, None if an error closed the pair."""
         try:
             sent = self.sockets[fd].send(data)
         except BlockingIOError:
             sent = 0
         except OSError:
             self._close(fd)
-            return
+            return None
         if sent < len(data):
             self.unsent[fd] = data[sent:]
-            return
-        self.epoll.modify(fd, select.EPOLLIN)
-        self.epoll.modify(self.peers[fd], select.EPOLLIN)
+            return False
+        return True
 
     def _close(self, fd: int) -> None:
         for one in (fd, self.peers.get(fd, -1)):

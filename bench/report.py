@@ -26,7 +26,7 @@ END = "<!-- bench:results:end -->"
 METRICS = ("tps", "p50_ms", "p99_ms", "cpu_us_per_tx", "user_us_per_tx", "rss_bytes")
 
 
-def _median(values: Iterable[float | int | None]) -> float | None:
+def median(values: Iterable[float | int | None]) -> float | None:
     present = [v for v in values if v is not None]
     return statistics.median(present) if present else None
 
@@ -52,7 +52,7 @@ def summarize(doc: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
             else:
                 entry["status"] = "ok"
                 for metric in METRICS:
-                    entry[metric] = _median(r.get(metric) for r in good)
+                    entry[metric] = median(r.get(metric) for r in good)
                 if len(good) < len(rounds):
                     failed = next(r for r in rounds if not r["ok"])
                     entry["error"] = (
@@ -65,7 +65,7 @@ def summarize(doc: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
 # --- formatting ------------------------------------------------------------------------
 
 
-def _num(value: float | None, digits: int = 0) -> str:
+def number(value: float | None, digits: int = 0) -> str:
     if value is None:
         return DASH
     return f"{value:,.{digits}f}"
@@ -79,7 +79,7 @@ def _ratio(a: dict[str, Any], b: dict[str, Any]) -> str:
 
 def _cell_tps(entry: dict[str, Any]) -> str:
     if entry.get("status") == "ok":
-        return _num(entry["tps"])
+        return number(entry["tps"])
     return str(entry.get("status", DASH))
 
 
@@ -104,7 +104,7 @@ def summary_table(doc: dict[str, Any], summary: dict[tuple[str, str], dict[str, 
         lines.append(
             f"| {scenario['family']} | {scenario['clients']} | {_cell_tps(d)} | {_cell_tps(p)} "
             f"| {_cell_tps(b)} | {_ratio(p, b)} | {_ratio(p, d)} "
-            f"| {_num(p.get('cpu_us_per_tx'), 1)} | {_num(b.get('cpu_us_per_tx'), 1)} |"
+            f"| {number(p.get('cpu_us_per_tx'), 1)} | {number(b.get('cpu_us_per_tx'), 1)} |"
         )
     return "\n".join(lines)
 
@@ -124,9 +124,9 @@ def detail_table(doc: dict[str, Any], summary: dict[tuple[str, str], dict[str, A
             vs_direct = _ratio(e, direct) if target != "direct" else DASH
             lines.append(
                 f"| {scenario['family']} | {scenario['clients']} | {LABELS[target]} "
-                f"| {_cell_tps(e)} | {_num(e.get('p50_ms'), 2)} | {_num(e.get('p99_ms'), 2)} "
-                f"| {vs_bouncer} | {vs_direct} | {_num(e.get('cpu_us_per_tx'), 1)} "
-                f"| {_num(e.get('user_us_per_tx'), 1)} | {_mib(e.get('rss_bytes'))} |"
+                f"| {_cell_tps(e)} | {number(e.get('p50_ms'), 2)} | {number(e.get('p99_ms'), 2)} "
+                f"| {vs_bouncer} | {vs_direct} | {number(e.get('cpu_us_per_tx'), 1)} "
+                f"| {number(e.get('user_us_per_tx'), 1)} | {_mib(e.get('rss_bytes'))} |"
             )
     return "\n".join(lines)
 
@@ -170,7 +170,7 @@ def idle_table(doc: dict[str, Any]) -> str:
         lines.append(
             f"| {LABELS[row['target']]} | {row['connected']:,} of {row['requested']:,} "
             f"| {_mib(row['rss_before'])} | {_mib(row['rss_after'])} "
-            f"| {_num(per)} |"
+            f"| {number(per)} |"
         )
     for row in rows:
         if row.get("errors"):

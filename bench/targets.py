@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import tomli_w
 
@@ -91,6 +92,26 @@ def _wait_log(proc: subprocess.Popen[bytes], log: Path, text: str, what: str) ->
 
 def _tails(logs: list[Path]) -> str:
     return "\n".join(tail(log) for log in logs if log.exists() and log.stat().st_size)
+
+
+def _spawn(argv: list[str], log: Path, cwd: Path, **options: Any) -> subprocess.Popen[bytes]:
+    """Start a target in its own session, its output in `log`; killed at exit if left."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            start_new_session=True,
+            **options,
+        )
+    _live.add(proc)
+    return proc
+
+
+def _running_pid(proc: subprocess.Popen[bytes] | None) -> int | None:
+    return proc.pid if proc is not None and proc.poll() is None else None
 
 
 def _terminate(proc: subprocess.Popen[bytes] | None, timeout: float = 10) -> None:
@@ -214,7 +235,7 @@ class Pooler:
 
     @property
     def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
+        return _running_pid(self.proc)
 
     def config(self) -> dict[str, object]:
         method = "trust" if self.pg.auth == "trust" else "scram-sha-256"
@@ -249,16 +270,7 @@ class Pooler:
         config_path = self.workdir / "pg_doorman.toml"
         config_path.write_bytes(tomli_w.dumps(self.config()).encode())
         self.argv = [sys.executable, "-m", "pg_doorman", str(config_path)]
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-                start_new_session=True,
-            )
-        _live.add(self.proc)
+        self.proc = _spawn(self.argv, self.log_path, self.workdir)
         what = f"pg_doorman ({' '.join(self.argv)})"
         _wait_port(self.proc, self.port, [self.log_path], what)
         if self.workers > 1:
@@ -309,23 +321,14 @@ class Relay:
 
     @property
     def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
+        return _running_pid(self.proc)
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port(HOST)
         argv = [sys.executable, "-m", "bench.relay", str(self.port), str(self.pg.port)]
         argv += ["--loop", self.loop]
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=Path(__file__).resolve().parents[1],
-                start_new_session=True,
-            )
-        _live.add(self.proc)
+        self.proc = _spawn(argv, self.log_path, Path(__file__).resolve().parents[1])
         _wait_port(self.proc, self.port, [self.log_path], f"relay ({' '.join(argv)})")
 
     def stop(self) -> None:
@@ -370,7 +373,7 @@ class Bouncer:
 
     @property
     def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
+        return _running_pid(self.proc)
 
     @property
     def prepared_support(self) -> bool:
@@ -419,19 +422,14 @@ class Bouncer:
                 self.workdir.parent.chmod(0o755)
             user, group, extra_groups = entry.pw_uid, entry.pw_gid, []
         self.argv = [self.exe, str(ini_path)]
-        with open(self.workdir / "pgbouncer.stderr", "wb") as err:
-            self.proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=err,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-                start_new_session=True,
-                user=user,
-                group=group,
-                extra_groups=extra_groups,
-            )
-        _live.add(self.proc)
+        self.proc = _spawn(
+            self.argv,
+            self.workdir / "pgbouncer.stderr",
+            self.workdir,
+            user=user,
+            group=group,
+            extra_groups=extra_groups,
+        )
         what = f"pgbouncer ({' '.join(self.argv)})"
         _wait_port(self.proc, self.port, [self.log_path, self.workdir / "pgbouncer.stderr"], what)
         problem = psql_select_one(self.pg.bin_dir, self.port)
