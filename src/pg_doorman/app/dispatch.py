@@ -198,10 +198,14 @@ class Dispatcher:
         self._accepting = False
         self._update_reading()
 
-    def close(self) -> None:
+    def stop_listening(self) -> None:
+        """Stop accepting and close the listeners: new connections are refused."""
         self.stop()
         for listener in self.listeners:
             listener.close()
+
+    def close(self) -> None:
+        self.stop_listening()
         for index in range(len(self.channels)):
             self.detach(index)
 

@@ -18,7 +18,7 @@ from pg_doorman import implementation
 from pg_doorman.admin.snapshot import Snapshot, merge
 from pg_doorman.admin.snapshot import take as take_snapshot
 from pg_doorman.app.cluster import Cluster, WorkerInfo, run_control, share
-from pg_doorman.app.dispatch import LoadBoard, Receiver
+from pg_doorman.app.dispatch import LoadBoard, Receiver, bind_listeners
 from pg_doorman.app.logsetup import apply_log_filter
 from pg_doorman.auth.hba import HbaRules, legacy_hba_allows
 from pg_doorman.auth.md5 import is_md5_hash
@@ -569,6 +569,12 @@ class Pooler:
             for sock in server.sockets:
                 if sock.family in (socket.AF_INET, socket.AF_INET6):
                     apply_socket_options(sock, general)
+        self._set_client_tuning()
+
+    def _set_client_tuning(self) -> None:
+        """Whether each accepted client needs the tcp_* options set on it, because
+        the listener's cannot stand for them."""
+        general = self.config.general
         self.tune_each_client = (
             not INHERITS_SOCKET_OPTIONS
             or not general.tcp_no_delay
@@ -657,7 +663,7 @@ class Pooler:
             board = LoadBoard(os.path.join(self.worker.rundir, "load"), self.worker.count)
             self.receiver = Receiver(self.loop, dispatch, board, self.worker.index, self._adopt)
             self._dispatched_options = options_key(general)
-            self._tune_listeners()
+            self._set_client_tuning()
             self.receiver.start()
         else:
             await self._listen()
@@ -683,27 +689,20 @@ class Pooler:
         def factory() -> ClientConnection:
             return ClientConnection(self)
 
-        server = await self.loop.create_server(
-            factory,
-            general.host,
-            general.port,
-            reuse_address=True,
-            reuse_port=True,
-            backlog=backlog,
-        )
-        self._servers.append(server)
-        self._tune_listeners()
-        if general.unix_socket_dir:
-            path = os.path.join(general.unix_socket_dir, f".s.PGSQL.{general.port}")
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        def unix_factory() -> ClientConnection:
+            return ClientConnection(self, unix=True)
 
-            def unix_factory() -> ClientConnection:
-                return ClientConnection(self, unix=True)
-
-            unix_server = await self.loop.create_unix_server(unix_factory, path, backlog=backlog)
-            os.chmod(path, int(general.unix_socket_mode, 8))
-            self._servers.append(unix_server)
+        # The same listening sockets the supervisor binds with workers; the TCP ones
+        # already carry the client socket options.
+        for sock in bind_listeners(general):
+            if sock.family == socket.AF_UNIX:
+                server = await self.loop.create_unix_server(
+                    unix_factory, sock=sock, backlog=backlog
+                )
+            else:
+                server = await self.loop.create_server(factory, sock=sock, backlog=backlog)
+            self._servers.append(server)
+        self._set_client_tuning()
 
     def _adopt(self, sock: socket.socket) -> None:
         """Serve a connection the supervisor accepted and sent to this worker."""

@@ -79,9 +79,7 @@ class Supervisor:
             await self._stop.wait()
             logger.info("stopping %d workers", self.count)
             self.stopping = True
-            self.dispatcher.stop()
-            for sock in self.dispatcher.listeners:
-                sock.close()  # new connections are refused from now on
+            self.dispatcher.stop_listening()
             await self._stop_workers()
             for watcher in watchers:
                 watcher.cancel()
