@@ -122,7 +122,9 @@ class EpollRelay:
         listen_fd = self.listener.fileno()
         while not self.stopped:
             try:
-                events = self.epoll.poll()
+                # A timeout: Python retries a poll that a signal interrupted, so
+                # SIGTERM's flag is seen only when poll returns.
+                events = self.epoll.poll(0.5)
             except InterruptedError:
                 continue
             for fd, mask in events:
