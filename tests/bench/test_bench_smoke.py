@@ -90,6 +90,16 @@ def test_relay_micro_runs(mode: str) -> None:
     assert ("compiled hot path" in proc.stdout) is compiled
 
 
+def test_login_micro_runs() -> None:
+    """The in-memory login benchmark completes real SCRAM logins: it checks the
+    pooler's answer at each step (SASL, SASLContinue, then ReadyForQuery)."""
+    argv = [sys.executable, "-m", "bench.login_micro", "--logins", "400"]
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("login: ") and "µs of Python per SCRAM login" in proc.stdout
+    assert ("compiled hot path" in proc.stdout) is expect_compiled()
+
+
 def test_floor_smoke_measures_the_relay_beside_the_poolers() -> None:
     """`python -m bench.floor --smoke`: the bare relay really carries pgbench's traffic
     and each target's CPU per transaction is read."""

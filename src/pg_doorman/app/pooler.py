@@ -20,7 +20,7 @@ from pg_doorman.admin.snapshot import take as take_snapshot
 from pg_doorman.app.cluster import Cluster, WorkerInfo, run_control, share
 from pg_doorman.app.dispatch import LoadBoard, Receiver, bind_listeners
 from pg_doorman.app.logsetup import apply_log_filter
-from pg_doorman.auth.hba import HbaRules, legacy_hba_allows
+from pg_doorman.auth.hba import HbaRules, legacy_hba_allows, peer_address
 from pg_doorman.auth.md5 import is_md5_hash
 from pg_doorman.auth.methods import AuthDecision, ClientAuth, decide_client_auth
 from pg_doorman.auth.scram import ScramVerifier, is_scram_verifier
@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("pg_doorman")
 
 ADMIN_DATABASES = frozenset(("pgdoorman", "pgbouncer"))
+# Distinct (database, user, address, ...) logins whose auth verdicts are remembered;
+# past that the memo starts over, so a scan from many addresses can't grow it.
+_AUTH_CACHE_SIZE = 4096
 # Session parameters a client sets at startup that change query results; they follow
 # the client from server to server. application_name joins them on request.
 SYNCED_PARAMETERS = (
@@ -229,6 +232,10 @@ class Pooler:
         self._retain_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._drained = asyncio.Event()
+        # decide_auth's verdicts, valid for one (pg_hba, pools) pair.
+        self._auth_cache: dict[tuple[str, str, str, bool, bool], AuthDecision] = {}
+        self._auth_cache_hba: HbaRules | None = None
+        self._auth_cache_entries: dict[tuple[str, str], PoolEntry] | None = None
         self._build_pools()
 
     def _share(self, total: int) -> int:
@@ -478,6 +485,26 @@ class Pooler:
         return database in ADMIN_DATABASES
 
     def decide_auth(
+        self, database: str, user: str, *, address: str, unix: bool, ssl: bool
+    ) -> AuthDecision:
+        """How this login must authenticate. `address` is the peer's text form ("" on a
+        Unix socket). The verdict depends only on the config, so it is remembered per
+        login identity until a reload replaces pg_hba or the pools."""
+        if self._auth_cache_hba is not self.hba or self._auth_cache_entries is not self.entries:
+            self._auth_cache_hba, self._auth_cache_entries = self.hba, self.entries
+            self._auth_cache.clear()
+        key = (database, user, address, unix, ssl)
+        decision = self._auth_cache.get(key)
+        if decision is None:
+            if len(self._auth_cache) >= _AUTH_CACHE_SIZE:
+                self._auth_cache.clear()
+            decision = self._decide_auth(
+                database, user, address=None if unix else peer_address(address), unix=unix, ssl=ssl
+            )
+            self._auth_cache[key] = decision
+        return decision
+
+    def _decide_auth(
         self,
         database: str,
         user: str,

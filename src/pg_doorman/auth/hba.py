@@ -82,6 +82,12 @@ class HbaRule:
         return self.users is None or user in self.users
 
 
+def peer_address(text: str) -> Address | None:
+    """A client's address as its transport reports it (an IPv6 zone dropped); None
+    for the empty text of a Unix-socket peer."""
+    return ipaddress.ip_address(text.split("%", 1)[0]) if text else None
+
+
 def _address_in(address: Address | None, network: Network) -> bool:
     if address is None:
         return False

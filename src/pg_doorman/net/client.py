@@ -9,7 +9,6 @@ idle, and only a client that must wait leaves a callback in the pool's queue.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import re
@@ -17,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, cast
 
+from pg_doorman.auth.hba import peer_address
 from pg_doorman.auth.md5 import md5_password_hash, verify_md5_response
 from pg_doorman.auth.methods import ClientAuth
 from pg_doorman.auth.scram import (
@@ -76,6 +76,8 @@ _PLANNING: Final = frozenset(
         "role",
     )
 )
+_PLANNING_ORDER: Final = tuple(sorted(_PLANNING))
+_AUTH_SASL: Final = messages.auth_sasl(ScramServerSession.mechanisms)
 # Bytes a waiting client may send before its reading is paused.
 _WAITING_BACKLOG: Final = 64 * 1024
 # First bytes of a Query that could be DEALLOCATE (checked before the regex runs).
@@ -352,9 +354,6 @@ class ClientConnection(asyncio.Protocol):
         if self._login_task is task:
             self._login_task = None
 
-    async def _next_message(self) -> tuple[int, bytes]:
-        return await self._inbox.receive(self._gone)
-
     def _gone(self) -> Exception | None:
         return ConnectionError("client went away") if self.state == CLOSED else None
 
@@ -397,14 +396,11 @@ class ClientConnection(asyncio.Protocol):
             raise StartupError(sqlstate.CANNOT_CONNECT_NOW, "the pooler is shutting down")
         if self.over_limit:
             raise StartupError(sqlstate.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
-        address = None
-        if not self.unix and self.address:
-            address = ipaddress.ip_address(self.address.split("%", 1)[0])
         if self.pooler.is_admin_database(database):
-            await self._admin_login(database, user, address)
+            await self._admin_login(database, user)
             return
         decision = self.pooler.decide_auth(
-            database, user, address=address, unix=self.unix, ssl=False
+            database, user, address=self.address, unix=self.unix, ssl=False
         )
         entry = self.pooler.pool_entry(database, user)
         if decision.method == ClientAuth.REJECT and decision.by_hba:
@@ -462,14 +458,10 @@ class ClientConnection(asyncio.Protocol):
         if rest:
             self._relay_data(rest)
 
-    async def _admin_login(
-        self,
-        database: str,
-        user: str,
-        address: ipaddress.IPv4Address | ipaddress.IPv6Address | None,
-    ) -> None:
+    async def _admin_login(self, database: str, user: str) -> None:
         """Log in to the admin console: admin credentials, pg_hba applies too."""
         general = self.pooler.config.general
+        address = None if self.unix else peer_address(self.address)
         method = self.pooler.admin_auth_method(database, user, address=address, unix=self.unix)
         if method is None:
             raise StartupError(
@@ -515,8 +507,7 @@ class ClientConnection(asyncio.Protocol):
         synced: tuple[str, ...],
     ) -> None:
         """Split the client's startup parameters into reported and extra ones."""
-        canonical = {name.lower(): name for name in server_parameters}
-        canonical.update((name.lower(), name) for name in synced)
+        canonical = _canonical_names(server_parameters, synced)
         # What the greeting reports: the server's set, overridden by the client's wishes.
         self.parameters = dict(server_parameters)
         for raw_name, value in startup.items():
@@ -546,14 +537,20 @@ class ClientConnection(asyncio.Protocol):
     def _planning_context(self) -> bytes:
         """Settings that change what a statement text means (search_path above all):
         clients share a server-side statement only when these agree."""
-        items = sorted({**self.parameters, **self.extra_parameters}.items())
-        return b"\x00".join(f"{k}={v}".encode() for k, v in items if k in _PLANNING)
+        parts = []
+        for name in _PLANNING_ORDER:
+            value = self.extra_parameters.get(name)
+            if value is None:
+                value = self.parameters.get(name)
+            if value is not None:
+                parts.append(f"{name}={value}".encode())
+        return b"\x00".join(parts)
 
     async def _auth_md5(self, stored: str | None) -> None:
         """MD5 challenge; with no stored hash it always ends in a refusal."""
         salt = os.urandom(4)
         self.write(messages.auth_md5(salt))
-        msg_type, body = await self._next_message()
+        msg_type, body = await self._inbox.receive(self._gone)
         if msg_type != codes.PASSWORD_MESSAGE:
             raise StartupError(sqlstate.PROTOCOL_VIOLATION, "expected a password response")
         if stored is None or not verify_md5_response(stored, salt, body):
@@ -571,14 +568,14 @@ class ClientConnection(asyncio.Protocol):
     async def _auth_scram_with(self, verifier: ScramVerifier) -> bytes:
         """SCRAM-SHA-256 exchange; returns the client's recovered ClientKey."""
         session = ScramServerSession(verifier)
-        self.write(messages.auth_sasl(ScramServerSession.mechanisms))
-        msg_type, body = await self._next_message()
+        self.write(_AUTH_SASL)
+        msg_type, body = await self._inbox.receive(self._gone)
         if msg_type != codes.PASSWORD_MESSAGE:
             raise StartupError(sqlstate.PROTOCOL_VIOLATION, "expected a SASL response")
         try:
             mechanism, data = messages.parse_sasl_initial_response(body)
             self.write(messages.auth_sasl_continue(session.handle_client_first(mechanism, data)))
-            msg_type, body = await self._next_message()
+            msg_type, body = await self._inbox.receive(self._gone)
             if msg_type != codes.PASSWORD_MESSAGE:
                 raise StartupError(sqlstate.PROTOCOL_VIOLATION, "expected a SASL response")
             final = session.handle_client_final(body)
@@ -913,6 +910,25 @@ class ClientConnection(asyncio.Protocol):
             )
             return False
         return True
+
+
+# _canonical_names' answers by id of the server parameter dict; each entry keeps that
+# dict, so the id can't be reused while it is cached.
+_CANONICAL: Final[dict[int, tuple[dict[str, str], tuple[str, ...], dict[str, str]]]] = {}
+
+
+def _canonical_names(server_parameters: dict[str, str], synced: tuple[str, ...]) -> dict[str, str]:
+    """Lower-cased parameter name -> the spelling the server reports (or we sync).
+    The same for every login of a pool, so built once per pool's parameter set."""
+    cached = _CANONICAL.get(id(server_parameters))
+    if cached is not None and cached[0] is server_parameters and cached[1] == synced:
+        return cached[2]
+    canonical = {name.lower(): name for name in server_parameters}
+    canonical.update((name.lower(), name) for name in synced)
+    if len(_CANONICAL) >= 256:
+        _CANONICAL.clear()
+    _CANONICAL[id(server_parameters)] = (server_parameters, synced, canonical)
+    return canonical
 
 
 def parse_options(options: str) -> dict[str, str]:

@@ -6,7 +6,7 @@ draw from disjoint ranges and a cancel key tells which worker owns the client.
 
 from __future__ import annotations
 
-import secrets
+import os
 
 
 class IdAllocator:
@@ -30,8 +30,8 @@ class IdAllocator:
 
     @staticmethod
     def cancel_secret() -> int:
-        # BackendKeyData carries a signed int32.
-        return secrets.randbits(32) - (1 << 31)
+        # BackendKeyData carries a signed int32: four bytes of the OS's CSPRNG.
+        return int.from_bytes(os.urandom(4), "big", signed=True)
 
     def owner_of(self, client_id: int) -> int:
         return client_id >> self.WORKER_SHIFT

@@ -34,6 +34,9 @@ EMPTY_QUERY: Final = b"I\x00\x00\x00\x04"
 NO_DATA: Final = b"n\x00\x00\x00\x04"
 SSL_REFUSED: Final = b"N"
 
+_PARAMETER_STATUS: Final[dict[tuple[str, str], bytes]] = {}
+_PARAMETER_STATUS_MAX: Final = 1024
+
 
 class ProtocolError(Exception):
     """A peer sent bytes that do not form a valid message."""
@@ -76,7 +79,15 @@ def notice_response(code: str, message: str, severity: str = "NOTICE") -> bytes:
 
 
 def parameter_status(name: str, value: str) -> bytes:
-    return build(b"S", cstring(name) + cstring(value))
+    # Every login's greeting repeats the same dozen or so: encode each pair once.
+    key = (name, value)
+    message = _PARAMETER_STATUS.get(key)
+    if message is None:
+        message = build(b"S", cstring(name) + cstring(value))
+        if len(_PARAMETER_STATUS) >= _PARAMETER_STATUS_MAX:
+            _PARAMETER_STATUS.clear()  # many distinct values (application_name): start over
+        _PARAMETER_STATUS[key] = message
+    return message
 
 
 def backend_key_data(pid: int, secret: int) -> bytes:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
 
 from pg_doorman.protocol import codes, sqlstate
@@ -37,12 +37,38 @@ class CancelRequest:
     secret: int
 
 
-@dataclass(frozen=True, slots=True)
 class StartupMessage:
-    minor_version: int
-    parameters: dict[str, str]
-    # Protocol options (`_pq_.*`) the client asked for; we support none of them.
-    protocol_options: list[str] = field(default_factory=list)
+    # A plain class: a dataclass's generated __init__ would run interpreted at every
+    # login, even in the compiled build.
+    __slots__ = ("minor_version", "parameters", "protocol_options")
+
+    def __init__(
+        self,
+        minor_version: int,
+        parameters: dict[str, str],
+        protocol_options: list[str] | None = None,
+    ) -> None:
+        self.minor_version = minor_version
+        self.parameters = parameters
+        # Protocol options (`_pq_.*`) the client asked for; we support none of them.
+        self.protocol_options = protocol_options if protocol_options is not None else []
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, StartupMessage):
+            return NotImplemented
+        return (self.minor_version, self.parameters, self.protocol_options) == (
+            other.minor_version,
+            other.parameters,
+            other.protocol_options,
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable fields, as the dataclass had
+
+    def __repr__(self) -> str:
+        return (
+            f"StartupMessage({self.minor_version!r}, {self.parameters!r}, "
+            f"{self.protocol_options!r})"
+        )
 
     @property
     def needs_negotiation(self) -> bool:
