@@ -42,6 +42,7 @@ COMPILED_MODULES: tuple[str, ...] = (
     "pg_doorman.protocol.messages",
     "pg_doorman.protocol.startup",
     "pg_doorman.net.client",
+    "pg_doorman.net.ids",
     "pg_doorman.net.inbox",
     "pg_doorman.net.server",
     "pg_doorman.pool.pool",
