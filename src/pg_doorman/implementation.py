@@ -41,6 +41,7 @@ COMPILED_MODULES: tuple[str, ...] = (
     "pg_doorman.protocol.framing",
     "pg_doorman.protocol.messages",
     "pg_doorman.protocol.startup",
+    "pg_doorman.app.dispatch",
     "pg_doorman.net.client",
     "pg_doorman.net.ids",
     "pg_doorman.net.inbox",

@@ -179,6 +179,52 @@ def test_the_dispatcher_accepts_and_the_receiver_adopts(
     dispatcher.close()
 
 
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_burst_of_connections_is_all_served(
+    loop_kind: str, board: LoadBoard, listener: socket.socket
+) -> None:
+    """The supervisor accepts and the worker receives one connection per wakeup; a
+    burst queued at once in the backlog and in the channels is still all handed over,
+    because the loop reports the listener and the channel ready again."""
+    if loop_kind == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        event_loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    else:
+        event_loop = asyncio.new_event_loop()
+    burst = 300
+    dispatcher = Dispatcher(event_loop, [listener], board, WORKERS)
+    adopted: list[socket.socket] = []
+    receivers = []
+    for index in range(WORKERS):
+        ours, theirs = channel_pair()
+        dispatcher.attach(index, ours)
+        receivers.append(Receiver(event_loop, theirs, board, index, adopted.append))
+    listener.listen(1024)
+    address = listener.getsockname()
+    # All queued in the listener's backlog before the loop runs.
+    clients = [socket.create_connection(address) for _ in range(burst)]
+    try:
+        dispatcher.start()
+        for receiver in receivers:
+            receiver.start()
+
+        async def served() -> None:
+            while len(adopted) < burst:
+                await asyncio.sleep(0.01)
+
+        event_loop.run_until_complete(asyncio.wait_for(served(), 10))
+        assert sum(dispatcher.sent) == burst == sum(r.received for r in receivers)
+        assert all(receiver.received > 0 for receiver in receivers)
+        assert dispatcher.dropped == 0
+    finally:
+        for sock in [*adopted, *clients]:
+            sock.close()
+        for receiver in receivers:
+            receiver.stop()
+        dispatcher.close()
+        event_loop.close()
+
+
 def test_with_every_worker_gone_connections_wait_in_the_backlog(
     loop: asyncio.AbstractEventLoop, board: LoadBoard
 ) -> None:

@@ -34,9 +34,6 @@ logger = logging.getLogger("pg_doorman.dispatch")
 _KIND_OF_FAMILY = {socket.AF_INET: b"4", socket.AF_INET6: b"6", socket.AF_UNIX: b"u"}
 _FAMILY_OF_KIND = {kind[0]: family for family, kind in _KIND_OF_FAMILY.items()}
 _FD_SIZE = 4  # a C int, in host byte order, in SCM_RIGHTS data
-# Connections taken from one listener per wakeup: a burst of connects is served in
-# batches without starving the rest of the supervisor's loop.
-ACCEPT_BATCH = 64
 # Out of descriptors (EMFILE): try accepting again after this long.
 ACCEPT_RETRY_DELAY = 0.1
 # Connections sent to a worker and not yet taken from its channel, beyond which it is
@@ -234,21 +231,24 @@ class Dispatcher:
                 self.loop.remove_reader(listener.fileno())
 
     def _accept(self, accept_fd: Callable[[], tuple[int, object]], kind: bytes) -> None:
-        for _ in range(ACCEPT_BATCH):
-            try:
-                fd, _ = accept_fd()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    logger.error("cannot accept connections: %s; retrying", exc.strerror)
-                    self._pause_accepting()
-                # ECONNABORTED and the like: that client is gone, the next may not be.
-                return
-            try:
-                self.dispatch(fd, kind)
-            finally:
-                os.close(fd)
+        # One connection per wakeup. The listener stays readable while more wait (the
+        # loop's readiness is level-triggered), so a burst is served one per loop
+        # iteration; accepting on until EAGAIN would raise BlockingIOError, and format
+        # its message, at every wakeup.
+        try:
+            fd, _ = accept_fd()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                logger.error("cannot accept connections: %s; retrying", exc.strerror)
+                self._pause_accepting()
+            # ECONNABORTED and the like: that client is gone, the next may not be.
+            return
+        try:
+            self.dispatch(fd, kind)
+        finally:
+            os.close(fd)
 
     def _pause_accepting(self) -> None:
         self._paused = True
@@ -345,25 +345,26 @@ class Receiver:
         self.board.set_closed(self.index, self.closed)
 
     def _receive(self) -> None:
-        while True:
-            try:
-                data, ancillary, _, _ = self.channel.recvmsg(1, self._space)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                logger.error("dispatch channel failed: %s", exc)
-                self.stop()
-                return
-            if not data:
-                # The supervisor is gone; the worker notices and shuts down.
-                self.stop()
-                return
-            for level, kind, payload in ancillary:
-                if level != socket.SOL_SOCKET or kind != socket.SCM_RIGHTS:
-                    continue
-                for offset in range(0, len(payload) - _FD_SIZE + 1, _FD_SIZE):
-                    fd = int.from_bytes(payload[offset : offset + _FD_SIZE], sys.byteorder)
-                    self._take(fd, data[0])
+        # One message per wakeup, as the supervisor accepts: the channel stays readable
+        # while more wait, and reading on until EAGAIN costs an exception each time.
+        try:
+            data, ancillary, _, _ = self.channel.recvmsg(1, self._space)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            logger.error("dispatch channel failed: %s", exc)
+            self.stop()
+            return
+        if not data:
+            # The supervisor is gone; the worker notices and shuts down.
+            self.stop()
+            return
+        for level, kind, payload in ancillary:
+            if level != socket.SOL_SOCKET or kind != socket.SCM_RIGHTS:
+                continue
+            for offset in range(0, len(payload) - _FD_SIZE + 1, _FD_SIZE):
+                fd = int.from_bytes(payload[offset : offset + _FD_SIZE], sys.byteorder)
+                self._take(fd, data[0])
 
     def _take(self, fd: int, kind: int) -> None:
         self.received += 1
