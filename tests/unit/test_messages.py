@@ -53,6 +53,22 @@ def test_parameter_status_round_trip() -> None:
     assert messages.parse_parameter_status(raw[5:]) == ("TimeZone", "Europe/Berlin")
 
 
+def test_parameter_status_is_the_same_when_encoded_again_or_not_remembered() -> None:
+    """Short pairs come from a bounded memo, long values are encoded each time; both
+    give the same bytes, and many distinct values don't grow the memo without end."""
+    first = messages.parameter_status("application_name", "app")
+    assert messages.parameter_status("application_name", "app") == first
+    assert messages.parse_parameter_status(first[5:]) == ("application_name", "app")
+    long_value = "x" * 5000
+    raw = messages.parameter_status("application_name", long_value)
+    assert messages.parse_parameter_status(raw[5:]) == ("application_name", long_value)
+    for i in range(3000):
+        raw = messages.parameter_status("application_name", f"app-{i}")
+        assert messages.parse_parameter_status(raw[5:]) == ("application_name", f"app-{i}")
+    assert len(messages._PARAMETER_STATUS) <= messages._PARAMETER_STATUS_MAX
+    assert ("application_name", long_value) not in messages._PARAMETER_STATUS
+
+
 def test_sasl_initial_response_round_trip() -> None:
     raw = messages.sasl_initial_response("SCRAM-SHA-256", b"n,,n=,r=abc")
     assert messages.parse_sasl_initial_response(raw[5:]) == ("SCRAM-SHA-256", b"n,,n=,r=abc")

@@ -36,6 +36,7 @@ SSL_REFUSED: Final = b"N"
 
 _PARAMETER_STATUS: Final[dict[tuple[str, str], bytes]] = {}
 _PARAMETER_STATUS_MAX: Final = 1024
+_PARAMETER_STATUS_REMEMBERED: Final = 128  # longest value kept (client-chosen ones can be long)
 
 
 class ProtocolError(Exception):
@@ -79,7 +80,9 @@ def notice_response(code: str, message: str, severity: str = "NOTICE") -> bytes:
 
 
 def parameter_status(name: str, value: str) -> bytes:
-    # Every login's greeting repeats the same dozen or so: encode each pair once.
+    # Every login's greeting repeats the same dozen or so: encode each short pair once.
+    if len(value) > _PARAMETER_STATUS_REMEMBERED:
+        return build(b"S", cstring(name) + cstring(value))
     key = (name, value)
     message = _PARAMETER_STATUS.get(key)
     if message is None:
