@@ -193,3 +193,42 @@ def test_login_decisions_follow_a_reload(pg: ExamplePostgres, pooler: PoolerFact
         assert codes[-1] == w.AUTH_OK
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_login_that_stalls_is_cut_at_client_login_timeout(
+    pg: ExamplePostgres, pooler: PoolerFactory, workers: int
+) -> None:
+    """A client that sends no startup packet, or stops in the middle of SCRAM, holds a
+    client slot only until client_login_timeout; one that logged in stays. With
+    workers, each worker enforces it on the connections it was handed."""
+    proc = pooler(general={"client_login_timeout": "300ms", "workers": workers})
+    user = pg.scram_user
+    silent = w.PgWire(proc.host, proc.port)
+    stalled = w.PgWire(proc.host, proc.port)
+    started = time.monotonic()
+    try:
+        logged_in = w.PgWire.connect(proc.host, proc.port, user.name, "example_db", user.password)
+        stalled.send_raw(w.startup_message({"user": user.name, "database": "example_db"}))
+        kind, payload = stalled.read_message()
+        assert (kind, int.from_bytes(payload[:4], "big")) == (b"R", w.AUTH_SASL)
+        # ... and never answers. The silent one never even sends its startup packet.
+        kind, payload = stalled.read_message(timeout=5)
+        assert kind == b"E"
+        error = w.ServerError(w.error_fields(payload))
+        assert (error.severity, error.sqlstate) == ("FATAL", "57014")
+        assert error.message == "canceling authentication due to timeout"
+        with pytest.raises(w.ConnectionClosed):
+            stalled.read_message(timeout=5)
+        with pytest.raises(w.ConnectionClosed):
+            silent.read_message(timeout=5)
+        assert silent.raw_received == b""
+        assert time.monotonic() - started < 4
+        # The timer of a completed login is gone: past the timeout, it still works.
+        time.sleep(0.5)
+        logged_in.send(b"Q", w.cstr("select 1"))
+        assert w.rows(logged_in.read_until_ready()) == [("1",)]
+        logged_in.close()
+    finally:
+        silent.close_socket()
+        stalled.close_socket()

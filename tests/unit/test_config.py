@@ -146,6 +146,15 @@ def test_defaults_match_pgdoorman() -> None:
     assert config.source == "<memory>"
 
 
+def test_client_login_timeout_is_a_duration_with_pgbouncers_default() -> None:
+    """Not a PgDoorman key: PgBouncer's client_login_timeout, 60 s by default."""
+    assert parse_config({}).general.client_login_timeout == 60_000
+    general = parse_config({"general": {"client_login_timeout": "250ms"}}).general
+    assert general.client_login_timeout == 250
+    assert parse_config({"general": {"client_login_timeout": 0}}).general.client_login_timeout == 0
+    expect_error({"general": {"client_login_timeout": "soon"}}, "general.client_login_timeout", "")
+
+
 def test_minimal_pool_and_user_defaults() -> None:
     config = parse_config({"pools": {"db": {"users": [user(username="u")]}}})
     pool = config.pools["db"]

@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import socket
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv6Address
@@ -208,6 +209,8 @@ class Pooler:
         self.cluster = Cluster(self, worker) if worker is not None and worker.count > 1 else None
         self.memory = MemoryBudget(self._share(config.general.max_memory_usage))
         self.clients: dict[int, ClientConnection] = {}
+        # Clients not yet logged in, oldest first, with when they connected (monotonic).
+        self.logging_in: dict[ClientConnection, float] = {}
         self.entries: dict[tuple[str, str], PoolEntry] = {}
         self.hba: HbaRules | None = (
             HbaRules.parse(config.general.pg_hba) if config.general.pg_hba else None
@@ -221,6 +224,7 @@ class Pooler:
         # Set by whoever runs the pooler: what the admin SHUTDOWN command triggers.
         self.on_shutdown_request: Callable[[], None] | None = None
         self._stats_task: asyncio.Task[None] | None = None
+        self._login_sweep_task: asyncio.Task[None] | None = None
         self.web: WebServer | None = None
         self._servers: list[asyncio.Server] = []
         # Whether each accepted client socket needs its options set (see _tune_listeners).
@@ -479,6 +483,29 @@ class Pooler:
             logger.debug("stats period closed after %.1fs", now - last)
             last = now
 
+    async def _login_sweep_loop(self) -> None:
+        while True:
+            # Read each time: a reload may change it. Sweeping four times per timeout
+            # cuts a login between 1 and 1.25 timeouts after it began.
+            timeout = self.config.general.client_login_timeout / 1000.0
+            await asyncio.sleep(min(max(timeout / 4, 0.05), 1.0) if timeout > 0 else 1.0)
+            self.sweep_logins()
+
+    def sweep_logins(self) -> None:
+        """Disconnect the clients still logging in after client_login_timeout."""
+        timeout = self.config.general.client_login_timeout / 1000.0
+        if timeout <= 0 or not self.logging_in:
+            return
+        began_before = time.monotonic() - timeout
+        late = []
+        for client, began in self.logging_in.items():
+            if began > began_before:
+                break  # the rest came later
+            late.append(client)
+        for client in late:
+            del self.logging_in[client]
+            client.login_timed_out()
+
     # ---- authentication -----------------------------------------------------
 
     def is_admin_database(self, database: str) -> bool:
@@ -696,6 +723,7 @@ class Pooler:
             await self._listen()
         self._retain_task = self.loop.create_task(self._retain_loop())
         self._stats_task = self.loop.create_task(self._stats_loop())
+        self._login_sweep_task = self.loop.create_task(self._login_sweep_loop())
         if self.cluster is not None:
             # Last: the supervisor takes an answering control socket for "listening".
             await self.cluster.start()
@@ -790,7 +818,7 @@ class Pooler:
             self.web.close()
         if self.receiver is not None:
             self.receiver.stop()
-        for task in (self._retain_task, self._stats_task):
+        for task in (self._retain_task, self._stats_task, self._login_sweep_task):
             if task is not None:
                 task.cancel()
         for task in list(self._tasks):

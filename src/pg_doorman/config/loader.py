@@ -526,6 +526,7 @@ _GENERAL_SPEC: dict[str, Parser] = {
     "unix_socket_mode": _unix_socket_mode,
     "connect_timeout": _duration,
     "query_wait_timeout": _duration,
+    "client_login_timeout": _duration,
     "idle_timeout": _duration,
     "server_lifetime": _duration,
     "retain_connections_time": _duration,

@@ -86,6 +86,8 @@ class GeneralConfig:
     server_idle_check_timeout: int = 60_000
     shutdown_timeout: int = 10_000
     proxy_copy_data_timeout: int = 15_000
+    # Startup and authentication of a client (pg_doorman only; PgBouncer's key); 0 = none.
+    client_login_timeout: int = 60_000
 
     # Sockets; keepalive, linger and user timeout are in seconds as in PgDoorman.
     tcp_keepalives_idle: int = 5

@@ -216,6 +216,8 @@ class ClientConnection(asyncio.Protocol):
                 if sock is not None:
                     self.pooler.tune_client_socket(sock)
         self.over_limit = not self.pooler.register_client(self)
+        # Until it has logged in, the pooler's sweep cuts it at client_login_timeout.
+        self.pooler.logging_in[self] = _now()
 
     def data_received(self, data: bytes) -> None:
         self._on_data(data)
@@ -223,6 +225,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         was = self.state
         self.state = CLOSED
+        self.pooler.logging_in.pop(self, None)
         self._on_data = _ignore
         if self._login_task is not None and not self._login_task.done():
             self._inbox.wake()
@@ -349,6 +352,16 @@ class ClientConnection(asyncio.Protocol):
             task.add_done_callback(self._login_done)
             return
 
+    def login_timed_out(self) -> None:
+        """client_login_timeout passed before the login completed."""
+        if self.state == STARTUP:
+            # No startup packet yet, so no protocol to answer in: just hang up.
+            logger.info("client %s: no startup packet within client_login_timeout", self.name)
+            self.pooler.login_failures += 1
+            self.close()
+        elif self.state == LOGIN:
+            self.fail(sqlstate.QUERY_CANCELED, "canceling authentication due to timeout")
+
     def _login_done(self, task: asyncio.Task[None]) -> None:
         # Thousands of idle clients: don't keep a finished task and coroutine each.
         if self._login_task is task:
@@ -445,6 +458,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self.write(b"".join(greeting))
         self.state = IDLE
+        self.pooler.logging_in.pop(self, None)
         if self.pooler.config.general.log_client_connections:
             logger.info(
                 "client %s connected (%s@%s) from %s",
@@ -495,6 +509,7 @@ class ClientConnection(asyncio.Protocol):
             + messages.READY_IDLE
         )
         self.state = IDLE
+        self.pooler.logging_in.pop(self, None)
         rest = self._inbox.take_rest()
         self._on_data = console.data_received
         if rest:
