@@ -21,6 +21,7 @@ import statistics
 import time
 
 from pg_doorman import implementation
+from pg_doorman.app.cli import new_event_loop
 from pg_doorman.app.pooler import Pooler
 from pg_doorman.auth.scram import ScramClientSession, ScramVerifier, make_scram_verifier
 from pg_doorman.config import parse_config
@@ -31,14 +32,6 @@ from .relay_micro import SERVER_PARAMETERS, MemoryTransport
 
 PASSWORD = "bench"
 _STARTUP = messages.startup_message({"user": "bench", "database": "bench"})
-
-
-def _new_event_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
 
 
 def _last_message(transport: MemoryTransport) -> tuple[bytes, bytes]:
@@ -126,7 +119,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--logins", type=int, default=20_000)
     args = parser.parse_args()
-    loop = _new_event_loop()
+    loop = new_event_loop()  # the pooler's own choice: uvloop when installed
     try:
         timings = loop.run_until_complete(run(args.logins))
     finally:

@@ -11,7 +11,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING, Any
 
@@ -82,6 +82,20 @@ class PoolEntry:
     check_query: bytes
     synced_parameters: tuple[str, ...] = ()
     scram_verifier: ScramVerifier | None = None
+    # parameter_names' answer; a reload that changes synced_parameters drops it.
+    _parameter_names: dict[str, str] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+
+    def parameter_names(self, server_parameters: dict[str, str]) -> dict[str, str]:
+        """Lower-cased parameter name -> the spelling the server reports (or we sync).
+        The same for every login: the pool learns its server parameters once."""
+        names = self._parameter_names
+        if names is None:
+            names = {name.lower(): name for name in server_parameters}
+            names.update((name.lower(), name) for name in self.synced_parameters)
+            self._parameter_names = names
+        return names
 
 
 def _ms(value: int | None, default: int) -> float:
@@ -279,6 +293,7 @@ class Pooler:
                         entry.pool.check_query_response = None
                     entry.check_query = check_query
                     entry.synced_parameters = synced
+                    entry._parameter_names = None
                     entry.scram_verifier = verifier
                 else:
                     pool = Pool(settings, self._connect_server, self.loop)

@@ -445,7 +445,12 @@ class ClientConnection(asyncio.Protocol):
             server_parameters = await self._fetch_server_parameters(pool)
         settings = dict(params)
         settings.update(parse_options(params.get("options", "")))
-        self._adopt_startup_parameters(settings, server_parameters, entry.synced_parameters)
+        self._adopt_startup_parameters(
+            settings,
+            server_parameters,
+            entry.synced_parameters,
+            entry.parameter_names(server_parameters),
+        )
         if pool.settings.prepared_statements:
             self.rewriter = BatchRewriter(pool.statements, self._planning_context())
             self.frontend.rewriter = self.rewriter
@@ -520,9 +525,10 @@ class ClientConnection(asyncio.Protocol):
         startup: dict[str, str],
         server_parameters: dict[str, str],
         synced: tuple[str, ...],
+        canonical: dict[str, str],
     ) -> None:
-        """Split the client's startup parameters into reported and extra ones."""
-        canonical = _canonical_names(server_parameters, synced)
+        """Split the client's startup parameters into reported and extra ones
+        (`canonical`: lower-cased parameter name -> the spelling to report)."""
         # What the greeting reports: the server's set, overridden by the client's wishes.
         self.parameters = dict(server_parameters)
         for raw_name, value in startup.items():
@@ -925,25 +931,6 @@ class ClientConnection(asyncio.Protocol):
             )
             return False
         return True
-
-
-# _canonical_names' answers by id of the server parameter dict; each entry keeps that
-# dict, so the id can't be reused while it is cached.
-_CANONICAL: Final[dict[int, tuple[dict[str, str], tuple[str, ...], dict[str, str]]]] = {}
-
-
-def _canonical_names(server_parameters: dict[str, str], synced: tuple[str, ...]) -> dict[str, str]:
-    """Lower-cased parameter name -> the spelling the server reports (or we sync).
-    The same for every login of a pool, so built once per pool's parameter set."""
-    cached = _CANONICAL.get(id(server_parameters))
-    if cached is not None and cached[0] is server_parameters and cached[1] == synced:
-        return cached[2]
-    canonical = {name.lower(): name for name in server_parameters}
-    canonical.update((name.lower(), name) for name in synced)
-    if len(_CANONICAL) >= 256:
-        _CANONICAL.clear()
-    _CANONICAL[id(server_parameters)] = (server_parameters, synced, canonical)
-    return canonical
 
 
 def parse_options(options: str) -> dict[str, str]:
