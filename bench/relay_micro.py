@@ -5,7 +5,12 @@ transports: a client sends a query, the server answers, the server goes back to 
 pool. What remains is the interpreter's share of the per-transaction CPU, the part
 the pooler's code controls (syscalls and the event loop come on top). Run:
 
-    python -m bench.relay_micro [--transactions N] [--mode simple|extended|prepared]
+    python -m bench.relay_micro [--transactions N] [--mode simple|extended|prepared] [--queued]
+
+With --queued two clients share the one server: each sends its next request while
+the other's transaction runs, so every transaction waits in the pool's queue and is
+handed the server as the previous one ends (what every transaction does when clients
+outnumber pool_size).
 
 PG_DOORMAN_IMPL=python|compiled picks the implementation measured (docs/performance.md).
 """
@@ -19,6 +24,7 @@ import time
 from typing import Any
 
 from pg_doorman import implementation
+from pg_doorman.app.cli import new_event_loop
 from pg_doorman.app.pooler import Pooler
 from pg_doorman.config import parse_config
 from pg_doorman.net.client import ClientConnection
@@ -69,7 +75,7 @@ def _query_reply(value: bytes) -> bytes:
     return row_desc + row + messages.command_complete("SELECT 1") + messages.READY_IDLE
 
 
-async def run(transactions: int, mode: str) -> list[float]:
+async def run(transactions: int, mode: str, queued: bool = False) -> list[float]:
     loop = asyncio.get_running_loop()
     config = parse_config(
         {
@@ -93,20 +99,25 @@ async def run(transactions: int, mode: str) -> list[float]:
     server_transport = MemoryTransport()
     server.connection_made(server_transport)  # type: ignore[arg-type]
     server.parameters.update(SERVER_PARAMETERS)
-    server._on_data = server._idle_data
     pool.size += 1
     pool.servers.add(server)
     pool.release(server, fresh=True)
 
-    client = ClientConnection(pooler)
-    client_transport = MemoryTransport()
-    client.connection_made(client_transport)  # type: ignore[arg-type]
-    client.data_received(messages.startup_message({"user": "bench", "database": "bench"}))
-    for _ in range(100):
-        await asyncio.sleep(0)
-        if client.state_name == "idle":
-            break
-    assert client.state_name == "idle", client.state_name
+    clients = []
+    client_transports = []
+    for port in (40000, 40001) if queued else (40000,):
+        client = ClientConnection(pooler)
+        client_transport = MemoryTransport(("127.0.0.1", port))
+        client.connection_made(client_transport)  # type: ignore[arg-type]
+        client.data_received(messages.startup_message({"user": "bench", "database": "bench"}))
+        for _ in range(100):
+            await asyncio.sleep(0)
+            if client.state_name == "idle":
+                break
+        assert client.state_name == "idle", client.state_name
+        clients.append(client)
+        client_transports.append(client_transport)
+    client = clients[0]
 
     row_description = messages.row_description([("?column?", 23)])
     if mode == "simple":
@@ -121,8 +132,16 @@ async def run(transactions: int, mode: str) -> list[float]:
             b"B", b"\x00" + name + b"\x00\x00\x00\x00\x01\x00\x00\x00\x011\x00\x00"
         )
         execute = messages.build(b"E", b"\x00\x00\x00\x00\x00")
-        client.data_received(parse + messages.SYNC)
-        server.data_received(messages.PARSE_COMPLETE + messages.READY_IDLE)
+        for each in clients:
+            server_transport.written.clear()
+            each.data_received(parse + messages.SYNC)
+            # The second client's Parse is answered by the pooler: the server, which
+            # already has the statement, only sees the Sync.
+            sent = b"".join(server_transport.written)
+            if sent == messages.SYNC:
+                server.data_received(messages.READY_IDLE)
+            else:
+                server.data_received(messages.PARSE_COMPLETE + messages.READY_IDLE)
         rows = _query_reply(b"1")[len(row_description) :]
         if mode == "prepared":
             request = bind + execute + messages.SYNC
@@ -133,6 +152,30 @@ async def run(transactions: int, mode: str) -> list[float]:
 
     timings = []
     batch = 1000
+    if queued:
+        # The first client holds the server; from here on each request queues behind
+        # the transaction in progress and gets the server when that one's reply ends.
+        first, second = clients
+        first.data_received(request)
+        for _ in range(2):  # once through the queue, checked
+            second.data_received(request)
+            assert pool.waiting == 1 and second.state_name == "waiting", second.state_name
+            server.data_received(reply)
+            assert pool.waiting == 0 and second.server is server
+            first, second = second, first
+        for _ in range(max(transactions // batch, 1)):
+            started = time.perf_counter()
+            for _ in range(batch // 2):
+                second.data_received(request)
+                server.data_received(reply)
+                first.data_received(request)
+                server.data_received(reply)
+            timings.append((time.perf_counter() - started) / batch * 1e6)
+            for transport in client_transports:
+                transport.written.clear()
+            server_transport.written.clear()
+        assert pool.stats.xact_count >= transactions
+        return timings
     for _ in range(max(transactions // batch, 1)):
         started = time.perf_counter()
         for _ in range(batch):
@@ -149,10 +192,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--transactions", type=int, default=200_000)
     parser.add_argument("--mode", choices=("simple", "extended", "prepared"), default="simple")
+    parser.add_argument(
+        "--queued", action="store_true", help="two clients, one server: every transaction waits"
+    )
     args = parser.parse_args()
-    timings = asyncio.run(run(args.transactions, args.mode))
+    # The pooler's own loop (uvloop when installed): the pool reads its clock.
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        timings = runner.run(run(args.transactions, args.mode, args.queued))
+    mode = f"{args.mode}, queued" if args.queued else args.mode
     print(
-        f"{args.mode}: {statistics.median(timings):.2f} µs of Python per transaction "
+        f"{mode}: {statistics.median(timings):.2f} µs of Python per transaction "
         f"(median of {len(timings)} batches of 1000; best {min(timings):.2f}; "
         f"{implementation.describe()})"
     )

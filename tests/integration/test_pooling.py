@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
+import time
 
 import asyncpg
 import psycopg
 import pytest
 
-from helpers import ExamplePostgres
+from helpers import EXAMPLE_DB, ExamplePostgres
+from helpers import pgwire as w
 from helpers.pooler import PoolerFactory
 
 
@@ -279,6 +282,93 @@ def test_waiters_are_served_in_order(pg: ExamplePostgres, pooler: PoolerFactory)
                 await c.close()
 
     asyncio.run(main())
+
+
+def _pool_row(console: w.PgWire, user: str) -> dict[str, str | None]:
+    got = console.simple_query("SHOW POOLS")
+    columns = next(w.row_description(p) for t, p in got if t == b"T")
+    rows = [dict(zip(columns, r, strict=True)) for r in w.rows(got)]
+    return next(r for r in rows if r["user"] == user)
+
+
+def _wait_for_waiting(console: w.PgWire, user: str, count: int) -> dict[str, str | None]:
+    deadline = time.monotonic() + 10
+    while True:
+        row = _pool_row(console, user)
+        if row["cl_waiting"] == str(count) or time.monotonic() > deadline:
+            assert row["cl_waiting"] == str(count), row
+            return row
+        time.sleep(0.005)
+
+
+def test_a_long_queue_is_served_in_arrival_order_around_departures(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """150 clients queue for one server, 60 of them leave while queued; the rest are
+    served one by one in the order they arrived, and SHOW POOLS reports the wait."""
+    user = pg.md5_user
+    proc = pooler(
+        general={"query_wait_timeout": 60_000},
+        pools={EXAMPLE_DB: {"users": [{"username": user.name, "pool_size": 1}]}},
+    )
+
+    def connect() -> w.PgWire:
+        return w.PgWire.connect(proc.host, proc.port, user.name, EXAMPLE_DB, user.password)
+
+    console = w.PgWire.connect(proc.host, proc.port, "admin", "pgdoorman", "admin")
+    holder = connect()
+    queued = [connect() for _ in range(150)]
+    try:
+        holder.simple_query("begin; select 1")  # holds the only server
+        for i, conn in enumerate(queued):
+            conn.send_raw(
+                w.query(f"select {i}, (extract(epoch from clock_timestamp()) * 1e6)::bigint")
+            )
+            _wait_for_waiting(console, user.name, i + 1)  # queued in this order
+        time.sleep(0.3)
+        row = _pool_row(console, user.name)
+        waited = int(row["maxwait"] or 0) + int(row["maxwait_us"] or 0) / 1e6
+        assert 0.3 <= waited < 60, row
+        leaving = set(range(0, 120, 2))
+        for i in sorted(leaving):
+            queued[i].close_socket()
+        _wait_for_waiting(console, user.name, 150 - len(leaving))
+        holder.simple_query("commit")
+        served = []
+        for i, conn in enumerate(queued):
+            if i in leaving:
+                continue
+            number, at = w.rows(conn.read_until_ready())[0]
+            assert number == str(i)
+            served.append((int(at or 0), i))
+        assert [i for _, i in sorted(served)] == [i for i in range(150) if i not in leaving]
+        assert _pool_row(console, user.name)["cl_waiting"] == "0"
+        assert queued[1].execute_query("select 7") == [("7",)]
+    finally:
+        for conn in [console, holder, *queued]:
+            conn.close_socket()
+
+
+def test_a_first_login_that_cannot_get_a_server_fails_at_query_wait_timeout(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """The first login of a pool waits in the pool's queue for a server to learn the
+    server's parameters; a server that never answers fails it at query_wait_timeout."""
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    try:
+        user = pg.md5_user
+        proc = pooler(
+            general={"query_wait_timeout": 400, "connect_timeout": 30_000},
+            pools={EXAMPLE_DB: {"server_port": silent.getsockname()[1]}},
+        )
+        started = time.monotonic()
+        with pytest.raises(psycopg.OperationalError) as info:
+            psycopg.connect(proc.dsn(user.name, user.password), connect_timeout=20)
+        assert "query_wait_timeout" in str(info.value)
+        assert time.monotonic() - started < 15
+        assert proc.running
+    finally:
+        silent.close()
 
 
 def test_pooler_check_query_is_cached(pg: ExamplePostgres, pooler: PoolerFactory) -> None:

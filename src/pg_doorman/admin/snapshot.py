@@ -36,7 +36,6 @@ _HISTOGRAMS = ("query", "transaction", "wait")
 def take(pooler: Pooler) -> Snapshot:
     """This process's state."""
     now = time.monotonic()
-    loop_now = pooler.loop.time()
     by_pool: dict[Pool, list[ClientConnection]] = {}
     client_rows = []
     logging_in = 0
@@ -62,7 +61,7 @@ def take(pooler: Pooler) -> Snapshot:
     for (database, user), entry in pooler.entries.items():
         pool = entry.pool
         clients = by_pool.get(pool, [])
-        pools.append(_pool_data(database, user, pool, clients, now, loop_now))
+        pools.append(_pool_data(database, user, pool, clients, now))
         for server in pool.servers:
             if not isinstance(server, ServerConnection):
                 continue
@@ -113,7 +112,6 @@ def _pool_data(
     pool: Pool,
     clients: list[ClientConnection],
     now: float,
-    loop_now: float,
 ) -> PoolData:
     s = pool.settings
     st = pool.stats
@@ -155,7 +153,7 @@ def _pool_data(
         "sv_idle": len(pool.idle),
         "sv_used": used,
         "sv_login": pool.connecting,
-        "maxwait": pool.oldest_wait(loop_now),
+        "maxwait": pool.oldest_wait(now),
         "oldest_active": oldest,
         "xact_count": st.xact_count,
         "query_count": st.query_count,

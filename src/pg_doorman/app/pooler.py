@@ -43,6 +43,9 @@ ADMIN_DATABASES = frozenset(("pgdoorman", "pgbouncer"))
 # Distinct (database, user, address, ...) logins whose auth verdicts are remembered;
 # past that the memo starts over, so a scan from many addresses can't grow it.
 _AUTH_CACHE_SIZE = 4096
+# Distinct client parameter sets a pool shares one object for; past that a client
+# keeps its own, which still compares equal.
+_SHARED_FINGERPRINTS = 1024
 # Session parameters a client sets at startup that change query results; they follow
 # the client from server to server. application_name joins them on request.
 SYNCED_PARAMETERS = (
@@ -86,6 +89,10 @@ class PoolEntry:
     _parameter_names: dict[str, str] | None = field(
         default=None, init=False, repr=False, compare=False
     )
+    # Clients' parameter fingerprints, one object per distinct value (bounded).
+    _fingerprints: dict[tuple[object, ...], tuple[object, ...]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def parameter_names(self, server_parameters: dict[str, str]) -> dict[str, str]:
         """Lower-cased parameter name -> the spelling the server reports (or we sync).
@@ -96,6 +103,17 @@ class PoolEntry:
             names.update((name.lower(), name) for name in self.synced_parameters)
             self._parameter_names = names
         return names
+
+    def shared_fingerprint(self, fingerprint: tuple[object, ...]) -> tuple[object, ...]:
+        """The pool's one object equal to `fingerprint`: clients with the same session
+        parameters then share it, and a server that has served one of them recognises
+        the next by identity instead of comparing every value."""
+        shared = self._fingerprints.get(fingerprint)
+        if shared is not None:
+            return shared
+        if len(self._fingerprints) < _SHARED_FINGERPRINTS:
+            self._fingerprints[fingerprint] = fingerprint
+        return fingerprint
 
 
 def _ms(value: int | None, default: int) -> float:

@@ -109,12 +109,14 @@ class ClientConnection(asyncio.Protocol):
         "_auth_final",
         "_check_query_next",
         "_fingerprint",
+        "_fingerprint_synced",
         "_inbox",
         "_login_task",
         "_memory_accounted",
         "_on_data",
         "_param_mark",
         "_pending",
+        "_server_future",
         "_startup_buf",
         "address",
         "admin",
@@ -188,6 +190,8 @@ class ClientConnection(asyncio.Protocol):
         self._inbox = AwaitableInbox(self.loop)
         self._login_task: asyncio.Task[None] | None = None
         self._pending = b""  # bytes of the next transaction, before a server is attached
+        # Set while the login waits in the pool's queue for a server of its own.
+        self._server_future: asyncio.Future[ServerConnection] | None = None
         self._check_query_next = False
         self._param_mark = 0
         self.rewriter: BatchRewriter | None = None
@@ -195,6 +199,7 @@ class ClientConnection(asyncio.Protocol):
         # statement_timeout, ...): SET on each server this client uses.
         self.extra_parameters: dict[str, str] = {}
         self._fingerprint: tuple[object, ...] | None = None
+        self._fingerprint_synced: tuple[str, ...] = ()
         self._memory_accounted = 0
         self._on_data: Callable[[bytes], None] = self._startup_data
         # AuthenticationSASLFinal, held back to go out with what follows it in one write,
@@ -613,15 +618,18 @@ class ClientConnection(asyncio.Protocol):
 
     async def _fetch_server_parameters(self, pool: Pool) -> dict[str, str]:
         """The first login of a pool needs a backend to learn its ParameterStatus set."""
-        future: asyncio.Future[ServerConnection] = self.loop.create_future()
-        waiter = _FutureWaiter(future)
-        server = pool.acquire(waiter)
+        server = pool.acquire(self)
         if server is None:
+            future: asyncio.Future[ServerConnection] = self.loop.create_future()
+            self._server_future = future
             try:
                 server = await future
             except AcquireError as exc:
-                pool.cancel_wait(waiter)
                 raise StartupError(exc.code, exc.message) from None
+            finally:
+                if self._server_future is not None:  # cancelled: leave the queue
+                    self._server_future = None
+                    pool.cancel_wait(self)
         params = dict(server.parameters)
         pool.server_parameters = params
         server.finish()
@@ -699,7 +707,8 @@ class ClientConnection(asyncio.Protocol):
         buf = self._pending + data if self._pending else data
         self._pending = b""
         entry = self.entry
-        assert entry is not None
+        pool = self.pool
+        assert entry is not None and pool is not None
         check_query = entry.check_query
         while True:
             n = len(buf)
@@ -737,13 +746,13 @@ class ClientConnection(asyncio.Protocol):
                     return
                 if buf[: length + 1] == check_query:
                     buf = buf[length + 1 :]
-                    cached = entry.pool.check_query_response
+                    cached = pool.check_query_response
                     if cached is not None:
                         self.write(cached)
                         continue
                     self._check_query_next = True
             break
-        server = entry.pool.acquire(self)
+        server = pool.acquire(self)
         if server is None:
             self.state = WAITING
             self.wait_started = time.monotonic()
@@ -808,7 +817,13 @@ class ClientConnection(asyncio.Protocol):
         entry = self.entry
         assert entry is not None
         synced = entry.synced_parameters
-        if self.params_fingerprint(synced) != server.params_fingerprint(synced):
+        mine = self.params_fingerprint(synced)
+        theirs = server.params_fingerprint(synced)
+        if mine is theirs:
+            pass
+        elif mine == theirs:
+            server.share_fingerprint(mine)
+        else:
             statement = self._parameter_sync_statement(server)
             if statement:
                 server.send_parameter_sync(statement)
@@ -850,13 +865,20 @@ class ClientConnection(asyncio.Protocol):
 
     def params_fingerprint(self, synced: tuple[str, ...]) -> tuple[object, ...]:
         """This client's session parameters as one comparable value (cached)."""
-        if self._fingerprint is None:
+        fingerprint = self._fingerprint
+        if fingerprint is None or self._fingerprint_synced is not synced:
             mine = self.parameters
-            self._fingerprint = (
-                tuple(mine.get(name) for name in synced),
-                tuple(sorted(self.extra_parameters.items())),
+            assert self.entry is not None
+            # One object per distinct value among the pool's clients (see _attach).
+            fingerprint = self.entry.shared_fingerprint(
+                (
+                    tuple(mine.get(name) for name in synced),
+                    tuple(sorted(self.extra_parameters.items())),
+                )
             )
-        return self._fingerprint
+            self._fingerprint = fingerprint
+            self._fingerprint_synced = synced
+        return fingerprint
 
     def accept_server_parameters(self, server: ServerConnection) -> None:
         assert self.entry is not None
@@ -895,6 +917,14 @@ class ClientConnection(asyncio.Protocol):
     # Pool waiter callbacks.
 
     def on_server(self, server: ServerConnection) -> None:
+        future = self._server_future
+        if future is not None:  # the login's wait (_fetch_server_parameters)
+            self._server_future = None
+            if not future.done():
+                future.set_result(server)
+            else:  # the login gave up meanwhile: the server goes straight back
+                server.finish()
+            return
         if self.state != WAITING:
             # Gone while the server was on its way: give it back untouched.
             if self.pool is not None:
@@ -906,6 +936,12 @@ class ClientConnection(asyncio.Protocol):
         self._start(server, data)
 
     def on_acquire_error(self, code: str, message: str) -> None:
+        future = self._server_future
+        if future is not None:
+            self._server_future = None
+            if not future.done():
+                future.set_exception(AcquireError(code, message))
+            return
         self.fail(code, message)
 
     def on_server_lost(self, server: ServerConnection) -> None:
@@ -991,24 +1027,6 @@ def same_parameter(name: str, mine: str, theirs: str | None) -> bool:
 def quote_literal(value: str) -> str:
     """An escape-string literal: safe whatever standard_conforming_strings is."""
     return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
-
-
-class _FutureWaiter:
-    """Adapts the pool's callback interface to a future, for the login path."""
-
-    def __init__(self, future: asyncio.Future[ServerConnection]) -> None:
-        self.future = future
-
-    def on_server(self, server: ServerConnection) -> None:
-        if not self.future.done():
-            self.future.set_result(server)
-            return
-        # The login gave up meanwhile: the server goes straight back.
-        server.finish()
-
-    def on_acquire_error(self, code: str, message: str) -> None:
-        if not self.future.done():
-            self.future.set_exception(AcquireError(code, message))
 
 
 def _ignore(data: bytes) -> None:

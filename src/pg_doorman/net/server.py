@@ -108,6 +108,7 @@ class ServerConnection(asyncio.Protocol):
         self._probe_at = _NEVER
         self._fingerprint: tuple[object, ...] | None = None
         self._fingerprint_at = -1
+        self._fingerprint_synced: tuple[str, ...] = ()
         self.served_clients = 0
         self.transactions = 0
         self.bytes_received = 0
@@ -307,14 +308,26 @@ class ServerConnection(asyncio.Protocol):
         """The server's session parameters as one comparable value, cached until they
         change (ParameterStatus, or the extra parameters being replaced)."""
         changes = self.scanner.param_changes
-        if self._fingerprint is None or self._fingerprint_at != changes:
+        fingerprint = self._fingerprint
+        if (
+            fingerprint is None
+            or self._fingerprint_at != changes
+            or self._fingerprint_synced is not synced
+        ):
             theirs = self.parameters
-            self._fingerprint = (
+            fingerprint = (
                 tuple(theirs.get(name) for name in synced),
                 tuple(sorted(self.extra_parameters.items())),
             )
+            self._fingerprint = fingerprint
             self._fingerprint_at = changes
-        return self._fingerprint
+            self._fingerprint_synced = synced
+        return fingerprint
+
+    def share_fingerprint(self, equal: tuple[object, ...]) -> None:
+        """Keep a client's fingerprint that equals ours (just computed) in its place:
+        clients of a pool share theirs, so the next check is an identity test."""
+        self._fingerprint = equal
 
     def set_extra_parameters(self, extra: dict[str, str]) -> None:
         self.extra_parameters = extra

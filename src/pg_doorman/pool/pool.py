@@ -12,33 +12,27 @@ import asyncio
 import logging
 import random
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import TYPE_CHECKING, Final
 
 from pg_doorman.prepared.registry import PoolStatements
 from pg_doorman.protocol import sqlstate
 from pg_doorman.stats.counters import PoolStats
 
 if TYPE_CHECKING:
-    # The servers the pool hands out. Typed with the class itself rather than a
-    # Protocol so that the compiled build calls it natively: checkout and check-in
-    # run once per transaction. The pool uses only its pool-facing part: `server_id`,
-    # `closed`, `epoch` (the pool's epoch when opened), `discarded` (set by the pool,
-    # once), `statements`, and is_usable(), checkout_state(), probe(), close(),
-    # mark_idle().
+    # The clients that queue for a server and the servers the pool hands out, typed
+    # with the classes themselves rather than Protocols so that the compiled build
+    # calls them natively: checkout and check-in run once per transaction, and when
+    # clients outnumber servers every transaction is handed over through on_server().
+    # Of the client the pool calls on_server() and on_acquire_error(); of the server
+    # only its pool-facing part: `server_id`, `closed`, `epoch` (the pool's epoch when
+    # opened), `discarded` (set by the pool, once), `statements`, and is_usable(),
+    # checkout_state(), probe(), close(), mark_idle().
+    from pg_doorman.net.client import ClientConnection as Waiter
     from pg_doorman.net.server import ServerConnection as PooledServer
 
 logger: Final = logging.getLogger("pg_doorman.pool")
-
-
-class Waiter(Protocol):
-    """A client waiting for a server."""
-
-    def on_server(self, server: PooledServer) -> None: ...
-
-    def on_acquire_error(self, code: str, message: str) -> None: ...
 
 
 class AcquireError(Exception):
@@ -76,13 +70,15 @@ class PoolSettings:
     prepared_statements: bool = True
     statements_cache_size: int = 8192
     server_statements_cache_size: int = 256
+    # Derived from pool_mode once: it is read at the end of every transaction.
+    session_mode: bool = field(init=False)
 
-    @property
-    def session_mode(self) -> bool:
-        return self.pool_mode == "session"
+    def __post_init__(self) -> None:
+        self.session_mode = self.pool_mode == "session"
 
 
 class _WaitEntry:
+    # Times are time.monotonic().
     __slots__ = ("cancelled", "deadline", "enqueued", "waiter")
 
     def __init__(self, waiter: Waiter, enqueued: float, deadline: float) -> None:
@@ -114,7 +110,11 @@ class Pool:
         self.idle: list[PooledServer] = []
         # Every logged-in server this pool owns, in any state (for SHOW SERVERS & co).
         self.servers: set[PooledServer] = set()
-        self._waiters: deque[_WaitEntry] = deque()
+        # The FIFO of waiting clients: a list read from _head (popping from the front
+        # of a list is O(n), a deque's methods are generic calls in the compiled
+        # build), compacted as the read position moves on.
+        self._waiters: list[_WaitEntry] = []
+        self._head = 0
         # One timer for the whole queue: waiters share query_wait_timeout and are served
         # in order, so the oldest always times out first.
         self._wait_timer: asyncio.TimerHandle | None = None
@@ -139,25 +139,48 @@ class Pool:
 
     def acquire(self, waiter: Waiter) -> PooledServer | None:
         """An idle server now, or None after queueing the waiter (answered later)."""
-        if not self.paused and not self._waiters:
+        if not self.paused and self._head == len(self._waiters):
             server = self._pop_idle()
             if server is not None:
                 self.stats.record_no_wait()
                 return server
-        now = self._loop.time()
-        entry = _WaitEntry(waiter, now, now + self.settings.query_wait_timeout)
-        self._waiters.append(entry)
+        now = time.monotonic()
+        timeout = self.settings.query_wait_timeout
+        self._waiters.append(_WaitEntry(waiter, now, now + timeout))
         self.waiting += 1
         if self._wait_timer is None:
-            self._wait_timer = self._loop.call_at(entry.deadline, self._expire_waiters)
+            self._wait_timer = self._loop.call_later(timeout, self._expire_waiters)
         self._grow()
         return None
 
     def cancel_wait(self, waiter: Waiter) -> None:
-        for entry in self._waiters:
+        waiters = self._waiters
+        for i in range(self._head, len(waiters)):
+            entry = waiters[i]
             if entry.waiter is waiter and not entry.cancelled:
                 self._drop_entry(entry)
                 return
+
+    def _queued(self) -> bool:
+        """Whether any entry (cancelled ones included) is still in the queue."""
+        return self._head < len(self._waiters)
+
+    def _pop_entry(self) -> _WaitEntry | None:
+        """The oldest queue entry, cancelled or not, removed from the queue."""
+        waiters = self._waiters
+        head = self._head
+        if head == len(waiters):
+            return None
+        entry = waiters[head]
+        head += 1
+        if head == len(waiters):
+            waiters.clear()
+            head = 0
+        elif head >= 64 and head * 2 >= len(waiters):
+            del waiters[:head]
+            head = 0
+        self._head = head
+        return entry
 
     def release(self, server: PooledServer, *, fresh: bool = False) -> None:
         """Take back a clean, idle server (`fresh`: just opened, serve it once anyway)."""
@@ -187,7 +210,7 @@ class Pool:
         if not server.closed:
             server.close(reason)
         self.size -= 1
-        if self._waiters or self.size < self.settings.min_pool_size:
+        if self._queued() or self.size < self.settings.min_pool_size:
             self._grow()
 
     def _pop_idle(self) -> PooledServer | None:
@@ -220,16 +243,16 @@ class Pool:
     def _next_waiter(self, *, force: bool = False) -> _WaitEntry | None:
         if self.paused and not force:
             return None
-        waiters = self._waiters
-        while waiters:
-            entry = waiters.popleft()
-            if not entry.cancelled:
-                self.waiting -= 1
-                return entry
-        return None
+        while True:
+            entry = self._pop_entry()
+            if entry is None or not entry.cancelled:
+                break
+        if entry is not None:
+            self.waiting -= 1
+        return entry
 
     def _hand_over(self, entry: _WaitEntry, server: PooledServer) -> None:
-        self.stats.record_wait(self._loop.time() - entry.enqueued)
+        self.stats.record_wait(time.monotonic() - entry.enqueued)
         entry.waiter.on_server(server)
 
     def _drop_entry(self, entry: _WaitEntry) -> None:
@@ -239,17 +262,17 @@ class Pool:
     def _expire_waiters(self) -> None:
         """Fail the waiters whose query_wait_timeout passed; re-arm for the next one."""
         self._wait_timer = None
-        now = self._loop.time()
+        now = time.monotonic()
         waiters = self._waiters
-        while waiters:
-            entry = waiters[0]
+        while self._head < len(waiters):
+            entry = waiters[self._head]
             if entry.cancelled:
-                waiters.popleft()
+                self._pop_entry()
                 continue
             if entry.deadline > now:
-                self._wait_timer = self._loop.call_at(entry.deadline, self._expire_waiters)
+                self._wait_timer = self._loop.call_later(entry.deadline - now, self._expire_waiters)
                 return
-            waiters.popleft()
+            self._pop_entry()
             self._drop_entry(entry)
             self._fail_waiter(entry)
 
@@ -270,7 +293,7 @@ class Pool:
 
     def resume(self) -> None:
         self.paused = False
-        while self._waiters and self.idle:
+        while self._queued() and self.idle:
             server = self._pop_idle()
             if server is None:
                 break
@@ -288,11 +311,20 @@ class Pool:
         if self.closed or self.paused:  # paused: no server connections until RESUME
             return
         s = self.settings
-        wanted = max(self.waiting - self.connecting - self.probing, 0)
-        wanted = max(wanted, s.min_pool_size - self.size)
         room = s.pool_size - self.size
+        if room <= 0:
+            return
+        wanted = self.waiting - self.connecting - self.probing
+        below_minimum = s.min_pool_size - self.size
+        if below_minimum > wanted:
+            wanted = below_minimum
         parallel = s.max_concurrent_creates - self.connecting
-        for _ in range(min(wanted, room, parallel)):
+        count = wanted
+        if room < count:
+            count = room
+        if parallel < count:
+            count = parallel
+        for _ in range(count):
             self.size += 1
             self.connecting += 1
             task = self._loop.create_task(self._connect_one())
@@ -327,7 +359,7 @@ class Pool:
             # Retrying can't help; fail everyone who waits now, with the real reason.
             self.fail_waiters(err.code, err.message)
             return
-        if self._waiters:
+        if self._queued():
             # Back off a little so a down server isn't hammered; waiters keep their
             # own query_wait_timeout.
             delay = min(0.05 * (2 ** min(self._connect_failures, 5)), 1.0)
@@ -371,7 +403,7 @@ class Pool:
         """Replace every server: idle ones close now, busy ones when given back."""
         self.epoch += 1
         self.close_idle(reason)
-        if self.size < self.settings.min_pool_size or self._waiters:
+        if self.size < self.settings.min_pool_size or self._queued():
             self._grow()
 
     def close_all(self, reason: str) -> None:
@@ -422,7 +454,10 @@ class Pool:
         return self.size - len(self.idle) - self.connecting - self.probing
 
     def oldest_wait(self, now: float) -> float:
-        for entry in self._waiters:
+        """Seconds the oldest waiting client has waited, `now` being time.monotonic()."""
+        waiters = self._waiters
+        for i in range(self._head, len(waiters)):
+            entry = waiters[i]
             if not entry.cancelled:
                 return now - entry.enqueued
         return 0.0
