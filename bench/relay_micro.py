@@ -101,7 +101,7 @@ async def run(transactions: int, mode: str, queued: bool = False) -> list[float]
     server.parameters.update(SERVER_PARAMETERS)
     pool.size += 1
     pool.servers.add(server)
-    pool.release(server, fresh=True)
+    pool.release(server, time.monotonic(), fresh=True)
 
     clients = []
     client_transports = []

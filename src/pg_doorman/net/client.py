@@ -618,7 +618,7 @@ class ClientConnection(asyncio.Protocol):
 
     async def _fetch_server_parameters(self, pool: Pool) -> dict[str, str]:
         """The first login of a pool needs a backend to learn its ParameterStatus set."""
-        server = pool.acquire(self)
+        server = pool.acquire(self, _now())
         if server is None:
             future: asyncio.Future[ServerConnection] = self.loop.create_future()
             self._server_future = future
@@ -632,7 +632,7 @@ class ClientConnection(asyncio.Protocol):
                     pool.cancel_wait(self)
         params = dict(server.parameters)
         pool.server_parameters = params
-        server.finish()
+        server.finish(_now())
         return params
 
     # ---- relay --------------------------------------------------------------
@@ -641,6 +641,8 @@ class ClientConnection(asyncio.Protocol):
         self.bytes_received += len(data)
         server = self.server
         if server is not None:
+            if self.frontend.pending_ready == 0:
+                server.query_started = _now()  # a new request starts
             self._forward(server, data)
         elif self.state == WAITING:
             # Clients wait for answers before sending much more; only a flood is paused.
@@ -676,8 +678,6 @@ class ClientConnection(asyncio.Protocol):
 
     def _forward(self, server: ServerConnection, data: bytes) -> None:
         frontend = self.frontend
-        if frontend.pending_ready == 0:
-            server.query_started = _now()  # a new request starts
         try:
             out = frontend.feed(data)
         except ProtocolError as exc:
@@ -752,13 +752,14 @@ class ClientConnection(asyncio.Protocol):
                         continue
                     self._check_query_next = True
             break
-        server = pool.acquire(self)
+        now = _now()
+        server = pool.acquire(self, now)
         if server is None:
             self.state = WAITING
-            self.wait_started = time.monotonic()
+            self.wait_started = now
             self._pending = buf
             return
-        self._start(server, buf)
+        self._start(server, buf, now)
 
     def _local_deallocate(self, query: bytes) -> bytes | None:
         """Answer DEALLOCATE of protocol-level statements, which no server knows by the
@@ -777,8 +778,8 @@ class ClientConnection(asyncio.Protocol):
             return None
         return messages.command_complete("DEALLOCATE") + messages.READY_IDLE
 
-    def _start(self, server: ServerConnection, data: bytes) -> None:
-        """Begin a transaction on a server just checked out."""
+    def _start(self, server: ServerConnection, data: bytes, now: float) -> None:
+        """Begin a transaction on a server just checked out (at `now`)."""
         if self._check_query_next:
             self._check_query_next = False
             self._pending = data
@@ -786,7 +787,7 @@ class ClientConnection(asyncio.Protocol):
             assert self.entry is not None
             server.capture_query(self.entry.check_query, self._check_query_done)
             return
-        self._attach(server)
+        self._attach(server, now)
         self._forward(server, data)
 
     def _check_query_done(self, server: ServerConnection, reply: bytes | None) -> None:
@@ -799,7 +800,7 @@ class ClientConnection(asyncio.Protocol):
             messages.READY_IDLE
         ):
             pool.check_query_response = reply
-        server.finish()
+        server.finish(_now())
         if self.state == CLOSED:
             return
         self.write(reply)
@@ -808,10 +809,10 @@ class ClientConnection(asyncio.Protocol):
         if self._pending:
             self._between_transactions(b"")
 
-    def _attach(self, server: ServerConnection) -> None:
+    def _attach(self, server: ServerConnection, now: float) -> None:
         self.server = server
         self.state = ACTIVE
-        server.attach(self)
+        server.attach(self, now)
         if self.rewriter is not None:
             self.rewriter.attach(server.statements)
         entry = self.entry
@@ -916,24 +917,24 @@ class ClientConnection(asyncio.Protocol):
 
     # Pool waiter callbacks.
 
-    def on_server(self, server: ServerConnection) -> None:
+    def on_server(self, server: ServerConnection, now: float) -> None:
         future = self._server_future
         if future is not None:  # the login's wait (_fetch_server_parameters)
             self._server_future = None
             if not future.done():
                 future.set_result(server)
             else:  # the login gave up meanwhile: the server goes straight back
-                server.finish()
+                server.finish(now)
             return
         if self.state != WAITING:
             # Gone while the server was on its way: give it back untouched.
             if self.pool is not None:
-                self.pool.release(server)
+                self.pool.release(server, now)
             return
         self.state = IDLE
         self.resume_reading()
         data, self._pending = self._pending, b""
-        self._start(server, data)
+        self._start(server, data, now)
 
     def on_acquire_error(self, code: str, message: str) -> None:
         future = self._server_future

@@ -363,11 +363,11 @@ class ServerConnection(asyncio.Protocol):
 
     # ---- relay --------------------------------------------------------------
 
-    def attach(self, client: ClientConnection) -> None:
+    def attach(self, client: ClientConnection, now: float) -> None:
         self.client = client
         self.mode = ACTIVE
         self.served_clients += 1
-        self.xact_started = self.query_started = _now()
+        self.xact_started = self.query_started = now
         self._xact_base_sent = self.bytes_sent
         self._xact_base_received = self.bytes_received
         if client.write_paused and self.transport is not None:
@@ -481,7 +481,7 @@ class ServerConnection(asyncio.Protocol):
                     # Give the server back before the last write to the client, so
                     # the next waiter starts while these bytes are on their way.
                     client.detach_server(self)
-                    self.finish()
+                    self.finish(now)
         client.write(out)
 
     def _count_errors(self) -> None:
@@ -523,8 +523,9 @@ class ServerConnection(asyncio.Protocol):
 
     # ---- check-in -----------------------------------------------------------
 
-    def finish(self) -> None:
-        """The transaction (or session) is over: clean up, then return to the pool."""
+    def finish(self, now: float) -> None:
+        """The transaction (or session) is over: clean up, then return to the pool
+        (`now`: time.monotonic())."""
         self.client = None
         if self._reading_paused:
             self.resume_relay()
@@ -544,7 +545,7 @@ class ServerConnection(asyncio.Protocol):
             and not self.statements_unknown
             and not settings.session_mode
         ):
-            self.pool.release(self)  # the common case: nothing to undo
+            self.pool.release(self, now)  # the common case: nothing to undo
             return
         statements = []
         if scanner.status != _READY_I:
@@ -559,7 +560,7 @@ class ServerConnection(asyncio.Protocol):
         if self.statements_unknown and "DEALLOCATE ALL" not in statements:
             statements.append("DEALLOCATE ALL")
         if not statements:
-            self.pool.release(self)
+            self.pool.release(self, now)
             return
         self._clears_statements = "DEALLOCATE ALL" in statements or "DISCARD ALL" in statements
         self._run_quiet(statements, self._cleanup_done, CLEANUP)
@@ -572,7 +573,7 @@ class ServerConnection(asyncio.Protocol):
                 self.statements.clear()
                 self.statements_unknown = False
             self.scanner.cleanup_flags = 0
-            self.pool.release(self)
+            self.pool.release(self, _now())
         else:
             self.close("cleanup failed")
             self._retire("cleanup failed")
@@ -596,7 +597,7 @@ class ServerConnection(asyncio.Protocol):
             self.close("client disconnected while the server was busy")
             self._retire("client gone mid-request")
             return
-        self.finish()
+        self.finish(_now())
 
     def capture_query(
         self,

@@ -137,14 +137,16 @@ class Pool:
 
     # ---- acquire / release --------------------------------------------------
 
-    def acquire(self, waiter: Waiter) -> PooledServer | None:
+    # Methods run per transaction take `now` (time.monotonic()) from their caller,
+    # which reads the clock once per event for everything that follows from it.
+
+    def acquire(self, waiter: Waiter, now: float) -> PooledServer | None:
         """An idle server now, or None after queueing the waiter (answered later)."""
         if not self.paused and self._head == len(self._waiters):
-            server = self._pop_idle()
+            server = self._pop_idle(now)
             if server is not None:
                 self.stats.record_no_wait()
                 return server
-        now = time.monotonic()
         timeout = self.settings.query_wait_timeout
         self._waiters.append(_WaitEntry(waiter, now, now + timeout))
         self.waiting += 1
@@ -182,18 +184,17 @@ class Pool:
         self._head = head
         return entry
 
-    def release(self, server: PooledServer, *, fresh: bool = False) -> None:
+    def release(self, server: PooledServer, now: float, *, fresh: bool = False) -> None:
         """Take back a clean, idle server (`fresh`: just opened, serve it once anyway)."""
         if self.closed or server.epoch != self.epoch or self.size > self.settings.pool_size:
             self.discard(server, "pool closed, reconnected or shrunk")
             return
-        now = time.monotonic()
         if not fresh and not server.is_usable(now):
             self.discard(server, "lifetime reached")
             return
         entry = self._next_waiter()
         if entry is not None:
-            self._hand_over(entry, server)
+            self._hand_over(entry, server, now)
             return
         server.mark_idle(now)
         self.idle.append(server)
@@ -213,9 +214,8 @@ class Pool:
         if self._queued() or self.size < self.settings.min_pool_size:
             self._grow()
 
-    def _pop_idle(self) -> PooledServer | None:
+    def _pop_idle(self, now: float) -> PooledServer | None:
         idle = self.idle
-        now = time.monotonic()
         while idle:
             server = idle.pop(0) if self.settings.round_robin else idle.pop()
             state = server.checkout_state(now)
@@ -234,7 +234,7 @@ class Pool:
         def done(ok: bool) -> None:
             self.probing -= 1
             if ok:
-                self.release(server)
+                self.release(server, time.monotonic())
             else:
                 self.discard(server, "idle check failed")
 
@@ -251,9 +251,9 @@ class Pool:
             self.waiting -= 1
         return entry
 
-    def _hand_over(self, entry: _WaitEntry, server: PooledServer) -> None:
-        self.stats.record_wait(time.monotonic() - entry.enqueued)
-        entry.waiter.on_server(server)
+    def _hand_over(self, entry: _WaitEntry, server: PooledServer, now: float) -> None:
+        self.stats.record_wait(now - entry.enqueued)
+        entry.waiter.on_server(server, now)
 
     def _drop_entry(self, entry: _WaitEntry) -> None:
         entry.cancelled = True
@@ -294,14 +294,15 @@ class Pool:
     def resume(self) -> None:
         self.paused = False
         while self._queued() and self.idle:
-            server = self._pop_idle()
+            now = time.monotonic()
+            server = self._pop_idle(now)
             if server is None:
                 break
             entry = self._next_waiter()
             if entry is None:
                 self.idle.append(server)
                 break
-            self._hand_over(entry, server)
+            self._hand_over(entry, server, now)
         self._grow()
 
     # ---- growing ------------------------------------------------------------
@@ -349,7 +350,7 @@ class Pool:
         self._connect_failures = 0
         self.last_connect_error = None
         self.servers.add(server)
-        self.release(server, fresh=True)
+        self.release(server, time.monotonic(), fresh=True)
 
     def _connect_failed(self, err: AcquireError) -> None:
         self.last_connect_error = err
