@@ -43,9 +43,6 @@ ADMIN_DATABASES = frozenset(("pgdoorman", "pgbouncer"))
 # Distinct (database, user, address, ...) logins whose auth verdicts are remembered;
 # past that the memo starts over, so a scan from many addresses can't grow it.
 _AUTH_CACHE_SIZE = 4096
-# Distinct client parameter sets a pool shares one object for; past that a client
-# keeps its own, which still compares equal.
-_SHARED_FINGERPRINTS = 1024
 # Session parameters a client sets at startup that change query results; they follow
 # the client from server to server. application_name joins them on request.
 SYNCED_PARAMETERS = (
@@ -82,16 +79,10 @@ class PoolEntry:
     user: UserConfig
     password: str
     credentials: BackendCredentials
-    check_query: bytes
-    synced_parameters: tuple[str, ...] = ()
     scram_verifier: ScramVerifier | None = None
     # parameter_names' answer; a reload that changes synced_parameters drops it.
     _parameter_names: dict[str, str] | None = field(
         default=None, init=False, repr=False, compare=False
-    )
-    # Clients' parameter fingerprints, one object per distinct value (bounded).
-    _fingerprints: dict[tuple[object, ...], tuple[object, ...]] = field(
-        default_factory=dict, init=False, repr=False, compare=False
     )
 
     def parameter_names(self, server_parameters: dict[str, str]) -> dict[str, str]:
@@ -100,20 +91,9 @@ class PoolEntry:
         names = self._parameter_names
         if names is None:
             names = {name.lower(): name for name in server_parameters}
-            names.update((name.lower(), name) for name in self.synced_parameters)
+            names.update((name.lower(), name) for name in self.pool.synced_parameters)
             self._parameter_names = names
         return names
-
-    def shared_fingerprint(self, fingerprint: tuple[object, ...]) -> tuple[object, ...]:
-        """The pool's one object equal to `fingerprint`: clients with the same session
-        parameters then share it, and a server that has served one of them recognises
-        the next by identity instead of comparing every value."""
-        shared = self._fingerprints.get(fingerprint)
-        if shared is not None:
-            return shared
-        if len(self._fingerprints) < _SHARED_FINGERPRINTS:
-            self._fingerprints[fingerprint] = fingerprint
-        return fingerprint
 
 
 def _ms(value: int | None, default: int) -> float:
@@ -307,10 +287,9 @@ class Pooler:
                     entry.user = user
                     entry.password = user.password
                     entry.credentials = credentials
-                    if entry.check_query != check_query:
-                        entry.pool.check_query_response = None
-                    entry.check_query = check_query
-                    entry.synced_parameters = synced
+                    pool = entry.pool
+                    if pool.check_query != check_query:
+                        pool.check_query_response = None
                     entry._parameter_names = None
                     entry.scram_verifier = verifier
                 else:
@@ -321,10 +300,10 @@ class Pooler:
                         user=user,
                         password=user.password,
                         credentials=credentials,
-                        check_query=check_query,
-                        synced_parameters=synced,
                         scram_verifier=verifier,
                     )
+                pool.check_query = check_query
+                pool.synced_parameters = synced
                 entries[key] = entry
         return entries
 

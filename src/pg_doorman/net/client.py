@@ -453,7 +453,7 @@ class ClientConnection(asyncio.Protocol):
         self._adopt_startup_parameters(
             settings,
             server_parameters,
-            entry.synced_parameters,
+            pool.synced_parameters,
             entry.parameter_names(server_parameters),
         )
         if pool.settings.prepared_statements:
@@ -706,10 +706,9 @@ class ClientConnection(asyncio.Protocol):
         """No server attached: answer what needs none, else check one out."""
         buf = self._pending + data if self._pending else data
         self._pending = b""
-        entry = self.entry
         pool = self.pool
-        assert entry is not None and pool is not None
-        check_query = entry.check_query
+        assert pool is not None
+        check_query = pool.check_query
         while True:
             n = len(buf)
             if n < 5:
@@ -784,8 +783,8 @@ class ClientConnection(asyncio.Protocol):
             self._check_query_next = False
             self._pending = data
             self.state = WAITING  # nothing is forwarded until the probe is answered
-            assert self.entry is not None
-            server.capture_query(self.entry.check_query, self._check_query_done)
+            assert self.pool is not None
+            server.capture_query(self.pool.check_query, self._check_query_done)
             return
         self._attach(server, now)
         self._forward(server, data)
@@ -815,9 +814,9 @@ class ClientConnection(asyncio.Protocol):
         server.attach(self, now)
         if self.rewriter is not None:
             self.rewriter.attach(server.statements)
-        entry = self.entry
-        assert entry is not None
-        synced = entry.synced_parameters
+        pool = self.pool
+        assert pool is not None
+        synced = pool.synced_parameters
         mine = self.params_fingerprint(synced)
         theirs = server.params_fingerprint(synced)
         if mine is theirs:
@@ -840,11 +839,11 @@ class ClientConnection(asyncio.Protocol):
         set_config() takes the value exactly as a startup packet carries it, so list
         settings like search_path keep their meaning and nothing needs quoting rules.
         """
-        assert self.entry is not None
+        assert self.pool is not None
         mine = self.parameters
         theirs = server.parameters
         changes: list[tuple[str, str]] = []
-        for name in self.entry.synced_parameters:
+        for name in self.pool.synced_parameters:
             value = mine.get(name)
             if value is not None and not same_parameter(name, value, theirs.get(name)):
                 changes.append((name, value))
@@ -869,9 +868,9 @@ class ClientConnection(asyncio.Protocol):
         fingerprint = self._fingerprint
         if fingerprint is None or self._fingerprint_synced is not synced:
             mine = self.parameters
-            assert self.entry is not None
+            assert self.pool is not None
             # One object per distinct value among the pool's clients (see _attach).
-            fingerprint = self.entry.shared_fingerprint(
+            fingerprint = self.pool.shared_fingerprint(
                 (
                     tuple(mine.get(name) for name in synced),
                     tuple(sorted(self.extra_parameters.items())),
@@ -882,8 +881,8 @@ class ClientConnection(asyncio.Protocol):
         return fingerprint
 
     def accept_server_parameters(self, server: ServerConnection) -> None:
-        assert self.entry is not None
-        for name in self.entry.synced_parameters:
+        assert self.pool is not None
+        for name in self.pool.synced_parameters:
             if name in server.parameters and name in self.parameters:
                 self.parameters[name] = server.parameters[name]
         self._fingerprint = None

@@ -94,6 +94,9 @@ Connector = Callable[["Pool"], Awaitable["PooledServer"]]
 _PERMANENT_LOGIN_ERRORS: Final = frozenset(("28P01", "28000", "3D000", "42501", "42704", "0A000"))
 _JITTER: Final = 0.2
 _EXPIRED: Final = 1  # PooledServer.checkout_state()
+# Distinct client parameter sets a pool shares one object for; past that a client
+# keeps its own, which still compares equal.
+_SHARED_FINGERPRINTS: Final = 1024
 
 
 class Pool:
@@ -129,7 +132,15 @@ class Pool:
         self.epoch = 0
         self.last_connect_error: AcquireError | None = None
         self.server_parameters: dict[str, str] | None = None
+        # Kept here rather than on the pooler's entry for this pool, which is not
+        # compiled: clients read both once per transaction.
+        # The pooler_check_query as a Query message, and its answer once known.
+        self.check_query = b""
         self.check_query_response: bytes | None = None
+        # Session parameters that follow a client from server to server, and the
+        # clients' values of them (see shared_fingerprint).
+        self.synced_parameters: tuple[str, ...] = ()
+        self._fingerprints: dict[tuple[object, ...], tuple[object, ...]] = {}
         self._connect_failures = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self.stats = PoolStats()
@@ -441,6 +452,17 @@ class Pool:
     @property
     def name(self) -> str:
         return f"{self.settings.user}@{self.settings.database}"
+
+    def shared_fingerprint(self, fingerprint: tuple[object, ...]) -> tuple[object, ...]:
+        """This pool's one object equal to a client's parameter fingerprint: clients
+        with the same session parameters share it, so a server that has served one of
+        them recognises the next by identity instead of comparing every value."""
+        shared = self._fingerprints.get(fingerprint)
+        if shared is not None:
+            return shared
+        if len(self._fingerprints) < _SHARED_FINGERPRINTS:
+            self._fingerprints[fingerprint] = fingerprint
+        return fingerprint
 
     def prepared_hits_misses(self) -> tuple[int, int]:
         """Statement hits and misses of every server this pool has had."""
