@@ -348,6 +348,25 @@ def test_server_lru() -> None:
     assert b"b" in lru
 
 
+def test_server_lru_evicts_the_least_recently_used() -> None:
+    lru = ServerStatements(2)
+    lru.add(b"a")
+    lru.add(b"b")
+    assert lru.has(b"a")  # a is now the newest
+    lru.add(b"c")
+    assert lru.take_pending_close() == [b"b"]
+    assert lru.has(b"a") and lru.has(b"a")  # used again in a row
+    lru.add(b"d")
+    assert lru.take_pending_close() == [b"c"]
+    assert lru.has(b"d") and lru.has(b"a")
+    lru.forget(b"a")
+    lru.add(b"e")
+    assert lru.take_pending_close() == []  # a's slot was freed, nothing evicted
+    lru.add(b"a")
+    assert lru.take_pending_close() == [b"d"]
+    assert b"a" in lru and b"e" in lru and lru.hits == 5
+
+
 @pytest.mark.parametrize(
     ("query", "expected"),
     [

@@ -9,12 +9,9 @@ process, calls the same statement by the same name.
 from __future__ import annotations
 
 import hashlib
-import struct
 from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Final
-
-_LENGTH: Final = struct.Struct("!I")
 
 
 class StatementEntry:
@@ -69,7 +66,7 @@ class PoolStatements:
             return entry
         name = statement_name(key)
         body = name + b"\x00" + rest
-        message = b"P" + _LENGTH.pack(len(body) + 4) + body
+        message = b"P" + (len(body) + 4).to_bytes(4, "big") + body
         query_end = rest.find(b"\x00")
         entry = StatementEntry(key, name, message, rest[:query_end])
         entries[key] = entry
@@ -95,11 +92,14 @@ class ServerStatements:
     batch's Sync, so a later message of the same batch can still use them.
     """
 
-    __slots__ = ("_names", "capacity", "hits", "misses", "pending_close")
+    __slots__ = ("_names", "_newest", "capacity", "hits", "misses", "pending_close")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._names: OrderedDict[bytes, None] = OrderedDict()
+        # The most recently used name: using it again needs no move_to_end (a generic
+        # call in the compiled build), and a driver often runs one statement in a row.
+        self._newest = b""
         self.pending_close: list[bytes] = []
         self.hits = 0  # has() found the statement: a Parse or Bind needed no Parse
         self.misses = 0  # add(): a Parse sent to the server
@@ -107,7 +107,9 @@ class ServerStatements:
     def has(self, name: bytes) -> bool:
         names = self._names
         if name in names:
-            names.move_to_end(name)
+            if name != self._newest:
+                names.move_to_end(name)
+                self._newest = name
             self.hits += 1
             return True
         if name in self.pending_close:
@@ -125,6 +127,7 @@ class ServerStatements:
     def _add(self, name: bytes) -> None:
         names = self._names
         names[name] = None
+        self._newest = name
         if self.capacity and len(names) > self.capacity:
             evicted, _ = names.popitem(last=False)
             self.pending_close.append(evicted)
@@ -132,10 +135,14 @@ class ServerStatements:
     def forget(self, name: bytes) -> None:
         """The server does not have it (its Parse failed)."""
         self._names.pop(name, None)
+        if name == self._newest:
+            self._newest = b""
 
     def restore(self, name: bytes) -> None:
         """A Close we sent was skipped: the server still has the statement."""
-        self._names[name] = None
+        if name not in self._names:
+            self._names[name] = None
+            self._newest = name
 
     def take_pending_close(self) -> list[bytes]:
         pending, self.pending_close = self.pending_close, []
@@ -143,6 +150,7 @@ class ServerStatements:
 
     def clear(self) -> None:
         self._names.clear()
+        self._newest = b""
         self.pending_close.clear()
 
     def __len__(self) -> int:

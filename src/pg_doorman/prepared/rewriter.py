@@ -14,7 +14,6 @@ and applies PostgreSQL's rule that after an error everything up to Sync is skipp
 from __future__ import annotations
 
 import logging
-import struct
 from typing import Final
 
 from pg_doorman.prepared.registry import PoolStatements, ServerStatements, StatementEntry
@@ -22,7 +21,6 @@ from pg_doorman.protocol import codes, messages, sqlstate
 
 logger: Final = logging.getLogger("pg_doorman.prepared")
 
-_LENGTH: Final = struct.Struct("!I")
 
 # Expected responses.
 SYNTH: Final = 0  # our own bytes to put in the stream here
@@ -132,9 +130,23 @@ _REMEMBERED_PARSE_MAX: Final = 8192
 _NOTHING_EXPECTED: Final = Expectations()
 
 
+def _name_end(body: bytes, start: int) -> int:
+    """Index just past the NUL that ends the name starting at `start` (0 if none).
+
+    A loop over bytes compiles to native reads, where bytes.find() is a generic call
+    that parses its arguments; names (portals, statements) are short."""
+    n = len(body)
+    i = start
+    while i < n:
+        if body[i] == 0:
+            return i + 1
+        i += 1
+    return 0
+
+
 def close_statement(name: bytes) -> bytes:
     body = b"S" + name + b"\x00"
-    return b"C" + _LENGTH.pack(len(body) + 4) + body
+    return b"C" + (len(body) + 4).to_bytes(4, "big") + body
 
 
 def _missing_statement_error(name: bytes) -> bytes:
@@ -252,7 +264,7 @@ class BatchRewriter:
         return entry.parse_message
 
     def _parse(self, body: bytes) -> bytes:
-        name_end = body.find(b"\x00") + 1
+        name_end = _name_end(body, 0)
         entry = self._last_parse_entry
         if entry is None or entry.evicted or body != self._last_parse:
             entry = self.registry.lookup(body, name_end, self.context)
@@ -286,8 +298,8 @@ class BatchRewriter:
         return b""
 
     def _bind(self, body: bytes) -> bytes | None:
-        portal_end = body.find(b"\x00") + 1
-        name_end = body.find(b"\x00", portal_end) + 1
+        portal_end = _name_end(body, 0)
+        name_end = _name_end(body, portal_end)
         entry = self._resolve(body[portal_end : name_end - 1])
         if entry is None:
             return self._missing(body[portal_end : name_end - 1])
@@ -296,9 +308,8 @@ class BatchRewriter:
         name = entry.name
         # One join instead of a chain of concatenations: this runs for every Bind.
         length = len(body) - (name_end - portal_end) + len(name) + 5
-        return b"".join(
-            (prefix, b"B", _LENGTH.pack(length), body[:portal_end], name, b"\x00", body[name_end:])
-        )
+        header = length.to_bytes(4, "big")
+        return b"".join((prefix, b"B", header, body[:portal_end], name, b"\x00", body[name_end:]))
 
     def _describe(self, body: bytes) -> bytes | None:
         if body[:1] != b"S":
@@ -311,7 +322,7 @@ class BatchRewriter:
         prefix = self._ensure_on_server(entry)
         self._push(DESCRIBE_S)
         new_body = b"S" + entry.name + b"\x00"
-        return prefix + b"D" + _LENGTH.pack(len(new_body) + 4) + new_body
+        return prefix + b"D" + (len(new_body) + 4).to_bytes(4, "big") + new_body
 
     def _close(self, body: bytes) -> bytes | None:
         if body[:1] != b"S":
