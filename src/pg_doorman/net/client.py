@@ -173,7 +173,7 @@ class ClientConnection(asyncio.Protocol):
         self.write_paused = False
         self.reading_paused = False
         self.connected_at = time.monotonic()
-        self.wait_started = 0.0
+        self.wait_started = 0.0  # set by the pool when this client joins its queue
         self.transactions = 0
         self.queries = 0
         self.bytes_received = 0
@@ -755,7 +755,6 @@ class ClientConnection(asyncio.Protocol):
         server = pool.acquire(self, now)
         if server is None:
             self.state = WAITING
-            self.wait_started = now
             self._pending = buf
             return
         self._start(server, buf, now)

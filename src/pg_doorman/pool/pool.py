@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     # with the classes themselves rather than Protocols so that the compiled build
     # calls them natively: checkout and check-in run once per transaction, and when
     # clients outnumber servers every transaction is handed over through on_server().
-    # Of the client the pool calls on_server() and on_acquire_error(); of the server
+    # Of the client the pool calls on_server() and on_acquire_error() and keeps
+    # `wait_started` (when it joined the queue, time.monotonic()); of the server
     # only its pool-facing part: `server_id`, `closed`, `epoch` (the pool's epoch when
     # opened), `discarded` (set by the pool, once), `statements`, and is_usable(),
     # checkout_state(), probe(), close(), mark_idle().
@@ -77,17 +78,6 @@ class PoolSettings:
         self.session_mode = self.pool_mode == "session"
 
 
-class _WaitEntry:
-    # Times are time.monotonic().
-    __slots__ = ("cancelled", "deadline", "enqueued", "waiter")
-
-    def __init__(self, waiter: Waiter, enqueued: float, deadline: float) -> None:
-        self.waiter = waiter
-        self.enqueued = enqueued
-        self.deadline = deadline
-        self.cancelled = False
-
-
 Connector = Callable[["Pool"], Awaitable["PooledServer"]]
 
 # Backend errors that no retry will fix: tell waiting clients at once.
@@ -115,8 +105,11 @@ class Pool:
         self.servers: set[PooledServer] = set()
         # The FIFO of waiting clients: a list read from _head (popping from the front
         # of a list is O(n), a deque's methods are generic calls in the compiled
-        # build), compacted as the read position moves on.
-        self._waiters: list[_WaitEntry] = []
+        # build), compacted as the read position moves on. The clients themselves,
+        # not an entry object per wait: a client is in the queue at most once, a
+        # client that stops waiting is removed at once, and each keeps the time it
+        # joined in `wait_started`.
+        self._waiters: list[Waiter] = []
         self._head = 0
         # One timer for the whole queue: waiters share query_wait_timeout and are served
         # in order, so the oldest always times out first.
@@ -158,33 +151,37 @@ class Pool:
             if server is not None:
                 self.stats.record_no_wait()
                 return server
-        timeout = self.settings.query_wait_timeout
-        self._waiters.append(_WaitEntry(waiter, now, now + timeout))
+        waiter.wait_started = now
+        self._waiters.append(waiter)
         self.waiting += 1
         if self._wait_timer is None:
-            self._wait_timer = self._loop.call_later(timeout, self._expire_waiters)
+            self._wait_timer = self._loop.call_later(
+                self.settings.query_wait_timeout, self._expire_waiters
+            )
         self._grow()
         return None
 
     def cancel_wait(self, waiter: Waiter) -> None:
+        """Take a client out of the queue (it left, or its request was cancelled)."""
         waiters = self._waiters
         for i in range(self._head, len(waiters)):
-            entry = waiters[i]
-            if entry.waiter is waiter and not entry.cancelled:
-                self._drop_entry(entry)
+            if waiters[i] is waiter:
+                del waiters[i]
+                self.waiting -= 1
                 return
 
     def _queued(self) -> bool:
-        """Whether any entry (cancelled ones included) is still in the queue."""
         return self._head < len(self._waiters)
 
-    def _pop_entry(self) -> _WaitEntry | None:
-        """The oldest queue entry, cancelled or not, removed from the queue."""
+    def _next_waiter(self, *, force: bool = False) -> Waiter | None:
+        """The longest-waiting client, taken out of the queue."""
+        if self.paused and not force:
+            return None
         waiters = self._waiters
         head = self._head
         if head == len(waiters):
             return None
-        entry = waiters[head]
+        waiter = waiters[head]
         head += 1
         if head == len(waiters):
             waiters.clear()
@@ -193,7 +190,8 @@ class Pool:
             del waiters[:head]
             head = 0
         self._head = head
-        return entry
+        self.waiting -= 1
+        return waiter
 
     def release(self, server: PooledServer, now: float, *, fresh: bool = False) -> None:
         """Take back a clean, idle server (`fresh`: just opened, serve it once anyway)."""
@@ -203,9 +201,9 @@ class Pool:
         if not fresh and not server.is_usable(now):
             self.discard(server, "lifetime reached")
             return
-        entry = self._next_waiter()
-        if entry is not None:
-            self._hand_over(entry, server, now)
+        waiter = self._next_waiter()
+        if waiter is not None:
+            self._hand_over(waiter, server, now)
             return
         server.mark_idle(now)
         self.idle.append(server)
@@ -251,48 +249,31 @@ class Pool:
 
         server.probe(done)
 
-    def _next_waiter(self, *, force: bool = False) -> _WaitEntry | None:
-        if self.paused and not force:
-            return None
-        while True:
-            entry = self._pop_entry()
-            if entry is None or not entry.cancelled:
-                break
-        if entry is not None:
-            self.waiting -= 1
-        return entry
-
-    def _hand_over(self, entry: _WaitEntry, server: PooledServer, now: float) -> None:
-        self.stats.record_wait(now - entry.enqueued)
-        entry.waiter.on_server(server, now)
-
-    def _drop_entry(self, entry: _WaitEntry) -> None:
-        entry.cancelled = True
-        self.waiting -= 1
+    def _hand_over(self, waiter: Waiter, server: PooledServer, now: float) -> None:
+        self.stats.record_wait(now - waiter.wait_started)
+        waiter.on_server(server, now)
 
     def _expire_waiters(self) -> None:
         """Fail the waiters whose query_wait_timeout passed; re-arm for the next one."""
         self._wait_timer = None
         now = time.monotonic()
+        timeout = self.settings.query_wait_timeout
         waiters = self._waiters
         while self._head < len(waiters):
-            entry = waiters[self._head]
-            if entry.cancelled:
-                self._pop_entry()
-                continue
-            if entry.deadline > now:
-                self._wait_timer = self._loop.call_later(entry.deadline - now, self._expire_waiters)
+            deadline = waiters[self._head].wait_started + timeout
+            if deadline > now:
+                self._wait_timer = self._loop.call_later(deadline - now, self._expire_waiters)
                 return
-            self._pop_entry()
-            self._drop_entry(entry)
-            self._fail_waiter(entry)
+            waiter = self._next_waiter(force=True)
+            assert waiter is not None
+            self._fail_waiter(waiter)
 
-    def _fail_waiter(self, entry: _WaitEntry) -> None:
+    def _fail_waiter(self, waiter: Waiter) -> None:
         err = self.last_connect_error
         if err is not None and self.size == 0:
-            entry.waiter.on_acquire_error(err.code, err.message)
+            waiter.on_acquire_error(err.code, err.message)
             return
-        entry.waiter.on_acquire_error(
+        waiter.on_acquire_error(
             sqlstate.TOO_MANY_CONNECTIONS,
             "could not get a database connection from the pool within "
             f"query_wait_timeout ({self.settings.query_wait_timeout:g}s); "
@@ -309,11 +290,11 @@ class Pool:
             server = self._pop_idle(now)
             if server is None:
                 break
-            entry = self._next_waiter()
-            if entry is None:
+            waiter = self._next_waiter()
+            if waiter is None:
                 self.idle.append(server)
                 break
-            self._hand_over(entry, server, now)
+            self._hand_over(waiter, server, now)
         self._grow()
 
     # ---- growing ------------------------------------------------------------
@@ -427,10 +408,10 @@ class Pool:
 
     def fail_waiters(self, code: str, message: str) -> None:
         while True:
-            entry = self._next_waiter(force=True)
-            if entry is None:
+            waiter = self._next_waiter(force=True)
+            if waiter is None:
                 return
-            entry.waiter.on_acquire_error(code, message)
+            waiter.on_acquire_error(code, message)
 
     def update_settings(self, settings: PoolSettings) -> None:
         """Apply reloaded settings that need no new servers (sizes, timeouts)."""
@@ -478,9 +459,6 @@ class Pool:
 
     def oldest_wait(self, now: float) -> float:
         """Seconds the oldest waiting client has waited, `now` being time.monotonic()."""
-        waiters = self._waiters
-        for i in range(self._head, len(waiters)):
-            entry = waiters[i]
-            if not entry.cancelled:
-                return now - entry.enqueued
+        if self._head < len(self._waiters):
+            return now - self._waiters[self._head].wait_started
         return 0.0
