@@ -349,6 +349,39 @@ def test_a_long_queue_is_served_in_arrival_order_around_departures(
             conn.close_socket()
 
 
+def test_a_reloaded_query_wait_timeout_applies_to_clients_already_waiting(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    user = pg.md5_user
+    proc = pooler(
+        general={"query_wait_timeout": 120_000},
+        pools={EXAMPLE_DB: {"users": [{"username": user.name, "pool_size": 1}]}},
+    )
+
+    def connect() -> w.PgWire:
+        return w.PgWire.connect(proc.host, proc.port, user.name, EXAMPLE_DB, user.password)
+
+    console = w.PgWire.connect(proc.host, proc.port, "admin", "pgdoorman", "admin")
+    holder, waiter = connect(), connect()
+    try:
+        holder.simple_query("begin; select 1")  # holds the only server
+        waiter.send_raw(w.query("select 1"))
+        _wait_for_waiting(console, user.name, 1)
+        reloaded = proc.log_text().count("configuration reloaded")
+        proc.config["general"]["query_wait_timeout"] = 300
+        proc.reload(proc.config)
+        started = time.monotonic()
+        error = w.first_error(waiter.wait_closed(timeout=20))  # FATAL: the session ends
+        assert error is not None and error.sqlstate == "53300", error
+        assert "query_wait_timeout" in error.message
+        assert time.monotonic() - started < 15  # not the 120 s it queued with
+        assert proc.log_text().count("configuration reloaded") > reloaded
+        assert holder.execute_query("commit; select 2") == [("2",)]
+    finally:
+        for conn in (console, holder, waiter):
+            conn.close_socket()
+
+
 def test_a_first_login_that_cannot_get_a_server_fails_at_query_wait_timeout(
     pg: ExamplePostgres, pooler: PoolerFactory
 ) -> None:

@@ -113,7 +113,7 @@ class Pool:
         self._head = 0
         # One timer for the whole queue: waiters share query_wait_timeout and are served
         # in order, so the oldest always times out first.
-        self._wait_timer: asyncio.TimerHandle | None = None
+        self._wait_timer: asyncio.Handle | None = None
         self.waiting = 0
         # Servers this pool owns in any state: idle, active, cleaning, connecting.
         self.size = 0
@@ -417,6 +417,10 @@ class Pool:
         """Apply reloaded settings that need no new servers (sizes, timeouts)."""
         self.settings = settings
         self.statements.capacity = settings.statements_cache_size
+        if self._wait_timer is not None:
+            # Waiters' deadlines follow the new query_wait_timeout: check them anew.
+            self._wait_timer.cancel()
+            self._wait_timer = self._loop.call_soon(self._expire_waiters)
         self._grow()  # a larger pool may serve queued clients now
 
     def close(self, reason: str) -> None:
