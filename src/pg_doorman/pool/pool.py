@@ -114,7 +114,6 @@ class Pool:
         # One timer for the whole queue: waiters share query_wait_timeout and are served
         # in order, so the oldest always times out first.
         self._wait_timer: asyncio.Handle | None = None
-        self.waiting = 0
         # Servers this pool owns in any state: idle, active, cleaning, connecting.
         self.size = 0
         self.connecting = 0
@@ -153,7 +152,6 @@ class Pool:
                 return server
         waiter.wait_started = now
         self._waiters.append(waiter)
-        self.waiting += 1
         if self._wait_timer is None:
             self._wait_timer = self._loop.call_later(
                 self.settings.query_wait_timeout, self._expire_waiters
@@ -167,8 +165,12 @@ class Pool:
         for i in range(self._head, len(waiters)):
             if waiters[i] is waiter:
                 del waiters[i]
-                self.waiting -= 1
                 return
+
+    @property
+    def waiting(self) -> int:
+        """Clients in the queue."""
+        return len(self._waiters) - self._head
 
     def _queued(self) -> bool:
         return self._head < len(self._waiters)
@@ -190,7 +192,6 @@ class Pool:
             del waiters[:head]
             head = 0
         self._head = head
-        self.waiting -= 1
         return waiter
 
     def release(self, server: PooledServer, now: float, *, fresh: bool = False) -> None:
