@@ -11,7 +11,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING, Any
 
@@ -80,20 +80,6 @@ class PoolEntry:
     password: str
     credentials: BackendCredentials
     scram_verifier: ScramVerifier | None = None
-    # parameter_names' answer; a reload that changes synced_parameters drops it.
-    _parameter_names: dict[str, str] | None = field(
-        default=None, init=False, repr=False, compare=False
-    )
-
-    def parameter_names(self, server_parameters: dict[str, str]) -> dict[str, str]:
-        """Lower-cased parameter name -> the spelling the server reports (or we sync).
-        The same for every login: the pool learns its server parameters once."""
-        names = self._parameter_names
-        if names is None:
-            names = {name.lower(): name for name in server_parameters}
-            names.update((name.lower(), name) for name in self.pool.synced_parameters)
-            self._parameter_names = names
-        return names
 
 
 def _ms(value: int | None, default: int) -> float:
@@ -290,7 +276,6 @@ class Pooler:
                     pool = entry.pool
                     if pool.check_query != check_query:
                         pool.check_query_response = None
-                    entry._parameter_names = None
                     entry.scram_verifier = verifier
                 else:
                     pool = Pool(settings, self._connect_server, self.loop)
@@ -303,7 +288,7 @@ class Pooler:
                         scram_verifier=verifier,
                     )
                 pool.check_query = check_query
-                pool.synced_parameters = synced
+                pool.set_synced_parameters(synced)
                 entries[key] = entry
         return entries
 

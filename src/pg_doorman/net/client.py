@@ -367,6 +367,11 @@ class ClientConnection(asyncio.Protocol):
         elif self.state == LOGIN:
             self.fail(sqlstate.QUERY_CANCELED, "canceling authentication due to timeout")
 
+    def _logged_in(self) -> None:
+        """The greeting is out: the client is idle and no longer timed as a login."""
+        self.state = IDLE
+        self.pooler.logging_in.pop(self, None)
+
     def _login_done(self, task: asyncio.Task[None]) -> None:
         # Thousands of idle clients: don't keep a finished task and coroutine each.
         if self._login_task is task:
@@ -445,17 +450,11 @@ class ClientConnection(asyncio.Protocol):
             await self._auth_scram(entry)
         self.entry = entry
         self.pool = pool = entry.pool
-        server_parameters = pool.server_parameters
-        if server_parameters is None:
-            server_parameters = await self._fetch_server_parameters(pool)
+        if pool.server_parameters is None:
+            await self._fetch_server_parameters(pool)
         settings = dict(params)
         settings.update(parse_options(params.get("options", "")))
-        self._adopt_startup_parameters(
-            settings,
-            server_parameters,
-            pool.synced_parameters,
-            entry.parameter_names(server_parameters),
-        )
+        self._adopt_startup_parameters(settings, pool)
         if pool.settings.prepared_statements:
             self.rewriter = BatchRewriter(pool.statements, self._planning_context())
             self.frontend.rewriter = self.rewriter
@@ -467,8 +466,7 @@ class ClientConnection(asyncio.Protocol):
         if self.state == CLOSED:
             return
         self.write(b"".join(greeting))
-        self.state = IDLE
-        self.pooler.logging_in.pop(self, None)
+        self._logged_in()
         if self.pooler.config.general.log_client_connections:
             logger.info(
                 "client %s connected (%s@%s) from %s",
@@ -518,22 +516,18 @@ class ClientConnection(asyncio.Protocol):
             + messages.backend_key_data(self.client_id, self.secret)
             + messages.READY_IDLE
         )
-        self.state = IDLE
-        self.pooler.logging_in.pop(self, None)
+        self._logged_in()
         rest = self._inbox.take_rest()
         self._on_data = console.data_received
         if rest:
             console.data_received(rest)
 
-    def _adopt_startup_parameters(
-        self,
-        startup: dict[str, str],
-        server_parameters: dict[str, str],
-        synced: tuple[str, ...],
-        canonical: dict[str, str],
-    ) -> None:
-        """Split the client's startup parameters into reported and extra ones
-        (`canonical`: lower-cased parameter name -> the spelling to report)."""
+    def _adopt_startup_parameters(self, startup: dict[str, str], pool: Pool) -> None:
+        """Split the client's startup parameters into reported and extra ones."""
+        server_parameters = pool.server_parameters
+        assert server_parameters is not None
+        synced = pool.synced_parameters
+        canonical = pool.parameter_names()
         # What the greeting reports: the server's set, overridden by the client's wishes.
         self.parameters = dict(server_parameters)
         for raw_name, value in startup.items():
@@ -616,7 +610,7 @@ class ClientConnection(asyncio.Protocol):
         self._auth_final = messages.auth_sasl_final(final)
         return session.client_key
 
-    async def _fetch_server_parameters(self, pool: Pool) -> dict[str, str]:
+    async def _fetch_server_parameters(self, pool: Pool) -> None:
         """The first login of a pool needs a backend to learn its ParameterStatus set."""
         server = pool.acquire(self, _now())
         if server is None:
@@ -630,10 +624,8 @@ class ClientConnection(asyncio.Protocol):
                 if self._server_future is not None:  # cancelled: leave the queue
                     self._server_future = None
                     pool.cancel_wait(self)
-        params = dict(server.parameters)
-        pool.server_parameters = params
+        pool.server_parameters = dict(server.parameters)
         server.finish(_now())
-        return params
 
     # ---- relay --------------------------------------------------------------
 

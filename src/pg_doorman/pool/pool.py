@@ -129,10 +129,12 @@ class Pool:
         # The pooler_check_query as a Query message, and its answer once known.
         self.check_query = b""
         self.check_query_response: bytes | None = None
-        # Session parameters that follow a client from server to server, and the
-        # clients' values of them (see shared_fingerprint).
+        # Session parameters that follow a client from server to server (see
+        # set_synced_parameters), and what is derived from them: the clients' values
+        # (see shared_fingerprint) and the map of names (see parameter_names).
         self.synced_parameters: tuple[str, ...] = ()
         self._fingerprints: dict[tuple[object, ...], tuple[object, ...]] = {}
+        self._parameter_names: dict[str, str] | None = None
         self._connect_failures = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self.stats = PoolStats()
@@ -145,7 +147,7 @@ class Pool:
 
     def acquire(self, waiter: Waiter, now: float) -> PooledServer | None:
         """An idle server now, or None after queueing the waiter (answered later)."""
-        if not self.paused and self._head == len(self._waiters):
+        if not self.paused and not self.waiting:
             server = self._pop_idle(now)
             if server is not None:
                 self.stats.record_no_wait()
@@ -171,9 +173,6 @@ class Pool:
     def waiting(self) -> int:
         """Clients in the queue."""
         return len(self._waiters) - self._head
-
-    def _queued(self) -> bool:
-        return self._head < len(self._waiters)
 
     def _next_waiter(self, *, force: bool = False) -> Waiter | None:
         """The longest-waiting client, taken out of the queue."""
@@ -221,7 +220,7 @@ class Pool:
         if not server.closed:
             server.close(reason)
         self.size -= 1
-        if self._queued() or self.size < self.settings.min_pool_size:
+        if self.waiting or self.size < self.settings.min_pool_size:
             self._grow()
 
     def _pop_idle(self, now: float) -> PooledServer | None:
@@ -286,7 +285,7 @@ class Pool:
 
     def resume(self) -> None:
         self.paused = False
-        while self._queued() and self.idle:
+        while self.waiting and self.idle:
             now = time.monotonic()
             server = self._pop_idle(now)
             if server is None:
@@ -353,7 +352,7 @@ class Pool:
             # Retrying can't help; fail everyone who waits now, with the real reason.
             self.fail_waiters(err.code, err.message)
             return
-        if self._queued():
+        if self.waiting:
             # Back off a little so a down server isn't hammered; waiters keep their
             # own query_wait_timeout.
             delay = min(0.05 * (2 ** min(self._connect_failures, 5)), 1.0)
@@ -397,7 +396,7 @@ class Pool:
         """Replace every server: idle ones close now, busy ones when given back."""
         self.epoch += 1
         self.close_idle(reason)
-        if self.size < self.settings.min_pool_size or self._queued():
+        if self.size < self.settings.min_pool_size or self.waiting:
             self._grow()
 
     def close_all(self, reason: str) -> None:
@@ -438,6 +437,25 @@ class Pool:
     @property
     def name(self) -> str:
         return f"{self.settings.user}@{self.settings.database}"
+
+    def set_synced_parameters(self, synced: tuple[str, ...]) -> None:
+        """The parameters clients carry from server to server (config: reload)."""
+        if synced != self.synced_parameters:
+            # A new object: the connections' fingerprint caches compare it by identity.
+            self.synced_parameters = synced
+            self._fingerprints = {}
+            self._parameter_names = None
+
+    def parameter_names(self) -> dict[str, str]:
+        """Lower-cased parameter name -> the spelling the server reports (or we sync).
+        The same for every login once the pool has learnt its server parameters."""
+        names = self._parameter_names
+        if names is None:
+            assert self.server_parameters is not None
+            names = {name.lower(): name for name in self.server_parameters}
+            names.update((name.lower(), name) for name in self.synced_parameters)
+            self._parameter_names = names
+        return names
 
     def shared_fingerprint(self, fingerprint: tuple[object, ...]) -> tuple[object, ...]:
         """This pool's one object equal to a client's parameter fingerprint: clients
