@@ -117,7 +117,6 @@ async def run(transactions: int, mode: str, queued: bool = False) -> list[float]
         assert client.state_name == "idle", client.state_name
         clients.append(client)
         client_transports.append(client_transport)
-    client = clients[0]
 
     row_description = messages.row_description([("?column?", 23)])
     if mode == "simple":
@@ -152,6 +151,9 @@ async def run(transactions: int, mode: str, queued: bool = False) -> list[float]
 
     timings = []
     batch = 1000
+    # Two requests per round: from the same client, or with --queued from each of the
+    # two in turn, each queueing behind the other's transaction.
+    first = second = clients[0]
     if queued:
         # The first client holds the server; from here on each request queues behind
         # the transaction in progress and gets the server when that one's reply ends.
@@ -163,26 +165,16 @@ async def run(transactions: int, mode: str, queued: bool = False) -> list[float]
             server.data_received(reply)
             assert pool.waiting == 0 and second.server is server
             first, second = second, first
-        for _ in range(max(transactions // batch, 1)):
-            started = time.perf_counter()
-            for _ in range(batch // 2):
-                second.data_received(request)
-                server.data_received(reply)
-                first.data_received(request)
-                server.data_received(reply)
-            timings.append((time.perf_counter() - started) / batch * 1e6)
-            for transport in client_transports:
-                transport.written.clear()
-            server_transport.written.clear()
-        assert pool.stats.xact_count >= transactions
-        return timings
     for _ in range(max(transactions // batch, 1)):
         started = time.perf_counter()
-        for _ in range(batch):
-            client.data_received(request)
+        for _ in range(batch // 2):
+            second.data_received(request)
+            server.data_received(reply)
+            first.data_received(request)
             server.data_received(reply)
         timings.append((time.perf_counter() - started) / batch * 1e6)
-        client_transport.written.clear()
+        for transport in client_transports:
+            transport.written.clear()
         server_transport.written.clear()
     assert pool.stats.xact_count >= transactions
     return timings
