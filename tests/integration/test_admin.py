@@ -11,6 +11,7 @@ import pytest
 
 from helpers import ExamplePostgres
 from helpers import pgwire as w
+from helpers.console import admin_console as admin
 from helpers.pooler import PoolerFactory, PoolerProcess
 from pg_doorman.app.embedded_pg import find_pg_bin
 
@@ -67,10 +68,6 @@ COLUMNS = {
     "LATENCY": ["database", "user", "kind", "count", "p50", "p90", "p95", "p99"],
     "HELP": ["item"],
 }  # fmt: skip
-
-
-def admin(proc: PoolerProcess, database: str = "pgdoorman") -> w.PgWire:
-    return w.PgWire.connect(proc.host, proc.port, "admin", database, "admin")
 
 
 def admin_psycopg(proc: PoolerProcess) -> psycopg.Connection[tuple[object, ...]]:

@@ -10,11 +10,9 @@ import pytest
 
 from helpers import EXAMPLE_DB, ExamplePostgres
 from helpers import pgwire as w
+from helpers.console import admin_console as admin
+from helpers.console import pool_row
 from helpers.pooler import PoolerFactory, PoolerProcess
-
-
-def admin(proc: PoolerProcess) -> w.PgWire:
-    return w.PgWire.connect(proc.host, proc.port, "admin", "pgdoorman", "admin")
 
 
 def client(proc: PoolerProcess, pg: ExamplePostgres) -> w.PgWire:
@@ -35,13 +33,6 @@ def pause_while_busy(busy: w.PgWire, console: w.PgWire, pause: str, begin: str) 
     busy.simple_query(begin)
     console.send_raw(w.query(pause))
     return notices(console.read_until(b"N"))
-
-
-def pool_row(console: w.PgWire, user: str) -> dict[str, str | None]:
-    got = console.simple_query("SHOW POOLS")
-    columns = next(w.row_description(p) for t, p in got if t == b"T")
-    rows = [dict(zip(columns, r, strict=True)) for r in w.rows(got)]
-    return next(r for r in rows if r["user"] == user)
 
 
 def test_pause_waits_for_transactions_and_resume_releases_the_queue(

@@ -13,7 +13,8 @@ import pytest
 
 from helpers import EXAMPLE_DB, ExamplePostgres
 from helpers import pgwire as w
-from helpers.pooler import PoolerFactory
+from helpers.console import admin_console, pool_row
+from helpers.pooler import PoolerFactory, PoolerProcess
 
 
 def backend_count(pg: ExamplePostgres, user: str) -> int:
@@ -250,11 +251,23 @@ def test_asyncpg_server_settings_apply(pg: ExamplePostgres, pooler: PoolerFactor
     asyncio.run(main())
 
 
-def test_query_wait_timeout(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
-    proc = pooler(
-        general={"query_wait_timeout": 500},
-        pools={"example_db": {"users": [{"username": pg.md5_user.name, "pool_size": 1}]}},
+def _one_server_pooler(
+    pg: ExamplePostgres, pooler: PoolerFactory, query_wait_timeout: int
+) -> PoolerProcess:
+    """A pooler whose pool for the md5 user has a single server."""
+    return pooler(
+        general={"query_wait_timeout": query_wait_timeout},
+        pools={EXAMPLE_DB: {"users": [{"username": pg.md5_user.name, "pool_size": 1}]}},
     )
+
+
+def _raw_client(proc: PoolerProcess, pg: ExamplePostgres) -> w.PgWire:
+    user = pg.md5_user
+    return w.PgWire.connect(proc.host, proc.port, user.name, EXAMPLE_DB, user.password)
+
+
+def test_query_wait_timeout(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    proc = _one_server_pooler(pg, pooler, 500)
     user = pg.md5_user
     with psycopg.connect(proc.dsn(user.name, user.password)) as holder:
         holder.execute("select 1")  # inside a transaction: holds the only backend
@@ -284,17 +297,10 @@ def test_waiters_are_served_in_order(pg: ExamplePostgres, pooler: PoolerFactory)
     asyncio.run(main())
 
 
-def _pool_row(console: w.PgWire, user: str) -> dict[str, str | None]:
-    got = console.simple_query("SHOW POOLS")
-    columns = next(w.row_description(p) for t, p in got if t == b"T")
-    rows = [dict(zip(columns, r, strict=True)) for r in w.rows(got)]
-    return next(r for r in rows if r["user"] == user)
-
-
 def _wait_for_waiting(console: w.PgWire, user: str, count: int) -> dict[str, str | None]:
     deadline = time.monotonic() + 10
     while True:
-        row = _pool_row(console, user)
+        row = pool_row(console, user)
         if row["cl_waiting"] == str(count) or time.monotonic() > deadline:
             assert row["cl_waiting"] == str(count), row
             return row
@@ -307,17 +313,10 @@ def test_a_long_queue_is_served_in_arrival_order_around_departures(
     """150 clients queue for one server, 60 of them leave while queued; the rest are
     served one by one in the order they arrived, and SHOW POOLS reports the wait."""
     user = pg.md5_user
-    proc = pooler(
-        general={"query_wait_timeout": 60_000},
-        pools={EXAMPLE_DB: {"users": [{"username": user.name, "pool_size": 1}]}},
-    )
-
-    def connect() -> w.PgWire:
-        return w.PgWire.connect(proc.host, proc.port, user.name, EXAMPLE_DB, user.password)
-
-    console = w.PgWire.connect(proc.host, proc.port, "admin", "pgdoorman", "admin")
-    holder = connect()
-    queued = [connect() for _ in range(150)]
+    proc = _one_server_pooler(pg, pooler, 60_000)
+    console = admin_console(proc)
+    holder = _raw_client(proc, pg)
+    queued = [_raw_client(proc, pg) for _ in range(150)]
     try:
         holder.simple_query("begin; select 1")  # holds the only server
         for i, conn in enumerate(queued):
@@ -326,7 +325,7 @@ def test_a_long_queue_is_served_in_arrival_order_around_departures(
             )
             _wait_for_waiting(console, user.name, i + 1)  # queued in this order
         time.sleep(0.3)
-        row = _pool_row(console, user.name)
+        row = pool_row(console, user.name)
         waited = int(row["maxwait"] or 0) + int(row["maxwait_us"] or 0) / 1e6
         assert 0.3 <= waited < 60, row
         leaving = set(range(0, 120, 2))
@@ -342,7 +341,7 @@ def test_a_long_queue_is_served_in_arrival_order_around_departures(
             assert number == str(i)
             served.append((int(at or 0), i))
         assert [i for _, i in sorted(served)] == [i for i in range(150) if i not in leaving]
-        assert _pool_row(console, user.name)["cl_waiting"] == "0"
+        assert pool_row(console, user.name)["cl_waiting"] == "0"
         assert queued[1].execute_query("select 7") == [("7",)]
     finally:
         for conn in [console, holder, *queued]:
@@ -353,16 +352,9 @@ def test_a_reloaded_query_wait_timeout_applies_to_clients_already_waiting(
     pg: ExamplePostgres, pooler: PoolerFactory
 ) -> None:
     user = pg.md5_user
-    proc = pooler(
-        general={"query_wait_timeout": 120_000},
-        pools={EXAMPLE_DB: {"users": [{"username": user.name, "pool_size": 1}]}},
-    )
-
-    def connect() -> w.PgWire:
-        return w.PgWire.connect(proc.host, proc.port, user.name, EXAMPLE_DB, user.password)
-
-    console = w.PgWire.connect(proc.host, proc.port, "admin", "pgdoorman", "admin")
-    holder, waiter = connect(), connect()
+    proc = _one_server_pooler(pg, pooler, 120_000)
+    console = admin_console(proc)
+    holder, waiter = _raw_client(proc, pg), _raw_client(proc, pg)
     try:
         holder.simple_query("begin; select 1")  # holds the only server
         waiter.send_raw(w.query("select 1"))

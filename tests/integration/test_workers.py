@@ -15,6 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import EXAMPLE_DB, ExamplePostgres
 from helpers import pgwire as w
+from helpers.console import admin_console as admin
+from helpers.console import show_table as table
 from helpers.pooler import PoolerFactory, PoolerProcess
 from pg_doorman.app.embedded_pg import free_port
 
@@ -28,18 +30,6 @@ def start(pooler: PoolerFactory, pool_size: int = 4, **general: object) -> Poole
     proc = pooler(general={"workers": WORKERS, **general}, pools={EXAMPLE_DB: {"users": users}})
     proc.wait_for_log(f"all {WORKERS} workers ready", timeout=30)
     return proc
-
-
-def admin(proc: PoolerProcess) -> w.PgWire:
-    return w.PgWire.connect(proc.host, proc.port, "admin", "pgdoorman", "admin")
-
-
-def table(console: w.PgWire, what: str) -> list[dict[str, str | None]]:
-    got = console.simple_query(f"SHOW {what}")
-    error = w.first_error(got)
-    assert error is None, error
-    columns = next(w.row_description(p) for t, p in got if t == b"T")
-    return [dict(zip(columns, row, strict=True)) for row in w.rows(got)]
 
 
 def worker_of(client_id: str | None) -> int:
