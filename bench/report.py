@@ -183,13 +183,19 @@ def results_markdown(doc: dict[str, Any], chart_link: str | None) -> str:
     meta = doc["meta"]
     summary = summarize(doc)
     mode = "smoke run: a harness check, too short to compare" if meta["smoke"] else "full run"
+    # Older result files lack the process counts: they ran one of each.
+    worker_count = meta.get("workers", 1)
+    workers = f", {worker_count} workers" if worker_count > 1 else ""
+    bouncer_count = meta.get("pgbouncer_processes", 1)
+    bouncers = f" ({bouncer_count} processes with `so_reuseport`)" if bouncer_count > 1 else ""
     parts = [
         f"### Run of {meta['date']} ({mode})",
         "",
         f"- Machine: {meta['machine']}",
         f"- PostgreSQL {meta['postgres_version']}, pg_doorman {meta['pooler_version']} "
         f"(Python {meta['python']}, {meta['event_loop']}, "
-        f"{meta.get('hot_path', 'hot path unknown')}), PgBouncer {meta['pgbouncer_version']}",
+        f"{meta.get('hot_path', 'hot path unknown')}{workers}), "
+        f"PgBouncer {meta['pgbouncer_version']}{bouncers}",
         f"- {meta['duration']} s per run (pgbench -T adds "
         f"{meta.get('connect_allowance', 0):g} s per 1000 clients for connecting), "
         f"{meta['rounds']} round(s) (median shown), "

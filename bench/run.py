@@ -129,6 +129,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--workers", type=int, default=1, help="pg_doorman worker processes (general.workers)"
     )
+    parser.add_argument(
+        "--bouncer-processes",
+        type=int,
+        default=1,
+        help="PgBouncer processes sharing the port with so_reuseport, pool_size split "
+        "between them (default 1)",
+    )
     parser.add_argument("--markdown", type=Path, help=f"default {DEFAULT_MARKDOWN} (not smoke)")
     parser.add_argument("--chart", type=Path, help=f"default {DEFAULT_CHART} (not smoke)")
     parser.add_argument("--json", type=Path, help="write the raw results here")
@@ -155,6 +162,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown += [t for t in args.targets if t not in report.TARGETS]
     if unknown:
         parser.error(f"unknown scenario family or target: {', '.join(unknown)}")
+    if args.workers < 1 or args.bouncer_processes < 1:
+        parser.error("--workers and --bouncer-processes must be at least 1")
     return args
 
 
@@ -263,7 +272,9 @@ class Harness:
                     ),
                 }
             else:
-                self.bouncer = Bouncer(self.workdir / "pgbouncer", self.pg, exe)
+                self.bouncer = Bouncer(
+                    self.workdir / "pgbouncer", self.pg, exe, processes=self.args.bouncer_processes
+                )
                 self.status["pgbouncer"] = self._start_one(self.bouncer)
         else:
             self.status["pgbouncer"] = {"status": "not run"}
@@ -409,6 +420,8 @@ class Harness:
                 "pooler_version": self.pooler.version() if self.pooler else "not run",
                 "pgbouncer_version": bouncer_version,
                 "pgbouncer_prepared": prepared,
+                "workers": self.args.workers,
+                "pgbouncer_processes": self.args.bouncer_processes,
                 "duration": self.args.duration,
                 "connect_allowance": self.args.connect_allowance,
                 "rounds": self.args.rounds,

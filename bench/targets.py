@@ -84,10 +84,18 @@ def _wait_port(proc: subprocess.Popen[bytes], port: int, logs: list[Path], what:
 
 def _wait_log(proc: subprocess.Popen[bytes], log: Path, text: str, what: str) -> None:
     deadline = time.monotonic() + 30
-    while text not in log.read_text(errors="replace"):
+    while text not in _read(log):
         if proc.poll() is not None or time.monotonic() > deadline:
             raise TargetUnavailable(f"{what}: never logged {text!r}\nlog tail:\n{tail(log)}")
         time.sleep(0.05)
+
+
+def _read(log: Path) -> str:
+    """The log so far; empty while the process has not created it yet."""
+    try:
+        return log.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
 
 
 def _tails(logs: list[Path]) -> str:
@@ -354,13 +362,27 @@ def bouncer_version(exe: str) -> tuple[int, ...]:
     return tuple(int(part or 0) for part in match.groups())
 
 
+# Starts one PgBouncer per ini file and stops them all on SIGTERM, so that several
+# processes are measured, stopped and checked as one process tree.
+_BOUNCER_GROUP = (
+    'exe=$1; shift; pids=""; for ini; do "$exe" "$ini" & pids="$pids $!"; done; '
+    'trap "kill $pids 2>/dev/null" TERM INT; wait; wait'
+)
+
+
 @dataclass
 class Bouncer:
-    """PgBouncer in the foreground, as the unprivileged PostgreSQL user when we are root."""
+    """PgBouncer in the foreground, as the unprivileged PostgreSQL user when we are root.
+
+    With `processes` > 1, that many PgBouncers share the port with `so_reuseport`
+    (PgBouncer's own way to use more cores) and split `pool_size` between them, as
+    pg_doorman's workers do.
+    """
 
     workdir: Path
     pg: Postgres
     exe: str
+    processes: int = 1
     name: str = "pgbouncer"
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
@@ -369,7 +391,10 @@ class Bouncer:
 
     @property
     def log_path(self) -> Path:
-        return self.workdir / "pgbouncer.log"
+        return self.process_log(0)
+
+    def process_log(self, index: int) -> Path:
+        return self.workdir / ("pgbouncer.log" if index == 0 else f"pgbouncer{index}.log")
 
     @property
     def pid(self) -> int | None:
@@ -380,8 +405,10 @@ class Bouncer:
         """Protocol-level prepared statements in transaction mode arrived in 1.21."""
         return self.version_tuple >= (1, 21)
 
-    def ini(self) -> str:
+    def ini(self, index: int = 0) -> str:
         auth_type = "trust" if self.pg.auth == "trust" else "scram-sha-256"
+        # Process `index`'s part of the pool: the processes together open POOL_SIZE.
+        pool_size = POOL_SIZE // self.processes + (1 if index < POOL_SIZE % self.processes else 0)
         lines = [
             "[databases]",
             f"{DATABASE} = host={HOST} port={self.pg.port} dbname={DATABASE}",
@@ -393,12 +420,14 @@ class Bouncer:
             f"auth_type = {auth_type}",
             f"auth_file = {self.workdir / 'userlist.txt'}",
             "pool_mode = transaction",
-            f"default_pool_size = {POOL_SIZE}",
+            f"default_pool_size = {pool_size}",
             f"max_client_conn = {MAX_CLIENTS}",
-            f"logfile = {self.log_path}",
+            f"logfile = {self.process_log(index)}",
             "log_connections = 0",
             "log_disconnections = 0",
         ]
+        if self.processes > 1:
+            lines.append("so_reuseport = 1")
         if self.prepared_support:
             lines.append("max_prepared_statements = 200")
         return "\n".join(lines) + "\n"
@@ -407,8 +436,11 @@ class Bouncer:
         self.version_tuple = bouncer_version(self.exe)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port(HOST)
-        ini_path = self.workdir / "pgbouncer.ini"
-        ini_path.write_text(self.ini())
+        ini_paths = []
+        for index in range(self.processes):
+            ini_path = self.workdir / ("pgbouncer.ini" if index == 0 else f"pgbouncer{index}.ini")
+            ini_path.write_text(self.ini(index))
+            ini_paths.append(str(ini_path))
         (self.workdir / "userlist.txt").write_text(f'"{USER}" "{self.pg.verifier}"\n')
         user: int | None = None
         group: int | None = None
@@ -421,7 +453,10 @@ class Bouncer:
             with contextlib.suppress(OSError):
                 self.workdir.parent.chmod(0o755)
             user, group, extra_groups = entry.pw_uid, entry.pw_gid, []
-        self.argv = [self.exe, str(ini_path)]
+        if self.processes == 1:
+            self.argv = [self.exe, ini_paths[0]]
+        else:
+            self.argv = ["sh", "-c", _BOUNCER_GROUP, "sh", self.exe, *ini_paths]
         self.proc = _spawn(
             self.argv,
             self.workdir / "pgbouncer.stderr",
@@ -430,8 +465,13 @@ class Bouncer:
             group=group,
             extra_groups=extra_groups,
         )
-        what = f"pgbouncer ({' '.join(self.argv)})"
-        _wait_port(self.proc, self.port, [self.log_path, self.workdir / "pgbouncer.stderr"], what)
+        what = f"pgbouncer ({' '.join(self.argv[-self.processes - 1 :])})"
+        logs = [self.process_log(i) for i in range(self.processes)]
+        _wait_port(self.proc, self.port, [*logs, self.workdir / "pgbouncer.stderr"], what)
+        for log in logs:
+            # Each process, not just the first to bind: one that failed would leave the
+            # others to carry the whole load unnoticed.
+            _wait_log(self.proc, log, "process up", what)
         problem = psql_select_one(self.pg.bin_dir, self.port)
         if problem is not None:
             raise TargetUnavailable(

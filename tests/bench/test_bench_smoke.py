@@ -124,3 +124,61 @@ def test_floor_smoke_measures_the_relay_beside_the_poolers() -> None:
         tps, cpu, user, kernel = (float(v.replace(",", "")) for v in rows[label])
         assert tps > 0, (label, proc.stdout)
         assert cpu > 0 and 0 <= user <= cpu and kernel == pytest.approx(cpu - user, abs=0.11)
+
+
+@pytest.mark.skipif(not _bouncer_installed(), reason="needs pgbouncer")
+def test_several_pgbouncer_processes_share_the_port_and_split_the_pool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--bouncer-processes 2`: two PgBouncers listen on one port with so_reuseport, each
+    with half the pool; the kernel spreads connections over both, and stopping the
+    target stops both."""
+    import psycopg
+
+    monkeypatch.syspath_prepend(str(REPO))  # the harness is not an installed package
+    from bench.procstat import descendants
+    from bench.targets import PASSWORD, POOL_SIZE, USER, Bouncer, Postgres, find_bouncer
+
+    exe = find_bouncer()
+    assert exe is not None
+    pg = Postgres(tmp_path, "scram")
+    pg.start(1)
+    bouncer = Bouncer(tmp_path / "pgbouncer", pg, exe, processes=2)
+    try:
+        bouncer.start()
+        assert bouncer.pid is not None
+        processes = [p for p in descendants(bouncer.pid) if _comm(p) == "pgbouncer"]
+        assert len(processes) == 2
+        for ini in ("pgbouncer.ini", "pgbouncer1.ini"):
+            text = (bouncer.workdir / ini).read_text()
+            assert f"default_pool_size = {POOL_SIZE // 2}\n" in text
+            assert "so_reuseport = 1\n" in text
+        before = {p: _open_files(p) for p in processes}
+        conninfo = f"host=127.0.0.1 port={bouncer.port} dbname=bench user={USER}"
+        connections = [
+            psycopg.connect(conninfo, password=PASSWORD, autocommit=True) for _ in range(24)
+        ]
+        try:
+            for conn in connections:
+                assert conn.execute("select 1").fetchone() == (1,)
+            # Both hold client sockets: all 24 on one process has odds of 2 in 2**24.
+            for process in processes:
+                assert _open_files(process) > before[process], processes
+        finally:
+            for conn in connections:
+                conn.close()
+    finally:
+        bouncer.stop()
+        pg.stop()
+    assert not [p for p in processes if _comm(p) == "pgbouncer"]
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _open_files(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
