@@ -25,6 +25,7 @@ from typing import Any
 import tomli_w
 
 from pg_doorman.app import embedded_pg
+from pg_doorman.app.cluster import share
 from pg_doorman.app.embedded_pg import LocalPostgres, free_port
 
 HOST = "127.0.0.1"
@@ -407,8 +408,8 @@ class Bouncer:
 
     def ini(self, index: int = 0) -> str:
         auth_type = "trust" if self.pg.auth == "trust" else "scram-sha-256"
-        # Process `index`'s part of the pool: the processes together open POOL_SIZE.
-        pool_size = POOL_SIZE // self.processes + (1 if index < POOL_SIZE % self.processes else 0)
+        # Process `index`'s part, split as pg_doorman splits pool_size between workers.
+        pool_size = share(POOL_SIZE, index, self.processes)
         lines = [
             "[databases]",
             f"{DATABASE} = host={HOST} port={self.pg.port} dbname={DATABASE}",
