@@ -45,13 +45,13 @@ def _last_message(transport: MemoryTransport) -> tuple[bytes, bytes]:
     return last
 
 
-async def _settle(transport: MemoryTransport) -> tuple[bytes, bytes]:
-    """Let the login task run until it has answered; its last message."""
-    before = len(transport.written)
+async def _settle(transport: MemoryTransport, before: int) -> tuple[bytes, bytes]:
+    """The pooler's answer to what it was given when `before` writes had been made,
+    once it is there (the login may answer at once or a loop turn later)."""
     for _ in range(20):
-        await asyncio.sleep(0)
         if len(transport.written) > before:
             break
+        await asyncio.sleep(0)
     return _last_message(transport)
 
 
@@ -92,21 +92,23 @@ async def run(logins: int) -> list[float]:
             transport = MemoryTransport()
             client.connection_made(transport)  # type: ignore[arg-type]
             client.data_received(_STARTUP)
-            kind, _ = await _settle(transport)
+            kind, _ = await _settle(transport, 0)
             assert kind == b"R", kind
             mark = time.perf_counter()
             scram = ScramClientSession(client_key=client_key, server_key=verifier.server_key)
             first = scram.client_first()
             initial = messages.sasl_initial_response("SCRAM-SHA-256", first)
             client_side += time.perf_counter() - mark
+            before = len(transport.written)
             client.data_received(initial)
-            kind, body = await _settle(transport)
+            kind, body = await _settle(transport, before)
             assert kind == b"R", kind
             mark = time.perf_counter()
             final = messages.password_message(scram.handle_server_first(body[4:]))
             client_side += time.perf_counter() - mark
+            before = len(transport.written)
             client.data_received(final)
-            kind, _ = await _settle(transport)
+            kind, _ = await _settle(transport, before)
             assert kind == b"Z", (kind, transport.written)
             client.data_received(messages.TERMINATE)
             transport.close()

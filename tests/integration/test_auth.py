@@ -11,6 +11,7 @@ import pytest
 
 from helpers import ExamplePostgres
 from helpers import pgwire as w
+from helpers.console import admin_console, show_table
 from helpers.pooler import PoolerFactory
 
 
@@ -232,3 +233,45 @@ def test_a_login_that_stalls_is_cut_at_client_login_timeout(
     finally:
         silent.close_socket()
         stalled.close_socket()
+
+
+def test_clients_that_vanish_mid_login_leave_nothing_behind(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """Clients that hang up while the pooler waits for their next SCRAM message (after
+    the startup packet, after the first SASL message) or just after sending one are
+    forgotten at once: no client slot left behind, and logins go on working."""
+    proc = pooler()
+    user = pg.scram_user
+    startup = w.startup_message({"user": user.name, "database": "example_db"})
+    first = w.sasl_initial_response("SCRAM-SHA-256", b"n,,n=,r=abcdefghijklmnop")
+    for _ in range(5):
+        after_startup = w.PgWire(proc.host, proc.port)
+        after_startup.send_raw(startup)
+        assert after_startup.read_message()[0] == b"R"
+        after_startup.close_socket()
+        after_first = w.PgWire(proc.host, proc.port)
+        after_first.send_raw(startup)
+        assert after_first.read_message()[0] == b"R"
+        after_first.send_raw(first)
+        kind, payload = after_first.read_message()
+        assert (kind, int.from_bytes(payload[:4], "big")) == (b"R", w.AUTH_SASL_CONTINUE)
+        after_first.close_socket()
+        sent_and_gone = w.PgWire(proc.host, proc.port)
+        sent_and_gone.send_raw(startup + first)
+        sent_and_gone.close_socket()
+    console = admin_console(proc)
+    try:
+        deadline = time.monotonic() + 5
+        while True:
+            left = [c for c in show_table(console, "CLIENTS") if c["user"] == user.name]
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert left == []
+    finally:
+        console.close()
+    conn = w.PgWire.connect(proc.host, proc.port, user.name, "example_db", user.password)
+    conn.send(b"Q", w.cstr("select 1"))
+    assert w.rows(conn.read_until_ready()) == [("1",)]
+    conn.close()

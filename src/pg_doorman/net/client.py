@@ -13,8 +13,8 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Final, cast
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from pg_doorman.auth.hba import peer_address
 from pg_doorman.auth.md5 import md5_password_hash, verify_md5_response
@@ -26,12 +26,12 @@ from pg_doorman.auth.scram import (
     ScramVerifier,
     make_scram_verifier,
 )
-from pg_doorman.net.inbox import AwaitableInbox
+from pg_doorman.net.suspend import SUSPEND
 from pg_doorman.pool.pool import AcquireError, Pool
 from pg_doorman.prepared.deallocate import parse_deallocate
 from pg_doorman.prepared.rewriter import BatchRewriter
 from pg_doorman.protocol import codes, messages, sqlstate
-from pg_doorman.protocol.framing import CLEAN_PREPARE, FrontendScanner
+from pg_doorman.protocol.framing import CLEAN_PREPARE, FrontendScanner, MessageBuffer
 from pg_doorman.protocol.messages import ProtocolError
 from pg_doorman.protocol.startup import (
     CancelRequest,
@@ -57,6 +57,11 @@ IDLE: Final = 2  # logged in, no server
 WAITING: Final = 3  # queued for a server
 ACTIVE: Final = 4  # holds a server
 CLOSED: Final = 5
+
+# What a suspended login waits for.
+_NOT_WAITING: Final = 0
+_WAIT_MESSAGE: Final = 1  # the client's next message
+_WAIT_SERVER: Final = 2  # a server from the pool's queue (the pool's first login)
 
 _STATE_NAMES: Final = {STARTUP: "startup", LOGIN: "login", IDLE: "idle", WAITING: "waiting"}
 _STATE_NAMES.update({ACTIVE: "active", CLOSED: "closed"})
@@ -111,12 +116,12 @@ class ClientConnection(asyncio.Protocol):
         "_fingerprint",
         "_fingerprint_synced",
         "_inbox",
-        "_login_task",
+        "_login_coro",
+        "_login_wait",
         "_memory_accounted",
         "_on_data",
         "_param_mark",
         "_pending",
-        "_server_future",
         "_startup_buf",
         "address",
         "admin",
@@ -187,11 +192,11 @@ class ClientConnection(asyncio.Protocol):
         # as soon as the current transaction ends.
         self.closing_after_transaction: str | None = None
         self._startup_buf = bytearray()
-        self._inbox = AwaitableInbox(self.loop)
-        self._login_task: asyncio.Task[None] | None = None
+        self._inbox = MessageBuffer()
+        # The login coroutine, driven by this connection (see net/suspend.py).
+        self._login_coro: Coroutine[Any, Any, None] | None = None
+        self._login_wait = _NOT_WAITING
         self._pending = b""  # bytes of the next transaction, before a server is attached
-        # Set while the login waits in the pool's queue for a server of its own.
-        self._server_future: asyncio.Future[ServerConnection] | None = None
         self._check_query_next = False
         self._param_mark = 0
         self.rewriter: BatchRewriter | None = None
@@ -232,8 +237,9 @@ class ClientConnection(asyncio.Protocol):
         self.state = CLOSED
         self.pooler.logging_in.pop(self, None)
         self._on_data = _ignore
-        if self._login_task is not None and not self._login_task.done():
-            self._inbox.wake()
+        if self._login_wait == _WAIT_MESSAGE:
+            # Its next message will never come: let the login see the client gone.
+            self.loop.call_soon(self._wake_login)
         if was == WAITING and self.pool is not None:
             self.pool.cancel_wait(self)
         server = self.server
@@ -352,9 +358,9 @@ class ClientConnection(asyncio.Protocol):
             rest = bytes(buf)
             buf.clear()
             self._inbox.feed(rest)
-            self._on_data = self._inbox.feed
-            self._login_task = task = self.loop.create_task(self._login(request))
-            task.add_done_callback(self._login_done)
+            self._on_data = self._login_data
+            self._login_coro = self._login(request)
+            self._resume_login(None)
             return
 
     def login_timed_out(self) -> None:
@@ -372,13 +378,42 @@ class ClientConnection(asyncio.Protocol):
         self.state = IDLE
         self.pooler.logging_in.pop(self, None)
 
-    def _login_done(self, task: asyncio.Task[None]) -> None:
-        # Thousands of idle clients: don't keep a finished task and coroutine each.
-        if self._login_task is task:
-            self._login_task = None
+    # ---- the login coroutine, driven without a task --------------------------
 
-    def _gone(self) -> Exception | None:
-        return ConnectionError("client went away") if self.state == CLOSED else None
+    def _resume_login(self, value: object) -> None:
+        """Run the login until it waits again (or ends); `value` is what it waited for."""
+        coro = self._login_coro
+        if coro is None:
+            return
+        self._login_wait = _NOT_WAITING
+        try:
+            coro.send(value)
+        except StopIteration:
+            # Thousands of idle clients: don't keep a finished coroutine each.
+            self._login_coro = None
+        except BaseException:
+            self._login_coro = None
+            raise
+
+    def _login_data(self, data: bytes) -> None:
+        self._inbox.feed(data)
+        if self._login_wait == _WAIT_MESSAGE:
+            self._resume_login(None)
+
+    def _wake_login(self) -> None:
+        if self._login_wait == _WAIT_MESSAGE:
+            self._resume_login(None)
+
+    async def _next_message(self) -> tuple[int, bytes]:
+        """The client's next whole message during the login."""
+        while True:
+            msg = self._inbox.next_message()
+            if msg is not None:
+                return msg
+            if self.state == CLOSED:
+                raise ConnectionError("client went away")
+            self._login_wait = _WAIT_MESSAGE
+            await SUSPEND
 
     async def _login(self, startup: StartupMessage) -> None:
         try:
@@ -570,7 +605,7 @@ class ClientConnection(asyncio.Protocol):
         """MD5 challenge; with no stored hash it always ends in a refusal."""
         salt = os.urandom(4)
         self.write(messages.auth_md5(salt))
-        msg_type, body = await self._inbox.receive(self._gone)
+        msg_type, body = await self._next_message()
         if msg_type != codes.PASSWORD_MESSAGE:
             raise StartupError(sqlstate.PROTOCOL_VIOLATION, "expected a password response")
         if stored is None or not verify_md5_response(stored, salt, body):
@@ -589,13 +624,13 @@ class ClientConnection(asyncio.Protocol):
         """SCRAM-SHA-256 exchange; returns the client's recovered ClientKey."""
         session = ScramServerSession(verifier)
         self.write(_AUTH_SASL)
-        msg_type, body = await self._inbox.receive(self._gone)
+        msg_type, body = await self._next_message()
         if msg_type != codes.PASSWORD_MESSAGE:
             raise StartupError(sqlstate.PROTOCOL_VIOLATION, "expected a SASL response")
         try:
             mechanism, data = messages.parse_sasl_initial_response(body)
             self.write(messages.auth_sasl_continue(session.handle_client_first(mechanism, data)))
-            msg_type, body = await self._inbox.receive(self._gone)
+            msg_type, body = await self._next_message()
             if msg_type != codes.PASSWORD_MESSAGE:
                 raise StartupError(sqlstate.PROTOCOL_VIOLATION, "expected a SASL response")
             final = session.handle_client_final(body)
@@ -614,16 +649,16 @@ class ClientConnection(asyncio.Protocol):
         """The first login of a pool needs a backend to learn its ParameterStatus set."""
         server = pool.acquire(self, _now())
         if server is None:
-            future: asyncio.Future[ServerConnection] = self.loop.create_future()
-            self._server_future = future
+            self._login_wait = _WAIT_SERVER
             try:
-                server = await future
-            except AcquireError as exc:
-                raise StartupError(exc.code, exc.message) from None
+                outcome = await SUSPEND  # on_server or on_acquire_error resumes it
             finally:
-                if self._server_future is not None:  # cancelled: leave the queue
-                    self._server_future = None
+                if self._login_wait == _WAIT_SERVER:  # abandoned: leave the queue
+                    self._login_wait = _NOT_WAITING
                     pool.cancel_wait(self)
+            if isinstance(outcome, AcquireError):
+                raise StartupError(outcome.code, outcome.message)
+            server = outcome
         pool.server_parameters = dict(server.parameters)
         server.finish(_now())
 
@@ -908,13 +943,10 @@ class ClientConnection(asyncio.Protocol):
     # Pool waiter callbacks.
 
     def on_server(self, server: ServerConnection, now: float) -> None:
-        future = self._server_future
-        if future is not None:  # the login's wait (_fetch_server_parameters)
-            self._server_future = None
-            if not future.done():
-                future.set_result(server)
-            else:  # the login gave up meanwhile: the server goes straight back
-                server.finish(now)
+        if self._login_wait == _WAIT_SERVER:  # the login's wait (_fetch_server_parameters)
+            # Resumed from the loop, not inside the pool's hand-over.
+            self._login_wait = _NOT_WAITING
+            self.loop.call_soon(self._resume_login, server)
             return
         if self.state != WAITING:
             # Gone while the server was on its way: give it back untouched.
@@ -927,11 +959,9 @@ class ClientConnection(asyncio.Protocol):
         self._start(server, data, now)
 
     def on_acquire_error(self, code: str, message: str) -> None:
-        future = self._server_future
-        if future is not None:
-            self._server_future = None
-            if not future.done():
-                future.set_exception(AcquireError(code, message))
+        if self._login_wait == _WAIT_SERVER:
+            self._login_wait = _NOT_WAITING
+            self.loop.call_soon(self._resume_login, AcquireError(code, message))
             return
         self.fail(code, message)
 

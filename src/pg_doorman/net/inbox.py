@@ -1,4 +1,5 @@
-"""Messages a login coroutine awaits one at a time (client and server logins alike)."""
+"""Messages a server login awaits one at a time (a client's login is driven without a
+task: see net/suspend.py)."""
 
 from __future__ import annotations
 
