@@ -74,6 +74,14 @@ def test_smoke_run_reports_all_targets(tmp_path: Path) -> None:
     text = markdown.read_text()
     for label in ("PostgreSQL direct", "pg_doorman", "PgBouncer"):
         assert f"| {label} |" in text
+    # One process of each says nothing; more are named, here re-rendered from the JSON.
+    assert "workers)" not in text and "so_reuseport" not in text
+    meta.update(workers=2, pgbouncer_processes=3)
+    results.write_text(json.dumps(doc))
+    argv = [sys.executable, "-m", "bench.report", str(results)]
+    rendered = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert "hot path, 2 workers), PgBouncer " in rendered
+    assert "(3 processes with `so_reuseport`)" in rendered
     if importlib.util.find_spec("matplotlib") is not None:
         assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
