@@ -13,6 +13,8 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Final
 
+from pg_doorman.protocol.messages import build
+
 
 class StatementEntry:
     """One distinct statement of a pool."""
@@ -66,7 +68,7 @@ class PoolStatements:
             return entry
         name = statement_name(key)
         body = name + b"\x00" + rest
-        message = b"P" + (len(body) + 4).to_bytes(4, "big") + body
+        message = build(b"P", body)
         query_end = rest.find(b"\x00")
         entry = StatementEntry(key, name, message, rest[:query_end])
         entries[key] = entry

@@ -145,8 +145,7 @@ def _name_end(body: bytes, start: int) -> int:
 
 
 def close_statement(name: bytes) -> bytes:
-    body = b"S" + name + b"\x00"
-    return b"C" + (len(body) + 4).to_bytes(4, "big") + body
+    return messages.build(b"C", b"S" + name + b"\x00")
 
 
 def _missing_statement_error(name: bytes) -> bytes:
@@ -321,8 +320,7 @@ class BatchRewriter:
             return self._missing(name)
         prefix = self._ensure_on_server(entry)
         self._push(DESCRIBE_S)
-        new_body = b"S" + entry.name + b"\x00"
-        return prefix + b"D" + (len(new_body) + 4).to_bytes(4, "big") + new_body
+        return prefix + messages.build(b"D", b"S" + entry.name + b"\x00")
 
     def _close(self, body: bytes) -> bytes | None:
         if body[:1] != b"S":

@@ -12,7 +12,6 @@ from typing import Final
 
 from pg_doorman.protocol import codes
 
-_HEADER: Final = struct.Struct("!cI")
 _INT32: Final = struct.Struct("!i")
 _UINT32: Final = struct.Struct("!I")
 _INT16: Final = struct.Struct("!h")
@@ -44,7 +43,9 @@ class ProtocolError(Exception):
 
 
 def build(msg_type: bytes, body: bytes = b"") -> bytes:
-    return _HEADER.pack(msg_type, len(body) + 4) + body
+    # int.to_bytes rather than struct: the compiled build runs it natively, and the
+    # prepared-statement rewrite builds messages per Parse, Describe and Close.
+    return msg_type + (len(body) + 4).to_bytes(4, "big") + body
 
 
 def cstring(value: str) -> bytes:
