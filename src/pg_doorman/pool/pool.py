@@ -291,9 +291,7 @@ class Pool:
             if server is None:
                 break
             waiter = self._next_waiter()
-            if waiter is None:
-                self.idle.append(server)
-                break
+            assert waiter is not None  # not paused, and the queue is not empty
             self._hand_over(waiter, server, now)
         self._grow()
 
