@@ -397,10 +397,10 @@ class ClientConnection(asyncio.Protocol):
 
     def _login_data(self, data: bytes) -> None:
         self._inbox.feed(data)
-        if self._login_wait == _WAIT_MESSAGE:
-            self._resume_login(None)
+        self._wake_login()
 
     def _wake_login(self) -> None:
+        """Resume a login waiting for the client's next message (or for its end)."""
         if self._login_wait == _WAIT_MESSAGE:
             self._resume_login(None)
 
