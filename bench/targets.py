@@ -392,10 +392,11 @@ class Bouncer:
 
     @property
     def log_path(self) -> Path:
-        return self.process_log(0)
+        return self.process_file(0, "log")
 
-    def process_log(self, index: int) -> Path:
-        return self.workdir / ("pgbouncer.log" if index == 0 else f"pgbouncer{index}.log")
+    def process_file(self, index: int, suffix: str) -> Path:
+        """Process `index`'s ini or log file (the first one's keep their plain names)."""
+        return self.workdir / f"pgbouncer{index or ''}.{suffix}"
 
     @property
     def pid(self) -> int | None:
@@ -423,7 +424,7 @@ class Bouncer:
             "pool_mode = transaction",
             f"default_pool_size = {pool_size}",
             f"max_client_conn = {MAX_CLIENTS}",
-            f"logfile = {self.process_log(index)}",
+            f"logfile = {self.process_file(index, 'log')}",
             "log_connections = 0",
             "log_disconnections = 0",
         ]
@@ -439,7 +440,7 @@ class Bouncer:
         self.port = free_port(HOST)
         ini_paths = []
         for index in range(self.processes):
-            ini_path = self.workdir / ("pgbouncer.ini" if index == 0 else f"pgbouncer{index}.ini")
+            ini_path = self.process_file(index, "ini")
             ini_path.write_text(self.ini(index))
             ini_paths.append(str(ini_path))
         (self.workdir / "userlist.txt").write_text(f'"{USER}" "{self.pg.verifier}"\n')
@@ -467,7 +468,7 @@ class Bouncer:
             extra_groups=extra_groups,
         )
         what = f"pgbouncer ({' '.join(self.argv[-self.processes - 1 :])})"
-        logs = [self.process_log(i) for i in range(self.processes)]
+        logs = [self.process_file(i, "log") for i in range(self.processes)]
         _wait_port(self.proc, self.port, [*logs, self.workdir / "pgbouncer.stderr"], what)
         for log in logs:
             # Each process, not just the first to bind: one that failed would leave the
