@@ -123,6 +123,7 @@ class ClientConnection(asyncio.Protocol):
         "_param_mark",
         "_pending",
         "_startup_buf",
+        "_transport_write",
         "address",
         "admin",
         "application_name",
@@ -162,6 +163,9 @@ class ClientConnection(asyncio.Protocol):
         self.loop = pooler.loop
         self.unix = unix
         self.transport: asyncio.Transport | None = None
+        # The transport's write, bound once: calling it skips the method lookup that
+        # `transport.write(...)` costs on every write.
+        self._transport_write: Callable[[bytes], None] | None = None
         self.state = STARTUP
         self.client_id = 0
         self.secret = 0
@@ -216,6 +220,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the interface without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        self._transport_write = self.transport.write
         self.client_id = self.pooler.ids.next_client_id()
         self.secret = self.pooler.ids.cancel_secret()
         peer = transport.get_extra_info("peername")
@@ -283,9 +288,10 @@ class ClientConnection(asyncio.Protocol):
     # ---- output -------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        if data and self.transport is not None and self.state != CLOSED:
+        transport_write = self._transport_write
+        if data and transport_write is not None and self.state != CLOSED:
             self.bytes_sent += len(data)
-            self.transport.write(data)
+            transport_write(data)
 
     def fail(self, code: str, message: str, *, detail: str | None = None) -> None:
         """Send a FATAL error and close: the session cannot go on (once: a client
@@ -715,8 +721,9 @@ class ClientConnection(asyncio.Protocol):
                 frontend.named_parse_seen = False
                 server.scanner.cleanup_flags |= CLEAN_PREPARE
             server.bytes_sent += len(out)
-            assert server.transport is not None
-            server.transport.write(out)
+            server_write = server.transport_write
+            assert server_write is not None
+            server_write(out)
         if (frontend.held or self._memory_accounted) and not self._account_memory(
             len(frontend.held)
         ):

@@ -84,6 +84,8 @@ class ServerConnection(asyncio.Protocol):
         self.loop = loop
         self.epoch = pool.epoch
         self.transport: asyncio.Transport | None = None
+        # The transport's write, bound once (see ClientConnection._transport_write).
+        self.transport_write: Callable[[bytes], None] | None = None
         self.mode = LOGIN
         self.parameters: dict[str, str] = {}
         # Non-reported session parameters SET on behalf of clients (see client.py).
@@ -135,6 +137,7 @@ class ServerConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the interface without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        self.transport_write = self.transport.write
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -200,8 +203,8 @@ class ServerConnection(asyncio.Protocol):
         return None
 
     def _send(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
+        assert self.transport_write is not None
+        self.transport_write(data)
 
     async def login(self, startup: dict[str, str], creds: BackendCredentials) -> None:
         """Run the startup exchange until the first ReadyForQuery."""
