@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 
 import asyncpg
@@ -306,6 +307,26 @@ def test_deallocate_answered_locally(one_server: PoolerProcess, pg: ExamplePostg
         assert got == [(b"C", b"DEALLOCATE ALL\x00"), (b"Z", b"I")]
         # An SQL-level statement the pooler doesn't know goes to PostgreSQL.
         error = w.first_error(conn.simple_query("deallocate unknown_one"))
+        assert error is not None and error.sqlstate == "26000"
+    finally:
+        conn.close()
+
+
+def test_deallocate_split_after_its_header(one_server: PoolerProcess, pg: ExamplePostgres) -> None:
+    """A DEALLOCATE whose Query arrives in two reads, the first holding only the
+    message header, is still answered by the pooler: PostgreSQL only knows the
+    statement under the pooler's name and would say it does not exist."""
+    conn = connect(one_server, pg)
+    try:
+        conn.send_raw(w.parse("stmt", "select 1") + w.sync())
+        conn.read_until_ready()
+        deallocate = w.query('deallocate "stmt"')
+        conn.send_raw(deallocate[:5])
+        time.sleep(0.2)  # the pooler reads the header on its own
+        conn.send_raw(deallocate[5:])
+        assert conn.read_until_ready() == [(b"C", b"DEALLOCATE\x00"), (b"Z", b"I")]
+        conn.send_raw(w.bind("", "stmt") + w.execute() + w.sync())
+        error = w.first_error(conn.read_until_ready())
         assert error is not None and error.sqlstate == "26000"
     finally:
         conn.close()

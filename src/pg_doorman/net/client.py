@@ -86,7 +86,7 @@ _AUTH_SASL: Final = messages.auth_sasl(ScramServerSession.mechanisms)
 # Bytes a waiting client may send before its reading is paused.
 _WAITING_BACKLOG: Final = 64 * 1024
 # First bytes of a Query that could be DEALLOCATE (checked before the regex runs).
-_MAY_BE_DEALLOCATE: Final = frozenset((b"d", b"D", b" ", b"\t", b"\n", b"\r"))
+_MAY_BE_DEALLOCATE: Final = codes.type_table(b"dD \t\n\r")
 # Names that may be spliced into SET statements; anything else is refused at login.
 _GUC_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?")
 
@@ -762,7 +762,7 @@ class ClientConnection(asyncio.Protocol):
             if (
                 msg_type == codes.QUERY
                 and length < 205
-                and buf[5:6] in _MAY_BE_DEALLOCATE
+                and (n == 5 or _MAY_BE_DEALLOCATE[buf[5]])  # n == 5: its text is yet to come
                 and self.rewriter is not None
             ):
                 if n < length + 1:
