@@ -119,11 +119,22 @@ def test_backend_scanner_copy_states() -> None:
     assert not scanner.in_copy
 
 
+@pytest.mark.parametrize("msg_type", [b"D", b"Z", b"C", b"E", b"S", b"G", b"H"])
 @pytest.mark.parametrize("length", [0, 3, codes.MAX_MESSAGE_SIZE + 1])
-def test_backend_scanner_rejects_bad_lengths(length: int) -> None:
+def test_backend_scanner_rejects_bad_lengths(msg_type: bytes, length: int) -> None:
+    # Every type, including those the scanner decodes (ReadyForQuery, CommandComplete,
+    # ErrorResponse, ParameterStatus, COPY starts), whole in the chunk or not.
     scanner = BackendScanner({})
     with pytest.raises(ProtocolError):
-        scanner.feed(b"D" + struct.pack("!I", length) + b"\x00" * 8)
+        scanner.feed(msg_type + struct.pack("!I", length) + b"\x00" * 8)
+
+
+@pytest.mark.parametrize("length", [4, 6, 7])
+def test_backend_scanner_rejects_ready_for_query_of_another_length(length: int) -> None:
+    scanner = BackendScanner({})
+    with pytest.raises(ProtocolError):
+        scanner.feed(b"Z" + struct.pack("!I", length) + b"I" * (length - 4))
+    assert scanner.ready_count == 0
 
 
 def frontend_stream() -> bytes:

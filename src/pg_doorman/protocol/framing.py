@@ -253,9 +253,9 @@ class BackendScanner(_Stream):
                     break
                 pos = end
                 continue
+            if length < 4 or length > _MAX or (msg_type == _Z and length != 5):
+                raise ProtocolError(f"invalid backend message length {length}")
             if end > n:
-                if length > _MAX:
-                    raise ProtocolError(f"invalid backend message length {length}")
                 break
             if hook is not None:
                 action = hook.backend(msg_type)
