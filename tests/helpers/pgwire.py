@@ -570,3 +570,17 @@ def cancel(host: str, port: int, pid: int, secret: int | bytes, timeout: float =
                 pass
         except ConnectionResetError:
             pass
+
+
+class TricklingWire(PgWire):
+    """A connection that sends every byte in a write of its own, `gap` seconds apart, so
+    that the peer reads them one at a time: every message boundary falls between two of
+    its reads, at every offset."""
+
+    gap = 0.001
+
+    def send_raw(self, data: bytes) -> None:
+        self.sent += data
+        for i in range(len(data)):
+            self.sock.sendall(data[i : i + 1])
+            time.sleep(self.gap)

@@ -56,6 +56,28 @@ def test_wrong_password(pg: ExamplePostgres, pooler: PoolerFactory, kind: str) -
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("kind", ["md5", "scram", "trust"])
+def test_login_trickled_one_byte_at_a_time(
+    pg: ExamplePostgres, pooler: PoolerFactory, kind: str
+) -> None:
+    """The startup packet and every password or SASL message arrive one byte per read."""
+    proc = pooler()
+    user = {"md5": pg.md5_user, "scram": pg.scram_user, "trust": pg.trust_user}[kind]
+    conn = w.TricklingWire.connect(
+        proc.host,
+        proc.port,
+        user.name,
+        "example_db",
+        user.password,
+        params={"application_name": "trickle", "statement_timeout": "1234"},
+    )
+    try:
+        assert conn.parameters["application_name"] == "trickle"
+        assert conn.execute_query("show statement_timeout") == [("1234ms",)]
+    finally:
+        conn.close()
+
+
 def test_unknown_user_and_database(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
     proc = pooler()
     with pytest.raises(w.ServerError) as info:

@@ -332,6 +332,64 @@ def test_deallocate_split_after_its_header(one_server: PoolerProcess, pg: Exampl
         conn.close()
 
 
+# Client traffic of every kind the pooler looks into between and inside transactions,
+# each with the message types its answer ends at, in order.
+_MIXED_TRAFFIC: list[tuple[bytes, bytes]] = [
+    (w.query("select 1"), b"Z"),
+    (w.query(";"), b"Z"),  # the pooler's check query, answered without a server
+    (w.parse("s1", "select $1::int") + w.bind("", "s1", ["7"]) + w.execute() + w.sync(), b"Z"),
+    (w.query("deallocate s1"), b"Z"),  # answered by the pooler
+    (w.bind("", "s1", ["8"]) + w.execute() + w.sync(), b"Z"),  # gone: 26000
+    (w.parse("", "select 'x'") + w.bind("", "") + w.describe("P") + w.execute() + w.sync(), b"Z"),
+    (w.query("begin; select 2"), b"Z"),
+    (w.query("select 3"), b"Z"),
+    (w.query("create temp table t (a int) on commit drop; copy t from stdin"), b"G"),
+    (w.copy_data("1\n2\n") + w.copy_data("3\n") + w.copy_done(), b"Z"),
+    (w.query("select sum(a) from t"), b"Z"),
+    (w.query("commit"), b"Z"),
+    (w.query("select nope"), b"Z"),
+    # 1/0 fails at Bind: the plan folds the constant.
+    (w.parse("s2", "select 1/$1::int") + w.bind("", "s2", ["0"]) + w.execute() + w.sync(), b"Z"),
+    (w.bind("", "s2", ["1"]) + w.execute() + w.close("S", "s2") + w.sync(), b"Z"),
+    (w.query("select 4; select 5"), b"Z"),
+    (w.query("DEALLOCATE ALL") + w.query("select 6"), b"ZZ"),
+]
+
+
+def _answers(conn: w.PgWire) -> list[list[tuple[bytes, bytes]]]:
+    answers = []
+    for data, stops in _MIXED_TRAFFIC:
+        conn.send_raw(data)
+        answers.append([m for stop in stops for m in conn.read_until(bytes([stop]))])
+    return answers
+
+
+def test_bytes_trickled_one_at_a_time_get_the_same_answers(
+    one_server: PoolerProcess, pg: ExamplePostgres
+) -> None:
+    """Every message boundary of this traffic falls between two reads at every possible
+    offset: the answers must be those of the same traffic sent in one write each."""
+    whole = connect(one_server, pg)
+    try:
+        expected = _answers(whole)
+    finally:
+        whole.close()
+    assert [w.msg_types(a) for a in expected] == [
+        "TDCZ", "IZ", "12DCZ", "CZ", "EZ", "12TDCZ", "CTDCZ", "TDCZ", "CG", "CZ", "TDCZ",
+        "CZ", "EZ", "1EZ", "2DC3Z", "TDCTDCZ", "CZTDCZ",
+    ]  # fmt: skip
+    assert w.rows(expected[10]) == [("6",)]
+    user = pg.md5_user
+    trickled = w.TricklingWire.connect(
+        one_server.host, one_server.port, user.name, "example_db", user.password
+    )
+    try:
+        assert _answers(trickled) == expected
+        assert trickled.execute_query("select 'still here'") == [("still here",)]
+    finally:
+        trickled.close()
+
+
 def test_eviction_inside_a_batch(one_server: PoolerProcess, pg: ExamplePostgres) -> None:
     conn = connect(one_server, pg)
     try:
