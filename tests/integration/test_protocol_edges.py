@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 
 import psycopg
 import pytest
@@ -192,3 +193,113 @@ def test_check_config_flag(pooler: PoolerFactory) -> None:
     )
     assert failed.returncode == 2
     assert "general.port" in failed.stderr
+
+
+class FakeBackend:
+    """A stand-in for PostgreSQL: lets anyone in, answers the empty query and any
+    other query with one row, except `select broken`, which gets `broken_reply`."""
+
+    def __init__(self, broken_reply: bytes) -> None:
+        self.broken_reply = broken_reply
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.listener.getsockname()[1]
+        self.broken_sent = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+
+    @staticmethod
+    def _read(sock: socket.socket, count: int) -> bytes:
+        data = b""
+        while len(data) < count:
+            chunk = sock.recv(count - len(data))
+            if not chunk:
+                raise EOFError
+            data += chunk
+        return data
+
+    def _serve(self, sock: socket.socket) -> None:
+        with sock:
+            try:
+                (length,) = struct.unpack("!i", self._read(sock, 4))
+                self._read(sock, length - 4)  # the startup packet: anyone is welcome
+                sock.sendall(
+                    w.message(b"R", struct.pack("!i", 0))
+                    + w.message(b"S", w.cstr("server_version") + w.cstr("18.0"))
+                    + w.message(b"S", w.cstr("client_encoding") + w.cstr("UTF8"))
+                    + w.message(b"K", struct.pack("!ii", 4242, 99))
+                    + w.message(b"Z", b"I")
+                )
+                while True:
+                    msg_type = self._read(sock, 1)
+                    (length,) = struct.unpack("!i", self._read(sock, 4))
+                    body = self._read(sock, length - 4)
+                    if msg_type == b"X":
+                        return
+                    text = body.rstrip(b"\x00")
+                    if text == b"select broken":
+                        sock.sendall(self.broken_reply)
+                        self.broken_sent.set()
+                    elif not text:
+                        sock.sendall(w.message(b"I") + w.message(b"Z", b"I"))
+                    else:
+                        sock.sendall(
+                            w.message(b"T", struct.pack("!h", 1) + w.cstr("x") + bytes(18))
+                            + w.message(b"D", struct.pack("!hi", 1, 1) + b"1")
+                            + w.message(b"C", w.cstr("SELECT 1"))
+                            + w.message(b"Z", b"I")
+                        )
+            except (EOFError, OSError):
+                return
+
+
+@pytest.mark.parametrize(
+    "broken_reply",
+    [
+        b"Z\x00\x00\x00\x04",  # ReadyForQuery without its status byte
+        b"C\x00\x00\x00\x02xyzZ\x00\x00\x00\x05I",  # a length shorter than its header
+        b"D\xff\xff\xff\xf0",  # a negative length
+        b"T\x7f\xff\xff\xff",  # a length beyond any message size
+    ],
+    ids=["ready-for-query-too-short", "length-below-4", "negative-length", "huge-length"],
+)
+def test_server_breaking_the_protocol_fails_its_client_only(
+    pg: ExamplePostgres, pooler: PoolerFactory, broken_reply: bytes
+) -> None:
+    backend = FakeBackend(broken_reply)
+    try:
+        user = pg.md5_user
+        proc = pooler(
+            pools={
+                "example_db": {
+                    "server_host": "127.0.0.1",
+                    "server_port": backend.port,
+                    "users": [{"username": user.name, "pool_size": 2}],
+                }
+            }
+        )
+        bystander = w.PgWire.connect(proc.host, proc.port, user.name, "example_db", user.password)
+        victim = w.PgWire.connect(proc.host, proc.port, user.name, "example_db", user.password)
+        assert bystander.execute_query("select 1") == [("1",)]
+        victim.send_raw(w.query("select broken"))
+        error = w.first_error(victim.wait_closed())
+        assert backend.broken_sent.is_set()
+        assert error is not None and error.sqlstate == "08006" and error.severity == "FATAL"
+        assert "not valid protocol" in error.fields["D"]
+        assert "invalid data from server" in proc.log_text()
+        # The broken server is gone; everyone else goes on, on a healthy one.
+        assert bystander.execute_query("select 2") == [("1",)]
+        bystander.close()
+        with psycopg.connect(proc.dsn(user.name, user.password), autocommit=True) as conn:
+            assert conn.execute("select 3").fetchone() == ("1",)
+    finally:
+        backend.close()

@@ -972,15 +972,19 @@ class ClientConnection(asyncio.Protocol):
             return
         self.fail(code, message)
 
-    def on_server_lost(self, server: ServerConnection) -> None:
+    def on_server_lost(self, server: ServerConnection, *, broke_protocol: bool = False) -> None:
         """The attached server died or broke the protocol."""
         if self.server is server:
             self.server = None
+        what = (
+            "The PostgreSQL backend sent data that is not valid protocol; the pooler closed it"
+            if broke_protocol
+            else "The PostgreSQL backend closed the connection unexpectedly"
+        )
         self.fail(
             sqlstate.CONNECTION_FAILURE,
             "server connection lost during the transaction",
-            detail="The PostgreSQL backend closed the connection unexpectedly; "
-            "the transaction was not committed by the pooler.",
+            detail=f"{what}; the transaction was not committed by the pooler.",
         )
 
     def _account_memory(self, held: int) -> bool:

@@ -507,7 +507,7 @@ class ServerConnection(asyncio.Protocol):
         self.close(reason)
         self._retire(reason)
         if client is not None:
-            client.on_server_lost(self)
+            client.on_server_lost(self, broke_protocol=True)
 
     @property
     def relay_paused(self) -> bool:
