@@ -390,6 +390,42 @@ def test_bytes_trickled_one_at_a_time_get_the_same_answers(
         trickled.close()
 
 
+_MALFORMED = {
+    "bind-without-nul": w.message(b"B", b"portal"),
+    "bind-name-without-nul": w.message(b"B", b"\x00stmt"),
+    "describe-without-nul": w.message(b"D", b"Sstmt"),
+    "describe-with-extra-bytes": w.message(b"D", b"Sstmt\x00\x00"),
+    "close-without-nul": w.message(b"C", b"Sstmt"),
+    "close-with-extra-bytes": w.message(b"C", b"Sstmt\x00x"),
+}
+
+
+@pytest.mark.parametrize("case", list(_MALFORMED))
+def test_malformed_statement_messages_are_answered_as_postgresql_does(
+    one_server: PoolerProcess, pg: ExamplePostgres, case: str
+) -> None:
+    """Answered by the pooler, as PostgreSQL would: 08P01, then skip to Sync; the
+    session and its statements go on."""
+    answers = []
+    for target in (pg, one_server):
+        conn = connect(target, pg)
+        try:
+            conn.send_raw(w.parse("stmt", "select 1") + w.sync())
+            conn.read_until_ready()
+            conn.send_raw(_MALFORMED[case] + w.execute() + w.sync())
+            got = conn.read_until_ready()
+            conn.send_raw(w.bind("", "stmt") + w.execute() + w.sync())
+            assert w.rows(conn.read_until_ready()) == [("1",)]
+        finally:
+            conn.close()
+        error = w.first_error(got)
+        assert error is not None and w.msg_types(got) == "EZ", got
+        answers.append((error.sqlstate, error.severity, error.message))
+    direct, pooled = answers
+    assert pooled == direct
+    assert pooled[:2] == ("08P01", "ERROR")
+
+
 def test_eviction_inside_a_batch(one_server: PoolerProcess, pg: ExamplePostgres) -> None:
     conn = connect(one_server, pg)
     try:

@@ -296,9 +296,29 @@ class BatchRewriter:
         self.skipping = True
         return b""
 
+    def _invalid(self, text: str) -> bytes:
+        # What PostgreSQL answers a malformed message with; it then skips to Sync too.
+        self._push(SYNTH, messages.error_response("ERROR", sqlstate.PROTOCOL_VIOLATION, text))
+        self.skipping = True
+        return b""
+
+    def _statement_name(self, body: bytes) -> bytes | None:
+        """The name in a Describe or Close of a statement (b"S" name NUL), or None
+        when the message is malformed (answered as PostgreSQL would)."""
+        name_end = _name_end(body, 1)
+        if not name_end:
+            self._invalid("invalid string in message")
+            return None
+        if name_end != len(body):
+            self._invalid("invalid message format")
+            return None
+        return body[1 : name_end - 1]
+
     def _bind(self, body: bytes) -> bytes | None:
         portal_end = _name_end(body, 0)
-        name_end = _name_end(body, portal_end)
+        name_end = _name_end(body, portal_end) if portal_end else 0
+        if not name_end:
+            return self._invalid("invalid string in message")
         entry = self._resolve(body[portal_end : name_end - 1])
         if entry is None:
             return self._missing(body[portal_end : name_end - 1])
@@ -314,7 +334,9 @@ class BatchRewriter:
         if body[:1] != b"S":
             self._push(DESCRIBE_P)
             return None
-        name = body[1:].rstrip(b"\x00")
+        name = self._statement_name(body)
+        if name is None:
+            return b""
         entry = self._resolve(name)
         if entry is None:
             return self._missing(name)
@@ -326,7 +348,9 @@ class BatchRewriter:
         if body[:1] != b"S":
             self._push(CLOSE)
             return None
-        name = body[1:].rstrip(b"\x00")
+        name = self._statement_name(body)
+        if name is None:
+            return b""
         if name:
             self.named.pop(name, None)
         else:
