@@ -426,6 +426,29 @@ def test_malformed_statement_messages_are_answered_as_postgresql_does(
     assert pooled[:2] == ("08P01", "ERROR")
 
 
+def test_deallocate_without_its_nul_goes_to_postgresql(
+    one_server: PoolerProcess, pg: ExamplePostgres
+) -> None:
+    """Not read as `deallocate stm`: PostgreSQL refuses the message, the statement stays."""
+    answers = []
+    for target in (pg, one_server):
+        conn = connect(target, pg)
+        try:
+            conn.send_raw(w.parse("stm", "select 1") + w.parse("stmt", "select 2") + w.sync())
+            conn.read_until_ready()
+            conn.send_raw(w.message(b"Q", b"deallocate stmt"))
+            got = conn.read_until_ready()
+            for name, value in (("stm", "1"), ("stmt", "2")):
+                conn.send_raw(w.bind("", name) + w.execute() + w.sync())
+                assert w.rows(conn.read_until_ready()) == [(value,)]
+        finally:
+            conn.close()
+        error = w.first_error(got)
+        assert error is not None and w.msg_types(got) == "EZ", got
+        answers.append((error.sqlstate, error.message))
+    assert answers[1] == answers[0] == ("08P01", "invalid string in message")
+
+
 def test_eviction_inside_a_batch(one_server: PoolerProcess, pg: ExamplePostgres) -> None:
     conn = connect(one_server, pg)
     try:

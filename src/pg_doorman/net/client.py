@@ -768,7 +768,8 @@ class ClientConnection(asyncio.Protocol):
                 if n < length + 1:
                     self._pending = buf
                     return
-                reply = self._local_deallocate(buf[5:length])
+                # Without its NUL the text is malformed: PostgreSQL says so.
+                reply = self._local_deallocate(buf[5:length]) if buf[length] == 0 else None
                 if reply is not None:
                     self.write(reply)
                     buf = buf[length + 1 :]
