@@ -290,17 +290,20 @@ class BatchRewriter:
     def _resolve(self, name: bytes) -> StatementEntry | None:
         return self.named.get(name) if name else self.unnamed
 
-    def _missing(self, name: bytes) -> bytes:
-        # Never forward an unknown name: it could collide with a server-side name.
-        self._push(SYNTH, _missing_statement_error(name))
+    def _refuse(self, error: bytes) -> bytes:
+        # Answer the message with `error` and skip the rest of the batch up to Sync,
+        # as PostgreSQL does after an error in the extended protocol.
+        self._push(SYNTH, error)
         self.skipping = True
         return b""
 
+    def _missing(self, name: bytes) -> bytes:
+        # Never forward an unknown name: it could collide with a server-side name.
+        return self._refuse(_missing_statement_error(name))
+
     def _invalid(self, text: str) -> bytes:
-        # What PostgreSQL answers a malformed message with; it then skips to Sync too.
-        self._push(SYNTH, messages.error_response("ERROR", sqlstate.PROTOCOL_VIOLATION, text))
-        self.skipping = True
-        return b""
+        # A malformed message: PostgreSQL's own answer.
+        return self._refuse(messages.error_response("ERROR", sqlstate.PROTOCOL_VIOLATION, text))
 
     def _statement_name(self, body: bytes) -> bytes | None:
         """The name in a Describe or Close of a statement (b"S" name NUL), or None
