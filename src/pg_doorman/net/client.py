@@ -85,6 +85,11 @@ _PLANNING_ORDER: Final = tuple(sorted(_PLANNING))
 _AUTH_SASL: Final = messages.auth_sasl(ScramServerSession.mechanisms)
 # Bytes a waiting client may send before its reading is paused.
 _WAITING_BACKLOG: Final = 64 * 1024
+# Messages that get no reply when they start a transaction: PostgreSQL ignores COPY
+# messages outside a COPY (the leftovers of one the server ended with an error before
+# CopyDone), and a Flush has nothing to flush. Checking a server out for them would
+# hold it with no ReadyForQuery to give it back: they are dropped instead.
+_DROPPED_BETWEEN: Final = codes.type_table(b"cdfH")
 # First bytes of a Query that could be DEALLOCATE (checked before the regex runs).
 _MAY_BE_DEALLOCATE: Final = codes.type_table(b"dD \t\n\r")
 # Names that may be spliced into SET statements; anything else is refused at login.
@@ -113,6 +118,7 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "_auth_final",
         "_check_query_next",
+        "_discarding",
         "_fingerprint",
         "_fingerprint_synced",
         "_inbox",
@@ -201,6 +207,7 @@ class ClientConnection(asyncio.Protocol):
         self._login_coro: Coroutine[Any, Any, None] | None = None
         self._login_wait = _NOT_WAITING
         self._pending = b""  # bytes of the next transaction, before a server is attached
+        self._discarding = 0  # bytes still to come of a dropped message (_DROPPED_BETWEEN)
         self._check_query_next = False
         self._param_mark = 0
         self.rewriter: BatchRewriter | None = None
@@ -738,6 +745,12 @@ class ClientConnection(asyncio.Protocol):
 
     def _between_transactions(self, data: bytes) -> None:
         """No server attached: answer what needs none, else check one out."""
+        if self._discarding:
+            if len(data) <= self._discarding:
+                self._discarding -= len(data)
+                return
+            data = data[self._discarding :]
+            self._discarding = 0
         buf = self._pending + data if self._pending else data
         self._pending = b""
         pool = self.pool
@@ -759,6 +772,12 @@ class ClientConnection(asyncio.Protocol):
             if msg_type == codes.TERMINATE:
                 self.close()
                 return
+            if _DROPPED_BETWEEN[msg_type]:
+                if n < length + 1:
+                    self._discarding = length + 1 - n
+                    return
+                buf = buf[length + 1 :]
+                continue
             if (
                 msg_type == codes.QUERY
                 and length < 205

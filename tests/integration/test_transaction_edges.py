@@ -1,0 +1,222 @@
+"""Transaction-pooling edge cases that poolers have been known to get wrong: a server
+given back too early or never, statements and cancels crossing between clients, and
+messages too large for one read."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import psycopg
+
+from helpers import ExamplePostgres
+from helpers import pgwire as w
+from helpers.pooler import PoolerFactory, PoolerProcess
+
+
+def one_user_pool(pg: ExamplePostgres, size: int) -> dict[str, object]:
+    return {"example_db": {"users": [{"username": pg.md5_user.name, "pool_size": size}]}}
+
+
+def connect(target: PoolerProcess | ExamplePostgres, pg: ExamplePostgres) -> w.PgWire:
+    user = pg.md5_user
+    return w.PgWire.connect(target.host, target.port, user.name, "example_db", user.password)
+
+
+def served_quickly(proc: PoolerProcess, pg: ExamplePostgres) -> float:
+    """Seconds another client takes to connect and run a query."""
+    user = pg.md5_user
+    started = time.monotonic()
+    with psycopg.connect(proc.dsn(user.name, user.password), autocommit=True) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+    return time.monotonic() - started
+
+
+def test_copy_data_after_the_server_ended_the_copy_holds_no_server(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """A bad row ends COPY FROM STDIN at once (ErrorResponse, ReadyForQuery) while the
+    client is still sending; PostgreSQL ignores the rest of its CopyData and its
+    CopyDone. They must not check the only server out and keep it."""
+    proc = pooler(general={"query_wait_timeout": 3000}, pools=one_user_pool(pg, 1))
+    conn = connect(proc, pg)
+    try:
+        conn.send_raw(w.query("create temp table t (a int) on commit drop; copy t from stdin"))
+        conn.read_until(b"G")
+        conn.send_raw(w.copy_data("bad\n"))
+        got = conn.read_until_ready()
+        error = w.first_error(got)
+        assert error is not None and error.sqlstate == "22P02" and w.msg_types(got) == "EZ"
+        # The rest of the client's COPY: more data than one read, then CopyDone.
+        conn.send_raw(w.copy_data("1\n" * 150_000) + w.copy_data("2\n") + w.copy_done())
+        assert conn.read_available(0.3) == []
+        assert served_quickly(proc, pg) < 2.0
+        assert conn.execute_query("select 'after'") == [("after",)]
+    finally:
+        conn.close()
+
+
+def test_a_flush_between_transactions_holds_no_server(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    proc = pooler(general={"query_wait_timeout": 3000}, pools=one_user_pool(pg, 1))
+    conn = connect(proc, pg)
+    try:
+        conn.send_raw(w.flush())
+        assert conn.read_available(0.3) == []
+        assert served_quickly(proc, pg) < 2.0
+        # Flush as part of a request still works: ParseComplete comes without a Sync.
+        conn.send_raw(w.parse("s", "select 5") + w.flush())
+        assert conn.read_until(b"1") == [(b"1", b"")]
+        conn.send_raw(w.bind("", "s") + w.execute() + w.sync())
+        assert w.rows(conn.read_until_ready()) == [("5",)]
+    finally:
+        conn.close()
+
+
+def test_a_parse_pipelined_after_sync_keeps_its_server(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """ReadyForQuery while the client's next request is half sent (here an unnamed
+    Parse without its Sync): giving the server back then would let another client
+    take it between the two halves."""
+    proc = pooler(pools=one_user_pool(pg, 2))
+    first = connect(proc, pg)
+    second = connect(proc, pg)
+    try:
+        first.send_raw(
+            w.parse("", "select 1")
+            + w.bind("", "")
+            + w.execute()
+            + w.sync()
+            # The second request, still without Bind, Execute and Sync.
+            + w.parse("", "select 2")
+        )
+        time.sleep(0.2)
+        second.execute_query("begin")
+        assert second.execute_query("select 'other'") == [("other",)]
+        first.send_raw(w.bind("", "") + w.execute() + w.sync())
+        got = first.read_until_ready() + first.read_until_ready()
+        assert w.msg_types(got) == "12DCZ12DCZ"
+        assert w.rows(got) == [("1",), ("2",)]
+        second.execute_query("commit")
+    finally:
+        first.close()
+        second.close()
+
+
+def test_large_statements_round_trip_byte_exact(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    """A 40 kB query text, a 40 kB parameter and an 8 kB statement name: the answers
+    are PostgreSQL's own. (PostgreSQL refuses a Describe or Close over 10 000 bytes,
+    so the name stays below that.)"""
+    proc = pooler(pools=one_user_pool(pg, 2))
+    name = "n" * 8_000
+    answers = []
+    for target in (pg, proc):
+        conn = connect(target, pg)
+        try:
+            conn.send_raw(
+                w.parse(name, "select '" + "x" * 40_000 + "'::text || $1::text as v")
+                + w.describe("S", name)
+                + w.sync()
+            )
+            prepared = conn.read_until_ready()
+            conn.send_raw(
+                w.bind("", name, ["y" * 40_000])
+                + w.describe("P")
+                + w.execute()
+                + w.close("S", name)
+                + w.sync()
+            )
+            answers.append((prepared, conn.read_until_ready()))
+        finally:
+            conn.close()
+    direct, pooled = answers
+    assert pooled == direct
+    assert w.msg_types(pooled[0]) == "1tTZ" and w.msg_types(pooled[1]) == "2TDC3Z"
+    assert w.rows(pooled[1]) == [("x" * 40_000 + "y" * 40_000,)]
+
+
+def test_closing_a_statement_twice_then_describing_it(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """Both Closes succeed, as in PostgreSQL; the statement is then gone for good."""
+    proc = pooler(pools=one_user_pool(pg, 2))
+    answers = []
+    for target in (pg, proc):
+        conn = connect(target, pg)
+        try:
+            conn.send_raw(w.parse("s", "select 1") + w.sync())
+            conn.read_until_ready()
+            replies = []
+            for message in (w.close("S", "s"), w.close("S", "s"), w.describe("S", "s")):
+                conn.send_raw(message + w.sync())
+                replies.append(conn.read_until_ready())
+            answers.append(replies)
+        finally:
+            conn.close()
+    direct, pooled = answers
+    assert [w.msg_types(r) for r in pooled] == ["3Z", "3Z", "EZ"]
+    assert pooled[:2] == direct[:2]
+    error, direct_error = w.first_error(pooled[2]), w.first_error(direct[2])
+    assert error is not None and direct_error is not None
+    assert (error.sqlstate, error.message) == (direct_error.sqlstate, direct_error.message)
+
+
+def test_deallocate_all_forgets_only_its_own_clients_statements(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    proc = pooler(pools=one_user_pool(pg, 1))  # both clients use the same server
+    first = connect(proc, pg)
+    second = connect(proc, pg)
+    try:
+        for conn in (first, second):
+            conn.send_raw(w.parse("s", "select 7") + w.sync())
+            conn.read_until_ready()
+        assert first.simple_query("DEALLOCATE ALL") == [(b"C", b"DEALLOCATE ALL\x00"), (b"Z", b"I")]
+        second.send_raw(w.bind("", "s") + w.execute() + w.sync())
+        assert w.rows(second.read_until_ready()) == [("7",)]
+        first.send_raw(w.bind("", "s") + w.execute() + w.sync())
+        error = w.first_error(first.read_until_ready())
+        assert error is not None and error.sqlstate == "26000"
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_storm_of_cancels_hits_only_its_target(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """100 concurrent cancels for the client holding the only server; another client's
+    query, queued for that same server, runs after it and must not be cancelled."""
+    proc = pooler(pools=one_user_pool(pg, 1))
+    target = connect(proc, pg)
+    queued = connect(proc, pg)
+    try:
+        target.send_raw(w.query("select pg_sleep(3)"))
+        time.sleep(0.3)
+        queued.send_raw(w.query("select pg_sleep(0.5), 'done'"))
+        time.sleep(0.2)
+        assert target.backend_pid is not None and target.secret_key is not None
+        request = w.cancel_request(target.backend_pid, target.secret_key)
+
+        def cancel() -> None:
+            with socket.create_connection((proc.host, proc.port), timeout=5) as sock:
+                sock.sendall(request)
+                sock.recv(16)  # the pooler closes without answering
+
+        threads = [threading.Thread(target=cancel) for _ in range(100)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        error = w.first_error(target.read_until_ready())
+        assert error is not None and error.sqlstate == "57014"
+        got = queued.read_until_ready(timeout=10)
+        assert w.first_error(got) is None
+        assert w.rows(got) == [("", "done")]
+        assert target.execute_query("select 'still here'") == [("still here",)]
+    finally:
+        target.close()
+        queued.close()
