@@ -220,3 +220,58 @@ def test_a_storm_of_cancels_hits_only_its_target(
     finally:
         target.close()
         queued.close()
+
+
+def test_an_extended_copy_ended_by_an_error_gives_the_server_back(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """COPY through Parse/Bind/Execute with libpq's early Sync; a bad row; then the
+    client's CopyDone and Sync. The answers are PostgreSQL's and the server is free
+    after the ReadyForQuery."""
+    proc = pooler(general={"query_wait_timeout": 3000}, pools=one_user_pool(pg, 1))
+    answers = []
+    for target in (pg, proc):
+        conn = connect(target, pg)
+        try:
+            conn.execute_query("create temp table if not exists t (a int)")
+            conn.send_raw(
+                w.parse("", "copy t from stdin") + w.bind("", "") + w.execute() + w.sync()
+            )
+            started = conn.read_until(b"G")
+            conn.send_raw(w.copy_data("bad\n"))
+            error = conn.read_until(b"E")
+            conn.send_raw(w.copy_data("1\n") + w.copy_done() + w.sync())
+            answers.append((started, error, conn.read_until_ready(), conn.read_available(0.2)))
+            if target is proc:
+                assert served_quickly(proc, pg) < 2.0
+            assert conn.execute_query("select count(*) from t") == [("0",)]
+        finally:
+            conn.close()
+    direct, pooled = answers
+    assert [w.msg_types(a) for a in pooled] == ["12G", "E", "Z", ""]
+    assert [w.msg_types(a) for a in direct] == ["12G", "E", "Z", ""]
+
+
+def test_an_error_before_a_late_sync_skips_everything_up_to_it(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """The error comes back before the client has sent its Sync; what it sends in the
+    meantime, in another packet, is skipped as PostgreSQL skips it."""
+    proc = pooler(pools=one_user_pool(pg, 1))
+    answers = []
+    for target in (pg, proc):
+        conn = connect(target, pg)
+        try:
+            conn.send_raw(w.parse("a", "select nope") + w.bind("", "a") + w.execute())
+            error = conn.read_until(b"E")
+            conn.send_raw(w.parse("b", "select 1") + w.bind("", "b") + w.execute())
+            skipped = conn.read_available(0.2)
+            conn.send_raw(w.sync())
+            ready = conn.read_until_ready()
+            conn.send_raw(w.parse("b", "select 1") + w.bind("", "b") + w.execute() + w.sync())
+            answers.append([error, skipped, ready, conn.read_until_ready()])
+        finally:
+            conn.close()
+    direct, pooled = answers
+    assert [w.msg_types(a) for a in pooled] == ["E", "", "Z", "12DCZ"]
+    assert pooled == direct
