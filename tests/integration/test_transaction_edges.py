@@ -275,3 +275,137 @@ def test_an_error_before_a_late_sync_skips_everything_up_to_it(
     direct, pooled = answers
     assert [w.msg_types(a) for a in pooled] == ["E", "", "Z", "12DCZ"]
     assert pooled == direct
+
+
+def test_discard_all_and_deallocate_all_forget_the_clients_statements(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """Run by the server (DISCARD ALL, and DEALLOCATE ALL inside a transaction), they
+    end the client's statements as in PostgreSQL; a statement prepared behind them in
+    the same pipeline survives."""
+    proc = pooler(pools=one_user_pool(pg, 1))
+    answers = []
+    for target in (pg, proc):
+        conn = connect(target, pg)
+        try:
+            got = []
+            conn.send_raw(w.parse("s", "select 1") + w.sync())
+            conn.read_until_ready()
+            got.append(conn.simple_query("DISCARD ALL"))
+            conn.send_raw(w.bind("", "s") + w.execute() + w.sync())
+            got.append(conn.read_until_ready())
+            conn.send_raw(w.parse("t", "select 2") + w.sync())
+            conn.read_until_ready()
+            conn.execute_query("begin")
+            got.append(conn.simple_query("deallocate all"))
+            conn.execute_query("commit")
+            conn.send_raw(w.bind("", "t") + w.execute() + w.sync())
+            got.append(conn.read_until_ready())
+            # In one write: the command, then a new statement used at once and later.
+            conn.send_raw(
+                w.query("DISCARD ALL")
+                + w.parse("u", "select 3")
+                + w.bind("", "u")
+                + w.execute()
+                + w.sync()
+            )
+            got.append(conn.read_until_ready() + conn.read_until_ready())
+            conn.send_raw(w.bind("", "u") + w.execute() + w.sync())
+            got.append(conn.read_until_ready())
+            answers.append(got)
+        finally:
+            conn.close()
+    direct, pooled = answers
+    assert [w.msg_types(a) for a in pooled] == ["CZ", "EZ", "CZ", "EZ", "CZ12DCZ", "2DCZ"]
+    assert [_comparable(a) for a in pooled] == [_comparable(a) for a in direct]
+    assert w.rows(pooled[5]) == [("3",)]
+
+
+def _comparable(messages: list[tuple[bytes, bytes]]) -> list[object]:
+    """Messages with each error reduced to its SQLSTATE and text: the pooler's own
+    errors don't name a source file and line of PostgreSQL's."""
+    out: list[object] = []
+    for msg_type, payload in messages:
+        if msg_type == b"E":
+            fields = w.error_fields(payload)
+            out.append((msg_type, fields["C"], fields["M"]))
+        else:
+            out.append((msg_type, payload))
+    return out
+
+
+def test_statements_prepared_behind_a_reset_in_one_write_stay_usable(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """A reset sent in front of the next command, in one write (as a driver's pool
+    does with DISCARD ALL). The server then has exactly the statements parsed behind
+    it: the pooler must neither forget those (it would prepare them again and get
+    42P05, "already exists") nor trust that it still has the ones from before (the
+    Bind would get 26000)."""
+    proc = pooler(pools=one_user_pool(pg, 1))
+    conn = connect(proc, pg)
+    try:
+        for _ in range(3):  # the first time "u" is new to the server, then it is not
+            conn.send_raw(
+                w.query("DISCARD ALL")
+                + w.parse("u", "select 3")
+                + w.bind("", "u")
+                + w.execute()
+                + w.sync()
+            )
+            got = conn.read_until_ready() + conn.read_until_ready()
+            assert w.msg_types(got) == "CZ12DCZ"
+            conn.send_raw(w.bind("", "u") + w.execute() + w.sync())
+            assert w.rows(conn.read_until_ready()) == [("3",)]
+        # A statement the client prepared before the reset, bound behind it in the same
+        # write: PostgreSQL answers 26000. The pooler resolves the client's names as
+        # they arrive, before the reset has run, so it still knows "x" and runs it, on
+        # a server that has it again (a documented difference).
+        conn.send_raw(w.query("DISCARD ALL"))
+        conn.read_until_ready()
+        conn.send_raw(w.parse("x", "select 5") + w.sync())
+        conn.read_until_ready()
+        conn.send_raw(w.query("DISCARD ALL") + w.bind("", "x") + w.execute() + w.sync())
+        got = conn.read_until_ready() + conn.read_until_ready()
+        assert w.msg_types(got) == "CZ2DCZ"
+        # Inside a transaction, with DEALLOCATE ALL.
+        conn.execute_query("begin")
+        conn.send_raw(w.query("deallocate all") + w.parse("v", "select 4") + w.sync())
+        assert w.msg_types(conn.read_until_ready() + conn.read_until_ready()) == "CZ1Z"
+        conn.send_raw(w.bind("", "v") + w.execute() + w.sync())
+        assert w.rows(conn.read_until_ready()) == [("4",)]
+        conn.execute_query("commit")
+        conn.send_raw(w.bind("", "v") + w.execute() + w.sync())
+        assert w.rows(conn.read_until_ready()) == [("4",)]
+    finally:
+        conn.close()
+
+
+def test_an_error_ahead_of_a_recheck_leaves_the_statement_usable(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """Behind a simple query, a statement the server already has is closed and parsed
+    again; when an error ahead makes the server skip both, the pooler no longer knows
+    whether the server has it, and resets the server's statements at check-in."""
+    proc = pooler(pools=one_user_pool(pg, 1))
+    conn = connect(proc, pg)
+    try:
+        conn.send_raw(w.parse("s", "select 1") + w.sync())
+        conn.read_until_ready()
+        for reset in ("select 'not a reset'", "DISCARD ALL"):
+            conn.send_raw(
+                w.query(reset)
+                + w.parse("e", "select nope")
+                + w.parse("s", "select 1")
+                + w.bind("", "s")
+                + w.execute()
+                + w.sync()
+            )
+            got = conn.read_until_ready() + conn.read_until_ready()
+            error = w.first_error(got)
+            assert error is not None and error.sqlstate == "42703"
+            assert w.msg_types(got).endswith("EZ")
+            conn.send_raw(w.parse("s", "select 1") + w.bind("", "s") + w.execute() + w.sync())
+            assert w.rows(conn.read_until_ready()) == [("1",)]
+    finally:
+        conn.close()

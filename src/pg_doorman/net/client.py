@@ -823,8 +823,7 @@ class ClientConnection(asyncio.Protocol):
             return None
         deallocate_all, name = parsed
         if deallocate_all:
-            rewriter.named.clear()
-            rewriter.unnamed = None
+            rewriter.forget_statements()
             return messages.command_complete("DEALLOCATE ALL") + messages.READY_IDLE
         if rewriter.named.pop(name, None) is None:
             return None

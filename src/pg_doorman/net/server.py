@@ -436,8 +436,14 @@ class ServerConnection(asyncio.Protocol):
                 rewriter.desynced = False
                 self.statements_unknown = True
         if scanner.statements_reset:
+            # DISCARD ALL or DEALLOCATE ALL ran with nothing of the client's queued
+            # behind it (else the rewriter saw to it at its place in the stream): the
+            # server has no statements left, and the client's names go too, as in
+            # PostgreSQL.
             scanner.statements_reset = False
             self.statements.clear()
+            if rewriter is not None:
+                rewriter.forget_statements()
         frontend = client.frontend
         if scanner.copy_in_started:
             frontend.on_copy_in_started()

@@ -35,6 +35,9 @@ CLOSE: Final = 8
 HIDDEN_CLOSE: Final = 9  # CloseComplete for a deferred Close: dropped
 SYNC: Final = 10
 QUERY: Final = 11  # simple Query or FunctionCall: everything up to ReadyForQuery
+# CloseComplete for a Close sent before parsing again a statement the server may have
+# dropped (see BatchRewriter._query_ahead): dropped.
+RECHECK_CLOSE: Final = 12
 
 # Backend actions returned to the scanner (bit flags).
 DROP: Final = 1
@@ -251,12 +254,31 @@ class BatchRewriter:
         expect.payloads.append(payload)
         expect.size += 1
 
+    def _query_ahead(self) -> bool:
+        """A simple Query (or FunctionCall) sent earlier is still unanswered. It may be
+        a DISCARD ALL or DEALLOCATE ALL, which drops the server's statements before
+        the messages behind it run: the server's record can't be trusted for them."""
+        if self.leading_queries:
+            return True
+        expect = self.expect
+        kinds = expect.kinds
+        for i in range(expect.head, expect.head + expect.size):  # noqa: SIM110 (native loop)
+            if kinds[i] == QUERY:
+                return True
+        return False
+
     def _ensure_on_server(self, entry: StatementEntry) -> bytes:
         """The Parse to send first if the server lacks the statement, else b''."""
         server = self.server
         assert server is not None
         if server.has(entry.name):
-            return b""
+            if not self._query_ahead():
+                return b""
+            # Closed, then parsed again: harmless if the server still has it, and
+            # needed if a query ahead drops it.
+            self._push(RECHECK_CLOSE, entry.name)
+            self._push(HIDDEN_PARSE, entry.name)
+            return close_statement(entry.name) + entry.parse_message
         entry.misses += 1
         server.add(entry.name)
         self._push(HIDDEN_PARSE, entry.name)
@@ -279,9 +301,14 @@ class BatchRewriter:
         server = self.server
         assert server is not None
         if server.has(entry.name):
-            entry.hits += 1
-            self._push(SYNTH, messages.PARSE_COMPLETE)
-            return b""
+            if not self._query_ahead():
+                entry.hits += 1
+                self._push(SYNTH, messages.PARSE_COMPLETE)
+                return b""
+            # See _ensure_on_server.
+            self._push(RECHECK_CLOSE, entry.name)
+            self._push(PARSE, entry.name)
+            return close_statement(entry.name) + entry.parse_message
         entry.misses += 1
         server.add(entry.name)
         self._push(PARSE, entry.name)
@@ -300,6 +327,26 @@ class BatchRewriter:
     def _missing(self, name: bytes) -> bytes:
         # Never forward an unknown name: it could collide with a server-side name.
         return self._refuse(_missing_statement_error(name))
+
+    def server_reset(self) -> None:
+        """The server dropped all its statements (DISCARD ALL or DEALLOCATE ALL) at
+        this point of its replies, with client messages still queued behind: it has
+        only those whose Parse is among them. The client's own names stay, since which
+        of them came before the command is not known."""
+        server = self.server
+        assert server is not None
+        server.clear()
+        expect = self.expect
+        kinds, payloads = expect.kinds, expect.payloads
+        for i in range(expect.head, expect.head + expect.size):
+            kind = kinds[i]
+            if kind == PARSE or kind == HIDDEN_PARSE:
+                server.restore(payloads[i])
+
+    def forget_statements(self) -> None:
+        """The client's names after DEALLOCATE ALL or DISCARD ALL: none."""
+        self.named.clear()
+        self.unnamed = None
 
     def _invalid(self, text: str) -> bytes:
         # A malformed message: PostgreSQL's own answer.
@@ -427,7 +474,7 @@ class BatchRewriter:
             ok = _ROW_DESCRIPTION_OR_NO_DATA[msg_type] == 1
         elif kind == CLOSE:
             ok = msg_type == codes.CLOSE_COMPLETE
-        elif kind == HIDDEN_CLOSE:
+        elif kind == HIDDEN_CLOSE or kind == RECHECK_CLOSE:
             if msg_type == codes.CLOSE_COMPLETE:
                 expect.popleft()
                 return action | DROP
@@ -482,6 +529,11 @@ class BatchRewriter:
             server.forget(payload)  # never created
         elif kind == HIDDEN_CLOSE:
             server.restore(payload)  # never closed
+        elif kind == RECHECK_CLOSE:
+            # Skipped with the Parse behind it: whether the server still has the
+            # statement depends on the query ahead. Let the server be reset at check-in.
+            server.forget(payload)
+            self.desynced = True
 
     def _lost(self, kind: int, msg_type: int) -> None:
         # Should not happen; if it does, stop rewriting rather than corrupt the stream.

@@ -203,7 +203,8 @@ class BackendScanner(_Stream):
         self.last_error: bytes | None = None
         self.cleanup_flags = 0
         self.param_changes = 0
-        # The server dropped all its prepared statements (DEALLOCATE ALL / DISCARD ALL).
+        # The server dropped all its prepared statements (DEALLOCATE ALL / DISCARD ALL)
+        # while no hook was set; with one, the hook is told at once.
         self.statements_reset = False
         # Rewrites the response stream of clients using shared prepared statements.
         self.hook: BatchRewriter | None = None
@@ -274,7 +275,10 @@ class BackendScanner(_Stream):
                 if not tag.startswith(b"SELECT"):
                     self.cleanup_flags = tag_cleanup_effect(tag, self.cleanup_flags)
                     if tag == b"DEALLOCATE ALL" or tag == b"DISCARD ALL":
-                        self.statements_reset = True
+                        if hook is not None:
+                            hook.server_reset()  # here, before the replies queued behind
+                        else:
+                            self.statements_reset = True
             elif msg_type == _E:
                 self.in_copy = False
                 self.error_count += 1
