@@ -409,3 +409,37 @@ def test_an_error_ahead_of_a_recheck_leaves_the_statement_usable(
             assert w.rows(conn.read_until_ready()) == [("1",)]
     finally:
         conn.close()
+
+
+def test_a_simple_query_inside_an_extended_batch(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """A Query in the middle of Parse/Bind/Execute messages, and statements used behind
+    it (which the pooler closes and parses again, in case the query was a reset): the
+    answers are PostgreSQL's."""
+    proc = pooler(pools=one_user_pool(pg, 1))
+    answers = []
+    for target in (pg, proc):
+        conn = connect(target, pg)
+        try:
+            conn.send_raw(w.parse("s", "select 1") + w.sync())
+            conn.read_until_ready()
+            conn.send_raw(
+                w.bind("", "s")
+                + w.execute()
+                + w.query("select 2")
+                + w.parse("s2", "select 3")
+                + w.bind("", "s2")
+                + w.execute()
+                + w.bind("", "s")
+                + w.execute()
+                + w.sync()
+            )
+            batch = conn.read_until_ready() + conn.read_until_ready()
+            conn.send_raw(w.bind("", "s2") + w.execute() + w.bind("", "s") + w.execute() + w.sync())
+            answers.append([batch, conn.read_until_ready()])
+        finally:
+            conn.close()
+    direct, pooled = answers
+    assert [w.msg_types(a) for a in pooled] == ["2DCTDCZ12DC2DCZ", "2DC2DCZ"]
+    assert pooled == direct
