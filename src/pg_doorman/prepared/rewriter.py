@@ -62,13 +62,14 @@ class Expectations:
     module runs interpreted, where `__bool__` or a method would be a Python call.
     """
 
-    __slots__ = ("head", "kinds", "payloads", "size")
+    __slots__ = ("head", "kinds", "payloads", "queries", "size")
 
     def __init__(self) -> None:
         self.kinds: list[int] = []
         self.payloads: list[bytes] = []
         self.head = 0  # index of the oldest pending entry
         self.size = 0  # entries pending
+        self.queries = 0  # pending QUERY entries (BatchRewriter._query_ahead)
 
     def __bool__(self) -> bool:
         return self.size > 0
@@ -80,6 +81,8 @@ class Expectations:
         self.kinds.append(kind)
         self.payloads.append(payload)
         self.size += 1
+        if kind == QUERY:
+            self.queries += 1
 
     def first_kind(self) -> int:
         """Kind of the oldest expectation (the queue must not be empty)."""
@@ -100,6 +103,8 @@ class Expectations:
             self.clear()
             return payload
         self.size = size
+        if self.kinds[self.head] == QUERY:
+            self.queries -= 1
         head = self.head + 1
         if head >= 64 and head > size:
             # A client that pipelines without pause may never let the queue run empty:
@@ -115,6 +120,7 @@ class Expectations:
         self.payloads.clear()
         self.head = 0
         self.size = 0
+        self.queries = 0
 
     def all_synthetic(self) -> bool:
         kinds = self.kinds
@@ -249,7 +255,8 @@ class BatchRewriter:
             for _ in range(self.leading_queries):
                 expect.append(QUERY)
             self.leading_queries = 0
-        # Expectations.append inlined: this runs for every extended-protocol message.
+        # Expectations.append inlined: this runs for every extended-protocol message
+        # (never with QUERY, so its count needs no update).
         expect.kinds.append(kind)
         expect.payloads.append(payload)
         expect.size += 1
@@ -258,31 +265,34 @@ class BatchRewriter:
         """A simple Query (or FunctionCall) sent earlier is still unanswered. It may be
         a DISCARD ALL or DEALLOCATE ALL, which drops the server's statements before
         the messages behind it run: the server's record can't be trusted for them."""
-        if self.leading_queries:
-            return True
-        expect = self.expect
-        kinds = expect.kinds
-        for i in range(expect.head, expect.head + expect.size):  # noqa: SIM110 (native loop)
-            if kinds[i] == QUERY:
-                return True
-        return False
+        return self.leading_queries > 0 or self.expect.queries > 0
+
+    def _send_parse(self, entry: StatementEntry, kind: int) -> bytes:
+        """Parse `entry` on a server that lacks it; `kind` is PARSE (the client's own
+        Parse) or HIDDEN_PARSE (one we add)."""
+        server = self.server
+        assert server is not None
+        entry.misses += 1
+        server.add(entry.name)
+        self._push(kind, entry.name)
+        return entry.parse_message
+
+    def _parse_again(self, entry: StatementEntry, kind: int) -> bytes:
+        """Parse `entry` again behind a query that may drop it (see _query_ahead).
+        Closed first: harmless if the server still has it."""
+        self._push(RECHECK_CLOSE, entry.name)
+        self._push(kind, entry.name)
+        return close_statement(entry.name) + entry.parse_message
 
     def _ensure_on_server(self, entry: StatementEntry) -> bytes:
         """The Parse to send first if the server lacks the statement, else b''."""
         server = self.server
         assert server is not None
-        if server.has(entry.name):
-            if not self._query_ahead():
-                return b""
-            # Closed, then parsed again: harmless if the server still has it, and
-            # needed if a query ahead drops it.
-            self._push(RECHECK_CLOSE, entry.name)
-            self._push(HIDDEN_PARSE, entry.name)
-            return close_statement(entry.name) + entry.parse_message
-        entry.misses += 1
-        server.add(entry.name)
-        self._push(HIDDEN_PARSE, entry.name)
-        return entry.parse_message
+        if not server.has(entry.name):
+            return self._send_parse(entry, HIDDEN_PARSE)
+        if self._query_ahead():
+            return self._parse_again(entry, HIDDEN_PARSE)
+        return b""
 
     def _parse(self, body: bytes) -> bytes:
         name_end = _name_end(body, 0)
@@ -300,19 +310,13 @@ class BatchRewriter:
             entry.kinds |= 2  # registry.UNNAMED
         server = self.server
         assert server is not None
-        if server.has(entry.name):
-            if not self._query_ahead():
-                entry.hits += 1
-                self._push(SYNTH, messages.PARSE_COMPLETE)
-                return b""
-            # See _ensure_on_server.
-            self._push(RECHECK_CLOSE, entry.name)
-            self._push(PARSE, entry.name)
-            return close_statement(entry.name) + entry.parse_message
-        entry.misses += 1
-        server.add(entry.name)
-        self._push(PARSE, entry.name)
-        return entry.parse_message
+        if not server.has(entry.name):
+            return self._send_parse(entry, PARSE)
+        if self._query_ahead():
+            return self._parse_again(entry, PARSE)
+        entry.hits += 1
+        self._push(SYNTH, messages.PARSE_COMPLETE)
+        return b""
 
     def _resolve(self, name: bytes) -> StatementEntry | None:
         return self.named.get(name) if name else self.unnamed
