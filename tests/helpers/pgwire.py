@@ -532,6 +532,11 @@ class PgWire:
         self.send_raw(query(sql))
         return self.read_until_ready(timeout)
 
+    def run_prepared(self, statement: str) -> list[Message]:
+        """Bind `statement` (no parameters), Execute, Sync; read to ReadyForQuery."""
+        self.send_raw(bind("", statement) + execute() + sync())
+        return self.read_until_ready()
+
     def execute_query(self, sql: str) -> list[tuple[str | None, ...]]:
         """Rows of a simple query; raises ServerError if it failed."""
         messages = self.simple_query(sql)

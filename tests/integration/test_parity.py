@@ -8,6 +8,7 @@ import pytest
 
 from helpers import ExamplePostgres
 from helpers import pgwire as w
+from helpers.both import on_both
 from helpers.pooler import PoolerFactory, PoolerProcess
 
 # RowDescription carries table and column OIDs; both sides see the same database, so
@@ -156,16 +157,12 @@ SCENARIOS: dict[str, Scenario] = {
 }
 
 
-def run(host: str, port: int, pg: ExamplePostgres, scenario: Scenario) -> list[w.Message]:
-    user = pg.md5_user
-    conn = w.PgWire.connect(host, port, user.name, "example_db", user.password)
-    try:
-        start = len(conn.received)
-        scenario(conn)
-        conn.read_until_ready()
-        return conn.received[start:]
-    finally:
-        conn.close()
+def run(conn: w.PgWire, scenario: Scenario) -> list[w.Message]:
+    """What `scenario` gets back, up to its last ReadyForQuery."""
+    start = len(conn.received)
+    scenario(conn)
+    conn.read_until_ready()
+    return conn.received[start:]
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +180,6 @@ def parity_pooler(
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_parity(pg: ExamplePostgres, parity_pooler: PoolerProcess, name: str) -> None:
     scenario = SCENARIOS[name]
-    direct = run(pg.host, pg.port, pg, scenario)
-    pooled = run(parity_pooler.host, parity_pooler.port, pg, scenario)
+    direct, pooled = on_both(pg, parity_pooler, lambda conn: run(conn, scenario))
     assert w.msg_types(pooled) == w.msg_types(direct)
     assert pooled == direct

@@ -18,6 +18,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship,
 
 from helpers import ExamplePostgres
 from helpers import pgwire as w
+from helpers.both import connect, on_both
 from helpers.pooler import PoolerFactory, PoolerProcess
 from pg_doorman.app.embedded_pg import find_pg_bin
 
@@ -236,13 +237,6 @@ def test_session_mode_passes_statements_through(pg: ExamplePostgres, pooler: Poo
 # ---- raw protocol --------------------------------------------------------------
 
 
-def connect(proc_or_pg: PoolerProcess | ExamplePostgres, pg: ExamplePostgres) -> w.PgWire:
-    user = pg.md5_user
-    return w.PgWire.connect(
-        proc_or_pg.host, proc_or_pg.port, user.name, "example_db", user.password
-    )
-
-
 @pytest.fixture
 def one_server(pg: ExamplePostgres, pooler: PoolerFactory) -> Iterator[PoolerProcess]:
     yield pooler(general={"server_prepared_statements_cache_size": 2}, pools=one_user_pool(pg, 1))
@@ -278,8 +272,7 @@ def test_unknown_statement_is_26000_and_session_survives(
 ) -> None:
     conn = connect(one_server, pg)
     try:
-        conn.send_raw(w.bind("", "nope") + w.execute() + w.sync())
-        got = conn.read_until_ready()
+        got = conn.run_prepared("nope")
         assert w.msg_types(got) == "EZ"
         error = w.first_error(got)
         assert error is not None and error.sqlstate == "26000" and error.severity == "ERROR"
@@ -299,8 +292,7 @@ def test_deallocate_answered_locally(one_server: PoolerProcess, pg: ExamplePostg
         conn.read_until_ready()
         got = conn.simple_query('deallocate "stmt"')
         assert got == [(b"C", b"DEALLOCATE\x00"), (b"Z", b"I")]
-        conn.send_raw(w.bind("", "stmt") + w.execute() + w.sync())
-        assert w.first_error(conn.read_until_ready()) is not None
+        assert w.first_error(conn.run_prepared("stmt")) is not None
         conn.send_raw(w.parse("stmt", "select 2") + w.bind("", "stmt") + w.execute() + w.sync())
         assert w.rows(conn.read_until_ready()) == [("2",)]
         got = conn.simple_query("DEALLOCATE ALL;")
@@ -325,8 +317,7 @@ def test_deallocate_split_after_its_header(one_server: PoolerProcess, pg: Exampl
         time.sleep(0.2)  # the pooler reads the header on its own
         conn.send_raw(deallocate[5:])
         assert conn.read_until_ready() == [(b"C", b"DEALLOCATE\x00"), (b"Z", b"I")]
-        conn.send_raw(w.bind("", "stmt") + w.execute() + w.sync())
-        error = w.first_error(conn.read_until_ready())
+        error = w.first_error(conn.run_prepared("stmt"))
         assert error is not None and error.sqlstate == "26000"
     finally:
         conn.close()
@@ -406,22 +397,18 @@ def test_malformed_statement_messages_are_answered_as_postgresql_does(
 ) -> None:
     """Answered by the pooler, as PostgreSQL would: 08P01, then skip to Sync; the
     session and its statements go on."""
-    answers = []
-    for target in (pg, one_server):
-        conn = connect(target, pg)
-        try:
-            conn.send_raw(w.parse("stmt", "select 1") + w.sync())
-            conn.read_until_ready()
-            conn.send_raw(_MALFORMED[case] + w.execute() + w.sync())
-            got = conn.read_until_ready()
-            conn.send_raw(w.bind("", "stmt") + w.execute() + w.sync())
-            assert w.rows(conn.read_until_ready()) == [("1",)]
-        finally:
-            conn.close()
+
+    def exchange(conn: w.PgWire) -> tuple[str, str, str]:
+        conn.send_raw(w.parse("stmt", "select 1") + w.sync())
+        conn.read_until_ready()
+        conn.send_raw(_MALFORMED[case] + w.execute() + w.sync())
+        got = conn.read_until_ready()
+        assert w.rows(conn.run_prepared("stmt")) == [("1",)]
         error = w.first_error(got)
         assert error is not None and w.msg_types(got) == "EZ", got
-        answers.append((error.sqlstate, error.severity, error.message))
-    direct, pooled = answers
+        return error.sqlstate, error.severity, error.message
+
+    direct, pooled = on_both(pg, one_server, exchange)
     assert pooled == direct
     assert pooled[:2] == ("08P01", "ERROR")
 
@@ -430,23 +417,20 @@ def test_deallocate_without_its_nul_goes_to_postgresql(
     one_server: PoolerProcess, pg: ExamplePostgres
 ) -> None:
     """Not read as `deallocate stm`: PostgreSQL refuses the message, the statement stays."""
-    answers = []
-    for target in (pg, one_server):
-        conn = connect(target, pg)
-        try:
-            conn.send_raw(w.parse("stm", "select 1") + w.parse("stmt", "select 2") + w.sync())
-            conn.read_until_ready()
-            conn.send_raw(w.message(b"Q", b"deallocate stmt"))
-            got = conn.read_until_ready()
-            for name, value in (("stm", "1"), ("stmt", "2")):
-                conn.send_raw(w.bind("", name) + w.execute() + w.sync())
-                assert w.rows(conn.read_until_ready()) == [(value,)]
-        finally:
-            conn.close()
+
+    def exchange(conn: w.PgWire) -> tuple[str, str]:
+        conn.send_raw(w.parse("stm", "select 1") + w.parse("stmt", "select 2") + w.sync())
+        conn.read_until_ready()
+        conn.send_raw(w.message(b"Q", b"deallocate stmt"))
+        got = conn.read_until_ready()
+        for name, value in (("stm", "1"), ("stmt", "2")):
+            assert w.rows(conn.run_prepared(name)) == [(value,)]
         error = w.first_error(got)
         assert error is not None and w.msg_types(got) == "EZ", got
-        answers.append((error.sqlstate, error.message))
-    assert answers[1] == answers[0] == ("08P01", "invalid string in message")
+        return error.sqlstate, error.message
+
+    direct, pooled = on_both(pg, one_server, exchange)
+    assert pooled == direct == ("08P01", "invalid string in message")
 
 
 def test_eviction_inside_a_batch(one_server: PoolerProcess, pg: ExamplePostgres) -> None:

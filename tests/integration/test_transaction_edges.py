@@ -12,16 +12,12 @@ import psycopg
 
 from helpers import ExamplePostgres
 from helpers import pgwire as w
+from helpers.both import connect, on_both
 from helpers.pooler import PoolerFactory, PoolerProcess
 
 
 def one_user_pool(pg: ExamplePostgres, size: int) -> dict[str, object]:
     return {"example_db": {"users": [{"username": pg.md5_user.name, "pool_size": size}]}}
-
-
-def connect(target: PoolerProcess | ExamplePostgres, pg: ExamplePostgres) -> w.PgWire:
-    user = pg.md5_user
-    return w.PgWire.connect(target.host, target.port, user.name, "example_db", user.password)
 
 
 def served_quickly(proc: PoolerProcess, pg: ExamplePostgres) -> float:
@@ -69,8 +65,7 @@ def test_a_flush_between_transactions_holds_no_server(
         # Flush as part of a request still works: ParseComplete comes without a Sync.
         conn.send_raw(w.parse("s", "select 5") + w.flush())
         assert conn.read_until(b"1") == [(b"1", b"")]
-        conn.send_raw(w.bind("", "s") + w.execute() + w.sync())
-        assert w.rows(conn.read_until_ready()) == [("5",)]
+        assert w.rows(conn.run_prepared("s")) == [("5",)]
     finally:
         conn.close()
 
@@ -96,8 +91,7 @@ def test_a_parse_pipelined_after_sync_keeps_its_server(
         time.sleep(0.2)
         second.execute_query("begin")
         assert second.execute_query("select 'other'") == [("other",)]
-        first.send_raw(w.bind("", "") + w.execute() + w.sync())
-        got = first.read_until_ready() + first.read_until_ready()
+        got = first.run_prepared("") + first.read_until_ready()
         assert w.msg_types(got) == "12DCZ12DCZ"
         assert w.rows(got) == [("1",), ("2",)]
         second.execute_query("commit")
@@ -112,27 +106,24 @@ def test_large_statements_round_trip_byte_exact(pg: ExamplePostgres, pooler: Poo
     so the name stays below that.)"""
     proc = pooler(pools=one_user_pool(pg, 2))
     name = "n" * 8_000
-    answers = []
-    for target in (pg, proc):
-        conn = connect(target, pg)
-        try:
-            conn.send_raw(
-                w.parse(name, "select '" + "x" * 40_000 + "'::text || $1::text as v")
-                + w.describe("S", name)
-                + w.sync()
-            )
-            prepared = conn.read_until_ready()
-            conn.send_raw(
-                w.bind("", name, ["y" * 40_000])
-                + w.describe("P")
-                + w.execute()
-                + w.close("S", name)
-                + w.sync()
-            )
-            answers.append((prepared, conn.read_until_ready()))
-        finally:
-            conn.close()
-    direct, pooled = answers
+
+    def exchange(conn: w.PgWire) -> tuple[list[w.Message], list[w.Message]]:
+        conn.send_raw(
+            w.parse(name, "select '" + "x" * 40_000 + "'::text || $1::text as v")
+            + w.describe("S", name)
+            + w.sync()
+        )
+        prepared = conn.read_until_ready()
+        conn.send_raw(
+            w.bind("", name, ["y" * 40_000])
+            + w.describe("P")
+            + w.execute()
+            + w.close("S", name)
+            + w.sync()
+        )
+        return prepared, conn.read_until_ready()
+
+    direct, pooled = on_both(pg, proc, exchange)
     assert pooled == direct
     assert w.msg_types(pooled[0]) == "1tTZ" and w.msg_types(pooled[1]) == "2TDC3Z"
     assert w.rows(pooled[1]) == [("x" * 40_000 + "y" * 40_000,)]
@@ -143,20 +134,17 @@ def test_closing_a_statement_twice_then_describing_it(
 ) -> None:
     """Both Closes succeed, as in PostgreSQL; the statement is then gone for good."""
     proc = pooler(pools=one_user_pool(pg, 2))
-    answers = []
-    for target in (pg, proc):
-        conn = connect(target, pg)
-        try:
-            conn.send_raw(w.parse("s", "select 1") + w.sync())
-            conn.read_until_ready()
-            replies = []
-            for message in (w.close("S", "s"), w.close("S", "s"), w.describe("S", "s")):
-                conn.send_raw(message + w.sync())
-                replies.append(conn.read_until_ready())
-            answers.append(replies)
-        finally:
-            conn.close()
-    direct, pooled = answers
+
+    def exchange(conn: w.PgWire) -> list[list[w.Message]]:
+        conn.send_raw(w.parse("s", "select 1") + w.sync())
+        conn.read_until_ready()
+        replies = []
+        for message in (w.close("S", "s"), w.close("S", "s"), w.describe("S", "s")):
+            conn.send_raw(message + w.sync())
+            replies.append(conn.read_until_ready())
+        return replies
+
+    direct, pooled = on_both(pg, proc, exchange)
     assert [w.msg_types(r) for r in pooled] == ["3Z", "3Z", "EZ"]
     assert pooled[:2] == direct[:2]
     error, direct_error = w.first_error(pooled[2]), w.first_error(direct[2])
@@ -175,10 +163,8 @@ def test_deallocate_all_forgets_only_its_own_clients_statements(
             conn.send_raw(w.parse("s", "select 7") + w.sync())
             conn.read_until_ready()
         assert first.simple_query("DEALLOCATE ALL") == [(b"C", b"DEALLOCATE ALL\x00"), (b"Z", b"I")]
-        second.send_raw(w.bind("", "s") + w.execute() + w.sync())
-        assert w.rows(second.read_until_ready()) == [("7",)]
-        first.send_raw(w.bind("", "s") + w.execute() + w.sync())
-        error = w.first_error(first.read_until_ready())
+        assert w.rows(second.run_prepared("s")) == [("7",)]
+        error = w.first_error(first.run_prepared("s"))
         assert error is not None and error.sqlstate == "26000"
     finally:
         first.close()
@@ -229,25 +215,21 @@ def test_an_extended_copy_ended_by_an_error_gives_the_server_back(
     client's CopyDone and Sync. The answers are PostgreSQL's and the server is free
     after the ReadyForQuery."""
     proc = pooler(general={"query_wait_timeout": 3000}, pools=one_user_pool(pg, 1))
-    answers = []
-    for target in (pg, proc):
-        conn = connect(target, pg)
-        try:
-            conn.execute_query("create temp table if not exists t (a int)")
-            conn.send_raw(
-                w.parse("", "copy t from stdin") + w.bind("", "") + w.execute() + w.sync()
-            )
-            started = conn.read_until(b"G")
-            conn.send_raw(w.copy_data("bad\n"))
-            error = conn.read_until(b"E")
-            conn.send_raw(w.copy_data("1\n") + w.copy_done() + w.sync())
-            answers.append((started, error, conn.read_until_ready(), conn.read_available(0.2)))
-            if target is proc:
-                assert served_quickly(proc, pg) < 2.0
-            assert conn.execute_query("select count(*) from t") == [("0",)]
-        finally:
-            conn.close()
-    direct, pooled = answers
+
+    def exchange(conn: w.PgWire) -> list[list[w.Message]]:
+        conn.execute_query("create temp table if not exists t (a int)")
+        conn.send_raw(w.parse("", "copy t from stdin") + w.bind("", "") + w.execute() + w.sync())
+        started = conn.read_until(b"G")
+        conn.send_raw(w.copy_data("bad\n"))
+        error = conn.read_until(b"E")
+        conn.send_raw(w.copy_data("1\n") + w.copy_done() + w.sync())
+        answers = [started, error, conn.read_until_ready(), conn.read_available(0.2)]
+        # Still connected: the pooler's only server must be free for others.
+        assert served_quickly(proc, pg) < 2.0
+        assert conn.execute_query("select count(*) from t") == [("0",)]
+        return answers
+
+    direct, pooled = on_both(pg, proc, exchange)
     assert [w.msg_types(a) for a in pooled] == ["12G", "E", "Z", ""]
     assert [w.msg_types(a) for a in direct] == ["12G", "E", "Z", ""]
 
@@ -258,23 +240,27 @@ def test_an_error_before_a_late_sync_skips_everything_up_to_it(
     """The error comes back before the client has sent its Sync; what it sends in the
     meantime, in another packet, is skipped as PostgreSQL skips it."""
     proc = pooler(pools=one_user_pool(pg, 1))
-    answers = []
-    for target in (pg, proc):
-        conn = connect(target, pg)
-        try:
-            conn.send_raw(w.parse("a", "select nope") + w.bind("", "a") + w.execute())
-            error = conn.read_until(b"E")
-            conn.send_raw(w.parse("b", "select 1") + w.bind("", "b") + w.execute())
-            skipped = conn.read_available(0.2)
-            conn.send_raw(w.sync())
-            ready = conn.read_until_ready()
-            conn.send_raw(w.parse("b", "select 1") + w.bind("", "b") + w.execute() + w.sync())
-            answers.append([error, skipped, ready, conn.read_until_ready()])
-        finally:
-            conn.close()
-    direct, pooled = answers
+
+    def exchange(conn: w.PgWire) -> list[list[w.Message]]:
+        conn.send_raw(w.parse("a", "select nope") + w.bind("", "a") + w.execute())
+        error = conn.read_until(b"E")
+        conn.send_raw(w.parse("b", "select 1") + w.bind("", "b") + w.execute())
+        skipped = conn.read_available(0.2)
+        conn.send_raw(w.sync())
+        ready = conn.read_until_ready()
+        conn.send_raw(w.parse("b", "select 1") + w.bind("", "b") + w.execute() + w.sync())
+        return [error, skipped, ready, conn.read_until_ready()]
+
+    direct, pooled = on_both(pg, proc, exchange)
     assert [w.msg_types(a) for a in pooled] == ["E", "", "Z", "12DCZ"]
     assert pooled == direct
+
+
+# A reset and the next command in one write, as drivers' pools send them: "u" is
+# prepared behind the DISCARD ALL and used at once.
+_RESET_THEN_PREPARE = (
+    w.query("DISCARD ALL") + w.parse("u", "select 3") + w.bind("", "u") + w.execute() + w.sync()
+)
 
 
 def test_discard_all_and_deallocate_all_forget_the_clients_statements(
@@ -284,38 +270,25 @@ def test_discard_all_and_deallocate_all_forget_the_clients_statements(
     end the client's statements as in PostgreSQL; a statement prepared behind them in
     the same pipeline survives."""
     proc = pooler(pools=one_user_pool(pg, 1))
-    answers = []
-    for target in (pg, proc):
-        conn = connect(target, pg)
-        try:
-            got = []
-            conn.send_raw(w.parse("s", "select 1") + w.sync())
-            conn.read_until_ready()
-            got.append(conn.simple_query("DISCARD ALL"))
-            conn.send_raw(w.bind("", "s") + w.execute() + w.sync())
-            got.append(conn.read_until_ready())
-            conn.send_raw(w.parse("t", "select 2") + w.sync())
-            conn.read_until_ready()
-            conn.execute_query("begin")
-            got.append(conn.simple_query("deallocate all"))
-            conn.execute_query("commit")
-            conn.send_raw(w.bind("", "t") + w.execute() + w.sync())
-            got.append(conn.read_until_ready())
-            # In one write: the command, then a new statement used at once and later.
-            conn.send_raw(
-                w.query("DISCARD ALL")
-                + w.parse("u", "select 3")
-                + w.bind("", "u")
-                + w.execute()
-                + w.sync()
-            )
-            got.append(conn.read_until_ready() + conn.read_until_ready())
-            conn.send_raw(w.bind("", "u") + w.execute() + w.sync())
-            got.append(conn.read_until_ready())
-            answers.append(got)
-        finally:
-            conn.close()
-    direct, pooled = answers
+
+    def exchange(conn: w.PgWire) -> list[list[w.Message]]:
+        got = []
+        conn.send_raw(w.parse("s", "select 1") + w.sync())
+        conn.read_until_ready()
+        got.append(conn.simple_query("DISCARD ALL"))
+        got.append(conn.run_prepared("s"))
+        conn.send_raw(w.parse("t", "select 2") + w.sync())
+        conn.read_until_ready()
+        conn.execute_query("begin")
+        got.append(conn.simple_query("deallocate all"))
+        conn.execute_query("commit")
+        got.append(conn.run_prepared("t"))
+        conn.send_raw(_RESET_THEN_PREPARE)
+        got.append(conn.read_until_ready() + conn.read_until_ready())
+        got.append(conn.run_prepared("u"))
+        return got
+
+    direct, pooled = on_both(pg, proc, exchange)
     assert [w.msg_types(a) for a in pooled] == ["CZ", "EZ", "CZ", "EZ", "CZ12DCZ", "2DCZ"]
     assert [_comparable(a) for a in pooled] == [_comparable(a) for a in direct]
     assert w.rows(pooled[5]) == [("3",)]
@@ -346,17 +319,10 @@ def test_statements_prepared_behind_a_reset_in_one_write_stay_usable(
     conn = connect(proc, pg)
     try:
         for _ in range(3):  # the first time "u" is new to the server, then it is not
-            conn.send_raw(
-                w.query("DISCARD ALL")
-                + w.parse("u", "select 3")
-                + w.bind("", "u")
-                + w.execute()
-                + w.sync()
-            )
+            conn.send_raw(_RESET_THEN_PREPARE)
             got = conn.read_until_ready() + conn.read_until_ready()
             assert w.msg_types(got) == "CZ12DCZ"
-            conn.send_raw(w.bind("", "u") + w.execute() + w.sync())
-            assert w.rows(conn.read_until_ready()) == [("3",)]
+            assert w.rows(conn.run_prepared("u")) == [("3",)]
         # A statement the client prepared before the reset, bound behind it in the same
         # write: PostgreSQL answers 26000. The pooler resolves the client's names as
         # they arrive, before the reset has run, so it still knows "x" and runs it, on
@@ -372,11 +338,9 @@ def test_statements_prepared_behind_a_reset_in_one_write_stay_usable(
         conn.execute_query("begin")
         conn.send_raw(w.query("deallocate all") + w.parse("v", "select 4") + w.sync())
         assert w.msg_types(conn.read_until_ready() + conn.read_until_ready()) == "CZ1Z"
-        conn.send_raw(w.bind("", "v") + w.execute() + w.sync())
-        assert w.rows(conn.read_until_ready()) == [("4",)]
+        assert w.rows(conn.run_prepared("v")) == [("4",)]
         conn.execute_query("commit")
-        conn.send_raw(w.bind("", "v") + w.execute() + w.sync())
-        assert w.rows(conn.read_until_ready()) == [("4",)]
+        assert w.rows(conn.run_prepared("v")) == [("4",)]
     finally:
         conn.close()
 
@@ -418,28 +382,25 @@ def test_a_simple_query_inside_an_extended_batch(
     it (which the pooler closes and parses again, in case the query was a reset): the
     answers are PostgreSQL's."""
     proc = pooler(pools=one_user_pool(pg, 1))
-    answers = []
-    for target in (pg, proc):
-        conn = connect(target, pg)
-        try:
-            conn.send_raw(w.parse("s", "select 1") + w.sync())
-            conn.read_until_ready()
-            conn.send_raw(
-                w.bind("", "s")
-                + w.execute()
-                + w.query("select 2")
-                + w.parse("s2", "select 3")
-                + w.bind("", "s2")
-                + w.execute()
-                + w.bind("", "s")
-                + w.execute()
-                + w.sync()
-            )
-            batch = conn.read_until_ready() + conn.read_until_ready()
-            conn.send_raw(w.bind("", "s2") + w.execute() + w.bind("", "s") + w.execute() + w.sync())
-            answers.append([batch, conn.read_until_ready()])
-        finally:
-            conn.close()
-    direct, pooled = answers
+
+    def exchange(conn: w.PgWire) -> list[list[w.Message]]:
+        conn.send_raw(w.parse("s", "select 1") + w.sync())
+        conn.read_until_ready()
+        conn.send_raw(
+            w.bind("", "s")
+            + w.execute()
+            + w.query("select 2")
+            + w.parse("s2", "select 3")
+            + w.bind("", "s2")
+            + w.execute()
+            + w.bind("", "s")
+            + w.execute()
+            + w.sync()
+        )
+        batch = conn.read_until_ready() + conn.read_until_ready()
+        conn.send_raw(w.bind("", "s2") + w.execute() + w.bind("", "s") + w.execute() + w.sync())
+        return [batch, conn.read_until_ready()]
+
+    direct, pooled = on_both(pg, proc, exchange)
     assert [w.msg_types(a) for a in pooled] == ["2DCTDCZ12DC2DCZ", "2DC2DCZ"]
     assert pooled == direct
