@@ -251,6 +251,22 @@ def rows(messages: Iterable[Message]) -> list[tuple[str | None, ...]]:
     ]
 
 
+Reply = tuple[bytes, object]
+
+
+def comparable(messages: Iterable[Message]) -> list[Reply]:
+    """Replies as compared: an ErrorResponse or NoticeResponse by its fields, without
+    the source file, line and routine of the code that raised it."""
+    out: list[Reply] = []
+    for type_, payload in messages:
+        if type_ in (b"E", b"N"):
+            fields = error_fields(payload)
+            out.append((type_, sorted((k, v) for k, v in fields.items() if k not in "FLR")))
+        else:
+            out.append((type_, payload))
+    return out
+
+
 def msg_types(messages: Iterable[Message]) -> str:
     """The message types as one string, e.g. '12TDCZ': handy in assertions."""
     return "".join(t.decode() for t, _ in messages)

@@ -446,13 +446,16 @@ def test_eviction_inside_a_batch(one_server: PoolerProcess, pg: ExamplePostgres)
             + w.execute()
             + w.bind("", "c")
             + w.execute()
+            + w.close("S", "a")
+            + w.close("S", "b")
+            + w.close("S", "c")  # so that the next round can parse them again
             + w.sync()
         )
         for _ in range(3):
             conn.send_raw(batch)
             got = conn.read_until_ready()
             assert w.first_error(got) is None, got
-            assert w.msg_types(got) == "12DC112DC2DCZ"
+            assert w.msg_types(got) == "12DC112DC2DC333Z"
             assert w.rows(got) == [("a",), ("a",), ("c",)]
     finally:
         conn.close()

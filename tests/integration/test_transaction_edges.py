@@ -369,7 +369,15 @@ def test_an_error_ahead_of_a_recheck_leaves_the_statement_usable(
             error = w.first_error(got)
             assert error is not None and error.sqlstate == "42703"
             assert w.msg_types(got).endswith("EZ")
-            conn.send_raw(w.parse("s", "select 1") + w.bind("", "s") + w.execute() + w.sync())
+            # Whether "s" survived depends on the query (as in PostgreSQL): close it
+            # either way, and the server must run it whether it had it or not.
+            conn.send_raw(
+                w.close("S", "s")
+                + w.parse("s", "select 1")
+                + w.bind("", "s")
+                + w.execute()
+                + w.sync()
+            )
             assert w.rows(conn.read_until_ready()) == [("1",)]
     finally:
         conn.close()
@@ -404,3 +412,106 @@ def test_a_simple_query_inside_an_extended_batch(
     direct, pooled = on_both(pg, proc, exchange)
     assert [w.msg_types(a) for a in pooled] == ["2DCTDCZ12DC2DCZ", "2DC2DCZ"]
     assert pooled == direct
+
+
+def test_the_rest_of_a_batch_after_an_early_error_is_ignored(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """The server's error comes back before the client has sent the rest of its batch
+    (here: after a Flush). PostgreSQL ignores everything up to the Sync, so nothing
+    in it may be answered, synthetically or not, and no name it sets may stick."""
+    proc = pooler(pools=one_user_pool(pg, 1))
+
+    def exchange(conn: w.PgWire) -> list[list[w.Message]]:
+        answers = []
+        conn.send_raw(w.parse("known", "select 1") + w.sync())
+        answers.append(conn.read_until_ready())
+        conn.send_raw(w.parse("", "select nope") + w.flush())
+        answers.append(conn.read_until(b"E"))
+        # "select 1" is on the server already: the pooler must not answer this Parse.
+        conn.send_raw(
+            w.parse("again", "select 1")
+            + w.parse("new", "select 2")
+            + w.bind("", "known")
+            + w.execute()
+            + w.sync()
+        )
+        answers.append(conn.read_until_ready())
+        for name in ("again", "new", "known"):
+            conn.send_raw(w.bind("", name) + w.execute() + w.sync())
+            answers.append(conn.read_until_ready())
+        return answers
+
+    direct, pooled = on_both(pg, proc, exchange)
+    assert [w.msg_types(a) for a in direct] == ["1Z", "E", "Z", "EZ", "EZ", "2DCZ"]
+    assert [w.comparable(a) for a in pooled] == [w.comparable(a) for a in direct]
+
+
+def test_the_poolers_own_errors_fail_the_transaction_as_postgresql_does(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """An error the pooler answers itself (here: a Bind of a statement the client never
+    prepared) fails the server's transaction where PostgreSQL would have failed it: an
+    INSERT earlier in the same implicit transaction is rolled back, and a transaction
+    block is left failed, so COMMIT rolls back."""
+    proc = pooler(pools=one_user_pool(pg, 1))
+    admin = connect(pg, pg)
+    try:
+        admin.execute_query("create table refusals (x int)")
+
+        def exchange(conn: w.PgWire) -> list[list[w.Message]]:
+            answers = []
+            insert = w.parse("", "insert into refusals values (1)") + w.bind("", "") + w.execute()
+            conn.send_raw(insert + w.bind("", "ghost") + w.execute() + w.sync())
+            answers.append(conn.read_until_ready())
+            conn.send_raw(w.query("begin"))
+            answers.append(conn.read_until_ready())
+            conn.send_raw(insert + w.sync())
+            answers.append(conn.read_until_ready())
+            conn.send_raw(w.describe("S", "ghost") + w.sync())
+            answers.append(conn.read_until_ready())
+            conn.send_raw(w.query("commit"))
+            answers.append(conn.read_until_ready())
+            conn.send_raw(w.query("select count(*) from refusals"))
+            answers.append(conn.read_until_ready())
+            return answers
+
+        direct, pooled = on_both(pg, proc, exchange)
+        assert w.rows(direct[-1]) == [("0",)]
+        assert w.command_tag(direct[-2][0][1]) == "ROLLBACK"
+        assert [w.comparable(a) for a in pooled] == [w.comparable(a) for a in direct]
+    finally:
+        admin.execute_query("drop table refusals")
+        admin.close()
+
+
+def test_a_name_set_again_behind_a_failed_batch_keeps_its_new_meaning(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """Two batches in one write: the first fails before its Parse, the second parses
+    the same text again. Undoing the first Parse must not undo the second."""
+    proc = pooler(pools=one_user_pool(pg, 1))
+
+    def exchange(conn: w.PgWire) -> list[list[w.Message]]:
+        answers = []
+        conn.send_raw(w.parse("", "select 'before'") + w.parse("s", "select 's'") + w.sync())
+        answers.append(conn.read_until_ready())
+        fails = w.execute("no such portal")
+        conn.send_raw(
+            fails
+            + w.parse("", "select 'again'")
+            + w.close("S", "s")
+            + w.sync()
+            + w.parse("", "select 'again'")
+            + w.close("S", "s")
+            + w.sync()
+        )
+        answers.append(conn.read_until_ready() + conn.read_until_ready())
+        conn.send_raw(w.bind("", "") + w.execute() + w.bind("", "s") + w.sync())
+        answers.append(conn.read_until_ready())
+        return answers
+
+    direct, pooled = on_both(pg, proc, exchange)
+    assert w.rows(direct[-1]) == [("again",)]
+    assert w.first_error(direct[-1]) is not None  # "s" was closed by the second batch
+    assert [w.comparable(a) for a in pooled] == [w.comparable(a) for a in direct]

@@ -152,8 +152,14 @@ def test_synthetic_parse_complete_not_sent_after_error() -> None:
 def test_unknown_statement_error_and_skip() -> None:
     s = Session()
     out = s.send(bind("ghost") + EXECUTE + parse("p", "select 1") + SYNC)
-    assert out == SYNC  # nothing else reaches the server
-    client_sees = s.reply(messages.READY_IDLE)
+    # In place of the Bind, a message the server must fail on, so that it skips the
+    # rest and fails its transaction as PostgreSQL would; the rest is not sent.
+    refusal = messages.build(b"D", b"SDOORMAN_refused\x00")
+    assert out == refusal + SYNC
+    servers_error = messages.error_response(
+        "ERROR", "26000", 'prepared statement "DOORMAN_refused" does not exist'
+    )
+    client_sees = s.reply(servers_error + messages.READY_IDLE)
     assert client_sees[:1] == b"E" and client_sees.endswith(messages.READY_IDLE)
     fields = messages.parse_error_fields(client_sees[5:-6])
     assert fields["C"] == "26000"

@@ -801,6 +801,8 @@ class ClientConnection(asyncio.Protocol):
                     buf = buf[length + 1 :]
                     cached = pool.check_query_response
                     if cached is not None:
+                        if self.rewriter is not None:
+                            self.rewriter.unnamed = None  # as any simple Query drops it
                         self.write(cached)
                         continue
                     self._check_query_next = True
@@ -827,6 +829,7 @@ class ClientConnection(asyncio.Protocol):
             return messages.command_complete("DEALLOCATE ALL") + messages.READY_IDLE
         if rewriter.named.pop(name, None) is None:
             return None
+        rewriter.unnamed = None  # as any simple Query drops it
         return messages.command_complete("DEALLOCATE") + messages.READY_IDLE
 
     def _start(self, server: ServerConnection, data: bytes, now: float) -> None:
@@ -865,7 +868,7 @@ class ClientConnection(asyncio.Protocol):
         self.state = ACTIVE
         server.attach(self, now)
         if self.rewriter is not None:
-            self.rewriter.attach(server.statements)
+            self.rewriter.attach(server.statements, server.scanner)
         pool = self.pool
         assert pool is not None
         synced = pool.synced_parameters

@@ -14,10 +14,14 @@ and applies PostgreSQL's rule that after an error everything up to Sync is skipp
 from __future__ import annotations
 
 import logging
-from typing import Final
+import re
+from typing import TYPE_CHECKING, Final
 
 from pg_doorman.prepared.registry import PoolStatements, ServerStatements, StatementEntry
 from pg_doorman.protocol import codes, messages, sqlstate
+
+if TYPE_CHECKING:
+    from pg_doorman.protocol.framing import BackendScanner
 
 logger: Final = logging.getLogger("pg_doorman.prepared")
 
@@ -38,6 +42,15 @@ QUERY: Final = 11  # simple Query or FunctionCall: everything up to ReadyForQuer
 # CloseComplete for a Close sent before parsing again a statement the server may have
 # dropped (see BatchRewriter._query_ahead): dropped.
 RECHECK_CLOSE: Final = 12
+# ParseComplete for the client's text parsed into the server's unnamed statement (which
+# no client's statement uses) to learn PostgreSQL's verdict on it: passed on, or
+# dropped when a refusal follows (see BatchRewriter._probe).
+PROBE: Final = 13
+HIDDEN_PROBE: Final = 14
+# The error for a Describe of a statement that never exists, sent in place of a message
+# the pooler refuses so that the server fails at the same place: replaced by the
+# payload, the pooler's own error.
+REFUSED: Final = 15
 
 # Backend actions returned to the scanner (bit flags).
 DROP: Final = 1
@@ -62,7 +75,7 @@ class Expectations:
     module runs interpreted, where `__bool__` or a method would be a Python call.
     """
 
-    __slots__ = ("head", "kinds", "payloads", "queries", "size")
+    __slots__ = ("head", "kinds", "payloads", "popped", "queries", "size")
 
     def __init__(self) -> None:
         self.kinds: list[int] = []
@@ -70,6 +83,9 @@ class Expectations:
         self.head = 0  # index of the oldest pending entry
         self.size = 0  # entries pending
         self.queries = 0  # pending QUERY entries (BatchRewriter._query_ahead)
+        # Entries consumed so far: the oldest pending entry's serial number. Entry
+        # serials outlive the list indexes, which restart when consumed entries go.
+        self.popped = 0
 
     def __bool__(self) -> bool:
         return self.size > 0
@@ -102,6 +118,7 @@ class Expectations:
         if not size:
             self.clear()
             return payload
+        self.popped += 1
         self.size = size
         if self.kinds[self.head] == QUERY:
             self.queries -= 1
@@ -116,6 +133,7 @@ class Expectations:
         return payload
 
     def clear(self) -> None:
+        self.popped += self.size
         self.kinds.clear()
         self.payloads.clear()
         self.head = 0
@@ -157,28 +175,69 @@ def close_statement(name: bytes) -> bytes:
     return messages.build(b"C", b"S" + name + b"\x00")
 
 
+_UNNAMED_MISSING: Final = "unnamed prepared statement does not exist"
+# No server statement has this name: the rewriter only creates DOORMAN_<16 hex digits>.
+_DESCRIBE_NOTHING: Final = messages.build(b"D", b"SDOORMAN_refused\x00")
+
+
 def _missing_statement_error(name: bytes) -> bytes:
     if name:
         text = f'prepared statement "{name.decode("utf-8", "replace")}" does not exist'
     else:
-        text = "unnamed prepared statement does not exist"
+        text = _UNNAMED_MISSING
     return messages.error_response("ERROR", sqlstate.INVALID_SQL_STATEMENT_NAME, text)
+
+
+def _duplicate_statement_error(name: bytes) -> bytes:
+    text = f'prepared statement "{name.decode("utf-8", "replace")}" already exists'
+    return messages.error_response("ERROR", sqlstate.DUPLICATE_PREPARED_STATEMENT, text)
+
+
+# A server-side statement name as PostgreSQL quotes it in an error message.
+_QUOTED_SERVER_NAME: Final = re.compile(rb'"DOORMAN_[0-9a-f]{16}"')
+
+
+def _rename_in_error(body: bytes, client_name: bytes) -> bytes | None:
+    """The ErrorResponse `body` with the server's name for a statement replaced by the
+    client's, as PostgreSQL would have worded it (None: no name to replace)."""
+    fields = body.split(b"\x00")
+    changed = False
+    code = b""
+    for i, field in enumerate(fields):
+        if field[:1] == b"C":
+            code = field[1:]
+        elif field[:1] == b"M":
+            found = _QUOTED_SERVER_NAME.search(field)
+            if found is not None:
+                start, end = found.span()
+                fields[i] = b"".join((field[:start], b'"', client_name, b'"', field[end:]))
+                changed = True
+    if not changed:
+        return None
+    if not client_name and code == sqlstate.INVALID_SQL_STATEMENT_NAME.encode():
+        fields = [b"M" + _UNNAMED_MISSING.encode() if f[:1] == b"M" else f for f in fields]
+    out = b"\x00".join(fields)
+    return b"E" + (len(out) + 4).to_bytes(4, "big") + out
 
 
 class BatchRewriter:
     """Statement mapping of one client plus the response queue of its current server."""
 
     __slots__ = (
+        "_error_replacement",
+        "_journal",
         "_last_parse",
         "_last_parse_entry",
         "_prefix",
         "context",
         "desynced",
+        "error_statement",
         "expect",
         "leading_queries",
         "named",
         "registry",
         "server",
+        "server_replies",
         "skipping",
         "unnamed",
     )
@@ -189,6 +248,8 @@ class BatchRewriter:
         self.named: dict[bytes, StatementEntry] = {}
         self.unnamed: StatementEntry | None = None
         self.server: ServerStatements | None = None
+        # The current server's reply stream: its transaction status.
+        self.server_replies: BackendScanner | None = None
         # A queue of its own only once the client uses the extended protocol: most idle
         # clients never do.
         self.expect: Expectations = _NOTHING_EXPECTED
@@ -204,13 +265,26 @@ class BatchRewriter:
         # recency update, so an entry the registry evicted is looked up again instead.
         self._last_parse = b""
         self._last_parse_entry: StatementEntry | None = None
+        # Changes to the client's names that the server's replies have not confirmed
+        # yet, oldest first: (serial of the expected reply that confirms the change,
+        # name (b"" for the unnamed statement), what the name meant before). PostgreSQL
+        # skips a message after an error, or rejects it: then the change is undone.
+        self._journal: list[tuple[int, bytes, StatementEntry | None]] = []
+        # The server's error just expected needs fixing (see fixed_error): for a Bind
+        # or Describe, the client's name for its statement, which the error names; for
+        # a refusal, b"" and the error to send instead in _error_replacement.
+        self.error_statement: bytes | None = None
+        self._error_replacement = b""
 
     # ---- attachment ---------------------------------------------------------
 
-    def attach(self, server: ServerStatements) -> None:
+    def attach(self, server: ServerStatements, replies: BackendScanner | None = None) -> None:
         self.server = server
+        self.server_replies = replies
         if self.expect.size:
             self.expect.clear()
+        if self._journal:
+            self._journal.clear()
         self.leading_queries = 0
         self.skipping = False
 
@@ -242,8 +316,13 @@ class BatchRewriter:
         if msg_type == codes.QUERY or msg_type == codes.FUNCTION_CALL:
             if self.expect.size:
                 self.expect.append(QUERY)
+                if msg_type == codes.QUERY and (self.unnamed is not None or self._journal):
+                    # Skipped if an error comes first in the batch: then it keeps it.
+                    self._record(b"", self.unnamed, self.unnamed is None)
             else:
                 self.leading_queries += 1
+            if msg_type == codes.QUERY:
+                self.unnamed = None  # a simple Query drops the unnamed statement
         return None  # Flush and anything else
 
     def _push(self, kind: int, payload: bytes = b"") -> None:
@@ -260,6 +339,49 @@ class BatchRewriter:
         expect.kinds.append(kind)
         expect.payloads.append(payload)
         expect.size += 1
+
+    def _record(self, name: bytes, previous: StatementEntry | None, same: bool = False) -> None:
+        """Journal a change to the client's names made by the message whose expected
+        reply was queued last (see _journal). `same`: the name keeps its meaning, which
+        only matters while earlier changes may still be undone."""
+        expect = self.expect
+        journal = self._journal
+        while journal and journal[0][0] < expect.popped:
+            del journal[0]  # answered without error: settled
+        if same and not journal:
+            return
+        journal.append((expect.popped + expect.size - 1, name, previous))
+
+    def _settle_error(self, failed: int) -> None:
+        """The server answered the entry numbered `failed` with an error and skipped
+        everything behind it up to the Sync now at the head of the queue: undo the
+        name changes of the messages that never ran, newest first. A name changed
+        again by a message after the Sync (sent before the error came back) keeps
+        that meaning; only what its change would restore is corrected."""
+        journal = self._journal
+        if not journal:
+            return
+        end = self.expect.popped  # the first entry that was not skipped
+        later = [record for record in journal if record[0] >= end]
+        for i in range(len(journal) - 1, -1, -1):
+            serial, name, previous = journal[i]
+            if serial < failed or serial >= end:
+                continue
+            if serial == failed and not name:
+                # A failing Parse of the unnamed statement has dropped the old one.
+                previous = None
+            for j in range(len(later)):
+                if later[j][1] == name:
+                    later[j] = (later[j][0], name, previous)
+                    break
+            else:
+                if not name:
+                    self.unnamed = previous
+                elif previous is None:
+                    self.named.pop(name, None)
+                else:
+                    self.named[name] = previous
+        self._journal = later
 
     def _query_ahead(self) -> bool:
         """A simple Query (or FunctionCall) sent earlier is still unanswered. It may be
@@ -296,37 +418,67 @@ class BatchRewriter:
 
     def _parse(self, body: bytes) -> bytes:
         name_end = _name_end(body, 0)
+        name = body[: name_end - 1] if name_end > 1 else b""
+        if name:
+            previous = self.named.get(name)
+            if previous is not None and not self._query_ahead():
+                # With a query ahead the name may be gone by now (a DISCARD ALL or
+                # DEALLOCATE): then the Parse replaces it.
+                return self._probe(body, name_end, HIDDEN_PROBE) + self._refuse(
+                    _duplicate_statement_error(name)
+                )
+        else:
+            previous = self.unnamed
         entry = self._last_parse_entry
         if entry is None or entry.evicted or body != self._last_parse:
             entry = self.registry.lookup(body, name_end, self.context)
             if len(body) <= _REMEMBERED_PARSE_MAX:
                 self._last_parse = body
                 self._last_parse_entry = entry
-        if name_end > 1:
-            self.named[body[: name_end - 1]] = entry
+        if name:
+            self.named[name] = entry
             entry.kinds |= 1  # registry.NAMED
-        else:
+        elif name_end:  # without its NUL the Parse fails without touching any name
             self.unnamed = entry
             entry.kinds |= 2  # registry.UNNAMED
         server = self.server
         assert server is not None
+        replies = self.server_replies
         if not server.has(entry.name):
-            return self._send_parse(entry, PARSE)
-        if self._query_ahead():
-            return self._parse_again(entry, PARSE)
-        entry.hits += 1
-        self._push(SYNTH, messages.PARSE_COMPLETE)
-        return b""
+            out = self._send_parse(entry, PARSE)
+        elif self._query_ahead():
+            out = self._parse_again(entry, PARSE)
+        elif replies is not None and replies.status == codes.TX_FAILED:
+            # In a failed transaction PostgreSQL refuses the Parse (unless it is a
+            # COMMIT or ROLLBACK): let it answer.
+            out = self._probe(body, name_end, PROBE)
+        else:
+            entry.hits += 1
+            self._push(SYNTH, messages.PARSE_COMPLETE)
+            if previous is not entry or self._journal:
+                self._record(name, previous, previous is entry)
+            return b""
+        if name_end:
+            self._record(name, previous)
+        return out
+
+    def _probe(self, body: bytes, name_end: int, kind: int) -> bytes:
+        """The client's Parse (`body`), renamed to the server's unnamed statement."""
+        self._push(kind)
+        length = len(body) - name_end + 5
+        return b"".join((b"P", length.to_bytes(4, "big"), b"\x00", body[name_end:]))
 
     def _resolve(self, name: bytes) -> StatementEntry | None:
         return self.named.get(name) if name else self.unnamed
 
     def _refuse(self, error: bytes) -> bytes:
-        # Answer the message with `error` and skip the rest of the batch up to Sync,
-        # as PostgreSQL does after an error in the extended protocol.
-        self._push(SYNTH, error)
+        """Answer the message with `error`. The server fails at the same place, on a
+        Describe of a statement that does not exist: it skips the rest of the batch up
+        to Sync and fails the transaction, as PostgreSQL would have for the client's
+        message, and so does the rewriter."""
+        self._push(REFUSED, error)
         self.skipping = True
-        return b""
+        return _DESCRIBE_NOTHING
 
     def _missing(self, name: bytes) -> bytes:
         # Never forward an unknown name: it could collide with a server-side name.
@@ -335,8 +487,8 @@ class BatchRewriter:
     def server_reset(self) -> None:
         """The server dropped all its statements (DISCARD ALL or DEALLOCATE ALL) at
         this point of its replies, with client messages still queued behind: it has
-        only those whose Parse is among them. The client's own names stay, since which
-        of them came before the command is not known."""
+        only those whose Parse is among them. The client keeps only the names set by
+        the messages behind the command, which are still in the journal."""
         server = self.server
         assert server is not None
         server.clear()
@@ -346,11 +498,43 @@ class BatchRewriter:
             kind = kinds[i]
             if kind == PARSE or kind == HIDDEN_PARSE:
                 server.restore(payloads[i])
+        command = expect.popped  # the reset's own entry
+        named = self.named
+        kept: dict[bytes, StatementEntry] = {}
+        unnamed: StatementEntry | None = None
+        journal = self._journal
+        for i in range(len(journal)):
+            serial, name, _ = journal[i]
+            if serial <= command:
+                continue
+            if not name:
+                unnamed = self.unnamed
+            elif name in named:
+                kept[name] = named[name]
+            # Undone, the change leaves the name as the reset left it: unset.
+            journal[i] = (serial, name, None)
+        self.named = kept
+        self.unnamed = unnamed
 
     def forget_statements(self) -> None:
         """The client's names after DEALLOCATE ALL or DISCARD ALL: none."""
         self.named.clear()
         self.unnamed = None
+        self._journal.clear()
+
+    def fixed_error(self, body: bytes) -> bytes | None:
+        """What to send the client instead of the ErrorResponse `body` the server just
+        sent (None: pass it on). A refusal's error is replaced by the pooler's own; a
+        Bind's or Describe's names the statement by the client's name."""
+        name = self.error_statement
+        if name is None:
+            return None
+        self.error_statement = None
+        if not name and self._error_replacement:
+            replacement = self._error_replacement
+            self._error_replacement = b""
+            return replacement
+        return _rename_in_error(body, name)
 
     def _invalid(self, text: str) -> bytes:
         # A malformed message: PostgreSQL's own answer.
@@ -358,7 +542,8 @@ class BatchRewriter:
 
     def _statement_name(self, body: bytes) -> bytes | None:
         """The name in a Describe or Close of a statement (b"S" name NUL), or None
-        when the message is malformed (answered as PostgreSQL would)."""
+        when the message is malformed: then it is refused (see _refuse) with
+        PostgreSQL's answer, and the caller sends the refusal's message."""
         name_end = _name_end(body, 1)
         if not name_end:
             self._invalid("invalid string in message")
@@ -373,11 +558,12 @@ class BatchRewriter:
         name_end = _name_end(body, portal_end) if portal_end else 0
         if not name_end:
             return self._invalid("invalid string in message")
-        entry = self._resolve(body[portal_end : name_end - 1])
+        client_name = body[portal_end : name_end - 1]
+        entry = self._resolve(client_name)
         if entry is None:
-            return self._missing(body[portal_end : name_end - 1])
+            return self._missing(client_name)
         prefix = self._ensure_on_server(entry)
-        self._push(BIND)
+        self._push(BIND, client_name)
         name = entry.name
         # One join instead of a chain of concatenations: this runs for every Bind.
         length = len(body) - (name_end - portal_end) + len(name) + 5
@@ -390,12 +576,12 @@ class BatchRewriter:
             return None
         name = self._statement_name(body)
         if name is None:
-            return b""
+            return _DESCRIBE_NOTHING  # refused: see _statement_name
         entry = self._resolve(name)
         if entry is None:
             return self._missing(name)
         prefix = self._ensure_on_server(entry)
-        self._push(DESCRIBE_S)
+        self._push(DESCRIBE_S, name)
         return prefix + messages.build(b"D", b"S" + entry.name + b"\x00")
 
     def _close(self, body: bytes) -> bytes | None:
@@ -404,13 +590,16 @@ class BatchRewriter:
             return None
         name = self._statement_name(body)
         if name is None:
-            return b""
+            return _DESCRIBE_NOTHING  # refused: see _statement_name
         if name:
-            self.named.pop(name, None)
+            previous = self.named.pop(name, None)
         else:
+            previous = self.unnamed
             self.unnamed = None
         # The server-side statement stays for others; the client gets its CloseComplete.
         self._push(SYNTH, messages.CLOSE_COMPLETE)
+        if previous is not None or self._journal:
+            self._record(name, previous, previous is None)
         return b""
 
     def _sync(self, sync: bytes) -> bytes | None:
@@ -445,8 +634,16 @@ class BatchRewriter:
         if msg_type == codes.ERROR_RESPONSE:
             if kind == QUERY:
                 return action  # a simple query's error; its ReadyForQuery follows
-            self._undo(kind, expect.popleft())
+            failed = expect.popped
+            payload = expect.popleft()
+            if kind == BIND or kind == DESCRIBE_S:
+                self.error_statement = payload
+            elif kind == REFUSED:
+                self.error_statement = b""
+                self._error_replacement = payload
+            self._undo(kind, payload)
             self._skip_to_sync()
+            self._settle_error(failed)
             return action
         if msg_type == codes.READY_FOR_QUERY:
             if kind == SYNC or kind == QUERY:
@@ -462,11 +659,13 @@ class BatchRewriter:
             return action
         if kind == PARSE:
             ok = msg_type == codes.PARSE_COMPLETE
-        elif kind == HIDDEN_PARSE:
+        elif kind == HIDDEN_PARSE or kind == HIDDEN_PROBE:
             if msg_type == codes.PARSE_COMPLETE:
                 expect.popleft()
                 return action | DROP
             ok = False
+        elif kind == PROBE:
+            ok = msg_type == codes.PARSE_COMPLETE
         elif kind == BIND:
             ok = msg_type == codes.BIND_COMPLETE
         elif kind == DESCRIBE_S:
@@ -512,11 +711,7 @@ class BatchRewriter:
         expect = self.expect
         prefix = self._prefix
         while expect.size and expect.kinds[expect.head] == SYNTH:
-            payload = expect.popleft()
-            prefix.append(payload)
-            if payload[:1] == b"E":
-                # Our own error: PostgreSQL would skip to Sync from here as well.
-                self._skip_to_sync()
+            prefix.append(expect.popleft())
 
     def _skip_to_sync(self) -> None:
         """After an error the server ignores everything up to Sync: so do we."""
@@ -524,6 +719,11 @@ class BatchRewriter:
         while expect.size and expect.kinds[expect.head] != SYNC:
             kind = expect.kinds[expect.head]
             self._undo(kind, expect.popleft())
+        if not expect.size:
+            # The client has not sent the Sync yet: the server ignores everything
+            # until it comes, and so must the rewriter, or it would expect replies
+            # that never come and answer for messages that never ran.
+            self.skipping = True
 
     def _undo(self, kind: int, payload: bytes) -> None:
         server = self.server
@@ -549,3 +749,4 @@ class BatchRewriter:
         self.desynced = True
         if self.expect.size:
             self.expect.clear()
+        self._journal.clear()

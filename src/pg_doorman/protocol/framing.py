@@ -283,6 +283,13 @@ class BackendScanner(_Stream):
                 self.in_copy = False
                 self.error_count += 1
                 self.last_error = data[pos + 5 : end]
+                if hook is not None and hook.error_statement is not None:
+                    fixed = hook.fixed_error(self.last_error)
+                    if fixed is not None:
+                        if parts is None:
+                            parts = []
+                        parts += (data[start:pos], fixed)
+                        start = end
             elif msg_type == _S:
                 self._parameter_status(data[pos + 5 : end])
             elif msg_type == _G:
