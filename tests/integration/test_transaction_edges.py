@@ -4,6 +4,7 @@ messages too large for one read."""
 
 from __future__ import annotations
 
+import functools
 import socket
 import threading
 import time
@@ -515,3 +516,59 @@ def test_a_name_set_again_behind_a_failed_batch_keeps_its_new_meaning(
     assert w.rows(direct[-1]) == [("again",)]
     assert w.first_error(direct[-1]) is not None  # "s" was closed by the second batch
     assert [w.comparable(a) for a in pooled] == [w.comparable(a) for a in direct]
+
+
+def test_deallocate_inside_a_transaction_answered_as_postgresql_does(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """pgx deallocates evicted statements with SQL, inside transactions too. The server
+    does not know the client's name, so the pooler answers; in a failed block the
+    server's 25P02 comes first. Sent whole and one byte per write."""
+    proc = pooler(pools=one_user_pool(pg, 1))
+
+    def exchange(conn: w.PgWire, trickle: bool) -> list[list[w.Message]]:
+        def send(data: bytes) -> None:
+            if trickle:
+                for i in range(len(data)):
+                    conn.send_raw(data[i : i + 1])
+            else:
+                conn.send_raw(data)
+
+        answers = []
+        conn.send_raw(w.parse("gone", "select 1") + w.parse("kept", "select 2") + w.sync())
+        answers.append(conn.read_until_ready())
+        conn.send_raw(w.query("begin"))
+        answers.append(conn.read_until_ready())
+        send(w.query("DEALLOCATE gone"))
+        answers.append(conn.read_until_ready())
+        send(w.query("deallocate gone"))  # now unknown: PostgreSQL's error
+        answers.append(conn.read_until_ready())
+        send(w.query("deallocate kept"))  # the block has failed: 25P02
+        answers.append(conn.read_until_ready())
+        conn.send_raw(w.query("rollback"))
+        answers.append(conn.read_until_ready())
+        conn.send_raw(w.query("begin"))
+        answers.append(conn.read_until_ready())
+        send(w.query("deallocate kept"))
+        answers.append(conn.read_until_ready())
+        conn.send_raw(w.bind("", "kept") + w.execute() + w.sync())  # deallocated
+        answers.append(conn.read_until_ready())
+        conn.send_raw(w.query("commit"))
+        answers.append(conn.read_until_ready())
+        return answers
+
+    for trickle in (False, True):
+        direct, pooled = on_both(pg, proc, functools.partial(exchange, trickle=trickle))
+        assert [w.msg_types(a) for a in direct] == [
+            "11Z",
+            "CZ",
+            "CZ",
+            "EZ",
+            "EZ",
+            "CZ",
+            "CZ",
+            "CZ",
+            "EZ",
+            "CZ",
+        ]
+        assert [w.comparable(a) for a in pooled] == [w.comparable(a) for a in direct]

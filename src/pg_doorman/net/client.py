@@ -90,8 +90,7 @@ _WAITING_BACKLOG: Final = 64 * 1024
 # CopyDone), and a Flush has nothing to flush. Checking a server out for them would
 # hold it with no ReadyForQuery to give it back: they are dropped instead.
 _DROPPED_BETWEEN: Final = codes.type_table(b"cdfH")
-# First bytes of a Query that could be DEALLOCATE (checked before the regex runs).
-_MAY_BE_DEALLOCATE: Final = codes.type_table(b"dD \t\n\r")
+_MAY_BE_DEALLOCATE: Final = codes.MAY_START_DEALLOCATE
 # Names that may be spliced into SET statements; anything else is refused at login.
 _GUC_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?")
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+from pg_doorman.protocol import codes
+
 _DEALLOCATE = re.compile(
     rb'\s*deallocate\s+(?:prepare\s+)?(?:(all)|"((?:[^"]|"")+)"|([A-Za-z_][A-Za-z0-9_$]*))\s*;?\s*',
     re.IGNORECASE,
@@ -19,7 +21,7 @@ def parse_deallocate(query: bytes) -> tuple[bool, bytes] | None:
 
     `query` is the Query message body without its trailing NUL.
     """
-    if len(query) > 200:
+    if len(query) >= codes.DEALLOCATE_MAX:
         return None
     match = _DEALLOCATE.fullmatch(query)
     if match is None:

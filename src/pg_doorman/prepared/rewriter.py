@@ -17,6 +17,7 @@ import logging
 import re
 from typing import TYPE_CHECKING, Final
 
+from pg_doorman.prepared.deallocate import parse_deallocate
 from pg_doorman.prepared.registry import PoolStatements, ServerStatements, StatementEntry
 from pg_doorman.protocol import codes, messages, sqlstate
 
@@ -176,6 +177,10 @@ def close_statement(name: bytes) -> bytes:
 
 
 _UNNAMED_MISSING: Final = "unnamed prepared statement does not exist"
+_MAY_BE_DEALLOCATE: Final = codes.MAY_START_DEALLOCATE
+_DEALLOCATED_IN_BLOCK: Final = (
+    messages.command_complete("DEALLOCATE") + messages.READY_IN_TRANSACTION
+)
 # No server statement has this name: the rewriter only creates DOORMAN_<16 hex digits>.
 _DESCRIBE_NOTHING: Final = messages.build(b"D", b"SDOORMAN_refused\x00")
 
@@ -229,6 +234,7 @@ class BatchRewriter:
         "_last_parse",
         "_last_parse_entry",
         "_prefix",
+        "answered_here",
         "context",
         "desynced",
         "error_statement",
@@ -275,6 +281,9 @@ class BatchRewriter:
         # a refusal, b"" and the error to send instead in _error_replacement.
         self.error_statement: bytes | None = None
         self._error_replacement = b""
+        # The message frontend() was just given is answered by the rewriter alone and
+        # must not be counted as owing a ReadyForQuery (read and reset by the scanner).
+        self.answered_here = False
 
     # ---- attachment ---------------------------------------------------------
 
@@ -314,6 +323,14 @@ class BatchRewriter:
         if msg_type == codes.CLOSE:
             return self._close(data[pos + 5 : end])
         if msg_type == codes.QUERY or msg_type == codes.FUNCTION_CALL:
+            if (
+                msg_type == codes.QUERY
+                and self.named
+                and 5 < end - pos <= codes.DEALLOCATE_MAX + 5
+                and _MAY_BE_DEALLOCATE[data[pos + 5]]
+                and self._deallocate_here(data[pos + 5 : end])
+            ):
+                return b""
             if self.expect.size:
                 self.expect.append(QUERY)
                 if msg_type == codes.QUERY and (self.unnamed is not None or self._journal):
@@ -324,6 +341,28 @@ class BatchRewriter:
             if msg_type == codes.QUERY:
                 self.unnamed = None  # a simple Query drops the unnamed statement
         return None  # Flush and anything else
+
+    def _deallocate_here(self, body: bytes) -> bool:
+        """A `DEALLOCATE name` of one of the client's statements inside a transaction
+        block, with nothing in flight: the server does not know the client's name, so
+        the rewriter answers as PostgreSQL would. In a failed block the server answers
+        (25P02, before it looks at the name); DEALLOCATE ALL runs on the server."""
+        replies = self.server_replies
+        if (
+            self.expect.size
+            or self.leading_queries
+            or replies is None
+            or replies.status != codes.TX_IN_BLOCK
+            or body[-1:] != b"\x00"
+        ):
+            return False
+        parsed = parse_deallocate(body[:-1])
+        if parsed is None or parsed[0] or self.named.pop(parsed[1], None) is None:
+            return False
+        self.unnamed = None  # as any simple Query drops it
+        self._push(SYNTH, _DEALLOCATED_IN_BLOCK)
+        self.answered_here = True
+        return True
 
     def _push(self, kind: int, payload: bytes = b"") -> None:
         expect = self.expect

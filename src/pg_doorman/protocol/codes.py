@@ -77,3 +77,10 @@ def type_table(types: Iterable[int]) -> bytes:
     for code in types:
         table[code] = 1
     return bytes(table)
+
+
+# First bytes of a Query text that could be a DEALLOCATE, which the pooler may answer
+# itself (checked before the text is parsed).
+MAY_START_DEALLOCATE: Final = type_table(b"dD \t\n\r")
+# Longest Query body the pooler reads as a DEALLOCATE (prepared/deallocate.py).
+DEALLOCATE_MAX: Final = 201

@@ -338,6 +338,8 @@ _FRONTEND_VALID: Final = codes.type_table(b"BCDEFHPQSXcdfp")
 # Messages a rewriter sees; the first five it needs whole.
 _REWRITTEN: Final = codes.type_table(b"PBDCSEHQF")
 _REWRITTEN_WHOLE: Final = codes.type_table(b"PBDCS")
+_MAY_BE_DEALLOCATE: Final = codes.MAY_START_DEALLOCATE
+_DEALLOCATE_MAX: Final = codes.DEALLOCATE_MAX
 
 
 class FrontendScanner(_Stream):
@@ -416,8 +418,16 @@ class FrontendScanner(_Stream):
             end = pos + 1 + length
             if rewriter is not None and _REWRITTEN[msg_type]:
                 skipping = rewriter.skipping
-                if end > n and (skipping or _REWRITTEN_WHOLE[msg_type]):
-                    break  # rewriting needs the whole message
+                if end > n and (
+                    skipping
+                    or _REWRITTEN_WHOLE[msg_type]
+                    or (
+                        msg_type == _QUERY
+                        and length <= _DEALLOCATE_MAX + 4
+                        and (pos + 5 >= n or _MAY_BE_DEALLOCATE[data[pos + 5]] == 1)
+                    )
+                ):
+                    break  # rewriting needs the whole message (a Query: if a DEALLOCATE)
                 if skipping and msg_type != _SYNC:
                     # Ignored, as PostgreSQL ignores messages after an error until Sync.
                     if parts is None:
@@ -431,6 +441,11 @@ class FrontendScanner(_Stream):
                         parts = []
                     parts += (data[start:pos], replacement)
                     start = end
+                    if rewriter.answered_here:
+                        # A Query the rewriter answered: no reply comes from the server.
+                        rewriter.answered_here = False
+                        pos = end
+                        continue
             if msg_type == _SYNC or msg_type == _QUERY or msg_type == _FUNCTION_CALL:
                 if msg_type == _SYNC:
                     if not self.copy_in:  # the backend ignores Sync during copy-in
