@@ -156,6 +156,8 @@ _REMEMBERED_PARSE_MAX: Final = 8192
 
 # Stands for an empty queue until the first expectation; never appended to.
 _NOTHING_EXPECTED: Final = Expectations()
+# Likewise for an empty journal (BatchRewriter._journal): most clients never need one.
+_NOTHING_JOURNALED: Final[list[tuple[int, bytes, StatementEntry | None]]] = []
 
 
 def _name_end(body: bytes, start: int) -> int:
@@ -275,7 +277,7 @@ class BatchRewriter:
         # yet, oldest first: (serial of the expected reply that confirms the change,
         # name (b"" for the unnamed statement), what the name meant before). PostgreSQL
         # skips a message after an error, or rejects it: then the change is undone.
-        self._journal: list[tuple[int, bytes, StatementEntry | None]] = []
+        self._journal: list[tuple[int, bytes, StatementEntry | None]] = _NOTHING_JOURNALED
         # The server's error just expected needs fixing (see fixed_error): for a Bind
         # or Describe, the client's name for its statement, which the error names; for
         # a refusal, b"" and the error to send instead in _error_replacement.
@@ -389,6 +391,8 @@ class BatchRewriter:
             del journal[0]  # answered without error: settled
         if same and not journal:
             return
+        if journal is _NOTHING_JOURNALED:
+            self._journal = journal = []
         journal.append((expect.popped + expect.size - 1, name, previous))
 
     def _settle_error(self, failed: int) -> None:
