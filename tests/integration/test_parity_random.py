@@ -2,8 +2,8 @@
 PostgreSQL.
 
 Each program is a seeded sequence of batches from three clients that share a pool of
-two servers, so a client's statements keep landing on servers that have not seen them
-and its batches interleave with other clients' on the same server. Every batch is sent
+two servers (or one), so a client's statements keep landing on servers that have not
+seen them and its batches interleave with other clients' on the same server. Every batch is sent
 as one write and answered in full before the next one; the same batches go to three
 direct connections, and each batch's reply must be PostgreSQL's, message for message.
 A failure names the seed and the batch, and lists the program up to it.
@@ -22,7 +22,7 @@ from helpers.both import connect
 from helpers.pooler import PoolerFactory, PoolerProcess
 
 CLIENTS = 3
-POOL_SIZE = 2
+POOL_SIZES = (2, 1)
 BATCHES = 60
 SEEDS = range(120)
 
@@ -101,14 +101,18 @@ def random_batch(rng: random.Random, in_transaction: bool) -> tuple[str, bytes]:
     return " ".join(parts), data + w.sync()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=POOL_SIZES, ids=lambda size: f"{size}-servers")
 def random_pooler(
-    pg: ExamplePostgres, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[PoolerProcess]:
+    request: pytest.FixtureRequest,
+    pg: ExamplePostgres,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[PoolerProcess, int]]:
+    """A pooler whose pool has `request.param` servers, and that number."""
+    size: int = request.param
     factory = PoolerFactory(pg, tmp_path_factory.mktemp("parity-random"))
-    users = [{"username": pg.md5_user.name, "pool_size": POOL_SIZE}]
+    users = [{"username": pg.md5_user.name, "pool_size": size}]
     proc = factory(pools={"example_db": {"users": users}})
-    yield proc
+    yield proc, size
     problems = factory.close()
     assert not problems, problems
 
@@ -121,28 +125,32 @@ def failed_transaction_deviation(direct: list[w.Reply], pooled: list[w.Reply]) -
         return False
     for mine, theirs in zip(pooled, direct, strict=True):
         if mine != theirs:
-            return mine[0] == theirs[0] == b"E" and ("C", "25P02") in mine[1]  # type: ignore[operator]
+            fields = mine[1]
+            return theirs[0] == b"E" and isinstance(fields, list) and ("C", "25P02") in fields
     return True
 
 
-def next_client(rng: random.Random, direct: list[w.PgWire]) -> int:
+def next_client(rng: random.Random, direct: list[w.PgWire], servers: int) -> int:
     """Any client, unless as many are inside a transaction as the pool has servers:
     then one of those, so that no batch waits for a server held by an idle client."""
     holding = [i for i, conn in enumerate(direct) if conn.status != "I"]
-    if len(holding) >= POOL_SIZE:
+    if len(holding) >= servers:
         return rng.choice(holding)
     return rng.randrange(len(direct))
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_random_program(pg: ExamplePostgres, random_pooler: PoolerProcess, seed: int) -> None:
+def test_random_program(
+    pg: ExamplePostgres, random_pooler: tuple[PoolerProcess, int], seed: int
+) -> None:
+    proc, servers = random_pooler
     rng = random.Random(seed)
     direct = [connect(pg, pg) for _ in range(CLIENTS)]
-    pooled = [connect(random_pooler, pg) for _ in range(CLIENTS)]
+    pooled = [connect(proc, pg) for _ in range(CLIENTS)]
     program: list[str] = []
     try:
         for step in range(BATCHES):
-            client = next_client(rng, direct)
+            client = next_client(rng, direct, servers)
             text, data = random_batch(rng, direct[client].status != "I")
             program.append(f"  {step:2d} client {client}: {text}")
             answers = []
