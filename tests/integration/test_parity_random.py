@@ -25,6 +25,8 @@ CLIENTS = 3
 POOL_SIZES = (2, 1)
 BATCHES = 60
 SEEDS = range(120)
+FLUSH_BATCHES = 30
+FLUSH_SEEDS = range(30)
 
 STATEMENT_NAMES = ("", "", "s1", "s2", "s3")
 PORTAL_NAMES = ("", "", "p1")
@@ -57,9 +59,14 @@ QUERIES = (
 )
 
 
-def random_batch(rng: random.Random, in_transaction: bool) -> tuple[str, bytes]:
-    """One batch: a simple Query, or extended-protocol messages ending in Sync."""
-    if rng.random() < 0.2:
+def random_batch(
+    rng: random.Random, in_transaction: bool, batch_open: bool = False, flushes: bool = False
+) -> tuple[str, bytes]:
+    """One batch: a simple Query, or extended-protocol messages ending in Sync (or, with
+    `flushes`, sometimes in Flush, leaving the batch open). An open batch goes on with
+    extended-protocol messages: a Query there would be ignored after an error, and
+    then nothing would answer it."""
+    if not batch_open and rng.random() < 0.2:
         sql = rng.choice(QUERIES)
         if in_transaction and (sql == "discard all" or sql.startswith("deallocate s")):
             # Either can fail inside a transaction block (DEALLOCATE when the name is
@@ -97,6 +104,9 @@ def random_batch(rng: random.Random, in_transaction: bool) -> tuple[str, bytes]:
             closed = name if target == "S" else rng.choice(PORTAL_NAMES)
             parts.append(f"Close({target!r}, {closed!r})")
             data += w.close(target, closed)
+    if flushes and rng.random() < 0.3:
+        parts.append("Flush")
+        return " ".join(parts), data + w.flush()
     parts.append("Sync")
     return " ".join(parts), data + w.sync()
 
@@ -117,11 +127,14 @@ def random_pooler(
     assert not problems, problems
 
 
-def failed_transaction_deviation(direct: list[w.Reply], pooled: list[w.Reply]) -> bool:
+def failed_transaction_deviation(
+    direct: list[w.Reply], pooled: list[w.Reply], failed_before: bool
+) -> bool:
     """The documented deviation (docs/prepared-statements.md): in a failed transaction
     a statement the server lacks cannot be prepared there, so a Bind or Describe of it
     gets 25P02 where PostgreSQL would first find another fault in the message."""
-    if len(direct) != len(pooled) or direct[-1] != (b"Z", b"E"):
+    failed = failed_before or direct[-1:] == [(b"Z", b"E")]
+    if len(direct) != len(pooled) or not failed:
         return False
     for mine, theirs in zip(pooled, direct, strict=True):
         if mine != theirs:
@@ -130,34 +143,76 @@ def failed_transaction_deviation(direct: list[w.Reply], pooled: list[w.Reply]) -
     return True
 
 
-def next_client(rng: random.Random, direct: list[w.PgWire], servers: int) -> int:
-    """Any client, unless as many are inside a transaction as the pool has servers:
-    then one of those, so that no batch waits for a server held by an idle client."""
-    holding = [i for i, conn in enumerate(direct) if conn.status != "I"]
+def next_client(
+    rng: random.Random, direct: list[w.PgWire], servers: int, batch_open: list[bool]
+) -> int:
+    """Any client, unless as many hold a server (inside a transaction, or a batch
+    left open by a Flush) as the pool has: then one of those, so that no batch waits
+    for a server held by an idle client."""
+    holding = [i for i, conn in enumerate(direct) if conn.status != "I" or batch_open[i]]
     if len(holding) >= servers:
         return rng.choice(holding)
     return rng.randrange(len(direct))
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_random_program(
-    pg: ExamplePostgres, random_pooler: tuple[PoolerProcess, int], seed: int
+def read_quietly(conn: w.PgWire, first: float) -> list[w.Message]:
+    """Messages until none comes for a moment (`first`: how long to wait for one)."""
+    out: list[w.Message] = []
+    wait = first
+    while True:
+        try:
+            out.append(conn.read_message(wait))
+        except TimeoutError:
+            return out
+        wait = 0.02
+
+
+def read_flushed(
+    direct: w.PgWire, pooled: w.PgWire, skipping: bool
+) -> tuple[list[w.Message], list[w.Message]]:
+    """Replies to a batch that ended in Flush. PostgreSQL answers each message (in one
+    write, at the Flush) unless it is skipping to Sync after an error: then nothing.
+    The pooler must send as many messages, and no more."""
+    got = read_quietly(direct, 0.02 if skipping else 5.0)
+    mine = [pooled.read_message(5.0) for _ in got] + read_quietly(pooled, 0.02)
+    return got, mine
+
+
+def run_program(
+    pooler: tuple[PoolerProcess, int],
+    pg: ExamplePostgres,
+    seed: int,
+    batches: int,
+    flushes: bool,
 ) -> None:
-    proc, servers = random_pooler
+    proc, servers = pooler
     rng = random.Random(seed)
     direct = [connect(pg, pg) for _ in range(CLIENTS)]
     pooled = [connect(proc, pg) for _ in range(CLIENTS)]
+    batch_open = [False] * CLIENTS
+    skipping = [False] * CLIENTS  # an open batch had an error: the rest is ignored
     program: list[str] = []
     try:
-        for step in range(BATCHES):
-            client = next_client(rng, direct, servers)
-            text, data = random_batch(rng, direct[client].status != "I")
+        for step in range(batches):
+            client = next_client(rng, direct, servers, batch_open)
+            text, data = random_batch(
+                rng, direct[client].status != "I", batch_open[client], flushes
+            )
             program.append(f"  {step:2d} client {client}: {text}")
-            answers = []
-            for conn in (direct[client], pooled[client]):
-                conn.send_raw(data)
-                answers.append(w.comparable(conn.read_until_ready()))
-            if answers[0] != answers[1] and not failed_transaction_deviation(*answers):
+            failed_before = direct[client].status == "E"
+            direct[client].send_raw(data)
+            pooled[client].send_raw(data)
+            batch_open[client] = text.endswith("Flush")
+            if batch_open[client]:
+                got, mine = read_flushed(direct[client], pooled[client], skipping[client])
+                skipping[client] = skipping[client] or b"E" in w.msg_types(got).encode()
+            else:
+                got, mine = direct[client].read_until_ready(), pooled[client].read_until_ready()
+                skipping[client] = False
+            answers = (w.comparable(got), w.comparable(mine))
+            if answers[0] != answers[1] and not failed_transaction_deviation(
+                *answers, failed_before
+            ):
                 listing = "\n".join(program)
                 pytest.fail(
                     f"seed {seed}, batch {step} differs\n"
@@ -166,3 +221,19 @@ def test_random_program(
     finally:
         for conn in direct + pooled:
             conn.close()
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_random_program(
+    pg: ExamplePostgres, random_pooler: tuple[PoolerProcess, int], seed: int
+) -> None:
+    run_program(random_pooler, pg, seed, BATCHES, flushes=False)
+
+
+@pytest.mark.parametrize("seed", FLUSH_SEEDS)
+def test_random_program_with_flushes(
+    pg: ExamplePostgres, random_pooler: tuple[PoolerProcess, int], seed: int
+) -> None:
+    """Some batches end in Flush and go on in the next write, as drivers do that
+    prepare with Parse, Describe and Flush (asyncpg) or pipeline without Sync."""
+    run_program(random_pooler, pg, seed, FLUSH_BATCHES, flushes=True)
