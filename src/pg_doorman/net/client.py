@@ -28,7 +28,6 @@ from pg_doorman.auth.scram import (
 )
 from pg_doorman.net.suspend import SUSPEND
 from pg_doorman.pool.pool import AcquireError, Pool
-from pg_doorman.prepared.deallocate import parse_deallocate
 from pg_doorman.prepared.rewriter import BatchRewriter
 from pg_doorman.protocol import codes, messages, sqlstate
 from pg_doorman.protocol.framing import CLEAN_PREPARE, FrontendScanner, MessageBuffer
@@ -91,6 +90,7 @@ _WAITING_BACKLOG: Final = 64 * 1024
 # hold it with no ReadyForQuery to give it back: they are dropped instead.
 _DROPPED_BETWEEN: Final = codes.type_table(b"cdfH")
 _MAY_BE_DEALLOCATE: Final = codes.MAY_START_DEALLOCATE
+_DEALLOCATE_MAX: Final = codes.DEALLOCATE_MAX
 # Names that may be spliced into SET statements; anything else is refused at login.
 _GUC_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?")
 
@@ -779,7 +779,7 @@ class ClientConnection(asyncio.Protocol):
                 continue
             if (
                 msg_type == codes.QUERY
-                and length < 205
+                and length <= _DEALLOCATE_MAX + 4
                 and (n == 5 or _MAY_BE_DEALLOCATE[buf[5]])  # n == 5: its text is yet to come
                 and self.rewriter is not None
             ):
@@ -819,17 +819,8 @@ class ClientConnection(asyncio.Protocol):
         client's name; anything else (SQL-level PREPAREs) goes to the server."""
         rewriter = self.rewriter
         assert rewriter is not None
-        parsed = parse_deallocate(query)
-        if parsed is None:
-            return None
-        deallocate_all, name = parsed
-        if deallocate_all:
-            rewriter.forget_statements()
-            return messages.command_complete("DEALLOCATE ALL") + messages.READY_IDLE
-        if rewriter.named.pop(name, None) is None:
-            return None
-        rewriter.unnamed = None  # as any simple Query drops it
-        return messages.command_complete("DEALLOCATE") + messages.READY_IDLE
+        reply = rewriter.deallocate(query, all_too=True)
+        return None if reply is None else reply + messages.READY_IDLE
 
     def _start(self, server: ServerConnection, data: bytes, now: float) -> None:
         """Begin a transaction on a server just checked out (at `now`)."""

@@ -180,9 +180,9 @@ def close_statement(name: bytes) -> bytes:
 
 _UNNAMED_MISSING: Final = "unnamed prepared statement does not exist"
 _MAY_BE_DEALLOCATE: Final = codes.MAY_START_DEALLOCATE
-_DEALLOCATED_IN_BLOCK: Final = (
-    messages.command_complete("DEALLOCATE") + messages.READY_IN_TRANSACTION
-)
+# BatchRewriter.error_fix: what to do with the server's next ErrorResponse.
+_RENAME_IN_ERROR: Final = 1
+_REPLACE_ERROR: Final = 2
 # No server statement has this name: the rewriter only creates DOORMAN_<16 hex digits>.
 _DESCRIBE_NOTHING: Final = messages.build(b"D", b"SDOORMAN_refused\x00")
 
@@ -231,7 +231,7 @@ class BatchRewriter:
     """Statement mapping of one client plus the response queue of its current server."""
 
     __slots__ = (
-        "_error_replacement",
+        "_error_fix_payload",
         "_journal",
         "_last_parse",
         "_last_parse_entry",
@@ -239,7 +239,7 @@ class BatchRewriter:
         "answered_here",
         "context",
         "desynced",
-        "error_statement",
+        "error_fix",
         "expect",
         "leading_queries",
         "named",
@@ -278,11 +278,11 @@ class BatchRewriter:
         # name (b"" for the unnamed statement), what the name meant before). PostgreSQL
         # skips a message after an error, or rejects it: then the change is undone.
         self._journal: list[tuple[int, bytes, StatementEntry | None]] = _NOTHING_JOURNALED
-        # The server's error just expected needs fixing (see fixed_error): for a Bind
-        # or Describe, the client's name for its statement, which the error names; for
-        # a refusal, b"" and the error to send instead in _error_replacement.
-        self.error_statement: bytes | None = None
-        self._error_replacement = b""
+        # The server's error just expected needs fixing (see fixed_error): a Bind's or
+        # Describe's names the statement, renamed to the client's name in the payload;
+        # a refusal's is replaced by the payload.
+        self.error_fix = 0
+        self._error_fix_payload = b""
         # The message frontend() was just given is answered by the rewriter alone and
         # must not be counted as owing a ReadyForQuery (read and reset by the scanner).
         self.answered_here = False
@@ -358,13 +358,32 @@ class BatchRewriter:
             or body[-1:] != b"\x00"
         ):
             return False
-        parsed = parse_deallocate(body[:-1])
-        if parsed is None or parsed[0] or self.named.pop(parsed[1], None) is None:
+        reply = self.deallocate(body[:-1], all_too=False)
+        if reply is None:
             return False
-        self.unnamed = None  # as any simple Query drops it
-        self._push(SYNTH, _DEALLOCATED_IN_BLOCK)
+        self._push(SYNTH, reply + messages.READY_IN_TRANSACTION)
         self.answered_here = True
         return True
+
+    def deallocate(self, query: bytes, all_too: bool) -> bytes | None:
+        """The CommandComplete for a simple-query DEALLOCATE (`query`, the text without
+        its NUL) of the client's protocol-level statements, which no server knows by
+        the client's names, after forgetting them; None when it is something else (an
+        SQL-level PREPARE's name, or DEALLOCATE ALL unless `all_too`): the server
+        answers it."""
+        parsed = parse_deallocate(query)
+        if parsed is None:
+            return None
+        deallocate_all, name = parsed
+        if deallocate_all:
+            if not all_too:
+                return None
+            self.forget_statements()
+            return messages.command_complete("DEALLOCATE ALL")
+        if self.named.pop(name, None) is None:
+            return None
+        self.unnamed = None  # as any simple Query drops it
+        return messages.command_complete("DEALLOCATE")
 
     def _push(self, kind: int, payload: bytes = b"") -> None:
         expect = self.expect
@@ -569,15 +588,15 @@ class BatchRewriter:
         """What to send the client instead of the ErrorResponse `body` the server just
         sent (None: pass it on). A refusal's error is replaced by the pooler's own; a
         Bind's or Describe's names the statement by the client's name."""
-        name = self.error_statement
-        if name is None:
-            return None
-        self.error_statement = None
-        if not name and self._error_replacement:
-            replacement = self._error_replacement
-            self._error_replacement = b""
-            return replacement
-        return _rename_in_error(body, name)
+        fix = self.error_fix
+        payload = self._error_fix_payload
+        self.error_fix = 0
+        self._error_fix_payload = b""
+        if fix == _REPLACE_ERROR:
+            return payload
+        if fix == _RENAME_IN_ERROR:
+            return _rename_in_error(body, payload)
+        return None
 
     def _invalid(self, text: str) -> bytes:
         # A malformed message: PostgreSQL's own answer.
@@ -680,10 +699,11 @@ class BatchRewriter:
             failed = expect.popped
             payload = expect.popleft()
             if kind == BIND or kind == DESCRIBE_S:
-                self.error_statement = payload
+                self.error_fix = _RENAME_IN_ERROR
+                self._error_fix_payload = payload
             elif kind == REFUSED:
-                self.error_statement = b""
-                self._error_replacement = payload
+                self.error_fix = _REPLACE_ERROR
+                self._error_fix_payload = payload
             self._undo(kind, payload)
             self._skip_to_sync()
             self._settle_error(failed)

@@ -283,7 +283,7 @@ class BackendScanner(_Stream):
                 self.in_copy = False
                 self.error_count += 1
                 self.last_error = data[pos + 5 : end]
-                if hook is not None and hook.error_statement is not None:
+                if hook is not None and hook.error_fix:
                     fixed = hook.fixed_error(self.last_error)
                     if fixed is not None:
                         if parts is None:
