@@ -93,6 +93,27 @@ def test_row_description_and_data_row() -> None:
     assert row[5:] == struct.pack("!h", 2) + struct.pack("!i", 1) + b"x" + struct.pack("!i", -1)
 
 
+@given(st.lists(st.one_of(st.none(), st.text()), max_size=8))
+def test_data_row_round_trip(values: list[str | None]) -> None:
+    raw = messages.data_row(values)
+    assert messages.parse_data_row(raw[5:]) == values
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"\x00",
+        b"\x00\x01",  # one value announced, none there
+        b"\x00\x01\x00\x00\x00\x05abc",  # a value longer than what follows
+        b"\x00\x02\x00\x00\x00\x01a\x00\x00",  # the second length cut short
+    ],
+)
+def test_data_row_that_overruns_its_body_is_a_protocol_error(body: bytes) -> None:
+    with pytest.raises(messages.ProtocolError):
+        messages.parse_data_row(body)
+
+
 def test_message_types() -> None:
     data = messages.EMPTY_QUERY + messages.READY_IDLE
     assert messages.message_types(data) == [codes.EMPTY_QUERY_RESPONSE, codes.READY_FOR_QUERY]

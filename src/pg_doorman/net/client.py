@@ -127,6 +127,7 @@ class ClientConnection(asyncio.Protocol):
         "_on_data",
         "_param_mark",
         "_pending",
+        "_raw_parameters",
         "_startup_buf",
         "_transport_write",
         "address",
@@ -215,6 +216,9 @@ class ClientConnection(asyncio.Protocol):
         self.extra_parameters: dict[str, str] = {}
         self._fingerprint: tuple[object, ...] | None = None
         self._fingerprint_synced: tuple[str, ...] = ()
+        # Synced parameters still holding the client's own spelling from its startup
+        # packet ("ISO"), not yet the server's ("ISO, MDY"): see settle_parameter.
+        self._raw_parameters: tuple[str, ...] = ()
         self._memory_accounted = 0
         self._on_data: Callable[[bytes], None] = self._startup_data
         # AuthenticationSASLFinal, held back to go out with what follows it in one write,
@@ -583,6 +587,15 @@ class ClientConnection(asyncio.Protocol):
                 continue
             name = canonical.get(lowered)
             if name is not None:
+                if name in synced:
+                    default = server_parameters.get(name)
+                    known = pool.canonical_parameter(name, value)
+                    if known is not None:
+                        value = known
+                    elif default is not None and same_parameter(name, value, default):
+                        value = default  # "utf8": reported as the server spells it
+                    else:
+                        self._raw_parameters += (name,)
                 self.parameters[name] = value
                 if name not in synced and lowered != "application_name":
                     # Reported by the server but not followed by default (search_path
@@ -869,34 +882,48 @@ class ClientConnection(asyncio.Protocol):
         elif mine == theirs:
             server.share_fingerprint(mine)
         else:
-            statement = self._parameter_sync_statement(server)
+            statement, settles = self._parameter_sync_statement(server)
             if statement:
-                server.send_parameter_sync(statement)
+                server.send_parameter_sync(statement, settles)
             else:
                 # Equal after normalising (utf8 vs UTF8): adopt the server's spelling
                 # so the fingerprints match next time.
                 self.accept_server_parameters(server)
         self._param_mark = server.scanner.param_changes
 
-    def _parameter_sync_statement(self, server: ServerConnection) -> str:
-        """A statement that gives the server this client's session parameters.
+    def _parameter_sync_statement(self, server: ServerConnection) -> tuple[str, tuple[str, ...]]:
+        """A statement that gives the server this client's session parameters, and
+        for each value it selects, the synced parameter it settles ("" for none).
 
         set_config() takes the value exactly as a startup packet carries it, so list
         settings like search_path keep their meaning and nothing needs quoting rules.
+        It returns the value as the server spells it, which the client adopts.
         """
-        assert self.pool is not None
+        pool = self.pool
+        assert pool is not None and pool.server_parameters is not None
         mine = self.parameters
         theirs = server.parameters
         changes: list[tuple[str, str]] = []
-        for name in self.pool.synced_parameters:
+        settles: list[str] = []
+        for name in pool.synced_parameters:
             value = mine.get(name)
             if value is not None and not same_parameter(name, value, theirs.get(name)):
+                default = pool.server_parameters.get(name)
+                if name in self._raw_parameters and default is not None:
+                    # A startup value applies over the session default, as it would
+                    # in a session of the client's own: DateStyle "ISO" keeps the
+                    # default's day order, not the last client's.
+                    changes.append((name, default))
+                    settles.append("")
                 changes.append((name, value))
+                settles.append(name)
         resets: list[str] = []
         wanted = self.extra_parameters
         applied = server.extra_parameters
         if wanted or applied:
-            changes += [(n, v) for n, v in wanted.items() if applied.get(n) != v]
+            extra = [(n, v) for n, v in wanted.items() if applied.get(n) != v]
+            changes += extra
+            settles += [""] * len(extra)
             resets = [f'RESET "{name}"' for name in applied if name not in wanted]
             server.set_extra_parameters(dict(wanted))
         statements = resets
@@ -906,7 +933,7 @@ class ClientConnection(asyncio.Protocol):
                 for n, v in changes
             )
             statements = [f"SELECT {calls}", *resets]
-        return ";".join(statements)
+        return ";".join(statements), tuple(settles)
 
     def params_fingerprint(self, synced: tuple[str, ...]) -> tuple[object, ...]:
         """This client's session parameters as one comparable value (cached)."""
@@ -925,11 +952,29 @@ class ClientConnection(asyncio.Protocol):
             self._fingerprint_synced = synced
         return fingerprint
 
+    def settle_parameter(self, name: str, value: str) -> bytes:
+        """The server applied this client's `name` and shows it as `value`: adopt that
+        spelling, so that the next server holding it needs no SET, and return the
+        ParameterStatus that tells the client, if it was told another spelling."""
+        pool = self.pool
+        assert pool is not None
+        told = self.parameters.get(name)
+        if name in self._raw_parameters:
+            self._raw_parameters = tuple(n for n in self._raw_parameters if n != name)
+            if told is not None:
+                pool.remember_canonical(name, told, value)
+        if told is None or told == value:
+            return b""
+        self.parameters[name] = value
+        self._fingerprint = None
+        return messages.parameter_status(name, value)
+
     def accept_server_parameters(self, server: ServerConnection) -> None:
         assert self.pool is not None
         for name in self.pool.synced_parameters:
             if name in server.parameters and name in self.parameters:
                 self.parameters[name] = server.parameters[name]
+        self._raw_parameters = ()
         self._fingerprint = None
 
     def parameters_refused(self, server: ServerConnection) -> None:

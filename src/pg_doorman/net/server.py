@@ -130,6 +130,8 @@ class ServerConnection(asyncio.Protocol):
         self._quiet_ok = True
         self._captured: bytearray | None = None
         self._sync_pending = False
+        self._sync_settles: tuple[str, ...] = ()
+        self._sync_notice = b""
         self._clears_statements = False
 
     # ---- asyncio.Protocol ---------------------------------------------------
@@ -377,11 +379,14 @@ class ServerConnection(asyncio.Protocol):
             self.transport.pause_reading()
             self._reading_paused = True
 
-    def send_parameter_sync(self, statement: str) -> None:
+    def send_parameter_sync(self, statement: str, settles: tuple[str, ...]) -> None:
         """SET the client's session parameters before its transaction; the reply is
-        swallowed in front of the relay."""
+        swallowed in front of the relay. `settles` names, for each value the statement
+        selects, the synced parameter whose server spelling it is ("" for none)."""
         assert self.transport is not None
         self._sync_pending = True
+        self._sync_settles = settles
+        self._sync_notice = b""
         self._inbox = MessageBuffer()
         self.transport.write(messages.query(statement))
 
@@ -393,7 +398,9 @@ class ServerConnection(asyncio.Protocol):
             if msg is None:
                 return b""
             msg_type, body = msg
-            if msg_type == codes.PARAMETER_STATUS:
+            if msg_type == codes.DATA_ROW and self._sync_settles:
+                self._settle_parameters(messages.parse_data_row(body))
+            elif msg_type == codes.PARAMETER_STATUS:
                 name, value = messages.parse_parameter_status(body)
                 self.parameters[name] = value
                 self.scanner.param_changes += 1
@@ -411,13 +418,31 @@ class ServerConnection(asyncio.Protocol):
                     self.client.parameters_refused(self)
             elif msg_type == codes.READY_FOR_QUERY:
                 self._sync_pending = False
-                return inbox.take_rest()
+                # The client hears of a spelling it had not been told (its own startup
+                # "ISO" is "ISO, MDY") ahead of its transaction's reply.
+                notice, self._sync_notice = self._sync_notice, b""
+                return notice + inbox.take_rest()
+
+    def _settle_parameters(self, values: list[str | None]) -> None:
+        """The values set_config() returned: the server's spelling of what it applied."""
+        client = self.client
+        for name, value in zip(self._sync_settles, values, strict=False):
+            if name and value is not None:
+                self.parameters[name] = value
+                if client is not None:
+                    self._sync_notice += client.settle_parameter(name, value)
+        self._sync_settles = ()
+        self.scanner.param_changes += 1
 
     def _relay(self, data: bytes) -> None:
         client = self.client
         assert client is not None
         if self._sync_pending:
-            data = self._swallow_sync_reply(data)
+            try:
+                data = self._swallow_sync_reply(data)
+            except ProtocolError as exc:
+                self._broken(f"invalid data from server: {exc}")
+                return
             if not data:
                 return
         scanner = self.scanner

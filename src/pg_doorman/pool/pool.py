@@ -87,6 +87,8 @@ _EXPIRED: Final = 1  # PooledServer.checkout_state()
 # Distinct client parameter sets a pool shares one object for; past that a client
 # keeps its own, which still compares equal.
 _SHARED_FINGERPRINTS: Final = 1024
+# Distinct startup values whose server spelling a pool remembers (see canonical_parameter).
+_CANONICAL_VALUES: Final = 1024
 
 
 class Pool:
@@ -135,6 +137,7 @@ class Pool:
         self.synced_parameters: tuple[str, ...] = ()
         self._fingerprints: dict[tuple[object, ...], tuple[object, ...]] = {}
         self._parameter_names: dict[str, str] | None = None
+        self._canonical: dict[tuple[str, str, str], str] = {}
         self._connect_failures = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self.stats = PoolStats()
@@ -454,6 +457,20 @@ class Pool:
             names.update((name.lower(), name) for name in self.synced_parameters)
             self._parameter_names = names
         return names
+
+    def canonical_parameter(self, name: str, value: str) -> str | None:
+        """How the server spells a client's startup value of a synced parameter
+        ("ISO" -> "ISO, MDY", "utc" -> "UTC"), once a server has applied it."""
+        assert self.server_parameters is not None
+        default = self.server_parameters.get(name, "")
+        return self._canonical.get((name, default, value))
+
+    def remember_canonical(self, name: str, value: str, canonical: str) -> None:
+        """A server applied `value` over its session default and showed `canonical`."""
+        assert self.server_parameters is not None
+        if len(self._canonical) >= _CANONICAL_VALUES:
+            self._canonical.clear()  # many distinct values (application_name): start over
+        self._canonical[(name, self.server_parameters.get(name, ""), value)] = canonical
 
     def shared_fingerprint(self, fingerprint: tuple[object, ...]) -> tuple[object, ...]:
         """This pool's one object equal to a client's parameter fingerprint: clients

@@ -199,6 +199,28 @@ def parse_parameter_status(body: bytes) -> tuple[str, str]:
     return name, value
 
 
+def parse_data_row(body: bytes) -> list[str | None]:
+    """A DataRow's values as text (None for NULL); ProtocolError if they overrun it."""
+    if len(body) < 2:
+        raise ProtocolError("DataRow too short")
+    count = _INT16.unpack_from(body, 0)[0]
+    values: list[str | None] = []
+    pos = 2
+    for _ in range(count):
+        if pos + 4 > len(body):
+            raise ProtocolError("DataRow truncated")
+        size = _INT32.unpack_from(body, pos)[0]
+        pos += 4
+        if size < 0:
+            values.append(None)
+            continue
+        if pos + size > len(body):
+            raise ProtocolError("DataRow truncated")
+        values.append(body[pos : pos + size].decode("utf-8", "replace"))
+        pos += size
+    return values
+
+
 def parse_backend_key_data(body: bytes) -> tuple[int, int]:
     if len(body) < 8:
         raise ProtocolError("BackendKeyData too short")

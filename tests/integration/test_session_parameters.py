@@ -1,0 +1,249 @@
+"""Session parameters through transaction pooling: what a client is told, what its
+statements see, and what it costs.
+
+A client's startup values (DateStyle, TimeZone, ...) follow it from server to server.
+PostgreSQL spells them its own way ("ISO" becomes "ISO, MDY", "utc" becomes "UTC"), so
+the pooler adopts the server's spelling the first time a server applies them: the
+client is told it, and the next server already holding it needs no SET. The random
+programs at the end compare everything a client sees with direct connections.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Iterator
+
+import pytest
+
+from helpers import EXAMPLE_DB, EXAMPLE_PASSWORD, ExamplePostgres
+from helpers import pgwire as w
+from helpers.pooler import PoolerFactory, PoolerProcess
+
+SYNCED = (
+    "client_encoding",
+    "DateStyle",
+    "IntervalStyle",
+    "TimeZone",
+    "standard_conforming_strings",
+)
+# Startup values as drivers send them (pgjdbc sends DateStyle=ISO and its JVM's zone),
+# most of them not in PostgreSQL's own spelling.
+PROFILES: tuple[dict[str, str], ...] = (
+    {},
+    {"DateStyle": "ISO", "TimeZone": "utc", "client_encoding": "utf8"},
+    {"DateStyle": "German", "IntervalStyle": "SQL_STANDARD", "TimeZone": "asia/tokyo"},
+    {"DateStyle": "sql, dmy", "TimeZone": "+03", "standard_conforming_strings": "off"},
+    {"IntervalStyle": "iso_8601", "TimeZone": "Europe/Berlin"},
+)
+LOGGED_ROLE = "params_logged"
+
+
+def _believed(conn: w.PgWire) -> dict[str, str | None]:
+    """The synced parameters as the client was told them (greeting and since)."""
+    return {name: conn.parameters.get(name) for name in SYNCED}
+
+
+def _login(
+    target: PoolerProcess | ExamplePostgres, pg: ExamplePostgres, profile: dict[str, str]
+) -> w.PgWire:
+    user = pg.md5_user
+    return w.PgWire.connect(
+        target.host, target.port, user.name, EXAMPLE_DB, user.password, params=profile
+    )
+
+
+@pytest.fixture
+def one_server(pg: ExamplePostgres, pooler: PoolerFactory) -> PoolerProcess:
+    return pooler(pools={EXAMPLE_DB: {"users": [{"username": pg.md5_user.name, "pool_size": 1}]}})
+
+
+@pytest.mark.parametrize("profile", PROFILES[1:], ids=lambda p: ",".join(p))
+def test_startup_values_end_up_as_postgresql_spells_them(
+    pg: ExamplePostgres, one_server: PoolerProcess, profile: dict[str, str]
+) -> None:
+    direct = _login(pg, pg, profile)
+    first = _login(one_server, pg, profile)
+    try:
+        expected = _believed(direct)
+        for conn in (direct, first):
+            conn.simple_query("select 1")
+        # The first client with these values hears the server's spelling with its
+        # first reply at the latest.
+        assert _believed(first) == expected
+        # The pool remembers it: a later client is greeted with it.
+        later = _login(one_server, pg, profile)
+        try:
+            assert _believed(later) == expected
+            got = later.simple_query("select '2020-03-04 05:06:07+00'::timestamptz::text")
+            want = direct.simple_query("select '2020-03-04 05:06:07+00'::timestamptz::text")
+            assert w.rows(got) == w.rows(want)
+            assert _believed(later) == expected
+        finally:
+            later.close()
+    finally:
+        direct.close()
+        first.close()
+
+
+def test_a_partial_datestyle_applies_over_the_default_not_the_last_client(
+    pg: ExamplePostgres, one_server: PoolerProcess
+) -> None:
+    """DateStyle "ISO" keeps the session default's day order. Applied over the
+    previous client's "SQL, DMY" it would read 01/02/2020 as the 1st of February."""
+    german = _login(one_server, pg, {"DateStyle": "SQL, DMY"})
+    iso = _login(one_server, pg, {"DateStyle": "ISO"})
+    direct = _login(pg, pg, {"DateStyle": "ISO"})
+    try:
+        assert w.rows(german.simple_query("select '01/02/2020'::date::text")) == [("01/02/2020",)]
+        probe = "select '01/02/2020'::date::text, current_setting('DateStyle')"
+        assert w.rows(iso.simple_query(probe)) == w.rows(direct.simple_query(probe))
+        assert w.rows(iso.simple_query(probe)) == [("2020-01-02", "ISO, MDY")]
+    finally:
+        for conn in (german, iso, direct):
+            conn.close()
+
+
+@pytest.fixture
+def logged_role(pg: ExamplePostgres) -> Iterator[str]:
+    """A role whose sessions log every statement, and its SCRAM verifier."""
+    verifier = w.scram_verifier(EXAMPLE_PASSWORD)
+    pg.create_role(LOGGED_ROLE, password=verifier)
+    pg.psql(f"ALTER ROLE {LOGGED_ROLE} SET log_statement = 'all'")
+    yield verifier
+    pg.psql(f"DROP ROLE {LOGGED_ROLE}")
+
+
+def test_a_startup_value_is_set_once_not_before_every_transaction(
+    pg: ExamplePostgres, pooler: PoolerFactory, logged_role: str
+) -> None:
+    """A client whose startup DateStyle is "ISO" (pgjdbc sends that) on a server that
+    shows "ISO, MDY": one SET, then the values agree."""
+    user = {"username": LOGGED_ROLE, "password": logged_role, "pool_size": 1}
+    proc = pooler(pools={EXAMPLE_DB: {"users": [user]}})
+    log_start = pg.log_path.stat().st_size
+    params = {"DateStyle": "ISO", "TimeZone": "utc", "client_encoding": "utf8"}
+    with w.PgWire.connect(
+        proc.host, proc.port, LOGGED_ROLE, EXAMPLE_DB, EXAMPLE_PASSWORD, params=params
+    ) as conn:
+        for i in range(20):
+            assert w.rows(conn.simple_query(f"select {i}")) == [(str(i),)]
+        assert conn.parameters["DateStyle"] == "ISO, MDY"
+        assert conn.parameters["TimeZone"] == "UTC"
+        assert conn.parameters["client_encoding"] == "UTF8"
+    with open(pg.log_path, "rb") as log:
+        log.seek(log_start)
+        text = log.read().decode("utf-8", "replace")
+    logged = re.findall(rf"{LOGGED_ROLE}@{EXAMPLE_DB} LOG:  statement: (.*)", text)
+    sets = [line for line in logged if "set_config" in line]
+    assert len(sets) == 1, logged
+    assert len([line for line in logged if re.fullmatch(r"select \d+", line)]) == 20
+
+
+# ---- random programs ------------------------------------------------------------------
+
+CLIENTS = 3
+POOL_SIZES = (2, 1)
+SEEDS = range(40)
+BATCHES = 50
+
+SETS = (
+    "set timezone = 'Europe/Berlin'",
+    "set timezone to 'UTC'",
+    "set datestyle = 'SQL, DMY'",
+    "set datestyle = 'ISO'",
+    "set datestyle = 'postgres'",
+    "set intervalstyle = 'iso_8601'",
+    "set intervalstyle = 'postgres_verbose'",
+    "set standard_conforming_strings = off",
+    "set standard_conforming_strings = on",
+    "set local timezone = 'America/New_York'",
+    "set local datestyle = 'German'",
+    "select set_config('TimeZone', 'Pacific/Auckland', false)",
+    "select set_config('IntervalStyle', 'sql_standard', true)",
+    "set timezone = 'Nowhere/Invalid'",
+    "set timezone = 'Asia/Kolkata'; select 1/0",
+    "set datestyle = 'SQL'; select 2",
+)
+# RESET and SET ... TO DEFAULT go back to the server's session defaults, which are a
+# client's own only when it sent none at startup (docs/configuration.md).
+RESETS = ("reset timezone", "reset all", "set datestyle to default", "discard all")
+PROBES = (
+    "show timezone",
+    "show datestyle",
+    "select '2020-03-04 05:06:07+00'::timestamptz::text",
+    "select '01/02/2020'::date::text, '2020-01-02 03:04:05'::timestamp",
+    "select '1 day 02:03:04'::interval::text, interval '-1 year 2 mons'",
+    "select 'a\\b' as s, E'c\\\\d' as e",
+    "select 1/0",
+    "select 'x'",
+)
+BLOCK = ("begin", "commit", "rollback")
+
+
+def random_sql(rng: random.Random, profile: dict[str, str], in_transaction: bool) -> str:
+    kind = rng.random()
+    if kind < 0.3:
+        return rng.choice(SETS)
+    if kind < 0.4 and not profile:
+        reset = rng.choice(RESETS)
+        return "select 3" if reset == "discard all" and in_transaction else reset
+    if kind < 0.55:
+        return rng.choice(BLOCK)
+    return rng.choice(PROBES)
+
+
+@pytest.fixture(scope="module", params=POOL_SIZES, ids=lambda size: f"{size}-servers")
+def params_pooler(
+    request: pytest.FixtureRequest,
+    pg: ExamplePostgres,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[PoolerProcess, int]]:
+    size: int = request.param
+    factory = PoolerFactory(pg, tmp_path_factory.mktemp("parity-params"))
+    proc = factory(
+        pools={EXAMPLE_DB: {"users": [{"username": pg.md5_user.name, "pool_size": size}]}}
+    )
+    yield proc, size
+    problems = factory.close()
+    assert not problems, problems
+
+
+def _without_parameter_status(messages: list[w.Message]) -> list[w.Reply]:
+    """ParameterStatus is compared as what the client ends up believing, not message for
+    message: the first client with new startup values hears the server's spelling
+    late (see test_startup_values_end_up_as_postgresql_spells_them)."""
+    return w.comparable(m for m in messages if m[0] != b"S")
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_random_session_parameter_program(
+    pg: ExamplePostgres, params_pooler: tuple[PoolerProcess, int], seed: int
+) -> None:
+    """Clients with different startup values SET, SET LOCAL, roll back, fail and read
+    settings-dependent values, sharing a pool of two servers (or one); every reply and
+    every value a client is told must be PostgreSQL's."""
+    proc, servers = params_pooler
+    rng = random.Random(seed)
+    profiles = [rng.choice(PROFILES) for _ in range(CLIENTS)]
+    direct = [_login(pg, pg, p) for p in profiles]
+    pooled = [_login(proc, pg, p) for p in profiles]
+    program = [f"  profiles: {profiles}"]
+    try:
+        for step in range(BATCHES):
+            holding = [i for i, conn in enumerate(direct) if conn.status != "I"]
+            client = rng.choice(holding) if len(holding) >= servers else rng.randrange(CLIENTS)
+            sql = random_sql(rng, profiles[client], direct[client].status != "I")
+            program.append(f"  {step:2d} client {client}: {sql}")
+            got = direct[client].simple_query(sql)
+            mine = pooled[client].simple_query(sql)
+            listing = "\n".join(program)
+            assert _without_parameter_status(mine) == _without_parameter_status(got), (
+                f"seed {seed}, batch {step} differs\nprogram:\n{listing}"
+            )
+            assert _believed(pooled[client]) == _believed(direct[client]), (
+                f"seed {seed}, batch {step}: parameters differ\nprogram:\n{listing}"
+            )
+    finally:
+        for conn in direct + pooled:
+            conn.close()
