@@ -140,6 +140,61 @@ def test_a_startup_value_is_set_once_not_before_every_transaction(
     assert len([line for line in logged if re.fullmatch(r"select \d+", line)]) == 20
 
 
+def _prepared_rows(conn: w.PgWire, name: str, sql: str) -> list[tuple[str | None, ...]]:
+    return w.rows(_prepared_messages(conn, name, sql))
+
+
+SETTING_DEPENDENT = (
+    "select '01/02/2020'::date::text",
+    "select '2020-03-04 05:06:07+00'::timestamptz::text",
+    "select '1 day 02:03:04'::interval::text",
+)
+
+
+@pytest.mark.parametrize("in_block", [False, True], ids=["between-transactions", "in-a-block"])
+def test_statements_prepared_after_a_set_are_parsed_under_it(
+    pg: ExamplePostgres, one_server: PoolerProcess, in_block: bool
+) -> None:
+    """Literals are read when a statement is parsed, under the settings of that moment.
+    A statement prepared after `SET DateStyle` (or TimeZone, IntervalStyle) must not
+    be one the server parsed earlier under other settings, for this client or another."""
+    changes = (
+        "set datestyle = 'ISO, DMY'",
+        "set timezone = 'Asia/Tokyo'",
+        "set intervalstyle = 'sql_standard'",
+    )
+    direct = _login(pg, pg, {})
+    pooled = _login(one_server, pg, {})
+    other = _login(one_server, pg, {})
+    try:
+        for conn in (direct, pooled, other):
+            for number, sql in enumerate(SETTING_DEPENDENT):
+                _prepared_rows(conn, f"before{number}", sql)
+        for conn in (direct, pooled):
+            if in_block:
+                conn.simple_query("begin")
+            for change in changes:
+                conn.simple_query(change)
+        for number, sql in enumerate(SETTING_DEPENDENT):
+            for name in (f"after{number}", ""):
+                want = _prepared_rows(direct, name, sql)
+                assert _prepared_rows(pooled, name, sql) == want, sql
+            # Statements prepared before keep what they were parsed as.
+            assert w.rows(pooled.run_prepared(f"before{number}")) == w.rows(
+                direct.run_prepared(f"before{number}")
+            )
+        if in_block:
+            for conn in (direct, pooled):
+                conn.simple_query("rollback")
+            for sql in SETTING_DEPENDENT:
+                assert _prepared_rows(pooled, "", sql) == _prepared_rows(direct, "", sql)
+        # The other client's settings never changed: it still reads 01/02 as January.
+        assert _prepared_rows(other, "", SETTING_DEPENDENT[0]) == [("2020-01-02",)]
+    finally:
+        for conn in (direct, pooled, other):
+            conn.close()
+
+
 # ---- random programs ------------------------------------------------------------------
 
 CLIENTS = 3
@@ -179,18 +234,33 @@ PROBES = (
     "select 'x'",
 )
 BLOCK = ("begin", "commit", "rollback")
+STATEMENT_NAMES = ("", "s1", "s2")
 
 
-def random_sql(rng: random.Random, profile: dict[str, str], in_transaction: bool) -> str:
+def random_step(
+    rng: random.Random, profile: dict[str, str], in_transaction: bool
+) -> tuple[str | None, str]:
+    """A simple query (name None), or a statement to prepare under a name ("" for the
+    unnamed one) and run, for the settings-dependent probes."""
     kind = rng.random()
-    if kind < 0.3:
-        return rng.choice(SETS)
-    if kind < 0.4 and not profile:
+    if kind < 0.25:
+        return None, rng.choice(SETS)
+    if kind < 0.35 and not profile:
         reset = rng.choice(RESETS)
-        return "select 3" if reset == "discard all" and in_transaction else reset
-    if kind < 0.55:
-        return rng.choice(BLOCK)
-    return rng.choice(PROBES)
+        return None, "select 3" if reset == "discard all" and in_transaction else reset
+    if kind < 0.5:
+        return None, rng.choice(BLOCK)
+    if kind < 0.7:
+        return rng.choice(STATEMENT_NAMES), rng.choice(SETTING_DEPENDENT)
+    return None, rng.choice(PROBES)
+
+
+def _prepared_messages(conn: w.PgWire, name: str, sql: str) -> list[w.Message]:
+    """Close `name`, then Parse, Bind and Execute `sql` under it in one batch."""
+    conn.send_raw(
+        w.close("S", name) + w.parse(name, sql) + w.bind("", name) + w.execute() + w.sync()
+    )
+    return conn.read_until_ready()
 
 
 @pytest.fixture(scope="module", params=POOL_SIZES, ids=lambda size: f"{size}-servers")
@@ -221,8 +291,9 @@ def test_random_session_parameter_program(
     pg: ExamplePostgres, params_pooler: tuple[PoolerProcess, int], seed: int
 ) -> None:
     """Clients with different startup values SET, SET LOCAL, roll back, fail and read
-    settings-dependent values, sharing a pool of two servers (or one); every reply and
-    every value a client is told must be PostgreSQL's."""
+    settings-dependent values, by simple queries and by statements they prepare,
+    sharing a pool of two servers (or one); every reply and every value a client is
+    told must be PostgreSQL's."""
     proc, servers = params_pooler
     rng = random.Random(seed)
     profiles = [rng.choice(PROFILES) for _ in range(CLIENTS)]
@@ -233,10 +304,15 @@ def test_random_session_parameter_program(
         for step in range(BATCHES):
             holding = [i for i, conn in enumerate(direct) if conn.status != "I"]
             client = rng.choice(holding) if len(holding) >= servers else rng.randrange(CLIENTS)
-            sql = random_sql(rng, profiles[client], direct[client].status != "I")
-            program.append(f"  {step:2d} client {client}: {sql}")
-            got = direct[client].simple_query(sql)
-            mine = pooled[client].simple_query(sql)
+            name, sql = random_step(rng, profiles[client], direct[client].status != "I")
+            if name is None:
+                program.append(f"  {step:2d} client {client}: {sql}")
+                got = direct[client].simple_query(sql)
+                mine = pooled[client].simple_query(sql)
+            else:
+                program.append(f"  {step:2d} client {client}: prepare {name!r} as {sql}, run")
+                got = _prepared_messages(direct[client], name, sql)
+                mine = _prepared_messages(pooled[client], name, sql)
             listing = "\n".join(program)
             assert _without_parameter_status(mine) == _without_parameter_status(got), (
                 f"seed {seed}, batch {step} differs\nprogram:\n{listing}"
@@ -246,4 +322,30 @@ def test_random_session_parameter_program(
             )
     finally:
         for conn in direct + pooled:
+            conn.close()
+
+
+def test_a_statement_prepared_before_a_set_is_never_shared_under_the_wrong_settings(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """A client prepares a statement, SETs DateStyle, and uses it on a server that
+    lacks it. Parsed there under the client's new settings, it must not pass for the
+    statement other clients with the old settings prepare (docs/prepared-statements.md)."""
+    users = [{"username": pg.md5_user.name, "pool_size": 2}]
+    proc = pooler(pools={EXAMPLE_DB: {"users": users}})
+    sql = SETTING_DEPENDENT[0]
+    mover, holder, other = (_login(proc, pg, {}) for _ in range(3))
+    try:
+        assert _prepared_rows(mover, "b", sql) == [("2020-01-02",)]
+        mover.simple_query("set datestyle = 'ISO, DMY'")
+        holder.simple_query("begin")  # takes the server the mover used last
+        # On the other server, read under the mover's settings now: the one
+        # difference from PostgreSQL, where it keeps what it was read as.
+        assert w.rows(mover.run_prepared("b")) == [("2020-02-01",)]
+        # The other client, with the default settings, gets that server too.
+        assert _prepared_rows(other, "", sql) == [("2020-01-02",)]
+        assert _prepared_rows(other, "c", sql) == [("2020-01-02",)]
+        holder.simple_query("rollback")
+    finally:
+        for conn in (mover, holder, other):
             conn.close()

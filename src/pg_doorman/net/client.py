@@ -729,6 +729,8 @@ class ClientConnection(asyncio.Protocol):
         return True
 
     def _forward(self, server: ServerConnection, data: bytes) -> None:
+        if server.scanner.param_changes != self._param_mark and not server.sync_pending:
+            self._follow_server_parameters(server)
         frontend = self.frontend
         try:
             out = frontend.feed(data)
@@ -989,10 +991,18 @@ class ClientConnection(asyncio.Protocol):
             self.extra_parameters = {}
         self._fingerprint = None
 
+    def _follow_server_parameters(self, server: ServerConnection) -> None:
+        """The server reported new session parameters while this client holds it (its
+        SETs, a ROLLBACK undoing them, the values the pooler set for it): adopt them,
+        to carry to the next server, and key what it prepares next by them."""
+        self._param_mark = server.scanner.param_changes
+        self.accept_server_parameters(server)
+        if self.rewriter is not None:
+            self.rewriter.set_context(self._planning_context())
+
     def detach_server(self, server: ServerConnection) -> None:
         if server.scanner.param_changes != self._param_mark:
-            # The transaction changed session parameters: carry them to the next server.
-            self.accept_server_parameters(server)
+            self._follow_server_parameters(server)
         self.server = None
         if self.state == ACTIVE:
             self.state = IDLE

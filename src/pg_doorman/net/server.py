@@ -129,7 +129,7 @@ class ServerConnection(asyncio.Protocol):
         self._reading_paused = False
         self._quiet_ok = True
         self._captured: bytearray | None = None
-        self._sync_pending = False
+        self.sync_pending = False  # its reply is swallowed (send_parameter_sync)
         self._sync_settles: tuple[str, ...] = ()
         self._sync_notice = b""
         self._clears_statements = False
@@ -384,7 +384,7 @@ class ServerConnection(asyncio.Protocol):
         swallowed in front of the relay. `settles` names, for each value the statement
         selects, the synced parameter whose server spelling it is ("" for none)."""
         assert self.transport is not None
-        self._sync_pending = True
+        self.sync_pending = True
         self._sync_settles = settles
         self._sync_notice = b""
         self._inbox = MessageBuffer()
@@ -417,7 +417,7 @@ class ServerConnection(asyncio.Protocol):
                 if self.client is not None:
                     self.client.parameters_refused(self)
             elif msg_type == codes.READY_FOR_QUERY:
-                self._sync_pending = False
+                self.sync_pending = False
                 # The client hears of a spelling it had not been told (its own startup
                 # "ISO" is "ISO, MDY") ahead of its transaction's reply.
                 notice, self._sync_notice = self._sync_notice, b""
@@ -437,7 +437,7 @@ class ServerConnection(asyncio.Protocol):
     def _relay(self, data: bytes) -> None:
         client = self.client
         assert client is not None
-        if self._sync_pending:
+        if self.sync_pending:
             try:
                 data = self._swallow_sync_reply(data)
             except ProtocolError as exc:

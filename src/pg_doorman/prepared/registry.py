@@ -19,10 +19,23 @@ from pg_doorman.protocol.messages import build
 class StatementEntry:
     """One distinct statement of a pool."""
 
-    __slots__ = ("evicted", "hits", "key", "kinds", "misses", "name", "parse_message", "query")
+    __slots__ = (
+        "context",
+        "evicted",
+        "hits",
+        "key",
+        "kinds",
+        "misses",
+        "name",
+        "parse_message",
+        "query",
+    )
 
-    def __init__(self, key: bytes, name: bytes, parse_message: bytes, query: bytes) -> None:
-        self.key = key
+    def __init__(
+        self, key: bytes, context: bytes, name: bytes, parse_message: bytes, query: bytes
+    ) -> None:
+        self.key = key  # the Parse body after the client's name, then `context`
+        self.context = context  # the settings the text is read under (see lookup)
         self.name = name  # server-side name, no NUL
         self.parse_message = parse_message  # complete Parse message under that name
         self.query = query
@@ -34,6 +47,9 @@ class StatementEntry:
 
 NAMED: Final = 1
 UNNAMED: Final = 2
+# Distinct client settings a pool shares one object for (see shared_context); past
+# that, equal contexts still match by value.
+_SHARED_CONTEXTS: Final = 1024
 
 
 def statement_name(key: bytes) -> bytes:
@@ -47,7 +63,7 @@ class PoolStatements:
     keep their statements until their own LRU lets them go.
     """
 
-    __slots__ = ("_entries", "capacity", "closed_hits", "closed_misses")
+    __slots__ = ("_contexts", "_entries", "capacity", "closed_hits", "closed_misses")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -56,9 +72,11 @@ class PoolStatements:
         # of the live servers for pool totals, so counting costs the hot path nothing.
         self.closed_hits = 0
         self.closed_misses = 0
+        self._contexts: dict[bytes, bytes] = {}
 
     def lookup(self, parse_body: bytes, name_end: int, context: bytes) -> StatementEntry:
-        """Entry for a Parse body (`name_end`: index after the client name's NUL)."""
+        """Entry for a Parse body (`name_end`: index after the client name's NUL) read
+        under `context`, the client's settings that change what a text means."""
         rest = parse_body[name_end:]
         key = rest + context
         entries = self._entries
@@ -70,11 +88,26 @@ class PoolStatements:
         body = name + b"\x00" + rest
         message = build(b"P", body)
         query_end = rest.find(b"\x00")
-        entry = StatementEntry(key, name, message, rest[:query_end])
+        entry = StatementEntry(key, context, name, message, rest[:query_end])
         entries[key] = entry
         if len(entries) > self.capacity:
             entries.popitem(last=False)[1].evicted = True
         return entry
+
+    def shared_context(self, context: bytes) -> bytes:
+        """This pool's one object equal to `context`: entries keep the context they
+        were read under, and a client finds its own by identity."""
+        shared = self._contexts.get(context)
+        if shared is not None:
+            return shared
+        if len(self._contexts) < _SHARED_CONTEXTS:
+            self._contexts[context] = context
+        return context
+
+    def under(self, entry: StatementEntry, context: bytes) -> StatementEntry:
+        """The entry for `entry`'s text and parameter types read under `context`."""
+        rest = entry.key[: len(entry.key) - len(entry.context)]
+        return self.lookup(rest, 0, context)
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -252,7 +252,8 @@ class BatchRewriter:
 
     def __init__(self, registry: PoolStatements, context: bytes) -> None:
         self.registry = registry
-        self.context = context  # client settings that change what a query text means
+        # The client's settings that change what a query text means.
+        self.context = registry.shared_context(context)
         self.named: dict[bytes, StatementEntry] = {}
         self.unnamed: StatementEntry | None = None
         self.server: ServerStatements | None = None
@@ -531,7 +532,36 @@ class BatchRewriter:
         return b"".join((b"P", length.to_bytes(4, "big"), b"\x00", body[name_end:]))
 
     def _resolve(self, name: bytes) -> StatementEntry | None:
-        return self.named.get(name) if name else self.unnamed
+        entry = self.named.get(name) if name else self.unnamed
+        if entry is not None and entry.context is not self.context:
+            return self._reread(name, entry)
+        return entry
+
+    def _reread(self, name: bytes, entry: StatementEntry) -> StatementEntry:
+        """A statement the client prepared under other settings (it has SET DateStyle,
+        TimeZone, ... since). Where the server has it, it is used as it was read. On a
+        server that lacks it, a Parse would read it under the client's present
+        settings, and the server would hold a statement that does not mean what its
+        name says for every other client: it is read there under a name of its own
+        for these settings, and the client's name follows it."""
+        server = self.server
+        assert server is not None
+        if entry.context == self.context or server.has(entry.name):
+            return entry
+        present = self.registry.under(entry, self.context)
+        if name:
+            self.named[name] = present
+        else:
+            self.unnamed = present
+        present.kinds |= entry.kinds
+        return present
+
+    def set_context(self, context: bytes) -> None:
+        """The client's settings that change what a text means have changed: what it
+        prepares from now on is read under them."""
+        if context != self.context:
+            self.context = self.registry.shared_context(context)
+            self._last_parse_entry = None
 
     def _refuse(self, error: bytes) -> bytes:
         """Answer the message with `error`. The server fails at the same place, on a
