@@ -235,6 +235,95 @@ def test_an_extended_copy_ended_by_an_error_gives_the_server_back(
     assert [w.msg_types(a) for a in direct] == ["12G", "E", "Z", ""]
 
 
+def test_extended_copies_with_an_early_sync_keep_the_replies_in_step(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """libpq sends Sync right behind a COPY's Execute, and PostgreSQL ignores it once
+    the copy begins: no ReadyForQuery answers it. Counted as due, it put every later
+    reply one step behind: the next statement's synthetic ParseComplete was lost, and
+    a failed transaction's error swallowed."""
+    proc = pooler(pools=one_user_pool(pg, 1))
+
+    def copy(conn: w.PgWire, rows: str) -> list[w.Reply]:
+        conn.send_raw(w.parse("", "copy t from stdin") + w.bind("", "") + w.execute() + w.sync())
+        replies = conn.read_until(b"GEZ")
+        if replies[-1][0] == b"G":
+            conn.send_raw(w.copy_data(rows) + w.copy_done() + w.sync())
+            replies += conn.read_until_ready()
+        elif replies[-1][0] == b"E":
+            replies += conn.read_until_ready()
+        return w.comparable(replies)
+
+    def exchange(conn: w.PgWire) -> list[list[w.Reply]]:
+        conn.execute_query("create temp table if not exists t (a int)")
+        conn.execute_query("begin")
+        answers = [copy(conn, "1\n"), copy(conn, "2\nbad\n"), copy(conn, "3\n")]
+        answers.append(w.comparable(conn.simple_query("rollback")))
+        answers.append(copy(conn, "4\n"))
+        assert conn.execute_query("select a from t") == [("4",)]
+        return answers
+
+    direct, pooled = on_both(pg, proc, exchange)
+    assert pooled == direct
+    assert [w.msg_types(a) for a in pooled] == ["12GCZ", "12GEZ", "EZ", "CZ", "12GCZ"]
+
+
+def test_a_parse_behind_an_unanswered_batch_gets_postgresqls_answer(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """Batches pipelined in one write, each parsing what it runs. The pooler may
+    believe the server has a statement because an earlier batch of the write sent its
+    Parse; if that Parse fails, or the transaction is failed by then, a synthetic
+    ParseComplete would be a lie (then 26000 for the Bind, or a ParseComplete that
+    PostgreSQL refuses with 25P02)."""
+    proc = pooler(pools=one_user_pool(pg, 1))
+
+    def run(sql: str) -> bytes:
+        return w.parse("", sql) + w.bind("", "") + w.execute() + w.sync()
+
+    def exchange(conn: w.PgWire) -> list[list[w.Reply]]:
+        answers = []
+        conn.send_raw(run("select nope") + run("select nope"))
+        answers.append(w.comparable(conn.read_until_ready() + conn.read_until_ready()))
+        conn.execute_query("select 1")  # the statement is on the server now
+        conn.execute_query("begin")
+        conn.send_raw(run("select 1/0") + run("select 1"))
+        answers.append(w.comparable(conn.read_until_ready() + conn.read_until_ready()))
+        answers.append(w.comparable(conn.simple_query("rollback")))
+        return answers
+
+    direct, pooled = on_both(pg, proc, exchange)
+    assert pooled == direct
+    assert [w.msg_types(a) for a in pooled] == ["EZEZ", "1EZEZ", "CZ"]
+
+
+def test_a_failed_parse_does_not_hide_one_queued_behind_it(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """A Parse fails in a failed transaction; a Parse of the same text is already on
+    its way behind it. The pooler must not conclude that the server lacks the
+    statement: the second one creates it, and a third, sent later, must not be
+    refused with 42P05 "already exists"."""
+    proc = pooler(pools=one_user_pool(pg, 1))
+    sql = "select 77 as queued_behind"
+
+    def exchange(conn: w.PgWire) -> list[list[w.Reply]]:
+        conn.execute_query("begin")
+        conn.simple_query("select 1/0")
+        run = w.parse("", sql) + w.bind("", "") + w.execute() + w.sync()
+        conn.send_raw(run + w.query("rollback") + w.parse("", sql))
+        answers = [w.comparable(conn.read_until_ready() + conn.read_until_ready())]
+        conn.send_raw(w.bind("", "") + w.execute() + w.sync())
+        answers.append(w.comparable(conn.read_until_ready()))
+        conn.send_raw(run)
+        answers.append(w.comparable(conn.read_until_ready()))
+        return answers
+
+    direct, pooled = on_both(pg, proc, exchange)
+    assert pooled == direct
+    assert [w.msg_types(a) for a in pooled] == ["EZCZ", "12DCZ", "12DCZ"]
+
+
 def test_an_error_before_a_late_sync_skips_everything_up_to_it(
     pg: ExamplePostgres, pooler: PoolerFactory
 ) -> None:

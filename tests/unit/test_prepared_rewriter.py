@@ -389,3 +389,23 @@ def test_server_lru_evicts_the_least_recently_used() -> None:
 )
 def test_parse_deallocate(query: bytes, expected: tuple[bool, bytes] | None) -> None:
     assert parse_deallocate(query) == expected
+
+
+def test_sync_ignored_during_copy_in_is_not_expected() -> None:
+    """libpq's Sync behind a COPY's Execute gets no ReadyForQuery: PostgreSQL ignores
+    it once the copy begins. The next batch's synthetic ParseComplete still comes first."""
+    s = Session()
+    batch = parse("c", "copy t from stdin") + bind("c") + EXECUTE + SYNC
+    s.send(batch)
+    copy_in = msg(b"G", b"\x00\x00\x01\x00\x00")
+    s.reply(messages.PARSE_COMPLETE + messages.BIND_COMPLETE + copy_in)
+    s.frontend.on_copy_in_started()  # as the server connection calls it on CopyInResponse
+    s.send(msg(b"d", b"1\n") + msg(b"c") + SYNC)
+    s.reply(messages.command_complete("COPY 1") + messages.READY_IDLE)
+    assert not s.rewriter.expect
+    s.to_client.clear()
+    s.rewriter.named.clear()
+    out = s.send(batch)
+    assert not out.startswith(b"P")  # the server has it
+    reply = messages.BIND_COMPLETE + copy_in
+    assert s.reply(reply) == messages.PARSE_COMPLETE + reply

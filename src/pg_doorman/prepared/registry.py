@@ -127,7 +127,7 @@ class ServerStatements:
     batch's Sync, so a later message of the same batch can still use them.
     """
 
-    __slots__ = ("_names", "_newest", "capacity", "hits", "misses", "pending_close")
+    __slots__ = ("_names", "_newest", "capacity", "hits", "misses", "pending_close", "uncertain")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -138,6 +138,10 @@ class ServerStatements:
         self.pending_close: list[bytes] = []
         self.hits = 0  # has() found the statement: a Parse or Bind needed no Parse
         self.misses = 0  # add(): a Parse sent to the server
+        # Names the server may or may not have (a Close and Parse we sent for one
+        # were both skipped after an error): not in the record, and parsed again only
+        # after a Close, which is harmless when the statement is not there.
+        self.uncertain: set[bytes] = set()
 
     def has(self, name: bytes) -> bool:
         names = self._names
@@ -173,6 +177,11 @@ class ServerStatements:
         if name == self._newest:
             self._newest = b""
 
+    def doubt(self, name: bytes) -> None:
+        """Whether the server has it is not known (see `uncertain`)."""
+        self.forget(name)
+        self.uncertain.add(name)
+
     def restore(self, name: bytes) -> None:
         """A Close we sent was skipped: the server still has the statement."""
         if name not in self._names:
@@ -187,6 +196,7 @@ class ServerStatements:
         self._names.clear()
         self._newest = b""
         self.pending_close.clear()
+        self.uncertain.clear()
 
     def __len__(self) -> int:
         return len(self._names)

@@ -76,7 +76,7 @@ class Expectations:
     module runs interpreted, where `__bool__` or a method would be a Python call.
     """
 
-    __slots__ = ("head", "kinds", "payloads", "popped", "queries", "size")
+    __slots__ = ("head", "kinds", "payloads", "popped", "queries", "size", "syncs")
 
     def __init__(self) -> None:
         self.kinds: list[int] = []
@@ -84,6 +84,7 @@ class Expectations:
         self.head = 0  # index of the oldest pending entry
         self.size = 0  # entries pending
         self.queries = 0  # pending QUERY entries (BatchRewriter._query_ahead)
+        self.syncs = 0  # pending SYNC entries: batches whose outcome is not known yet
         # Entries consumed so far: the oldest pending entry's serial number. Entry
         # serials outlive the list indexes, which restart when consumed entries go.
         self.popped = 0
@@ -100,6 +101,8 @@ class Expectations:
         self.size += 1
         if kind == QUERY:
             self.queries += 1
+        elif kind == SYNC:
+            self.syncs += 1
 
     def first_kind(self) -> int:
         """Kind of the oldest expectation (the queue must not be empty)."""
@@ -121,8 +124,11 @@ class Expectations:
             return payload
         self.popped += 1
         self.size = size
-        if self.kinds[self.head] == QUERY:
+        kind = self.kinds[self.head]
+        if kind == QUERY:
             self.queries -= 1
+        elif kind == SYNC:
+            self.syncs -= 1
         head = self.head + 1
         if head >= 64 and head > size:
             # A client that pipelines without pause may never let the queue run empty:
@@ -140,6 +146,19 @@ class Expectations:
         self.head = 0
         self.size = 0
         self.queries = 0
+        self.syncs = 0
+
+    def void_syncs_after_head(self, count: int) -> None:
+        """Up to `count` Syncs expected right behind the oldest entry will get no reply:
+        they become empty synthetic answers, so that later entries keep their serials."""
+        kinds = self.kinds
+        i = self.head + 1
+        while count and i < len(kinds) and kinds[i] == SYNC:
+            kinds[i] = SYNTH
+            self.payloads[i] = b""
+            self.syncs -= 1
+            count -= 1
+            i += 1
 
     def all_synthetic(self) -> bool:
         kinds = self.kinds
@@ -396,7 +415,7 @@ class BatchRewriter:
                 expect.append(QUERY)
             self.leading_queries = 0
         # Expectations.append inlined: this runs for every extended-protocol message
-        # (never with QUERY, so its count needs no update).
+        # (never with QUERY; _sync counts its SYNC).
         expect.kinds.append(kind)
         expect.payloads.append(payload)
         expect.size += 1
@@ -459,6 +478,11 @@ class BatchRewriter:
         assert server is not None
         entry.misses += 1
         server.add(entry.name)
+        if server.uncertain and entry.name in server.uncertain:
+            server.uncertain.discard(entry.name)
+            self._push(RECHECK_CLOSE, entry.name)
+            self._push(kind, entry.name)
+            return close_statement(entry.name) + entry.parse_message
         self._push(kind, entry.name)
         return entry.parse_message
 
@@ -509,7 +533,11 @@ class BatchRewriter:
         replies = self.server_replies
         if not server.has(entry.name):
             out = self._send_parse(entry, PARSE)
-        elif self._query_ahead():
+        elif self._query_ahead() or self.expect.syncs:
+            # Behind a batch not answered yet, the server's record is a guess: the
+            # Parse that put the statement there may fail, or the transaction be
+            # failed by then. Let the server answer (Close first: harmless if the
+            # statement is not there).
             out = self._parse_again(entry, PARSE)
         elif replies is not None and replies.status == codes.TX_FAILED:
             # In a failed transaction PostgreSQL refuses the Parse (unless it is a
@@ -700,12 +728,14 @@ class BatchRewriter:
         closes = server.take_pending_close() if server.pending_close else ()
         if not closes:
             self._push(SYNC)
+            self.expect.syncs += 1
             return None
         parts = []
         for name in closes:
             self._push(HIDDEN_CLOSE, name)
             parts.append(close_statement(name))
         self._push(SYNC)
+        self.expect.syncs += 1
         parts.append(sync)
         return b"".join(parts)
 
@@ -783,6 +813,14 @@ class BatchRewriter:
             self._lost(kind, msg_type)
         return action
 
+    def copy_in_started(self, syncs_after_execute: int) -> None:
+        """The Execute at the head of the queue started a COPY FROM STDIN: PostgreSQL
+        ignores the Syncs the client sent behind it before the copy began (libpq
+        sends one), so their ReadyForQuery never comes."""
+        expect = self.expect
+        if syncs_after_execute and expect.size and expect.kinds[expect.head] == EXECUTE:
+            expect.void_syncs_after_head(syncs_after_execute)
+
     def only_synthetic_due(self) -> bool:
         """Everything still expected is ours to answer: the server will send nothing."""
         return self.expect.all_synthetic()
@@ -809,9 +847,25 @@ class BatchRewriter:
     def _skip_to_sync(self) -> None:
         """After an error the server ignores everything up to Sync: so do we."""
         expect = self.expect
+        doubted = b""
         while expect.size and expect.kinds[expect.head] != SYNC:
             kind = expect.kinds[expect.head]
-            self._undo(kind, expect.popleft())
+            payload = expect.popleft()
+            if kind == RECHECK_CLOSE:
+                # Skipped, and so is the Parse right behind it: see below.
+                doubted = payload
+                self.desynced = True
+            elif doubted and payload == doubted and (kind == PARSE or kind == HIDDEN_PARSE):
+                # Neither the Close nor the Parse ran: the server has the statement
+                # only if it had it before, which was a guess (see _parse). Parse it
+                # again behind a Close when it is next needed, and reset the server
+                # at check-in.
+                doubted = b""
+                server = self.server
+                if server is not None and not self._parse_queued(payload):
+                    server.doubt(payload)
+            else:
+                self._undo(kind, payload)
         if not expect.size:
             # The client has not sent the Sync yet: the server ignores everything
             # until it comes, and so must the rewriter, or it would expect replies
@@ -823,14 +877,24 @@ class BatchRewriter:
         if server is None:
             return
         if kind == PARSE or kind == HIDDEN_PARSE:
-            server.forget(payload)  # never created
+            # Never created, unless a Parse of it queued behind this one creates it.
+            if not self._parse_queued(payload):
+                server.forget(payload)
         elif kind == HIDDEN_CLOSE:
             server.restore(payload)  # never closed
         elif kind == RECHECK_CLOSE:
-            # Skipped with the Parse behind it: whether the server still has the
-            # statement depends on the query ahead. Let the server be reset at check-in.
-            server.forget(payload)
+            server.doubt(payload)  # see _skip_to_sync
             self.desynced = True
+
+    def _parse_queued(self, name: bytes) -> bool:
+        """A Parse of `name` is among the replies still expected (runs on errors only)."""
+        expect = self.expect
+        kinds, payloads = expect.kinds, expect.payloads
+        for i in range(expect.head, expect.head + expect.size):
+            kind = kinds[i]
+            if (kind == PARSE or kind == HIDDEN_PARSE) and payloads[i] == name:
+                return True
+        return False
 
     def _lost(self, kind: int, msg_type: int) -> None:
         # Should not happen; if it does, stop rewriting rather than corrupt the stream.

@@ -376,6 +376,8 @@ class FrontendScanner(_Stream):
     def on_copy_in_started(self) -> None:
         # The backend ignores Sync and Flush while in copy-in, so Syncs the client
         # sent after the COPY's Execute will never be answered.
+        if self.rewriter is not None:
+            self.rewriter.copy_in_started(self.syncs_after_execute)
         self.pending_ready -= self.syncs_after_execute
         if self.pending_ready < 0:
             self.pending_ready = 0
