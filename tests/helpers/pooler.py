@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -392,3 +392,14 @@ class PoolerFactory:
             proc.stop()
             problems += [f"[{proc.workdir.name}] {p}" for p in proc.problems()]
         return problems
+
+
+@contextlib.contextmanager
+def pool_of(pg: ExamplePostgres, tmp_dir: Path, size: int) -> Iterator[PoolerProcess]:
+    """A pooler whose pool for the md5 user has `size` servers, for module-scoped
+    fixtures (the `pooler` fixture is per test); it must stop cleanly."""
+    factory = PoolerFactory(pg, tmp_dir)
+    users = [{"username": pg.md5_user.name, "pool_size": size}]
+    yield factory(pools={EXAMPLE_DB: {"users": users}})
+    problems = factory.close()
+    assert not problems, problems

@@ -19,7 +19,7 @@ import pytest
 from helpers import EXAMPLE_DB, ExamplePostgres
 from helpers import pgwire as w
 from helpers.both import connect
-from helpers.pooler import PoolerFactory, PoolerProcess
+from helpers.pooler import PoolerProcess, pool_of
 
 CLIENTS = 3
 POOL_SIZES = (2, 1)
@@ -169,12 +169,8 @@ def copy_pooler(
     copy_tables: None,
 ) -> Iterator[tuple[PoolerProcess, int]]:
     size: int = request.param
-    factory = PoolerFactory(pg, tmp_path_factory.mktemp("parity-copy"))
-    users = [{"username": pg.md5_user.name, "pool_size": size}]
-    proc = factory(pools={EXAMPLE_DB: {"users": users}})
-    yield proc, size
-    problems = factory.close()
-    assert not problems, problems
+    with pool_of(pg, tmp_path_factory.mktemp("parity-copy"), size) as proc:
+        yield proc, size
 
 
 @pytest.mark.parametrize("seed", SEEDS)

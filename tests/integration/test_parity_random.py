@@ -19,7 +19,7 @@ import pytest
 from helpers import ExamplePostgres
 from helpers import pgwire as w
 from helpers.both import connect
-from helpers.pooler import PoolerFactory, PoolerProcess
+from helpers.pooler import PoolerProcess, pool_of
 
 CLIENTS = 3
 POOL_SIZES = (2, 1)
@@ -119,12 +119,8 @@ def random_pooler(
 ) -> Iterator[tuple[PoolerProcess, int]]:
     """A pooler whose pool has `request.param` servers, and that number."""
     size: int = request.param
-    factory = PoolerFactory(pg, tmp_path_factory.mktemp("parity-random"))
-    users = [{"username": pg.md5_user.name, "pool_size": size}]
-    proc = factory(pools={"example_db": {"users": users}})
-    yield proc, size
-    problems = factory.close()
-    assert not problems, problems
+    with pool_of(pg, tmp_path_factory.mktemp("parity-random"), size) as proc:
+        yield proc, size
 
 
 def failed_transaction_deviation(

@@ -18,7 +18,7 @@ import pytest
 
 from helpers import EXAMPLE_DB, EXAMPLE_PASSWORD, ExamplePostgres
 from helpers import pgwire as w
-from helpers.pooler import PoolerFactory, PoolerProcess
+from helpers.pooler import PoolerFactory, PoolerProcess, pool_of
 
 SYNCED = (
     "client_encoding",
@@ -270,13 +270,8 @@ def params_pooler(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[PoolerProcess, int]]:
     size: int = request.param
-    factory = PoolerFactory(pg, tmp_path_factory.mktemp("parity-params"))
-    proc = factory(
-        pools={EXAMPLE_DB: {"users": [{"username": pg.md5_user.name, "pool_size": size}]}}
-    )
-    yield proc, size
-    problems = factory.close()
-    assert not problems, problems
+    with pool_of(pg, tmp_path_factory.mktemp("parity-params"), size) as proc:
+        yield proc, size
 
 
 def _without_parameter_status(messages: list[w.Message]) -> list[w.Reply]:
