@@ -3,7 +3,8 @@ against PostgreSQL and through the pooler, for answers that must be PostgreSQL's
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar
 
 from . import EXAMPLE_DB, ExamplePostgres
@@ -37,3 +38,21 @@ def on_both(pg: ExamplePostgres, pooler: Endpoint, exchange: Callable[[PgWire], 
         finally:
             conn.close()
     return results[0], results[1]
+
+
+def next_client(
+    rng: random.Random,
+    direct: Sequence[PgWire],
+    servers: int,
+    batch_open: Sequence[bool] = (),
+) -> int:
+    """For random programs: any client, unless as many hold a server (inside a
+    transaction, or a batch left open by a Flush) as the pool has: then one of those,
+    so that no batch waits for a server held by an idle client. `direct` are the
+    clients' connections to PostgreSQL, whose status says."""
+    holding = [
+        i for i, conn in enumerate(direct) if conn.status != "I" or (batch_open and batch_open[i])
+    ]
+    if len(holding) >= servers:
+        return rng.choice(holding)
+    return rng.randrange(len(direct))

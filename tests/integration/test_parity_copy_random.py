@@ -18,7 +18,7 @@ import pytest
 
 from helpers import EXAMPLE_DB, ExamplePostgres
 from helpers import pgwire as w
-from helpers.both import connect
+from helpers.both import connect, next_client
 from helpers.pooler import PoolerProcess, pool_of
 
 CLIENTS = 3
@@ -187,8 +187,7 @@ def test_random_copy_program(
             for side, conn in zip(SIDES, (direct[client], pooled[client]), strict=True):
                 conn.execute_query(f"truncate {table(side, client)}")
         for number in range(STEPS):
-            holding = [i for i, conn in enumerate(direct) if conn.status != "I"]
-            client = rng.choice(holding) if len(holding) >= servers else rng.randrange(CLIENTS)
+            client = next_client(rng, direct, servers)
             step = random_step(rng)
             program.append(f"  {number:2d} client {client}: {step.text}")
             got = run_step(direct[client], step, table("direct", client))

@@ -19,7 +19,7 @@ import pytest
 
 from helpers import EXAMPLE_DB, ExamplePostgres
 from helpers import pgwire as w
-from helpers.both import connect
+from helpers.both import connect, next_client
 from helpers.pooler import PoolerProcess, pool_of
 
 CLIENTS = 3
@@ -123,8 +123,7 @@ def test_random_pipeline(
     program: list[str] = []
     try:
         for number in range(STEPS):
-            holding = [i for i, conn in enumerate(direct) if conn.status != "I"]
-            client = rng.choice(holding) if len(holding) >= servers else rng.randrange(CLIENTS)
+            client = next_client(rng, direct, servers)
             batches = [random_batch(rng) for _ in range(rng.randint(1, 4))]
             data = b"".join(batch for _, batch in batches)
             pieces = cut(rng, data)

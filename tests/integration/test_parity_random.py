@@ -18,7 +18,7 @@ import pytest
 
 from helpers import ExamplePostgres
 from helpers import pgwire as w
-from helpers.both import connect
+from helpers.both import connect, next_client
 from helpers.pooler import PoolerProcess, pool_of
 
 CLIENTS = 3
@@ -137,18 +137,6 @@ def failed_transaction_deviation(
             fields = mine[1]
             return theirs[0] == b"E" and isinstance(fields, list) and ("C", "25P02") in fields
     return True
-
-
-def next_client(
-    rng: random.Random, direct: list[w.PgWire], servers: int, batch_open: list[bool]
-) -> int:
-    """Any client, unless as many hold a server (inside a transaction, or a batch
-    left open by a Flush) as the pool has: then one of those, so that no batch waits
-    for a server held by an idle client."""
-    holding = [i for i, conn in enumerate(direct) if conn.status != "I" or batch_open[i]]
-    if len(holding) >= servers:
-        return rng.choice(holding)
-    return rng.randrange(len(direct))
 
 
 def read_quietly(conn: w.PgWire, first: float) -> list[w.Message]:

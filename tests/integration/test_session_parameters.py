@@ -18,6 +18,7 @@ import pytest
 
 from helpers import EXAMPLE_DB, EXAMPLE_PASSWORD, ExamplePostgres
 from helpers import pgwire as w
+from helpers.both import next_client
 from helpers.pooler import PoolerFactory, PoolerProcess, pool_of
 
 SYNCED = (
@@ -297,8 +298,7 @@ def test_random_session_parameter_program(
     program = [f"  profiles: {profiles}"]
     try:
         for step in range(BATCHES):
-            holding = [i for i, conn in enumerate(direct) if conn.status != "I"]
-            client = rng.choice(holding) if len(holding) >= servers else rng.randrange(CLIENTS)
+            client = next_client(rng, direct, servers)
             name, sql = random_step(rng, profiles[client], direct[client].status != "I")
             if name is None:
                 program.append(f"  {step:2d} client {client}: {sql}")

@@ -480,15 +480,14 @@ class BatchRewriter:
         server.add(entry.name)
         if server.uncertain and entry.name in server.uncertain:
             server.uncertain.discard(entry.name)
-            self._push(RECHECK_CLOSE, entry.name)
-            self._push(kind, entry.name)
-            return close_statement(entry.name) + entry.parse_message
+            return self._parse_again(entry, kind)
         self._push(kind, entry.name)
         return entry.parse_message
 
     def _parse_again(self, entry: StatementEntry, kind: int) -> bytes:
-        """Parse `entry` again behind a query that may drop it (see _query_ahead).
-        Closed first: harmless if the server still has it."""
+        """Parse `entry` again where the server's record is a guess: behind a query
+        that may drop it or a batch not answered yet (see _parse), or a name in doubt.
+        Closed first: harmless if the server does not have it."""
         self._push(RECHECK_CLOSE, entry.name)
         self._push(kind, entry.name)
         return close_statement(entry.name) + entry.parse_message
