@@ -395,11 +395,27 @@ class PoolerFactory:
 
 
 @contextlib.contextmanager
-def pool_of(pg: ExamplePostgres, tmp_dir: Path, size: int) -> Iterator[PoolerProcess]:
-    """A pooler whose pool for the md5 user has `size` servers, for module-scoped
+def pool_of(
+    pg: ExamplePostgres, tmp_dir: Path, size: int, server_cache: int = 0
+) -> Iterator[PoolerProcess]:
+    """A pooler whose pool for the md5 user has `size` servers (and, with
+    `server_cache`, that many prepared statements kept per server), for module-scoped
     fixtures (the `pooler` fixture is per test); it must stop cleanly."""
     factory = PoolerFactory(pg, tmp_dir)
     users = [{"username": pg.md5_user.name, "pool_size": size}]
-    yield factory(pools={EXAMPLE_DB: {"users": users}})
+    general = {"server_prepared_statements_cache_size": server_cache} if server_cache else {}
+    yield factory(general=general, pools={EXAMPLE_DB: {"users": users}})
     problems = factory.close()
     assert not problems, problems
+
+
+# The pools random programs run against: (servers, statements kept per server, 0 for
+# the default). Two servers and one, so that a client's statements keep landing on
+# servers that lack them; and a cache of one statement, so that nearly every batch
+# evicts one and closes it.
+RANDOM_POOLS: tuple[tuple[int, int], ...] = ((2, 0), (1, 0), (2, 1))
+
+
+def random_pool_id(shape: tuple[int, int]) -> str:
+    servers, cache = shape
+    return f"{servers}-servers" + (f"-cache-{cache}" if cache else "")

@@ -3,9 +3,9 @@
 Three clients copy rows in and out of tables of their own, by simple queries and by
 the extended protocol, with good and bad data, CopyDone or CopyFail, Syncs sent during
 the copy (which PostgreSQL ignores) or after it, inside transaction blocks and out,
-sharing a pool of two servers (or one). The same steps go to direct connections, each
-client with tables of its own there too; every reply must be PostgreSQL's, message for
-message, the tables' names aside.
+sharing a pool of two servers (or one, or two that keep one prepared statement each).
+The same steps go to direct connections, each client with tables of its own there
+too; every reply must be PostgreSQL's, message for message, the tables' names aside.
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ import pytest
 from helpers import EXAMPLE_DB, ExamplePostgres
 from helpers import pgwire as w
 from helpers.both import connect, next_client
-from helpers.pooler import PoolerProcess, pool_of
+from helpers.pooler import RANDOM_POOLS, PoolerProcess, pool_of, random_pool_id
 
 CLIENTS = 3
-POOL_SIZES = (2, 1)
 SEEDS = range(40)
 STEPS = 40
 SIDES = ("direct", "pooled")
@@ -161,15 +160,15 @@ def copy_tables(pg: ExamplePostgres) -> Iterator[None]:
     pg.psql("".join(f"drop table {n};" for n in names), database=EXAMPLE_DB)
 
 
-@pytest.fixture(scope="module", params=POOL_SIZES, ids=lambda size: f"{size}-servers")
+@pytest.fixture(scope="module", params=RANDOM_POOLS, ids=random_pool_id)
 def copy_pooler(
     request: pytest.FixtureRequest,
     pg: ExamplePostgres,
     tmp_path_factory: pytest.TempPathFactory,
     copy_tables: None,
 ) -> Iterator[tuple[PoolerProcess, int]]:
-    size: int = request.param
-    with pool_of(pg, tmp_path_factory.mktemp("parity-copy"), size) as proc:
+    size, cache = request.param
+    with pool_of(pg, tmp_path_factory.mktemp("parity-copy"), size, cache) as proc:
         yield proc, size
 
 

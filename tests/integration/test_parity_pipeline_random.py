@@ -3,10 +3,11 @@
 Each step, a client writes one to four batches at once (simple queries, and
 extended-protocol batches that parse, bind and run the unnamed statement, some
 stopping at a row limit), cut into pieces at random places, and only then reads the
-replies. Three clients share a pool of two servers (or one). Each batch parses what it
-runs, so no batch depends on the outcome of another in the same write: what
-docs/prepared-statements.md lists as differences in a pipeline cannot arise, and every
-reply must be PostgreSQL's, message for message.
+replies. Three clients share a pool of two servers (or one, or two that keep one
+prepared statement each). Each batch parses what it runs, so no batch depends on the
+outcome of another in the same write: what docs/prepared-statements.md lists as
+differences in a pipeline cannot arise, and every reply must be PostgreSQL's, message
+for message.
 """
 
 from __future__ import annotations
@@ -20,10 +21,9 @@ import pytest
 from helpers import EXAMPLE_DB, ExamplePostgres
 from helpers import pgwire as w
 from helpers.both import connect, next_client
-from helpers.pooler import PoolerProcess, pool_of
+from helpers.pooler import RANDOM_POOLS, PoolerProcess, pool_of, random_pool_id
 
 CLIENTS = 3
-POOL_SIZES = (2, 1)
 SEEDS = range(40)
 STEPS = 40
 
@@ -100,15 +100,15 @@ def pipeline_log(pg: ExamplePostgres) -> Iterator[None]:
     pg.psql("drop table pipeline_log", database=EXAMPLE_DB)
 
 
-@pytest.fixture(scope="module", params=POOL_SIZES, ids=lambda size: f"{size}-servers")
+@pytest.fixture(scope="module", params=RANDOM_POOLS, ids=random_pool_id)
 def pipeline_pooler(
     request: pytest.FixtureRequest,
     pg: ExamplePostgres,
     tmp_path_factory: pytest.TempPathFactory,
     pipeline_log: None,
 ) -> Iterator[tuple[PoolerProcess, int]]:
-    size: int = request.param
-    with pool_of(pg, tmp_path_factory.mktemp("parity-pipeline"), size) as proc:
+    size, cache = request.param
+    with pool_of(pg, tmp_path_factory.mktemp("parity-pipeline"), size, cache) as proc:
         yield proc, size
 
 

@@ -2,8 +2,9 @@
 PostgreSQL.
 
 Each program is a seeded sequence of batches from three clients that share a pool of
-two servers (or one), so a client's statements keep landing on servers that have not
-seen them and its batches interleave with other clients' on the same server. Every batch is sent
+two servers (or one, or two that keep one prepared statement each), so a client's
+statements keep landing on servers that have not seen them, or have closed them, and
+its batches interleave with other clients' on the same server. Every batch is sent
 as one write and answered in full before the next one; the same batches go to three
 direct connections, and each batch's reply must be PostgreSQL's, message for message.
 A failure names the seed and the batch, and lists the program up to it.
@@ -19,10 +20,9 @@ import pytest
 from helpers import ExamplePostgres
 from helpers import pgwire as w
 from helpers.both import connect, next_client
-from helpers.pooler import PoolerProcess, pool_of
+from helpers.pooler import RANDOM_POOLS, PoolerProcess, pool_of, random_pool_id
 
 CLIENTS = 3
-POOL_SIZES = (2, 1)
 BATCHES = 60
 SEEDS = range(120)
 FLUSH_BATCHES = 30
@@ -111,15 +111,15 @@ def random_batch(
     return " ".join(parts), data + w.sync()
 
 
-@pytest.fixture(scope="module", params=POOL_SIZES, ids=lambda size: f"{size}-servers")
+@pytest.fixture(scope="module", params=RANDOM_POOLS, ids=random_pool_id)
 def random_pooler(
     request: pytest.FixtureRequest,
     pg: ExamplePostgres,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[PoolerProcess, int]]:
-    """A pooler whose pool has `request.param` servers, and that number."""
-    size: int = request.param
-    with pool_of(pg, tmp_path_factory.mktemp("parity-random"), size) as proc:
+    """A pooler of one of the RANDOM_POOLS shapes, and its number of servers."""
+    size, cache = request.param
+    with pool_of(pg, tmp_path_factory.mktemp("parity-random"), size, cache) as proc:
         yield proc, size
 
 

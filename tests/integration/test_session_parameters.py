@@ -19,7 +19,7 @@ import pytest
 from helpers import EXAMPLE_DB, EXAMPLE_PASSWORD, ExamplePostgres
 from helpers import pgwire as w
 from helpers.both import next_client
-from helpers.pooler import PoolerFactory, PoolerProcess, pool_of
+from helpers.pooler import RANDOM_POOLS, PoolerFactory, PoolerProcess, pool_of, random_pool_id
 
 SYNCED = (
     "client_encoding",
@@ -199,7 +199,6 @@ def test_statements_prepared_after_a_set_are_parsed_under_it(
 # ---- random programs ------------------------------------------------------------------
 
 CLIENTS = 3
-POOL_SIZES = (2, 1)
 SEEDS = range(40)
 BATCHES = 50
 
@@ -264,14 +263,14 @@ def _prepared_messages(conn: w.PgWire, name: str, sql: str) -> list[w.Message]:
     return conn.read_until_ready()
 
 
-@pytest.fixture(scope="module", params=POOL_SIZES, ids=lambda size: f"{size}-servers")
+@pytest.fixture(scope="module", params=RANDOM_POOLS, ids=random_pool_id)
 def params_pooler(
     request: pytest.FixtureRequest,
     pg: ExamplePostgres,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[PoolerProcess, int]]:
-    size: int = request.param
-    with pool_of(pg, tmp_path_factory.mktemp("parity-params"), size) as proc:
+    size, cache = request.param
+    with pool_of(pg, tmp_path_factory.mktemp("parity-params"), size, cache) as proc:
         yield proc, size
 
 
@@ -288,8 +287,8 @@ def test_random_session_parameter_program(
 ) -> None:
     """Clients with different startup values SET, SET LOCAL, roll back, fail and read
     settings-dependent values, by simple queries and by statements they prepare,
-    sharing a pool of two servers (or one); every reply and every value a client is
-    told must be PostgreSQL's."""
+    sharing a pool of two servers (or one, or two that keep one prepared statement
+    each); every reply and every value a client is told must be PostgreSQL's."""
     proc, servers = params_pooler
     rng = random.Random(seed)
     profiles = [rng.choice(PROFILES) for _ in range(CLIENTS)]

@@ -268,6 +268,55 @@ def test_extended_copies_with_an_early_sync_keep_the_replies_in_step(
     assert [w.msg_types(a) for a in pooled] == ["12GCZ", "12GEZ", "EZ", "CZ", "12GCZ"]
 
 
+def test_an_extended_copy_that_evicts_a_statement_keeps_its_server(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """The COPY's Parse evicts a statement from a server that keeps one. Its Close
+    went out in front of the batch's Sync, which libpq sends right behind the
+    Execute: inside the copy, where PostgreSQL ends the connection on anything but
+    copy data ("unexpected message type 0x43 during COPY from stdin")."""
+    proc = pooler(general={"server_prepared_statements_cache_size": 1}, pools=one_user_pool(pg, 1))
+    run_kept = w.bind("", "kept") + w.execute() + w.sync()
+
+    def exchange(conn: w.PgWire) -> list[list[w.Reply]]:
+        conn.execute_query("create temp table if not exists t (a int)")
+        conn.send_raw(w.parse("kept", "select 1 as kept") + run_kept)
+        answers = [w.comparable(conn.read_until_ready())]
+        conn.send_raw(w.parse("", "copy t from stdin") + w.bind("", "") + w.execute() + w.sync())
+        replies = conn.read_until(b"GEZ")
+        conn.send_raw(w.copy_data("1\n") + w.copy_done() + w.sync())
+        answers.append(w.comparable(replies + conn.read_until_ready()))
+        conn.send_raw(run_kept)
+        answers.append(w.comparable(conn.read_until_ready()))
+        assert conn.execute_query("select a from t") == [("1",)]
+        return answers
+
+    direct, pooled = on_both(pg, proc, exchange)
+    assert pooled == direct
+    assert [w.msg_types(a) for a in pooled] == ["12DCZ", "12GCZ", "2DCZ"]
+
+
+def test_a_failed_parse_evicted_in_its_own_batch_is_not_taken_for_prepared(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """A Parse fails, and a later Parse of its batch evicts it from a server that
+    keeps one statement. Its Close never ran either, which once put it back in the
+    server's record: the next Parse of that text got a synthetic ParseComplete, and
+    its Bind 26000 where PostgreSQL reports the Parse's own error."""
+    proc = pooler(general={"server_prepared_statements_cache_size": 1}, pools=one_user_pool(pg, 1))
+
+    def exchange(conn: w.PgWire) -> list[list[w.Reply]]:
+        conn.send_raw(w.parse("", "select nope") + w.parse("", "select 2") + w.sync())
+        answers = [w.comparable(conn.read_until_ready())]
+        conn.send_raw(w.parse("x", "select nope") + w.bind("", "x") + w.execute() + w.sync())
+        answers.append(w.comparable(conn.read_until_ready()))
+        return answers
+
+    direct, pooled = on_both(pg, proc, exchange)
+    assert pooled == direct
+    assert [w.msg_types(a) for a in pooled] == ["EZ", "EZ"]
+
+
 def test_a_parse_behind_an_unanswered_batch_gets_postgresqls_answer(
     pg: ExamplePostgres, pooler: PoolerFactory
 ) -> None:

@@ -201,24 +201,40 @@ def test_several_synthetic_answers_go_out_together_in_order() -> None:
     assert s.reply(reply) == messages.PARSE_COMPLETE + messages.CLOSE_COMPLETE + reply
 
 
-def test_eviction_close_waits_for_sync() -> None:
+def test_eviction_close_goes_ahead_of_the_next_batch() -> None:
     s = Session(server_cache=1)
     name_a, name_b = server_name("select 'a'"), server_name("select 'b'")
     out = s.send(parse("a", "select 'a'") + parse("b", "select 'b'") + bind("a") + EXECUTE + SYNC)
     # 'a' was evicted by 'b' but used again by the Bind: it stays and 'b' goes instead,
-    # closed just before the Sync, after every message that could still use it.
-    assert close_statement(name_a) not in out
-    assert out.endswith(close_statement(name_b) + SYNC)
+    # closed ahead of the next batch (behind the Execute it could land inside a COPY).
+    assert close_statement(name_a) not in out and close_statement(name_b) not in out
+    assert s.server.pending_close == [name_b]
     visible = messages.PARSE_COMPLETE * 2 + messages.BIND_COMPLETE + ROW + SELECT_1
-    assert s.reply(visible + messages.CLOSE_COMPLETE + messages.READY_IDLE) == (
-        visible + messages.READY_IDLE
-    )
+    assert s.reply(visible + messages.READY_IDLE) == visible + messages.READY_IDLE
     s.to_client.clear()
     out = s.send(parse("c", "select 'c'") + SYNC)
-    assert out.endswith(close_statement(name_a) + SYNC)
-    reply = messages.PARSE_COMPLETE + messages.CLOSE_COMPLETE + messages.READY_IDLE
+    assert out.startswith(close_statement(name_b) + b"P")
+    reply = messages.CLOSE_COMPLETE + messages.PARSE_COMPLETE + messages.READY_IDLE
     assert s.reply(reply) == messages.PARSE_COMPLETE + messages.READY_IDLE
     assert list(s.server._names) == [server_name("select 'c'")]
+    assert s.server.pending_close == [name_a]
+
+
+def test_no_close_goes_out_while_a_copy_may_be_running() -> None:
+    """libpq sends Sync right behind a COPY FROM STDIN's Execute; PostgreSQL ends the
+    connection when a Close arrives during the copy."""
+    s = Session(server_cache=1)
+    name_a = server_name("select 'a'")
+    s.send(parse("a", "select 'a'") + SYNC)
+    s.reply(messages.PARSE_COMPLETE + messages.READY_IDLE)
+    out = s.send(parse("", "copy t from stdin") + bind("") + EXECUTE + SYNC)
+    assert close_statement(name_a) not in out
+    assert s.server.pending_close == [name_a]
+    s.reply(messages.PARSE_COMPLETE + messages.BIND_COMPLETE + msg(b"G", b"\x00\x00\x00"))
+    assert s.send(msg(b"d", b"1\n") + msg(b"c")) == msg(b"d", b"1\n") + msg(b"c")
+    s.reply(messages.command_complete("COPY 1") + messages.READY_IDLE)
+    out = s.send(bind("a") + EXECUTE + SYNC)
+    assert out.startswith(close_statement(name_a) + b"P")  # closed, then parsed again
 
 
 def test_flush_sends_synthetic_parse_complete_at_once() -> None:
@@ -351,6 +367,9 @@ def test_server_lru() -> None:
     lru.forget(b"c")
     assert b"c" not in lru
     lru.restore(b"b")
+    assert b"b" not in lru  # its Close is still to go out: it will be gone
+    assert lru.take_pending_close() == [b"b"]
+    lru.restore(b"b")  # that Close was skipped after all
     assert b"b" in lru
 
 

@@ -123,8 +123,8 @@ class PoolStatements:
 class ServerStatements:
     """Names prepared on one server connection, least recently used first.
 
-    Names evicted during a batch stay "present" until their Close is sent at the
-    batch's Sync, so a later message of the same batch can still use them.
+    Evicted names stay "present" until their Close is sent, ahead of the next batch
+    (see BatchRewriter._closes_ahead), so a later message can still use them.
     """
 
     __slots__ = ("_names", "_newest", "capacity", "hits", "misses", "pending_close", "uncertain")
@@ -167,13 +167,16 @@ class ServerStatements:
         names = self._names
         names[name] = None
         self._newest = name
-        if self.capacity and len(names) > self.capacity:
+        # A loop: names restored after a skipped Close may have left it over capacity.
+        while self.capacity and len(names) > self.capacity:
             evicted, _ = names.popitem(last=False)
             self.pending_close.append(evicted)
 
     def forget(self, name: bytes) -> None:
-        """The server does not have it (its Parse failed)."""
+        """The server does not have it (its Parse failed or never ran)."""
         self._names.pop(name, None)
+        if self.pending_close and name in self.pending_close:
+            self.pending_close.remove(name)  # evicted meanwhile: nothing to close
         if name == self._newest:
             self._newest = b""
 
@@ -183,8 +186,9 @@ class ServerStatements:
         self.uncertain.add(name)
 
     def restore(self, name: bytes) -> None:
-        """A Close we sent was skipped: the server still has the statement."""
-        if name not in self._names:
+        """A Close we sent was skipped: the server still has the statement (unless
+        it was evicted again since, and its Close waits for the next batch)."""
+        if name not in self._names and name not in self.pending_close:
             self._names[name] = None
             self._newest = name
 

@@ -197,6 +197,11 @@ def close_statement(name: bytes) -> bytes:
     return messages.build(b"C", b"S" + name + b"\x00")
 
 
+# Extended-protocol messages that may start a batch, ahead of which the Closes of
+# evicted statements go (see _closes_ahead).
+_STARTS_BATCH: Final = codes.type_table(
+    (codes.PARSE, codes.BIND, codes.DESCRIBE, codes.CLOSE, codes.EXECUTE)
+)
 _UNNAMED_MISSING: Final = "unnamed prepared statement does not exist"
 _MAY_BE_DEALLOCATE: Final = codes.MAY_START_DEALLOCATE
 # BatchRewriter.error_fix: what to do with the server's next ErrorResponse.
@@ -330,9 +335,17 @@ class BatchRewriter:
         """Replacement for one client message (None: forward unchanged)."""
         if msg_type == codes.SYNC:
             self.skipping = False
-            return self._sync(data[pos:end])
+            self._push(SYNC)
+            self.expect.syncs += 1
+            return None
         if self.skipping:
             return b""
+        if not self.expect.size and _STARTS_BATCH[msg_type]:
+            server = self.server
+            if server is not None and server.pending_close and not self.leading_queries:
+                replies = self.server_replies
+                if replies is None or not replies.in_copy:
+                    return self._closes_ahead(server, msg_type, data, pos, end)
         if msg_type == codes.PARSE:
             return self._parse(data[pos + 5 : end])
         if msg_type == codes.BIND:
@@ -415,7 +428,7 @@ class BatchRewriter:
                 expect.append(QUERY)
             self.leading_queries = 0
         # Expectations.append inlined: this runs for every extended-protocol message
-        # (never with QUERY; _sync counts its SYNC).
+        # (never with QUERY; frontend() counts a SYNC).
         expect.kinds.append(kind)
         expect.payloads.append(payload)
         expect.size += 1
@@ -721,21 +734,20 @@ class BatchRewriter:
             self._record(name, previous, previous is None)
         return b""
 
-    def _sync(self, sync: bytes) -> bytes | None:
-        server = self.server
-        assert server is not None
-        closes = server.take_pending_close() if server.pending_close else ()
-        if not closes:
-            self._push(SYNC)
-            self.expect.syncs += 1
-            return None
+    def _closes_ahead(
+        self, server: ServerStatements, msg_type: int, data: bytes, pos: int, end: int
+    ) -> bytes:
+        """The first message of a batch, behind the Closes of the statements evicted
+        from the server since the last ones went out. Only here is the server known
+        to wait for a new batch: a Close behind an Execute, at the batch's Sync,
+        would reach it inside a COPY FROM STDIN, a protocol violation that ends the
+        connection. A Close runs in a failed transaction too."""
         parts = []
-        for name in closes:
+        for name in server.take_pending_close():
             self._push(HIDDEN_CLOSE, name)
             parts.append(close_statement(name))
-        self._push(SYNC)
-        self.expect.syncs += 1
-        parts.append(sync)
+        out = self.frontend(msg_type, data, pos, end)  # the queue is not empty now
+        parts.append(data[pos:end] if out is None else out)
         return b"".join(parts)
 
     # ---- backend ------------------------------------------------------------
