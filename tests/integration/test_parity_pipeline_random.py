@@ -49,6 +49,7 @@ STATEMENTS = (
     ("select 1/0", ()),
     ("select nope", ()),
     ("insert into pipeline_log values ($1)", (b"1",)),
+    ("select repeat('x', $1::int) as big, 1 as after", (b"300000",)),
 )
 
 

@@ -41,6 +41,8 @@ STATEMENTS: tuple[tuple[str, tuple[int, ...], int], ...] = (
     ("select nope", (), 0),
     ("selec 1", (), 0),
     ("select pg_catalog.now() is not null as ok", (), 0),
+    # Rows of 100 kB: each reply spans many reads, synthetic answers around them.
+    ("select repeat($1, 100000) as big", (25,), 1),
     ("", (), 0),
 )
 PARAMETER_VALUES = (b"1", b"7", b"x", b"", None)
