@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, NamedTuple
 
 import tomli_w
 
@@ -394,28 +394,44 @@ class PoolerFactory:
         return problems
 
 
+class PoolShape(NamedTuple):
+    """A pool for module-scoped poolers (see pool_of)."""
+
+    servers: int
+    server_cache: int = 0  # prepared statements kept per server; 0: the default
+    session: bool = False  # session pooling instead of transaction pooling
+
+    def __str__(self) -> str:
+        return (
+            f"{self.servers}-servers"
+            + (f"-cache-{self.server_cache}" if self.server_cache else "")
+            + ("-session" if self.session else "")
+        )
+
+
 @contextlib.contextmanager
-def pool_of(
-    pg: ExamplePostgres, tmp_dir: Path, size: int, server_cache: int = 0
-) -> Iterator[PoolerProcess]:
-    """A pooler whose pool for the md5 user has `size` servers (and, with
-    `server_cache`, that many prepared statements kept per server), for module-scoped
+def pool_of(pg: ExamplePostgres, tmp_dir: Path, shape: PoolShape) -> Iterator[PoolerProcess]:
+    """A pooler whose pool for the md5 user has the given shape, for module-scoped
     fixtures (the `pooler` fixture is per test); it must stop cleanly."""
     factory = PoolerFactory(pg, tmp_dir)
-    users = [{"username": pg.md5_user.name, "pool_size": size}]
-    general = {"server_prepared_statements_cache_size": server_cache} if server_cache else {}
-    yield factory(general=general, pools={EXAMPLE_DB: {"users": users}})
+    user: dict[str, object] = {"username": pg.md5_user.name, "pool_size": shape.servers}
+    if shape.session:
+        user["pool_mode"] = "session"
+    general = {}
+    if shape.server_cache:
+        general["server_prepared_statements_cache_size"] = shape.server_cache
+    yield factory(general=general, pools={EXAMPLE_DB: {"users": [user]}})
     problems = factory.close()
     assert not problems, problems
 
 
-# The pools random programs run against: (servers, statements kept per server, 0 for
-# the default). Two servers and one, so that a client's statements keep landing on
-# servers that lack them; and a cache of one statement, so that nearly every batch
-# evicts one and closes it.
-RANDOM_POOLS: tuple[tuple[int, int], ...] = ((2, 0), (1, 0), (2, 1))
-
-
-def random_pool_id(shape: tuple[int, int]) -> str:
-    servers, cache = shape
-    return f"{servers}-servers" + (f"-cache-{cache}" if cache else "")
+# The pools random programs run against. Two servers and one, so that a client's
+# statements keep landing on servers that lack them; servers that keep one prepared
+# statement each, so that nearly every batch evicts one; and session pooling, where
+# everything passes through and each program's sessions must start as new ones.
+RANDOM_POOLS: Final = (
+    PoolShape(2),
+    PoolShape(1),
+    PoolShape(2, server_cache=1),
+    PoolShape(3, session=True),
+)

@@ -3,9 +3,9 @@
 Three clients copy rows in and out of tables of their own, by simple queries and by
 the extended protocol, with good and bad data, CopyDone or CopyFail, Syncs sent during
 the copy (which PostgreSQL ignores) or after it, inside transaction blocks and out,
-sharing a pool of two servers (or one, or two that keep one prepared statement each).
-The same steps go to direct connections, each client with tables of its own there
-too; every reply must be PostgreSQL's, message for message, the tables' names aside.
+sharing a pool of one of the shapes in helpers.pooler.RANDOM_POOLS. The same steps go
+to direct connections, each client with tables of its own there too; every reply must
+be PostgreSQL's, message for message, the tables' names aside.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 from helpers import EXAMPLE_DB, ExamplePostgres
 from helpers import pgwire as w
 from helpers.both import connect, next_client
-from helpers.pooler import RANDOM_POOLS, PoolerProcess, pool_of, random_pool_id
+from helpers.pooler import RANDOM_POOLS, PoolerProcess, PoolShape, pool_of
 
 CLIENTS = 3
 SEEDS = range(40)
@@ -160,16 +160,16 @@ def copy_tables(pg: ExamplePostgres) -> Iterator[None]:
     pg.psql("".join(f"drop table {n};" for n in names), database=EXAMPLE_DB)
 
 
-@pytest.fixture(scope="module", params=RANDOM_POOLS, ids=random_pool_id)
+@pytest.fixture(scope="module", params=RANDOM_POOLS, ids=str)
 def copy_pooler(
     request: pytest.FixtureRequest,
     pg: ExamplePostgres,
     tmp_path_factory: pytest.TempPathFactory,
     copy_tables: None,
 ) -> Iterator[tuple[PoolerProcess, int]]:
-    size, cache = request.param
-    with pool_of(pg, tmp_path_factory.mktemp("parity-copy"), size, cache) as proc:
-        yield proc, size
+    shape: PoolShape = request.param
+    with pool_of(pg, tmp_path_factory.mktemp("parity-copy"), shape) as proc:
+        yield proc, shape.servers
 
 
 @pytest.mark.parametrize("seed", SEEDS)

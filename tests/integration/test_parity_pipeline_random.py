@@ -3,11 +3,10 @@
 Each step, a client writes one to four batches at once (simple queries, and
 extended-protocol batches that parse, bind and run the unnamed statement, some
 stopping at a row limit), cut into pieces at random places, and only then reads the
-replies. Three clients share a pool of two servers (or one, or two that keep one
-prepared statement each). Each batch parses what it runs, so no batch depends on the
-outcome of another in the same write: what docs/prepared-statements.md lists as
-differences in a pipeline cannot arise, and every reply must be PostgreSQL's, message
-for message.
+replies. Three clients share a pool of one of the shapes in helpers.pooler.RANDOM_POOLS.
+Each batch parses what it runs, so no batch depends on the outcome of another in the
+same write: what docs/prepared-statements.md lists as differences in a pipeline cannot
+arise, and every reply must be PostgreSQL's, message for message.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import pytest
 from helpers import EXAMPLE_DB, ExamplePostgres
 from helpers import pgwire as w
 from helpers.both import connect, next_client
-from helpers.pooler import RANDOM_POOLS, PoolerProcess, pool_of, random_pool_id
+from helpers.pooler import RANDOM_POOLS, PoolerProcess, PoolShape, pool_of
 
 CLIENTS = 3
 SEEDS = range(40)
@@ -101,16 +100,16 @@ def pipeline_log(pg: ExamplePostgres) -> Iterator[None]:
     pg.psql("drop table pipeline_log", database=EXAMPLE_DB)
 
 
-@pytest.fixture(scope="module", params=RANDOM_POOLS, ids=random_pool_id)
+@pytest.fixture(scope="module", params=RANDOM_POOLS, ids=str)
 def pipeline_pooler(
     request: pytest.FixtureRequest,
     pg: ExamplePostgres,
     tmp_path_factory: pytest.TempPathFactory,
     pipeline_log: None,
 ) -> Iterator[tuple[PoolerProcess, int]]:
-    size, cache = request.param
-    with pool_of(pg, tmp_path_factory.mktemp("parity-pipeline"), size, cache) as proc:
-        yield proc, size
+    shape: PoolShape = request.param
+    with pool_of(pg, tmp_path_factory.mktemp("parity-pipeline"), shape) as proc:
+        yield proc, shape.servers
 
 
 @pytest.mark.parametrize("seed", SEEDS)

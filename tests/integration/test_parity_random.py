@@ -2,9 +2,10 @@
 PostgreSQL.
 
 Each program is a seeded sequence of batches from three clients that share a pool of
-two servers (or one, or two that keep one prepared statement each), so a client's
-statements keep landing on servers that have not seen them, or have closed them, and
-its batches interleave with other clients' on the same server. Every batch is sent
+one of the shapes in helpers.pooler.RANDOM_POOLS: two servers (or one, or two that keep
+one prepared statement each), so a client's statements keep landing on servers that
+have not seen them, or have closed them, and its batches interleave with other
+clients' on the same server; or three servers pooling sessions. Every batch is sent
 as one write and answered in full before the next one; the same batches go to three
 direct connections, and each batch's reply must be PostgreSQL's, message for message.
 A failure names the seed and the batch, and lists the program up to it.
@@ -20,7 +21,7 @@ import pytest
 from helpers import ExamplePostgres
 from helpers import pgwire as w
 from helpers.both import connect, next_client
-from helpers.pooler import RANDOM_POOLS, PoolerProcess, pool_of, random_pool_id
+from helpers.pooler import RANDOM_POOLS, PoolerProcess, PoolShape, pool_of
 
 CLIENTS = 3
 BATCHES = 60
@@ -113,16 +114,16 @@ def random_batch(
     return " ".join(parts), data + w.sync()
 
 
-@pytest.fixture(scope="module", params=RANDOM_POOLS, ids=random_pool_id)
+@pytest.fixture(scope="module", params=RANDOM_POOLS, ids=str)
 def random_pooler(
     request: pytest.FixtureRequest,
     pg: ExamplePostgres,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[PoolerProcess, int]]:
     """A pooler of one of the RANDOM_POOLS shapes, and its number of servers."""
-    size, cache = request.param
-    with pool_of(pg, tmp_path_factory.mktemp("parity-random"), size, cache) as proc:
-        yield proc, size
+    shape: PoolShape = request.param
+    with pool_of(pg, tmp_path_factory.mktemp("parity-random"), shape) as proc:
+        yield proc, shape.servers
 
 
 def failed_transaction_deviation(

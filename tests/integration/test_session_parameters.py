@@ -19,7 +19,7 @@ import pytest
 from helpers import EXAMPLE_DB, EXAMPLE_PASSWORD, ExamplePostgres
 from helpers import pgwire as w
 from helpers.both import next_client
-from helpers.pooler import RANDOM_POOLS, PoolerFactory, PoolerProcess, pool_of, random_pool_id
+from helpers.pooler import RANDOM_POOLS, PoolerFactory, PoolerProcess, PoolShape, pool_of
 
 SYNCED = (
     "client_encoding",
@@ -263,15 +263,15 @@ def _prepared_messages(conn: w.PgWire, name: str, sql: str) -> list[w.Message]:
     return conn.read_until_ready()
 
 
-@pytest.fixture(scope="module", params=RANDOM_POOLS, ids=random_pool_id)
+@pytest.fixture(scope="module", params=RANDOM_POOLS, ids=str)
 def params_pooler(
     request: pytest.FixtureRequest,
     pg: ExamplePostgres,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[PoolerProcess, int]]:
-    size, cache = request.param
-    with pool_of(pg, tmp_path_factory.mktemp("parity-params"), size, cache) as proc:
-        yield proc, size
+    shape: PoolShape = request.param
+    with pool_of(pg, tmp_path_factory.mktemp("parity-params"), shape) as proc:
+        yield proc, shape.servers
 
 
 def _without_parameter_status(messages: list[w.Message]) -> list[w.Reply]:
@@ -287,8 +287,8 @@ def test_random_session_parameter_program(
 ) -> None:
     """Clients with different startup values SET, SET LOCAL, roll back, fail and read
     settings-dependent values, by simple queries and by statements they prepare,
-    sharing a pool of two servers (or one, or two that keep one prepared statement
-    each); every reply and every value a client is told must be PostgreSQL's."""
+    sharing a pool of one of the shapes in helpers.pooler.RANDOM_POOLS; every reply
+    and every value a client is told must be PostgreSQL's."""
     proc, servers = params_pooler
     rng = random.Random(seed)
     profiles = [rng.choice(PROFILES) for _ in range(CLIENTS)]
