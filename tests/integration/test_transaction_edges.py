@@ -21,6 +21,12 @@ def one_user_pool(pg: ExamplePostgres, size: int) -> dict[str, object]:
     return {"example_db": {"users": [{"username": pg.md5_user.name, "pool_size": size}]}}
 
 
+def one_evicting_server(pg: ExamplePostgres, pooler: PoolerFactory) -> PoolerProcess:
+    """A pool of one server that keeps one prepared statement: nearly every batch
+    evicts one."""
+    return pooler(general={"server_prepared_statements_cache_size": 1}, pools=one_user_pool(pg, 1))
+
+
 def served_quickly(proc: PoolerProcess, pg: ExamplePostgres) -> float:
     """Seconds another client takes to connect and run a query."""
     user = pg.md5_user
@@ -275,7 +281,7 @@ def test_an_extended_copy_that_evicts_a_statement_keeps_its_server(
     went out in front of the batch's Sync, which libpq sends right behind the
     Execute: inside the copy, where PostgreSQL ends the connection on anything but
     copy data ("unexpected message type 0x43 during COPY from stdin")."""
-    proc = pooler(general={"server_prepared_statements_cache_size": 1}, pools=one_user_pool(pg, 1))
+    proc = one_evicting_server(pg, pooler)
     run_kept = w.bind("", "kept") + w.execute() + w.sync()
 
     def exchange(conn: w.PgWire) -> list[list[w.Reply]]:
@@ -303,7 +309,7 @@ def test_a_failed_parse_evicted_in_its_own_batch_is_not_taken_for_prepared(
     keeps one statement. Its Close never ran either, which once put it back in the
     server's record: the next Parse of that text got a synthetic ParseComplete, and
     its Bind 26000 where PostgreSQL reports the Parse's own error."""
-    proc = pooler(general={"server_prepared_statements_cache_size": 1}, pools=one_user_pool(pg, 1))
+    proc = one_evicting_server(pg, pooler)
 
     def exchange(conn: w.PgWire) -> list[list[w.Reply]]:
         conn.send_raw(w.parse("", "select nope") + w.parse("", "select 2") + w.sync())
