@@ -397,15 +397,27 @@ class PoolerFactory:
 class PoolShape(NamedTuple):
     """A pool for module-scoped poolers (see pool_of)."""
 
-    servers: int
+    servers: int  # pool_size: split evenly between the workers
     server_cache: int = 0  # prepared statements kept per server; 0: the default
     session: bool = False  # session pooling instead of transaction pooling
+    workers: int = 1
+    # The pooler's rarer paths, all at once: servers reached over PostgreSQL's Unix
+    # socket, taken oldest first, with the clients' parameters set on every checkout.
+    unix_round_robin_sync: bool = False
+
+    @property
+    def servers_per_worker(self) -> int:
+        """What a random program may count on: it cannot tell which worker holds which
+        client, so no more servers than one worker has."""
+        return self.servers // self.workers
 
     def __str__(self) -> str:
         return (
             f"{self.servers}-servers"
             + (f"-cache-{self.server_cache}" if self.server_cache else "")
             + ("-session" if self.session else "")
+            + (f"-{self.workers}-workers" if self.workers > 1 else "")
+            + ("-unix-round-robin-sync" if self.unix_round_robin_sync else "")
         )
 
 
@@ -417,21 +429,28 @@ def pool_of(pg: ExamplePostgres, tmp_dir: Path, shape: PoolShape) -> Iterator[Po
     user: dict[str, object] = {"username": pg.md5_user.name, "pool_size": shape.servers}
     if shape.session:
         user["pool_mode"] = "session"
-    general = {}
+    general: dict[str, object] = {"workers": shape.workers}
+    pool: dict[str, object] = {"users": [user]}
     if shape.server_cache:
         general["server_prepared_statements_cache_size"] = shape.server_cache
-    yield factory(general=general, pools={EXAMPLE_DB: {"users": [user]}})
+    if shape.unix_round_robin_sync:
+        general["server_round_robin"] = True
+        general["sync_server_parameters"] = True
+        pool["server_host"] = str(pg.socket_dir)
+    yield factory(general=general, pools={EXAMPLE_DB: pool})
     problems = factory.close()
     assert not problems, problems
 
 
 # The pools random programs run against. Two servers and one, so that a client's
 # statements keep landing on servers that lack them; servers that keep one prepared
-# statement each, so that nearly every batch evicts one; and session pooling, where
-# everything passes through and each program's sessions must start as new ones.
+# statement each, so that nearly every batch evicts one; session pooling, where
+# everything passes through and each program's sessions must start as new ones; and
+# two workers whose servers keep one statement, with the rarer paths of pool_of.
 RANDOM_POOLS: Final = (
     PoolShape(2),
     PoolShape(1),
     PoolShape(2, server_cache=1),
     PoolShape(3, session=True),
+    PoolShape(4, server_cache=1, workers=2, unix_round_robin_sync=True),
 )

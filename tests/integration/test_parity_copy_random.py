@@ -169,7 +169,7 @@ def copy_pooler(
 ) -> Iterator[tuple[PoolerProcess, int]]:
     shape: PoolShape = request.param
     with pool_of(pg, tmp_path_factory.mktemp("parity-copy"), shape) as proc:
-        yield proc, shape.servers
+        yield proc, shape.servers_per_worker
 
 
 @pytest.mark.parametrize("seed", SEEDS)

@@ -109,7 +109,7 @@ def pipeline_pooler(
 ) -> Iterator[tuple[PoolerProcess, int]]:
     shape: PoolShape = request.param
     with pool_of(pg, tmp_path_factory.mktemp("parity-pipeline"), shape) as proc:
-        yield proc, shape.servers
+        yield proc, shape.servers_per_worker
 
 
 @pytest.mark.parametrize("seed", SEEDS)

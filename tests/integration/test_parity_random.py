@@ -5,7 +5,8 @@ Each program is a seeded sequence of batches from three clients that share a poo
 one of the shapes in helpers.pooler.RANDOM_POOLS: two servers (or one, or two that keep
 one prepared statement each), so a client's statements keep landing on servers that
 have not seen them, or have closed them, and its batches interleave with other
-clients' on the same server; or three servers pooling sessions. Every batch is sent
+clients' on the same server; or three servers pooling sessions; or two workers, each
+with two servers that keep one statement, reached over a Unix socket. Every batch is sent
 as one write and answered in full before the next one; the same batches go to three
 direct connections, and each batch's reply must be PostgreSQL's, message for message.
 A failure names the seed and the batch, and lists the program up to it.
@@ -123,7 +124,7 @@ def random_pooler(
     """A pooler of one of the RANDOM_POOLS shapes, and its number of servers."""
     shape: PoolShape = request.param
     with pool_of(pg, tmp_path_factory.mktemp("parity-random"), shape) as proc:
-        yield proc, shape.servers
+        yield proc, shape.servers_per_worker
 
 
 def failed_transaction_deviation(

@@ -271,7 +271,7 @@ def params_pooler(
 ) -> Iterator[tuple[PoolerProcess, int]]:
     shape: PoolShape = request.param
     with pool_of(pg, tmp_path_factory.mktemp("parity-params"), shape) as proc:
-        yield proc, shape.servers
+        yield proc, shape.servers_per_worker
 
 
 def _without_parameter_status(messages: list[w.Message]) -> list[w.Reply]:
