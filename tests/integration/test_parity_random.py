@@ -6,10 +6,10 @@ one of the shapes in helpers.pooler.RANDOM_POOLS: two servers (or one, or two th
 one prepared statement each), so a client's statements keep landing on servers that
 have not seen them, or have closed them, and its batches interleave with other
 clients' on the same server; or three servers pooling sessions; or two workers, each
-with two servers that keep one statement, reached over a Unix socket. Every batch is sent
-as one write and answered in full before the next one; the same batches go to three
-direct connections, and each batch's reply must be PostgreSQL's, message for message.
-A failure names the seed and the batch, and lists the program up to it.
+with two servers that keep one statement, reached over a Unix socket. Every batch is
+sent as one write and answered in full before the next one; the same batches go to
+three direct connections, and each batch's reply must be PostgreSQL's, message for
+message. A failure names the seed and the batch, and lists the program up to it.
 """
 
 from __future__ import annotations
@@ -121,7 +121,8 @@ def random_pooler(
     pg: ExamplePostgres,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[tuple[PoolerProcess, int]]:
-    """A pooler of one of the RANDOM_POOLS shapes, and its number of servers."""
+    """A pooler of one of the RANDOM_POOLS shapes, and the servers a program may count
+    on (PoolShape.servers_per_worker)."""
     shape: PoolShape = request.param
     with pool_of(pg, tmp_path_factory.mktemp("parity-random"), shape) as proc:
         yield proc, shape.servers_per_worker
