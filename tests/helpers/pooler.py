@@ -411,6 +411,21 @@ class PoolShape(NamedTuple):
         client, so no more servers than one worker has."""
         return self.servers // self.workers
 
+    def config(self, pg: ExamplePostgres) -> dict[str, dict[str, object]]:
+        """The `general` and `pools` overrides that give the md5 user this pool."""
+        user: dict[str, object] = {"username": pg.md5_user.name, "pool_size": self.servers}
+        if self.session:
+            user["pool_mode"] = "session"
+        general: dict[str, object] = {"workers": self.workers}
+        pool: dict[str, object] = {"users": [user]}
+        if self.server_cache:
+            general["server_prepared_statements_cache_size"] = self.server_cache
+        if self.unix_round_robin_sync:
+            general["server_round_robin"] = True
+            general["sync_server_parameters"] = True
+            pool["server_host"] = str(pg.socket_dir)
+        return {"general": general, "pools": {EXAMPLE_DB: pool}}
+
     def __str__(self) -> str:
         return (
             f"{self.servers}-servers"
@@ -426,18 +441,7 @@ def pool_of(pg: ExamplePostgres, tmp_dir: Path, shape: PoolShape) -> Iterator[Po
     """A pooler whose pool for the md5 user has the given shape, for module-scoped
     fixtures (the `pooler` fixture is per test); it must stop cleanly."""
     factory = PoolerFactory(pg, tmp_dir)
-    user: dict[str, object] = {"username": pg.md5_user.name, "pool_size": shape.servers}
-    if shape.session:
-        user["pool_mode"] = "session"
-    general: dict[str, object] = {"workers": shape.workers}
-    pool: dict[str, object] = {"users": [user]}
-    if shape.server_cache:
-        general["server_prepared_statements_cache_size"] = shape.server_cache
-    if shape.unix_round_robin_sync:
-        general["server_round_robin"] = True
-        general["sync_server_parameters"] = True
-        pool["server_host"] = str(pg.socket_dir)
-    yield factory(general=general, pools={EXAMPLE_DB: pool})
+    yield factory(**shape.config(pg))
     problems = factory.close()
     assert not problems, problems
 

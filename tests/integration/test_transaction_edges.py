@@ -14,17 +14,17 @@ import psycopg
 from helpers import ExamplePostgres
 from helpers import pgwire as w
 from helpers.both import connect, on_both
-from helpers.pooler import PoolerFactory, PoolerProcess
+from helpers.pooler import PoolerFactory, PoolerProcess, PoolShape
 
 
 def one_user_pool(pg: ExamplePostgres, size: int) -> dict[str, object]:
-    return {"example_db": {"users": [{"username": pg.md5_user.name, "pool_size": size}]}}
+    return PoolShape(size).config(pg)["pools"]
 
 
 def one_evicting_server(pg: ExamplePostgres, pooler: PoolerFactory) -> PoolerProcess:
     """A pool of one server that keeps one prepared statement: nearly every batch
     evicts one."""
-    return pooler(general={"server_prepared_statements_cache_size": 1}, pools=one_user_pool(pg, 1))
+    return pooler(**PoolShape(1, server_cache=1).config(pg))
 
 
 def served_quickly(proc: PoolerProcess, pg: ExamplePostgres) -> float:
