@@ -230,7 +230,9 @@ def _decode(data: bytes, what: str) -> str:
     """
     if not data:
         raise ScramError(f"empty {what}")
-    if b"\x00" in data:
+    # `0 in data`, not `b"\x00" in data`: bytes.__contains__ first tries its argument
+    # as an int, and for a bytes argument that raises (and formats) a TypeError.
+    if 0 in data:
         raise ScramError(f"{what} contains a NUL byte")
     return data.decode("latin-1")
 
