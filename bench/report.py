@@ -53,6 +53,8 @@ def summarize(doc: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
                 entry["status"] = "ok"
                 for metric in METRICS:
                     entry[metric] = median(r.get(metric) for r in good)
+                # Older result files have no round numbers: one round each.
+                entry["tps_by_round"] = {r.get("round", 1): r["tps"] for r in good}
                 if len(good) < len(rounds):
                     failed = next(r for r in rounds if not r["ok"])
                     entry["error"] = (
@@ -71,16 +73,57 @@ def number(value: float | None, digits: int = 0) -> str:
     return f"{value:,.{digits}f}"
 
 
-def _ratio(a: dict[str, Any], b: dict[str, Any]) -> str:
+def round_ratios(a: dict[str, Any], b: dict[str, Any]) -> list[float]:
+    """a's tps over b's, once per round in which both ran.
+
+    A round runs the targets one after the other, so its own ratio is the least touched
+    by the machine getting faster or slower over the whole run.
+    """
+    a_rounds = a.get("tps_by_round") or {}
+    b_rounds = b.get("tps_by_round") or {}
+    return [a_rounds[n] / b_rounds[n] for n in sorted(a_rounds) if b_rounds.get(n)]
+
+
+def ratio(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float, float] | None:
+    """(median, lowest, highest) of the rounds' own ratios of a to b.
+
+    Falls back to the ratio of the medians when no round has both (a round failed for
+    one of them).
+    """
     if a.get("status") != "ok" or b.get("status") != "ok" or not b.get("tps"):
+        return None
+    per_round = round_ratios(a, b)
+    if not per_round:
+        only = a["tps"] / b["tps"]
+        return only, only, only
+    return statistics.median(per_round), min(per_round), max(per_round)
+
+
+def _ratio(a: dict[str, Any], b: dict[str, Any]) -> str:
+    found = ratio(a, b)
+    if found is None:
         return DASH
-    return f"{a['tps'] / b['tps']:.2f}{TIMES}"
+    mid, low, high = found
+    text = f"{mid:.2f}{TIMES}"
+    if f"{low:.2f}" != f"{high:.2f}":
+        text += f" ({low:.2f}{DASH}{high:.2f})"
+    return text
 
 
 def _cell_tps(entry: dict[str, Any]) -> str:
     if entry.get("status") == "ok":
         return number(entry["tps"])
     return str(entry.get("status", DASH))
+
+
+def _rounds_note(rounds: int) -> str:
+    if rounds < 2:
+        return "median shown"
+    return (
+        "medians shown; a ratio is the median of the rounds' own ratios, their range "
+        "in brackets; each round runs the targets in turn, in reverse order every "
+        "other round"
+    )
 
 
 def _load(meta: dict[str, Any], when: str) -> str:
@@ -198,7 +241,7 @@ def results_markdown(doc: dict[str, Any], chart_link: str | None) -> str:
         f"PgBouncer {meta['pgbouncer_version']}{bouncers}",
         f"- {meta['duration']} s per run (pgbench -T adds "
         f"{meta.get('connect_allowance', 0):g} s per 1000 clients for connecting), "
-        f"{meta['rounds']} round(s) (median shown), "
+        f"{meta['rounds']} round(s) ({_rounds_note(meta['rounds'])}), "
         f"client auth `{meta['auth']}`, pool_size {meta['pool_size']}, "
         f"pgbench scale {meta['scale']}, `-j min(clients, 2)`",
         f"- PgBouncer prepared statements: {meta['pgbouncer_prepared']}",

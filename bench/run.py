@@ -5,8 +5,9 @@
     python -m bench.run --duration 5 --families aid-simple,S-prepared --clients 10,100
 
 Targets are interleaved per scenario (direct, pg_doorman, PgBouncer, then the next
-scenario) so that machine noise hits all three alike. A target that cannot start is
-reported as such; the others still run.
+scenario) so that machine noise hits all three alike; with `--rounds`, every other round
+runs them in reverse. A target that cannot start is reported as such; the others still
+run.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from bench import report
 from bench.idle import Credentials, IdleClients
@@ -173,6 +174,15 @@ def scenarios_for(args: argparse.Namespace) -> list[Scenario]:
         counts = args.connect_clients if FAMILIES[family][2] else args.clients
         out += [Scenario(family, clients) for clients in counts]
     return out
+
+
+T = TypeVar("T")
+
+
+def round_order(targets: list[T], round_no: int) -> list[T]:
+    """The order the targets run in within round `round_no` (from 1): every other round
+    reversed, so that no target always goes first or always runs right after another."""
+    return list(reversed(targets)) if round_no % 2 == 0 else list(targets)
 
 
 # --- environment -----------------------------------------------------------------------
@@ -333,7 +343,7 @@ class Harness:
         scenarios = scenarios_for(self.args)
         for scenario in scenarios:
             for round_no in range(1, self.args.rounds + 1):
-                for target in self.targets():
+                for target in round_order(self.targets(), round_no):
                     result = self._bench(target, scenario, self.args.duration, round_no)
                     self.runs.append(result)
                     self.say(_progress(result))

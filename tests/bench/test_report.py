@@ -1,0 +1,143 @@
+"""The report's arithmetic: medians over rounds, ratios paired by round, their range.
+
+Built from results documents in the shape `bench.run` writes, without measuring.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench import report, run
+
+SCENARIO = {"key": "S-simple-c10", "family": "S-simple", "clients": 10}
+
+
+def _run(target: str, round_no: int | None, tps: float | None) -> dict[str, Any]:
+    run: dict[str, Any] = {"scenario": SCENARIO["key"], "target": target, "ok": tps is not None}
+    if round_no is not None:
+        run["round"] = round_no
+    if tps is None:
+        run["error"] = "pgbench exit code 2"
+    else:
+        run.update(tps=tps, p50_ms=0.3, p99_ms=0.6, cpu_us_per_tx=15.0, user_us_per_tx=3.5)
+        run["rss_bytes"] = 30 * 2**20
+    return run
+
+
+def _doc(runs: list[dict[str, Any]], rounds: int) -> dict[str, Any]:
+    ok = {"status": "ok"}
+    meta = {
+        "date": "2026-12-01 06:00 UTC",
+        "smoke": False,
+        "machine": "2 cores",
+        "machine_short": "2 cores",
+        "postgres_version": "18",
+        "pooler_version": "0.1.0",
+        "python": "3.11",
+        "event_loop": "uvloop",
+        "pgbouncer_version": "1.18.0",
+        "duration": 8,
+        "rounds": rounds,
+        "auth": "scram-sha-256",
+        "pool_size": 20,
+        "scale": 10,
+        "pgbouncer_prepared": "not supported",
+        "wall_seconds": 60.0,
+        "command": "python -m bench.run",
+    }
+    targets = {t: ok for t in report.TARGETS}
+    return {"meta": meta, "scenarios": [SCENARIO], "targets": targets, "runs": runs}
+
+
+def _entries(doc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    summary = report.summarize(doc)
+    return summary[(SCENARIO["key"], "pg_doorman")], summary[(SCENARIO["key"], "pgbouncer")]
+
+
+def test_a_ratio_is_the_median_of_the_rounds_own_ratios_with_their_range() -> None:
+    # The machine slows down in round 2: both targets lose, their ratio holds.
+    doorman = {1: 30_000.0, 2: 20_000.0, 3: 31_000.0}
+    bouncer = {1: 32_000.0, 2: 21_000.0, 3: 36_000.0}
+    runs = [_run("pg_doorman", n, tps) for n, tps in doorman.items()]
+    runs += [_run("pgbouncer", n, tps) for n, tps in bouncer.items()]
+    pooler, bouncer_entry = _entries(_doc(runs, 3))
+
+    assert pooler["tps"] == 30_000.0 and bouncer_entry["tps"] == 32_000.0
+    assert report.round_ratios(pooler, bouncer_entry) == [30 / 32, 20 / 21, 31 / 36]
+    assert report.ratio(pooler, bouncer_entry) == (30 / 32, 31 / 36, 20 / 21)
+    assert report._ratio(pooler, bouncer_entry) == "0.94\u00d7 (0.86\u20130.95)"
+
+
+def test_paired_ratios_differ_from_the_ratio_of_medians_when_rounds_disagree() -> None:
+    doorman = {1: 10.0, 2: 30.0, 3: 20.0}
+    bouncer = {1: 20.0, 2: 15.0, 3: 40.0}
+    runs = [_run("pg_doorman", n, tps) for n, tps in doorman.items()]
+    runs += [_run("pgbouncer", n, tps) for n, tps in bouncer.items()]
+    pooler, bouncer_entry = _entries(_doc(runs, 3))
+
+    # Medians 20 and 20 would say 1.00x; the rounds say 0.5, 2.0 and 0.5.
+    assert pooler["tps"] / bouncer_entry["tps"] == 1.0
+    assert report._ratio(pooler, bouncer_entry) == "0.50\u00d7 (0.50\u20132.00)"
+
+
+def test_a_round_that_failed_for_one_target_has_no_ratio() -> None:
+    runs = [
+        _run("pg_doorman", 1, 30_000.0),
+        _run("pg_doorman", 2, 28_000.0),
+        _run("pgbouncer", 1, 31_000.0),
+        _run("pgbouncer", 2, None),
+    ]
+    pooler, bouncer_entry = _entries(_doc(runs, 2))
+
+    assert report.round_ratios(pooler, bouncer_entry) == [30 / 31]
+    assert report._ratio(pooler, bouncer_entry) == "0.97\u00d7"
+    assert "1/2 rounds failed" in bouncer_entry["error"]
+
+
+def test_without_a_shared_round_the_ratio_of_the_medians_is_shown() -> None:
+    runs = [
+        _run("pg_doorman", 1, None),
+        _run("pg_doorman", 2, 28_000.0),
+        _run("pgbouncer", 1, 35_000.0),
+        _run("pgbouncer", 2, None),
+    ]
+    pooler, bouncer_entry = _entries(_doc(runs, 2))
+
+    assert report.round_ratios(pooler, bouncer_entry) == []
+    assert report._ratio(pooler, bouncer_entry) == "0.80\u00d7"
+
+
+def test_results_without_round_numbers_count_as_one_round() -> None:
+    # Result files written before runs carried their round.
+    runs = [_run("pg_doorman", None, 27_000.0), _run("pgbouncer", None, 30_000.0)]
+    pooler, bouncer_entry = _entries(_doc(runs, 1))
+
+    assert report.round_ratios(pooler, bouncer_entry) == [0.9]
+    assert report._ratio(pooler, bouncer_entry) == "0.90\u00d7"
+
+
+def test_a_failed_target_has_no_ratio() -> None:
+    runs = [_run("pg_doorman", 1, 27_000.0), _run("pgbouncer", 1, None)]
+    pooler, bouncer_entry = _entries(_doc(runs, 1))
+
+    assert bouncer_entry["status"] == "failed"
+    assert report.ratio(pooler, bouncer_entry) is None
+    assert report._ratio(pooler, bouncer_entry) == report.DASH
+
+
+def test_the_report_says_how_ratios_are_formed() -> None:
+    runs = [_run(t, n, 1000.0 * n) for t in report.TARGETS for n in (1, 2)]
+    several = report.results_markdown(_doc(runs, 2), None)
+    assert "a ratio is the median of the rounds' own ratios" in several
+    assert "| S-simple | 10 | 1,500 | 1,500 | 1,500 | 1.00\u00d7 | 1.00\u00d7 |" in several
+
+    one = report.results_markdown(_doc(runs[::2], 1), None)
+    assert "1 round(s) (median shown)" in one
+
+
+def test_every_other_round_runs_the_targets_in_reverse() -> None:
+    targets = ["direct", "pg_doorman", "pgbouncer"]
+    assert run.round_order(targets, 1) == targets
+    assert run.round_order(targets, 2) == ["pgbouncer", "pg_doorman", "direct"]
+    assert run.round_order(targets, 3) == targets
+    assert targets == ["direct", "pg_doorman", "pgbouncer"]  # not reordered in place
