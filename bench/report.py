@@ -14,6 +14,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.pgbench import FAMILIES
+
 TARGETS = ("direct", "pg_doorman", "pgbouncer")
 LABELS = {"direct": "PostgreSQL direct", "pg_doorman": "pg_doorman", "pgbouncer": "PgBouncer"}
 COLORS = {"direct": "#4c72b0", "pg_doorman": "#dd8452", "pgbouncer": "#55a868"}
@@ -110,10 +112,27 @@ def _ratio(a: dict[str, Any], b: dict[str, Any]) -> str:
     return text
 
 
-def _cell_tps(entry: dict[str, Any]) -> str:
+def _cell_tps(entry: dict[str, Any], untracked: bool = False) -> str:
     if entry.get("status") == "ok":
-        return number(entry["tps"])
+        return number(entry["tps"]) + (" (untracked)" if untracked else "")
     return str(entry.get("status", DASH))
+
+
+def bouncer_untracked(doc: dict[str, Any], scenario: dict[str, Any]) -> bool:
+    """Whether PgBouncer passed this scenario's prepared statements through untracked.
+
+    A PgBouncer before 1.21 does not track protocol-level prepared statements: a `-M
+    prepared` run that gets through measured plain pass-through, which is not like for
+    like, so it is shown but not compared.
+    """
+    family = FAMILIES.get(scenario["family"])
+    if family is None or family[1] != "prepared":
+        return False
+    meta = doc["meta"]
+    tracked = meta.get("pgbouncer_prepared_tracked")
+    if tracked is None:  # result files written before the flag existed
+        return str(meta.get("pgbouncer_prepared", "")).startswith("not supported")
+    return not tracked
 
 
 def _rounds_note(rounds: int) -> str:
@@ -123,6 +142,15 @@ def _rounds_note(rounds: int) -> str:
         "medians shown; a ratio is the median of the rounds' own ratios, their range "
         "in brackets; each round runs the targets in turn, in reverse order every "
         "other round"
+    )
+
+
+def _untracked_note(doc: dict[str, Any]) -> str:
+    if not any(bouncer_untracked(doc, scenario) for scenario in doc["scenarios"]):
+        return ""
+    return (
+        "; a `-M prepared` run of PgBouncer that gets through (one client, or by luck) "
+        "is shown marked *untracked*, and not compared with pg_doorman"
     )
 
 
@@ -144,9 +172,11 @@ def summary_table(doc: dict[str, Any], summary: dict[tuple[str, str], dict[str, 
     lines = [head, "|" + "---|" * 9]
     for scenario in doc["scenarios"]:
         d, p, b = (summary[(scenario["key"], t)] for t in TARGETS)
+        untracked = bouncer_untracked(doc, scenario)
+        vs_bouncer = DASH if untracked else _ratio(p, b)
         lines.append(
             f"| {scenario['family']} | {scenario['clients']} | {_cell_tps(d)} | {_cell_tps(p)} "
-            f"| {_cell_tps(b)} | {_ratio(p, b)} | {_ratio(p, d)} "
+            f"| {_cell_tps(b, untracked)} | {vs_bouncer} | {_ratio(p, d)} "
             f"| {number(p.get('cpu_us_per_tx'), 1)} | {number(b.get('cpu_us_per_tx'), 1)} |"
         )
     return "\n".join(lines)
@@ -161,13 +191,16 @@ def detail_table(doc: dict[str, Any], summary: dict[tuple[str, str], dict[str, A
     for scenario in doc["scenarios"]:
         direct = summary[(scenario["key"], "direct")]
         bouncer = summary[(scenario["key"], "pgbouncer")]
+        untracked = bouncer_untracked(doc, scenario)
         for target in TARGETS:
             e = summary[(scenario["key"], target)]
-            vs_bouncer = _ratio(e, bouncer) if target == "pg_doorman" else DASH
+            compared = target == "pg_doorman" and not untracked
+            vs_bouncer = _ratio(e, bouncer) if compared else DASH
             vs_direct = _ratio(e, direct) if target != "direct" else DASH
+            tps = _cell_tps(e, untracked and target == "pgbouncer")
             lines.append(
                 f"| {scenario['family']} | {scenario['clients']} | {LABELS[target]} "
-                f"| {_cell_tps(e)} | {number(e.get('p50_ms'), 2)} | {number(e.get('p99_ms'), 2)} "
+                f"| {tps} | {number(e.get('p50_ms'), 2)} | {number(e.get('p99_ms'), 2)} "
                 f"| {vs_bouncer} | {vs_direct} | {number(e.get('cpu_us_per_tx'), 1)} "
                 f"| {number(e.get('user_us_per_tx'), 1)} | {_mib(e.get('rss_bytes'))} |"
             )
@@ -244,7 +277,7 @@ def results_markdown(doc: dict[str, Any], chart_link: str | None) -> str:
         f"{meta['rounds']} round(s) ({_rounds_note(meta['rounds'])}), "
         f"client auth `{meta['auth']}`, pool_size {meta['pool_size']}, "
         f"pgbench scale {meta['scale']}, `-j min(clients, 2)`",
-        f"- PgBouncer prepared statements: {meta['pgbouncer_prepared']}",
+        f"- PgBouncer prepared statements: {meta['pgbouncer_prepared']}{_untracked_note(doc)}",
         f"- Load average (1/5/15 min) before: {_load(meta, 'before')}, after: "
         f"{_load(meta, 'after')}; the run took {meta['wall_seconds']:.0f} s",
         f"- Command: `{meta['command']}`",
@@ -299,6 +332,14 @@ def write_chart(doc: dict[str, Any], path: Path) -> None:
         tps_ax, cpu_ax = axes[0][col], axes[1][col]
         for target in TARGETS:
             entries = [summary[(s["key"], target)] for s in scenarios]
+            if target == "pgbouncer":
+                # Untracked pass-through is not plotted beside tracked statements.
+                entries = [
+                    {"status": "untracked"}
+                    if bouncer_untracked(doc, s) and e["status"] == "ok"
+                    else e
+                    for s, e in zip(scenarios, entries, strict=True)
+                ]
             tps = [e.get("tps") if e.get("status") == "ok" else None for e in entries]
             _plot(tps_ax, xs, tps, target)
             # A failed run shows as a cross on the axis rather than silently missing.

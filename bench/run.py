@@ -86,7 +86,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--markdown/--chart/--json are given)",
     )
     parser.add_argument("--duration", type=int, help="seconds per pgbench run (15; smoke 2)")
-    parser.add_argument("--rounds", type=int, default=1, help="repeat everything, report medians")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run each scenario N times; report medians and the per-round ratios' median",
+    )
     parser.add_argument(
         "--families",
         type=_names,
@@ -405,12 +410,14 @@ class Harness:
 
     def document(self, command: str) -> dict[str, Any]:
         full, short = machine()
+        tracked: bool | None = None
         if self.bouncer is None:
             bouncer_version = "not available"
             prepared = "n/a"
         else:
             bouncer_version = self.bouncer.version()
-            if self.bouncer.prepared_support:
+            tracked = self.bouncer.prepared_support
+            if tracked:
                 prepared = "`max_prepared_statements = 200` (tracked by PgBouncer)"
             else:
                 prepared = (
@@ -430,6 +437,7 @@ class Harness:
                 "pooler_version": self.pooler.version() if self.pooler else "not run",
                 "pgbouncer_version": bouncer_version,
                 "pgbouncer_prepared": prepared,
+                "pgbouncer_prepared_tracked": tracked,
                 "workers": self.args.workers,
                 "pgbouncer_processes": self.args.bouncer_processes,
                 "duration": self.args.duration,

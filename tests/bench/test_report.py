@@ -141,3 +141,48 @@ def test_every_other_round_runs_the_targets_in_reverse() -> None:
     assert run.round_order(targets, 2) == ["pgbouncer", "pg_doorman", "direct"]
     assert run.round_order(targets, 3) == targets
     assert targets == ["direct", "pg_doorman", "pgbouncer"]  # not reordered in place
+
+
+PREPARED = {"key": "S-prepared-c1000", "family": "S-prepared", "clients": 1000}
+
+
+def _prepared_doc(tracked: bool | None, described: str) -> dict[str, Any]:
+    runs = [
+        {**_run(target, 1, tps), "scenario": PREPARED["key"]}
+        for target, tps in (("direct", 18_000.0), ("pg_doorman", 18_400.0), ("pgbouncer", 26_400.0))
+    ]
+    doc = _doc(runs, 1)
+    doc["scenarios"] = [PREPARED]
+    doc["meta"]["pgbouncer_prepared"] = described
+    if tracked is not None:
+        doc["meta"]["pgbouncer_prepared_tracked"] = tracked
+    return doc
+
+
+def _summary_row(text: str) -> str:
+    return next(
+        line for line in text.splitlines() if line.startswith("| S-prepared | 1000 | 18,000")
+    )
+
+
+def test_prepared_runs_of_a_pgbouncer_that_does_not_track_them_are_not_compared() -> None:
+    # PgBouncer before 1.21 passes Parse and Bind through: a run that gets through
+    # measured pass-through, not statement tracking.
+    untracked = report.results_markdown(_prepared_doc(False, "not supported by 1.18"), None)
+    row = _summary_row(untracked)
+    assert row.startswith("| S-prepared | 1000 | 18,000 | 18,400 | 26,400 (untracked) | \u2013 |")
+    assert "shown marked *untracked*" in untracked
+    assert "| S-prepared | 1000 | PgBouncer | 26,400 (untracked) |" in untracked
+
+    tracked = report.results_markdown(_prepared_doc(True, "`max_prepared_statements`"), None)
+    assert _summary_row(tracked).startswith(
+        "| S-prepared | 1000 | 18,000 | 18,400 | 26,400 | 0.70\u00d7 |"
+    )
+    assert "untracked" not in tracked
+
+
+def test_results_without_the_tracking_flag_read_it_from_the_description() -> None:
+    old = report.results_markdown(_prepared_doc(None, "not supported by PgBouncer 1.18.0"), None)
+    assert "26,400 (untracked) | \u2013 |" in _summary_row(old)
+    new = report.results_markdown(_prepared_doc(None, "`max_prepared_statements = 200`"), None)
+    assert "26,400 | 0.70\u00d7 |" in _summary_row(new)
