@@ -207,6 +207,111 @@ def detail_table(doc: dict[str, Any], summary: dict[tuple[str, str], dict[str, A
     return "\n".join(lines)
 
 
+# What the pooler is meant to reach against PgBouncer, on the scenarios from 10 clients up.
+TARGET_MIN_CLIENTS = 10
+PREPARED_OVER_BEST = 1.3
+IDLE_CLIENT_BYTES = 10 * 1024
+
+
+def _label(scenario: dict[str, Any]) -> str:
+    return f"{scenario['family']} c={scenario['clients']}"
+
+
+def _compared(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Scenarios from TARGET_MIN_CLIENTS up in which pg_doorman can be set beside PgBouncer."""
+    return [
+        s
+        for s in doc["scenarios"]
+        if s["clients"] >= TARGET_MIN_CLIENTS and not bouncer_untracked(doc, s)
+    ]
+
+
+def _met_row(title: str, checks: list[tuple[str, float, bool]]) -> str:
+    """One line of the targets table from (scenario label, value, met) per scenario."""
+    if not checks:
+        return f"| {title} | not measured | {DASH} |"
+    met = sum(1 for _, _, ok in checks if ok)
+    missed = [(label, value) for label, value, ok in checks if not ok]
+    if missed:
+        shown = ", ".join(f"{label} {value:.2f}{TIMES}" for label, value in missed)
+        where = f"missed: {shown}"
+    else:
+        where = "all met"
+    return f"| {title} | {met} of {len(checks)} | {where} |"
+
+
+def _fastest_bouncer(
+    doc: dict[str, Any],
+    summary: dict[tuple[str, str], dict[str, Any]],
+    script: str,
+    clients: int,
+) -> float | None:
+    """PgBouncer's best tps over the protocols run with `script` and `clients` (pooled
+    connections, prepared statements only where PgBouncer tracks them)."""
+    best: float | None = None
+    for other in doc["scenarios"]:
+        family = FAMILIES.get(other["family"])
+        if family is None or family[0] != script or family[2] or other["clients"] != clients:
+            continue
+        entry = summary[(other["key"], "pgbouncer")]
+        if entry.get("status") == "ok" and not bouncer_untracked(doc, other):
+            best = entry["tps"] if best is None else max(best, entry["tps"])
+    return best
+
+
+def targets_table(doc: dict[str, Any], summary: dict[tuple[str, str], dict[str, Any]]) -> str:
+    """The run read against the targets: which scenarios meet each, which miss and by how much.
+
+    Throughput compares the per-round ratios' median; prepared statements compare
+    pg_doorman's `-M prepared` median with the fastest PgBouncer protocol on the same
+    script and client count (tracked statements only); CPU and p99 compare medians.
+    """
+    throughput: list[tuple[str, float, bool]] = []
+    cpu: list[tuple[str, float, bool]] = []
+    p99: list[tuple[str, float, bool]] = []
+    prepared: list[tuple[str, float, bool]] = []
+    for scenario in _compared(doc):
+        mine = summary[(scenario["key"], "pg_doorman")]
+        theirs = summary[(scenario["key"], "pgbouncer")]
+        label = _label(scenario)
+        found = ratio(mine, theirs)
+        if found is not None:
+            throughput.append((label, found[0], found[0] >= 1.0))
+            for metric, out in (("cpu_us_per_tx", cpu), ("p99_ms", p99)):
+                a, b = mine.get(metric), theirs.get(metric)
+                if a is not None and b:
+                    out.append((label, a / b, a <= b))
+    for scenario in doc["scenarios"]:
+        family = FAMILIES.get(scenario["family"])
+        if family is None or family[1] != "prepared" or scenario["clients"] < TARGET_MIN_CLIENTS:
+            continue
+        mine = summary[(scenario["key"], "pg_doorman")]
+        best = _fastest_bouncer(doc, summary, family[0], scenario["clients"])
+        if mine.get("status") == "ok" and best:
+            over = mine["tps"] / best
+            prepared.append((_label(scenario), over, over >= PREPARED_OVER_BEST))
+    lines = [
+        "| target | scenarios that meet it | where not (pg_doorman / PgBouncer) |",
+        "|---|---|---|",
+        _met_row(f"throughput ≥ 1.0{TIMES} PgBouncer's", throughput),
+        _met_row(
+            f"`-M prepared` ≥ {PREPARED_OVER_BEST}{TIMES} PgBouncer's fastest protocol",
+            prepared,
+        ),
+        _met_row("CPU per transaction ≤ PgBouncer's", cpu),
+        _met_row("p99 latency ≤ PgBouncer's", p99),
+    ]
+    idle = next((r for r in doc.get("idle") or [] if r.get("target") == "pg_doorman"), None)
+    if idle is not None and idle.get("bytes_per_client") is not None:
+        per = idle["bytes_per_client"]
+        verdict = "met" if per <= IDLE_CLIENT_BYTES else "not met"
+        lines.append(
+            f"| RSS ≤ {IDLE_CLIENT_BYTES:,} bytes per idle client | {verdict} "
+            f"| {per:,.0f} bytes per idle client |"
+        )
+    return "\n".join(lines)
+
+
 def failures(doc: dict[str, Any], summary: dict[tuple[str, str], dict[str, Any]]) -> list[str]:
     out = []
     for target in TARGETS:
@@ -287,6 +392,17 @@ def results_markdown(doc: dict[str, Any], chart_link: str | None) -> str:
     ]
     if chart_link:
         parts += [f"![tps and CPU per transaction]({chart_link})", ""]
+    if not meta["smoke"]:
+        parts += [
+            "#### Against the targets",
+            "",
+            f"From {TARGET_MIN_CLIENTS} clients up. The throughput, CPU and p99 rows leave "
+            "out scenarios where PgBouncer failed or ran prepared statements untracked; "
+            "`-M prepared` is set against PgBouncer's fastest protocol instead.",
+            "",
+            targets_table(doc, summary),
+            "",
+        ]
     parts += ["#### Per target", "", detail_table(doc, summary), ""]
     parts += ["#### Idle clients", "", idle_table(doc), ""]
     problems = failures(doc, summary)

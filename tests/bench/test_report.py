@@ -178,7 +178,7 @@ def test_prepared_runs_of_a_pgbouncer_that_does_not_track_them_are_not_compared(
     assert _summary_row(tracked).startswith(
         "| S-prepared | 1000 | 18,000 | 18,400 | 26,400 | 0.70\u00d7 |"
     )
-    assert "untracked" not in tracked
+    assert "(untracked)" not in tracked and "shown marked" not in tracked
 
 
 def test_results_without_the_tracking_flag_read_it_from_the_description() -> None:
@@ -186,3 +186,88 @@ def test_results_without_the_tracking_flag_read_it_from_the_description() -> Non
     assert "26,400 (untracked) | \u2013 |" in _summary_row(old)
     new = report.results_markdown(_prepared_doc(None, "`max_prepared_statements = 200`"), None)
     assert "26,400 | 0.70\u00d7 |" in _summary_row(new)
+
+
+def _scenario(family: str, clients: int) -> dict[str, Any]:
+    return {"key": f"{family} c={clients}", "family": family, "clients": clients}
+
+
+def _measured(scenario: dict[str, Any], target: str, **values: float) -> dict[str, Any]:
+    run = {**_run(target, 1, values.pop("tps")), "scenario": scenario["key"]}
+    run.update(values)
+    return run
+
+
+def _targets_doc() -> dict[str, Any]:
+    one, simple, extended, prepared = (
+        _scenario("S-simple", 1),
+        _scenario("S-simple", 10),
+        _scenario("S-extended", 10),
+        _scenario("S-prepared", 10),
+    )
+    runs = [
+        # One client is below the targets' range, however it compares.
+        _measured(one, "pg_doorman", tps=100.0, cpu_us_per_tx=90.0, p99_ms=9.0),
+        _measured(one, "pgbouncer", tps=200.0, cpu_us_per_tx=10.0, p99_ms=1.0),
+        _measured(simple, "pg_doorman", tps=27_000.0, cpu_us_per_tx=15.0, p99_ms=0.6),
+        _measured(simple, "pgbouncer", tps=30_000.0, cpu_us_per_tx=12.0, p99_ms=0.5),
+        _measured(extended, "pg_doorman", tps=33_000.0, cpu_us_per_tx=17.0, p99_ms=0.5),
+        _measured(extended, "pgbouncer", tps=30_000.0, cpu_us_per_tx=17.0, p99_ms=0.7),
+        _measured(prepared, "pg_doorman", tps=40_000.0, cpu_us_per_tx=16.0, p99_ms=0.5),
+        # PgBouncer 1.18 got through: pass-through, neither compared nor the best.
+        _measured(prepared, "pgbouncer", tps=50_000.0, cpu_us_per_tx=9.0, p99_ms=0.3),
+    ]
+    doc = _doc(runs, 1)
+    doc["scenarios"] = [one, simple, extended, prepared]
+    doc["meta"]["pgbouncer_prepared_tracked"] = False
+    doc["idle"] = [
+        {
+            "target": "pg_doorman",
+            "status": "ok",
+            "requested": 10_000,
+            "connected": 10_000,
+            "rss_before": 35_422_208,
+            "rss_after": 63_864_832,
+            "bytes_per_client": 2844.3,
+        }
+    ]
+    return doc
+
+
+def test_the_targets_table_says_which_scenarios_meet_each_target_and_by_how_much() -> None:
+    doc = _targets_doc()
+    table = report.targets_table(doc, report.summarize(doc)).splitlines()
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table[2:]}
+
+    assert rows["throughput ≥ 1.0\u00d7 PgBouncer's"].endswith(
+        "| 1 of 2 | missed: S-simple c=10 0.90\u00d7 |"
+    )
+    # 40,000 over the faster of PgBouncer's S-simple and S-extended (30,000 each).
+    assert rows["`-M prepared` ≥ 1.3\u00d7 PgBouncer's fastest protocol"].endswith(
+        "| 1 of 1 | all met |"
+    )
+    assert rows["CPU per transaction ≤ PgBouncer's"].endswith(
+        "| 1 of 2 | missed: S-simple c=10 1.25\u00d7 |"
+    )
+    assert rows["p99 latency ≤ PgBouncer's"].endswith(
+        "| 1 of 2 | missed: S-simple c=10 1.20\u00d7 |"
+    )
+    assert rows["RSS ≤ 10,240 bytes per idle client"].endswith(
+        "| met | 2,844 bytes per idle client |"
+    )
+
+
+def test_prepared_falls_short_of_the_target_below_1_3_times_the_fastest_protocol() -> None:
+    doc = _targets_doc()
+    for measured in doc["runs"]:
+        if measured["scenario"] == "S-prepared c=10" and measured["target"] == "pg_doorman":
+            measured["tps"] = 36_000.0
+    table = report.targets_table(doc, report.summarize(doc))
+    assert "| 0 of 1 | missed: S-prepared c=10 1.20\u00d7 |" in table
+
+
+def test_full_runs_carry_the_targets_section_and_smoke_runs_do_not() -> None:
+    doc = _targets_doc()
+    assert "#### Against the targets" in report.results_markdown(doc, None)
+    doc["meta"]["smoke"] = True
+    assert "#### Against the targets" not in report.results_markdown(doc, None)
