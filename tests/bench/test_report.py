@@ -54,13 +54,20 @@ def _entries(doc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return summary[(SCENARIO["key"], "pg_doorman")], summary[(SCENARIO["key"], "pgbouncer")]
 
 
+def _paired(
+    doorman: dict[int, float], bouncer: dict[int, float]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """pg_doorman's and PgBouncer's summaries from their tps by round."""
+    runs = [_run("pg_doorman", n, tps) for n, tps in doorman.items()]
+    runs += [_run("pgbouncer", n, tps) for n, tps in bouncer.items()]
+    return _entries(_doc(runs, len(doorman)))
+
+
 def test_a_ratio_is_the_median_of_the_rounds_own_ratios_with_their_range() -> None:
     # The machine slows down in round 2: both targets lose, their ratio holds.
     doorman = {1: 30_000.0, 2: 20_000.0, 3: 31_000.0}
     bouncer = {1: 32_000.0, 2: 21_000.0, 3: 36_000.0}
-    runs = [_run("pg_doorman", n, tps) for n, tps in doorman.items()]
-    runs += [_run("pgbouncer", n, tps) for n, tps in bouncer.items()]
-    pooler, bouncer_entry = _entries(_doc(runs, 3))
+    pooler, bouncer_entry = _paired(doorman, bouncer)
 
     assert pooler["tps"] == 30_000.0 and bouncer_entry["tps"] == 32_000.0
     assert report.round_ratios(pooler, bouncer_entry) == [30 / 32, 20 / 21, 31 / 36]
@@ -71,9 +78,7 @@ def test_a_ratio_is_the_median_of_the_rounds_own_ratios_with_their_range() -> No
 def test_paired_ratios_differ_from_the_ratio_of_medians_when_rounds_disagree() -> None:
     doorman = {1: 10.0, 2: 30.0, 3: 20.0}
     bouncer = {1: 20.0, 2: 15.0, 3: 40.0}
-    runs = [_run("pg_doorman", n, tps) for n, tps in doorman.items()]
-    runs += [_run("pgbouncer", n, tps) for n, tps in bouncer.items()]
-    pooler, bouncer_entry = _entries(_doc(runs, 3))
+    pooler, bouncer_entry = _paired(doorman, bouncer)
 
     # Medians 20 and 20 would say 1.00x; the rounds say 0.5, 2.0 and 0.5.
     assert pooler["tps"] / bouncer_entry["tps"] == 1.0
