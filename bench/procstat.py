@@ -63,3 +63,38 @@ def usage(pid: int) -> Usage:
     return Usage(
         cpu_seconds=ticks / CLK_TCK, user_seconds=user_ticks / CLK_TCK, rss_bytes=pages * PAGE_SIZE
     )
+
+
+@dataclass(frozen=True)
+class MachineTimes:
+    total_ticks: int  # every CPU's time of every kind, summed over CPUs
+    steal_ticks: int  # time a virtual CPU was ready but the hypervisor ran something else
+
+
+def parse_machine_times(stat_text: str) -> MachineTimes:
+    """The aggregate `cpu` line of /proc/stat (proc(5)): user nice system idle iowait irq
+    softirq steal [guest guest_nice]; guest time is already counted in user, so it is left
+    out of the total. Kernels before 2.6.11 have no steal field: it reads as zero."""
+    for line in stat_text.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "cpu":
+            values = [int(v) for v in fields[1:9]]
+            return MachineTimes(total_ticks=sum(values), steal_ticks=sum(values[7:8]))
+    raise ValueError("no aggregate cpu line in /proc/stat")
+
+
+def machine_times() -> MachineTimes | None:
+    """The machine's CPU time so far, or None where /proc/stat cannot be read."""
+    try:
+        with open("/proc/stat") as f:
+            return parse_machine_times(f.read())
+    except (OSError, ValueError):
+        return None
+
+
+def steal_percent(before: MachineTimes | None, after: MachineTimes | None) -> float | None:
+    """The share of CPU time between two readings that the hypervisor gave to others."""
+    if before is None or after is None or after.total_ticks <= before.total_ticks:
+        return None
+    stolen = after.steal_ticks - before.steal_ticks
+    return 100.0 * stolen / (after.total_ticks - before.total_ticks)

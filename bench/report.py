@@ -159,6 +159,14 @@ def _load(meta: dict[str, Any], when: str) -> str:
     return " / ".join(f"{v:.2f}" for v in values) if values else "unknown"
 
 
+def _steal(meta: dict[str, Any]) -> str:
+    """What the hypervisor took, for result files that recorded it."""
+    value = meta.get("steal_percent")
+    if value is None:
+        return ""
+    return f"; CPU time stolen by the hypervisor (steal): {value:.1f} %"
+
+
 def _mib(value: float | None) -> str:
     return DASH if value is None else f"{value / 2**20:.1f}"
 
@@ -384,7 +392,7 @@ def results_markdown(doc: dict[str, Any], chart_link: str | None) -> str:
         f"pgbench scale {meta['scale']}, `-j min(clients, 2)`",
         f"- PgBouncer prepared statements: {meta['pgbouncer_prepared']}{_untracked_note(doc)}",
         f"- Load average (1/5/15 min) before: {_load(meta, 'before')}, after: "
-        f"{_load(meta, 'after')}; the run took {meta['wall_seconds']:.0f} s",
+        f"{_load(meta, 'after')}; the run took {meta['wall_seconds']:.0f} s{_steal(meta)}",
         f"- Command: `{meta['command']}`",
         "",
         summary_table(doc, summary),

@@ -33,8 +33,9 @@ from typing import Any, Protocol, TypeVar
 from bench import report
 from bench.idle import Credentials, IdleClients
 from bench.pgbench import DEFAULT_FAMILIES, FAMILIES, RunResult, Scenario, run_pgbench
-from bench.procstat import usage
+from bench.procstat import machine_times, steal_percent, usage
 from bench.targets import (
+    BOUNCER_ENV,
     DATABASE,
     HOST,
     PASSWORD,
@@ -234,6 +235,10 @@ def event_loop_name() -> str:
     return "uvloop"
 
 
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
 def log(started: float, text: str) -> None:
     print(f"[{time.monotonic() - started:6.1f}s] {text}", file=sys.stderr, flush=True)
 
@@ -256,6 +261,9 @@ class Harness:
         self.logdir = workdir / "pgbench-logs"
         # Other work on the machine shows up here; the report prints it next to the numbers.
         self.load_before = os.getloadavg()
+        # On a virtual machine, CPU time the hypervisor gives to other guests slows every
+        # target; a run with much of it is worth repeating.
+        self.times_before = machine_times()
 
     def say(self, text: str) -> None:
         log(self.started, text)
@@ -280,8 +288,8 @@ class Harness:
                 self.status["pgbouncer"] = {
                     "status": "not available",
                     "detail": (
-                        f"BOUNCER_EXE={os.environ['BOUNCER_EXE']} is not an executable"
-                        if os.environ.get("BOUNCER_EXE")
+                        f"{BOUNCER_ENV}={os.environ[BOUNCER_ENV]} is not an executable"
+                        if os.environ.get(BOUNCER_ENV)
                         else "no pgbouncer executable (apt-get install pgbouncer, or set "
                         "BOUNCER_EXE)"
                     ),
@@ -453,6 +461,7 @@ class Harness:
                     "before": [round(v, 2) for v in self.load_before],
                     "after": [round(v, 2) for v in os.getloadavg()],
                 },
+                "steal_percent": _rounded(steal_percent(self.times_before, machine_times())),
                 "notes": self.notes,
             },
             "targets": self.status,
@@ -504,6 +513,9 @@ def recorded_command(raw: list[str]) -> str:
         kept.append(arg)
     impl = os.environ.get(IMPL_ENV)
     prefix = f"{IMPL_ENV}={shlex.quote(impl)} " if impl else ""
+    if os.environ.get(BOUNCER_ENV):
+        # Its path says nothing on another machine; the report gives its version.
+        prefix = f"{BOUNCER_ENV}=<another PgBouncer build> " + prefix
     return prefix + "python -m bench.run" + ("" if not kept else " " + shlex.join(kept))
 
 

@@ -68,6 +68,8 @@ def test_smoke_run_reports_all_targets(tmp_path: Path) -> None:
     # The report names what ran and how to run it again, not where its files went.
     meta = doc["meta"]
     assert "--smoke" in meta["command"] and str(tmp_path) not in meta["command"]
+    # Linux's /proc/stat has the steal field; a bare-metal machine reads 0.
+    assert isinstance(meta["steal_percent"], float) and 0 <= meta["steal_percent"] <= 100
     compiled = expect_compiled()
     assert meta["hot_path"] == ("compiled hot path" if compiled else "pure-Python hot path")
 

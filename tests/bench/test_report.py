@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench import report, run
+from bench import procstat, report, run
 
 SCENARIO = {"key": "S-simple-c10", "family": "S-simple", "clients": 10}
 
@@ -276,3 +276,22 @@ def test_full_runs_carry_the_targets_section_and_smoke_runs_do_not() -> None:
     assert "#### Against the targets" in report.results_markdown(doc, None)
     doc["meta"]["smoke"] = True
     assert "#### Against the targets" not in report.results_markdown(doc, None)
+
+
+def test_the_hypervisors_share_of_cpu_time_is_read_from_proc_stat() -> None:
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    before = procstat.parse_machine_times("cpu  100 0 50 800 10 0 5 35 20 0\ncpu0 1 2 3\n")
+    after = procstat.parse_machine_times("cpu  300 0 150 1400 10 0 5 135 60 0\n")
+    assert (before.total_ticks, before.steal_ticks) == (1000, 35)
+    assert procstat.steal_percent(before, after) == 10.0  # 100 of 1000 ticks
+    assert procstat.steal_percent(after, after) is None
+    assert procstat.steal_percent(None, after) is None
+    # Kernels without the steal field (before 2.6.11) read as none stolen.
+    assert procstat.parse_machine_times("cpu 1 2 3 4\n").steal_ticks == 0
+
+
+def test_the_report_prints_steal_time_when_the_run_recorded_it() -> None:
+    doc = _targets_doc()
+    assert "steal" not in report.results_markdown(doc, None)  # older result files
+    doc["meta"]["steal_percent"] = 12.34
+    assert "stolen by the hypervisor (steal): 12.3 %" in report.results_markdown(doc, None)
