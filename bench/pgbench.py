@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.procstat import usage
+from bench.procstat import machine_times, steal_percent, usage
 from bench.targets import DATABASE, HOST, USER, pg_client_env
 
 SCRIPTS_DIR = Path(__file__).resolve().parent / "scripts"
@@ -73,6 +73,7 @@ class RunResult:
     cpu_us_per_tx: float | None = None
     user_us_per_tx: float | None = None  # the part of cpu_us_per_tx spent outside the kernel
     rss_bytes: int | None = None
+    steal_percent: float | None = None  # CPU time the hypervisor took during this run
     initial_connection_ms: float | None = None
     pgbench_seconds: int = 0
     wall_seconds: float = 0.0
@@ -165,6 +166,7 @@ def run_pgbench(
     )
     pid = measured_pid()
     before = usage(pid) if pid is not None else None
+    times_before = machine_times()
     started = time.monotonic()
     # Generous: opening 1000 SCRAM connections one by one takes a while before the clock runs.
     timeout = seconds * 2 + 120
@@ -188,6 +190,8 @@ def run_pgbench(
             raise
     result.wall_seconds = round(time.monotonic() - started, 2)
     after = usage(pid) if pid is not None else None
+    stolen = steal_percent(times_before, machine_times())
+    result.steal_percent = None if stolen is None else round(stolen, 1)
 
     if match := _TPS.search(stdout):
         result.tps = float(match.group(1))

@@ -159,12 +159,24 @@ def _load(meta: dict[str, Any], when: str) -> str:
     return " / ".join(f"{v:.2f}" for v in values) if values else "unknown"
 
 
-def _steal(meta: dict[str, Any]) -> str:
-    """What the hypervisor took, for result files that recorded it."""
-    value = meta.get("steal_percent")
+def _steal(doc: dict[str, Any]) -> str:
+    """What the hypervisor took, over the run and in its worst pgbench run, for result
+    files that recorded it: a burst can hide in the whole run's share."""
+    value = doc["meta"].get("steal_percent")
     if value is None:
         return ""
-    return f"; CPU time stolen by the hypervisor (steal): {value:.1f} %"
+    text = f"; CPU time stolen by the hypervisor (steal): {value:.1f} %"
+    worst = max(
+        (r for r in doc["runs"] if r.get("steal_percent") is not None),
+        key=lambda r: r["steal_percent"],
+        default=None,
+    )
+    if worst is not None:
+        scenarios = {sc["key"]: _label(sc) for sc in doc["scenarios"]}
+        scenario = scenarios.get(worst["scenario"], worst["scenario"])
+        where = f"{scenario}, {LABELS[worst['target']]}, round {worst.get('round', 1)}"
+        text += f", at most {worst['steal_percent']:.1f} % in one pgbench run ({where})"
+    return text
 
 
 def _mib(value: float | None) -> str:
@@ -392,7 +404,7 @@ def results_markdown(doc: dict[str, Any], chart_link: str | None) -> str:
         f"pgbench scale {meta['scale']}, `-j min(clients, 2)`",
         f"- PgBouncer prepared statements: {meta['pgbouncer_prepared']}{_untracked_note(doc)}",
         f"- Load average (1/5/15 min) before: {_load(meta, 'before')}, after: "
-        f"{_load(meta, 'after')}; the run took {meta['wall_seconds']:.0f} s{_steal(meta)}",
+        f"{_load(meta, 'after')}; the run took {meta['wall_seconds']:.0f} s{_steal(doc)}",
         f"- Command: `{meta['command']}`",
         "",
         summary_table(doc, summary),

@@ -70,6 +70,7 @@ def test_smoke_run_reports_all_targets(tmp_path: Path) -> None:
     assert "--smoke" in meta["command"] and str(tmp_path) not in meta["command"]
     # Linux's /proc/stat has the steal field; a bare-metal machine reads 0.
     assert isinstance(meta["steal_percent"], float) and 0 <= meta["steal_percent"] <= 100
+    assert all(0 <= r["steal_percent"] <= 100 for r in doc["runs"])
     compiled = expect_compiled()
     assert meta["hot_path"] == ("compiled hot path" if compiled else "pure-Python hot path")
 

@@ -295,3 +295,13 @@ def test_the_report_prints_steal_time_when_the_run_recorded_it() -> None:
     assert "steal" not in report.results_markdown(doc, None)  # older result files
     doc["meta"]["steal_percent"] = 12.34
     assert "stolen by the hypervisor (steal): 12.3 %" in report.results_markdown(doc, None)
+    # The worst pgbench run is named: a burst can hide in the whole run's share.
+    doc["runs"][0]["steal_percent"] = 4.0
+    doc["runs"][1]["steal_percent"] = 31.0
+    worst = doc["runs"][1]
+    scenario = next(s for s in doc["scenarios"] if s["key"] == worst["scenario"])
+    expected = (
+        f"at most 31.0 % in one pgbench run ({report._label(scenario)}, "
+        f"{report.LABELS[worst['target']]}, round {worst['round']})"
+    )
+    assert expected in report.results_markdown(doc, None)
