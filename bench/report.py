@@ -406,6 +406,7 @@ def results_markdown(doc: dict[str, Any], chart_link: str | None) -> str:
         f"- Load average (1/5/15 min) before: {_load(meta, 'before')}, after: "
         f"{_load(meta, 'after')}; the run took {meta['wall_seconds']:.0f} s{_steal(doc)}",
         f"- Command: `{meta['command']}`",
+        *[f"- Note: {note}" for note in meta.get("notes", [])],
         "",
         summary_table(doc, summary),
         "",

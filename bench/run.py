@@ -134,6 +134,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--warmup", type=int, default=2, help="seconds of unrecorded warm-up")
     parser.add_argument(
+        "--max-steal",
+        type=float,
+        default=None,
+        metavar="PCT",
+        help="measure a pgbench run again (at most twice) when the hypervisor stole more "
+        "than PCT %% of the CPU time during it; the report lists each repeat (default: never)",
+    )
+    parser.add_argument(
         "--workers", type=int, default=1, help="pg_doorman worker processes (general.workers)"
     )
     parser.add_argument(
@@ -233,6 +241,14 @@ def event_loop_name() -> str:
     except ImportError:
         return "asyncio event loop"
     return "uvloop"
+
+
+STEAL_RETRIES = 2  # with --max-steal: the last attempt stands, however much was stolen
+
+
+def steal_exceeds(result: RunResult, limit: float | None) -> bool:
+    """Whether `result` lost more CPU time to the hypervisor than `--max-steal` allows."""
+    return limit is not None and result.steal_percent is not None and result.steal_percent > limit
 
 
 def _rounded(value: float | None) -> float | None:
@@ -358,6 +374,16 @@ class Harness:
             for round_no in range(1, self.args.rounds + 1):
                 for target in round_order(self.targets(), round_no):
                     result = self._bench(target, scenario, self.args.duration, round_no)
+                    for _ in range(STEAL_RETRIES):
+                        if not steal_exceeds(result, self.args.max_steal):
+                            break
+                        repeat = (
+                            f"{scenario.key} {target.name} round {round_no}: measured again "
+                            f"after {result.steal_percent:.1f} % steal"
+                        )
+                        self.say(repeat)
+                        self.notes.append(repeat)
+                        result = self._bench(target, scenario, self.args.duration, round_no)
                     self.runs.append(result)
                     self.say(_progress(result))
                     self._check_alive(target, scenario.key)

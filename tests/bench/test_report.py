@@ -1,11 +1,17 @@
-"""The report's arithmetic: medians over rounds, ratios paired by round, their range.
+"""The report's arithmetic (medians over rounds, ratios paired by round, their range, the
+targets read-out) and the harness's account of CPU time stolen by the hypervisor.
 
-Built from results documents in the shape `bench.run` writes, without measuring.
+Built from results documents in the shape `bench.run` writes, and from scripted runs,
+without measuring.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+
+from bench.pgbench import RunResult
 
 from bench import procstat, report, run
 
@@ -305,3 +311,55 @@ def test_the_report_prints_steal_time_when_the_run_recorded_it() -> None:
         f"{report.LABELS[worst['target']]}, round {worst['round']})"
     )
     assert expected in report.results_markdown(doc, None)
+
+
+def _steal_run(steal: float | None) -> RunResult:
+    return RunResult(
+        target="pg_doorman", scenario="S-simple-c10", round=1, ok=True, steal_percent=steal
+    )
+
+
+def test_max_steal_repeats_only_runs_that_lost_more_than_it_allows() -> None:
+    assert run.steal_exceeds(_steal_run(12.0), 10.0)
+    assert not run.steal_exceeds(_steal_run(10.0), 10.0)
+    assert not run.steal_exceeds(_steal_run(50.0), None)  # not asked for
+    assert not run.steal_exceeds(_steal_run(None), 10.0)  # not measured
+
+
+class _StealHarness(run.Harness):
+    """The harness's measuring loop over a scripted series of runs, without servers."""
+
+    def __init__(self, args: Any, workdir: Path, steals: list[float]) -> None:
+        super().__init__(args, workdir)
+        self.steals = steals
+
+    def targets(self) -> list[Any]:
+        return [SimpleNamespace(name="pg_doorman", pid=None)]
+
+    def _check_alive(self, target: Any, during: str) -> bool:
+        return True
+
+    def _bench(self, target: Any, scenario: Any, duration: int, round_no: int) -> RunResult:
+        return _steal_run(self.steals.pop(0))
+
+
+def test_a_run_with_too_much_steal_is_measured_again_and_the_report_says_so(
+    tmp_path: Path,
+) -> None:
+    argv = ["--families", "S-simple", "--clients", "10", "--rounds", "2", "--max-steal", "10"]
+    args = run.parse_args(argv)
+    # Round 1: 30 % stolen, then 5 %: kept on the second try. Round 2: three tries over
+    # the limit, and the last one stands.
+    harness = _StealHarness(args, tmp_path, [30.0, 5.0, 40.0, 35.0, 25.0])
+    harness.measure()
+    assert [r.steal_percent for r in harness.runs] == [5.0, 25.0]
+    assert harness.steals == []
+    assert harness.notes == [
+        "S-simple c=10 pg_doorman round 1: measured again after 30.0 % steal",
+        "S-simple c=10 pg_doorman round 2: measured again after 40.0 % steal",
+        "S-simple c=10 pg_doorman round 2: measured again after 35.0 % steal",
+    ]
+    doc = _targets_doc()
+    doc["meta"]["notes"] = harness.notes
+    text = report.results_markdown(doc, None)
+    assert "- Note: S-simple c=10 pg_doorman round 2: measured again after 35.0 % steal" in text
