@@ -190,8 +190,7 @@ def run_pgbench(
             raise
     result.wall_seconds = round(time.monotonic() - started, 2)
     after = usage(pid) if pid is not None else None
-    stolen = steal_percent(times_before, machine_times())
-    result.steal_percent = None if stolen is None else round(stolen, 1)
+    result.steal_percent = steal_percent(times_before, machine_times())
 
     if match := _TPS.search(stdout):
         result.tps = float(match.group(1))

@@ -79,7 +79,8 @@ def parse_machine_times(stat_text: str) -> MachineTimes:
         fields = line.split()
         if fields and fields[0] == "cpu":
             values = [int(v) for v in fields[1:9]]
-            return MachineTimes(total_ticks=sum(values), steal_ticks=sum(values[7:8]))
+            steal = values[7] if len(values) > 7 else 0
+            return MachineTimes(total_ticks=sum(values), steal_ticks=steal)
     raise ValueError("no aggregate cpu line in /proc/stat")
 
 
@@ -93,8 +94,9 @@ def machine_times() -> MachineTimes | None:
 
 
 def steal_percent(before: MachineTimes | None, after: MachineTimes | None) -> float | None:
-    """The share of CPU time between two readings that the hypervisor gave to others."""
+    """The share of CPU time between two readings that the hypervisor gave to others, in
+    percent to one decimal (the ticks are hundredths of a second: finer means nothing)."""
     if before is None or after is None or after.total_ticks <= before.total_ticks:
         return None
     stolen = after.steal_ticks - before.steal_ticks
-    return 100.0 * stolen / (after.total_ticks - before.total_ticks)
+    return round(100.0 * stolen / (after.total_ticks - before.total_ticks), 1)

@@ -172,9 +172,7 @@ def _steal(doc: dict[str, Any]) -> str:
         default=None,
     )
     if worst is not None:
-        scenarios = {sc["key"]: _label(sc) for sc in doc["scenarios"]}
-        scenario = scenarios.get(worst["scenario"], worst["scenario"])
-        where = f"{scenario}, {LABELS[worst['target']]}, round {worst.get('round', 1)}"
+        where = f"{worst['scenario']}, {LABELS[worst['target']]}, round {worst.get('round', 1)}"
         text += f", at most {worst['steal_percent']:.1f} % in one pgbench run ({where})"
     return text
 

@@ -251,10 +251,6 @@ def steal_exceeds(result: RunResult, limit: float | None) -> bool:
     return limit is not None and result.steal_percent is not None and result.steal_percent > limit
 
 
-def _rounded(value: float | None) -> float | None:
-    return None if value is None else round(value, 1)
-
-
 def log(started: float, text: str) -> None:
     print(f"[{time.monotonic() - started:6.1f}s] {text}", file=sys.stderr, flush=True)
 
@@ -487,7 +483,7 @@ class Harness:
                     "before": [round(v, 2) for v in self.load_before],
                     "after": [round(v, 2) for v in os.getloadavg()],
                 },
-                "steal_percent": _rounded(steal_percent(self.times_before, machine_times())),
+                "steal_percent": steal_percent(self.times_before, machine_times()),
                 "notes": self.notes,
             },
             "targets": self.status,
