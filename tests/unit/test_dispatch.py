@@ -132,6 +132,33 @@ def test_a_gone_worker_is_skipped_and_a_full_one_passed_over(
     dispatcher.close()
 
 
+def test_the_unix_socket_listens_before_tcp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Readiness probes connect over TCP: by the time the TCP port accepts, the Unix
+    socket must accept too (a client right behind the probe found no socket file)."""
+    listened: list[socket.AddressFamily] = []
+
+    class RecordingSocket(socket.socket):
+        def listen(self, *args: int) -> None:
+            listened.append(self.family)
+            if self.family == socket.AF_INET:
+                # The Unix socket is already connectable when TCP starts listening.
+                path = tmp_path / ".s.PGSQL.0"
+                with socket.socket(socket.AF_UNIX) as probe:
+                    probe.connect(str(path))
+            super().listen(*args)
+
+    monkeypatch.setattr(socket, "socket", RecordingSocket)
+    general = GeneralConfig(host="127.0.0.1", port=0, unix_socket_dir=str(tmp_path))
+    listeners = bind_listeners(general)
+    try:
+        assert listened == [socket.AF_UNIX, socket.AF_INET]
+    finally:
+        for sock in listeners:
+            sock.close()
+
+
 def test_the_dispatcher_accepts_and_the_receiver_adopts(
     loop: asyncio.AbstractEventLoop, board: LoadBoard, tmp_path: Path
 ) -> None:

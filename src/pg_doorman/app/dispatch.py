@@ -90,7 +90,10 @@ def channel_pair() -> tuple[socket.socket, socket.socket]:
 def bind_listeners(general: GeneralConfig) -> list[socket.socket]:
     """The pooler's listening sockets: TCP on host:port (every address the host
     resolves to) and, with unix_socket_dir, the Unix socket. The TCP ones carry the
-    client socket options, which accepted connections inherit (Linux)."""
+    client socket options, which accepted connections inherit (Linux).
+
+    Every socket is bound before any listens, and TCP listens last: once the TCP port
+    accepts (what health checks and supervisors probe), the Unix socket does too."""
     backlog = general.backlog or min(general.max_connections, 4096)
     host = general.host or None
     listeners: list[socket.socket] = []
@@ -117,7 +120,6 @@ def bind_listeners(general: GeneralConfig) -> list[socket.socket]:
                     exc.errno, f"cannot listen on {general.host}:{general.port}: {exc.strerror}"
                 ) from None
             apply_socket_options(sock, general)
-            sock.listen(backlog)
             sock.setblocking(False)
         if general.unix_socket_dir:
             path = os.path.join(general.unix_socket_dir, f".s.PGSQL.{general.port}")
@@ -127,8 +129,9 @@ def bind_listeners(general: GeneralConfig) -> list[socket.socket]:
             listeners.append(sock)
             sock.bind(path)
             os.chmod(path, int(general.unix_socket_mode, 8))
-            sock.listen(backlog)
             sock.setblocking(False)
+        for sock in sorted(listeners, key=lambda s: s.family != socket.AF_UNIX):
+            sock.listen(backlog)
     except BaseException:
         for sock in listeners:
             sock.close()
