@@ -159,6 +159,18 @@ def test_the_unix_socket_listens_before_tcp(
             sock.close()
 
 
+def test_the_unix_socket_gets_the_configured_mode(tmp_path: Path) -> None:
+    general = GeneralConfig(
+        host="127.0.0.1", port=0, unix_socket_dir=str(tmp_path), unix_socket_mode="0o640"
+    )
+    listeners = bind_listeners(general)
+    try:
+        assert os.stat(tmp_path / ".s.PGSQL.0").st_mode & 0o777 == 0o640
+    finally:
+        for sock in listeners:
+            sock.close()
+
+
 def test_the_dispatcher_accepts_and_the_receiver_adopts(
     loop: asyncio.AbstractEventLoop, board: LoadBoard, tmp_path: Path
 ) -> None:

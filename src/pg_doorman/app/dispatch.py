@@ -128,7 +128,7 @@ def bind_listeners(general: GeneralConfig) -> list[socket.socket]:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             listeners.append(sock)
             sock.bind(path)
-            os.chmod(path, int(general.unix_socket_mode, 8))
+            os.chmod(path, general.unix_socket_mode_bits)
             sock.setblocking(False)
         for sock in sorted(listeners, key=lambda s: s.family != socket.AF_UNIX):
             sock.listen(backlog)
