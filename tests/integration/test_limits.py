@@ -6,6 +6,7 @@ import tempfile
 import time
 
 import psycopg
+import pytest
 
 from helpers import ExamplePostgres
 from helpers import pgwire as w
@@ -86,3 +87,16 @@ def test_unix_socket_listener(pg: ExamplePostgres, pooler: PoolerFactory) -> Non
         dsn = f"host={sockdir} port={proc.port} dbname=example_db user={user.name}"
         with psycopg.connect(dsn, password=user.password, autocommit=True) as conn:
             assert conn.execute("select 1").fetchone() == (1,)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_unix_socket_dir_missing_stops_the_pooler_naming_the_path(
+    pg: ExamplePostgres, pooler: PoolerFactory, workers: int
+) -> None:
+    with tempfile.TemporaryDirectory(prefix="pgd-sock-") as parent:
+        sockdir = f"{parent}/missing"
+        proc = pooler(general={"unix_socket_dir": sockdir, "workers": workers}, start=False)
+        proc.spawn()
+        assert proc.wait_exit(20) == 1
+    path = f"{sockdir}/.s.PGSQL.{proc.port}"
+    assert f"cannot listen on {path}: No such file or directory" in proc.log_text()

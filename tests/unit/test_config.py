@@ -350,6 +350,11 @@ ERROR_CASES: list[tuple[dict[str, Any], str, str]] = [
     (merged({"general": {"unix_socket_mode": ""}}), "general.unix_socket_mode", "octal"),
     (merged({"general": {"unix_socket_mode": "01777"}}), "general.unix_socket_mode", "0o777"),
     (merged({"general": {"unix_socket_mode": 384}}), "general.unix_socket_mode", "quoted"),
+    (
+        merged({"general": {"unix_socket_dir": "/tmp/" + "d" * 90, "port": 6432}}),
+        "general.unix_socket_dir",
+        "longer than the 107 bytes",
+    ),
     (merged({"general": {"log_level": "verbose"}}), "general.log_level", "expected 'trace'"),
     (merged({"general": {"hba": "10.0.0.0/8"}}), "general.hba", "list of strings"),
     (merged({"general": {"hba": ["10.0.0.1"]}}), "general.hba[0]", "CIDR form"),
@@ -884,6 +889,12 @@ def test_deprecated_client_prepared_statements_cache_size_alias() -> None:
     new = parse_config(merged({"general": {"client_anonymous_prepared_cache_size": 0}}))
     assert new.general.client_anonymous_prepared_cache_size == 0
     assert new.warnings == []
+
+
+def test_unix_socket_path_of_the_longest_size_loads() -> None:
+    directory = "/tmp/" + "d" * 88  # + "/.s.PGSQL.6432": 107 bytes
+    config = parse_config(merged({"general": {"unix_socket_dir": directory, "port": 6432}}))
+    assert len(f"{config.general.unix_socket_dir}/.s.PGSQL.6432") == 107
 
 
 def test_prometheus_is_read_as_web() -> None:

@@ -123,12 +123,17 @@ def bind_listeners(general: GeneralConfig) -> list[socket.socket]:
             sock.setblocking(False)
         if general.unix_socket_dir:
             path = os.path.join(general.unix_socket_dir, f".s.PGSQL.{general.port}")
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             listeners.append(sock)
-            sock.bind(path)
-            os.chmod(path, general.unix_socket_mode_bits)
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)  # left behind by a pooler that did not exit cleanly
+                sock.bind(path)
+                os.chmod(path, general.unix_socket_mode_bits)
+            except OSError as exc:
+                # Too long a path has no errno, only a message.
+                reason = exc.strerror or str(exc)
+                raise OSError(exc.errno, f"cannot listen on {path}: {reason}") from None
             sock.setblocking(False)
         for sock in sorted(listeners, key=lambda s: s.family != socket.AF_UNIX):
             sock.listen(backlog)

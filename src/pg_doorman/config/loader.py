@@ -48,6 +48,9 @@ STARTUP_PARAMETERS_BUDGET = 10_000 - 512
 RESERVED_STARTUP_PARAMETERS = frozenset(
     {"user", "database", "replication", "options", "role", "session_authorization"}
 )
+# A Unix socket address holds 108 bytes on Linux, the terminating NUL included (libpq
+# needs it there too).
+_UNIX_PATH_MAX = 107
 _GUC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _NUMERIC_KEY = re.compile(r"[0-9]+")
@@ -671,6 +674,14 @@ def _check_general(g: GeneralConfig, path: str) -> None:
         g.server_tls_certificate,
         g.server_tls_private_key,
     )
+    if g.unix_socket_dir:
+        socket_path = os.path.join(g.unix_socket_dir, f".s.PGSQL.{g.port}")
+        if len(os.fsencode(socket_path)) > _UNIX_PATH_MAX:
+            raise ConfigError(
+                _join(path, "unix_socket_dir"),
+                f"the socket path {socket_path!r} is longer than the {_UNIX_PATH_MAX} bytes "
+                "a Unix socket address holds",
+            )
 
 
 def _check_server_tls(
