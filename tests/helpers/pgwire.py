@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import os
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -367,6 +368,13 @@ class PgWire:
         self.secret_key: bytes | None = None
         self.parameters: dict[str, str] = {}
         self.status: str | None = None  # last ReadyForQuery status: I, T or E
+
+    def start_tls(self, context: ssl.SSLContext, server_hostname: str | None = None) -> bytes:
+        """Send SSLRequest; on "S" go on over TLS. The server's one-byte answer."""
+        answer = self.request_ssl()
+        if answer == b"S":
+            self.sock = context.wrap_socket(self.sock, server_hostname=server_hostname)
+        return answer
 
     @classmethod
     def connect(

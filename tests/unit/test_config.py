@@ -765,6 +765,10 @@ def test_unknown_keys_warn_with_full_path() -> None:
         assert expected in warnings
 
 
+# Client TLS is implemented: these keys load without a warning.
+CLIENT_TLS = ("tls_certificate", "tls_private_key", "tls_ca_cert", "tls_mode")
+
+
 def test_not_implemented_keys_warn_when_set() -> None:
     data = merged(
         {
@@ -836,7 +840,7 @@ def test_not_implemented_keys_warn_when_set() -> None:
     suffix = ": not implemented yet, ignored"
     flagged = {w.removesuffix(suffix) for w in config.warnings if w.endswith(suffix)}
     expected = (
-        {f"general.{key}" for key in data["general"] if key not in ("host", "port")}
+        {f"general.{key}" for key in data["general"] if key not in ("host", "port", *CLIENT_TLS)}
         | {
             f"pools.mydb.{key}"
             for key in data["pools"]["mydb"]
@@ -847,6 +851,7 @@ def test_not_implemented_keys_warn_when_set() -> None:
     )
     assert flagged == expected
     assert len(config.warnings) == len(expected)  # nothing else to say about this config
+    assert not any(w.startswith(f"general.{key}:") for w in config.warnings for key in CLIENT_TLS)
     # Still stored, so the features can be built on them.
     assert config.general.tls_mode == "verify-full"
     assert config.pools["mydb"].max_db_connections == 20

@@ -292,9 +292,9 @@ def stats(snap: Snapshot) -> Table:
 
 
 def connections(snap: Snapshot) -> Table:
-    plain = snap["accepted"] - snap["cancel_requests"]
+    plain = snap["accepted"] - snap["cancel_requests"] - snap["tls"]
     columns = _typed("total:int", "errors:int", "tls:int", "plain:int", "cancel:int")
-    row = [snap["accepted"], snap["login_failures"], 0, plain, snap["cancel_requests"]]
+    row = [snap["accepted"], snap["login_failures"], snap["tls"], plain, snap["cancel_requests"]]
     return columns, [row]
 
 

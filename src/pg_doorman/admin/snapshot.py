@@ -52,7 +52,7 @@ def take(pooler: Pooler) -> Snapshot:
         client_rows.append(
             [
                 c.name, c.database, c.user, c.application_name, c.address or "unix", c.port,
-                "false", state, wait, c.transactions, c.queries, c.errors,
+                "true" if c.tls else "false", state, wait, c.transactions, c.queries, c.errors,
                 int(now - c.connected_at),
             ]
         )  # fmt: skip
@@ -81,6 +81,8 @@ def take(pooler: Pooler) -> Snapshot:
         "log_level": logging.getLogger().level,
         "accepted": pooler.accepted_total,
         "cancel_requests": pooler.cancel_requests,
+        # Connections that stayed TLS (a CancelRequest inside TLS counts as a cancel).
+        "tls": pooler.tls_accepted - pooler.tls_cancel_requests,
         "login_failures": pooler.login_failures,
         "connections": len(pooler.clients),
         # Open client connections per worker index: how evenly the workers share them.
@@ -212,7 +214,7 @@ def merge(snapshots: list[Snapshot]) -> Snapshot:
         "servers": [row for s in snapshots for row in s["servers"]],
     }
     for key in (
-        "memory", "accepted", "cancel_requests", "login_failures", "connections",
+        "memory", "accepted", "cancel_requests", "tls", "login_failures", "connections",
         "login_clients",
     ):  # fmt: skip
         out[key] = sum(s[key] for s in snapshots)

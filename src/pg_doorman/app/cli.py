@@ -102,8 +102,10 @@ def _worker_info(args: argparse.Namespace) -> WorkerInfo | None:
 
 
 def load_checked_config(path: str) -> Config:
-    """Load the config and everything derived from it that can fail (pg_hba rules)."""
+    """Load the config and everything derived from it that can fail (pg_hba rules,
+    the TLS certificate and key)."""
     from pg_doorman.auth.hba import HbaError, HbaRules
+    from pg_doorman.net.tls import TlsSetupError, client_tls_context
 
     config = load_config(path)
     if config.general.pg_hba:
@@ -111,6 +113,10 @@ def load_checked_config(path: str) -> Config:
             HbaRules.parse(config.general.pg_hba)
         except HbaError as exc:
             raise ConfigError("general.pg_hba", str(exc)) from exc
+    try:
+        client_tls_context(config.general)
+    except TlsSetupError as exc:
+        raise ConfigError(f"general.{exc.key}", str(exc)) from exc
     return config
 
 

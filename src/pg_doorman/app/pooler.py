@@ -31,6 +31,7 @@ from pg_doorman.net.client import ClientConnection
 from pg_doorman.net.ids import IdAllocator
 from pg_doorman.net.server import BackendCredentials, ServerConnection, open_server
 from pg_doorman.net.sockopts import INHERITS_SOCKET_OPTIONS, apply_socket_options, options_key
+from pg_doorman.net.tls import client_tls_context, tls_required
 from pg_doorman.pool.pool import Pool, PoolSettings
 from pg_doorman.protocol import messages, sqlstate
 from pg_doorman.stats.counters import STATS_PERIOD
@@ -218,6 +219,14 @@ class Pooler:
         self.accepted_total = 0
         self.cancel_requests = 0
         self.login_failures = 0
+        # Client TLS: built once (certificates are not reloaded), None when not offered.
+        self.tls_context = client_tls_context(config.general)
+        self.tls_required = tls_required(config.general)
+        # The login sweep cuts a handshake at client_login_timeout; this is a backstop.
+        login_timeout = config.general.client_login_timeout / 1000.0
+        self.tls_handshake_timeout = 2 * login_timeout if login_timeout > 0 else 60.0
+        self.tls_accepted = 0  # TLS handshakes completed
+        self.tls_cancel_requests = 0  # CancelRequests that came inside TLS
         # Backend login of each pool, kept apart so a reload can change it in place.
         self._credentials: dict[Pool, BackendCredentials] = {}
         # Set by whoever runs the pooler: what the admin SHUTDOWN command triggers.
@@ -563,6 +572,7 @@ class Pooler:
         *,
         address: IPv4Address | IPv6Address | None,
         unix: bool,
+        ssl: bool,
     ) -> ClientAuth | None:
         """How an admin console login authenticates; None when no pg_hba line matches.
 
@@ -577,7 +587,7 @@ class Pooler:
             return ClientAuth.MD5
         rule = self.hba.match(
             conn_type="local" if unix else "host",
-            ssl=False,
+            ssl=ssl,
             database=database,
             user=user,
             address=address,

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import re
+import ssl
 import time
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final, cast
@@ -156,6 +157,7 @@ class ClientConnection(asyncio.Protocol):
         "secret",
         "server",
         "state",
+        "tls",
         "transactions",
         "transport",
         "unix",
@@ -168,6 +170,7 @@ class ClientConnection(asyncio.Protocol):
         self.pooler = pooler
         self.loop = pooler.loop
         self.unix = unix
+        self.tls = False  # the TLS handshake with the client is done
         self.transport: asyncio.Transport | None = None
         # The transport's write, bound once: calling it skips the method lookup that
         # `transport.write(...)` costs on every write.
@@ -249,6 +252,8 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         was = self.state
+        if was == CLOSED:
+            return  # a failed TLS handshake reports it twice: ours, then the TLS layer's
         self.state = CLOSED
         self.pooler.logging_in.pop(self, None)
         self._on_data = _ignore
@@ -363,13 +368,30 @@ class ClientConnection(asyncio.Protocol):
                     # the encrypted channel: refuse, as PostgreSQL does.
                     self.fail(sqlstate.PROTOCOL_VIOLATION, "unexpected data after SSL request")
                     return
+                context = self.pooler.tls_context
+                if (
+                    isinstance(request, SSLRequest)
+                    and context is not None
+                    and not self.unix
+                    and not self.tls
+                ):
+                    self._start_tls(context)
+                    return
                 self.write(messages.SSL_REFUSED)
                 continue
             if isinstance(request, CancelRequest):
+                if self.tls:
+                    self.pooler.tls_cancel_requests += 1
                 self.pooler.handle_cancel(request.pid, request.secret)
                 self.close()
                 return
             assert isinstance(request, StartupMessage)
+            if self.pooler.tls_required and not self.tls and not self.unix:
+                self.fail(
+                    sqlstate.INVALID_AUTHORIZATION,
+                    "Connection without SSL is not allowed by tls_mode.",
+                )
+                return
             self.state = LOGIN
             rest = bytes(buf)
             buf.clear()
@@ -378,6 +400,45 @@ class ClientConnection(asyncio.Protocol):
             self._login_coro = self._login(request)
             self._resume_login(None)
             return
+
+    def _start_tls(self, context: ssl.SSLContext) -> None:
+        """Answer S and hand the socket to TLS; the startup packet comes through it."""
+        transport = self.transport
+        assert transport is not None
+        # Nothing may reach _startup_data before the handshake: the next bytes are the
+        # client's TLS hello.
+        transport.pause_reading()
+        self._on_data = _ignore
+        self.write(messages.SSL_ACCEPTED)
+        self.pooler.track(self.loop.create_task(self._tls_handshake(transport, context)))
+
+    async def _tls_handshake(self, transport: asyncio.Transport, context: ssl.SSLContext) -> None:
+        try:
+            tls_transport = await self.loop.start_tls(
+                transport,
+                self,
+                context,
+                server_side=True,
+                ssl_handshake_timeout=self.pooler.tls_handshake_timeout,
+            )
+        except OSError as exc:  # ssl.SSLError, TimeoutError and resets included
+            logger.info("client %s: TLS handshake failed: %s", self.name, exc)
+            self.pooler.login_failures += 1
+            if not transport.is_closing():
+                transport.abort()
+            # The TLS layer may not report a connection it never finished.
+            self.connection_lost(None)
+            return
+        if tls_transport is None or tls_transport.is_closing() or self.state == CLOSED:
+            # Closed during the handshake (by the login timeout, say): the TLS layer
+            # hands back a dead transport and reports nothing to us.
+            self.connection_lost(None)
+            return
+        self.transport = tls_transport
+        self._transport_write = self.transport.write
+        self.tls = True
+        self.pooler.tls_accepted += 1
+        self._on_data = self._startup_data
 
     def login_timed_out(self) -> None:
         """client_login_timeout passed before the login completed."""
@@ -474,7 +535,7 @@ class ClientConnection(asyncio.Protocol):
             await self._admin_login(database, user)
             return
         decision = self.pooler.decide_auth(
-            database, user, address=self.address, unix=self.unix, ssl=False
+            database, user, address=self.address, unix=self.unix, ssl=self.tls
         )
         entry = self.pooler.pool_entry(database, user)
         if decision.method == ClientAuth.REJECT and decision.by_hba:
@@ -535,7 +596,9 @@ class ClientConnection(asyncio.Protocol):
         """Log in to the admin console: admin credentials, pg_hba applies too."""
         general = self.pooler.config.general
         address = None if self.unix else peer_address(self.address)
-        method = self.pooler.admin_auth_method(database, user, address=address, unix=self.unix)
+        method = self.pooler.admin_auth_method(
+            database, user, address=address, unix=self.unix, ssl=self.tls
+        )
         if method is None:
             raise StartupError(
                 sqlstate.INVALID_AUTHORIZATION,

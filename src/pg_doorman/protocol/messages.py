@@ -32,6 +32,7 @@ CLOSE_COMPLETE: Final = b"3\x00\x00\x00\x04"
 EMPTY_QUERY: Final = b"I\x00\x00\x00\x04"
 NO_DATA: Final = b"n\x00\x00\x00\x04"
 SSL_REFUSED: Final = b"N"
+SSL_ACCEPTED: Final = b"S"
 
 _PARAMETER_STATUS: Final[dict[tuple[str, str], bytes]] = {}
 _PARAMETER_STATUS_MAX: Final = 1024

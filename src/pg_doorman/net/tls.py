@@ -1,0 +1,57 @@
+"""Client-facing TLS: the server-side SSL context built from `[general]` tls_* keys.
+
+Built once at startup (client certificates are not reloaded on SIGHUP, as in PgDoorman)
+and used for every SSLRequest on a TCP connection. Not compiled: it runs once per
+process, and the handshake itself is OpenSSL's.
+"""
+
+from __future__ import annotations
+
+import ssl
+
+from pg_doorman.config.schema import GeneralConfig
+
+
+class TlsSetupError(Exception):
+    """A certificate, key or CA file that cannot be used; `key` names the config key."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def client_tls_context(general: GeneralConfig) -> ssl.SSLContext | None:
+    """The context for TLS with clients, or None when TLS is not offered (no
+    certificate, or tls_mode "disable"): every SSLRequest is then answered N."""
+    if general.tls_certificate is None or general.tls_mode == "disable":
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(general.tls_certificate, general.tls_private_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise TlsSetupError(
+            "tls_certificate",
+            f"cannot load the certificate {general.tls_certificate!r} with the key "
+            f"{general.tls_private_key!r}: {_reason(exc)}",
+        ) from None
+    if general.tls_mode == "verify-full":
+        try:
+            context.load_verify_locations(cafile=general.tls_ca_cert)
+        except (OSError, ssl.SSLError) as exc:
+            raise TlsSetupError(
+                "tls_ca_cert", f"cannot load the CA {general.tls_ca_cert!r}: {_reason(exc)}"
+            ) from None
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def tls_required(general: GeneralConfig) -> bool:
+    """Whether a plain TCP login is refused (tls_mode require or verify-full)."""
+    return general.tls_mode in ("require", "verify-full")
+
+
+def _reason(exc: OSError | ssl.SSLError) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    return exc.strerror or str(exc)

@@ -1,0 +1,420 @@
+"""TLS with clients: SSLRequest, tls_mode, hostssl rules, client certificates, cancel
+over TLS, failed handshakes, and the counters that report TLS connections."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pg8000.dbapi
+import psycopg
+import psycopg2
+import pytest
+import trustme
+
+from helpers import ExamplePostgres
+from helpers import pgwire as w
+from helpers.console import admin_console, show_table
+from helpers.pooler import PoolerFactory, PoolerProcess
+
+
+@dataclass(frozen=True)
+class Certs:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    root = tmp_path_factory.mktemp("certs")
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    client = ca.issue_cert("client.example", common_name="example_user_md5")
+    files = Certs(
+        ca=root / "ca.pem",
+        server_cert=root / "server.pem",
+        server_key=root / "server.key",
+        client_cert=root / "client.pem",
+        client_key=root / "client.key",
+    )
+    ca.cert_pem.write_to_path(str(files.ca))
+    server.private_key_pem.write_to_path(str(files.server_key))
+    server.cert_chain_pems[0].write_to_path(str(files.server_cert))
+    client.private_key_pem.write_to_path(str(files.client_key))
+    client.cert_chain_pems[0].write_to_path(str(files.client_cert))
+    for key in (files.server_key, files.client_key):
+        key.chmod(0o600)  # libpq refuses a key others can read
+    return files
+
+
+def tls_general(certs: Certs, **extra: Any) -> dict[str, Any]:
+    general: dict[str, Any] = {
+        "tls_certificate": str(certs.server_cert),
+        "tls_private_key": str(certs.server_key),
+    }
+    general.update(extra)
+    return general
+
+
+def tls_dsn(proc: PoolerProcess, user: str, password: str, certs: Certs, **params: str) -> str:
+    """A libpq DSN that verifies the pooler's certificate against the test CA."""
+    options = {"sslmode": "verify-full", "sslrootcert": str(certs.ca), **params}
+    extra = " ".join(f"{k}={v}" for k, v in options.items())
+    return (
+        f"host={proc.host} port={proc.port} dbname=example_db user={user} "
+        f"password={password} {extra}"
+    )
+
+
+def client_context(certs: Certs) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(certs.ca))
+    return context
+
+
+def clients_row(proc: PoolerProcess, user: str) -> dict[str, str | None]:
+    console = admin_console(proc)
+    try:
+        return next(r for r in show_table(console, "CLIENTS") if r["user"] == user)
+    finally:
+        console.close()
+
+
+def connections_row(proc: PoolerProcess) -> dict[str, str | None]:
+    console = admin_console(proc)
+    try:
+        return show_table(console, "CONNECTIONS")[0]
+    finally:
+        console.close()
+
+
+@pytest.mark.parametrize("kind", ["md5", "scram"])
+def test_psycopg_logs_in_over_verified_tls(
+    pg: ExamplePostgres, pooler: PoolerFactory, certs: Certs, kind: str
+) -> None:
+    proc = pooler(general=tls_general(certs))
+    user = pg.md5_user if kind == "md5" else pg.scram_user
+    before = connections_row(proc)
+    with psycopg.connect(tls_dsn(proc, user.name, user.password, certs), autocommit=True) as conn:
+        assert conn.pgconn.ssl_in_use
+        assert conn.execute("select sum(id) from items").fetchone() == (5050,)
+        assert clients_row(proc, user.name)["tls"] == "true"
+    after = connections_row(proc)
+    assert int(after["tls"] or 0) - int(before["tls"] or 0) == 1
+    # The two admin console logins since `before` were plain.
+    assert int(after["plain"] or 0) - int(before["plain"] or 0) == 2
+
+
+def test_plain_clients_still_served_when_tls_is_offered(
+    pg: ExamplePostgres, pooler: PoolerFactory, certs: Certs
+) -> None:
+    proc = pooler(general=tls_general(certs))
+    user = pg.md5_user
+    with psycopg.connect(
+        proc.dsn(user.name, user.password), sslmode="disable", autocommit=True
+    ) as conn:
+        assert not conn.pgconn.ssl_in_use
+        assert conn.execute("select 1").fetchone() == (1,)
+        assert clients_row(proc, user.name)["tls"] == "false"
+
+
+def test_asyncpg_over_tls(pg: ExamplePostgres, pooler: PoolerFactory, certs: Certs) -> None:
+    proc = pooler(general=tls_general(certs))
+    user = pg.scram_user
+
+    async def main() -> None:
+        conn = await asyncpg.connect(
+            host=proc.host,
+            port=proc.port,
+            user=user.name,
+            password=user.password,
+            database="example_db",
+            ssl=client_context(certs),
+        )
+        try:
+            assert await conn.fetchval("select count(*) from items where id > $1", 90) == 10
+        finally:
+            await conn.close()
+
+    asyncio.run(main())
+
+
+def test_psycopg2_and_pg8000_over_tls(
+    pg: ExamplePostgres, pooler: PoolerFactory, certs: Certs
+) -> None:
+    proc = pooler(general=tls_general(certs, tls_mode="require"))
+    user = pg.scram_user
+    conn2 = psycopg2.connect(tls_dsn(proc, user.name, user.password, certs))
+    try:
+        cur = conn2.cursor()
+        cur.execute("select count(*) from items")
+        assert cur.fetchone() == (100,)
+    finally:
+        conn2.close()
+    conn8 = pg8000.dbapi.connect(
+        user=user.name,
+        password=user.password,
+        host=proc.host,
+        port=proc.port,
+        database="example_db",
+        ssl_context=client_context(certs),
+    )
+    try:
+        cur8 = conn8.cursor()
+        cur8.execute("select max(id) from items")
+        assert cur8.fetchone() == [100]
+    finally:
+        conn8.close()
+
+
+def test_without_a_certificate_ssl_is_refused(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    proc = pooler()
+    conn = w.PgWire(proc.host, proc.port)
+    try:
+        assert conn.start_tls(ssl.create_default_context()) == b"N"
+        conn.startup(pg.md5_user.name, "example_db", pg.md5_user.password)
+        assert conn.status == "I"
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("mode", ["require", "verify-full"])
+def test_tls_mode_refuses_plain_logins(
+    pg: ExamplePostgres, pooler: PoolerFactory, certs: Certs, mode: str
+) -> None:
+    general = tls_general(certs, tls_mode=mode)
+    if mode == "verify-full":
+        general["tls_ca_cert"] = str(certs.ca)
+    proc = pooler(general=general)
+    user = pg.md5_user
+    with pytest.raises(w.ServerError) as info:
+        w.PgWire.connect(proc.host, proc.port, user.name, "example_db", user.password)
+    assert info.value.sqlstate == "28000"
+    assert "Connection without SSL is not allowed by tls_mode." in str(info.value)
+    params = {}
+    if mode == "verify-full":
+        params = {"sslcert": str(certs.client_cert), "sslkey": str(certs.client_key)}
+    dsn = tls_dsn(proc, user.name, user.password, certs, **params)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_verify_full_requires_a_client_certificate_from_the_ca(
+    pg: ExamplePostgres, pooler: PoolerFactory, certs: Certs, tmp_path: Path
+) -> None:
+    general = tls_general(certs, tls_mode="verify-full", tls_ca_cert=str(certs.ca))
+    proc = pooler(general=general)
+    user = pg.md5_user
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(tls_dsn(proc, user.name, user.password, certs), connect_timeout=10)
+    # A certificate from another CA is refused too.
+    stranger = trustme.CA().issue_cert("client.example", common_name="example_user_md5")
+    stranger.cert_chain_pems[0].write_to_path(str(tmp_path / "stranger.pem"))
+    stranger.private_key_pem.write_to_path(str(tmp_path / "stranger.key"))
+    (tmp_path / "stranger.key").chmod(0o600)
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(
+            tls_dsn(
+                proc,
+                user.name,
+                user.password,
+                certs,
+                sslcert=str(tmp_path / "stranger.pem"),
+                sslkey=str(tmp_path / "stranger.key"),
+            ),
+            connect_timeout=10,
+        )
+    dsn = tls_dsn(
+        proc,
+        user.name,
+        user.password,
+        certs,
+        sslcert=str(certs.client_cert),
+        sslkey=str(certs.client_key),
+    )
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute("select current_user").fetchone() == (user.name,)
+    assert "TLS handshake failed" in proc.log_text()
+
+
+def test_hostssl_and_hostnossl_rules_see_the_tls_state(
+    pg: ExamplePostgres, pooler: PoolerFactory, certs: Certs
+) -> None:
+    hba = (
+        "hostnossl all example_user_md5 127.0.0.1/32 reject\n"
+        "hostssl all all 127.0.0.1/32 md5\n"
+        "host all admin 127.0.0.1/32 md5\n"
+    )
+    proc = pooler(general=tls_general(certs, pg_hba=hba))
+    user = pg.md5_user
+    with pytest.raises(w.ServerError) as info:
+        w.PgWire.connect(proc.host, proc.port, user.name, "example_db", user.password)
+    assert info.value.sqlstate == "28000"
+    other = pg.scram_user  # no hostnossl line for it: no rule matches a plain login
+    with pytest.raises(w.ServerError) as info:
+        w.PgWire.connect(proc.host, proc.port, other.name, "example_db", other.password)
+    assert info.value.sqlstate == "28000"
+    for who in (user, other):
+        with psycopg.connect(tls_dsn(proc, who.name, who.password, certs), autocommit=True) as conn:
+            assert conn.execute("select current_user").fetchone() == (who.name,)
+
+
+def test_unix_socket_answers_ssl_request_with_n(
+    pg: ExamplePostgres, pooler: PoolerFactory, certs: Certs
+) -> None:
+    with tempfile.TemporaryDirectory(prefix="pgd-sock-") as sockdir:
+        general = tls_general(
+            certs,
+            unix_socket_dir=sockdir,
+            pg_hba="local all all md5\nhost all all 127.0.0.1/32 md5\n",
+        )
+        proc = pooler(general=general)
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(f"{sockdir}/.s.PGSQL.{proc.port}")
+            sock.sendall(w.ssl_request())
+            assert sock.recv(1) == b"N"
+        # libpq over the socket with sslmode=prefer falls back to a plain session.
+        user = pg.md5_user
+        dsn = f"host={sockdir} port={proc.port} dbname=example_db user={user.name}"
+        with psycopg.connect(dsn, password=user.password, sslmode="prefer") as conn:
+            assert not conn.pgconn.ssl_in_use
+            assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_cancel_request_inside_tls(
+    pg: ExamplePostgres, pooler: PoolerFactory, certs: Certs
+) -> None:
+    proc = pooler(general=tls_general(certs))
+    user = pg.md5_user
+    context = client_context(certs)
+    conn = w.PgWire(proc.host, proc.port)
+    try:
+        assert conn.start_tls(context, "127.0.0.1") == b"S"
+        conn.startup(user.name, "example_db", user.password)
+        assert conn.backend_pid is not None and conn.secret_key is not None
+        conn.send_raw(w.query("select pg_sleep(30)"))
+        time.sleep(0.3)  # the query has reached PostgreSQL
+        canceller = w.PgWire(proc.host, proc.port)
+        try:
+            assert canceller.start_tls(context, "127.0.0.1") == b"S"
+            canceller.send_raw(w.cancel_request(conn.backend_pid, conn.secret_key))
+            with pytest.raises((w.ConnectionClosed, ConnectionError, ssl.SSLError)):
+                canceller.read_message()
+        finally:
+            canceller.close_socket()
+        got = conn.read_until_ready()
+        error = w.first_error(got)
+        assert error is not None and error.sqlstate == "57014"
+    finally:
+        conn.close()
+    connections = connections_row(proc)
+    assert (connections["tls"], connections["cancel"]) == ("1", "1")
+
+
+def test_a_failed_or_abandoned_handshake_leaves_the_pooler_serving(
+    pg: ExamplePostgres, pooler: PoolerFactory, certs: Certs
+) -> None:
+    proc = pooler(general=tls_general(certs))
+    # Garbage where the TLS hello belongs.
+    with socket.create_connection((proc.host, proc.port), timeout=10) as sock:
+        sock.sendall(w.ssl_request())
+        assert sock.recv(1) == b"S"
+        sock.sendall(b"this is not a TLS record\r\n" * 4)
+        # The pooler closes it (after a TLS alert, if any): reads end.
+        deadline = time.monotonic() + 10
+        while sock.recv(4096):
+            assert time.monotonic() < deadline
+    # A client that leaves right after the S.
+    with socket.create_connection((proc.host, proc.port), timeout=10) as sock:
+        sock.sendall(w.ssl_request())
+        assert sock.recv(1) == b"S"
+    # A client that stops before its handshake, while others log in.
+    stalled = socket.create_connection((proc.host, proc.port), timeout=10)
+    stalled.sendall(w.ssl_request())
+    assert stalled.recv(1) == b"S"
+    user = pg.md5_user
+    with psycopg.connect(tls_dsn(proc, user.name, user.password, certs), autocommit=True) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+    stalled.close()
+    deadline = time.monotonic() + 10
+    while rows := non_admin_clients(proc):
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.1)
+    assert proc.log_text().count("TLS handshake failed") >= 2
+
+
+def non_admin_clients(proc: PoolerProcess) -> list[dict[str, str | None]]:
+    console = admin_console(proc)
+    try:
+        return [r for r in show_table(console, "CLIENTS") if r["user"] != "admin"]
+    finally:
+        console.close()
+
+
+def test_client_login_timeout_cuts_a_stalled_handshake(
+    pg: ExamplePostgres, pooler: PoolerFactory, certs: Certs
+) -> None:
+    proc = pooler(general=tls_general(certs, client_login_timeout=500))
+    with socket.create_connection((proc.host, proc.port), timeout=10) as sock:
+        sock.sendall(w.ssl_request())
+        assert sock.recv(1) == b"S"
+        started = time.monotonic()
+        assert sock.recv(4096) == b""  # closed by the pooler, not by us
+        assert time.monotonic() - started < 8
+    # Nothing of that client is left behind.
+    deadline = time.monotonic() + 5
+    while non_admin_clients(proc):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert connections_row(proc)["errors"] == "1"
+
+
+def test_tls_with_two_workers(pg: ExamplePostgres, pooler: PoolerFactory, certs: Certs) -> None:
+    proc = pooler(general=tls_general(certs, workers=2))
+    proc.wait_for_log("all 2 workers ready", timeout=30)
+    user = pg.scram_user
+    results: list[bool] = []
+
+    def login() -> None:
+        dsn = tls_dsn(proc, user.name, user.password, certs)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            results.append(bool(conn.pgconn.ssl_in_use))
+            assert conn.execute("select 1").fetchone() == (1,)
+
+    threads = [threading.Thread(target=login) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert results == [True] * 4
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ({"tls_certificate": "/nonexistent/server.pem"}, "general.tls_certificate"),
+        ({"tls_private_key": "WRONG"}, "general.tls_certificate"),
+        ({"tls_mode": "verify-full", "tls_ca_cert": "/nonexistent/ca.pem"}, "general.tls_ca_cert"),
+    ],
+)
+def test_unusable_tls_files_are_config_errors(
+    pooler: PoolerFactory, certs: Certs, override: dict[str, str], key: str
+) -> None:
+    general = tls_general(certs, **override)
+    if general["tls_private_key"] == "WRONG":
+        general["tls_private_key"] = str(certs.client_key)  # not the certificate's key
+    proc = pooler(general=general, start=False)
+    proc.spawn()
+    assert proc.wait_exit(20) == 2
+    assert f"invalid configuration: {key}: cannot load" in proc.log_text()
