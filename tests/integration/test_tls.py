@@ -380,6 +380,35 @@ def test_client_login_timeout_cuts_a_stalled_handshake(
     assert connections_row(proc)["errors"] == "1"
 
 
+def test_tls_rate_limit_spaces_handshakes(
+    pg: ExamplePostgres, pooler: PoolerFactory, certs: Certs
+) -> None:
+    proc = pooler(general=tls_general(certs, tls_rate_limit_per_second=100))
+    context = client_context(certs)
+    done: list[float] = []
+
+    def handshake() -> None:
+        with socket.create_connection((proc.host, proc.port), timeout=20) as sock:
+            sock.sendall(w.ssl_request())
+            assert sock.recv(1) == b"S"
+            with context.wrap_socket(sock, server_hostname="127.0.0.1"):
+                done.append(time.monotonic())
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=handshake) for _ in range(30)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(done) == 30
+    # 100 a second, one at a time: the 30th cannot finish before 0.29 s.
+    assert max(done) - started >= 0.29
+    assert proc.log_text().count("delayed") >= 20
+    user = pg.md5_user
+    with psycopg.connect(tls_dsn(proc, user.name, user.password, certs), autocommit=True) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+
+
 def test_tls_with_two_workers(pg: ExamplePostgres, pooler: PoolerFactory, certs: Certs) -> None:
     proc = pooler(general=tls_general(certs, workers=2))
     proc.wait_for_log("all 2 workers ready", timeout=30)

@@ -766,7 +766,13 @@ def test_unknown_keys_warn_with_full_path() -> None:
 
 
 # Client TLS is implemented: these keys load without a warning.
-CLIENT_TLS = ("tls_certificate", "tls_private_key", "tls_ca_cert", "tls_mode")
+CLIENT_TLS = (
+    "tls_certificate",
+    "tls_private_key",
+    "tls_ca_cert",
+    "tls_mode",
+    "tls_rate_limit_per_second",
+)
 
 
 def test_not_implemented_keys_warn_when_set() -> None:

@@ -31,7 +31,7 @@ from pg_doorman.net.client import ClientConnection
 from pg_doorman.net.ids import IdAllocator
 from pg_doorman.net.server import BackendCredentials, ServerConnection, open_server
 from pg_doorman.net.sockopts import INHERITS_SOCKET_OPTIONS, apply_socket_options, options_key
-from pg_doorman.net.tls import client_tls_context, tls_required
+from pg_doorman.net.tls import HandshakeLimiter, client_tls_context, tls_required
 from pg_doorman.pool.pool import Pool, PoolSettings
 from pg_doorman.protocol import messages, sqlstate
 from pg_doorman.stats.counters import STATS_PERIOD
@@ -225,6 +225,8 @@ class Pooler:
         # The login sweep cuts a handshake at client_login_timeout; this is a backstop.
         login_timeout = config.general.client_login_timeout / 1000.0
         self.tls_handshake_timeout = 2 * login_timeout if login_timeout > 0 else 60.0
+        rate = config.general.tls_rate_limit_per_second
+        self.tls_limiter = HandshakeLimiter(rate) if rate else None
         self.tls_accepted = 0  # TLS handshakes completed
         self.tls_cancel_requests = 0  # CancelRequests that came inside TLS
         # Backend login of each pool, kept apart so a reload can change it in place.

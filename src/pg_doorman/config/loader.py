@@ -597,7 +597,6 @@ GENERAL_NOT_IMPLEMENTED = frozenset(
     {
         "worker_threads",
         "unix_socket_buffer_size",
-        "tls_rate_limit_per_second",
         "server_tls_mode",
         "server_tls_ca_cert",
         "server_tls_certificate",

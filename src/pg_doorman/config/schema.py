@@ -51,6 +51,7 @@ RESTART_REQUIRED = frozenset(
         "general.tls_private_key",
         "general.tls_ca_cert",
         "general.tls_mode",
+        "general.tls_rate_limit_per_second",
         "web.enabled",
         "web.host",
         "web.port",

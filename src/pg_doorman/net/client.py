@@ -413,6 +413,18 @@ class ClientConnection(asyncio.Protocol):
         self.pooler.track(self.loop.create_task(self._tls_handshake(transport, context)))
 
     async def _tls_handshake(self, transport: asyncio.Transport, context: ssl.SSLContext) -> None:
+        limiter = self.pooler.tls_limiter
+        if limiter is not None:
+            delay = limiter.delay(_now())
+            if delay > 0:
+                logger.debug(
+                    "client %s: TLS handshake delayed %.1f ms by tls_rate_limit_per_second",
+                    self.name,
+                    delay * 1000,
+                )
+                await asyncio.sleep(delay)
+                if self.state == CLOSED:  # gone, or cut by client_login_timeout
+                    return
         try:
             tls_transport = await self.loop.start_tls(
                 transport,

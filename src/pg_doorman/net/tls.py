@@ -46,6 +46,24 @@ def client_tls_context(general: GeneralConfig) -> ssl.SSLContext | None:
     return context
 
 
+class HandshakeLimiter:
+    """tls_rate_limit_per_second: handshakes start at most `rate` a second on average,
+    with bursts of rate/100 (PgDoorman refills its bucket every 10 ms). A handshake
+    over the limit waits for its slot rather than being refused."""
+
+    def __init__(self, rate: int) -> None:
+        self.interval = 1.0 / rate
+        # How far behind the clock a slot may start: that many handshakes go at once.
+        self.burst = (max(1, rate // 100) - 1) * self.interval
+        self._next_free = float("-inf")
+
+    def delay(self, now: float) -> float:
+        """Seconds the handshake asked for at `now` must wait; its slot is taken."""
+        start = max(self._next_free, now - self.burst)
+        self._next_free = start + self.interval
+        return max(0.0, start - now)
+
+
 def tls_required(general: GeneralConfig) -> bool:
     """Whether a plain TCP login is refused (tls_mode require or verify-full)."""
     return general.tls_mode in ("require", "verify-full")
