@@ -82,20 +82,25 @@ def client_context(certs: Certs) -> ssl.SSLContext:
     return context
 
 
-def clients_row(proc: PoolerProcess, user: str) -> dict[str, str | None]:
+def admin_rows(proc: PoolerProcess, what: str) -> list[dict[str, str | None]]:
+    """`SHOW <what>` over a fresh admin console connection (plain TCP)."""
     console = admin_console(proc)
     try:
-        return next(r for r in show_table(console, "CLIENTS") if r["user"] == user)
+        return show_table(console, what)
     finally:
         console.close()
+
+
+def clients_row(proc: PoolerProcess, user: str) -> dict[str, str | None]:
+    return next(r for r in admin_rows(proc, "CLIENTS") if r["user"] == user)
 
 
 def connections_row(proc: PoolerProcess) -> dict[str, str | None]:
-    console = admin_console(proc)
-    try:
-        return show_table(console, "CONNECTIONS")[0]
-    finally:
-        console.close()
+    return admin_rows(proc, "CONNECTIONS")[0]
+
+
+def non_admin_clients(proc: PoolerProcess) -> list[dict[str, str | None]]:
+    return [r for r in admin_rows(proc, "CLIENTS") if r["user"] != "admin"]
 
 
 @pytest.mark.parametrize("kind", ["md5", "scram"])
@@ -352,14 +357,6 @@ def test_a_failed_or_abandoned_handshake_leaves_the_pooler_serving(
         assert time.monotonic() < deadline, rows
         time.sleep(0.1)
     assert proc.log_text().count("TLS handshake failed") >= 2
-
-
-def non_admin_clients(proc: PoolerProcess) -> list[dict[str, str | None]]:
-    console = admin_console(proc)
-    try:
-        return [r for r in show_table(console, "CLIENTS") if r["user"] != "admin"]
-    finally:
-        console.close()
 
 
 def test_client_login_timeout_cuts_a_stalled_handshake(

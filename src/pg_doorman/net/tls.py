@@ -53,7 +53,8 @@ class HandshakeLimiter:
 
     def __init__(self, rate: int) -> None:
         self.interval = 1.0 / rate
-        # How far behind the clock a slot may start: that many handshakes go at once.
+        # How far behind the clock a slot may start: rate/100 - 1 intervals, so that
+        # rate/100 handshakes asked for together all start at once.
         self.burst = (max(1, rate // 100) - 1) * self.interval
         self._next_free = float("-inf")
 
