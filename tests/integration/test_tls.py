@@ -78,8 +78,7 @@ def tls_dsn(proc: PoolerProcess, user: str, password: str, certs: Certs, **param
 
 
 def client_context(certs: Certs) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(certs.ca))
-    return context
+    return ssl.create_default_context(cafile=str(certs.ca))
 
 
 def admin_rows(proc: PoolerProcess, what: str) -> list[dict[str, str | None]]:

@@ -81,8 +81,8 @@ def take(pooler: Pooler) -> Snapshot:
         "log_level": logging.getLogger().level,
         "accepted": pooler.accepted_total,
         "cancel_requests": pooler.cancel_requests,
-        # Connections that stayed TLS (a CancelRequest inside TLS counts as a cancel).
-        "tls": pooler.tls_accepted - pooler.tls_cancel_requests,
+        "tls": pooler.tls_sessions,
+        "plain": pooler.accepted_total - pooler.cancel_requests - pooler.tls_sessions,
         "login_failures": pooler.login_failures,
         "connections": len(pooler.clients),
         # Open client connections per worker index: how evenly the workers share them.
@@ -214,7 +214,8 @@ def merge(snapshots: list[Snapshot]) -> Snapshot:
         "servers": [row for s in snapshots for row in s["servers"]],
     }
     for key in (
-        "memory", "accepted", "cancel_requests", "tls", "login_failures", "connections",
+        "memory", "accepted", "cancel_requests", "tls", "plain", "login_failures",
+        "connections",
         "login_clients",
     ):  # fmt: skip
         out[key] = sum(s[key] for s in snapshots)

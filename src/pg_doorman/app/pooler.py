@@ -227,8 +227,8 @@ class Pooler:
         self.tls_handshake_timeout = 2 * login_timeout if login_timeout > 0 else 60.0
         rate = config.general.tls_rate_limit_per_second
         self.tls_limiter = HandshakeLimiter(rate) if rate else None
-        self.tls_accepted = 0  # TLS handshakes completed
-        self.tls_cancel_requests = 0  # CancelRequests that came inside TLS
+        # TLS connections that became sessions (a CancelRequest inside TLS is a cancel).
+        self.tls_sessions = 0
         # Backend login of each pool, kept apart so a reload can change it in place.
         self._credentials: dict[Pool, BackendCredentials] = {}
         # Set by whoever runs the pooler: what the admin SHUTDOWN command triggers.

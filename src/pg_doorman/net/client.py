@@ -381,7 +381,7 @@ class ClientConnection(asyncio.Protocol):
                 continue
             if isinstance(request, CancelRequest):
                 if self.tls:
-                    self.pooler.tls_cancel_requests += 1
+                    self.pooler.tls_sessions -= 1  # counted as a cancel instead
                 self.pooler.handle_cancel(request.pid, request.secret)
                 self.close()
                 return
@@ -449,7 +449,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport = tls_transport
         self._transport_write = self.transport.write
         self.tls = True
-        self.pooler.tls_accepted += 1
+        self.pooler.tls_sessions += 1
         self._on_data = self._startup_data
 
     def login_timed_out(self) -> None:

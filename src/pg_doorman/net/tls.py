@@ -29,7 +29,7 @@ def client_tls_context(general: GeneralConfig) -> ssl.SSLContext | None:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         context.load_cert_chain(general.tls_certificate, general.tls_private_key)
-    except (OSError, ssl.SSLError) as exc:
+    except OSError as exc:  # ssl.SSLError included
         raise TlsSetupError(
             "tls_certificate",
             f"cannot load the certificate {general.tls_certificate!r} with the key "
@@ -38,7 +38,7 @@ def client_tls_context(general: GeneralConfig) -> ssl.SSLContext | None:
     if general.tls_mode == "verify-full":
         try:
             context.load_verify_locations(cafile=general.tls_ca_cert)
-        except (OSError, ssl.SSLError) as exc:
+        except OSError as exc:
             raise TlsSetupError(
                 "tls_ca_cert", f"cannot load the CA {general.tls_ca_cert!r}: {_reason(exc)}"
             ) from None
@@ -70,7 +70,7 @@ def tls_required(general: GeneralConfig) -> bool:
     return general.tls_mode in ("require", "verify-full")
 
 
-def _reason(exc: OSError | ssl.SSLError) -> str:
+def _reason(exc: OSError) -> str:
     if isinstance(exc, ssl.SSLError):
         return exc.reason or str(exc)
     return exc.strerror or str(exc)

@@ -83,7 +83,7 @@ def _collect(snap: Snapshot) -> Iterable[Metric]:
         "pg_doorman_connections_total", "Client sockets accepted, by type", labels=["type"]
     )
     connections.add_metric(["total"], snap["accepted"])
-    connections.add_metric(["plain"], snap["accepted"] - snap["cancel_requests"] - snap["tls"])
+    connections.add_metric(["plain"], snap["plain"])
     connections.add_metric(["tls"], snap["tls"])
     connections.add_metric(["cancel"], snap["cancel_requests"])
     yield connections
