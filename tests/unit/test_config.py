@@ -773,6 +773,13 @@ CLIENT_TLS = (
     "tls_mode",
     "tls_rate_limit_per_second",
 )
+SERVER_TLS = (
+    "server_tls_mode",
+    "server_tls_ca_cert",
+    "server_tls_certificate",
+    "server_tls_private_key",
+)
+IMPLEMENTED = (*CLIENT_TLS, *SERVER_TLS)
 
 
 def test_not_implemented_keys_warn_when_set() -> None:
@@ -846,18 +853,22 @@ def test_not_implemented_keys_warn_when_set() -> None:
     suffix = ": not implemented yet, ignored"
     flagged = {w.removesuffix(suffix) for w in config.warnings if w.endswith(suffix)}
     expected = (
-        {f"general.{key}" for key in data["general"] if key not in ("host", "port", *CLIENT_TLS)}
+        {f"general.{key}" for key in data["general"] if key not in ("host", "port", *IMPLEMENTED)}
         | {
             f"pools.mydb.{key}"
             for key in data["pools"]["mydb"]
-            if key not in ("server_port", "users")
+            if key not in ("server_port", "users", *SERVER_TLS)
         }
         | {"pools.mydb.users[0].auth_pam_service", "talos"}
         | {f"web.{key}" for key in data["web"]}
     )
     assert flagged == expected
     assert len(config.warnings) == len(expected)  # nothing else to say about this config
-    assert not any(w.startswith(f"general.{key}:") for w in config.warnings for key in CLIENT_TLS)
+    assert not any(
+        w.startswith((f"general.{key}:", f"pools.mydb.{key}:"))
+        for w in config.warnings
+        for key in IMPLEMENTED
+    )
     # Still stored, so the features can be built on them.
     assert config.general.tls_mode == "verify-full"
     assert config.pools["mydb"].max_db_connections == 20
@@ -975,7 +986,7 @@ pool_size = 40
     [
         ({"tls_mode": "disable"}, False),
         ({"server_tls_mode": "disable"}, False),
-        ({"server_tls_mode": "prefer"}, True),
+        ({"server_tls_mode": "prefer"}, False),  # implemented: nothing to warn about
         ({"worker_threads": 4}, False),
         ({"worker_threads": 2}, True),
         ({"query_interner_anon_idle_ttl_seconds": 60}, False),

@@ -27,6 +27,7 @@ _SUMMED = (
     "sv_active", "sv_idle", "sv_used", "sv_login", "xact_count", "query_count",
     "bytes_received", "bytes_sent", "xact_time", "query_time", "wait_time", "wait_count",
     "client_named", "client_anonymous", "client_prepared_bytes", "hits", "misses",
+    "tls_servers", "tls_handshakes", "tls_handshake_seconds", "tls_handshake_errors",
 )  # fmt: skip
 _MAXED = ("paused", "maxwait", "oldest_active")
 _RATES = ("xact_count", "query_count", "received", "sent", "errors")
@@ -69,7 +70,8 @@ def take(pooler: Pooler) -> Snapshot:
             server_rows.append(
                 [
                     f"0x{server.server_id:08X}", server.backend_pid, database, user,
-                    server.parameters.get("application_name", ""), "false", server.state_name,
+                    server.parameters.get("application_name", ""),
+                    "true" if server.tls else "false", server.state_name,
                     wait, server.transactions, server.queries, server.bytes_sent,
                     server.bytes_received, int(now - server.created), server.statements.hits,
                     server.statements.misses, len(server.statements),
@@ -134,6 +136,7 @@ def _pool_data(
             anonymous += 1
             held_bytes += len(rewriter.unnamed.parse_message)
     hits, misses = pool.prepared_hits_misses()
+    tls_servers = sum(1 for sv in pool.servers if isinstance(sv, ServerConnection) and sv.tls)
     avg = st.averages
     windows = st.window_bases()
     return {
@@ -187,6 +190,10 @@ def _pool_data(
         "client_prepared_bytes": held_bytes,
         "hits": hits,
         "misses": misses,
+        "tls_servers": tls_servers,
+        "tls_handshakes": pool.tls_handshakes,
+        "tls_handshake_seconds": pool.tls_handshake_seconds,
+        "tls_handshake_errors": pool.tls_handshake_errors,
     }
 
 

@@ -103,8 +103,9 @@ def _worker_info(args: argparse.Namespace) -> WorkerInfo | None:
 
 def load_checked_config(path: str) -> Config:
     """Load the config and everything derived from it that can fail (pg_hba rules,
-    the TLS certificate and key)."""
+    the TLS certificates and keys, for clients and for servers)."""
     from pg_doorman.auth.hba import HbaError, HbaRules
+    from pg_doorman.net.server_tls import server_tls_for
     from pg_doorman.net.tls import TlsSetupError, client_tls_context
 
     config = load_config(path)
@@ -117,6 +118,11 @@ def load_checked_config(path: str) -> Config:
         client_tls_context(config.general)
     except TlsSetupError as exc:
         raise ConfigError(f"general.{exc.key}", str(exc)) from exc
+    for name, pool in config.pools.items():
+        try:
+            server_tls_for(config.general, pool, f"pools.{name}")
+        except TlsSetupError as exc:
+            raise ConfigError(exc.key, str(exc)) from exc
     return config
 
 

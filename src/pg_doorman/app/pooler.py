@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv6Address
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from pg_doorman import implementation
 from pg_doorman.admin.snapshot import Snapshot, merge
@@ -30,8 +30,9 @@ from pg_doorman.config import Config, ConfigError, GeneralConfig, PoolConfig, Us
 from pg_doorman.net.client import ClientConnection
 from pg_doorman.net.ids import IdAllocator
 from pg_doorman.net.server import BackendCredentials, ServerConnection, open_server
+from pg_doorman.net.server_tls import SSL_REQUEST, ServerTls, server_tls_for
 from pg_doorman.net.sockopts import INHERITS_SOCKET_OPTIONS, apply_socket_options, options_key
-from pg_doorman.net.tls import HandshakeLimiter, client_tls_context, tls_required
+from pg_doorman.net.tls import HandshakeLimiter, TlsSetupError, client_tls_context, tls_required
 from pg_doorman.pool.pool import Pool, PoolSettings
 from pg_doorman.protocol import messages, sqlstate
 from pg_doorman.stats.counters import STATS_PERIOD
@@ -126,7 +127,16 @@ def pool_settings(
         prepared_statements=general.prepared_statements and mode == "transaction",
         statements_cache_size=max(config.pool_setting(pool, "prepared_statements_cache_size"), 1),
         server_statements_cache_size=_server_statements_cache_size(pool, general),
+        server_tls=_server_tls(general, pool, name),
     )
+
+
+def _server_tls(general: GeneralConfig, pool: PoolConfig, name: str) -> ServerTls:
+    try:
+        return server_tls_for(general, pool, f"pools.{name}")
+    except TlsSetupError as exc:
+        # load_checked_config found the files usable; they changed since.
+        raise ConfigError(exc.key, str(exc)) from exc
 
 
 # Per-server statement LRU when not configured. PgDoorman uses the pool size, which
@@ -158,6 +168,7 @@ def _backend_identity(s: PoolSettings) -> tuple[object, ...]:
         s.server_user,
         s.application_name,
         sorted(s.startup_parameters.items()),
+        s.server_tls,
     )
 
 
@@ -694,6 +705,12 @@ class Pooler:
                     reader, writer = await asyncio.open_unix_connection(path)
                 else:
                     reader, writer = await asyncio.open_connection(host, settings.server_port)
+                tls = cast("ServerTls | None", settings.server_tls)
+                if server.tls and tls is not None and tls.context is not None:
+                    # The cancel key travels as securely as the session it cancels.
+                    writer.write(SSL_REQUEST)
+                    if await reader.readexactly(1) == b"S":
+                        await writer.start_tls(tls.context, server_hostname=host)
                 writer.write(messages.cancel_request(server.backend_pid, server.backend_secret))
                 await writer.drain()
                 # Close with FIN after PostgreSQL hangs up, so nobody sees a reset.

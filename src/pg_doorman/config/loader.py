@@ -478,7 +478,6 @@ def _read_keys(
 # Values that ask for nothing beyond what pg_doorman does anyway (no TLS, no limit).
 _INERT_VALUES: dict[str, tuple[object, ...]] = {
     "tls_mode": ("allow", "disable"),
-    "server_tls_mode": ("allow", "disable"),
     "max_db_connections": (0,),
     "reserve_pool_size": (0,),
     "min_guaranteed_pool_size": (0,),
@@ -597,10 +596,6 @@ GENERAL_NOT_IMPLEMENTED = frozenset(
     {
         "worker_threads",
         "unix_socket_buffer_size",
-        "server_tls_mode",
-        "server_tls_ca_cert",
-        "server_tls_certificate",
-        "server_tls_private_key",
         "scaling_warm_pool_ratio",
         "scaling_fast_retries",
         "scaling_max_parallel_creates",
@@ -833,10 +828,6 @@ POOL_NOT_IMPLEMENTED = frozenset(
         "scaling_warm_pool_ratio",
         "scaling_fast_retries",
         "scaling_cooldown_sleep",
-        "server_tls_mode",
-        "server_tls_ca_cert",
-        "server_tls_certificate",
-        "server_tls_private_key",
         "patroni_api_urls",
         "fallback_cooldown",
         "patroni_api_timeout",

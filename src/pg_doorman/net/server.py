@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Final, cast
 from pg_doorman.auth.md5 import md5_password_response, md5_salted_response
 from pg_doorman.auth.scram import ScramClientSession, ScramError, ScramVerifier
 from pg_doorman.net.inbox import AwaitableInbox
+from pg_doorman.net.server_tls import ServerTls, TlsRefused, connect_tls
 from pg_doorman.pool.pool import AcquireError, Pool
 from pg_doorman.prepared.registry import ServerStatements
 from pg_doorman.protocol import codes, messages, sqlstate
@@ -101,6 +102,7 @@ class ServerConnection(asyncio.Protocol):
         self.discarded = False
         self.canceled = False
         self.peer: tuple[str, int] | str = ""
+        self.tls = False
         now = time.monotonic()
         self.created = now
         self.idle_since = now
@@ -775,6 +777,9 @@ async def open_server(
     }
     startup.update(settings.startup_parameters)
     host = settings.server_host
+    port = settings.server_port
+    # Unix-socket backends are local: PostgreSQL offers no TLS there.
+    tls = None if host.startswith("/") else cast("ServerTls | None", settings.server_tls)
 
     def factory() -> ServerConnection:
         return ServerConnection(pool, server_id, loop)
@@ -783,17 +788,32 @@ async def open_server(
     try:
         async with asyncio.timeout(settings.connect_timeout):
             if host.startswith("/"):
-                path = f"{host.rstrip('/')}/.s.PGSQL.{settings.server_port}"
+                path = f"{host.rstrip('/')}/.s.PGSQL.{port}"
                 _, server = await loop.create_unix_connection(factory, path)
+            elif tls is not None and tls.tls_first:
+                server = await _connect_tls(pool, factory, host, port, tls, not tls.required)
             else:
-                _, server = await loop.create_connection(factory, host, settings.server_port)
-            await server.login(startup, creds)
+                _, server = await loop.create_connection(factory, host, port)
+            try:
+                await server.login(startup, creds)
+            except AcquireError as refused:
+                # allow: PostgreSQL refused the plain login (a hostssl rule): try TLS.
+                # (Named apart from `exc` below, which the compiled build types once.)
+                if tls is None or not tls.retries_over_tls or refused.code != "28000":
+                    raise
+                server.close("login refused without TLS")
+                server = None
+                try:
+                    server = await _connect_tls(pool, factory, host, port, tls, False)
+                except TlsRefused:
+                    raise refused from None
+                await server.login(startup, creds)
     except TimeoutError:
         if server is not None:
             server.close("connect timeout")
         raise AcquireError(
             sqlstate.CONNECTION_FAILURE,
-            f"timeout connecting to server {host}:{settings.server_port} "
+            f"timeout connecting to server {host}:{port} "
             f"(connect_timeout {settings.connect_timeout:g}s)",
         ) from None
     except AcquireError:
@@ -803,6 +823,22 @@ async def open_server(
     except OSError as exc:
         raise AcquireError(
             sqlstate.CONNECTION_FAILURE,
-            f"cannot connect to server {host}:{settings.server_port}: {exc.strerror or exc}",
+            f"cannot connect to server {host}:{port}: {exc.strerror or exc}",
         ) from exc
     return server
+
+
+async def _connect_tls(
+    pool: Pool,
+    factory: Callable[[], ServerConnection],
+    host: str,
+    port: int,
+    tls: ServerTls,
+    plain_if_refused: bool,
+) -> ServerConnection:
+    try:
+        return await connect_tls(pool, factory, host, port, tls, plain_if_refused)
+    except TlsRefused as exc:
+        if tls.retries_over_tls:
+            raise
+        raise AcquireError(sqlstate.CONNECTION_FAILURE, str(exc)) from None

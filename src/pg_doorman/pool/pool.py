@@ -14,7 +14,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from pg_doorman.prepared.registry import PoolStatements
 from pg_doorman.protocol import sqlstate
@@ -71,6 +71,8 @@ class PoolSettings:
     prepared_statements: bool = True
     statements_cache_size: int = 8192
     server_statements_cache_size: int = 256
+    # How server connections use TLS (a net.server_tls.ServerTls; None: never).
+    server_tls: Any = None
     # Derived from pool_mode once: it is read at the end of every transaction.
     session_mode: bool = field(init=False)
 
@@ -125,6 +127,10 @@ class Pool:
         # Bumped by reconnect(): servers of an older epoch are closed instead of reused.
         self.epoch = 0
         self.last_connect_error: AcquireError | None = None
+        # TLS handshakes with servers: completed, their total seconds, failed.
+        self.tls_handshakes = 0
+        self.tls_handshake_seconds = 0.0
+        self.tls_handshake_errors = 0
         self.server_parameters: dict[str, str] | None = None
         # Kept here rather than on the pooler's entry for this pool, which is not
         # compiled: clients read both once per transaction.

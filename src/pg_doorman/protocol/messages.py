@@ -146,6 +146,10 @@ def startup_message(params: Mapping[str, str], version: int = codes.PROTOCOL_3_0
     return _INT32.pack(len(body) + 4) + body
 
 
+def ssl_request() -> bytes:
+    return _INT32.pack(8) + _INT32.pack(codes.SSL_REQUEST_CODE)
+
+
 def cancel_request(pid: int, secret: int) -> bytes:
     return _INT32.pack(16) + _INT32.pack(codes.CANCEL_REQUEST_CODE) + _KEY_DATA.pack(pid, secret)
 

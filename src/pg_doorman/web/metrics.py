@@ -16,6 +16,7 @@ from prometheus_client.core import (
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
+    SummaryMetricFamily,
 )
 from prometheus_client.exposition import generate_latest
 
@@ -157,6 +158,15 @@ def _pool_metrics(pools: list[PoolData]) -> Iterable[Metric]:
     misses = counter(
         "pg_doorman_servers_prepared_misses_total", "Statements (re)prepared on a server"
     )
+    tls_servers = gauge("pg_doorman_server_tls_connections", "Server connections using TLS")
+    tls_handshakes = SummaryMetricFamily(
+        "pg_doorman_server_tls_handshake_duration_seconds",
+        "TLS handshakes completed with servers",
+        labels=POOL_LABELS,
+    )
+    tls_errors = counter(
+        "pg_doorman_server_tls_handshake_errors_total", "TLS handshakes with servers that failed"
+    )
 
     for p in pools:
         labels = [p["user"], p["database"]]
@@ -187,8 +197,11 @@ def _pool_metrics(pools: list[PoolData]) -> Iterable[Metric]:
         client_entries.add_metric(labels, p["client_named"] + p["client_anonymous"])
         hits.add_metric(labels, p["hits"])
         misses.add_metric(labels, p["misses"])
+        tls_servers.add_metric(labels, p["tls_servers"])
+        tls_handshakes.add_metric(labels, p["tls_handshakes"], p["tls_handshake_seconds"])
+        tls_errors.add_metric(labels, p["tls_handshake_errors"])
     yield from (
         clients, servers, pool_size, paused, maxwait, oldest, bytes_total, errors, queries,
         transactions, *durations.values(), *percentiles.values(), cache_entries, cache_bytes,
-        client_entries, hits, misses,
+        client_entries, hits, misses, tls_servers, tls_handshakes, tls_errors,
     )  # fmt: skip
