@@ -263,6 +263,29 @@ def test_backend_dying_while_client_idles_in_transaction(
     assert time.monotonic() - started < 2
 
 
+def test_a_reload_signal_as_soon_as_the_port_accepts_is_handled(pooler: PoolerFactory) -> None:
+    """An orchestrator may signal the pooler the moment its port answers a probe: the
+    handlers are in place before the pooler listens, so SIGHUP reloads rather than
+    killing the process with the signal's default action."""
+    import signal
+    import socket
+
+    proc = pooler(start=False)
+    proc.spawn()
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            socket.create_connection((proc.host, proc.port), timeout=1).close()
+            break
+        except OSError:
+            assert proc.running, proc.log_tail()
+            assert time.monotonic() < deadline, "the pooler never listened"
+            time.sleep(0.001)
+    proc.send_signal(signal.SIGHUP)
+    proc.wait_for_log("configuration reloaded")
+    assert proc.running
+
+
 def test_sighup_with_a_broken_file_keeps_serving(
     pg: ExamplePostgres, pooler: PoolerFactory
 ) -> None:

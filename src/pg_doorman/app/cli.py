@@ -159,19 +159,8 @@ async def serve(
     dispatch = None
     if dispatch_fd is not None:
         dispatch = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fileno=dispatch_fd)
-    try:
-        await pooler.start(dispatch=dispatch)
-    except OSError as exc:
-        if exc.strerror and exc.strerror.startswith("cannot listen"):
-            logger.error("%s", exc.strerror)
-        else:
-            logger.error(
-                "cannot listen on %s:%d: %s",
-                config.general.host,
-                config.general.port,
-                exc.strerror,
-            )
-        return 1
+    # Handlers first: a signal sent as soon as the port accepts (a reload right after a
+    # readiness probe, say) must not find the default action, which kills the process.
     stop = asyncio.Event()
     signals = 0
 
@@ -200,6 +189,19 @@ async def serve(
             logger.error("SIGHUP: reload failed, the old configuration stays: %s", exc)
 
     loop.add_signal_handler(signal.SIGHUP, on_reload)
+    try:
+        await pooler.start(dispatch=dispatch)
+    except OSError as exc:
+        if exc.strerror and exc.strerror.startswith("cannot listen"):
+            logger.error("%s", exc.strerror)
+        else:
+            logger.error(
+                "cannot listen on %s:%d: %s",
+                config.general.host,
+                config.general.port,
+                exc.strerror,
+            )
+        return 1
     pooler.on_shutdown_request = stop.set
     if ready is not None:
         ready()

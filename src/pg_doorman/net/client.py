@@ -28,6 +28,7 @@ from pg_doorman.auth.scram import (
     make_scram_verifier,
 )
 from pg_doorman.net.suspend import SUSPEND
+from pg_doorman.net.tls import TlsReader
 from pg_doorman.pool.pool import AcquireError, Pool
 from pg_doorman.prepared.rewriter import BatchRewriter
 from pg_doorman.protocol import codes, messages, sqlstate
@@ -428,7 +429,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             tls_transport = await self.loop.start_tls(
                 transport,
-                self,
+                TlsReader(self),
                 context,
                 server_side=True,
                 ssl_handshake_timeout=self.pooler.tls_handshake_timeout,

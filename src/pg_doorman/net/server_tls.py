@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final, cast
 
 from pg_doorman.config.schema import GeneralConfig, PoolConfig
-from pg_doorman.net.tls import TlsSetupError
+from pg_doorman.net.tls import TlsReader, TlsSetupError
 from pg_doorman.pool.pool import AcquireError
 from pg_doorman.protocol import messages, sqlstate
 
@@ -242,7 +242,7 @@ async def connect_tls(
             raise AcquireError(sqlstate.CONNECTION_FAILURE, f"server {where} closed during TLS")
         server = factory()
         server.tls = True
-        secure.set_protocol(server)
+        secure.set_protocol(TlsReader(server))
         server.connection_made(secure)
         return server
     except BaseException:
