@@ -15,10 +15,9 @@ from typing import Any
 import psycopg
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.samples import Sample
 
 from helpers import EXAMPLE_DB, ExamplePostgres
+from helpers.metrics import scrape, value
 from helpers.pooler import PoolerFactory, PoolerProcess
 from pg_doorman.app.embedded_pg import free_port
 
@@ -30,27 +29,6 @@ def web_pooler(pooler: PoolerFactory, *, section: str = "web") -> tuple[PoolerPr
     port = free_port()
     proc = pooler({section: {"enabled": True, "host": "127.0.0.1", "port": port}})
     return proc, port
-
-
-def scrape(port: int) -> dict[str, list[Sample]]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        assert response.status == 200
-        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-        text = response.read().decode()
-    families: dict[str, list[Sample]] = {}
-    for family in text_string_to_metric_families(text):
-        families[family.name] = list(family.samples)
-    return families
-
-
-def value(samples: list[Sample], name: str, **labels: str) -> float:
-    found = [
-        s.value
-        for s in samples
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-    ]
-    assert len(found) == 1, (name, labels, found)
-    return found[0]
 
 
 def test_metrics_match_a_known_workload(pg: ExamplePostgres, pooler: PoolerFactory) -> None:

@@ -14,7 +14,6 @@ import shutil
 import socket
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +22,11 @@ from typing import Any
 import psycopg
 import pytest
 import trustme
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.samples import Sample
 
 from helpers import EXAMPLE_DB, ExamplePostgres
 from helpers import pgwire as w
 from helpers.console import admin_console, show_table
+from helpers.metrics import scrape, value
 from helpers.pooler import PoolerFactory, PoolerProcess, deep_merge
 from pg_doorman.app.embedded_pg import LocalPostgres, free_port, quote_ident
 
@@ -261,23 +259,6 @@ def web_section() -> tuple[dict[str, Any], int]:
     return {"enabled": True, "host": "127.0.0.1", "port": port}, port
 
 
-def scrape(port: int) -> list[Sample]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        assert response.status == 200
-        text = response.read().decode()
-    return [s for family in text_string_to_metric_families(text) for s in family.samples]
-
-
-def metric(samples: list[Sample], name: str, **labels: str) -> float:
-    found = [
-        s.value
-        for s in samples
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-    ]
-    assert len(found) == 1, (name, labels, found)
-    return found[0]
-
-
 # --- the cluster itself ------------------------------------------------------------------------
 
 
@@ -300,13 +281,13 @@ def test_require_runs_the_backend_over_tls(pooler: PoolerFactory, ssl_pg: SslPos
     assert backend_ssl(proc, TLS_ONLY)
     rows = pool_servers(proc, TLS_ONLY)
     assert rows and all(r["tls"] == "true" for r in rows), rows
-    samples = scrape(port)
+    samples = [s for family in scrape(port).values() for s in family]
     mine = {"user": TLS_ONLY, "database": TLS_DB}
-    assert metric(samples, "pg_doorman_server_tls_connections", **mine) >= 1
+    assert value(samples, "pg_doorman_server_tls_connections", **mine) >= 1
     handshakes = "pg_doorman_server_tls_handshake_duration_seconds"
-    assert metric(samples, f"{handshakes}_count", **mine) >= 1
-    assert metric(samples, f"{handshakes}_sum", **mine) > 0
-    assert metric(samples, "pg_doorman_server_tls_handshake_errors_total", **mine) == 0
+    assert value(samples, f"{handshakes}_count", **mine) >= 1
+    assert value(samples, f"{handshakes}_sum", **mine) > 0
+    assert value(samples, "pg_doorman_server_tls_handshake_errors_total", **mine) == 0
 
 
 def test_disable_sends_a_plain_login_that_hostssl_refuses(
@@ -399,8 +380,8 @@ def test_verify_ca_refuses_a_certificate_from_another_ca(
     proc = start_pooler(pooler, ssl_pg, general=general, web=web)
     error = backend_login_error(proc, TLS_ONLY)
     assert "certificate verify failed" in error.message
-    errors = metric(
-        scrape(port),
+    errors = value(
+        scrape(port)["pg_doorman_server_tls_handshake_errors"],
         "pg_doorman_server_tls_handshake_errors_total",
         user=TLS_ONLY,
         database=TLS_DB,

@@ -791,7 +791,7 @@ async def open_server(
                 path = f"{host.rstrip('/')}/.s.PGSQL.{port}"
                 _, server = await loop.create_unix_connection(factory, path)
             elif tls is not None and tls.tls_first:
-                server = await _connect_tls(pool, factory, host, port, tls, not tls.required)
+                server = await connect_tls(pool, factory, host, port, tls, not tls.required)
             else:
                 _, server = await loop.create_connection(factory, host, port)
             try:
@@ -804,7 +804,7 @@ async def open_server(
                 server.close("login refused without TLS")
                 server = None
                 try:
-                    server = await _connect_tls(pool, factory, host, port, tls, False)
+                    server = await connect_tls(pool, factory, host, port, tls, False)
                 except TlsRefused:
                     raise refused from None
                 await server.login(startup, creds)
@@ -820,25 +820,11 @@ async def open_server(
         if server is not None:
             server.close("login failed")
         raise
+    except TlsRefused as no_tls:  # require and the verify modes
+        raise AcquireError(sqlstate.CONNECTION_FAILURE, str(no_tls)) from None
     except OSError as exc:
         raise AcquireError(
             sqlstate.CONNECTION_FAILURE,
             f"cannot connect to server {host}:{port}: {exc.strerror or exc}",
         ) from exc
     return server
-
-
-async def _connect_tls(
-    pool: Pool,
-    factory: Callable[[], ServerConnection],
-    host: str,
-    port: int,
-    tls: ServerTls,
-    plain_if_refused: bool,
-) -> ServerConnection:
-    try:
-        return await connect_tls(pool, factory, host, port, tls, plain_if_refused)
-    except TlsRefused as exc:
-        if tls.retries_over_tls:
-            raise
-        raise AcquireError(sqlstate.CONNECTION_FAILURE, str(exc)) from None

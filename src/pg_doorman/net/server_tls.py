@@ -11,11 +11,11 @@ import hashlib
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Final, cast
 
 from pg_doorman.config.schema import GeneralConfig, PoolConfig
-from pg_doorman.net.tls import TlsReader, TlsSetupError
+from pg_doorman.net.tls import TlsReader, TlsSetupError, ssl_reason
 from pg_doorman.pool.pool import AcquireError
 from pg_doorman.protocol import messages, sqlstate
 
@@ -92,20 +92,14 @@ def server_tls_for(general: GeneralConfig, pool: PoolConfig, pool_path: str) -> 
                 digest.update(f.read())
         except OSError as exc:
             raise TlsSetupError(key, f"cannot read {path!r}: {exc.strerror or exc}") from None
-    tls = ServerTls(
-        mode,
-        ca_cert if verify else None,
-        certificate,
-        private_key,
-        digest.hexdigest(),
-    )
-    cached = _contexts.get(tls)
-    if cached is None:
-        cached = _build_context(tls, ca_path, pair_path)
+    tls = ServerTls(mode, ca_cert if verify else None, certificate, private_key, digest.hexdigest())
+    context = _contexts.get(tls)
+    if context is None:
+        context = _build_context(tls, ca_path, pair_path)
         if len(_contexts) >= _CONTEXTS_KEPT:
             _contexts.clear()
-        _contexts[tls] = cached
-    return ServerTls(mode, tls.ca_cert, certificate, private_key, tls.digest, cached)
+        _contexts[tls] = context
+    return replace(tls, context=context)
 
 
 # One context per distinct setting, shared by the pools (and users) that have it.
@@ -123,7 +117,7 @@ def _build_context(tls: ServerTls, ca_path: str, pair_path: str) -> ssl.SSLConte
             context.load_verify_locations(cafile=tls.ca_cert)
         except OSError as exc:  # ssl.SSLError included
             raise TlsSetupError(
-                ca_path, f"cannot load the CA {tls.ca_cert!r}: {_reason(exc)}"
+                ca_path, f"cannot load the CA {tls.ca_cert!r}: {ssl_reason(exc)}"
             ) from None
     else:
         # require and below encrypt without checking who answers, as libpq does.
@@ -136,21 +130,15 @@ def _build_context(tls: ServerTls, ca_path: str, pair_path: str) -> ssl.SSLConte
             raise TlsSetupError(
                 f"{pair_path}.server_tls_certificate",
                 f"cannot load the certificate {tls.certificate!r} with the key "
-                f"{tls.private_key!r}: {_reason(exc)}",
+                f"{tls.private_key!r}: {ssl_reason(exc)}",
             ) from None
     return context
-
-
-def _reason(exc: OSError) -> str:
-    if isinstance(exc, ssl.SSLError):
-        return exc.reason or str(exc)
-    return exc.strerror or str(exc)
 
 
 def _handshake_failure(exc: OSError) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"certificate verify failed: {exc.verify_message}"
-    return _reason(exc)
+    return ssl_reason(exc)
 
 
 class TlsRefused(Exception):

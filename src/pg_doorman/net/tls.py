@@ -35,14 +35,14 @@ def client_tls_context(general: GeneralConfig) -> ssl.SSLContext | None:
         raise TlsSetupError(
             "tls_certificate",
             f"cannot load the certificate {general.tls_certificate!r} with the key "
-            f"{general.tls_private_key!r}: {_reason(exc)}",
+            f"{general.tls_private_key!r}: {ssl_reason(exc)}",
         ) from None
     if general.tls_mode == "verify-full":
         try:
             context.load_verify_locations(cafile=general.tls_ca_cert)
         except OSError as exc:
             raise TlsSetupError(
-                "tls_ca_cert", f"cannot load the CA {general.tls_ca_cert!r}: {_reason(exc)}"
+                "tls_ca_cert", f"cannot load the CA {general.tls_ca_cert!r}: {ssl_reason(exc)}"
             ) from None
         context.verify_mode = ssl.CERT_REQUIRED
     return context
@@ -72,7 +72,8 @@ def tls_required(general: GeneralConfig) -> bool:
     return general.tls_mode in ("require", "verify-full")
 
 
-def _reason(exc: OSError) -> str:
+def ssl_reason(exc: OSError) -> str:
+    """What went wrong with a certificate file or a handshake, in a few words."""
     if isinstance(exc, ssl.SSLError):
         return exc.reason or str(exc)
     return exc.strerror or str(exc)
