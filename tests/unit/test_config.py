@@ -857,7 +857,7 @@ def test_not_implemented_keys_warn_when_set() -> None:
         | {
             f"pools.mydb.{key}"
             for key in data["pools"]["mydb"]
-            if key not in ("server_port", "users", *SERVER_TLS)
+            if key not in ("server_port", "users", "auth_query", *SERVER_TLS)
         }
         | {"pools.mydb.users[0].auth_pam_service", "talos"}
         | {f"web.{key}" for key in data["web"]}
@@ -1011,7 +1011,18 @@ def test_pool_without_users_warns_unless_auth_query() -> None:
     config = parse_config({"pools": {"a": {}}})
     assert config.warnings == ["pools.a.users: no users configured, so no client can use this pool"]
     config = parse_config({"pools": {"a": {"auth_query": {"query": "q", "user": "u"}}}})
-    assert config.warnings == ["pools.a.auth_query: not implemented yet, ignored"]
+    assert config.warnings == []
+
+
+def test_dedicated_auth_query_user_must_not_be_a_static_user() -> None:
+    expect_error(
+        pool_with(
+            users=[user(username="app")],
+            auth_query={"query": "q", "user": "u", "server_user": "app"},
+        ),
+        "pools.mydb.auth_query.server_user",
+        "also a user of this pool",
+    )
 
 
 def test_empty_pg_hba_warns() -> None:

@@ -81,12 +81,14 @@ class ShowTables:
             "lists": lists,
             "prepared_statements": prepared_statements,
             "latency": latency,
+            "auth_query": auth_query,
         }
 
     def help(self) -> Table:
         items = [
             "SHOW HELP|CONFIG|DATABASES|POOLS|POOLS_EXTENDED|POOLS_MEMORY|CLIENTS|SERVERS"
-            "|STATS|CONNECTIONS|LISTS|USERS|VERSION|LOG_LEVEL|PREPARED_STATEMENTS|LATENCY",
+            "|STATS|CONNECTIONS|LISTS|USERS|VERSION|LOG_LEVEL|PREPARED_STATEMENTS|LATENCY"
+            "|AUTH_QUERY",
             "SHOW LISTS",
             "SHOW CONNECTIONS",
             "SHOW STATS",
@@ -117,7 +119,7 @@ class ShowTables:
     def users(self) -> Table:
         rows: Rows = [
             [user, entry.pool.settings.pool_mode]
-            for (_, user), entry in self.pooler.entries.items()
+            for (_, user), entry in self.pooler.listed_entries()
         ]
         return _text(["name", "pool_mode"]), rows
 
@@ -288,6 +290,23 @@ def stats(snap: Snapshot) -> Table:
         "avg_xact_count:int", "avg_query_count:int", "avg_recv:int", "avg_sent:int",
         "avg_errors:int", "avg_xact_time:int", "avg_query_time:int", "avg_wait_time:int",
     )  # fmt: skip
+    return columns, rows
+
+
+AUTH_QUERY_COLUMNS: Final = (
+    "cache_entries", "cache_hits", "cache_misses", "cache_refetches", "cache_rate_limited",
+    "auth_success", "auth_failure", "executor_queries", "executor_errors",
+    "dynamic_pools_current", "dynamic_pools_created", "dynamic_pools_destroyed",
+)  # fmt: skip
+
+
+def auth_query(snap: Snapshot) -> Table:
+    """One row per pool with an auth_query: its cache, logins, lookups and pools."""
+    columns = _typed("database", *(f"{name}:int" for name in AUTH_QUERY_COLUMNS))
+    rows: Rows = [
+        [row["database"], *(row[name] for name in AUTH_QUERY_COLUMNS)]
+        for row in sorted(snap["auth_query"], key=lambda row: row["database"])
+    ]
     return columns, rows
 
 

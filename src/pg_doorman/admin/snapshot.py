@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from pg_doorman.net.server import ServerConnection
 
 if TYPE_CHECKING:
+    from pg_doorman.app.auth_query_users import AuthQueryUsers
     from pg_doorman.app.pooler import Pooler
     from pg_doorman.net.client import ClientConnection
     from pg_doorman.pool.pool import Pool
@@ -59,7 +60,7 @@ def take(pooler: Pooler) -> Snapshot:
         )  # fmt: skip
     server_rows = []
     pools = []
-    for (database, user), entry in pooler.entries.items():
+    for (database, user), entry in pooler.listed_entries():
         pool = entry.pool
         clients = by_pool.get(pool, [])
         pools.append(_pool_data(database, user, pool, clients, now))
@@ -95,6 +96,29 @@ def take(pooler: Pooler) -> Snapshot:
         "clients": client_rows,
         "servers": server_rows,
         "pools": pools,
+        "auth_query": [
+            _auth_query_data(name, users) for name, users in pooler.auth_queries.items()
+        ],
+    }
+
+
+def _auth_query_data(database: str, users: AuthQueryUsers) -> dict[str, Any]:
+    lookup = users.lookup
+    stats = lookup.stats
+    return {
+        "database": database,
+        "cache_entries": lookup.cache_entries,
+        "cache_hits": stats.cache_hits,
+        "cache_misses": stats.cache_misses,
+        "cache_refetches": stats.cache_refetches,
+        "cache_rate_limited": stats.cache_rate_limited,
+        "auth_success": stats.auth_success,
+        "auth_failure": stats.auth_failure,
+        "executor_queries": lookup.connections.queries,
+        "executor_errors": lookup.connections.errors,
+        "dynamic_pools_current": 0 if users.shared is not None else len(users.users),
+        "dynamic_pools_created": stats.dynamic_pools_created,
+        "dynamic_pools_destroyed": stats.dynamic_pools_destroyed,
     }
 
 
@@ -239,6 +263,17 @@ def merge(snapshots: list[Snapshot]) -> Snapshot:
             else:
                 pools[pool_key] = _copy_pool(data)
     out["pools"] = list(pools.values())
+    auth_queries: dict[str, dict[str, Any]] = {}
+    for snapshot in snapshots:
+        for row in snapshot["auth_query"]:
+            known = auth_queries.get(row["database"])
+            if known is None:
+                auth_queries[row["database"]] = dict(row)
+            else:
+                for key, value in row.items():
+                    if key != "database":
+                        known[key] += value
+    out["auth_query"] = list(auth_queries.values())
     return out
 
 

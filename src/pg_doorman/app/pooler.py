@@ -19,9 +19,16 @@ from typing import TYPE_CHECKING, Any, cast
 from pg_doorman import implementation
 from pg_doorman.admin.snapshot import Snapshot, merge
 from pg_doorman.admin.snapshot import take as take_snapshot
+from pg_doorman.app.auth_query_users import (
+    AuthQueryUsers,
+    lookup_identity,
+    lookup_settings,
+    new_auth_query_users,
+)
 from pg_doorman.app.cluster import Cluster, WorkerInfo, run_control, share
 from pg_doorman.app.dispatch import LoadBoard, Receiver, bind_listeners
 from pg_doorman.app.logsetup import apply_log_filter
+from pg_doorman.auth.auth_query import AuthQueryError
 from pg_doorman.auth.hba import HbaRules, legacy_hba_allows, peer_address
 from pg_doorman.auth.md5 import is_md5_hash
 from pg_doorman.auth.methods import AuthDecision, ClientAuth, decide_client_auth
@@ -35,6 +42,7 @@ from pg_doorman.net.sockopts import INHERITS_SOCKET_OPTIONS, apply_socket_option
 from pg_doorman.net.tls import HandshakeLimiter, TlsSetupError, client_tls_context, tls_required
 from pg_doorman.pool.pool import Pool, PoolSettings
 from pg_doorman.protocol import messages, sqlstate
+from pg_doorman.protocol.startup import StartupError
 from pg_doorman.stats.counters import STATS_PERIOD
 
 if TYPE_CHECKING:
@@ -223,6 +231,8 @@ class Pooler:
         # Clients not yet logged in, oldest first, with when they connected (monotonic).
         self.logging_in: dict[ClientConnection, float] = {}
         self.entries: dict[tuple[str, str], PoolEntry] = {}
+        # Pools with an auth_query: their looked-up users, by pool name.
+        self.auth_queries: dict[str, AuthQueryUsers] = {}
         self.hba: HbaRules | None = (
             HbaRules.parse(config.general.pg_hba) if config.general.pg_hba else None
         )
@@ -273,47 +283,89 @@ class Pooler:
     def _build_pools(self) -> None:
         for key, entry in self._entries_from(self.config).items():
             self.entries[key] = entry
+        for name, pool_config in self.config.pools.items():
+            if pool_config.auth_query is not None:
+                self.auth_queries[name] = new_auth_query_users(self, self.config, name, pool_config)
+
+    def settings_for(
+        self, config: Config, name: str, pool_config: PoolConfig, user: UserConfig
+    ) -> PoolSettings:
+        worker = (0, 1) if self.worker is None else (self.worker.index, self.worker.count)
+        return pool_settings(config, name, pool_config, user, worker)
+
+    def lookup_pool_settings(
+        self, config: Config, name: str, pool_config: PoolConfig
+    ) -> PoolSettings:
+        """Settings of a pool's auth_query lookup connections (this worker's share)."""
+        auth_query = pool_config.auth_query
+        assert auth_query is not None
+        template = self.settings_for(
+            config, name, pool_config, UserConfig(username=auth_query.user, password="")
+        )
+        settings = lookup_settings(template, auth_query)
+        settings.pool_size = self._share(settings.pool_size)
+        return settings
+
+    def set_credentials(self, pool: Pool, credentials: BackendCredentials) -> None:
+        self._credentials[pool] = credentials
+
+    def forget_credentials(self, pool: Pool) -> None:
+        self._credentials.pop(pool, None)
+
+    @staticmethod
+    def scram_verifier_of(password: str) -> ScramVerifier | None:
+        return ScramVerifier.parse(password) if is_scram_verifier(password) else None
 
     def _entries_from(self, config: Config) -> dict[tuple[str, str], PoolEntry]:
         """Pool entries for a config: existing pools reused where their kind matches."""
-        check_query = messages.query(config.general.pooler_check_query)
-        synced: tuple[str, ...] = SYNCED_PARAMETERS
-        if config.general.sync_server_parameters:
-            synced += ("application_name",)
         entries: dict[tuple[str, str], PoolEntry] = {}
         for name, pool_config in config.pools.items():
             for user in pool_config.users:
                 key = (name, user.username)
-                worker = (0, 1) if self.worker is None else (self.worker.index, self.worker.count)
-                settings = pool_settings(config, name, pool_config, user, worker)
-                credentials = backend_credentials(user)
-                verifier = (
-                    ScramVerifier.parse(user.password) if is_scram_verifier(user.password) else None
+                entries[key] = self.pool_entry_for(
+                    config, name, pool_config, user, self.entries.get(key)
                 )
-                entry = self.entries.get(key)
-                if entry is not None and _same_kind(entry.pool.settings, settings):
-                    credentials = self._update_pool(entry.pool, settings, credentials)
-                    entry.user = user
-                    entry.password = user.password
-                    entry.credentials = credentials
-                    pool = entry.pool
-                    if pool.check_query != check_query:
-                        pool.check_query_response = None
-                    entry.scram_verifier = verifier
-                else:
-                    pool = Pool(settings, self._connect_server, self.loop)
-                    self._credentials[pool] = credentials
-                    entry = PoolEntry(
-                        pool=pool,
-                        user=user,
-                        password=user.password,
-                        credentials=credentials,
-                        scram_verifier=verifier,
-                    )
-                pool.check_query = check_query
-                pool.set_synced_parameters(synced)
-                entries[key] = entry
         return entries
+
+    def pool_entry_for(
+        self,
+        config: Config,
+        name: str,
+        pool_config: PoolConfig,
+        user: UserConfig,
+        entry: PoolEntry | None,
+    ) -> PoolEntry:
+        """The entry of one user's pool: `entry` updated in place when its pool can take
+        the new settings, else a new pool (the caller retires the old one)."""
+        settings = self.settings_for(config, name, pool_config, user)
+        credentials = backend_credentials(user)
+        verifier = self.scram_verifier_of(user.password)
+        if entry is not None and _same_kind(entry.pool.settings, settings):
+            credentials = self._update_pool(entry.pool, settings, credentials)
+            entry.user = user
+            entry.password = user.password
+            entry.credentials = credentials
+            entry.scram_verifier = verifier
+        else:
+            pool = Pool(settings, self.connect_server, self.loop)
+            self._credentials[pool] = credentials
+            entry = PoolEntry(
+                pool=pool,
+                user=user,
+                password=user.password,
+                credentials=credentials,
+                scram_verifier=verifier,
+            )
+        pool = entry.pool
+        check_query = messages.query(config.general.pooler_check_query)
+        if pool.check_query != check_query:
+            pool.check_query_response = None
+        pool.check_query = check_query
+        synced: tuple[str, ...] = SYNCED_PARAMETERS
+        if config.general.sync_server_parameters:
+            synced += ("application_name",)
+        pool.set_synced_parameters(synced)
+        return entry
 
     def _update_pool(
         self, pool: Pool, settings: PoolSettings, credentials: BackendCredentials
@@ -338,25 +390,66 @@ class Pooler:
             logger.info("pool %s: settings changed", pool.name)
         return credentials
 
-    async def _connect_server(self, pool: Pool) -> ServerConnection:
+    async def connect_server(self, pool: Pool) -> ServerConnection:
         credentials = self._credentials[pool]
         return await open_server(pool, self.ids.next_server_id(), credentials, self.loop)
 
     def pool_entry(self, database: str, user: str) -> PoolEntry | None:
         return self.entries.get((database, user))
 
+    def looks_up_users(self, database: str) -> bool:
+        """Whether users not configured in this pool are looked up by auth_query."""
+        return database in self.auth_queries
+
+    async def looked_up_entry(self, database: str, user: str) -> PoolEntry | None:
+        """A user found by the pool's auth_query (None: no such user); StartupError
+        when the lookup itself fails."""
+        try:
+            return await self.auth_queries[database].entry(user)
+        except AuthQueryError as exc:
+            # The reason is in the log; the client learns the login could not be checked.
+            raise StartupError(
+                sqlstate.CONNECTION_FAILURE,
+                f'could not look up user "{user}": {exc.message}',
+            ) from None
+
+    async def looked_up_again(self, database: str, user: str) -> PoolEntry | None:
+        """After a failed password: the user fetched anew if allowed and changed."""
+        users = self.auth_queries.get(database)
+        if users is None:
+            return None
+        try:
+            return await users.refetch(user)
+        except AuthQueryError:
+            return None  # logged by the lookup; the login fails as it would have
+
+    def count_looked_up_login(self, database: str, ok: bool) -> None:
+        users = self.auth_queries.get(database)
+        if users is not None:
+            if ok:
+                users.lookup.stats.auth_success += 1
+            else:
+                users.lookup.stats.auth_failure += 1
+
+    def listed_entries(self) -> list[tuple[tuple[str, str], PoolEntry]]:
+        """Every pool's entry: the configured users', then those found by auth_query."""
+        listed = list(self.entries.items())
+        for users in self.auth_queries.values():
+            listed.extend(users.listed())
+        return listed
+
     @property
     def pools(self) -> Iterable[Pool]:
-        return (entry.pool for entry in self.entries.values())
+        return (entry.pool for _, entry in self.listed_entries())
 
     # ---- operations (admin console, signals) ----------------------------------
 
     def entries_of(self, database: str | None) -> list[PoolEntry]:
         """The pools of one database (all when None); UnknownDatabase if it has none."""
         if database is None:
-            return list(self.entries.values())
-        found = [entry for (db, _), entry in self.entries.items() if db == database]
-        if not found:
+            return [entry for _, entry in self.listed_entries()]
+        found = [entry for (db, _), entry in self.listed_entries() if db == database]
+        if not found and database not in self.auth_queries:
             raise UnknownDatabase(database)
         return found
 
@@ -427,15 +520,48 @@ class Pooler:
             current = self.entries.get(key)
             if current is None or current.pool is not entry.pool:
                 notes.append(f"pool {entry.pool.name} retired")
-                self._retire(entry.pool)
+                self.retire_pool(entry.pool)
         for database, user in self.entries.keys() - previous.keys():
             notes.append(f"pool {user}@{database} added")
-        for entry in self.entries.values():
+        notes.extend(self._reload_auth_queries(config))
+        for _, entry in self.listed_entries():
             entry.pool.retain(0)  # opens min_pool_size servers of new pools
         self._tune_listeners()
         return notes
 
-    def _retire(self, pool: Pool) -> None:
+    def _reload_auth_queries(self, config: Config) -> list[str]:
+        """Keep each pool's lookup, cache and looked-up users' pools while the lookup
+        is unchanged; otherwise start them afresh (their pools are retired)."""
+        notes = []
+        previous = self.auth_queries
+        self.auth_queries = {}
+        for name, pool_config in config.pools.items():
+            auth_query = pool_config.auth_query
+            if auth_query is None:
+                continue
+            old = previous.pop(name, None)
+            settings = self.lookup_pool_settings(config, name, pool_config)
+            if old is not None and old.identity == lookup_identity(settings, auth_query):
+                old.reload(config, pool_config)
+                self.auth_queries[name] = old
+                continue
+            if old is not None:
+                old.close("auth_query changed by a configuration reload", retire=True)
+                notes.append(f"pool {name}: auth_query changed, its users' pools retired")
+            else:
+                notes.append(f"pool {name}: auth_query enabled")
+            self.auth_queries[name] = new_auth_query_users(self, config, name, pool_config)
+        for name, old in previous.items():
+            old.close("auth_query removed by a configuration reload", retire=True)
+            notes.append(f"pool {name}: auth_query removed, its users' pools retired")
+        return notes
+
+    def drop_pool(self, pool: Pool, reason: str) -> None:
+        """Close a pool no client uses (an idle looked-up user's)."""
+        pool.close(reason)
+        self._credentials.pop(pool, None)
+
+    def retire_pool(self, pool: Pool) -> None:
         message = "this pool was removed or changed by a configuration reload; reconnect"
         for client in self.clients_of(pool):
             if client.server is None:
@@ -545,23 +671,42 @@ class Pooler:
         if decision is None:
             if len(self._auth_cache) >= _AUTH_CACHE_SIZE:
                 self._auth_cache.clear()
+            entry = self.entries.get((database, user))
             decision = self._decide_auth(
-                database, user, address=None if unix else peer_address(address), unix=unix, ssl=ssl
+                database,
+                user,
+                entry.password if entry is not None else "",
+                address=None if unix else peer_address(address),
+                unix=unix,
+                ssl=ssl,
             )
             self._auth_cache[key] = decision
         return decision
+
+    def decide_looked_up_auth(
+        self, database: str, user: str, stored: str, *, address: str, unix: bool, ssl: bool
+    ) -> AuthDecision:
+        """decide_auth for a user found by auth_query, whose password is not in the
+        config (not remembered: the lookup's cache has its own lifetime)."""
+        return self._decide_auth(
+            database,
+            user,
+            stored,
+            address=None if unix else peer_address(address),
+            unix=unix,
+            ssl=ssl,
+        )
 
     def _decide_auth(
         self,
         database: str,
         user: str,
+        stored: str,
         *,
         address: IPv4Address | IPv6Address | None,
         unix: bool,
         ssl: bool,
     ) -> AuthDecision:
-        entry = self.entries.get((database, user))
-        stored = entry.password if entry is not None else ""
         general = self.config.general
         if self.hba is not None:
             rule = self.hba.match(
@@ -754,7 +899,7 @@ class Pooler:
         if self.cluster is not None:
             # Last: the supervisor takes an answering control socket for "listening".
             await self.cluster.start()
-        for entry in self.entries.values():
+        for _, entry in self.listed_entries():
             entry.pool.retain(0)  # closes nothing, opens min_pool_size servers
         logger.info(
             "pg_doorman listening on %s:%d (%d pools; %s)",
@@ -815,6 +960,18 @@ class Pooler:
             closed = pool.retain(remaining)
             if remaining is not None:
                 remaining = max(remaining - closed, 0)
+        if self.auth_queries:
+            self.sweep_looked_up_users(time.monotonic())
+
+    def sweep_looked_up_users(self, now: float) -> None:
+        in_use: set[Pool] = set()
+        logged_in: dict[str, set[str]] = {}
+        for client in self.clients.values():
+            if client.pool is not None:
+                in_use.add(client.pool)
+                logged_in.setdefault(client.database, set()).add(client.user)
+        for name, users in self.auth_queries.items():
+            users.sweep(in_use, logged_in.get(name, set()), now)
 
     async def shutdown(self, timeout: float | None = None) -> None:
         """Stop accepting, let transactions finish, then close everything."""
@@ -837,6 +994,8 @@ class Pooler:
             client.fail(sqlstate.ADMIN_SHUTDOWN, "pooler is shutting down")
         for pool in self.pools:
             pool.close("pooler is shutting down")
+        for users in self.auth_queries.values():
+            users.close("pooler is shutting down", retire=False)
         if self.cluster is not None:
             self.cluster.close()
         if self.web is not None:

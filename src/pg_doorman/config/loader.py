@@ -833,7 +833,6 @@ POOL_NOT_IMPLEMENTED = frozenset(
         "patroni_api_timeout",
         "fallback_connect_timeout",
         "fallback_lifetime",
-        "auth_query",
     }
 )
 
@@ -891,7 +890,16 @@ def _check_pool(pool: PoolConfig, path: str, general: GeneralConfig, ctx: _Conte
             f"with general.startup_parameters takes {size} bytes in a StartupMessage, "
             f"more than {STARTUP_PARAMETERS_BUDGET}",
         )
-    if not pool.users and pool.auth_query is None:
+    auth_query = pool.auth_query
+    dedicated_user = auth_query.server_user if auth_query is not None else None
+    if dedicated_user is not None and pool.find_user(dedicated_user) is not None:
+        # Both would be listed, and measured, as the same pool.
+        raise ConfigError(
+            _join(_join(path, "auth_query"), "server_user"),
+            f"{dedicated_user!r} is also a user of this pool; "
+            "the shared pool needs a name of its own",
+        )
+    if not pool.users and auth_query is None:
         ctx.warn(_join(path, "users"), "no users configured, so no client can use this pool")
 
 

@@ -188,7 +188,7 @@ class UserConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AuthQueryConfig:
-    """``[pools.<name>.auth_query]``: validated, not implemented yet."""
+    """``[pools.<name>.auth_query]``: users looked up in PostgreSQL (auth/auth_query.py)."""
 
     query: str
     user: str

@@ -63,6 +63,7 @@ CLOSED: Final = 5
 _NOT_WAITING: Final = 0
 _WAIT_MESSAGE: Final = 1  # the client's next message
 _WAIT_SERVER: Final = 2  # a server from the pool's queue (the pool's first login)
+_WAIT_LOOKUP: Final = 3  # an auth_query lookup (a task of the pooler's)
 
 _STATE_NAMES: Final = {STARTUP: "startup", LOGIN: "login", IDLE: "idle", WAITING: "waiting"}
 _STATE_NAMES.update({ACTIVE: "active", CLOSED: "closed"})
@@ -557,22 +558,25 @@ class ClientConnection(asyncio.Protocol):
                 f'{decision.reason} for host "{self.address or "local"}", user "{user}", '
                 f'database "{database}"',
             )
-        if entry is None and decision.method == ClientAuth.TRUST:
-            raise StartupError(
-                sqlstate.INVALID_CATALOG_NAME,
-                f'no pool for database "{database}" and user "{user}"',
-            )
-        if entry is None or decision.method == ClientAuth.REJECT:
-            if decision.reason and entry is not None:
-                logger.info("client %s: %s", self.name, decision.reason)
-            # Ask for a password anyway, as PostgreSQL does, so a refusal doesn't tell
-            # which user names exist.
-            await self._auth_md5(None)  # always refuses
-            return
-        if decision.method == ClientAuth.MD5:
-            await self._auth_md5(entry.password)
-        elif decision.method == ClientAuth.SCRAM:
-            await self._auth_scram(entry)
+        if entry is None and self.pooler.looks_up_users(database):
+            entry = await self._looked_up_login(database, user)
+        else:
+            if entry is None and decision.method == ClientAuth.TRUST:
+                raise StartupError(
+                    sqlstate.INVALID_CATALOG_NAME,
+                    f'no pool for database "{database}" and user "{user}"',
+                )
+            if entry is None or decision.method == ClientAuth.REJECT:
+                if decision.reason and entry is not None:
+                    logger.info("client %s: %s", self.name, decision.reason)
+                # Ask for a password anyway, as PostgreSQL does, so a refusal doesn't
+                # tell which user names exist.
+                await self._auth_md5(None)  # always refuses
+                return
+            if decision.method == ClientAuth.MD5:
+                await self._auth_md5(entry.password)
+            elif decision.method == ClientAuth.SCRAM:
+                await self._auth_scram(entry)
         self.entry = entry
         self.pool = pool = entry.pool
         if pool.server_parameters is None:
@@ -702,17 +706,83 @@ class ClientConnection(asyncio.Protocol):
                 parts.append(f"{name}={value}".encode())
         return b"\x00".join(parts)
 
-    async def _auth_md5(self, stored: str | None) -> None:
-        """MD5 challenge; with no stored hash it always ends in a refusal."""
+    async def _looked_up_login(self, database: str, user: str) -> PoolEntry:
+        """Log in a user the pool's auth_query looks up (pg_hba has let it through)."""
+        pooler = self.pooler
+        entry = await self._wait_for_lookup(pooler.looked_up_entry(database, user))
+        ok = False
+        try:
+            if entry is None:
+                await self._auth_md5(None)  # no such user: refused like a wrong password
+                raise self._password_failed()
+            decision = pooler.decide_looked_up_auth(
+                database, user, entry.password, address=self.address, unix=self.unix, ssl=self.tls
+            )
+            if decision.method == ClientAuth.REJECT:
+                if decision.reason:
+                    logger.info("client %s: %s", self.name, decision.reason)
+                await self._auth_md5(None)
+            elif decision.method == ClientAuth.MD5:
+                salt, response = await self._md5_exchange()
+                if not verify_md5_response(entry.password, salt, response):
+                    # The password may have changed in PostgreSQL since it was cached:
+                    # the same answer is checked against a fresh copy.
+                    fresh = await self._wait_for_lookup(pooler.looked_up_again(database, user))
+                    if fresh is None or not verify_md5_response(fresh.password, salt, response):
+                        raise self._password_failed()
+                    entry = fresh
+            elif decision.method == ClientAuth.SCRAM:
+                try:
+                    await self._auth_scram(entry)
+                except StartupError as failed:
+                    if failed.code == sqlstate.INVALID_PASSWORD:
+                        # A SCRAM proof can't be checked again against a new verifier;
+                        # the fresh copy serves the client's next attempt.
+                        await self._wait_for_lookup(pooler.looked_up_again(database, user))
+                    raise
+            ok = True
+        finally:
+            pooler.count_looked_up_login(database, ok)
+        return entry
+
+    async def _wait_for_lookup(
+        self, lookup: Coroutine[Any, Any, PoolEntry | None]
+    ) -> PoolEntry | None:
+        """Run a lookup as a task and suspend the login until it ends. The lookup ends
+        on its own (connect_timeout bounds it) even if this client goes away."""
+        task = self.loop.create_task(lookup)
+        self._login_wait = _WAIT_LOOKUP
+        task.add_done_callback(self._lookup_done)
+        await SUSPEND
+        if task.cancelled():  # a reload removed the lookup, or the pooler is stopping
+            raise StartupError(sqlstate.CANNOT_CONNECT_NOW, "the user lookup was stopped")
+        return task.result()
+
+    def _lookup_done(self, task: asyncio.Task[Any]) -> None:
+        if self._login_wait == _WAIT_LOOKUP:
+            self._resume_login(None)
+        elif not task.cancelled():
+            task.exception()  # the login is gone: its error is nobody's to raise
+
+    def _password_failed(self) -> StartupError:
+        return StartupError(
+            sqlstate.INVALID_PASSWORD, f'password authentication failed for user "{self.user}"'
+        )
+
+    async def _md5_exchange(self) -> tuple[bytes, bytes]:
+        """Send an MD5 challenge; returns its salt and the client's answer."""
         salt = os.urandom(4)
         self.write(messages.auth_md5(salt))
         msg_type, body = await self._next_message()
         if msg_type != codes.PASSWORD_MESSAGE:
             raise StartupError(sqlstate.PROTOCOL_VIOLATION, "expected a password response")
-        if stored is None or not verify_md5_response(stored, salt, body):
-            raise StartupError(
-                sqlstate.INVALID_PASSWORD, f'password authentication failed for user "{self.user}"'
-            )
+        return salt, body
+
+    async def _auth_md5(self, stored: str | None) -> None:
+        """MD5 challenge; with no stored hash it always ends in a refusal."""
+        salt, response = await self._md5_exchange()
+        if stored is None or not verify_md5_response(stored, salt, response):
+            raise self._password_failed()
 
     async def _auth_scram(self, entry: PoolEntry) -> None:
         verifier = entry.scram_verifier
@@ -736,9 +806,7 @@ class ClientConnection(asyncio.Protocol):
                 raise StartupError(sqlstate.PROTOCOL_VIOLATION, "expected a SASL response")
             final = session.handle_client_final(body)
         except AuthenticationFailed:
-            raise StartupError(
-                sqlstate.INVALID_PASSWORD, f'password authentication failed for user "{self.user}"'
-            ) from None
+            raise self._password_failed() from None
         except ScramError as exc:
             raise StartupError(
                 sqlstate.PROTOCOL_VIOLATION, f"invalid SCRAM exchange: {exc}"

@@ -639,8 +639,10 @@ class ServerConnection(asyncio.Protocol):
         self,
         query_message: bytes,
         done: Callable[[ServerConnection, bytes | None], None],
+        what: str = "check query",
     ) -> None:
-        """Run one simple query and hand its complete raw reply to `done`."""
+        """Run one query (any messages answered by one ReadyForQuery) and hand its
+        complete raw reply to `done`; `what` names it in the log if it fails."""
         captured = bytearray()
         self._captured = captured
 
@@ -649,8 +651,9 @@ class ServerConnection(asyncio.Protocol):
             if ok:
                 done(self, bytes(captured))
             else:
-                self.close("check query failed")
-                self._retire("check query failed")
+                reason = f"{what} failed"
+                self.close(reason)
+                self._retire(reason)
                 done(self, None)
 
         self._run_quiet([], finished, CLEANUP, raw=query_message)

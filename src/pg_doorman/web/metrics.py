@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -100,6 +101,60 @@ def _collect(snap: Snapshot) -> Iterable[Metric]:
         per_worker.add_metric([index], count)
     yield per_worker
     yield from _pool_metrics(snap["pools"])
+    yield from _auth_query_metrics(snap["auth_query"])
+
+
+def _auth_query_metrics(rows: list[dict[str, Any]]) -> Iterable[Metric]:
+    """Per pool with an auth_query. A gauge and a counter can't share a base name in
+    the exposition format, so the gauges end in `_entries` and `_current`."""
+    labels = ["database"]
+    entries = GaugeMetricFamily(
+        "pg_doorman_auth_query_cache_entries", "Users in the auth_query cache", labels=labels
+    )
+    cache = CounterMetricFamily(
+        "pg_doorman_auth_query_cache_total",
+        "auth_query cache lookups: hit, miss, refetch (after a failed password), "
+        "rate_limited (a refetch refused by min_interval)",
+        labels=[*labels, "result"],
+    )
+    auth = CounterMetricFamily(
+        "pg_doorman_auth_query_auth_total",
+        "Logins of users looked up by auth_query",
+        labels=[*labels, "result"],
+    )
+    executor = CounterMetricFamily(
+        "pg_doorman_auth_query_executor_total",
+        "Lookups run on the auth_query connections",
+        labels=[*labels, "result"],
+    )
+    pools_now = GaugeMetricFamily(
+        "pg_doorman_auth_query_dynamic_pools_current",
+        "Pools of looked-up users (passthrough mode)",
+        labels=labels,
+    )
+    pools_total = CounterMetricFamily(
+        "pg_doorman_auth_query_dynamic_pools_total",
+        "Pools of looked-up users created and closed",
+        labels=[*labels, "event"],
+    )
+    for row in rows:
+        db = row["database"]
+        entries.add_metric([db], row["cache_entries"])
+        for result, key in (
+            ("hit", "cache_hits"),
+            ("miss", "cache_misses"),
+            ("refetch", "cache_refetches"),
+            ("rate_limited", "cache_rate_limited"),
+        ):
+            cache.add_metric([db, result], row[key])
+        auth.add_metric([db, "success"], row["auth_success"])
+        auth.add_metric([db, "failure"], row["auth_failure"])
+        executor.add_metric([db, "ok"], row["executor_queries"] - row["executor_errors"])
+        executor.add_metric([db, "error"], row["executor_errors"])
+        pools_now.add_metric([db], row["dynamic_pools_current"])
+        pools_total.add_metric([db, "created"], row["dynamic_pools_created"])
+        pools_total.add_metric([db, "destroyed"], row["dynamic_pools_destroyed"])
+    yield from (entries, cache, auth, executor, pools_now, pools_total)
 
 
 def _pool_metrics(pools: list[PoolData]) -> Iterable[Metric]:

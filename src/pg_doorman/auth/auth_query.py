@@ -1,0 +1,342 @@
+"""Passwords looked up in PostgreSQL at login (`[pools.<name>.auth_query]`).
+
+A user who is not configured in a pool is looked up by running the pool's
+`auth_query` with `$1` = the user name, on a few connections of its own logged in as
+`auth_query.user`. The answer (an md5 hash or a SCRAM verifier) is cached:
+`cache_ttl` for a user found, `cache_failure_ttl` for one not found. A failed password
+exchange may fetch the user again, at most once per `min_interval`, so that a password
+changed in PostgreSQL takes effect without waiting for the cache.
+
+The lookup connections send nothing but the lookup: no client's startup parameters,
+no SET (the CVE-2025-12819 pattern).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from pg_doorman.config.schema import AuthQueryConfig
+from pg_doorman.net.server import ServerConnection
+from pg_doorman.pool.pool import AcquireError, Pool
+from pg_doorman.protocol import codes, messages, sqlstate
+from pg_doorman.protocol.framing import MessageBuffer
+from pg_doorman.protocol.messages import ProtocolError
+
+logger = logging.getLogger("pg_doorman.auth_query")
+
+# Column names that hold the password, in the order they are looked for. Without one
+# of them, a single column is the password, and of two the second (PgBouncer's
+# `SELECT usename, passwd ...` convention).
+PASSWORD_COLUMNS = ("passwd", "password", "rolpassword")
+# Users remembered per pool, found or not; past that the expired ones go, then the
+# oldest half, so a scan of made-up user names can't grow the cache without bound.
+MAX_CACHED_USERS = 10_000
+
+
+class AuthQueryError(Exception):
+    """The lookup itself failed (not: the user does not exist)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def lookup_messages(query: str, user: str) -> bytes:
+    """Parse, Bind ($1 = user, text), Describe, Execute and Sync for the unnamed
+    statement: one round trip, answered by a single ReadyForQuery."""
+    parse = messages.build(b"P", b"\x00" + messages.cstring(query) + b"\x00\x00")
+    value = user.encode()
+    bind_body = (
+        b"\x00\x00"  # unnamed portal, unnamed statement
+        + b"\x00\x00"  # parameter formats: all text
+        + b"\x00\x01"
+        + len(value).to_bytes(4, "big")
+        + value
+        + b"\x00\x00"  # result formats: all text
+    )
+    bind = messages.build(b"B", bind_body)
+    describe = messages.build(b"D", b"P\x00")
+    execute = messages.build(b"E", b"\x00\x00\x00\x00\x00")
+    return parse + bind + describe + execute + messages.SYNC
+
+
+def _column_names(body: bytes) -> list[str]:
+    count = int.from_bytes(body[0:2], "big")
+    names = []
+    pos = 2
+    for _ in range(count):
+        name, pos = messages.read_cstring(body, pos)
+        pos += 18  # table oid, column number, type oid, size, modifier, format
+        names.append(name)
+    return names
+
+
+def password_column(names: list[str]) -> int:
+    """Which column of the lookup's result holds the password."""
+    lowered = [name.lower() for name in names]
+    for wanted in PASSWORD_COLUMNS:
+        if wanted in lowered:
+            return lowered.index(wanted)
+    if len(names) == 1:
+        return 0
+    if len(names) == 2:
+        return 1
+    raise AuthQueryError(
+        sqlstate.CONFIG_FILE_ERROR,
+        f"auth_query returned columns {names}: name the password column "
+        f"{' or '.join(PASSWORD_COLUMNS)}",
+    )
+
+
+def parse_lookup_reply(reply: bytes) -> tuple[bool, str]:
+    """(found, password) from the reply to lookup_messages(). A NULL password is "":
+    such a user can only log in by a `trust` rule."""
+    buffer = MessageBuffer()
+    buffer.feed(reply)
+    column = -1
+    rows: list[list[str | None]] = []
+    while True:
+        try:
+            message = buffer.next_message()
+        except ProtocolError as exc:
+            raise AuthQueryError(sqlstate.PROTOCOL_VIOLATION, str(exc)) from exc
+        if message is None:
+            break
+        msg_type, body = message
+        if msg_type == codes.ERROR_RESPONSE:
+            fields = messages.parse_error_fields(body)
+            raise AuthQueryError(
+                fields.get("C", sqlstate.INTERNAL_ERROR),
+                f"auth_query failed: {fields.get('M', 'error')}",
+            )
+        if msg_type == codes.ROW_DESCRIPTION:
+            column = password_column(_column_names(body))
+        elif msg_type == codes.DATA_ROW:
+            rows.append(messages.parse_data_row(body))
+    if not rows:
+        return False, ""
+    if len(rows) > 1:
+        raise AuthQueryError(
+            sqlstate.CARDINALITY_VIOLATION, f"auth_query returned {len(rows)} rows for one user"
+        )
+    if column < 0 or column >= len(rows[0]):
+        raise AuthQueryError(sqlstate.PROTOCOL_VIOLATION, "auth_query returned no columns")
+    return True, rows[0][column] or ""
+
+
+OpenConnection = Callable[[Pool], Awaitable[ServerConnection]]
+
+
+class LookupConnections:
+    """Up to `workers` connections that run lookups one at a time each.
+
+    They belong to a Pool object of their own (settings, TLS, bookkeeping) that is
+    never offered to clients.
+    """
+
+    def __init__(self, pool: Pool, open_connection: OpenConnection) -> None:
+        self.pool = pool
+        self._open_connection = open_connection
+        self._slots = asyncio.Semaphore(pool.settings.pool_size)
+        self.queries = 0
+        self.errors = 0  # counted by AuthQuery, which also sees errors in the replies
+
+    async def run(self, message: bytes) -> bytes:
+        """Send one lookup and return its whole reply (through ReadyForQuery)."""
+        async with self._slots:
+            self.queries += 1
+            return await self._run(message)
+
+    async def _run(self, message: bytes) -> bytes:
+        server = self._idle_connection()
+        if server is not None:
+            reply = await self._capture(server, message)
+            if reply is not None:
+                return reply
+            # The server had closed it while idle: one more try on a new connection.
+        server = await self._open()
+        reply = await self._capture(server, message)
+        if reply is None:
+            raise AuthQueryError(
+                sqlstate.CONNECTION_FAILURE,
+                "auth_query failed: the lookup connection broke or timed out",
+            )
+        return reply
+
+    def _idle_connection(self) -> ServerConnection | None:
+        pool = self.pool
+        now = time.monotonic()
+        while pool.idle:
+            server = pool.idle.pop()
+            if server.is_usable(now):
+                return server
+            pool.discard(server, "lifetime reached")
+        return None
+
+    async def _open(self) -> ServerConnection:
+        pool = self.pool
+        if pool.closed:
+            raise AuthQueryError(sqlstate.ADMIN_SHUTDOWN, "auth_query is shutting down")
+        pool.size += 1
+        pool.connecting += 1
+        try:
+            server = await self._open_connection(pool)
+        except BaseException:
+            pool.size -= 1
+            raise
+        finally:
+            pool.connecting -= 1
+        pool.servers.add(server)
+        return server
+
+    async def _capture(self, server: ServerConnection, message: bytes) -> bytes | None:
+        done: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+
+        def finished(_: ServerConnection, reply: bytes | None) -> None:
+            if not done.done():
+                done.set_result(reply)
+
+        server.capture_query(message, finished, "auth_query lookup")
+        reply = await done
+        if reply is not None:
+            if self.pool.closed:
+                self.pool.discard(server, "auth_query closed")
+            else:
+                server.mark_idle(time.monotonic())
+                self.pool.idle.append(server)
+        return reply
+
+    def close(self, reason: str) -> None:
+        self.pool.close(reason)
+        for server in list(self.pool.servers):
+            self.pool.discard(server, reason)
+
+
+@dataclass
+class _Cached:
+    found: bool
+    password: str
+    fetched_at: float
+    expires_at: float
+
+
+@dataclass
+class AuthQueryStats:
+    cache_hits: int = 0
+    cache_misses: int = 0
+    cache_refetches: int = 0
+    cache_rate_limited: int = 0
+    auth_success: int = 0
+    auth_failure: int = 0
+    dynamic_pools_created: int = 0
+    dynamic_pools_destroyed: int = 0
+
+
+class AuthQuery:
+    """The password lookup of one pool, with its cache."""
+
+    def __init__(
+        self,
+        config: AuthQueryConfig,
+        connections: LookupConnections,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.connections = connections
+        self._clock = clock
+        self._cache: dict[str, _Cached] = {}
+        self._inflight: dict[str, asyncio.Task[_Cached]] = {}
+        self.stats = AuthQueryStats()
+
+    @property
+    def cache_entries(self) -> int:
+        return len(self._cache)
+
+    async def password(self, user: str) -> tuple[bool, str]:
+        """(found, stored password) of a user, from the cache while it is fresh."""
+        cached = self._cache.get(user)
+        if cached is not None and cached.expires_at > self._clock():
+            self.stats.cache_hits += 1
+            return cached.found, cached.password
+        self.stats.cache_misses += 1
+        fetched = await self._fetch(user)
+        return fetched.found, fetched.password
+
+    async def refetch(self, user: str) -> tuple[bool, str] | None:
+        """After a failed password exchange: the user fetched anew, or None when it
+        was fetched less than min_interval ago (or is unchanged)."""
+        cached = self._cache.get(user)
+        if (
+            cached is not None
+            and self._clock() - cached.fetched_at < self.config.min_interval / 1000
+        ):
+            self.stats.cache_rate_limited += 1
+            return None
+        self.stats.cache_refetches += 1
+        fetched = await self._fetch(user)
+        if cached is not None and (fetched.found, fetched.password) == (
+            cached.found,
+            cached.password,
+        ):
+            return None
+        return fetched.found, fetched.password
+
+    def forget(self) -> None:
+        self._cache.clear()
+
+    async def _fetch(self, user: str) -> _Cached:
+        # Logins of one user at the same moment share one lookup, which runs as a task
+        # of its own: a client that gives up waiting does not cancel it for the others.
+        task = self._inflight.get(user)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._lookup(user))
+            self._inflight[user] = task
+            task.add_done_callback(functools.partial(self._lookup_done, user))
+        return await asyncio.shield(task)
+
+    def _lookup_done(self, user: str, task: asyncio.Task[_Cached]) -> None:
+        if self._inflight.get(user) is task:
+            del self._inflight[user]
+        if not task.cancelled():
+            task.exception()  # retrieved here: every waiter may have gone
+
+    async def _lookup(self, user: str) -> _Cached:
+        try:
+            reply = await self.connections.run(lookup_messages(self.config.query, user))
+            found, password = parse_lookup_reply(reply)
+        except AcquireError as exc:
+            self.connections.errors += 1
+            error = AuthQueryError(exc.code, f"auth_query could not connect: {exc.message}")
+            logger.warning("auth_query for user %r failed: %s", user, error.message)
+            raise error from None
+        except AuthQueryError as exc:
+            self.connections.errors += 1
+            logger.warning("auth_query for user %r failed: %s", user, exc.message)
+            raise
+        now = self._clock()
+        ttl = self.config.cache_ttl if found else self.config.cache_failure_ttl
+        cached = _Cached(found, password, now, now + ttl / 1000)
+        self._remember(user, cached, now)
+        return cached
+
+    def _remember(self, user: str, cached: _Cached, now: float) -> None:
+        cache = self._cache
+        cache.pop(user, None)
+        if len(cache) >= MAX_CACHED_USERS:
+            for name in [name for name, entry in cache.items() if entry.expires_at <= now]:
+                del cache[name]
+            if len(cache) >= MAX_CACHED_USERS:
+                for name in list(cache)[: len(cache) // 2]:
+                    del cache[name]
+        cache[user] = cached
+
+    def close(self, reason: str) -> None:
+        for task in list(self._inflight.values()):
+            task.cancel()
+        self.connections.close(reason)
