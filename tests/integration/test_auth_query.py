@@ -261,6 +261,20 @@ def test_the_documented_security_definer_lookup(pg: ExamplePostgres, pooler: Poo
         pg.psql(f"DROP ROLE {quote_ident(lookup_user)}; DROP ROLE {quote_ident(expired)};")
 
 
+def test_a_looked_up_password_never_names_a_key_file(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """Token keys come from the config only: the database can't make the pooler open a
+    file of its choosing."""
+    proc = auth_query_pooler(
+        pooler, pg, query="SELECT 'jwt-pkey-fpath:/etc/hostname' AS passwd WHERE $1 <> ''"
+    )
+    error = refused(proc, pg.md5_user.name, "anything")
+    assert error.sqlstate == "28P01"
+    proc.wait_for_log("a looked-up password names a JWT key")
+    assert auth_query_row(proc)["auth_failure"] == "1"
+
+
 # --- the cache ---------------------------------------------------------------------------------
 
 

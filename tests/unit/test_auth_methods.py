@@ -13,6 +13,7 @@ from pg_doorman.auth.scram import make_scram_verifier
 
 MD5 = md5_password_hash("pw", "alice")
 SCRAM = make_scram_verifier("pw", salt=b"0123456789abcdef")
+JWT = "jwt-pkey-fpath:/etc/pg_doorman/issuer.pem"
 
 
 def rule_for(method: str, line_no: int = 1) -> HbaRules:
@@ -51,6 +52,13 @@ def decide(method: str | None, stored: str, **kwargs: str) -> AuthDecision:
         ("password", MD5, ClientAuth.MD5),  # never cleartext: like md5
         ("password", SCRAM, ClientAuth.SCRAM),
         ("password", "", ClientAuth.REJECT),
+        # A token key: the token comes as a cleartext password.
+        (None, JWT, ClientAuth.JWT),
+        ("trust", JWT, ClientAuth.TRUST),
+        ("md5", JWT, ClientAuth.JWT),
+        ("password", JWT, ClientAuth.JWT),
+        ("scram-sha-256", JWT, ClientAuth.REJECT),  # no cleartext under such a line
+        ("reject", JWT, ClientAuth.REJECT),
     ],
 )
 def test_decision_table(method: str | None, stored: str, expected: ClientAuth) -> None:
@@ -77,6 +85,14 @@ def test_scram_line_with_md5_hash_reason() -> None:
     assert decision.method == ClientAuth.REJECT and not decision.by_hba
     assert decision.reason == (
         'pg_hba line 2 requires scram-sha-256 but the stored password for user "bob" is an md5 hash'
+    )
+
+
+def test_scram_line_with_a_token_key_reason() -> None:
+    decision = decide_client_auth(rule_for("scram-sha-256", 3).rules[0], True, JWT, user="bob")
+    assert decision.method == ClientAuth.REJECT and not decision.by_hba
+    assert decision.reason == (
+        'pg_hba line 3 requires scram-sha-256 but the stored password for user "bob" is a JWT key'
     )
 
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from pg_doorman.auth.auth_query import AuthQuery, LookupConnections
+from pg_doorman.auth.methods import JWT_PRIVATE_KEY_PREFIX, JWT_PUBLIC_KEY_PREFIX
 from pg_doorman.config import Config, PoolConfig, UserConfig
 from pg_doorman.config.schema import AuthQueryConfig
 from pg_doorman.net.server import BackendCredentials
@@ -142,6 +143,11 @@ class AuthQueryUsers:
     def _entry_with(self, user: str, password: str) -> PoolEntry:
         from pg_doorman.app.pooler import PoolEntry
 
+        if password.startswith((JWT_PUBLIC_KEY_PREFIX, JWT_PRIVATE_KEY_PREFIX)):
+            # Key files come from the config only: the database can't make the pooler
+            # open a file of its choosing. Such a user has no usable password.
+            logger.warning("auth_query: user %r: a looked-up password names a JWT key", user)
+            password = ""
         entry = self.users.get(user)
         # In use again: the sweep must not close the pool under a login in progress.
         self._unused_since.pop(user, None)

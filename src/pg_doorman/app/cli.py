@@ -123,7 +123,34 @@ def load_checked_config(path: str) -> Config:
             server_tls_for(config.general, pool, f"pools.{name}")
         except TlsSetupError as exc:
             raise ConfigError(exc.key, str(exc)) from exc
+        for index, user in enumerate(pool.users):
+            path = f"pools.{name}.users[{index}]"
+            _check_token_key(f"{path}.password", user.password)
+            _check_token_key(f"{path}.server_password", user.server_password)
+        if pool.auth_query is not None:
+            _check_token_key(
+                f"pools.{name}.auth_query.server_password", pool.auth_query.server_password
+            )
     return config
+
+
+def _check_token_key(key_path: str, value: str | None) -> None:
+    """A `jwt-pkey-fpath:` or `jwt-priv-key-fpath:` value must name a usable RSA key."""
+    from pg_doorman.auth.jwt import JwtError, TokenSigner, TokenVerifier
+    from pg_doorman.auth.methods import JWT_PRIVATE_KEY_PREFIX as PRIVATE_KEY_PREFIX
+    from pg_doorman.auth.methods import JWT_PUBLIC_KEY_PREFIX as PUBLIC_KEY_PREFIX
+
+    try:
+        if value is not None and value.startswith(PUBLIC_KEY_PREFIX):
+            if key_path.endswith(".server_password"):
+                raise JwtError(f"a server_password signs tokens: use {PRIVATE_KEY_PREFIX}<file>")
+            TokenVerifier.load(value.removeprefix(PUBLIC_KEY_PREFIX))
+        elif value is not None and value.startswith(PRIVATE_KEY_PREFIX):
+            if not key_path.endswith(".server_password"):
+                raise JwtError(f"a password checks tokens: use {PUBLIC_KEY_PREFIX}<file>")
+            TokenSigner.load(value.removeprefix(PRIVATE_KEY_PREFIX))
+    except JwtError as exc:
+        raise ConfigError(key_path, str(exc)) from exc
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv6Address
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from pg_doorman import implementation
 from pg_doorman.admin.snapshot import Snapshot, merge
@@ -30,8 +30,15 @@ from pg_doorman.app.dispatch import LoadBoard, Receiver, bind_listeners
 from pg_doorman.app.logsetup import apply_log_filter
 from pg_doorman.auth.auth_query import AuthQueryError
 from pg_doorman.auth.hba import HbaRules, legacy_hba_allows, peer_address
+from pg_doorman.auth.jwt import JwtError, TokenSigner, TokenVerifier
 from pg_doorman.auth.md5 import is_md5_hash
-from pg_doorman.auth.methods import AuthDecision, ClientAuth, decide_client_auth
+from pg_doorman.auth.methods import (
+    JWT_PRIVATE_KEY_PREFIX,
+    JWT_PUBLIC_KEY_PREFIX,
+    AuthDecision,
+    ClientAuth,
+    decide_client_auth,
+)
 from pg_doorman.auth.scram import ScramVerifier, is_scram_verifier
 from pg_doorman.config import Config, ConfigError, GeneralConfig, PoolConfig, UserConfig
 from pg_doorman.net.client import ClientConnection
@@ -49,6 +56,7 @@ if TYPE_CHECKING:
     from pg_doorman.web.server import WebServer
 
 logger = logging.getLogger("pg_doorman")
+KeyT = TypeVar("KeyT")
 
 ADMIN_DATABASES = frozenset(("pgdoorman", "pgbouncer"))
 # Distinct (database, user, address, ...) logins whose auth verdicts are remembered;
@@ -91,6 +99,8 @@ class PoolEntry:
     password: str
     credentials: BackendCredentials
     scram_verifier: ScramVerifier | None = None
+    # password = "jwt-pkey-fpath:...": the key that checks the client's token.
+    token_verifier: TokenVerifier | None = None
 
 
 def _ms(value: int | None, default: int) -> float:
@@ -200,8 +210,19 @@ class UnknownDatabase(Exception):
         self.database = database
 
 
+def _token_key(load: Callable[[str], KeyT], value: str, prefix: str) -> KeyT:
+    try:
+        return load(value.removeprefix(prefix))
+    except JwtError as exc:
+        # load_checked_config found the file usable; it changed since.
+        raise ConfigError("", str(exc)) from exc
+
+
 def backend_credentials(user: UserConfig) -> BackendCredentials:
     server_user = user.server_username or user.username
+    if user.server_password and user.server_password.startswith(JWT_PRIVATE_KEY_PREFIX):
+        signer = _token_key(TokenSigner.load, user.server_password, JWT_PRIVATE_KEY_PREFIX)
+        return BackendCredentials(user=server_user, token_signer=signer)
     if user.server_password:
         return BackendCredentials(user=server_user, password=user.server_password)
     password = user.password
@@ -340,12 +361,16 @@ class Pooler:
         settings = self.settings_for(config, name, pool_config, user)
         credentials = backend_credentials(user)
         verifier = self.scram_verifier_of(user.password)
+        token_verifier = None
+        if user.password.startswith(JWT_PUBLIC_KEY_PREFIX):
+            token_verifier = _token_key(TokenVerifier.load, user.password, JWT_PUBLIC_KEY_PREFIX)
         if entry is not None and _same_kind(entry.pool.settings, settings):
             credentials = self._update_pool(entry.pool, settings, credentials)
             entry.user = user
             entry.password = user.password
             entry.credentials = credentials
             entry.scram_verifier = verifier
+            entry.token_verifier = token_verifier
         else:
             pool = Pool(settings, self.connect_server, self.loop)
             self._credentials[pool] = credentials
@@ -355,6 +380,7 @@ class Pooler:
                 password=user.password,
                 credentials=credentials,
                 scram_verifier=verifier,
+                token_verifier=token_verifier,
             )
         pool = entry.pool
         check_query = messages.query(config.general.pooler_check_query)
@@ -688,6 +714,8 @@ class Pooler:
     ) -> AuthDecision:
         """decide_auth for a user found by auth_query, whose password is not in the
         config (not remembered: the lookup's cache has its own lifetime)."""
+        if stored.startswith(JWT_PUBLIC_KEY_PREFIX):  # cleared by AuthQueryUsers already
+            return AuthDecision(ClientAuth.REJECT, "a looked-up password names a JWT key")
         return self._decide_auth(
             database,
             user,
@@ -722,6 +750,19 @@ class Pooler:
                 return AuthDecision(ClientAuth.REJECT, "address not allowed by hba", by_hba=True)
             decision = decide_client_auth(None, False, stored)
         return decision
+
+    @staticmethod
+    def check_token(entry: PoolEntry, user: str, body: bytes) -> str | None:
+        """Why the token in a PasswordMessage body is refused, or None if it is valid."""
+        if entry.token_verifier is None:
+            return "no key to check tokens with"
+        try:
+            entry.token_verifier.check(body.removesuffix(b"\x00").decode("utf-8"), user)
+        except UnicodeDecodeError:
+            return "the token is not UTF-8"
+        except JwtError as exc:
+            return str(exc)
+        return None
 
     def admin_auth_method(
         self,

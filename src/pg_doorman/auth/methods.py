@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Final
 
 from pg_doorman.auth.hba import HbaRule
 from pg_doorman.auth.md5 import is_md5_hash
 from pg_doorman.auth.scram import is_scram_verifier
+
+# A `password` naming the RSA public key that checks the client's token (auth/jwt.py),
+# and a `server_password` naming the private key that signs the pooler's own.
+JWT_PUBLIC_KEY_PREFIX: Final = "jwt-pkey-fpath:"
+JWT_PRIVATE_KEY_PREFIX: Final = "jwt-priv-key-fpath:"
 
 
 class ClientAuth(enum.Enum):
     TRUST = "trust"
     MD5 = "md5"
     SCRAM = "scram-sha-256"
+    JWT = "jwt"  # a token sent as a cleartext password
     REJECT = "reject"
 
 
@@ -43,6 +50,8 @@ def _by_stored_password(stored: str, user: str) -> AuthDecision:
         return AuthDecision(ClientAuth.SCRAM)
     if is_md5_hash(stored):
         return AuthDecision(ClientAuth.MD5)
+    if stored.startswith(JWT_PUBLIC_KEY_PREFIX):
+        return AuthDecision(ClientAuth.JWT)
     if not stored:
         return AuthDecision(ClientAuth.REJECT, f"password{_for_user(user)} is not set")
     return AuthDecision(
@@ -70,12 +79,14 @@ def decide_client_auth(
             ClientAuth.REJECT, f"rejected by pg_hba line {rule.line_no}", by_hba=True
         )
     decision = _by_stored_password(stored_password, user)
-    if rule.method == "scram-sha-256" and decision.method == ClientAuth.MD5:
-        # An md5 hash can't answer a SCRAM exchange; PostgreSQL refuses too.
+    if rule.method == "scram-sha-256" and decision.method in (ClientAuth.MD5, ClientAuth.JWT):
+        # An md5 hash can't answer a SCRAM exchange; PostgreSQL refuses too. A token
+        # travels as a cleartext password, which such a line does not allow either.
+        kind = "an md5 hash" if decision.method == ClientAuth.MD5 else "a JWT key"
         return AuthDecision(
             ClientAuth.REJECT,
             f"pg_hba line {rule.line_no} requires scram-sha-256 but the stored password"
-            f"{_for_user(user)} is an md5 hash",
+            f"{_for_user(user)} is {kind}",
         )
     # `md5` and `password` lines take either format: a SCRAM verifier upgrades the
     # exchange to SCRAM as in PostgreSQL, and cleartext is never asked for.

@@ -577,6 +577,8 @@ class ClientConnection(asyncio.Protocol):
                 await self._auth_md5(entry.password)
             elif decision.method == ClientAuth.SCRAM:
                 await self._auth_scram(entry)
+            elif decision.method == ClientAuth.JWT:
+                await self._auth_token(entry)
         self.entry = entry
         self.pool = pool = entry.pool
         if pool.server_parameters is None:
@@ -740,6 +742,8 @@ class ClientConnection(asyncio.Protocol):
                         # the fresh copy serves the client's next attempt.
                         await self._wait_for_lookup(pooler.looked_up_again(database, user))
                     raise
+            elif decision.method != ClientAuth.TRUST:
+                await self._auth_md5(None)  # nothing else is looked up
             ok = True
         finally:
             pooler.count_looked_up_login(database, ok)
@@ -782,6 +786,17 @@ class ClientConnection(asyncio.Protocol):
         """MD5 challenge; with no stored hash it always ends in a refusal."""
         salt, response = await self._md5_exchange()
         if stored is None or not verify_md5_response(stored, salt, response):
+            raise self._password_failed()
+
+    async def _auth_token(self, entry: PoolEntry) -> None:
+        """A JWT sent as a cleartext password, checked with the user's public key."""
+        self.write(messages.auth_request(codes.AUTH_CLEARTEXT))
+        msg_type, body = await self._next_message()
+        if msg_type != codes.PASSWORD_MESSAGE:
+            raise StartupError(sqlstate.PROTOCOL_VIOLATION, "expected a password response")
+        reason = self.pooler.check_token(entry, self.user, body)
+        if reason is not None:
+            logger.info("client %s: token refused: %s", self.name, reason)
             raise self._password_failed()
 
     async def _auth_scram(self, entry: PoolEntry) -> None:

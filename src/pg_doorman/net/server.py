@@ -14,7 +14,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 from pg_doorman.auth.md5 import md5_password_response, md5_salted_response
 from pg_doorman.auth.scram import ScramClientSession, ScramError, ScramVerifier
@@ -71,6 +71,9 @@ class BackendCredentials:
     md5_hash: str | None = None
     scram_verifier: ScramVerifier | None = None
     scram_client_key: bytes | None = None
+    # server_password = "jwt-priv-key-fpath:...": an auth.jwt.TokenSigner that answers a
+    # cleartext password request with a token for `user`.
+    token_signer: Any = None
 
 
 class ServerConnection(asyncio.Protocol):
@@ -249,13 +252,17 @@ class ServerConnection(asyncio.Protocol):
                 elif code == codes.AUTH_MD5:
                     self._send(messages.password_message(_md5_answer(creds, payload[:4])))
                 elif code == codes.AUTH_CLEARTEXT:
-                    if creds.password is None:
+                    if creds.token_signer is not None:
+                        token: str = creds.token_signer.token_for(creds.user)
+                        self._send(messages.password_message(messages.cstring(token)))
+                    elif creds.password is None:
                         raise AcquireError(
                             sqlstate.INVALID_AUTHORIZATION,
                             "server asked for a cleartext password but only a hash is "
                             f"configured for user {creds.user!r}; set server_password",
                         )
-                    self._send(messages.password_message(messages.cstring(creds.password)))
+                    else:
+                        self._send(messages.password_message(messages.cstring(creds.password)))
                 else:
                     raise AcquireError(
                         sqlstate.FEATURE_NOT_SUPPORTED,
@@ -729,7 +736,17 @@ class ServerConnection(asyncio.Protocol):
         return _MODE_NAMES[self.mode]
 
 
+def _token_only(creds: BackendCredentials, method: str) -> AcquireError:
+    return AcquireError(
+        sqlstate.INVALID_AUTHORIZATION,
+        f"server asked for {method} for {creds.user!r} but server_password is a JWT "
+        "private key, which answers only a cleartext password request",
+    )
+
+
 def _scram_session(creds: BackendCredentials) -> ScramClientSession:
+    if creds.token_signer is not None:
+        raise _token_only(creds, "SCRAM")
     if creds.password is not None:
         return ScramClientSession(password=creds.password)
     if creds.scram_client_key is not None:
@@ -752,6 +769,8 @@ def _scram_session(creds: BackendCredentials) -> ScramClientSession:
 
 
 def _md5_answer(creds: BackendCredentials, salt: bytes) -> bytes:
+    if creds.token_signer is not None:
+        raise _token_only(creds, "an md5 password")
     if creds.password is not None:
         answer = md5_password_response(creds.password, creds.user, salt)
     elif creds.md5_hash is not None:

@@ -1,0 +1,190 @@
+"""JSON Web Tokens as passwords, as PgDoorman uses them.
+
+- A user whose `password` is `jwt-pkey-fpath:<file>` logs in with a token instead of a
+  password: the pooler asks for a cleartext password (use TLS), and accepts an RS256
+  token signed by the private half of the RSA public key in <file>, whose
+  `preferred_username` is the user name and whose `exp` has not passed (nor its `nbf`
+  not come).
+- A `server_password` of `jwt-priv-key-fpath:<file>` answers a server's cleartext
+  password request with a token for `server_username`, signed with the RSA private key
+  in <file> and valid for two minutes: another pg_doorman can check it.
+
+Only RS256 is accepted: a token's header cannot pick another algorithm (no `none`, no
+HMAC keyed with the public key).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from pg_doorman.auth.methods import JWT_PRIVATE_KEY_PREFIX as PRIVATE_KEY_PREFIX
+from pg_doorman.auth.methods import JWT_PUBLIC_KEY_PREFIX as PUBLIC_KEY_PREFIX
+
+# How long a token the pooler signs for a server login is valid, seconds.
+SERVER_TOKEN_LIFETIME = 120
+# Clock difference between token issuer and pooler tolerated for exp and nbf, seconds.
+LEEWAY = 30
+# A token longer than this is refused before any decoding (a password message can be 1 GB).
+MAX_TOKEN_BYTES = 16 * 1024
+_HEADER = {"alg": "RS256", "typ": "JWT"}
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
+
+
+class JwtError(Exception):
+    """A token or key that can't be used; the message says why (for the log)."""
+
+
+def is_public_key_password(password: str) -> bool:
+    return password.startswith(PUBLIC_KEY_PREFIX)
+
+
+def is_private_key_password(password: str) -> bool:
+    return password.startswith(PRIVATE_KEY_PREFIX)
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64url(text: str, what: str) -> bytes:
+    # Strict: the standard decoder would skip characters outside the alphabet.
+    if not _BASE64URL.fullmatch(text) or len(text) % 4 == 1:
+        raise JwtError(f"the token's {what} is not base64url")
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        raise JwtError(f"the token's {what} is not base64url") from None
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise JwtError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+@dataclass(frozen=True)
+class TokenVerifier:
+    """The RSA public key of `jwt-pkey-fpath:`; equal when the file's contents are."""
+
+    path: str
+    digest: str
+    key: rsa.RSAPublicKey = field(compare=False, repr=False)
+
+    @classmethod
+    def load(cls, path: str) -> TokenVerifier:
+        data = _read(path)
+        try:
+            key = serialization.load_pem_public_key(data)
+        except ValueError:
+            raise JwtError(f"{path} is not a PEM public key") from None
+        if not isinstance(key, rsa.RSAPublicKey):
+            raise JwtError(f"{path} is not an RSA public key (RS256 needs one)")
+        return cls(path, hashlib.sha256(data).hexdigest(), key)
+
+    def check(self, token: str, user: str, now: float | None = None) -> None:
+        """Raise JwtError unless `token` is a valid RS256 token for `user`."""
+        if len(token) > MAX_TOKEN_BYTES:
+            raise JwtError("the token is too long")
+        parts = token.split(".")
+        if len(parts) != 3:
+            raise JwtError("not a JWT (three dot-separated parts)")
+        header = _json_object(_unb64url(parts[0], "header"), "header")
+        if header.get("alg") != "RS256":
+            raise JwtError(f"the token's algorithm is {header.get('alg')!r}, not RS256")
+        signature = _unb64url(parts[2], "signature")
+        try:
+            self.key.verify(
+                signature,
+                f"{parts[0]}.{parts[1]}".encode("ascii"),
+                padding.PKCS1v15(),
+                hashes.SHA256(),
+            )
+        except (InvalidSignature, UnicodeEncodeError):
+            raise JwtError("the token's signature does not match the key") from None
+        claims = _json_object(_unb64url(parts[1], "claims"), "claims")
+        now = time.time() if now is None else now
+        exp = _number(claims.get("exp"))
+        if exp is None:
+            raise JwtError("the token has no exp claim")
+        if now > exp + LEEWAY:
+            raise JwtError("the token has expired")
+        if "nbf" in claims:
+            nbf = _number(claims["nbf"])
+            if nbf is None:
+                raise JwtError("the token's nbf claim is not a number")
+            if now + LEEWAY < nbf:
+                raise JwtError("the token is not valid yet (nbf)")
+        if claims.get("preferred_username") != user:
+            raise JwtError(
+                f"the token is for {claims.get('preferred_username')!r}, not for {user!r}"
+            )
+
+
+@dataclass(frozen=True)
+class TokenSigner:
+    """The RSA private key of `jwt-priv-key-fpath:`; equal when the file's contents are."""
+
+    path: str
+    digest: str
+    key: rsa.RSAPrivateKey = field(compare=False, repr=False)
+
+    @classmethod
+    def load(cls, path: str) -> TokenSigner:
+        data = _read(path)
+        try:
+            key = serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError) as exc:
+            raise JwtError(f"{path} is not an unencrypted PEM private key: {exc}") from None
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise JwtError(f"{path} is not an RSA private key (RS256 needs one)")
+        return cls(path, hashlib.sha256(data).hexdigest(), key)
+
+    def token_for(self, user: str, now: float | None = None) -> str:
+        """A token for `user`, valid for SERVER_TOKEN_LIFETIME seconds."""
+        issued = int(time.time() if now is None else now)
+        claims = {
+            "preferred_username": user,
+            "iat": issued,
+            "nbf": issued,
+            "exp": issued + SERVER_TOKEN_LIFETIME,
+        }
+        return sign(self.key, claims)
+
+
+def sign(
+    key: rsa.RSAPrivateKey, claims: dict[str, Any], header: dict[str, Any] | None = None
+) -> str:
+    head = _b64url(json.dumps(header or _HEADER, separators=(",", ":")).encode())
+    body = _b64url(json.dumps(claims, separators=(",", ":")).encode())
+    signature = key.sign(f"{head}.{body}".encode("ascii"), padding.PKCS1v15(), hashes.SHA256())
+    return f"{head}.{body}.{_b64url(signature)}"
+
+
+def _json_object(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise JwtError(f"the token's {what} is not JSON") from None
+    if not isinstance(value, dict):
+        raise JwtError(f"the token's {what} is not a JSON object")
+    return value
+
+
+def _number(value: object) -> float | None:
+    """A JSON number as a float; None for anything else (true and false included)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
