@@ -170,6 +170,8 @@ class AdminConsole:
             return await self._reload()
         elif command == "shutdown" and not args:
             return self._shutdown()
+        elif command == "upgrade" and not args:
+            return self._upgrade()
         elif command in ("select", "with") and "pg_catalog" in statement.lower():
             # psql's describe and tab-completion queries: an empty answer, no error.
             return result([("?column?", TEXT)], [], "SELECT 0")
@@ -251,6 +253,11 @@ class AdminConsole:
         out = [messages.notice_response("00000", note) for note in replies[0]["notes"]]
         out.append(messages.command_complete("RELOAD"))
         return b"".join(out)
+
+    def _upgrade(self) -> bytes:
+        ok = self.pooler.request_upgrade()
+        logger.warning("UPGRADE by the admin console")
+        return result([("success", TEXT)], [["t" if ok else "f"]], "UPGRADE")
 
     def _shutdown(self) -> bytes:
         ok = self.pooler.request_shutdown()

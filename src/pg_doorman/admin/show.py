@@ -94,6 +94,7 @@ class ShowTables:
             "SHOW STATS",
             "SET log_level = '<level>'",
             "RELOAD",
+            "UPGRADE",
             "PAUSE [<db>]",
             "RESUME [<db>]",
             "RECONNECT [<db>]",

@@ -15,6 +15,7 @@ from typing import Any
 from pg_doorman import __version__
 from pg_doorman.app.cluster import WorkerInfo
 from pg_doorman.app.logsetup import LEVELS, setup_logging
+from pg_doorman.app.upgrade import Upgrade, announce_ready
 from pg_doorman.config import Config, ConfigError, load_config
 
 logger = logging.getLogger("pg_doorman")
@@ -58,8 +59,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pg_doorman.app.demo import demo_main
 
         return demo_main(args_list[1:])
+    # Until the event loop handles it: SIGUSR2's default action would kill the process.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     args = _parser().parse_args(args_list)
     worker = _worker_info(args)
+    if worker is None:
+        from pg_doorman.app.upgrade import take_inherited
+
+        take_inherited()
     worker_index = worker.index if worker is not None else None
     setup_logging(args.log_level or "info", args.log_format, worker_index)
     try:
@@ -81,8 +88,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pg_doorman.app.supervisor import Supervisor, worker_count
 
     if worker_count(config) > 1:
-        return run_loop(lambda: Supervisor(config, log_level, args.log_format).serve())
-    return run(config)
+        return run_loop(
+            lambda: Supervisor(config, log_level, args.log_format, upgrade_argv=args_list).serve()
+        )
+    return run_loop(lambda: serve(config, upgrade_argv=args_list))
 
 
 async def _exit_with_parent(stop: asyncio.Event) -> None:
@@ -92,6 +101,14 @@ async def _exit_with_parent(stop: asyncio.Event) -> None:
         await asyncio.sleep(1.0)
     logger.warning("the supervisor is gone: shutting down")
     stop.set()
+
+
+async def _upgrade_then_stop(
+    upgrade: Upgrade, listeners: Sequence[socket.socket], stop: asyncio.Event
+) -> None:
+    logger.info("SIGUSR2: upgrading to a new process")
+    if await upgrade.start(listeners):
+        stop.set()
 
 
 def _worker_info(args: argparse.Namespace) -> WorkerInfo | None:
@@ -168,17 +185,16 @@ def run_loop(main_coro: Callable[[], Coroutine[Any, Any, int]]) -> int:
         return runner.run(main_coro())
 
 
-def run(config: Config) -> int:
-    return run_loop(lambda: serve(config))
-
-
 async def serve(
     config: Config,
     *,
     ready: Callable[[], None] | None = None,
     worker: WorkerInfo | None = None,
     dispatch_fd: int | None = None,
+    upgrade_argv: Sequence[str] | None = None,
 ) -> int:
+    """Run one pooler process until it is stopped. `upgrade_argv`: its command line,
+    which SIGUSR2 starts again as its successor (see app.upgrade)."""
     from pg_doorman.app.pooler import Pooler
 
     loop = asyncio.get_running_loop()
@@ -216,6 +232,17 @@ async def serve(
             logger.error("SIGHUP: reload failed, the old configuration stays: %s", exc)
 
     loop.add_signal_handler(signal.SIGHUP, on_reload)
+    upgrade = Upgrade(upgrade_argv, config.source) if upgrade_argv is not None else None
+
+    def on_upgrade() -> None:
+        if upgrade is None:
+            logger.warning("SIGUSR2: only the process started from the command line upgrades")
+        elif stop.is_set() or not pooler.listeners:
+            logger.warning("SIGUSR2: not listening yet, or shutting down: no upgrade")
+        else:
+            pooler.track(loop.create_task(_upgrade_then_stop(upgrade, pooler.listeners, stop)))
+
+    loop.add_signal_handler(signal.SIGUSR2, on_upgrade)
     try:
         await pooler.start(dispatch=dispatch)
     except OSError as exc:
@@ -232,6 +259,8 @@ async def serve(
     pooler.on_shutdown_request = stop.set
     if ready is not None:
         ready()
+    if worker is None:
+        announce_ready()
     await stop.wait()
     await pooler.shutdown()
     logger.info("pg_doorman stopped")

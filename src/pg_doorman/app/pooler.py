@@ -26,8 +26,9 @@ from pg_doorman.app.auth_query_users import (
     new_auth_query_users,
 )
 from pg_doorman.app.cluster import Cluster, WorkerInfo, run_control, share
-from pg_doorman.app.dispatch import LoadBoard, Receiver, bind_listeners
+from pg_doorman.app.dispatch import LoadBoard, Receiver
 from pg_doorman.app.logsetup import apply_log_filter
+from pg_doorman.app.upgrade import listeners_for
 from pg_doorman.auth.auth_query import AuthQueryError
 from pg_doorman.auth.hba import HbaRules, legacy_hba_allows, peer_address
 from pg_doorman.auth.jwt import JwtError, TokenSigner, TokenVerifier
@@ -204,6 +205,26 @@ def _keep_running_values(running: Config, new: Config, keys: list[str]) -> Confi
     )
 
 
+async def _unix_server(
+    loop: asyncio.AbstractEventLoop,
+    factory: Callable[[], ClientConnection],
+    sock: socket.socket,
+    backlog: int,
+) -> asyncio.Server:
+    """Serve a Unix listening socket. Python 3.13's own event loop removes the socket
+    file when the server closes, which would cut off the process an upgrade handed the
+    socket to: told not to where it can be."""
+    try:
+        return await loop.create_unix_server(
+            factory,
+            sock=sock,
+            backlog=backlog,
+            cleanup_socket=False,  # type: ignore[call-arg]
+        )
+    except TypeError:  # no such argument: nothing is removed
+        return await loop.create_unix_server(factory, sock=sock, backlog=backlog)
+
+
 class UnknownDatabase(Exception):
     def __init__(self, database: str) -> None:
         super().__init__(f'No pool for database "{database}"')
@@ -279,6 +300,8 @@ class Pooler:
         self._login_sweep_task: asyncio.Task[None] | None = None
         self.web: WebServer | None = None
         self._servers: list[asyncio.Server] = []
+        # The listening sockets themselves: an upgrade hands them to a new process.
+        self.listeners: list[socket.socket] = []
         # Whether each accepted client socket needs its options set (see _tune_listeners).
         self.tune_each_client = True
         # With workers: the supervisor accepts and sends connections here.
@@ -635,6 +658,11 @@ class Pooler:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def request_upgrade(self) -> bool:
+        """The admin console's UPGRADE: SIGUSR2 to whoever owns the listening sockets."""
+        os.kill(os.getppid() if self.cluster is not None else os.getpid(), signal.SIGUSR2)
+        return True
+
     def request_shutdown(self) -> bool:
         if self.cluster is not None:
             # The supervisor stops every worker.
@@ -961,11 +989,10 @@ class Pooler:
 
         # The same listening sockets the supervisor binds with workers; the TCP ones
         # already carry the client socket options.
-        for sock in bind_listeners(general):
+        self.listeners = listeners_for(general)
+        for sock in self.listeners:
             if sock.family == socket.AF_UNIX:
-                server = await self.loop.create_unix_server(
-                    unix_factory, sock=sock, backlog=backlog
-                )
+                server = await _unix_server(self.loop, unix_factory, sock, backlog)
             else:
                 server = await self.loop.create_server(factory, sock=sock, backlog=backlog)
             self._servers.append(server)

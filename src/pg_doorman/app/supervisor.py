@@ -18,10 +18,12 @@ import signal
 import socket
 import sys
 import tempfile
+from collections.abc import Sequence
 
 from pg_doorman.admin.snapshot import Snapshot, merge, resident_memory
 from pg_doorman.app.cluster import CALL_TIMEOUT, WorkerInfo, request
-from pg_doorman.app.dispatch import Dispatcher, LoadBoard, bind_listeners, channel_pair
+from pg_doorman.app.dispatch import Dispatcher, LoadBoard, channel_pair
+from pg_doorman.app.upgrade import Upgrade, announce_ready, listeners_for
 from pg_doorman.config import Config
 
 logger = logging.getLogger("pg_doorman.supervisor")
@@ -35,8 +37,16 @@ def worker_count(config: Config) -> int:
 
 
 class Supervisor:
-    def __init__(self, config: Config, log_level: str, log_format: str) -> None:
+    def __init__(
+        self,
+        config: Config,
+        log_level: str,
+        log_format: str,
+        *,
+        upgrade_argv: Sequence[str] | None = None,
+    ) -> None:
         self.config = config
+        self.upgrade = Upgrade(upgrade_argv, config.source) if upgrade_argv is not None else None
         self.count = worker_count(config)
         self.log_args = ["-l", log_level, "-F", log_format]
         self.rundir = tempfile.mkdtemp(prefix="pg_doorman-")
@@ -47,6 +57,8 @@ class Supervisor:
         # The supervisor's end of each worker's dispatch channel, until that worker serves.
         self._channels: list[socket.socket | None] = [None] * self.count
         self._stop = asyncio.Event()
+        self._listeners: list[socket.socket] = []
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
@@ -54,8 +66,10 @@ class Supervisor:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._forward, signal.SIGHUP)
+        loop.add_signal_handler(signal.SIGUSR2, self._on_upgrade)
         try:
-            listeners = bind_listeners(self.config.general)
+            listeners = listeners_for(self.config.general)
+            self._listeners = listeners
             board = LoadBoard(os.path.join(self.rundir, "load"), self.count, create=True)
             self.dispatcher = Dispatcher(loop, listeners, board, self.count)
             for index in range(self.count):
@@ -75,6 +89,7 @@ class Supervisor:
                 await web.start()
             # Logged once everything serves, /metrics included.
             logger.info("all %d workers ready", self.count)
+            announce_ready()
             watchers = [loop.create_task(self._watch(index)) for index in range(self.count)]
             await self._stop.wait()
             logger.info("stopping %d workers", self.count)
@@ -102,6 +117,19 @@ class Supervisor:
                 if channel is not None:
                     channel.close()
             shutil.rmtree(self.rundir, ignore_errors=True)
+
+    def _on_upgrade(self) -> None:
+        if self.upgrade is None or self._stop.is_set() or not self._listeners:
+            logger.warning("SIGUSR2: not serving yet, or stopping: no upgrade")
+            return
+        task = asyncio.get_running_loop().create_task(self._upgrade(self.upgrade))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _upgrade(self, upgrade: Upgrade) -> None:
+        logger.info("SIGUSR2: upgrading to a new process")
+        if await upgrade.start(self._listeners):
+            self._stop.set()
 
     # ---- workers ------------------------------------------------------------
 
