@@ -535,6 +535,27 @@ def test_with_two_workers(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
     assert int(row["executor_queries"] or 0) in (2, 3, 4)  # one per user and worker at most
 
 
+def test_show_config_lists_the_auth_query_settings(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    proc = auth_query_pooler(pooler, pg, password="lookup-secret", cache_ttl="5m")
+    console = admin_console(proc)
+    try:
+        rows = {row["key"]: row for row in show_table(console, "CONFIG")}
+    finally:
+        console.close()
+    prefix = f"pools.{EXAMPLE_DB}.auth_query"
+    assert rows[f"{prefix}.query"]["value"] == LOOKUP
+    assert rows[f"{prefix}.user"]["value"] == pg.superuser
+    assert rows[f"{prefix}.password"]["value"] == "********"
+    assert (rows[f"{prefix}.cache_ttl"]["value"], rows[f"{prefix}.cache_ttl"]["default"]) == (
+        "300000",
+        "3600000",
+    )
+    assert rows[f"{prefix}.workers"]["changeable"] == "yes"
+    assert "lookup-secret" not in str(rows)
+
+
 def test_metrics(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
     port = free_port()
     proc = auth_query_pooler(pooler, pg, web={"enabled": True, "host": "127.0.0.1", "port": port})

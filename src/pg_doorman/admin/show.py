@@ -21,6 +21,7 @@ from pg_doorman.config.loader import (
     POOL_NOT_IMPLEMENTED,
     WEB_NOT_IMPLEMENTED,
 )
+from pg_doorman.config.schema import AuthQueryConfig
 from pg_doorman.prepared.registry import NAMED, UNNAMED
 from pg_doorman.stats.counters import PERCENTILES, quantile_of, recent_count_of
 
@@ -34,7 +35,8 @@ Columns = Sequence[tuple[str, int]]
 Rows = list[Sequence[object]]
 Table = tuple[Columns, Rows]
 
-_SECRET_KEYS: Final = frozenset({"admin_password"})
+# auth_query's `password` and `server_password` included: users get no settings rows.
+_SECRET_KEYS: Final = frozenset({"admin_password", "password", "server_password"})
 # Dataclass fields that are structure, not settings (users get a row of their own).
 _NOT_SETTINGS: Final = frozenset({"name", "users", "auth_query"})
 
@@ -114,6 +116,11 @@ class ShowTables:
             rows.extend(_settings_rows(prefix, pool, PoolConfig(name=name), POOL_NOT_IMPLEMENTED))
             users = ", ".join(user.username for user in pool.users)
             rows.append([f"{prefix}.users", users, "-", "yes"])
+            if pool.auth_query is not None:
+                defaults = AuthQueryConfig(query="", user="")
+                rows.extend(
+                    _settings_rows(f"{prefix}.auth_query", pool.auth_query, defaults, frozenset())
+                )
         rows.extend(_settings_rows("web", config.web, WebConfig(), WEB_NOT_IMPLEMENTED))
         return _text(["key", "value", "default", "changeable"]), rows
 
