@@ -202,3 +202,28 @@ def test_unusable_key_files_are_config_errors(
     proc.spawn()
     assert proc.wait_exit() == 2
     assert f"pools.{EXAMPLE_DB}.users[0].password: " in proc.log_text()
+
+
+def test_a_key_of_the_wrong_half_is_a_config_error(
+    pg: ExamplePostgres, pooler: PoolerFactory, keys: tuple[KeyPair, KeyPair]
+) -> None:
+    issuer, _ = keys
+    users = {
+        "password": {
+            "username": pg.trust_user.name,
+            "password": f"jwt-priv-key-fpath:{issuer.private}",
+        },
+        "server_password": {
+            "username": pg.md5_user.name,
+            "password": pg.md5_user.pooler_password,
+            "server_username": pg.trust_user.name,
+            "server_password": f"jwt-pkey-fpath:{issuer.public}",
+        },
+    }
+    for key, user in users.items():
+        proc = pooler(start=False, pools={EXAMPLE_DB: {"users": Replace([user])}})
+        proc.spawn()
+        assert proc.wait_exit() == 2
+        hint = "jwt-pkey-fpath:<file>" if key == "password" else "jwt-priv-key-fpath:<file>"
+        assert f"pools.{EXAMPLE_DB}.users[0].{key}: " in proc.log_text()
+        assert hint in proc.log_text()
