@@ -53,20 +53,6 @@ def lookup_settings(pool_settings: PoolSettings, auth_query: AuthQueryConfig) ->
     )
 
 
-def lookup_identity(settings: PoolSettings, auth_query: AuthQueryConfig) -> tuple[object, ...]:
-    """What the lookup and its cache depend on: a change starts them afresh."""
-    s = settings
-    return (
-        auth_query,
-        s.server_host,
-        s.server_port,
-        s.server_database,
-        s.connect_timeout,
-        s.server_lifetime,
-        s.server_tls,
-    )
-
-
 class AuthQueryUsers:
     def __init__(
         self,
@@ -74,18 +60,22 @@ class AuthQueryUsers:
         database: str,
         pool_config: PoolConfig,
         lookup: AuthQuery,
-        identity: tuple[object, ...],
     ) -> None:
         self.pooler = pooler
         self.database = database
         self.pool_config = pool_config
         self.lookup = lookup
-        self.identity = identity
         # Users seen, by name (in dedicated mode their entries share `shared`'s pool).
         self.users: dict[str, PoolEntry] = {}
         self.shared: PoolEntry | None = None
         # Passthrough pools without clients: since when (monotonic).
         self._unused_since: dict[str, float] = {}
+
+    def same_lookup(self, auth_query: AuthQueryConfig, settings: PoolSettings) -> bool:
+        """Whether a reloaded config keeps this lookup (and its cache) as it is."""
+        return (
+            self.lookup.config == auth_query and self.lookup.connections.pool.settings == settings
+        )
 
     @property
     def auth_query(self) -> AuthQueryConfig:
@@ -217,9 +207,7 @@ class AuthQueryUsers:
             if shared is not self.shared:
                 self.pooler.retire_pool(self.shared.pool)
                 self.shared = shared
-                self.users.clear()
-            for entry in self.users.values():
-                entry.pool = shared.pool
+                self.users.clear()  # their entries point at the retired pool
             return
         for name, entry in list(self.users.items()):
             user_config = self._user_config(name, entry.password)
@@ -250,6 +238,6 @@ def new_auth_query_users(
     pool = Pool(settings, pooler.connect_server, pooler.loop)
     pooler.set_credentials(pool, BackendCredentials(user=aq.user, password=aq.password or None))
     lookup = AuthQuery(aq, LookupConnections(pool, pooler.connect_server))
-    users = AuthQueryUsers(pooler, database, pool_config, lookup, lookup_identity(settings, aq))
+    users = AuthQueryUsers(pooler, database, pool_config, lookup)
     users.build(config)
     return users

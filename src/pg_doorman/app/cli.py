@@ -103,14 +103,6 @@ async def _exit_with_parent(stop: asyncio.Event) -> None:
     stop.set()
 
 
-async def _upgrade_then_stop(
-    upgrade: Upgrade, listeners: Sequence[socket.socket], stop: asyncio.Event
-) -> None:
-    logger.info("SIGUSR2: upgrading to a new process")
-    if await upgrade.start(listeners):
-        stop.set()
-
-
 def _worker_info(args: argparse.Namespace) -> WorkerInfo | None:
     if args.worker is None:
         return None
@@ -237,10 +229,8 @@ async def serve(
     def on_upgrade() -> None:
         if upgrade is None:
             logger.warning("SIGUSR2: only the process started from the command line upgrades")
-        elif stop.is_set() or not pooler.listeners:
-            logger.warning("SIGUSR2: not listening yet, or shutting down: no upgrade")
         else:
-            pooler.track(loop.create_task(_upgrade_then_stop(upgrade, pooler.listeners, stop)))
+            pooler.track(loop.create_task(upgrade.run(pooler.listeners, stop)))
 
     loop.add_signal_handler(signal.SIGUSR2, on_upgrade)
     try:

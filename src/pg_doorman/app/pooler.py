@@ -19,12 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from pg_doorman import implementation
 from pg_doorman.admin.snapshot import Snapshot, merge
 from pg_doorman.admin.snapshot import take as take_snapshot
-from pg_doorman.app.auth_query_users import (
-    AuthQueryUsers,
-    lookup_identity,
-    lookup_settings,
-    new_auth_query_users,
-)
+from pg_doorman.app.auth_query_users import AuthQueryUsers, lookup_settings, new_auth_query_users
 from pg_doorman.app.cluster import Cluster, WorkerInfo, run_control, share
 from pg_doorman.app.dispatch import LoadBoard, Receiver
 from pg_doorman.app.logsetup import apply_log_filter
@@ -590,7 +585,7 @@ class Pooler:
                 continue
             old = previous.pop(name, None)
             settings = self.lookup_pool_settings(config, name, pool_config)
-            if old is not None and old.identity == lookup_identity(settings, auth_query):
+            if old is not None and old.same_lookup(auth_query, settings):
                 old.reload(config, pool_config)
                 self.auth_queries[name] = old
                 continue
@@ -742,8 +737,6 @@ class Pooler:
     ) -> AuthDecision:
         """decide_auth for a user found by auth_query, whose password is not in the
         config (not remembered: the lookup's cache has its own lifetime)."""
-        if stored.startswith(JWT_PUBLIC_KEY_PREFIX):  # cleared by AuthQueryUsers already
-            return AuthDecision(ClientAuth.REJECT, "a looked-up password names a JWT key")
         return self._decide_auth(
             database,
             user,
@@ -778,19 +771,6 @@ class Pooler:
                 return AuthDecision(ClientAuth.REJECT, "address not allowed by hba", by_hba=True)
             decision = decide_client_auth(None, False, stored)
         return decision
-
-    @staticmethod
-    def check_token(entry: PoolEntry, user: str, body: bytes) -> str | None:
-        """Why the token in a PasswordMessage body is refused, or None if it is valid."""
-        if entry.token_verifier is None:
-            return "no key to check tokens with"
-        try:
-            entry.token_verifier.check(body.removesuffix(b"\x00").decode("utf-8"), user)
-        except UnicodeDecodeError:
-            return "the token is not UTF-8"
-        except JwtError as exc:
-            return str(exc)
-        return None
 
     def admin_auth_method(
         self,

@@ -119,17 +119,12 @@ class Supervisor:
             shutil.rmtree(self.rundir, ignore_errors=True)
 
     def _on_upgrade(self) -> None:
-        if self.upgrade is None or self._stop.is_set() or not self._listeners:
-            logger.warning("SIGUSR2: not serving yet, or stopping: no upgrade")
+        if self.upgrade is None:
+            logger.warning("SIGUSR2: only the process started from the command line upgrades")
             return
-        task = asyncio.get_running_loop().create_task(self._upgrade(self.upgrade))
+        task = asyncio.get_running_loop().create_task(self.upgrade.run(self._listeners, self._stop))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def _upgrade(self, upgrade: Upgrade) -> None:
-        logger.info("SIGUSR2: upgrading to a new process")
-        if await upgrade.start(self._listeners):
-            self._stop.set()
 
     # ---- workers ------------------------------------------------------------
 

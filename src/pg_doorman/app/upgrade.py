@@ -59,13 +59,6 @@ def take_inherited() -> None:
             _inherited.append(sock)
 
 
-def inherited_listeners() -> list[socket.socket] | None:
-    """The listening sockets handed over by the process this one replaces (once)."""
-    global _inherited
-    listeners, _inherited = _inherited, None
-    return listeners
-
-
 def sd_notify(message: str) -> None:
     """Tell systemd (a `Type=notify` service) about this process, if it listens."""
     address = os.environ.get("NOTIFY_SOCKET")
@@ -78,9 +71,11 @@ def sd_notify(message: str) -> None:
 
 
 def listeners_for(general: GeneralConfig) -> list[socket.socket]:
-    """The sockets handed over by an upgrade, else newly bound ones. Handed-over
-    sockets keep their address: a changed host, port or unix_socket_dir needs a restart."""
-    inherited = inherited_listeners()
+    """The sockets handed over by an upgrade (taken once), else newly bound ones.
+    Handed-over sockets keep their address: a changed host, port or unix_socket_dir
+    needs a restart."""
+    global _inherited
+    inherited, _inherited = _inherited, None
     if inherited is not None:
         logger.info("serving on %d listening sockets handed over by an upgrade", len(inherited))
         return inherited
@@ -106,18 +101,23 @@ class Upgrade:
         self.argv = list(argv)
         self.config_path = config_path
         self.running = False
+        # Kept so that the Popen object is not collected while the new process runs.
         self.successor: subprocess.Popen[bytes] | None = None
 
-    async def start(self, listeners: Sequence[socket.socket]) -> bool:
-        """True once a new process serves on `listeners` (this one should then stop)."""
+    async def run(self, listeners: Sequence[socket.socket], stop: asyncio.Event) -> None:
+        """Hand `listeners` over to a new process, then set `stop` (this process then
+        shuts down gracefully); on any failure this process serves on."""
         if self.running:
-            logger.warning("upgrade: one is already in progress")
-            return False
+            logger.warning("SIGUSR2: an upgrade is already in progress")
+            return
+        if stop.is_set() or not listeners:
+            logger.warning("SIGUSR2: not listening yet, or shutting down: no upgrade")
+            return
+        logger.info("SIGUSR2: upgrading to a new process")
         self.running = True
         try:
-            if not await self._config_is_valid():
-                return False
-            return await self._start_successor(listeners)
+            if await self._config_is_valid() and await self._start_successor(listeners):
+                stop.set()
         finally:
             self.running = False
 

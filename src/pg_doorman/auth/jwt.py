@@ -94,6 +94,16 @@ class TokenVerifier:
             raise JwtError(f"{path} is not an RSA public key (RS256 needs one)")
         return cls(path, hashlib.sha256(data).hexdigest(), key)
 
+    def refusal(self, password_message: bytes, user: str) -> str | None:
+        """Why the token in a PasswordMessage body is refused, or None if it is valid."""
+        try:
+            self.check(password_message.removesuffix(b"\x00").decode("utf-8"), user)
+        except UnicodeDecodeError:
+            return "the token is not UTF-8"
+        except JwtError as exc:
+            return str(exc)
+        return None
+
     def check(self, token: str, user: str, now: float | None = None) -> None:
         """Raise JwtError unless `token` is a valid RS256 token for `user`."""
         if len(token) > MAX_TOKEN_BYTES:

@@ -794,7 +794,11 @@ class ClientConnection(asyncio.Protocol):
         msg_type, body = await self._next_message()
         if msg_type != codes.PASSWORD_MESSAGE:
             raise StartupError(sqlstate.PROTOCOL_VIOLATION, "expected a password response")
-        reason = self.pooler.check_token(entry, self.user, body)
+        verifier = entry.token_verifier
+        if verifier is None:
+            reason: str | None = "no key to check tokens with"
+        else:
+            reason = verifier.refusal(body, self.user)
         if reason is not None:
             logger.info("client %s: token refused: %s", self.name, reason)
             raise self._password_failed()
