@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import gc
 import os
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -20,6 +23,7 @@ from pg_doorman.app.dispatch import (
     Receiver,
     bind_listeners,
     channel_pair,
+    open_accepted,
 )
 from pg_doorman.config.schema import GeneralConfig
 
@@ -46,6 +50,15 @@ def board(tmp_path: Path) -> Iterator[LoadBoard]:
 def listener() -> Iterator[socket.socket]:
     with loopback_listener() as sock:
         yield sock
+
+
+def adopting(adopted: list[socket.socket]) -> Callable[[int, int], None]:
+    """A receiver's adopt callback that keeps each descriptor as a socket."""
+
+    def adopt(fd: int, family: int) -> None:
+        adopted.append(socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd))
+
+    return adopt
 
 
 def received_fd(channel: socket.socket) -> tuple[bytes, int]:
@@ -186,7 +199,7 @@ def test_the_dispatcher_accepts_and_the_receiver_adopts(
     for index in range(WORKERS):
         ours, theirs = channel_pair()
         dispatcher.attach(index, ours)
-        receiver = Receiver(loop, theirs, board, index, adopted.append)
+        receiver = Receiver(loop, theirs, board, index, adopting(adopted))
         receiver.start()
         receivers.append(receiver)
     dispatcher.start()
@@ -237,7 +250,7 @@ def test_a_burst_of_connections_is_all_served(
     for index in range(WORKERS):
         ours, theirs = channel_pair()
         dispatcher.attach(index, ours)
-        receivers.append(Receiver(event_loop, theirs, board, index, adopted.append))
+        receivers.append(Receiver(event_loop, theirs, board, index, adopting(adopted)))
     listener.listen(1024)
     address = listener.getsockname()
     # All queued in the listener's backlog before the loop runs.
@@ -338,3 +351,111 @@ def test_a_worker_that_stops_taking_connections_is_passed_over(
     dispatcher.close()
     for sock in [*peers, first_theirs, second_theirs]:
         sock.close()
+
+
+def new_loop(kind: str) -> asyncio.AbstractEventLoop:
+    if kind == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+        return loop
+    return asyncio.new_event_loop()
+
+
+class Echo(asyncio.Protocol):
+    """Answers each read with the same bytes; closes its transport on `bye`."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.made = False
+        self.lost: asyncio.Future[None] = loop.create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.made = True
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if data == b"bye":
+            self.transport.close()
+        else:
+            self.transport.write(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost.set_result(None)
+
+
+def is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_an_adopted_descriptor_is_served_and_closed_once(
+    loop_kind: str, listener: socket.socket
+) -> None:
+    """A worker serves a received descriptor with its protocol, without a socket object
+    on uvloop; closing the transport closes the descriptor, and nothing closes its
+    number again once another socket has it."""
+    loop = new_loop(loop_kind)
+    failures: list[Exception] = []
+    try:
+        listener.listen(4)
+        tcp_peer = socket.create_connection(listener.getsockname())
+        accepted, _ = listener.accept()
+        unix_peer, unix_ours = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        served = [
+            (tcp_peer, accepted.detach(), int(socket.AF_INET)),
+            (unix_peer, unix_ours.detach(), int(socket.AF_UNIX)),
+        ]
+
+        async def exchange() -> None:
+            for peer, fd, family in served:
+                echo = Echo(loop)
+                open_accepted(loop, echo, fd, family, lambda _, exc: failures.append(exc))
+                peer.setblocking(False)
+                await loop.sock_sendall(peer, b"ping")
+                assert await loop.sock_recv(peer, 16) == b"ping"
+                assert echo.made
+                await loop.sock_sendall(peer, b"bye")
+                await asyncio.wait_for(echo.lost, 5)
+                assert await loop.sock_recv(peer, 16) == b""  # the pooler's side closed
+                await asyncio.sleep(0.01)
+                assert not is_open(fd)
+                # The next socket may get the same number; it must stay open.
+                successor = socket.socket()
+                try:
+                    await asyncio.sleep(0.01)
+                    gc.collect()
+                    assert is_open(successor.fileno())
+                finally:
+                    successor.close()
+                peer.close()
+
+        loop.run_until_complete(asyncio.wait_for(exchange(), 10))
+        assert failures == []
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_descriptor_the_loop_cannot_serve_is_closed_and_reported(loop_kind: str) -> None:
+    loop = new_loop(loop_kind)
+    failures: list[tuple[Echo, Exception]] = []
+    try:
+        fd = os.open(os.devnull, os.O_RDONLY)  # not a socket
+        echo = Echo(loop)
+
+        async def adopt() -> None:
+            open_accepted(
+                loop, echo, fd, int(socket.AF_INET), lambda p, exc: failures.append((p, exc))
+            )
+            await asyncio.sleep(0.01)
+
+        loop.run_until_complete(adopt())
+        assert [(p, type(exc)) for p, exc in failures] == [(echo, OSError)]
+        assert failures[0][1].errno == errno.ENOTSOCK
+        assert not echo.made
+        assert not is_open(fd)
+    finally:
+        loop.close()

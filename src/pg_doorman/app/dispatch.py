@@ -23,16 +23,20 @@ import mmap
 import os
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any, Final, TypeVar, cast
 
 from pg_doorman.config.schema import GeneralConfig
 from pg_doorman.net.sockopts import apply_socket_options
 
 logger = logging.getLogger("pg_doorman.dispatch")
 
+_P = TypeVar("_P", bound=asyncio.BaseProtocol)
+
 # The one byte sent with each descriptor: the socket's family.
 _KIND_OF_FAMILY = {socket.AF_INET: b"4", socket.AF_INET6: b"6", socket.AF_UNIX: b"u"}
-_FAMILY_OF_KIND = {kind[0]: family for family, kind in _KIND_OF_FAMILY.items()}
+_FAMILY_OF_KIND = {kind[0]: int(family) for family, kind in _KIND_OF_FAMILY.items()}
+_SOCK_STREAM: Final = int(socket.SOCK_STREAM)
 _FD_SIZE = 4  # a C int, in host byte order, in SCM_RIGHTS data
 # Out of descriptors (EMFILE): try accepting again after this long.
 ACCEPT_RETRY_DELAY = 0.1
@@ -327,7 +331,7 @@ class Receiver:
         channel: socket.socket,
         board: LoadBoard,
         index: int,
-        adopt: Callable[[socket.socket], None],
+        adopt: Callable[[int, int], None],
     ) -> None:
         self.loop = loop
         self.channel = channel
@@ -383,12 +387,87 @@ class Receiver:
             os.close(fd)
             self.client_closed()
             return
+        self.adopt(fd, family)
+
+
+class _Descriptor:
+    """A received descriptor, as uvloop's `connect_accepted_socket` reads a socket: its
+    family, its type and its number. A `socket.socket` would cost an interpreted enum
+    conversion at each of those reads and an interpreted `detach()` at close."""
+
+    def __init__(self, fd: int, family: int) -> None:
+        self.fd = fd
+        self.family = family
+        self.type = _SOCK_STREAM
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        # uvloop calls this when the transport closes. libuv has closed the descriptor
+        # by then, and its number may already belong to another connection.
+        pass
+
+
+class _Opening:
+    """Drives `loop.connect_accepted_socket` without a task: its first step sets up the
+    transport at once, the second ends it once the transport is connected."""
+
+    def __init__(
+        self,
+        opening: Coroutine[Any, Any, object],
+        protocol: _P,
+        handle: socket.socket | _Descriptor,
+        failed: Callable[[_P, Exception], None],
+    ) -> None:
+        self.opening = opening
+        self.protocol = protocol
+        self.handle = handle
+        self.failed = failed
+        self.started = False
+
+    def step(self, _done: object = None) -> None:
         try:
-            sock = socket.socket(family, socket.SOCK_STREAM, 0, fileno=fd)
+            waiting = self.opening.send(None)
+        except StopIteration:
+            return
+        except Exception as exc:
+            handle = self.handle
+            if isinstance(handle, _Descriptor):
+                # Once the first step is through, the transport owns the descriptor and
+                # has closed it; before that, nobody has.
+                if not self.started:
+                    with contextlib.suppress(OSError):
+                        os.close(handle.fd)
+            else:
+                handle.close()
+            self.failed(self.protocol, exc)
+            return
+        self.started = True
+        waiting.add_done_callback(self.step)
+
+
+def open_accepted(
+    loop: asyncio.AbstractEventLoop,
+    protocol: _P,
+    fd: int,
+    family: int,
+    failed: Callable[[_P, Exception], None],
+) -> None:
+    """Serve a connected socket's descriptor with `protocol`, as if the loop had accepted
+    it. `failed` gets the protocol and the error when the loop cannot take it (the
+    descriptor is closed then); the protocol's `connection_made` was not called."""
+    handle: socket.socket | _Descriptor
+    if type(loop).__module__.startswith("uvloop"):
+        handle = _Descriptor(fd, family)
+    else:
+        # asyncio's transports call the socket's own methods.
+        try:
+            handle = socket.socket(family, _SOCK_STREAM, 0, fileno=fd)
         except OSError as exc:
-            logger.warning("a dispatched connection could not be opened: %s", exc)
             with contextlib.suppress(OSError):
                 os.close(fd)
-            self.client_closed()
+            failed(protocol, exc)
             return
-        self.adopt(sock)
+    opening = loop.connect_accepted_socket(lambda: protocol, cast(socket.socket, handle))
+    _Opening(opening, protocol, handle, failed).step()

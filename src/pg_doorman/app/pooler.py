@@ -21,7 +21,7 @@ from pg_doorman.admin.snapshot import Snapshot, merge
 from pg_doorman.admin.snapshot import take as take_snapshot
 from pg_doorman.app.auth_query_users import AuthQueryUsers, lookup_settings, new_auth_query_users
 from pg_doorman.app.cluster import Cluster, WorkerInfo, run_control, share
-from pg_doorman.app.dispatch import LoadBoard, Receiver
+from pg_doorman.app.dispatch import LoadBoard, Receiver, open_accepted
 from pg_doorman.app.logsetup import apply_log_filter
 from pg_doorman.app.upgrade import listeners_for
 from pg_doorman.auth.auth_query import AuthQueryError
@@ -978,19 +978,15 @@ class Pooler:
             self._servers.append(server)
         self._set_client_tuning()
 
-    def _adopt(self, sock: socket.socket) -> None:
+    def _adopt(self, fd: int, family: int) -> None:
         """Serve a connection the supervisor accepted and sent to this worker."""
-        client = ClientConnection(self, unix=sock.family == socket.AF_UNIX)
-        self.track(self.loop.create_task(self._open_adopted(client, sock)))
+        client = ClientConnection(self, unix=family == socket.AF_UNIX)
+        open_accepted(self.loop, client, fd, family, self._not_adopted)
 
-    async def _open_adopted(self, client: ClientConnection, sock: socket.socket) -> None:
-        try:
-            await self.loop.connect_accepted_socket(lambda: client, sock)
-        except (OSError, ValueError) as exc:
-            logger.warning("a connection from the supervisor could not be opened: %s", exc)
-            sock.close()
-            if client.transport is None and self.receiver is not None:
-                self.receiver.client_closed()  # never registered, so never unregistered
+    def _not_adopted(self, client: ClientConnection, exc: Exception) -> None:
+        logger.warning("a connection from the supervisor could not be opened: %s", exc)
+        if client.transport is None and self.receiver is not None:
+            self.receiver.client_closed()  # never registered, so never unregistered
 
     async def _retain_loop(self) -> None:
         while True:
