@@ -23,7 +23,7 @@ import trustme
 from helpers import ExamplePostgres
 from helpers import pgwire as w
 from helpers.console import admin_console, show_table
-from helpers.pooler import PoolerFactory, PoolerProcess
+from helpers.pooler import PoolerFactory, PoolerProcess, deep_merge
 
 
 @dataclass(frozen=True)
@@ -443,3 +443,121 @@ def test_unusable_tls_files_are_config_errors(
     proc.spawn()
     assert proc.wait_exit(20) == 2
     assert f"invalid configuration: {key}: cannot load" in proc.log_text()
+
+
+# --- reload ----------------------------------------------------------------------------------
+
+
+def issue_server_cert(root: Path) -> Path:
+    """A new CA and a certificate for 127.0.0.1 from it, written to `root`
+    (server.pem, server.key); returns the CA's file."""
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    root.mkdir(parents=True, exist_ok=True)
+    server.private_key_pem.write_to_path(str(root / "server.key"))
+    server.cert_chain_pems[0].write_to_path(str(root / "server.pem"))
+    ca.cert_pem.write_to_path(str(root / "ca.pem"))
+    return root / "ca.pem"
+
+
+def verified_dsn(proc: PoolerProcess, pg: ExamplePostgres, ca: Path) -> str:
+    """A DSN that checks the pooler's certificate against the CA in `ca`."""
+    user = pg.md5_user
+    return (
+        f"host={proc.host} port={proc.port} dbname=example_db user={user.name} "
+        f"password={user.password} sslmode=verify-full sslrootcert={ca}"
+    )
+
+
+def tls_select(proc: PoolerProcess, pg: ExamplePostgres, ca: Path) -> int:
+    with psycopg.connect(verified_dsn(proc, pg, ca), autocommit=True) as conn:
+        row = conn.execute("select 1").fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_reload_picks_up_a_renewed_certificate(
+    pg: ExamplePostgres, pooler: PoolerFactory, tmp_path: Path, workers: int
+) -> None:
+    """A certificate renewed at the same path is used for new connections after SIGHUP;
+    a session already in TLS goes on; the reload says what changed."""
+    files = tmp_path / "live"
+    first_ca = issue_server_cert(files)
+    general = {
+        "tls_certificate": str(files / "server.pem"),
+        "tls_private_key": str(files / "server.key"),
+        "workers": workers,
+    }
+    proc = pooler(general=general)
+    if workers > 1:
+        proc.wait_for_log(f"all {workers} workers ready", timeout=30)
+    assert tls_select(proc, pg, first_ca) == 1
+    early = psycopg.connect(verified_dsn(proc, pg, first_ca), autocommit=True)
+    try:
+        renewed_ca = issue_server_cert(tmp_path / "renewed")
+        for name in ("server.pem", "server.key"):
+            (files / name).write_bytes((tmp_path / "renewed" / name).read_bytes())
+        proc.reload()
+        proc.wait_for_log("client TLS settings or files changed", timeout=10)
+        if workers > 1:
+            deadline = time.monotonic() + 10
+            while proc.log_text().count("client TLS settings or files changed") < workers:
+                assert time.monotonic() < deadline, "not every worker reloaded"
+                time.sleep(0.1)
+        for _ in range(3):  # with two workers, each one serves some of them
+            assert tls_select(proc, pg, renewed_ca) == 1
+            with pytest.raises(psycopg.OperationalError, match="certificate verify failed"):
+                tls_select(proc, pg, first_ca)
+        assert early.execute("select 2").fetchone() == (2,)
+        assert early.pgconn.ssl_in_use
+    finally:
+        early.close()
+
+
+def test_reload_with_an_unusable_certificate_keeps_the_running_one(
+    pg: ExamplePostgres, pooler: PoolerFactory, tmp_path: Path
+) -> None:
+    files = tmp_path / "live"
+    ca = issue_server_cert(files)
+    general = {
+        "tls_certificate": str(files / "server.pem"),
+        "tls_private_key": str(files / "server.key"),
+    }
+    proc = pooler(general=general)
+    (files / "server.pem").write_text("not a certificate\n")
+    proc.reload()
+    proc.wait_for_log("reload failed, the old configuration stays", timeout=10)
+    assert "general.tls_certificate: cannot load the certificate" in proc.log_text()
+    assert tls_select(proc, pg, ca) == 1
+
+
+def test_reload_turns_tls_on_and_requires_it(
+    pg: ExamplePostgres, pooler: PoolerFactory, certs: Certs
+) -> None:
+    """tls_certificate and tls_mode take effect at a reload: SSLRequest is answered S
+    from then on, and tls_mode = require refuses plain logins that come after it."""
+    proc = pooler()
+    user = pg.md5_user
+    plain = (
+        f"host={proc.host} port={proc.port} dbname=example_db user={user.name} "
+        f"password={user.password}"
+    )
+    with psycopg.connect(plain + " sslmode=prefer", autocommit=True) as conn:
+        assert not conn.pgconn.ssl_in_use
+    proc.reload(deep_merge(proc.config, {"general": tls_general(certs)}))
+    proc.wait_for_log("client TLS settings or files changed", timeout=10)
+    assert tls_select(proc, pg, certs.ca) == 1
+    config = {r["key"]: r for r in admin_rows(proc, "CONFIG")}
+    assert config["general.tls_certificate"]["value"] == str(certs.server_cert)
+    assert config["general.tls_certificate"]["changeable"] == "yes"
+    with psycopg.connect(plain + " sslmode=disable", autocommit=True) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+    proc.reload(deep_merge(proc.config, {"general": tls_general(certs, tls_mode="require")}))
+    deadline = time.monotonic() + 10
+    while proc.log_text().count("client TLS settings or files changed") < 2:
+        assert time.monotonic() < deadline, "the second reload did not apply"
+        time.sleep(0.1)
+    with pytest.raises(psycopg.OperationalError, match="not allowed by tls_mode"):
+        psycopg.connect(plain + " sslmode=disable")
+    assert tls_select(proc, pg, certs.ca) == 1

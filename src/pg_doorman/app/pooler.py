@@ -42,7 +42,13 @@ from pg_doorman.net.ids import IdAllocator
 from pg_doorman.net.server import BackendCredentials, ServerConnection, open_server
 from pg_doorman.net.server_tls import SSL_REQUEST, ServerTls, server_tls_for
 from pg_doorman.net.sockopts import INHERITS_SOCKET_OPTIONS, apply_socket_options, options_key
-from pg_doorman.net.tls import HandshakeLimiter, TlsSetupError, client_tls_context, tls_required
+from pg_doorman.net.tls import (
+    HandshakeLimiter,
+    TlsSetupError,
+    client_tls_context,
+    client_tls_identity,
+    tls_required,
+)
 from pg_doorman.pool.pool import Pool, PoolSettings
 from pg_doorman.protocol import messages, sqlstate
 from pg_doorman.protocol.startup import StartupError
@@ -277,8 +283,9 @@ class Pooler:
         self.accepted_total = 0
         self.cancel_requests = 0
         self.login_failures = 0
-        # Client TLS: built once (certificates are not reloaded), None when not offered.
+        # Client TLS: None when not offered; rebuilt by a reload that changes it.
         self.tls_context = client_tls_context(config.general)
+        self._tls_identity = client_tls_identity(config.general)
         self.tls_required = tls_required(config.general)
         # The login sweep cuts a handshake at client_login_timeout; this is a backstop.
         login_timeout = config.general.client_login_timeout / 1000.0
@@ -552,6 +559,8 @@ class Pooler:
         config = _keep_running_values(self.config, config, restart_keys)
         old = self.config.general
         new = config.general
+        # First, so that certificate files that turned unusable fail the whole reload.
+        notes.extend(self._reload_client_tls(old, new))
         if new.log_level and new.log_level != old.log_level:
             apply_log_filter(new.log_level)
             notes.append(f"log level set to {new.log_level}")
@@ -571,6 +580,25 @@ class Pooler:
         for _, entry in self.listed_entries():
             entry.pool.retain(0)  # opens min_pool_size servers of new pools
         self._tune_listeners()
+        return notes
+
+    def _reload_client_tls(self, old: GeneralConfig, new: GeneralConfig) -> list[str]:
+        """New TLS handshakes use the new settings and files; sessions already in TLS
+        keep theirs. A file that cannot be used raises ConfigError naming its key."""
+        notes = []
+        identity = client_tls_identity(new)
+        if identity != self._tls_identity:
+            try:
+                context = client_tls_context(new)
+            except TlsSetupError as exc:
+                raise ConfigError(f"general.{exc.key}", str(exc)) from exc
+            self.tls_context = context
+            self._tls_identity = client_tls_identity(new)
+            notes.append("client TLS settings or files changed: new connections use them")
+        self.tls_required = tls_required(new)
+        rate = new.tls_rate_limit_per_second
+        if rate != old.tls_rate_limit_per_second:
+            self.tls_limiter = HandshakeLimiter(rate) if rate else None
         return notes
 
     def _reload_auth_queries(self, config: Config) -> list[str]:

@@ -1,14 +1,15 @@
 """Client-facing TLS: the server-side SSL context built from `[general]` tls_* keys.
 
-Built once at startup (client certificates are not reloaded on SIGHUP, as in PgDoorman)
-and used for every SSLRequest on a TCP connection. Not compiled: it runs once per
-process, and the handshake itself is OpenSSL's. Also the reader that every TLS
+Built at startup and again at a reload that changes the settings or the files'
+contents, and used for every SSLRequest on a TCP connection. Not compiled: it runs once
+per (re)load, and the handshake itself is OpenSSL's. Also the reader that every TLS
 connection, to clients and to servers, delivers its data through.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ssl
 
 from pg_doorman.config.schema import GeneralConfig
@@ -46,6 +47,26 @@ def client_tls_context(general: GeneralConfig) -> ssl.SSLContext | None:
             ) from None
         context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+def client_tls_identity(general: GeneralConfig) -> tuple[object, ...]:
+    """What the client TLS context is built from: the settings and the files' contents,
+    so that a renewed certificate at the same path counts as a change. Read after
+    `client_tls_context` succeeded for the same settings."""
+    if general.tls_certificate is None or general.tls_mode == "disable":
+        return (None,)
+    files = [general.tls_certificate, general.tls_private_key]
+    if general.tls_mode == "verify-full":
+        files.append(general.tls_ca_cert)
+    digest = hashlib.sha256()
+    for path in files:
+        if path is not None:
+            try:
+                with open(path, "rb") as file:
+                    digest.update(hashlib.sha256(file.read()).digest())
+            except OSError:
+                digest.update(b"unreadable")
+    return (general.tls_mode, *files, digest.hexdigest())
 
 
 class HandshakeLimiter:
