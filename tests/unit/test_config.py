@@ -779,7 +779,14 @@ SERVER_TLS = (
     "server_tls_certificate",
     "server_tls_private_key",
 )
-IMPLEMENTED = (*CLIENT_TLS, *SERVER_TLS)
+DATABASE_BUDGET = (
+    "max_db_connections",
+    "min_connection_lifetime",
+    "reserve_pool_size",
+    "reserve_pool_timeout",
+    "min_guaranteed_pool_size",
+)
+IMPLEMENTED = (*CLIENT_TLS, *SERVER_TLS, *DATABASE_BUDGET)
 
 
 def test_not_implemented_keys_warn_when_set() -> None:
@@ -857,7 +864,7 @@ def test_not_implemented_keys_warn_when_set() -> None:
         | {
             f"pools.mydb.{key}"
             for key in data["pools"]["mydb"]
-            if key not in ("server_port", "users", "auth_query", *SERVER_TLS)
+            if key not in ("server_port", "users", "auth_query", *SERVER_TLS, *DATABASE_BUDGET)
         }
         | {"pools.mydb.users[0].auth_pam_service", "talos"}
         | {f"web.{key}" for key in data["web"]}
@@ -872,6 +879,7 @@ def test_not_implemented_keys_warn_when_set() -> None:
     # Still stored, so the features can be built on them.
     assert config.general.tls_mode == "verify-full"
     assert config.pools["mydb"].max_db_connections == 20
+    assert config.pools["mydb"].reserve_pool_timeout == 3000
     assert config.pools["mydb"].auth_query is not None
     assert config.pools["mydb"].auth_query.workers == 2
 

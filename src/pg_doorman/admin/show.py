@@ -153,7 +153,8 @@ def databases(snap: Snapshot) -> Table:
     rows: Rows = [
         [
             p["database"], p["server_host"], p["server_port"], p["server_database"], p["user"],
-            p["pool_size"], p["min_pool_size"], 0, p["pool_mode"], p["pool_size"], p["size"],
+            p["pool_size"], p["min_pool_size"], p["reserve_pool"], p["pool_mode"], p["pool_size"],
+            p["size"],
             p["clients"], p["paused"],
         ]
         for p in snap["pools"]

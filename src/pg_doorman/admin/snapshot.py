@@ -24,8 +24,8 @@ PoolData = dict[str, Any]
 
 # Per-pool numbers that add up across workers; the rest is taken as documented below.
 _SUMMED = (
-    "pool_size", "min_pool_size", "size", "clients", "cl_idle", "cl_active", "cl_waiting",
-    "sv_active", "sv_idle", "sv_used", "sv_login", "xact_count", "query_count",
+    "pool_size", "min_pool_size", "reserve_pool", "size", "clients", "cl_idle", "cl_active",
+    "cl_waiting", "sv_active", "sv_idle", "sv_used", "sv_login", "xact_count", "query_count",
     "bytes_received", "bytes_sent", "xact_time", "query_time", "wait_time", "wait_count",
     "client_named", "client_anonymous", "client_prepared_bytes", "hits", "misses",
     "tls_servers", "tls_handshakes", "tls_handshake_seconds", "tls_handshake_errors",
@@ -172,6 +172,7 @@ def _pool_data(
         "server_database": s.server_database,
         "pool_size": s.pool_size,
         "min_pool_size": s.min_pool_size,
+        "reserve_pool": pool.budget.reserve if pool.budget is not None else 0,
         "size": pool.size,
         "paused": int(pool.paused),
         "clients": len(clients),

@@ -49,7 +49,7 @@ from pg_doorman.net.tls import (
     client_tls_identity,
     tls_required,
 )
-from pg_doorman.pool.pool import Pool, PoolSettings
+from pg_doorman.pool.pool import DatabaseBudget, Pool, PoolSettings
 from pg_doorman.protocol import messages, sqlstate
 from pg_doorman.protocol.startup import StartupError
 from pg_doorman.stats.counters import STATS_PERIOD
@@ -274,6 +274,8 @@ class Pooler:
         # Clients not yet logged in, oldest first, with when they connected (monotonic).
         self.logging_in: dict[ClientConnection, float] = {}
         self.entries: dict[tuple[str, str], PoolEntry] = {}
+        # max_db_connections: one budget per database (pool name) that sets it.
+        self.budgets: dict[str, DatabaseBudget] = {}
         # Pools with an auth_query: their looked-up users, by pool name.
         self.auth_queries: dict[str, AuthQueryUsers] = {}
         self.hba: HbaRules | None = (
@@ -408,6 +410,7 @@ class Pooler:
                 token_verifier=token_verifier,
             )
         pool = entry.pool
+        pool.join_budget(self._budget_for(name, pool_config))
         check_query = messages.query(config.general.pooler_check_query)
         if pool.check_query != check_query:
             pool.check_query_response = None
@@ -417,6 +420,25 @@ class Pooler:
             synced += ("application_name",)
         pool.set_synced_parameters(synced)
         return entry
+
+    def _budget_for(self, name: str, pool_config: PoolConfig) -> DatabaseBudget | None:
+        """The database's max_db_connections budget (this worker's share), if it has one."""
+        limit = pool_config.max_db_connections or 0
+        if limit == 0:
+            self.budgets.pop(name, None)
+            return None
+        budget = self.budgets.get(name)
+        if budget is None:
+            budget = self.budgets[name] = DatabaseBudget(self.loop)
+        index, count = (0, 1) if self.worker is None else (self.worker.index, self.worker.count)
+        budget.configure(
+            limit=share(limit, index, count, at_least_one=True),
+            reserve=share(pool_config.reserve_pool_size or 0, index, count),
+            reserve_timeout=_ms(pool_config.reserve_pool_timeout, 3000),
+            min_lifetime=_ms(pool_config.min_connection_lifetime, 30000),
+            guaranteed=share(pool_config.min_guaranteed_pool_size or 0, index, count),
+        )
+        return budget
 
     def _update_pool(
         self, pool: Pool, settings: PoolSettings, credentials: BackendCredentials

@@ -820,11 +820,6 @@ _POOL_SPEC: dict[str, Parser] = {
 }
 POOL_NOT_IMPLEMENTED = frozenset(
     {
-        "max_db_connections",
-        "min_connection_lifetime",
-        "reserve_pool_size",
-        "reserve_pool_timeout",
-        "min_guaranteed_pool_size",
         "scaling_warm_pool_ratio",
         "scaling_fast_retries",
         "scaling_cooldown_sleep",

@@ -217,12 +217,13 @@ class PoolConfig:
     startup_parameters: dict[str, str] = field(default_factory=dict)
     users: list[UserConfig] = field(default_factory=list)
 
-    # Accepted and validated, not implemented yet: the loader warns unless the value is inert.
+    # max_db_connections and what goes with it (ms for the durations; see pool.DatabaseBudget).
     max_db_connections: int | None = None
     min_connection_lifetime: int | None = None
     reserve_pool_size: int | None = None
     reserve_pool_timeout: int | None = None
     min_guaranteed_pool_size: int | None = None
+    # Accepted and validated, not implemented yet: the loader warns unless the value is inert.
     scaling_warm_pool_ratio: int | None = None
     scaling_fast_retries: int | None = None
     scaling_cooldown_sleep: int | None = None

@@ -28,8 +28,9 @@ if TYPE_CHECKING:
     # Of the client the pool calls on_server() and on_acquire_error() and keeps
     # `wait_started` (when it joined the queue, time.monotonic()); of the server
     # only its pool-facing part: `server_id`, `closed`, `epoch` (the pool's epoch when
-    # opened), `discarded` (set by the pool, once), `statements`, and is_usable(),
-    # checkout_state(), probe(), close(), mark_idle().
+    # opened), `created` (when it was opened, time.monotonic()), `discarded` (set by
+    # the pool, once), `statements`, and is_usable(), checkout_state(), probe(),
+    # close(), mark_idle().
     from pg_doorman.net.client import ClientConnection as Waiter
     from pg_doorman.net.server import ServerConnection as PooledServer
 
@@ -146,6 +147,8 @@ class Pool:
         self._canonical: dict[tuple[str, str, str], str] = {}
         self._connect_failures = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        # max_db_connections: shared with the other user pools of the database.
+        self.budget: DatabaseBudget | None = None
         self.stats = PoolStats()
         self.statements = PoolStatements(settings.statements_cache_size)
 
@@ -214,8 +217,15 @@ class Pool:
         if waiter is not None:
             self._hand_over(waiter, server, now)
             return
+        budget = self.budget
+        if budget is not None and budget.count > budget.limit:
+            # Opened from the reserve (or the limit was lowered): not kept idle.
+            self.discard(server, "over max_db_connections")
+            return
         server.mark_idle(now)
         self.idle.append(server)
+        if budget is not None and budget.starving:
+            budget.feed()  # another user's clients may take it
 
     def discard(self, server: PooledServer, reason: str) -> None:
         """Forget a server (closing it if needed) and refill for waiting clients."""
@@ -229,6 +239,8 @@ class Pool:
         if not server.closed:
             server.close(reason)
         self.size -= 1
+        if self.budget is not None:
+            self.budget.freed(self)
         if self.waiting or self.size < self.settings.min_pool_size:
             self._grow()
 
@@ -324,7 +336,11 @@ class Pool:
             count = room
         if parallel < count:
             count = parallel
+        budget = self.budget
+        now = time.monotonic() if budget is not None and count > 0 else 0.0
         for _ in range(count):
+            if budget is not None and not budget.take(self, now):
+                break
             self.size += 1
             self.connecting += 1
             task = self._loop.create_task(self._connect_one())
@@ -345,6 +361,12 @@ class Pool:
             self.size -= 1
             self._connect_failed(AcquireError(sqlstate.INTERNAL_ERROR, str(exc)))
             return
+        except asyncio.CancelledError:  # close(): the server never counts
+            self.connecting -= 1
+            self.size -= 1
+            if self.budget is not None:
+                self.budget.freed(self)
+            raise
         self.connecting -= 1
         self._connect_failures = 0
         self.last_connect_error = None
@@ -354,6 +376,8 @@ class Pool:
     def _connect_failed(self, err: AcquireError) -> None:
         self.last_connect_error = err
         self._connect_failures += 1
+        if self.budget is not None:
+            self.budget.freed(self)
         logger.warning("pool %s: cannot connect to server: %s", self.name, err.message)
         if err.code in _PERMANENT_LOGIN_ERRORS:
             # Retrying can't help; fail everyone who waits now, with the real reason.
@@ -430,11 +454,23 @@ class Pool:
             self._wait_timer = self._loop.call_soon(self._expire_waiters)
         self._grow()  # a larger pool may serve queued clients now
 
+    def join_budget(self, budget: DatabaseBudget | None) -> None:
+        """Count this pool's servers in `budget` (None: in none)."""
+        if budget is self.budget:
+            return
+        if self.budget is not None:
+            self.budget.leave(self)
+        self.budget = budget
+        if budget is not None:
+            budget.join(self)
+
     def close(self, reason: str) -> None:
         """Stop the pool: fail waiters, close idle servers; active ones close on return."""
         self.closed = True
         self.fail_waiters(sqlstate.ADMIN_SHUTDOWN, reason)
         self.close_idle(reason)
+        if self.budget is not None and self.size == 0:
+            self.budget.leave(self)  # else when its last server closes (freed)
         if self._wait_timer is not None:
             self._wait_timer.cancel()
             self._wait_timer = None
@@ -506,3 +542,154 @@ class Pool:
         if self._head < len(self._waiters):
             return now - self._waiters[self._head].wait_started
         return 0.0
+
+
+class DatabaseBudget:
+    """max_db_connections: how many servers the user pools of one database hold together.
+
+    A pool that would go over the limit closes an idle server of another user's pool
+    and takes its place: one open for at least `min_lifetime`, from the pool with the
+    most servers above its floor (its min_pool_size, or `guaranteed` if larger). With
+    none to take, its clients wait until a server of the database closes or goes
+    idle; once the oldest of them has waited `reserve_timeout`, up to `reserve`
+    servers over the limit may open. Those close when released with no client waiting.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.limit = 0
+        self.reserve = 0
+        self.reserve_timeout = 3.0
+        self.min_lifetime = 30.0
+        self.guaranteed = 0
+        # Servers of the member pools in any state (the sum of their sizes).
+        self.count = 0
+        self.pools: list[Pool] = []
+        # Pools with clients waiting that could not open a server for the limit.
+        self.starving: list[Pool] = []
+        self.evictions = 0
+        self.reserve_opened = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._quiet = False
+
+    def configure(
+        self,
+        limit: int,
+        reserve: int,
+        reserve_timeout: float,
+        min_lifetime: float,
+        guaranteed: int,
+    ) -> None:
+        self.limit = limit
+        self.reserve = reserve
+        self.reserve_timeout = reserve_timeout
+        self.min_lifetime = min_lifetime
+        self.guaranteed = guaranteed
+        self.feed()  # a larger limit may let waiting clients in
+
+    def join(self, pool: Pool) -> None:
+        self.pools.append(pool)
+        self.count += pool.size
+
+    def leave(self, pool: Pool) -> None:
+        if pool in self.pools:
+            self.pools.remove(pool)
+            self.count -= pool.size
+        if pool in self.starving:
+            self.starving.remove(pool)
+
+    def take(self, pool: Pool, now: float) -> bool:
+        """Room for one more server of `pool`, counted at once; False: it must wait."""
+        if self.count < self.limit or self._evict_for(pool, now):
+            self.count += 1
+            return True
+        if self.count < self.limit + self.reserve and pool.oldest_wait(now) >= self.reserve_timeout:
+            self.reserve_opened += 1
+            self.count += 1
+            return True
+        self._starve(pool, now)
+        return False
+
+    def freed(self, pool: Pool) -> None:
+        """A server of `pool` closed, or failed to open."""
+        self.count -= 1
+        if pool.closed and pool.size == 0:
+            self.leave(pool)
+        if not self._quiet:
+            self.feed()
+
+    def feed(self) -> None:
+        """Let starving pools try again (room was freed, or a server went idle)."""
+        if self._quiet or not self.starving:
+            return
+        pools = self.starving
+        self.starving = []
+        self._quiet = True  # no feeding from inside: one pass, in the order they starved
+        try:
+            for pool in pools:
+                if pool.waiting and not pool.closed:
+                    pool._grow()
+        finally:
+            self._quiet = False
+
+    def _evict_for(self, pool: Pool, now: float) -> bool:
+        victim: Pool | None = None
+        chosen: PooledServer | None = None
+        most = 0
+        for other in self.pools:
+            if other is pool or other.closed or not other.idle:
+                continue
+            surplus = other.size - self._floor(other)
+            if surplus <= most:
+                continue
+            # The least recently used idle server old enough to go (the list's front).
+            for server in other.idle:
+                if now - server.created >= self.min_lifetime:
+                    victim, chosen, most = other, server, surplus
+                    break
+        if victim is None or chosen is None:
+            return False
+        victim.idle.remove(chosen)
+        self.evictions += 1
+        quiet = self._quiet
+        self._quiet = True
+        try:
+            victim.discard(chosen, f"evicted for {pool.name} (max_db_connections)")
+        finally:
+            self._quiet = quiet
+        return True
+
+    def _floor(self, pool: Pool) -> int:
+        """Servers of `pool` that are never taken for another pool."""
+        floor = pool.settings.min_pool_size
+        return self.guaranteed if self.guaranteed > floor else floor
+
+    def _starve(self, pool: Pool, now: float) -> None:
+        if pool not in self.starving:
+            self.starving.append(pool)
+        # Try again when the reserve opens to this pool or an idle server grows old
+        # enough to be taken, whichever comes first; a server that closes or goes
+        # idle before then tries again at once (freed, feed).
+        at = float("inf")
+        if self.reserve > 0 and self.count < self.limit + self.reserve:
+            at = now + self.reserve_timeout - pool.oldest_wait(now)
+        for other in self.pools:
+            if other is pool or other.closed or other.size <= self._floor(other):
+                continue
+            for server in other.idle:
+                ready = server.created + self.min_lifetime
+                if now < ready < at:
+                    at = ready
+        if at == float("inf"):
+            return
+        if self._timer is not None:
+            if self._timer_at <= at:
+                return
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = self._loop.call_later(max(at - now, 0.0) + 0.001, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.feed()

@@ -1,0 +1,254 @@
+"""max_db_connections: the servers of all users of one database, counted together in
+PostgreSQL's pg_stat_activity; the reserve, min_connection_lifetime and
+min_guaranteed_pool_size."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import psycopg
+import pytest
+
+from helpers import ExamplePostgres
+from helpers.console import admin_console, show_table
+from helpers.pooler import PoolerFactory, PoolerProcess, deep_merge
+
+
+def backends(pg: ExamplePostgres, *users: str) -> list[int]:
+    names = ", ".join(f"'{user}'" for user in users)
+    out = pg.psql(
+        f"select pid from pg_stat_activity where usename in ({names}) "
+        "and backend_type = 'client backend' order by pid"
+    )
+    return [int(line) for line in out.split()]
+
+
+def admin_rows(proc: PoolerProcess, what: str) -> list[dict[str, str | None]]:
+    console = admin_console(proc)
+    try:
+        return show_table(console, what)
+    finally:
+        console.close()
+
+
+def start(pg: ExamplePostgres, pooler: PoolerFactory, **pool: Any) -> PoolerProcess:
+    """example_db with its md5 and SCRAM users, pool_size 5 each, and `pool`'s keys."""
+    users = [
+        {"username": pg.md5_user.name, "pool_size": 5},
+        {"username": pg.scram_user.name, "pool_size": 5},
+    ]
+    return pooler(pools={"example_db": {"users": users, **pool}})
+
+
+def connect(proc: PoolerProcess, pg: ExamplePostgres, which: str) -> psycopg.Connection[Any]:
+    user = pg.md5_user if which == "md5" else pg.scram_user
+    return psycopg.connect(proc.dsn(user.name, user.password), autocommit=True)
+
+
+def pid_of(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute("select pg_backend_pid()").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def in_thread(conn: psycopg.Connection[Any], sql: str) -> tuple[threading.Thread, list[Any]]:
+    """Run `sql` on `conn` in a thread; its result (or error) lands in the list."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            started = time.monotonic()
+            row = conn.execute(sql).fetchone()
+            outcome.append((row, time.monotonic() - started))
+        except Exception as exc:  # the test inspects it
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+def test_a_user_waits_while_the_others_hold_every_server(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    proc = start(pg, pooler, max_db_connections=2, min_connection_lifetime=0)
+    names = (pg.md5_user.name, pg.scram_user.name)
+    holders = [connect(proc, pg, "md5") for _ in range(2)]
+    waiter = connect(proc, pg, "scram")
+    try:
+        for conn in holders:
+            conn.execute("begin")
+            pid_of(conn)
+        thread, outcome = in_thread(waiter, "select 42")
+        time.sleep(0.5)
+        assert outcome == []  # still waiting: both servers are in transactions
+        assert len(backends(pg, *names)) == 2
+        holders[0].execute("commit")  # its server goes idle and is taken for the waiter
+        thread.join(5)
+        assert outcome and outcome[0][0] == (42,)
+        assert len(backends(pg, *names)) == 2
+    finally:
+        for conn in [*holders, waiter]:
+            conn.close()
+
+
+def test_an_idle_server_of_another_user_is_closed_for_a_waiting_one(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    proc = start(pg, pooler, max_db_connections=1, min_connection_lifetime=0)
+    with connect(proc, pg, "md5") as first, connect(proc, pg, "scram") as second:
+        idle_pid = pid_of(first)  # then idle in the md5 user's pool
+        assert backends(pg, pg.md5_user.name) == [idle_pid]
+        taken = pid_of(second)
+        assert taken != idle_pid
+        assert backends(pg, pg.md5_user.name, pg.scram_user.name) == [taken]
+        # And back: the md5 user gets a server again the same way.
+        assert pid_of(first) not in (idle_pid, taken)
+    assert "evicted for example_user_scram@example_db" in proc.log_text()
+
+
+def test_min_connection_lifetime_keeps_a_young_server(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    proc = start(pg, pooler, max_db_connections=1, min_connection_lifetime=1500)
+    with connect(proc, pg, "md5") as first, connect(proc, pg, "scram") as second:
+        opened = time.monotonic()
+        idle_pid = pid_of(first)
+        thread, outcome = in_thread(second, "select pg_backend_pid()")
+        thread.join(5)
+        ((row, _),) = outcome
+        # Taken only once it had been open for min_connection_lifetime.
+        assert time.monotonic() - opened >= 1.4
+        assert row[0] != idle_pid
+        assert idle_pid not in backends(pg, pg.md5_user.name)
+
+
+def test_the_reserve_opens_after_reserve_pool_timeout_and_closes_after_use(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    proc = start(pg, pooler, max_db_connections=1, reserve_pool_size=1, reserve_pool_timeout=500)
+    names = (pg.md5_user.name, pg.scram_user.name)
+    with connect(proc, pg, "md5") as holder, connect(proc, pg, "scram") as waiter:
+        holder.execute("begin")
+        held = pid_of(holder)
+        thread, outcome = in_thread(waiter, "select pg_backend_pid()")
+        thread.join(5)
+        ((row, waited),) = outcome
+        assert waited >= 0.45  # the reserve is for clients that waited reserve_pool_timeout
+        assert row[0] != held
+        # Released with nobody waiting, the reserve server closes: back to the limit.
+        deadline = time.monotonic() + 5
+        while backends(pg, *names) != [held]:
+            assert time.monotonic() < deadline, backends(pg, *names)
+            time.sleep(0.05)
+        holder.execute("commit")
+    rows = [r for r in admin_rows(proc, "DATABASES") if r["name"] == "example_db"]
+    assert {r["reserve_pool"] for r in rows} == {"1"}
+
+
+def test_min_guaranteed_pool_size_is_never_taken(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    proc = start(
+        pg,
+        pooler,
+        max_db_connections=2,
+        min_connection_lifetime=0,
+        min_guaranteed_pool_size=1,
+    )
+    proc.reload(deep_merge(proc.config, {"general": {"query_wait_timeout": 1000}}))
+    proc.wait_for_log("configuration reloaded")
+    with (
+        connect(proc, pg, "md5") as md5,
+        connect(proc, pg, "scram") as scram_a,
+        connect(proc, pg, "scram") as scram_b,
+    ):
+        kept = pid_of(md5)  # the md5 user's one server, idle: its guaranteed floor
+        scram_a.execute("begin")
+        pid_of(scram_a)  # the second and last server of the database
+        with pytest.raises(psycopg.errors.TooManyConnections, match="query_wait_timeout"):
+            scram_b.execute("select 1")
+        assert kept in backends(pg, pg.md5_user.name)
+        assert pid_of(md5) == kept
+        scram_a.execute("commit")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_limit_holds_under_load_from_both_users(
+    pg: ExamplePostgres, pooler: PoolerFactory, workers: int
+) -> None:
+    """Six clients of two users run short transactions as fast as they can; sampled all
+    along, PostgreSQL never has more than max_db_connections of their backends. With
+    two workers each one holds its half."""
+    proc = pooler(
+        general={"workers": workers},
+        pools={
+            "example_db": {
+                "users": [
+                    {"username": pg.md5_user.name, "pool_size": 4},
+                    {"username": pg.scram_user.name, "pool_size": 4},
+                ],
+                "max_db_connections": 2,
+                "min_connection_lifetime": 0,
+            }
+        },
+    )
+    if workers > 1:
+        proc.wait_for_log(f"all {workers} workers ready", timeout=30)
+    names = (pg.md5_user.name, pg.scram_user.name)
+    stop = threading.Event()
+    done: list[int] = []
+    errors: list[BaseException] = []
+
+    def client(which: str) -> None:
+        count = 0
+        try:
+            with connect(proc, pg, which) as conn:
+                while not stop.is_set():
+                    with conn.transaction():
+                        conn.execute("select pg_sleep(0.002)")
+                    count += 1
+        except BaseException as exc:
+            errors.append(exc)
+        done.append(count)
+
+    threads = [threading.Thread(target=client, args=(w,)) for w in ["md5", "scram"] * 3]
+    for thread in threads:
+        thread.start()
+    most = 0
+    try:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            most = max(most, len(backends(pg, *names)))
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+    assert errors == []
+    assert 1 <= most <= 2
+    assert len(done) == 6 and all(count > 0 for count in done), done
+
+
+def test_reload_lowers_the_limit(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    proc = start(pg, pooler, max_db_connections=3, min_connection_lifetime=0)
+    conns = [connect(proc, pg, "md5") for _ in range(3)]
+    try:
+        for conn in conns:
+            conn.execute("begin")
+            pid_of(conn)
+        assert len(backends(pg, pg.md5_user.name)) == 3
+        proc.reload(deep_merge(proc.config, {"pools": {"example_db": {"max_db_connections": 1}}}))
+        proc.wait_for_log("configuration reloaded")
+        for conn in conns:
+            conn.execute("commit")  # released over the limit, with nobody waiting: closed
+        deadline = time.monotonic() + 5
+        while len(backends(pg, pg.md5_user.name)) != 1:
+            assert time.monotonic() < deadline, backends(pg, pg.md5_user.name)
+            time.sleep(0.05)
+        assert conns[0].execute("select 1").fetchone() == (1,)
+    finally:
+        for conn in conns:
+            conn.close()
