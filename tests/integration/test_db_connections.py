@@ -13,7 +13,9 @@ import pytest
 
 from helpers import ExamplePostgres
 from helpers.console import admin_console, show_table
+from helpers.metrics import scrape, value
 from helpers.pooler import PoolerFactory, PoolerProcess, deep_merge
+from pg_doorman.app.embedded_pg import free_port
 
 
 def backends(pg: ExamplePostgres, *users: str) -> list[int]:
@@ -33,13 +35,16 @@ def admin_rows(proc: PoolerProcess, what: str) -> list[dict[str, str | None]]:
         console.close()
 
 
+USERS = [
+    {"username": "example_user_md5", "pool_size": 5},
+    {"username": "example_user_scram", "pool_size": 5},
+]
+
+
 def start(pg: ExamplePostgres, pooler: PoolerFactory, **pool: Any) -> PoolerProcess:
     """example_db with its md5 and SCRAM users, pool_size 5 each, and `pool`'s keys."""
-    users = [
-        {"username": pg.md5_user.name, "pool_size": 5},
-        {"username": pg.scram_user.name, "pool_size": 5},
-    ]
-    return pooler(pools={"example_db": {"users": users, **pool}})
+    assert [u["username"] for u in USERS] == [pg.md5_user.name, pg.scram_user.name]
+    return pooler(pools={"example_db": {"users": USERS, **pool}})
 
 
 def connect(proc: PoolerProcess, pg: ExamplePostgres, which: str) -> psycopg.Connection[Any]:
@@ -97,16 +102,45 @@ def test_a_user_waits_while_the_others_hold_every_server(
 def test_an_idle_server_of_another_user_is_closed_for_a_waiting_one(
     pg: ExamplePostgres, pooler: PoolerFactory
 ) -> None:
-    proc = start(pg, pooler, max_db_connections=1, min_connection_lifetime=0)
+    port = free_port()
+    proc = pooler(
+        web={"enabled": True, "host": "127.0.0.1", "port": port},
+        pools={
+            "example_db": {"users": USERS, "max_db_connections": 1, "min_connection_lifetime": 0}
+        },
+    )
+    names = (pg.md5_user.name, pg.scram_user.name)
+    # Each user's first login borrows a server too: four servers taken in all.
     with connect(proc, pg, "md5") as first, connect(proc, pg, "scram") as second:
         idle_pid = pid_of(first)  # then idle in the md5 user's pool
         assert backends(pg, pg.md5_user.name) == [idle_pid]
         taken = pid_of(second)
         assert taken != idle_pid
-        assert backends(pg, pg.md5_user.name, pg.scram_user.name) == [taken]
+        assert backends(pg, *names) == [taken]
         # And back: the md5 user gets a server again the same way.
         assert pid_of(first) not in (idle_pid, taken)
     assert "evicted for example_user_scram@example_db" in proc.log_text()
+    assert "evicted for example_user_md5@example_db" in proc.log_text()
+    (row,) = admin_rows(proc, "POOL_COORDINATOR")
+    assert row == {
+        "database": "example_db",
+        "max_db_connections": "1",
+        "current_connections": "1",
+        "reserve_pool_size": "0",
+        "reserve_in_use": "0",
+        "waiting_users": "0",
+        "evictions": "4",
+        "reserve_opened": "0",
+    }
+    families = scrape(port)
+    for name, expected in [
+        ("pg_doorman_pool_coordinator_evictions_total", 4),
+        ("pg_doorman_pool_coordinator_max_connections", 1),
+        ("pg_doorman_pool_coordinator_connections", 1),
+        ("pg_doorman_pool_coordinator_reserve_opened_total", 0),
+    ]:
+        family = families[name.removesuffix("_total")]
+        assert value(family, name, database="example_db") == expected, name
 
 
 def test_min_connection_lifetime_keeps_a_young_server(
@@ -230,6 +264,10 @@ def test_the_limit_holds_under_load_from_both_users(
     assert errors == []
     assert 1 <= most <= 2
     assert len(done) == 6 and all(count > 0 for count in done), done
+    # The workers' shares add up to the configured limit.
+    (row,) = admin_rows(proc, "POOL_COORDINATOR")
+    assert row["max_db_connections"] == "2"
+    assert row["waiting_users"] == "0"
 
 
 def test_reload_lowers_the_limit(pg: ExamplePostgres, pooler: PoolerFactory) -> None:

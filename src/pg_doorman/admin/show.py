@@ -84,13 +84,14 @@ class ShowTables:
             "prepared_statements": prepared_statements,
             "latency": latency,
             "auth_query": auth_query,
+            "pool_coordinator": pool_coordinator,
         }
 
     def help(self) -> Table:
         items = [
             "SHOW HELP|CONFIG|DATABASES|POOLS|POOLS_EXTENDED|POOLS_MEMORY|CLIENTS|SERVERS"
             "|STATS|CONNECTIONS|LISTS|USERS|VERSION|LOG_LEVEL|PREPARED_STATEMENTS|LATENCY"
-            "|AUTH_QUERY",
+            "|AUTH_QUERY|POOL_COORDINATOR",
             "SHOW LISTS",
             "SHOW CONNECTIONS",
             "SHOW STATS",
@@ -315,6 +316,22 @@ def auth_query(snap: Snapshot) -> Table:
     rows: Rows = [
         [row["database"], *(row[name] for name in AUTH_QUERY_COLUMNS)]
         for row in sorted(snap["auth_query"], key=lambda row: row["database"])
+    ]
+    return columns, rows
+
+
+POOL_COORDINATOR_COLUMNS: Final = (
+    "max_db_connections", "current_connections", "reserve_pool_size", "reserve_in_use",
+    "waiting_users", "evictions", "reserve_opened",
+)  # fmt: skip
+
+
+def pool_coordinator(snap: Snapshot) -> Table:
+    """One row per database with max_db_connections: its servers against the limit."""
+    columns = _typed("database", *(f"{name}:int" for name in POOL_COORDINATOR_COLUMNS))
+    rows: Rows = [
+        [row["database"], *(row[name] for name in POOL_COORDINATOR_COLUMNS)]
+        for row in sorted(snap["coordinator"], key=lambda row: row["database"])
     ]
     return columns, rows
 

@@ -99,6 +99,19 @@ def take(pooler: Pooler) -> Snapshot:
         "auth_query": [
             _auth_query_data(name, users) for name, users in pooler.auth_queries.items()
         ],
+        "coordinator": [
+            {
+                "database": name,
+                "max_db_connections": budget.limit,
+                "current_connections": budget.count,
+                "reserve_pool_size": budget.reserve,
+                "reserve_in_use": max(budget.count - budget.limit, 0),
+                "waiting_users": len(budget.starving),
+                "evictions": budget.evictions,
+                "reserve_opened": budget.reserve_opened,
+            }
+            for name, budget in pooler.budgets.items()
+        ],
     }
 
 
@@ -275,6 +288,18 @@ def merge(snapshots: list[Snapshot]) -> Snapshot:
                     if key != "database":
                         known[key] += value
     out["auth_query"] = list(auth_queries.values())
+    # Each worker holds its share of a database's budget: the shares add up.
+    budgets: dict[str, dict[str, Any]] = {}
+    for snapshot in snapshots:
+        for row in snapshot["coordinator"]:
+            known = budgets.get(row["database"])
+            if known is None:
+                budgets[row["database"]] = dict(row)
+            else:
+                for key, value in row.items():
+                    if key != "database":
+                        known[key] += value
+    out["coordinator"] = list(budgets.values())
     return out
 
 

@@ -102,6 +102,45 @@ def _collect(snap: Snapshot) -> Iterable[Metric]:
     yield per_worker
     yield from _pool_metrics(snap["pools"])
     yield from _auth_query_metrics(snap["auth_query"])
+    yield from _coordinator_metrics(snap["coordinator"])
+
+
+def _coordinator_metrics(rows: list[dict[str, Any]]) -> Iterable[Metric]:
+    """Per database with max_db_connections."""
+    labels = ["database"]
+    limit = GaugeMetricFamily(
+        "pg_doorman_pool_coordinator_max_connections",
+        "max_db_connections: servers all users of the database may hold",
+        labels=labels,
+    )
+    current = GaugeMetricFamily(
+        "pg_doorman_pool_coordinator_connections",
+        "Servers all users of the database hold now, opening ones included",
+        labels=labels,
+    )
+    waiting = GaugeMetricFamily(
+        "pg_doorman_pool_coordinator_waiting_users",
+        "Users of the database whose clients wait for room under max_db_connections",
+        labels=labels,
+    )
+    evictions = CounterMetricFamily(
+        "pg_doorman_pool_coordinator_evictions",
+        "Idle servers closed for another user's waiting clients",
+        labels=labels,
+    )
+    reserve = CounterMetricFamily(
+        "pg_doorman_pool_coordinator_reserve_opened",
+        "Servers opened over max_db_connections from reserve_pool_size",
+        labels=labels,
+    )
+    for row in rows:
+        db = [row["database"]]
+        limit.add_metric(db, row["max_db_connections"])
+        current.add_metric(db, row["current_connections"])
+        waiting.add_metric(db, row["waiting_users"])
+        evictions.add_metric(db, row["evictions"])
+        reserve.add_metric(db, row["reserve_opened"])
+    yield from (limit, current, waiting, evictions, reserve)
 
 
 def _auth_query_metrics(rows: list[dict[str, Any]]) -> Iterable[Metric]:
