@@ -271,22 +271,42 @@ def test_the_limit_holds_under_load_from_both_users(
 
 
 def test_reload_lowers_the_limit(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    """Servers in transactions close as they are released; idle ones at once."""
     proc = start(pg, pooler, max_db_connections=3, min_connection_lifetime=0)
+    user = pg.md5_user.name
     conns = [connect(proc, pg, "md5") for _ in range(3)]
+
+    def lower_to(limit: int) -> None:
+        reloads = proc.log_text().count("configuration reloaded")
+        proc.reload(
+            deep_merge(proc.config, {"pools": {"example_db": {"max_db_connections": limit}}})
+        )
+        deadline = time.monotonic() + 10
+        while proc.log_text().count("configuration reloaded") == reloads:
+            assert time.monotonic() < deadline, "no reload"
+            time.sleep(0.05)
+
+    def wait_for(count: int) -> None:
+        deadline = time.monotonic() + 5
+        while len(backends(pg, user)) != count:
+            assert time.monotonic() < deadline, backends(pg, user)
+            time.sleep(0.05)
+
     try:
         for conn in conns:
             conn.execute("begin")
             pid_of(conn)
-        assert len(backends(pg, pg.md5_user.name)) == 3
-        proc.reload(deep_merge(proc.config, {"pools": {"example_db": {"max_db_connections": 1}}}))
-        proc.wait_for_log("configuration reloaded")
+        assert len(backends(pg, user)) == 3
+        lower_to(2)
+        assert len(backends(pg, user)) == 3  # all busy: nothing closes yet
         for conn in conns:
-            conn.execute("commit")  # released over the limit, with nobody waiting: closed
-        deadline = time.monotonic() + 5
-        while len(backends(pg, pg.md5_user.name)) != 1:
-            assert time.monotonic() < deadline, backends(pg, pg.md5_user.name)
-            time.sleep(0.05)
+            conn.execute("commit")  # the first released is over the limit: closed
+        wait_for(2)
+        lower_to(1)  # both idle now: one closes at once
+        wait_for(1)
         assert conns[0].execute("select 1").fetchone() == (1,)
+        (row,) = admin_rows(proc, "POOL_COORDINATOR")
+        assert row["max_db_connections"] == "1" and row["current_connections"] == "1"
     finally:
         for conn in conns:
             conn.close()

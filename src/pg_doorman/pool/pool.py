@@ -586,7 +586,13 @@ class DatabaseBudget:
         self.reserve_timeout = reserve_timeout
         self.min_lifetime = min_lifetime
         self.guaranteed = guaranteed
-        self.feed()  # a larger limit may let waiting clients in
+        self._trim()  # a smaller limit closes idle servers over it
+        self.feed()  # a larger one may let waiting clients in
+
+    def _trim(self) -> None:
+        for pool in self.pools:
+            while self.count > self.limit and pool.idle and pool.size > self._floor(pool):
+                pool.discard(pool.idle.pop(0), "over max_db_connections")
 
     def join(self, pool: Pool) -> None:
         self.pools.append(pool)
