@@ -582,3 +582,36 @@ def test_metrics(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
     assert value(pools, "pg_doorman_auth_query_dynamic_pools_total", event="created", **db) == 1
     current = families["pg_doorman_auth_query_dynamic_pools_current"]
     assert value(current, "pg_doorman_auth_query_dynamic_pools_current", **db) == 1
+
+
+def test_looked_up_users_share_max_db_connections_with_configured_ones(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """A looked-up user's pool counts in the database's limit: with a limit of 1, the
+    configured user's idle server is closed for it, and the other way round."""
+    proc = auth_query_pooler(
+        pooler, pg, pool={"max_db_connections": 1, "min_connection_lifetime": 0}
+    )
+    trust = pg.trust_user
+    user = pg.md5_user
+    names = f"'{trust.name}', '{user.name}'"
+
+    def backends() -> list[str]:
+        out = pg.psql(
+            f"select usename from pg_stat_activity where usename in ({names}) "
+            "and backend_type = 'client backend'"
+        )
+        return out.split()
+
+    with psycopg.connect(proc.dsn(trust.name, ""), autocommit=True) as configured:
+        assert configured.execute("select current_user").fetchone() == (trust.name,)
+        assert current_user(proc, user.name, user.password) == user.name
+        assert backends() == [user.name]
+        assert configured.execute("select current_user").fetchone() == (trust.name,)
+        assert backends() == [trust.name]
+    console = admin_console(proc)
+    try:
+        (row,) = show_table(console, "POOL_COORDINATOR")
+    finally:
+        console.close()
+    assert row["max_db_connections"] == "1" and int(row["evictions"] or 0) >= 2
