@@ -4,6 +4,7 @@ over TLS, failed handshakes, and the counters that report TLS connections."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 import tempfile
@@ -561,3 +562,104 @@ def test_reload_turns_tls_on_and_requires_it(
     with pytest.raises(psycopg.OperationalError, match="not allowed by tls_mode"):
         psycopg.connect(plain + " sslmode=disable")
     assert tls_select(proc, pg, certs.ca) == 1
+
+
+# --- direct TLS ------------------------------------------------------------------------------
+
+
+def client_hello(certs: Certs, *, alpn: bool = True) -> bytes:
+    """The first bytes a direct-TLS client sends: its TLS hello, as a record."""
+    context = client_context(certs)
+    if alpn:
+        context.set_alpn_protocols(["postgresql"])
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def closed_without_answer(proc: PoolerProcess, first: bytes) -> bool:
+    """Send `first` on a new connection; True when the pooler hangs up without a byte."""
+    with socket.create_connection((proc.host, proc.port), timeout=10) as sock:
+        sock.sendall(first)
+        try:
+            return sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+
+def test_direct_tls_logins(pg: ExamplePostgres, pooler: PoolerFactory, certs: Certs) -> None:
+    """PostgreSQL 17's sslnegotiation=direct: TLS from the first byte, no SSLRequest;
+    libpq and asyncpg, counted and listed as TLS sessions, hostssl rules apply."""
+    hba = "host all admin 127.0.0.1/32 md5\nhostssl all all 127.0.0.1/32 md5\n"
+    proc = pooler(general=tls_general(certs, pg_hba=hba))
+    user = pg.md5_user
+    dsn = tls_dsn(proc, user.name, user.password, certs, sslnegotiation="direct")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.pgconn.ssl_in_use
+        assert conn.execute("select 1").fetchone() == (1,)
+        assert clients_row(proc, user.name)["tls"] == "true"
+
+    async def with_asyncpg() -> int:
+        context = client_context(certs)
+        context.set_alpn_protocols(["postgresql"])  # asyncpg leaves a given context as it is
+        conn = await asyncpg.connect(
+            host=proc.host,
+            port=proc.port,
+            user=user.name,
+            password=user.password,
+            database="example_db",
+            ssl=context,
+            direct_tls=True,
+        )
+        try:
+            return int(await conn.fetchval("select 2"))
+        finally:
+            await conn.close()
+
+    assert asyncio.run(with_asyncpg()) == 2
+    assert connections_row(proc)["tls"] == "2"
+
+
+def test_direct_tls_is_refused_without_alpn_or_with_bytes_after_the_hello(
+    pg: ExamplePostgres, pooler: PoolerFactory, certs: Certs
+) -> None:
+    """Without ALPN `postgresql` the TLS session may be meant for another protocol;
+    bytes sent after the hello, before the pooler's answer, cannot be TLS records the
+    client was entitled to send. Both are closed, as PostgreSQL closes them, and the
+    pooler serves on."""
+    proc = pooler(general=tls_general(certs))
+    assert closed_without_answer(proc, client_hello(certs) + b"more")
+    with (
+        socket.create_connection((proc.host, proc.port), timeout=10) as raw,
+        client_context(certs).wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        tls.sendall(w.startup_message({"user": "x", "database": "example_db"}))
+        answer = b""
+        with contextlib.suppress(ssl.SSLError, ConnectionResetError):
+            answer = tls.recv(1)  # closed under the TLS layer: refused all the same
+        assert answer == b""
+    log = proc.log_text()
+    assert "direct TLS without the postgresql ALPN protocol" in log
+    assert "direct TLS with data after its hello" in log
+    user = pg.md5_user
+    dsn = tls_dsn(proc, user.name, user.password, certs, sslnegotiation="direct")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_direct_tls_without_a_certificate_is_closed(
+    pg: ExamplePostgres, pooler: PoolerFactory, certs: Certs
+) -> None:
+    proc = pooler()
+    assert closed_without_answer(proc, client_hello(certs))
+    assert "direct TLS, but TLS is not offered here" in proc.log_text()
+    user = pg.md5_user
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(
+            tls_dsn(proc, user.name, user.password, certs, sslnegotiation="direct"),
+            connect_timeout=10,
+        )
+    with psycopg.connect(proc.dsn(user.name, user.password), autocommit=True) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)

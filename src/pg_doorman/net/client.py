@@ -28,7 +28,7 @@ from pg_doorman.auth.scram import (
     make_scram_verifier,
 )
 from pg_doorman.net.suspend import SUSPEND
-from pg_doorman.net.tls import TlsReader
+from pg_doorman.net.tls import TlsReader, negotiated_postgresql, start_tls_with_hello
 from pg_doorman.pool.pool import AcquireError, Pool
 from pg_doorman.prepared.rewriter import BatchRewriter
 from pg_doorman.protocol import codes, messages, sqlstate
@@ -95,6 +95,8 @@ _DROPPED_BETWEEN: Final = codes.type_table(b"cdfH")
 _MAY_BE_DEALLOCATE: Final = codes.MAY_START_DEALLOCATE
 _DEALLOCATE_MAX: Final = codes.DEALLOCATE_MAX
 # Names that may be spliced into SET statements; anything else is refused at login.
+# A TLS record's first byte when it carries a handshake message (the client's hello).
+_TLS_HANDSHAKE_RECORD: Final = 0x16
 _GUC_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?")
 
 
@@ -349,6 +351,9 @@ class ClientConnection(asyncio.Protocol):
     def _startup_data(self, data: bytes) -> None:
         buf = self._startup_buf
         buf += data
+        if buf and buf[0] == _TLS_HANDSHAKE_RECORD and not self.tls:
+            self._direct_tls(buf)
+            return
         while len(buf) >= 4:
             try:
                 length = startup_packet_length(bytes(buf[:4]))
@@ -403,6 +408,40 @@ class ClientConnection(asyncio.Protocol):
             self._resume_login(None)
             return
 
+    def _direct_tls(self, buf: bytearray) -> None:
+        """A TLS hello where a startup packet belongs (a length, whose first byte is 0):
+        direct TLS (PostgreSQL 17's sslnegotiation=direct), without an SSLRequest."""
+        context = self.pooler.tls_context
+        if context is None or self.unix:
+            logger.info("client %s: direct TLS, but TLS is not offered here", self.name)
+            self.pooler.login_failures += 1
+            self.close()
+            return
+        if len(buf) < 5:
+            return  # the record header: type, version, length
+        end = 5 + ((buf[3] << 8) | buf[4])
+        if len(buf) < end:
+            return
+        if len(buf) > end:
+            # The client sends nothing more before the server's hello.
+            logger.info("client %s: direct TLS with data after its hello", self.name)
+            self.pooler.login_failures += 1
+            self.close()
+            return
+        hello = bytes(buf)
+        buf.clear()
+        transport = self.transport
+        assert transport is not None
+        transport.pause_reading()
+        self._on_data = self._startup_during_handshake
+        self.pooler.track(self.loop.create_task(self._tls_handshake(transport, context, hello)))
+
+    def _startup_during_handshake(self, data: bytes) -> None:
+        # Decrypted data that the TLS layer hands over as soon as the handshake is
+        # through, before _tls_handshake resumes: the client's startup packet may come
+        # in the same flight as its last handshake message.
+        self._startup_buf += data
+
     def _start_tls(self, context: ssl.SSLContext) -> None:
         """Answer S and hand the socket to TLS; the startup packet comes through it."""
         transport = self.transport
@@ -410,11 +449,14 @@ class ClientConnection(asyncio.Protocol):
         # Nothing may reach _startup_data before the handshake: the next bytes are the
         # client's TLS hello.
         transport.pause_reading()
-        self._on_data = _ignore
+        self._on_data = self._startup_during_handshake
         self.write(messages.SSL_ACCEPTED)
         self.pooler.track(self.loop.create_task(self._tls_handshake(transport, context)))
 
-    async def _tls_handshake(self, transport: asyncio.Transport, context: ssl.SSLContext) -> None:
+    async def _tls_handshake(
+        self, transport: asyncio.Transport, context: ssl.SSLContext, hello: bytes = b""
+    ) -> None:
+        """`hello`: the client's TLS hello, already read (direct TLS)."""
         limiter = self.pooler.tls_limiter
         if limiter is not None:
             delay = limiter.delay(_now())
@@ -428,13 +470,17 @@ class ClientConnection(asyncio.Protocol):
                 if self.state == CLOSED:  # gone, or cut by client_login_timeout
                     return
         try:
-            tls_transport = await self.loop.start_tls(
+            opening = self.loop.start_tls(
                 transport,
                 TlsReader(self),
                 context,
                 server_side=True,
                 ssl_handshake_timeout=self.pooler.tls_handshake_timeout,
             )
+            if hello:
+                tls_transport = await start_tls_with_hello(opening, transport, hello)
+            else:
+                tls_transport = await opening
         except OSError as exc:  # ssl.SSLError, TimeoutError and resets included
             logger.info("client %s: TLS handshake failed: %s", self.name, exc)
             self.pooler.login_failures += 1
@@ -450,9 +496,18 @@ class ClientConnection(asyncio.Protocol):
             return
         self.transport = tls_transport
         self._transport_write = self.transport.write
+        if hello and not negotiated_postgresql(tls_transport):
+            # As PostgreSQL: direct TLS needs ALPN, so that a TLS connection meant for
+            # another protocol is never taken for ours.
+            logger.info("client %s: direct TLS without the postgresql ALPN protocol", self.name)
+            self.pooler.login_failures += 1
+            self.close()
+            return
         self.tls = True
         self.pooler.tls_sessions += 1
         self._on_data = self._startup_data
+        if self._startup_buf:
+            self._startup_data(b"")
 
     def login_timed_out(self) -> None:
         """client_login_timeout passed before the login completed."""

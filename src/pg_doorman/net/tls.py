@@ -9,8 +9,11 @@ connection, to clients and to servers, delivers its data through.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import ssl
+from collections.abc import Coroutine
+from typing import Any, cast
 
 from pg_doorman.config.schema import GeneralConfig
 
@@ -30,6 +33,8 @@ def client_tls_context(general: GeneralConfig) -> ssl.SSLContext | None:
         return None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # What PostgreSQL 17 negotiates; direct TLS requires it (negotiated_postgresql).
+    context.set_alpn_protocols([ALPN_PROTOCOL])
     try:
         context.load_cert_chain(general.tls_certificate, general.tls_private_key)
     except OSError as exc:  # ssl.SSLError included
@@ -67,6 +72,63 @@ def client_tls_identity(general: GeneralConfig) -> tuple[object, ...]:
             except OSError:
                 digest.update(b"unreadable")
     return (general.tls_mode, *files, digest.hexdigest())
+
+
+ALPN_PROTOCOL = "postgresql"
+
+
+def negotiated_postgresql(transport: asyncio.BaseTransport) -> bool:
+    """Whether the TLS session agreed on the postgresql ALPN protocol."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    return ssl_object is not None and ssl_object.selected_alpn_protocol() == ALPN_PROTOCOL
+
+
+async def start_tls_with_hello(
+    opening: Coroutine[Any, Any, asyncio.Transport | None],
+    transport: asyncio.Transport,
+    hello: bytes,
+) -> asyncio.Transport | None:
+    """Finish `opening` (a server-side `loop.start_tls` on `transport`, not started yet)
+    when the client's TLS hello was read before it: the hello goes to the TLS layer as
+    soon as the layer is in place, ahead of anything read after it."""
+    try:
+        # Sets the TLS layer as the transport's protocol, and schedules its
+        # connection_made and the transport's resume_reading.
+        waiting = opening.send(None)
+    except StopIteration as stop:
+        return cast("asyncio.Transport | None", stop.value)
+    layer = cast(asyncio.BufferedProtocol, transport.get_protocol())
+
+    def give_hello() -> None:
+        # After those two, before the loop next reads the socket.
+        view = memoryview(hello)
+        while view:
+            buffer = memoryview(layer.get_buffer(len(view))).cast("B")
+            count = min(len(buffer), len(view))
+            buffer[:count] = view[:count]
+            layer.buffer_updated(count)
+            view = view[count:]
+
+    loop = asyncio.get_running_loop()
+    loop.call_soon(give_hello)
+    while True:
+        # `opening` waits on `waiting` and takes its outcome from it when resumed; this
+        # coroutine only waits for it to be done, as a task would before resuming it.
+        ready: asyncio.Future[None] = loop.create_future()
+        waiting.add_done_callback(functools.partial(_set_done, ready))
+        try:
+            await ready
+        except asyncio.CancelledError:
+            waiting.cancel()  # so that `opening` cleans up and ends cancelled too
+        try:
+            waiting = opening.send(None)
+        except StopIteration as stop:
+            return cast("asyncio.Transport | None", stop.value)
+
+
+def _set_done(ready: asyncio.Future[None], _done: object) -> None:
+    if not ready.done():
+        ready.set_result(None)
 
 
 class HandshakeLimiter:
