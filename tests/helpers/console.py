@@ -22,3 +22,12 @@ def show_table(console: w.PgWire, what: str) -> list[dict[str, str | None]]:
 def pool_row(console: w.PgWire, user: str) -> dict[str, str | None]:
     """SHOW POOLS' row for a user's pool."""
     return next(r for r in show_table(console, "POOLS") if r["user"] == user)
+
+
+def admin_rows(proc: PoolerProcess, what: str) -> list[dict[str, str | None]]:
+    """`SHOW <what>` over a fresh admin console connection (plain TCP)."""
+    console = admin_console(proc)
+    try:
+        return show_table(console, what)
+    finally:
+        console.close()

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from helpers import ExamplePostgres
-from helpers.console import admin_console, show_table
+from helpers.console import admin_rows
 from helpers.metrics import scrape, value
 from helpers.pooler import PoolerFactory, PoolerProcess, deep_merge
 from pg_doorman.app.embedded_pg import free_port
@@ -25,14 +25,6 @@ def backends(pg: ExamplePostgres, *users: str) -> list[int]:
         "and backend_type = 'client backend' order by pid"
     )
     return [int(line) for line in out.split()]
-
-
-def admin_rows(proc: PoolerProcess, what: str) -> list[dict[str, str | None]]:
-    console = admin_console(proc)
-    try:
-        return show_table(console, what)
-    finally:
-        console.close()
 
 
 USERS = [

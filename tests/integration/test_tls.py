@@ -23,7 +23,7 @@ import trustme
 
 from helpers import ExamplePostgres
 from helpers import pgwire as w
-from helpers.console import admin_console, show_table
+from helpers.console import admin_rows
 from helpers.pooler import PoolerFactory, PoolerProcess, deep_merge
 
 
@@ -80,15 +80,6 @@ def tls_dsn(proc: PoolerProcess, user: str, password: str, certs: Certs, **param
 
 def client_context(certs: Certs) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(certs.ca))
-
-
-def admin_rows(proc: PoolerProcess, what: str) -> list[dict[str, str | None]]:
-    """`SHOW <what>` over a fresh admin console connection (plain TCP)."""
-    console = admin_console(proc)
-    try:
-        return show_table(console, what)
-    finally:
-        console.close()
 
 
 def clients_row(proc: PoolerProcess, user: str) -> dict[str, str | None]:

@@ -312,12 +312,17 @@ AUTH_QUERY_COLUMNS: Final = (
 
 def auth_query(snap: Snapshot) -> Table:
     """One row per pool with an auth_query: its cache, logins, lookups and pools."""
-    columns = _typed("database", *(f"{name}:int" for name in AUTH_QUERY_COLUMNS))
-    rows: Rows = [
-        [row["database"], *(row[name] for name in AUTH_QUERY_COLUMNS)]
-        for row in sorted(snap["auth_query"], key=lambda row: row["database"])
+    return _by_database(snap["auth_query"], AUTH_QUERY_COLUMNS)
+
+
+def _by_database(rows: list[dict[str, Any]], names: tuple[str, ...]) -> Table:
+    """A table of `database` and the integer columns `names`, by database name."""
+    columns = _typed("database", *(f"{name}:int" for name in names))
+    table: Rows = [
+        [row["database"], *(row[name] for name in names)]
+        for row in sorted(rows, key=lambda row: row["database"])
     ]
-    return columns, rows
+    return columns, table
 
 
 POOL_COORDINATOR_COLUMNS: Final = (
@@ -328,12 +333,7 @@ POOL_COORDINATOR_COLUMNS: Final = (
 
 def pool_coordinator(snap: Snapshot) -> Table:
     """One row per database with max_db_connections: its servers against the limit."""
-    columns = _typed("database", *(f"{name}:int" for name in POOL_COORDINATOR_COLUMNS))
-    rows: Rows = [
-        [row["database"], *(row[name] for name in POOL_COORDINATOR_COLUMNS)]
-        for row in sorted(snap["coordinator"], key=lambda row: row["database"])
-    ]
-    return columns, rows
+    return _by_database(snap["coordinator"], POOL_COORDINATOR_COLUMNS)
 
 
 def connections(snap: Snapshot) -> Table:

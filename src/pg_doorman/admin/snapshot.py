@@ -277,30 +277,25 @@ def merge(snapshots: list[Snapshot]) -> Snapshot:
             else:
                 pools[pool_key] = _copy_pool(data)
     out["pools"] = list(pools.values())
-    auth_queries: dict[str, dict[str, Any]] = {}
-    for snapshot in snapshots:
-        for row in snapshot["auth_query"]:
-            known = auth_queries.get(row["database"])
-            if known is None:
-                auth_queries[row["database"]] = dict(row)
-            else:
-                for key, value in row.items():
-                    if key != "database":
-                        known[key] += value
-    out["auth_query"] = list(auth_queries.values())
+    out["auth_query"] = _summed_by_database(snapshots, "auth_query")
     # Each worker holds its share of a database's budget: the shares add up.
-    budgets: dict[str, dict[str, Any]] = {}
+    out["coordinator"] = _summed_by_database(snapshots, "coordinator")
+    return out
+
+
+def _summed_by_database(snapshots: list[Snapshot], what: str) -> list[dict[str, Any]]:
+    """The rows of `what` (one per database and worker), one per database, summed."""
+    rows: dict[str, dict[str, Any]] = {}
     for snapshot in snapshots:
-        for row in snapshot["coordinator"]:
-            known = budgets.get(row["database"])
+        for row in snapshot[what]:
+            known = rows.get(row["database"])
             if known is None:
-                budgets[row["database"]] = dict(row)
+                rows[row["database"]] = dict(row)
             else:
                 for key, value in row.items():
                     if key != "database":
                         known[key] += value
-    out["coordinator"] = list(budgets.values())
-    return out
+    return list(rows.values())
 
 
 def _copy_pool(data: PoolData) -> PoolData:
