@@ -94,9 +94,9 @@ _WAITING_BACKLOG: Final = 64 * 1024
 _DROPPED_BETWEEN: Final = codes.type_table(b"cdfH")
 _MAY_BE_DEALLOCATE: Final = codes.MAY_START_DEALLOCATE
 _DEALLOCATE_MAX: Final = codes.DEALLOCATE_MAX
-# Names that may be spliced into SET statements; anything else is refused at login.
 # A TLS record's first byte when it carries a handshake message (the client's hello).
 _TLS_HANDSHAKE_RECORD: Final = 0x16
+# Names that may be spliced into SET statements; anything else is refused at login.
 _GUC_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?")
 
 

@@ -101,6 +101,8 @@ async def start_tls_with_hello(
 
     def give_hello() -> None:
         # After those two, before the loop next reads the socket.
+        if transport.is_closing():
+            return  # gone already: `opening` hears of it from the TLS layer
         view = memoryview(hello)
         while view:
             buffer = memoryview(layer.get_buffer(len(view))).cast("B")
