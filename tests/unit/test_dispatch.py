@@ -459,3 +459,32 @@ def test_a_descriptor_the_loop_cannot_serve_is_closed_and_reported(loop_kind: st
         assert not is_open(fd)
     finally:
         loop.close()
+
+
+def test_drain_takes_every_connection_waiting_in_the_channel(
+    loop: asyncio.AbstractEventLoop, board: LoadBoard
+) -> None:
+    """A stopping worker takes what the supervisor already sent, so that those clients
+    are answered like the others instead of losing their connection unanswered."""
+    ours, theirs = channel_pair()
+    adopted: list[socket.socket] = []
+    receiver = Receiver(loop, theirs, board, 0, adopting(adopted))
+    receiver.start()  # the loop does not run here: only drain() reads
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(3)]
+    try:
+        for _, server_side in pairs:
+            socket.send_fds(ours, [b"u"], [server_side.fileno()])
+        receiver.drain()
+        assert len(adopted) == 3 and receiver.received == 3
+        for (client_side, _), sock in zip(pairs, adopted, strict=True):
+            sock.sendall(b"x")
+            assert client_side.recv(1) == b"x"  # the very connection, passed whole
+        receiver.stop()
+        receiver.drain()  # a closed channel: nothing to take, nothing logged
+    finally:
+        for sock in adopted:
+            sock.close()
+        for pair in pairs:
+            for sock in pair:
+                sock.close()
+        ours.close()

@@ -356,27 +356,41 @@ class Receiver:
         self.closed += 1
         self.board.set_closed(self.index, self.closed)
 
+    def drain(self) -> None:
+        """Take every connection waiting in the channel now (the worker is stopping:
+        they are answered like its other clients rather than dropped unanswered)."""
+        while self.channel.fileno() != -1 and self._receive_one():
+            pass
+
     def _receive(self) -> None:
         # One message per wakeup, as the supervisor accepts: the channel stays readable
         # while more wait, and reading on until EAGAIN costs an exception each time.
+        self._receive_one()
+
+    def _receive_one(self) -> bool:
+        """Take one message from the channel; False when none was waiting."""
         try:
             data, ancillary, _, _ = self.channel.recvmsg(1, self._space)
         except (BlockingIOError, InterruptedError):
-            return
+            return False
         except OSError as exc:
             logger.error("dispatch channel failed: %s", exc)
             self.stop()
-            return
+            return False
         if not data:
             # The supervisor is gone; the worker notices and shuts down.
             self.stop()
-            return
-        for level, kind, payload in ancillary:
-            if level != socket.SOL_SOCKET or kind != socket.SCM_RIGHTS:
+            return False
+        self._take_all(ancillary, data[0])
+        return True
+
+    def _take_all(self, ancillary: list[tuple[int, int, bytes]], kind: int) -> None:
+        for level, kind_of_message, payload in ancillary:
+            if level != socket.SOL_SOCKET or kind_of_message != socket.SCM_RIGHTS:
                 continue
             for offset in range(0, len(payload) - _FD_SIZE + 1, _FD_SIZE):
                 fd = int.from_bytes(payload[offset : offset + _FD_SIZE], sys.byteorder)
-                self._take(fd, data[0])
+                self._take(fd, kind)
 
     def _take(self, fd: int, kind: int) -> None:
         self.received += 1

@@ -1084,6 +1084,13 @@ class Pooler:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._drained.wait()
+        if self.receiver is not None:
+            self.receiver.drain()
+            self.receiver.stop()
+        # Connections accepted or received until now get their connection_made (a loop
+        # turn away), so that they are told below rather than closed unanswered.
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
         for client in list(self.clients.values()):
             client.fail(sqlstate.ADMIN_SHUTDOWN, "pooler is shutting down")
         for pool in self.pools:
@@ -1095,8 +1102,6 @@ class Pooler:
         if self.web is not None:
             # Open until here: /health says 503 and /metrics still serve while draining.
             self.web.close()
-        if self.receiver is not None:
-            self.receiver.stop()
         for task in (self._retain_task, self._stats_task, self._login_sweep_task):
             if task is not None:
                 task.cancel()
