@@ -615,7 +615,7 @@ class Pooler:
             except TlsSetupError as exc:
                 raise ConfigError(f"general.{exc.key}", str(exc)) from exc
             self.tls_context = context
-            self._tls_identity = client_tls_identity(new)
+            self._tls_identity = identity
             notes.append("client TLS settings or files changed: new connections use them")
         self.tls_required = tls_required(new)
         rate = new.tls_rate_limit_per_second

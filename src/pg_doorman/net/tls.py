@@ -56,8 +56,7 @@ def client_tls_context(general: GeneralConfig) -> ssl.SSLContext | None:
 
 def client_tls_identity(general: GeneralConfig) -> tuple[object, ...]:
     """What the client TLS context is built from: the settings and the files' contents,
-    so that a renewed certificate at the same path counts as a change. Read after
-    `client_tls_context` succeeded for the same settings."""
+    so that a renewed certificate at the same path counts as a change."""
     if general.tls_certificate is None or general.tls_mode == "disable":
         return (None,)
     files = [general.tls_certificate, general.tls_private_key]

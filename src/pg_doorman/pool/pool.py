@@ -640,22 +640,20 @@ class DatabaseBudget:
             self._quiet = False
 
     def _evict_for(self, pool: Pool, now: float) -> bool:
-        victim: Pool | None = None
-        chosen: PooledServer | None = None
+        found: tuple[Pool, PooledServer] | None = None
         most = 0
         for other in self.pools:
-            if other is pool or other.closed or not other.idle:
-                continue
-            surplus = other.size - self._floor(other)
+            surplus = self._surplus(other, pool)
             if surplus <= most:
                 continue
             # The least recently used idle server old enough to go (the list's front).
             for server in other.idle:
                 if now - server.created >= self.min_lifetime:
-                    victim, chosen, most = other, server, surplus
+                    found, most = (other, server), surplus
                     break
-        if victim is None or chosen is None:
+        if found is None:
             return False
+        victim, chosen = found
         victim.idle.remove(chosen)
         self.evictions += 1
         quiet = self._quiet
@@ -665,6 +663,12 @@ class DatabaseBudget:
         finally:
             self._quiet = quiet
         return True
+
+    def _surplus(self, other: Pool, pool: Pool) -> int:
+        """Servers of `other` that may be closed for `pool`'s clients (0: none)."""
+        if other is pool or other.closed:
+            return 0
+        return other.size - self._floor(other)
 
     def _floor(self, pool: Pool) -> int:
         """Servers of `pool` that are never taken for another pool."""
@@ -681,7 +685,7 @@ class DatabaseBudget:
         if self.reserve > 0 and self.count < self.limit + self.reserve:
             at = now + self.reserve_timeout - pool.oldest_wait(now)
         for other in self.pools:
-            if other is pool or other.closed or other.size <= self._floor(other):
+            if self._surplus(other, pool) <= 0:
                 continue
             for server in other.idle:
                 ready = server.created + self.min_lifetime
