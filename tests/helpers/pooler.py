@@ -322,6 +322,16 @@ class PoolerProcess:
         self._log_shown = len(self.log_text())
         return self.log_tail()
 
+    def reload_and_wait(self, config: Mapping[str, Any] | None = None) -> None:
+        """reload(), then wait until the pooler logged that it applied the file."""
+        done = self.log_text().count("configuration reloaded")
+        self.reload(config)
+        deadline = time.monotonic() + 10
+        while self.log_text().count("configuration reloaded") == done:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no reload in 10s; tail:\n{self.log_tail()}")
+            time.sleep(0.05)
+
     def wait_for_log(self, text: str, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
         while text not in self.log_text():

@@ -786,7 +786,14 @@ DATABASE_BUDGET = (
     "reserve_pool_timeout",
     "min_guaranteed_pool_size",
 )
-IMPLEMENTED = (*CLIENT_TLS, *SERVER_TLS, *DATABASE_BUDGET)
+PATRONI_FALLBACK = (
+    "patroni_api_urls",
+    "fallback_cooldown",
+    "patroni_api_timeout",
+    "fallback_connect_timeout",
+    "fallback_lifetime",
+)
+IMPLEMENTED = (*CLIENT_TLS, *SERVER_TLS, *DATABASE_BUDGET, *PATRONI_FALLBACK)
 
 
 def test_not_implemented_keys_warn_when_set() -> None:
@@ -865,6 +872,7 @@ def test_not_implemented_keys_warn_when_set() -> None:
             f"pools.mydb.{key}"
             for key in data["pools"]["mydb"]
             if key not in ("server_port", "users", "auth_query", *SERVER_TLS, *DATABASE_BUDGET)
+            and key not in PATRONI_FALLBACK
         }
         | {"pools.mydb.users[0].auth_pam_service", "talos"}
         | {f"web.{key}" for key in data["web"]}

@@ -173,8 +173,8 @@ def pools(snap: Snapshot) -> Table:
         [
             p["database"], p["user"], p["pool_mode"], p["cl_idle"], p["cl_active"],
             p["cl_waiting"], 0, p["sv_active"], p["sv_idle"], p["sv_used"], p["sv_login"],
-            p["pool_size"], *_maxwait(p), p["averages"]["xact_time"], p["paused"], 0,
-            int(p["oldest_active"] * 1000),
+            p["pool_size"], *_maxwait(p), p["averages"]["xact_time"], p["paused"],
+            p["fallback_active"], int(p["oldest_active"] * 1000),
         ]
         for p in snap["pools"]
     ]  # fmt: skip

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from pg_doorman.app.auth_query_users import AuthQueryUsers
     from pg_doorman.app.pooler import Pooler
     from pg_doorman.net.client import ClientConnection
+    from pg_doorman.pool.fallback import Fallback
     from pg_doorman.pool.pool import Pool
 
 Snapshot = dict[str, Any]
@@ -30,7 +31,7 @@ _SUMMED = (
     "client_named", "client_anonymous", "client_prepared_bytes", "hits", "misses",
     "tls_servers", "tls_handshakes", "tls_handshake_seconds", "tls_handshake_errors",
 )  # fmt: skip
-_MAXED = ("paused", "maxwait", "oldest_active")
+_MAXED = ("paused", "fallback_active", "maxwait", "oldest_active")
 _RATES = ("xact_count", "query_count", "received", "sent", "errors")
 _HISTOGRAMS = ("query", "transaction", "wait")
 
@@ -63,7 +64,10 @@ def take(pooler: Pooler) -> Snapshot:
     for (database, user), entry in pooler.listed_entries():
         pool = entry.pool
         clients = by_pool.get(pool, [])
-        pools.append(_pool_data(database, user, pool, clients, now))
+        data = _pool_data(database, user, pool, clients, now)
+        fallback = pooler.fallbacks.get(database)
+        data["fallback_active"] = int(fallback is not None and fallback.active(now))
+        pools.append(data)
         for server in pool.servers:
             if not isinstance(server, ServerConnection):
                 continue
@@ -112,6 +116,29 @@ def take(pooler: Pooler) -> Snapshot:
             }
             for name, budget in pooler.budgets.items()
         ],
+        "fallback": [
+            _fallback_data(name, fallback, now) for name, fallback in pooler.fallbacks.items()
+        ],
+    }
+
+
+def _fallback_data(database: str, fallback: Fallback, now: float) -> dict[str, Any]:
+    stats = fallback.stats
+    member = fallback.member
+    active = fallback.active(now)
+    return {
+        "database": database,
+        "active": int(active),
+        # Where new servers open now: [host, port], or None.
+        "host": [member.host, member.port] if active and member is not None else None,
+        "api_requests": stats.api_requests,
+        "api_errors": stats.api_errors,
+        "api_duration_counts": list(stats.api_duration_counts),
+        "api_duration_over": stats.api_duration_over,
+        "api_duration_sum": stats.api_duration_sum,
+        "connections": stats.connections,
+        "cache_hits": stats.cache_hits,
+        "candidate_failures": dict(stats.candidate_failures),
     }
 
 
@@ -280,7 +307,37 @@ def merge(snapshots: list[Snapshot]) -> Snapshot:
     out["auth_query"] = _summed_by_database(snapshots, "auth_query")
     # Each worker holds its share of a database's budget: the shares add up.
     out["coordinator"] = _summed_by_database(snapshots, "coordinator")
+    out["fallback"] = _merged_fallbacks(snapshots)
     return out
+
+
+def _merged_fallbacks(snapshots: list[Snapshot]) -> list[dict[str, Any]]:
+    """Each worker falls back on its own: counters add up; active if any worker is,
+    at the host one of them uses."""
+    rows: dict[str, dict[str, Any]] = {}
+    for snapshot in snapshots:
+        for row in snapshot["fallback"]:
+            known = rows.get(row["database"])
+            if known is None:
+                rows[row["database"]] = {
+                    **row,
+                    "api_duration_counts": list(row["api_duration_counts"]),
+                    "candidate_failures": dict(row["candidate_failures"]),
+                }
+                continue
+            known["active"] = max(known["active"], row["active"])
+            known["host"] = known["host"] or row["host"]
+            for key in (
+                "api_requests", "api_errors", "api_duration_over", "api_duration_sum",
+                "connections", "cache_hits",
+            ):  # fmt: skip
+                known[key] += row[key]
+            counts = zip(known["api_duration_counts"], row["api_duration_counts"], strict=True)
+            known["api_duration_counts"] = [a + b for a, b in counts]
+            for reason, count in row["candidate_failures"].items():
+                failures = known["candidate_failures"]
+                failures[reason] = failures.get(reason, 0) + count
+    return list(rows.values())
 
 
 def _summed_by_database(snapshots: list[Snapshot], what: str) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ import random
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -49,6 +49,7 @@ from pg_doorman.net.tls import (
     client_tls_identity,
     tls_required,
 )
+from pg_doorman.pool.fallback import Fallback, FallbackSettings
 from pg_doorman.pool.pool import DatabaseBudget, Pool, PoolSettings
 from pg_doorman.protocol import messages, sqlstate
 from pg_doorman.protocol.startup import StartupError
@@ -151,7 +152,30 @@ def pool_settings(
     )
 
 
+def fallback_settings(general: GeneralConfig, pool: PoolConfig) -> FallbackSettings | None:
+    """The pool's Patroni fallback settings (its own, else [general]'s); None: off."""
+    urls = pool.patroni_api_urls if pool.patroni_api_urls is not None else general.patroni_api_urls
+    if not urls:
+        return None
+
+    def ms(name: str, default: int) -> int:
+        value: int | None = getattr(pool, name)
+        if value is None:
+            value = getattr(general, name)
+        return default if value is None else value
+
+    cooldown = ms("fallback_cooldown", 30_000)
+    return FallbackSettings(
+        urls=tuple(urls),
+        cooldown=cooldown / 1000.0,
+        api_timeout=ms("patroni_api_timeout", 5_000) / 1000.0,
+        connect_timeout=ms("fallback_connect_timeout", 5_000) / 1000.0,
+        lifetime=ms("fallback_lifetime", cooldown) / 1000.0,
+    )
+
+
 def _server_tls(general: GeneralConfig, pool: PoolConfig, name: str) -> ServerTls:
+
     try:
         return server_tls_for(general, pool, f"pools.{name}")
     except TlsSetupError as exc:
@@ -276,6 +300,8 @@ class Pooler:
         self.entries: dict[tuple[str, str], PoolEntry] = {}
         # max_db_connections: one budget per database (pool name) that sets it.
         self.budgets: dict[str, DatabaseBudget] = {}
+        # Patroni-assisted fallback: one per database (pool name) with patroni_api_urls.
+        self.fallbacks: dict[str, Fallback] = {}
         # Pools with an auth_query: their looked-up users, by pool name.
         self.auth_queries: dict[str, AuthQueryUsers] = {}
         self.hba: HbaRules | None = (
@@ -411,6 +437,7 @@ class Pooler:
             )
         pool = entry.pool
         pool.join_budget(self._budget_for(name, pool_config))
+        self._fallback_for(config, name, pool_config)
         check_query = messages.query(config.general.pooler_check_query)
         if pool.check_query != check_query:
             pool.check_query_response = None
@@ -465,7 +492,26 @@ class Pooler:
 
     async def connect_server(self, pool: Pool) -> ServerConnection:
         credentials = self._credentials[pool]
-        return await open_server(pool, self.ids.next_server_id(), credentials, self.loop)
+        fallback = self.fallbacks.get(pool.settings.database)
+        if fallback is None:
+            return await open_server(pool, self.ids.next_server_id(), credentials, self.loop)
+        settings = fallback.settings
+
+        def open_local() -> Awaitable[ServerConnection]:
+            return open_server(pool, self.ids.next_server_id(), credentials, self.loop)
+
+        def open_at(host: str, port: int) -> Awaitable[ServerConnection]:
+            return open_server(
+                pool,
+                self.ids.next_server_id(),
+                credentials,
+                self.loop,
+                at=(host, port),
+                timeout=settings.connect_timeout,
+                lifetime=settings.lifetime or None,  # 0: the pool's server_lifetime
+            )
+
+        return await fallback.connect(open_local, open_at)
 
     def pool_entry(self, database: str, user: str) -> PoolEntry | None:
         return self.entries.get((database, user))
@@ -567,6 +613,18 @@ class Pooler:
             pool.close_all("KILL by admin")
         return killed
 
+    def _fallback_for(self, config: Config, name: str, pool_config: PoolConfig) -> None:
+        """Keep the database's Fallback (with its state) in step with its settings."""
+        settings = fallback_settings(config.general, pool_config)
+        if settings is None:
+            self.fallbacks.pop(name, None)
+            return
+        fallback = self.fallbacks.get(name)
+        if fallback is None:
+            self.fallbacks[name] = Fallback(name, settings)
+        else:
+            fallback.settings = settings
+
     def reload(self, config: Config) -> list[str]:
         """Apply a new, already validated config to the running pooler.
 
@@ -598,6 +656,8 @@ class Pooler:
                 self.retire_pool(entry.pool)
         for database, user in self.entries.keys() - previous.keys():
             notes.append(f"pool {user}@{database} added")
+        for name in self.fallbacks.keys() - config.pools.keys():
+            del self.fallbacks[name]
         notes.extend(self._reload_auth_queries(config))
         for _, entry in self.listed_entries():
             entry.pool.retain(0)  # opens min_pool_size servers of new pools

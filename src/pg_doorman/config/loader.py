@@ -599,11 +599,6 @@ GENERAL_NOT_IMPLEMENTED = frozenset(
         "scaling_warm_pool_ratio",
         "scaling_fast_retries",
         "scaling_max_parallel_creates",
-        "patroni_api_urls",
-        "fallback_cooldown",
-        "patroni_api_timeout",
-        "fallback_connect_timeout",
-        "fallback_lifetime",
     }
 )
 GENERAL_NOT_APPLICABLE = frozenset(
@@ -823,11 +818,6 @@ POOL_NOT_IMPLEMENTED = frozenset(
         "scaling_warm_pool_ratio",
         "scaling_fast_retries",
         "scaling_cooldown_sleep",
-        "patroni_api_urls",
-        "fallback_cooldown",
-        "patroni_api_timeout",
-        "fallback_connect_timeout",
-        "fallback_lifetime",
     }
 )
 

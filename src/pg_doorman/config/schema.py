@@ -145,6 +145,8 @@ class GeneralConfig:
     scaling_warm_pool_ratio: int = 20
     scaling_fast_retries: int = 10
     scaling_max_parallel_creates: int = 2
+
+    # Patroni-assisted fallback defaults for every pool (ms; None: 30 s, 5 s, 5 s, cooldown).
     patroni_api_urls: list[str] | None = None
     fallback_cooldown: int | None = None
     patroni_api_timeout: int | None = None
@@ -227,10 +229,12 @@ class PoolConfig:
     scaling_warm_pool_ratio: int | None = None
     scaling_fast_retries: int | None = None
     scaling_cooldown_sleep: int | None = None
+    # Backend TLS; None: the [general] value.
     server_tls_mode: str | None = None
     server_tls_ca_cert: str | None = None
     server_tls_certificate: str | None = None
     server_tls_private_key: str | None = None
+    # Patroni-assisted fallback; None: the [general] value.
     patroni_api_urls: list[str] | None = None
     fallback_cooldown: int | None = None
     patroni_api_timeout: int | None = None

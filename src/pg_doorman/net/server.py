@@ -20,7 +20,7 @@ from pg_doorman.auth.md5 import md5_password_response, md5_salted_response
 from pg_doorman.auth.scram import ScramClientSession, ScramError, ScramVerifier
 from pg_doorman.net.inbox import AwaitableInbox
 from pg_doorman.net.server_tls import ServerTls, TlsRefused, connect_tls
-from pg_doorman.pool.pool import AcquireError, Pool
+from pg_doorman.pool.pool import AcquireError, ConnectTimeout, Pool
 from pg_doorman.prepared.registry import ServerStatements
 from pg_doorman.protocol import codes, messages, sqlstate
 from pg_doorman.protocol.framing import (
@@ -296,6 +296,12 @@ class ServerConnection(asyncio.Protocol):
 
     def is_usable(self, now: float) -> bool:
         return not (self.closed or self.canceled or now >= self.lifetime_deadline)
+
+    def limit_lifetime(self, deadline: float) -> None:
+        """Close this server at `deadline` at the latest (not at its pool's lifetime)."""
+        if deadline < self.lifetime_deadline:
+            self.lifetime_deadline = deadline
+            self._expires_at = min(self._expires_at, deadline)
 
     def checkout_state(self, now: float) -> int:
         """For an idle server being checked out: 0 use it, EXPIRED, or NEEDS_PROBE."""
@@ -789,8 +795,15 @@ async def open_server(
     server_id: int,
     creds: BackendCredentials,
     loop: asyncio.AbstractEventLoop,
+    at: tuple[str, int] | None = None,
+    timeout: float | None = None,
+    lifetime: float | None = None,
 ) -> ServerConnection:
-    """Connect and log in to the pool's backend, within connect_timeout."""
+    """Connect and log in to the pool's backend, within connect_timeout.
+
+    `at`, `timeout`, `lifetime`: another host and port than the pool's, another connect
+    timeout, a lifetime shorter than the pool's (a Patroni fallback server).
+    """
     settings = pool.settings
     startup = {
         "user": settings.server_user,
@@ -798,8 +811,8 @@ async def open_server(
         "application_name": settings.application_name,
     }
     startup.update(settings.startup_parameters)
-    host = settings.server_host
-    port = settings.server_port
+    host, port = (settings.server_host, settings.server_port) if at is None else at
+    connect_timeout = settings.connect_timeout if timeout is None else timeout
     # Unix-socket backends are local: PostgreSQL offers no TLS there.
     tls = None if host.startswith("/") else cast("ServerTls | None", settings.server_tls)
 
@@ -808,7 +821,7 @@ async def open_server(
 
     server: ServerConnection | None = None
     try:
-        async with asyncio.timeout(settings.connect_timeout):
+        async with asyncio.timeout(connect_timeout):
             if host.startswith("/"):
                 path = f"{host.rstrip('/')}/.s.PGSQL.{port}"
                 _, server = await loop.create_unix_connection(factory, path)
@@ -833,11 +846,14 @@ async def open_server(
     except TimeoutError:
         if server is not None:
             server.close("connect timeout")
-        raise AcquireError(
+        raise ConnectTimeout(
             sqlstate.CONNECTION_FAILURE,
-            f"timeout connecting to server {host}:{port} "
-            f"(connect_timeout {settings.connect_timeout:g}s)",
+            f"timeout connecting to server {host}:{port} (connect timeout {connect_timeout:g}s)",
         ) from None
+    except asyncio.CancelledError:  # the pool closed, or another fallback member won
+        if server is not None:
+            server.close("connect cancelled")
+        raise
     except AcquireError:
         if server is not None:
             server.close("login failed")
@@ -849,4 +865,6 @@ async def open_server(
             sqlstate.CONNECTION_FAILURE,
             f"cannot connect to server {host}:{port}: {exc.strerror or exc}",
         ) from exc
+    if lifetime is not None:
+        server.limit_lifetime(server.created + lifetime)
     return server

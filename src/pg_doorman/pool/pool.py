@@ -44,6 +44,10 @@ class AcquireError(Exception):
         self.message = message
 
 
+class ConnectTimeout(AcquireError):
+    """No server login within the connect timeout (as opposed to a refusal)."""
+
+
 @dataclass
 class PoolSettings:
     """Effective settings of one (database, user) pool, resolved from the config."""

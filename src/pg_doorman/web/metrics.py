@@ -23,6 +23,7 @@ from prometheus_client.exposition import generate_latest
 
 from pg_doorman import __version__
 from pg_doorman.admin.snapshot import PoolData, Snapshot
+from pg_doorman.pool.fallback import DURATION_BUCKETS, FAILURE_REASONS
 from pg_doorman.stats.counters import ERROR_CLASSES, PERCENTILES, cumulative_of, quantile_of
 
 POOL_LABELS = ["user", "database"]
@@ -103,6 +104,7 @@ def _collect(snap: Snapshot) -> Iterable[Metric]:
     yield from _pool_metrics(snap["pools"])
     yield from _auth_query_metrics(snap["auth_query"])
     yield from _coordinator_metrics(snap["coordinator"])
+    yield from _fallback_metrics(snap["fallback"])
 
 
 def _coordinator_metrics(rows: list[dict[str, Any]]) -> Iterable[Metric]:
@@ -141,6 +143,71 @@ def _coordinator_metrics(rows: list[dict[str, Any]]) -> Iterable[Metric]:
         evictions.add_metric(db, row["evictions"])
         reserve.add_metric(db, row["reserve_opened"])
     yield from (limit, current, waiting, evictions, reserve)
+
+
+def _fallback_metrics(rows: list[dict[str, Any]]) -> Iterable[Metric]:
+    """Per pool with patroni_api_urls; PgDoorman's names, labelled by `pool`."""
+    labels = ["pool"]
+    active = GaugeMetricFamily(
+        "pg_doorman_fallback_active",
+        "1 while the pool's server is unavailable and new servers open on another member",
+        labels=labels,
+    )
+    host = GaugeMetricFamily(
+        "pg_doorman_fallback_host",
+        "The member new servers open on during a fallback (1)",
+        labels=[*labels, "host", "port"],
+    )
+    connections = CounterMetricFamily(
+        "pg_doorman_fallback_connections",
+        "Servers opened on another Patroni member",
+        labels=labels,
+    )
+    cache_hits = CounterMetricFamily(
+        "pg_doorman_fallback_cache_hits",
+        "Fallback servers opened on the member already chosen, without asking Patroni",
+        labels=labels,
+    )
+    failures = CounterMetricFamily(
+        "pg_doorman_fallback_candidate_failures",
+        "Failed logins to fallback members, by reason",
+        labels=[*labels, "reason"],
+    )
+    requests = CounterMetricFamily(
+        "pg_doorman_patroni_api_requests",
+        "GET /cluster rounds (every URL asked at once)",
+        labels=labels,
+    )
+    errors = CounterMetricFamily(
+        "pg_doorman_patroni_api_errors",
+        "GET /cluster rounds no URL answered",
+        labels=labels,
+    )
+    duration = HistogramMetricFamily(
+        "pg_doorman_patroni_api_duration_seconds",
+        "Time a GET /cluster round took",
+        labels=labels,
+    )
+    for row in rows:
+        pool = [row["database"]]
+        active.add_metric(pool, row["active"])
+        if row["host"] is not None:
+            member_host, member_port = row["host"]
+            host.add_metric([*pool, member_host, str(member_port)], 1)
+        connections.add_metric(pool, row["connections"])
+        cache_hits.add_metric(pool, row["cache_hits"])
+        for reason in FAILURE_REASONS:
+            failures.add_metric([*pool, reason], row["candidate_failures"].get(reason, 0))
+        requests.add_metric(pool, row["api_requests"])
+        errors.add_metric(pool, row["api_errors"])
+        buckets = []
+        total = 0
+        for bound, count in zip(DURATION_BUCKETS, row["api_duration_counts"], strict=True):
+            total += count
+            buckets.append((f"{bound:g}", total))
+        buckets.append(("+Inf", total + row["api_duration_over"]))
+        duration.add_metric(pool, buckets, row["api_duration_sum"])
+    yield from (active, host, connections, cache_hits, failures, requests, errors, duration)
 
 
 def _auth_query_metrics(rows: list[dict[str, Any]]) -> Iterable[Metric]:
