@@ -292,7 +292,9 @@ def test_server_breaking_the_protocol_fails_its_client_only(
         assert bystander.execute_query("select 1") == [("1",)]
         victim.send_raw(w.query("select broken"))
         error = w.first_error(victim.wait_closed())
-        assert backend.broken_sent.is_set()
+        # Set by the fake backend's thread once sendall() returned, which may be after
+        # the pooler already read the reply and closed the client.
+        assert backend.broken_sent.wait(5)
         assert error is not None and error.sqlstate == "08006" and error.severity == "FATAL"
         assert "not valid protocol" in error.fields["D"]
         assert "invalid data from server" in proc.log_text()

@@ -14,11 +14,12 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from pg_doorman import __version__
-from pg_doorman.admin.snapshot import PoolData, Snapshot
+from pg_doorman.admin.snapshot import SCALING_KEYS, PoolData, Snapshot
 from pg_doorman.config import RESTART_REQUIRED, GeneralConfig, PoolConfig, WebConfig
 from pg_doorman.config.loader import (
+    GENERAL_NOT_APPLICABLE,
     GENERAL_NOT_IMPLEMENTED,
-    POOL_NOT_IMPLEMENTED,
+    POOL_NOT_APPLICABLE,
     WEB_NOT_IMPLEMENTED,
 )
 from pg_doorman.config.schema import AuthQueryConfig
@@ -85,13 +86,14 @@ class ShowTables:
             "latency": latency,
             "auth_query": auth_query,
             "pool_coordinator": pool_coordinator,
+            "pool_scaling": pool_scaling,
         }
 
     def help(self) -> Table:
         items = [
             "SHOW HELP|CONFIG|DATABASES|POOLS|POOLS_EXTENDED|POOLS_MEMORY|CLIENTS|SERVERS"
             "|STATS|CONNECTIONS|LISTS|USERS|VERSION|LOG_LEVEL|PREPARED_STATEMENTS|LATENCY"
-            "|AUTH_QUERY|POOL_COORDINATOR",
+            "|AUTH_QUERY|POOL_COORDINATOR|POOL_SCALING",
             "SHOW LISTS",
             "SHOW CONNECTIONS",
             "SHOW STATS",
@@ -110,11 +112,16 @@ class ShowTables:
         config = self.pooler.config
         rows: Rows = []
         rows.extend(
-            _settings_rows("general", config.general, GeneralConfig(), GENERAL_NOT_IMPLEMENTED)
+            _settings_rows(
+                "general",
+                config.general,
+                GeneralConfig(),
+                GENERAL_NOT_IMPLEMENTED | GENERAL_NOT_APPLICABLE,
+            )
         )
         for name, pool in config.pools.items():
             prefix = f"pools.{_key(name)}"
-            rows.extend(_settings_rows(prefix, pool, PoolConfig(name=name), POOL_NOT_IMPLEMENTED))
+            rows.extend(_settings_rows(prefix, pool, PoolConfig(name=name), POOL_NOT_APPLICABLE))
             users = ", ".join(user.username for user in pool.users)
             rows.append([f"{prefix}.users", users, "-", "yes"])
             if pool.auth_query is not None:
@@ -336,6 +343,16 @@ def pool_coordinator(snap: Snapshot) -> Table:
     return _by_database(snap["coordinator"], POOL_COORDINATOR_COLUMNS)
 
 
+def pool_scaling(snap: Snapshot) -> Table:
+    """One row per pool: how it opened servers under pressure (`inflight`: opening now)."""
+    columns = _typed("user", "database", "inflight:int", *(f"{k}:int" for k in SCALING_KEYS))
+    rows: Rows = [
+        [p["user"], p["database"], p["sv_login"], *(p[key] for key in SCALING_KEYS)]
+        for p in snap["pools"]
+    ]
+    return columns, rows
+
+
 def connections(snap: Snapshot) -> Table:
     columns = _typed("total:int", "errors:int", "tls:int", "plain:int", "cancel:int")
     row = [
@@ -381,9 +398,10 @@ def _format(value: object) -> str:
 
 
 def _settings_rows(
-    prefix: str, current: Any, defaults: Any, not_implemented: frozenset[str]
+    prefix: str, current: Any, defaults: Any, ignored: frozenset[str]
 ) -> Iterator[list[object]]:
-    """One SHOW CONFIG row per key; keys not implemented yet are never `changeable`."""
+    """One SHOW CONFIG row per key; keys ignored (not implemented yet, or without meaning
+    here) are never `changeable`."""
     for field in dataclasses.fields(current):
         name = field.name
         if name in _NOT_SETTINGS:
@@ -393,7 +411,7 @@ def _settings_rows(
         default = _format(getattr(defaults, name))
         if name in _SECRET_KEYS:
             value = default = "********"
-        changeable = key not in RESTART_REQUIRED and name not in not_implemented
+        changeable = key not in RESTART_REQUIRED and name not in ignored
         yield [key, value, default or "-", "yes" if changeable else "no"]
 
 

@@ -23,6 +23,12 @@ if TYPE_CHECKING:
 Snapshot = dict[str, Any]
 PoolData = dict[str, Any]
 
+# How each pool grew under pressure (pool.ScalingStats), in SHOW POOL_SCALING's order.
+SCALING_KEYS = (
+    "creates", "gate_waits", "gate_budget_ex", "antic_notify", "antic_timeout",
+    "create_fallback", "replenish_def",
+)  # fmt: skip
+
 # Per-pool numbers that add up across workers; the rest is taken as documented below.
 _SUMMED = (
     "pool_size", "min_pool_size", "reserve_pool", "size", "clients", "cl_idle", "cl_active",
@@ -30,6 +36,7 @@ _SUMMED = (
     "bytes_received", "bytes_sent", "xact_time", "query_time", "wait_time", "wait_count",
     "client_named", "client_anonymous", "client_prepared_bytes", "hits", "misses",
     "tls_servers", "tls_handshakes", "tls_handshake_seconds", "tls_handshake_errors",
+    *SCALING_KEYS,
 )  # fmt: skip
 _MAXED = ("paused", "fallback_active", "maxwait", "oldest_active")
 _RATES = ("xact_count", "query_count", "received", "sent", "errors")
@@ -223,6 +230,7 @@ def _pool_data(
         "sv_idle": len(pool.idle),
         "sv_used": used,
         "sv_login": pool.connecting,
+        **{key: getattr(pool.scaling, key) for key in SCALING_KEYS},
         "maxwait": pool.oldest_wait(now),
         "oldest_active": oldest,
         "xact_count": st.xact_count,

@@ -137,7 +137,14 @@ def pool_settings(
         idle_check_timeout=general.server_idle_check_timeout / 1000.0,
         round_robin=general.server_round_robin,
         cleanup_server_connections=pool.cleanup_server_connections,
-        max_concurrent_creates=max(general.max_concurrent_creates, 1),
+        max_concurrent_creates=max(
+            min(general.max_concurrent_creates, general.scaling_max_parallel_creates), 1
+        ),
+        warm_pool_ratio=(
+            pool.scaling_warm_pool_ratio
+            if pool.scaling_warm_pool_ratio is not None
+            else general.scaling_warm_pool_ratio
+        ),
         retain_max=general.retain_connections_max,
         server_host=pool.server_host,
         server_port=pool.server_port,

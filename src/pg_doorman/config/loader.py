@@ -596,13 +596,14 @@ GENERAL_NOT_IMPLEMENTED = frozenset(
     {
         "worker_threads",
         "unix_socket_buffer_size",
-        "scaling_warm_pool_ratio",
-        "scaling_fast_retries",
-        "scaling_max_parallel_creates",
     }
 )
+# scaling_fast_retries: PgDoorman's threads spin this many times for a server another
+# thread is about to return; on one event loop nothing can return meanwhile, and a
+# returned server goes straight to the longest-waiting client.
 GENERAL_NOT_APPLICABLE = frozenset(
     {
+        "scaling_fast_retries",
         "worker_cpu_affinity_pinning",
         "worker_stack_size",
         "max_blocking_threads",
@@ -813,13 +814,10 @@ _POOL_SPEC: dict[str, Parser] = {
     "fallback_lifetime": _duration,
     "auth_query": _auth_query,
 }
-POOL_NOT_IMPLEMENTED = frozenset(
-    {
-        "scaling_warm_pool_ratio",
-        "scaling_fast_retries",
-        "scaling_cooldown_sleep",
-    }
-)
+# scaling_cooldown_sleep: the pause of PgDoorman's threads between two looks at a full
+# burst gate; here a finished server opening wakes the queue (see GENERAL_NOT_APPLICABLE
+# for scaling_fast_retries).
+POOL_NOT_APPLICABLE = frozenset({"scaling_fast_retries", "scaling_cooldown_sleep"})
 
 
 def _pools(
@@ -837,7 +835,7 @@ def _pools(
             pool_path,
             _POOL_SPEC,
             ctx,
-            not_implemented=POOL_NOT_IMPLEMENTED,
+            not_applicable=POOL_NOT_APPLICABLE,
             defaults=_field_defaults(PoolConfig),
         )
         pool = PoolConfig(name=name, **values)

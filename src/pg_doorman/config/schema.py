@@ -133,6 +133,8 @@ class GeneralConfig:
 
     # Accepted and validated, not implemented yet: the loader warns unless the value is inert.
     unix_socket_buffer_size: int = 1 * MIB
+
+    # TLS with clients and with servers.
     tls_certificate: str | None = None
     tls_private_key: str | None = None
     tls_ca_cert: str | None = None
@@ -142,6 +144,8 @@ class GeneralConfig:
     server_tls_ca_cert: str | None = None
     server_tls_certificate: str | None = None
     server_tls_private_key: str | None = None
+
+    # Pool pressure (scaling_fast_retries is PgDoorman thread tuning, warned about when set).
     scaling_warm_pool_ratio: int = 20
     scaling_fast_retries: int = 10
     scaling_max_parallel_creates: int = 2
@@ -225,7 +229,8 @@ class PoolConfig:
     reserve_pool_size: int | None = None
     reserve_pool_timeout: int | None = None
     min_guaranteed_pool_size: int | None = None
-    # Accepted and validated, not implemented yet: the loader warns unless the value is inert.
+    # Pool pressure; None: the [general] value. The last two are PgDoorman thread tuning
+    # with no meaning here (the loader warns when they are set).
     scaling_warm_pool_ratio: int | None = None
     scaling_fast_retries: int | None = None
     scaling_cooldown_sleep: int | None = None

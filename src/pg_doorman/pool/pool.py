@@ -64,7 +64,12 @@ class PoolSettings:
     idle_check_timeout: float = 60.0
     round_robin: bool = False
     cleanup_server_connections: bool = True
+    # Servers the pool may be opening at once (the lower of max_concurrent_creates and
+    # scaling_max_parallel_creates).
     max_concurrent_creates: int = 4
+    # scaling_warm_pool_ratio: below this share of pool_size (percent), a queued client
+    # gets a new server at once; above, it first waits a little for one to come back.
+    warm_pool_ratio: int = 100
     retain_max: int = 3
     server_host: str = "127.0.0.1"
     server_port: int = 5432
@@ -80,9 +85,42 @@ class PoolSettings:
     server_tls: Any = None
     # Derived from pool_mode once: it is read at the end of every transaction.
     session_mode: bool = field(init=False)
+    # Derived from pool_size and warm_pool_ratio.
+    warm_threshold: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.session_mode = self.pool_mode == "session"
+        self.warm_threshold = self.pool_size * self.warm_pool_ratio // 100
+
+
+class ScalingStats:
+    """How a pool grew under pressure (SHOW POOL_SCALING)."""
+
+    __slots__ = (
+        "antic_notify",
+        "antic_timeout",
+        "create_fallback",
+        "creates",
+        "gate_budget_ex",
+        "gate_waits",
+        "replenish_def",
+    )
+
+    def __init__(self) -> None:
+        # Servers opening started.
+        self.creates = 0
+        # Times queued clients wanted more servers opening than the pool may open at once.
+        self.gate_waits = 0
+        # Clients that reached query_wait_timeout while the pool opened all it may at once.
+        self.gate_budget_ex = 0
+        # Clients that queued above the warm threshold and got a server that came back.
+        self.antic_notify = 0
+        # Times a queued client's patience ran out (then a server opens for it).
+        self.antic_timeout = 0
+        # Servers opened for clients whose patience ran out.
+        self.create_fallback = 0
+        # min_pool_size refills put off because the pool was opening all it may.
+        self.replenish_def = 0
 
 
 Connector = Callable[["Pool"], Awaitable["PooledServer"]]
@@ -90,6 +128,15 @@ Connector = Callable[["Pool"], Awaitable["PooledServer"]]
 # Backend errors that no retry will fix: tell waiting clients at once.
 _PERMANENT_LOGIN_ERRORS: Final = frozenset(("28P01", "28000", "3D000", "42501", "42704", "0A000"))
 _JITTER: Final = 0.2
+# How long a client queued above the warm threshold waits for a server to come back
+# before one opens for it: twice the pool's p99 transaction time within these bounds,
+# this long before any transaction was timed, and never within the last half second of
+# query_wait_timeout (then ±_JITTER, so that clients queued together do not all give up
+# at once).
+_PATIENCE_COLD: Final = 0.1
+_PATIENCE_MIN: Final = 0.005
+_PATIENCE_MAX: Final = 0.5
+_PATIENCE_RESERVE: Final = 0.5
 _EXPIRED: Final = 1  # PooledServer.checkout_state()
 # Distinct client parameter sets a pool shares one object for; past that a client
 # keeps its own, which still compares equal.
@@ -123,6 +170,8 @@ class Pool:
         # One timer for the whole queue: waiters share query_wait_timeout and are served
         # in order, so the oldest always times out first.
         self._wait_timer: asyncio.Handle | None = None
+        # Armed while queued clients wait for a server to come back (see _grow).
+        self._patience_timer: asyncio.TimerHandle | None = None
         # Servers this pool owns in any state: idle, active, cleaning, connecting.
         self.size = 0
         self.connecting = 0
@@ -154,6 +203,7 @@ class Pool:
         # max_db_connections: shared with the other user pools of the database.
         self.budget: DatabaseBudget | None = None
         self.stats = PoolStats()
+        self.scaling = ScalingStats()
         self.statements = PoolStatements(settings.statements_cache_size)
 
     # ---- acquire / release --------------------------------------------------
@@ -219,6 +269,8 @@ class Pool:
             return
         waiter = self._next_waiter()
         if waiter is not None:
+            if not fresh and self.size >= self.settings.warm_threshold:
+                self.scaling.antic_notify += 1
             self._hand_over(waiter, server, now)
             return
         budget = self.budget
@@ -291,6 +343,8 @@ class Pool:
                 return
             waiter = self._next_waiter(force=True)
             assert waiter is not None
+            if self.connecting >= self.settings.max_concurrent_creates:
+                self.scaling.gate_budget_ex += 1
             self._fail_waiter(waiter)
 
     def _fail_waiter(self, waiter: Waiter) -> None:
@@ -323,14 +377,27 @@ class Pool:
     # ---- growing ------------------------------------------------------------
 
     def _grow(self) -> None:
-        """Open servers for queued clients (and the minimum), within the limits."""
+        """Open servers for queued clients (and the minimum), within the limits.
+
+        Below the warm threshold every queued client not already covered by a server
+        being opened or probed gets one at once. Above it, a client first waits its
+        patience (see _patience) for a server to come back, which it gets directly
+        (release), and a server opens for it only if none did; a timer looks again
+        when the next client's patience runs out.
+        """
         if self.closed or self.paused:  # paused: no server connections until RESUME
             return
         s = self.settings
         room = s.pool_size - self.size
         if room <= 0:
             return
-        wanted = self.waiting - self.connecting - self.probing
+        coming = self.connecting + self.probing
+        wanted = self.waiting - coming
+        impatient = 0
+        if wanted > 0:
+            cold = s.warm_threshold - self.size
+            if wanted > cold and cold < room:
+                wanted, impatient = self._impatient(wanted, cold, coming, room)
         below_minimum = s.min_pool_size - self.size
         if below_minimum > wanted:
             wanted = below_minimum
@@ -340,6 +407,7 @@ class Pool:
             count = room
         if parallel < count:
             count = parallel
+            self.scaling.gate_waits += 1
         budget = self.budget
         now = time.monotonic() if budget is not None and count > 0 else 0.0
         for _ in range(count):
@@ -347,9 +415,54 @@ class Pool:
                 break
             self.size += 1
             self.connecting += 1
+            self.scaling.creates += 1
+            if impatient > 0:
+                impatient -= 1
+                self.scaling.create_fallback += 1
             task = self._loop.create_task(self._connect_one())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _impatient(self, uncovered: int, cold: int, coming: int, room: int) -> tuple[int, int]:
+        """Above the warm threshold: how many servers to open now for the `uncovered`
+        queued clients (those past their patience, or `cold` more to reach the
+        threshold), and how many of those are for clients past their patience."""
+        patience = self._patience()
+        cutoff = time.monotonic() - patience
+        waiters = self._waiters
+        head = self._head
+        # Clients are queued in order of arrival: the impatient ones come first. Only
+        # as many as could get a server matter.
+        due = 0
+        for i in range(head, head + min(self.waiting, coming + room)):
+            if waiters[i].wait_started > cutoff:
+                break
+            due += 1
+        impatient = due - coming
+        allowed = impatient if impatient > cold else cold
+        if allowed < 0:
+            allowed = 0
+        if allowed < uncovered and allowed < room and self._patience_timer is None:
+            next_due = waiters[head + coming + allowed].wait_started + patience
+            self._patience_timer = self._loop.call_later(
+                max(next_due - time.monotonic(), 0.0), self._patience_over
+            )
+        wanted = allowed if allowed < uncovered else uncovered
+        return wanted, (impatient if impatient < wanted else wanted)
+
+    def _patience(self) -> float:
+        p99 = self.stats.xact_p99
+        if p99 <= 0.0:
+            patience = _PATIENCE_COLD
+        else:
+            patience = min(max(2.0 * p99, _PATIENCE_MIN), _PATIENCE_MAX)
+        patience = min(patience, self.settings.query_wait_timeout - _PATIENCE_RESERVE)
+        return patience * random.uniform(1 - _JITTER, 1 + _JITTER)
+
+    def _patience_over(self) -> None:
+        self._patience_timer = None
+        self.scaling.antic_timeout += 1
+        self._grow()
 
     async def _connect_one(self) -> None:
         try:
@@ -376,6 +489,8 @@ class Pool:
         self.last_connect_error = None
         self.servers.add(server)
         self.release(server, time.monotonic(), fresh=True)
+        if self.waiting or self.size < self.settings.min_pool_size:
+            self._grow()  # a slot to open servers in is free again
 
     def _connect_failed(self, err: AcquireError) -> None:
         self.last_connect_error = err
@@ -408,6 +523,8 @@ class Pool:
                 self.discard(server, "lifetime or idle timeout reached")
                 closed += 1
         if self.size < self.settings.min_pool_size:
+            if self.connecting >= self.settings.max_concurrent_creates:
+                self.scaling.replenish_def += 1
             self._grow()
         return closed
 
@@ -478,6 +595,9 @@ class Pool:
         if self._wait_timer is not None:
             self._wait_timer.cancel()
             self._wait_timer = None
+        if self._patience_timer is not None:
+            self._patience_timer.cancel()
+            self._patience_timer = None
         for task in list(self._tasks):
             task.cancel()
 

@@ -183,6 +183,7 @@ class PoolStats:
         "wait_time",
         "xact_count",
         "xact_histogram",
+        "xact_p99",
         "xact_time",
     )
 
@@ -200,6 +201,9 @@ class PoolStats:
         self.query_histogram = Histogram()
         self.wait_histogram = Histogram()
         self.averages = PeriodAverages()
+        # The 99th percentile transaction time of the last stats period with any (s; 0:
+        # none yet): how long a queued client may wait for a server to come back.
+        self.xact_p99 = 0.0
         self._period_counts = _counts(self)
         self._period_times = _times(self)
         # Histogram counts at the start of the previous period: SHOW percentiles cover
@@ -228,6 +232,10 @@ class PoolStats:
         avg.xact_time = _per(xact_time, xacts)
         avg.query_time = _per(query_time, queries)
         avg.wait_time = _per(wait_time, waits)
+        if xacts:
+            self.xact_p99 = quantile_of(
+                self.xact_histogram.counts, 0.99, since=self._period_start_counts[1]
+            )
         self._window_base = self._period_start_counts
         self._period_start_counts = (
             list(self.query_histogram.counts),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, Final
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -263,6 +263,18 @@ def _auth_query_metrics(rows: list[dict[str, Any]]) -> Iterable[Metric]:
     yield from (entries, cache, auth, executor, pools_now, pools_total)
 
 
+# SHOW POOL_SCALING columns and PgDoorman's `type` labels for them.
+SCALING_TYPES: Final = {
+    "creates": "creates_started",
+    "gate_waits": "burst_gate_waits",
+    "gate_budget_ex": "burst_gate_budget_exhausted",
+    "antic_notify": "anticipation_wakes_notify",
+    "antic_timeout": "anticipation_wakes_timeout",
+    "create_fallback": "create_fallback",
+    "replenish_def": "replenish_deferred",
+}
+
+
 def _pool_metrics(pools: list[PoolData]) -> Iterable[Metric]:
     def gauge(name: str, doc: str, extra: list[str] | None = None) -> GaugeMetricFamily:
         return GaugeMetricFamily(name, doc, labels=POOL_LABELS + (extra or []))
@@ -328,6 +340,12 @@ def _pool_metrics(pools: list[PoolData]) -> Iterable[Metric]:
     tls_errors = counter(
         "pg_doorman_server_tls_handshake_errors_total", "TLS handshakes with servers that failed"
     )
+    # PgDoorman's counter; its gauge shares the base name, which the exposition format
+    # does not allow: here it is pg_doorman_pool_scaling_inflight_creates.
+    scaling = counter(
+        "pg_doorman_pool_scaling", "How the pool opened servers under pressure, by type", ["type"]
+    )
+    inflight = gauge("pg_doorman_pool_scaling_inflight_creates", "Servers being opened now")
 
     for p in pools:
         labels = [p["user"], p["database"]]
@@ -361,8 +379,11 @@ def _pool_metrics(pools: list[PoolData]) -> Iterable[Metric]:
         tls_servers.add_metric(labels, p["tls_servers"])
         tls_handshakes.add_metric(labels, p["tls_handshakes"], p["tls_handshake_seconds"])
         tls_errors.add_metric(labels, p["tls_handshake_errors"])
+        inflight.add_metric(labels, p["sv_login"])
+        for key, kind in SCALING_TYPES.items():
+            scaling.add_metric([*labels, kind], p[key])
     yield from (
         clients, servers, pool_size, paused, maxwait, oldest, bytes_total, errors, queries,
         transactions, *durations.values(), *percentiles.values(), cache_entries, cache_bytes,
-        client_entries, hits, misses, tls_servers, tls_handshakes, tls_errors,
+        client_entries, hits, misses, tls_servers, tls_handshakes, tls_errors, scaling, inflight,
     )  # fmt: skip

@@ -1,0 +1,218 @@
+"""Pool pressure: how many servers a pool opens at once (scaling_max_parallel_creates),
+and how a queued client above the warm threshold first waits for a server to come back
+(scaling_warm_pool_ratio). Servers are counted where PostgreSQL sees them."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from typing import Any
+
+import psycopg
+
+from helpers import ExamplePostgres
+from helpers.console import admin_rows
+from helpers.metrics import scrape, value
+from helpers.pooler import PoolerFactory, PoolerProcess
+from pg_doorman.app.embedded_pg import free_port
+
+
+class SlowConnects:
+    """A TCP forwarder to PostgreSQL that waits `delay` before connecting each accepted
+    connection upstream, and records how many were waiting at once: the server
+    connections the pooler was opening at the same time."""
+
+    def __init__(self, port: int, delay: float) -> None:
+        self.upstream = port
+        self.delay = delay
+        self.lock = threading.Lock()
+        self.opening = 0
+        self.most_opening = 0
+        self.accepted = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        with self.lock:
+            self.accepted += 1
+            self.opening += 1
+            self.most_opening = max(self.most_opening, self.opening)
+        time.sleep(self.delay)
+        try:
+            server = socket.create_connection(("127.0.0.1", self.upstream))
+        finally:
+            with self.lock:
+                self.opening -= 1
+        for source, sink in ((client, server), (server, client)):
+            threading.Thread(target=_pump, args=(source, sink), daemon=True).start()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _pump(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+def connect(proc: PoolerProcess, pg: ExamplePostgres) -> psycopg.Connection[Any]:
+    return psycopg.connect(proc.dsn(pg.md5_user.name, pg.md5_user.password), autocommit=True)
+
+
+def pid_of(conn: psycopg.Connection[Any], sql: str = "select pg_backend_pid()") -> int:
+    row = conn.execute(sql).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def scaling_row(proc: PoolerProcess, pg: ExamplePostgres) -> dict[str, str | None]:
+    (row,) = [r for r in admin_rows(proc, "POOL_SCALING") if r["user"] == pg.md5_user.name]
+    return row
+
+
+def test_at_most_scaling_max_parallel_creates_servers_open_at_once(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    slow = SlowConnects(pg.port, delay=0.3)
+    web = free_port()
+    try:
+        proc = pooler(
+            general={"scaling_max_parallel_creates": 2, "scaling_warm_pool_ratio": 100},
+            web={"enabled": True, "host": "127.0.0.1", "port": web},
+            pools={
+                "example_db": {
+                    "server_port": slow.port,
+                    "users": [{"username": pg.md5_user.name, "pool_size": 8}],
+                }
+            },
+        )
+        conns = [connect(proc, pg) for _ in range(6)]
+        pids: list[int] = []
+        try:
+            start = threading.Barrier(len(conns))
+
+            def hold(conn: psycopg.Connection[Any]) -> None:
+                start.wait()
+                conn.execute("begin")
+                pids.append(pid_of(conn))
+
+            threads = [threading.Thread(target=hold, args=(c,)) for c in conns]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(30)
+            # Six transactions at once, each on its own server, opened two at a time.
+            assert len(set(pids)) == 6, pids
+            assert slow.most_opening == 2
+            row = scaling_row(proc, pg)
+            assert row["inflight"] == "0"
+            assert int(row["creates"] or 0) == slow.accepted == 6
+            assert int(row["gate_waits"] or 0) >= 1
+            families = scrape(web)
+            labels = {"user": pg.md5_user.name, "database": "example_db"}
+            total = families["pg_doorman_pool_scaling"]
+            name = "pg_doorman_pool_scaling_total"
+            assert value(total, name, type="creates_started", **labels) == 6
+            assert value(total, name, type="burst_gate_waits", **labels) >= 1
+            inflight = families["pg_doorman_pool_scaling_inflight_creates"]
+            assert value(inflight, "pg_doorman_pool_scaling_inflight_creates", **labels) == 0
+        finally:
+            for conn in conns:
+                conn.close()
+    finally:
+        slow.close()
+
+
+def pressure_pool(pg: ExamplePostgres, pooler: PoolerFactory) -> PoolerProcess:
+    """pool_size 5 and scaling_warm_pool_ratio 20: above one server, a queued client
+    first waits for one to come back. Transactions of 0.3 s are timed over one stats
+    period, so that the patience (twice the p99, at most 0.5 s) is 0.4 to 0.6 s."""
+    proc = pooler(
+        general={"scaling_warm_pool_ratio": 20, "query_wait_timeout": 10_000},
+        pools={"example_db": {"users": [{"username": pg.md5_user.name, "pool_size": 5}]}},
+    )
+    with connect(proc, pg) as conn:
+        for _ in range(3):
+            conn.execute("select pg_sleep(0.3)")
+    deadline = time.monotonic() + 20
+    while not any(
+        r["avg_xact_time"] not in (None, "0") and r["user"] == pg.md5_user.name
+        for r in admin_rows(proc, "POOLS")
+    ):
+        assert time.monotonic() < deadline, "no stats period closed"
+        time.sleep(0.2)
+    return proc
+
+
+def queued(proc: PoolerProcess, pg: ExamplePostgres) -> bool:
+    return any(
+        r["cl_waiting"] == "1" for r in admin_rows(proc, "POOLS") if r["user"] == pg.md5_user.name
+    )
+
+
+def test_a_queued_client_gets_the_server_that_comes_back_instead_of_a_new_one(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    proc = pressure_pool(pg, pooler)
+    holder, waiter = connect(proc, pg), connect(proc, pg)
+    try:
+        holder.execute("begin")
+        held = pid_of(holder)
+        got: list[int] = []
+        thread = threading.Thread(target=lambda: got.append(pid_of(waiter)))
+        thread.start()
+        deadline = time.monotonic() + 5
+        while not queued(proc, pg):
+            assert time.monotonic() < deadline, "the client did not queue"
+            time.sleep(0.01)
+        holder.execute("commit")
+        thread.join(10)
+        assert got == [held]
+        row = scaling_row(proc, pg)
+        assert row["create_fallback"] == "0"
+        assert int(row["antic_notify"] or 0) >= 1
+        assert int(row["creates"] or 0) == 1
+    finally:
+        holder.close()
+        waiter.close()
+
+
+def test_a_queued_client_gets_a_new_server_when_its_patience_runs_out(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    proc = pressure_pool(pg, pooler)
+    holder, waiter = connect(proc, pg), connect(proc, pg)
+    try:
+        holder.execute("begin")
+        held = pid_of(holder)
+        started = time.monotonic()
+        other = pid_of(waiter)
+        waited = time.monotonic() - started
+        assert other != held
+        assert waited >= 0.35  # its patience, 0.4 s at the least, less the clock's slack
+        row = scaling_row(proc, pg)
+        assert row["create_fallback"] == "1"
+        assert int(row["antic_timeout"] or 0) >= 1
+        assert int(row["creates"] or 0) == 2
+        holder.execute("commit")
+    finally:
+        holder.close()
+        waiter.close()
