@@ -182,7 +182,6 @@ def fallback_settings(general: GeneralConfig, pool: PoolConfig) -> FallbackSetti
 
 
 def _server_tls(general: GeneralConfig, pool: PoolConfig, name: str) -> ServerTls:
-
     try:
         return server_tls_for(general, pool, f"pools.{name}")
     except TlsSetupError as exc:

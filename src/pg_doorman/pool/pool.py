@@ -115,7 +115,8 @@ class ScalingStats:
         self.gate_budget_ex = 0
         # Clients that queued above the warm threshold and got a server that came back.
         self.antic_notify = 0
-        # Times a queued client's patience ran out (then a server opens for it).
+        # Times queued clients were found past their patience (servers then open for
+        # them, as far as pool_size and the parallel limit allow).
         self.antic_timeout = 0
         # Servers opened for clients whose patience ran out.
         self.create_fallback = 0
@@ -439,6 +440,8 @@ class Pool:
                 break
             due += 1
         impatient = due - coming
+        if impatient > 0:
+            self.scaling.antic_timeout += 1
         allowed = impatient if impatient > cold else cold
         if allowed < 0:
             allowed = 0
@@ -461,7 +464,6 @@ class Pool:
 
     def _patience_over(self) -> None:
         self._patience_timer = None
-        self.scaling.antic_timeout += 1
         self._grow()
 
     async def _connect_one(self) -> None:
