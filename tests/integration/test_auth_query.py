@@ -128,6 +128,66 @@ def test_a_looked_up_user_logs_in_and_reaches_the_server_as_itself(
     assert (row["cache_hits"], row["executor_queries"]) == ("1", "1")
 
 
+def setting(proc: PoolerProcess, user: UserSpec, name: str) -> str:
+    with psycopg.connect(proc.dsn(user.name, user.password), autocommit=True) as conn:
+        row = conn.execute(f"show {name}").fetchone()
+        assert row is not None
+        return str(row[0])
+
+
+def test_a_startup_parameters_column_sets_startup_parameters_of_the_users_pool(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """Over [general]'s and the pool's; reserved and oversized ones are left out."""
+    md5, scram = pg.md5_user, pg.scram_user
+    lookup = (
+        "SELECT usename, passwd, CASE usename"
+        f' WHEN {quote_literal(md5.name)} THEN \'{{"work_mem": "7MB", "role": "x"}}\''
+        f" WHEN {quote_literal(scram.name)} THEN"
+        "   '{\"search_path\": \"' || repeat('x', 9600) || '\", \"jit\": false}'"
+        " END AS startup_parameters FROM pg_shadow WHERE usename = $1"
+    )
+    proc = auth_query_pooler(
+        pooler,
+        pg,
+        query=lookup,
+        general={"startup_parameters": {"lock_timeout": "3s"}},
+        pool={"startup_parameters": {"work_mem": "5MB"}},
+    )
+    assert setting(proc, md5, "work_mem") == "7MB"
+    assert setting(proc, md5, "lock_timeout") == "3s"
+    assert setting(proc, scram, "work_mem") == "5MB"
+    assert setting(proc, scram, "jit") == "off"
+    assert setting(proc, scram, "search_path") == '"$user", public'
+    log = proc.log_text()
+    assert f"auth_query: user {md5.name!r}: startup parameter 'role' ignored: reserved" in log
+    assert f"auth_query: user {scram.name!r}: startup parameters search_path left out" in log
+    console = admin_console(proc)
+    try:
+        rows = show_table(console, "STARTUP_PARAMETERS")
+    finally:
+        console.close()
+    shown = {
+        (r["user"], r["parameter"]): (r["value"], r["source"], r["state"])
+        for r in rows
+        if r["database"] == EXAMPLE_DB
+    }
+    assert shown[(md5.name, "work_mem")] == ("7MB", "auth_query", "applied")
+    assert shown[(md5.name, "lock_timeout")] == ("3s", "general", "applied")
+    assert shown[(scram.name, "work_mem")] == ("5MB", "pool", "applied")
+    assert shown[(scram.name, "jit")] == ("off", "auth_query", "applied")
+    assert shown[(scram.name, "search_path")][1:] == ("auth_query", "dropped_due_to_budget")
+    assert (md5.name, "role") not in shown
+
+    # A reload keeps each user's own parameters over the pool's new ones.
+    config = proc.config
+    config["pools"][EXAMPLE_DB]["startup_parameters"] = {"work_mem": "6MB"}
+    proc.reload_and_wait(config)
+    assert setting(proc, md5, "work_mem") == "7MB"
+    assert setting(proc, scram, "work_mem") == "6MB"
+    assert setting(proc, scram, "jit") == "off"
+
+
 @pytest.mark.parametrize("kind", ["md5", "scram"])
 def test_a_wrong_password_and_an_unknown_user_are_refused_alike(
     pg: ExamplePostgres, pooler: PoolerFactory, kind: str

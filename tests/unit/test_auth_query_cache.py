@@ -12,9 +12,11 @@ from pg_doorman.auth.auth_query import (
     MAX_CACHED_USERS,
     AuthQuery,
     AuthQueryError,
+    LookedUp,
     LookupConnections,
     lookup_messages,
     parse_lookup_reply,
+    parse_startup_parameters,
     password_column,
 )
 from pg_doorman.config.schema import AuthQueryConfig
@@ -70,9 +72,36 @@ def test_three_unnamed_columns_are_a_config_error() -> None:
 
 
 def test_parse_found_missing_and_null() -> None:
-    assert parse_lookup_reply(reply(["usename", "passwd"], ["alice", MD5])) == (True, MD5)
-    assert parse_lookup_reply(reply(["usename", "passwd"])) == (False, "")
-    assert parse_lookup_reply(reply(["usename", "passwd"], ["alice", None])) == (True, "")
+    assert parse_lookup_reply(reply(["usename", "passwd"], ["alice", MD5])) == LookedUp(True, MD5)
+    assert parse_lookup_reply(reply(["usename", "passwd"])) == LookedUp(False)
+    assert parse_lookup_reply(reply(["usename", "passwd"], ["alice", None])) == LookedUp(True, "")
+
+
+def test_the_startup_parameters_column_is_never_the_password() -> None:
+    columns = ["usename", "secret", "startup_parameters"]
+    assert password_column(columns) == 1
+    assert password_column(["startup_parameters", "secret"]) == 1
+    found = parse_lookup_reply(reply(columns, ["alice", MD5, '{"work_mem": "8MB"}']))
+    assert found == LookedUp(True, MD5, '{"work_mem": "8MB"}')
+    assert parse_lookup_reply(reply(columns, ["alice", MD5, None])).parameters is None
+
+
+def test_startup_parameters_of_a_looked_up_user() -> None:
+    text = '{"work_mem": "8MB", "jit": false, "statement_timeout": 5000, "role": "admin"}'
+    parameters, problems = parse_startup_parameters(text)
+    assert parameters == {"work_mem": "8MB", "jit": "off", "statement_timeout": "5000"}
+    assert problems == [
+        "startup parameter 'role' ignored: reserved: the pooler sets this parameter itself"
+    ]
+    assert parse_startup_parameters(None) == ({}, [])
+    assert parse_startup_parameters(" ") == ({}, [])
+    assert parse_startup_parameters('{"a b": "x", "_pq_.x": "1", "s": [1]}')[0] == {}
+    empty, problems = parse_startup_parameters("{oops")
+    assert empty == {} and problems[0].startswith("startup_parameters is not JSON")
+    assert parse_startup_parameters('["work_mem"]') == (
+        {},
+        ["startup_parameters is not a JSON object: all ignored"],
+    )
 
 
 def test_parse_refuses_several_rows_and_errors() -> None:
@@ -147,12 +176,12 @@ def test_found_users_are_cached_for_cache_ttl() -> None:
     auth, lookups, clock = make({"alice": MD5}, cache_ttl=60_000)
 
     async def main() -> None:
-        assert await auth.password("alice") == (True, MD5)
+        assert await auth.user("alice") == (True, MD5, {})
         clock.now += 59
-        assert await auth.password("alice") == (True, MD5)
+        assert await auth.user("alice") == (True, MD5, {})
         assert lookups.queries == 1
         clock.now += 2
-        assert await auth.password("alice") == (True, MD5)
+        assert await auth.user("alice") == (True, MD5, {})
         assert lookups.queries == 2
 
     asyncio.run(main())
@@ -163,12 +192,12 @@ def test_missing_users_are_cached_for_cache_failure_ttl() -> None:
     auth, lookups, clock = make({}, cache_failure_ttl=5_000)
 
     async def main() -> None:
-        assert await auth.password("bob") == (False, "")
+        assert await auth.user("bob") == (False, "", {})
         lookups.passwords["bob"] = MD5
         clock.now += 4
-        assert await auth.password("bob") == (False, "")
+        assert await auth.user("bob") == (False, "", {})
         clock.now += 2
-        assert await auth.password("bob") == (True, MD5)
+        assert await auth.user("bob") == (True, MD5, {})
 
     asyncio.run(main())
     assert lookups.queries == 2
@@ -178,15 +207,15 @@ def test_refetch_is_rate_limited_and_reports_only_changes() -> None:
     auth, lookups, clock = make({"alice": MD5}, min_interval=1_000)
 
     async def main() -> None:
-        await auth.password("alice")
+        await auth.user("alice")
         assert await auth.refetch("alice") is None  # within min_interval
         assert auth.stats.cache_rate_limited == 1
         clock.now += 1
         assert await auth.refetch("alice") is None  # fetched, unchanged
         lookups.passwords["alice"] = "md5" + "1" * 32
         clock.now += 1
-        assert await auth.refetch("alice") == (True, "md5" + "1" * 32)
-        assert await auth.password("alice") == (True, "md5" + "1" * 32)
+        assert await auth.refetch("alice") == (True, "md5" + "1" * 32, {})
+        assert await auth.user("alice") == (True, "md5" + "1" * 32, {})
 
     asyncio.run(main())
     assert auth.stats.cache_refetches == 2
@@ -198,7 +227,7 @@ def test_concurrent_lookups_of_one_user_share_one_query() -> None:
     lookups.gate = asyncio.Event()
 
     async def main() -> list[tuple[bool, str]]:
-        waiting = [asyncio.ensure_future(auth.password("alice")) for _ in range(5)]
+        waiting = [asyncio.ensure_future(auth.user("alice")) for _ in range(5)]
         await asyncio.sleep(0.01)
         # One of the waiters gives up; the others still get the answer.
         waiting[0].cancel()
@@ -206,7 +235,7 @@ def test_concurrent_lookups_of_one_user_share_one_query() -> None:
         lookups.gate.set()
         return await asyncio.gather(*waiting[1:])
 
-    assert asyncio.run(main()) == [(True, MD5)] * 4
+    assert asyncio.run(main()) == [(True, MD5, {})] * 4
     assert lookups.queries == 1
 
 
@@ -216,14 +245,14 @@ def test_failures_are_not_cached_and_reach_every_waiter() -> None:
 
     async def main() -> None:
         results = await asyncio.gather(
-            auth.password("alice"), auth.password("alice"), return_exceptions=True
+            auth.user("alice"), auth.user("alice"), return_exceptions=True
         )
         for result in results:
             assert isinstance(result, AuthQueryError)
             assert result.code == "08006"
             assert "auth_query could not connect: cannot connect" in result.message
         lookups.fail_with = None
-        assert await auth.password("alice") == (True, MD5)
+        assert await auth.user("alice") == (True, MD5, {})
 
     asyncio.run(main())
     assert lookups.errors == 1
@@ -235,7 +264,7 @@ def test_the_cache_is_bounded() -> None:
 
     async def main() -> None:
         for i in range(MAX_CACHED_USERS + 10):
-            await auth.password(f"u{i}")
+            await auth.user(f"u{i}")
             clock.now += 0.001
 
     asyncio.run(main())

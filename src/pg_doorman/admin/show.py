@@ -87,13 +87,14 @@ class ShowTables:
             "auth_query": auth_query,
             "pool_coordinator": pool_coordinator,
             "pool_scaling": pool_scaling,
+            "startup_parameters": startup_parameters,
         }
 
     def help(self) -> Table:
         items = [
             "SHOW HELP|CONFIG|DATABASES|POOLS|POOLS_EXTENDED|POOLS_MEMORY|CLIENTS|SERVERS"
             "|STATS|CONNECTIONS|LISTS|USERS|VERSION|LOG_LEVEL|PREPARED_STATEMENTS|LATENCY"
-            "|AUTH_QUERY|POOL_COORDINATOR|POOL_SCALING",
+            "|AUTH_QUERY|POOL_COORDINATOR|POOL_SCALING|STARTUP_PARAMETERS",
             "SHOW LISTS",
             "SHOW CONNECTIONS",
             "SHOW STATS",
@@ -350,6 +351,13 @@ def pool_scaling(snap: Snapshot) -> Table:
         [p["user"], p["database"], p["sv_login"], *(p[key] for key in SCALING_KEYS)]
         for p in snap["pools"]
     ]
+    return columns, rows
+
+
+def startup_parameters(snap: Snapshot) -> Table:
+    """The parameters each pool's servers log in with, and where each comes from."""
+    columns = _typed("user", "database", "parameter", "value", "source", "state")
+    rows: Rows = sorted(snap["startup_parameters"], key=lambda row: (row[1], row[0], row[2]))
     return columns, rows
 
 

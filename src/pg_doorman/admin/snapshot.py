@@ -9,13 +9,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from pg_doorman.net.server import ServerConnection
 
 if TYPE_CHECKING:
     from pg_doorman.app.auth_query_users import AuthQueryUsers
-    from pg_doorman.app.pooler import Pooler
+    from pg_doorman.app.pooler import PoolEntry, Pooler
     from pg_doorman.net.client import ClientConnection
     from pg_doorman.pool.fallback import Fallback
     from pg_doorman.pool.pool import Pool
@@ -68,8 +69,10 @@ def take(pooler: Pooler) -> Snapshot:
         )  # fmt: skip
     server_rows = []
     pools = []
+    parameter_rows: list[list[str]] = []
     for (database, user), entry in pooler.listed_entries():
         pool = entry.pool
+        parameter_rows.extend(_startup_parameter_rows(pooler, database, user, entry))
         clients = by_pool.get(pool, [])
         data = _pool_data(database, user, pool, clients, now)
         fallback = pooler.fallbacks.get(database)
@@ -126,7 +129,26 @@ def take(pooler: Pooler) -> Snapshot:
         "fallback": [
             _fallback_data(name, fallback, now) for name, fallback in pooler.fallbacks.items()
         ],
+        "startup_parameters": parameter_rows,
     }
+
+
+def _startup_parameter_rows(
+    pooler: Pooler, database: str, user: str, entry: PoolEntry
+) -> Iterator[list[str]]:
+    """[user, database, parameter, value, source, state] of a pool's server logins."""
+    pool_config = pooler.config.pools.get(database)
+    configured = pool_config.startup_parameters if pool_config is not None else {}
+    for key, value in entry.pool.settings.startup_parameters.items():
+        if key in entry.looked_up_parameters:
+            source = "auth_query"
+        elif key in configured:
+            source = "pool"
+        else:
+            source = "general"
+        yield [user, database, key, value, source, "applied"]
+    for key, value in entry.dropped_parameters.items():
+        yield [user, database, key, value, "auth_query", "dropped_due_to_budget"]
 
 
 def _fallback_data(database: str, fallback: Fallback, now: float) -> dict[str, Any]:
@@ -316,6 +338,12 @@ def merge(snapshots: list[Snapshot]) -> Snapshot:
     # Each worker holds its share of a database's budget: the shares add up.
     out["coordinator"] = _summed_by_database(snapshots, "coordinator")
     out["fallback"] = _merged_fallbacks(snapshots)
+    # Each worker builds the same pools from the same config and lookups.
+    seen: dict[tuple[str, str, str], list[str]] = {}
+    for snapshot in snapshots:
+        for row in snapshot["startup_parameters"]:
+            seen.setdefault((row[0], row[1], row[2]), row)
+    out["startup_parameters"] = list(seen.values())
     return out
 
 

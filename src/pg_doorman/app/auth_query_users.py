@@ -9,7 +9,10 @@ Two modes, as in PgDoorman:
   `server_user` / `server_password`.
 
 A passthrough pool that has had no client for the pool's `idle_timeout` is closed and
-forgotten; the user's next login builds it again.
+forgotten; the user's next login builds it again. In passthrough mode, a
+`startup_parameters` column of the lookup (a JSON object) adds to the startup parameters
+of the user's own pool, over `[general]`'s and the pool's, as far as the StartupMessage
+has room; in dedicated mode the pool is shared and the column is ignored.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import TYPE_CHECKING
 from pg_doorman.auth.auth_query import AuthQuery, LookupConnections
 from pg_doorman.auth.methods import JWT_PRIVATE_KEY_PREFIX, JWT_PUBLIC_KEY_PREFIX
 from pg_doorman.config import Config, PoolConfig, UserConfig
+from pg_doorman.config.loader import STARTUP_PARAMETERS_BUDGET, startup_size
 from pg_doorman.config.schema import AuthQueryConfig
 from pg_doorman.net.server import BackendCredentials
 from pg_doorman.pool.pool import Pool, PoolSettings
@@ -117,10 +121,10 @@ class AuthQueryUsers:
 
     async def entry(self, user: str) -> PoolEntry | None:
         """The entry a looked-up user logs in with; None if the lookup found nobody."""
-        found, password = await self.lookup.password(user)
+        found, password, parameters = await self.lookup.user(user)
         if not found:
             return None
-        return self._entry_with(user, password)
+        return self._entry_with(user, password, parameters)
 
     async def refetch(self, user: str) -> PoolEntry | None:
         """After a failed password exchange: the entry with a newly fetched password,
@@ -128,9 +132,34 @@ class AuthQueryUsers:
         fresh = await self.lookup.refetch(user)
         if fresh is None or not fresh[0]:
             return None
-        return self._entry_with(user, fresh[1])
+        return self._entry_with(user, fresh[1], fresh[2])
 
-    def _entry_with(self, user: str, password: str) -> PoolEntry:
+    def _fitting(
+        self, user: str, parameters: dict[str, str]
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        """The looked-up parameters that fit the StartupMessage next to the configured
+        ones (in the column's order), and those that do not."""
+        general = self.pooler.config.general.startup_parameters
+        merged = {**general, **self.pool_config.startup_parameters}
+        fitting: dict[str, str] = {}
+        dropped: dict[str, str] = {}
+        for key, value in parameters.items():
+            if startup_size({**merged, key: value}) <= STARTUP_PARAMETERS_BUDGET:
+                merged[key] = value
+                fitting[key] = value
+            else:
+                dropped[key] = value
+        if dropped:
+            logger.warning(
+                "auth_query: user %r: startup parameters %s left out: the StartupMessage "
+                "would exceed %d bytes",
+                user,
+                ", ".join(dropped),
+                STARTUP_PARAMETERS_BUDGET,
+            )
+        return fitting, dropped
+
+    def _entry_with(self, user: str, password: str, parameters: dict[str, str]) -> PoolEntry:
         from pg_doorman.app.pooler import PoolEntry
 
         if password.startswith((JWT_PUBLIC_KEY_PREFIX, JWT_PRIVATE_KEY_PREFIX)):
@@ -141,7 +170,13 @@ class AuthQueryUsers:
         entry = self.users.get(user)
         # In use again: the sweep must not close the pool under a login in progress.
         self._unused_since.pop(user, None)
-        if entry is not None and entry.password == password:
+        if self.shared is not None:
+            parameters = {}  # one pool for every user: nothing of a user's own
+        if (
+            entry is not None
+            and entry.password == password
+            and {**entry.looked_up_parameters, **entry.dropped_parameters} == parameters
+        ):
             return entry
         config = self.pooler.config
         if self.shared is not None:
@@ -162,9 +197,11 @@ class AuthQueryUsers:
                 entry.user, entry.password, entry.scram_verifier = client_user, password, verifier
             return entry
         user_config = self._user_config(user, password)
+        fitting, dropped = self._fitting(user, parameters)
         updated = self.pooler.pool_entry_for(
-            config, self.database, self.pool_config, user_config, entry
+            config, self.database, self.pool_config, user_config, entry, fitting
         )
+        updated.looked_up_parameters, updated.dropped_parameters = fitting, dropped
         if entry is None:
             self.lookup.stats.dynamic_pools_created += 1
             logger.info("pool %s@%s created for a user found by auth_query", user, self.database)
@@ -211,9 +248,13 @@ class AuthQueryUsers:
             return
         for name, entry in list(self.users.items()):
             user_config = self._user_config(name, entry.password)
-            updated = self.pooler.pool_entry_for(
-                config, self.database, pool_config, user_config, entry
+            fitting, dropped = self._fitting(
+                name, {**entry.looked_up_parameters, **entry.dropped_parameters}
             )
+            updated = self.pooler.pool_entry_for(
+                config, self.database, pool_config, user_config, entry, fitting
+            )
+            updated.looked_up_parameters, updated.dropped_parameters = fitting, dropped
             if updated is not entry:
                 self.pooler.retire_pool(entry.pool)
                 self.users[name] = updated

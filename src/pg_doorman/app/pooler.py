@@ -11,8 +11,8 @@ import random
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from ipaddress import IPv4Address, IPv6Address
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -104,6 +104,10 @@ class PoolEntry:
     scram_verifier: ScramVerifier | None = None
     # password = "jwt-pkey-fpath:...": the key that checks the client's token.
     token_verifier: TokenVerifier | None = None
+    # A passthrough auth_query user's startup parameters: those its pool's servers get
+    # (over [general]'s and the pool's), and those left out for want of room.
+    looked_up_parameters: dict[str, str] = field(default_factory=dict)
+    dropped_parameters: dict[str, str] = field(default_factory=dict)
 
 
 def _ms(value: int | None, default: int) -> float:
@@ -414,10 +418,14 @@ class Pooler:
         pool_config: PoolConfig,
         user: UserConfig,
         entry: PoolEntry | None,
+        looked_up: Mapping[str, str] | None = None,
     ) -> PoolEntry:
         """The entry of one user's pool: `entry` updated in place when its pool can take
-        the new settings, else a new pool (the caller retires the old one)."""
+        the new settings, else a new pool (the caller retires the old one). `looked_up`:
+        startup parameters of an auth_query user, over the configured ones."""
         settings = self.settings_for(config, name, pool_config, user)
+        if looked_up:
+            settings.startup_parameters = {**settings.startup_parameters, **looked_up}
         credentials = backend_credentials(user)
         verifier = self.scram_verifier_of(user.password)
         token_verifier = None

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from pg_doorman.config.loader import startup_parameter_text
 from pg_doorman.config.schema import AuthQueryConfig
 from pg_doorman.net.server import ServerConnection
 from pg_doorman.pool.pool import AcquireError, Pool
@@ -33,6 +35,8 @@ logger = logging.getLogger("pg_doorman.auth_query")
 # of them, a single column is the password, and of two the second (PgBouncer's
 # `SELECT usename, passwd ...` convention).
 PASSWORD_COLUMNS = ("passwd", "password", "rolpassword")
+# An optional column: a JSON object of startup parameters for the user's own pool.
+PARAMETERS_COLUMN = "startup_parameters"
 # Users remembered per pool, found or not; past that the expired ones go, then the
 # oldest half, so a scan of made-up user names can't grow the cache without bound.
 MAX_CACHED_USERS = 10_000
@@ -83,10 +87,12 @@ def password_column(names: list[str]) -> int:
     for wanted in PASSWORD_COLUMNS:
         if wanted in lowered:
             return lowered.index(wanted)
-    if len(names) == 1:
-        return 0
-    if len(names) == 2:
-        return 1
+    # The startup_parameters column is never the password: count the others.
+    others = [i for i, name in enumerate(lowered) if name != PARAMETERS_COLUMN]
+    if len(others) == 1:
+        return others[0]
+    if len(others) == 2:
+        return others[1]
     raise AuthQueryError(
         sqlstate.CONFIG_FILE_ERROR,
         f"auth_query returned columns {names}: name the password column "
@@ -94,12 +100,22 @@ def password_column(names: list[str]) -> int:
     )
 
 
-def parse_lookup_reply(reply: bytes) -> tuple[bool, str]:
-    """(found, password) from the reply to lookup_messages(). A NULL password is "":
-    such a user can only log in by a `trust` rule."""
+@dataclass(frozen=True)
+class LookedUp:
+    """What the lookup found for one user."""
+
+    found: bool
+    # A NULL password is "": such a user can only log in by a `trust` rule.
+    password: str = ""
+    # The startup_parameters column as it came (JSON text), if the query has one.
+    parameters: str | None = None
+
+
+def parse_lookup_reply(reply: bytes) -> LookedUp:
+    """What the reply to lookup_messages() says of the user."""
     buffer = MessageBuffer()
     buffer.feed(reply)
-    column = -1
+    column = parameters_column = -1
     rows: list[list[str | None]] = []
     while True:
         try:
@@ -116,18 +132,45 @@ def parse_lookup_reply(reply: bytes) -> tuple[bool, str]:
                 f"auth_query failed: {fields.get('M', 'error')}",
             )
         if msg_type == codes.ROW_DESCRIPTION:
-            column = password_column(_column_names(body))
+            names = _column_names(body)
+            column = password_column(names)
+            lowered = [name.lower() for name in names]
+            if PARAMETERS_COLUMN in lowered:
+                parameters_column = lowered.index(PARAMETERS_COLUMN)
         elif msg_type == codes.DATA_ROW:
             rows.append(messages.parse_data_row(body))
     if not rows:
-        return False, ""
+        return LookedUp(found=False)
     if len(rows) > 1:
         raise AuthQueryError(
             sqlstate.CARDINALITY_VIOLATION, f"auth_query returned {len(rows)} rows for one user"
         )
-    if column < 0 or column >= len(rows[0]):
+    row = rows[0]
+    if column < 0 or column >= len(row):
         raise AuthQueryError(sqlstate.PROTOCOL_VIOLATION, "auth_query returned no columns")
-    return True, rows[0][column] or ""
+    parameters = row[parameters_column] if 0 <= parameters_column < len(row) else None
+    return LookedUp(found=True, password=row[column] or "", parameters=parameters)
+
+
+def parse_startup_parameters(text: str | None) -> tuple[dict[str, str], list[str]]:
+    """The startup parameters of a startup_parameters column (a JSON object; NULL or
+    empty: none), and what was wrong with those left out."""
+    if text is None or not text.strip():
+        return {}, []
+    try:
+        document = json.loads(text)
+    except ValueError as exc:
+        return {}, [f"startup_parameters is not JSON ({exc}): all ignored"]
+    if not isinstance(document, dict):
+        return {}, ["startup_parameters is not a JSON object: all ignored"]
+    parameters: dict[str, str] = {}
+    problems = []
+    for key, raw in document.items():
+        try:
+            parameters[key] = startup_parameter_text(key, raw)
+        except ValueError as exc:
+            problems.append(f"startup parameter {key!r} ignored: {exc}")
+    return parameters, problems
 
 
 OpenConnection = Callable[[Pool], Awaitable[ServerConnection]]
@@ -222,8 +265,17 @@ class LookupConnections:
 class _Cached:
     found: bool
     password: str
+    parameters: dict[str, str]
     fetched_at: float
     expires_at: float
+
+    @property
+    def user(self) -> User:
+        return self.found, self.password, self.parameters
+
+
+# A looked-up user: found, its stored password, its startup parameters.
+User = tuple[bool, str, dict[str, str]]
 
 
 @dataclass
@@ -258,17 +310,17 @@ class AuthQuery:
     def cache_entries(self) -> int:
         return len(self._cache)
 
-    async def password(self, user: str) -> tuple[bool, str]:
-        """(found, stored password) of a user, from the cache while it is fresh."""
+    async def user(self, user: str) -> User:
+        """A user as looked up, from the cache while it is fresh."""
         cached = self._cache.get(user)
         if cached is not None and cached.expires_at > self._clock():
             self.stats.cache_hits += 1
-            return cached.found, cached.password
+            return cached.user
         self.stats.cache_misses += 1
         fetched = await self._fetch(user)
-        return fetched.found, fetched.password
+        return fetched.user
 
-    async def refetch(self, user: str) -> tuple[bool, str] | None:
+    async def refetch(self, user: str) -> User | None:
         """After a failed password exchange: the user fetched anew, or None when it
         was fetched less than min_interval ago (or is unchanged)."""
         cached = self._cache.get(user)
@@ -280,12 +332,9 @@ class AuthQuery:
             return None
         self.stats.cache_refetches += 1
         fetched = await self._fetch(user)
-        if cached is not None and (fetched.found, fetched.password) == (
-            cached.found,
-            cached.password,
-        ):
+        if cached is not None and fetched.user == cached.user:
             return None
-        return fetched.found, fetched.password
+        return fetched.user
 
     def forget(self) -> None:
         self._cache.clear()
@@ -309,7 +358,7 @@ class AuthQuery:
     async def _lookup(self, user: str) -> _Cached:
         try:
             reply = await self.connections.run(lookup_messages(self.config.query, user))
-            found, password = parse_lookup_reply(reply)
+            looked_up = parse_lookup_reply(reply)
         except AcquireError as exc:
             self.connections.errors += 1
             error = AuthQueryError(exc.code, f"auth_query could not connect: {exc.message}")
@@ -319,9 +368,13 @@ class AuthQuery:
             self.connections.errors += 1
             logger.warning("auth_query for user %r failed: %s", user, exc.message)
             raise
+        parameters, problems = parse_startup_parameters(looked_up.parameters)
+        for problem in problems:
+            logger.warning("auth_query: user %r: %s", user, problem)
         now = self._clock()
+        found = looked_up.found
         ttl = self.config.cache_ttl if found else self.config.cache_failure_ttl
-        cached = _Cached(found, password, now, now + ttl / 1000)
+        cached = _Cached(found, looked_up.password, parameters, now, now + ttl / 1000)
         self._remember(user, cached, now)
         return cached
 

@@ -400,31 +400,37 @@ def _pg_hba(value: object, path: str, ctx: _Context) -> str:
     return text
 
 
+def startup_parameter_text(key: str, raw: object) -> str:
+    """The text a startup parameter is sent with; ValueError saying why it can't be."""
+    if key.lower() in RESERVED_STARTUP_PARAMETERS:
+        raise ValueError("reserved: the pooler sets this parameter itself")
+    if key.lower().startswith("_pq_."):
+        raise ValueError("the '_pq_.' prefix is reserved for protocol extensions")
+    if not _GUC_NAME.fullmatch(key):
+        raise ValueError(
+            "not a valid parameter name (letters, digits, '_' and '.'; no leading digit)"
+        )
+    # PostgreSQL spells booleans on/off; YAML turns a bare `off` into false.
+    if isinstance(raw, bool):
+        text = "on" if raw else "off"
+    elif isinstance(raw, int | float | str):
+        text = str(raw)
+    else:
+        raise ValueError(f"expected a string, got {_show(raw)}")
+    if "\0" in text:
+        raise ValueError("value contains a NUL byte")
+    return text
+
+
 def _startup_parameters(value: object, path: str, ctx: _Context) -> dict[str, str]:
     table = _table(value, path)
     result: dict[str, str] = {}
     for key, raw in table.items():
-        key_path = _join(path, key)
-        if key.lower() in RESERVED_STARTUP_PARAMETERS:
-            raise ConfigError(key_path, "reserved: the pooler sets this parameter itself")
-        if key.lower().startswith("_pq_."):
-            raise ConfigError(key_path, "the '_pq_.' prefix is reserved for protocol extensions")
-        if not _GUC_NAME.fullmatch(key):
-            raise ConfigError(
-                key_path,
-                "not a valid parameter name (letters, digits, '_' and '.'; no leading digit)",
-            )
-        # PostgreSQL spells booleans on/off; YAML turns a bare `off` into false.
-        if isinstance(raw, bool):
-            text = "on" if raw else "off"
-        elif isinstance(raw, int | float | str):
-            text = str(raw)
-        else:
-            raise ConfigError(key_path, f"expected a string, got {_show(raw)}")
-        if "\0" in text:
-            raise ConfigError(key_path, "value contains a NUL byte")
-        result[key] = text
-    size = _startup_size(result)
+        try:
+            result[key] = startup_parameter_text(key, raw)
+        except ValueError as exc:
+            raise ConfigError(_join(path, key), str(exc)) from None
+    size = startup_size(result)
     if size > STARTUP_PARAMETERS_BUDGET:
         raise ConfigError(
             path, f"takes {size} bytes in a StartupMessage, more than {STARTUP_PARAMETERS_BUDGET}"
@@ -432,7 +438,7 @@ def _startup_parameters(value: object, path: str, ctx: _Context) -> dict[str, st
     return result
 
 
-def _startup_size(parameters: Mapping[str, str]) -> int:
+def startup_size(parameters: Mapping[str, str]) -> int:
     return sum(len(k.encode()) + len(v.encode()) + 2 for k, v in parameters.items())
 
 
@@ -866,7 +872,7 @@ def _check_pool(pool: PoolConfig, path: str, general: GeneralConfig, ctx: _Conte
         pool.server_tls_certificate,
         pool.server_tls_private_key,
     )
-    size = _startup_size(general.startup_parameters | pool.startup_parameters)
+    size = startup_size(general.startup_parameters | pool.startup_parameters)
     if size > STARTUP_PARAMETERS_BUDGET:
         raise ConfigError(
             _join(path, "startup_parameters"),
