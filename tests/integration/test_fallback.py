@@ -219,6 +219,29 @@ def test_the_other_members_race_when_the_synchronous_standby_fails(
         api.close()
 
 
+def test_a_cancel_reaches_the_member_the_server_was_opened_on(
+    pg: ExamplePostgres, pooler: PoolerFactory, local_dir: Path
+) -> None:
+    api = PatroniApi([member("node2", "sync_standby", pg.port)])
+    try:
+        proc, _ = start(pg, pooler, local_dir, [api.url])
+        with connect(proc, pg) as conn:
+            assert server_address(conn) == ("127.0.0.1", pg.port)
+            timer = threading.Timer(0.5, conn.cancel)
+            timer.start()
+            try:
+                # Sent to the pool's own (missing) socket, the cancel would be lost and
+                # the query would run its 30 s.
+                with pytest.raises(psycopg.errors.QueryCanceled):
+                    conn.execute("select pg_sleep(30)")
+            finally:
+                timer.cancel()
+            assert conn.execute("select 1").fetchone() == (1,)
+        assert "could not forward cancel" not in proc.log_text()
+    finally:
+        api.close()
+
+
 def test_without_an_answer_from_patroni_clients_get_the_reason_and_a_reload_fixes_it(
     pg: ExamplePostgres, pooler: PoolerFactory, local_dir: Path
 ) -> None:

@@ -1015,14 +1015,15 @@ class Pooler:
 
     async def _send_cancel(self, server: ServerConnection) -> None:
         settings = server.pool.settings
-        host = settings.server_host
+        # Where the server was opened: a Patroni fallback member is not the pool's host.
+        host, port = server.address
         try:
             async with asyncio.timeout(settings.connect_timeout):
                 if host.startswith("/"):
-                    path = f"{host.rstrip('/')}/.s.PGSQL.{settings.server_port}"
+                    path = f"{host.rstrip('/')}/.s.PGSQL.{port}"
                     reader, writer = await asyncio.open_unix_connection(path)
                 else:
-                    reader, writer = await asyncio.open_connection(host, settings.server_port)
+                    reader, writer = await asyncio.open_connection(host, port)
                 tls = cast("ServerTls | None", settings.server_tls)
                 if server.tls and tls is not None and tls.context is not None:
                     # The cancel key travels as securely as the session it cancels.

@@ -105,6 +105,9 @@ class ServerConnection(asyncio.Protocol):
         self.discarded = False
         self.canceled = False
         self.peer: tuple[str, int] | str = ""
+        # The host (or socket directory) and port it was opened at: its pool's, or a
+        # Patroni fallback member's. Cancel requests go there.
+        self.address: tuple[str, int] = (pool.settings.server_host, pool.settings.server_port)
         self.tls = False
         now = time.monotonic()
         self.created = now
@@ -865,6 +868,7 @@ async def open_server(
             sqlstate.CONNECTION_FAILURE,
             f"cannot connect to server {host}:{port}: {exc.strerror or exc}",
         ) from exc
+    server.address = (host, port)
     if lifetime is not None:
         server.limit_lifetime(server.created + lifetime)
     return server
