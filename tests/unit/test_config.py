@@ -881,7 +881,7 @@ def test_not_implemented_keys_warn_when_set() -> None:
             if key not in ("server_port", "users", "auth_query", *SERVER_TLS, *DATABASE_BUDGET)
             and key not in (*PATRONI_FALLBACK, *POOL_PRESSURE, *THREAD_TUNING)
         }
-        | {"pools.mydb.users[0].auth_pam_service", "talos"}
+        | {"pools.mydb.users[0].auth_pam_service"}
         | {f"web.{key}" for key in data["web"]}
     )
     assert flagged == expected
@@ -1534,3 +1534,11 @@ def test_samples_are_equivalent_and_fit_the_demo() -> None:
     (doorman,) = pool.users
     assert (doorman.username, doorman.pool_size) == ("doorman", 20)
     assert doorman.password == scram_verifier(b"doorman", b"pg_doorman-demo!")
+
+
+def test_talos_keys_without_databases_warn() -> None:
+    config = parse_config(merged({"talos": {"keys": ["k.pem"]}}))
+    assert config.talos.keys == ["k.pem"]
+    assert config.warnings == ["talos.databases: empty: every talos token will be refused"]
+    config = parse_config(merged({"talos": {"databases": ["db"]}}))
+    assert config.warnings == ["talos.keys: empty: every talos token will be refused"]

@@ -22,7 +22,7 @@ from pg_doorman.config.loader import (
     POOL_NOT_APPLICABLE,
     WEB_NOT_IMPLEMENTED,
 )
-from pg_doorman.config.schema import AuthQueryConfig
+from pg_doorman.config.schema import AuthQueryConfig, TalosConfig
 from pg_doorman.prepared.registry import NAMED, UNNAMED
 from pg_doorman.stats.counters import PERCENTILES, quantile_of, recent_count_of
 
@@ -131,6 +131,7 @@ class ShowTables:
                     _settings_rows(f"{prefix}.auth_query", pool.auth_query, defaults, frozenset())
                 )
         rows.extend(_settings_rows("web", config.web, WebConfig(), WEB_NOT_IMPLEMENTED))
+        rows.extend(_settings_rows("talos", config.talos, TalosConfig(), frozenset()))
         return _text(["key", "value", "default", "changeable"]), rows
 
     def users(self) -> Table:

@@ -114,6 +114,7 @@ def load_checked_config(path: str) -> Config:
     """Load the config and everything derived from it that can fail (pg_hba rules,
     the TLS certificates and keys, for clients and for servers)."""
     from pg_doorman.auth.hba import HbaError, HbaRules
+    from pg_doorman.auth.talos import Talos, TalosKeyError
     from pg_doorman.net.server_tls import server_tls_for
     from pg_doorman.net.tls import TlsSetupError, client_tls_context
 
@@ -140,6 +141,10 @@ def load_checked_config(path: str) -> Config:
             _check_token_key(
                 f"pools.{name}.auth_query.server_password", pool.auth_query.server_password
             )
+    try:
+        Talos.load(config.talos)
+    except TalosKeyError as exc:
+        raise ConfigError(exc.key, str(exc)) from exc
     return config
 
 

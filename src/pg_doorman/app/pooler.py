@@ -36,7 +36,15 @@ from pg_doorman.auth.methods import (
     decide_client_auth,
 )
 from pg_doorman.auth.scram import ScramVerifier, is_scram_verifier
-from pg_doorman.config import Config, ConfigError, GeneralConfig, PoolConfig, UserConfig
+from pg_doorman.auth.talos import Talos, TalosKeyError
+from pg_doorman.config import (
+    Config,
+    ConfigError,
+    GeneralConfig,
+    PoolConfig,
+    TalosConfig,
+    UserConfig,
+)
 from pg_doorman.net.client import ClientConnection
 from pg_doorman.net.ids import IdAllocator
 from pg_doorman.net.server import BackendCredentials, ServerConnection, open_server
@@ -185,6 +193,14 @@ def fallback_settings(general: GeneralConfig, pool: PoolConfig) -> FallbackSetti
     )
 
 
+def _talos(config: TalosConfig) -> Talos | None:
+    try:
+        return Talos.load(config)
+    except TalosKeyError as exc:
+        # load_checked_config found the files usable; they changed since.
+        raise ConfigError(exc.key, str(exc)) from exc
+
+
 def _server_tls(general: GeneralConfig, pool: PoolConfig, name: str) -> ServerTls:
     try:
         return server_tls_for(general, pool, f"pools.{name}")
@@ -312,6 +328,8 @@ class Pooler:
         self.budgets: dict[str, DatabaseBudget] = {}
         # Patroni-assisted fallback: one per database (pool name) with patroni_api_urls.
         self.fallbacks: dict[str, Fallback] = {}
+        # [talos]: logins as user `talos` with a token (None: no keys configured).
+        self.talos = _talos(config.talos)
         # Pools with an auth_query: their looked-up users, by pool name.
         self.auth_queries: dict[str, AuthQueryUsers] = {}
         self.hba: HbaRules | None = (
@@ -659,6 +677,10 @@ class Pooler:
             apply_log_filter(new.log_level)
             notes.append(f"log level set to {new.log_level}")
         self.hba = HbaRules.parse(new.pg_hba) if new.pg_hba else None
+        talos = _talos(config.talos)
+        if talos != self.talos:
+            self.talos = talos
+            notes.append("[talos] keys or databases changed")
         self.memory.limit = self._share(new.max_memory_usage)
         previous = self.entries
         self.config = config
@@ -895,6 +917,22 @@ class Pooler:
                 return AuthDecision(ClientAuth.REJECT, "address not allowed by hba", by_hba=True)
             decision = decide_client_auth(None, False, stored)
         return decision
+
+    def hba_permits(self, database: str, user: str, *, address: str, unix: bool, ssl: bool) -> bool:
+        """Whether pg_hba (or the legacy hba list) lets `user` in at all, whatever
+        the method: for a Talos login, whose token stands for every method."""
+        peer = None if unix else peer_address(address)
+        if self.hba is not None:
+            rule = self.hba.match(
+                conn_type="local" if unix else "host",
+                ssl=ssl,
+                database=database,
+                user=user,
+                address=peer,
+            )
+            return rule is not None and rule.method != "reject"
+        general = self.config.general
+        return not general.hba or legacy_hba_allows(general.hba, peer)
 
     def admin_auth_method(
         self,

@@ -106,12 +106,16 @@ class TokenVerifier:
 
     def check(self, token: str, user: str, now: float | None = None) -> None:
         """Raise JwtError unless `token` is a valid RS256 token for `user`."""
-        if len(token) > MAX_TOKEN_BYTES:
-            raise JwtError("the token is too long")
-        parts = token.split(".")
-        if len(parts) != 3:
-            raise JwtError("not a JWT (three dot-separated parts)")
-        header = _json_object(_unb64url(parts[0], "header"), "header")
+        claims = self.claims(token, now)
+        if claims.get("preferred_username") != user:
+            raise JwtError(
+                f"the token is for {claims.get('preferred_username')!r}, not for {user!r}"
+            )
+
+    def claims(self, token: str, now: float | None = None) -> dict[str, Any]:
+        """The claims of an RS256 token signed with this key, in its time of validity
+        (JwtError otherwise)."""
+        header, parts = token_header(token)
         if header.get("alg") != "RS256":
             raise JwtError(f"the token's algorithm is {header.get('alg')!r}, not RS256")
         signature = _unb64url(parts[2], "signature")
@@ -137,10 +141,17 @@ class TokenVerifier:
                 raise JwtError("the token's nbf claim is not a number")
             if now + LEEWAY < nbf:
                 raise JwtError("the token is not valid yet (nbf)")
-        if claims.get("preferred_username") != user:
-            raise JwtError(
-                f"the token is for {claims.get('preferred_username')!r}, not for {user!r}"
-            )
+        return claims
+
+
+def token_header(token: str) -> tuple[dict[str, Any], list[str]]:
+    """A token's header (not yet verified) and its three parts."""
+    if len(token) > MAX_TOKEN_BYTES:
+        raise JwtError("the token is too long")
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise JwtError("not a JWT (three dot-separated parts)")
+    return _json_object(_unb64url(parts[0], "header"), "header"), parts
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from .schema import (
     GeneralConfig,
     PoolConfig,
     PoolOverride,
+    TalosConfig,
     UserConfig,
     WebConfig,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "GeneralConfig",
     "PoolConfig",
     "PoolOverride",
+    "TalosConfig",
     "UserConfig",
     "WebConfig",
     "format_byte_size",

@@ -28,6 +28,7 @@ from .schema import (
     Config,
     GeneralConfig,
     PoolConfig,
+    TalosConfig,
     UserConfig,
     WebConfig,
 )
@@ -940,10 +941,15 @@ def _build(data: dict[str, Any], source: str, ctx: _Context) -> Config:
     )
     web = WebConfig(**web_values)
 
+    talos = TalosConfig()
     if "talos" in data:
-        talos = _read_keys(_table(data["talos"], "talos"), "talos", _TALOS_SPEC, ctx)
-        if any(talos.values()):
-            ctx.warn("talos", NOT_IMPLEMENTED)
+        talos = TalosConfig(**_read_keys(_table(data["talos"], "talos"), "talos", _TALOS_SPEC, ctx))
+        if talos.keys and not talos.databases:
+            ctx.warn("talos.databases", "empty: every talos token will be refused")
+        if talos.databases and not talos.keys:
+            ctx.warn("talos.keys", "empty: every talos token will be refused")
 
     pools = _pools(data.get("pools", {}), "pools", ctx, general)
-    return Config(general=general, pools=pools, web=web, warnings=ctx.warnings, source=source)
+    return Config(
+        general=general, pools=pools, web=web, talos=talos, warnings=ctx.warnings, source=source
+    )

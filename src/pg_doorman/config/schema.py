@@ -285,10 +285,21 @@ class WebConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TalosConfig:
+    """`[talos]`: logins as user `talos` with a token naming a client and its roles."""
+
+    # RSA public keys (PEM files); a token's `kid` names one by its file name stem.
+    keys: list[str] = field(default_factory=list)
+    # The databases whose roles in a token's resource_access count.
+    databases: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     general: GeneralConfig = field(default_factory=GeneralConfig)
     pools: dict[str, PoolConfig] = field(default_factory=dict)
     web: WebConfig = field(default_factory=WebConfig)
+    talos: TalosConfig = field(default_factory=TalosConfig)
     # Everything the loader accepted but wants an operator to see; log them at start/reload.
     warnings: list[str] = field(default_factory=list)
     source: str = "<memory>"

@@ -18,6 +18,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from pg_doorman.auth.hba import peer_address
+from pg_doorman.auth.jwt import JwtError
 from pg_doorman.auth.md5 import md5_password_hash, verify_md5_response
 from pg_doorman.auth.methods import ClientAuth
 from pg_doorman.auth.scram import (
@@ -27,6 +28,7 @@ from pg_doorman.auth.scram import (
     ScramVerifier,
     make_scram_verifier,
 )
+from pg_doorman.auth.talos import TALOS_USER
 from pg_doorman.net.suspend import SUSPEND
 from pg_doorman.net.tls import TlsReader, negotiated_postgresql, start_tls_with_hello
 from pg_doorman.pool.pool import AcquireError, Pool
@@ -46,6 +48,7 @@ from pg_doorman.protocol.startup import (
 
 if TYPE_CHECKING:
     from pg_doorman.app.pooler import PoolEntry, Pooler
+    from pg_doorman.auth.talos import Talos
     from pg_doorman.net.server import ServerConnection
 
 logger: Final = logging.getLogger("pg_doorman.client")
@@ -613,7 +616,11 @@ class ClientConnection(asyncio.Protocol):
                 f'{decision.reason} for host "{self.address or "local"}", user "{user}", '
                 f'database "{database}"',
             )
-        if entry is None and self.pooler.looks_up_users(database):
+        talos = self.pooler.talos
+        talos_login = talos is not None and user == TALOS_USER
+        if talos is not None and talos_login:
+            entry = await self._talos_login(talos, database)
+        elif entry is None and self.pooler.looks_up_users(database):
             entry = await self._looked_up_login(database, user)
         else:
             if entry is None and decision.method == ClientAuth.TRUST:
@@ -640,6 +647,8 @@ class ClientConnection(asyncio.Protocol):
             await self._fetch_server_parameters(pool)
         settings = dict(params)
         settings.update(parse_options(params.get("options", "")))
+        if talos_login:
+            settings["application_name"] = self.application_name  # the token's clientId
         self._adopt_startup_parameters(settings, pool)
         if pool.settings.prepared_statements:
             self.rewriter = BatchRewriter(pool.statements, self._planning_context())
@@ -762,6 +771,49 @@ class ClientConnection(asyncio.Protocol):
             if value is not None:
                 parts.append(f"{name}={value}".encode())
         return b"\x00".join(parts)
+
+    async def _talos_login(self, talos: Talos, database: str) -> PoolEntry:
+        """Log in as `talos` with a token: the session runs as the pool user the token
+        picks (pg_hba has let `talos` through, and must let that user through too)."""
+        self.write(messages.auth_request(codes.AUTH_CLEARTEXT))
+        msg_type, body = await self._next_message()
+        if msg_type != codes.PASSWORD_MESSAGE:
+            raise StartupError(sqlstate.PROTOCOL_VIOLATION, "expected a password response")
+        pooler = self.pooler
+        try:
+            token = talos.read(body.removesuffix(b"\x00").decode("utf-8"))
+        except (UnicodeDecodeError, JwtError) as exc:
+            logger.info("client %s: talos token refused: %s", self.name, exc)
+            raise self._password_failed() from None
+        user, route = talos.pool_user(
+            token, lambda name: pooler.pool_entry(database, name) is not None
+        )
+        entry = pooler.pool_entry(database, user)
+        if entry is None:
+            raise StartupError(
+                sqlstate.INVALID_AUTHORIZATION,
+                f'talos token with role "{token.role}": database "{database}" has no user "{user}"',
+            )
+        if not pooler.hba_permits(
+            database, user, address=self.address, unix=self.unix, ssl=self.tls
+        ):
+            raise StartupError(
+                sqlstate.INVALID_AUTHORIZATION,
+                f'pg_hba rejects user "{user}" (talos) for host "{self.address or "local"}", '
+                f'database "{database}"',
+            )
+        logger.info(
+            "client %s: talos client %r with role %s runs as %s@%s (%s)",
+            self.name,
+            token.client_id,
+            token.role,
+            user,
+            database,
+            route,
+        )
+        self.user = user
+        self.application_name = token.client_id
+        return entry
 
     async def _looked_up_login(self, database: str, user: str) -> PoolEntry:
         """Log in a user the pool's auth_query looks up (pg_hba has let it through)."""
