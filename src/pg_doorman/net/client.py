@@ -666,7 +666,7 @@ class ClientConnection(asyncio.Protocol):
             logger.info(
                 "client %s connected (%s@%s) from %s",
                 self.name,
-                user,
+                self.user,  # for a Talos login, the user its token picked
                 database,
                 self.address or "unix socket",
             )
