@@ -25,7 +25,7 @@ from pg_doorman.app.dispatch import LoadBoard, Receiver, open_accepted
 from pg_doorman.app.logsetup import apply_log_filter
 from pg_doorman.app.upgrade import listeners_for
 from pg_doorman.auth.auth_query import AuthQueryError
-from pg_doorman.auth.hba import HbaRules, legacy_hba_allows, peer_address
+from pg_doorman.auth.hba import HbaRule, HbaRules, legacy_hba_allows, peer_address
 from pg_doorman.auth.jwt import JwtError, TokenSigner, TokenVerifier
 from pg_doorman.auth.md5 import is_md5_hash
 from pg_doorman.auth.methods import (
@@ -904,13 +904,7 @@ class Pooler:
     ) -> AuthDecision:
         general = self.config.general
         if self.hba is not None:
-            rule = self.hba.match(
-                conn_type="local" if unix else "host",
-                ssl=ssl,
-                database=database,
-                user=user,
-                address=address,
-            )
+            rule = self._hba_rule(self.hba, database, user, address, unix, ssl)
             decision = decide_client_auth(rule, True, stored)
         else:
             if general.hba and not legacy_hba_allows(general.hba, None if unix else address):
@@ -918,18 +912,29 @@ class Pooler:
             decision = decide_client_auth(None, False, stored)
         return decision
 
+    @staticmethod
+    def _hba_rule(
+        hba: HbaRules,
+        database: str,
+        user: str,
+        address: IPv4Address | IPv6Address | None,
+        unix: bool,
+        ssl: bool,
+    ) -> HbaRule | None:
+        return hba.match(
+            conn_type="local" if unix else "host",
+            ssl=ssl,
+            database=database,
+            user=user,
+            address=address,
+        )
+
     def hba_permits(self, database: str, user: str, *, address: str, unix: bool, ssl: bool) -> bool:
         """Whether pg_hba (or the legacy hba list) lets `user` in at all, whatever
         the method: for a Talos login, whose token stands for every method."""
         peer = None if unix else peer_address(address)
         if self.hba is not None:
-            rule = self.hba.match(
-                conn_type="local" if unix else "host",
-                ssl=ssl,
-                database=database,
-                user=user,
-                address=peer,
-            )
+            rule = self._hba_rule(self.hba, database, user, peer, unix, ssl)
             return rule is not None and rule.method != "reject"
         general = self.config.general
         return not general.hba or legacy_hba_allows(general.hba, peer)
@@ -954,13 +959,7 @@ class Pooler:
             ):
                 return ClientAuth.REJECT
             return ClientAuth.MD5
-        rule = self.hba.match(
-            conn_type="local" if unix else "host",
-            ssl=ssl,
-            database=database,
-            user=user,
-            address=address,
-        )
+        rule = self._hba_rule(self.hba, database, user, address, unix, ssl)
         if rule is None:
             return None
         return {
