@@ -166,7 +166,13 @@ def test_scrapes_during_traffic_do_not_disturb_it(
 def test_dashboard_and_alerts_use_only_exported_metrics(
     pg: ExamplePostgres, pooler: PoolerFactory
 ) -> None:
-    _, port = web_pooler(pooler)
+    port = free_port()
+    # With Patroni fallback configured, so that its families are exported too (the URL
+    # is never asked: the pool's server is up).
+    pooler(
+        web={"enabled": True, "host": "127.0.0.1", "port": port},
+        pools={EXAMPLE_DB: {"patroni_api_urls": [f"http://127.0.0.1:{free_port()}"]}},
+    )
     exported = set()
     for family in scrape(port).values():
         exported.update(sample.name for sample in family)
