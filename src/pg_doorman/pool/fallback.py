@@ -185,7 +185,6 @@ class Fallback:
         member = self.member
         reasons: Counter[str] = Counter()
         if member is not None and not self._member_skipped(member, time.monotonic()):
-            self.stats.cache_hits += 1
             try:
                 server = await open_at(member.host, member.port)
             except Exception as error:
@@ -193,6 +192,7 @@ class Fallback:
                 self.member = None
             else:
                 self.stats.connections += 1
+                self.stats.cache_hits += 1
                 return server
         members = await self._discover()
         now = time.monotonic()
