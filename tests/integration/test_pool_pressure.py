@@ -216,3 +216,18 @@ def test_a_queued_client_gets_a_new_server_when_its_patience_runs_out(
     finally:
         holder.close()
         waiter.close()
+
+
+def test_with_no_server_out_a_queued_client_does_not_wait_for_one_to_come_back(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """pool_size 2 at 20 % is a warm threshold of 0: still, the first server opens at
+    once, since nothing could come back."""
+    proc = pooler(
+        general={"scaling_warm_pool_ratio": 20},
+        pools={"example_db": {"users": [{"username": pg.md5_user.name, "pool_size": 2}]}},
+    )
+    with connect(proc, pg) as conn:
+        pid_of(conn)
+    row = scaling_row(proc, pg)
+    assert (row["creates"], row["create_fallback"], row["antic_timeout"]) == ("1", "0", "0")
