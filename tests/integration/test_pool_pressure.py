@@ -8,6 +8,7 @@ import contextlib
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -168,14 +169,26 @@ def queued(proc: PoolerProcess, pg: ExamplePostgres) -> bool:
     )
 
 
+@contextlib.contextmanager
+def one_server_held(
+    proc: PoolerProcess, pg: ExamplePostgres
+) -> Iterator[tuple[psycopg.Connection[Any], psycopg.Connection[Any], int]]:
+    """A client in a transaction on the pool's one server (its backend pid given), and
+    another client, both closed afterwards."""
+    holder, waiter = connect(proc, pg), connect(proc, pg)
+    try:
+        holder.execute("begin")
+        yield holder, waiter, pid_of(holder)
+    finally:
+        holder.close()
+        waiter.close()
+
+
 def test_a_queued_client_gets_the_server_that_comes_back_instead_of_a_new_one(
     pg: ExamplePostgres, pooler: PoolerFactory
 ) -> None:
     proc = pressure_pool(pg, pooler)
-    holder, waiter = connect(proc, pg), connect(proc, pg)
-    try:
-        holder.execute("begin")
-        held = pid_of(holder)
+    with one_server_held(proc, pg) as (holder, waiter, held):
         got: list[int] = []
         thread = threading.Thread(target=lambda: got.append(pid_of(waiter)))
         thread.start()
@@ -190,19 +203,13 @@ def test_a_queued_client_gets_the_server_that_comes_back_instead_of_a_new_one(
         assert row["create_fallback"] == "0"
         assert int(row["antic_notify"] or 0) >= 1
         assert int(row["creates"] or 0) == 1
-    finally:
-        holder.close()
-        waiter.close()
 
 
 def test_a_queued_client_gets_a_new_server_when_its_patience_runs_out(
     pg: ExamplePostgres, pooler: PoolerFactory
 ) -> None:
     proc = pressure_pool(pg, pooler)
-    holder, waiter = connect(proc, pg), connect(proc, pg)
-    try:
-        holder.execute("begin")
-        held = pid_of(holder)
+    with one_server_held(proc, pg) as (holder, waiter, held):
         started = time.monotonic()
         other = pid_of(waiter)
         waited = time.monotonic() - started
@@ -213,9 +220,6 @@ def test_a_queued_client_gets_a_new_server_when_its_patience_runs_out(
         assert int(row["antic_timeout"] or 0) >= 1
         assert int(row["creates"] or 0) == 2
         holder.execute("commit")
-    finally:
-        holder.close()
-        waiter.close()
 
 
 def test_with_no_server_out_a_queued_client_does_not_wait_for_one_to_come_back(

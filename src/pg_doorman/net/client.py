@@ -616,9 +616,9 @@ class ClientConnection(asyncio.Protocol):
                 f'{decision.reason} for host "{self.address or "local"}", user "{user}", '
                 f'database "{database}"',
             )
-        talos = self.pooler.talos
-        talos_login = talos is not None and user == TALOS_USER
-        if talos is not None and talos_login:
+        talos = self.pooler.talos if user == TALOS_USER else None
+        talos_login = talos is not None
+        if talos is not None:
             entry = await self._talos_login(talos, database)
         elif entry is None and self.pooler.looks_up_users(database):
             entry = await self._looked_up_login(database, user)

@@ -184,7 +184,7 @@ class Fallback:
     async def _connect_elsewhere(self, open_at: Callable[[str, int], Awaitable[S]]) -> S:
         member = self.member
         reasons: Counter[str] = Counter()
-        if member is not None and not self._member_skipped(member, time.monotonic()):
+        if member is not None and not self._skipped((member.host, member.port), time.monotonic()):
             try:
                 server = await open_at(member.host, member.port)
             except Exception as error:
@@ -271,12 +271,8 @@ class Fallback:
         return winner
 
     def _skipped(self, address: tuple[str, int], now: float) -> bool:
-        until, _ = self._member_down[address]
+        until, _ = self._member_down.get(address, (0.0, 0))
         return now < until
-
-    def _member_skipped(self, member: Member, now: float) -> bool:
-        address = (member.host, member.port)
-        return address in self._member_down and self._skipped(address, now)
 
     def _member_failed(self, member: Member, error: BaseException, reasons: Counter[str]) -> None:
         reason = failure_reason(error)

@@ -397,7 +397,7 @@ class Pool:
         impatient = 0
         # Above the threshold, and only while a server is out with a client: with
         # none, nothing can come back to wait for.
-        if wanted > 0 and self.size - len(self.idle) - coming > 0:
+        if wanted > 0 and self.active > 0:
             cold = s.warm_threshold - self.size
             if wanted > cold and cold < room:
                 wanted, impatient = self._impatient(wanted, cold, coming, room)
