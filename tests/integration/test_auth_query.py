@@ -147,12 +147,14 @@ def test_a_startup_parameters_column_sets_startup_parameters_of_the_users_pool(
         "   '{\"search_path\": \"' || repeat('x', 9600) || '\", \"jit\": false}'"
         " END AS startup_parameters FROM pg_shadow WHERE usename = $1"
     )
+    port = free_port()
     proc = auth_query_pooler(
         pooler,
         pg,
         query=lookup,
         general={"startup_parameters": {"lock_timeout": "3s"}},
         pool={"startup_parameters": {"work_mem": "5MB"}},
+        web={"enabled": True, "host": "127.0.0.1", "port": port},
     )
     assert setting(proc, md5, "work_mem") == "7MB"
     assert setting(proc, md5, "lock_timeout") == "3s"
@@ -186,6 +188,14 @@ def test_a_startup_parameters_column_sets_startup_parameters_of_the_users_pool(
     assert setting(proc, md5, "work_mem") == "7MB"
     assert setting(proc, scram, "work_mem") == "6MB"
     assert setting(proc, scram, "jit") == "off"
+    # Each looked-up row counted once, by why something was left out: neither the
+    # logins from the cache nor the reload count it again.
+    dropped = scrape(port)["pg_doorman_startup_parameters_dropped"]
+    name = "pg_doorman_startup_parameters_dropped_total"
+    pool = {"pool": EXAMPLE_DB}
+    assert value(dropped, name, reason="auth_query_invalid_entry", **pool) == 1
+    assert value(dropped, name, reason="auth_query_oversize", **pool) == 1
+    assert len(dropped) == 2
 
 
 @pytest.mark.parametrize("kind", ["md5", "scram"])
@@ -410,12 +420,16 @@ def test_dedicated_mode_shares_one_pool_logged_in_as_server_user(
     pg: ExamplePostgres, pooler: PoolerFactory
 ) -> None:
     server_user = pg.md5_user
+    port = free_port()
     proc = auth_query_pooler(
         pooler,
         pg,
+        # Users' own startup parameters can't apply to servers every user shares.
+        query=LOOKUP.replace(" FROM", """, '{"work_mem": "9MB"}' AS startup_parameters FROM"""),
         server_user=server_user.name,
         server_password=server_user.password,
         pool_size=1,
+        web={"enabled": True, "host": "127.0.0.1", "port": port},
     )
     # Listed before any login: its login is known, so min_pool_size could be opened.
     assert pool_users(proc) == sorted([pg.trust_user.name, server_user.name])
@@ -427,9 +441,16 @@ def test_dedicated_mode_shares_one_pool_logged_in_as_server_user(
             assert row[0] == server_user.name
             pids.add(row[1])
     assert len(pids) == 1  # one server, shared
+    assert setting(proc, pg.scram_user, "work_mem") != "9MB"
+    dropped = scrape(port)["pg_doorman_startup_parameters_dropped"]
+    name = "pg_doorman_startup_parameters_dropped_total"
+    assert value(dropped, name, pool=EXAMPLE_DB, reason="dedicated_mode") == 1  # one lookup
+    assert f"auth_query: user {pg.scram_user.name!r}: startup_parameters ignored" in (
+        proc.log_text()
+    )
     assert refused(proc, pg.scram_user.name, "wrong").sqlstate == "28P01"
     row = auth_query_row(proc)
-    assert (row["auth_success"], row["auth_failure"]) == ("2", "1")
+    assert (row["auth_success"], row["auth_failure"]) == ("3", "1")
     assert row["dynamic_pools_current"] == "0"
     assert pool_users(proc) == sorted([pg.trust_user.name, server_user.name])
 

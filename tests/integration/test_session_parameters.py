@@ -19,7 +19,9 @@ import pytest
 from helpers import EXAMPLE_DB, EXAMPLE_PASSWORD, ExamplePostgres
 from helpers import pgwire as w
 from helpers.both import next_client
+from helpers.metrics import scrape, value
 from helpers.pooler import RANDOM_POOLS, PoolerFactory, PoolerProcess, PoolShape, pool_of
+from pg_doorman.app.embedded_pg import free_port
 
 SYNCED = (
     "client_encoding",
@@ -343,3 +345,40 @@ def test_a_statement_prepared_before_a_set_is_never_shared_under_the_wrong_setti
     finally:
         for conn in (mover, holder, other):
             conn.close()
+
+
+# --- configured startup parameters ----------------------------------------------------------
+
+
+def test_a_startup_parameter_postgresql_refuses(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    """PostgreSQL's own error reaches the client; the refusal is counted by pool and
+    SQLSTATE and logged with the parameter; the other pools go on serving."""
+    port = free_port()
+    user = pg.md5_user
+    proc = pooler(
+        web={"enabled": True, "host": "127.0.0.1", "port": port},
+        pools={
+            "refusing": {
+                "server_host": pg.host,
+                "server_port": pg.port,
+                "server_database": EXAMPLE_DB,
+                "startup_parameters": {"lock_timeout": "1s", "work_mem": "lots"},
+                "users": [{"username": user.name, "password": user.pooler_password}],
+            }
+        },
+    )
+    for _ in range(2):
+        with pytest.raises(w.ServerError) as info:
+            w.PgWire.connect(proc.host, proc.port, user.name, "refusing", user.password)
+        assert info.value.sqlstate == "22023", info.value.fields
+        assert 'invalid value for parameter "work_mem": "lots"' in str(info.value)
+    samples = scrape(port)["pg_doorman_backend_startup_parameter_errors"]
+    name = "pg_doorman_backend_startup_parameter_errors_total"
+    assert value(samples, name, pool="refusing", sqlstate="22023") == 2
+    assert len(samples) == 1
+    assert "PostgreSQL refused the startup parameter work_mem='lots'" in proc.log_text()
+    conn = w.PgWire.connect(proc.host, proc.port, user.name, EXAMPLE_DB, user.password)
+    try:
+        assert conn.execute_query("select 1") == [("1",)]
+    finally:
+        conn.close()

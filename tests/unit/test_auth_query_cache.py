@@ -88,19 +88,23 @@ def test_the_startup_parameters_column_is_never_the_password() -> None:
 
 def test_startup_parameters_of_a_looked_up_user() -> None:
     text = '{"work_mem": "8MB", "jit": false, "statement_timeout": 5000, "role": "admin"}'
-    parameters, problems = parse_startup_parameters(text)
+    parameters, problems, dropped = parse_startup_parameters(text)
     assert parameters == {"work_mem": "8MB", "jit": "off", "statement_timeout": "5000"}
     assert problems == [
         "startup parameter 'role' ignored: reserved: the pooler sets this parameter itself"
     ]
-    assert parse_startup_parameters(None) == ({}, [])
-    assert parse_startup_parameters(" ") == ({}, [])
+    assert dropped == "auth_query_invalid_entry"
+    assert parse_startup_parameters(None) == ({}, [], None)
+    assert parse_startup_parameters(" ") == ({}, [], None)
+    assert parse_startup_parameters('{"work_mem": "8MB"}') == ({"work_mem": "8MB"}, [], None)
     assert parse_startup_parameters('{"a b": "x", "_pq_.x": "1", "s": [1]}')[0] == {}
-    empty, problems = parse_startup_parameters("{oops")
+    empty, problems, dropped = parse_startup_parameters("{oops")
     assert empty == {} and problems[0].startswith("startup_parameters is not JSON")
+    assert dropped == "auth_query_invalid_json"
     assert parse_startup_parameters('["work_mem"]') == (
         {},
         ["startup_parameters is not a JSON object: all ignored"],
+        "auth_query_invalid_shape",
     )
 
 

@@ -130,6 +130,17 @@ def take(pooler: Pooler) -> Snapshot:
             _fallback_data(name, fallback, now) for name, fallback in pooler.fallbacks.items()
         ],
         "startup_parameters": parameter_rows,
+        # [database, SQLSTATE, count]: server logins refused over a startup parameter.
+        "startup_parameter_errors": [
+            [database, code, count]
+            for (database, code), count in pooler.startup_parameter_errors.items()
+        ],
+        # [database, reason, count]: looked-up startup parameters left out.
+        "startup_parameters_dropped": [
+            [database, reason, count]
+            for database, users in pooler.auth_queries.items()
+            for reason, count in users.lookup.stats.parameters_dropped.items()
+        ],
     }
 
 
@@ -344,6 +355,12 @@ def merge(snapshots: list[Snapshot]) -> Snapshot:
         for row in snapshot["startup_parameters"]:
             seen.setdefault((row[0], row[1], row[2]), row)
     out["startup_parameters"] = list(seen.values())
+    for what in ("startup_parameter_errors", "startup_parameters_dropped"):
+        counts: dict[tuple[str, str], int] = {}
+        for snapshot in snapshots:
+            for database, label, count in snapshot[what]:
+                counts[database, label] = counts.get((database, label), 0) + count
+        out[what] = [[database, label, count] for (database, label), count in counts.items()]
     return out
 
 

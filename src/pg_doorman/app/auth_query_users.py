@@ -21,7 +21,12 @@ import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from pg_doorman.auth.auth_query import AuthQuery, LookupConnections
+from pg_doorman.auth.auth_query import (
+    DROPPED_OVERLAY_OVERSIZE,
+    DROPPED_OVERSIZE,
+    AuthQuery,
+    LookupConnections,
+)
 from pg_doorman.auth.methods import JWT_PRIVATE_KEY_PREFIX, JWT_PUBLIC_KEY_PREFIX
 from pg_doorman.config import Config, PoolConfig, UserConfig
 from pg_doorman.config.loader import STARTUP_PARAMETERS_BUDGET, startup_size
@@ -149,15 +154,27 @@ class AuthQueryUsers:
                 fitting[key] = value
             else:
                 dropped[key] = value
-        if dropped:
-            logger.warning(
-                "auth_query: user %r: startup parameters %s left out: the StartupMessage "
-                "would exceed %d bytes",
-                user,
-                ", ".join(dropped),
-                STARTUP_PARAMETERS_BUDGET,
-            )
         return fitting, dropped
+
+    def _note_dropped(
+        self,
+        user: str,
+        parameters: dict[str, str],
+        dropped: dict[str, str],
+        before: PoolEntry | None,
+    ) -> None:
+        """Warn about and count parameters left out, once per change of what is."""
+        if not dropped or (before is not None and before.dropped_parameters == dropped):
+            return
+        logger.warning(
+            "auth_query: user %r: startup parameters %s left out: the StartupMessage "
+            "would exceed %d bytes",
+            user,
+            ", ".join(dropped),
+            STARTUP_PARAMETERS_BUDGET,
+        )
+        alone = startup_size(parameters) > STARTUP_PARAMETERS_BUDGET
+        self.lookup.stats.count_dropped(DROPPED_OVERSIZE if alone else DROPPED_OVERLAY_OVERSIZE)
 
     def _entry_with(self, user: str, password: str, parameters: dict[str, str]) -> PoolEntry:
         from pg_doorman.app.pooler import PoolEntry
@@ -198,6 +215,7 @@ class AuthQueryUsers:
             return entry
         user_config = self._user_config(user, password)
         fitting, dropped = self._fitting(user, parameters)
+        self._note_dropped(user, parameters, dropped, entry)
         updated = self.pooler.pool_entry_for(
             config, self.database, self.pool_config, user_config, entry, fitting
         )
@@ -248,9 +266,9 @@ class AuthQueryUsers:
             return
         for name, entry in list(self.users.items()):
             user_config = self._user_config(name, entry.password)
-            fitting, dropped = self._fitting(
-                name, {**entry.looked_up_parameters, **entry.dropped_parameters}
-            )
+            parameters = {**entry.looked_up_parameters, **entry.dropped_parameters}
+            fitting, dropped = self._fitting(name, parameters)
+            self._note_dropped(name, parameters, dropped, entry)
             updated = self.pooler.pool_entry_for(
                 config, self.database, pool_config, user_config, entry, fitting
             )

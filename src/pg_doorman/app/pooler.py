@@ -58,7 +58,7 @@ from pg_doorman.net.tls import (
     tls_required,
 )
 from pg_doorman.pool.fallback import Fallback, FallbackSettings
-from pg_doorman.pool.pool import DatabaseBudget, Pool, PoolSettings
+from pg_doorman.pool.pool import AcquireError, DatabaseBudget, Pool, PoolSettings
 from pg_doorman.protocol import messages, sqlstate
 from pg_doorman.protocol.startup import StartupError
 from pg_doorman.stats.counters import STATS_PERIOD
@@ -339,6 +339,9 @@ class Pooler:
         self.accepted_total = 0
         self.cancel_requests = 0
         self.login_failures = 0
+        # Server logins PostgreSQL refused over a configured startup parameter, by
+        # (database, SQLSTATE).
+        self.startup_parameter_errors: dict[tuple[str, str], int] = {}
         # Client TLS: None when not offered; rebuilt by a reload that changes it.
         self.tls_context = client_tls_context(config.general)
         self._tls_identity = client_tls_identity(config.general)
@@ -523,6 +526,37 @@ class Pooler:
         return credentials
 
     async def connect_server(self, pool: Pool) -> ServerConnection:
+        try:
+            return await self._connect_server(pool)
+        except AcquireError as refused:
+            self._note_startup_parameter_error(pool, refused)
+            raise
+
+    def _note_startup_parameter_error(self, pool: Pool, refused: AcquireError) -> None:
+        """Count and log a server login PostgreSQL refused over one of the configured
+        startup parameters (it names the parameter in its message). Shutdowns and
+        recovery (57P) are the server's state, not the parameter's."""
+        if refused.code.startswith("57P"):
+            return
+        message = refused.message.lower()
+        settings = pool.settings
+        for name in settings.startup_parameters:
+            if f'"{name.lower()}"' in message:
+                key = (settings.database, refused.code)
+                errors = self.startup_parameter_errors
+                errors[key] = errors.get(key, 0) + 1
+                logger.warning(
+                    "pool %s@%s: PostgreSQL refused the startup parameter %s=%r: %s (SQLSTATE %s)",
+                    settings.user,
+                    settings.database,
+                    name,
+                    settings.startup_parameters[name],
+                    refused.message,
+                    refused.code,
+                )
+                return
+
+    async def _connect_server(self, pool: Pool) -> ServerConnection:
         credentials = self._credentials[pool]
         fallback = self.fallbacks.get(pool.settings.database)
         if fallback is None:

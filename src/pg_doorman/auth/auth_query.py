@@ -19,7 +19,8 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Final
 
 from pg_doorman.config.loader import startup_parameter_text
 from pg_doorman.config.schema import AuthQueryConfig
@@ -152,17 +153,33 @@ def parse_lookup_reply(reply: bytes) -> LookedUp:
     return LookedUp(found=True, password=row[column] or "", parameters=parameters)
 
 
-def parse_startup_parameters(text: str | None) -> tuple[dict[str, str], list[str]]:
+# Why looked-up startup parameters were left out (PgDoorman's reason labels).
+DROPPED_INVALID_JSON: Final = "auth_query_invalid_json"
+DROPPED_INVALID_SHAPE: Final = "auth_query_invalid_shape"
+DROPPED_INVALID_ENTRY: Final = "auth_query_invalid_entry"
+DROPPED_DEDICATED_MODE: Final = "dedicated_mode"
+DROPPED_OVERSIZE: Final = "auth_query_oversize"
+DROPPED_OVERLAY_OVERSIZE: Final = "auth_query_overlay_oversize"
+
+
+def parse_startup_parameters(
+    text: str | None,
+) -> tuple[dict[str, str], list[str], str | None]:
     """The startup parameters of a startup_parameters column (a JSON object; NULL or
-    empty: none), and what was wrong with those left out."""
+    empty: none), what was wrong with those left out, and why anything was left out
+    (the reason label of pg_doorman_startup_parameters_dropped_total), if it was."""
     if text is None or not text.strip():
-        return {}, []
+        return {}, [], None
     try:
         document = json.loads(text)
     except ValueError as exc:
-        return {}, [f"startup_parameters is not JSON ({exc}): all ignored"]
+        return {}, [f"startup_parameters is not JSON ({exc}): all ignored"], DROPPED_INVALID_JSON
     if not isinstance(document, dict):
-        return {}, ["startup_parameters is not a JSON object: all ignored"]
+        return (
+            {},
+            ["startup_parameters is not a JSON object: all ignored"],
+            DROPPED_INVALID_SHAPE,
+        )
     parameters: dict[str, str] = {}
     problems = []
     for key, raw in document.items():
@@ -170,7 +187,7 @@ def parse_startup_parameters(text: str | None) -> tuple[dict[str, str], list[str
             parameters[key] = startup_parameter_text(key, raw)
         except ValueError as exc:
             problems.append(f"startup parameter {key!r} ignored: {exc}")
-    return parameters, problems
+    return parameters, problems, DROPPED_INVALID_ENTRY if problems else None
 
 
 OpenConnection = Callable[[Pool], Awaitable[ServerConnection]]
@@ -288,6 +305,11 @@ class AuthQueryStats:
     auth_failure: int = 0
     dynamic_pools_created: int = 0
     dynamic_pools_destroyed: int = 0
+    # Looked-up rows whose startup parameters were (partly) left out, by reason.
+    parameters_dropped: dict[str, int] = field(default_factory=dict)
+
+    def count_dropped(self, reason: str) -> None:
+        self.parameters_dropped[reason] = self.parameters_dropped.get(reason, 0) + 1
 
 
 class AuthQuery:
@@ -368,9 +390,19 @@ class AuthQuery:
             self.connections.errors += 1
             logger.warning("auth_query for user %r failed: %s", user, exc.message)
             raise
-        parameters, problems = parse_startup_parameters(looked_up.parameters)
+        parameters, problems, dropped = parse_startup_parameters(looked_up.parameters)
         for problem in problems:
             logger.warning("auth_query: user %r: %s", user, problem)
+        if dropped is not None:
+            self.stats.count_dropped(dropped)
+        if parameters and self.config.server_user is not None:
+            logger.warning(
+                "auth_query: user %r: startup_parameters ignored: in dedicated mode every "
+                "user shares the servers of server_user",
+                user,
+            )
+            self.stats.count_dropped(DROPPED_DEDICATED_MODE)
+            parameters = {}
         now = self._clock()
         found = looked_up.found
         ttl = self.config.cache_ttl if found else self.config.cache_failure_ttl

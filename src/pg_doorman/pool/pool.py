@@ -126,8 +126,11 @@ class ScalingStats:
 
 Connector = Callable[["Pool"], Awaitable["PooledServer"]]
 
-# Backend errors that no retry will fix: tell waiting clients at once.
-_PERMANENT_LOGIN_ERRORS: Final = frozenset(("28P01", "28000", "3D000", "42501", "42704", "0A000"))
+# Backend errors that no retry will fix: tell waiting clients at once. 22023 and 55P02
+# (with 42501 and 42704) are PostgreSQL refusing a configured startup parameter.
+_PERMANENT_LOGIN_ERRORS: Final = frozenset(
+    ("28P01", "28000", "3D000", "42501", "42704", "0A000", "22023", "55P02")
+)
 _JITTER: Final = 0.2
 # How long a client queued above the warm threshold waits for a server to come back
 # before one opens for it: twice the pool's p99 transaction time within these bounds,
@@ -350,7 +353,7 @@ class Pool:
 
     def _fail_waiter(self, waiter: Waiter) -> None:
         err = self.last_connect_error
-        if err is not None and self.size == 0:
+        if err is not None and self.size == self.connecting:  # no server yet: say why
             waiter.on_acquire_error(err.code, err.message)
             return
         waiter.on_acquire_error(

@@ -105,6 +105,9 @@ def _collect(snap: Snapshot) -> Iterable[Metric]:
     yield from _auth_query_metrics(snap["auth_query"])
     yield from _coordinator_metrics(snap["coordinator"])
     yield from _fallback_metrics(snap["fallback"])
+    yield from _startup_parameter_metrics(
+        snap["startup_parameter_errors"], snap["startup_parameters_dropped"]
+    )
 
 
 def _coordinator_metrics(rows: list[dict[str, Any]]) -> Iterable[Metric]:
@@ -208,6 +211,27 @@ def _fallback_metrics(rows: list[dict[str, Any]]) -> Iterable[Metric]:
         buckets.append(("+Inf", total + row["api_duration_over"]))
         duration.add_metric(pool, buckets, row["api_duration_sum"])
     yield from (active, host, connections, cache_hits, failures, requests, errors, duration)
+
+
+def _startup_parameter_metrics(
+    errors: list[list[Any]], dropped: list[list[Any]]
+) -> Iterable[Metric]:
+    """PgDoorman's two counters of configured startup parameters, labelled by `pool`."""
+    refused = CounterMetricFamily(
+        "pg_doorman_backend_startup_parameter_errors",
+        "Server logins PostgreSQL refused over a configured startup parameter, by SQLSTATE",
+        labels=["pool", "sqlstate"],
+    )
+    for database, code, count in errors:
+        refused.add_metric([database, code], count)
+    left_out = CounterMetricFamily(
+        "pg_doorman_startup_parameters_dropped",
+        "Looked-up startup parameters left out of the StartupMessage, by reason",
+        labels=["pool", "reason"],
+    )
+    for database, reason, count in dropped:
+        left_out.add_metric([database, reason], count)
+    yield from (refused, left_out)
 
 
 def _auth_query_metrics(rows: list[dict[str, Any]]) -> Iterable[Metric]:
