@@ -96,6 +96,31 @@ def test_scram_line_with_a_token_key_reason() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("method", "expected"),
+    [
+        (None, ClientAuth.PAM),
+        ("md5", ClientAuth.PAM),
+        ("password", ClientAuth.PAM),
+        ("trust", ClientAuth.TRUST),
+        ("reject", ClientAuth.REJECT),
+        ("scram-sha-256", ClientAuth.REJECT),  # PAM takes the password in clear text
+    ],
+)
+@pytest.mark.parametrize("stored", [MD5, SCRAM, JWT, ""])
+def test_an_auth_pam_service_takes_the_place_of_the_stored_password(
+    method: str | None, expected: ClientAuth, stored: str
+) -> None:
+    rule = rule_for(method, 2).rules[0] if method is not None else None
+    decision = decide_client_auth(rule, method is not None, stored, user="bob", pam=True)
+    assert decision.method == expected
+    if method == "scram-sha-256":
+        assert decision.reason == (
+            'pg_hba line 2 requires scram-sha-256 but for user "bob" the password is checked '
+            "by PAM, in clear text"
+        )
+
+
 @pytest.mark.parametrize("method", [None, "md5", "scram-sha-256", "password"])
 def test_missing_password_reason(method: str | None) -> None:
     assert decide(method, "", user="bob").reason == 'password for user "bob" is not set'

@@ -881,7 +881,6 @@ def test_not_implemented_keys_warn_when_set() -> None:
             if key not in ("server_port", "users", "auth_query", *SERVER_TLS, *DATABASE_BUDGET)
             and key not in (*PATRONI_FALLBACK, *POOL_PRESSURE, *THREAD_TUNING)
         }
-        | {"pools.mydb.users[0].auth_pam_service"}
         | {f"web.{key}" for key in data["web"]}
     )
     assert flagged == expected
@@ -1542,3 +1541,23 @@ def test_talos_keys_without_databases_warn() -> None:
     assert config.warnings == ["talos.databases: empty: every talos token will be refused"]
     config = parse_config(merged({"talos": {"databases": ["db"]}}))
     assert config.warnings == ["talos.keys: empty: every talos token will be refused"]
+
+
+def test_auth_pam_service(tmp_path: Path) -> None:
+    """A name is looked up by PAM in /etc/pam.d; a path is relative to the config file
+    and must name a file."""
+    service = tmp_path / "pam" / "pooler"
+    service.parent.mkdir()
+    service.write_text("auth required pam_permit.so\n")
+
+    def users_pam(value: str) -> Any:
+        return parse_config(users(user(auth_pam_service=value)), base_dir=tmp_path)
+
+    assert users_pam("login").pools["mydb"].users[0].auth_pam_service == "login"
+    config = users_pam("pam/pooler")
+    assert config.pools["mydb"].users[0].auth_pam_service == str(service)
+    assert not config.warnings
+    with pytest.raises(ConfigError) as info:
+        users_pam("pam/absent")
+    assert info.value.key_path == "pools.mydb.users[0].auth_pam_service"
+    assert "no PAM service file" in str(info.value)

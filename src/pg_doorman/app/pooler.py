@@ -24,6 +24,7 @@ from pg_doorman.app.cluster import Cluster, WorkerInfo, run_control, share
 from pg_doorman.app.dispatch import LoadBoard, Receiver, open_accepted
 from pg_doorman.app.logsetup import apply_log_filter
 from pg_doorman.app.upgrade import listeners_for
+from pg_doorman.auth import pam
 from pg_doorman.auth.auth_query import AuthQueryError
 from pg_doorman.auth.hba import HbaRule, HbaRules, legacy_hba_allows, peer_address
 from pg_doorman.auth.jwt import JwtError, TokenSigner, TokenVerifier
@@ -453,7 +454,8 @@ class Pooler:
         if user.password.startswith(JWT_PUBLIC_KEY_PREFIX):
             token_verifier = _token_key(TokenVerifier.load, user.password, JWT_PUBLIC_KEY_PREFIX)
         if entry is not None and _same_kind(entry.pool.settings, settings):
-            credentials = self._update_pool(entry.pool, settings, credentials)
+            learnt = user.auth_pam_service is not None and entry.user.auth_pam_service is not None
+            credentials = self._update_pool(entry.pool, settings, credentials, learnt)
             entry.user = user
             entry.password = user.password
             entry.credentials = credentials
@@ -503,12 +505,21 @@ class Pooler:
         return budget
 
     def _update_pool(
-        self, pool: Pool, settings: PoolSettings, credentials: BackendCredentials
+        self,
+        pool: Pool,
+        settings: PoolSettings,
+        credentials: BackendCredentials,
+        pam_password: bool = False,
     ) -> BackendCredentials:
-        """Apply reloaded settings to a kept pool; returns the credentials now in use."""
+        """Apply reloaded settings to a kept pool; returns the credentials now in use.
+        `pam_password`: a password learnt from a PAM login may be in use (passthrough)."""
         old_credentials = self._credentials[pool]
-        # A ClientKey learnt from a client's SCRAM login stays valid for the same verifier.
-        same_login = replace(old_credentials, scram_client_key=None) == credentials
+        # A ClientKey learnt from a client's SCRAM login stays valid for the same verifier,
+        # and a password PAM accepted for the same server login.
+        learnt = replace(old_credentials, scram_client_key=None)
+        if pam_password and credentials.password is None:
+            learnt = replace(learnt, password=None)
+        same_login = learnt == credentials
         if same_login:
             credentials = old_credentials
         if settings == pool.settings and same_login:
@@ -908,6 +919,7 @@ class Pooler:
                 address=None if unix else peer_address(address),
                 unix=unix,
                 ssl=ssl,
+                pam=entry is not None and entry.user.auth_pam_service is not None,
             )
             self._auth_cache[key] = decision
         return decision
@@ -935,16 +947,32 @@ class Pooler:
         address: IPv4Address | IPv6Address | None,
         unix: bool,
         ssl: bool,
+        pam: bool = False,
     ) -> AuthDecision:
         general = self.config.general
         if self.hba is not None:
             rule = self._hba_rule(self.hba, database, user, address, unix, ssl)
-            decision = decide_client_auth(rule, True, stored)
+            decision = decide_client_auth(rule, True, stored, pam=pam)
         else:
             if general.hba and not legacy_hba_allows(general.hba, None if unix else address):
                 return AuthDecision(ClientAuth.REJECT, "address not allowed by hba", by_hba=True)
-            decision = decide_client_auth(None, False, stored)
+            decision = decide_client_auth(None, False, stored, pam=pam)
         return decision
+
+    async def pam_refusal(self, entry: PoolEntry, password: str, address: str) -> str | None:
+        """Check a password with the user's auth_pam_service, in a PAM thread: None
+        when PAM accepts it, else PAM's reason. An accepted password also logs the
+        pool in to its server when the user has no server_password (passthrough)."""
+        service = entry.user.auth_pam_service
+        assert service is not None
+        user = entry.user.username
+        refusal = await self.loop.run_in_executor(
+            pam.executor(), pam.authenticate, service, user, password, address or None
+        )
+        credentials = entry.credentials
+        if refusal is None and not entry.user.server_password:
+            credentials.password = password
+        return refusal
 
     @staticmethod
     def _hba_rule(

@@ -27,6 +27,7 @@ class ClientAuth(enum.Enum):
     MD5 = "md5"
     SCRAM = "scram-sha-256"
     JWT = "jwt"  # a token sent as a cleartext password
+    PAM = "pam"  # a cleartext password checked by the user's auth_pam_service
     REJECT = "reject"
 
 
@@ -39,6 +40,9 @@ class AuthDecision:
     # True when pg_hba itself refused (SQLSTATE 28000, said at once); False for password
     # problems, which the client only learns as a failed password exchange (28P01).
     by_hba: bool = False
+
+
+_PAM_DECISION: Final = AuthDecision(ClientAuth.PAM)
 
 
 def _for_user(user: str) -> str:
@@ -61,15 +65,21 @@ def _by_stored_password(stored: str, user: str) -> AuthDecision:
 
 
 def decide_client_auth(
-    rule: HbaRule | None, hba_configured: bool, stored_password: str, *, user: str = ""
+    rule: HbaRule | None,
+    hba_configured: bool,
+    stored_password: str,
+    *,
+    user: str = "",
+    pam: bool = False,
 ) -> AuthDecision:
     """The exchange to run with the client, or REJECT with a reason.
 
     `rule` is the first matching pg_hba line (None if none matched); `user` only names
-    the user in reasons.
+    the user in reasons; `pam`: the user has an auth_pam_service, which takes the place
+    of the stored password.
     """
     if not hba_configured:
-        return _by_stored_password(stored_password, user)
+        return _PAM_DECISION if pam else _by_stored_password(stored_password, user)
     if rule is None:
         return AuthDecision(ClientAuth.REJECT, "no pg_hba entry", by_hba=True)
     if rule.method == "trust":
@@ -78,10 +88,20 @@ def decide_client_auth(
         return AuthDecision(
             ClientAuth.REJECT, f"rejected by pg_hba line {rule.line_no}", by_hba=True
         )
-    decision = _by_stored_password(stored_password, user)
-    if rule.method == "scram-sha-256" and decision.method in (ClientAuth.MD5, ClientAuth.JWT):
-        # An md5 hash can't answer a SCRAM exchange; PostgreSQL refuses too. A token
-        # travels as a cleartext password, which such a line does not allow either.
+    decision = _PAM_DECISION if pam else _by_stored_password(stored_password, user)
+    if rule.method == "scram-sha-256" and decision.method in (
+        ClientAuth.MD5,
+        ClientAuth.JWT,
+        ClientAuth.PAM,
+    ):
+        # An md5 hash can't answer a SCRAM exchange; PostgreSQL refuses too. A token or
+        # a PAM password travels in clear text, which such a line does not allow either.
+        if decision.method == ClientAuth.PAM:
+            return AuthDecision(
+                ClientAuth.REJECT,
+                f"pg_hba line {rule.line_no} requires scram-sha-256 but{_for_user(user)} "
+                "the password is checked by PAM, in clear text",
+            )
         kind = "an md5 hash" if decision.method == ClientAuth.MD5 else "a JWT key"
         return AuthDecision(
             ClientAuth.REJECT,

@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from pg_doorman.auth import pam
+
 from .schema import (
     ADMIN_DATABASES,
     POOL_MODES,
@@ -688,6 +690,20 @@ def _check_server_tls(
 # ---------------------------------------------------------------------------------------
 # [pools.<name>], users, auth_query
 
+
+def _pam_service(value: object, path: str, ctx: _Context) -> str:
+    """A service of /etc/pam.d, or (containing "/") a service file, relative to the
+    config file's directory; libpam must be there to use it."""
+    service = _name(value, path, ctx)
+    if "/" in service:
+        service = str(ctx.base_dir / service)
+    try:
+        pam.check_service(service)
+    except pam.PamUnavailable as exc:
+        raise ConfigError(path, str(exc)) from None
+    return service
+
+
 _USER_SPEC: dict[str, Parser] = {
     "username": _name,
     "password": _string,
@@ -697,9 +713,8 @@ _USER_SPEC: dict[str, Parser] = {
     "server_username": _name,
     "server_password": _string,
     "server_lifetime": _duration,
-    "auth_pam_service": _name,
+    "auth_pam_service": _pam_service,
 }
-USER_NOT_IMPLEMENTED = frozenset({"auth_pam_service"})
 
 
 def _user(value: object, path: str, ctx: _Context) -> UserConfig:
@@ -708,7 +723,6 @@ def _user(value: object, path: str, ctx: _Context) -> UserConfig:
         path,
         _USER_SPEC,
         ctx,
-        not_implemented=USER_NOT_IMPLEMENTED,
         defaults=_field_defaults(UserConfig),
     )
     _require(values, path, "username", "password")

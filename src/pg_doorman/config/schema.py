@@ -184,7 +184,7 @@ class UserConfig:
     server_username: str | None = None
     server_password: str | None = field(default=None, repr=False)
     server_lifetime: int | None = None  # None: the pool's, then general's
-    auth_pam_service: str | None = None  # not implemented
+    auth_pam_service: str | None = None  # PAM checks the password (auth/pam.py)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -15,7 +15,7 @@ import re
 import ssl
 import time
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 from pg_doorman.auth.hba import peer_address
 from pg_doorman.auth.jwt import JwtError
@@ -62,11 +62,13 @@ WAITING: Final = 3  # queued for a server
 ACTIVE: Final = 4  # holds a server
 CLOSED: Final = 5
 
+_T = TypeVar("_T")
+
 # What a suspended login waits for.
 _NOT_WAITING: Final = 0
 _WAIT_MESSAGE: Final = 1  # the client's next message
 _WAIT_SERVER: Final = 2  # a server from the pool's queue (the pool's first login)
-_WAIT_LOOKUP: Final = 3  # an auth_query lookup (a task of the pooler's)
+_WAIT_TASK: Final = 3  # an auth_query lookup or a PAM check (a task of the pooler's)
 
 _STATE_NAMES: Final = {STARTUP: "startup", LOGIN: "login", IDLE: "idle", WAITING: "waiting"}
 _STATE_NAMES.update({ACTIVE: "active", CLOSED: "closed"})
@@ -641,6 +643,8 @@ class ClientConnection(asyncio.Protocol):
                 await self._auth_scram(entry)
             elif decision.method == ClientAuth.JWT:
                 await self._auth_token(entry)
+            elif decision.method == ClientAuth.PAM:
+                await self._auth_pam(entry)
         self.entry = entry
         self.pool = pool = entry.pool
         if pool.server_parameters is None:
@@ -818,7 +822,7 @@ class ClientConnection(asyncio.Protocol):
     async def _looked_up_login(self, database: str, user: str) -> PoolEntry:
         """Log in a user the pool's auth_query looks up (pg_hba has let it through)."""
         pooler = self.pooler
-        entry = await self._wait_for_lookup(pooler.looked_up_entry(database, user))
+        entry = await self._wait_for(pooler.looked_up_entry(database, user), "the user lookup")
         ok = False
         try:
             if entry is None:
@@ -836,7 +840,9 @@ class ClientConnection(asyncio.Protocol):
                 if not verify_md5_response(entry.password, salt, response):
                     # The password may have changed in PostgreSQL since it was cached:
                     # the same answer is checked against a fresh copy.
-                    fresh = await self._wait_for_lookup(pooler.looked_up_again(database, user))
+                    fresh = await self._wait_for(
+                        pooler.looked_up_again(database, user), "the user lookup"
+                    )
                     if fresh is None or not verify_md5_response(fresh.password, salt, response):
                         raise self._password_failed()
                     entry = fresh
@@ -847,7 +853,9 @@ class ClientConnection(asyncio.Protocol):
                     if failed.code == sqlstate.INVALID_PASSWORD:
                         # A SCRAM proof can't be checked again against a new verifier;
                         # the fresh copy serves the client's next attempt.
-                        await self._wait_for_lookup(pooler.looked_up_again(database, user))
+                        await self._wait_for(
+                            pooler.looked_up_again(database, user), "the user lookup"
+                        )
                     raise
             elif decision.method != ClientAuth.TRUST:
                 await self._auth_md5(None)  # nothing else is looked up
@@ -856,21 +864,42 @@ class ClientConnection(asyncio.Protocol):
             pooler.count_looked_up_login(database, ok)
         return entry
 
-    async def _wait_for_lookup(
-        self, lookup: Coroutine[Any, Any, PoolEntry | None]
-    ) -> PoolEntry | None:
-        """Run a lookup as a task and suspend the login until it ends. The lookup ends
-        on its own (connect_timeout bounds it) even if this client goes away."""
-        task = self.loop.create_task(lookup)
-        self._login_wait = _WAIT_LOOKUP
-        task.add_done_callback(self._lookup_done)
+    async def _wait_for(self, work: Coroutine[Any, Any, _T], what: str) -> _T:
+        """Run `work` (an auth_query lookup, a PAM check) as a task and suspend the
+        login until it ends. It ends on its own even if this client goes away
+        (connect_timeout bounds a lookup)."""
+        task = self.loop.create_task(work)
+        self._login_wait = _WAIT_TASK
+        task.add_done_callback(self._task_done)
         await SUSPEND
         if task.cancelled():  # a reload removed the lookup, or the pooler is stopping
-            raise StartupError(sqlstate.CANNOT_CONNECT_NOW, "the user lookup was stopped")
+            raise StartupError(sqlstate.CANNOT_CONNECT_NOW, f"{what} was stopped")
         return task.result()
 
-    def _lookup_done(self, task: asyncio.Task[Any]) -> None:
-        if self._login_wait == _WAIT_LOOKUP:
+    async def _auth_pam(self, entry: PoolEntry) -> None:
+        """A cleartext password, checked by the user's PAM service in a PAM thread
+        (the login waits as for a lookup)."""
+        self.write(messages.auth_request(codes.AUTH_CLEARTEXT))
+        msg_type, body = await self._next_message()
+        if msg_type != codes.PASSWORD_MESSAGE:
+            raise StartupError(sqlstate.PROTOCOL_VIOLATION, "expected a password response")
+        secret = body.removesuffix(b"\x00")
+        try:
+            password = secret.decode("utf-8")
+        except UnicodeDecodeError:
+            password = ""
+        if not password or "\x00" in password:
+            logger.info("client %s: PAM: an empty or undecodable password", self.name)
+            raise self._password_failed()
+        refusal = await self._wait_for(
+            self.pooler.pam_refusal(entry, password, self.address), "the PAM check"
+        )
+        if refusal is not None:
+            logger.info("client %s: PAM refused user %r: %s", self.name, self.user, refusal)
+            raise self._password_failed()
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        if self._login_wait == _WAIT_TASK:
             self._resume_login(None)
         elif not task.cancelled():
             task.exception()  # the login is gone: its error is nobody's to raise
