@@ -6,15 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 
 _CHECK = """#!/bin/sh
-{delay}password=$(tr -d '\\000')
+password=$(tr -d '\\000')
 echo "$PAM_USER|$PAM_RHOST|$PAM_TYPE" >> "$(dirname "$0")/seen"
-[ "$password" = "$(cat "$(dirname "$0")/password.$PAM_USER" 2>/dev/null)" ]
+{delay}[ "$password" = "$(cat "$(dirname "$0")/password.$PAM_USER" 2>/dev/null)" ]
 """
 
 
 def pam_service(directory: Path, passwords: dict[str, str], *, delay: float = 0.0) -> Path:
     """A service file that accepts each user of `passwords` with its password, after
-    `delay` seconds; each check appends "user|client address|auth" to
+    `delay` seconds; each check first appends "user|client address|auth" to
     `directory`/seen."""
     directory.mkdir(parents=True, exist_ok=True)
     check = directory / "check"

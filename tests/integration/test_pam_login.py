@@ -5,6 +5,7 @@ no server_password."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +107,24 @@ def test_a_client_that_leaves_during_a_pam_check_harms_nobody(
         with psycopg.connect(proc.dsn(md5.name, md5.password), autocommit=True) as conn:
             assert conn.execute("select 1").fetchone() == (1,)
     assert "Traceback" not in proc.log_text()
+
+
+def test_the_pooler_stops_while_a_pam_check_hangs(
+    pg: ExamplePostgres, pooler: PoolerFactory, tmp_path: Path
+) -> None:
+    md5 = pg.md5_user
+    service = pam_service(tmp_path / "pam", {md5.name: md5.password}, delay=120)
+    proc = pam_pooler(
+        pooler, [{"username": md5.name, "password": "", "auth_pam_service": str(service)}]
+    )
+    conn = w.PgWire(proc.host, proc.port)
+    conn.send_raw(w.startup_message({"user": md5.name, "database": EXAMPLE_DB}))
+    conn.read_message()  # AuthenticationCleartextPassword
+    conn.send_raw(w.password_message(md5.password))
+    deadline = time.monotonic() + 10
+    while not pam_checks(tmp_path / "pam") and time.monotonic() < deadline:
+        time.sleep(0.05)  # the check has started (and sleeps)
+    started = time.monotonic()
+    assert proc.stop() == 0
+    assert time.monotonic() - started < 10
+    conn.close_socket()

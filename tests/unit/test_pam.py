@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -33,10 +37,39 @@ def test_a_service_file_that_is_missing_is_refused(tmp_path: Path) -> None:
     pam.check_service("login")  # a name: PAM looks in /etc/pam.d itself
 
 
-def test_checks_run_in_their_own_threads(tmp_path: Path) -> None:
-    service = str(pam_service(tmp_path, {"alice": "pw"}))
-    futures = [
-        pam.executor().submit(pam.authenticate, service, "alice", pw, None)
-        for pw in ("pw", "no", "pw", "no", "pw", "no")
-    ]
-    assert [f.result(timeout=30) is None for f in futures] == [True, False] * 3
+def test_checks_run_in_threads_a_few_at_a_time(tmp_path: Path) -> None:
+    """Six checks of 0.3 s with two slots: three rounds, answers in order of asking."""
+    service = str(pam_service(tmp_path, {"alice": "pw"}, delay=0.3))
+
+    async def main() -> tuple[list[bool], float]:
+        checks = pam.PamChecks(limit=2)
+        started = time.monotonic()
+        answers = await asyncio.gather(
+            *(checks.check(service, "alice", pw, None) for pw in ("pw", "no") * 3)
+        )
+        return [a is None for a in answers], time.monotonic() - started
+
+    accepted, took = asyncio.run(main())
+    assert accepted == [True, False] * 3
+    assert 0.9 <= took < 5
+
+
+def test_a_check_that_never_ends_does_not_hold_up_the_exit(tmp_path: Path) -> None:
+    """The pooler's exit doesn't wait for a PAM module that hangs."""
+    service = pam_service(tmp_path, {"alice": "pw"}, delay=60)
+    program = (
+        "import asyncio, sys\n"
+        "from pg_doorman.auth import pam\n"
+        "async def main():\n"
+        "    checks = pam.PamChecks()\n"
+        f"    task = asyncio.ensure_future(checks.check({str(service)!r}, 'alice', 'pw', None))\n"
+        "    await asyncio.sleep(0.5)\n"
+        "    print('waiting' if not task.done() else 'done', flush=True)\n"
+        "asyncio.run(main())\n"
+    )
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=30
+    )
+    assert (result.returncode, result.stdout) == (0, "waiting\n"), result.stderr
+    assert time.monotonic() - started < 20

@@ -343,6 +343,7 @@ class Pooler:
         # Server logins PostgreSQL refused over a configured startup parameter, by
         # (database, SQLSTATE).
         self.startup_parameter_errors: dict[tuple[str, str], int] = {}
+        self.pam_checks = pam.PamChecks()
         # Client TLS: None when not offered; rebuilt by a reload that changes it.
         self.tls_context = client_tls_context(config.general)
         self._tls_identity = client_tls_identity(config.general)
@@ -960,15 +961,13 @@ class Pooler:
         return decision
 
     async def pam_refusal(self, entry: PoolEntry, password: str, address: str) -> str | None:
-        """Check a password with the user's auth_pam_service, in a PAM thread: None
+        """Check a password with the user's auth_pam_service, in a thread: None
         when PAM accepts it, else PAM's reason. An accepted password also logs the
         pool in to its server when the user has no server_password (passthrough)."""
         service = entry.user.auth_pam_service
         assert service is not None
         user = entry.user.username
-        refusal = await self.loop.run_in_executor(
-            pam.executor(), pam.authenticate, service, user, password, address or None
-        )
+        refusal = await self.pam_checks.check(service, user, password, address or None)
         credentials = entry.credentials
         if refusal is None and not entry.user.server_password:
             credentials.password = password

@@ -3,7 +3,7 @@
 The client sends its password in clear text; PAM decides (pam_authenticate, then
 pam_acct_mgmt, as PostgreSQL's own `pam` method does). PAM modules may block (a
 directory lookup, the delay pam_unix adds after a failure), so each check runs in a
-thread of its own pool, never on the event loop.
+thread of its own (PamChecks), never on the event loop.
 
 A service name containing "/" is a path: the file is read instead of
 /etc/pam.d/<name> (Linux-PAM's pam_start_confdir), so a service can live next to the
@@ -12,10 +12,12 @@ pooler's config.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ctypes
 import ctypes.util
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from typing import Final
 
 # From <security/_pam_types.h>.
@@ -102,7 +104,6 @@ class _Library:
 
 
 _library: _Library | None = None
-_executor: ThreadPoolExecutor | None = None
 
 
 def _loaded() -> _Library:
@@ -125,12 +126,42 @@ def check_service(service: str) -> None:
             raise PamUnavailable(f"no PAM service file {service!r}")
 
 
-def executor() -> ThreadPoolExecutor:
-    """The threads PAM checks run in (started on first use)."""
-    global _executor
-    if _executor is None:
-        _executor = ThreadPoolExecutor(PAM_THREADS, thread_name_prefix="pam")
-    return _executor
+class PamChecks:
+    """Runs checks in threads, at most PAM_THREADS at once. The threads are daemons and
+    started per check: a module that never returns can't hold up the pooler's exit,
+    as it would in a ThreadPoolExecutor, whose threads the interpreter waits for."""
+
+    def __init__(self, limit: int = PAM_THREADS) -> None:
+        self._slots = asyncio.Semaphore(limit)
+
+    async def check(
+        self, service: str, user: str, password: str, remote_host: str | None
+    ) -> str | None:
+        """authenticate() in a thread of its own, once a slot is free."""
+        async with self._slots:
+            loop = asyncio.get_running_loop()
+            done: asyncio.Future[str | None] = loop.create_future()
+
+            def settle(result: str | None, error: BaseException | None) -> None:
+                if done.cancelled():
+                    return
+                if error is not None:
+                    done.set_exception(error)
+                else:
+                    done.set_result(result)
+
+            def run() -> None:
+                result: str | None = None
+                error: Exception | None = None
+                try:
+                    result = authenticate(service, user, password, remote_host)
+                except Exception as exc:
+                    error = exc
+                with contextlib.suppress(RuntimeError):  # the loop is closed: no one waits
+                    loop.call_soon_threadsafe(settle, result, error)
+
+            threading.Thread(target=run, name="pam", daemon=True).start()
+            return await done
 
 
 def authenticate(service: str, user: str, password: str, remote_host: str | None) -> str | None:
