@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import psycopg
 import pytest
 
-from helpers import ExamplePostgres
+from helpers import EXAMPLE_DB, ExamplePostgres
 from helpers.pooler import PoolerFactory
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/net/tcp")
@@ -53,3 +56,53 @@ def test_accepted_connections_have_keepalive_on(
                 break
             time.sleep(0.05)
         assert set(timers) == {_KEEPALIVE_TIMER}
+
+
+def unix_buffer_sizes(pid: int) -> list[tuple[int, int]]:
+    """(receive, send) buffer sizes of each connected Unix socket of process `pid`,
+    as `ss` reports them."""
+    out = subprocess.run(
+        ["ss", "-x", "-m", "-p", "state", "established"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    sizes = []
+    for line in out.splitlines():
+        if f"pid={pid}," in line:
+            found = re.search(r"rb(\d+),t\d+,tb(\d+)", line)
+            assert found is not None, line
+            sizes.append((int(found[1]), int(found[2])))
+    return sizes
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_unix_socket_connections_get_unix_socket_buffer_size(
+    pg: ExamplePostgres, pooler: PoolerFactory, workers: int
+) -> None:
+    """Both ends the pooler holds over Unix sockets: the client on unix_socket_dir and
+    the server reached through PostgreSQL's socket directory (Linux doubles 64 KiB)."""
+    user = pg.md5_user
+    with tempfile.TemporaryDirectory(prefix="pgd-sock-") as sockdir:
+        proc = pooler(
+            general={
+                "unix_socket_dir": sockdir,
+                "unix_socket_buffer_size": "64KB",
+                "workers": workers,
+                "pg_hba": "local all all md5\nhost all all 127.0.0.1/32 md5\n",
+            },
+            pools={EXAMPLE_DB: {"server_host": str(pg.socket_dir)}},
+        )
+        assert proc.pid is not None
+        pids = [proc.pid, *worker_pids(proc.pid)] if workers > 1 else [proc.pid]
+        dsn = f"host={sockdir} port={proc.port} dbname={EXAMPLE_DB} user={user.name}"
+        with psycopg.connect(dsn, password=user.password, autocommit=True) as conn:
+            assert conn.execute("select 1").fetchone() == (1,)
+            sizes = [size for pid in pids for size in unix_buffer_sizes(pid)]
+        # The client's connection and the server's, in the worker that serves them.
+        assert sizes.count((131072, 131072)) >= 2, sizes
+
+
+def worker_pids(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(child) for child in children]

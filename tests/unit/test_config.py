@@ -796,7 +796,14 @@ PATRONI_FALLBACK = (
 POOL_PRESSURE = ("scaling_warm_pool_ratio", "scaling_max_parallel_creates")
 # PgDoorman thread tuning: warned about as without meaning here (see below).
 THREAD_TUNING = ("scaling_fast_retries", "scaling_cooldown_sleep")
-IMPLEMENTED = (*CLIENT_TLS, *SERVER_TLS, *DATABASE_BUDGET, *PATRONI_FALLBACK, *POOL_PRESSURE)
+IMPLEMENTED = (
+    *CLIENT_TLS,
+    *SERVER_TLS,
+    *DATABASE_BUDGET,
+    *PATRONI_FALLBACK,
+    *POOL_PRESSURE,
+    "unix_socket_buffer_size",
+)
 
 
 def test_not_implemented_keys_warn_when_set() -> None:

@@ -50,7 +50,12 @@ from pg_doorman.net.client import ClientConnection
 from pg_doorman.net.ids import IdAllocator
 from pg_doorman.net.server import BackendCredentials, ServerConnection, open_server
 from pg_doorman.net.server_tls import SSL_REQUEST, ServerTls, server_tls_for
-from pg_doorman.net.sockopts import INHERITS_SOCKET_OPTIONS, apply_socket_options, options_key
+from pg_doorman.net.sockopts import (
+    INHERITS_SOCKET_OPTIONS,
+    apply_socket_options,
+    options_key,
+    set_buffer_sizes,
+)
 from pg_doorman.net.tls import (
     HandshakeLimiter,
     TlsSetupError,
@@ -165,6 +170,7 @@ def pool_settings(
         server_user=user.server_username or user.username,
         application_name=pool.application_name or "pg_doorman",
         startup_parameters={**general.startup_parameters, **pool.startup_parameters},
+        unix_socket_buffer_size=general.unix_socket_buffer_size,
         prepared_statements=general.prepared_statements and mode == "transaction",
         statements_cache_size=max(config.pool_setting(pool, "prepared_statements_cache_size"), 1),
         server_statements_cache_size=_server_statements_cache_size(pool, general),
@@ -1049,6 +1055,13 @@ class Pooler:
         """Client socket options for one accepted connection: only where the listening
         socket's options are not inherited, or TCP_NODELAY must be turned off."""
         apply_socket_options(sock, self.config.general)
+
+    def tune_unix_client_socket(self, sock: socket.socket | None) -> None:
+        """unix_socket_buffer_size for a client on the Unix socket (a Unix listener's
+        buffer sizes are not copied to the connections it accepts)."""
+        size = self.config.general.unix_socket_buffer_size
+        if size and sock is not None:
+            set_buffer_sizes(sock, size)
 
     def _tune_listeners(self) -> None:
         """Give the TCP listening sockets the client socket options. On Linux every

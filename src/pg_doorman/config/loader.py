@@ -601,12 +601,7 @@ _GENERAL_SPEC: dict[str, Parser] = {
     "query_interner_anon_idle_ttl_seconds": _non_negative,
 }
 
-GENERAL_NOT_IMPLEMENTED = frozenset(
-    {
-        "worker_threads",
-        "unix_socket_buffer_size",
-    }
-)
+GENERAL_NOT_IMPLEMENTED = frozenset({"worker_threads"})
 # scaling_fast_retries: PgDoorman's threads spin this many times for a server another
 # thread is about to return; on one event loop nothing can return meanwhile, and a
 # returned server goes straight to the longest-waiting client.

@@ -252,6 +252,8 @@ class ClientConnection(asyncio.Protocol):
                 sock = transport.get_extra_info("socket")
                 if sock is not None:
                     self.pooler.tune_client_socket(sock)
+        elif self.unix:
+            self.pooler.tune_unix_client_socket(transport.get_extra_info("socket"))
         self.over_limit = not self.pooler.register_client(self)
         # Until it has logged in, the pooler's sweep cuts it at client_login_timeout.
         self.pooler.logging_in[self] = _now()

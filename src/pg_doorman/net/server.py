@@ -20,6 +20,7 @@ from pg_doorman.auth.md5 import md5_password_response, md5_salted_response
 from pg_doorman.auth.scram import ScramClientSession, ScramError, ScramVerifier
 from pg_doorman.net.inbox import AwaitableInbox
 from pg_doorman.net.server_tls import ServerTls, TlsRefused, connect_tls
+from pg_doorman.net.sockopts import set_buffer_sizes
 from pg_doorman.pool.pool import AcquireError, ConnectTimeout, Pool
 from pg_doorman.prepared.registry import ServerStatements
 from pg_doorman.protocol import codes, messages, sqlstate
@@ -152,6 +153,8 @@ class ServerConnection(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        elif sock is not None and self.pool.settings.unix_socket_buffer_size:
+            set_buffer_sizes(sock, self.pool.settings.unix_socket_buffer_size)
         self.peer = transport.get_extra_info("peername") or ""
 
     def data_received(self, data: bytes) -> None:

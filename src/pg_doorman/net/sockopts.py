@@ -1,4 +1,5 @@
-"""The [general] tcp_* options of client connections.
+"""The [general] tcp_* options of client connections, and the buffer sizes of
+Unix-socket connections (unix_socket_buffer_size).
 
 Linux copies a listening socket's options to every connection it accepts, so setting
 them once on the listener saves several setsockopt calls per connection.
@@ -55,3 +56,11 @@ def options_key(general: GeneralConfig) -> tuple[object, ...]:
         general.tcp_so_linger,
         general.tcp_socket_buffer_size,
     )
+
+
+def set_buffer_sizes(sock: socket.socket, size: int) -> None:
+    """SO_SNDBUF and SO_RCVBUF of one connection (Linux doubles them for its own
+    bookkeeping and caps them at net.core.wmem_max/rmem_max)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)

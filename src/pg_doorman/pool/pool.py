@@ -77,6 +77,8 @@ class PoolSettings:
     server_user: str = ""
     application_name: str = "pg_doorman"
     startup_parameters: dict[str, str] = field(default_factory=dict)
+    # SO_SNDBUF/SO_RCVBUF of servers reached over a Unix socket (0: the kernel's).
+    unix_socket_buffer_size: int = 0
     # Protocol-level prepared statements shared across clients (transaction mode).
     prepared_statements: bool = True
     statements_cache_size: int = 8192
