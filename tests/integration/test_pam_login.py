@@ -113,7 +113,7 @@ def test_the_pooler_stops_while_a_pam_check_hangs(
     pg: ExamplePostgres, pooler: PoolerFactory, tmp_path: Path
 ) -> None:
     md5 = pg.md5_user
-    service = pam_service(tmp_path / "pam", {md5.name: md5.password}, delay=120)
+    service = pam_service(tmp_path / "pam", {md5.name: md5.password}, delay=30)
     proc = pam_pooler(
         pooler, [{"username": md5.name, "password": "", "auth_pam_service": str(service)}]
     )
