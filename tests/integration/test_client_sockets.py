@@ -94,15 +94,20 @@ def test_unix_socket_connections_get_unix_socket_buffer_size(
             pools={EXAMPLE_DB: {"server_host": str(pg.socket_dir)}},
         )
         assert proc.pid is not None
-        pids = [proc.pid, *worker_pids(proc.pid)] if workers > 1 else [proc.pid]
         dsn = f"host={sockdir} port={proc.port} dbname={EXAMPLE_DB} user={user.name}"
         with psycopg.connect(dsn, password=user.password, autocommit=True) as conn:
             assert conn.execute("select 1").fetchone() == (1,)
+            # Read now: the worker that served the query is surely running.
+            pids = [proc.pid, *child_pids(proc.pid)]
             sizes = [size for pid in pids for size in unix_buffer_sizes(pid)]
         # The client's connection and the server's, in the worker that serves them.
         assert sizes.count((131072, 131072)) >= 2, sizes
 
 
-def worker_pids(pid: int) -> list[int]:
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [int(child) for child in children]
+def child_pids(pid: int) -> list[int]:
+    """The processes `pid`'s threads started (with workers: the workers)."""
+    return [
+        int(child)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    ]
