@@ -23,15 +23,32 @@ def pam_pooler(pooler: PoolerFactory, users: list[dict[str, Any]], **general: An
     return pooler(general=general, pools={EXAMPLE_DB: {"users": Replace(users)}})
 
 
+def md5_user_pam_pooler(
+    pg: ExamplePostgres, pooler: PoolerFactory, directory: Path, *, delay: float = 0.0
+) -> PoolerProcess:
+    """The md5 user, checked by a PAM service that takes its PostgreSQL password."""
+    md5 = pg.md5_user
+    service = pam_service(directory, {md5.name: md5.password}, delay=delay)
+    return pam_pooler(
+        pooler, [{"username": md5.name, "password": "", "auth_pam_service": str(service)}]
+    )
+
+
+def send_password(proc: PoolerProcess, user: str, password: str) -> w.PgWire:
+    """A raw login that has sent its cleartext password and reads nothing more."""
+    conn = w.PgWire(proc.host, proc.port)
+    conn.send_raw(w.startup_message({"user": user, "database": EXAMPLE_DB}))
+    conn.read_message()  # AuthenticationCleartextPassword
+    conn.send_raw(w.password_message(password))
+    return conn
+
+
 def test_pam_decides_and_the_password_reaches_the_server(
     pg: ExamplePostgres, pooler: PoolerFactory, tmp_path: Path
 ) -> None:
     """Passthrough: PostgreSQL checks the same password again for the pool's servers."""
     md5 = pg.md5_user
-    service = pam_service(tmp_path / "pam", {md5.name: md5.password})
-    proc = pam_pooler(
-        pooler, [{"username": md5.name, "password": "", "auth_pam_service": str(service)}]
-    )
+    proc = md5_user_pam_pooler(pg, pooler, tmp_path / "pam")
     with psycopg.connect(proc.dsn(md5.name, md5.password), autocommit=True) as conn:
         assert conn.execute("select current_user").fetchone() == (md5.name,)
 
@@ -93,16 +110,9 @@ def test_a_client_that_leaves_during_a_pam_check_harms_nobody(
 ) -> None:
     """A slow PAM module: clients that vanish while it runs, then others that wait for it."""
     md5 = pg.md5_user
-    service = pam_service(tmp_path / "pam", {md5.name: md5.password}, delay=0.5)
-    proc = pam_pooler(
-        pooler, [{"username": md5.name, "password": "", "auth_pam_service": str(service)}]
-    )
+    proc = md5_user_pam_pooler(pg, pooler, tmp_path / "pam", delay=0.5)
     for _ in range(3):
-        conn = w.PgWire(proc.host, proc.port)
-        conn.send_raw(w.startup_message({"user": md5.name, "database": EXAMPLE_DB}))
-        conn.read_message()  # AuthenticationCleartextPassword
-        conn.send_raw(w.password_message(md5.password))
-        conn.close_socket()
+        send_password(proc, md5.name, md5.password).close_socket()
     for _ in range(2):
         with psycopg.connect(proc.dsn(md5.name, md5.password), autocommit=True) as conn:
             assert conn.execute("select 1").fetchone() == (1,)
@@ -113,14 +123,8 @@ def test_the_pooler_stops_while_a_pam_check_hangs(
     pg: ExamplePostgres, pooler: PoolerFactory, tmp_path: Path
 ) -> None:
     md5 = pg.md5_user
-    service = pam_service(tmp_path / "pam", {md5.name: md5.password}, delay=30)
-    proc = pam_pooler(
-        pooler, [{"username": md5.name, "password": "", "auth_pam_service": str(service)}]
-    )
-    conn = w.PgWire(proc.host, proc.port)
-    conn.send_raw(w.startup_message({"user": md5.name, "database": EXAMPLE_DB}))
-    conn.read_message()  # AuthenticationCleartextPassword
-    conn.send_raw(w.password_message(md5.password))
+    proc = md5_user_pam_pooler(pg, pooler, tmp_path / "pam", delay=30)
+    conn = send_password(proc, md5.name, md5.password)
     deadline = time.monotonic() + 10
     while not pam_checks(tmp_path / "pam") and time.monotonic() < deadline:
         time.sleep(0.05)  # the check has started (and sleeps)
