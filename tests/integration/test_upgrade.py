@@ -1,5 +1,5 @@
 """Binary upgrade: SIGUSR2 (or UPGRADE) starts a new process on the same listening
-sockets; the old one stops accepting and drains."""
+sockets; the old one stops accepting, hands its clients over and drains."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 import psycopg
 import pytest
+import trustme
 
 from helpers import ExamplePostgres
 from helpers import pgwire as w
@@ -24,6 +25,7 @@ from helpers.console import admin_console
 from helpers.pooler import PoolerFactory, PoolerProcess
 
 SUCCESSOR = re.compile(r"upgrade: new process (\d+) serves")
+MOVED = re.compile(r"upgrade: (\d+) clients moved to the new process")
 
 
 @pytest.fixture
@@ -136,16 +138,14 @@ def test_an_upgrade_hands_over_without_refusing_anyone(
         try:
             new_pid = upgrade(proc, successors)
             assert new_pid != proc.pid
-            # The old process drains: the idle session is cut at once...
-            deadline = time.monotonic() + 10
-            with pytest.raises(psycopg.OperationalError):
-                while time.monotonic() < deadline:
-                    idle.execute("select 1")
-                    time.sleep(0.05)
-            # ...the transaction finishes, then its session is cut.
+            # Both sessions move to the new process: the idle one at once, the other
+            # once its transaction has finished on the old process.
             busy.execute("select 2")
             busy.commit()
             assert proc.wait_exit() == 0
+            assert idle.execute("select 1").fetchone() == (1,)
+            assert busy.execute("select 3").fetchone() == (3,)
+            busy.commit()
         finally:
             stop.set()
             hammer.join()
@@ -230,3 +230,211 @@ def test_a_worker_ignores_sigusr2(pg: ExamplePostgres, pooler: PoolerFactory) ->
     for _ in range(4):
         assert server_pid(proc, proc.dsn(user.name, user.password)) > 0
     assert SUCCESSOR.search(proc.log_text()) is None
+
+
+def show(proc: PoolerProcess, what: str) -> list[dict[str, str | None]]:
+    """Rows of an admin SHOW command, by column name."""
+    console = admin_console(proc)
+    try:
+        reply = console.simple_query(f"SHOW {what}")
+    finally:
+        console.close()
+    names = next(w.row_description(payload) for type_, payload in reply if type_ == b"T")
+    return [dict(zip(names, row, strict=True)) for row in w.rows(reply)]
+
+
+def moved_count(proc: PoolerProcess) -> int:
+    """Clients the old process (each of its workers) handed over, from its log."""
+    return sum(int(n) for n in MOVED.findall(proc.log_text()))
+
+
+@pytest.mark.parametrize(
+    ("workers_before", "workers_after"),
+    [(1, 1), (2, 2), (1, 2), (2, 1)],
+    ids=["one-process", "two-workers", "to-workers", "from-workers"],
+)
+def test_clients_move_to_the_new_process_with_their_sessions(
+    pg: ExamplePostgres,
+    pooler: PoolerFactory,
+    successors: list[int],
+    workers_before: int,
+    workers_after: int,
+) -> None:
+    """The same connections go on in the new process: cancel key, startup parameters,
+    prepared statements, and the SCRAM passthrough login its servers need; with one
+    process or several workers on either side."""
+    proc = pooler(general={"workers": workers_before})
+    if workers_after != workers_before:
+        config = proc.config
+        config["general"]["workers"] = workers_after
+        proc.write_config(config)
+    user = pg.scram_user  # passthrough: the pool logs in with the client's ClientKey
+    dsn = proc.dsn(user.name, user.password)
+    options = "-c statement_timeout=4321"
+    idle = psycopg.connect(dsn, autocommit=True, application_name="mover", options=options)
+    busy = psycopg.connect(dsn, application_name="busy")
+    try:
+        assert idle.execute("select %s::int + 1", [1], prepare=True).fetchone() == (2,)
+        key = idle.pgconn.backend_pid
+        busy.execute("select 1")  # a transaction open across the upgrade
+        old_pid = proc.pid
+        new_pid = upgrade(proc, successors)
+        busy.execute("select 2")
+        busy.commit()
+        assert proc.wait_exit() == 0
+        assert moved_count(proc) == 2
+        assert "upgrade: 2 clients came from the previous process" in proc.log_text()
+        # The prepared statement is known by its name: psycopg sends only Bind now.
+        assert idle.execute("select %s::int + 1", [41], prepare=True).fetchone() == (42,)
+        assert idle.execute("show statement_timeout").fetchone() == ("4321ms",)
+        assert busy.execute("select 3").fetchone() == (3,)
+        busy.commit()
+        clients = {row["application_name"]: row for row in show(proc, "CLIENTS")}
+        assert clients["mover"]["client_id"] is not None
+        assert {"mover", "busy"} <= set(clients)
+        # A cancel request with the key the client got from the old process.
+        assert idle.pgconn.backend_pid == key
+        timer = threading.Timer(0.5, idle.cancel)
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            idle.execute("select pg_sleep(20)")
+        assert time.monotonic() - started < 15
+        timer.join()
+        assert idle.execute("select 7").fetchone() == (7,)
+        assert not _alive(old_pid or 0) and _alive(new_pid)
+    finally:
+        idle.close()
+        busy.close()
+
+
+def test_a_client_the_new_process_cannot_place_is_told_to_reconnect(
+    pg: ExamplePostgres, pooler: PoolerFactory, successors: list[int]
+) -> None:
+    proc = pooler()
+    gone, stays = pg.scram_user, pg.md5_user
+    leaving = psycopg.connect(proc.dsn(gone.name, gone.password), autocommit=True)
+    staying = psycopg.connect(proc.dsn(stays.name, stays.password), autocommit=True)
+    try:
+        leaving.execute("select 1")
+        staying.execute("select 1")
+        # The new process's config has no pool for the first user.
+        config = proc.config
+        pool = config["pools"]["example_db"]
+        pool["users"] = [u for u in pool["users"] if u["username"] != gone.name]
+        proc.write_config(config)
+        upgrade(proc, successors)
+        assert proc.wait_exit() == 0
+        with pytest.raises(psycopg.OperationalError, match="the pooler was upgraded; reconnect"):
+            leaving.execute("select 1")
+        assert staying.execute("select 2").fetchone() == (2,)
+        assert f'no pool for database "example_db" and user "{gone.name}"' in proc.log_text()
+    finally:
+        leaving.close()
+        staying.close()
+
+
+def test_tls_and_session_pooled_clients_stay_and_are_told_to_reconnect(
+    pg: ExamplePostgres, pooler: PoolerFactory, successors: list[int], tmp_path: Path
+) -> None:
+    """A TLS session's encryption state lives in the old process, and a session-pooled
+    client holds its server there: both are disconnected as before; a plain
+    transaction-pooled client beside them moves."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert_path, key_path = tmp_path / "server.pem", tmp_path / "server.key"
+    cert.cert_chain_pems[0].write_to_path(str(cert_path))
+    cert.private_key_pem.write_to_path(str(key_path))
+    tls_user, session_user, plain_user = pg.scram_user, pg.md5_user, pg.trust_user
+    proc = pooler(
+        general={
+            "tls_certificate": str(cert_path),
+            "tls_private_key": str(key_path),
+            "shutdown_timeout": 1000,
+        },
+        pools={"example_db": {"users": [{"username": session_user.name, "pool_mode": "session"}]}},
+    )
+    tls_dsn = (
+        f"host={proc.host} port={proc.port} dbname=example_db user={tls_user.name} "
+        f"password={tls_user.password} sslmode=require"
+    )
+    over_tls = psycopg.connect(tls_dsn, autocommit=True)
+    session = psycopg.connect(proc.dsn(session_user.name, session_user.password), autocommit=True)
+    plain = psycopg.connect(proc.dsn(plain_user.name), autocommit=True)
+    try:
+        for conn in (over_tls, session, plain):
+            conn.execute("select 1")
+        assert over_tls.pgconn.ssl_in_use
+        upgrade(proc, successors)
+        assert proc.wait_exit() == 0
+        for conn in (over_tls, session):
+            with pytest.raises(psycopg.OperationalError, match="pooler is shut"):
+                conn.execute("select 1")
+        assert plain.execute("select 2").fetchone() == (2,)
+        assert moved_count(proc) == 1
+    finally:
+        for conn in (over_tls, session, plain):
+            conn.close()
+
+
+def test_a_session_too_large_to_move_is_told_to_reconnect(
+    pg: ExamplePostgres, pooler: PoolerFactory, successors: list[int]
+) -> None:
+    """Prepared statements beyond what one hand-over message holds: that client is
+    disconnected as before, a small session beside it moves."""
+    proc = pooler()
+    user = pg.md5_user
+    heavy = psycopg.connect(proc.dsn(user.name, user.password), autocommit=True)
+    light = psycopg.connect(proc.dsn(user.name, user.password), autocommit=True)
+    try:
+        padding = "x" * 2000
+        for n in range(120):  # about 240 kB of statement text
+            row = heavy.execute(f"select {n} as n, '{padding}' as pad", prepare=True).fetchone()
+            assert row is not None and row[0] == n
+        light.execute("select 1", prepare=True)
+        upgrade(proc, successors)
+        assert proc.wait_exit() == 0
+        with pytest.raises(psycopg.OperationalError, match="pooler is shut"):
+            heavy.execute("select 1")
+        assert light.execute("select 1", prepare=True).fetchone() == (1,)
+        assert "is too large to move" in proc.log_text()
+    finally:
+        heavy.close()
+        light.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_query_running_on_the_old_process_can_be_canceled(
+    pg: ExamplePostgres, pooler: PoolerFactory, successors: list[int], workers: int
+) -> None:
+    """The new process owns the port, so the cancel request reaches it; it passes the
+    request back to the old process, where the query runs. The client then moves."""
+    proc = pooler(general={"workers": workers})
+    user = pg.md5_user
+    conn = psycopg.connect(proc.dsn(user.name, user.password), autocommit=True)
+    errors: list[BaseException] = []
+
+    def sleep() -> None:
+        try:
+            conn.execute("select pg_sleep(30)")
+        except BaseException as exc:
+            errors.append(exc)
+
+    try:
+        conn.execute("select 1")
+        sleeper = threading.Thread(target=sleep)
+        sleeper.start()
+        time.sleep(0.3)
+        upgrade(proc, successors)
+        started = time.monotonic()
+        conn.cancel()
+        sleeper.join(20)
+        assert not sleeper.is_alive()
+        assert time.monotonic() - started < 15
+        assert len(errors) == 1 and isinstance(errors[0], psycopg.errors.QueryCanceled)
+        assert proc.wait_exit() == 0
+        assert conn.execute("select 2").fetchone() == (2,)
+        assert moved_count(proc) == 1
+        assert "to the previous process" in proc.log_text()
+    finally:
+        conn.close()

@@ -61,6 +61,14 @@ def adopting(adopted: list[socket.socket]) -> Callable[[int, int], None]:
     return adopt
 
 
+def _unexpected(*args: object) -> None:
+    raise AssertionError(f"no upgrade message was sent, got {args}")
+
+
+# A receiver's callbacks for the messages of a binary upgrade, in tests without one.
+_NO_UPGRADE = (_unexpected, _unexpected)
+
+
 def received_fd(channel: socket.socket) -> tuple[bytes, int]:
     data, ancillary, _, _ = channel.recvmsg(1, socket.CMSG_SPACE(4))
     ((level, kind, payload),) = ancillary
@@ -199,7 +207,7 @@ def test_the_dispatcher_accepts_and_the_receiver_adopts(
     for index in range(WORKERS):
         ours, theirs = channel_pair()
         dispatcher.attach(index, ours)
-        receiver = Receiver(loop, theirs, board, index, adopting(adopted))
+        receiver = Receiver(loop, theirs, board, index, adopting(adopted), *_NO_UPGRADE)
         receiver.start()
         receivers.append(receiver)
     dispatcher.start()
@@ -250,7 +258,9 @@ def test_a_burst_of_connections_is_all_served(
     for index in range(WORKERS):
         ours, theirs = channel_pair()
         dispatcher.attach(index, ours)
-        receivers.append(Receiver(event_loop, theirs, board, index, adopting(adopted)))
+        receivers.append(
+            Receiver(event_loop, theirs, board, index, adopting(adopted), *_NO_UPGRADE)
+        )
     listener.listen(1024)
     address = listener.getsockname()
     # All queued in the listener's backlog before the loop runs.
@@ -468,7 +478,7 @@ def test_drain_takes_every_connection_waiting_in_the_channel(
     are answered like the others instead of losing their connection unanswered."""
     ours, theirs = channel_pair()
     adopted: list[socket.socket] = []
-    receiver = Receiver(loop, theirs, board, 0, adopting(adopted))
+    receiver = Receiver(loop, theirs, board, 0, adopting(adopted), *_NO_UPGRADE)
     receiver.start()  # the loop does not run here: only drain() reads
     pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(3)]
     try:
@@ -488,3 +498,51 @@ def test_drain_takes_every_connection_waiting_in_the_channel(
             for sock in pair:
                 sock.close()
         ours.close()
+
+
+def test_an_upgrade_moves_clients_with_their_state_and_names_the_successor(
+    loop: asyncio.AbstractEventLoop, board: LoadBoard
+) -> None:
+    """A moved client arrives with its session state (here about 190 kB, near the
+    largest that moves) and counts as sent to and taken by that worker; an old worker
+    gets the channel to the new process; connections before and after are unaffected."""
+    dispatcher = Dispatcher(loop, [], board, 1)
+    ours, theirs = channel_pair()
+    dispatcher.attach(0, ours)
+    adopted: list[socket.socket] = []
+    moved: list[tuple[socket.socket, bytes]] = []
+    successors: list[socket.socket] = []
+
+    def adopt_moved(fd: int, state: bytes) -> None:
+        moved.append((socket.socket(fileno=fd), state))
+
+    def successor(fd: int) -> None:
+        successors.append(socket.socket(fileno=fd))
+
+    receiver = Receiver(loop, theirs, board, 0, adopting(adopted), adopt_moved, successor)
+    receiver.start()  # the loop does not run here: only drain() reads
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(3)]
+    state = os.urandom(190 * 1024)
+    try:
+        assert dispatcher.dispatch(pairs[0][1].fileno(), b"u")
+        assert dispatcher.send_moved(0, pairs[1][1].fileno(), state)
+        assert dispatcher.send_successor(0, pairs[2][1].fileno())
+        receiver.drain()
+        assert len(adopted) == 1 and len(successors) == 1
+        assert [got for _, got in moved] == [state]
+        assert dispatcher.sent[0] == 2 and receiver.received == 2
+        for (client_side, _), sock in zip(
+            pairs, [adopted[0], moved[0][0], successors[0]], strict=True
+        ):
+            sock.sendall(b"x")
+            assert client_side.recv(1) == b"x"
+        dispatcher.detach(0)
+        assert not dispatcher.send_moved(0, pairs[1][1].fileno(), b"state")
+        assert not dispatcher.send_successor(0, pairs[2][1].fileno())
+    finally:
+        for sock in [*adopted, *successors, *(s for s, _ in moved)]:
+            sock.close()
+        for pair in pairs:
+            for sock in pair:
+                sock.close()
+        receiver.stop()

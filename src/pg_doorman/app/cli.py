@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import random
 import signal
 import socket
 import sys
@@ -15,7 +16,12 @@ from typing import Any
 from pg_doorman import __version__
 from pg_doorman.app.cluster import WorkerInfo
 from pg_doorman.app.logsetup import LEVELS, setup_logging
-from pg_doorman.app.upgrade import Upgrade, announce_ready
+from pg_doorman.app.upgrade import (
+    Upgrade,
+    announce_ready,
+    started_by_upgrade,
+    take_migration_channel,
+)
 from pg_doorman.config import Config, ConfigError, load_config
 
 logger = logging.getLogger("pg_doorman")
@@ -50,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--rundir", help=argparse.SUPPRESS)
     parser.add_argument("--dispatch-fd", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--previous-fd", type=int, help=argparse.SUPPRESS)
     return parser
 
 
@@ -84,7 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pg_doorman: configuration {args.config} is valid")
         return 0
     if worker is not None:
-        return run_loop(lambda: serve(config, worker=worker, dispatch_fd=args.dispatch_fd))
+        return run_loop(
+            lambda: serve(
+                config, worker=worker, dispatch_fd=args.dispatch_fd, previous_fd=args.previous_fd
+            )
+        )
     from pg_doorman.app.supervisor import Supervisor, worker_count
 
     if worker_count(config) > 1:
@@ -188,6 +199,7 @@ async def serve(
     ready: Callable[[], None] | None = None,
     worker: WorkerInfo | None = None,
     dispatch_fd: int | None = None,
+    previous_fd: int | None = None,
     upgrade_argv: Sequence[str] | None = None,
 ) -> int:
     """Run one pooler process until it is stopped. `upgrade_argv`: its command line,
@@ -199,6 +211,17 @@ async def serve(
     dispatch = None
     if dispatch_fd is not None:
         dispatch = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fileno=dispatch_fd)
+    if previous_fd is not None:
+        # A worker of a process an upgrade started: the old process's channel, for
+        # cancel requests meant for its clients (see Pooler.cancel_here).
+        pooler.previous_process = socket.socket(
+            socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fileno=previous_fd
+        )
+        pooler.previous_process.setblocking(False)
+    if previous_fd is not None or (worker is None and started_by_upgrade()):
+        # The clients the old process hands over keep their ids: count new ones from
+        # elsewhere, so that the two rarely meet.
+        pooler.ids.skip_client_ids(random.randrange(1 << (pooler.ids.WORKER_SHIFT - 1)))
     # Handlers first: a signal sent as soon as the port accepts (a reload right after a
     # readiness probe, say) must not find the default action, which kills the process.
     stop = asyncio.Event()
@@ -252,11 +275,18 @@ async def serve(
             )
         return 1
     pooler.on_shutdown_request = stop.set
+    if worker is None:
+        channel = take_migration_channel()
+        if channel is not None:
+            pooler.immigrate_from(channel)
     if ready is not None:
         ready()
     if worker is None:
         announce_ready()
     await stop.wait()
+    channel = None if upgrade is None else upgrade.take_channel()
+    if channel is not None:
+        pooler.emigrate_to(channel)
     await pooler.shutdown()
     logger.info("pg_doorman stopped")
     return 0

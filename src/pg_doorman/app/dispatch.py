@@ -27,6 +27,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Final, TypeVar, cast
 
 from pg_doorman.config.schema import GeneralConfig
+from pg_doorman.net.session_state import MAX_STATE
 from pg_doorman.net.sockopts import apply_socket_options
 
 logger = logging.getLogger("pg_doorman.dispatch")
@@ -35,6 +36,14 @@ _P = TypeVar("_P", bound=asyncio.BaseProtocol)
 
 # The one byte sent with each descriptor: the socket's family.
 _KIND_OF_FAMILY = {socket.AF_INET: b"4", socket.AF_INET6: b"6", socket.AF_UNIX: b"u"}
+# Binary upgrade (app.migration): a client an old process handed over, its session
+# state after this byte; and, to an old worker, the channel its clients leave by.
+KIND_MOVED: Final = b"m"
+KIND_SUCCESSOR: Final = b"M"
+_MOVED: Final = KIND_MOVED[0]
+_SUCCESSOR: Final = KIND_SUCCESSOR[0]
+# The largest message on a dispatch channel: a moved client's kind byte and state.
+MAX_MESSAGE: Final = 1 + MAX_STATE
 _FAMILY_OF_KIND = {kind[0]: int(family) for family, kind in _KIND_OF_FAMILY.items()}
 _SOCK_STREAM: Final = int(socket.SOCK_STREAM)
 _FD_SIZE = 4  # a C int, in host byte order, in SCM_RIGHTS data
@@ -300,6 +309,35 @@ class Dispatcher:
             self.sent[index] += 1
             return True
 
+    def send_moved(self, index: int, fd: int, state: bytes) -> bool:
+        """Pass a client an old process handed over, with its session `state`, to worker
+        `index` (its connection id names it). The caller closes its own copy of `fd`;
+        False if that worker cannot take it."""
+        channel = self.channels[index]
+        if channel is None:
+            return False
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd.to_bytes(_FD_SIZE, sys.byteorder))]
+        try:
+            channel.sendmsg((KIND_MOVED + state,), rights)
+        except OSError as exc:
+            logger.warning("worker %d does not take a moved client (%s)", index, exc.strerror)
+            return False
+        self.sent[index] += 1
+        return True
+
+    def send_successor(self, index: int, fd: int) -> bool:
+        """Give worker `index` the channel to an upgrade's new process (a copy of `fd`)."""
+        channel = self.channels[index]
+        if channel is None:
+            return False
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd.to_bytes(_FD_SIZE, sys.byteorder))]
+        try:
+            channel.sendmsg((KIND_SUCCESSOR,), rights)
+        except OSError as exc:
+            logger.warning("worker %d cannot be told of the new process (%s)", index, exc.strerror)
+            return False
+        return True
+
     def lagging(self, index: int) -> bool:
         """Worker `index` has not taken LAG_LIMIT of the connections sent to it."""
         return self.sent[index] - self.board.received(index) > LAG_LIMIT
@@ -332,15 +370,22 @@ class Receiver:
         board: LoadBoard,
         index: int,
         adopt: Callable[[int, int], None],
+        adopt_moved: Callable[[int, bytes], None],
+        successor: Callable[[int], None],
     ) -> None:
         self.loop = loop
         self.channel = channel
         self.board = board
         self.index = index
         self.adopt = adopt
+        self.adopt_moved = adopt_moved
+        self.successor = successor
         self.received = 0
         self.closed = 0
         self._space = socket.CMSG_SPACE(_FD_SIZE)
+        # Read into: most messages are one byte, a moved client's carries its state.
+        self._buffer = bytearray(MAX_MESSAGE)
+        self._buffers = [self._buffer]
 
     def start(self) -> None:
         self.channel.setblocking(False)
@@ -370,18 +415,22 @@ class Receiver:
     def _receive_one(self) -> bool:
         """Take one message from the channel; False when none was waiting."""
         try:
-            data, ancillary, _, _ = self.channel.recvmsg(1, self._space)
+            size, ancillary, _, _ = self.channel.recvmsg_into(self._buffers, self._space)
         except (BlockingIOError, InterruptedError):
             return False
         except OSError as exc:
             logger.error("dispatch channel failed: %s", exc)
             self.stop()
             return False
-        if not data:
+        if not size:
             # The supervisor is gone; the worker notices and shuts down.
             self.stop()
             return False
-        self._take_all(ancillary, data[0])
+        kind = self._buffer[0]
+        if kind == _MOVED or kind == _SUCCESSOR:
+            self._take_special(ancillary, kind, bytes(self._buffer[1:size]))
+        else:
+            self._take_all(ancillary, kind)
         return True
 
     def _take_all(self, ancillary: list[tuple[int, int, bytes]], kind: int) -> None:
@@ -391,6 +440,22 @@ class Receiver:
             for offset in range(0, len(payload) - _FD_SIZE + 1, _FD_SIZE):
                 fd = int.from_bytes(payload[offset : offset + _FD_SIZE], sys.byteorder)
                 self._take(fd, kind)
+
+    def _take_special(
+        self, ancillary: list[tuple[int, int, bytes]], kind: int, state: bytes
+    ) -> None:
+        """A moved client (one descriptor and its state), or the successor's channel."""
+        for level, kind_of_message, payload in ancillary:
+            if level != socket.SOL_SOCKET or kind_of_message != socket.SCM_RIGHTS:
+                continue
+            for offset in range(0, len(payload) - _FD_SIZE + 1, _FD_SIZE):
+                fd = int.from_bytes(payload[offset : offset + _FD_SIZE], sys.byteorder)
+                if kind == _SUCCESSOR:
+                    self.successor(fd)
+                else:
+                    self.received += 1
+                    self.board.set_received(self.index, self.received)
+                    self.adopt_moved(fd, state)
 
     def _take(self, fd: int, kind: int) -> None:
         self.received += 1

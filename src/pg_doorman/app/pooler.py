@@ -23,6 +23,14 @@ from pg_doorman.app.auth_query_users import AuthQueryUsers, lookup_settings, new
 from pg_doorman.app.cluster import Cluster, WorkerInfo, run_control, share
 from pg_doorman.app.dispatch import LoadBoard, Receiver, open_accepted
 from pg_doorman.app.logsetup import apply_log_filter
+from pg_doorman.app.migration import (
+    Emigration,
+    Immigration,
+    family_of,
+    refuse_moved,
+    restore_credentials,
+    send_cancel,
+)
 from pg_doorman.app.upgrade import listeners_for
 from pg_doorman.auth import pam
 from pg_doorman.auth.auth_query import AuthQueryError
@@ -50,6 +58,7 @@ from pg_doorman.net.client import ClientConnection
 from pg_doorman.net.ids import IdAllocator
 from pg_doorman.net.server import BackendCredentials, ServerConnection, open_server
 from pg_doorman.net.server_tls import SSL_REQUEST, ServerTls, server_tls_for
+from pg_doorman.net.session_state import SessionState
 from pg_doorman.net.sockopts import (
     INHERITS_SOCKET_OPTIONS,
     apply_socket_options,
@@ -375,6 +384,13 @@ class Pooler:
         self.tune_each_client = True
         # With workers: the supervisor accepts and sends connections here.
         self.receiver: Receiver | None = None
+        # Binary upgrade: where this process's clients go (the old process), where the
+        # old process's clients come from (the new one). See app.migration.
+        self.emigration: Emigration | None = None
+        self.immigration: Immigration | None = None
+        # The channel to the process this one replaced, while it drains: cancel
+        # requests for clients still there go back over it.
+        self.previous_process: socket.socket | None = None
         # ... from listeners it tuned with these options.
         self._dispatched_options: tuple[object, ...] | None = None
         self._retain_task: asyncio.Task[None] | None = None
@@ -1095,17 +1111,22 @@ class Pooler:
         """Forward a CancelRequest to the backend the client holds right now, if any."""
         self.cancel_requests += 1
         owner = self.ids.owner_of(pid)
-        if self.cluster is not None and owner != self.cluster.info.index:
-            if 0 <= owner < self.cluster.info.count:
+        if self.cluster is not None:
+            # An id from an upgrade's old process with more workers: placed by the
+            # same rule (see Supervisor._arrived).
+            owner %= self.cluster.info.count
+            if owner != self.cluster.info.index:
                 self.cluster.forward_cancel(owner, pid, secret)
-            else:
-                logger.info("cancel request for unknown client id %d: ignored", pid)
-            return
+                return
         self.cancel_here(pid, secret)
 
     def cancel_here(self, pid: int, secret: int) -> None:
         """Cancel for a client of this worker."""
         client = self.clients.get(pid)
+        previous = self.previous_process
+        if client is None and previous is not None and send_cancel(previous, pid, secret):
+            logger.debug("cancel request for client id %d: to the previous process", pid)
+            return
         if client is None or client.secret != secret:
             logger.info("cancel request for unknown client id %d or wrong secret: ignored", pid)
             return
@@ -1172,7 +1193,15 @@ class Pooler:
         if dispatch is not None:
             assert self.worker is not None
             board = LoadBoard(os.path.join(self.worker.rundir, "load"), self.worker.count)
-            self.receiver = Receiver(self.loop, dispatch, board, self.worker.index, self._adopt)
+            self.receiver = Receiver(
+                self.loop,
+                dispatch,
+                board,
+                self.worker.index,
+                self._adopt,
+                self._adopt_moved,
+                self._successor_channel,
+            )
             self._dispatched_options = options_key(general)
             self._set_client_tuning()
             self.receiver.start()
@@ -1219,6 +1248,25 @@ class Pooler:
         client = ClientConnection(self, unix=family == socket.AF_UNIX)
         open_accepted(self.loop, client, fd, family, self._not_adopted)
 
+    def _adopt_moved(self, fd: int, state: bytes) -> None:
+        """Serve a client an old process handed over, which the supervisor sent here."""
+        try:
+            session = SessionState.decode(state)
+            family = family_of(fd)
+        except (ValueError, OSError) as exc:
+            refuse_moved(fd, str(exc))
+            self._moved_client_closed()
+            return
+        self._arrived(fd, family, session)
+
+    def _moved_client_closed(self) -> None:
+        if self.receiver is not None:
+            self.receiver.client_closed()  # never registered, so never unregistered
+
+    def _successor_channel(self, fd: int) -> None:
+        """This worker's process is being upgraded: its clients leave over `fd`."""
+        self.emigrate_to(socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fd))
+
     def _not_adopted(self, client: ClientConnection, exc: Exception) -> None:
         logger.warning("a connection from the supervisor could not be opened: %s", exc)
         if client.transport is None and self.receiver is not None:
@@ -1253,23 +1301,97 @@ class Pooler:
         for name, users in self.auth_queries.items():
             users.sweep(in_use, logged_in.get(name, set()), now)
 
+    # ---- binary upgrade: clients move between processes ------------------------
+
+    def emigrate_to(self, channel: socket.socket) -> None:
+        """An upgrade's new process serves: the clients go there as shutdown() lets
+        them go (instead of being disconnected)."""
+        self.emigration = Emigration(self.loop, channel, self.handle_cancel)
+
+    def immigrate_from(self, channel: socket.socket) -> None:
+        """Take the clients of the process this one replaces, as it sends them."""
+        self.immigration = Immigration(self.loop, channel, self._arrived)
+        self.immigration.start()
+        self.previous_process = channel
+
+    def _arrived(self, fd: int, family: int, session: SessionState) -> None:
+        entry = self.pool_entry(session.database, session.user)
+        if entry is None and self.looks_up_users(session.database):
+            self.track(self.loop.create_task(self._arrived_looked_up(fd, family, session)))
+            return
+        self._place(fd, family, session, entry)
+
+    async def _arrived_looked_up(self, fd: int, family: int, session: SessionState) -> None:
+        try:
+            entry = await self.looked_up_entry(session.database, session.user)
+        except StartupError as exc:
+            refuse_moved(fd, exc.message)
+            self._moved_client_closed()
+            return
+        except BaseException:
+            os.close(fd)
+            self._moved_client_closed()
+            raise
+        self._place(fd, family, session, entry)
+
+    def _place(self, fd: int, family: int, session: SessionState, entry: PoolEntry | None) -> None:
+        """Serve a client the old process handed over, as the session it had."""
+        if entry is None:
+            why = f'no pool for database "{session.database}" and user "{session.user}"'
+        elif entry.pool.settings.session_mode:
+            why = "its pool uses session pooling now"
+        elif session.named and not entry.pool.settings.prepared_statements:
+            why = "its pool no longer keeps prepared statements"
+        elif session.client_id in self.clients:
+            why = "its connection id is taken"
+        elif self.shutting_down:
+            why = "the pooler is shutting down"
+        else:
+            why = ""
+        if entry is None or why:
+            refuse_moved(fd, why)
+            self._moved_client_closed()
+            return
+        restore_credentials(entry, session)
+        client = ClientConnection(self, unix=family == socket.AF_UNIX)
+        client.restore_session(session, entry)
+        open_accepted(self.loop, client, fd, family, self._not_restored)
+
+    def _not_restored(self, client: ClientConnection, exc: Exception) -> None:
+        logger.warning("a client from the previous process could not be opened: %s", exc)
+        if client.transport is None:
+            self._moved_client_closed()
+
     async def shutdown(self, timeout: float | None = None) -> None:
-        """Stop accepting, let transactions finish, then close everything."""
+        """Stop accepting, let transactions finish, then close everything. During an
+        upgrade, clients that can move to the new process go there instead."""
         if timeout is None:
             timeout = self.config.general.shutdown_timeout / 1000.0
         self.shutting_down = True
         for server in self._servers:
             server.close()
-        for client in list(self.clients.values()):
-            if client.server is None:
+        if self.receiver is not None:
+            # The channel to an upgrade's new process may be waiting here (a worker is
+            # told of it just before it is told to stop).
+            self.receiver.drain()
+        if self.immigration is not None:
+            self.immigration.stop()
+        clients = list(self.clients.values())
+        for client in clients:
+            client.closing_after_transaction = "pooler is shut down now"
+        emigration = self.emigration
+        for client in clients:
+            if client.server is None and (emigration is None or not emigration.take(client)):
                 client.fail(sqlstate.ADMIN_SHUTDOWN, "pooler is shutting down")
         if self.clients:
             logger.info("waiting up to %.0fs for %d clients to finish", timeout, len(self.clients))
-            for client in list(self.clients.values()):
-                client.closing_after_transaction = "pooler is shut down now"
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._drained.wait()
+        if emigration is not None:
+            emigration.close()
+        if self.previous_process is not None:
+            self.previous_process.close()
         if self.receiver is not None:
             self.receiver.drain()
             self.receiver.stop()

@@ -23,8 +23,16 @@ from collections.abc import Sequence
 from pg_doorman.admin.snapshot import Snapshot, merge, resident_memory
 from pg_doorman.app.cluster import CALL_TIMEOUT, WorkerInfo, request
 from pg_doorman.app.dispatch import Dispatcher, LoadBoard, channel_pair
-from pg_doorman.app.upgrade import Upgrade, announce_ready, listeners_for
+from pg_doorman.app.migration import Immigration, refuse_moved
+from pg_doorman.app.upgrade import (
+    Upgrade,
+    announce_ready,
+    listeners_for,
+    take_migration_channel,
+)
 from pg_doorman.config import Config
+from pg_doorman.net.ids import IdAllocator
+from pg_doorman.net.session_state import SessionState
 
 logger = logging.getLogger("pg_doorman.supervisor")
 
@@ -59,6 +67,10 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._listeners: list[socket.socket] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        # The channel from the process this one replaces (binary upgrade): its clients
+        # arrive on it, and the workers send cancel requests for its clients back.
+        self._previous = take_migration_channel()
+        self._immigration: Immigration | None = None
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
@@ -78,6 +90,10 @@ class Supervisor:
                 return 1
             for index in range(self.count):
                 self._attach(index)
+            if self._previous is not None:
+                # Clients of the process this one replaces: each to its worker.
+                self._immigration = Immigration(loop, self._previous, self._arrived)
+                self._immigration.start()
             self.dispatcher.start()
             web = None
             if self.config.web.enabled:
@@ -93,6 +109,14 @@ class Supervisor:
             watchers = [loop.create_task(self._watch(index)) for index in range(self.count)]
             await self._stop.wait()
             logger.info("stopping %d workers", self.count)
+            channel = None if self.upgrade is None else self.upgrade.take_channel()
+            if channel is not None:
+                # An upgrade's new process serves: the workers' clients go there.
+                for index in range(self.count):
+                    self.dispatcher.send_successor(index, channel.fileno())
+                channel.close()
+            if self._immigration is not None:
+                self._immigration.stop()
             self.stopping = True
             self.dispatcher.stop_listening()
             await self._stop_workers()
@@ -110,6 +134,8 @@ class Supervisor:
             await self._stop_workers()
             return 1
         finally:
+            if self._previous is not None:
+                self._previous.close()
             if self.dispatcher is not None:
                 self.dispatcher.close()
                 self.dispatcher.board.close()
@@ -141,10 +167,13 @@ class Supervisor:
             "--worker", f"{index}/{self.count}", "--rundir", self.rundir,
             "--dispatch-fd", str(theirs.fileno()),
         ]  # fmt: skip
+        fds = [theirs.fileno()]
+        previous = self._previous
+        if previous is not None and previous.fileno() != -1:
+            args += ["--previous-fd", str(previous.fileno())]
+            fds.append(previous.fileno())
         try:
-            self.workers[index] = await asyncio.create_subprocess_exec(
-                *args, pass_fds=(theirs.fileno(),)
-            )
+            self.workers[index] = await asyncio.create_subprocess_exec(*args, pass_fds=fds)
         finally:
             theirs.close()
 
@@ -205,6 +234,20 @@ class Supervisor:
                 if stuck is not None and stuck.returncode is None:
                     with contextlib.suppress(ProcessLookupError):
                         stuck.kill()
+
+    def _arrived(self, fd: int, family: int, session: SessionState) -> None:
+        """A client of the process this one replaces: to the worker its connection id
+        names (so cancel requests find it), by the rule Pooler.handle_cancel routes by."""
+        assert self.dispatcher is not None
+        index = IdAllocator(0).owner_of(session.client_id) % self.count
+        try:
+            if not self.dispatcher.send_moved(index, fd, session.encode()):
+                refuse_moved(fd, f"worker {index} does not take it")
+                return
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
 
     def _forward(self, signum: int) -> None:
         for worker in self.workers:

@@ -8,10 +8,11 @@ sockets (the pooler, or the supervisor with several workers):
 2. starts its own command line again, handing over the listening sockets (their file
    descriptors, named in PG_DOORMAN_LISTEN_FDS) and a pipe (PG_DOORMAN_READY_FD) on
    which the new process writes one byte once it serves;
-3. on that byte, stops accepting and shuts down gracefully: idle clients are
-   disconnected at once, the others after their transaction, and reconnect to the new
-   process. The listening sockets are the same kernel objects in both processes, so no
-   connection attempt is refused in between.
+3. on that byte, stops accepting and shuts down gracefully: logged-in clients move to
+   the new process with their sockets and sessions (app.migration), at once when idle,
+   the others after their transaction; those that cannot move are disconnected and
+   reconnect. The listening sockets are the same kernel objects in both processes, so
+   no connection attempt is refused in between.
 
 If the new process exits or stays silent for READY_TIMEOUT seconds, it is killed and
 this process serves on.
@@ -29,34 +30,52 @@ import sys
 from collections.abc import Sequence
 
 from pg_doorman.app.dispatch import bind_listeners
+from pg_doorman.app.migration import channel_pair
 from pg_doorman.config.schema import GeneralConfig
 
 logger = logging.getLogger("pg_doorman.upgrade")
 
 LISTEN_FDS = "PG_DOORMAN_LISTEN_FDS"
 READY_FD = "PG_DOORMAN_READY_FD"
+MIGRATION_FD = "PG_DOORMAN_MIGRATION_FD"
 READY_TIMEOUT = 30.0
 CHECK_TIMEOUT = 60.0
 
 # Set once by take_inherited() in a process started by an upgrade.
 _inherited: list[socket.socket] | None = None
 _ready_fd: int | None = None
+_migration: socket.socket | None = None
 
 
 def take_inherited() -> None:
     """Adopt the sockets and the readiness pipe a predecessor handed over (if any), and
     remove them from the environment so that worker processes don't see them."""
-    global _inherited, _ready_fd
+    global _inherited, _ready_fd, _migration
     fds = os.environ.pop(LISTEN_FDS, None)
     ready = os.environ.pop(READY_FD, None)
+    migration = os.environ.pop(MIGRATION_FD, None)
     if ready:
         _ready_fd = int(ready)
+    if migration:
+        _migration = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, int(migration))
     if fds:
         _inherited = []
         for text in fds.split(","):
             sock = socket.socket(fileno=int(text))
             sock.setblocking(False)
             _inherited.append(sock)
+
+
+def started_by_upgrade() -> bool:
+    """This process took over from another (its clients may follow)."""
+    return _migration is not None or _inherited is not None
+
+
+def take_migration_channel() -> socket.socket | None:
+    """The channel on which the replaced process sends its clients (taken once)."""
+    global _migration
+    channel, _migration = _migration, None
+    return channel
 
 
 def sd_notify(message: str) -> None:
@@ -103,6 +122,13 @@ class Upgrade:
         self.running = False
         # Kept so that the Popen object is not collected while the new process runs.
         self.successor: subprocess.Popen[bytes] | None = None
+        # This process's end of the channel its clients move over (app.migration),
+        # once a successor serves.
+        self.channel: socket.socket | None = None
+
+    def take_channel(self) -> socket.socket | None:
+        channel, self.channel = self.channel, None
+        return channel
 
     async def run(self, listeners: Sequence[socket.socket], stop: asyncio.Event) -> None:
         """Hand `listeners` over to a new process, then set `stop` (this process then
@@ -149,24 +175,28 @@ class Upgrade:
         loop = asyncio.get_running_loop()
         fds = [sock.fileno() for sock in listeners]
         read_end, write_end = os.pipe()
+        ours, theirs = channel_pair()
         env = dict(os.environ)
         env[LISTEN_FDS] = ",".join(str(fd) for fd in fds)
         env[READY_FD] = str(write_end)
+        env[MIGRATION_FD] = str(theirs.fileno())
         try:
             # Not an asyncio subprocess: the event loop would kill it when this
             # process closes its transports on the way out.
             successor = subprocess.Popen(
                 [sys.executable, "-m", "pg_doorman", *self.argv],
                 stdin=subprocess.DEVNULL,
-                pass_fds=(*fds, write_end),
+                pass_fds=(*fds, write_end, theirs.fileno()),
                 env=env,
             )
         except OSError as exc:
             os.close(read_end)
+            ours.close()
             logger.error("upgrade: cannot start a new process: %s", exc)
             return False
         finally:
             os.close(write_end)
+            theirs.close()
         answered: asyncio.Future[bytes] = loop.create_future()
 
         def readable() -> None:
@@ -184,18 +214,21 @@ class Upgrade:
         except BaseException:  # this process is stopping: no half-started successor
             successor.kill()
             successor.wait()
+            ours.close()
             raise
         finally:
             loop.remove_reader(read_end)
             os.close(read_end)
         if answer:
             self.successor = successor
+            self.channel = ours
             sd_notify(f"MAINPID={successor.pid}")  # systemd follows the new process
             logger.info(
                 "upgrade: new process %d serves; this one stops accepting and shuts down",
                 successor.pid,
             )
             return True
+        ours.close()
         if successor.poll() is None:
             successor.kill()
         code = successor.wait()

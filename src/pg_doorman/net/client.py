@@ -29,9 +29,11 @@ from pg_doorman.auth.scram import (
     make_scram_verifier,
 )
 from pg_doorman.auth.talos import TALOS_USER
+from pg_doorman.net.session_state import SessionState
 from pg_doorman.net.suspend import SUSPEND
 from pg_doorman.net.tls import TlsReader, negotiated_postgresql, start_tls_with_hello
 from pg_doorman.pool.pool import AcquireError, Pool
+from pg_doorman.prepared.registry import StatementEntry
 from pg_doorman.prepared.rewriter import BatchRewriter
 from pg_doorman.protocol import codes, messages, sqlstate
 from pg_doorman.protocol.framing import CLEAN_PREPARE, FrontendScanner, MessageBuffer
@@ -138,6 +140,7 @@ class ClientConnection(asyncio.Protocol):
         "_param_mark",
         "_pending",
         "_raw_parameters",
+        "_restoring",
         "_startup_buf",
         "_transport_write",
         "address",
@@ -236,6 +239,8 @@ class ClientConnection(asyncio.Protocol):
         # AuthenticationSASLFinal, held back to go out with what follows it in one write,
         # as PostgreSQL sends it.
         self._auth_final = b""
+        # A session an upgrade's old process handed over, until the loop adopts it.
+        self._restoring: SessionState | None = None
 
     # ---- asyncio.Protocol ---------------------------------------------------
 
@@ -243,7 +248,15 @@ class ClientConnection(asyncio.Protocol):
         # uvloop's transports implement the interface without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
         self._transport_write = self.transport.write
-        self.client_id = self.pooler.ids.next_client_id()
+        restoring = self._restoring
+        if restoring is not None:
+            self._resume(restoring)
+            return
+        clients = self.pooler.clients
+        client_id = self.pooler.ids.next_client_id()
+        while client_id in clients:  # held long, or brought over by an upgrade
+            client_id = self.pooler.ids.next_client_id()
+        self.client_id = client_id
         self.secret = self.pooler.ids.cancel_secret()
         peer = transport.get_extra_info("peername")
         if not self.unix and isinstance(peer, tuple):
@@ -1313,7 +1326,18 @@ class ClientConnection(asyncio.Protocol):
             self.rewriter.server = None
         if self.closing_after_transaction is not None:
             # After the reply now being relayed has been written.
-            self.loop.call_soon(self.fail, sqlstate.ADMIN_SHUTDOWN, self.closing_after_transaction)
+            self.loop.call_soon(self._after_last_transaction)
+
+    def _after_last_transaction(self) -> None:
+        """Shutting down: the transaction is over. An upgrade's new process takes the
+        session if it can (see app.migration); else the client is told to reconnect."""
+        message = self.closing_after_transaction
+        if self.state == CLOSED or message is None:
+            return
+        emigration = self.pooler.emigration
+        if emigration is not None and emigration.take(self):
+            return
+        self.fail(sqlstate.ADMIN_SHUTDOWN, message)
 
     # Pool waiter callbacks.
 
@@ -1354,6 +1378,130 @@ class ClientConnection(asyncio.Protocol):
             "server connection lost during the transaction",
             detail=f"{what}; the transaction was not committed by the pooler.",
         )
+
+    # ---- binary upgrade: the session moves to the new process ----------------
+
+    def move_blocker(self) -> str | None:
+        """Why this client cannot move to an upgrade's new process (None: it can, at
+        a moment between transactions)."""
+        if self.state < IDLE or self.pool is None or self.entry is None:
+            return "still logging in"
+        if self.admin:
+            return "admin console"
+        if self.tls:
+            return "TLS"  # its encryption state lives in this process
+        if self.pool.settings.session_mode:
+            return "session pooling"  # it holds its server
+        return None
+
+    def export_session(self) -> SessionState | None:
+        """This session for the new process, or None while it is in a transaction or
+        has a half-read message or unsent bytes (or cannot move at all)."""
+        transport = self.transport
+        pool = self.pool
+        entry = self.entry
+        if (
+            (self.state != IDLE and self.state != WAITING)
+            or self.server is not None
+            or transport is None
+            or transport.is_closing()
+            or transport.get_write_buffer_size()
+            or self._discarding
+            or self._check_query_next
+            or self.frontend.held
+            or pool is None
+            or entry is None
+            or pool.server_parameters is None
+            or self.move_blocker() is not None
+        ):
+            return None
+        named: list[tuple[bytes, bytes, bytes]] = []
+        unnamed: tuple[bytes, bytes] | None = None
+        rewriter = self.rewriter
+        if rewriter is not None:
+            if rewriter.expect.size or rewriter.skipping:
+                return None
+            for name, statement in rewriter.named.items():
+                named.append((name, _statement_body(statement), statement.context))
+            if rewriter.unnamed is not None:
+                unnamed = (_statement_body(rewriter.unnamed), rewriter.unnamed.context)
+        credentials = entry.credentials
+        return SessionState(
+            client_id=self.client_id,
+            secret=self.secret,
+            database=self.database,
+            user=self.user,
+            application_name=self.application_name,
+            address=self.address,
+            port=self.port,
+            unix=self.unix,
+            age=time.monotonic() - self.connected_at,
+            parameters=dict(self.parameters),
+            extra_parameters=dict(self.extra_parameters),
+            raw_parameters=self._raw_parameters,
+            server_parameters=dict(pool.server_parameters),
+            named=named,
+            unnamed=unnamed,
+            pending=bytes(self._pending),
+            scram_client_key=credentials.scram_client_key,
+            pam_password=credentials.password if entry.user.auth_pam_service else None,
+        )
+
+    def leave_for_successor(self) -> None:
+        """The new process serves this connection now (it holds the socket): forget
+        the client here without closing the connection or telling it anything."""
+        was = self.state
+        self.state = CLOSED
+        self._on_data = _ignore
+        if was == WAITING and self.pool is not None:
+            self.pool.cancel_wait(self)
+        self._account_memory(0)
+        self.pooler.unregister_client(self)
+        if self.transport is not None:
+            # Only this process's descriptor closes: the socket lives on in the other.
+            self.transport.abort()
+
+    def restore_session(self, session: SessionState, entry: PoolEntry) -> None:
+        """Become the session an upgrade's old process handed over; the login is
+        skipped when the loop adopts the socket (connection_made)."""
+        self._restoring = session
+        self.entry = entry
+        self.pool = entry.pool
+
+    def _resume(self, session: SessionState) -> None:
+        self._restoring = None
+        pool = self.pool
+        assert pool is not None
+        self.client_id = session.client_id
+        self.secret = session.secret
+        self.user = session.user
+        self.database = session.database
+        self.application_name = session.application_name
+        self.address = session.address
+        self.port = session.port
+        self.connected_at = time.monotonic() - session.age
+        if pool.server_parameters is None:
+            pool.server_parameters = dict(session.server_parameters)
+        self.parameters = dict(session.parameters)
+        self.extra_parameters = dict(session.extra_parameters)
+        self._raw_parameters = session.raw_parameters
+        if pool.settings.prepared_statements:
+            registry = pool.statements
+            rewriter = BatchRewriter(registry, self._planning_context())
+            for name, body, context in session.named:
+                shared = registry.shared_context(context)
+                rewriter.named[name] = registry.lookup(body, 0, shared)
+            if session.unnamed is not None:
+                body, context = session.unnamed
+                rewriter.unnamed = registry.lookup(body, 0, registry.shared_context(context))
+            self.rewriter = rewriter
+            self.frontend.rewriter = rewriter
+        # Counted against max_connections, but never refused: it is already connected.
+        self.pooler.register_client(self)
+        self.state = IDLE
+        self._on_data = self._relay_data
+        if session.pending:
+            self._relay_data(session.pending)
 
     def _account_memory(self, held: int) -> bool:
         delta = held - self._memory_accounted
@@ -1427,6 +1575,12 @@ def same_parameter(name: str, mine: str, theirs: str | None) -> bool:
 def quote_literal(value: str) -> str:
     """An escape-string literal: safe whatever standard_conforming_strings is."""
     return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def _statement_body(statement: StatementEntry) -> bytes:
+    """A statement's Parse body after the client's name (its text and parameter types)."""
+    key = statement.key
+    return key[: len(key) - len(statement.context)]
 
 
 def _ignore(data: bytes) -> None:

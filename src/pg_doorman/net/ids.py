@@ -24,6 +24,11 @@ class IdAllocator:
         self._next_client = (self._next_client % ((1 << self.WORKER_SHIFT) - 1)) + 1
         return (self.worker_id << self.WORKER_SHIFT) | self._next_client
 
+    def skip_client_ids(self, count: int) -> None:
+        """Count client ids on from `count` (a process an upgrade started: the clients
+        its predecessor hands over keep theirs, which then rarely meet new ones)."""
+        self._next_client = count % ((1 << self.WORKER_SHIFT) - 1)
+
     def next_server_id(self) -> int:
         self._next_server += 1
         return self._next_server

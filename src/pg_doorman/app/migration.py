@@ -1,0 +1,303 @@
+"""Binary upgrade: logged-in clients move to the new process with their sockets.
+
+The old process sends each client's socket (SCM_RIGHTS) with its session state
+(net.session_state) over a SOCK_SEQPACKET socket pair it created for the upgrade, one
+message per client, at the first moment the client is between transactions. The new
+process wraps the socket in a transport as if it had accepted it and skips the login:
+the client keeps its connection, BackendKeyData, session parameters and prepared
+statements, and sees nothing.
+
+Clients that cannot move — TLS sessions (their encryption state stays in the old
+process), the admin console, session pooling, a state larger than one message — are
+disconnected with 57P01 as before and reconnect. So are clients the new process cannot
+place: no such pool in its config, or a pool that no longer names statements.
+
+Cancel requests reach the new process (it has the listening sockets); one for a client
+it doesn't know goes back over the same channel to the old process, where the client
+may still be running a query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import socket
+import struct
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from pg_doorman.net.session_state import MAX_STATE, SessionState
+from pg_doorman.protocol import messages, sqlstate
+
+if TYPE_CHECKING:
+    from pg_doorman.app.pooler import PoolEntry
+    from pg_doorman.net.client import ClientConnection
+
+logger = logging.getLogger("pg_doorman.upgrade")
+
+_CHANNEL_BUFFER = 1024 * 1024  # asked for; the kernel caps it at net.core.wmem_max
+_FD_SIZE = 4
+# How often clients that were not ready to move (unsent replies, a full channel) are
+# tried again.
+RETRY_INTERVAL = 0.02
+
+
+def channel_pair() -> tuple[socket.socket, socket.socket]:
+    """The hand-over channel: (the old process's end, the new process's end)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for sock in (ours, theirs):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _CHANNEL_BUFFER)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _CHANNEL_BUFFER)
+    ours.setblocking(False)
+    return ours, theirs
+
+
+_CANCEL = struct.Struct("!cii")  # b"C", the BackendKeyData's process id and secret
+
+
+class Emigration:
+    """The old process's side: send clients to the new process as they get ready, and
+    answer the cancel requests the new process forwards for clients still here."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        channel: socket.socket,
+        cancel: Callable[[int, int], None],
+    ) -> None:
+        self.loop = loop
+        self.channel = channel
+        self.cancel = cancel
+        channel.setblocking(False)
+        self.open = True
+        self.moved = 0
+        loop.add_reader(channel.fileno(), self._read_cancels)
+        # Clients between transactions that could not go yet: tried again shortly.
+        self._later: set[ClientConnection] = set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def take(self, client: ClientConnection) -> bool:
+        """Move `client` now, or as soon as it can go (True); False when it cannot
+        move at all and must be told to reconnect."""
+        if not self.open:
+            return False
+        blocker = client.move_blocker()
+        if blocker is not None:
+            logger.debug("client %s stays (%s)", client.name, blocker)
+            return False
+        session = client.export_session()
+        if session is None:
+            if client.server is None:
+                # Unsent replies or a half-read message: soon.
+                self._later.add(client)
+                self._arm()
+            # In a transaction: its end brings it back here (closing_after_transaction).
+            return True
+        return self._send(client, session)
+
+    def _send(self, client: ClientConnection, session: SessionState) -> bool:
+        payload = session.encode()
+        if len(payload) > MAX_STATE:
+            logger.info(
+                "client %s: its session (%d bytes of state) is too large to move",
+                client.name,
+                len(payload),
+            )
+            return False
+        transport = client.transport
+        sock = None if transport is None else transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        rights = sock.fileno().to_bytes(_FD_SIZE, sys.byteorder)
+        try:
+            self.channel.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+        except (BlockingIOError, InterruptedError):
+            self._later.add(client)  # the new process is busy: the channel is full
+            self._arm()
+            return True
+        except OSError as exc:
+            logger.warning("upgrade: the new process takes no more clients (%s)", exc)
+            self.close()
+            return False
+        self.moved += 1
+        logger.debug("client %s moved to the new process", client.name)
+        client.leave_for_successor()
+        return True
+
+    def _read_cancels(self) -> None:
+        try:
+            data = self.channel.recv(64)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:  # the new process is gone: nothing moves there any more
+            self.close()
+            return
+        if len(data) == _CANCEL.size and data[:1] == b"C":
+            _, pid, secret = _CANCEL.unpack(data)
+            self.cancel(pid, secret)
+
+    def _arm(self) -> None:
+        if self._timer is None and self.open:
+            self._timer = self.loop.call_later(RETRY_INTERVAL, self._retry)
+
+    def _retry(self) -> None:
+        self._timer = None
+        later, self._later = self._later, set()
+        for client in later:
+            if client.transport_closed or client.closing_after_transaction is None:
+                continue
+            if not self.take(client):
+                client.fail(sqlstate.ADMIN_SHUTDOWN, client.closing_after_transaction)
+
+    def close(self) -> None:
+        """No more clients go (the channel failed, or this process exits)."""
+        if not self.open:
+            return
+        self.open = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        later, self._later = self._later, set()
+        for client in later:
+            if not client.transport_closed:
+                client.fail(sqlstate.ADMIN_SHUTDOWN, client.closing_after_transaction or "")
+        with contextlib.suppress(ValueError, OSError):
+            self.loop.remove_reader(self.channel.fileno())
+        self.channel.close()
+        if self.moved:
+            logger.info("upgrade: %d clients moved to the new process", self.moved)
+
+
+def send_cancel(channel: socket.socket, pid: int, secret: int) -> bool:
+    """Pass a cancel request for a client this process doesn't have to the old process,
+    where it may still be in a transaction. False once the old process is gone."""
+    if channel.fileno() == -1:
+        return False
+    try:
+        channel.send(_CANCEL.pack(b"C", pid, secret))
+    except OSError:
+        return False
+    return True
+
+
+def refuse_moved(fd: int, why: str) -> None:
+    """A client the new process cannot serve: told to reconnect, as the old process
+    would have told it, and closed."""
+    logger.info("a client from the previous process cannot stay (%s): disconnected", why)
+    error = messages.error_response(
+        "FATAL", sqlstate.ADMIN_SHUTDOWN, "the pooler was upgraded; reconnect", detail=why
+    )
+    with contextlib.suppress(OSError):
+        os.write(fd, error)  # a few bytes into an idle socket's empty buffer
+    os.close(fd)
+
+
+class Immigration:
+    """The new process's side: take the clients the old process sends."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        channel: socket.socket,
+        arrive: Callable[[int, int, SessionState], None],
+    ) -> None:
+        self.loop = loop
+        self.channel = channel
+        self.arrive = arrive
+        self.received = 0
+        self._space = socket.CMSG_SPACE(_FD_SIZE)
+
+    def start(self) -> None:
+        self.channel.setblocking(False)
+        self.loop.add_reader(self.channel.fileno(), self._receive)
+
+    def stop(self) -> None:
+        if self.channel.fileno() == -1:
+            return
+        with contextlib.suppress(ValueError, OSError):
+            self.loop.remove_reader(self.channel.fileno())
+        self.channel.close()
+        if self.received:
+            logger.info("upgrade: %d clients came from the previous process", self.received)
+
+    def _receive(self) -> None:
+        while self.channel.fileno() != -1:
+            try:
+                data, ancillary, flags, _ = self.channel.recvmsg(MAX_STATE + 1, self._space)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                logger.error("upgrade: the channel from the previous process failed: %s", exc)
+                self.stop()
+                return
+            fds = _descriptors(ancillary)
+            if not data and not fds:
+                self.stop()  # the old process is done
+                return
+            if len(fds) != 1:
+                for fd in fds:
+                    refuse_moved(fd, "a malformed hand-over")
+                logger.error("upgrade: a hand-over message carried %d sockets", len(fds))
+                continue
+            fd = fds[0]
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                refuse_moved(fd, "its session state was cut short")
+                continue
+            try:
+                session = SessionState.decode(data)
+                family = family_of(fd)
+            except (ValueError, OSError) as exc:
+                refuse_moved(fd, str(exc))
+                continue
+            self.received += 1
+            self.arrive(fd, family, session)
+
+
+def _descriptors(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % _FD_SIZE
+            fds.extend(
+                int.from_bytes(payload[i : i + _FD_SIZE], sys.byteorder)
+                for i in range(0, usable, _FD_SIZE)
+            )
+    return fds
+
+
+def family_of(fd: int) -> int:
+    sock = socket.socket(fileno=fd)
+    try:
+        if sock.type != socket.SOCK_STREAM:
+            raise ValueError("not a stream socket")
+        return int(sock.family)
+    finally:
+        sock.detach()
+
+
+def restore_credentials(entry: PoolEntry, session: SessionState) -> None:
+    """Passthrough credentials the old process had learnt from a login, which this
+    process has not seen yet: its servers log in as the client's did."""
+    credentials = entry.credentials
+    key = session.scram_client_key
+    verifier = credentials.scram_verifier
+    if (
+        key is not None
+        and credentials.scram_client_key is None
+        and verifier is not None
+        and hashlib.sha256(key).digest() == verifier.stored_key
+    ):
+        credentials.scram_client_key = key
+    if (
+        session.pam_password is not None
+        and entry.user.auth_pam_service is not None
+        and credentials.password is None
+    ):
+        credentials.password = session.pam_password
