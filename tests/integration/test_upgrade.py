@@ -438,3 +438,24 @@ def test_a_query_running_on_the_old_process_can_be_canceled(
         assert "to the previous process" in proc.log_text()
     finally:
         conn.close()
+
+
+def test_hundreds_of_idle_clients_move_at_once(
+    pg: ExamplePostgres, pooler: PoolerFactory, successors: list[int]
+) -> None:
+    """More sessions than the hand-over channel holds at a time: those that find it
+    full go a moment later, and every one of them goes on in the new process."""
+    proc = pooler(general={"max_connections": 1000})
+    user = pg.trust_user
+    conns = [psycopg.connect(proc.dsn(user.name), autocommit=True) for _ in range(300)]
+    try:
+        for n, conn in enumerate(conns):
+            assert conn.execute("select %s::int", [n], prepare=True).fetchone() == (n,)
+        upgrade(proc, successors)
+        assert proc.wait_exit() == 0
+        assert moved_count(proc) == 300
+        for n, conn in enumerate(conns):
+            assert conn.execute("select %s::int", [n], prepare=True).fetchone() == (n,)
+    finally:
+        for conn in conns:
+            conn.close()

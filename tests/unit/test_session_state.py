@@ -4,14 +4,16 @@ channel that carries both (app.migration), over real sockets."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import socket
 import sys
 from dataclasses import replace
 
 import pytest
 
-from pg_doorman.app.migration import Immigration, channel_pair
-from pg_doorman.net.session_state import MAGIC, SessionState
+from pg_doorman.app.migration import Emigration, Immigration, channel_pair, descriptors_of
+from pg_doorman.net.session_state import MAGIC, MAX_STATE, SessionState
 
 
 def a_session(**changes: object) -> SessionState:
@@ -35,7 +37,7 @@ def a_session(**changes: object) -> SessionState:
         scram_client_key=bytes(range(32)),
         pam_password=None,
     )
-    return replace(session, **changes)  # type: ignore[arg-type]
+    return replace(session, **changes)
 
 
 def test_a_session_survives_encoding() -> None:
@@ -132,5 +134,80 @@ def test_the_channel_carries_sockets_with_their_sessions() -> None:
         assert immigration.received == 1
         good_client.close()
         bad_client.close()
+
+    asyncio.run(main())
+
+
+class _Transport:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def get_extra_info(self, name: str) -> object:
+        return self.sock if name == "socket" else None
+
+
+class _Client:
+    """The part of ClientConnection that Emigration uses, over a real socket."""
+
+    def __init__(self, n: int, sock: socket.socket) -> None:
+        self.name = f"#c{n}"
+        self.server = None
+        self.transport = _Transport(sock)
+        self.closing_after_transaction: str | None = "pooler is shut down now"
+        self.session = a_session(client_id=n, pending=bytes(3000))
+        self.left = 0
+        self.failed: list[str] = []
+
+    @property
+    def transport_closed(self) -> bool:
+        return self.left > 0
+
+    def move_blocker(self) -> str | None:
+        return None
+
+    def export_session(self) -> SessionState:
+        return self.session
+
+    def leave_for_successor(self) -> None:
+        self.left += 1
+
+    def fail(self, code: str, message: str) -> None:
+        self.failed.append(code)
+
+
+def test_clients_wait_while_the_channel_is_full_and_all_arrive() -> None:
+    """A new process slower to read than the old one is to send: the channel fills,
+    the clients that found it full go a moment later, each exactly once."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = channel_pair()
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        emigration = Emigration(loop, ours, lambda pid, secret: None)
+        pairs = [socket.socketpair() for _ in range(40)]
+        clients = [_Client(n, pair[1]) for n, pair in enumerate(pairs)]
+        try:
+            assert all(emigration.take(client) for client in clients)
+            assert sum(client.left for client in clients) < len(clients)  # some wait
+            theirs.setblocking(False)
+            arrived: list[int] = []
+            for _ in range(500):
+                await asyncio.sleep(0.005)
+                with contextlib.suppress(BlockingIOError):
+                    data, ancillary, _, _ = theirs.recvmsg(MAX_STATE + 1, socket.CMSG_SPACE(4))
+                    arrived.append(SessionState.decode(data).client_id)
+                    for fd in descriptors_of(ancillary):
+                        os.close(fd)
+                if len(arrived) == len(clients):
+                    break
+            assert sorted(arrived) == list(range(len(clients)))
+            assert [client.left for client in clients] == [1] * len(clients)
+            assert not any(client.failed for client in clients)
+        finally:
+            emigration.close()
+            theirs.close()
+            for pair in pairs:
+                for sock in pair:
+                    sock.close()
 
     asyncio.run(main())

@@ -117,7 +117,8 @@ class Emigration:
         try:
             self.channel.sendmsg([payload], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
         except (BlockingIOError, InterruptedError):
-            self._later.add(client)  # the new process is busy: the channel is full
+            logger.debug("client %s: the channel to the new process is full; soon", client.name)
+            self._later.add(client)
             self._arm()
             return True
         except OSError as exc:
@@ -237,7 +238,7 @@ class Immigration:
                 logger.error("upgrade: the channel from the previous process failed: %s", exc)
                 self.stop()
                 return
-            fds = _descriptors(ancillary)
+            fds = descriptors_of(ancillary)
             if not data and not fds:
                 self.stop()  # the old process is done
                 return
@@ -260,7 +261,7 @@ class Immigration:
             self.arrive(fd, family, session)
 
 
-def _descriptors(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+def descriptors_of(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
     fds: list[int] = []
     for level, kind, payload in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:

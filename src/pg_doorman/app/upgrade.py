@@ -6,8 +6,9 @@ sockets (the pooler, or the supervisor with several workers):
 1. checks the config with the code now installed (`python -m pg_doorman CONFIG -t`);
    if that fails, the upgrade stops there and this process serves on;
 2. starts its own command line again, handing over the listening sockets (their file
-   descriptors, named in PG_DOORMAN_LISTEN_FDS) and a pipe (PG_DOORMAN_READY_FD) on
-   which the new process writes one byte once it serves;
+   descriptors, named in PG_DOORMAN_LISTEN_FDS), a pipe (PG_DOORMAN_READY_FD) on which
+   the new process writes one byte once it serves, and the channel its clients move
+   over (PG_DOORMAN_MIGRATION_FD; the byte says whether the new process reads it);
 3. on that byte, stops accepting and shuts down gracefully: logged-in clients move to
    the new process with their sockets and sessions (app.migration), at once when idle,
    the others after their transaction; those that cannot move are disconnected and
@@ -45,6 +46,11 @@ CHECK_TIMEOUT = 60.0
 _inherited: list[socket.socket] | None = None
 _ready_fd: int | None = None
 _migration: socket.socket | None = None
+_takes_clients = False  # the migration channel was taken: this process reads it
+# The byte a new process writes once it serves: "M" if it takes the old process's
+# clients, "R" if not (a version without migration; its clients then reconnect).
+READY_TAKING_CLIENTS = b"M"
+READY = b"R"
 
 
 def take_inherited() -> None:
@@ -73,8 +79,10 @@ def started_by_upgrade() -> bool:
 
 def take_migration_channel() -> socket.socket | None:
     """The channel on which the replaced process sends its clients (taken once)."""
-    global _migration
+    global _migration, _takes_clients
     channel, _migration = _migration, None
+    if channel is not None:
+        _takes_clients = True
     return channel
 
 
@@ -109,7 +117,7 @@ def announce_ready() -> None:
         return
     fd, _ready_fd = _ready_fd, None
     with contextlib.suppress(OSError):  # the old process gave up waiting
-        os.write(fd, b"R")
+        os.write(fd, READY_TAKING_CLIENTS if _takes_clients else READY)
     os.close(fd)
 
 
@@ -221,7 +229,10 @@ class Upgrade:
             os.close(read_end)
         if answer:
             self.successor = successor
-            self.channel = ours
+            if answer == READY_TAKING_CLIENTS:
+                self.channel = ours
+            else:
+                ours.close()  # its clients are disconnected and reconnect
             sd_notify(f"MAINPID={successor.pid}")  # systemd follows the new process
             logger.info(
                 "upgrade: new process %d serves; this one stops accepting and shuts down",
