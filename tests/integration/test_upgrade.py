@@ -132,6 +132,8 @@ def test_an_upgrade_hands_over_without_refusing_anyone(
         busy.execute("select 1")
         idle = psycopg.connect(dsn, autocommit=True)
         idle.execute("select 1")
+        on_unix = psycopg.connect(unix_dsn, autocommit=True)
+        on_unix.execute("select 1")
         stop, errors = threading.Event(), []
         hammer = threading.Thread(target=keep_connecting, args=(proc, dsn, stop, errors))
         hammer.start()
@@ -144,6 +146,7 @@ def test_an_upgrade_hands_over_without_refusing_anyone(
             busy.commit()
             assert proc.wait_exit() == 0
             assert idle.execute("select 1").fetchone() == (1,)
+            assert on_unix.execute("select 4").fetchone() == (4,)
             assert busy.execute("select 3").fetchone() == (3,)
             busy.commit()
         finally:
@@ -151,6 +154,7 @@ def test_an_upgrade_hands_over_without_refusing_anyone(
             hammer.join()
             busy.close()
             idle.close()
+            on_unix.close()
         assert errors == []
         # The new process serves TCP and the Unix socket.
         assert server_pid(proc, dsn) > 0
@@ -459,3 +463,41 @@ def test_hundreds_of_idle_clients_move_at_once(
     finally:
         for conn in conns:
             conn.close()
+
+
+def test_a_client_queued_for_a_server_moves_with_its_query(
+    pg: ExamplePostgres, pooler: PoolerFactory, successors: list[int]
+) -> None:
+    """Its query has reached no server yet: it goes with the session and runs in the
+    new process, while the transaction that held the only server ends on the old one."""
+    proc = pooler(pools={"example_db": {"users": [{"username": pg.md5_user.name, "pool_size": 1}]}})
+    user = pg.md5_user
+    holder = psycopg.connect(proc.dsn(user.name, user.password))
+    queued = psycopg.connect(proc.dsn(user.name, user.password), autocommit=True)
+    answers: list[object] = []
+
+    def wait_in_queue() -> None:
+        try:
+            answers.append(queued.execute("select 'queued'").fetchone())
+        except BaseException as exc:
+            answers.append(exc)
+
+    try:
+        holder.execute("select 1")  # holds the pool's one server
+        waiter = threading.Thread(target=wait_in_queue)
+        waiter.start()
+        deadline = time.monotonic() + 10
+        while not any(r["state"] == "waiting" for r in show(proc, "CLIENTS")):
+            assert time.monotonic() < deadline, "the second client never queued"
+            time.sleep(0.05)
+        upgrade(proc, successors)
+        waiter.join(20)
+        assert answers == [("queued",)]
+        holder.commit()
+        assert proc.wait_exit() == 0
+        assert moved_count(proc) == 2
+        assert holder.execute("select 2").fetchone() == (2,)
+        holder.commit()
+    finally:
+        holder.close()
+        queued.close()
