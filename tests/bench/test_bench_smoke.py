@@ -137,6 +137,19 @@ def test_floor_smoke_measures_the_relay_beside_the_poolers() -> None:
         assert cpu > 0 and 0 <= user <= cpu and kernel == pytest.approx(cpu - user, abs=0.11)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_upgrade_under_load_cuts_no_pgbench_client(workers: int) -> None:
+    """`python -m bench.upgrade --smoke`: SIGUSR2 while pgbench runs `-M prepared`; every
+    client finishes (pgbench aborts a client on any connection error) and all of them
+    moved to the new process."""
+    argv = [sys.executable, "-m", "bench.upgrade", "--smoke", "--protocol", "prepared"]
+    argv += ["--workers", str(workers)]
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=200, check=False)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "pgbench exit code: 0; aborted clients: 0" in proc.stdout
+    assert "clients moved to the new process: 10" in proc.stdout
+
+
 @pytest.mark.skipif(not _bouncer_installed(), reason="needs pgbouncer")
 def test_several_pgbouncer_processes_share_the_port_and_split_the_pool(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
