@@ -501,3 +501,28 @@ def test_a_client_queued_for_a_server_moves_with_its_query(
     finally:
         holder.close()
         queued.close()
+
+
+def test_a_session_moves_again_at_the_next_upgrade(
+    pg: ExamplePostgres, pooler: PoolerFactory, successors: list[int]
+) -> None:
+    """A process that took clients over hands them on in turn, with what it was given."""
+    proc = pooler()
+    user = pg.scram_user
+    conn = psycopg.connect(proc.dsn(user.name, user.password), autocommit=True)
+    try:
+        assert conn.execute("select %s::int * 2", [2], prepare=True).fetchone() == (4,)
+        second = upgrade(proc, successors)
+        assert proc.wait_exit() == 0
+        assert conn.execute("select %s::int * 2", [3], prepare=True).fetchone() == (6,)
+        os.kill(second, signal.SIGUSR2)
+        deadline = time.monotonic() + 40
+        while _alive(second):
+            assert time.monotonic() < deadline, proc.log_tail()
+            time.sleep(0.05)
+        assert len(SUCCESSOR.findall(proc.log_text())) == 2
+        successors.append(int(SUCCESSOR.findall(proc.log_text())[-1]))
+        assert conn.execute("select %s::int * 2", [4], prepare=True).fetchone() == (8,)
+        assert moved_count(proc) == 2
+    finally:
+        conn.close()
