@@ -3,6 +3,7 @@ sockets; the old one stops accepting, hands its clients over and drains."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -14,6 +15,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
+import pg8000.dbapi
 import psutil
 import psycopg
 import pytest
@@ -526,3 +529,44 @@ def test_a_session_moves_again_at_the_next_upgrade(
         assert moved_count(proc) == 2
     finally:
         conn.close()
+
+
+def test_asyncpg_and_pg8000_sessions_move_with_their_statements(
+    pg: ExamplePostgres, pooler: PoolerFactory, successors: list[int]
+) -> None:
+    """asyncpg binds its cached statements (__asyncpg_stmt_N__) and a prepared-statement
+    object by name after the move; pg8000 (the unnamed statement) goes on as well."""
+    proc = pooler()
+    user = pg.scram_user
+
+    async def main() -> None:
+        conn = await asyncpg.connect(proc.dsn(user.name, user.password))
+        conn8 = pg8000.dbapi.connect(
+            user=user.name,
+            password=user.password,
+            host=proc.host,
+            port=proc.port,
+            database="example_db",
+        )
+        try:
+            query = "select count(*) from items where id > $1"
+            assert await conn.fetchval(query, 90) == 10
+            statement = await conn.prepare("select max(id) from items where id < $1")
+            assert await statement.fetchval(50) == 49
+            cur8 = conn8.cursor()
+            cur8.execute("select count(*) from items where id <= %s", (5,))
+            assert cur8.fetchone() == [5]
+            conn8.commit()
+            await asyncio.to_thread(upgrade, proc, successors)
+            assert await asyncio.to_thread(proc.wait_exit) == 0
+            assert moved_count(proc) == 2
+            assert await conn.fetchval(query, 95) == 5
+            assert await statement.fetchval(10) == 9
+            cur8.execute("select count(*) from items where id <= %s", (7,))
+            assert cur8.fetchone() == [7]
+            conn8.commit()
+        finally:
+            await conn.close()
+            conn8.close()
+
+    asyncio.run(main())
