@@ -309,6 +309,14 @@ def test_clients_move_to_the_new_process_with_their_sessions(
         assert time.monotonic() - started < 15
         timer.join()
         assert idle.execute("select 7").fetchone() == (7,)
+        # With workers the two sessions went to different ones, whatever worker their
+        # ids name: each cancel request still finds its session.
+        timer = threading.Timer(0.5, busy.cancel)
+        timer.start()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            busy.execute("select pg_sleep(20)")
+        busy.rollback()
+        timer.join()
         assert not _alive(old_pid or 0) and _alive(new_pid)
     finally:
         idle.close()

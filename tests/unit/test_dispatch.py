@@ -525,7 +525,7 @@ def test_an_upgrade_moves_clients_with_their_state_and_names_the_successor(
     state = os.urandom(190 * 1024)
     try:
         assert dispatcher.dispatch(pairs[0][1].fileno(), b"u")
-        assert dispatcher.send_moved(0, pairs[1][1].fileno(), state)
+        assert dispatcher.send_moved(pairs[1][1].fileno(), state)
         assert dispatcher.send_successor(0, pairs[2][1].fileno())
         receiver.drain()
         assert len(adopted) == 1 and len(successors) == 1
@@ -537,7 +537,7 @@ def test_an_upgrade_moves_clients_with_their_state_and_names_the_successor(
             sock.sendall(b"x")
             assert client_side.recv(1) == b"x"
         dispatcher.detach(0)
-        assert not dispatcher.send_moved(0, pairs[1][1].fileno(), b"state")
+        assert not dispatcher.send_moved(pairs[1][1].fileno(), b"state")
         assert not dispatcher.send_successor(0, pairs[2][1].fileno())
     finally:
         for sock in [*adopted, *successors, *(s for s, _ in moved)]:

@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--rundir", help=argparse.SUPPRESS)
     parser.add_argument("--dispatch-fd", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--previous-fd", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--moved-clients", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -93,7 +94,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if worker is not None:
         return run_loop(
             lambda: serve(
-                config, worker=worker, dispatch_fd=args.dispatch_fd, previous_fd=args.previous_fd
+                config,
+                worker=worker,
+                dispatch_fd=args.dispatch_fd,
+                previous_fd=args.previous_fd,
+                moved_clients=args.moved_clients,
             )
         )
     from pg_doorman.app.supervisor import Supervisor, worker_count
@@ -200,6 +205,7 @@ async def serve(
     worker: WorkerInfo | None = None,
     dispatch_fd: int | None = None,
     previous_fd: int | None = None,
+    moved_clients: bool = False,
     upgrade_argv: Sequence[str] | None = None,
 ) -> int:
     """Run one pooler process until it is stopped. `upgrade_argv`: its command line,
@@ -218,6 +224,7 @@ async def serve(
             socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fileno=previous_fd
         )
         pooler.previous_process.setblocking(False)
+    pooler.moved_in_cluster = moved_clients
     if previous_fd is not None or (worker is None and started_by_upgrade()):
         # The clients the old process hands over keep their ids: count new ones from
         # elsewhere, so that the two rarely meet.

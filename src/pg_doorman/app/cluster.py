@@ -100,9 +100,13 @@ class Cluster:
             replies.append(reply)
         return replies
 
-    def forward_cancel(self, owner: int, pid: int, secret: int) -> None:
+    def forward_cancel(self, owner: int, pid: int, secret: int, *, search: bool = True) -> None:
+        """Pass a cancel request to worker `owner`. `search`: if that worker doesn't
+        have the client, it asks the others (a client an upgrade moved may be there)."""
+
         async def send() -> None:
-            payload = {"op": "cancel", "pid": pid, "secret": secret}
+            op = "cancel" if search else "cancel_here"
+            payload = {"op": op, "pid": pid, "secret": secret}
             try:
                 await request(self.info.socket_path(owner), payload, CALL_TIMEOUT)
             except (OSError, TimeoutError, ValueError) as exc:
@@ -135,8 +139,9 @@ async def run_control(pooler: Pooler, payload: dict[str, Any]) -> dict[str, Any]
             return {}
         if op == "snapshot":
             return take_snapshot(pooler)
-        if op == "cancel":
-            pooler.cancel_here(int(payload["pid"]), int(payload["secret"]))
+        if op in ("cancel", "cancel_here"):
+            search = op == "cancel"
+            pooler.cancel_here(int(payload["pid"]), int(payload["secret"]), search=search)
             return {}
         if op == "pause":
             pools = pooler.pause(database)

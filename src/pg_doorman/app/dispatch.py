@@ -284,7 +284,8 @@ class Dispatcher:
     def dispatch(self, fd: int, kind: bytes) -> bool:
         """Pass the connection `fd` to the least-loaded worker that takes it. The caller
         closes its own copy either way; False if no worker could take it (the client is
-        then disconnected)."""
+        then disconnected). `kind`: the message sent with it (its socket's family, or a
+        moved client's state)."""
         rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd.to_bytes(_FD_SIZE, sys.byteorder))]
         tried: set[int] | None = None
         while True:
@@ -309,21 +310,11 @@ class Dispatcher:
             self.sent[index] += 1
             return True
 
-    def send_moved(self, index: int, fd: int, state: bytes) -> bool:
-        """Pass a client an old process handed over, with its session `state`, to worker
-        `index` (its connection id names it). The caller closes its own copy of `fd`;
-        False if that worker cannot take it."""
-        channel = self.channels[index]
-        if channel is None:
-            return False
-        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd.to_bytes(_FD_SIZE, sys.byteorder))]
-        try:
-            channel.sendmsg((KIND_MOVED + state,), rights)
-        except OSError as exc:
-            logger.warning("worker %d does not take a moved client (%s)", index, exc.strerror)
-            return False
-        self.sent[index] += 1
-        return True
+    def send_moved(self, fd: int, state: bytes) -> bool:
+        """Pass a client an old process handed over, with its session `state`, to the
+        least-loaded worker, as dispatch() passes a new one. The caller closes its own
+        copy of `fd`; False if no worker could take it."""
+        return self.dispatch(fd, KIND_MOVED + state)
 
     def send_successor(self, index: int, fd: int) -> bool:
         """Give worker `index` the channel to an upgrade's new process (a copy of `fd`)."""

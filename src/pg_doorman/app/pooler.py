@@ -391,6 +391,9 @@ class Pooler:
         # The channel to the process this one replaced, while it drains: cancel
         # requests for clients still there go back over it.
         self.previous_process: socket.socket | None = None
+        # A worker whose supervisor took clients over from an upgrade's old process:
+        # those may sit in any worker, whatever worker their ids name.
+        self.moved_in_cluster = False
         # ... from listeners it tuned with these options.
         self._dispatched_options: tuple[object, ...] | None = None
         self._retain_task: asyncio.Task[None] | None = None
@@ -1112,21 +1115,35 @@ class Pooler:
         self.cancel_requests += 1
         owner = self.ids.owner_of(pid)
         if self.cluster is not None:
-            # An id from an upgrade's old process with more workers: placed by the
-            # same rule (see Supervisor._arrived).
+            # An id from an upgrade's old process may name a worker beyond this count.
             owner %= self.cluster.info.count
             if owner != self.cluster.info.index:
                 self.cluster.forward_cancel(owner, pid, secret)
                 return
         self.cancel_here(pid, secret)
 
-    def cancel_here(self, pid: int, secret: int) -> None:
-        """Cancel for a client of this worker."""
+    def cancel_here(self, pid: int, secret: int, *, search: bool = True) -> None:
+        """Cancel for a client of this worker. `search`: a client this worker doesn't
+        have may be one an upgrade brought to another worker, or one still on the old
+        process: the request goes to each of them (only the owner of the key acts)."""
         client = self.clients.get(pid)
-        previous = self.previous_process
-        if client is None and previous is not None and send_cancel(previous, pid, secret):
-            logger.debug("cancel request for client id %d: to the previous process", pid)
-            return
+        if client is None and search:
+            passed_to = []
+            previous = self.previous_process
+            if previous is not None:
+                if send_cancel(previous, pid, secret):
+                    passed_to.append("the previous process")
+                else:  # that process is gone
+                    previous.close()
+                    self.previous_process = None
+            if self.cluster is not None and self.moved_in_cluster:
+                for index in range(self.cluster.info.count):
+                    if index != self.cluster.info.index:
+                        self.cluster.forward_cancel(index, pid, secret, search=False)
+                passed_to.append("the other workers")
+            if passed_to:
+                logger.debug("cancel request for client id %d: to %s", pid, " and ".join(passed_to))
+                return
         if client is None or client.secret != secret:
             logger.info("cancel request for unknown client id %d or wrong secret: ignored", pid)
             return

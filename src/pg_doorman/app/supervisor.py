@@ -31,7 +31,6 @@ from pg_doorman.app.upgrade import (
     take_migration_channel,
 )
 from pg_doorman.config import Config
-from pg_doorman.net.ids import IdAllocator
 from pg_doorman.net.session_state import SessionState
 
 logger = logging.getLogger("pg_doorman.supervisor")
@@ -169,9 +168,13 @@ class Supervisor:
         ]  # fmt: skip
         fds = [theirs.fileno()]
         previous = self._previous
-        if previous is not None and previous.fileno() != -1:
-            args += ["--previous-fd", str(previous.fileno())]
-            fds.append(previous.fileno())
+        if previous is not None:
+            # Clients of the old process may sit in any worker, this one's next
+            # incarnation included (see Pooler.cancel_here).
+            args.append("--moved-clients")
+            if previous.fileno() != -1:
+                args += ["--previous-fd", str(previous.fileno())]
+                fds.append(previous.fileno())
         try:
             self.workers[index] = await asyncio.create_subprocess_exec(*args, pass_fds=fds)
         finally:
@@ -236,13 +239,13 @@ class Supervisor:
                         stuck.kill()
 
     def _arrived(self, fd: int, family: int, session: SessionState) -> None:
-        """A client of the process this one replaces: to the worker its connection id
-        names (so cancel requests find it), by the rule Pooler.handle_cancel routes by."""
+        """A client of the process this one replaces: to the least-loaded worker, as a
+        new connection goes (cancel requests for its id find it there: see
+        Pooler.cancel_here)."""
         assert self.dispatcher is not None
-        index = IdAllocator(0).owner_of(session.client_id) % self.count
         try:
-            if not self.dispatcher.send_moved(index, fd, session.encode()):
-                refuse_moved(fd, f"worker {index} does not take it")
+            if not self.dispatcher.send_moved(fd, session.encode()):
+                refuse_moved(fd, "no worker takes it")
                 return
         except BaseException:
             os.close(fd)
