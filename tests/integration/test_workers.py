@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -18,6 +21,7 @@ from helpers import pgwire as w
 from helpers.console import admin_console as admin
 from helpers.console import show_table as table
 from helpers.pooler import PoolerFactory, PoolerProcess
+from pg_doorman.app.dispatch import LoadBoard
 from pg_doorman.app.embedded_pg import free_port
 
 WORKERS = 2
@@ -436,3 +440,38 @@ def test_a_stopped_worker_is_passed_over(pg: ExamplePostgres, pooler: PoolerFact
     finally:
         for conn in opened:
             conn.close()
+
+
+def test_a_worker_whose_supervisor_died_while_it_started_stops(
+    pg: ExamplePostgres, pooler: PoolerFactory, tmp_path: Path
+) -> None:
+    """The supervisor gives each worker its pid: a worker that only gets going after
+    the supervisor was killed (its parent is then already init) still sees it gone."""
+    config = pooler(start=False).config_path
+    rundir = tmp_path / "run"
+    rundir.mkdir()
+    LoadBoard(str(rundir / "load"), 1, create=True).close()
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid no process has any more
+    log = tmp_path / "worker.log"
+    try:
+        with open(log, "wb") as out:
+            argv = [sys.executable, "-m", "pg_doorman", str(config), "--worker", "0/1"]
+            argv += ["--rundir", str(rundir), "--dispatch-fd", str(theirs.fileno())]
+            argv += ["--supervisor-pid", str(gone.pid)]
+            worker = subprocess.Popen(
+                argv,
+                pass_fds=(theirs.fileno(),),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        try:
+            assert worker.wait(30) == 0
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+        assert "the supervisor is gone: shutting down" in log.read_text()
+    finally:
+        ours.close()
+        theirs.close()

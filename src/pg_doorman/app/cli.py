@@ -58,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dispatch-fd", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--previous-fd", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--moved-clients", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--supervisor-pid", type=int, help=argparse.SUPPRESS)
     return parser
 
 
@@ -99,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 dispatch_fd=args.dispatch_fd,
                 previous_fd=args.previous_fd,
                 moved_clients=args.moved_clients,
+                supervisor_pid=args.supervisor_pid,
             )
         )
     from pg_doorman.app.supervisor import Supervisor, worker_count
@@ -110,9 +112,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_loop(lambda: serve(config, upgrade_argv=args_list))
 
 
-async def _exit_with_parent(stop: asyncio.Event) -> None:
-    """A worker whose supervisor is gone (killed) shuts down instead of living on."""
-    parent = os.getppid()
+async def _exit_with_parent(stop: asyncio.Event, parent: int | None) -> None:
+    """A worker whose supervisor is gone (killed) shuts down instead of living on.
+    `parent`: the supervisor's pid as it said at the start; the worker's own view of
+    its parent comes too late if the supervisor died while the worker was starting."""
+    if parent is None:
+        parent = os.getppid()
     while os.getppid() == parent:
         await asyncio.sleep(1.0)
     logger.warning("the supervisor is gone: shutting down")
@@ -206,6 +211,7 @@ async def serve(
     dispatch_fd: int | None = None,
     previous_fd: int | None = None,
     moved_clients: bool = False,
+    supervisor_pid: int | None = None,
     upgrade_argv: Sequence[str] | None = None,
 ) -> int:
     """Run one pooler process until it is stopped. `upgrade_argv`: its command line,
@@ -250,7 +256,7 @@ async def serve(
         # A terminal's Ctrl-C reaches every process of the group; the supervisor
         # answers it by sending SIGTERM to the workers.
         loop.add_signal_handler(signal.SIGINT, lambda: None)
-        pooler.track(loop.create_task(_exit_with_parent(stop)))
+        pooler.track(loop.create_task(_exit_with_parent(stop, supervisor_pid)))
 
     def on_reload() -> None:
         try:

@@ -164,7 +164,7 @@ class Supervisor:
         args = [
             sys.executable, "-m", "pg_doorman", self.config.source, *self.log_args,
             "--worker", f"{index}/{self.count}", "--rundir", self.rundir,
-            "--dispatch-fd", str(theirs.fileno()),
+            "--dispatch-fd", str(theirs.fileno()), "--supervisor-pid", str(os.getpid()),
         ]  # fmt: skip
         fds = [theirs.fileno()]
         previous = self._previous
