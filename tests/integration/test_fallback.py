@@ -21,6 +21,7 @@ import psycopg
 import pytest
 
 from helpers import ExamplePostgres
+from helpers.cancel import cancel_midway
 from helpers.console import admin_rows
 from helpers.metrics import scrape, value
 from helpers.pooler import PoolerFactory, PoolerProcess
@@ -227,15 +228,9 @@ def test_a_cancel_reaches_the_member_the_server_was_opened_on(
         proc, _ = start(pg, pooler, local_dir, [api.url])
         with connect(proc, pg) as conn:
             assert server_address(conn) == ("127.0.0.1", pg.port)
-            timer = threading.Timer(0.5, conn.cancel)
-            timer.start()
-            try:
-                # Sent to the pool's own (missing) socket, the cancel would be lost and
-                # the query would run its 30 s.
-                with pytest.raises(psycopg.errors.QueryCanceled):
-                    conn.execute("select pg_sleep(30)")
-            finally:
-                timer.cancel()
+            # Sent to the pool's own (missing) socket, the cancel would be lost and the
+            # query would run its 30 s.
+            cancel_midway(conn, 30)
             assert conn.execute("select 1").fetchone() == (1,)
         assert "could not forward cancel" not in proc.log_text()
     finally:

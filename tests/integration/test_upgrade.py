@@ -24,6 +24,7 @@ import trustme
 
 from helpers import ExamplePostgres
 from helpers import pgwire as w
+from helpers.cancel import cancel_midway
 from helpers.console import admin_console
 from helpers.pooler import PoolerFactory, PoolerProcess
 
@@ -78,6 +79,19 @@ def upgrade(proc: PoolerProcess, successors: list[int], *, by_console: bool = Fa
     pid = int(found[-1])
     successors.append(pid)
     return pid
+
+
+def upgrade_successor(proc: PoolerProcess, pid: int, successors: list[int]) -> int:
+    """Upgrade `pid`, a process an earlier upgrade started (`proc` is the first one,
+    whose log they all share): once `pid` has exited, the PID of the one after it."""
+    os.kill(pid, signal.SIGUSR2)
+    deadline = time.monotonic() + 40
+    while _alive(pid):
+        assert time.monotonic() < deadline, proc.log_tail()
+        time.sleep(0.05)
+    newest = int(SUCCESSOR.findall(proc.log_text())[-1])
+    successors.append(newest)
+    return newest
 
 
 def server_pid(proc: PoolerProcess, dsn: str) -> int:
@@ -193,13 +207,7 @@ def test_upgrade_from_the_admin_console(
     assert server_pid(proc, proc.dsn(user.name, user.password)) > 0
     assert _alive(new_pid)
     # The new process can be upgraded in turn.
-    os.kill(new_pid, signal.SIGUSR2)
-    deadline = time.monotonic() + 40
-    while _alive(new_pid):
-        assert time.monotonic() < deadline, proc.log_tail()
-        time.sleep(0.05)
-    third = [int(p) for p in SUCCESSOR.findall(proc.log_text())][-1]
-    successors.append(third)
+    third = upgrade_successor(proc, new_pid, successors)
     assert third != new_pid
     assert server_pid(proc, proc.dsn(user.name, user.password)) > 0
 
@@ -301,22 +309,12 @@ def test_clients_move_to_the_new_process_with_their_sessions(
         assert {"mover", "busy"} <= set(clients)
         # A cancel request with the key the client got from the old process.
         assert idle.pgconn.backend_pid == key
-        timer = threading.Timer(0.5, idle.cancel)
-        timer.start()
-        started = time.monotonic()
-        with pytest.raises(psycopg.errors.QueryCanceled):
-            idle.execute("select pg_sleep(20)")
-        assert time.monotonic() - started < 15
-        timer.join()
+        assert cancel_midway(idle) < 15
         assert idle.execute("select 7").fetchone() == (7,)
         # With workers the two sessions went to different ones, whatever worker their
         # ids name: each cancel request still finds its session.
-        timer = threading.Timer(0.5, busy.cancel)
-        timer.start()
-        with pytest.raises(psycopg.errors.QueryCanceled):
-            busy.execute("select pg_sleep(20)")
+        cancel_midway(busy)
         busy.rollback()
-        timer.join()
         assert not _alive(old_pid or 0) and _alive(new_pid)
     finally:
         idle.close()
@@ -526,13 +524,8 @@ def test_a_session_moves_again_at_the_next_upgrade(
         second = upgrade(proc, successors)
         assert proc.wait_exit() == 0
         assert conn.execute("select %s::int * 2", [3], prepare=True).fetchone() == (6,)
-        os.kill(second, signal.SIGUSR2)
-        deadline = time.monotonic() + 40
-        while _alive(second):
-            assert time.monotonic() < deadline, proc.log_tail()
-            time.sleep(0.05)
+        upgrade_successor(proc, second, successors)
         assert len(SUCCESSOR.findall(proc.log_text())) == 2
-        successors.append(int(SUCCESSOR.findall(proc.log_text())[-1]))
         assert conn.execute("select %s::int * 2", [4], prepare=True).fetchone() == (8,)
         assert moved_count(proc) == 2
     finally:

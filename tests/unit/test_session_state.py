@@ -12,7 +12,8 @@ from dataclasses import replace
 
 import pytest
 
-from pg_doorman.app.migration import Emigration, Immigration, channel_pair, descriptors_of
+from pg_doorman.app.dispatch import received_descriptors
+from pg_doorman.app.migration import Emigration, Immigration, channel_pair
 from pg_doorman.net.session_state import MAGIC, MAX_STATE, SessionState
 
 
@@ -196,7 +197,7 @@ def test_clients_wait_while_the_channel_is_full_and_all_arrive() -> None:
                 with contextlib.suppress(BlockingIOError):
                     data, ancillary, _, _ = theirs.recvmsg(MAX_STATE + 1, socket.CMSG_SPACE(4))
                     arrived.append(SessionState.decode(data).client_id)
-                    for fd in descriptors_of(ancillary):
+                    for fd in received_descriptors(ancillary):
                         os.close(fd)
                 if len(arrived) == len(clients):
                     break

@@ -157,6 +157,17 @@ def bind_listeners(general: GeneralConfig) -> list[socket.socket]:
     return listeners
 
 
+def received_descriptors(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    """The descriptors a recvmsg() brought (SCM_RIGHTS), in order."""
+    fds: list[int] = []
+    for level, kind, payload in ancillary:
+        if level != socket.SOL_SOCKET or kind != socket.SCM_RIGHTS:
+            continue
+        for offset in range(0, len(payload) - _FD_SIZE + 1, _FD_SIZE):
+            fds.append(int.from_bytes(payload[offset : offset + _FD_SIZE], sys.byteorder))
+    return fds
+
+
 class Dispatcher:
     """The supervisor's side: accept, pick the least-loaded worker, pass the socket."""
 
@@ -418,39 +429,23 @@ class Receiver:
             self.stop()
             return False
         kind = self._buffer[0]
-        if kind == _MOVED or kind == _SUCCESSOR:
-            self._take_special(ancillary, kind, bytes(self._buffer[1:size]))
+        fds = received_descriptors(ancillary)
+        if kind == _SUCCESSOR:  # the channel to an upgrade's new process
+            for fd in fds:
+                self.successor(fd)
+            return True
+        self.received += len(fds)
+        self.board.set_received(self.index, self.received)
+        if kind == _MOVED:  # a client an upgrade's old process handed over
+            state = bytes(self._buffer[1:size])
+            for fd in fds:
+                self.adopt_moved(fd, state)
         else:
-            self._take_all(ancillary, kind)
+            for fd in fds:
+                self._take(fd, kind)
         return True
 
-    def _take_all(self, ancillary: list[tuple[int, int, bytes]], kind: int) -> None:
-        for level, kind_of_message, payload in ancillary:
-            if level != socket.SOL_SOCKET or kind_of_message != socket.SCM_RIGHTS:
-                continue
-            for offset in range(0, len(payload) - _FD_SIZE + 1, _FD_SIZE):
-                fd = int.from_bytes(payload[offset : offset + _FD_SIZE], sys.byteorder)
-                self._take(fd, kind)
-
-    def _take_special(
-        self, ancillary: list[tuple[int, int, bytes]], kind: int, state: bytes
-    ) -> None:
-        """A moved client (one descriptor and its state), or the successor's channel."""
-        for level, kind_of_message, payload in ancillary:
-            if level != socket.SOL_SOCKET or kind_of_message != socket.SCM_RIGHTS:
-                continue
-            for offset in range(0, len(payload) - _FD_SIZE + 1, _FD_SIZE):
-                fd = int.from_bytes(payload[offset : offset + _FD_SIZE], sys.byteorder)
-                if kind == _SUCCESSOR:
-                    self.successor(fd)
-                else:
-                    self.received += 1
-                    self.board.set_received(self.index, self.received)
-                    self.adopt_moved(fd, state)
-
     def _take(self, fd: int, kind: int) -> None:
-        self.received += 1
-        self.board.set_received(self.index, self.received)
         family = _FAMILY_OF_KIND.get(kind)
         if family is None:
             logger.error("dispatch channel sent an unknown socket kind %r", kind)

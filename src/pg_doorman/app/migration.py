@@ -30,6 +30,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from pg_doorman.app.dispatch import received_descriptors
 from pg_doorman.net.session_state import MAX_STATE, SessionState
 from pg_doorman.protocol import messages, sqlstate
 
@@ -238,7 +239,7 @@ class Immigration:
                 logger.error("upgrade: the channel from the previous process failed: %s", exc)
                 self.stop()
                 return
-            fds = descriptors_of(ancillary)
+            fds = received_descriptors(ancillary)
             if not data and not fds:
                 self.stop()  # the old process is done
                 return
@@ -251,26 +252,20 @@ class Immigration:
             if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
                 refuse_moved(fd, "its session state was cut short")
                 continue
-            try:
-                session = SessionState.decode(data)
-                family = family_of(fd)
-            except (ValueError, OSError) as exc:
-                refuse_moved(fd, str(exc))
-                continue
-            self.received += 1
-            self.arrive(fd, family, session)
+            arrival = unpack_arrival(fd, data)
+            if arrival is not None:
+                self.received += 1
+                self.arrive(fd, *arrival)
 
 
-def descriptors_of(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(payload) - len(payload) % _FD_SIZE
-            fds.extend(
-                int.from_bytes(payload[i : i + _FD_SIZE], sys.byteorder)
-                for i in range(0, usable, _FD_SIZE)
-            )
-    return fds
+def unpack_arrival(fd: int, state: bytes) -> tuple[int, SessionState] | None:
+    """The socket family and session of a client handed over; None when the state is
+    not one (the client has then been told to reconnect and its socket closed)."""
+    try:
+        return family_of(fd), SessionState.decode(state)
+    except (ValueError, OSError) as exc:
+        refuse_moved(fd, str(exc))
+        return None
 
 
 def family_of(fd: int) -> int:

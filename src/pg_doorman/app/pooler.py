@@ -26,10 +26,10 @@ from pg_doorman.app.logsetup import apply_log_filter
 from pg_doorman.app.migration import (
     Emigration,
     Immigration,
-    family_of,
     refuse_moved,
     restore_credentials,
     send_cancel,
+    unpack_arrival,
 )
 from pg_doorman.app.upgrade import listeners_for
 from pg_doorman.auth import pam
@@ -1267,14 +1267,11 @@ class Pooler:
 
     def _adopt_moved(self, fd: int, state: bytes) -> None:
         """Serve a client an old process handed over, which the supervisor sent here."""
-        try:
-            session = SessionState.decode(state)
-            family = family_of(fd)
-        except (ValueError, OSError) as exc:
-            refuse_moved(fd, str(exc))
+        arrival = unpack_arrival(fd, state)
+        if arrival is None:
             self._moved_client_closed()
             return
-        self._arrived(fd, family, session)
+        self._arrived(fd, *arrival)
 
     def _moved_client_closed(self) -> None:
         if self.receiver is not None:

@@ -1396,7 +1396,8 @@ class ClientConnection(asyncio.Protocol):
 
     def export_session(self) -> SessionState | None:
         """This session for the new process, or None while it is in a transaction or
-        has a half-read message or unsent bytes (or cannot move at all)."""
+        has a half-read message or unsent bytes. Only for a client that can move at
+        all (move_blocker() is None)."""
         transport = self.transport
         pool = self.pool
         entry = self.entry
@@ -1412,7 +1413,6 @@ class ClientConnection(asyncio.Protocol):
             or pool is None
             or entry is None
             or pool.server_parameters is None
-            or self.move_blocker() is not None
         ):
             return None
         named: list[tuple[bytes, bytes, bytes]] = []
