@@ -374,6 +374,12 @@ class ServerConnection(asyncio.Protocol):
                 self.transport.write(messages.TERMINATE)
             self.transport.close()
 
+    def abandon(self, reason: str) -> None:
+        """Close a server that never joined its pool (its login failed or was given up):
+        its connection_lost must not give back a pool slot it never held."""
+        self.discarded = True
+        self.close(reason)
+
     def _retire(self, reason: str) -> None:
         """Give the pool slot back (the pool ignores repeats)."""
         self.pool.discard(self, reason)
@@ -842,7 +848,7 @@ async def open_server(
                 # (Named apart from `exc` below, which the compiled build types once.)
                 if tls is None or not tls.retries_over_tls or refused.code != "28000":
                     raise
-                server.close("login refused without TLS")
+                server.abandon("login refused without TLS")
                 server = None
                 try:
                     server = await connect_tls(pool, factory, host, port, tls, False)
@@ -851,18 +857,18 @@ async def open_server(
                 await server.login(startup, creds)
     except TimeoutError:
         if server is not None:
-            server.close("connect timeout")
+            server.abandon("connect timeout")
         raise ConnectTimeout(
             sqlstate.CONNECTION_FAILURE,
             f"timeout connecting to server {host}:{port} (connect timeout {connect_timeout:g}s)",
         ) from None
     except asyncio.CancelledError:  # the pool closed, or another fallback member won
         if server is not None:
-            server.close("connect cancelled")
+            server.abandon("connect cancelled")
         raise
     except AcquireError:
         if server is not None:
-            server.close("login failed")
+            server.abandon("login failed")
         raise
     except TlsRefused as no_tls:  # require and the verify modes
         raise AcquireError(sqlstate.CONNECTION_FAILURE, str(no_tls)) from None
