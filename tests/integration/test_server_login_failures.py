@@ -2,9 +2,9 @@
 
 A backend that refuses a login (and keeps its socket open until the pooler closes
 it), or one that never answers within connect_timeout: the pooler opens servers only
-for the clients that ask, and stops when they are gone. A server that never joined
-the pool once gave back a slot it never held when its socket closed, and the pool,
-believing it was below its minimum, opened servers in a loop.
+for the clients that ask, and stops when they are gone: a server that never joined
+the pool gives back no slot when its socket closes (counting it would make the pool
+believe it is below its minimum and open servers in a loop).
 """
 
 from __future__ import annotations

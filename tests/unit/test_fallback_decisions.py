@@ -35,7 +35,7 @@ class Server:
         self.where = where
         self.closed: str | None = None
 
-    def abandon(self, reason: str) -> None:
+    def close(self, reason: str) -> None:
         self.closed = reason
 
 

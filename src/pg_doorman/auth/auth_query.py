@@ -252,6 +252,12 @@ class LookupConnections:
             raise
         finally:
             pool.connecting -= 1
+        if server.closed:  # it went away right after its login: it never joined
+            pool.size -= 1
+            raise AuthQueryError(
+                sqlstate.CONNECTION_FAILURE,
+                "auth_query failed: the lookup connection closed after login",
+            )
         pool.servers.add(server)
         return server
 

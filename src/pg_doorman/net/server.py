@@ -374,12 +374,6 @@ class ServerConnection(asyncio.Protocol):
                 self.transport.write(messages.TERMINATE)
             self.transport.close()
 
-    def abandon(self, reason: str) -> None:
-        """Close a server that never joined its pool (its login failed or was given up):
-        its connection_lost must not give back a pool slot it never held."""
-        self.discarded = True
-        self.close(reason)
-
     def _retire(self, reason: str) -> None:
         """Give the pool slot back (the pool ignores repeats)."""
         self.pool.discard(self, reason)
@@ -848,7 +842,7 @@ async def open_server(
                 # (Named apart from `exc` below, which the compiled build types once.)
                 if tls is None or not tls.retries_over_tls or refused.code != "28000":
                     raise
-                server.abandon("login refused without TLS")
+                server.close("login refused without TLS")
                 server = None
                 try:
                     server = await connect_tls(pool, factory, host, port, tls, False)
@@ -857,18 +851,18 @@ async def open_server(
                 await server.login(startup, creds)
     except TimeoutError:
         if server is not None:
-            server.abandon("connect timeout")
+            server.close("connect timeout")
         raise ConnectTimeout(
             sqlstate.CONNECTION_FAILURE,
             f"timeout connecting to server {host}:{port} (connect timeout {connect_timeout:g}s)",
         ) from None
     except asyncio.CancelledError:  # the pool closed, or another fallback member won
         if server is not None:
-            server.abandon("connect cancelled")
+            server.close("connect cancelled")
         raise
     except AcquireError:
         if server is not None:
-            server.abandon("login failed")
+            server.close("login failed")
         raise
     except TlsRefused as no_tls:  # require and the verify modes
         raise AcquireError(sqlstate.CONNECTION_FAILURE, str(no_tls)) from None

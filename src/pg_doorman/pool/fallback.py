@@ -52,7 +52,7 @@ DURATION_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5
 
 
 class ServerLike(Protocol):
-    def abandon(self, reason: str) -> None: ...
+    def close(self, reason: str) -> None: ...
 
 
 S = TypeVar("S", bound=ServerLike)
@@ -263,7 +263,7 @@ class Fallback:
                     elif winner is None:
                         winner = (attempt.result(), attempts[attempt])
                     else:
-                        attempt.result().abandon("another fallback member logged in first")
+                        attempt.result().close("another fallback member logged in first")
         finally:
             for attempt in pending:
                 attempt.cancel()
@@ -305,4 +305,4 @@ class Fallback:
 def _close_late_server(attempt: asyncio.Future[Any]) -> None:
     """A member that logged in after the race was decided: its server is not needed."""
     if not attempt.cancelled() and attempt.exception() is None:
-        attempt.result().abandon("another fallback member logged in first")
+        attempt.result().close("another fallback member logged in first")

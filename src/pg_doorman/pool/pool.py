@@ -290,16 +290,22 @@ class Pool:
             budget.feed()  # another user's clients may take it
 
     def discard(self, server: PooledServer, reason: str) -> None:
-        """Forget a server (closing it if needed) and refill for waiting clients."""
+        """Forget a server (closing it if needed) and refill for waiting clients.
+
+        Only a server in `servers` holds a slot: one whose login failed, timed out or
+        lost a fallback race never joined, and its socket closing gives nothing back
+        (else `size` would sink below the servers really open, and the pool would open
+        ever more of them to reach its minimum)."""
         if server.discarded:
             return
         server.discarded = True
-        if server in self.servers:
-            self.servers.remove(server)
-            self.statements.closed_hits += server.statements.hits
-            self.statements.closed_misses += server.statements.misses
         if not server.closed:
             server.close(reason)
+        if server not in self.servers:
+            return
+        self.servers.remove(server)
+        self.statements.closed_hits += server.statements.hits
+        self.statements.closed_misses += server.statements.misses
         self.size -= 1
         if self.budget is not None:
             self.budget.freed(self)
@@ -494,6 +500,14 @@ class Pool:
                 self.budget.freed(self)
             raise
         self.connecting -= 1
+        if server.closed:  # it went away between its login and now: it never joined
+            self.size -= 1
+            self._connect_failed(
+                AcquireError(
+                    sqlstate.CONNECTION_FAILURE, "server closed the connection after login"
+                )
+            )
+            return
         self._connect_failures = 0
         self.last_connect_error = None
         self.servers.add(server)
