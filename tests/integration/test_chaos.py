@@ -1,0 +1,273 @@
+"""Many clients and many kinds of trouble at once, then the books must balance.
+
+Clients run queries, transactions, pipelines, errors and cancels through a small pool
+while others vanish mid-query and the backends are killed at random. Every answer must
+be right, a lost connection must be owed to a killed backend, and once the clients are
+gone the pool's counts must match what PostgreSQL sees (no leaked, doubled or phantom
+servers) and the pooler must still serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import re
+import time
+from collections import Counter
+from typing import Any
+
+import asyncpg
+
+from helpers import EXAMPLE_DB, ExamplePostgres
+from helpers.console import admin_rows
+from helpers.pooler import PoolerFactory, PoolerProcess
+
+APPLICATION = "chaos_backend"
+POOL_SIZE = 4
+MIN_POOL_SIZE = 2
+CLIENTS = 16
+DURATION = 6.0
+KILL_EVERY = 0.15
+
+# What a client may see when the backend under its transaction is killed.
+LOST: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,  # class 08, e.g. the pooler's 08006
+    asyncpg.AdminShutdownError,  # 57P01 from pg_terminate_backend, relayed
+    asyncpg.ConnectionDoesNotExistError,
+    ConnectionError,
+)
+
+
+def lost_connection(exc: Exception, conn: asyncpg.Connection | None, after: str) -> None:
+    """Check that `exc` says the connection was lost (else fail with it)."""
+    if isinstance(exc, LOST):
+        return
+    if isinstance(exc, asyncpg.InterfaceError) and conn is not None and conn.is_closed():
+        # Lost under asyncpg: its rollback on the way out of a transaction, or the next
+        # query after a timed-out one (asyncpg still cancelling it), reports the
+        # closed connection instead of the loss.
+        return
+    if isinstance(exc, asyncpg.InternalClientError):
+        # asyncpg loses track of its protocol state when the backend under a
+        # transaction dies (asyncpg#1069; against PostgreSQL directly too): the
+        # connection is unusable.
+        return
+    raise AssertionError(f"after {after!r}: {exc!r}") from exc
+
+
+class Tally:
+    def __init__(self) -> None:
+        self.done: Counter[str] = Counter()
+        self.lost = 0
+        self.kills = 0
+
+
+async def one_action(conn: asyncpg.Connection, rng: random.Random, tally: Tally) -> str:
+    """One random piece of work on `conn`, checking its answers; returns its kind."""
+    roll = rng.random()
+    n = rng.randrange(1_000_000)
+    if roll < 0.35:
+        kind = "query"
+        assert await conn.fetchval("select $1::int + 1", n) == n + 1
+    elif roll < 0.55:
+        kind = "transaction"
+        async with conn.transaction():
+            first = await conn.fetchval("select pg_backend_pid()")
+            assert await conn.fetchval("select $1::text || 'x'", str(n)) == f"{n}x"
+            # A transaction keeps its server to the end.
+            assert await conn.fetchval("select pg_backend_pid()") == first
+    elif roll < 0.65:
+        kind = "rows"
+        rows = await conn.fetch("select g, g * $1::int from generate_series(1, 50) g", n % 1000)
+        assert [(r[0], r[1]) for r in rows] == [(g, g * (n % 1000)) for g in range(1, 51)]
+    elif roll < 0.72:
+        kind = "pipeline"
+        await conn.executemany("select $1::int", [(i,) for i in range(20)])
+    elif roll < 0.80:
+        kind = "error"
+        try:
+            await conn.fetchval("select 1 / $1::int", 0)
+        except asyncpg.DivisionByZeroError:
+            pass
+        else:
+            raise AssertionError("1/0 returned a value")
+    elif roll < 0.88:
+        kind = "cancel"
+        try:
+            await asyncio.wait_for(conn.fetchval("select pg_sleep(10)"), 0.05)
+        except TimeoutError:
+            pass
+        else:
+            raise AssertionError("pg_sleep(10) returned within 50 ms")
+    else:
+        kind = "idle"
+        await asyncio.sleep(rng.uniform(0, 0.02))
+    tally.done[kind] += 1
+    return kind
+
+
+async def vanish(dsn: str, rng: random.Random, tally: Tally) -> None:
+    """A client that goes away in the middle of a transaction's query."""
+    conn: asyncpg.Connection | None = None
+    try:
+        conn = await asyncpg.connect(dsn)
+        await conn.execute("begin")
+    except Exception as exc:
+        lost_connection(exc, conn, "vanish")
+        tally.lost += 1
+        if conn is not None:
+            conn.terminate()
+        return
+    query = asyncio.ensure_future(conn.fetchval("select pg_sleep(0.2)"))
+    await asyncio.sleep(rng.uniform(0, 0.03))
+    conn.terminate()
+    # Whatever asyncpg makes of its own connection going away, it is not an answer.
+    results = await asyncio.gather(query, return_exceptions=True)
+    assert isinstance(results[0], Exception), results
+    tally.done["vanish"] += 1
+
+
+async def client(dsn: str, seed: int, deadline: float, tally: Tally) -> None:
+    rng = random.Random(seed)
+    conn: asyncpg.Connection | None = None
+    last = "connect"
+    while time.monotonic() < deadline:
+        if rng.random() < 0.04:
+            await vanish(dsn, rng, tally)
+            continue
+        if conn is not None and conn.is_closed():
+            # Lost between two actions: a backend killed while asyncpg was still
+            # cancelling the last one's query after the timeout gave up on it.
+            tally.lost += 1
+            conn = None
+        try:
+            if conn is None:
+                conn = await asyncpg.connect(dsn)
+                last = "connect"
+            last = await one_action(conn, rng, tally)
+            lost = False
+        except Exception as exc:
+            lost_connection(exc, conn, last)
+            lost = True
+        if lost:
+            tally.lost += 1
+            assert conn is not None
+            conn.terminate()
+            conn = None
+    if conn is not None:
+        await conn.close()
+
+
+async def killer(pg: ExamplePostgres, rng: random.Random, deadline: float, tally: Tally) -> None:
+    """Terminate a random backend of the pool every KILL_EVERY seconds."""
+    admin = await asyncpg.connect(pg.dsn())
+    try:
+        while time.monotonic() < deadline:
+            await asyncio.sleep(KILL_EVERY)
+            pids = [
+                r[0]
+                for r in await admin.fetch(
+                    "select pid from pg_stat_activity where application_name = $1",
+                    APPLICATION,
+                )
+            ]
+            if pids and await admin.fetchval("select pg_terminate_backend($1)", rng.choice(pids)):
+                tally.kills += 1
+    finally:
+        await admin.close()
+
+
+def pool_numbers(proc: PoolerProcess, user: str) -> dict[str, Any]:
+    pools = [
+        r for r in admin_rows(proc, "POOLS") if r["database"] == EXAMPLE_DB and r["user"] == user
+    ]
+    databases = [
+        r
+        for r in admin_rows(proc, "DATABASES")
+        if r["name"] == EXAMPLE_DB and r["force_user"] == user
+    ]
+    assert len(pools) == 1 and len(databases) == 1
+    numbers: dict[str, Any] = {
+        k: int(pools[0][k] or 0)
+        for k in ("cl_active", "cl_waiting", "sv_active", "sv_idle", "sv_used", "sv_login")
+    }
+    numbers["current_connections"] = int(databases[0]["current_connections"] or 0)
+    return numbers
+
+
+def backends(pg: ExamplePostgres) -> int:
+    sql = f"select count(*) from pg_stat_activity where application_name = '{APPLICATION}'"
+    return int(pg.psql(sql).strip())
+
+
+def test_the_books_balance_after_chaos(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    seed = int(os.environ.get("CHAOS_SEED", random.randrange(1 << 30)))
+    user = pg.scram_user
+    proc = pooler(
+        general={"query_wait_timeout": 15_000},
+        pools={
+            EXAMPLE_DB: {
+                "application_name": APPLICATION,
+                "users": [
+                    {
+                        "username": user.name,
+                        "password": user.pooler_password,
+                        "pool_size": POOL_SIZE,
+                        "min_pool_size": MIN_POOL_SIZE,
+                    }
+                ],
+            }
+        },
+    )
+    dsn = proc.dsn(user.name, user.password)
+    tally = Tally()
+
+    async def main() -> None:
+        deadline = time.monotonic() + DURATION
+        rng = random.Random(seed)
+        await asyncio.gather(
+            killer(pg, random.Random(rng.random()), deadline, tally),
+            *(client(dsn, rng.randrange(1 << 30), deadline, tally) for _ in range(CLIENTS)),
+        )
+
+    asyncio.run(main())
+    context = f"seed {seed} (CHAOS_SEED replays it), {tally.done}, lost {tally.lost} "
+    context += f"connections to {tally.kills} killed backends"
+    assert tally.kills > 5, context
+    for kind in ("query", "transaction", "rows", "pipeline", "error", "cancel", "vanish"):
+        assert tally.done[kind] > 0, context
+    # Each kill breaks at most the one client whose server it was.
+    assert tally.lost <= tally.kills, context
+
+    # Settled: no clients, and as many servers as PostgreSQL has backends for the pool.
+    deadline = time.monotonic() + 10
+    while True:
+        numbers = pool_numbers(proc, user.name)
+        open_backends = backends(pg)
+        settled = (
+            numbers["cl_active"] == numbers["cl_waiting"] == 0
+            and numbers["sv_active"] == numbers["sv_login"] == 0
+            and numbers["current_connections"]
+            == numbers["sv_idle"] + numbers["sv_used"]
+            == open_backends
+            and MIN_POOL_SIZE <= open_backends <= POOL_SIZE
+        )
+        if settled:
+            break
+        assert time.monotonic() < deadline, f"{context}; pool {numbers}, backends {open_backends}"
+        time.sleep(0.2)
+
+    async def still_serving() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            assert await conn.fetchval("select 41 + 1") == 42
+        finally:
+            await conn.close()
+
+    asyncio.run(still_serving())
+    log = proc.log_text()
+    assert "Traceback" not in log and "unexpected error" not in log, log[-3000:]
+    # The pooler closed clients only because their server died under them.
+    reasons = Counter(re.findall(r"client #c\d+: (.* \(\w{5}\))$", log, re.MULTILINE))
+    assert set(reasons) <= {"server connection lost during the transaction (08006)"}, reasons
