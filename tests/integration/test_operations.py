@@ -237,6 +237,33 @@ def test_sighup_reloads_pools_and_retires_removed_ones(
         psycopg.connect(proc.dsn(scram, "test"))
 
 
+def test_a_login_whose_pool_a_reload_retires_is_told_to_reconnect(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """The pool is retired while the client is still answering the password request:
+    the client is told at once (57P01), rather than queued on a closed pool until
+    query_wait_timeout."""
+    proc = pooler()
+    user = pg.md5_user
+    with psycopg.connect(proc.dsn(user.name, user.password), autocommit=True) as warm:
+        warm.execute("select 1")  # the pool knows its server parameters
+    conn = w.PgWire(proc.host, proc.port)
+    try:
+        conn.send_raw(w.startup_message({"user": user.name, "database": EXAMPLE_DB}))
+        type_, payload = conn.read_message()
+        assert type_ == b"R" and payload[:4] == (w.AUTH_MD5).to_bytes(4, "big"), payload
+        users = proc.config["pools"][EXAMPLE_DB]["users"]
+        proc.config["pools"][EXAMPLE_DB]["users"] = [u for u in users if u["username"] != user.name]
+        proc.reload_and_wait(proc.config)
+        answer = w.md5_response(user.password, user.name, payload[4:8])
+        conn.send(b"p", w.cstr(answer))
+        error = w.first_error(conn.wait_closed(5))
+        assert error is not None and error.sqlstate == "57P01", error
+        assert "reconnect" in str(error)
+    finally:
+        conn.close_socket()
+
+
 def test_shutdown_command_stops_the_pooler(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
     proc = pooler()
     console = admin(proc)

@@ -662,6 +662,12 @@ class ClientConnection(asyncio.Protocol):
                 await self._auth_pam(entry)
         self.entry = entry
         self.pool = pool = entry.pool
+        if pool.closed:
+            # Retired by a reload (or an idle looked-up user's pool dropped) while this
+            # login exchanged its password: queued there, it would only time out.
+            raise StartupError(
+                sqlstate.ADMIN_SHUTDOWN, "the pool closed during the login; reconnect"
+            )
         if pool.server_parameters is None:
             await self._fetch_server_parameters(pool)
         settings = dict(params)

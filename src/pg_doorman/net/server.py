@@ -185,7 +185,9 @@ class ServerConnection(asyncio.Protocol):
         elif was == IDLE:
             with contextlib.suppress(ValueError):
                 self.pool.idle.remove(self)
-        elif was in (CLEANUP, PROBE) and self._after_quiet is not None:
+        elif self._after_quiet is not None:
+            # A cleanup, probe or captured query ended by the connection going away,
+            # also when closed from outside (KILL) during one: the caller still hears.
             done, self._after_quiet = self._after_quiet, None
             done(False)
             return
@@ -867,10 +869,24 @@ async def open_server(
     except TlsRefused as no_tls:  # require and the verify modes
         raise AcquireError(sqlstate.CONNECTION_FAILURE, str(no_tls)) from None
     except OSError as exc:
+        if server is not None:
+            server.close("connection failed")
         raise AcquireError(
             sqlstate.CONNECTION_FAILURE,
             f"cannot connect to server {host}:{port}: {exc.strerror or exc}",
         ) from exc
+    except ProtocolError as bad_reply:  # e.g. server_port is not PostgreSQL's
+        if server is not None:
+            server.close("invalid reply to the login")
+        raise AcquireError(
+            sqlstate.PROTOCOL_VIOLATION,
+            f"server {host}:{port} answered the login with something that is not the "
+            f"PostgreSQL protocol: {bad_reply}",
+        ) from None
+    except BaseException:
+        if server is not None:
+            server.close("login failed")
+        raise
     server.address = (host, port)
     if lifetime is not None:
         server.limit_lifetime(server.created + lifetime)

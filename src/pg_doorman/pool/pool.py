@@ -178,6 +178,8 @@ class Pool:
         self._wait_timer: asyncio.Handle | None = None
         # Armed while queued clients wait for a server to come back (see _grow).
         self._patience_timer: asyncio.TimerHandle | None = None
+        # The backed-off retry after a failed connect, while clients wait.
+        self._retry_timer: asyncio.TimerHandle | None = None
         # Servers this pool owns in any state: idle, active, cleaning, connecting.
         self.size = 0
         self.connecting = 0
@@ -435,7 +437,7 @@ class Pool:
                 self.scaling.create_fallback += 1
             task = self._loop.create_task(self._connect_one())
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._connect_task_done)
 
     def _impatient(self, uncovered: int, cold: int, coming: int, room: int) -> tuple[int, int]:
         """Above the warm threshold: how many servers to open now for the `uncovered`
@@ -493,12 +495,6 @@ class Pool:
             self.size -= 1
             self._connect_failed(AcquireError(sqlstate.INTERNAL_ERROR, str(exc)))
             return
-        except asyncio.CancelledError:  # close(): the server never counts
-            self.connecting -= 1
-            self.size -= 1
-            if self.budget is not None:
-                self.budget.freed(self)
-            raise
         self.connecting -= 1
         if server.closed:  # it went away between its login and now: it never joined
             self.size -= 1
@@ -515,6 +511,16 @@ class Pool:
         if self.waiting or self.size < self.settings.min_pool_size:
             self._grow()  # a slot to open servers in is free again
 
+    def _connect_task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            # close(): the server never counts. Here rather than in _connect_one, which
+            # never runs at all when cancelled before its first step.
+            self.connecting -= 1
+            self.size -= 1
+            if self.budget is not None:
+                self.budget.freed(self)
+
     def _connect_failed(self, err: AcquireError) -> None:
         self.last_connect_error = err
         self._connect_failures += 1
@@ -525,11 +531,16 @@ class Pool:
             # Retrying can't help; fail everyone who waits now, with the real reason.
             self.fail_waiters(err.code, err.message)
             return
-        if self.waiting:
+        if self.waiting and self._retry_timer is None:
             # Back off a little so a down server isn't hammered; waiters keep their
-            # own query_wait_timeout.
+            # own query_wait_timeout. One retry pending at a time: failures that
+            # each scheduled their own would undo the backoff.
             delay = min(0.05 * (2 ** min(self._connect_failures, 5)), 1.0)
-            self._loop.call_later(delay, self._grow)
+            self._retry_timer = self._loop.call_later(delay, self._retry_connect)
+
+    def _retry_connect(self) -> None:
+        self._retry_timer = None
+        self._grow()
 
     # ---- maintenance --------------------------------------------------------
 
@@ -541,7 +552,8 @@ class Pool:
         for server in list(self.idle):
             if budget is not None and closed >= budget:
                 break
-            if server.checkout_state(now) == _EXPIRED:
+            # Discarding one may let another pool evict the next (budget.feed).
+            if server in self.idle and server.checkout_state(now) == _EXPIRED:
                 self.idle.remove(server)
                 self.discard(server, "lifetime or idle timeout reached")
                 closed += 1
@@ -621,6 +633,9 @@ class Pool:
         if self._patience_timer is not None:
             self._patience_timer.cancel()
             self._patience_timer = None
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
         for task in list(self._tasks):
             task.cancel()
 
