@@ -1,10 +1,11 @@
 """Many clients and many kinds of trouble at once, then the books must balance.
 
 Clients run queries, transactions, pipelines, errors and cancels through a small pool
-while others vanish mid-query and the backends are killed at random. Every answer must
-be right, a lost connection must be owed to a killed backend, and once the clients are
-gone the pool's counts must match what PostgreSQL sees (no leaked, doubled or phantom
-servers) and the pooler must still serve.
+while others vanish mid-query, and either the backends are killed at random or an
+operator runs admin commands. Every answer must be right, a lost connection must be
+owed to a killed backend (admin commands cost none), and once the clients are gone the
+pool's counts must match what PostgreSQL sees (no leaked, doubled or phantom servers)
+and the pooler must still serve.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ MIN_POOL_SIZE = 2
 CLIENTS = 16
 DURATION = 6.0
 KILL_EVERY = 0.15
+OPERATE_EVERY = 0.1
 
 # What a client may see when the backend under its transaction is killed.
 LOST: tuple[type[BaseException], ...] = (
@@ -178,6 +180,39 @@ async def killer(pg: ExamplePostgres, rng: random.Random, deadline: float, tally
         await admin.close()
 
 
+ADMIN_COMMANDS = (
+    "RECONNECT",
+    "PAUSE",
+    "SHOW POOLS",
+    "SHOW SERVERS",
+    "SHOW CLIENTS",
+    "SHOW STATS",
+    "reload",
+)
+
+
+async def operator(proc: PoolerProcess, rng: random.Random, deadline: float, tally: Tally) -> None:
+    """Every OPERATE_EVERY seconds, one admin command on the pool's database: replace
+    its servers, pause it briefly, look at it, or reload the (same) configuration."""
+    console = await asyncpg.connect(proc.dsn("admin", "admin", database="pgdoorman"))
+    try:
+        while time.monotonic() < deadline:
+            await asyncio.sleep(OPERATE_EVERY)
+            command = rng.choice(ADMIN_COMMANDS)
+            if command == "reload":
+                proc.reload()
+            elif command in ("RECONNECT", "PAUSE"):
+                await console.execute(f"{command} {EXAMPLE_DB}")
+                if command == "PAUSE":
+                    await asyncio.sleep(rng.uniform(0.02, 0.15))
+                    await console.execute(f"RESUME {EXAMPLE_DB}")
+            else:
+                await console.execute(command)
+            tally.done[command] += 1
+    finally:
+        await console.close()
+
+
 def pool_numbers(proc: PoolerProcess, user: str) -> dict[str, Any]:
     pools = [
         r for r in admin_rows(proc, "POOLS") if r["database"] == EXAMPLE_DB and r["user"] == user
@@ -201,10 +236,9 @@ def backends(pg: ExamplePostgres) -> int:
     return int(pg.psql(sql).strip())
 
 
-def test_the_books_balance_after_chaos(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
-    seed = int(os.environ.get("CHAOS_SEED", random.randrange(1 << 30)))
+def chaos_pooler(pg: ExamplePostgres, pooler: PoolerFactory) -> PoolerProcess:
     user = pg.scram_user
-    proc = pooler(
+    return pooler(
         general={"query_wait_timeout": 15_000},
         pools={
             EXAMPLE_DB: {
@@ -220,27 +254,31 @@ def test_the_books_balance_after_chaos(pg: ExamplePostgres, pooler: PoolerFactor
             }
         },
     )
-    dsn = proc.dsn(user.name, user.password)
+
+
+def run_clients(proc: PoolerProcess, pg: ExamplePostgres, seed: int, disrupt: Any) -> Tally:
+    """CLIENTS clients for DURATION seconds beside `disrupt(rng, deadline, tally)`."""
+    dsn = proc.dsn(pg.scram_user.name, pg.scram_user.password)
     tally = Tally()
 
     async def main() -> None:
         deadline = time.monotonic() + DURATION
         rng = random.Random(seed)
         await asyncio.gather(
-            killer(pg, random.Random(rng.random()), deadline, tally),
+            disrupt(random.Random(rng.random()), deadline, tally),
             *(client(dsn, rng.randrange(1 << 30), deadline, tally) for _ in range(CLIENTS)),
         )
 
     asyncio.run(main())
-    context = f"seed {seed} (CHAOS_SEED replays it), {tally.done}, lost {tally.lost} "
-    context += f"connections to {tally.kills} killed backends"
-    assert tally.kills > 5, context
     for kind in ("query", "transaction", "rows", "pipeline", "error", "cancel", "vanish"):
-        assert tally.done[kind] > 0, context
-    # Each kill breaks at most the one client whose server it was.
-    assert tally.lost <= tally.kills, context
+        assert tally.done[kind] > 0, tally.done
+    return tally
 
-    # Settled: no clients, and as many servers as PostgreSQL has backends for the pool.
+
+def assert_books_balance(proc: PoolerProcess, pg: ExamplePostgres, context: str) -> None:
+    """No clients left, as many servers as PostgreSQL has backends for the pool, the
+    pooler still serving, and no error of its own in its log."""
+    user = pg.scram_user
     deadline = time.monotonic() + 10
     while True:
         numbers = pool_numbers(proc, user.name)
@@ -259,7 +297,7 @@ def test_the_books_balance_after_chaos(pg: ExamplePostgres, pooler: PoolerFactor
         time.sleep(0.2)
 
     async def still_serving() -> None:
-        conn = await asyncpg.connect(dsn)
+        conn = await asyncpg.connect(proc.dsn(user.name, user.password))
         try:
             assert await conn.fetchval("select 41 + 1") == 42
         finally:
@@ -268,6 +306,53 @@ def test_the_books_balance_after_chaos(pg: ExamplePostgres, pooler: PoolerFactor
     asyncio.run(still_serving())
     log = proc.log_text()
     assert "Traceback" not in log and "unexpected error" not in log, log[-3000:]
+
+
+def closed_clients(proc: PoolerProcess) -> Counter[str]:
+    """Why the pooler closed clients, by message and SQLSTATE, from its log."""
+    log = proc.log_text()
+    return Counter(re.findall(r"client #c\d+: (.* \(\w{5}\))$", log, re.MULTILINE))
+
+
+def chaos_seed() -> int:
+    return int(os.environ.get("CHAOS_SEED", random.randrange(1 << 30)))
+
+
+def test_the_books_balance_after_backends_die_under_load(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    seed = chaos_seed()
+    proc = chaos_pooler(pg, pooler)
+
+    async def disrupt(rng: random.Random, deadline: float, tally: Tally) -> None:
+        await killer(pg, rng, deadline, tally)
+
+    tally = run_clients(proc, pg, seed, disrupt)
+    context = f"seed {seed} (CHAOS_SEED replays it), {tally.done}, lost {tally.lost} "
+    context += f"connections to {tally.kills} killed backends"
+    assert tally.kills > 5, context
+    # Each kill breaks at most the one client whose server it was.
+    assert tally.lost <= tally.kills, context
+    assert_books_balance(proc, pg, context)
     # The pooler closed clients only because their server died under them.
-    reasons = Counter(re.findall(r"client #c\d+: (.* \(\w{5}\))$", log, re.MULTILINE))
+    reasons = closed_clients(proc)
     assert set(reasons) <= {"server connection lost during the transaction (08006)"}, reasons
+
+
+def test_admin_commands_under_load_lose_no_client(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """RECONNECT, PAUSE/RESUME, SHOW and reloads while the clients run: none of them
+    costs a client its connection or a wrong answer."""
+    seed = chaos_seed()
+    proc = chaos_pooler(pg, pooler)
+
+    async def disrupt(rng: random.Random, deadline: float, tally: Tally) -> None:
+        await operator(proc, rng, deadline, tally)
+
+    tally = run_clients(proc, pg, seed, disrupt)
+    context = f"seed {seed} (CHAOS_SEED replays it), {tally.done}, lost {tally.lost}"
+    assert tally.lost == 0, context
+    assert tally.done["RECONNECT"] and tally.done["PAUSE"] and tally.done["reload"], context
+    assert_books_balance(proc, pg, context)
+    assert not closed_clients(proc), closed_clients(proc)
