@@ -19,6 +19,7 @@ from collections import Counter
 from typing import Any
 
 import asyncpg
+import pytest
 
 from helpers import EXAMPLE_DB, ExamplePostgres
 from helpers.console import admin_rows
@@ -236,10 +237,11 @@ def backends(pg: ExamplePostgres) -> int:
     return int(pg.psql(sql).strip())
 
 
-def chaos_pooler(pg: ExamplePostgres, pooler: PoolerFactory) -> PoolerProcess:
+def chaos_pooler(pg: ExamplePostgres, pooler: PoolerFactory, workers: int) -> PoolerProcess:
+    """A pool of POOL_SIZE servers (MIN_POOL_SIZE kept), split between the workers."""
     user = pg.scram_user
-    return pooler(
-        general={"query_wait_timeout": 15_000},
+    proc = pooler(
+        general={"query_wait_timeout": 15_000, "workers": workers},
         pools={
             EXAMPLE_DB: {
                 "application_name": APPLICATION,
@@ -254,6 +256,9 @@ def chaos_pooler(pg: ExamplePostgres, pooler: PoolerFactory) -> PoolerProcess:
             }
         },
     )
+    if workers > 1:
+        proc.wait_for_log(f"all {workers} workers ready", timeout=30)
+    return proc
 
 
 def run_clients(proc: PoolerProcess, pg: ExamplePostgres, seed: int, disrupt: Any) -> Tally:
@@ -318,11 +323,12 @@ def chaos_seed() -> int:
     return int(os.environ.get("CHAOS_SEED", random.randrange(1 << 30)))
 
 
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
 def test_the_books_balance_after_backends_die_under_load(
-    pg: ExamplePostgres, pooler: PoolerFactory
+    pg: ExamplePostgres, pooler: PoolerFactory, workers: int
 ) -> None:
     seed = chaos_seed()
-    proc = chaos_pooler(pg, pooler)
+    proc = chaos_pooler(pg, pooler, workers)
 
     async def disrupt(rng: random.Random, deadline: float, tally: Tally) -> None:
         await killer(pg, rng, deadline, tally)
@@ -339,13 +345,14 @@ def test_the_books_balance_after_backends_die_under_load(
     assert set(reasons) <= {"server connection lost during the transaction (08006)"}, reasons
 
 
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
 def test_admin_commands_under_load_lose_no_client(
-    pg: ExamplePostgres, pooler: PoolerFactory
+    pg: ExamplePostgres, pooler: PoolerFactory, workers: int
 ) -> None:
     """RECONNECT, PAUSE/RESUME, SHOW and reloads while the clients run: none of them
     costs a client its connection or a wrong answer."""
     seed = chaos_seed()
-    proc = chaos_pooler(pg, pooler)
+    proc = chaos_pooler(pg, pooler, workers)
 
     async def disrupt(rng: random.Random, deadline: float, tally: Tally) -> None:
         await operator(proc, rng, deadline, tally)

@@ -100,9 +100,12 @@ class Cluster:
             replies.append(reply)
         return replies
 
-    def forward_cancel(self, owner: int, pid: int, secret: int, *, search: bool = True) -> None:
-        """Pass a cancel request to worker `owner`. `search`: if that worker doesn't
-        have the client, it asks the others (a client an upgrade moved may be there)."""
+    def forward_cancel(
+        self, owner: int, pid: int, secret: int, *, search: bool = True
+    ) -> asyncio.Task[None]:
+        """Pass a cancel request to worker `owner`; the task ends once that worker
+        acted on it. `search`: if that worker doesn't have the client, it asks the
+        others (a client an upgrade moved may be there)."""
 
         async def send() -> None:
             op = "cancel" if search else "cancel_here"
@@ -112,7 +115,9 @@ class Cluster:
             except (OSError, TimeoutError, ValueError) as exc:
                 logger.warning("could not pass a cancel request to worker %d: %s", owner, exc)
 
-        self.pooler.track(self.pooler.loop.create_task(send()))
+        task = self.pooler.loop.create_task(send())
+        self.pooler.track(task)
+        return task
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -141,7 +146,9 @@ async def run_control(pooler: Pooler, payload: dict[str, Any]) -> dict[str, Any]
             return take_snapshot(pooler)
         if op in ("cancel", "cancel_here"):
             search = op == "cancel"
-            pooler.cancel_here(int(payload["pid"]), int(payload["secret"]), search=search)
+            sending = pooler.cancel_here(int(payload["pid"]), int(payload["secret"]), search=search)
+            if sending is not None:
+                await asyncio.shield(sending)  # answered once PostgreSQL has it
             return {}
         if op == "pause":
             pools = pooler.pause(database)

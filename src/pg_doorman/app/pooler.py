@@ -1112,18 +1112,28 @@ class Pooler:
 
     def handle_cancel(self, pid: int, secret: int) -> None:
         """Forward a CancelRequest to the backend the client holds right now, if any."""
+        self.cancel_request(pid, secret)
+
+    def cancel_request(self, pid: int, secret: int) -> asyncio.Task[None] | None:
+        """handle_cancel(); returns the task still delivering it, if any: to
+        PostgreSQL, or to the worker that owns the client. The cancel connection should
+        stay open until it is done: PostgreSQL closes it only after signalling the
+        backend, and a client may send its next query as soon as it closes (asyncpg
+        does), which a cancel still on its way would then hit."""
         self.cancel_requests += 1
         owner = self.ids.owner_of(pid)
         if self.cluster is not None:
             # An id from an upgrade's old process may name a worker beyond this count.
             owner %= self.cluster.info.count
             if owner != self.cluster.info.index:
-                self.cluster.forward_cancel(owner, pid, secret)
-                return
-        self.cancel_here(pid, secret)
+                return self.cluster.forward_cancel(owner, pid, secret)
+        return self.cancel_here(pid, secret)
 
-    def cancel_here(self, pid: int, secret: int, *, search: bool = True) -> None:
-        """Cancel for a client of this worker. `search`: a client this worker doesn't
+    def cancel_here(
+        self, pid: int, secret: int, *, search: bool = True
+    ) -> asyncio.Task[None] | None:
+        """Cancel for a client of this worker; returns the task sending it to
+        PostgreSQL, if one was needed. `search`: a client this worker doesn't
         have may be one an upgrade brought to another worker, or one still on the old
         process: the request goes to each of them (only the owner of the key acts)."""
         client = self.clients.get(pid)
@@ -1143,24 +1153,24 @@ class Pooler:
                 passed_to.append("the other workers")
             if passed_to:
                 logger.debug("cancel request for client id %d: to %s", pid, " and ".join(passed_to))
-                return
+                return None
         if client is None or client.secret != secret:
             logger.info("cancel request for unknown client id %d or wrong secret: ignored", pid)
-            return
+            return None
         if client.on_cancel is not None:
             client.on_cancel()
-            return
+            return None
         server = client.server
         if server is None and client.cancel_waiting():
             logger.debug("client %s: canceled while waiting for a server", client.name)
-            return
+            return None
         if server is None or server.closed:
             logger.debug("cancel request for idle client %s: nothing to cancel", client.name)
-            return
+            return None
         server.canceled = True
         task = self.loop.create_task(self._send_cancel(server))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.track(task)
+        return task
 
     async def _send_cancel(self, server: ServerConnection) -> None:
         settings = server.pool.settings

@@ -354,6 +354,9 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
+    def _close_after_cancel(self, forwarded: asyncio.Task[None]) -> None:
+        self.close()
+
     @property
     def name(self) -> str:
         return f"#c{self.client_id}"
@@ -409,8 +412,11 @@ class ClientConnection(asyncio.Protocol):
             if isinstance(request, CancelRequest):
                 if self.tls:
                     self.pooler.tls_sessions -= 1  # counted as a cancel instead
-                self.pooler.handle_cancel(request.pid, request.secret)
-                self.close()
+                forwarded = self.pooler.cancel_request(request.pid, request.secret)
+                if forwarded is None:
+                    self.close()
+                else:  # closed once the owning worker acted (see cancel_request)
+                    forwarded.add_done_callback(self._close_after_cancel)
                 return
             assert isinstance(request, StartupMessage)
             if self.pooler.tls_required and not self.tls and not self.unix:
