@@ -407,6 +407,31 @@ def test_pooler_check_query_is_cached(pg: ExamplePostgres, pooler: PoolerFactory
         assert conn.execute("select 1").fetchone() == (1,)
 
 
+def test_a_cancel_while_the_check_query_runs_keeps_the_replies_in_order(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """The first pooler_check_query of a pool runs on a server (its reply is cached
+    after). A cancel in that time must not answer the query queued behind it first:
+    the client would take that answer for the check query's, and every later one for
+    the query before it."""
+    check = "select pg_sleep(0.5)"
+    proc = pooler(general={"pooler_check_query": check})
+    user = pg.md5_user
+    conn = w.PgWire.connect(proc.host, proc.port, user.name, EXAMPLE_DB, user.password)
+    try:
+        assert conn.backend_pid is not None
+        conn.send_raw(w.query(check) + w.query("select 2"))
+        time.sleep(0.2)  # the check query is running on a server
+        w.cancel(proc.host, proc.port, conn.backend_pid, conn.secret_key)
+        first = conn.read_until_ready()
+        second = conn.read_until_ready()
+        assert w.first_error(first) is None, first
+        assert w.rows(first) == [("",)]  # pg_sleep's void
+        assert w.rows(second) == [("2",)], second
+    finally:
+        conn.close()
+
+
 def test_max_connections(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
     proc = pooler(general={"max_connections": 2})
     user = pg.md5_user

@@ -129,6 +129,7 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "_auth_final",
         "_check_query_next",
+        "_checking",
         "_discarding",
         "_fingerprint",
         "_fingerprint_synced",
@@ -224,6 +225,9 @@ class ClientConnection(asyncio.Protocol):
         self._pending = b""  # bytes of the next transaction, before a server is attached
         self._discarding = 0  # bytes still to come of a dropped message (_DROPPED_BETWEEN)
         self._check_query_next = False
+        # The pool's check query is running for this client; `_pending` holds what
+        # follows it, whose replies must come after the check's.
+        self._checking = False
         self._param_mark = 0
         self.rewriter: BatchRewriter | None = None
         # Startup parameters PostgreSQL doesn't report back (search_path before 18,
@@ -1034,7 +1038,12 @@ class ClientConnection(asyncio.Protocol):
         """A CancelRequest while queued for a server: answer the first request with
         57014 as PostgreSQL would, and keep waiting for whatever follows it. False when
         there is nothing to cancel (not queued, or the request is still incomplete)."""
-        if self.state != WAITING or self.pool is None or self._check_query_next:
+        if (
+            self.state != WAITING
+            or self.pool is None
+            or self._check_query_next
+            or self._checking  # its first request is the check query, on a server
+        ):
             return False
         end = first_request_end(self._pending)
         if end is None:
@@ -1167,6 +1176,7 @@ class ClientConnection(asyncio.Protocol):
         """Begin a transaction on a server just checked out (at `now`)."""
         if self._check_query_next:
             self._check_query_next = False
+            self._checking = True
             self._pending = data
             self.state = WAITING  # nothing is forwarded until the probe is answered
             assert self.pool is not None
@@ -1176,6 +1186,7 @@ class ClientConnection(asyncio.Protocol):
         self._forward(server, data)
 
     def _check_query_done(self, server: ServerConnection, reply: bytes | None) -> None:
+        self._checking = False
         pool = self.pool
         assert pool is not None
         if reply is None:
@@ -1421,6 +1432,7 @@ class ClientConnection(asyncio.Protocol):
             or transport.get_write_buffer_size()
             or self._discarding
             or self._check_query_next
+            or self._checking
             or self.frontend.held
             or pool is None
             or entry is None
