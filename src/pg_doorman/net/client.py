@@ -419,7 +419,7 @@ class ClientConnection(asyncio.Protocol):
                 forwarded = self.pooler.cancel_request(request.pid, request.secret)
                 if forwarded is None:
                     self.close()
-                else:  # closed once the owning worker acted (see cancel_request)
+                else:  # closed once the cancel reached its target (see cancel_request)
                     forwarded.add_done_callback(self._close_after_cancel)
                 return
             assert isinstance(request, StartupMessage)
