@@ -2,7 +2,7 @@
 
     python -m bench.upgrade                     # 50 clients, 20 s, SIGUSR2 after 8 s
     python -m bench.upgrade --workers 2 --protocol prepared
-    python -m bench.upgrade --smoke             # a few seconds: checks that it works
+    python -m bench.upgrade --smoke             # 16 s: checks that it works
 
 pgbench runs `-S` through pg_doorman and the pooler is sent SIGUSR2 part-way through.
 pgbench aborts a client on any connection error, so a run in which every client
@@ -40,7 +40,7 @@ _STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.upgrade", description=__doc__)
-    parser.add_argument("--smoke", action="store_true", help="10 s, 10 clients")
+    parser.add_argument("--smoke", action="store_true", help="16 s, 10 clients")
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--duration", type=int, default=20, help="seconds of pgbench")
     parser.add_argument("--at", type=float, default=8.0, help="send SIGUSR2 after this long")
@@ -48,7 +48,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--protocol", choices=("simple", "extended", "prepared"), default="simple")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.clients, args.duration, args.at = 10, 10, 2.0
+        # Long enough for a new process with workers to start on a loaded machine.
+        args.clients, args.duration, args.at = 10, 16, 2.0
     return args
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from helpers import ExamplePostgres
 from helpers import pgwire as w
+from helpers.fake_backend import LOGIN_OK, ONE_ROW, FakeBackend, read_message, read_startup
 from helpers.pooler import PoolerFactory, PoolerProcess
 
 
@@ -195,71 +196,30 @@ def test_check_config_flag(pooler: PoolerFactory) -> None:
     assert "general.port" in failed.stderr
 
 
-class FakeBackend:
-    """A stand-in for PostgreSQL: lets anyone in, answers the empty query and any
-    other query with one row, except `select broken`, which gets `broken_reply`."""
+class ProtocolBreakingBackend(FakeBackend):
+    """Lets anyone in, answers the empty query and any other query with one row,
+    except `select broken`, which gets `broken_reply`."""
 
     def __init__(self, broken_reply: bytes) -> None:
         self.broken_reply = broken_reply
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self.listener.getsockname()[1]
         self.broken_sent = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def close(self) -> None:
-        self.listener.close()
-
-    def _accept(self) -> None:
+    def serve(self, sock: socket.socket) -> None:
+        read_startup(sock)  # anyone is welcome
+        sock.sendall(LOGIN_OK)
         while True:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
+            msg_type, body = read_message(sock)
+            if msg_type == b"X":
                 return
-            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
-
-    @staticmethod
-    def _read(sock: socket.socket, count: int) -> bytes:
-        data = b""
-        while len(data) < count:
-            chunk = sock.recv(count - len(data))
-            if not chunk:
-                raise EOFError
-            data += chunk
-        return data
-
-    def _serve(self, sock: socket.socket) -> None:
-        with sock:
-            try:
-                (length,) = struct.unpack("!i", self._read(sock, 4))
-                self._read(sock, length - 4)  # the startup packet: anyone is welcome
-                sock.sendall(
-                    w.message(b"R", struct.pack("!i", 0))
-                    + w.message(b"S", w.cstr("server_version") + w.cstr("18.0"))
-                    + w.message(b"S", w.cstr("client_encoding") + w.cstr("UTF8"))
-                    + w.message(b"K", struct.pack("!ii", 4242, 99))
-                    + w.message(b"Z", b"I")
-                )
-                while True:
-                    msg_type = self._read(sock, 1)
-                    (length,) = struct.unpack("!i", self._read(sock, 4))
-                    body = self._read(sock, length - 4)
-                    if msg_type == b"X":
-                        return
-                    text = body.rstrip(b"\x00")
-                    if text == b"select broken":
-                        sock.sendall(self.broken_reply)
-                        self.broken_sent.set()
-                    elif not text:
-                        sock.sendall(w.message(b"I") + w.message(b"Z", b"I"))
-                    else:
-                        sock.sendall(
-                            w.message(b"T", struct.pack("!h", 1) + w.cstr("x") + bytes(18))
-                            + w.message(b"D", struct.pack("!hi", 1, 1) + b"1")
-                            + w.message(b"C", w.cstr("SELECT 1"))
-                            + w.message(b"Z", b"I")
-                        )
-            except (EOFError, OSError):
-                return
+            text = body.rstrip(b"\x00")
+            if text == b"select broken":
+                sock.sendall(self.broken_reply)
+                self.broken_sent.set()
+            elif not text:
+                sock.sendall(w.message(b"I") + w.message(b"Z", b"I"))
+            else:
+                sock.sendall(ONE_ROW)
 
 
 @pytest.mark.parametrize(
@@ -275,7 +235,7 @@ class FakeBackend:
 def test_server_breaking_the_protocol_fails_its_client_only(
     pg: ExamplePostgres, pooler: PoolerFactory, broken_reply: bytes
 ) -> None:
-    backend = FakeBackend(broken_reply)
+    backend = ProtocolBreakingBackend(broken_reply)
     try:
         user = pg.md5_user
         proc = pooler(

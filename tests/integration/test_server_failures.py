@@ -13,7 +13,6 @@ leaves no phantom behind.
 from __future__ import annotations
 
 import socket
-import struct
 import threading
 import time
 
@@ -22,68 +21,36 @@ import pytest
 from helpers import ExamplePostgres
 from helpers import pgwire as w
 from helpers.console import admin_console, pool_row
+from helpers.fake_backend import LOGIN_OK, ONE_ROW, FakeBackend, read_message, read_startup
 from helpers.pooler import PoolerFactory
 
 
-class LoginFailingBackend:
+class LoginFailingBackend(FakeBackend):
     """A stand-in for PostgreSQL that fails every login in one way (`mode`): "refuse"
     (22023), "silent" (never answers), "garbage" (an HTTP reply) or "hang-up" (closes
-    at once). Except for "hang-up" it holds the socket until the pooler closes it; it
-    counts the connections it got and those still open."""
+    at once). Except for "hang-up" it holds the socket until the pooler closes it."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
-        self.listener = socket.create_server(("127.0.0.1", 0), backlog=128)
-        self.port: int = self.listener.getsockname()[1]
-        self.accepted = 0
-        self.open = 0
-        self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def close(self) -> None:
-        self.listener.close()
-
-    def counts(self) -> tuple[int, int]:
-        with self._lock:
-            return self.accepted, self.open
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
-                return
-            with self._lock:
-                self.accepted += 1
-                self.open += 1
-            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
-
-    def _serve(self, sock: socket.socket) -> None:
-        try:
-            with sock:
-                if self.mode == "hang-up":
-                    return
-                header = sock.recv(4)
-                if len(header) == 4 and self.mode != "silent":
-                    (length,) = struct.unpack("!i", header)
-                    sock.recv(length - 4)
-                    if self.mode == "refuse":
-                        sock.sendall(
-                            w.message(
-                                b"E",
-                                b"SFATAL\0VFATAL\0C22023\0"
-                                + b'Minvalid value for parameter "work_mem": "lots"\0\0',
-                            )
-                        )
-                    else:
-                        sock.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
-                while sock.recv(4096):  # until the pooler closes it
-                    pass
-        except OSError:
+    def serve(self, sock: socket.socket) -> None:
+        if self.mode == "hang-up":
+            return
+        if self.mode != "silent":
+            read_startup(sock)
+            if self.mode == "refuse":
+                sock.sendall(
+                    w.message(
+                        b"E",
+                        b"SFATAL\0VFATAL\0C22023\0"
+                        + b'Minvalid value for parameter "work_mem": "lots"\0\0',
+                    )
+                )
+            else:
+                sock.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+        while sock.recv(4096):  # until the pooler closes it
             pass
-        finally:
-            with self._lock:
-                self.open -= 1
 
 
 def settled_counts(backend: LoginFailingBackend, quiet: float = 1.0) -> tuple[int, int]:
@@ -185,66 +152,25 @@ def test_retries_for_many_waiting_clients_keep_to_the_backoff(
         backend.close()
 
 
-class UnprobeableBackend:
+class UnprobeableBackend(FakeBackend):
     """Lets anyone in and answers every query with one row, except the empty query
     the pooler's idle check sends, which it never answers."""
 
     def __init__(self) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self.listener.getsockname()[1]
         self.probed = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    def close(self) -> None:
-        self.listener.close()
-
-    def _accept(self) -> None:
+    def serve(self, sock: socket.socket) -> None:
+        read_startup(sock)
+        sock.sendall(LOGIN_OK)
         while True:
-            try:
-                sock, _ = self.listener.accept()
-            except OSError:
+            msg_type, body = read_message(sock)
+            if msg_type == b"X":
                 return
-            threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
-
-    @staticmethod
-    def _read(sock: socket.socket, count: int) -> bytes:
-        data = b""
-        while len(data) < count:
-            chunk = sock.recv(count - len(data))
-            if not chunk:
-                raise EOFError
-            data += chunk
-        return data
-
-    def _serve(self, sock: socket.socket) -> None:
-        with sock:
-            try:
-                (length,) = struct.unpack("!i", self._read(sock, 4))
-                self._read(sock, length - 4)
-                sock.sendall(
-                    w.message(b"R", struct.pack("!i", 0))
-                    + w.message(b"S", w.cstr("server_version") + w.cstr("18.0"))
-                    + w.message(b"S", w.cstr("client_encoding") + w.cstr("UTF8"))
-                    + w.message(b"K", struct.pack("!ii", 4242, 99))
-                    + w.message(b"Z", b"I")
-                )
-                while True:
-                    msg_type = self._read(sock, 1)
-                    (length,) = struct.unpack("!i", self._read(sock, 4))
-                    body = self._read(sock, length - 4)
-                    if msg_type == b"X":
-                        return
-                    if not body.rstrip(b"\x00"):
-                        self.probed.set()  # and no answer
-                        continue
-                    sock.sendall(
-                        w.message(b"T", struct.pack("!h", 1) + w.cstr("x") + bytes(18))
-                        + w.message(b"D", struct.pack("!hi", 1, 1) + b"1")
-                        + w.message(b"C", w.cstr("SELECT 1"))
-                        + w.message(b"Z", b"I")
-                    )
-            except (EOFError, OSError):
-                return
+            if not body.rstrip(b"\x00"):
+                self.probed.set()  # and no answer
+                continue
+            sock.sendall(ONE_ROW)
 
 
 def test_a_server_killed_during_its_idle_check_leaves_no_phantom(

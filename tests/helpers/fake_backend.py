@@ -1,0 +1,91 @@
+"""Stand-ins for PostgreSQL on a local port, for server behaviour a real one won't show
+on demand (broken replies, refused or never-answered logins, unanswered probes)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+
+from . import pgwire as w
+
+# What a trusting PostgreSQL answers a startup packet with.
+LOGIN_OK = (
+    w.message(b"R", struct.pack("!i", 0))
+    + w.message(b"S", w.cstr("server_version") + w.cstr("18.0"))
+    + w.message(b"S", w.cstr("client_encoding") + w.cstr("UTF8"))
+    + w.message(b"K", struct.pack("!ii", 4242, 99))
+    + w.message(b"Z", b"I")
+)
+# The reply to any query: one row, one column, the text "1".
+ONE_ROW = (
+    w.message(b"T", struct.pack("!h", 1) + w.cstr("x") + bytes(18))
+    + w.message(b"D", struct.pack("!hi", 1, 1) + b"1")
+    + w.message(b"C", w.cstr("SELECT 1"))
+    + w.message(b"Z", b"I")
+)
+
+
+def read_exact(sock: socket.socket, count: int) -> bytes:
+    data = b""
+    while len(data) < count:
+        chunk = sock.recv(count - len(data))
+        if not chunk:
+            raise EOFError
+        data += chunk
+    return data
+
+
+def read_startup(sock: socket.socket) -> bytes:
+    (length,) = struct.unpack("!i", read_exact(sock, 4))
+    return read_exact(sock, length - 4)
+
+
+def read_message(sock: socket.socket) -> tuple[bytes, bytes]:
+    msg_type = read_exact(sock, 1)
+    (length,) = struct.unpack("!i", read_exact(sock, 4))
+    return msg_type, read_exact(sock, length - 4)
+
+
+class FakeBackend:
+    """Listens on 127.0.0.1 and runs serve() for each connection in a thread of its
+    own; counts the connections it got and those still open."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+        self.port: int = self.listener.getsockname()[1]
+        self.accepted = 0
+        self.open = 0
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self.listener.close()
+
+    def counts(self) -> tuple[int, int]:
+        with self._lock:
+            return self.accepted, self.open
+
+    def serve(self, sock: socket.socket) -> None:
+        raise NotImplementedError
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.accepted += 1
+                self.open += 1
+            threading.Thread(target=self._run, args=(sock,), daemon=True).start()
+
+    def _run(self, sock: socket.socket) -> None:
+        try:
+            with sock:
+                self.serve(sock)
+        except (EOFError, OSError):
+            pass
+        finally:
+            with self._lock:
+                self.open -= 1
