@@ -16,6 +16,8 @@ import random
 import re
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import asyncpg
@@ -60,7 +62,8 @@ def lost_connection(exc: Exception, conn: asyncpg.Connection | None, after: str)
 
 
 class Tally:
-    def __init__(self) -> None:
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
         self.done: Counter[str] = Counter()
         self.lost = 0
         self.kills = 0
@@ -261,10 +264,15 @@ def chaos_pooler(pg: ExamplePostgres, pooler: PoolerFactory, workers: int) -> Po
     return proc
 
 
-def run_clients(proc: PoolerProcess, pg: ExamplePostgres, seed: int, disrupt: Any) -> Tally:
-    """CLIENTS clients for DURATION seconds beside `disrupt(rng, deadline, tally)`."""
+Disruptor = Callable[[random.Random, float, Tally], Awaitable[None]]
+
+
+def run_clients(proc: PoolerProcess, pg: ExamplePostgres, disrupt: Disruptor) -> Tally:
+    """CLIENTS clients for DURATION seconds beside `disrupt(rng, deadline, tally)`, all
+    drawn from one seed (CHAOS_SEED, or a random one kept in the tally)."""
+    seed = int(os.environ.get("CHAOS_SEED", random.randrange(1 << 30)))
     dsn = proc.dsn(pg.scram_user.name, pg.scram_user.password)
-    tally = Tally()
+    tally = Tally(seed)
 
     async def main() -> None:
         deadline = time.monotonic() + DURATION
@@ -319,22 +327,13 @@ def closed_clients(proc: PoolerProcess) -> Counter[str]:
     return Counter(re.findall(r"client #c\d+: (.* \(\w{5}\))$", log, re.MULTILINE))
 
 
-def chaos_seed() -> int:
-    return int(os.environ.get("CHAOS_SEED", random.randrange(1 << 30)))
-
-
 @pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
 def test_the_books_balance_after_backends_die_under_load(
     pg: ExamplePostgres, pooler: PoolerFactory, workers: int
 ) -> None:
-    seed = chaos_seed()
     proc = chaos_pooler(pg, pooler, workers)
-
-    async def disrupt(rng: random.Random, deadline: float, tally: Tally) -> None:
-        await killer(pg, rng, deadline, tally)
-
-    tally = run_clients(proc, pg, seed, disrupt)
-    context = f"seed {seed} (CHAOS_SEED replays it), {tally.done}, lost {tally.lost} "
+    tally = run_clients(proc, pg, partial(killer, pg))
+    context = f"seed {tally.seed} (CHAOS_SEED replays it), {tally.done}, lost {tally.lost} "
     context += f"connections to {tally.kills} killed backends"
     assert tally.kills > 5, context
     # Each kill breaks at most the one client whose server it was.
@@ -351,14 +350,9 @@ def test_admin_commands_under_load_lose_no_client(
 ) -> None:
     """RECONNECT, PAUSE/RESUME, SHOW and reloads while the clients run: none of them
     costs a client its connection or a wrong answer."""
-    seed = chaos_seed()
     proc = chaos_pooler(pg, pooler, workers)
-
-    async def disrupt(rng: random.Random, deadline: float, tally: Tally) -> None:
-        await operator(proc, rng, deadline, tally)
-
-    tally = run_clients(proc, pg, seed, disrupt)
-    context = f"seed {seed} (CHAOS_SEED replays it), {tally.done}, lost {tally.lost}"
+    tally = run_clients(proc, pg, partial(operator, proc))
+    context = f"seed {tally.seed} (CHAOS_SEED replays it), {tally.done}, lost {tally.lost}"
     assert tally.lost == 0, context
     assert tally.done["RECONNECT"] and tally.done["PAUSE"] and tally.done["reload"], context
     assert_books_balance(proc, pg, context)

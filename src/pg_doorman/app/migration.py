@@ -69,7 +69,7 @@ class Emigration:
         self,
         loop: asyncio.AbstractEventLoop,
         channel: socket.socket,
-        cancel: Callable[[int, int], None],
+        cancel: Callable[[int, int], object],
     ) -> None:
         self.loop = loop
         self.channel = channel

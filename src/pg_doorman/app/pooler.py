@@ -1110,16 +1110,13 @@ class Pooler:
 
     # ---- cancel -------------------------------------------------------------
 
-    def handle_cancel(self, pid: int, secret: int) -> None:
-        """Forward a CancelRequest to the backend the client holds right now, if any."""
-        self.cancel_request(pid, secret)
-
-    def cancel_request(self, pid: int, secret: int) -> asyncio.Task[None] | None:
-        """handle_cancel(); returns the task still delivering it, if any: to
-        PostgreSQL, or to the worker that owns the client. The cancel connection should
-        stay open until it is done: PostgreSQL closes it only after signalling the
-        backend, and a client may send its next query as soon as it closes (asyncpg
-        does), which a cancel still on its way would then hit."""
+    def handle_cancel(self, pid: int, secret: int) -> asyncio.Task[None] | None:
+        """Forward a CancelRequest to the backend the client holds right now, if any;
+        returns the task still delivering it, if any: to PostgreSQL, or to the worker
+        that owns the client. The cancel connection should stay open until it is done:
+        PostgreSQL closes it only after signalling the backend, and a client may send
+        its next query as soon as it closes (asyncpg does), which a cancel still on its
+        way would then hit."""
         self.cancel_requests += 1
         owner = self.ids.owner_of(pid)
         if self.cluster is not None:

@@ -416,10 +416,10 @@ class ClientConnection(asyncio.Protocol):
             if isinstance(request, CancelRequest):
                 if self.tls:
                     self.pooler.tls_sessions -= 1  # counted as a cancel instead
-                forwarded = self.pooler.cancel_request(request.pid, request.secret)
+                forwarded = self.pooler.handle_cancel(request.pid, request.secret)
                 if forwarded is None:
                     self.close()
-                else:  # closed once the cancel reached its target (see cancel_request)
+                else:  # closed once the cancel reached its target (see handle_cancel)
                     forwarded.add_done_callback(self._close_after_cancel)
                 return
             assert isinstance(request, StartupMessage)

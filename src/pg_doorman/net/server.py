@@ -829,64 +829,52 @@ async def open_server(
 
     server: ServerConnection | None = None
     try:
-        async with asyncio.timeout(connect_timeout):
-            if host.startswith("/"):
-                path = f"{host.rstrip('/')}/.s.PGSQL.{port}"
-                _, server = await loop.create_unix_connection(factory, path)
-            elif tls is not None and tls.tls_first:
-                server = await connect_tls(pool, factory, host, port, tls, not tls.required)
-            else:
-                _, server = await loop.create_connection(factory, host, port)
-            try:
-                await server.login(startup, creds)
-            except AcquireError as refused:
-                # allow: PostgreSQL refused the plain login (a hostssl rule): try TLS.
-                # (Named apart from `exc` below, which the compiled build types once.)
-                if tls is None or not tls.retries_over_tls or refused.code != "28000":
-                    raise
-                server.close("login refused without TLS")
-                server = None
+        try:
+            async with asyncio.timeout(connect_timeout):
+                if host.startswith("/"):
+                    path = f"{host.rstrip('/')}/.s.PGSQL.{port}"
+                    _, server = await loop.create_unix_connection(factory, path)
+                elif tls is not None and tls.tls_first:
+                    server = await connect_tls(pool, factory, host, port, tls, not tls.required)
+                else:
+                    _, server = await loop.create_connection(factory, host, port)
                 try:
-                    server = await connect_tls(pool, factory, host, port, tls, False)
-                except TlsRefused:
-                    raise refused from None
-                await server.login(startup, creds)
+                    await server.login(startup, creds)
+                except AcquireError as refused:
+                    # allow: PostgreSQL refused the plain login (a hostssl rule): try TLS.
+                    # (Named apart from `exc` below, which the compiled build types once.)
+                    if tls is None or not tls.retries_over_tls or refused.code != "28000":
+                        raise
+                    server.close("login refused without TLS")
+                    server = None
+                    try:
+                        server = await connect_tls(pool, factory, host, port, tls, False)
+                    except TlsRefused:
+                        raise refused from None
+                    await server.login(startup, creds)
+        except BaseException as failure:
+            # However the attempt ended, the connection given up on never joins the pool.
+            if server is not None:
+                server.close(f"connect or login failed ({type(failure).__name__})")
+            raise
     except TimeoutError:
-        if server is not None:
-            server.close("connect timeout")
         raise ConnectTimeout(
             sqlstate.CONNECTION_FAILURE,
             f"timeout connecting to server {host}:{port} (connect timeout {connect_timeout:g}s)",
         ) from None
-    except asyncio.CancelledError:  # the pool closed, or another fallback member won
-        if server is not None:
-            server.close("connect cancelled")
-        raise
-    except AcquireError:
-        if server is not None:
-            server.close("login failed")
-        raise
     except TlsRefused as no_tls:  # require and the verify modes
         raise AcquireError(sqlstate.CONNECTION_FAILURE, str(no_tls)) from None
     except OSError as exc:
-        if server is not None:
-            server.close("connection failed")
         raise AcquireError(
             sqlstate.CONNECTION_FAILURE,
             f"cannot connect to server {host}:{port}: {exc.strerror or exc}",
         ) from exc
     except ProtocolError as bad_reply:  # e.g. server_port is not PostgreSQL's
-        if server is not None:
-            server.close("invalid reply to the login")
         raise AcquireError(
             sqlstate.PROTOCOL_VIOLATION,
             f"server {host}:{port} answered the login with something that is not the "
             f"PostgreSQL protocol: {bad_reply}",
         ) from None
-    except BaseException:
-        if server is not None:
-            server.close("login failed")
-        raise
     server.address = (host, port)
     if lifetime is not None:
         server.limit_lifetime(server.created + lifetime)
