@@ -125,7 +125,8 @@ async def vanish(dsn: str, rng: random.Random, tally: Tally) -> None:
         if conn is not None:
             conn.terminate()
         return
-    query = asyncio.ensure_future(conn.fetchval("select pg_sleep(0.2)"))
+    # Long enough that no delay of a loaded event loop lets it finish first.
+    query = asyncio.ensure_future(conn.fetchval("select pg_sleep(5)"))
     await asyncio.sleep(rng.uniform(0, 0.03))
     conn.terminate()
     # Whatever asyncpg makes of its own connection going away, it is not an answer.
