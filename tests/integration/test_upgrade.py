@@ -453,6 +453,55 @@ def test_a_query_running_on_the_old_process_can_be_canceled(
         conn.close()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_cancel_passed_to_the_old_process_keeps_its_connection_until_delivered(
+    pg: ExamplePostgres, pooler: PoolerFactory, successors: list[int], workers: int
+) -> None:
+    """PostgreSQL closes a cancel connection only after it signalled the backend, and
+    drivers send their next query once it closes. So the new process holds the cancel
+    connection open until the old process has delivered the request: while the old
+    process is stopped (SIGSTOP) nothing comes back on it, and once it runs again the
+    connection closes and the query is canceled."""
+    proc = pooler(general={"workers": workers})
+    user = pg.md5_user
+    client = w.PgWire.connect(proc.host, proc.port, user.name, "example_db", user.password)
+    old = psutil.Process(proc.pid)
+    stopped: list[psutil.Process] = []
+    try:
+        assert client.backend_pid is not None and client.secret_key is not None
+        client.send_raw(w.query("select pg_sleep(30)"))
+        time.sleep(0.3)
+        new_pid = upgrade(proc, successors)
+        # The old process and its workers; the new process is its child too.
+        stopped = [old, *(child for child in old.children() if child.pid != new_pid)]
+        for process in stopped:
+            process.suspend()
+        cancel = socket.create_connection((proc.host, proc.port), timeout=10)
+        try:
+            cancel.sendall(w.cancel_request(client.backend_pid, client.secret_key))
+            cancel.settimeout(1.0)
+            with pytest.raises(TimeoutError):
+                cancel.recv(1)  # still open: the old process has not acted
+            for process in stopped:
+                process.resume()
+            stopped = []
+            cancel.settimeout(10)
+            assert cancel.recv(1) == b""  # closed once the old process delivered it
+        finally:
+            cancel.close()
+        reply = client.read_until_ready(timeout=10)
+        error = w.first_error(reply)
+        assert error is not None and error.sqlstate == "57014", w.msg_types(reply)
+        assert proc.wait_exit() == 0
+        client.send_raw(w.query("select 2"))
+        assert w.rows(client.read_until_ready()) == [("2",)]
+    finally:
+        for process in stopped:
+            with contextlib.suppress(psutil.Error):
+                process.resume()
+        client.close_socket()
+
+
 def test_hundreds_of_idle_clients_move_at_once(
     pg: ExamplePostgres, pooler: PoolerFactory, successors: list[int]
 ) -> None:

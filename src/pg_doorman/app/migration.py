@@ -14,13 +14,18 @@ place: no such pool in its config, or a pool that no longer names statements.
 
 Cancel requests reach the new process (it has the listening sockets); one for a client
 it doesn't know goes back over the same channel to the old process, where the client
-may still be running a query.
+may still be running a query. With it goes one end of a receipt, a socket pair: the old
+process closes its end once the cancel reached its target, and the new process keeps the
+client's cancel connection open until then, as PostgreSQL does (a client may send its
+next query as soon as that connection closes, and a cancel still on its way would hit
+it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -59,6 +64,8 @@ def channel_pair() -> tuple[socket.socket, socket.socket]:
 
 
 _CANCEL = struct.Struct("!cii")  # b"C", the BackendKeyData's process id and secret
+# How long the new process keeps a cancel connection open for the old process's receipt.
+RECEIPT_TIMEOUT = 10.0
 
 
 class Emigration:
@@ -69,7 +76,7 @@ class Emigration:
         self,
         loop: asyncio.AbstractEventLoop,
         channel: socket.socket,
-        cancel: Callable[[int, int], object],
+        cancel: Callable[[int, int], asyncio.Future[None] | None],
     ) -> None:
         self.loop = loop
         self.channel = channel
@@ -78,6 +85,7 @@ class Emigration:
         self.open = True
         self.moved = 0
         loop.add_reader(channel.fileno(), self._read_cancels)
+        self._receipt_space = socket.CMSG_SPACE(_FD_SIZE)
         # Clients between transactions that could not go yet: tried again shortly.
         self._later: set[ClientConnection] = set()
         self._timer: asyncio.TimerHandle | None = None
@@ -133,17 +141,26 @@ class Emigration:
 
     def _read_cancels(self) -> None:
         try:
-            data = self.channel.recv(64)
+            data, ancillary, _, _ = self.channel.recvmsg(64, self._receipt_space)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            data = b""
-        if not data:  # the new process is gone: nothing moves there any more
-            self.close()
-            return
-        if len(data) == _CANCEL.size and data[:1] == b"C":
+            data, ancillary = b"", []
+        receipts = received_descriptors(ancillary)
+        try:
+            if not data:  # the new process is gone: nothing moves there any more
+                self.close()
+                return
+            if len(data) != _CANCEL.size or data[:1] != b"C":
+                return
             _, pid, secret = _CANCEL.unpack(data)
-            self.cancel(pid, secret)
+            delivering = self.cancel(pid, secret)
+            if delivering is not None and receipts:
+                # The receipt closes once the cancel reached its target.
+                delivering.add_done_callback(functools.partial(_close_all, receipts))
+                receipts = []
+        finally:
+            _close_all(receipts)
 
     def _arm(self) -> None:
         if self._timer is None and self.open:
@@ -177,16 +194,63 @@ class Emigration:
             logger.info("upgrade: %d clients moved to the new process", self.moved)
 
 
-def send_cancel(channel: socket.socket, pid: int, secret: int) -> bool:
+def _close_all(fds: list[int], _: object = None) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+class PreviousProcessGone(Exception):
+    """The channel to the old process is closed: it has exited."""
+
+
+def send_cancel(channel: socket.socket, pid: int, secret: int) -> socket.socket | None:
     """Pass a cancel request for a client this process doesn't have to the old process,
-    where it may still be in a transaction. False once the old process is gone."""
+    where it may still be in a transaction. Returns this side of the receipt, which
+    reads end-of-file once the old process has acted on the request, or None: the
+    channel was full (the request was dropped), or no receipt could be made (it went
+    without). Raises PreviousProcessGone."""
     if channel.fileno() == -1:
-        return False
+        raise PreviousProcessGone
+    pair: tuple[socket.socket, socket.socket] | None = None
+    rights: list[tuple[int, int, bytes]] = []
     try:
-        channel.send(_CANCEL.pack(b"C", pid, secret))
+        pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fd = pair[1].fileno().to_bytes(_FD_SIZE, sys.byteorder)
+        rights.append((socket.SOL_SOCKET, socket.SCM_RIGHTS, fd))
+    except OSError as exc:  # out of descriptors: the request goes without a receipt
+        logger.warning("cancel request without a receipt: %s", exc)
+    try:
+        channel.sendmsg([_CANCEL.pack(b"C", pid, secret)], rights)
+    except OSError as exc:
+        if pair is not None:
+            pair[0].close()
+        if isinstance(exc, (BlockingIOError, InterruptedError)):
+            logger.warning("cancel request for client id %d dropped: the channel is full", pid)
+            return None
+        raise PreviousProcessGone from exc
+    finally:
+        if pair is not None:
+            pair[1].close()  # the old process holds its own copy
+    if pair is None:
+        return None
+    pair[0].setblocking(False)
+    return pair[0]
+
+
+async def wait_for_receipt(loop: asyncio.AbstractEventLoop, receipt: socket.socket) -> None:
+    """Until the old process closes its end of a cancel request's receipt (or
+    RECEIPT_TIMEOUT passes)."""
+    try:
+        async with asyncio.timeout(RECEIPT_TIMEOUT):
+            while await loop.sock_recv(receipt, 16):
+                pass
+    except TimeoutError:
+        logger.warning("the previous process did not confirm a cancel request in time")
     except OSError:
-        return False
-    return True
+        pass
+    finally:
+        receipt.close()
 
 
 def refuse_moved(fd: int, why: str) -> None:

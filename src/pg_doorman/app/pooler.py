@@ -26,10 +26,12 @@ from pg_doorman.app.logsetup import apply_log_filter
 from pg_doorman.app.migration import (
     Emigration,
     Immigration,
+    PreviousProcessGone,
     refuse_moved,
     restore_credentials,
     send_cancel,
     unpack_arrival,
+    wait_for_receipt,
 )
 from pg_doorman.app.upgrade import listeners_for
 from pg_doorman.auth import pam
@@ -270,6 +272,10 @@ def _keep_running_values(running: Config, new: Config, keys: list[str]) -> Confi
         general=replace(new.general, **kept["general"]),
         web=replace(new.web, **kept["web"]),
     )
+
+
+async def _all_of(deliveries: list[Awaitable[None]]) -> None:
+    await asyncio.gather(*deliveries)
 
 
 async def _unix_server(
@@ -1136,21 +1142,32 @@ class Pooler:
         client = self.clients.get(pid)
         if client is None and search:
             passed_to = []
+            deliveries: list[Awaitable[None]] = []
             previous = self.previous_process
             if previous is not None:
-                if send_cancel(previous, pid, secret):
-                    passed_to.append("the previous process")
-                else:  # that process is gone
+                try:
+                    receipt = send_cancel(previous, pid, secret)
+                except PreviousProcessGone:
                     previous.close()
                     self.previous_process = None
+                else:
+                    passed_to.append("the previous process")
+                    if receipt is not None:
+                        deliveries.append(wait_for_receipt(self.loop, receipt))
             if self.cluster is not None and self.moved_in_cluster:
                 for index in range(self.cluster.info.count):
                     if index != self.cluster.info.index:
-                        self.cluster.forward_cancel(index, pid, secret, search=False)
+                        deliveries.append(
+                            self.cluster.forward_cancel(index, pid, secret, search=False)
+                        )
                 passed_to.append("the other workers")
             if passed_to:
                 logger.debug("cancel request for client id %d: to %s", pid, " and ".join(passed_to))
-                return None
+                if not deliveries:
+                    return None
+                task = self.loop.create_task(_all_of(deliveries))
+                self.track(task)
+                return task
         if client is None or client.secret != secret:
             logger.info("cancel request for unknown client id %d or wrong secret: ignored", pid)
             return None
