@@ -160,7 +160,11 @@ class PoolerProcess:
         """(Re)write the TOML file; a new `config` replaces the current one."""
         if config is not None:
             self.config = copy.deepcopy(dict(config))
-        self.config_path.write_text(tomli_w.dumps(self.config), encoding="utf-8")
+        # Whole or not at all, as configuration tools write: a process reading it
+        # during a rewrite (a worker slow to act on a reload) never sees half a file.
+        partial = self.config_path.with_name(self.config_path.name + ".new")
+        partial.write_text(tomli_w.dumps(self.config), encoding="utf-8")
+        os.replace(partial, self.config_path)
         return self.config_path
 
     def command(self) -> list[str]:

@@ -11,6 +11,7 @@ and the pooler must still serve.
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import random
 import re
@@ -218,6 +219,31 @@ async def operator(proc: PoolerProcess, rng: random.Random, deadline: float, tal
         await console.close()
 
 
+async def reconfigurer(
+    proc: PoolerProcess, name: str, rng: random.Random, deadline: float, tally: Tally
+) -> None:
+    """Every OPERATE_EVERY seconds, reload with user `name`'s pool changed: another size
+    and minimum, servers that expire after a fraction of a second or after an hour, room
+    for one to four prepared statements per server (asyncpg names every statement, so
+    they keep being closed and parsed again). Each change applies to the pool in place,
+    under its clients. The pool's own settings come back at the end."""
+    original = copy.deepcopy(proc.config)
+    try:
+        while time.monotonic() < deadline:
+            await asyncio.sleep(OPERATE_EVERY)
+            config = copy.deepcopy(original)
+            pool = config["pools"][EXAMPLE_DB]
+            (user,) = (u for u in pool["users"] if u["username"] == name)
+            user["pool_size"] = rng.randint(2, 6)
+            user["min_pool_size"] = rng.randint(0, 2)
+            pool["server_lifetime"] = rng.choice([150, 400, 3_600_000])
+            pool["server_prepared_statements_cache_size"] = rng.randint(1, 4)
+            proc.reload(config)
+            tally.done["reload"] += 1
+    finally:
+        proc.reload_and_wait(original)
+
+
 def pool_numbers(proc: PoolerProcess, user: str) -> dict[str, Any]:
     pools = [
         r for r in admin_rows(proc, "POOLS") if r["database"] == EXAMPLE_DB and r["user"] == user
@@ -356,5 +382,21 @@ def test_admin_commands_under_load_lose_no_client(
     context = f"seed {tally.seed} (CHAOS_SEED replays it), {tally.done}, lost {tally.lost}"
     assert tally.lost == 0, context
     assert tally.done["RECONNECT"] and tally.done["PAUSE"] and tally.done["reload"], context
+    assert_books_balance(proc, pg, context)
+    assert not closed_clients(proc), closed_clients(proc)
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
+def test_pool_changes_under_load_lose_no_client(
+    pg: ExamplePostgres, pooler: PoolerFactory, workers: int
+) -> None:
+    """Reloads that resize the pool, expire its servers and shrink its statement cache
+    while the clients run: no client loses its connection or gets a wrong answer, and
+    in the end the pool counts exactly the servers PostgreSQL has for it."""
+    proc = chaos_pooler(pg, pooler, workers)
+    tally = run_clients(proc, pg, partial(reconfigurer, proc, pg.scram_user.name))
+    context = f"seed {tally.seed} (CHAOS_SEED replays it), {tally.done}, lost {tally.lost}"
+    assert tally.lost == 0, context
+    assert tally.done["reload"] > 10, context
     assert_books_balance(proc, pg, context)
     assert not closed_clients(proc), closed_clients(proc)
