@@ -264,6 +264,41 @@ def test_a_login_whose_pool_a_reload_retires_is_told_to_reconnect(
         conn.close_socket()
 
 
+def test_a_pool_replaced_by_a_reload_keeps_what_scram_passthrough_learnt(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """A pool_mode change replaces the pool. The SCRAM ClientKey the old pool learnt
+    from a client's login still fits the unchanged verifier, so the new pool opens its
+    min_pool_size servers at once, not only after somebody logs in again."""
+    user = pg.scram_user
+    proc = pooler(
+        pools={
+            EXAMPLE_DB: {
+                "application_name": "replaced_pool",
+                "users": [{"username": user.name, "password": user.pooler_password,
+                           "pool_size": 3, "min_pool_size": 1}],
+            }
+        }
+    )  # fmt: skip
+    sql = "select count(*) from pg_stat_activity where application_name = 'replaced_pool'"
+    with psycopg.connect(proc.dsn(user.name, user.password), autocommit=True) as conn:
+        conn.execute("select 1")  # the login teaches the pool the ClientKey
+    config = proc.config
+    (entry,) = (u for u in config["pools"][EXAMPLE_DB]["users"] if u["username"] == user.name)
+    entry["pool_mode"] = "session"
+    entry["min_pool_size"] = 2
+    refused = proc.log_text().count("passthrough")
+    proc.reload_and_wait(config)
+    assert "pool example_user_scram@example_db retired" in proc.log_text()
+    deadline = time.monotonic() + 10
+    while int(pg.psql(sql).strip()) != 2:
+        assert time.monotonic() < deadline, proc.log_tail()
+        time.sleep(0.1)
+    assert proc.log_text().count("passthrough") == refused
+    with psycopg.connect(proc.dsn(user.name, user.password), autocommit=True) as conn:
+        assert conn.execute("select 2").fetchone() == (2,)
+
+
 def test_shutdown_command_stops_the_pooler(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
     proc = pooler()
     console = admin(proc)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import logging
 import os
 import random
@@ -240,6 +241,21 @@ def _server_statements_cache_size(pool: PoolConfig, general: GeneralConfig) -> i
         if value is not None:
             return value
     return DEFAULT_SERVER_STATEMENTS
+
+
+def _keep_learnt_key(old: BackendCredentials, new: BackendCredentials) -> None:
+    """A pool replaced by a reload (its pool_mode changed, say) keeps the SCRAM
+    ClientKey a client's login taught the old one while the verifier stays the same:
+    the new pool can open its min_pool_size servers before anyone logs in again."""
+    key = old.scram_client_key
+    verifier = new.scram_verifier
+    if (
+        key is not None
+        and new.scram_client_key is None
+        and verifier is not None
+        and hashlib.sha256(key).digest() == verifier.stored_key
+    ):
+        new.scram_client_key = key
 
 
 def _same_kind(a: PoolSettings, b: PoolSettings) -> bool:
@@ -494,6 +510,8 @@ class Pooler:
             entry.scram_verifier = verifier
             entry.token_verifier = token_verifier
         else:
+            if entry is not None:
+                _keep_learnt_key(entry.credentials, credentials)
             pool = Pool(settings, self.connect_server, self.loop)
             self._credentials[pool] = credentials
             entry = PoolEntry(
