@@ -32,6 +32,9 @@ APPLICATION = "chaos_backend"
 POOL_SIZE = 4
 MIN_POOL_SIZE = 2
 CLIENTS = 16
+# In session mode each client holds a server while connected, and one that vanishes
+# opens a second connection for a moment.
+SESSION_POOL_SIZE = 2 * CLIENTS
 DURATION = 6.0
 KILL_EVERY = 0.15
 OPERATE_EVERY = 0.1
@@ -267,19 +270,27 @@ def backends(pg: ExamplePostgres) -> int:
     return int(pg.psql(sql).strip())
 
 
-def chaos_pooler(pg: ExamplePostgres, pooler: PoolerFactory, workers: int) -> PoolerProcess:
-    """A pool of POOL_SIZE servers (MIN_POOL_SIZE kept), split between the workers."""
+def pool_size_for(pool_mode: str) -> int:
+    return SESSION_POOL_SIZE if pool_mode == "session" else POOL_SIZE
+
+
+def chaos_pooler(
+    pg: ExamplePostgres, pooler: PoolerFactory, workers: int, pool_mode: str = "transaction"
+) -> PoolerProcess:
+    """A pool of pool_size_for(pool_mode) servers (MIN_POOL_SIZE kept), split between
+    the workers."""
     user = pg.scram_user
     proc = pooler(
         general={"query_wait_timeout": 15_000, "workers": workers},
         pools={
             EXAMPLE_DB: {
                 "application_name": APPLICATION,
+                "pool_mode": pool_mode,
                 "users": [
                     {
                         "username": user.name,
                         "password": user.pooler_password,
-                        "pool_size": POOL_SIZE,
+                        "pool_size": pool_size_for(pool_mode),
                         "min_pool_size": MIN_POOL_SIZE,
                     }
                 ],
@@ -315,7 +326,9 @@ def run_clients(proc: PoolerProcess, pg: ExamplePostgres, disrupt: Disruptor) ->
     return tally
 
 
-def assert_books_balance(proc: PoolerProcess, pg: ExamplePostgres, context: str) -> None:
+def assert_books_balance(
+    proc: PoolerProcess, pg: ExamplePostgres, context: str, pool_mode: str = "transaction"
+) -> None:
     """No clients left, as many servers as PostgreSQL has backends for the pool, the
     pooler still serving, and no error of its own in its log."""
     user = pg.scram_user
@@ -329,7 +342,7 @@ def assert_books_balance(proc: PoolerProcess, pg: ExamplePostgres, context: str)
             and numbers["current_connections"]
             == numbers["sv_idle"] + numbers["sv_used"]
             == open_backends
-            and MIN_POOL_SIZE <= open_backends <= POOL_SIZE
+            and MIN_POOL_SIZE <= open_backends <= pool_size_for(pool_mode)
         )
         if settled:
             break
@@ -354,18 +367,22 @@ def closed_clients(proc: PoolerProcess) -> Counter[str]:
     return Counter(re.findall(r"client #c\d+: (.* \(\w{5}\))$", log, re.MULTILINE))
 
 
-@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-workers"])
+@pytest.mark.parametrize(
+    ("workers", "pool_mode"),
+    [(1, "transaction"), (2, "transaction"), (1, "session"), (2, "session")],
+    ids=["one-process", "two-workers", "one-process-session", "two-workers-session"],
+)
 def test_the_books_balance_after_backends_die_under_load(
-    pg: ExamplePostgres, pooler: PoolerFactory, workers: int
+    pg: ExamplePostgres, pooler: PoolerFactory, workers: int, pool_mode: str
 ) -> None:
-    proc = chaos_pooler(pg, pooler, workers)
+    proc = chaos_pooler(pg, pooler, workers, pool_mode)
     tally = run_clients(proc, pg, partial(killer, pg))
     context = f"seed {tally.seed} (CHAOS_SEED replays it), {tally.done}, lost {tally.lost} "
     context += f"connections to {tally.kills} killed backends"
     assert tally.kills > 5, context
     # Each kill breaks at most the one client whose server it was.
     assert tally.lost <= tally.kills, context
-    assert_books_balance(proc, pg, context)
+    assert_books_balance(proc, pg, context, pool_mode)
     # The pooler closed clients only because their server died under them.
     reasons = closed_clients(proc)
     assert set(reasons) <= {"server connection lost during the transaction (08006)"}, reasons

@@ -1153,10 +1153,12 @@ class Pooler:
     def cancel_here(
         self, pid: int, secret: int, *, search: bool = True
     ) -> asyncio.Task[None] | None:
-        """Cancel for a client of this worker; returns the task sending it to
-        PostgreSQL, if one was needed. `search`: a client this worker doesn't
-        have may be one an upgrade brought to another worker, or one still on the old
-        process: the request goes to each of them (only the owner of the key acts)."""
+        """Cancel for a client of this worker; returns the task still delivering it,
+        if any: to PostgreSQL, or to the processes that may have the client (the
+        previous process's receipt, the other workers' answers). `search`: a client
+        this worker doesn't have may be one an upgrade brought to another worker, or
+        one still on the old process: the request goes to each of them (only the owner
+        of the key acts)."""
         client = self.clients.get(pid)
         if client is None and search:
             passed_to = []
