@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import logging
 import os
 import socket
@@ -36,6 +35,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pg_doorman.app.dispatch import received_descriptors
+from pg_doorman.auth.passthrough import keep_client_key
 from pg_doorman.net.session_state import MAX_STATE, SessionState
 from pg_doorman.protocol import messages, sqlstate
 
@@ -346,15 +346,7 @@ def restore_credentials(entry: PoolEntry, session: SessionState) -> None:
     """Passthrough credentials the old process had learnt from a login, which this
     process has not seen yet: its servers log in as the client's did."""
     credentials = entry.credentials
-    key = session.scram_client_key
-    verifier = credentials.scram_verifier
-    if (
-        key is not None
-        and credentials.scram_client_key is None
-        and verifier is not None
-        and hashlib.sha256(key).digest() == verifier.stored_key
-    ):
-        credentials.scram_client_key = key
+    keep_client_key(credentials, session.scram_client_key)
     if (
         session.pam_password is not None
         and entry.user.auth_pam_service is not None

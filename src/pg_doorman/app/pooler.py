@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import logging
 import os
 import random
@@ -47,6 +46,7 @@ from pg_doorman.auth.methods import (
     ClientAuth,
     decide_client_auth,
 )
+from pg_doorman.auth.passthrough import keep_client_key
 from pg_doorman.auth.scram import ScramVerifier, is_scram_verifier
 from pg_doorman.auth.talos import Talos, TalosKeyError
 from pg_doorman.config import (
@@ -241,21 +241,6 @@ def _server_statements_cache_size(pool: PoolConfig, general: GeneralConfig) -> i
         if value is not None:
             return value
     return DEFAULT_SERVER_STATEMENTS
-
-
-def _keep_learnt_key(old: BackendCredentials, new: BackendCredentials) -> None:
-    """A pool replaced by a reload (its pool_mode changed, say) keeps the SCRAM
-    ClientKey a client's login taught the old one while the verifier stays the same:
-    the new pool can open its min_pool_size servers before anyone logs in again."""
-    key = old.scram_client_key
-    verifier = new.scram_verifier
-    if (
-        key is not None
-        and new.scram_client_key is None
-        and verifier is not None
-        and hashlib.sha256(key).digest() == verifier.stored_key
-    ):
-        new.scram_client_key = key
 
 
 def _same_kind(a: PoolSettings, b: PoolSettings) -> bool:
@@ -511,7 +496,10 @@ class Pooler:
             entry.token_verifier = token_verifier
         else:
             if entry is not None:
-                _keep_learnt_key(entry.credentials, credentials)
+                # A pool replaced by a reload (its pool_mode changed, say) hands on
+                # what passthrough learnt: the new one can open its min_pool_size
+                # servers before anyone logs in again.
+                keep_client_key(credentials, entry.credentials.scram_client_key)
             pool = Pool(settings, self.connect_server, self.loop)
             self._credentials[pool] = credentials
             entry = PoolEntry(
