@@ -13,7 +13,13 @@ from dataclasses import replace
 import pytest
 
 from pg_doorman.app.dispatch import received_descriptors
-from pg_doorman.app.migration import Emigration, Immigration, channel_pair
+from pg_doorman.app.migration import (
+    Emigration,
+    Immigration,
+    PreviousProcessGone,
+    channel_pair,
+    send_cancel,
+)
 from pg_doorman.net.session_state import MAGIC, MAX_STATE, SessionState
 
 
@@ -210,5 +216,48 @@ def test_clients_wait_while_the_channel_is_full_and_all_arrive() -> None:
             for pair in pairs:
                 for sock in pair:
                     sock.close()
+
+    asyncio.run(main())
+
+
+def test_a_cancel_receipt_closes_once_the_old_process_has_acted() -> None:
+    """The new process's end of a cancel request's receipt reads end-of-file only when
+    the delivery the old process started is done; at once when there was nothing to
+    deliver; and a channel whose old end is gone says so."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = channel_pair()
+        theirs.setblocking(False)
+        asked: list[tuple[int, int]] = []
+        delivery: asyncio.Future[None] = loop.create_future()
+
+        def cancel(pid: int, secret: int) -> asyncio.Future[None] | None:
+            asked.append((pid, secret))
+            return delivery if pid == 7 else None
+
+        emigration = Emigration(loop, ours, cancel)
+        try:
+            receipt = send_cancel(theirs, 7, -5)
+            assert receipt is not None
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(loop.sock_recv(receipt, 1), 0.3)
+            assert asked == [(7, -5)]
+            delivery.set_result(None)
+            assert await asyncio.wait_for(loop.sock_recv(receipt, 1), 5) == b""
+            receipt.close()
+
+            idle = send_cancel(theirs, 8, 1)  # nothing to cancel there
+            assert idle is not None
+            assert await asyncio.wait_for(loop.sock_recv(idle, 1), 5) == b""
+            idle.close()
+            assert asked == [(7, -5), (8, 1)]
+        finally:
+            emigration.close()
+        with pytest.raises(PreviousProcessGone):  # the old end closed: nobody reads
+            send_cancel(theirs, 9, 1)
+        theirs.close()
+        with pytest.raises(PreviousProcessGone):
+            send_cancel(theirs, 9, 1)
 
     asyncio.run(main())
