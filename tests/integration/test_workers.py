@@ -360,7 +360,7 @@ def test_unix_socket_and_sighup_reach_every_worker(
         assert len(clients) == 8
         # Unix connections are handed out by the supervisor too.
         assert {worker_of(c["client_id"]) for c in clients} == set(range(WORKERS))
-        # SIGHUP to the supervisor: every worker rereads the file.
+        # SIGHUP to the supervisor: every worker applies the file.
         users = proc.config["pools"][EXAMPLE_DB]["users"]
         next(u for u in users if u["username"] == user.name)["pool_size"] = 10
         proc.write_config()
@@ -376,6 +376,76 @@ def test_unix_socket_and_sighup_reach_every_worker(
         console.close()
         for conn in conns:
             conn.close()
+
+
+@pytest.mark.parametrize("how", ["sighup", "reload-command"])
+def test_every_worker_applies_the_same_reading_of_the_file(
+    pg: ExamplePostgres, pooler: PoolerFactory, how: str
+) -> None:
+    """A reload reads the file once and every worker applies that reading. One worker
+    is stopped while the reload runs and the file changes again before it runs on: it
+    applies what the other one did, not the newer file (the next reload brings that)."""
+    from pg_doorman.app.cluster import CALL_TIMEOUT
+
+    proc = start(pooler)
+    console = admin(proc)
+    (own,) = [c for c in table(console, "CLIENTS") if c["user"] == "admin"]
+    stopped = _worker_pids(proc)[1 - worker_of(own["client_id"])]
+    # Another name for the example database: "alpha" in one version, "beta" in the next.
+    pool = {**proc.config["pools"][EXAMPLE_DB], "server_database": EXAMPLE_DB}
+    first = {**proc.config, "pools": {**proc.config["pools"], "alpha": pool}}
+    second = {**proc.config, "pools": {**proc.config["pools"], "beta": pool}}
+
+    def reloads() -> int:
+        return proc.log_text().count("configuration reloaded")
+
+    done = reloads()
+    proc.write_config(first)
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        if how == "sighup":
+            proc.reload()
+        else:
+            console.send_raw(w.query("RELOAD"))
+        deadline = time.monotonic() + 10
+        while reloads() == done:
+            assert time.monotonic() < deadline, proc.log_tail()
+            time.sleep(0.05)
+        proc.write_config(second)
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    deadline = time.monotonic() + CALL_TIMEOUT
+    while reloads() < done + WORKERS:
+        assert time.monotonic() < deadline, proc.log_tail()
+        time.sleep(0.05)
+    if how == "reload-command":
+        assert w.first_error(console.read_until_ready(10)) is None
+    names = {r["name"] for r in table(console, "DATABASES")}
+    assert "alpha" in names and "beta" not in names, names
+    # Both workers serve the new pool (the supervisor spreads these over them).
+    conns = [
+        psycopg.connect(proc.dsn(pg.md5_user.name, "test", database="alpha"), autocommit=True)
+        for _ in range(4)
+    ]
+    for conn in conns:
+        assert conn.execute("select current_database()").fetchone() == (EXAMPLE_DB,)
+    owners = {
+        worker_of(c["client_id"]) for c in table(console, "CLIENTS") if c["database"] == "alpha"
+    }
+    assert owners == set(range(WORKERS))
+    for conn in conns:
+        conn.close()
+    # A worker sent SIGHUP on its own leaves the reload to the supervisor.
+    os.kill(stopped, signal.SIGHUP)
+    proc.wait_for_log("SIGHUP ignored")
+    proc.reload()
+    deadline = time.monotonic() + 10
+    while reloads() < done + 2 * WORKERS:
+        assert time.monotonic() < deadline, proc.log_tail()
+        time.sleep(0.05)
+    names = {r["name"] for r in table(console, "DATABASES")}
+    assert "beta" in names and "alpha" not in names, names
+    console.close()
 
 
 def test_a_port_in_use_stops_the_supervisor_with_a_clear_error(

@@ -245,7 +245,7 @@ class AdminConsole:
         return messages.command_complete("PAUSE")
 
     async def _reload(self) -> bytes:
-        replies = await self.pooler.everywhere({"op": "reload"})
+        replies = await self.pooler.reload_everywhere()
         errors = [reply["error"] for reply in replies if "error" in reply]
         if errors:
             logger.error("RELOAD failed, the old configuration stays: %s", errors[0])

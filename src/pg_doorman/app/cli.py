@@ -259,6 +259,13 @@ async def serve(
         pooler.track(loop.create_task(_exit_with_parent(stop, supervisor_pid)))
 
     def on_reload() -> None:
+        if worker is not None:
+            # The supervisor reloads every worker with one reading of the file; a
+            # worker reading it on its own could see another version of it.
+            logger.info(
+                "SIGHUP ignored: reload with SIGHUP to the supervisor (pid %s)", supervisor_pid
+            )
+            return
         try:
             pooler.reload_file()
         except ConfigError as exc:

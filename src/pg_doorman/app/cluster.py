@@ -4,21 +4,28 @@ With `general.workers` > 1 every worker listens on `<rundir>/w<index>.sock`. The
 console of any worker asks its siblings for their snapshots (SHOW, /metrics) and sends
 them control commands (PAUSE, RELOAD, ...); a CancelRequest that reached the wrong
 worker is passed to the one that owns the client.
+
+A reload reads the config file once, in the process that was asked (the supervisor on
+SIGHUP, the worker whose console ran RELOAD), and every worker applies that one reading
+from a snapshot in the private run directory: a file rewritten while the workers read it
+one after another would otherwise reach them in different states.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
+import pickle
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pg_doorman.admin.snapshot import take as take_snapshot
 from pg_doorman.app.logsetup import apply_log_filter
-from pg_doorman.config import ConfigError
+from pg_doorman.config import Config, ConfigError
 
 if TYPE_CHECKING:
     from pg_doorman.app.pooler import Pooler
@@ -47,6 +54,29 @@ def share(total: int, index: int, count: int, *, at_least_one: bool = False) -> 
     if at_least_one and total > 0:
         return max(part, 1)
     return part
+
+
+_snapshot_numbers = itertools.count()
+
+
+def write_config_snapshot(rundir: str, config: Config) -> str:
+    """`config` as loaded, in a new file of the run directory (only this user can
+    read or write there); the caller removes it once every worker has applied it."""
+    path = os.path.join(rundir, f"config-{os.getpid()}-{next(_snapshot_numbers)}.pickle")
+    with open(path, "xb") as file:
+        pickle.dump(config, file, protocol=pickle.HIGHEST_PROTOCOL)
+    return path
+
+
+def read_config_snapshot(path: str) -> Config:
+    try:
+        with open(path, "rb") as file:
+            config = pickle.load(file)
+    except Exception as exc:  # unpickling fails in many ways; none may stop a worker
+        raise ConfigError("", f"cannot read the configuration snapshot {path}: {exc}") from exc
+    if not isinstance(config, Config):
+        raise ConfigError("", f"{path} does not hold a configuration")
+    return config
 
 
 async def request(path: str, payload: dict[str, Any], timeout: float | None) -> dict[str, Any]:
@@ -165,7 +195,10 @@ async def run_control(pooler: Pooler, payload: dict[str, Any]) -> dict[str, Any]
         if op == "kill":
             return {"killed": pooler.kill(database)}
         if op == "reload":
-            return {"notes": pooler.reload_file()}
+            snapshot = payload.get("snapshot")
+            if snapshot is None:
+                return {"notes": pooler.reload_file()}
+            return {"notes": pooler.apply_config(read_config_snapshot(str(snapshot)))}
         if op == "log_level":
             apply_log_filter(str(payload["value"]))
             return {}

@@ -20,7 +20,13 @@ from pg_doorman import implementation
 from pg_doorman.admin.snapshot import Snapshot, merge
 from pg_doorman.admin.snapshot import take as take_snapshot
 from pg_doorman.app.auth_query_users import AuthQueryUsers, lookup_settings, new_auth_query_users
-from pg_doorman.app.cluster import Cluster, WorkerInfo, run_control, share
+from pg_doorman.app.cluster import (
+    Cluster,
+    WorkerInfo,
+    run_control,
+    share,
+    write_config_snapshot,
+)
 from pg_doorman.app.dispatch import LoadBoard, Receiver, open_accepted
 from pg_doorman.app.logsetup import apply_log_filter
 from pg_doorman.app.migration import (
@@ -846,6 +852,10 @@ class Pooler:
 
     def reload_file(self) -> list[str]:
         """Reread the config file this pooler was started with and apply it."""
+        return self.apply_config(self.read_config_file())
+
+    def read_config_file(self) -> Config:
+        """The config file this pooler was started with, loaded and checked."""
         from pg_doorman.app.cli import load_checked_config
 
         if self.config.source == "<memory>":
@@ -853,11 +863,30 @@ class Pooler:
         config = load_checked_config(self.config.source)
         for warning in config.warnings:
             logger.warning("config: %s", warning)
+        return config
+
+    def apply_config(self, config: Config) -> list[str]:
         notes = self.reload(config)
         logger.info("configuration reloaded from %s", config.source)
         for note in notes:
             logger.info("reload: %s", note)
         return notes
+
+    async def reload_everywhere(self) -> list[dict[str, Any]]:
+        """The admin console's RELOAD: the file read once, here, and applied by every
+        worker (the replies of run_control's "reload", this worker's first)."""
+        if self.cluster is None:
+            return [await run_control(self, {"op": "reload"})]
+        try:
+            config = self.read_config_file()
+        except ConfigError as exc:
+            return [{"error": str(exc)}]
+        path = write_config_snapshot(self.cluster.info.rundir, config)
+        try:
+            return await self.everywhere({"op": "reload", "snapshot": path})
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
     async def cluster_snapshot(self) -> Snapshot:
         """The state of the whole pooler, every worker process included."""

@@ -1,10 +1,10 @@
 """Several worker processes behind one port (`general.workers` > 1).
 
-The supervisor starts the workers, restarts one that dies, forwards SIGHUP (reload) and
-stops them all on SIGINT/SIGTERM. It owns the listening sockets and hands each accepted
-connection to the least-loaded worker (app.dispatch). Pool budgets are split between
-workers (cluster.share), and the admin console and /metrics, which the supervisor
-serves, cover all of them.
+The supervisor starts the workers, restarts one that dies, reloads them all on SIGHUP
+(the file read once, here: app.cluster) and stops them all on SIGINT/SIGTERM. It owns
+the listening sockets and hands each accepted connection to the least-loaded worker
+(app.dispatch). Pool budgets are split between workers (cluster.share), and the admin
+console and /metrics, which the supervisor serves, cover all of them.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import tempfile
 from collections.abc import Sequence
 
 from pg_doorman.admin.snapshot import Snapshot, merge, resident_memory
-from pg_doorman.app.cluster import CALL_TIMEOUT, WorkerInfo, request
+from pg_doorman.app.cluster import CALL_TIMEOUT, WorkerInfo, request, write_config_snapshot
 from pg_doorman.app.dispatch import Dispatcher, LoadBoard, channel_pair
 from pg_doorman.app.migration import Immigration, refuse_moved
 from pg_doorman.app.upgrade import (
@@ -30,7 +30,7 @@ from pg_doorman.app.upgrade import (
     listeners_for,
     take_migration_channel,
 )
-from pg_doorman.config import Config
+from pg_doorman.config import Config, ConfigError
 from pg_doorman.net.session_state import SessionState
 
 logger = logging.getLogger("pg_doorman.supervisor")
@@ -66,6 +66,7 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._listeners: list[socket.socket] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._reloading = asyncio.Lock()
         # The channel from the process this one replaces (binary upgrade): its clients
         # arrive on it, and the workers send cancel requests for its clients back.
         self._previous = take_migration_channel()
@@ -76,7 +77,7 @@ class Supervisor:
         # First: a stop asked for while the workers start is carried out once they run.
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, self._stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self._forward, signal.SIGHUP)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload)
         loop.add_signal_handler(signal.SIGUSR2, self._on_upgrade)
         try:
             listeners = listeners_for(self.config.general)
@@ -142,6 +143,49 @@ class Supervisor:
                 if channel is not None:
                     channel.close()
             shutil.rmtree(self.rundir, ignore_errors=True)
+
+    def _on_reload(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._reload())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reload(self) -> None:
+        """SIGHUP: read the config file once and have every running worker apply that
+        reading. One reload at a time, so that the workers apply them in order."""
+        from pg_doorman.app.cli import load_checked_config
+
+        async with self._reloading:
+            if self.stopping:
+                return
+            try:
+                config = load_checked_config(self.config.source)
+            except ConfigError as exc:
+                logger.error("SIGHUP: reload failed, the old configuration stays: %s", exc)
+                return
+            for warning in config.warnings:
+                logger.warning("config: %s", warning)
+            path = write_config_snapshot(self.rundir, config)
+            try:
+                indexes = [
+                    index
+                    for index, worker in enumerate(self.workers)
+                    if worker is not None and worker.returncode is None
+                ]
+                payload = {"op": "reload", "snapshot": path}
+                replies = await asyncio.gather(
+                    *(request(self.info.socket_path(i), payload, CALL_TIMEOUT) for i in indexes),
+                    return_exceptions=True,
+                )
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            for index, reply in zip(indexes, replies, strict=True):
+                if isinstance(reply, asyncio.CancelledError):
+                    raise reply
+                if isinstance(reply, BaseException):
+                    logger.warning("worker %d did not answer the reload: %s", index, reply)
+                elif "error" in reply:
+                    logger.error("worker %d: reload failed: %s", index, reply["error"])
 
     def _on_upgrade(self) -> None:
         if self.upgrade is None:
