@@ -378,13 +378,14 @@ def test_unix_socket_and_sighup_reach_every_worker(
             conn.close()
 
 
-@pytest.mark.parametrize("how", ["sighup", "reload-command"])
+@pytest.mark.parametrize("how", ["sighup", "reload-command", "sighup-late"])
 def test_every_worker_applies_the_same_reading_of_the_file(
     pg: ExamplePostgres, pooler: PoolerFactory, how: str
 ) -> None:
     """A reload reads the file once and every worker applies that reading. One worker
     is stopped while the reload runs and the file changes again before it runs on: it
-    applies what the other one did, not the newer file (the next reload brings that)."""
+    applies what the other one did, not the newer file (the next reload brings that).
+    "late": it stays stopped past the supervisor's wait for its answer."""
     from pg_doorman.app.cluster import CALL_TIMEOUT
 
     proc = start(pooler)
@@ -403,15 +404,17 @@ def test_every_worker_applies_the_same_reading_of_the_file(
     proc.write_config(first)
     os.kill(stopped, signal.SIGSTOP)
     try:
-        if how == "sighup":
-            proc.reload()
-        else:
+        if how == "reload-command":
             console.send_raw(w.query("RELOAD"))
+        else:
+            proc.reload()
         deadline = time.monotonic() + 10
         while reloads() == done:
             assert time.monotonic() < deadline, proc.log_tail()
             time.sleep(0.05)
         proc.write_config(second)
+        if how == "sighup-late":
+            proc.wait_for_log("did not answer the reload", timeout=CALL_TIMEOUT + 5)
     finally:
         os.kill(stopped, signal.SIGCONT)
     deadline = time.monotonic() + CALL_TIMEOUT

@@ -16,12 +16,14 @@ CONFIG = {
 }
 
 
-def test_a_snapshot_reads_back_as_the_same_config(tmp_path: Path) -> None:
+def test_a_snapshot_reads_back_as_the_same_config_until_the_next_one(tmp_path: Path) -> None:
     config = parse_config(CONFIG)
     first = write_config_snapshot(str(tmp_path), config)
-    second = write_config_snapshot(str(tmp_path), config)
-    assert first != second  # each reload its own file
     assert read_config_snapshot(first) == config
+    second = write_config_snapshot(str(tmp_path), config)
+    assert second != first  # each reload its own file
+    assert read_config_snapshot(second) == config
+    assert [p.name for p in tmp_path.iterdir()] == [Path(second).name]
 
 
 @pytest.mark.parametrize(

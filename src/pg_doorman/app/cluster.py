@@ -57,14 +57,21 @@ def share(total: int, index: int, count: int, *, at_least_one: bool = False) -> 
 
 
 _snapshot_numbers = itertools.count()
+_last_snapshot: list[str] = []
 
 
 def write_config_snapshot(rundir: str, config: Config) -> str:
     """`config` as loaded, in a new file of the run directory (only this user can
-    read or write there); the caller removes it once every worker has applied it."""
+    read or write there). The one this process wrote before is removed: a worker too
+    slow to answer that reload in time still finds its file until the next reload,
+    whose request then follows it. The run directory goes when the supervisor stops."""
     path = os.path.join(rundir, f"config-{os.getpid()}-{next(_snapshot_numbers)}.pickle")
     with open(path, "xb") as file:
         pickle.dump(config, file, protocol=pickle.HIGHEST_PROTOCOL)
+    for previous in _last_snapshot:
+        with contextlib.suppress(OSError):
+            os.unlink(previous)
+    _last_snapshot[:] = [path]
     return path
 
 
@@ -198,7 +205,13 @@ async def run_control(pooler: Pooler, payload: dict[str, Any]) -> dict[str, Any]
             snapshot = payload.get("snapshot")
             if snapshot is None:
                 return {"notes": pooler.reload_file()}
-            return {"notes": pooler.apply_config(read_config_snapshot(str(snapshot)))}
+            try:
+                config = read_config_snapshot(str(snapshot))
+            except ConfigError as exc:
+                # Whoever asked may have stopped waiting: say it here too.
+                logger.error("reload failed, the old configuration stays: %s", exc)
+                raise
+            return {"notes": pooler.apply_config(config)}
         if op == "log_level":
             apply_log_filter(str(payload["value"]))
             return {}

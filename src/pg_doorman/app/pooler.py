@@ -882,11 +882,7 @@ class Pooler:
         except ConfigError as exc:
             return [{"error": str(exc)}]
         path = write_config_snapshot(self.cluster.info.rundir, config)
-        try:
-            return await self.everywhere({"op": "reload", "snapshot": path})
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+        return await self.everywhere({"op": "reload", "snapshot": path})
 
     async def cluster_snapshot(self) -> Snapshot:
         """The state of the whole pooler, every worker process included."""

@@ -164,26 +164,28 @@ class Supervisor:
                 return
             for warning in config.warnings:
                 logger.warning("config: %s", warning)
-            path = write_config_snapshot(self.rundir, config)
-            try:
-                indexes = [
-                    index
-                    for index, worker in enumerate(self.workers)
-                    if worker is not None and worker.returncode is None
-                ]
-                payload = {"op": "reload", "snapshot": path}
-                replies = await asyncio.gather(
-                    *(request(self.info.socket_path(i), payload, CALL_TIMEOUT) for i in indexes),
-                    return_exceptions=True,
-                )
-            finally:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
+            payload = {"op": "reload", "snapshot": write_config_snapshot(self.rundir, config)}
+            indexes = [
+                index
+                for index, worker in enumerate(self.workers)
+                if worker is not None and worker.returncode is None
+            ]
+            replies = await asyncio.gather(
+                *(request(self.info.socket_path(i), payload, CALL_TIMEOUT) for i in indexes),
+                return_exceptions=True,
+            )
             for index, reply in zip(indexes, replies, strict=True):
                 if isinstance(reply, asyncio.CancelledError):
                     raise reply
-                if isinstance(reply, BaseException):
-                    logger.warning("worker %d did not answer the reload: %s", index, reply)
+                if isinstance(reply, TimeoutError):
+                    logger.warning(
+                        "worker %d did not answer the reload within %.0f s; it applies it"
+                        " when it runs on",
+                        index,
+                        CALL_TIMEOUT,
+                    )
+                elif isinstance(reply, BaseException):
+                    logger.warning("worker %d did not answer the reload: %r", index, reply)
                 elif "error" in reply:
                     logger.error("worker %d: reload failed: %s", index, reply["error"])
 
