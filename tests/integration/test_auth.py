@@ -178,6 +178,27 @@ def test_scram_passthrough_survives_reconnects(pg: ExamplePostgres, pooler: Pool
         assert len(pids) >= 2  # lifetime 1 ms: every transaction gets a fresh backend
 
 
+def test_a_server_login_waiting_for_the_scram_key_is_not_tried_again_over_tls(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """Until a client logs in with SCRAM, passthrough has no ClientKey, so the pool's
+    min_pool_size login fails in the pooler itself, with SQLSTATE 28000. That is no
+    pg_hba refusal: server_tls_mode = allow (the default) must not retry it over TLS.
+    The retry's late failure reached clients who had logged in and queued meanwhile,
+    and they were closed with "cannot log in ... yet" although they had brought the
+    key."""
+    scram = pg.scram_user
+    proc = pooler(
+        general={"server_tls_mode": "allow"},
+        pools={"example_db": {"users": [{"username": scram.name, "min_pool_size": 1}]}},
+    )
+    proc.wait_for_log(f"cannot log in to the server as {scram.name!r} with SCRAM yet")
+    with psycopg.connect(proc.dsn(scram.name, scram.password), autocommit=True) as conn:
+        assert conn.execute("select current_user").fetchone() == (scram.name,)
+    log = proc.log_text()
+    assert "login refused without TLS" not in log, proc.log_tail()
+
+
 def test_login_decisions_follow_a_reload(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
     """Login decisions are kept between logins; a reload of pg_hba or of a stored
     password must apply to the very next login all the same."""

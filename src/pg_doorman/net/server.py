@@ -21,7 +21,7 @@ from pg_doorman.auth.scram import ScramClientSession, ScramError, ScramVerifier
 from pg_doorman.net.inbox import AwaitableInbox
 from pg_doorman.net.server_tls import ServerTls, TlsRefused, connect_tls
 from pg_doorman.net.sockopts import set_buffer_sizes
-from pg_doorman.pool.pool import AcquireError, ConnectTimeout, Pool
+from pg_doorman.pool.pool import AcquireError, ConnectTimeout, LoginRefused, Pool
 from pg_doorman.prepared.registry import ServerStatements
 from pg_doorman.protocol import codes, messages, sqlstate
 from pg_doorman.protocol.framing import (
@@ -285,7 +285,7 @@ class ServerConnection(asyncio.Protocol):
                 break
             elif msg_type == codes.ERROR_RESPONSE:
                 fields = messages.parse_error_fields(body)
-                raise AcquireError(
+                raise LoginRefused(
                     fields.get("C", sqlstate.CONNECTION_FAILURE),
                     fields.get("M", "server rejected the connection"),
                 )
@@ -842,8 +842,16 @@ async def open_server(
                     await server.login(startup, creds)
                 except AcquireError as refused:
                     # allow: PostgreSQL refused the plain login (a hostssl rule): try TLS.
+                    # Not when the pooler gave up itself (passthrough without a ClientKey
+                    # yet, also 28000): TLS changes nothing there, and the retry's late
+                    # failure would fail clients who logged in and queued meanwhile.
                     # (Named apart from `exc` below, which the compiled build types once.)
-                    if tls is None or not tls.retries_over_tls or refused.code != "28000":
+                    if (
+                        tls is None
+                        or not tls.retries_over_tls
+                        or refused.code != "28000"
+                        or not isinstance(refused, LoginRefused)
+                    ):
                         raise
                     server.close("login refused without TLS")
                     server = None

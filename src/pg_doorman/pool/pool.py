@@ -48,6 +48,11 @@ class ConnectTimeout(AcquireError):
     """No server login within the connect timeout (as opposed to a refusal)."""
 
 
+class LoginRefused(AcquireError):
+    """PostgreSQL's own ErrorResponse to a server login, as opposed to a login the
+    pooler gave up itself (no credentials that answer the server's request, say)."""
+
+
 @dataclass
 class PoolSettings:
     """Effective settings of one (database, user) pool, resolved from the config."""
