@@ -234,6 +234,23 @@ def test_message_buffer_yields_messages() -> None:
     assert got[1][1] == b"a\x00b\x00"
 
 
+def test_message_buffer_whole_chunks_and_length_limits() -> None:
+    buf = MessageBuffer()
+    buf.feed(messages.SYNC)  # length 4: an empty body
+    assert buf.next_message() == (codes.SYNC, b"")
+    assert len(buf) == 0 and buf.next_message() is None
+    buf.feed(messages.READY_IDLE + messages.SYNC[:3])
+    assert buf.next_message() == (codes.READY_FOR_QUERY, b"I")
+    assert buf.next_message() is None  # three bytes of the next one wait for the rest
+    buf.feed(messages.SYNC[3:])
+    assert buf.next_message() == (codes.SYNC, b"")
+    for header in (b"S\x00\x00\x00\x03", b"Q" + (codes.MAX_MESSAGE_SIZE + 1).to_bytes(4, "big")):
+        bad = MessageBuffer()
+        bad.feed(header)
+        with pytest.raises(ProtocolError):
+            bad.next_message()
+
+
 def test_message_buffer_rejects_negative_length() -> None:
     buf = MessageBuffer()
     buf.feed(b"Q\xff\xff\xff\xff")

@@ -44,17 +44,22 @@ class MessageBuffer:
 
     def next_message(self) -> tuple[int, bytes] | None:
         buf = self._buf
-        if len(buf) < 5:
+        size = len(buf)
+        if size < 5:
             return None
-        (length,) = _unpack_length(buf, 1)
+        # Indexing, not struct: the compiled build reads the four bytes as native ints.
+        length = (buf[1] << 24) | (buf[2] << 16) | (buf[3] << 8) | buf[4]
         if length < 4 or length > _MAX:
             raise ProtocolError(f"invalid message length {length}")
         end = length + 1
-        if len(buf) < end:
+        if size < end:
             return None
         msg_type = buf[0]
         body = bytes(buf[5:end])
-        del buf[:end]
+        if size == end:
+            buf.clear()  # the usual case: the chunk held this one message
+        else:
+            del buf[:end]
         return msg_type, body
 
     def take_rest(self) -> bytes:
