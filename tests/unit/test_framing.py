@@ -85,6 +85,26 @@ def test_backend_scanner_any_chunking(cuts: list[int]) -> None:
     assert not scanner.mid_message
 
 
+@pytest.mark.parametrize(
+    ("tag", "flags"),
+    [
+        ("SELECT 1", 0),
+        ("SELECT", 0),  # the shortest tag recognised in place
+        ("SELEC", 0),
+        ("", 0),
+        ("SET", CLEAN_SET),
+        ("SELECT INTO", 0),  # still a SELECT tag: no cleanup, as before
+        ("DECLARE CURSOR", CLEAN_DECLARE),
+    ],
+)
+def test_backend_scanner_command_tags(tag: str, flags: int) -> None:
+    scanner = BackendScanner({})
+    stream = messages.command_complete(tag) + messages.READY_IDLE
+    assert scanner.feed(stream) == stream
+    assert scanner.cleanup_flags == flags
+    assert scanner.ready_count == 1
+
+
 def test_backend_scanner_streams_large_rows_without_holding_them() -> None:
     row = data_row(1_000_000)
     scanner = BackendScanner({})

@@ -318,7 +318,8 @@ class Dispatcher:
                 self.detach(index)
                 tried = (tried or set()) | {index}
                 continue
-            self.sent[index] += 1
+            sent = self.sent
+            sent[index] = sent[index] + 1  # not `+=`: native ints in the compiled build
             return True
 
     def send_moved(self, fd: int, state: bytes) -> bool:

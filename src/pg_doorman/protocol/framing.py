@@ -175,6 +175,18 @@ _W: Final = codes.COPY_BOTH_RESPONSE
 _BACKEND_DECODED: Final = codes.type_table((_Z, _E, _C, _S, _G, _H, _W))
 
 
+def _select_tag_at(data: bytes, at: int) -> bool:
+    """Whether the six bytes at `at` spell SELECT (the caller checked they are there)."""
+    return (
+        data[at] == 83  # S
+        and data[at + 1] == 69  # E
+        and data[at + 2] == 76  # L
+        and data[at + 3] == 69  # E
+        and data[at + 4] == 67  # C
+        and data[at + 5] == 84  # T
+    )
+
+
 class BackendScanner(_Stream):
     """Walks backend->client bytes, tracking transaction and copy state.
 
@@ -276,8 +288,10 @@ class BackendScanner(_Stream):
                 self.in_copy = False
             elif msg_type == _C:
                 self.in_copy = False
-                tag = data[pos + 5 : end - 1]
-                if not tag.startswith(b"SELECT"):
+                # A SELECT's tag, the usual one, changes nothing: recognised in place,
+                # without slicing it out (length 11: "SELECT" and the NUL at least).
+                if length < 11 or not _select_tag_at(data, pos + 5):
+                    tag = data[pos + 5 : end - 1]
                     self.cleanup_flags = tag_cleanup_effect(tag, self.cleanup_flags)
                     if tag == b"DEALLOCATE ALL" or tag == b"DISCARD ALL":
                         if hook is not None:

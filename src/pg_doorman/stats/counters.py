@@ -43,13 +43,18 @@ class Histogram:
         self.total = 0
 
     def observe(self, seconds: float) -> None:
-        self.counts[bucket_of(seconds)] += 1
+        # `counts[i] = counts[i] + 1`, not `+=`: the compiled build adds an item in
+        # place as two generic objects, and this way as native ints.
+        counts = self.counts
+        i = bucket_of(seconds)
+        counts[i] = counts[i] + 1
         self.sum += seconds
         self.total += 1
 
     def merge(self, other: Histogram) -> None:
+        counts = self.counts
         for i, count in enumerate(other.counts):
-            self.counts[i] += count
+            counts[i] = counts[i] + count
         self.sum += other.sum
         self.total += other.total
 
@@ -268,7 +273,9 @@ class PoolStats:
         self.xact_count += 1
         self.xact_time += seconds
         hist = self.xact_histogram  # observe() inlined: this runs once per transaction
-        hist.counts[bucket_of(seconds)] += 1
+        counts = hist.counts
+        i = bucket_of(seconds)
+        counts[i] = counts[i] + 1
         hist.sum += seconds
         hist.total += 1
         self.bytes_received += received
@@ -278,7 +285,9 @@ class PoolStats:
         self.query_count += 1
         self.query_time += seconds
         hist = self.query_histogram
-        hist.counts[bucket_of(seconds)] += 1
+        counts = hist.counts
+        i = bucket_of(seconds)
+        counts[i] = counts[i] + 1
         hist.sum += seconds
         hist.total += 1
 
@@ -286,7 +295,8 @@ class PoolStats:
         """A server was idle at once: a zero wait, without the bucket search."""
         self.wait_count += 1
         hist = self.wait_histogram
-        hist.counts[0] += 1
+        counts = hist.counts
+        counts[0] = counts[0] + 1
         hist.total += 1
 
     def record_wait(self, seconds: float) -> None:
