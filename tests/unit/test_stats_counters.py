@@ -20,6 +20,27 @@ def test_histogram_buckets_are_cumulative_and_end_with_the_total() -> None:
     assert hist.total == 5 and hist.sum == pytest.approx(100.02065)
 
 
+@pytest.mark.parametrize("reads_between", [False, True])
+def test_histogram_counts_stay_exact_across_the_small_int_fold(reads_between: bool) -> None:
+    """Counts gather below 256 per bucket and fold into the totals; every read and
+    every merge sees them all, whenever it comes."""
+    hist, other = Histogram(), Histogram()
+    expected = [0] * (len(BUCKETS) + 1)
+    for n in range(1, 1500):
+        i = (n * 7) % 3  # buckets 0, 1 and 2, unevenly
+        hist.add(i)
+        expected[i] += 1
+        if reads_between and n % 97 == 0:
+            assert hist.counts == expected
+    for _ in range(300):
+        other.add(len(BUCKETS))  # +Inf
+    assert hist.counts == expected
+    hist.merge(other)
+    expected[len(BUCKETS)] += 300
+    assert hist.counts == expected
+    assert other.counts[len(BUCKETS)] == 300
+
+
 def test_quantiles_interpolate_inside_the_bucket() -> None:
     hist = Histogram()
     for _ in range(100):

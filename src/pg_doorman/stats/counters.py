@@ -33,21 +33,48 @@ def bucket_of(seconds: float) -> int:
 
 
 class Histogram:
-    """Cumulative-on-read histogram over BUCKETS (the last slot counts +Inf)."""
+    """Cumulative-on-read histogram over BUCKETS (the last slot counts +Inf).
 
-    __slots__ = ("counts", "sum", "total")
+    Observations first count in `_recent`, whose items stay below 256: CPython keeps
+    one object for each int up to 256, so storing such a count allocates nothing,
+    where every new total above it is a new int object (and the old one freed), three
+    times per transaction. Reading `counts` folds them into the totals.
+    """
+
+    __slots__ = ("_counts", "_recent", "sum", "total")
 
     def __init__(self) -> None:
-        self.counts = [0] * (len(BUCKETS) + 1)
+        self._counts = [0] * (len(BUCKETS) + 1)
+        self._recent = [0] * (len(BUCKETS) + 1)
         self.sum = 0.0
         self.total = 0
 
+    @property
+    def counts(self) -> list[int]:
+        """Observations per bucket (the list itself: callers copy it to keep it)."""
+        counts = self._counts
+        recent = self._recent
+        for i in range(len(recent)):
+            if recent[i]:
+                counts[i] = counts[i] + recent[i]
+                recent[i] = 0
+        return counts
+
+    def add(self, i: int) -> None:
+        """One observation in bucket `i`."""
+        # `x[i] = x[i] + 1`, not `+=`: the compiled build adds an item in place as two
+        # generic objects, and this way as native ints.
+        recent = self._recent
+        n = recent[i] + 1
+        if n < 256:
+            recent[i] = n
+        else:
+            counts = self._counts
+            counts[i] = counts[i] + n
+            recent[i] = 0
+
     def observe(self, seconds: float) -> None:
-        # `counts[i] = counts[i] + 1`, not `+=`: the compiled build adds an item in
-        # place as two generic objects, and this way as native ints.
-        counts = self.counts
-        i = bucket_of(seconds)
-        counts[i] = counts[i] + 1
+        self.add(bucket_of(seconds))
         self.sum += seconds
         self.total += 1
 
@@ -273,9 +300,7 @@ class PoolStats:
         self.xact_count += 1
         self.xact_time += seconds
         hist = self.xact_histogram  # observe() inlined: this runs once per transaction
-        counts = hist.counts
-        i = bucket_of(seconds)
-        counts[i] = counts[i] + 1
+        hist.add(bucket_of(seconds))
         hist.sum += seconds
         hist.total += 1
         self.bytes_received += received
@@ -285,9 +310,7 @@ class PoolStats:
         self.query_count += 1
         self.query_time += seconds
         hist = self.query_histogram
-        counts = hist.counts
-        i = bucket_of(seconds)
-        counts[i] = counts[i] + 1
+        hist.add(bucket_of(seconds))
         hist.sum += seconds
         hist.total += 1
 
@@ -295,8 +318,7 @@ class PoolStats:
         """A server was idle at once: a zero wait, without the bucket search."""
         self.wait_count += 1
         hist = self.wait_histogram
-        counts = hist.counts
-        counts[0] = counts[0] + 1
+        hist.add(0)
         hist.total += 1
 
     def record_wait(self, seconds: float) -> None:
