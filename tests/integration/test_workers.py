@@ -423,6 +423,10 @@ def test_every_worker_applies_the_same_reading_of_the_file(
         time.sleep(0.05)
     if how == "reload-command":
         assert w.first_error(console.read_until_ready(10)) is None
+    if how == "sighup-late":
+        # Its answer finds the supervisor gone: no complaint about the request.
+        proc.wait_for_log("its sender stopped waiting for the answer")
+        assert "bad control request" not in proc.log_text(), proc.log_tail()
     names = {r["name"] for r in table(console, "DATABASES")}
     assert "alpha" in names and "beta" not in names, names
     # Both workers serve the new pool (the supervisor spreads these over them).

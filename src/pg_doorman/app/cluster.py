@@ -158,14 +158,24 @@ class Cluster:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            line = await reader.readline()
-            if not line:
+            try:
+                line = await reader.readline()
+                if not line:
+                    return
+                reply = await run_control(self.pooler, json.loads(line))
+            except (ConnectionError, ValueError, asyncio.LimitOverrunError) as exc:
+                logger.warning("bad control request: %s", exc)
                 return
-            reply = await run_control(self.pooler, json.loads(line))
-            writer.write(json.dumps(reply).encode() + b"\n")
-            await writer.drain()
-        except (ConnectionError, ValueError, asyncio.LimitOverrunError) as exc:
-            logger.warning("bad control request: %s", exc)
+            try:
+                writer.write(json.dumps(reply).encode() + b"\n")
+                await writer.drain()
+            except ConnectionError as exc:
+                # Its sender waits only so long (a worker that was stopped answers late):
+                # the request was carried out all the same.
+                logger.info(
+                    "control request carried out; its sender stopped waiting for the answer (%s)",
+                    exc,
+                )
         finally:
             writer.close()
 
