@@ -18,6 +18,7 @@ from pg_doorman.protocol.framing import (
     FrontendScanner,
     MessageBuffer,
     cleanup_queries,
+    joined,
     tag_cleanup_effect,
 )
 from pg_doorman.protocol.messages import ProtocolError
@@ -252,6 +253,12 @@ def test_message_buffer_yields_messages() -> None:
         codes.READY_FOR_QUERY,
     ]
     assert got[1][1] == b"a\x00b\x00"
+
+
+@given(st.lists(st.binary(max_size=1500), max_size=6))
+def test_joined_is_join(parts: list[bytes]) -> None:
+    assert joined(list(parts)) == b"".join(parts)
+    assert type(joined(list(parts))) is bytes
 
 
 def test_message_buffer_whole_chunks_and_length_limits() -> None:
