@@ -840,18 +840,13 @@ async def open_server(
                     _, server = await loop.create_connection(factory, host, port)
                 try:
                     await server.login(startup, creds)
-                except AcquireError as refused:
+                except LoginRefused as refused:
                     # allow: PostgreSQL refused the plain login (a hostssl rule): try TLS.
-                    # Not when the pooler gave up itself (passthrough without a ClientKey
-                    # yet, also 28000): TLS changes nothing there, and the retry's late
-                    # failure would fail clients who logged in and queued meanwhile.
+                    # Only PostgreSQL's refusal: a login the pooler gave up itself
+                    # (passthrough without a ClientKey yet, also 28000) gains nothing, and
+                    # the retry's late failure would fail clients who queued meanwhile.
                     # (Named apart from `exc` below, which the compiled build types once.)
-                    if (
-                        tls is None
-                        or not tls.retries_over_tls
-                        or refused.code != "28000"
-                        or not isinstance(refused, LoginRefused)
-                    ):
+                    if tls is None or not tls.retries_over_tls or refused.code != "28000":
                         raise
                     server.close("login refused without TLS")
                     server = None

@@ -299,20 +299,14 @@ class PoolStats:
     def record_transaction(self, seconds: float, received: int, sent: int) -> None:
         self.xact_count += 1
         self.xact_time += seconds
-        hist = self.xact_histogram  # observe() inlined: this runs once per transaction
-        hist.add(bucket_of(seconds))
-        hist.sum += seconds
-        hist.total += 1
+        self.xact_histogram.observe(seconds)
         self.bytes_received += received
         self.bytes_sent += sent
 
     def record_query(self, seconds: float) -> None:
         self.query_count += 1
         self.query_time += seconds
-        hist = self.query_histogram
-        hist.add(bucket_of(seconds))
-        hist.sum += seconds
-        hist.total += 1
+        self.query_histogram.observe(seconds)
 
     def record_no_wait(self) -> None:
         """A server was idle at once: a zero wait, without the bucket search."""
