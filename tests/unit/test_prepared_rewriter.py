@@ -100,6 +100,26 @@ def test_first_parse_is_renamed_and_sent() -> None:
 
 
 @settings(max_examples=200)
+@given(
+    st.sampled_from(["", "p", "portal_1"]),
+    st.binary(max_size=40),
+    st.lists(st.integers(min_value=0, max_value=120), max_size=8),
+)
+def test_bind_is_renamed_byte_for_byte_in_any_chunking(
+    portal: str, rest: bytes, cuts: list[int]
+) -> None:
+    """Only the statement name changes; the portal and the parameters behind the name
+    (forwarded from the client's own bytes) stay as they were."""
+    s = Session()
+    s.send(parse("a", "select 1") + SYNC)
+    s.reply(messages.PARSE_COMPLETE + messages.READY_IDLE)
+    name = server_name("select 1")
+    stream = msg(b"B", portal.encode() + b"\x00a\x00" + rest) + EXECUTE + SYNC
+    out = b"".join(s.send(chunk) for chunk in split(stream, cuts))
+    assert out == msg(b"B", portal.encode() + b"\x00" + name + b"\x00" + rest) + EXECUTE + SYNC
+
+
+@settings(max_examples=200)
 @given(st.lists(st.integers(min_value=0, max_value=60), max_size=12))
 def test_skipped_parse_gets_synthetic_parse_complete_any_chunking(cuts: list[int]) -> None:
     s = Session()
@@ -235,6 +255,7 @@ def test_no_close_goes_out_while_a_copy_may_be_running() -> None:
     s.reply(messages.command_complete("COPY 1") + messages.READY_IDLE)
     out = s.send(bind("a") + EXECUTE + SYNC)
     assert out.startswith(close_statement(name_a) + b"P")  # closed, then parsed again
+    assert out.endswith(msg(b"B", b"\x00" + name_a + b"\x00" + b"\x00" * 6) + EXECUTE + SYNC)
 
 
 def test_flush_sends_synthetic_parse_complete_at_once() -> None:
@@ -276,9 +297,18 @@ def test_expectations_queue_order_and_reuse() -> None:
     assert q.first_kind() == rw.SYNC
     q.popleft()
     q.popleft()
-    assert not q and q.kinds == [] and q.payloads == []  # emptied: storage reset
+    assert not q and q.head == 0 and q.popped == 3
+    assert len(q.kinds) == 3  # emptied: the slots stay for the next batch
     q.append(rw.SYNTH)
-    assert q.all_synthetic()
+    assert q.all_synthetic()  # the spare slots' old BIND and SYNC are not pending
+    q.append(rw.SYNC)
+    q.void_syncs_after_head(2)  # the pending SYNC only, not the spare slot's
+    assert len(q) == 2 and q.syncs == 0 and q.all_synthetic()
+    for _ in range(40):
+        q.append(rw.BIND)
+    while q:
+        q.popleft()
+    assert q.kinds == [] and q.payloads == []  # a long queue gives its storage back
 
 
 def test_expectations_compact_while_never_empty() -> None:

@@ -27,6 +27,7 @@ class StatementEntry:
         "kinds",
         "misses",
         "name",
+        "named_by_bind",
         "parse_message",
         "query",
     )
@@ -37,6 +38,9 @@ class StatementEntry:
         self.key = key  # the Parse body after the client's name, then `context`
         self.context = context  # the settings the text is read under (see lookup)
         self.name = name  # server-side name, no NUL
+        # How a Bind to the unnamed portal names it (the portal's NUL, the name, its
+        # NUL): put in whole for every such Bind.
+        self.named_by_bind = b"\x00" + name + b"\x00"
         self.parse_message = parse_message  # complete Parse message under that name
         self.query = query
         self.hits = 0  # client Parses the server already had

@@ -66,6 +66,11 @@ _EXECUTE_END: Final = codes.type_table(
 _ROW_DESCRIPTION_OR_NO_DATA: Final = codes.type_table((codes.ROW_DESCRIPTION, codes.NO_DATA))
 
 
+# Slots an emptied Expectations keeps (see there): a batch of Parse, Bind, Describe,
+# Execute and Sync needs five; a long pipeline's are given back.
+_SPARE_SLOTS: Final = 16
+
+
 class Expectations:
     """The responses still due from the server, oldest first: kinds with a payload
     (a statement name, or our own bytes for SYNTH).
@@ -74,6 +79,11 @@ class Expectations:
     build every operation stays native and nothing is allocated per message. Hot paths
     test `size` and read `kinds[head]` directly: attribute reads stay cheap when the
     module runs interpreted, where `__bool__` or a method would be a Python call.
+
+    The entries pending are those in [head, head + size); slots past them are spares
+    that the next entries overwrite. An emptied queue keeps up to _SPARE_SLOTS of
+    them: list.clear() would free the lists' storage, and the next batch's appends
+    would allocate it again, every transaction.
     """
 
     __slots__ = ("head", "kinds", "payloads", "popped", "queries", "size", "syncs")
@@ -96,8 +106,13 @@ class Expectations:
         return self.size
 
     def append(self, kind: int, payload: bytes = b"") -> None:
-        self.kinds.append(kind)
-        self.payloads.append(payload)
+        end = self.head + self.size
+        if end < len(self.kinds):
+            self.kinds[end] = kind
+            self.payloads[end] = payload
+        else:
+            self.kinds.append(kind)
+            self.payloads.append(payload)
         self.size += 1
         if kind == QUERY:
             self.queries += 1
@@ -141,8 +156,9 @@ class Expectations:
 
     def clear(self) -> None:
         self.popped += self.size
-        self.kinds.clear()
-        self.payloads.clear()
+        if len(self.kinds) > _SPARE_SLOTS:
+            self.kinds.clear()
+            self.payloads.clear()
         self.head = 0
         self.size = 0
         self.queries = 0
@@ -153,7 +169,8 @@ class Expectations:
         they become empty synthetic answers, so that later entries keep their serials."""
         kinds = self.kinds
         i = self.head + 1
-        while count and i < len(kinds) and kinds[i] == SYNC:
+        end = self.head + self.size
+        while count and i < end and kinds[i] == SYNC:
             kinds[i] = SYNTH
             self.payloads[i] = b""
             self.syncs -= 1
@@ -164,7 +181,7 @@ class Expectations:
         kinds = self.kinds
         # A loop, not all(<generator>): interpreted, creating the generator costs more
         # than the one or two entries this usually looks at.
-        for i in range(self.head, len(kinds)):  # noqa: SIM110
+        for i in range(self.head, self.head + self.size):  # noqa: SIM110
             if kinds[i] != SYNTH:
                 return False
         return True
@@ -188,6 +205,16 @@ def _name_end(body: bytes, start: int) -> int:
     i = start
     while i < n:
         if body[i] == 0:
+            return i + 1
+        i += 1
+    return 0
+
+
+def _name_end_before(data: bytes, start: int, end: int) -> int:
+    """_name_end within data[:end]: the message's end, not the chunk's."""
+    i = start
+    while i < end:
+        if data[i] == 0:
             return i + 1
         i += 1
     return 0
@@ -255,6 +282,8 @@ class BatchRewriter:
     """Statement mapping of one client plus the response queue of its current server."""
 
     __slots__ = (
+        "_bind_head",
+        "_bind_length",
         "_error_fix_payload",
         "_journal",
         "_last_parse",
@@ -268,6 +297,7 @@ class BatchRewriter:
         "leading_queries",
         "named",
         "registry",
+        "resume_at",
         "server",
         "server_replies",
         "skipping",
@@ -298,6 +328,10 @@ class BatchRewriter:
         # recency update, so an entry the registry evicted is looked up again instead.
         self._last_parse = b""
         self._last_parse_entry: StatementEntry | None = None
+        # The last rewritten Bind's type byte and length: a statement's Binds mostly
+        # repeat their length, and converting the int costs more than comparing it.
+        self._bind_length = 0
+        self._bind_head = b""
         # Changes to the client's names that the server's replies have not confirmed
         # yet, oldest first: (serial of the expected reply that confirms the change,
         # name (b"" for the unnamed statement), what the name meant before). PostgreSQL
@@ -311,6 +345,10 @@ class BatchRewriter:
         # The message frontend() was just given is answered by the rewriter alone and
         # must not be counted as owing a ReadyForQuery (read and reset by the scanner).
         self.answered_here = False
+        # Set (to a position past the message's start) when frontend()'s replacement
+        # stands only for the bytes up to it: the client's bytes from there on are
+        # forwarded as they are (read and reset by the scanner).
+        self.resume_at = 0
 
     # ---- attachment ---------------------------------------------------------
 
@@ -349,7 +387,7 @@ class BatchRewriter:
         if msg_type == codes.PARSE:
             return self._parse(data[pos + 5 : end])
         if msg_type == codes.BIND:
-            return self._bind(data[pos + 5 : end])
+            return self._bind(data, pos, end)
         if msg_type == codes.EXECUTE:
             self._push(EXECUTE)
             return None
@@ -429,8 +467,13 @@ class BatchRewriter:
             self.leading_queries = 0
         # Expectations.append inlined: this runs for every extended-protocol message
         # (never with QUERY; frontend() counts a SYNC).
-        expect.kinds.append(kind)
-        expect.payloads.append(payload)
+        end = expect.head + expect.size
+        if end < len(expect.kinds):
+            expect.kinds[end] = kind
+            expect.payloads[end] = payload
+        else:
+            expect.kinds.append(kind)
+            expect.payloads.append(payload)
         expect.size += 1
 
     def _record(self, name: bytes, previous: StatementEntry | None, same: bool = False) -> None:
@@ -685,22 +728,31 @@ class BatchRewriter:
             return None
         return body[1 : name_end - 1]
 
-    def _bind(self, body: bytes) -> bytes | None:
-        portal_end = _name_end(body, 0)
-        name_end = _name_end(body, portal_end) if portal_end else 0
+    def _bind(self, data: bytes, pos: int, end: int) -> bytes | None:
+        """The Bind in data[pos:end] up to its statement name, with the server's name;
+        the parameters behind it go out as the client sent them (resume_at)."""
+        portal_start = pos + 5
+        portal_end = _name_end_before(data, portal_start, end)
+        name_end = _name_end_before(data, portal_end, end) if portal_end else 0
         if not name_end:
             return self._invalid("invalid string in message")
-        client_name = body[portal_end : name_end - 1]
+        client_name = data[portal_end : name_end - 1]
         entry = self._resolve(client_name)
         if entry is None:
             return self._missing(client_name)
         prefix = self._ensure_on_server(entry)
         self._push(BIND, client_name)
+        self.resume_at = name_end
         name = entry.name
-        # One join instead of a chain of concatenations: this runs for every Bind.
-        length = len(body) - (name_end - portal_end) + len(name) + 5
-        header = length.to_bytes(4, "big")
-        return b"".join((prefix, b"B", header, body[:portal_end], name, b"\x00", body[name_end:]))
+        length = end - pos - (name_end - portal_end) + len(name)
+        if length != self._bind_length:
+            self._bind_length = length
+            # Type byte and length in one conversion: 0x42 is "B".
+            self._bind_head = (0x42_0000_0000 | length).to_bytes(5, "big")
+        head = self._bind_head
+        if portal_end == portal_start + 1:  # the unnamed portal, as most drivers bind
+            return prefix + head + entry.named_by_bind
+        return b"".join((prefix, head, data[portal_start:portal_end], name, b"\x00"))
 
     def _describe(self, body: bytes) -> bytes | None:
         if body[:1] != b"S":
@@ -747,7 +799,13 @@ class BatchRewriter:
             self._push(HIDDEN_CLOSE, name)
             parts.append(close_statement(name))
         out = self.frontend(msg_type, data, pos, end)  # the queue is not empty now
-        parts.append(data[pos:end] if out is None else out)
+        if out is None:
+            parts.append(data[pos:end])
+        else:
+            parts.append(out)
+            if self.resume_at:
+                parts.append(data[self.resume_at : end])
+                self.resume_at = 0
         return b"".join(parts)
 
     # ---- backend ------------------------------------------------------------

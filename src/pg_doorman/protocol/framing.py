@@ -481,7 +481,11 @@ class FrontendScanner(_Stream):
                     if parts is None:
                         parts = []
                     parts += (data[start:pos], replacement)
-                    start = end
+                    if rewriter.resume_at:
+                        start = rewriter.resume_at
+                        rewriter.resume_at = 0
+                    else:
+                        start = end
                     if rewriter.answered_here:
                         # A Query the rewriter answered: no reply comes from the server.
                         rewriter.answered_here = False
