@@ -332,7 +332,7 @@ class ClientConnection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         transport_write = self._transport_write
-        if data and transport_write is not None and self.state != CLOSED:
+        if len(data) and transport_write is not None and self.state != CLOSED:
             self.bytes_sent += len(data)
             transport_write(data)
 
@@ -1072,7 +1072,7 @@ class ClientConnection(asyncio.Protocol):
         except ProtocolError as exc:
             self.fail(sqlstate.PROTOCOL_VIOLATION, f"invalid message from client: {exc}")
             return
-        if out:
+        if len(out):
             if frontend.named_parse_seen:
                 frontend.named_parse_seen = False
                 server.scanner.cleanup_flags |= CLEAN_PREPARE
@@ -1080,7 +1080,7 @@ class ClientConnection(asyncio.Protocol):
             server_write = server.transport_write
             assert server_write is not None
             server_write(out)
-        if (frontend.held or self._memory_accounted) and not self._account_memory(
+        if (len(frontend.held) or self._memory_accounted) and not self._account_memory(
             len(frontend.held)
         ):
             return
@@ -1100,7 +1100,7 @@ class ClientConnection(asyncio.Protocol):
                 return
             data = data[self._discarding :]
             self._discarding = 0
-        buf = self._pending + data if self._pending else data
+        buf = self._pending + data if len(self._pending) else data
         self._pending = b""
         pool = self.pool
         assert pool is not None
@@ -1202,7 +1202,7 @@ class ClientConnection(asyncio.Protocol):
         self.write(reply)
         self.state = IDLE
         self.resume_reading()
-        if self._pending:
+        if len(self._pending):
             self._between_transactions(b"")
 
     def _attach(self, server: ServerConnection, now: float) -> None:

@@ -519,9 +519,9 @@ class ServerConnection(asyncio.Protocol):
                 and not scanner.in_copy
                 and not frontend.copy_in
                 and not scanner.need
-                and not scanner.held
+                and not len(scanner.held)
                 and not frontend.need
-                and not frontend.held
+                and not len(frontend.held)
             ):
                 frontend.pending_ready = 0
                 self.transactions += 1

@@ -251,9 +251,9 @@ class BackendScanner(_Stream):
         self.copy_in_started = 0
         # The resume-from-last-chunk prologue is repeated in FrontendScanner.feed on
         # purpose: it runs twice per transaction and a shared helper costs a call.
-        if self.held:
+        if len(self.held):
             data = self._join(data)
-            if not data:
+            if not len(data):
                 return b""
         n = len(data)
         pos = self.need
@@ -339,7 +339,7 @@ class BackendScanner(_Stream):
             pos = end
         if hook is not None:
             tail = hook.drain()
-            if tail:
+            if len(tail):
                 if parts is None:
                     parts = []
                 parts += (data[start:pos], tail)
@@ -432,9 +432,9 @@ class FrontendScanner(_Stream):
         Stops at Terminate (which is never forwarded) and sets `terminated`. With a
         rewriter, extended-protocol messages are replaced by what it returns.
         """
-        if self.held:
+        if len(self.held):
             data = self._join(data)
-            if not data:
+            if not len(data):
                 return b""
         n = len(data)
         pos = self.need
