@@ -255,7 +255,7 @@ def test_message_buffer_yields_messages() -> None:
     assert got[1][1] == b"a\x00b\x00"
 
 
-@given(st.lists(st.binary(max_size=1500), max_size=6))
+@given(st.lists(st.one_of(st.just(b""), st.binary(max_size=1500)), max_size=10))
 def test_joined_is_join(parts: list[bytes]) -> None:
     assert joined(list(parts)) == b"".join(parts)
     assert type(joined(list(parts))) is bytes

@@ -181,12 +181,16 @@ def joined(parts: list[bytes]) -> bytes:
     """b"".join(parts). A few short parts (a rewritten request, a reply with a synthetic
     message put in) are concatenated instead: join's set-up for every part (a buffer
     entry, a reference taken and dropped) costs more than copying a few hundred bytes
-    once more."""
-    if len(parts) <= 4:
+    once more. Empty parts (a message answered here, nothing between two rewritten
+    ones) do not count."""
+    if len(parts) <= 8:
         total = 0
+        count = 0
         for part in parts:
-            total += len(part)
-        if total <= _SMALL_JOIN:
+            if len(part):
+                total += len(part)
+                count += 1
+        if count <= 4 and total <= _SMALL_JOIN:
             out = b""
             for part in parts:
                 if len(part):
