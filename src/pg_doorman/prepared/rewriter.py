@@ -197,21 +197,15 @@ _NOTHING_JOURNALED: Final[list[tuple[int, bytes, StatementEntry | None]]] = []
 
 
 def _name_end(body: bytes, start: int) -> int:
-    """Index just past the NUL that ends the name starting at `start` (0 if none).
-
-    A loop over bytes compiles to native reads, where bytes.find() is a generic call
-    that parses its arguments; names (portals, statements) are short."""
-    n = len(body)
-    i = start
-    while i < n:
-        if body[i] == 0:
-            return i + 1
-        i += 1
-    return 0
+    """Index just past the NUL that ends the name starting at `start` (0 if none)."""
+    return _name_end_before(body, start, len(body))
 
 
 def _name_end_before(data: bytes, start: int, end: int) -> int:
-    """_name_end within data[:end]: the message's end, not the chunk's."""
+    """_name_end within data[:end] (a message's end, not its chunk's).
+
+    A loop over bytes compiles to native reads, where bytes.find() is a generic call
+    that parses its arguments; names (portals, statements) are short."""
     i = start
     while i < end:
         if data[i] == 0:
@@ -374,7 +368,6 @@ class BatchRewriter:
         if msg_type == codes.SYNC:
             self.skipping = False
             self._push(SYNC)
-            self.expect.syncs += 1
             return None
         if self.skipping:
             return b""
@@ -465,16 +458,7 @@ class BatchRewriter:
             for _ in range(self.leading_queries):
                 expect.append(QUERY)
             self.leading_queries = 0
-        # Expectations.append inlined: this runs for every extended-protocol message
-        # (never with QUERY; frontend() counts a SYNC).
-        end = expect.head + expect.size
-        if end < len(expect.kinds):
-            expect.kinds[end] = kind
-            expect.payloads[end] = payload
-        else:
-            expect.kinds.append(kind)
-            expect.payloads.append(payload)
-        expect.size += 1
+        expect.append(kind, payload)
 
     def _record(self, name: bytes, previous: StatementEntry | None, same: bool = False) -> None:
         """Journal a change to the client's names made by the message whose expected

@@ -187,8 +187,8 @@ def joined(parts: list[bytes]) -> bytes:
         total = 0
         count = 0
         for part in parts:
+            total += len(part)
             if len(part):
-                total += len(part)
                 count += 1
         if count <= 4 and total <= _SMALL_JOIN:
             out = b""
