@@ -5,12 +5,17 @@ transports: a client sends a query, the server answers, the server goes back to 
 pool. What remains is the interpreter's share of the per-transaction CPU, the part
 the pooler's code controls (syscalls and the event loop come on top). Run:
 
-    python -m bench.relay_micro [--transactions N] [--mode simple|extended|prepared] [--queued]
+    python -m bench.relay_micro [--transactions N] [--mode simple|extended|prepared]
+                                [--queued [--pressure]]
 
 With --queued two clients share the one server: each sends its next request while
 the other's transaction runs, so every transaction waits in the pool's queue and is
 handed the server as the previous one ends (what every transaction does when clients
-outnumber pool_size).
+outnumber pool_size). With --pressure as well, pool_size is 20 and the one server open
+is above the warm threshold, so each queued request also goes through the pool's
+pressure check (wait for a server to come back, or open one?) before it gets the
+server back: what most transactions do when a few more clients than servers open are
+busy, as with pgbench -c 10 (docs/configuration.md, "Pool pressure").
 
 PG_DOORMAN_IMPL=python|compiled picks the implementation measured (docs/performance.md).
 """
@@ -75,8 +80,13 @@ def _query_reply(value: bytes) -> bytes:
     return row_desc + row + messages.command_complete("SELECT 1") + messages.READY_IDLE
 
 
-async def run(transactions: int, mode: str, queued: bool = False) -> list[float]:
+async def run(
+    transactions: int, mode: str, queued: bool = False, pressure: bool = False
+) -> list[float]:
     loop = asyncio.get_running_loop()
+    # With pressure: room for 19 more servers, and the warm threshold (5 % of 20) is
+    # the one open, so a queued client waits for it to come back rather than opening one.
+    pool_size, warm_ratio = (20, 5) if pressure else (1, 20)
     config = parse_config(
         {
             "general": {
@@ -86,7 +96,12 @@ async def run(transactions: int, mode: str, queued: bool = False) -> list[float]
                 "log_client_connections": False,
                 "log_client_disconnections": False,
             },
-            "pools": {"bench": {"users": [{"username": "bench", "password": "", "pool_size": 1}]}},
+            "pools": {
+                "bench": {
+                    "scaling_warm_pool_ratio": warm_ratio,
+                    "users": [{"username": "bench", "password": "", "pool_size": pool_size}],
+                }
+            },
         }
     )
     pooler = Pooler(config, loop)
@@ -165,6 +180,10 @@ async def run(transactions: int, mode: str, queued: bool = False) -> list[float]
             server.data_received(reply)
             assert pool.waiting == 0 and second.server is server
             first, second = second, first
+        assert pool.size == 1 and pool.connecting == 0  # waited for the server, opened none
+        # Under pressure the check ran: it armed the timer that looks again when the
+        # first queued client's patience runs out.
+        assert (pool._patience_timer is not None) is pressure
     for _ in range(max(transactions // batch, 1)):
         started = time.perf_counter()
         for _ in range(batch // 2):
@@ -187,11 +206,20 @@ def main() -> None:
     parser.add_argument(
         "--queued", action="store_true", help="two clients, one server: every transaction waits"
     )
+    parser.add_argument(
+        "--pressure",
+        action="store_true",
+        help="with --queued: pool_size 20, so each wait also runs the pool-pressure check",
+    )
     args = parser.parse_args()
+    if args.pressure and not args.queued:
+        parser.error("--pressure needs --queued")
     # The pooler's own loop (uvloop when installed): the pool reads its clock.
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        timings = runner.run(run(args.transactions, args.mode, args.queued))
+        timings = runner.run(run(args.transactions, args.mode, args.queued, args.pressure))
     mode = f"{args.mode}, queued" if args.queued else args.mode
+    if args.pressure:
+        mode += " under pool pressure"
     print(
         f"{mode}: {statistics.median(timings):.2f} µs of Python per transaction "
         f"(median of {len(timings)} batches of 1000; best {min(timings):.2f}; "

@@ -89,18 +89,25 @@ def test_smoke_run_reports_all_targets(tmp_path: Path) -> None:
         assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("queued", [False, True], ids=["idle-server", "queued"])
+@pytest.mark.parametrize(
+    "queued", ["", "queued", "pressure"], ids=["idle-server", "queued", "pressure"]
+)
 @pytest.mark.parametrize("mode", ["simple", "extended", "prepared"])
-def test_relay_micro_runs(mode: str, queued: bool) -> None:
+def test_relay_micro_runs(mode: str, queued: str) -> None:
     """The in-memory relay benchmark drives real transactions (it checks the pool's
-    transaction count itself, and with --queued that requests really wait for the
-    server) and names the implementation it measured."""
+    transaction count itself, with --queued that requests really wait for the server,
+    and with --pressure that the pool-pressure check ran and opened nothing) and names
+    the implementation it measured."""
     argv = [sys.executable, "-m", "bench.relay_micro", "--transactions", "3000", "--mode", mode]
     if queued:
         argv.append("--queued")
+    if queued == "pressure":
+        argv.append("--pressure")
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     label = f"{mode}, queued" if queued else mode
+    if queued == "pressure":
+        label += " under pool pressure"
     assert proc.stdout.startswith(f"{label}: ") and "µs of Python per transaction" in proc.stdout
     compiled = expect_compiled()
     assert ("compiled hot path" in proc.stdout) is compiled

@@ -2,9 +2,37 @@
 
 from __future__ import annotations
 
-import pytest
+import bisect
+import math
 
-from pg_doorman.stats.counters import BUCKETS, Histogram, PoolStats, error_class
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pg_doorman.stats.counters import BUCKETS, Histogram, PoolStats, bucket_of, error_class
+
+
+def _bucket_by_bounds(seconds: float) -> int:
+    """The first bucket whose bound is >= seconds, found in BUCKETS itself."""
+    return len(BUCKETS) if math.isnan(seconds) else bisect.bisect_left(BUCKETS, seconds)
+
+
+def test_bucket_of_matches_the_bounds_at_and_around_each_one() -> None:
+    """bucket_of spells the bounds out as comparisons: each bound lands in its own
+    bucket, the next float above it in the next one."""
+    for i, bound in enumerate(BUCKETS):
+        assert bucket_of(bound) == i
+        assert bucket_of(math.nextafter(bound, 0.0)) == _bucket_by_bounds(
+            math.nextafter(bound, 0.0)
+        )
+        assert bucket_of(math.nextafter(bound, math.inf)) == i + 1
+    for seconds in (0.0, -1.0, -0.0, 1e-12, 1e9, math.inf, -math.inf, math.nan):
+        assert bucket_of(seconds) == _bucket_by_bounds(seconds), seconds
+
+
+@given(st.floats(allow_nan=True, allow_infinity=True))
+def test_bucket_of_matches_the_bounds_for_any_float(seconds: float) -> None:
+    assert bucket_of(seconds) == _bucket_by_bounds(seconds)
 
 
 def test_histogram_buckets_are_cumulative_and_end_with_the_total() -> None:

@@ -154,6 +154,15 @@ _EXPIRED: Final = 1  # PooledServer.checkout_state()
 _SHARED_FINGERPRINTS: Final = 1024
 # Distinct startup values whose server spelling a pool remembers (see canonical_parameter).
 _CANONICAL_VALUES: Final = 1024
+# Bound once: compiled, `time.monotonic()` is a module attribute lookup per call, and
+# random.uniform is interpreted Python; both ran at every queued transaction.
+_now: Final = time.monotonic
+_random: Final = random.random
+
+
+def _jittered(value: float) -> float:
+    """`value` times a random factor in [1 - _JITTER, 1 + _JITTER)."""
+    return value * (1.0 - _JITTER + 2.0 * _JITTER * _random())
 
 
 class Pool:
@@ -237,7 +246,7 @@ class Pool:
             self._wait_timer = self._loop.call_later(
                 self.settings.query_wait_timeout, self._expire_waiters
             )
-        self._grow()
+        self._grow(now)
         return None
 
     def cancel_wait(self, waiter: Waiter) -> None:
@@ -339,7 +348,7 @@ class Pool:
         def done(ok: bool) -> None:
             self.probing -= 1
             if ok:
-                self.release(server, time.monotonic())
+                self.release(server, _now())
             else:
                 self.discard(server, "idle check failed")
 
@@ -352,7 +361,7 @@ class Pool:
     def _expire_waiters(self) -> None:
         """Fail the waiters whose query_wait_timeout passed; re-arm for the next one."""
         self._wait_timer = None
-        now = time.monotonic()
+        now = _now()
         timeout = self.settings.query_wait_timeout
         waiters = self._waiters
         while self._head < len(waiters):
@@ -384,7 +393,7 @@ class Pool:
     def resume(self) -> None:
         self.paused = False
         while self.waiting and self.idle:
-            now = time.monotonic()
+            now = _now()
             server = self._pop_idle(now)
             if server is None:
                 break
@@ -395,14 +404,15 @@ class Pool:
 
     # ---- growing ------------------------------------------------------------
 
-    def _grow(self) -> None:
+    def _grow(self, now: float = -1.0) -> None:
         """Open servers for queued clients (and the minimum), within the limits.
 
         Below the warm threshold every queued client not already covered by a server
         being opened or probed gets one at once. Above it, a client first waits its
         patience (see _patience) for a server to come back, which it gets directly
         (release), and a server opens for it only if none did; a timer looks again
-        when the next client's patience runs out.
+        when the next client's patience runs out. `now`: time.monotonic() if the
+        caller has read it, else negative (read here when needed).
         """
         if self.closed or self.paused:  # paused: no server connections until RESUME
             return
@@ -418,7 +428,9 @@ class Pool:
         if wanted > 0 and self.active > 0:
             cold = s.warm_threshold - self.size
             if wanted > cold and cold < room:
-                wanted, impatient = self._impatient(wanted, cold, coming, room)
+                if now < 0.0:
+                    now = _now()
+                wanted, impatient = self._impatient(wanted, cold, coming, room, now)
         below_minimum = s.min_pool_size - self.size
         if below_minimum > wanted:
             wanted = below_minimum
@@ -430,7 +442,8 @@ class Pool:
             count = parallel
             self.scaling.gate_waits += 1
         budget = self.budget
-        now = time.monotonic() if budget is not None and count > 0 else 0.0
+        if budget is not None and count > 0 and now < 0.0:
+            now = _now()
         for _ in range(count):
             if budget is not None and not budget.take(self, now):
                 break
@@ -444,21 +457,26 @@ class Pool:
             self._tasks.add(task)
             task.add_done_callback(self._connect_task_done)
 
-    def _impatient(self, uncovered: int, cold: int, coming: int, room: int) -> tuple[int, int]:
+    def _impatient(
+        self, uncovered: int, cold: int, coming: int, room: int, now: float
+    ) -> tuple[int, int]:
         """Above the warm threshold: how many servers to open now for the `uncovered`
         queued clients (those past their patience, or `cold` more to reach the
         threshold), and how many of those are for clients past their patience."""
         patience = self._patience()
-        cutoff = time.monotonic() - patience
         waiters = self._waiters
         head = self._head
         # Clients are queued in order of arrival: the impatient ones come first. Only
-        # as many as could get a server matter.
+        # as many as could get a server matter. While the first has waited less than
+        # the shortest patience the jitter can draw, none is due whatever it draws:
+        # no random number then (this runs at every queued transaction).
         due = 0
-        for i in range(head, head + min(self.waiting, coming + room)):
-            if waiters[i].wait_started > cutoff:
-                break
-            due += 1
+        if now - waiters[head].wait_started >= patience * (1.0 - _JITTER):
+            cutoff = now - _jittered(patience)
+            for i in range(head, head + min(self.waiting, coming + room)):
+                if waiters[i].wait_started > cutoff:
+                    break
+                due += 1
         impatient = due - coming
         if impatient > 0:
             self.scaling.antic_timeout += 1
@@ -466,21 +484,21 @@ class Pool:
         if allowed < 0:
             allowed = 0
         if allowed < uncovered and allowed < room and self._patience_timer is None:
-            next_due = waiters[head + coming + allowed].wait_started + patience
+            next_due = waiters[head + coming + allowed].wait_started + _jittered(patience)
             self._patience_timer = self._loop.call_later(
-                max(next_due - time.monotonic(), 0.0), self._patience_over
+                max(next_due - now, 0.0), self._patience_over
             )
         wanted = allowed if allowed < uncovered else uncovered
         return wanted, (impatient if impatient < wanted else wanted)
 
     def _patience(self) -> float:
+        """How long a queued client waits for a server to come back, before jitter."""
         p99 = self.stats.xact_p99
         if p99 <= 0.0:
             patience = _PATIENCE_COLD
         else:
             patience = min(max(2.0 * p99, _PATIENCE_MIN), _PATIENCE_MAX)
-        patience = min(patience, self.settings.query_wait_timeout - _PATIENCE_RESERVE)
-        return patience * random.uniform(1 - _JITTER, 1 + _JITTER)
+        return min(patience, self.settings.query_wait_timeout - _PATIENCE_RESERVE)
 
     def _patience_over(self) -> None:
         self._patience_timer = None
@@ -512,7 +530,7 @@ class Pool:
         self._connect_failures = 0
         self.last_connect_error = None
         self.servers.add(server)
-        self.release(server, time.monotonic(), fresh=True)
+        self.release(server, _now(), fresh=True)
         if self.waiting or self.size < self.settings.min_pool_size:
             self._grow()  # a slot to open servers in is free again
 
@@ -553,7 +571,7 @@ class Pool:
         """Close expired idle servers (at most `budget`; None = no limit) and refill the
         minimum. Returns how many were closed."""
         closed = 0
-        now = time.monotonic()
+        now = _now()
         for server in list(self.idle):
             if budget is not None and closed >= budget:
                 break
@@ -572,13 +590,13 @@ class Pool:
         lifetime = self.settings.server_lifetime
         if lifetime <= 0:
             return float("inf")
-        return now + lifetime * random.uniform(1 - _JITTER, 1 + _JITTER)
+        return now + _jittered(lifetime)
 
     def idle_limit(self) -> float:
         timeout = self.settings.idle_timeout
         if timeout <= 0:
             return float("inf")
-        return timeout * random.uniform(1 - _JITTER, 1 + _JITTER)
+        return _jittered(timeout)
 
     def close_idle(self, reason: str) -> None:
         while self.idle:
