@@ -22,40 +22,40 @@ BUCKETS: Final[tuple[float, ...]] = (
 def bucket_of(seconds: float) -> int:
     """Index of the first bucket whose bound is >= seconds (len(BUCKETS) for +Inf).
 
-    The bounds of BUCKETS written out as a search tree of at most seven comparisons:
-    compiled, each is one comparison of unboxed floats, where a walk over the tuple
-    unboxes every bound it reads (three times per transaction). A test checks this
-    against BUCKETS. NaN compares false everywhere and lands in +Inf, as in a walk.
+    The bounds of BUCKETS written out, in order: compiled, each test is one comparison
+    of unboxed floats, where a walk over the tuple unboxes every bound it reads (three
+    times per transaction); most durations land in the first few buckets. A test checks
+    this against BUCKETS. NaN compares false everywhere and lands in +Inf.
     """
+    if seconds <= 0.0001:
+        return 0
+    if seconds <= 0.00025:
+        return 1
+    if seconds <= 0.0005:
+        return 2
+    if seconds <= 0.001:
+        return 3
+    if seconds <= 0.0025:
+        return 4
     if seconds <= 0.005:
-        if seconds <= 0.0005:
-            if seconds <= 0.0001:
-                return 0
-            if seconds <= 0.00025:
-                return 1
-            return 2
-        if seconds <= 0.001:
-            return 3
-        if seconds <= 0.0025:
-            return 4
         return 5
+    if seconds <= 0.01:
+        return 6
+    if seconds <= 0.025:
+        return 7
+    if seconds <= 0.05:
+        return 8
     if seconds <= 0.1:
-        if seconds <= 0.01:
-            return 6
-        if seconds <= 0.025:
-            return 7
-        if seconds <= 0.05:
-            return 8
         return 9
+    if seconds <= 0.25:
+        return 10
+    if seconds <= 0.5:
+        return 11
     if seconds <= 1.0:
-        if seconds <= 0.25:
-            return 10
-        if seconds <= 0.5:
-            return 11
         return 12
+    if seconds <= 2.5:
+        return 13
     if seconds <= 5.0:
-        if seconds <= 2.5:
-            return 13
         return 14
     if seconds <= 10.0:
         return 15
