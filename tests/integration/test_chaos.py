@@ -208,12 +208,17 @@ async def operator(
     tally: Tally,
 ) -> None:
     """Every OPERATE_EVERY seconds, one of `commands` on the pool's database: replace
-    its servers, pause it briefly, look at it, or reload the (same) configuration."""
+    its servers, pause it briefly, look at it, or reload the (same) configuration. The
+    commands go in rounds, each once per round in a shuffled order, so that a run of a
+    round's length has tried every one of them whatever the seed."""
     console = await asyncpg.connect(proc.dsn("admin", "admin", database="pgdoorman"))
+    round_: list[str] = []
     try:
         while time.monotonic() < deadline:
             await asyncio.sleep(OPERATE_EVERY)
-            command = rng.choice(commands)
+            if not round_:
+                round_ = rng.sample(commands, len(commands))
+            command = round_.pop()
             if command == "reload":
                 proc.reload()
             elif command in ("RECONNECT", "PAUSE"):
