@@ -119,6 +119,28 @@ def test_bind_is_renamed_byte_for_byte_in_any_chunking(
     assert out == msg(b"B", portal.encode() + b"\x00" + name + b"\x00" + rest) + EXECUTE + SYNC
 
 
+@settings(max_examples=100)
+@given(
+    st.integers(min_value=0, max_value=600),
+    st.binary(max_size=3000),
+    st.lists(st.integers(min_value=0, max_value=6000), max_size=8),
+)
+def test_bind_behind_other_messages_is_renamed_in_any_chunking(
+    flushes: int, rest: bytes, cuts: list[int]
+) -> None:
+    """Messages forwarded as they are ahead of the one rewritten, and parameters behind
+    its name, short or beyond the size up to which output is concatenated rather than
+    joined: the stream comes out the same but for the name."""
+    s = Session()
+    s.send(parse("a", "select 1") + SYNC)
+    s.reply(messages.PARSE_COMPLETE + messages.READY_IDLE)
+    name = server_name("select 1")
+    lead = FLUSH * flushes
+    stream = lead + msg(b"B", b"\x00a\x00" + rest) + EXECUTE + SYNC
+    out = b"".join(s.send(chunk) for chunk in split(stream, cuts))
+    assert out == lead + msg(b"B", b"\x00" + name + b"\x00" + rest) + EXECUTE + SYNC
+
+
 @settings(max_examples=200)
 @given(st.lists(st.integers(min_value=0, max_value=60), max_size=12))
 def test_skipped_parse_gets_synthetic_parse_complete_any_chunking(cuts: list[int]) -> None:

@@ -278,6 +278,7 @@ class BatchRewriter:
     __slots__ = (
         "_bind_head",
         "_bind_length",
+        "_bind_name",
         "_error_fix_payload",
         "_journal",
         "_last_parse",
@@ -326,6 +327,10 @@ class BatchRewriter:
         # repeat their length, and converting the int costs more than comparing it.
         self._bind_length = 0
         self._bind_head = b""
+        # The statement name of the last Bind. A client mostly binds one statement
+        # again and again: the name sliced from each Bind is a new bytes object whose
+        # hash the dict lookup would compute every time, while this one's is cached.
+        self._bind_name = b""
         # Changes to the client's names that the server's replies have not confirmed
         # yet, oldest first: (serial of the expected reply that confirms the change,
         # name (b"" for the unnamed statement), what the name meant before). PostgreSQL
@@ -721,6 +726,10 @@ class BatchRewriter:
         if not name_end:
             return self._invalid("invalid string in message")
         client_name = data[portal_end : name_end - 1]
+        if client_name == self._bind_name:
+            client_name = self._bind_name
+        else:
+            self._bind_name = client_name
         entry = self._resolve(client_name)
         if entry is None:
             return self._missing(client_name)

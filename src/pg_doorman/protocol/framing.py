@@ -483,8 +483,9 @@ class FrontendScanner(_Stream):
                 replacement = rewriter.frontend(msg_type, data, pos, end)
                 if replacement is not None:
                     if parts is None:
-                        parts = []
-                    parts += (data[start:pos], replacement)
+                        parts = [data[start:pos], replacement]
+                    else:
+                        parts += (data[start:pos], replacement)
                     if rewriter.resume_at:
                         start = rewriter.resume_at
                         rewriter.resume_at = 0
@@ -536,5 +537,17 @@ class FrontendScanner(_Stream):
     def _output(data: bytes, parts: list[bytes] | None, start: int, upto: int) -> bytes:
         if parts is None:
             return data if upto == len(data) else data[:upto]
+        if len(parts) == 2 and (
+            not len(parts[0]) or len(parts[0]) + len(parts[1]) + upto - start <= _SMALL_JOIN
+        ):
+            # One message rewritten, as a Bind of a prepared statement mostly is: put
+            # together without growing the list, which would reallocate its storage
+            # (and copied once, as join would, unless all of it is short).
+            out = parts[1]
+            if len(parts[0]):
+                out = parts[0] + out
+            if start < upto:
+                out = out + data[start:upto] if len(out) else data[start:upto]
+            return out
         parts.append(data[start:upto])
         return joined(parts)
