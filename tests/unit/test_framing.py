@@ -19,6 +19,7 @@ from pg_doorman.protocol.framing import (
     MessageBuffer,
     cleanup_queries,
     joined,
+    joined_with_rest,
     tag_cleanup_effect,
 )
 from pg_doorman.protocol.messages import ProtocolError
@@ -259,6 +260,19 @@ def test_message_buffer_yields_messages() -> None:
 def test_joined_is_join(parts: list[bytes]) -> None:
     assert joined(list(parts)) == b"".join(parts)
     assert type(joined(list(parts))) is bytes
+
+
+@given(
+    st.lists(st.one_of(st.just(b""), st.binary(max_size=1500)), min_size=1, max_size=6),
+    st.binary(max_size=3000),
+    st.integers(min_value=0, max_value=3000),
+    st.integers(min_value=0, max_value=3000),
+)
+def test_joined_with_rest_is_join(parts: list[bytes], data: bytes, start: int, upto: int) -> None:
+    start, upto = sorted((min(start, len(data)), min(upto, len(data))))
+    out = joined_with_rest(list(parts), data, start, upto)
+    assert out == b"".join([*parts, data[start:upto]])
+    assert type(out) is bytes
 
 
 def test_message_buffer_whole_chunks_and_length_limits() -> None:

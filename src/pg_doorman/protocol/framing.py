@@ -199,6 +199,24 @@ def joined(parts: list[bytes]) -> bytes:
     return b"".join(parts)
 
 
+def joined_with_rest(parts: list[bytes], data: bytes, start: int, upto: int) -> bytes:
+    """joined(parts + [data[start:upto]]). With two parts, the usual case of one message
+    rewritten or one synthetic reply put in, the output is concatenated without
+    growing the list, which would reallocate its storage; copied once, as a join
+    would, unless all of it is short."""
+    if len(parts) == 2 and (
+        not len(parts[0]) or len(parts[0]) + len(parts[1]) + upto - start <= _SMALL_JOIN
+    ):
+        out = parts[1]
+        if len(parts[0]):
+            out = parts[0] + out
+        if start < upto:
+            out = out + data[start:upto] if len(out) else data[start:upto]
+        return out
+    parts.append(data[start:upto])
+    return joined(parts)
+
+
 def _select_tag_at(data: bytes, at: int) -> bool:
     """Whether the six bytes at `at` spell SELECT (the caller checked they are there)."""
     return (
@@ -283,11 +301,15 @@ class BackendScanner(_Stream):
                 if hook is not None:
                     action = hook.backend(msg_type)
                     if action:
-                        if parts is None:
-                            parts = []
-                        parts.append(data[start:pos])
                         if action & _HAS_PREFIX:
-                            parts.append(hook.take_prefix())
+                            if parts is None:
+                                parts = [data[start:pos], hook.take_prefix()]
+                            else:
+                                parts += (data[start:pos], hook.take_prefix())
+                        elif parts is None:
+                            parts = [data[start:pos]]
+                        else:
+                            parts.append(data[start:pos])
                         start = end if action & _DROP else pos
                 if end > n:
                     self.need = end - n
@@ -303,8 +325,9 @@ class BackendScanner(_Stream):
                 action = hook.backend(msg_type)
                 if action & _HAS_PREFIX:
                     if parts is None:
-                        parts = []
-                    parts += (data[start:pos], hook.take_prefix())
+                        parts = [data[start:pos], hook.take_prefix()]
+                    else:
+                        parts += (data[start:pos], hook.take_prefix())
                     start = pos
             if msg_type == _Z:
                 self.ready_count += 1
@@ -330,8 +353,9 @@ class BackendScanner(_Stream):
                     fixed = hook.fixed_error(self.last_error)
                     if fixed is not None:
                         if parts is None:
-                            parts = []
-                        parts += (data[start:pos], fixed)
+                            parts = [data[start:pos], fixed]
+                        else:
+                            parts += (data[start:pos], fixed)
                         start = end
             elif msg_type == _S:
                 self._parameter_status(data[pos + 5 : end])
@@ -345,8 +369,9 @@ class BackendScanner(_Stream):
             tail = hook.drain()
             if len(tail):
                 if parts is None:
-                    parts = []
-                parts += (data[start:pos], tail)
+                    parts = [data[start:pos], tail]
+                else:
+                    parts += (data[start:pos], tail)
                 start = pos
         if pos < n:
             self._hold(data, pos)
@@ -354,8 +379,7 @@ class BackendScanner(_Stream):
                 return data[:pos]
         elif parts is None:
             return data
-        parts.append(data[start:pos])
-        return joined(parts)
+        return joined_with_rest(parts, data, start, pos)
 
     def _parameter_status(self, body: bytes) -> None:
         self.param_changes += 1
@@ -537,17 +561,4 @@ class FrontendScanner(_Stream):
     def _output(data: bytes, parts: list[bytes] | None, start: int, upto: int) -> bytes:
         if parts is None:
             return data if upto == len(data) else data[:upto]
-        if len(parts) == 2 and (
-            not len(parts[0]) or len(parts[0]) + len(parts[1]) + upto - start <= _SMALL_JOIN
-        ):
-            # One message rewritten, as a Bind of a prepared statement mostly is: put
-            # together without growing the list, which would reallocate its storage
-            # (and copied once, as join would, unless all of it is short).
-            out = parts[1]
-            if len(parts[0]):
-                out = parts[0] + out
-            if start < upto:
-                out = out + data[start:upto] if len(out) else data[start:upto]
-            return out
-        parts.append(data[start:upto])
-        return joined(parts)
+        return joined_with_rest(parts, data, start, upto)
