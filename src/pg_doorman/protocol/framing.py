@@ -217,6 +217,16 @@ def joined_with_rest(parts: list[bytes], data: bytes, start: int, upto: int) -> 
     return joined(parts)
 
 
+def _plus(parts: list[bytes] | None, before: bytes, inserted: bytes) -> list[bytes]:
+    """`parts` with `before` (the stream's bytes up to an insertion) and `inserted`
+    added; the first time, a list made at its size (appending to an empty one would
+    allocate its storage and then grow it)."""
+    if parts is None:
+        return [before, inserted]
+    parts += (before, inserted)
+    return parts
+
+
 def _select_tag_at(data: bytes, at: int) -> bool:
     """Whether the six bytes at `at` spell SELECT (the caller checked they are there)."""
     return (
@@ -302,10 +312,7 @@ class BackendScanner(_Stream):
                     action = hook.backend(msg_type)
                     if action:
                         if action & _HAS_PREFIX:
-                            if parts is None:
-                                parts = [data[start:pos], hook.take_prefix()]
-                            else:
-                                parts += (data[start:pos], hook.take_prefix())
+                            parts = _plus(parts, data[start:pos], hook.take_prefix())
                         elif parts is None:
                             parts = [data[start:pos]]
                         else:
@@ -324,10 +331,7 @@ class BackendScanner(_Stream):
             if hook is not None:
                 action = hook.backend(msg_type)
                 if action & _HAS_PREFIX:
-                    if parts is None:
-                        parts = [data[start:pos], hook.take_prefix()]
-                    else:
-                        parts += (data[start:pos], hook.take_prefix())
+                    parts = _plus(parts, data[start:pos], hook.take_prefix())
                     start = pos
             if msg_type == _Z:
                 self.ready_count += 1
@@ -352,10 +356,7 @@ class BackendScanner(_Stream):
                 if hook is not None and hook.error_fix:
                     fixed = hook.fixed_error(self.last_error)
                     if fixed is not None:
-                        if parts is None:
-                            parts = [data[start:pos], fixed]
-                        else:
-                            parts += (data[start:pos], fixed)
+                        parts = _plus(parts, data[start:pos], fixed)
                         start = end
             elif msg_type == _S:
                 self._parameter_status(data[pos + 5 : end])
@@ -368,10 +369,7 @@ class BackendScanner(_Stream):
         if hook is not None:
             tail = hook.drain()
             if len(tail):
-                if parts is None:
-                    parts = [data[start:pos], tail]
-                else:
-                    parts += (data[start:pos], tail)
+                parts = _plus(parts, data[start:pos], tail)
                 start = pos
         if pos < n:
             self._hold(data, pos)
@@ -506,10 +504,7 @@ class FrontendScanner(_Stream):
                     continue
                 replacement = rewriter.frontend(msg_type, data, pos, end)
                 if replacement is not None:
-                    if parts is None:
-                        parts = [data[start:pos], replacement]
-                    else:
-                        parts += (data[start:pos], replacement)
+                    parts = _plus(parts, data[start:pos], replacement)
                     if rewriter.resume_at:
                         start = rewriter.resume_at
                         rewriter.resume_at = 0
