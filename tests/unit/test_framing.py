@@ -151,6 +151,31 @@ def test_backend_scanner_rejects_bad_lengths(msg_type: bytes, length: int) -> No
         scanner.feed(msg_type + struct.pack("!I", length) + b"\x00" * 8)
 
 
+@pytest.mark.parametrize("length", [0x8000_0000, 0xFFFF_FFFF])
+def test_scanners_reject_lengths_with_the_high_bit_set(length: int) -> None:
+    # The compiled build reads the length into a 64-bit machine integer: a header
+    # with the top bit set is a huge length, not a negative one.
+    header = struct.pack("!I", length)
+    with pytest.raises(ProtocolError):
+        BackendScanner({}).feed(b"D" + header + b"\x00" * 8)
+    with pytest.raises(ProtocolError):
+        FrontendScanner().feed(b"d" + header + b"\x00" * 8)
+
+
+def test_scanners_pass_the_largest_message_through_in_pieces() -> None:
+    # A message of the largest allowed size is forwarded as it comes, never held:
+    # after its header the scanner counts the bytes still due.
+    length = codes.MAX_MESSAGE_SIZE
+    body = b"\x00" * 1000
+    for scanner, msg_type in ((BackendScanner({}), b"D"), (FrontendScanner(), b"d")):
+        first = msg_type + struct.pack("!I", length) + body
+        assert scanner.feed(first) == first
+        assert scanner.need == length - 4 - len(body)
+        assert scanner.feed(body) == body
+        assert scanner.need == length - 4 - 2 * len(body)
+        assert scanner.mid_message
+
+
 @pytest.mark.parametrize("length", [4, 6, 7])
 def test_backend_scanner_rejects_ready_for_query_of_another_length(length: int) -> None:
     scanner = BackendScanner({})

@@ -22,6 +22,8 @@ from pg_doorman.prepared.registry import PoolStatements, ServerStatements, State
 from pg_doorman.protocol import codes, messages, sqlstate
 
 if TYPE_CHECKING:
+    from mypy_extensions import i64  # a machine integer when compiled (see framing)
+
     from pg_doorman.protocol.framing import BackendScanner
 
 logger: Final = logging.getLogger("pg_doorman.prepared")
@@ -196,12 +198,12 @@ _NOTHING_EXPECTED: Final = Expectations()
 _NOTHING_JOURNALED: Final[list[tuple[int, bytes, StatementEntry | None]]] = []
 
 
-def _name_end(body: bytes, start: int) -> int:
+def _name_end(body: bytes, start: i64) -> i64:
     """Index just past the NUL that ends the name starting at `start` (0 if none)."""
     return _name_end_before(body, start, len(body))
 
 
-def _name_end_before(data: bytes, start: int, end: int) -> int:
+def _name_end_before(data: bytes, start: i64, end: i64) -> i64:
     """_name_end within data[:end] (a message's end, not its chunk's).
 
     A loop over bytes compiles to native reads, where bytes.find() is a generic call
@@ -368,7 +370,7 @@ class BatchRewriter:
 
     # ---- frontend -----------------------------------------------------------
 
-    def frontend(self, msg_type: int, data: bytes, pos: int, end: int) -> bytes | None:
+    def frontend(self, msg_type: i64, data: bytes, pos: i64, end: i64) -> bytes | None:
         """Replacement for one client message (None: forward unchanged)."""
         if msg_type == codes.SYNC:
             self.skipping = False
@@ -717,12 +719,15 @@ class BatchRewriter:
             return None
         return body[1 : name_end - 1]
 
-    def _bind(self, data: bytes, pos: int, end: int) -> bytes | None:
+    def _bind(self, data: bytes, pos: i64, end: i64) -> bytes | None:
         """The Bind in data[pos:end] up to its statement name, with the server's name;
         the parameters behind it go out as the client sent them (resume_at)."""
         portal_start = pos + 5
         portal_end = _name_end_before(data, portal_start, end)
-        name_end = _name_end_before(data, portal_end, end) if portal_end else 0
+        # Not a conditional expression: its int-or-i64 value would be a boxed object.
+        name_end: i64 = 0
+        if portal_end:
+            name_end = _name_end_before(data, portal_end, end)
         if not name_end:
             return self._invalid("invalid string in message")
         client_name = data[portal_end : name_end - 1]
@@ -737,7 +742,7 @@ class BatchRewriter:
         self._push(BIND, client_name)
         self.resume_at = name_end
         name = entry.name
-        length = end - pos - (name_end - portal_end) + len(name)
+        length: int = end - pos - (name_end - portal_end) + len(name)
         if length != self._bind_length:
             self._bind_length = length
             # Type byte and length in one conversion: 0x42 is "B".
@@ -803,7 +808,7 @@ class BatchRewriter:
 
     # ---- backend ------------------------------------------------------------
 
-    def backend(self, msg_type: int) -> int:
+    def backend(self, msg_type: i64) -> int:
         """Decide about one server message; see DROP/HAS_PREFIX."""
         expect = self.expect
         action = 0

@@ -17,6 +17,11 @@ from pg_doorman.protocol import codes
 from pg_doorman.protocol.messages import ProtocolError
 
 if TYPE_CHECKING:
+    # i64 is int when interpreted; compiled, a variable so typed is a machine integer
+    # (the scanners' positions and lengths: a plain int is a tagged object whose every
+    # addition and shift checks for overflow into a long).
+    from mypy_extensions import i64
+
     # The scanners' hooks: BatchRewriter rewrites client messages (frontend()) and
     # decides, message by message, what of the replies reaches the client (backend(),
     # take_prefix(), drain()). Typed with the class itself, not a Protocol, so that the
@@ -46,11 +51,14 @@ class MessageBuffer:
 
     def next_message(self) -> tuple[int, bytes] | None:
         buf = self._buf
-        size = len(buf)
+        size: i64 = len(buf)
         if size < 5:
             return None
         # Indexing, not struct: the compiled build reads the four bytes as native ints.
-        length = (buf[1] << 24) | (buf[2] << 16) | (buf[3] << 8) | buf[4]
+        length: i64 = buf[1]
+        length = (length << 8) | buf[2]
+        length = (length << 8) | buf[3]
+        length = (length << 8) | buf[4]
         if length < 4 or length > _MAX:
             raise ProtocolError(f"invalid message length {length}")
         end = length + 1
@@ -184,8 +192,8 @@ def joined(parts: list[bytes]) -> bytes:
     once more. Empty parts (a message answered here, nothing between two rewritten
     ones) do not count."""
     if len(parts) <= 8:
-        total = 0
-        count = 0
+        total: i64 = 0
+        count: i64 = 0
         for part in parts:
             total += len(part)
             if len(part):
@@ -227,7 +235,7 @@ def _plus(parts: list[bytes] | None, before: bytes, inserted: bytes) -> list[byt
     return parts
 
 
-def _select_tag_at(data: bytes, at: int) -> bool:
+def _select_tag_at(data: bytes, at: i64) -> bool:
     """Whether the six bytes at `at` spell SELECT (the caller checked they are there)."""
     return (
         data[at] == 83  # S
@@ -287,8 +295,8 @@ class BackendScanner(_Stream):
             data = self._join(data)
             if not len(data):
                 return b""
-        n = len(data)
-        pos = self.need
+        n: i64 = len(data)
+        pos: i64 = self.need
         if pos:
             if pos >= n:
                 self.need = pos - n
@@ -297,13 +305,15 @@ class BackendScanner(_Stream):
         hook = self.hook
         # With a hook, output is assembled from parts: data[start:...] plus insertions.
         parts: list[bytes] | None = None
-        start = 0
+        start: i64 = 0
         decoded = _BACKEND_DECODED
         while n - pos >= 5:
-            msg_type = data[pos]
-            length = (
-                (data[pos + 1] << 24) | (data[pos + 2] << 16) | (data[pos + 3] << 8) | data[pos + 4]
-            )
+            msg_type: i64 = data[pos]
+            # Byte by byte into an i64: shifting the bytes as ints would be boxed-int work.
+            length: i64 = data[pos + 1]
+            length = (length << 8) | data[pos + 2]
+            length = (length << 8) | data[pos + 3]
+            length = (length << 8) | data[pos + 4]
             end = pos + 1 + length
             if not decoded[msg_type]:
                 if length < 4 or length > _MAX:
@@ -462,8 +472,8 @@ class FrontendScanner(_Stream):
             data = self._join(data)
             if not len(data):
                 return b""
-        n = len(data)
-        pos = self.need
+        n: i64 = len(data)
+        pos: i64 = self.need
         if pos:
             if pos >= n:
                 self.need = pos - n
@@ -471,13 +481,14 @@ class FrontendScanner(_Stream):
             self.need = 0
         rewriter = self.rewriter
         parts: list[bytes] | None = None
-        start = 0
+        start: i64 = 0
         valid = _FRONTEND_VALID
         while n - pos >= 5:
-            msg_type = data[pos]
-            length = (
-                (data[pos + 1] << 24) | (data[pos + 2] << 16) | (data[pos + 3] << 8) | data[pos + 4]
-            )
+            msg_type: i64 = data[pos]
+            length: i64 = data[pos + 1]  # as in BackendScanner.feed
+            length = (length << 8) | data[pos + 2]
+            length = (length << 8) | data[pos + 3]
+            length = (length << 8) | data[pos + 4]
             if not valid[msg_type] or length < 4 or length > _MAX:
                 raise ProtocolError(
                     f"invalid frontend message type {msg_type!r} or length {length}"
