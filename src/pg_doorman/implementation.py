@@ -46,6 +46,7 @@ COMPILED_MODULES: tuple[str, ...] = (
     "pg_doorman.net.ids",
     "pg_doorman.net.inbox",
     "pg_doorman.net.server",
+    "pg_doorman.net.writer",
     "pg_doorman.pool.pool",
     "pg_doorman.prepared.registry",
     "pg_doorman.prepared.rewriter",

@@ -32,6 +32,7 @@ from pg_doorman.auth.talos import TALOS_USER
 from pg_doorman.net.session_state import SessionState
 from pg_doorman.net.suspend import SUSPEND
 from pg_doorman.net.tls import TlsReader, negotiated_postgresql, start_tls_with_hello
+from pg_doorman.net.writer import SocketWriter
 from pg_doorman.pool.pool import AcquireError, Pool
 from pg_doorman.prepared.registry import StatementEntry
 from pg_doorman.prepared.rewriter import BatchRewriter
@@ -143,7 +144,7 @@ class ClientConnection(asyncio.Protocol):
         "_raw_parameters",
         "_restoring",
         "_startup_buf",
-        "_transport_write",
+        "_writer",
         "address",
         "admin",
         "application_name",
@@ -185,9 +186,8 @@ class ClientConnection(asyncio.Protocol):
         self.unix = unix
         self.tls = False  # the TLS handshake with the client is done
         self.transport: asyncio.Transport | None = None
-        # The transport's write, bound once: calling it skips the method lookup that
-        # `transport.write(...)` costs on every write.
-        self._transport_write: Callable[[bytes], None] | None = None
+        # Every write to the client goes through it (net/writer.py).
+        self._writer: SocketWriter | None = None
         self.state = STARTUP
         self.client_id = 0
         self.secret = 0
@@ -251,7 +251,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the interface without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
-        self._transport_write = self.transport.write
+        self._writer = SocketWriter(self.transport)
         restoring = self._restoring
         if restoring is not None:
             self._resume(restoring)
@@ -283,6 +283,8 @@ class ClientConnection(asyncio.Protocol):
         if was == CLOSED:
             return  # a failed TLS handshake reports it twice: ours, then the TLS layer's
         self.state = CLOSED
+        if self._writer is not None:
+            self._writer.stop()  # the transport closes the descriptor once this returns
         self.pooler.logging_in.pop(self, None)
         self._on_data = _ignore
         if self._login_wait == _WAIT_MESSAGE:
@@ -331,10 +333,10 @@ class ClientConnection(asyncio.Protocol):
     # ---- output -------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        transport_write = self._transport_write
-        if len(data) and transport_write is not None and self.state != CLOSED:
+        writer = self._writer
+        if len(data) and writer is not None and self.state != CLOSED:
             self.bytes_sent += len(data)
-            transport_write(data)
+            writer.write(data)
 
     def fail(self, code: str, message: str, *, detail: str | None = None) -> None:
         """Send a FATAL error and close: the session cannot go on (once: a client
@@ -344,9 +346,9 @@ class ClientConnection(asyncio.Protocol):
         logger.info("client %s: %s (%s)", self.name, message, code)
         if self.state < IDLE:
             self.pooler.login_failures += 1
-        self.transport.write(
-            self._take_auth_final() + messages.error_response("FATAL", code, message, detail=detail)
-        )
+        error = messages.error_response("FATAL", code, message, detail=detail)
+        if self._writer is not None:
+            self._writer.write(self._take_auth_final() + error)
         self.close()
 
     def _take_auth_final(self) -> bytes:
@@ -356,6 +358,8 @@ class ClientConnection(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
+            if self._writer is not None:
+                self._writer.stop()  # what comes later is the closing transport's to drop
             self.transport.close()
 
     def _close_after_cancel(self, forwarded: asyncio.Task[None]) -> None:
@@ -499,6 +503,8 @@ class ClientConnection(asyncio.Protocol):
                 await asyncio.sleep(delay)
                 if self.state == CLOSED:  # gone, or cut by client_login_timeout
                     return
+        if self._writer is not None:
+            self._writer.stop()  # the TLS layer writes to the socket from here on
         try:
             opening = self.loop.start_tls(
                 transport,
@@ -525,7 +531,7 @@ class ClientConnection(asyncio.Protocol):
             self.connection_lost(None)
             return
         self.transport = tls_transport
-        self._transport_write = self.transport.write
+        self._writer = SocketWriter(tls_transport)
         if hello and not negotiated_postgresql(tls_transport):
             # As PostgreSQL: direct TLS needs ALPN, so that a TLS connection meant for
             # another protocol is never taken for ours.
@@ -1077,9 +1083,9 @@ class ClientConnection(asyncio.Protocol):
                 frontend.named_parse_seen = False
                 server.scanner.cleanup_flags |= CLEAN_PREPARE
             server.bytes_sent += len(out)
-            server_write = server.transport_write
-            assert server_write is not None
-            server_write(out)
+            server_writer = server.writer
+            assert server_writer is not None
+            server_writer.write(out)
         if (len(frontend.held) or self._memory_accounted) and not self._account_memory(
             len(frontend.held)
         ):
@@ -1482,6 +1488,8 @@ class ClientConnection(asyncio.Protocol):
         self._account_memory(0)
         self.pooler.unregister_client(self)
         if self.transport is not None:
+            if self._writer is not None:
+                self._writer.stop()  # the new process writes to the socket now
             # Only this process's descriptor closes: the socket lives on in the other.
             self.transport.abort()
 

@@ -21,6 +21,7 @@ from pg_doorman.auth.scram import ScramClientSession, ScramError, ScramVerifier
 from pg_doorman.net.inbox import AwaitableInbox
 from pg_doorman.net.server_tls import ServerTls, TlsRefused, connect_tls
 from pg_doorman.net.sockopts import set_buffer_sizes
+from pg_doorman.net.writer import SocketWriter
 from pg_doorman.pool.pool import AcquireError, ConnectTimeout, LoginRefused, Pool
 from pg_doorman.prepared.registry import ServerStatements
 from pg_doorman.protocol import codes, messages, sqlstate
@@ -89,8 +90,8 @@ class ServerConnection(asyncio.Protocol):
         self.loop = loop
         self.epoch = pool.epoch
         self.transport: asyncio.Transport | None = None
-        # The transport's write, bound once (see ClientConnection._transport_write).
-        self.transport_write: Callable[[bytes], None] | None = None
+        # Every write to the server goes through it (net/writer.py).
+        self.writer: SocketWriter | None = None
         self.mode = LOGIN
         self.parameters: dict[str, str] = {}
         # Non-reported session parameters SET on behalf of clients (see client.py).
@@ -148,7 +149,7 @@ class ServerConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the interface without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
-        self.transport_write = self.transport.write
+        self.writer = SocketWriter(self.transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -174,6 +175,8 @@ class ServerConnection(asyncio.Protocol):
         was = self.mode
         self.closed = True
         self.mode = CLOSED
+        if self.writer is not None:
+            self.writer.stop()  # the transport closes the descriptor once this returns
         if self._timer is not None:
             self._timer.cancel()
         if isinstance(self._inbox, AwaitableInbox):
@@ -218,8 +221,8 @@ class ServerConnection(asyncio.Protocol):
         return None
 
     def _send(self, data: bytes) -> None:
-        assert self.transport_write is not None
-        self.transport_write(data)
+        assert self.writer is not None
+        self.writer.write(data)
 
     async def login(self, startup: dict[str, str], creds: BackendCredentials) -> None:
         """Run the startup exchange until the first ReadyForQuery."""
@@ -372,6 +375,8 @@ class ServerConnection(asyncio.Protocol):
         self.closed = True
         self.mode = CLOSED
         if self.transport is not None:
+            if self.writer is not None:
+                self.writer.stop()  # Terminate goes behind whatever the transport holds
             with contextlib.suppress(Exception):  # the socket may already be gone
                 self.transport.write(messages.TERMINATE)
             self.transport.close()
@@ -411,7 +416,7 @@ class ServerConnection(asyncio.Protocol):
         self._sync_settles = settles
         self._sync_notice = b""
         self._inbox = MessageBuffer()
-        self.transport.write(messages.query(statement))
+        self._send(messages.query(statement))
 
     def _swallow_sync_reply(self, data: bytes) -> bytes:
         inbox = self._inbox
@@ -698,7 +703,7 @@ class ServerConnection(asyncio.Protocol):
         self._after_quiet = done
         self._quiet_ok = True
         self._timer = self.loop.call_later(self.pool.settings.connect_timeout, self._quiet_timeout)
-        self.transport.write(payload)
+        self._send(payload)
 
     def _quiet_data(self, data: bytes) -> None:
         if self._captured is not None:

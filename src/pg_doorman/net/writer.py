@@ -1,0 +1,100 @@
+"""A connection's writes, straight to its socket while the transport holds none back.
+
+uvloop's `transport.write` appends the bytes to a list, tries to send them, and then
+clears the list through a Python method call: about 1,000 instructions per write on top
+of the system call, twice per transaction, for a list that almost always holds one item
+for an instant. `SocketWriter.write` sends with one `os.write` on the transport's own
+(non-blocking) socket instead, and hands the transport whatever the kernel did not take,
+so the transport's buffering, flow control (`pause_writing`) and error handling are the
+same as before. Bytes never overtake each other: once the transport holds some, every
+later write goes through it until it has sent them all.
+
+The descriptor is only written to while the transport owns it: uvloop closes it after
+the protocol's `connection_lost` returns, and the descriptor's number may belong to
+another connection after that. The owner calls `stop()` as soon as the connection is
+closing or lost, or its socket moves to another process; from then on everything goes
+through the transport, which drops or refuses what comes too late, as it always did.
+TLS transports, and the transports of other event loops, are always written through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Final
+
+_os_write: Final = os.write
+
+# uvloop's stream transports over a socket the pooler may write to itself.
+_DIRECT_TRANSPORTS: Final = frozenset({"TCPTransport", "UnixTransport"})
+
+
+def direct_descriptor(transport: asyncio.BaseTransport) -> int:
+    """The descriptor of the socket under uvloop's plain TCP or Unix `transport`, -1
+    for any other transport (TLS, another event loop's)."""
+    kind = type(transport)
+    if kind.__module__ != "uvloop.loop" or kind.__name__ not in _DIRECT_TRANSPORTS:
+        return -1
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return -1
+    try:
+        fd: int = sock.fileno()
+    except OSError:
+        return -1
+    return fd
+
+
+class SocketWriter:
+    """Writes for one transport; see the module's docstring."""
+
+    __slots__ = ("_fd", "_queued", "_transport", "_transport_write")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        # Bound once: calling it skips the method lookup `transport.write(...)` costs.
+        self._transport_write = transport.write
+        self._fd = direct_descriptor(transport)
+        # The transport may hold bytes not sent yet: ask it before writing directly.
+        self._queued = False
+
+    @property
+    def direct(self) -> bool:
+        """Whether writes may still go to the socket itself."""
+        return self._fd >= 0
+
+    @property
+    def queued(self) -> bool:
+        """Whether the transport may still hold bytes of an earlier write."""
+        return self._queued
+
+    def write(self, data: bytes) -> None:
+        fd = self._fd
+        if fd < 0:
+            self._transport_write(data)
+            return
+        if self._queued:
+            if self._transport.get_write_buffer_size():
+                self._transport_write(data)
+                return
+            self._queued = False
+        try:
+            sent = _os_write(fd, data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            # A reset or a broken pipe: the transport meets the same error on its own
+            # write and reports it (connection_lost) as it always does.
+            self._fd = -1
+            self._transport_write(data)
+            return
+        if sent < len(data):
+            # The socket's buffer is full: the transport keeps the rest and sends it when
+            # the socket can take it, pausing the protocol if it piles up.
+            self._queued = True
+            self._transport_write(data[sent:])
+
+    def stop(self) -> None:
+        """Write through the transport from now on (the connection is closing or gone,
+        or its socket is being handed over)."""
+        self._fd = -1
