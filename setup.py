@@ -2,8 +2,9 @@
 
 `pip install .` builds the pure-Python package. `PG_DOORMAN_COMPILE=1 pip install .`
 (with mypy, a C compiler and the Python headers available) also compiles the modules in
-`pg_doorman.implementation.COMPILED_MODULES` with mypyc and ships them beside their
-sources, with the manifest that lets the package check the two match.
+`pg_doorman.implementation.COMPILED_MODULES` with mypyc and the C helpers in `C_HELPERS`,
+and ships them beside their sources, with the manifest that lets the package check the
+two match.
 """
 
 from __future__ import annotations
@@ -54,12 +55,19 @@ class BuildPyWithManifest(build_py):
 
 if COMPILE:
     from mypyc.build import mypycify
+    from setuptools import Extension
 
     impl = _implementation()
     package = Path("src") / "pg_doorman"
     sources = [str(impl.source_path(module, package)) for module in impl.COMPILED_MODULES]
     setup(
-        ext_modules=mypycify(sources, opt_level="3"),
+        ext_modules=[
+            *mypycify(sources, opt_level="3"),
+            *(
+                Extension(module, [str(impl.source_path(module, package))])
+                for module in impl.C_HELPERS
+            ),
+        ],
         cmdclass={"build_py": BuildPyWithManifest},
     )
 else:

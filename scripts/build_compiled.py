@@ -3,15 +3,17 @@
     python scripts/build_compiled.py           build (replacing any earlier build)
     python scripts/build_compiled.py --clean   remove the build: the sources run
 
-Needs mypy (the `test` or `compiled` extra), a C compiler and the Python headers. The
-list of modules is `pg_doorman.implementation.COMPILED_MODULES`; the manifest written
-last records the hash of each compiled source, so a later edit makes the build stale
-and the package falls back to the sources instead of running old code.
+Needs mypy (the `test` or `compiled` extra), setuptools, a C compiler and the Python
+headers. The list of modules is `pg_doorman.implementation.COMPILED_MODULES`, plus the C
+helpers in `C_HELPERS`; the manifest written last records the hash of each compiled
+source, so a later edit makes the build stale and the package falls back to the sources
+instead of running old code.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -26,6 +28,7 @@ sys.path.insert(0, str(SRC))
 os.environ["PG_DOORMAN_IMPL"] = "python"  # importing the list must not need a build
 
 from pg_doorman.implementation import (  # noqa: E402
+    C_HELPERS,
     COMPILED_MODULES,
     MANIFEST,
     manifest,
@@ -44,6 +47,21 @@ def clean() -> None:
     shutil.rmtree(SRC / "build", ignore_errors=True)
 
 
+def build_c_helpers() -> None:
+    """Compile the C helpers in place, as setuptools builds any extension module."""
+    helpers = [[module, str(source_path(module, PACKAGE).relative_to(SRC))] for module in C_HELPERS]
+    code = (
+        "import json, sys\n"
+        "from setuptools import Extension, setup\n"
+        "helpers = [Extension(name, [path]) for name, path in json.loads(sys.argv[1])]\n"
+        "setup(name='pg-doorman-c-helpers', ext_modules=helpers,\n"
+        "      script_args=['-q', 'build_ext', '--inplace', '--build-temp', 'build/c'])\n"
+    )
+    argv = [sys.executable, "-c", code, json.dumps(helpers)]
+    print("+ build_ext --inplace", " ".join(path for _, path in helpers), flush=True)
+    subprocess.run(argv, cwd=SRC, check=True)
+
+
 def build() -> None:
     clean()
     sources = [source_path(module, PACKAGE) for module in COMPILED_MODULES]
@@ -52,13 +70,15 @@ def build() -> None:
     argv = [sys.executable, "-m", "mypyc", *(str(p.relative_to(SRC)) for p in sources)]
     print("+", " ".join(argv), flush=True)
     subprocess.run(argv, cwd=SRC, env=env, check=True)
+    build_c_helpers()
     after = manifest(PACKAGE)
     if after != before:
         clean()
         raise SystemExit("sources changed while compiling; run the build again")
     (PACKAGE / MANIFEST).write_text(after)
     shutil.rmtree(SRC / "build", ignore_errors=True)
-    print(f"compiled {len(sources)} modules; manifest: {(PACKAGE / MANIFEST).relative_to(ROOT)}")
+    built = f"{len(sources)} modules and {len(C_HELPERS)} C helper(s)"
+    print(f"compiled {built}; manifest: {(PACKAGE / MANIFEST).relative_to(ROOT)}")
 
 
 def main() -> int:

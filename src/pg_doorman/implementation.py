@@ -2,7 +2,8 @@
 
 The modules in `COMPILED_MODULES` can be compiled with mypyc (`make compiled`) into
 extension modules next to their sources. The sources stay the reference and the
-fallback; the compiled build is the same code, about twice as fast. `PG_DOORMAN_IMPL`
+fallback; the compiled build is the same code, about twice as fast. The build also holds
+the small C helpers in `C_HELPERS`, used only with the compiled modules. `PG_DOORMAN_IMPL`
 picks one:
 
 - `auto` (default): the compiled build when one matching the sources is present;
@@ -53,12 +54,22 @@ COMPILED_MODULES: tuple[str, ...] = (
     "pg_doorman.stats.counters",
 )
 
+# Helpers written in C, built with the modules above: what the standard library lacks
+# on the hot path (net/_send.c: a socket send that keeps the GIL). They have no Python
+# source; with the sources (`python`) their callers use the library instead.
+C_HELPERS: tuple[str, ...] = ("pg_doorman.net._send",)
+
+# Everything a build holds, each with its source's digest in the manifest.
+BUILT_MODULES: tuple[str, ...] = COMPILED_MODULES + C_HELPERS
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def source_path(module: str, package_dir: Path = PACKAGE_DIR) -> Path:
+    """The source a build compiles for `module`: its `.py` file, or `.c` for a helper."""
     parts = module.split(".")[1:]
-    return package_dir.joinpath(*parts[:-1], parts[-1] + ".py")
+    suffix = ".c" if module in C_HELPERS else ".py"
+    return package_dir.joinpath(*parts[:-1], parts[-1] + suffix)
 
 
 def source_digest(path: Path) -> str:
@@ -67,9 +78,7 @@ def source_digest(path: Path) -> str:
 
 def manifest(package_dir: Path = PACKAGE_DIR) -> str:
     """The manifest a build of the sources in `package_dir` records (JSON text)."""
-    digests = {
-        module: source_digest(source_path(module, package_dir)) for module in COMPILED_MODULES
-    }
+    digests = {module: source_digest(source_path(module, package_dir)) for module in BUILT_MODULES}
     document = {"sources": digests, "python": sys.implementation.cache_tag}
     return json.dumps(document, indent=2) + "\n"
 
@@ -93,7 +102,7 @@ def build_problem(package_dir: Path = PACKAGE_DIR) -> str | None:
         return "no compiled build is present"
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"{manifest_path.name} is unreadable ({exc})"
-    for module in COMPILED_MODULES:
+    for module in BUILT_MODULES:
         source = source_path(module, package_dir)
         if _extension_of(source) is None:
             return f"{module} is not compiled for this Python ({sys.implementation.cache_tag})"

@@ -14,7 +14,7 @@ import pytest
 
 from pg_doorman import implementation
 from pg_doorman.implementation import (
-    COMPILED_MODULES,
+    BUILT_MODULES,
     ENV,
     MANIFEST,
     SourceFinder,
@@ -30,7 +30,7 @@ EXTENSION = importlib.machinery.EXTENSION_SUFFIXES[0]
 def fake_build(package_dir: Path) -> None:
     """Sources, an (empty) extension file beside each, and a matching manifest."""
     digests = {}
-    for module in COMPILED_MODULES:
+    for module in BUILT_MODULES:
         source = source_path(module, package_dir)
         source.parent.mkdir(parents=True, exist_ok=True)
         source.write_text(f"# {module}\n")
@@ -66,6 +66,19 @@ def test_missing_extension_is_named(tmp_path: Path) -> None:
     problem = build_problem(tmp_path)
     assert problem is not None
     assert "pg_doorman.pool.pool is not compiled" in problem
+
+
+def test_the_c_helpers_belong_to_the_build(tmp_path: Path) -> None:
+    fake_build(tmp_path)
+    helper = source_path("pg_doorman.net._send", tmp_path)
+    assert helper.suffix == ".c"
+    helper.write_text(helper.read_text() + "/* edited */\n")
+    problem = build_problem(tmp_path)
+    assert problem is not None and "stale" in problem and "pg_doorman.net._send" in problem
+    fake_build(tmp_path)
+    helper.with_name(helper.stem + EXTENSION).unlink()
+    problem = build_problem(tmp_path)
+    assert problem is not None and "pg_doorman.net._send is not compiled" in problem
 
 
 def test_unreadable_manifest_is_named(tmp_path: Path) -> None:

@@ -3,11 +3,16 @@
 uvloop's `transport.write` appends the bytes to a list, tries to send them, and then
 clears the list through a Python method call: about 1,000 instructions per write on top
 of the system call, twice per transaction, for a list that almost always holds one item
-for an instant. `SocketWriter.write` sends with one `os.write` on the transport's own
+for an instant. `SocketWriter.write` sends with one system call on the transport's own
 (non-blocking) socket instead, and hands the transport whatever the kernel did not take,
 so the transport's buffering, flow control (`pause_writing`) and error handling are the
 same as before. Bytes never overtake each other: once the transport holds some, every
 later write goes through it until it has sent them all.
+
+The system call is `send_now` from the C helper `_send` with the compiled build: it keeps
+the GIL, which `os.write` releases and takes back around every call (about 500
+instructions, as much as the rest of a write); a send with MSG_DONTWAIT never waits, so
+nothing else could have run meanwhile. With the sources, `os.write` does the same job.
 
 The descriptor is only written to while the transport owns it: uvloop closes it after
 the protocol's `connection_lost` returns, and the descriptor's number may belong to
@@ -21,9 +26,33 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Callable
 from typing import Final
 
+from pg_doorman import implementation
+
 _os_write: Final = os.write
+
+
+def send_with_os_write(fd: int, data: bytes) -> int:
+    """`_send.send_now` with the standard library: the bytes the kernel took, 0 when
+    the socket is full; OSError for anything else."""
+    try:
+        return _os_write(fd, data)
+    except (BlockingIOError, InterruptedError):
+        return 0
+
+
+def _pick_send() -> Callable[[int, bytes], int]:
+    if implementation.ACTIVE == "compiled":  # the build holds the C helper too
+        from pg_doorman.net import _send
+
+        return _send.send_now
+    return send_with_os_write
+
+
+# What every write sends with (see the module's docstring).
+send_now: Final = _pick_send()
 
 # uvloop's stream transports over a socket the pooler may write to itself.
 _DIRECT_TRANSPORTS: Final = frozenset({"TCPTransport", "UnixTransport"})
@@ -79,9 +108,7 @@ class SocketWriter:
                 return
             self._queued = False
         try:
-            sent = _os_write(fd, data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
+            sent = send_now(fd, data)
         except OSError:
             # A reset or a broken pipe: the transport meets the same error on its own
             # write and reports it (connection_lost) as it always does.
