@@ -125,3 +125,43 @@ def test_stats_period_averages_and_recent_window() -> None:
 )  # fmt: skip
 def test_error_classes(code: str, label: str) -> None:
     assert error_class(code) == label
+
+
+def _recorded(stats: PoolStats) -> tuple[object, ...]:
+    return (
+        stats.query_count,
+        stats.query_time,
+        stats.xact_count,
+        stats.xact_time,
+        stats.bytes_received,
+        stats.bytes_sent,
+        list(stats.query_histogram.counts),
+        stats.query_histogram.sum,
+        stats.query_histogram.total,
+        list(stats.xact_histogram.counts),
+        stats.xact_histogram.sum,
+        stats.xact_histogram.total,
+    )
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(min_value=0.0, max_value=1e6),
+            st.integers(min_value=0, max_value=1 << 40),
+            st.integers(min_value=0, max_value=1 << 40),
+        ),
+        max_size=600,
+    )
+)
+def test_a_one_query_transaction_records_as_its_query_and_its_transaction(
+    transactions: list[tuple[float, int, int]],
+) -> None:
+    """The relay's shortcut for a transaction of one query leaves the counters and both
+    histograms exactly as recording the query and the transaction apart does."""
+    apart, together = PoolStats(), PoolStats()
+    for seconds, received, sent in transactions:
+        apart.record_query(seconds)
+        apart.record_transaction(seconds, received, sent)
+        together.record_one_query_transaction(seconds, received, sent)
+    assert _recorded(together) == _recorded(apart)

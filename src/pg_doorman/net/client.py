@@ -142,6 +142,7 @@ class ClientConnection(asyncio.Protocol):
         "_param_mark",
         "_pending",
         "_raw_parameters",
+        "_relaying",
         "_restoring",
         "_startup_buf",
         "_writer",
@@ -240,6 +241,7 @@ class ClientConnection(asyncio.Protocol):
         self._raw_parameters: tuple[str, ...] = ()
         self._memory_accounted = 0
         self._on_data: Callable[[bytes], None] = self._startup_data
+        self._relaying = False  # whether _on_data is _relay_data
         # AuthenticationSASLFinal, held back to go out with what follows it in one write,
         # as PostgreSQL sends it.
         self._auth_final = b""
@@ -276,7 +278,12 @@ class ClientConnection(asyncio.Protocol):
         self.pooler.logging_in[self] = _now()
 
     def data_received(self, data: bytes) -> None:
-        self._on_data(data)
+        # Relaying, the handler is called by name: a native call in the compiled build,
+        # where calling the bound method kept in `_on_data` is a generic one.
+        if self._relaying:
+            self._relay_data(data)
+        else:
+            self._on_data(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         was = self.state
@@ -287,6 +294,7 @@ class ClientConnection(asyncio.Protocol):
             self._writer.stop()  # the transport closes the descriptor once this returns
         self.pooler.logging_in.pop(self, None)
         self._on_data = _ignore
+        self._relaying = False
         if self._login_wait == _WAIT_MESSAGE:
             # Its next message will never come: let the login see the client gone.
             self.loop.call_soon(self._wake_login)
@@ -438,6 +446,7 @@ class ClientConnection(asyncio.Protocol):
             buf.clear()
             self._inbox.feed(rest)
             self._on_data = self._login_data
+            self._relaying = False
             self._login_coro = self._login(request)
             self._resume_login(None)
             return
@@ -468,6 +477,7 @@ class ClientConnection(asyncio.Protocol):
         assert transport is not None
         transport.pause_reading()
         self._on_data = self._startup_during_handshake
+        self._relaying = False
         self.pooler.track(self.loop.create_task(self._tls_handshake(transport, context, hello)))
 
     def _startup_during_handshake(self, data: bytes) -> None:
@@ -484,6 +494,7 @@ class ClientConnection(asyncio.Protocol):
         # client's TLS hello.
         transport.pause_reading()
         self._on_data = self._startup_during_handshake
+        self._relaying = False
         self.write(messages.SSL_ACCEPTED)
         self.pooler.track(self.loop.create_task(self._tls_handshake(transport, context)))
 
@@ -542,6 +553,7 @@ class ClientConnection(asyncio.Protocol):
         self.tls = True
         self.pooler.tls_sessions += 1
         self._on_data = self._startup_data
+        self._relaying = False
         if self._startup_buf:
             self._startup_data(b"")
 
@@ -713,6 +725,7 @@ class ClientConnection(asyncio.Protocol):
             )
         rest = self._inbox.take_rest()
         self._on_data = self._relay_data
+        self._relaying = True
         if rest:
             self._relay_data(rest)
 
@@ -757,6 +770,7 @@ class ClientConnection(asyncio.Protocol):
         self._logged_in()
         rest = self._inbox.take_rest()
         self._on_data = console.data_received
+        self._relaying = False
         if rest:
             console.data_received(rest)
 
@@ -1483,6 +1497,7 @@ class ClientConnection(asyncio.Protocol):
         was = self.state
         self.state = CLOSED
         self._on_data = _ignore
+        self._relaying = False
         if was == WAITING and self.pool is not None:
             self.pool.cancel_wait(self)
         self._account_memory(0)
@@ -1532,6 +1547,7 @@ class ClientConnection(asyncio.Protocol):
         self.pooler.register_client(self)
         self.state = IDLE
         self._on_data = self._relay_data
+        self._relaying = True
         if session.pending:
             self._relay_data(session.pending)
 

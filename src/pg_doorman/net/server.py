@@ -508,16 +508,10 @@ class ServerConnection(asyncio.Protocol):
             ready = scanner.ready_count
             now = _now()
             stats = self.pool.stats
-            if ready == 1:
-                stats.record_query(now - self.query_started)
-            else:
-                each = (now - self.query_started) / ready
-                for _ in range(ready):
-                    stats.record_query(each)
             self.queries += ready
             client.queries += ready
             frontend.pending_ready -= ready
-            if (
+            ended = (
                 frontend.pending_ready <= 0
                 and scanner.status == _READY_I
                 and not frontend.batch_open
@@ -527,15 +521,30 @@ class ServerConnection(asyncio.Protocol):
                 and not len(scanner.held)
                 and not frontend.need
                 and not len(frontend.held)
-            ):
-                frontend.pending_ready = 0
-                self.transactions += 1
-                client.transactions += 1
-                stats.record_transaction(
+            )
+            if ended and ready == 1 and self.query_started == self.xact_started:
+                stats.record_one_query_transaction(
                     now - self.xact_started,
                     self.bytes_sent - self._xact_base_sent,
                     self.bytes_received - self._xact_base_received,
                 )
+            else:
+                if ready == 1:
+                    stats.record_query(now - self.query_started)
+                else:
+                    each = (now - self.query_started) / ready
+                    for _ in range(ready):
+                        stats.record_query(each)
+                if ended:
+                    stats.record_transaction(
+                        now - self.xact_started,
+                        self.bytes_sent - self._xact_base_sent,
+                        self.bytes_received - self._xact_base_received,
+                    )
+            if ended:
+                frontend.pending_ready = 0
+                self.transactions += 1
+                client.transactions += 1
                 self.xact_started = now
                 self._xact_base_sent = self.bytes_sent
                 self._xact_base_received = self.bytes_received

@@ -342,6 +342,25 @@ class PoolStats:
         self.query_time += seconds
         self.query_histogram.observe(seconds)
 
+    def record_one_query_transaction(self, seconds: float, received: int, sent: int) -> None:
+        """`record_query` and `record_transaction` of one duration (a transaction of a
+        single query, as most are), with one bucket search for both histograms."""
+        bucket = bucket_of(seconds)
+        self.query_count += 1
+        self.query_time += seconds
+        hist = self.query_histogram
+        hist.add(bucket)
+        hist.sum += seconds
+        hist.total += 1
+        self.xact_count += 1
+        self.xact_time += seconds
+        hist = self.xact_histogram
+        hist.add(bucket)
+        hist.sum += seconds
+        hist.total += 1
+        self.bytes_received += received
+        self.bytes_sent += sent
+
     def record_no_wait(self) -> None:
         """A server was idle at once: a zero wait, without the bucket search."""
         self.wait_count += 1
