@@ -108,7 +108,11 @@ class Histogram:
             recent[i] = 0
 
     def observe(self, seconds: float) -> None:
-        self.add(bucket_of(seconds))
+        self.observe_in(bucket_of(seconds), seconds)
+
+    def observe_in(self, bucket: int, seconds: float) -> None:
+        """One observation of `seconds` whose bucket the caller already found."""
+        self.add(bucket)
         self.sum += seconds
         self.total += 1
 
@@ -348,16 +352,10 @@ class PoolStats:
         bucket = bucket_of(seconds)
         self.query_count += 1
         self.query_time += seconds
-        hist = self.query_histogram
-        hist.add(bucket)
-        hist.sum += seconds
-        hist.total += 1
+        self.query_histogram.observe_in(bucket, seconds)
         self.xact_count += 1
         self.xact_time += seconds
-        hist = self.xact_histogram
-        hist.add(bucket)
-        hist.sum += seconds
-        hist.total += 1
+        self.xact_histogram.observe_in(bucket, seconds)
         self.bytes_received += received
         self.bytes_sent += sent
 
