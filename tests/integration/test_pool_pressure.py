@@ -235,3 +235,48 @@ def test_with_no_server_out_a_queued_client_does_not_wait_for_one_to_come_back(
         pid_of(conn)
     row = scaling_row(proc, pg)
     assert (row["creates"], row["create_fallback"], row["antic_timeout"]) == ("1", "0", "0")
+
+
+def test_a_pool_that_starts_under_load_grows_before_its_first_stats_period(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """24 clients on a fresh pool of 20 (warm threshold 4) run 5 ms transactions: each
+    waits about 25 ms in the queue, less than the 100 ms patience of a pool that has not
+    timed its transactions, more than twice their p99. The pool estimates that p99 from
+    its first transactions and opens servers beyond the threshold within seconds, not
+    only once its first stats period (15 s) has closed."""
+    proc = pooler(
+        general={"scaling_warm_pool_ratio": 20},
+        pools={"example_db": {"users": [{"username": pg.md5_user.name, "pool_size": 20}]}},
+    )
+    conns = [connect(proc, pg) for _ in range(24)]
+    start = threading.Barrier(len(conns))
+    done = threading.Event()
+
+    def load(conn: psycopg.Connection[Any]) -> None:
+        start.wait()
+        while not done.is_set():
+            conn.execute("select pg_sleep(0.005)")
+
+    threads = [threading.Thread(target=load, args=(c,)) for c in conns]
+    for thread in threads:
+        thread.start()
+    try:
+        deadline = time.monotonic() + 4
+        while int(scaling_row(proc, pg)["creates"] or 0) <= 4:
+            assert time.monotonic() < deadline, scaling_row(proc, pg)
+            time.sleep(0.1)
+        row = scaling_row(proc, pg)
+        assert int(row["antic_timeout"] or 0) >= 1
+        # Still within the first stats period: the estimate, not a closed period, did it.
+        assert not any(
+            r["avg_xact_time"] not in (None, "0")
+            for r in admin_rows(proc, "POOLS")
+            if r["user"] == pg.md5_user.name
+        )
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join(10)
+        for conn in conns:
+            conn.close()

@@ -9,7 +9,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pg_doorman.stats.counters import BUCKETS, Histogram, PoolStats, bucket_of, error_class
+from pg_doorman.stats.counters import (
+    BUCKETS,
+    EARLY_P99_AFTER,
+    Histogram,
+    PoolStats,
+    bucket_of,
+    error_class,
+)
 
 
 def _bucket_by_bounds(seconds: float) -> int:
@@ -116,6 +123,40 @@ def test_stats_period_averages_and_recent_window() -> None:
     stats.close_period(15.0)  # an idle period
     assert stats.averages.xact_count == 0 and stats.averages.xact_time == 0
     assert stats.recent_count("transaction") == 0
+
+
+def test_the_p99_is_estimated_before_the_first_period_closes() -> None:
+    stats = PoolStats()
+    for _ in range(EARLY_P99_AFTER - 1):
+        stats.record_one_query_transaction(0.002, received=1, sent=1)
+    assert stats.current_xact_p99() == 0.0  # too few to tell: the pool stays cold
+    stats.record_transaction(0.002, received=1, sent=1)
+    early = stats.current_xact_p99()
+    assert 0.001 < early <= 0.0025
+    # Slower transactions move the estimate only when the count has doubled.
+    for _ in range(EARLY_P99_AFTER - 1):
+        stats.record_transaction(0.2, received=1, sent=1)
+    assert stats.current_xact_p99() == early
+    stats.record_transaction(0.2, received=1, sent=1)
+    assert 0.1 < stats.current_xact_p99() <= 0.25
+    # Once a period with transactions closes, its p99 holds until the next one.
+    stats.close_period(15.0)
+    closed = stats.xact_p99
+    assert 0.1 < closed <= 0.25
+    for _ in range(8 * EARLY_P99_AFTER):
+        stats.record_transaction(0.0002, received=1, sent=1)
+    assert stats.current_xact_p99() == closed
+    stats.close_period(15.0)
+    assert stats.current_xact_p99() <= 0.00025
+
+
+def test_an_idle_first_period_leaves_the_estimate_to_the_next_transactions() -> None:
+    stats = PoolStats()
+    stats.close_period(15.0)  # nothing ran
+    assert stats.current_xact_p99() == 0.0
+    for _ in range(EARLY_P99_AFTER):
+        stats.record_transaction(0.03, received=1, sent=1)
+    assert 0.025 < stats.current_xact_p99() <= 0.05
 
 
 @pytest.mark.parametrize(

@@ -141,7 +141,8 @@ _PERMANENT_LOGIN_ERRORS: Final = frozenset(
 _JITTER: Final = 0.2
 # How long a client queued above the warm threshold waits for a server to come back
 # before one opens for it: twice the pool's p99 transaction time within these bounds,
-# this long before any transaction was timed, and never within the last half second of
+# this long before the pool has timed enough transactions to tell (see
+# PoolStats.current_xact_p99), and never within the last half second of
 # query_wait_timeout (then ±_JITTER, so that clients queued together do not all give up
 # at once).
 _PATIENCE_COLD: Final = 0.1
@@ -493,7 +494,7 @@ class Pool:
 
     def _patience(self) -> float:
         """How long a queued client waits for a server to come back, before jitter."""
-        p99 = self.stats.xact_p99
+        p99 = self.stats.current_xact_p99()
         if p99 <= 0.0:
             patience = _PATIENCE_COLD
         else:

@@ -188,6 +188,11 @@ PERCENTILES: Final = (0.5, 0.9, 0.95, 0.99)
 # Stats period, as in PgDoorman: averages and SHOW percentiles cover recent periods.
 STATS_PERIOD: Final = 15.0
 
+# Until a stats period with transactions has closed, the pool's p99 transaction time is
+# estimated from the transactions timed so far once there are this many, and again each
+# time their number doubles (see current_xact_p99).
+EARLY_P99_AFTER: Final = 64
+
 
 class PeriodAverages:
     """Rates (per second) and mean durations (µs) over the last closed stats period."""
@@ -237,6 +242,7 @@ class PoolStats:
     """Counters of one (database, user) pool. Times are in seconds."""
 
     __slots__ = (
+        "_early_p99_at",
         "_period_counts",
         "_period_start_counts",
         "_period_times",
@@ -273,7 +279,11 @@ class PoolStats:
         self.averages = PeriodAverages()
         # The 99th percentile transaction time of the last stats period with any (s; 0:
         # none yet): how long a queued client may wait for a server to come back.
+        # Estimated earlier by current_xact_p99.
         self.xact_p99 = 0.0
+        # The transaction count at which current_xact_p99 estimates next; 0 once a
+        # period with transactions has closed and set xact_p99 for good.
+        self._early_p99_at = EARLY_P99_AFTER
         self._period_counts = _counts(self)
         self._period_times = _times(self)
         # Histogram counts at the start of the previous period: SHOW percentiles cover
@@ -306,6 +316,7 @@ class PoolStats:
             self.xact_p99 = quantile_of(
                 self.xact_histogram.counts, 0.99, since=self._period_start_counts[1]
             )
+            self._early_p99_at = 0
         self._window_base = self._period_start_counts
         self._period_start_counts = (
             list(self.query_histogram.counts),
@@ -333,6 +344,20 @@ class PoolStats:
         """How many `query`, `transaction` or `wait` durations recent_quantile covers."""
         histogram, base = self._recent(which)
         return recent_count_of(histogram.counts, base)
+
+    def current_xact_p99(self) -> float:
+        """xact_p99, estimated from this period's transactions so far while no period
+        with any has closed: a pool that starts under load would otherwise wait a whole
+        period (while its queued clients wait the cold patience, longer than most queue
+        waits, and it opens no servers beyond the warm threshold). The estimate is
+        redone each time the count doubles; each costs a pass over the buckets."""
+        at = self._early_p99_at
+        if at and self.xact_count >= at:
+            self._early_p99_at = at * 2
+            self.xact_p99 = quantile_of(
+                self.xact_histogram.counts, 0.99, since=self._period_start_counts[1]
+            )
+        return self.xact_p99
 
     def record_transaction(self, seconds: float, received: int, sent: int) -> None:
         self.xact_count += 1
