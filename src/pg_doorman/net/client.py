@@ -142,7 +142,6 @@ class ClientConnection(asyncio.Protocol):
         "_param_mark",
         "_pending",
         "_raw_parameters",
-        "_relaying",
         "_restoring",
         "_startup_buf",
         "_writer",
@@ -240,8 +239,8 @@ class ClientConnection(asyncio.Protocol):
         # packet ("ISO"), not yet the server's ("ISO, MDY"): see settle_parameter.
         self._raw_parameters: tuple[str, ...] = ()
         self._memory_accounted = 0
-        self._on_data: Callable[[bytes], None] = self._startup_data
-        self._relaying = False  # whether _on_data is _relay_data
+        # Where the client's bytes go; None while relaying (see data_received).
+        self._on_data: Callable[[bytes], None] | None = self._startup_data
         # AuthenticationSASLFinal, held back to go out with what follows it in one write,
         # as PostgreSQL sends it.
         self._auth_final = b""
@@ -279,11 +278,12 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         # Relaying, the handler is called by name: a native call in the compiled build,
-        # where calling the bound method kept in `_on_data` is a generic one.
-        if self._relaying:
+        # where calling a bound method kept in `_on_data` is a generic one.
+        handler = self._on_data
+        if handler is None:
             self._relay_data(data)
         else:
-            self._on_data(data)
+            handler(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         was = self.state
@@ -294,7 +294,6 @@ class ClientConnection(asyncio.Protocol):
             self._writer.stop()  # the transport closes the descriptor once this returns
         self.pooler.logging_in.pop(self, None)
         self._on_data = _ignore
-        self._relaying = False
         if self._login_wait == _WAIT_MESSAGE:
             # Its next message will never come: let the login see the client gone.
             self.loop.call_soon(self._wake_login)
@@ -446,7 +445,6 @@ class ClientConnection(asyncio.Protocol):
             buf.clear()
             self._inbox.feed(rest)
             self._on_data = self._login_data
-            self._relaying = False
             self._login_coro = self._login(request)
             self._resume_login(None)
             return
@@ -477,7 +475,6 @@ class ClientConnection(asyncio.Protocol):
         assert transport is not None
         transport.pause_reading()
         self._on_data = self._startup_during_handshake
-        self._relaying = False
         self.pooler.track(self.loop.create_task(self._tls_handshake(transport, context, hello)))
 
     def _startup_during_handshake(self, data: bytes) -> None:
@@ -494,7 +491,6 @@ class ClientConnection(asyncio.Protocol):
         # client's TLS hello.
         transport.pause_reading()
         self._on_data = self._startup_during_handshake
-        self._relaying = False
         self.write(messages.SSL_ACCEPTED)
         self.pooler.track(self.loop.create_task(self._tls_handshake(transport, context)))
 
@@ -553,7 +549,6 @@ class ClientConnection(asyncio.Protocol):
         self.tls = True
         self.pooler.tls_sessions += 1
         self._on_data = self._startup_data
-        self._relaying = False
         if self._startup_buf:
             self._startup_data(b"")
 
@@ -724,8 +719,7 @@ class ClientConnection(asyncio.Protocol):
                 self.address or "unix socket",
             )
         rest = self._inbox.take_rest()
-        self._on_data = self._relay_data
-        self._relaying = True
+        self._on_data = None  # relaying
         if rest:
             self._relay_data(rest)
 
@@ -770,7 +764,6 @@ class ClientConnection(asyncio.Protocol):
         self._logged_in()
         rest = self._inbox.take_rest()
         self._on_data = console.data_received
-        self._relaying = False
         if rest:
             console.data_received(rest)
 
@@ -1497,7 +1490,6 @@ class ClientConnection(asyncio.Protocol):
         was = self.state
         self.state = CLOSED
         self._on_data = _ignore
-        self._relaying = False
         if was == WAITING and self.pool is not None:
             self.pool.cancel_wait(self)
         self._account_memory(0)
@@ -1546,8 +1538,7 @@ class ClientConnection(asyncio.Protocol):
         # Counted against max_connections, but never refused: it is already connected.
         self.pooler.register_client(self)
         self.state = IDLE
-        self._on_data = self._relay_data
-        self._relaying = True
+        self._on_data = None  # relaying
         if session.pending:
             self._relay_data(session.pending)
 

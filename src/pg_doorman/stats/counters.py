@@ -313,9 +313,7 @@ class PoolStats:
         avg.query_time = _per(query_time, queries)
         avg.wait_time = _per(wait_time, waits)
         if xacts:
-            self.xact_p99 = quantile_of(
-                self.xact_histogram.counts, 0.99, since=self._period_start_counts[1]
-            )
+            self.xact_p99 = self._xact_p99_this_period()
             self._early_p99_at = 0
         self._window_base = self._period_start_counts
         self._period_start_counts = (
@@ -354,35 +352,36 @@ class PoolStats:
         at = self._early_p99_at
         if at and self.xact_count >= at:
             self._early_p99_at = at * 2
-            self.xact_p99 = quantile_of(
-                self.xact_histogram.counts, 0.99, since=self._period_start_counts[1]
-            )
+            self.xact_p99 = self._xact_p99_this_period()
         return self.xact_p99
 
+    def _xact_p99_this_period(self) -> float:
+        return quantile_of(self.xact_histogram.counts, 0.99, since=self._period_start_counts[1])
+
     def record_transaction(self, seconds: float, received: int, sent: int) -> None:
-        self.xact_count += 1
-        self.xact_time += seconds
-        self.xact_histogram.observe(seconds)
-        self.bytes_received += received
-        self.bytes_sent += sent
+        self._transaction_in(bucket_of(seconds), seconds, received, sent)
 
     def record_query(self, seconds: float) -> None:
-        self.query_count += 1
-        self.query_time += seconds
-        self.query_histogram.observe(seconds)
+        self._query_in(bucket_of(seconds), seconds)
 
     def record_one_query_transaction(self, seconds: float, received: int, sent: int) -> None:
         """`record_query` and `record_transaction` of one duration (a transaction of a
         single query, as most are), with one bucket search for both histograms."""
         bucket = bucket_of(seconds)
-        self.query_count += 1
-        self.query_time += seconds
-        self.query_histogram.observe_in(bucket, seconds)
+        self._query_in(bucket, seconds)
+        self._transaction_in(bucket, seconds, received, sent)
+
+    def _transaction_in(self, bucket: int, seconds: float, received: int, sent: int) -> None:
         self.xact_count += 1
         self.xact_time += seconds
         self.xact_histogram.observe_in(bucket, seconds)
         self.bytes_received += received
         self.bytes_sent += sent
+
+    def _query_in(self, bucket: int, seconds: float) -> None:
+        self.query_count += 1
+        self.query_time += seconds
+        self.query_histogram.observe_in(bucket, seconds)
 
     def record_no_wait(self) -> None:
         """A server was idle at once: a zero wait, without the bucket search."""
