@@ -242,6 +242,45 @@ def one_server(pg: ExamplePostgres, pooler: PoolerFactory) -> Iterator[PoolerPro
     yield pooler(general={"server_prepared_statements_cache_size": 2}, pools=one_user_pool(pg, 1))
 
 
+def test_same_text_under_different_search_paths_reads_each_clients_table(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """One statement text means different tables (of different column types) under
+    different search_paths: clients sharing one server each get their own table's
+    rows, whichever prepared it first; one shared server-side statement would fail
+    with "cached plan must not change result type"."""
+    pg.psql(
+        "SET ROLE example_owner;\n"
+        "CREATE SCHEMA IF NOT EXISTS ctx_a; CREATE SCHEMA IF NOT EXISTS ctx_b;\n"
+        "CREATE TABLE IF NOT EXISTS ctx_a.t (v text); TRUNCATE ctx_a.t;\n"
+        "CREATE TABLE IF NOT EXISTS ctx_b.t (v int); TRUNCATE ctx_b.t;\n"
+        "INSERT INTO ctx_a.t VALUES ('a'); INSERT INTO ctx_b.t VALUES (2);\n",
+        database=pg.database,
+    )
+    proc = pooler(pools=one_user_pool(pg, 1))
+    user = pg.md5_user
+    conns = {
+        schema: psycopg.connect(
+            proc.dsn(user.name, user.password),
+            prepare_threshold=0,
+            autocommit=True,
+            options=f"-c search_path={schema}",
+        )
+        for schema in ("ctx_a", "ctx_b")
+    }
+    a, b = conns["ctx_a"], conns["ctx_b"]
+    try:
+        for _ in range(3):
+            for conn, want in ((a, "a"), (b, 2)):
+                assert conn.execute("select v from t where %s::int = 1", (1,)).fetchone() == (want,)
+        with a.transaction():
+            names = a.execute("select count(*) from pg_prepared_statements").fetchone()
+        assert names is not None and names[0] >= 2  # one server statement per context
+    finally:
+        for conn in conns.values():
+            conn.close()
+
+
 def test_named_statement_used_in_later_transactions(
     pg: ExamplePostgres, pooler: PoolerFactory
 ) -> None:

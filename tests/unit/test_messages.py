@@ -69,6 +69,31 @@ def test_parameter_status_is_the_same_when_encoded_again_or_not_remembered() -> 
     assert ("application_name", long_value) not in messages._PARAMETER_STATUS
 
 
+def test_parameter_statuses_are_the_pairs_in_order_and_bounded() -> None:
+    """A greeting's run of ParameterStatus messages is each pair's message in the dict's
+    order, whether built or remembered; distinct runs don't grow the memo without end,
+    and long runs are not kept."""
+    params = {"server_version": "18.1", "client_encoding": "UTF8", "application_name": "a"}
+    expected = b"".join(messages.parameter_status(k, v) for k, v in params.items())
+    assert messages.parameter_statuses(params) == expected
+    assert messages.parameter_statuses(dict(params)) == expected
+    reordered = dict(reversed(params.items()))
+    assert messages.parameter_statuses(reordered) == b"".join(
+        messages.parameter_status(k, v) for k, v in reordered.items()
+    )
+    assert messages.parameter_statuses({}) == b""
+    for i in range(600):
+        changed = {**params, "application_name": f"app-{i}"}
+        run = messages.parameter_statuses(changed)
+        assert run == b"".join(messages.parameter_status(k, v) for k, v in changed.items())
+    assert len(messages._PARAMETER_STATUSES) <= messages._PARAMETER_STATUSES_MAX
+    long_run = {"search_path": "s" * 5000}
+    assert messages.parameter_statuses(long_run) == messages.parameter_status(
+        "search_path", "s" * 5000
+    )
+    assert ((("search_path",), ("s" * 5000,))) not in messages._PARAMETER_STATUSES
+
+
 def test_sasl_initial_response_round_trip() -> None:
     raw = messages.sasl_initial_response("SCRAM-SHA-256", b"n,,n=,r=abc")
     assert messages.parse_sasl_initial_response(raw[5:]) == ("SCRAM-SHA-256", b"n,,n=,r=abc")
@@ -167,6 +192,39 @@ def test_odd_parameter_list_refused() -> None:
     raw = struct.pack("!i", len(body) + 4) + body
     with pytest.raises(StartupError):
         parse_startup_packet(raw)
+
+
+@pytest.mark.parametrize(
+    ("pairs", "message"),
+    [
+        (b"user\x00", "invalid startup packet layout"),  # a name without its value
+        (b"user\x00u", "invalid startup packet layout"),  # a value without its NUL
+        (b"user\x00u\x00", "invalid startup packet layout"),  # no terminator
+        (
+            b"user\x00u\x00\x00database\x00d\x00\x00",
+            "invalid startup packet layout: expected terminator as last byte",
+        ),
+        (b"user\x00u\x00\x00x", "invalid startup packet layout: expected terminator as last byte"),
+        (b"user\x00\xff\x00\x00", "invalid UTF-8 in startup packet"),
+        (b"\xc3\x00u\x00\x00", "invalid UTF-8 in startup packet"),
+    ],
+)
+def test_malformed_parameter_lists_are_refused(pairs: bytes, message: str) -> None:
+    body = struct.pack("!i", codes.PROTOCOL_3_0) + pairs
+    with pytest.raises(StartupError) as info:
+        parse_startup_packet(struct.pack("!i", len(body) + 4) + body)
+    assert info.value.code == sqlstate.PROTOCOL_VIOLATION
+    assert info.value.message == message
+
+
+def test_empty_values_and_utf8_in_parameters() -> None:
+    body = struct.pack("!i", codes.PROTOCOL_3_0) + (
+        b"user\x00u\x00application_name\x00\x00_pq_.opt\x00v\x00options\x00-c x=\xc3\xa9\x00\x00"
+    )
+    request = parse_startup_packet(struct.pack("!i", len(body) + 4) + body)
+    assert request == StartupMessage(
+        0, {"user": "u", "application_name": "", "options": "-c x=\u00e9"}, ["_pq_.opt"]
+    )
 
 
 @given(

@@ -92,6 +92,10 @@ _PLANNING: Final = frozenset(
     )
 )
 _PLANNING_ORDER: Final = tuple(sorted(_PLANNING))
+# Planning contexts built (see _planning_context), by their values in _PLANNING_ORDER.
+_PLANNING_CONTEXTS: Final[dict[tuple[str | None, ...], bytes]] = {}
+_PLANNING_CONTEXTS_MAX: Final = 256
+_PLANNING_CONTEXT_REMEMBERED: Final = 4096  # longest context kept
 _AUTH_SASL: Final = messages.auth_sasl(ScramServerSession.mechanisms)
 # Bytes a waiting client may send before its reading is paused.
 _WAITING_BACKLOG: Final = 64 * 1024
@@ -701,11 +705,13 @@ class ClientConnection(asyncio.Protocol):
         if pool.settings.prepared_statements:
             self.rewriter = BatchRewriter(pool.statements, self._planning_context())
             self.frontend.rewriter = self.rewriter
-        greeting = [self._take_auth_final(), messages.AUTH_OK]
-        for name, value in self.parameters.items():
-            greeting.append(messages.parameter_status(name, value))
-        greeting.append(messages.backend_key_data(self.client_id, self.secret))
-        greeting.append(messages.READY_IDLE)
+        greeting = (
+            self._take_auth_final(),
+            messages.AUTH_OK,
+            messages.parameter_statuses(self.parameters),
+            messages.backend_key_data(self.client_id, self.secret),
+            messages.READY_IDLE,
+        )
         if self.state == CLOSED:
             return
         self.write(b"".join(greeting))
@@ -811,14 +817,28 @@ class ClientConnection(asyncio.Protocol):
     def _planning_context(self) -> bytes:
         """Settings that change what a statement text means (search_path above all):
         clients share a server-side statement only when these agree."""
-        parts = []
+        extra = self.extra_parameters
+        parameters = self.parameters
+        values: list[str | None] = []
         for name in _PLANNING_ORDER:
-            value = self.extra_parameters.get(name)
-            if value is None:
-                value = self.parameters.get(name)
-            if value is not None:
-                parts.append(f"{name}={value}".encode())
-        return b"\x00".join(parts)
+            value = extra.get(name)
+            values.append(parameters.get(name) if value is None else value)
+        # Most clients of a pool share their context: it is built once per distinct one.
+        key = tuple(values)
+        context = _PLANNING_CONTEXTS.get(key)
+        if context is None:
+            context = b"\x00".join(
+                [
+                    f"{name}={value}".encode()
+                    for name, value in zip(_PLANNING_ORDER, key, strict=True)
+                    if value is not None
+                ]
+            )
+            if len(context) <= _PLANNING_CONTEXT_REMEMBERED:
+                if len(_PLANNING_CONTEXTS) >= _PLANNING_CONTEXTS_MAX:
+                    _PLANNING_CONTEXTS.clear()  # many distinct ones: start over
+                _PLANNING_CONTEXTS[key] = context
+        return context
 
     async def _talos_login(self, talos: Talos, database: str) -> PoolEntry:
         """Log in as `talos` with a token: the session runs as the pool user the token

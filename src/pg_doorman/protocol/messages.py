@@ -37,6 +37,10 @@ SSL_ACCEPTED: Final = b"S"
 _PARAMETER_STATUS: Final[dict[tuple[str, str], bytes]] = {}
 _PARAMETER_STATUS_MAX: Final = 1024
 _PARAMETER_STATUS_REMEMBERED: Final = 128  # longest value kept (client-chosen ones can be long)
+# Whole greetings' ParameterStatus runs, by their names and values (see parameter_statuses).
+_PARAMETER_STATUSES: Final[dict[tuple[tuple[str, ...], tuple[str, ...]], bytes]] = {}
+_PARAMETER_STATUSES_MAX: Final = 256
+_PARAMETER_STATUSES_REMEMBERED: Final = 4096  # longest run kept
 
 
 class ProtocolError(Exception):
@@ -93,6 +97,24 @@ def parameter_status(name: str, value: str) -> bytes:
             _PARAMETER_STATUS.clear()  # many distinct values (application_name): start over
         _PARAMETER_STATUS[key] = message
     return message
+
+
+def parameter_statuses(parameters: dict[str, str]) -> bytes:
+    """A ParameterStatus per parameter, in the dict's order, as one run of bytes.
+
+    Logins to one pool mostly report the same dozen or so parameters with the same
+    values: the run is remembered by its names and values, so that a login builds two
+    tuples instead of looking up each pair."""
+    key = (tuple(parameters), tuple(parameters.values()))
+    run = _PARAMETER_STATUSES.get(key)
+    if run is None:
+        run = b"".join([parameter_status(name, value) for name, value in parameters.items()])
+        if len(run) > _PARAMETER_STATUSES_REMEMBERED:
+            return run
+        if len(_PARAMETER_STATUSES) >= _PARAMETER_STATUSES_MAX:
+            _PARAMETER_STATUSES.clear()  # many distinct values (application_name): start over
+        _PARAMETER_STATUSES[key] = run
+    return run
 
 
 def backend_key_data(pid: int, secret: int) -> bytes:

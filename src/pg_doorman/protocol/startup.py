@@ -109,32 +109,33 @@ def parse_startup_packet(packet: bytes) -> StartupPacket:
 
 def _parse_parameters(raw: bytes) -> tuple[dict[str, str], list[str]]:
     """Name/value pairs, each NUL-terminated, closed by an empty name."""
+    # One decode and one split for the whole list, not one per name and value: NUL is
+    # a character of its own in UTF-8, so the whole decodes exactly when every part
+    # does. (A packet both malformed and not UTF-8 is refused for its UTF-8.)
+    try:
+        fields = raw.decode().split("\x00")
+    except UnicodeDecodeError as exc:
+        raise StartupError(sqlstate.PROTOCOL_VIOLATION, "invalid UTF-8 in startup packet") from exc
     params: dict[str, str] = {}
     options: list[str] = []
-    pos = 0
+    # fields[last] is what follows the last NUL; fields before it each ended with one.
+    last = len(fields) - 1
+    i = 0
     while True:
-        end = raw.find(b"\x00", pos)
-        if end < 0:
+        if i >= last:
             raise StartupError(sqlstate.PROTOCOL_VIOLATION, "invalid startup packet layout")
-        if end == pos:
-            if end != len(raw) - 1:
+        name = fields[i]
+        if not name:
+            if i != last - 1 or fields[last]:
                 raise StartupError(
                     sqlstate.PROTOCOL_VIOLATION,
                     "invalid startup packet layout: expected terminator as last byte",
                 )
             return params, options
-        value_end = raw.find(b"\x00", end + 1)
-        if value_end < 0:
+        if i + 1 >= last:
             raise StartupError(sqlstate.PROTOCOL_VIOLATION, "invalid startup packet layout")
-        try:
-            name = raw[pos:end].decode()
-            value = raw[end + 1 : value_end].decode()
-        except UnicodeDecodeError as exc:
-            raise StartupError(
-                sqlstate.PROTOCOL_VIOLATION, "invalid UTF-8 in startup packet"
-            ) from exc
         if name.startswith("_pq_."):
             options.append(name)
         else:
-            params[name] = value
-        pos = value_end + 1
+            params[name] = fields[i + 1]
+        i += 2
