@@ -38,6 +38,7 @@ MANIFEST = "compiled-manifest.json"
 COMPILED_MODULES: tuple[str, ...] = (
     "pg_doorman.auth.methods",
     "pg_doorman.auth.scram",
+    "pg_doorman.memo",
     "pg_doorman.protocol.codes",
     "pg_doorman.protocol.framing",
     "pg_doorman.protocol.messages",

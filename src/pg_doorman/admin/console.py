@@ -87,7 +87,7 @@ class AdminConsole:
             "integer_datetimes": "on",
             "application_name": "pg_doorman",
         }
-        return b"".join(messages.parameter_status(k, v) for k, v in params.items())
+        return messages.parameter_statuses(params)
 
     # ---- input --------------------------------------------------------------
 

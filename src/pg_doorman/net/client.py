@@ -29,6 +29,7 @@ from pg_doorman.auth.scram import (
     make_scram_verifier,
 )
 from pg_doorman.auth.talos import TALOS_USER
+from pg_doorman.memo import remember
 from pg_doorman.net.session_state import SessionState
 from pg_doorman.net.suspend import SUSPEND
 from pg_doorman.net.tls import TlsReader, negotiated_postgresql, start_tls_with_hello
@@ -835,9 +836,7 @@ class ClientConnection(asyncio.Protocol):
                 ]
             )
             if len(context) <= _PLANNING_CONTEXT_REMEMBERED:
-                if len(_PLANNING_CONTEXTS) >= _PLANNING_CONTEXTS_MAX:
-                    _PLANNING_CONTEXTS.clear()  # many distinct ones: start over
-                _PLANNING_CONTEXTS[key] = context
+                remember(_PLANNING_CONTEXTS, key, context, _PLANNING_CONTEXTS_MAX)
         return context
 
     async def _talos_login(self, talos: Talos, database: str) -> PoolEntry:

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
+from pg_doorman.memo import remember
 from pg_doorman.prepared.registry import PoolStatements
 from pg_doorman.protocol import sqlstate
 from pg_doorman.stats.counters import PoolStats
@@ -696,9 +697,8 @@ class Pool:
     def remember_canonical(self, name: str, value: str, canonical: str) -> None:
         """A server applied `value` over its session default and showed `canonical`."""
         assert self.server_parameters is not None
-        if len(self._canonical) >= _CANONICAL_VALUES:
-            self._canonical.clear()  # many distinct values (application_name): start over
-        self._canonical[(name, self.server_parameters.get(name, ""), value)] = canonical
+        key = (name, self.server_parameters.get(name, ""), value)
+        remember(self._canonical, key, canonical, _CANONICAL_VALUES)
 
     def shared_fingerprint(self, fingerprint: tuple[object, ...]) -> tuple[object, ...]:
         """This pool's one object equal to a client's parameter fingerprint: clients

@@ -10,6 +10,7 @@ import struct
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Final
 
+from pg_doorman.memo import remember
 from pg_doorman.protocol import codes
 
 _INT32: Final = struct.Struct("!i")
@@ -93,9 +94,7 @@ def parameter_status(name: str, value: str) -> bytes:
     message = _PARAMETER_STATUS.get(key)
     if message is None:
         message = build(b"S", cstring(name) + cstring(value))
-        if len(_PARAMETER_STATUS) >= _PARAMETER_STATUS_MAX:
-            _PARAMETER_STATUS.clear()  # many distinct values (application_name): start over
-        _PARAMETER_STATUS[key] = message
+        remember(_PARAMETER_STATUS, key, message, _PARAMETER_STATUS_MAX)
     return message
 
 
@@ -109,11 +108,8 @@ def parameter_statuses(parameters: dict[str, str]) -> bytes:
     run = _PARAMETER_STATUSES.get(key)
     if run is None:
         run = b"".join([parameter_status(name, value) for name, value in parameters.items()])
-        if len(run) > _PARAMETER_STATUSES_REMEMBERED:
-            return run
-        if len(_PARAMETER_STATUSES) >= _PARAMETER_STATUSES_MAX:
-            _PARAMETER_STATUSES.clear()  # many distinct values (application_name): start over
-        _PARAMETER_STATUSES[key] = run
+        if len(run) <= _PARAMETER_STATUSES_REMEMBERED:
+            remember(_PARAMETER_STATUSES, key, run, _PARAMETER_STATUSES_MAX)
     return run
 
 
