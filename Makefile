@@ -7,7 +7,13 @@ LINT_PATHS := src tests scripts setup.py $(if $(wildcard bench/*.py bench/*/*.py
 
 .PHONY: test lint typecheck unit integration compiled clean-compiled test-compiled test-python
 
-test: lint typecheck compiled test-compiled test-python
+# The two runs share only the machine (each starts its own PostgreSQL on free ports) and
+# spend most of their time waiting on servers and timeouts, so they run side by side;
+# `-O` prints each run's output in one block when it ends. TEST_JOBS=1 runs them in turn.
+TEST_JOBS ?= 2
+
+test: lint typecheck compiled
+	@$(MAKE) --no-print-directory -j$(TEST_JOBS) -O test-compiled test-python
 
 test-compiled: export PG_DOORMAN_IMPL = compiled
 test-compiled:
