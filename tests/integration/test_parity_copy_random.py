@@ -20,9 +20,10 @@ from helpers import EXAMPLE_DB, ExamplePostgres
 from helpers import pgwire as w
 from helpers.both import connect, next_client
 from helpers.pooler import RANDOM_POOLS, PoolerProcess, PoolShape, pool_of
+from helpers.seeds import seeds
 
 CLIENTS = 3
-SEEDS = range(40)
+SEEDS = seeds(40)
 STEPS = 40
 SIDES = ("direct", "pooled")
 

@@ -23,12 +23,13 @@ from helpers import ExamplePostgres
 from helpers import pgwire as w
 from helpers.both import connect, next_client
 from helpers.pooler import RANDOM_POOLS, PoolerProcess, PoolShape, pool_of
+from helpers.seeds import seeds
 
 CLIENTS = 3
 BATCHES = 60
-SEEDS = range(120)
+SEEDS = seeds(120)
 FLUSH_BATCHES = 30
-FLUSH_SEEDS = range(30)
+FLUSH_SEEDS = seeds(30)
 
 STATEMENT_NAMES = ("", "", "s1", "s2", "s3")
 PORTAL_NAMES = ("", "", "p1")
