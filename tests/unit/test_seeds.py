@@ -1,4 +1,4 @@
-"""PG_DOORMAN_TEST_SEEDS widens the random parity tests' seed ranges, and only that."""
+"""PG_DOORMAN_TEST_SEEDS: how many seeds the random parity tests run."""
 
 from __future__ import annotations
 
