@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from typing import Any
 
@@ -12,6 +14,7 @@ from helpers import EXAMPLE_DB, ExamplePostgres
 from helpers import pgwire as w
 from helpers.console import admin_console as admin
 from helpers.console import pool_row
+from helpers.fake_backend import LOGIN_OK, ONE_ROW, FakeBackend, read_message, read_startup
 from helpers.pooler import PoolerFactory, PoolerProcess
 
 
@@ -62,6 +65,78 @@ def test_pause_waits_for_transactions_and_resume_releases_the_queue(
     finally:
         for conn in (busy, late, console):
             conn.close_socket()
+
+
+class GatedLoginBackend(FakeBackend):
+    """Answers a login only once `gate` is set, then every query with one row;
+    `login_started` is set when the first startup packet has arrived."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.login_started = threading.Event()
+        super().__init__()
+
+    def serve(self, sock: socket.socket) -> None:
+        read_startup(sock)
+        self.login_started.set()
+        if not self.gate.wait(30):
+            return
+        sock.sendall(LOGIN_OK)
+        while read_message(sock)[0] != b"X":
+            sock.sendall(ONE_ROW)
+
+
+def test_pause_waits_for_a_server_being_opened_and_closes_it(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """A server whose login is under way when PAUSE comes counts as busy: PAUSE returns
+    once it is in, closes it with the rest, and none stays connected while paused."""
+    backend = GatedLoginBackend()
+    user = pg.md5_user
+    proc = pooler(
+        general={"query_wait_timeout": 30_000, "connect_timeout": 30_000},
+        pools={
+            EXAMPLE_DB: {
+                "server_host": "127.0.0.1",
+                "server_port": backend.port,
+                "users": [{"username": user.name, "pool_size": 2}],
+            }
+        },
+    )
+    replies: list[list[w.Message]] = []
+
+    def query() -> None:
+        conn = w.PgWire.connect(proc.host, proc.port, user.name, EXAMPLE_DB, user.password)
+        try:
+            replies.append(conn.simple_query("select 1"))
+        finally:
+            conn.close_socket()
+
+    asking = threading.Thread(target=query)
+    asking.start()
+    console = admin(proc)
+    try:
+        assert backend.login_started.wait(10)
+        console.send_raw(w.query(f"PAUSE {EXAMPLE_DB}"))
+        said = console.read_until(b"N")
+        assert "1 server connections being opened" in notices(said)[0]
+        assert not [m for m in console.read_available(0.5) if m[0] in b"CZ"]
+        backend.gate.set()
+        assert tags(console.read_until_ready()) == ["PAUSE"]
+        row = pool_row(console, user.name)
+        assert (row["paused"], row["sv_idle"], row["sv_active"]) == ("1", "0", "0"), row
+        deadline = time.monotonic() + 5
+        while backend.counts()[1] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert backend.counts() == (1, 0)  # the one server opened, and closed
+        assert tags(console.simple_query(f"RESUME {EXAMPLE_DB}")) == ["RESUME"]
+        asking.join(10)
+        assert [w.rows(reply) for reply in replies] == [[("1",)]]
+    finally:
+        backend.gate.set()
+        console.close_socket()
+        asking.join(10)
+        backend.close()
 
 
 def test_pause_can_be_cancelled_and_unknown_database_errors(

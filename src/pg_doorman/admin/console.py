@@ -227,6 +227,15 @@ class AdminConsole:
                     "(their transactions to finish); new transactions queue meanwhile",
                 )
             )
+        opening = sum(reply.get("opening", 0) for reply in replies)
+        if opening:
+            self.client.write(
+                messages.notice_response(
+                    "00000",
+                    f"waiting for {opening} server connections being opened or checked; "
+                    "they are closed once ready",
+                )
+            )
         self._waiting = asyncio.ensure_future(
             self.pooler.everywhere({"op": "wait_paused", "database": database}, timeout=None)
         )

@@ -705,8 +705,11 @@ class Pooler:
 
     async def wait_paused(self, pools: list[Pool], *, poll: float = 0.02) -> None:
         """Return once no server of `pools` is busy, then close their servers, as
-        PgBouncer does, so the database can be restarted underneath."""
-        while any(pool.paused and pool.active > 0 for pool in pools):
+        PgBouncer does, so the database can be restarted underneath.
+
+        Servers being opened or checked count as busy: one that logged in after the
+        idle ones were closed would stay connected throughout the pause."""
+        while any(pool.paused and pool.unsettled > 0 for pool in pools):
             await asyncio.sleep(poll)
         for pool in pools:
             if pool.paused:

@@ -723,6 +723,11 @@ class Pool:
     def active(self) -> int:
         return self.size - len(self.idle) - self.connecting - self.probing
 
+    @property
+    def unsettled(self) -> int:
+        """Servers that are not idle: in use, being opened or having their idle check."""
+        return self.size - len(self.idle)
+
     def oldest_wait(self, now: float) -> float:
         """Seconds the oldest waiting client has waited, `now` being time.monotonic()."""
         if self._head < len(self._waiters):
