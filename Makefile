@@ -10,18 +10,25 @@ LINT_PATHS := src tests scripts setup.py $(if $(wildcard bench/*.py bench/*/*.py
 # The two runs share only the machine (each starts its own PostgreSQL on free ports) and
 # spend most of their time waiting on servers and timeouts, so they run side by side;
 # `-O` prints each run's output in one block when it ends. TEST_JOBS=1 runs them in turn.
+# Each run keeps its temporary files in a directory of its own (TEST_TMP, kept when a
+# run fails): pytest makes its shared default, /tmp/pytest-of-<user>, private again
+# whenever a session starts, which would cut the other run's PostgreSQL (an unprivileged
+# user when run as root) off from its data directory.
 TEST_JOBS ?= 2
 
 test: lint typecheck compiled
-	@$(MAKE) --no-print-directory -j$(TEST_JOBS) -O test-compiled test-python
+	@tmp=$$(mktemp -d "$${TMPDIR:-/tmp}/pg_doorman-tests.XXXXXX") && \
+	$(MAKE) --no-print-directory -j$(TEST_JOBS) -O test-compiled test-python TEST_TMP="$$tmp"; \
+	rc=$$?; if [ $$rc -eq 0 ]; then rm -rf "$$tmp"; else echo "test files kept in $$tmp"; fi; \
+	exit $$rc
 
 test-compiled: export PG_DOORMAN_IMPL = compiled
 test-compiled:
-	$(call pytest)
+	$(call pytest,$(if $(TEST_TMP),--basetemp=$(TEST_TMP)/compiled))
 
 test-python: export PG_DOORMAN_IMPL = python
 test-python:
-	$(call pytest)
+	$(call pytest,$(if $(TEST_TMP),--basetemp=$(TEST_TMP)/python))
 
 # The optional mypyc build of the hot-path modules (see docs/performance.md).
 compiled:
