@@ -10,7 +10,7 @@ import asyncio
 import logging
 import re
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from pg_doorman import __version__
 from pg_doorman.admin.show import TEXT, Columns, Rows, ShowTables
@@ -62,6 +62,20 @@ def _unquote(value: str) -> str:
     if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
         return value[1:-1]
     return value
+
+
+# What PAUSE waits for, by the count each worker reports under that key.
+_PAUSE_WAITS: Final = (
+    (
+        "busy",
+        "waiting for {} active server connections to be released "
+        "(their transactions to finish); new transactions queue meanwhile",
+    ),
+    (
+        "opening",
+        "waiting for {} server connections being opened or checked; they are closed once ready",
+    ),
+)
 
 
 class AdminConsole:
@@ -217,25 +231,11 @@ class AdminConsole:
     async def _pause(self, database: str | None, scope: str) -> bytes:
         replies = await self.pooler.everywhere({"op": "pause", "database": database})
         logger.info("PAUSE %s by the admin console", scope)
-        busy = sum(reply.get("busy", 0) for reply in replies)
-        if busy:
-            # Said before waiting, so the operator knows why the command blocks.
-            self.client.write(
-                messages.notice_response(
-                    "00000",
-                    f"waiting for {busy} active server connections to be released "
-                    "(their transactions to finish); new transactions queue meanwhile",
-                )
-            )
-        opening = sum(reply.get("opening", 0) for reply in replies)
-        if opening:
-            self.client.write(
-                messages.notice_response(
-                    "00000",
-                    f"waiting for {opening} server connections being opened or checked; "
-                    "they are closed once ready",
-                )
-            )
+        # Said before waiting, so the operator knows why the command blocks.
+        for key, why in _PAUSE_WAITS:
+            count = sum(reply.get(key, 0) for reply in replies)
+            if count:
+                self.client.write(messages.notice_response("00000", why.format(count)))
         self._waiting = asyncio.ensure_future(
             self.pooler.everywhere({"op": "wait_paused", "database": database}, timeout=None)
         )
