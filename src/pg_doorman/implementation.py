@@ -56,9 +56,10 @@ COMPILED_MODULES: tuple[str, ...] = (
 )
 
 # Helpers written in C, built with the modules above: what the standard library lacks
-# on the hot path (net/_send.c: a socket send that keeps the GIL). They have no Python
-# source; with the sources (`python`) their callers use the library instead.
-C_HELPERS: tuple[str, ...] = ("pg_doorman.net._send",)
+# on the hot path (net/_send.c: a socket send that keeps the GIL; net/_resume.c: a
+# coroutine step that ends without StopIteration). They have no Python source; with the
+# sources (`python`) their callers use the library instead.
+C_HELPERS: tuple[str, ...] = ("pg_doorman.net._send", "pg_doorman.net._resume")
 
 # Everything a build holds, each with its source's digest in the manifest.
 BUILT_MODULES: tuple[str, ...] = COMPILED_MODULES + C_HELPERS

@@ -131,7 +131,7 @@ class GeneralConfig:
     # Extra GUCs sent in every backend StartupMessage.
     startup_parameters: dict[str, str] = field(default_factory=dict)
 
-    # Accepted and validated, not implemented yet: the loader warns unless the value is inert.
+    # SO_SNDBUF/SO_RCVBUF of Unix-socket connections, clients' and servers'.
     unix_socket_buffer_size: int = 1 * MIB
 
     # TLS with clients and with servers.

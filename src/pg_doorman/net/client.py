@@ -31,7 +31,7 @@ from pg_doorman.auth.scram import (
 from pg_doorman.auth.talos import TALOS_USER
 from pg_doorman.memo import remember
 from pg_doorman.net.session_state import SessionState
-from pg_doorman.net.suspend import SUSPEND
+from pg_doorman.net.suspend import SUSPEND, resume
 from pg_doorman.net.tls import TlsReader, negotiated_postgresql, start_tls_with_hello
 from pg_doorman.net.writer import SocketWriter
 from pg_doorman.pool.pool import AcquireError, Pool
@@ -581,13 +581,13 @@ class ClientConnection(asyncio.Protocol):
             return
         self._login_wait = _NOT_WAITING
         try:
-            coro.send(value)
-        except StopIteration:
-            # Thousands of idle clients: don't keep a finished coroutine each.
-            self._login_coro = None
+            finished = resume(coro, value)
         except BaseException:
             self._login_coro = None
             raise
+        if finished:
+            # Thousands of idle clients: don't keep a finished coroutine each.
+            self._login_coro = None
 
     def _login_data(self, data: bytes) -> None:
         self._inbox.feed(data)
