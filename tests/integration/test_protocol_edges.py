@@ -265,3 +265,25 @@ def test_server_breaking_the_protocol_fails_its_client_only(
             assert conn.execute("select 3").fetchone() == ("1",)
     finally:
         backend.close()
+
+
+@pytest.mark.parametrize("kind", ["md5", "scram"])
+def test_a_malformed_message_during_the_login_is_a_protocol_violation(
+    pg: ExamplePostgres, pooler: PoolerFactory, kind: str
+) -> None:
+    """The client's answer to the password request has an impossible length: an
+    08P01 error names it and the connection closes, as for any login error, not an
+    aborted transport (the compiled build once turned this into a TypeError)."""
+    proc = pooler()
+    user = pg.md5_user if kind == "md5" else pg.scram_user
+    conn = w.PgWire(proc.host, proc.port)
+    conn.send_raw(w.startup_message({"user": user.name, "database": "example_db"}))
+    request_type, _ = conn.read_message()
+    assert request_type == b"R"
+    conn.send_raw(b"p" + struct.pack("!I", 0x9C000000) + b"x" * 16)
+    error = w.first_error(conn.wait_closed())
+    assert error is not None and error.sqlstate == "08P01" and error.severity == "FATAL"
+    assert "invalid message during login" in error.message
+    log = proc.log_text()
+    assert "Fatal error on transport" not in log and "Traceback" not in log
+    still_serves(pg, proc)

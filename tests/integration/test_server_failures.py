@@ -12,7 +12,9 @@ leaves no phantom behind.
 
 from __future__ import annotations
 
+import base64
 import socket
+import struct
 import threading
 import time
 
@@ -220,5 +222,71 @@ def test_a_server_killed_during_its_idle_check_leaves_no_phantom(
             assert later.execute_query("select 3") == [("1",)]
         finally:
             later.close()
+    finally:
+        backend.close()
+
+
+class ForgingScramBackend(FakeBackend):
+    """Asks for SCRAM-SHA-256 and goes through the exchange, but ends it with a server
+    signature it cannot have computed (`final`): a server that does not know the
+    password, or one in the middle."""
+
+    def __init__(self, final: bytes) -> None:
+        self.final = final
+        super().__init__()
+
+    def serve(self, sock: socket.socket) -> None:
+        read_startup(sock)
+        sock.sendall(w.message(b"R", struct.pack("!i", 10) + w.cstr("SCRAM-SHA-256") + b"\0"))
+        _, initial = read_message(sock)
+        client_first = initial[initial.index(b"\0") + 5 :]  # after the mechanism and length
+        nonce = client_first.split(b"r=", 1)[1]
+        salt = base64.b64encode(b"0123456789abcdef")
+        server_first = b"r=" + nonce + b"forged,s=" + salt + b",i=4096"
+        sock.sendall(w.message(b"R", struct.pack("!i", 11) + server_first))
+        read_message(sock)  # the client's proof, not checked
+        sock.sendall(w.message(b"R", struct.pack("!i", 12) + self.final))
+        while sock.recv(4096):  # until the pooler closes it
+            pass
+
+
+@pytest.mark.parametrize(
+    ("final", "reason"),
+    [
+        (b"v=" + base64.b64encode(bytes(32)), "server signature does not verify"),
+        (b"e=other-error", "server refused the SCRAM login"),
+    ],
+    ids=["forged-signature", "server-error"],
+)
+def test_a_server_that_does_not_prove_itself_is_refused(
+    pg: ExamplePostgres, pooler: PoolerFactory, final: bytes, reason: str
+) -> None:
+    """The pooler checks the server's SCRAM signature when it knows the password: a
+    server that cannot prove it knows it gets no client, who is told why (the compiled
+    build once raised a TypeError here instead)."""
+    backend = ForgingScramBackend(final)
+    try:
+        proc = pooler(
+            pools={
+                "example_db": {
+                    "server_host": "127.0.0.1",
+                    "server_port": backend.port,
+                    "users": [
+                        {
+                            "username": "app",
+                            "password": w.md5_password_hash("apppass", "app"),
+                            "server_username": "app",
+                            "server_password": "the-real-password",
+                            "pool_size": 1,
+                        }
+                    ],
+                }
+            }
+        )
+        with pytest.raises(w.ServerError) as refused:
+            w.PgWire.connect(proc.host, proc.port, "app", "example_db", "apppass")
+        assert refused.value.sqlstate == "28P01"
+        assert reason in refused.value.message
+        assert "TypeError" not in proc.log_text()
     finally:
         backend.close()

@@ -258,8 +258,8 @@ class ServerConnection(asyncio.Protocol):
                         raise AcquireError(sqlstate.PROTOCOL_VIOLATION, "unexpected SASL final")
                     try:
                         scram.handle_server_final(payload)
-                    except Exception as exc:
-                        raise AcquireError(sqlstate.INVALID_PASSWORD, str(exc)) from exc
+                    except Exception as unproven:  # not `exc`: typed ScramError above
+                        raise AcquireError(sqlstate.INVALID_PASSWORD, str(unproven)) from unproven
                 elif code == codes.AUTH_MD5:
                     self._send(messages.password_message(_md5_answer(creds, payload[:4])))
                 elif code == codes.AUTH_CLEARTEXT:
