@@ -4,9 +4,10 @@ Both run the same code, but mypyc's semantics differ from the interpreter's in c
 mypy does not check (tests/unit/test_compiled_rules.py), and those corners sit mostly
 on error paths the other tests reach rarely. Here seeded programs, a startup packet
 (often malformed) and then messages, valid or not, go to a compiled and a pure-Python
-pooler side by side on one PostgreSQL; the bytes each answers must be the same, once
-what is random (BackendKeyData, MD5 salts) and client ids are masked. `PG_DOORMAN_TEST_SEEDS`
-multiplies the programs (tests/helpers/seeds.py).
+pooler side by side on one PostgreSQL, in transaction and in session mode; the bytes
+each answers must be the same, once what is random (BackendKeyData, MD5 salts) and
+client ids are masked. `PG_DOORMAN_TEST_SEEDS` multiplies the programs
+(tests/helpers/seeds.py).
 """
 
 from __future__ import annotations
@@ -178,11 +179,13 @@ def masked(answers: list[bytes]) -> list[bytes]:
     return out
 
 
+@pytest.mark.parametrize("pool_mode", ["transaction", "session"])
 def test_the_compiled_and_the_pure_python_pooler_answer_alike(
-    pg: ExamplePostgres, pooler: PoolerFactory
+    pg: ExamplePostgres, pooler: PoolerFactory, pool_mode: str
 ) -> None:
-    compiled = pooler(env={"PG_DOORMAN_IMPL": "compiled"})
-    interpreted = pooler(env={"PG_DOORMAN_IMPL": "python"})
+    pools = {"example_db": {"pool_mode": pool_mode}}
+    compiled = pooler(pools=pools, env={"PG_DOORMAN_IMPL": "compiled"})
+    interpreted = pooler(pools=pools, env={"PG_DOORMAN_IMPL": "python"})
     compiled.wait_for_log("compiled hot path")
     interpreted.wait_for_log("pure-Python hot path")
     users = [pg.trust_user, pg.md5_user]
