@@ -3,20 +3,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
-from tests.helpers.implementation import expect_compiled
+from tests.helpers.implementation import expect_compiled, needs_c_helper
 
 from pg_doorman.net import suspend
 from pg_doorman.net.suspend import SUSPEND, resume_with_send
 
 Resume = Callable[[Coroutine[Any, Any, Any], object], bool]
 
-HELPER_BUILT = importlib.util.find_spec("pg_doorman.net._resume") is not None
-needs_helper = pytest.mark.skipif(not HELPER_BUILT, reason="no compiled build (make compiled)")
+needs_helper = needs_c_helper("pg_doorman.net._resume")
 
 
 def _helper() -> Resume:

@@ -4,7 +4,6 @@ its library fallback, on real sockets."""
 from __future__ import annotations
 
 import errno
-import importlib.util
 import os
 import socket
 import subprocess
@@ -13,15 +12,14 @@ import textwrap
 from collections.abc import Callable, Iterator
 
 import pytest
-from tests.helpers.implementation import expect_compiled
+from tests.helpers.implementation import expect_compiled, needs_c_helper
 
 from pg_doorman.net import writer
 from pg_doorman.net.writer import send_with_os_write
 
 Send = Callable[[int, bytes], int]
 
-HELPER_BUILT = importlib.util.find_spec("pg_doorman.net._send") is not None
-needs_helper = pytest.mark.skipif(not HELPER_BUILT, reason="no compiled build (make compiled)")
+needs_helper = needs_c_helper("pg_doorman.net._send")
 
 
 def _helper() -> Send:

@@ -201,7 +201,7 @@ async def run_control(pooler: Pooler, payload: dict[str, Any]) -> dict[str, Any]
             pools = pooler.pause(database)
             return {
                 "busy": sum(pool.active for pool in pools),
-                "opening": sum(pool.unsettled - pool.active for pool in pools),
+                "opening": sum(pool.connecting + pool.probing for pool in pools),
             }
         if op == "wait_paused":
             await pooler.wait_paused([e.pool for e in pooler.entries_of(database)])
