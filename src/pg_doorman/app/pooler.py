@@ -299,7 +299,7 @@ async def _unix_server(
             factory,
             sock=sock,
             backlog=backlog,
-            cleanup_socket=False,  # type: ignore[call-arg]
+            cleanup_socket=False,  # type: ignore[call-arg,unused-ignore]
         )
     except TypeError:  # no such argument: nothing is removed
         return await loop.create_unix_server(factory, sock=sock, backlog=backlog)
