@@ -21,7 +21,7 @@ import statistics
 import time
 
 from pg_doorman import implementation
-from pg_doorman.app.cli import new_event_loop
+from pg_doorman.app.event_loop import new_event_loop
 from pg_doorman.app.pooler import Pooler
 from pg_doorman.auth.scram import ScramClientSession, ScramVerifier, make_scram_verifier
 from pg_doorman.config import parse_config

@@ -29,7 +29,7 @@ import time
 from typing import Any
 
 from pg_doorman import implementation
-from pg_doorman.app.cli import new_event_loop
+from pg_doorman.app.event_loop import new_event_loop
 from pg_doorman.app.pooler import Pooler
 from pg_doorman.config import parse_config
 from pg_doorman.net.client import ClientConnection

@@ -14,6 +14,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from pg_doorman import __version__
+from pg_doorman.app import event_loop
 from pg_doorman.app.cluster import WorkerInfo
 from pg_doorman.app.logsetup import LEVELS, setup_logging
 from pg_doorman.app.upgrade import (
@@ -188,18 +189,13 @@ def _check_token_key(key_path: str, value: str | None) -> None:
         raise ConfigError(key_path, str(exc)) from exc
 
 
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop when installed, the standard loop otherwise; the same code runs on both."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-    return loop
-
-
 def run_loop(main_coro: Callable[[], Coroutine[Any, Any, int]]) -> int:
-    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+    try:
+        event_loop.choose()
+    except event_loop.EventLoopChoiceError as exc:
+        print(f"pg_doorman: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    with asyncio.Runner(loop_factory=event_loop.new_event_loop) as runner:
         return runner.run(main_coro())
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from pg_doorman import implementation
 from pg_doorman.admin.snapshot import Snapshot, merge
 from pg_doorman.admin.snapshot import take as take_snapshot
+from pg_doorman.app import event_loop
 from pg_doorman.app.auth_query_users import AuthQueryUsers, lookup_settings, new_auth_query_users
 from pg_doorman.app.cluster import (
     Cluster,
@@ -1293,11 +1294,12 @@ class Pooler:
         for _, entry in self.listed_entries():
             entry.pool.retain(0)  # closes nothing, opens min_pool_size servers
         logger.info(
-            "pg_doorman listening on %s:%d (%d pools; %s)",
+            "pg_doorman listening on %s:%d (%d pools; %s; %s)",
             general.host,
             general.port,
             len(self.entries),
             implementation.describe(),
+            event_loop.describe(self.loop),
         )
 
     async def _listen(self) -> None:
