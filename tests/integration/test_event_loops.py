@@ -1,6 +1,6 @@
 """The pooler on asyncio's own event loop (`PG_DOORMAN_EVENT_LOOP=asyncio`).
 
-Every other test runs it on uvloop, the loop it picks where uvloop is installed. The
+The other integration tests run it on uvloop, the loop it picks where uvloop is installed. The
 standard loop has transports of its own (no direct socket writes, its own buffered
 reads and TLS), so the paths a client meets most are run through it here: the simple
 and extended protocols, pipelines, COPY both ways, a result larger than the socket
