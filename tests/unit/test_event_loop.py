@@ -40,3 +40,17 @@ def test_the_standard_loop_is_a_plain_asyncio_loop() -> None:
         assert isinstance(loop, asyncio.BaseEventLoop)
     finally:
         loop.close()
+
+
+def test_the_description_of_a_loop_made_elsewhere_names_the_bad_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(event_loop.ENV, "trio")
+    loop = asyncio.new_event_loop()
+    try:
+        assert event_loop.describe(loop) == (
+            "asyncio event loop: PG_DOORMAN_EVENT_LOOP='trio': "
+            "expected one of auto, uvloop, asyncio"
+        )
+    finally:
+        loop.close()

@@ -61,5 +61,8 @@ def describe(loop: asyncio.AbstractEventLoop) -> str:
     """For the startup log line: the loop running, and why not uvloop when it is not."""
     if type(loop).__module__.partition(".")[0] == "uvloop":
         return "uvloop"
-    _, problem = choose()
+    try:
+        _, problem = choose()
+    except EventLoopChoiceError as exc:  # a loop made by other means than ours
+        problem = str(exc)
     return f"asyncio event loop: {problem}" if problem else "asyncio event loop"
