@@ -10,10 +10,7 @@ mid-transaction, and TLS."""
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import asyncpg
@@ -24,7 +21,7 @@ import trustme
 from helpers import SCRAM_USER, TRUST_USER, ExamplePostgres
 from helpers.cancel import cancel_midway
 from helpers.console import admin_rows
-from helpers.pooler import SRC_DIR, PoolerFactory, PoolerProcess
+from helpers.pooler import PoolerFactory, PoolerProcess
 
 STANDARD_LOOP = {"PG_DOORMAN_EVENT_LOOP": "asyncio"}
 
@@ -152,19 +149,11 @@ def test_the_standard_loop_speaks_tls(
         assert conn.execute("select %s::int + 1", (41,)).fetchone() == (42,)
 
 
-def _run_pooler(config_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """The pooler run to its end with `env` (a PYTHONPATH there comes after the sources)."""
-    paths = [str(SRC_DIR), *filter(None, [env.pop("PYTHONPATH", "")])]
-    full = {**os.environ, **env, "PYTHONPATH": os.pathsep.join(paths)}
-    command = [sys.executable, "-m", "pg_doorman", str(config_path)]
-    return subprocess.run(command, env=full, capture_output=True, text=True, timeout=60)
-
-
 def test_an_unknown_event_loop_is_refused(pooler: PoolerFactory) -> None:
-    proc = pooler(start=False)
-    done = _run_pooler(proc.config_path, {"PG_DOORMAN_EVENT_LOOP": "tokio"})
-    assert done.returncode == 2
-    assert "PG_DOORMAN_EVENT_LOOP='tokio': expected one of auto, uvloop, asyncio" in done.stderr
+    proc = pooler(start=False, env={"PG_DOORMAN_EVENT_LOOP": "tokio"})
+    proc.spawn()
+    assert proc.wait_exit() == 2
+    assert "PG_DOORMAN_EVENT_LOOP='tokio': expected one of auto, uvloop, asyncio" in proc.log_text()
 
 
 def test_uvloop_asked_for_but_missing_is_refused_and_auto_falls_back(
@@ -173,18 +162,13 @@ def test_uvloop_asked_for_but_missing_is_refused_and_auto_falls_back(
     hidden = tmp_path / "hide_uvloop"
     (hidden / "uvloop").mkdir(parents=True)
     (hidden / "uvloop" / "__init__.py").write_text("raise ImportError('not here')\n")
-    proc = pooler(start=False)
-    env = {"PYTHONPATH": str(hidden), "PG_DOORMAN_EVENT_LOOP": "uvloop"}
-    done = _run_pooler(proc.config_path, env)
-    assert done.returncode == 2
-    assert "PG_DOORMAN_EVENT_LOOP=uvloop, but uvloop is not installed" in done.stderr
+    without_uvloop = {"PYTHONPATH": str(hidden)}  # after the sources, before site-packages
+    refused = pooler(start=False, env={**without_uvloop, "PG_DOORMAN_EVENT_LOOP": "uvloop"})
+    refused.spawn()
+    assert refused.wait_exit() == 2
+    assert "PG_DOORMAN_EVENT_LOOP=uvloop, but uvloop is not installed" in refused.log_text()
     # Without the variable the standard loop runs, and says why.
-    auto = PoolerProcess(proc.config, tmp_path / "auto", env={"PYTHONPATH": str(hidden)})
-    try:
-        auto.start()
-        auto.wait_for_log("asyncio event loop: uvloop is not installed")
-        with psycopg.connect(auto.dsn(TRUST_USER)) as conn:
-            assert conn.execute("select 1").fetchone() == (1,)
-    finally:
-        auto.stop()
-    assert auto.problems() == []
+    auto = pooler(env=without_uvloop)
+    auto.wait_for_log("asyncio event loop: uvloop is not installed")
+    with psycopg.connect(auto.dsn(TRUST_USER)) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
