@@ -140,11 +140,23 @@ class SourceFinder:
         return None
 
 
+def env_choice(
+    environ: Mapping[str, str],
+    name: str,
+    choices: Sequence[str],
+    error: type[Exception] = ValueError,
+) -> str:
+    """The value of the variable `name`, normalised, `auto` when unset; `error` naming
+    the choices when it is none of them."""
+    wanted = environ.get(name, "").strip().lower() or "auto"
+    if wanted not in choices:
+        raise error(f"{name}={environ[name]!r}: expected one of {', '.join(choices)}")
+    return wanted
+
+
 def select(environ: Mapping[str, str] = os.environ) -> tuple[str, str | None]:
     """Install the choice; returns (`compiled` or `python`, why not compiled or None)."""
-    wanted = environ.get(ENV, "").strip().lower() or "auto"
-    if wanted not in CHOICES:
-        raise ImportError(f"{ENV}={environ[ENV]!r}: expected one of {', '.join(CHOICES)}")
+    wanted = env_choice(environ, ENV, CHOICES, ImportError)
     if wanted == "python":
         problem: str | None = f"{ENV}=python"
     else:

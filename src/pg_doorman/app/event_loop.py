@@ -15,6 +15,8 @@ import os
 from collections.abc import Mapping
 from typing import Final
 
+from pg_doorman.implementation import env_choice
+
 ENV: Final = "PG_DOORMAN_EVENT_LOOP"
 CHOICES: Final = ("auto", "uvloop", "asyncio")
 
@@ -33,9 +35,7 @@ def _uvloop_problem() -> str | None:
 
 def choose(environ: Mapping[str, str] = os.environ) -> tuple[str, str | None]:
     """(`uvloop` or `asyncio`, why not uvloop or None)."""
-    wanted = environ.get(ENV, "").strip().lower() or "auto"
-    if wanted not in CHOICES:
-        raise EventLoopChoiceError(f"{ENV}={environ[ENV]!r}: expected one of {', '.join(CHOICES)}")
+    wanted = env_choice(environ, ENV, CHOICES, EventLoopChoiceError)
     if wanted == "asyncio":
         return "asyncio", f"{ENV}=asyncio"
     problem = _uvloop_problem()
