@@ -482,7 +482,9 @@ def test_a_cancel_passed_to_the_old_process_keeps_its_connection_until_delivered
             cancel.settimeout(1.0)
             with pytest.raises(TimeoutError):
                 cancel.recv(1)  # still open: the old process has not acted
-            for process in stopped:
+            # Children first: an old worker that had drained and exited is a zombie
+            # until its parent runs again and reaps it.
+            for process in reversed(stopped):
                 process.resume()
             stopped = []
             cancel.settimeout(10)
@@ -496,7 +498,7 @@ def test_a_cancel_passed_to_the_old_process_keeps_its_connection_until_delivered
         client.send_raw(w.query("select 2"))
         assert w.rows(client.read_until_ready()) == [("2",)]
     finally:
-        for process in stopped:
+        for process in reversed(stopped):
             with contextlib.suppress(psutil.Error):
                 process.resume()
         client.close_socket()
