@@ -42,7 +42,6 @@ from pg_doorman.protocol.framing import CLEAN_PREPARE, FrontendScanner, MessageB
 from pg_doorman.protocol.messages import ProtocolError
 from pg_doorman.protocol.startup import (
     CancelRequest,
-    GSSEncRequest,
     SSLRequest,
     StartupError,
     StartupMessage,
@@ -399,7 +398,7 @@ class ClientConnection(asyncio.Protocol):
             return
         while len(buf) >= 4:
             try:
-                length = startup_packet_length(bytes(buf[:4]))
+                length = startup_packet_length(buf)
             except StartupError as exc:
                 self.fail(exc.code, exc.message)
                 return
@@ -412,23 +411,11 @@ class ClientConnection(asyncio.Protocol):
             except StartupError as exc:
                 self.fail(exc.code, exc.message)
                 return
-            if isinstance(request, SSLRequest | GSSEncRequest):
-                if buf:
-                    # Bytes after the request would be read as if they came through
-                    # the encrypted channel: refuse, as PostgreSQL does.
-                    self.fail(sqlstate.PROTOCOL_VIOLATION, "unexpected data after SSL request")
-                    return
-                context = self.pooler.tls_context
-                if (
-                    isinstance(request, SSLRequest)
-                    and context is not None
-                    and not self.unix
-                    and not self.tls
-                ):
-                    self._start_tls(context)
-                    return
-                self.write(messages.SSL_REFUSED)
-                continue
+            # Each kind tested alone: compiled, `isinstance(x, A | B)` builds the union
+            # object on every call, and the login's own message is by far the most common.
+            if isinstance(request, StartupMessage):
+                self._start_login(request, buf)
+                return
             if isinstance(request, CancelRequest):
                 if self.tls:
                     self.pooler.tls_sessions -= 1  # counted as a cancel instead
@@ -438,21 +425,39 @@ class ClientConnection(asyncio.Protocol):
                 else:  # closed once the cancel reached its target (see handle_cancel)
                     forwarded.add_done_callback(self._close_after_cancel)
                 return
-            assert isinstance(request, StartupMessage)
-            if self.pooler.tls_required and not self.tls and not self.unix:
-                self.fail(
-                    sqlstate.INVALID_AUTHORIZATION,
-                    "Connection without SSL is not allowed by tls_mode.",
-                )
+            # An SSLRequest or a GSSEncRequest.
+            if buf:
+                # Bytes after the request would be read as if they came through the
+                # encrypted channel: refuse, as PostgreSQL does.
+                self.fail(sqlstate.PROTOCOL_VIOLATION, "unexpected data after SSL request")
                 return
-            self.state = LOGIN
-            rest = bytes(buf)
-            buf.clear()
-            self._inbox.feed(rest)
-            self._on_data = self._login_data
-            self._login_coro = self._login(request)
-            self._resume_login(None)
+            context = self.pooler.tls_context
+            if (
+                isinstance(request, SSLRequest)
+                and context is not None
+                and not self.unix
+                and not self.tls
+            ):
+                self._start_tls(context)
+                return
+            self.write(messages.SSL_REFUSED)
+
+    def _start_login(self, request: StartupMessage, buf: bytearray) -> None:
+        """The client's StartupMessage has come: the login begins (`buf` holds what the
+        client sent after it)."""
+        if self.pooler.tls_required and not self.tls and not self.unix:
+            self.fail(
+                sqlstate.INVALID_AUTHORIZATION,
+                "Connection without SSL is not allowed by tls_mode.",
+            )
             return
+        self.state = LOGIN
+        rest = bytes(buf)
+        buf.clear()
+        self._inbox.feed(rest)
+        self._on_data = self._login_data
+        self._login_coro = self._login(request)
+        self._resume_login(None)
 
     def _direct_tls(self, buf: bytearray) -> None:
         """A TLS hello where a startup packet belongs (a length, whose first byte is 0):

@@ -57,12 +57,24 @@ send_now: Final = _pick_send()
 # uvloop's stream transports over a socket the pooler may write to itself.
 _DIRECT_TRANSPORTS: Final = frozenset({"TCPTransport", "UnixTransport"})
 
+# Whether each kind of transport seen so far is one of those. `__module__` and
+# `__name__` of an extension type are new strings each time they are read: the answer is
+# kept per type rather than found again for every connection.
+_direct_kinds: Final[dict[type, bool]] = {}
+
+
+def _is_direct_kind(kind: type) -> bool:
+    known = _direct_kinds.get(kind)
+    if known is None:
+        known = kind.__module__ == "uvloop.loop" and kind.__name__ in _DIRECT_TRANSPORTS
+        _direct_kinds[kind] = known
+    return known
+
 
 def direct_descriptor(transport: asyncio.BaseTransport) -> int:
     """The descriptor of the socket under uvloop's plain TCP or Unix `transport`, -1
     for any other transport (TLS, another event loop's)."""
-    kind = type(transport)
-    if kind.__module__ != "uvloop.loop" or kind.__name__ not in _DIRECT_TRANSPORTS:
+    if not _is_direct_kind(type(transport)):
         return -1
     sock = transport.get_extra_info("socket")
     if sock is None:

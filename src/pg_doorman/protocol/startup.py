@@ -78,8 +78,9 @@ class StartupMessage:
 StartupPacket = SSLRequest | GSSEncRequest | CancelRequest | StartupMessage
 
 
-def startup_packet_length(header: bytes) -> int:
-    """Validate the length word of a startup packet (first 4 bytes)."""
+def startup_packet_length(header: bytes | bytearray) -> int:
+    """Validate the length word of a startup packet (its first 4 bytes; `header` may
+    hold more)."""
     length = int(_INT32.unpack_from(header, 0)[0])
     if length < 8 or length > codes.MAX_STARTUP_PACKET:
         raise StartupError(sqlstate.PROTOCOL_VIOLATION, f"invalid startup packet length {length}")
