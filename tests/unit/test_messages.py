@@ -150,6 +150,8 @@ def test_message_types() -> None:
 def test_startup_message() -> None:
     raw = messages.startup_message({"user": "u", "database": "d"})
     assert startup_packet_length(raw[:4]) == len(raw)
+    # The client's buffer as it is: the first four bytes of a bytearray holding more.
+    assert startup_packet_length(bytearray(raw + messages.SSL_REFUSED)) == len(raw)
     request = parse_startup_packet(raw)
     assert request == StartupMessage(0, {"user": "u", "database": "d"}, [])
     assert not request.needs_negotiation
