@@ -144,7 +144,7 @@ def env_choice(
     environ: Mapping[str, str],
     name: str,
     choices: Sequence[str],
-    error: type[Exception] = ValueError,
+    error: type[Exception],
 ) -> str:
     """The value of the variable `name`, normalised, `auto` when unset; `error` naming
     the choices when it is none of them."""

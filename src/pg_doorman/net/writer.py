@@ -54,27 +54,27 @@ def _pick_send() -> Callable[[int, bytes], int]:
 # What every write sends with (see the module's docstring).
 send_now: Final = _pick_send()
 
-# uvloop's stream transports over a socket the pooler may write to itself.
-_DIRECT_TRANSPORTS: Final = frozenset({"TCPTransport", "UnixTransport"})
 
-# Whether each kind of transport seen so far is one of those. `__module__` and
-# `__name__` of an extension type are new strings each time they are read: the answer is
-# kept per type rather than found again for every connection.
-_direct_kinds: Final[dict[type, bool]] = {}
+def _direct_transport_types() -> frozenset[type]:
+    """uvloop's stream transports over a socket the pooler may write to itself (none
+    where uvloop is not installed)."""
+    try:
+        from uvloop import loop as uvloop_loop
+    except ImportError:
+        return frozenset()
+    # Public classes of uvloop.loop that its type stubs leave out.
+    return frozenset({uvloop_loop.TCPTransport, uvloop_loop.UnixTransport})  # type: ignore[attr-defined]
 
 
-def _is_direct_kind(kind: type) -> bool:
-    known = _direct_kinds.get(kind)
-    if known is None:
-        known = kind.__module__ == "uvloop.loop" and kind.__name__ in _DIRECT_TRANSPORTS
-        _direct_kinds[kind] = known
-    return known
+# The types themselves, found once: reading an extension type's `__module__` and
+# `__name__` builds new strings each time, which every connection would pay for.
+_DIRECT_TRANSPORTS: Final = _direct_transport_types()
 
 
 def direct_descriptor(transport: asyncio.BaseTransport) -> int:
     """The descriptor of the socket under uvloop's plain TCP or Unix `transport`, -1
     for any other transport (TLS, another event loop's)."""
-    if not _is_direct_kind(type(transport)):
+    if type(transport) not in _DIRECT_TRANSPORTS:
         return -1
     sock = transport.get_extra_info("socket")
     if sock is None:
