@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import shutil
 import signal
+import socket
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,29 @@ def pooler(pg: ExamplePostgres, tmp_path: Path) -> Iterator[PoolerFactory]:
     problems = factory.close()
     if problems:
         pytest.fail("\n\n".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def refused_port() -> Iterator[Callable[[], int]]:
+    """Call it for a port on 127.0.0.1 that refuses connections until the test ends.
+
+    A port that `free_port()` found free may be given to anything a moment later (the
+    pooler under test has drawn the very port a test took for a server that is down);
+    each of these stays bound by a socket that never listens, so connecting to it is
+    refused and nothing else can bind it.
+    """
+    held: list[socket.socket] = []
+
+    def take() -> int:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        held.append(sock)
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+    yield take
+    for sock in held:
+        sock.close()
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import asyncpg
@@ -483,8 +483,12 @@ def test_a_lookup_user_the_server_refuses(pg: ExamplePostgres, pooler: PoolerFac
     assert current_user(proc, pg.trust_user.name, "") == pg.trust_user.name
 
 
-def test_a_lookup_server_that_is_down(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
-    proc = auth_query_pooler(pooler, pg, pool={"server_port": free_port(), "connect_timeout": 2000})
+def test_a_lookup_server_that_is_down(
+    pg: ExamplePostgres, pooler: PoolerFactory, refused_port: Callable[[], int]
+) -> None:
+    proc = auth_query_pooler(
+        pooler, pg, pool={"server_port": refused_port(), "connect_timeout": 2000}
+    )
     error = refused(proc, pg.md5_user.name, pg.md5_user.password)
     assert error.sqlstate == "08006"
     assert "cannot connect to server" in error.message

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -110,9 +110,13 @@ def connect(proc: PoolerProcess, pg: ExamplePostgres) -> psycopg.Connection[Any]
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_new_servers_open_on_the_synchronous_standby_until_the_local_server_is_back(
-    pg: ExamplePostgres, pooler: PoolerFactory, local_dir: Path, workers: int
+    pg: ExamplePostgres,
+    pooler: PoolerFactory,
+    local_dir: Path,
+    workers: int,
+    refused_port: Callable[[], int],
 ) -> None:
-    dead = free_port()
+    dead = refused_port()
     api = PatroniApi(
         [member("node1", "leader", dead), member("node2", "sync_standby", pg.port)],
     )
@@ -122,7 +126,7 @@ def test_new_servers_open_on_the_synchronous_standby_until_the_local_server_is_b
             pooler,
             local_dir,
             # The first URL is a node that is down as well: the other one answers.
-            [f"http://127.0.0.1:{free_port()}", api.url],
+            [f"http://127.0.0.1:{refused_port()}", api.url],
             fallback_cooldown="5s",
             fallback_lifetime="1s",
             general={"workers": workers},
@@ -182,10 +186,10 @@ def test_new_servers_open_on_the_synchronous_standby_until_the_local_server_is_b
 
 
 def test_the_other_members_race_when_the_synchronous_standby_fails(
-    pg: ExamplePostgres, pooler: PoolerFactory, local_dir: Path
+    pg: ExamplePostgres, pooler: PoolerFactory, local_dir: Path, refused_port: Callable[[], int]
 ) -> None:
     """Then the member that logged in is used again without asking Patroni."""
-    dead_sync, dead_leader = free_port(), free_port()
+    dead_sync, dead_leader = refused_port(), refused_port()
     api = PatroniApi(
         [
             member("node1", "sync_standby", dead_sync),
@@ -243,9 +247,9 @@ def test_a_cancel_reaches_the_member_the_server_was_opened_on(
 
 
 def test_without_an_answer_from_patroni_clients_get_the_reason_and_a_reload_fixes_it(
-    pg: ExamplePostgres, pooler: PoolerFactory, local_dir: Path
+    pg: ExamplePostgres, pooler: PoolerFactory, local_dir: Path, refused_port: Callable[[], int]
 ) -> None:
-    down = f"http://127.0.0.1:{free_port()}"
+    down = f"http://127.0.0.1:{refused_port()}"
     proc, web = start(pg, pooler, local_dir, [down], general={"query_wait_timeout": 1500})
     with pytest.raises(psycopg.OperationalError, match="Patroni API could not be asked"):
         connect(proc, pg)

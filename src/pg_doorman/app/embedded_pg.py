@@ -93,13 +93,23 @@ def find_pg_bin() -> Path:
     )
 
 
+# Every port free_port() has returned in this process.
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that nothing listens on right now (the kernel's choice)."""
+    """A TCP port that nothing listens on right now (the kernel's choice), never one
+    this process was given before: a port handed out for one server and not bound by
+    it yet looks free, and the kernel can give it again for another."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    for _ in range(1000):
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port: int = sock.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise OSError(f"no TCP port on {host} that this process was not given before")
 
 
 def make_dsn(
