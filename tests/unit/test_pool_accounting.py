@@ -7,13 +7,16 @@ transport under a server is a stand-in (the integration tests cover real sockets
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from helpers.implementation import expect_compiled
 from pg_doorman.net.server import IDLE, ServerConnection
-from pg_doorman.pool.pool import DatabaseBudget, Pool, PoolSettings
+from pg_doorman.pool.pool import DatabaseBudget, IdleServers, Pool, PoolSettings
 
 
 class StandInTransport:
@@ -132,9 +135,84 @@ def test_retain_goes_on_when_another_pool_evicts_its_idle_servers() -> None:
         await asyncio.sleep(0.1)  # and pass keeper's idle_timeout
         closed = keeper.retain(None)
         assert closed == 1  # the other one was evicted for the starving pool
-        assert keeper.idle == [] and keeper.size == 0
+        assert len(keeper.idle) == 0 and not keeper.idle and keeper.size == 0
         assert starving.connecting == 2 and budget.count == 2
         keeper.close("done")
         starving.close("done")
 
     asyncio.run(main())
+
+
+# One operation on the idle list: (name, which server) for append, remove and `in`.
+IDLE_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["append", "pop", "popleft", "remove", "contains"]),
+        st.integers(0, 5),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(IDLE_OPS)
+def test_idle_servers_behave_as_a_list(ops: list[tuple[str, int]]) -> None:
+    """IdleServers keeps its memory where a list would shrink; to its users it is the
+    list it replaced: the same servers in the same order after any sequence of
+    operations, and the same errors (IndexError from an empty one, ValueError for a
+    server that is not in it)."""
+    loop = asyncio.new_event_loop()
+    try:
+        pool = Pool(PoolSettings("db", "u", pool_size=6), never_opens, loop)
+        servers = [ServerConnection(pool, i, loop) for i in range(6)]
+        idle = IdleServers()
+        model: list[ServerConnection] = []
+        for op, which in ops:
+            server = servers[which]
+            if op == "append":
+                if server in model:
+                    continue  # a server is idle once at most
+                idle.append(server)
+                model.append(server)
+            elif op == "pop" or op == "popleft":
+                if not model:
+                    with pytest.raises(IndexError):
+                        idle.pop() if op == "pop" else idle.popleft()
+                    continue
+                got = idle.pop() if op == "pop" else idle.popleft()
+                assert got is (model.pop() if op == "pop" else model.pop(0))
+            elif op == "remove":
+                if server not in model:
+                    with pytest.raises(ValueError):
+                        idle.remove(server)
+                    continue
+                idle.remove(server)
+                model.remove(server)
+            else:
+                assert (server in idle) == (server in model)
+            assert list(idle) == model and idle.servers() == model
+            assert len(idle) == len(model) and bool(idle) == bool(model)
+    finally:
+        loop.close()
+
+
+def test_idle_servers_let_go_of_servers_taken_out() -> None:
+    """A slot kept for reuse does not keep the server that was in it alive (counted
+    in references: a weak reference to a compiled object is unsafe, mypyc#1102)."""
+    loop = asyncio.new_event_loop()
+    try:
+        pool = Pool(PoolSettings("db", "u", pool_size=2), never_opens, loop)
+        idle = IdleServers()
+        server = ServerConnection(pool, 1, loop)
+        alone = sys.getrefcount(server)
+        idle.append(server)
+        assert sys.getrefcount(server) == alone + 1
+        assert idle.pop() is server
+        assert sys.getrefcount(server) == alone
+        idle.append(server)
+        other = ServerConnection(pool, 2, loop)
+        idle.append(other)
+        idle.remove(server)
+        assert sys.getrefcount(server) == alone
+        assert idle.popleft() is other and not idle
+    finally:
+        loop.close()

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -22,6 +22,8 @@ from pg_doorman.protocol import sqlstate
 from pg_doorman.stats.counters import PoolStats
 
 if TYPE_CHECKING:
+    from mypy_extensions import i64  # a machine integer when compiled (see framing)
+
     # The clients that queue for a server and the servers the pool hands out, typed
     # with the classes themselves rather than Protocols so that the compiled build
     # calls them natively: checkout and check-in run once per transaction, and when
@@ -167,6 +169,89 @@ def _jittered(value: float) -> float:
     return value * (1.0 - _JITTER + 2.0 * _JITTER * _random())
 
 
+class IdleServers:
+    """A pool's idle servers, oldest first: a list whose memory stays allocated.
+
+    `list.pop()` hands memory back once the list falls under half its capacity, and
+    `append` asks for it again, so with one or two clients on a pool (the list going
+    from one server to none and back at every transaction) a plain list reallocates
+    twice per transaction. Here the slots past the count stay, holding None; the list
+    never holds more than the pool's size."""
+
+    __slots__ = ("_count", "_slots")
+
+    def __init__(self) -> None:
+        self._slots: list[PooledServer | None] = []
+        self._count: i64 = 0
+
+    def __len__(self) -> int:
+        return int(self._count)
+
+    def __bool__(self) -> bool:
+        return self._count > 0
+
+    def __contains__(self, server: PooledServer) -> bool:
+        return self._index(server) >= 0
+
+    def __iter__(self) -> Iterator[PooledServer]:
+        return iter(self.servers())
+
+    def servers(self) -> list[PooledServer]:
+        """The idle servers, oldest first (a new list)."""
+        found: list[PooledServer] = []
+        slots = self._slots
+        for i in range(self._count):
+            server = slots[i]
+            assert server is not None
+            found.append(server)
+        return found
+
+    def append(self, server: PooledServer) -> None:
+        slots = self._slots
+        count = self._count
+        if count < len(slots):
+            slots[count] = server
+        else:
+            slots.append(server)
+        self._count = count + 1
+
+    def pop(self) -> PooledServer:
+        """The server that came back last."""
+        count = self._count - 1
+        if count < 0:
+            raise IndexError("no idle server")
+        slots = self._slots
+        server = slots[count]
+        assert server is not None
+        slots[count] = None
+        self._count = count
+        return server
+
+    def popleft(self) -> PooledServer:
+        """The server idle the longest."""
+        if not self._count:
+            raise IndexError("no idle server")
+        server = self._slots.pop(0)
+        assert server is not None
+        self._count -= 1
+        return server
+
+    def remove(self, server: PooledServer) -> None:
+        """Take `server` out; ValueError if it is not idle (as list.remove)."""
+        index = self._index(server)
+        if index < 0:
+            raise ValueError("server is not idle")
+        del self._slots[index]
+        self._count -= 1
+
+    def _index(self, server: PooledServer) -> int:
+        slots = self._slots
+        for i in range(self._count):
+            if slots[i] is server:
+                return i
+        return -1
+
+
 class Pool:
     def __init__(
         self,
@@ -177,8 +262,7 @@ class Pool:
         self.settings = settings
         self._connector = connector
         self._loop = loop
-        # A list, not a deque: the compiled build pops and appends natively.
-        self.idle: list[PooledServer] = []
+        self.idle = IdleServers()
         # Every logged-in server this pool owns, in any state (for SHOW SERVERS & co).
         self.servers: set[PooledServer] = set()
         # The FIFO of waiting clients: a list read from _head (popping from the front
@@ -333,7 +417,7 @@ class Pool:
     def _pop_idle(self, now: float) -> PooledServer | None:
         idle = self.idle
         while idle:
-            server = idle.pop(0) if self.settings.round_robin else idle.pop()
+            server = idle.popleft() if self.settings.round_robin else idle.pop()
             state = server.checkout_state(now)
             # No epoch check: reconnect() empties the idle list, release() screens.
             if not state:
@@ -783,7 +867,7 @@ class DatabaseBudget:
     def _trim(self) -> None:
         for pool in self.pools:
             while self.count > self.limit and pool.idle and pool.size > self._floor(pool):
-                pool.discard(pool.idle.pop(0), "over max_db_connections")
+                pool.discard(pool.idle.popleft(), "over max_db_connections")
 
     def join(self, pool: Pool) -> None:
         self.pools.append(pool)
