@@ -147,7 +147,9 @@ def test_retries_for_many_waiting_clients_keep_to_the_backoff(
         assert errors == ["08006"] * 10, proc.log_text()
         accepted, still_open = settled_counts(backend)
         # The parallel limit (2) at a time, in five or six rounds in two seconds (9 to
-        # 11 attempts measured; one timer per failure made 23 to 25).
+        # 11 attempts measured; one timer per failure made 23 to 25, and an opening
+        # for each client that queued during the backoff made 20 on a loaded machine,
+        # where the ten logins came in as the first openings failed).
         assert 2 <= accepted <= 16, accepted
         assert still_open == 0
     finally:

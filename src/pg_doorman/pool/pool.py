@@ -502,6 +502,10 @@ class Pool:
         """
         if self.closed or self.paused:  # paused: no server connections until RESUME
             return
+        if self._retry_timer is not None:
+            # Backing off after a failed opening: the retry grows the pool. Clients
+            # queueing meanwhile must not each start an opening of their own.
+            return
         s = self.settings
         room = s.pool_size - self.size
         if room <= 0:
@@ -615,6 +619,9 @@ class Pool:
             return
         self._connect_failures = 0
         self.last_connect_error = None
+        if self._retry_timer is not None:  # the server is reachable: no more waiting
+            self._retry_timer.cancel()
+            self._retry_timer = None
         self.servers.add(server)
         self.release(server, _now(), fresh=True)
         if self.waiting or self.size < self.settings.min_pool_size:
