@@ -216,3 +216,80 @@ def test_idle_servers_let_go_of_servers_taken_out() -> None:
         assert idle.popleft() is other and not idle
     finally:
         loop.close()
+
+
+WAIT_OPS = st.lists(
+    st.tuples(st.sampled_from(["queue", "cancel", "next"]), st.integers(0, 7)),
+    max_size=120,
+)
+
+
+@pytest.mark.skipif(
+    expect_compiled(), reason="stand-in waiters need the interpreted Pool (compiled: clients only)"
+)
+@settings(max_examples=300, deadline=None)
+@given(WAIT_OPS)
+def test_the_wait_queue_serves_in_order_of_arrival(ops: list[tuple[str, int]]) -> None:
+    """Whatever the order of arrivals, cancellations and hand-overs (the queue is a
+    list read from a moving head, compacted now and then), clients come out in the
+    order they came in, a cancelled one never, and `waiting` and `oldest_wait`
+    follow."""
+    loop = asyncio.new_event_loop()
+    try:
+        pool = Pool(PoolSettings("db", "u", pool_size=5), never_opens, loop)
+        pool.paused = True  # no server opens; the queue alone is under test
+        clients = [Waiter() for _ in range(8)]
+        model: list[Waiter] = []
+        clock = 0.0
+        for op, which in ops:
+            client = clients[which]
+            clock += 1.0
+            if op == "queue":
+                if client in model:
+                    continue  # a client waits once at most
+                assert pool.acquire(client, clock) is None  # type: ignore[arg-type]
+                model.append(client)
+            elif op == "cancel":
+                pool.cancel_wait(client)  # type: ignore[arg-type]
+                if client in model:
+                    model.remove(client)
+            else:
+                expected = model.pop(0) if model else None
+                assert pool._next_waiter(force=True) is expected
+            assert pool.waiting == len(model)
+            assert pool._waiters[pool._head :] == model
+            assert pool.oldest_wait(clock) == (clock - model[0].wait_started if model else 0.0)
+        pool.fail_waiters("57P01", "done")
+        assert [client.error for client in model] == ["57P01"] * len(model)
+        assert pool.waiting == 0
+    finally:
+        if pool._wait_timer is not None:
+            pool._wait_timer.cancel()
+        loop.close()
+
+
+@pytest.mark.skipif(
+    expect_compiled(), reason="stand-in waiters need the interpreted Pool (compiled: clients only)"
+)
+def test_a_queue_that_never_empties_is_compacted_in_order() -> None:
+    """Clients outnumbering servers for good (the queue never empties, so its head
+    moves on until the list is compacted): still served in order of arrival."""
+    loop = asyncio.new_event_loop()
+    try:
+        pool = Pool(PoolSettings("db", "u", pool_size=5), never_opens, loop)
+        pool.paused = True
+        clients = [Waiter() for _ in range(8)]
+        model = list(clients)
+        for number, client in enumerate(clients):
+            pool.acquire(client, float(number))  # type: ignore[arg-type]
+        for turn in range(300):  # each served client queues again at once
+            served = pool._next_waiter(force=True)
+            assert served is model.pop(0)
+            pool.acquire(served, 10.0 + turn)  # type: ignore[arg-type]
+            model.append(served)
+            assert pool.waiting == 8 and len(pool._waiters) < 8 + 128
+        assert pool._waiters[pool._head :] == model
+    finally:
+        if pool._wait_timer is not None:
+            pool._wait_timer.cancel()
+        loop.close()
