@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from hypothesis import given, settings
@@ -68,6 +70,27 @@ class Waiter:
         self.error = code
 
 
+# The stand-in Waiter above is not a ClientConnection, which the compiled Pool accepts.
+needs_stand_in_waiters = pytest.mark.skipif(
+    expect_compiled(), reason="stand-in waiters need the interpreted Pool (compiled: clients only)"
+)
+
+
+@contextmanager
+def loop_free_pool(pool_size: int, *, paused: bool = False) -> Iterator[Pool]:
+    """A pool on an event loop that never runs (its timers never fire); `paused`: no
+    server ever opens, so the wait queue alone is under test."""
+    loop = asyncio.new_event_loop()
+    try:
+        pool = Pool(PoolSettings("db", "u", pool_size=pool_size), never_opens, loop)
+        pool.paused = paused
+        yield pool
+        if pool._wait_timer is not None:
+            pool._wait_timer.cancel()
+    finally:
+        loop.close()
+
+
 def budget_of(loop: asyncio.AbstractEventLoop, limit: int, min_lifetime: float) -> DatabaseBudget:
     budget = DatabaseBudget(loop)
     budget.configure(
@@ -104,9 +127,7 @@ def test_a_connect_cancelled_before_it_started_gives_its_slot_back() -> None:
     asyncio.run(main())
 
 
-@pytest.mark.skipif(
-    expect_compiled(), reason="stand-in waiters need the interpreted Pool (compiled: clients only)"
-)
+@needs_stand_in_waiters
 def test_retain_goes_on_when_another_pool_evicts_its_idle_servers() -> None:
     """retain() closing one expired idle server frees a slot of the database's budget;
     a pool starving for one may then evict this pool's next idle server. retain()
@@ -160,10 +181,8 @@ def test_idle_servers_behave_as_a_list(ops: list[tuple[str, int]]) -> None:
     list it replaced: the same servers in the same order after any sequence of
     operations, and the same errors (IndexError from an empty one, ValueError for a
     server that is not in it)."""
-    loop = asyncio.new_event_loop()
-    try:
-        pool = Pool(PoolSettings("db", "u", pool_size=6), never_opens, loop)
-        servers = [ServerConnection(pool, i, loop) for i in range(6)]
+    with loop_free_pool(6) as pool:
+        servers = [ServerConnection(pool, i, pool._loop) for i in range(6)]
         idle = IdleServers()
         model: list[ServerConnection] = []
         for op, which in ops:
@@ -191,31 +210,25 @@ def test_idle_servers_behave_as_a_list(ops: list[tuple[str, int]]) -> None:
                 assert (server in idle) == (server in model)
             assert list(idle) == model and idle.servers() == model
             assert len(idle) == len(model) and bool(idle) == bool(model)
-    finally:
-        loop.close()
 
 
 def test_idle_servers_let_go_of_servers_taken_out() -> None:
     """A slot kept for reuse does not keep the server that was in it alive (counted
     in references: a weak reference to a compiled object is unsafe, mypyc#1102)."""
-    loop = asyncio.new_event_loop()
-    try:
-        pool = Pool(PoolSettings("db", "u", pool_size=2), never_opens, loop)
+    with loop_free_pool(2) as pool:
         idle = IdleServers()
-        server = ServerConnection(pool, 1, loop)
+        server = ServerConnection(pool, 1, pool._loop)
         alone = sys.getrefcount(server)
         idle.append(server)
         assert sys.getrefcount(server) == alone + 1
         assert idle.pop() is server
         assert sys.getrefcount(server) == alone
         idle.append(server)
-        other = ServerConnection(pool, 2, loop)
+        other = ServerConnection(pool, 2, pool._loop)
         idle.append(other)
         idle.remove(server)
         assert sys.getrefcount(server) == alone
         assert idle.popleft() is other and not idle
-    finally:
-        loop.close()
 
 
 WAIT_OPS = st.lists(
@@ -224,9 +237,7 @@ WAIT_OPS = st.lists(
 )
 
 
-@pytest.mark.skipif(
-    expect_compiled(), reason="stand-in waiters need the interpreted Pool (compiled: clients only)"
-)
+@needs_stand_in_waiters
 @settings(max_examples=300, deadline=None)
 @given(WAIT_OPS)
 def test_the_wait_queue_serves_in_order_of_arrival(ops: list[tuple[str, int]]) -> None:
@@ -234,10 +245,7 @@ def test_the_wait_queue_serves_in_order_of_arrival(ops: list[tuple[str, int]]) -
     list read from a moving head, compacted now and then), clients come out in the
     order they came in, a cancelled one never, and `waiting` and `oldest_wait`
     follow."""
-    loop = asyncio.new_event_loop()
-    try:
-        pool = Pool(PoolSettings("db", "u", pool_size=5), never_opens, loop)
-        pool.paused = True  # no server opens; the queue alone is under test
+    with loop_free_pool(5, paused=True) as pool:
         clients = [Waiter() for _ in range(8)]
         model: list[Waiter] = []
         clock = 0.0
@@ -262,22 +270,13 @@ def test_the_wait_queue_serves_in_order_of_arrival(ops: list[tuple[str, int]]) -
         pool.fail_waiters("57P01", "done")
         assert [client.error for client in model] == ["57P01"] * len(model)
         assert pool.waiting == 0
-    finally:
-        if pool._wait_timer is not None:
-            pool._wait_timer.cancel()
-        loop.close()
 
 
-@pytest.mark.skipif(
-    expect_compiled(), reason="stand-in waiters need the interpreted Pool (compiled: clients only)"
-)
+@needs_stand_in_waiters
 def test_a_queue_that_never_empties_is_compacted_in_order() -> None:
     """Clients outnumbering servers for good (the queue never empties, so its head
     moves on until the list is compacted): still served in order of arrival."""
-    loop = asyncio.new_event_loop()
-    try:
-        pool = Pool(PoolSettings("db", "u", pool_size=5), never_opens, loop)
-        pool.paused = True
+    with loop_free_pool(5, paused=True) as pool:
         clients = [Waiter() for _ in range(8)]
         model = list(clients)
         for number, client in enumerate(clients):
@@ -289,7 +288,3 @@ def test_a_queue_that_never_empties_is_compacted_in_order() -> None:
             model.append(served)
             assert pool.waiting == 8 and len(pool._waiters) < 8 + 128
         assert pool._waiters[pool._head :] == model
-    finally:
-        if pool._wait_timer is not None:
-            pool._wait_timer.cancel()
-        loop.close()
