@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The other Pythons the package supports (3.12 and 3.13; `make test` runs on 3.11): on
 # each one found, build the compiled hot path and run the unit tests and the tests of
-# the event loops on both builds, plus the packaging test (the compiled wheel built,
-# installed and run on that interpreter).
+# the event loops on both builds, plus, on the compiled build, the packaging test (the
+# compiled wheel built, installed and run on that interpreter) and the integration
+# tests that put the Python drivers, the prepared-statement rewriting, logins and the
+# protocol's edges through the pooler (the rest of the integration suite runs on 3.11).
 #
 #     bash scripts/test-other-pythons.sh            # 3.12 and 3.13
 #     PYTHON_VERSIONS=3.13 bash scripts/test-other-pythons.sh
@@ -40,6 +42,18 @@ trap 'rm -rf "$work"' EXIT
 git ls-files -z --cached --others --exclude-standard |
     tar --null --files-from=- --ignore-failed-read -cf - 2>/dev/null | tar -xf - -C "$work"
 
+drivers_and_protocol=(
+    tests/integration/test_pooling.py
+    tests/integration/test_prepared.py
+    tests/integration/test_parity.py
+    tests/integration/test_auth.py
+    tests/integration/test_tls.py
+    tests/integration/test_startup.py
+    tests/integration/test_protocol_edges.py
+    tests/integration/test_transaction_edges.py
+    tests/integration/test_session_parameters.py
+)
+
 missing=0
 for version in ${PYTHON_VERSIONS:-3.12 3.13}; do
     if ! python=$(find_python "$version"); then
@@ -57,7 +71,8 @@ for version in ${PYTHON_VERSIONS:-3.12 3.13}; do
     (
         cd "$work"
         PG_DOORMAN_IMPL=compiled "$venv/bin/python" -m pytest -q -p no:cacheprovider \
-            tests/unit tests/integration/test_event_loops.py tests/integration/test_packaging.py
+            tests/unit tests/integration/test_event_loops.py tests/integration/test_packaging.py \
+            "${drivers_and_protocol[@]}"
         PG_DOORMAN_IMPL=python "$venv/bin/python" -m pytest -q -p no:cacheprovider \
             tests/unit tests/integration/test_event_loops.py
     )
