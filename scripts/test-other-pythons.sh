@@ -3,8 +3,9 @@
 # each one found, build the compiled hot path and run the unit tests and the tests of
 # the event loops on both builds, plus, on the compiled build, the packaging test (the
 # compiled wheel built, installed and run on that interpreter) and the integration
-# tests that put the Python drivers, the prepared-statement rewriting, logins and the
-# protocol's edges through the pooler (the rest of the integration suite runs on 3.11).
+# tests that put the Python drivers, the prepared-statement rewriting, logins, TLS and
+# the protocol's edges through the pooler (the rest of the integration suite runs on
+# 3.11).
 #
 #     bash scripts/test-other-pythons.sh            # 3.12 and 3.13
 #     PYTHON_VERSIONS=3.13 bash scripts/test-other-pythons.sh
