@@ -665,7 +665,7 @@ class Pool:
         minimum. Returns how many were closed."""
         closed = 0
         now = _now()
-        for server in list(self.idle):
+        for server in self.idle.servers():  # a copy: discarding changes the list
             if budget is not None and closed >= budget:
                 break
             # Discarding one may let another pool evict the next (budget.feed).
