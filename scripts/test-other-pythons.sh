@@ -1,20 +1,18 @@
 #!/usr/bin/env bash
 # The other Pythons the package supports (3.12 and 3.13; `make test` runs on 3.11): on
-# each one found, build the compiled hot path and run the unit tests and the tests of
-# the event loops on both builds, plus, on the compiled build, the packaging test (the
-# compiled wheel built, installed and run on that interpreter) and the integration
-# tests that put the Python drivers, the prepared-statement rewriting, logins, TLS and
-# the protocol's edges through the pooler (the rest of the integration suite runs on
-# 3.11).
+# each one found, build the compiled hot path and run the whole test suite on the
+# compiled build (with the packaging test: the compiled wheel built, installed and run
+# on that interpreter), and the unit tests and the tests of the event loops on the
+# sources. The versions run side by side.
 #
 #     bash scripts/test-other-pythons.sh            # 3.12 and 3.13
 #     PYTHON_VERSIONS=3.13 bash scripts/test-other-pythons.sh
 #
-# The work happens in a copy of the checkout (tracked files and new ones not ignored),
-# because a compiled build replaces the one beside the sources; each interpreter gets a
-# virtualenv of its own, kept in .venv-3.X for the next run. An interpreter is looked
-# for as `python3.X` on PATH, then among pyenv's versions; one that is not found is
-# reported and skipped, and REQUIRE_ALL=1 makes that a failure.
+# The work happens in copies of the checkout (tracked files and new ones not ignored),
+# one per version, because a compiled build replaces the one beside the sources; each
+# interpreter gets a virtualenv of its own, kept in .venv-3.X for the next run. An
+# interpreter is looked for as `python3.X` on PATH, then among pyenv's versions; one
+# that is not found is reported and skipped, and REQUIRE_ALL=1 makes that a failure.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -41,43 +39,56 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/pg_doorman-pythons.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 # Files deleted in the working tree are still listed by git: tar skips them.
 git ls-files -z --cached --others --exclude-standard |
-    tar --null --files-from=- --ignore-failed-read -cf - 2>/dev/null | tar -xf - -C "$work"
+    tar --null --files-from=- --ignore-failed-read -cf - 2>/dev/null >"$work/checkout.tar"
 
-drivers_and_protocol=(
-    tests/integration/test_pooling.py
-    tests/integration/test_prepared.py
-    tests/integration/test_parity.py
-    tests/integration/test_auth.py
-    tests/integration/test_tls.py
-    tests/integration/test_startup.py
-    tests/integration/test_protocol_edges.py
-    tests/integration/test_transaction_edges.py
-    tests/integration/test_session_parameters.py
-)
+# One version's whole run, in its own copy of the checkout: a compiled build replaces
+# the one beside the sources, so two versions cannot share a copy.
+run_version() {
+    local version=$1 python=$2 copy="$work/$version" venv="$root/.venv-$version"
+    mkdir -p "$copy" && tar -xf "$work/checkout.tar" -C "$copy"
+    echo "==> Python $version ($python, .venv-$version)"
+    [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$copy[test]"
+    make --no-print-directory -C "$copy" compiled PYTHON="$venv/bin/python" >"$copy/compile.log" 2>&1 ||
+        { cat "$copy/compile.log"; return 1; }
+    tail -n 1 "$copy/compile.log"
+    cd "$copy"
+    # Each pytest gets a temporary directory of its own: the shared default is made
+    # private again whenever a session starts, which would cut the other version's
+    # PostgreSQL off from its data directory (see the Makefile).
+    PG_DOORMAN_IMPL=compiled "$venv/bin/python" -m pytest -q -p no:cacheprovider \
+        --basetemp="$copy/tmp-compiled" tests
+    PG_DOORMAN_IMPL=python "$venv/bin/python" -m pytest -q -p no:cacheprovider \
+        --basetemp="$copy/tmp-python" tests/unit tests/integration/test_event_loops.py
+}
 
+# The versions run side by side, like the two builds under `make test`: most of a run
+# is spent waiting on servers and timeouts. Each one's output is printed when it ends.
 missing=0
+pids=()
+versions=()
 for version in ${PYTHON_VERSIONS:-3.12 3.13}; do
     if ! python=$(find_python "$version"); then
         echo "Python $version: not found, skipped"
         missing=1
         continue
     fi
-    venv="$root/.venv-$version"
-    echo "==> Python $version ($python, .venv-$version)"
-    [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$work[test]"
-    make --no-print-directory -C "$work" compiled PYTHON="$venv/bin/python" >"$work/compile-$version.log" 2>&1 ||
-        { cat "$work/compile-$version.log"; exit 1; }
-    tail -n 1 "$work/compile-$version.log"
-    (
-        cd "$work"
-        PG_DOORMAN_IMPL=compiled "$venv/bin/python" -m pytest -q -p no:cacheprovider \
-            tests/unit tests/integration/test_event_loops.py tests/integration/test_packaging.py \
-            "${drivers_and_protocol[@]}"
-        PG_DOORMAN_IMPL=python "$venv/bin/python" -m pytest -q -p no:cacheprovider \
-            tests/unit tests/integration/test_event_loops.py
-    )
+    (run_version "$version" "$python") >"$work/$version.log" 2>&1 &
+    pids+=("$!")
+    versions+=("$version")
 done
+
+failed=0
+for i in "${!pids[@]}"; do
+    status=0
+    wait "${pids[$i]}" || status=$?
+    cat "$work/${versions[$i]}.log"
+    if [ "$status" != 0 ]; then
+        echo "==> Python ${versions[$i]}: failed (exit $status)"
+        failed=1
+    fi
+done
+[ "$failed" = 0 ] || exit 1
 
 if [ "$missing" = 1 ] && [ "${REQUIRE_ALL:-0}" = 1 ]; then
     echo "REQUIRE_ALL=1: a supported Python was not found"
