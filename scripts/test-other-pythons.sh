@@ -46,6 +46,9 @@ git ls-files -z --cached --others --exclude-standard |
 run_version() {
     local version=$1 python=$2 copy="$work/$version" venv="$root/.venv-$version"
     mkdir -p "$copy" && tar -xf "$work/checkout.tar" -C "$copy"
+    # node-postgres, installed by scripts/install-driver-toolchains.sh, is ignored by git.
+    local node_modules=tests/drivers/node/node_modules
+    [ ! -d "$root/$node_modules" ] || ln -s "$root/$node_modules" "$copy/$node_modules"
     echo "==> Python $version ($python, .venv-$version)"
     [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$copy[test]"
