@@ -55,14 +55,13 @@ run_version() {
     make --no-print-directory -C "$copy" compiled PYTHON="$venv/bin/python" >"$copy/compile.log" 2>&1 ||
         { cat "$copy/compile.log"; return 1; }
     tail -n 1 "$copy/compile.log"
+    # TEST_TMP gives each pytest a temporary directory of its own, as under `make test`:
+    # the shared default would cut the other version's PostgreSQL off from its data.
+    mkdir "$copy/tmp"
+    make --no-print-directory -C "$copy" test-compiled PYTHON="$venv/bin/python" TEST_TMP="$copy/tmp"
     cd "$copy"
-    # Each pytest gets a temporary directory of its own: the shared default is made
-    # private again whenever a session starts, which would cut the other version's
-    # PostgreSQL off from its data directory (see the Makefile).
-    PG_DOORMAN_IMPL=compiled "$venv/bin/python" -m pytest -q -p no:cacheprovider \
-        --basetemp="$copy/tmp-compiled" tests
     PG_DOORMAN_IMPL=python "$venv/bin/python" -m pytest -q -p no:cacheprovider \
-        --basetemp="$copy/tmp-python" tests/unit tests/integration/test_event_loops.py
+        --basetemp="$copy/tmp/python" tests/unit tests/integration/test_event_loops.py
 }
 
 # The versions run side by side, like the two builds under `make test`: most of a run
