@@ -107,6 +107,26 @@ def test_a_client_logs_in_with_a_token(
         conn.close()
 
 
+def loads_cryptography(proc: PoolerProcess) -> bool:
+    """Whether the pooler process has cryptography's compiled library mapped."""
+    return "/cryptography/" in Path(f"/proc/{proc.pid}/maps").read_text()
+
+
+def test_cryptography_is_loaded_only_by_a_pooler_with_a_token_key(
+    pg: ExamplePostgres, pooler: PoolerFactory, keys: tuple[KeyPair, KeyPair]
+) -> None:
+    """cryptography adds about 7 MiB to each pooler process: a configuration without a
+    token key never loads it, one with a key loads it to read the key."""
+    plain = pooler()
+    user = pg.scram_user
+    with psycopg.connect(plain.dsn(user.name, user.password), autocommit=True) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+    assert not loads_cryptography(plain)
+    issuer, _ = keys
+    with_key = token_pooler(pooler, pg, issuer)
+    assert loads_cryptography(with_key)
+
+
 def test_tokens_that_are_refused(
     pg: ExamplePostgres, pooler: PoolerFactory, keys: tuple[KeyPair, KeyPair]
 ) -> None:

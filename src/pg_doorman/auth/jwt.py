@@ -22,14 +22,15 @@ import json
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from typing import TYPE_CHECKING, Any
 
 from pg_doorman.auth.methods import JWT_PRIVATE_KEY_PREFIX as PRIVATE_KEY_PREFIX
 from pg_doorman.auth.methods import JWT_PUBLIC_KEY_PREFIX as PUBLIC_KEY_PREFIX
+
+# cryptography is imported where a key is loaded or used, not here: it adds about 7 MiB
+# to the resident memory of every pooler process, and most configurations have no key.
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import rsa
 
 # How long a token the pooler signs for a server login is valid, seconds.
 SERVER_TOKEN_LIFETIME = 120
@@ -85,6 +86,9 @@ class TokenVerifier:
 
     @classmethod
     def load(cls, path: str) -> TokenVerifier:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
         data = _read(path)
         try:
             key = serialization.load_pem_public_key(data)
@@ -115,6 +119,10 @@ class TokenVerifier:
     def claims(self, token: str, now: float | None = None) -> dict[str, Any]:
         """The claims of an RS256 token signed with this key, in its time of validity
         (JwtError otherwise)."""
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding
+
         header, parts = token_header(token)
         if header.get("alg") != "RS256":
             raise JwtError(f"the token's algorithm is {header.get('alg')!r}, not RS256")
@@ -164,6 +172,9 @@ class TokenSigner:
 
     @classmethod
     def load(cls, path: str) -> TokenSigner:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
         data = _read(path)
         try:
             key = serialization.load_pem_private_key(data, password=None)
@@ -188,6 +199,9 @@ class TokenSigner:
 def sign(
     key: rsa.RSAPrivateKey, claims: dict[str, Any], header: dict[str, Any] | None = None
 ) -> str:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
     head = _b64url(json.dumps(header or _HEADER, separators=(",", ":")).encode())
     body = _b64url(json.dumps(claims, separators=(",", ":")).encode())
     signature = key.sign(f"{head}.{body}".encode("ascii"), padding.PKCS1v15(), hashes.SHA256())
