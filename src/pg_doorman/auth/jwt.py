@@ -30,7 +30,8 @@ from pg_doorman.auth.methods import JWT_PUBLIC_KEY_PREFIX as PUBLIC_KEY_PREFIX
 # cryptography is imported where a key is loaded or used, not here: it adds about 7 MiB
 # to the resident memory of every pooler process, and most configurations have no key.
 if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+    from cryptography.hazmat.primitives.hashes import HashAlgorithm
 
 # How long a token the pooler signs for a server login is valid, seconds.
 SERVER_TOKEN_LIFETIME = 120
@@ -120,20 +121,13 @@ class TokenVerifier:
         """The claims of an RS256 token signed with this key, in its time of validity
         (JwtError otherwise)."""
         from cryptography.exceptions import InvalidSignature
-        from cryptography.hazmat.primitives import hashes
-        from cryptography.hazmat.primitives.asymmetric import padding
 
         header, parts = token_header(token)
         if header.get("alg") != "RS256":
             raise JwtError(f"the token's algorithm is {header.get('alg')!r}, not RS256")
         signature = _unb64url(parts[2], "signature")
         try:
-            self.key.verify(
-                signature,
-                f"{parts[0]}.{parts[1]}".encode("ascii"),
-                padding.PKCS1v15(),
-                hashes.SHA256(),
-            )
+            self.key.verify(signature, f"{parts[0]}.{parts[1]}".encode("ascii"), *_rs256())
         except (InvalidSignature, UnicodeEncodeError):
             raise JwtError("the token's signature does not match the key") from None
         claims = _json_object(_unb64url(parts[1], "claims"), "claims")
@@ -199,13 +193,18 @@ class TokenSigner:
 def sign(
     key: rsa.RSAPrivateKey, claims: dict[str, Any], header: dict[str, Any] | None = None
 ) -> str:
+    head = _b64url(json.dumps(header or _HEADER, separators=(",", ":")).encode())
+    body = _b64url(json.dumps(claims, separators=(",", ":")).encode())
+    signature = key.sign(f"{head}.{body}".encode("ascii"), *_rs256())
+    return f"{head}.{body}.{_b64url(signature)}"
+
+
+def _rs256() -> tuple[padding.PKCS1v15, HashAlgorithm]:
+    """RS256's padding and hash, for signing and verifying alike."""
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import padding
 
-    head = _b64url(json.dumps(header or _HEADER, separators=(",", ":")).encode())
-    body = _b64url(json.dumps(claims, separators=(",", ":")).encode())
-    signature = key.sign(f"{head}.{body}".encode("ascii"), padding.PKCS1v15(), hashes.SHA256())
-    return f"{head}.{body}.{_b64url(signature)}"
+    return padding.PKCS1v15(), hashes.SHA256()
 
 
 def _json_object(data: bytes, what: str) -> dict[str, Any]:
