@@ -36,6 +36,18 @@ def test_error_response_fields_round_trip() -> None:
     }
 
 
+@pytest.mark.parametrize("hint", [None, "use a session pool"])
+def test_notice_response_fields_round_trip(hint: str | None) -> None:
+    raw = messages.notice_response(sqlstate.WARNING, "careful", "WARNING", hint=hint)
+    assert raw[:1] == b"N"
+    (length,) = struct.unpack("!I", raw[1:5])
+    assert length == len(raw) - 1
+    expected = {"S": "WARNING", "V": "WARNING", "C": "01000", "M": "careful"}
+    if hint is not None:
+        expected["H"] = hint
+    assert messages.parse_error_fields(raw[5:]) == expected
+
+
 def test_fixed_messages() -> None:
     assert messages.ready_for_query(codes.TX_IDLE) == messages.READY_IDLE
     assert messages.build(b"S") == messages.SYNC

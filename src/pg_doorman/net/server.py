@@ -26,6 +26,7 @@ from pg_doorman.pool.pool import AcquireError, ConnectTimeout, LoginRefused, Poo
 from pg_doorman.prepared.registry import ServerStatements
 from pg_doorman.protocol import codes, messages, sqlstate
 from pg_doorman.protocol.framing import (
+    CLEAN_LISTEN,
     CLEAN_PREPARE,
     CLEAN_SET,
     BackendScanner,
@@ -53,6 +54,16 @@ _MODE_NAMES.update({PROBE: "probe", CLOSED: "closed"})
 _READY_I: Final = codes.TX_IDLE
 _now: Final = time.monotonic
 _NEVER: Final = float("inf")
+
+# Sent after the ReadyForQuery of a transaction-mode transaction that ran LISTEN.
+_LISTEN_WARNING: Final = messages.notice_response(
+    sqlstate.WARNING,
+    "LISTEN has no effect after this transaction in transaction pooling mode",
+    "WARNING",
+    hint="The connection's server goes back to the pool when the transaction ends,"
+    " so notifications never reach this connection. Use a pool with"
+    ' pool_mode = "session" for connections that LISTEN.',
+)
 
 # checkout_state() results.
 EXPIRED: Final = 1
@@ -504,6 +515,7 @@ class ServerConnection(asyncio.Protocol):
             frontend.on_copy_aborted_by_server()
         if scanner.error_count != self._errors_seen:
             self._count_errors()
+        listened = 0
         if scanner.ready_count:
             ready = scanner.ready_count
             now = _now()
@@ -549,11 +561,29 @@ class ServerConnection(asyncio.Protocol):
                 self._xact_base_sent = self.bytes_sent
                 self._xact_base_received = self.bytes_received
                 if not self.pool.settings.session_mode:
+                    listened = scanner.cleanup_flags & CLEAN_LISTEN
                     # Give the server back before the last write to the client, so
                     # the next waiter starts while these bytes are on their way.
                     client.detach_server(self)
                     self.finish(now)
         client.write(out)
+        if listened:
+            self._warn_listen(client)
+
+    def _warn_listen(self, client: ClientConnection) -> None:
+        """The transaction that just ended ran LISTEN, which cannot outlive it here:
+        say so to the client (after its ReadyForQuery, where a notice may come at any
+        time) rather than let it wait for notifications that never come."""
+        client.write(_LISTEN_WARNING)
+        pool = self.pool
+        if not pool.listen_warned:
+            pool.listen_warned = True
+            logger.warning(
+                "pool %s: client %s ran LISTEN in transaction pooling mode; it will not"
+                " receive notifications (use a session-mode pool for listeners)",
+                pool.name,
+                client.name,
+            )
 
     def _count_errors(self) -> None:
         scanner = self.scanner
@@ -625,9 +655,12 @@ class ServerConnection(asyncio.Protocol):
             statements.append("DISCARD ALL")
         elif settings.cleanup_server_connections:
             statements += cleanup_queries(scanner.cleanup_flags)
-        elif scanner.cleanup_flags & CLEAN_PREPARE:
-            # Leftover named statements would collide with the next client's.
-            statements.append("DEALLOCATE ALL")
+        else:
+            # Nothing undoes a LISTEN here: its flag would only mark later transactions.
+            scanner.cleanup_flags &= ~CLEAN_LISTEN
+            if scanner.cleanup_flags & CLEAN_PREPARE:
+                # Leftover named statements would collide with the next client's.
+                statements.append("DEALLOCATE ALL")
         if self.statements_unknown and "DEALLOCATE ALL" not in statements:
             statements.append("DEALLOCATE ALL")
         if not statements:

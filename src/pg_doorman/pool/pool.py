@@ -286,6 +286,7 @@ class Pool:
         self.probing = 0
         self.closed = False
         self.paused = False
+        self.listen_warned = False  # the log has said once that LISTEN here is undone
         # Bumped by reconnect(): servers of an older epoch are closed instead of reused.
         self.epoch = 0
         self.last_connect_error: AcquireError | None = None

@@ -81,9 +81,14 @@ def error_response(
     return build(b"E", b"".join(parts))
 
 
-def notice_response(code: str, message: str, severity: str = "NOTICE") -> bytes:
+def notice_response(
+    code: str, message: str, severity: str = "NOTICE", *, hint: str | None = None
+) -> bytes:
     body = b"S" + cstring(severity) + b"V" + cstring(severity) + b"C" + cstring(code)
-    return build(b"N", body + b"M" + cstring(message) + b"\x00")
+    body += b"M" + cstring(message)
+    if hint:
+        body += b"H" + cstring(hint)
+    return build(b"N", body + b"\x00")
 
 
 def parameter_status(name: str, value: str) -> bytes:

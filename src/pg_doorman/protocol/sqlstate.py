@@ -2,6 +2,7 @@
 
 from typing import Final
 
+WARNING: Final = "01000"
 PROTOCOL_VIOLATION: Final = "08P01"
 CONNECTION_FAILURE: Final = "08006"
 CONNECTION_EXCEPTION: Final = "08000"
