@@ -192,6 +192,30 @@ def test_set_is_reset_between_clients(pg: ExamplePostgres, pooler: PoolerFactory
         assert b.execute("show statement_timeout").fetchone() == ("0",)
 
 
+@pytest.mark.parametrize(
+    "statements",
+    [
+        # One simple Query, one implicit transaction.
+        ["set statement_timeout = '7s'; reset work_mem"],
+        # A transaction block: RESET of one parameter leaves the others SET.
+        ["begin", "set statement_timeout = '7s'", "reset work_mem", "commit"],
+    ],
+)
+def test_reset_of_one_parameter_does_not_hide_other_sets(
+    pg: ExamplePostgres, pooler: PoolerFactory, statements: list[str]
+) -> None:
+    """RESET x and RESET ALL have the same command tag: the check-in cleanup must not
+    take one for the other and hand the next client a server with SETs left on it."""
+    users = [{"username": pg.md5_user.name, "pool_size": 1}]
+    proc = pooler(pools={"example_db": {"users": users}})
+    user = pg.md5_user
+    with psycopg.connect(proc.dsn(user.name, user.password), autocommit=True) as a:
+        for statement in statements:
+            a.execute(statement)
+    with psycopg.connect(proc.dsn(user.name, user.password), autocommit=True) as b:
+        assert b.execute("show statement_timeout").fetchone() == ("0",)
+
+
 def test_client_timezone_follows_client(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
     """Startup parameters that change results are applied on whichever backend serves."""
     proc = pooler(pools={"example_db": {"users": [{"username": pg.md5_user.name}]}})

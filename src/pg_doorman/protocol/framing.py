@@ -134,9 +134,6 @@ def tag_cleanup_effect(tag: bytes, flags: int) -> int:
     if first == b"S":
         if tag == b"SET":
             return flags | CLEAN_SET
-    elif first == b"R":
-        if tag == b"RESET":
-            return flags & ~CLEAN_SET
     elif first == b"D":
         if tag == b"DECLARE CURSOR":
             return flags | CLEAN_DECLARE
@@ -150,13 +147,11 @@ def tag_cleanup_effect(tag: bytes, flags: int) -> int:
     elif first == b"C":
         if tag == b"CLOSE CURSOR ALL":
             return flags & ~CLEAN_DECLARE
-    elif first == b"L":
-        if tag == b"LISTEN":
-            return flags | CLEAN_LISTEN
-    elif first == b"U" and tag == b"UNLISTEN":
-        # UNLISTEN of one channel leaves others; only "UNLISTEN *" is safe to trust,
-        # and the tag doesn't say which, so keep the flag.
-        return flags
+    elif first == b"L" and tag == b"LISTEN":
+        return flags | CLEAN_LISTEN
+    # "RESET" and "UNLISTEN" change nothing: RESET of one parameter and RESET ALL
+    # share their tag, as do UNLISTEN of one channel and UNLISTEN *, so a SET of
+    # another parameter or another channel's LISTEN may still need undoing.
     return flags
 
 
