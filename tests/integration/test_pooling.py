@@ -14,7 +14,7 @@ import pytest
 from helpers import EXAMPLE_DB, ExamplePostgres
 from helpers import pgwire as w
 from helpers.console import admin_console, pool_row
-from helpers.pooler import PoolerFactory, PoolerProcess
+from helpers.pooler import PoolerFactory, PoolerProcess, pooler_hba
 
 
 def backend_count(pg: ExamplePostgres, user: str) -> int:
@@ -214,6 +214,31 @@ def test_reset_of_one_parameter_does_not_hide_other_sets(
             a.execute(statement)
     with psycopg.connect(proc.dsn(user.name, user.password), autocommit=True) as b:
         assert b.execute("show statement_timeout").fetchone() == ("0",)
+
+
+def test_session_authorization_is_reset_between_clients(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """RESET ALL leaves SET SESSION AUTHORIZATION (and SET ROLE) in place: without its
+    own reset, the next client of a superuser's pool would run as the other user."""
+    users = [{"username": "postgres", "password": "", "pool_size": 1}]
+    proc = pooler(
+        general={"pg_hba": pooler_hba(["postgres"])}, pools={"example_db": {"users": users}}
+    )
+    other = pg.md5_user.name
+    # In transaction mode a SET lasts for its transaction: look within it.
+    with psycopg.connect(proc.dsn("postgres", ""), autocommit=True) as a, a.transaction():
+        a.execute(f"set session authorization {other}")
+        assert a.execute("select session_user, current_user").fetchone() == (other, other)
+    with psycopg.connect(proc.dsn("postgres", ""), autocommit=True) as b:
+        with b.transaction():
+            assert b.execute("select session_user, current_user").fetchone() == (
+                "postgres",
+                "postgres",
+            )
+            b.execute(f"set role {other}")
+            assert b.execute("select current_user").fetchone() == (other,)
+        assert b.execute("select current_user").fetchone() == ("postgres",)
 
 
 def test_client_timezone_follows_client(pg: ExamplePostgres, pooler: PoolerFactory) -> None:

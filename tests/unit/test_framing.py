@@ -347,6 +347,7 @@ def test_tag_cleanup_effect(tag: bytes, before: int, after: int) -> None:
 def test_cleanup_queries_order() -> None:
     flags = CLEAN_SET | CLEAN_PREPARE | CLEAN_DECLARE | CLEAN_LISTEN
     assert cleanup_queries(flags) == [
+        "RESET SESSION AUTHORIZATION",
         "RESET ROLE",
         "RESET ALL",
         "DEALLOCATE ALL",

@@ -122,7 +122,7 @@ _HAS_PREFIX: Final = 2
 
 # ---- cleanup flags armed by CommandComplete tags -------------------------------
 
-CLEAN_SET: Final = 1  # SET seen: RESET ALL (and RESET ROLE) at check-in
+CLEAN_SET: Final = 1  # SET seen: RESET ALL (and the identity resets) at check-in
 CLEAN_PREPARE: Final = 2  # server-side prepared statements exist: DEALLOCATE ALL
 CLEAN_DECLARE: Final = 4  # cursors may be open (WITH HOLD survives commit): CLOSE ALL
 CLEAN_LISTEN: Final = 8  # LISTEN seen: UNLISTEN * so notifications don't leak
@@ -159,7 +159,9 @@ def cleanup_queries(flags: int) -> list[str]:
     """Statements that undo session state, in an order that always succeeds."""
     statements: list[str] = []
     if flags & CLEAN_SET:
-        statements += ["RESET ROLE", "RESET ALL"]
+        # RESET ALL leaves the role and the session user (SET SESSION AUTHORIZATION,
+        # for a superuser) as they are: the next client would run as someone else.
+        statements += ["RESET SESSION AUTHORIZATION", "RESET ROLE", "RESET ALL"]
     if flags & CLEAN_PREPARE:
         statements.append("DEALLOCATE ALL")
     if flags & CLEAN_DECLARE:
