@@ -261,3 +261,41 @@ def test_a_cancel_receipt_closes_once_the_old_process_has_acted() -> None:
             send_cancel(theirs, 9, 1)
 
     asyncio.run(main())
+
+
+def test_an_old_worker_waits_for_the_cancels_it_passes_on_before_it_exits() -> None:
+    """Every old worker reads the one channel to the new process, so a cancel for one
+    worker's client may be read by another that is about to exit; that one must not
+    exit (dropping the request) before the request has reached its target."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        ours, theirs = channel_pair()
+        theirs.setblocking(False)
+        delivery: asyncio.Future[None] = loop.create_future()
+        emigration = Emigration(loop, ours, lambda pid, secret: delivery)
+        receipt = send_cancel(theirs, 7, 1)
+        assert receipt is not None
+        for _ in range(100):
+            if emigration.delivering:
+                break
+            await asyncio.sleep(0.01)
+        assert emigration.delivering == {delivery}
+        emigration.close()  # no more requests are read; the one read is still on its way
+        waiting = loop.create_task(emigration.delivered())
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+        delivery.set_result(None)
+        await asyncio.wait_for(waiting, 5)
+        assert emigration.delivering == set()
+        assert await asyncio.wait_for(loop.sock_recv(receipt, 1), 5) == b""
+        receipt.close()
+        # A delivery that never ends holds the exit only so long.
+        stuck: asyncio.Future[None] = loop.create_future()
+        emigration.delivering.add(stuck)
+        started = loop.time()
+        await emigration.delivered(timeout=0.2)
+        assert 0.15 < loop.time() - started < 5
+        theirs.close()
+
+    asyncio.run(main())

@@ -89,6 +89,8 @@ class Emigration:
         # Clients between transactions that could not go yet: tried again shortly.
         self._later: set[ClientConnection] = set()
         self._timer: asyncio.TimerHandle | None = None
+        # Cancel requests read from the channel and still on their way to their target.
+        self.delivering: set[asyncio.Future[None]] = set()
 
     def take(self, client: ClientConnection) -> bool:
         """Move `client` now, or as soon as it can go (True); False when it cannot
@@ -155,10 +157,13 @@ class Emigration:
                 return
             _, pid, secret = _CANCEL.unpack(data)
             delivering = self.cancel(pid, secret)
-            if delivering is not None and receipts:
-                # The receipt closes once the cancel reached its target.
-                delivering.add_done_callback(functools.partial(_close_all, receipts))
-                receipts = []
+            if delivering is not None:
+                self.delivering.add(delivering)
+                delivering.add_done_callback(self.delivering.discard)
+                if receipts:
+                    # The receipt closes once the cancel reached its target.
+                    delivering.add_done_callback(functools.partial(_close_all, receipts))
+                    receipts = []
         finally:
             _close_all(receipts)
 
@@ -192,6 +197,13 @@ class Emigration:
         self.channel.close()
         if self.moved:
             logger.info("upgrade: %d clients moved to the new process", self.moved)
+
+    async def delivered(self, timeout: float = RECEIPT_TIMEOUT) -> None:
+        """Until the cancel requests read from the channel have reached their target.
+        Any old worker may read one meant for a sibling's client and pass it on: one
+        that exits first would drop it, and the query would run on."""
+        if self.delivering:
+            await asyncio.wait(set(self.delivering), timeout=timeout)
 
 
 def _close_all(fds: list[int], _: object = None) -> None:

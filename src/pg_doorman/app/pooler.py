@@ -1466,6 +1466,7 @@ class Pooler:
                     await self._drained.wait()
         if emigration is not None:
             emigration.close()
+            await emigration.delivered()
         if self.previous_process is not None:
             self.previous_process.close()
         if self.receiver is not None:
