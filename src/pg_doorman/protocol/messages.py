@@ -71,6 +71,19 @@ def error_response(
     hint: str | None = None,
 ) -> bytes:
     """ErrorResponse with both the localized (S) and non-localized (V) severity."""
+    return build(b"E", _notice_fields(severity, code, message, detail, hint))
+
+
+def notice_response(
+    code: str, message: str, severity: str = "NOTICE", *, hint: str | None = None
+) -> bytes:
+    return build(b"N", _notice_fields(severity, code, message, None, hint))
+
+
+def _notice_fields(
+    severity: str, code: str, message: str, detail: str | None, hint: str | None
+) -> bytes:
+    """The fields an ErrorResponse and a NoticeResponse share, with their terminator."""
     parts = [b"S", cstring(severity), b"V", cstring(severity), b"C", cstring(code)]
     parts += [b"M", cstring(message)]
     if detail:
@@ -78,17 +91,7 @@ def error_response(
     if hint:
         parts += [b"H", cstring(hint)]
     parts.append(b"\x00")
-    return build(b"E", b"".join(parts))
-
-
-def notice_response(
-    code: str, message: str, severity: str = "NOTICE", *, hint: str | None = None
-) -> bytes:
-    body = b"S" + cstring(severity) + b"V" + cstring(severity) + b"C" + cstring(code)
-    body += b"M" + cstring(message)
-    if hint:
-        body += b"H" + cstring(hint)
-    return build(b"N", body + b"\x00")
+    return b"".join(parts)
 
 
 def parameter_status(name: str, value: str) -> bytes:
