@@ -30,9 +30,9 @@ def one_server_pool(pg: ExamplePostgres, **settings: object) -> dict[str, object
 
 
 def logged_in(proc: PoolerProcess, pg: ExamplePostgres) -> w.PgWire:
-    conn = w.PgWire(proc.host, proc.port)
-    conn.startup(pg.md5_user.name, EXAMPLE_DB, pg.md5_user.password)
-    return conn
+    return w.PgWire.connect(
+        proc.host, proc.port, pg.md5_user.name, EXAMPLE_DB, pg.md5_user.password
+    )
 
 
 def assert_listen_warning(conn: w.PgWire) -> None:
