@@ -656,8 +656,9 @@ class ServerConnection(asyncio.Protocol):
         elif settings.cleanup_server_connections:
             statements += cleanup_queries(scanner.cleanup_flags)
         else:
-            # Nothing undoes a LISTEN here: its flag would only mark later transactions.
-            scanner.cleanup_flags &= ~CLEAN_LISTEN
+            # Only statements are undone here: the other flags would just mark every
+            # later transaction (a LISTEN's, a warning to each of its clients).
+            scanner.cleanup_flags &= CLEAN_PREPARE
             if scanner.cleanup_flags & CLEAN_PREPARE:
                 # Leftover named statements would collide with the next client's.
                 statements.append("DEALLOCATE ALL")
