@@ -16,6 +16,7 @@ import contextlib
 import importlib.util
 import os
 import pwd
+import random
 import re
 import shutil
 import signal
@@ -95,21 +96,87 @@ def find_pg_bin() -> Path:
 
 # Every port free_port() has returned in this process.
 _handed_out: set[int] = set()
+# Where processes on this machine mark the ports they drew (one file per port, holding
+# the drawing process's pid), so that test runs side by side never draw the same one.
+_CLAIMS_DIR = Path(tempfile.gettempdir()) / "pg_doorman-ports"
+_claimed: list[Path] = []
+
+
+def _drawable_ports() -> range:
+    """Ports the kernel never gives an outgoing connection: a port drawn from its
+    ephemeral range can become some connection's local port before the server meant
+    for it binds, and then the bind fails with EADDRINUSE."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as f:
+            low, high = (int(part) for part in f.read().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    below, above = range(10000, low), range(high + 1, 65536)
+    return below if len(below) >= len(above) else above
+
+
+def _claim(port: int) -> bool:
+    """Mark `port` as drawn by this process unless a live process marked it first."""
+    path = _CLAIMS_DIR / str(port)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            try:
+                owner = int(path.read_text(encoding="ascii"))
+            except (OSError, ValueError):
+                return False  # being written right now
+            if owner == os.getpid() or _alive(owner):
+                return False
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # left behind by a process that is gone
+            continue
+        except OSError:
+            return True  # a directory this user cannot write to: this process alone keeps count
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(str(os.getpid()))
+        _claimed.append(path)
+        return True
+    return False
+
+
+@atexit.register
+def _release_claims() -> None:
+    for path in _claimed:
+        with contextlib.suppress(OSError, ValueError):
+            if int(path.read_text(encoding="ascii")) == os.getpid():  # not a forked child's
+                path.unlink()
+    _claimed.clear()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that nothing listens on right now (the kernel's choice), never one
-    this process was given before: a port handed out for one server and not bound by
-    it yet looks free, and the kernel can give it again for another."""
+    """A TCP port that nothing listens on right now, outside the kernel's range for
+    outgoing connections, and never one handed out before by this process or by
+    another live one on this machine (a port handed out for one server and not bound
+    by it yet looks free)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    ports = _drawable_ports()
+    try:
+        _CLAIMS_DIR.mkdir(exist_ok=True)
+        if _CLAIMS_DIR.stat().st_uid == os.getuid():
+            _CLAIMS_DIR.chmod(0o1777)  # shared by every user's test runs, like /tmp
+        shared = True
+    except OSError:
+        shared = False
     for _ in range(1000):
+        port = random.choice(ports)
+        if port in _handed_out:
+            continue
         with socket.socket(family, socket.SOCK_STREAM) as sock:
-            sock.bind((host, 0))
-            port: int = sock.getsockname()[1]
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
-    raise OSError(f"no TCP port on {host} that this process was not given before")
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        if shared and not _claim(port):
+            continue
+        _handed_out.add(port)
+        return port
+    raise OSError(f"no free TCP port on {host} in {ports.start}-{ports.stop - 1}")
 
 
 def make_dsn(
