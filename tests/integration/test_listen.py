@@ -3,13 +3,15 @@
 In transaction mode a client's server goes back to the pool when its transaction
 ends, so a LISTEN cannot last: the pooler undoes it (UNLISTEN * at check-in) and tells
 the client with a WARNING after the transaction's ReadyForQuery, instead of leaving it
-to wait for notifications that never come. In session mode LISTEN works as in
-PostgreSQL.
+to wait for notifications that never come; with pin_on_listen the client keeps its
+server instead, and hears them. In session mode LISTEN works as in PostgreSQL.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import signal
 import time
 
 import asyncpg
@@ -182,3 +184,178 @@ def test_listen_in_session_mode_gets_notifications_and_no_warning(
         assert conn.execute("select 1").fetchone() == (1,)
     assert notices == []
     assert LOGGED not in proc.log_text()
+
+
+# ---- pin_on_listen: a transaction-mode client that LISTENs keeps its server ----------
+
+PINNED = "(pin_on_listen)"
+
+
+def notification(payload: bytes) -> tuple[int, str, str]:
+    """A NotificationResponse's sender pid, channel and payload."""
+    pid = int.from_bytes(payload[:4], "big", signed=True)
+    channel, message, _ = payload[4:].split(b"\x00")
+    return pid, channel.decode(), message.decode()
+
+
+def backend_pid(conn: w.PgWire) -> str:
+    [(pid,)] = w.rows(conn.simple_query("select pg_backend_pid()"))
+    assert pid is not None
+    return pid
+
+
+def test_pin_on_listen_keeps_the_server_and_delivers_notifications(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    user = {"username": pg.md5_user.name, "pool_size": 2}
+    proc = pooler(pools={EXAMPLE_DB: {"users": [user], "pin_on_listen": True}})
+    listener = logged_in(proc, pg)
+    others = [logged_in(proc, pg) for _ in range(2)]
+    try:
+        reply = listener.simple_query("LISTEN doorman_listen")
+        assert w.msg_types(reply) == "CZ"
+        assert listener.read_available(wait=0.3) == []  # no warning: it works
+        pinned_pid = backend_pid(listener)
+
+        # Other clients share the remaining server, and notify through the pooler.
+        for conn in others:
+            assert backend_pid(conn) != pinned_pid
+        sender_pid = backend_pid(others[0])
+        assert w.msg_types(others[0].simple_query("NOTIFY doorman_listen, 'one'")) == "CZ"
+        # It arrives while the listener is idle, as from PostgreSQL directly.
+        type_, payload = listener.read_message(timeout=10)
+        assert type_ == b"A"
+        assert notification(payload) == (int(sender_pid), "doorman_listen", "one")
+
+        # Transactions of the listener keep running on the same server.
+        for _ in range(3):
+            assert backend_pid(listener) == pinned_pid
+        assert w.msg_types(listener.simple_query("BEGIN")) == "CZ"
+        assert w.msg_types(listener.simple_query("COMMIT")) == "CZ"
+        reply = listener.simple_query(
+            "select count(*), pg_backend_pid() from pg_listening_channels()"
+        )
+        assert w.rows(reply) == [("1", pinned_pid)]
+        # A notification that arrives during one of its transactions comes with it.
+        pg.psql("NOTIFY doorman_listen, 'two'", database=EXAMPLE_DB)
+        time.sleep(0.2)
+        types = w.msg_types(listener.simple_query("select 1"))
+        assert "A" in types and types.endswith("Z"), types
+    finally:
+        listener.close()
+        for conn in others:
+            conn.close()
+    assert proc.log_text().count(PINNED) == 1
+    assert LOGGED not in proc.log_text()
+
+    # Once it has left, its server is back in the pool, cleaned up: two transactions
+    # held at once use both servers, and neither listens.
+    first, second = logged_in(proc, pg), logged_in(proc, pg)
+    try:
+        seen = []
+        for conn in (first, second):
+            assert w.msg_types(conn.simple_query("BEGIN")) == "CZ"
+            reply = conn.simple_query(
+                "select pg_backend_pid(), count(*) from pg_listening_channels()"
+            )
+            seen.append(w.rows(reply)[0])
+        assert sorted(pid for pid, _ in seen) == sorted([pinned_pid, sender_pid])
+        assert [count for _, count in seen] == ["0", "0"]
+    finally:
+        first.close()
+        second.close()
+
+
+def test_pin_on_listen_with_drivers(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    """psycopg in the extended protocol and asyncpg's add_listener hear notifications
+    sent through the pooler by another client."""
+    user = {"username": pg.md5_user.name, "pool_size": 3}
+    proc = pooler(pools={EXAMPLE_DB: {"users": [user], "pin_on_listen": True}})
+    dsn = proc.dsn(pg.md5_user.name, pg.md5_user.password)
+
+    notices: list[str | None] = []
+    with psycopg.connect(dsn, autocommit=True) as conn, psycopg.connect(dsn) as sender:
+        conn.add_notice_handler(lambda d: notices.append(d.message_primary))
+        conn.cursor(binary=True).execute("LISTEN doorman_listen")  # extended protocol
+        with sender.transaction():
+            sender.execute("select pg_notify('doorman_listen', %s)", ["from psycopg"])
+        heard = list(conn.notifies(timeout=10, stop_after=1))
+        assert [(n.channel, n.payload) for n in heard] == [("doorman_listen", "from psycopg")]
+        assert conn.execute("select 1").fetchone() == (1,)
+    assert notices == []
+
+    async def main() -> list[tuple[str, str]]:
+        heard: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        listener = await asyncpg.connect(dsn, statement_cache_size=0)
+        sender = await asyncpg.connect(dsn)
+        try:
+            await listener.add_listener(
+                "doorman_listen",
+                lambda _c, _pid, channel, payload: heard.put_nowait((channel, payload)),
+            )
+            for text in ("a", "b"):
+                await sender.execute(f"NOTIFY doorman_listen, '{text}'")
+            got = [await asyncio.wait_for(heard.get(), 10) for _ in range(2)]
+            assert await listener.fetchval("select $1::int", 3) == 3
+            return got
+        finally:
+            await listener.close()
+            await sender.close()
+
+    assert asyncio.run(main()) == [("doorman_listen", "a"), ("doorman_listen", "b")]
+
+
+def test_a_pinned_client_is_let_go_at_shutdown_without_waiting(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """Between transactions a pinned client is closed at once (57P01), as an idle one
+    is; in a transaction, when it ends. Neither holds up the shutdown."""
+    user = {"username": pg.md5_user.name, "pool_size": 2}
+    proc = pooler(
+        general={"shutdown_timeout": 60_000},
+        pools={EXAMPLE_DB: {"users": [user], "pin_on_listen": True}},
+    )
+    idle, busy = logged_in(proc, pg), logged_in(proc, pg)
+    try:
+        for conn in (idle, busy):
+            assert w.msg_types(conn.simple_query("LISTEN doorman_listen")) == "CZ"
+        assert w.msg_types(busy.simple_query("BEGIN")) == "CZ"
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        type_, payload = idle.read_message(timeout=10)
+        assert type_ == b"E"
+        assert w.error_fields(payload)["C"] == "57P01"
+        # The transaction in progress finishes; then the client is told.
+        reply = busy.simple_query("select 1")
+        assert w.rows(reply) == [("1",)]
+        reply = busy.simple_query("COMMIT")
+        assert w.msg_types(reply[:2]) == "CZ"
+        rest = reply[2:] or [busy.read_message(timeout=10)]
+        assert rest[0][0] == b"E" and w.error_fields(rest[0][1])["C"] == "57P01"
+        assert proc.wait_exit(timeout=20) == 0
+        assert time.monotonic() - started < 20
+    finally:
+        idle.close()
+        busy.close()
+
+
+def test_a_pinned_client_between_transactions_goes_when_its_pool_is_retired(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    user = {"username": pg.md5_user.name, "pool_size": 1}
+    proc = pooler(pools={EXAMPLE_DB: {"users": [user], "pin_on_listen": True}})
+    conn = logged_in(proc, pg)
+    try:
+        assert w.msg_types(conn.simple_query("LISTEN doorman_listen")) == "CZ"
+        config = copy.deepcopy(proc.config)
+        config["pools"][EXAMPLE_DB]["pool_mode"] = "session"  # retires the pool
+        proc.reload_and_wait(config)
+        type_, payload = conn.read_message(timeout=10)
+        assert type_ == b"E"
+        assert w.error_fields(payload)["C"] == "57P01"
+    finally:
+        conn.close()
+    # Its server went back through the cleanup and was closed with the old pool; the
+    # new pool serves the next client.
+    with psycopg.connect(proc.dsn(pg.md5_user.name, pg.md5_user.password)) as other:
+        assert other.execute("select count(*) from pg_listening_channels()").fetchone() == (0,)

@@ -174,6 +174,7 @@ def pool_settings(
         idle_check_timeout=general.server_idle_check_timeout / 1000.0,
         round_robin=general.server_round_robin,
         cleanup_server_connections=pool.cleanup_server_connections,
+        pin_on_listen=pool.pin_on_listen,
         max_concurrent_creates=max(
             min(general.max_concurrent_creates, general.scaling_max_parallel_creates), 1
         ),
@@ -847,7 +848,7 @@ class Pooler:
     def retire_pool(self, pool: Pool) -> None:
         message = "this pool was removed or changed by a configuration reload; reconnect"
         for client in self.clients_of(pool):
-            if client.server is None:
+            if client.server is None or client.pinned_between_transactions():
                 client.fail(sqlstate.ADMIN_SHUTDOWN, message)
             else:
                 client.closing_after_transaction = message
@@ -1457,7 +1458,8 @@ class Pooler:
             client.closing_after_transaction = "pooler is shut down now"
         emigration = self.emigration
         for client in clients:
-            if client.server is None and (emigration is None or not emigration.take(client)):
+            between = client.server is None or client.pinned_between_transactions()
+            if between and (emigration is None or not emigration.take(client)):
                 client.fail(sqlstate.ADMIN_SHUTDOWN, "pooler is shutting down")
         if self.clients:
             logger.info("waiting up to %.0fs for %d clients to finish", timeout, len(self.clients))

@@ -217,6 +217,7 @@ class PoolConfig:
     idle_timeout: int | None = None
     server_lifetime: int | None = None
     cleanup_server_connections: bool = True
+    pin_on_listen: bool = False
     log_client_parameter_status_changes: bool = False
     prepared_statements_cache_size: int | None = None
     server_prepared_statements_cache_size: int | None = None

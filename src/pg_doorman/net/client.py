@@ -166,6 +166,7 @@ class ClientConnection(asyncio.Protocol):
         "on_cancel",
         "over_limit",
         "parameters",
+        "pinned",
         "pool",
         "pooler",
         "port",
@@ -221,6 +222,9 @@ class ClientConnection(asyncio.Protocol):
         # Set at shutdown or when its pool goes away: the FATAL message to close with
         # as soon as the current transaction ends.
         self.closing_after_transaction: str | None = None
+        # Ran LISTEN in a transaction-mode pool with pin_on_listen: keeps its server
+        # between transactions, as in session mode, until it disconnects.
+        self.pinned = False
         self._startup_buf = bytearray()
         self._inbox = MessageBuffer()
         # The login coroutine, driven by this connection (see net/suspend.py).
@@ -1454,7 +1458,26 @@ class ClientConnection(asyncio.Protocol):
             return "TLS"  # its encryption state lives in this process
         if self.pool.settings.session_mode:
             return "session pooling"  # it holds its server
+        if self.pinned:
+            return "LISTEN"  # it holds its server, which has the LISTENs
         return None
+
+    def pinned_between_transactions(self) -> bool:
+        """Holds its server for its LISTENs, with no request in flight on it."""
+        server = self.server
+        if not self.pinned or server is None:
+            return False
+        frontend = self.frontend
+        scanner = server.scanner
+        return (
+            frontend.pending_ready == 0
+            and not frontend.mid_message
+            and not frontend.batch_open
+            and not len(frontend.held)
+            and not scanner.in_copy
+            and not scanner.mid_message
+            and scanner.status == codes.TX_IDLE
+        )
 
     def export_session(self) -> SessionState | None:
         """This session for the new process, or None while it is in a transaction or

@@ -62,7 +62,8 @@ _LISTEN_WARNING: Final = messages.notice_response(
     "WARNING",
     hint="The connection's server goes back to the pool when the transaction ends,"
     " so notifications never reach this connection. Use a pool with"
-    ' pool_mode = "session" for connections that LISTEN.',
+    ' pool_mode = "session" for connections that LISTEN, or set pin_on_listen = true'
+    " on this pool.",
 )
 
 # checkout_state() results.
@@ -562,13 +563,31 @@ class ServerConnection(asyncio.Protocol):
                 self._xact_base_received = self.bytes_received
                 if not self.pool.settings.session_mode:
                     listened = scanner.cleanup_flags & CLEAN_LISTEN
-                    # Give the server back before the last write to the client, so
-                    # the next waiter starts while these bytes are on their way.
-                    client.detach_server(self)
-                    self.finish(now)
+                    if listened and (client.pinned or self._pin(client)):
+                        listened = 0  # its LISTENs stay in force
+                    if not client.pinned or client.closing_after_transaction is not None:
+                        # Give the server back before the last write to the client, so
+                        # the next waiter starts while these bytes are on their way.
+                        client.detach_server(self)
+                        self.finish(now)
         client.write(out)
         if listened:
             self._warn_listen(client)
+
+    def _pin(self, client: ClientConnection) -> bool:
+        """With pin_on_listen, a client whose transaction ran LISTEN keeps this server
+        from now on, so that notifications reach it (True); else False."""
+        if not self.pool.settings.pin_on_listen:
+            return False
+        client.pinned = True
+        logger.info(
+            "pool %s: client %s ran LISTEN; it keeps server %d until it disconnects"
+            " (pin_on_listen)",
+            self.pool.name,
+            client.name,
+            self.server_id,
+        )
+        return True
 
     def _warn_listen(self, client: ClientConnection) -> None:
         """The transaction that just ended ran LISTEN, which cannot outlive it here:

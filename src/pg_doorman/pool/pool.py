@@ -72,6 +72,8 @@ class PoolSettings:
     idle_check_timeout: float = 60.0
     round_robin: bool = False
     cleanup_server_connections: bool = True
+    # A transaction-mode client that ran LISTEN keeps its server until it disconnects.
+    pin_on_listen: bool = False
     # Servers the pool may be opening at once (the lower of max_concurrent_creates and
     # scaling_max_parallel_creates).
     max_concurrent_creates: int = 4
