@@ -235,6 +235,17 @@ def machine() -> tuple[str, str]:
     return full, short
 
 
+def python_build() -> str:
+    """The interpreter's version and how libpython is linked: a shared libpython (as
+    pyenv builds it by default) costs the pooler's Python part more than a statically
+    linked interpreter such as Debian's (docs/performance.md, "Which interpreter")."""
+    linked = "libpython statically linked"
+    with contextlib.suppress(OSError):
+        if "/libpython" in Path("/proc/self/maps").read_text():
+            linked = "libpython shared"
+    return f"{platform.python_version()}, {linked}"
+
+
 def event_loop_name() -> str:
     try:
         import uvloop  # noqa: F401
@@ -460,7 +471,7 @@ class Harness:
                 "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
                 "machine": full,
                 "machine_short": short,
-                "python": platform.python_version(),
+                "python": python_build(),
                 "event_loop": event_loop_name(),
                 "hot_path": self.pooler.hot_path() if self.pooler else "not run",
                 "postgres_version": self.pg.version(),

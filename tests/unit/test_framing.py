@@ -14,6 +14,7 @@ from pg_doorman.protocol.framing import (
     CLEAN_LISTEN,
     CLEAN_PREPARE,
     CLEAN_SET,
+    CLEAN_TEMP,
     BackendScanner,
     FrontendScanner,
     MessageBuffer,
@@ -336,6 +337,13 @@ def test_message_buffer_rejects_negative_length() -> None:
         (b"DEALLOCATE ALL", CLEAN_PREPARE | CLEAN_SET, CLEAN_SET),
         (b"DISCARD ALL", CLEAN_SET | CLEAN_PREPARE | CLEAN_DECLARE | CLEAN_LISTEN, 0),
         (b"LISTEN", 0, CLEAN_LISTEN),
+        # Any of these may have created a temporary object.
+        (b"CREATE TABLE", 0, CLEAN_TEMP),
+        (b"CREATE VIEW", CLEAN_SET, CLEAN_SET | CLEAN_TEMP),
+        (b"CREATE SEQUENCE", 0, CLEAN_TEMP),
+        (b"CREATE INDEX", 0, 0),
+        (b"DISCARD TEMP", CLEAN_TEMP | CLEAN_LISTEN, CLEAN_LISTEN),
+        (b"DISCARD ALL", CLEAN_TEMP, 0),
         (b"SELECT 1", CLEAN_SET, CLEAN_SET),
         (b"INSERT 0 1", 0, 0),
     ],
@@ -345,13 +353,14 @@ def test_tag_cleanup_effect(tag: bytes, before: int, after: int) -> None:
 
 
 def test_cleanup_queries_order() -> None:
-    flags = CLEAN_SET | CLEAN_PREPARE | CLEAN_DECLARE | CLEAN_LISTEN
+    flags = CLEAN_SET | CLEAN_PREPARE | CLEAN_DECLARE | CLEAN_LISTEN | CLEAN_TEMP
     assert cleanup_queries(flags) == [
         "RESET SESSION AUTHORIZATION",
         "RESET ROLE",
         "RESET ALL",
         "DEALLOCATE ALL",
-        "CLOSE ALL",
+        "CLOSE ALL",  # before the temporary tables its cursors may read
         "UNLISTEN *",
+        "DISCARD TEMP",
     ]
     assert cleanup_queries(0) == []

@@ -126,6 +126,11 @@ CLEAN_SET: Final = 1  # SET seen: RESET ALL (and the identity resets) at check-i
 CLEAN_PREPARE: Final = 2  # server-side prepared statements exist: DEALLOCATE ALL
 CLEAN_DECLARE: Final = 4  # cursors may be open (WITH HOLD survives commit): CLOSE ALL
 CLEAN_LISTEN: Final = 8  # LISTEN seen: UNLISTEN * so notifications don't leak
+CLEAN_TEMP: Final = 16  # a table, view or sequence created (maybe temporary): DISCARD TEMP
+
+# Tags of the statements that may create temporary objects, which would outlive the
+# transaction (their rows readable by the server's next client) unless ON COMMIT DROP.
+_CREATES_TEMP: Final = frozenset((b"CREATE TABLE", b"CREATE VIEW", b"CREATE SEQUENCE"))
 
 
 def tag_cleanup_effect(tag: bytes, flags: int) -> int:
@@ -141,10 +146,14 @@ def tag_cleanup_effect(tag: bytes, flags: int) -> int:
             return 0
         if tag == b"DEALLOCATE ALL":
             return flags & ~CLEAN_PREPARE
+        if tag == b"DISCARD TEMP":
+            return flags & ~CLEAN_TEMP
     elif first == b"P":
         if tag == b"PREPARE":
             return flags | CLEAN_PREPARE
     elif first == b"C":
+        if tag.startswith(b"CREATE ") and tag in _CREATES_TEMP:  # not for each COMMIT
+            return flags | CLEAN_TEMP
         if tag == b"CLOSE CURSOR ALL":
             return flags & ~CLEAN_DECLARE
     elif first == b"L" and tag == b"LISTEN":
@@ -168,6 +177,8 @@ def cleanup_queries(flags: int) -> list[str]:
         statements.append("CLOSE ALL")
     if flags & CLEAN_LISTEN:
         statements.append("UNLISTEN *")
+    if flags & CLEAN_TEMP:
+        statements.append("DISCARD TEMP")
     return statements
 
 
