@@ -254,24 +254,52 @@ def test_temporary_objects_do_not_reach_the_next_client(
     pg: ExamplePostgres, pooler: PoolerFactory, create: str
 ) -> None:
     """A temporary table that outlives its transaction would hand its rows to the next
-    client of that server; after a CREATE TABLE/VIEW/SEQUENCE the check-in runs
-    DISCARD TEMP. (CREATE TABLE ... AS reports the tag SELECT: not seen, see below.)"""
+    client of that server. After a CREATE TABLE/VIEW/SEQUENCE the server keeps its
+    temporary objects for the client that made them, and another client's checkout
+    drops them first (DISCARD TEMP). (CREATE TABLE ... AS reports the tag SELECT: not
+    seen, see docs/configuration.md.)"""
     users = [{"username": pg.md5_user.name, "pool_size": 1}]
     proc = pooler(pools={"example_db": {"users": users}})
     user = pg.md5_user
     exists = "select to_regclass('pg_temp.doorman_tmp') is not null"
-    with psycopg.connect(proc.dsn(user.name, user.password), autocommit=True) as a:
+    dsn = proc.dsn(user.name, user.password)
+    with psycopg.connect(dsn, autocommit=True) as a:
         with a.transaction():
             a.execute(create)
-            assert a.execute(exists).fetchone() == (True,)  # usable in its transaction
+        # Its own later transactions on the same server still have it, as before.
+        assert a.execute(exists).fetchone() == (True,)
         a_pid = a.execute("select pg_backend_pid()").fetchone()
-    with psycopg.connect(proc.dsn(user.name, user.password), autocommit=True) as b:
-        assert b.execute("select pg_backend_pid()").fetchone() == a_pid  # the same server
-        left = b.execute(exists).fetchone()
+        with psycopg.connect(dsn, autocommit=True) as b:
+            assert b.execute("select pg_backend_pid()").fetchone() == a_pid  # same server
+            left = b.execute(exists).fetchone()
+        # The other client's checkout dropped them for good.
+        assert a.execute(exists).fetchone() == left
     if " as select " in create and "view" not in create:
         assert left == (True,)  # documented: CREATE TABLE AS is reported as SELECT
     else:
         assert left == (False,)
+
+
+def test_temporary_objects_are_dropped_ahead_of_a_parameter_sync(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """The next client needs its own TimeZone set on the server as well: both
+    statements go ahead of its transaction and both replies are kept from it."""
+    users = [{"username": pg.md5_user.name, "pool_size": 1}]
+    proc = pooler(pools={"example_db": {"users": users}})
+    user = pg.md5_user
+    dsn = proc.dsn(user.name, user.password)
+    with psycopg.connect(dsn, autocommit=True) as a:
+        a.execute("set time zone 'UTC'")  # within its one-statement transaction only
+        with a.transaction():
+            a.execute("create temp table doorman_tmp (v text)")
+            a.execute("insert into doorman_tmp values ('secret')")
+    with psycopg.connect(dsn + "&options=-c%20TimeZone%3DAsia/Tokyo", autocommit=True) as b:
+        cur = b.execute(
+            "select current_setting('TimeZone'), to_regclass('pg_temp.doorman_tmp') is null"
+        )
+        assert cur.fetchall() == [("Asia/Tokyo", True)]
+        assert b.execute("select 1").fetchone() == (1,)
 
 
 def test_a_plain_create_table_survives_the_temp_cleanup(

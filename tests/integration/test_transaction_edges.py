@@ -231,9 +231,9 @@ def test_an_extended_copy_ended_by_an_error_gives_the_server_back(
         error = conn.read_until(b"E")
         conn.send_raw(w.copy_data("1\n") + w.copy_done() + w.sync())
         answers = [started, error, conn.read_until_ready(), conn.read_available(0.2)]
+        assert conn.execute_query("select count(*) from t") == [("0",)]
         # Still connected: the pooler's only server must be free for others.
         assert served_quickly(proc, pg) < 2.0
-        assert conn.execute_query("select count(*) from t") == [("0",)]
         return answers
 
     direct, pooled = on_both(pg, proc, exchange)

@@ -1256,21 +1256,28 @@ class ClientConnection(asyncio.Protocol):
             self.rewriter.attach(server.statements, server.scanner)
         pool = self.pool
         assert pool is not None
+        # Another client's temporary objects are dropped before this one's transaction.
+        owner = server.temp_owner
+        discard_temp = owner is not None and owner is not self
+        if discard_temp:
+            server.temp_owner = None
         synced = pool.synced_parameters
         mine = self.params_fingerprint(synced)
         theirs = server.params_fingerprint(synced)
+        statement = ""
+        settles: tuple[str, ...] = ()
         if mine is theirs:
             pass
         elif mine == theirs:
             server.share_fingerprint(mine)
         else:
             statement, settles = self._parameter_sync_statement(server)
-            if statement:
-                server.send_parameter_sync(statement, settles)
-            else:
+            if not statement:
                 # Equal after normalising (utf8 vs UTF8): adopt the server's spelling
                 # so the fingerprints match next time.
                 self.accept_server_parameters(server)
+        if statement or discard_temp:
+            server.send_parameter_sync(statement, settles, discard_temp)
         self._param_mark = server.scanner.param_changes
 
     def _parameter_sync_statement(self, server: ServerConnection) -> tuple[str, tuple[str, ...]]:

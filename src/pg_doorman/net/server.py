@@ -29,6 +29,7 @@ from pg_doorman.protocol.framing import (
     CLEAN_LISTEN,
     CLEAN_PREPARE,
     CLEAN_SET,
+    CLEAN_TEMP,
     BackendScanner,
     MessageBuffer,
     cleanup_queries,
@@ -65,6 +66,8 @@ _LISTEN_WARNING: Final = messages.notice_response(
     ' pool_mode = "session" for connections that LISTEN, or set pin_on_listen = true'
     " on this pool.",
 )
+
+_DISCARD_TEMP: Final = messages.query("DISCARD TEMP")
 
 # checkout_state() results.
 EXPIRED: Final = 1
@@ -152,6 +155,12 @@ class ServerConnection(asyncio.Protocol):
         self._quiet_ok = True
         self._captured: bytearray | None = None
         self.sync_pending = False  # its reply is swallowed (send_parameter_sync)
+        self._sync_replies = 0  # ReadyForQuery messages of that reply still to come
+        self._sync_discarding = False  # the first of them is DISCARD TEMP's
+        # The client whose temporary objects this server keeps: they are dropped before
+        # another client's transaction, not before its own (see finish()).
+        self.temp_owner: ClientConnection | None = None
+        self.temp_unclean = False  # that DISCARD TEMP failed
         self._sync_settles: tuple[str, ...] = ()
         self._sync_notice = b""
         self._clears_statements = False
@@ -419,16 +428,28 @@ class ServerConnection(asyncio.Protocol):
             self.transport.pause_reading()
             self._reading_paused = True
 
-    def send_parameter_sync(self, statement: str, settles: tuple[str, ...]) -> None:
-        """SET the client's session parameters before its transaction; the reply is
-        swallowed in front of the relay. `settles` names, for each value the statement
-        selects, the synced parameter whose server spelling it is ("" for none)."""
+    def send_parameter_sync(
+        self, statement: str, settles: tuple[str, ...], discard_temp: bool = False
+    ) -> None:
+        """SET the client's session parameters before its transaction (`statement`, if
+        any), after dropping another client's temporary objects (`discard_temp`); the
+        replies are swallowed in front of the relay. `settles` names, for each value the
+        statement selects, the synced parameter whose server spelling it is ("" for
+        none)."""
         assert self.transport is not None
         self.sync_pending = True
         self._sync_settles = settles
         self._sync_notice = b""
         self._inbox = MessageBuffer()
-        self._send(messages.query(statement))
+        out = b""
+        if discard_temp:
+            # A query of its own: a failing SET in the same one would roll it back.
+            out = _DISCARD_TEMP
+        if statement:
+            out += messages.query(statement)
+        self._sync_replies = 2 if discard_temp and statement else 1
+        self._sync_discarding = discard_temp
+        self._send(out)
 
     def _swallow_sync_reply(self, data: bytes) -> bytes:
         inbox = self._inbox
@@ -444,6 +465,16 @@ class ServerConnection(asyncio.Protocol):
                 name, value = messages.parse_parameter_status(body)
                 self.parameters[name] = value
                 self.scanner.param_changes += 1
+            elif msg_type == codes.ERROR_RESPONSE and self._sync_discarding:
+                fields = messages.parse_error_fields(body)
+                logger.warning(
+                    "server %d (%s): could not drop another client's temporary objects"
+                    " (%s); closing it after this transaction",
+                    self.server_id,
+                    self.pool.name,
+                    fields.get("M", "?"),
+                )
+                self.temp_unclean = True  # never reused: finish() closes it
             elif msg_type == codes.ERROR_RESPONSE:
                 fields = messages.parse_error_fields(body)
                 logger.warning(
@@ -457,6 +488,10 @@ class ServerConnection(asyncio.Protocol):
                 if self.client is not None:
                     self.client.parameters_refused(self)
             elif msg_type == codes.READY_FOR_QUERY:
+                self._sync_discarding = False
+                self._sync_replies -= 1
+                if self._sync_replies > 0:
+                    continue
                 self.sync_pending = False
                 # The client hears of a spelling it had not been told (its own startup
                 # "ISO" is "ISO, MDY") ahead of its transaction's reply.
@@ -646,6 +681,7 @@ class ServerConnection(asyncio.Protocol):
     def finish(self, now: float) -> None:
         """The transaction (or session) is over: clean up, then return to the pool
         (`now`: time.monotonic())."""
+        owner = self.client
         self.client = None
         if self._reading_paused:
             self.resume_relay()
@@ -657,8 +693,24 @@ class ServerConnection(asyncio.Protocol):
             self.close("a cancel request was forwarded to it")
             self._retire("canceled")
             return
+        if self.temp_unclean:
+            self.close("another client's temporary objects could not be dropped")
+            self._retire("unclean")
+            return
         scanner = self.scanner
         settings = self.pool.settings
+        if (
+            scanner.cleanup_flags & CLEAN_TEMP
+            and owner is not None
+            and not owner.pinned
+            and not settings.session_mode
+            and settings.cleanup_server_connections
+        ):
+            # Its temporary objects stay for the client that made them, as long as it
+            # gets this server back; another client's checkout drops them first
+            # (client._attach), so nobody else ever sees them.
+            scanner.cleanup_flags &= ~CLEAN_TEMP
+            self.temp_owner = owner
         if (
             scanner.status == _READY_I
             and not scanner.cleanup_flags

@@ -126,7 +126,9 @@ CLEAN_SET: Final = 1  # SET seen: RESET ALL (and the identity resets) at check-i
 CLEAN_PREPARE: Final = 2  # server-side prepared statements exist: DEALLOCATE ALL
 CLEAN_DECLARE: Final = 4  # cursors may be open (WITH HOLD survives commit): CLOSE ALL
 CLEAN_LISTEN: Final = 8  # LISTEN seen: UNLISTEN * so notifications don't leak
-CLEAN_TEMP: Final = 16  # a table, view or sequence created (maybe temporary): DISCARD TEMP
+# A table, view or sequence created (maybe temporary): DISCARD TEMP, before another
+# client's transaction (net/server.py finish()).
+CLEAN_TEMP: Final = 16
 
 # Tags of the statements that may create temporary objects, which would outlive the
 # transaction (their rows readable by the server's next client) unless ON COMMIT DROP.
