@@ -390,6 +390,36 @@ def test_tls_and_session_pooled_clients_stay_and_are_told_to_reconnect(
             conn.close()
 
 
+def test_a_client_pinned_by_listen_stays_and_is_told_to_reconnect(
+    pg: ExamplePostgres, pooler: PoolerFactory, successors: list[int]
+) -> None:
+    """With pin_on_listen, a client that ran LISTEN holds its server, and its LISTENs
+    live there: it is disconnected at once (it is between transactions), not moved
+    without them; a client beside it that did not LISTEN moves."""
+    listener_user, plain_user = pg.md5_user, pg.trust_user
+    proc = pooler(
+        general={"shutdown_timeout": 60_000}, pools={"example_db": {"pin_on_listen": True}}
+    )
+    listener = psycopg.connect(
+        proc.dsn(listener_user.name, listener_user.password), autocommit=True
+    )
+    plain = psycopg.connect(proc.dsn(plain_user.name), autocommit=True)
+    try:
+        listener.execute("LISTEN doorman_upgrade")
+        plain.execute("select 1")
+        started = time.monotonic()
+        upgrade(proc, successors)
+        assert proc.wait_exit() == 0
+        assert time.monotonic() - started < 30  # not the 60 s shutdown_timeout
+        with pytest.raises(psycopg.OperationalError, match="pooler is shut"):
+            listener.execute("select 1")
+        assert plain.execute("select 2").fetchone() == (2,)
+        assert moved_count(proc) == 1
+    finally:
+        listener.close()
+        plain.close()
+
+
 def test_a_session_too_large_to_move_is_told_to_reconnect(
     pg: ExamplePostgres, pooler: PoolerFactory, successors: list[int]
 ) -> None:
