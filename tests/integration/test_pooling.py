@@ -290,16 +290,19 @@ def test_temporary_objects_are_dropped_ahead_of_a_parameter_sync(
     user = pg.md5_user
     dsn = proc.dsn(user.name, user.password)
     with psycopg.connect(dsn, autocommit=True) as a:
-        a.execute("set time zone 'UTC'")  # within its one-statement transaction only
         with a.transaction():
+            # The SET makes this check-in run RESET ALL; the table outlasts it.
+            a.execute("set time zone 'UTC'")
             a.execute("create temp table doorman_tmp (v text)")
             a.execute("insert into doorman_tmp values ('secret')")
-    with psycopg.connect(dsn + "&options=-c%20TimeZone%3DAsia/Tokyo", autocommit=True) as b:
-        cur = b.execute(
-            "select current_setting('TimeZone'), to_regclass('pg_temp.doorman_tmp') is null"
-        )
-        assert cur.fetchall() == [("Asia/Tokyo", True)]
-        assert b.execute("select 1").fetchone() == (1,)
+        assert a.execute("select v from doorman_tmp").fetchall() == [("secret",)]
+        tokyo = dsn + "&options=-c%20TimeZone%3DAsia/Tokyo"
+        with psycopg.connect(tokyo, autocommit=True) as b:
+            cur = b.execute(
+                "select current_setting('TimeZone'), to_regclass('pg_temp.doorman_tmp') is null"
+            )
+            assert cur.fetchall() == [("Asia/Tokyo", True)]
+            assert b.execute("select 1").fetchone() == (1,)
 
 
 def test_a_plain_create_table_survives_the_temp_cleanup(
