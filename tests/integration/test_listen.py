@@ -26,8 +26,9 @@ from helpers.pooler import PoolerFactory, PoolerProcess
 LOGGED = "ran LISTEN in transaction pooling mode"
 
 
-def one_server_pool(pg: ExamplePostgres, **settings: object) -> dict[str, object]:
-    user = {"username": pg.md5_user.name, "pool_size": 1}
+def md5_user_pool(pg: ExamplePostgres, pool_size: int = 1, **settings: object) -> dict[str, object]:
+    """The md5 user's pool (`pool_size` servers; one by default) with `settings`."""
+    user = {"username": pg.md5_user.name, "pool_size": pool_size}
     return {EXAMPLE_DB: {"users": [user], **settings}}
 
 
@@ -54,7 +55,7 @@ def assert_listen_warning(conn: w.PgWire) -> None:
 def test_listen_in_transaction_mode_is_undone_and_the_client_told(
     pg: ExamplePostgres, pooler: PoolerFactory
 ) -> None:
-    proc = pooler(pools=one_server_pool(pg))
+    proc = pooler(pools=md5_user_pool(pg))
     conn = logged_in(proc, pg)
     try:
         reply = conn.simple_query("LISTEN doorman_listen")
@@ -83,7 +84,7 @@ def test_listen_in_transaction_mode_is_undone_and_the_client_told(
 
 
 def test_psycopg_hears_the_warning(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
-    proc = pooler(pools=one_server_pool(pg))
+    proc = pooler(pools=md5_user_pool(pg))
     user = pg.md5_user
     notices: list[tuple[str | None, str | None, str | None]] = []
     with psycopg.connect(proc.dsn(user.name, user.password), autocommit=True) as conn:
@@ -102,7 +103,7 @@ def test_psycopg_hears_the_warning(pg: ExamplePostgres, pooler: PoolerFactory) -
 def test_asyncpg_listener_hears_the_warning_and_goes_on(
     pg: ExamplePostgres, pooler: PoolerFactory
 ) -> None:
-    proc = pooler(pools=one_server_pool(pg))
+    proc = pooler(pools=md5_user_pool(pg))
     user = pg.md5_user
 
     async def main() -> list[tuple[str, str]]:
@@ -123,7 +124,7 @@ def test_asyncpg_listener_hears_the_warning_and_goes_on(
 def test_pg8000_keeps_the_warning_among_its_notices(
     pg: ExamplePostgres, pooler: PoolerFactory
 ) -> None:
-    proc = pooler(pools=one_server_pool(pg))
+    proc = pooler(pools=md5_user_pool(pg))
     user = pg.md5_user
     conn = pg8000.native.Connection(
         user.name, host=proc.host, port=proc.port, database=EXAMPLE_DB, password=user.password
@@ -139,7 +140,7 @@ def test_pg8000_keeps_the_warning_among_its_notices(
 def test_without_cleanup_the_listen_stays_and_only_its_transaction_is_warned(
     pg: ExamplePostgres, pooler: PoolerFactory
 ) -> None:
-    proc = pooler(pools=one_server_pool(pg, cleanup_server_connections=False))
+    proc = pooler(pools=md5_user_pool(pg, cleanup_server_connections=False))
     conn = logged_in(proc, pg)
     try:
         assert w.msg_types(conn.simple_query("LISTEN doorman_listen")) == "CZ"
@@ -171,7 +172,7 @@ def test_without_cleanup_the_listen_stays_and_only_its_transaction_is_warned(
 def test_listen_in_session_mode_gets_notifications_and_no_warning(
     pg: ExamplePostgres, pooler: PoolerFactory, protocol: str
 ) -> None:
-    proc = pooler(pools=one_server_pool(pg, pool_mode="session"))
+    proc = pooler(pools=md5_user_pool(pg, pool_mode="session"))
     user = pg.md5_user
     notices: list[str | None] = []
     with psycopg.connect(proc.dsn(user.name, user.password), autocommit=True) as conn:
@@ -207,8 +208,7 @@ def backend_pid(conn: w.PgWire) -> str:
 def test_pin_on_listen_keeps_the_server_and_delivers_notifications(
     pg: ExamplePostgres, pooler: PoolerFactory
 ) -> None:
-    user = {"username": pg.md5_user.name, "pool_size": 2}
-    proc = pooler(pools={EXAMPLE_DB: {"users": [user], "pin_on_listen": True}})
+    proc = pooler(pools=md5_user_pool(pg, 2, pin_on_listen=True))
     listener = logged_in(proc, pg)
     others = [logged_in(proc, pg) for _ in range(2)]
     try:
@@ -269,8 +269,7 @@ def test_pin_on_listen_keeps_the_server_and_delivers_notifications(
 def test_pin_on_listen_with_drivers(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
     """psycopg in the extended protocol and asyncpg's add_listener hear notifications
     sent through the pooler by another client."""
-    user = {"username": pg.md5_user.name, "pool_size": 3}
-    proc = pooler(pools={EXAMPLE_DB: {"users": [user], "pin_on_listen": True}})
+    proc = pooler(pools=md5_user_pool(pg, 3, pin_on_listen=True))
     dsn = proc.dsn(pg.md5_user.name, pg.md5_user.password)
 
     notices: list[str | None] = []
@@ -310,10 +309,8 @@ def test_a_pinned_client_is_let_go_at_shutdown_without_waiting(
 ) -> None:
     """Between transactions a pinned client is closed at once (57P01), as an idle one
     is; in a transaction, when it ends. Neither holds up the shutdown."""
-    user = {"username": pg.md5_user.name, "pool_size": 2}
     proc = pooler(
-        general={"shutdown_timeout": 60_000},
-        pools={EXAMPLE_DB: {"users": [user], "pin_on_listen": True}},
+        general={"shutdown_timeout": 60_000}, pools=md5_user_pool(pg, 2, pin_on_listen=True)
     )
     idle, busy = logged_in(proc, pg), logged_in(proc, pg)
     try:
@@ -342,8 +339,7 @@ def test_a_pinned_client_is_let_go_at_shutdown_without_waiting(
 def test_a_pinned_client_between_transactions_goes_when_its_pool_is_retired(
     pg: ExamplePostgres, pooler: PoolerFactory
 ) -> None:
-    user = {"username": pg.md5_user.name, "pool_size": 1}
-    proc = pooler(pools={EXAMPLE_DB: {"users": [user], "pin_on_listen": True}})
+    proc = pooler(pools=md5_user_pool(pg, 1, pin_on_listen=True))
     conn = logged_in(proc, pg)
     try:
         assert w.msg_types(conn.simple_query("LISTEN doorman_listen")) == "CZ"
