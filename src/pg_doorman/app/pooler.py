@@ -1219,7 +1219,8 @@ class Pooler:
         if server is None or server.closed:
             logger.debug("cancel request for idle client %s: nothing to cancel", client.name)
             return None
-        server.canceled = True
+        # A cancel may still be in flight when the transaction ends: never reuse it.
+        server.spoiled = "a cancel request was forwarded to it"
         task = self.loop.create_task(self._send_cancel(server))
         self.track(task)
         return task

@@ -1251,16 +1251,11 @@ class ClientConnection(asyncio.Protocol):
     def _attach(self, server: ServerConnection, now: float) -> None:
         self.server = server
         self.state = ACTIVE
-        server.attach(self, now)
+        discard_temp = server.attach(self, now)
         if self.rewriter is not None:
             self.rewriter.attach(server.statements, server.scanner)
         pool = self.pool
         assert pool is not None
-        # Another client's temporary objects are dropped before this one's transaction.
-        owner = server.temp_owner
-        discard_temp = owner is not None and owner is not self
-        if discard_temp:
-            server.temp_owner = None
         synced = pool.synced_parameters
         mine = self.params_fingerprint(synced)
         theirs = server.params_fingerprint(synced)
@@ -1472,18 +1467,11 @@ class ClientConnection(asyncio.Protocol):
     def pinned_between_transactions(self) -> bool:
         """Holds its server for its LISTENs, with no request in flight on it."""
         server = self.server
-        if not self.pinned or server is None:
-            return False
-        frontend = self.frontend
-        scanner = server.scanner
         return (
-            frontend.pending_ready == 0
-            and not frontend.mid_message
-            and not frontend.batch_open
-            and not len(frontend.held)
-            and not scanner.in_copy
-            and not scanner.mid_message
-            and scanner.status == codes.TX_IDLE
+            self.pinned
+            and server is not None
+            and server.between_requests(self)
+            and server.scanner.status == codes.TX_IDLE
         )
 
     def export_session(self) -> SessionState | None:

@@ -120,7 +120,8 @@ class ServerConnection(asyncio.Protocol):
         self.client: ClientConnection | None = None
         self.closed = False
         self.discarded = False
-        self.canceled = False
+        # Why this backend must not be reused ("": it may): closed at its check-in.
+        self.spoiled = ""
         self.peer: tuple[str, int] | str = ""
         # The host (or socket directory) and port it was opened at: its pool's, or a
         # Patroni fallback member's. Cancel requests go there.
@@ -160,7 +161,6 @@ class ServerConnection(asyncio.Protocol):
         # The client whose temporary objects this server keeps: they are dropped before
         # another client's transaction, not before its own (see finish()).
         self.temp_owner: ClientConnection | None = None
-        self.temp_unclean = False  # that DISCARD TEMP failed
         self._sync_settles: tuple[str, ...] = ()
         self._sync_notice = b""
         self._clears_statements = False
@@ -327,7 +327,7 @@ class ServerConnection(asyncio.Protocol):
     # ---- pool protocol ------------------------------------------------------
 
     def is_usable(self, now: float) -> bool:
-        return not (self.closed or self.canceled or now >= self.lifetime_deadline)
+        return not (self.closed or self.spoiled or now >= self.lifetime_deadline)
 
     def limit_lifetime(self, deadline: float) -> None:
         """Close this server at `deadline` at the latest (not at its pool's lifetime)."""
@@ -337,7 +337,7 @@ class ServerConnection(asyncio.Protocol):
 
     def checkout_state(self, now: float) -> int:
         """For an idle server being checked out: 0 use it, EXPIRED, or NEEDS_PROBE."""
-        if now >= self._expires_at or self.closed or self.canceled:
+        if now >= self._expires_at or self.closed or self.spoiled:
             return EXPIRED
         if now >= self._probe_at:
             return NEEDS_PROBE
@@ -417,7 +417,9 @@ class ServerConnection(asyncio.Protocol):
 
     # ---- relay --------------------------------------------------------------
 
-    def attach(self, client: ClientConnection, now: float) -> None:
+    def attach(self, client: ClientConnection, now: float) -> bool:
+        """Serve `client` from `now`. True when another client's temporary objects are
+        still here: they must be dropped ahead of its transaction (send_parameter_sync)."""
         self.client = client
         self.mode = ACTIVE
         self.served_clients += 1
@@ -427,6 +429,11 @@ class ServerConnection(asyncio.Protocol):
         if client.write_paused and self.transport is not None:
             self.transport.pause_reading()
             self._reading_paused = True
+        owner = self.temp_owner
+        if owner is None or owner is client:
+            return False
+        self.temp_owner = None
+        return True
 
     def send_parameter_sync(
         self, statement: str, settles: tuple[str, ...], discard_temp: bool = False
@@ -474,7 +481,7 @@ class ServerConnection(asyncio.Protocol):
                     self.pool.name,
                     fields.get("M", "?"),
                 )
-                self.temp_unclean = True  # never reused: finish() closes it
+                self.spoiled = "another client's temporary objects could not be dropped"
             elif msg_type == codes.ERROR_RESPONSE:
                 fields = messages.parse_error_fields(body)
                 logger.warning(
@@ -688,14 +695,9 @@ class ServerConnection(asyncio.Protocol):
         if self.closed:
             self._retire("closed")
             return
-        if self.canceled:
-            # A cancel we forwarded may still be in flight: never reuse this backend.
-            self.close("a cancel request was forwarded to it")
-            self._retire("canceled")
-            return
-        if self.temp_unclean:
-            self.close("another client's temporary objects could not be dropped")
-            self._retire("unclean")
+        if self.spoiled:
+            self.close(self.spoiled)
+            self._retire(self.spoiled)
             return
         scanner = self.scanner
         settings = self.pool.settings
@@ -761,19 +763,24 @@ class ServerConnection(asyncio.Protocol):
         if client is None or self.closed:
             self._retire("client gone")
             return
-        frontend = client.frontend
-        if (
-            frontend.pending_ready > 0
-            or frontend.mid_message
-            or frontend.batch_open
-            or self.scanner.in_copy
-            or self.scanner.mid_message
-        ):
+        if not self.between_requests(client):
             # The server is mid-reply or holds a half-sent batch: its state is unknown.
             self.close("client disconnected while the server was busy")
             self._retire("client gone mid-request")
             return
         self.finish(_now())
+
+    def between_requests(self, client: ClientConnection) -> bool:
+        """Nothing of `client`'s is half-sent to this server or still owed by it."""
+        frontend = client.frontend
+        scanner = self.scanner
+        return not (
+            frontend.pending_ready > 0
+            or frontend.mid_message
+            or frontend.batch_open
+            or scanner.in_copy
+            or scanner.mid_message
+        )
 
     def capture_query(
         self,
