@@ -238,7 +238,8 @@ def machine() -> tuple[str, str]:
 def python_build() -> str:
     """The interpreter's version and how libpython is linked: a shared libpython (as
     pyenv builds it by default) costs the pooler's Python part more than a statically
-    linked interpreter such as Debian's (docs/performance.md, "Which interpreter")."""
+    linked interpreter such as Debian's (docs/benchmarks.md, "A faster build of the same
+    interpreter")."""
     linked = "libpython statically linked"
     with contextlib.suppress(OSError):
         if "/libpython" in Path("/proc/self/maps").read_text():

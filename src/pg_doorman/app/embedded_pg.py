@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import importlib.util
 import os
 import pwd
@@ -115,6 +116,18 @@ def _drawable_ports() -> range:
     return below if len(below) >= len(above) else above
 
 
+@functools.cache
+def _claims_dir_ready() -> bool:
+    """Whether the shared directory of claims can be used (made once per process)."""
+    try:
+        _CLAIMS_DIR.mkdir(exist_ok=True)
+        if _CLAIMS_DIR.stat().st_uid == os.getuid():
+            _CLAIMS_DIR.chmod(0o1777)  # shared by every user's test runs, like /tmp
+    except OSError:
+        return False
+    return True
+
+
 def _claim(port: int) -> bool:
     """Mark `port` as drawn by this process unless a live process marked it first."""
     path = _CLAIMS_DIR / str(port)
@@ -156,13 +169,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     by it yet looks free)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     ports = _drawable_ports()
-    try:
-        _CLAIMS_DIR.mkdir(exist_ok=True)
-        if _CLAIMS_DIR.stat().st_uid == os.getuid():
-            _CLAIMS_DIR.chmod(0o1777)  # shared by every user's test runs, like /tmp
-        shared = True
-    except OSError:
-        shared = False
+    shared = _claims_dir_ready()
     for _ in range(1000):
         port = random.choice(ports)
         if port in _handed_out:
