@@ -390,16 +390,16 @@ def test_tls_and_session_pooled_clients_stay_and_are_told_to_reconnect(
             conn.close()
 
 
-def test_a_client_pinned_by_listen_stays_and_is_told_to_reconnect(
-    pg: ExamplePostgres, pooler: PoolerFactory, successors: list[int]
+@pytest.mark.parametrize("setting", ["pin_on_listen", "listen_fanout"])
+def test_a_client_that_listens_stays_and_is_told_to_reconnect(
+    pg: ExamplePostgres, pooler: PoolerFactory, successors: list[int], setting: str
 ) -> None:
-    """With pin_on_listen, a client that ran LISTEN holds its server, and its LISTENs
-    live there: it is disconnected at once (it is between transactions), not moved
-    without them; a client beside it that did not LISTEN moves."""
+    """A client that ran LISTEN with pin_on_listen (its LISTENs live on the server it
+    holds) or listen_fanout (on the pool's listening server) is disconnected at once
+    (it is between transactions), not moved without them; a client beside it that did
+    not LISTEN moves."""
     listener_user, plain_user = pg.md5_user, pg.trust_user
-    proc = pooler(
-        general={"shutdown_timeout": 60_000}, pools={"example_db": {"pin_on_listen": True}}
-    )
+    proc = pooler(general={"shutdown_timeout": 60_000}, pools={"example_db": {setting: True}})
     listener = psycopg.connect(
         proc.dsn(listener_user.name, listener_user.password), autocommit=True
     )

@@ -92,6 +92,17 @@ def take(pooler: Pooler) -> Snapshot:
                     server.statements.misses, len(server.statements),
                 ]
             )  # fmt: skip
+        hub = pooler.listen_hubs.get(pool)
+        if hub is not None and hub.connection is not None:
+            # The pool's listening server (listen_fanout), outside the pool's servers.
+            server_rows.append(
+                [
+                    f"0x{hub.server_id:08X}", hub.backend_pid, database, user,
+                    hub.application_name, "true" if hub.tls else "false", "listen",
+                    "read", 0, hub.statements_sent, hub.bytes_sent, hub.bytes_received,
+                    int(now - hub.opened_at), 0, 0, 0,
+                ]
+            )  # fmt: skip
     return {
         "workers": 1,
         "memory": resident_memory(),

@@ -66,6 +66,7 @@ from pg_doorman.config import (
 )
 from pg_doorman.net.client import ClientConnection
 from pg_doorman.net.ids import IdAllocator
+from pg_doorman.net.listen_hub import ListenHub
 from pg_doorman.net.server import BackendCredentials, ServerConnection, open_server
 from pg_doorman.net.server_tls import SSL_REQUEST, ServerTls, server_tls_for
 from pg_doorman.net.session_state import SessionState
@@ -175,6 +176,7 @@ def pool_settings(
         round_robin=general.server_round_robin,
         cleanup_server_connections=pool.cleanup_server_connections,
         pin_on_listen=pool.pin_on_listen,
+        listen_fanout=pool.listen_fanout,
         max_concurrent_creates=max(
             min(general.max_concurrent_creates, general.scaling_max_parallel_creates), 1
         ),
@@ -387,6 +389,8 @@ class Pooler:
         self.tls_sessions = 0
         # Backend login of each pool, kept apart so a reload can change it in place.
         self._credentials: dict[Pool, BackendCredentials] = {}
+        # listen_fanout: each pool's one listening server, while its clients LISTEN.
+        self.listen_hubs: dict[Pool, ListenHub] = {}
         # Set by whoever runs the pooler: what the admin SHUTDOWN command triggers.
         self.on_shutdown_request: Callable[[], None] | None = None
         self._stats_task: asyncio.Task[None] | None = None
@@ -578,6 +582,7 @@ class Pooler:
         if reconnect:
             logger.info("pool %s: backend settings changed, reconnecting", pool.name)
             pool.reconnect("backend settings changed by a reload")
+            self._reconnect_listen_hub(pool, "backend settings changed by a reload")
         else:
             logger.info("pool %s: settings changed", pool.name)
         return credentials
@@ -724,6 +729,7 @@ class Pooler:
     def reconnect(self, database: str | None) -> None:
         for entry in self.entries_of(database):
             entry.pool.reconnect("RECONNECT by admin")
+            self._reconnect_listen_hub(entry.pool, "RECONNECT by admin")
 
     def kill(self, database: str | None) -> int:
         """Disconnect the clients and servers of these pools, which stay paused until
@@ -840,8 +846,32 @@ class Pooler:
             notes.append(f"pool {name}: auth_query removed, its users' pools retired")
         return notes
 
+    def listen_hub(self, pool: Pool) -> ListenHub:
+        """The pool's listening server, opened for its first LISTEN (listen_fanout)."""
+        hub = self.listen_hubs.get(pool)
+        if hub is None:
+            hub = self.listen_hubs[pool] = ListenHub(self, pool)
+        return hub
+
+    def listen_hub_closed(self, hub: ListenHub) -> None:
+        if self.listen_hubs.get(hub.pool) is hub:
+            del self.listen_hubs[hub.pool]
+
+    def _reconnect_listen_hub(self, pool: Pool, reason: str) -> None:
+        """The pool's servers are being replaced: its listening one goes too, and the
+        clients listening through it are told to reconnect and LISTEN again."""
+        hub = self.listen_hubs.get(pool)
+        if hub is not None:
+            hub.lost(reason)
+
+    def _close_listen_hub(self, pool: Pool, reason: str) -> None:
+        hub = self.listen_hubs.get(pool)
+        if hub is not None:
+            hub.close(reason)
+
     def drop_pool(self, pool: Pool, reason: str) -> None:
         """Close a pool no client uses (an idle looked-up user's)."""
+        self._close_listen_hub(pool, reason)
         pool.close(reason)
         self._credentials.pop(pool, None)
 
@@ -852,6 +882,7 @@ class Pooler:
                 client.fail(sqlstate.ADMIN_SHUTDOWN, message)
             else:
                 client.closing_after_transaction = message
+        self._close_listen_hub(pool, message)
         pool.close(message)
         self._credentials.pop(pool, None)
 
@@ -1481,6 +1512,8 @@ class Pooler:
         await asyncio.sleep(0)
         for client in list(self.clients.values()):
             client.fail(sqlstate.ADMIN_SHUTDOWN, "pooler is shutting down")
+        for hub in list(self.listen_hubs.values()):
+            hub.close("pooler is shutting down")
         for pool in self.pools:
             pool.close("pooler is shutting down")
         for users in self.auth_queries.values():

@@ -39,6 +39,16 @@ from pg_doorman.prepared.registry import StatementEntry
 from pg_doorman.prepared.rewriter import BatchRewriter
 from pg_doorman.protocol import codes, messages, sqlstate
 from pg_doorman.protocol.framing import CLEAN_PREPARE, FrontendScanner, MessageBuffer
+from pg_doorman.protocol.listen import (
+    INCOMPLETE,
+    LISTEN,
+    LISTEN_DONE,
+    UNLISTEN_DONE,
+    ExtendedStatement,
+    read_extended,
+)
+from pg_doorman.protocol.listen import MAY_START as MAY_START_LISTEN
+from pg_doorman.protocol.listen import parse_statement as parse_listen
 from pg_doorman.protocol.messages import ProtocolError
 from pg_doorman.protocol.startup import (
     CancelRequest,
@@ -52,6 +62,7 @@ from pg_doorman.protocol.startup import (
 if TYPE_CHECKING:
     from pg_doorman.app.pooler import PoolEntry, Pooler
     from pg_doorman.auth.talos import Talos
+    from pg_doorman.net.listen_hub import ListenHub
     from pg_doorman.net.server import ServerConnection
 
 logger: Final = logging.getLogger("pg_doorman.client")
@@ -106,6 +117,12 @@ _WAITING_BACKLOG: Final = 64 * 1024
 _DROPPED_BETWEEN: Final = codes.type_table(b"cdfH")
 _MAY_BE_DEALLOCATE: Final = codes.MAY_START_DEALLOCATE
 _DEALLOCATE_MAX: Final = codes.DEALLOCATE_MAX
+_MAY_BE_LISTEN: Final = MAY_START_LISTEN
+# Longest Query read as a LISTEN (listen_fanout): a longer one is not held back whole.
+_LISTEN_MAX: Final = 1024
+# Bytes of notifications a client may leave unread (or held through a transaction)
+# before it is disconnected: the hub cannot slow down for one client.
+_NOTIFY_BACKLOG: Final = 16 * 1024 * 1024
 # A TLS record's first byte when it carries a handshake message (the client's hello).
 _TLS_HANDSHAKE_RECORD: Final = 0x16
 # Names that may be spliced into SET statements; anything else is refused at login.
@@ -139,6 +156,7 @@ class ClientConnection(asyncio.Protocol):
         "_fingerprint",
         "_fingerprint_synced",
         "_inbox",
+        "_listening",
         "_login_coro",
         "_login_wait",
         "_memory_accounted",
@@ -162,6 +180,8 @@ class ClientConnection(asyncio.Protocol):
         "errors",
         "extra_parameters",
         "frontend",
+        "held_notifications",
+        "listen_hub",
         "loop",
         "on_cancel",
         "over_limit",
@@ -225,6 +245,13 @@ class ClientConnection(asyncio.Protocol):
         # Ran LISTEN in a transaction-mode pool with pin_on_listen: keeps its server
         # between transactions, as in session mode, until it disconnects.
         self.pinned = False
+        # listen_fanout: the pool's hub this client listens through (net/listen_hub.py),
+        # and notifications that came while it was in a transaction, for after it.
+        self.listen_hub: ListenHub | None = None
+        self.held_notifications: bytearray | None = None
+        # Its LISTEN runs on the hub's server: what to answer around the statement's
+        # CommandComplete once it has (`_pending` holds what the client sent after).
+        self._listening: tuple[bytes, bytes] | None = None
         self._startup_buf = bytearray()
         self._inbox = MessageBuffer()
         # The login coroutine, driven by this connection (see net/suspend.py).
@@ -307,6 +334,8 @@ class ClientConnection(asyncio.Protocol):
             self.loop.call_soon(self._wake_login)
         if was == WAITING and self.pool is not None:
             self.pool.cancel_wait(self)
+        if self.listen_hub is not None:
+            self.listen_hub.leave(self)
         server = self.server
         if server is not None:
             self.server = None
@@ -1086,6 +1115,7 @@ class ClientConnection(asyncio.Protocol):
             or self.pool is None
             or self._check_query_next
             or self._checking  # its first request is the check query, on a server
+            or self._listening is not None  # its LISTEN runs on the listening server
         ):
             return False
         end = first_request_end(self._pending)
@@ -1185,6 +1215,48 @@ class ClientConnection(asyncio.Protocol):
                     self.write(reply)
                     buf = buf[length + 1 :]
                     continue
+            if (
+                msg_type == codes.QUERY
+                and length <= _LISTEN_MAX
+                and (n == 5 or _MAY_BE_LISTEN[buf[5]])
+                and pool.settings.listen_fanout
+            ):
+                if n < length + 1:
+                    self._pending = buf
+                    return
+                statement = parse_listen(buf[5:length]) if buf[length] == 0 else None
+                if statement is not None and self._fans_out(pool):
+                    buf = buf[length + 1 :]
+                    if self.rewriter is not None:
+                        self.rewriter.unnamed = None  # as any simple Query drops it
+                    op, channel = statement
+                    if self._listen_through_hub(pool, op, channel, b"", messages.READY_IDLE):
+                        continue
+                    self._pending = buf
+                    return
+            if (
+                (msg_type == codes.PARSE or msg_type == codes.BIND)
+                and pool.settings.listen_fanout
+                and self._fans_out(pool)
+            ):
+                rewriter = self.rewriter
+                batch = read_extended(
+                    buf, _no_statement if rewriter is None else rewriter.statement_text
+                )
+                if batch == INCOMPLETE:
+                    self._pending = buf
+                    return
+                if isinstance(batch, ExtendedStatement) and self._prepared_here(batch):
+                    buf = buf[batch.end :]
+                    if not batch.runs:
+                        self.write(batch.before + batch.after)
+                        continue
+                    if self._listen_through_hub(
+                        pool, batch.op, batch.channel, batch.before, batch.after
+                    ):
+                        continue
+                    self._pending = buf
+                    return
             if msg_type == codes.QUERY and length + 1 == len(check_query):
                 if n < length + 1:
                     self._pending = buf
@@ -1206,6 +1278,113 @@ class ClientConnection(asyncio.Protocol):
             self._pending = buf
             return
         self._start(server, buf, now)
+
+    def _fans_out(self, pool: Pool) -> bool:
+        """Whether this client's LISTENs go through the pool's hub: in transaction
+        mode, in the hub's encoding (notifications are passed on byte for byte)."""
+        if pool.settings.session_mode or pool.closed:
+            return False
+        # Spelt as PostgreSQL reads encoding names: case and punctuation aside
+        # (asyncpg sends 'utf-8', quotes included).
+        spelling = self.parameters.get("client_encoding", "UTF8")
+        encoding = "".join(c for c in spelling if c.isalnum()).lower()
+        return encoding in ("utf8", "unicode")
+
+    def _prepared_here(self, batch: ExtendedStatement) -> bool:
+        """A batch's Parse, if any, names the statement here, as a server would (False:
+        the batch goes to a server after all)."""
+        if not batch.parse:
+            return True
+        rewriter = self.rewriter
+        if rewriter is None:
+            # Nothing tracks the client's statements: only a batch that runs its own
+            # unnamed statement needs none.
+            return batch.runs and batch.parse[:1] == b"\x00"
+        return rewriter.prepare_here(batch.parse)
+
+    def _listen_through_hub(
+        self, pool: Pool, op: int, channel: str, before: bytes, after: bytes
+    ) -> bool:
+        """Run a LISTEN or UNLISTEN through the pool's hub; its answer is `before`,
+        the statement's CommandComplete, `after`. True when answered now; else the
+        client waits (nothing more is read) until listen_answered()."""
+        if op == LISTEN:
+            hub = self.listen_hub or self.pooler.listen_hub(pool)
+            if not hub.listen(self, channel):
+                self._listening = (before, after)
+                self.state = WAITING  # nothing is forwarded until it is answered
+                return False
+            self.write(before + LISTEN_DONE + after)
+            return True
+        if self.listen_hub is not None:
+            self.listen_hub.unlisten(self, op, channel)
+        self.write(before + UNLISTEN_DONE + after)
+        return True
+
+    def listen_answered(self, error: bytes | None) -> None:
+        """The hub's server has run this client's LISTEN: `error` is its
+        ErrorResponse if it failed."""
+        reply = self._listening
+        if self.state == CLOSED or reply is None:
+            return
+        self._listening = None
+        self.state = IDLE
+        before, after = reply
+        if error is None:
+            self.write(before + LISTEN_DONE + after)
+        else:
+            self.write(before + error + messages.READY_IDLE)
+        if self.held_notifications is not None:
+            self.deliver_held_notifications()
+        self.resume_reading()
+        if len(self._pending):
+            self._between_transactions(b"")
+
+    def notify(self, notification: bytes) -> None:
+        """A notification on a channel this client listens on: sent now between
+        transactions, else held until its transaction is over."""
+        if self.state == CLOSED:
+            return
+        if self.state == IDLE or self.pinned_between_transactions():
+            transport = self.transport
+            if transport is not None and transport.get_write_buffer_size() > _NOTIFY_BACKLOG:
+                self._notifications_overflow()
+                return
+            self.write(notification)
+            return
+        held = self.held_notifications
+        if held is None:
+            held = self.held_notifications = bytearray()
+        held += notification
+        if len(held) > _NOTIFY_BACKLOG:
+            self._notifications_overflow()
+
+    def deliver_held_notifications(self) -> None:
+        """Its transaction is over: what came meanwhile goes out."""
+        held = self.held_notifications
+        self.held_notifications = None
+        if held:
+            self.write(bytes(held))
+
+    def _notifications_overflow(self) -> None:
+        self.held_notifications = None
+        self.fail(
+            sqlstate.PROGRAM_LIMIT_EXCEEDED,
+            "too many notifications are waiting for this client",
+            detail=f"More than {_NOTIFY_BACKLOG} bytes of notifications were not yet"
+            " read by the client or were held for the end of its transaction.",
+        )
+
+    def disconnect_listener(self, message: str) -> None:
+        """The hub's server connection was lost: disconnect now between transactions,
+        else when the current one ends."""
+        if self.state == CLOSED:
+            return
+        self._listening = None
+        if self.server is None or self.pinned_between_transactions():
+            self.fail(sqlstate.CONNECTION_FAILURE, message)
+        else:
+            self.closing_after_transaction = message
 
     def _local_deallocate(self, query: bytes) -> bytes | None:
         """Answer DEALLOCATE of protocol-level statements, which no server knows by the
@@ -1243,6 +1422,8 @@ class ClientConnection(asyncio.Protocol):
         if self.state == CLOSED:
             return
         self.write(reply)
+        if self.held_notifications is not None:
+            self.deliver_held_notifications()
         self.state = IDLE
         self.resume_reading()
         if len(self._pending):
@@ -1462,6 +1643,8 @@ class ClientConnection(asyncio.Protocol):
             return "session pooling"  # it holds its server
         if self.pinned:
             return "LISTEN"  # it holds its server, which has the LISTENs
+        if self.listen_hub is not None:
+            return "LISTEN"  # its LISTENs live on this process's listening server
         return None
 
     def pinned_between_transactions(self) -> bool:
@@ -1668,3 +1851,8 @@ def _statement_body(statement: StatementEntry) -> bytes:
 
 def _ignore(data: bytes) -> None:
     pass
+
+
+def _no_statement(name: bytes) -> bytes | None:
+    """Without statement tracking no earlier statement is known."""
+    return None

@@ -63,8 +63,8 @@ _LISTEN_WARNING: Final = messages.notice_response(
     "WARNING",
     hint="The connection's server goes back to the pool when the transaction ends,"
     " so notifications never reach this connection. Use a pool with"
-    ' pool_mode = "session" for connections that LISTEN, or set pin_on_listen = true'
-    " on this pool.",
+    ' pool_mode = "session" for connections that LISTEN, or set listen_fanout = true'
+    " (a plain LISTEN outside a transaction) or pin_on_listen = true on this pool.",
 )
 
 _DISCARD_TEMP: Final = messages.query("DISCARD TEMP")
@@ -559,6 +559,7 @@ class ServerConnection(asyncio.Protocol):
         if scanner.error_count != self._errors_seen:
             self._count_errors()
         listened = 0
+        held = False
         if scanner.ready_count:
             ready = scanner.ready_count
             now = _now()
@@ -603,6 +604,12 @@ class ServerConnection(asyncio.Protocol):
                 self.xact_started = now
                 self._xact_base_sent = self.bytes_sent
                 self._xact_base_received = self.bytes_received
+                held = client.held_notifications is not None
+                if scanner.discarded_all:
+                    scanner.discarded_all = False
+                    if client.listen_hub is not None:
+                        # DISCARD ALL includes UNLISTEN *: for its listen_fanout LISTENs too.
+                        client.listen_hub.leave(client)
                 if not self.pool.settings.session_mode:
                     listened = scanner.cleanup_flags & CLEAN_LISTEN
                     if listened and (client.pinned or self._pin(client)):
@@ -615,6 +622,10 @@ class ServerConnection(asyncio.Protocol):
         client.write(out)
         if listened:
             self._warn_listen(client)
+        if held:
+            # Notifications for its LISTENs (listen_fanout) that came during the
+            # transaction: after it, as PostgreSQL delivers them.
+            client.deliver_held_notifications()
 
     def _pin(self, client: ClientConnection) -> bool:
         """With pin_on_listen, a client whose transaction ran LISTEN keeps this server

@@ -74,6 +74,9 @@ class PoolSettings:
     cleanup_server_connections: bool = True
     # A transaction-mode client that ran LISTEN keeps its server until it disconnects.
     pin_on_listen: bool = False
+    # A transaction-mode client's plain LISTEN goes through the pool's one listening
+    # server (net/listen_hub.py).
+    listen_fanout: bool = False
     # Servers the pool may be opening at once (the lower of max_concurrent_creates and
     # scaling_max_parallel_creates).
     max_concurrent_creates: int = 4

@@ -682,6 +682,31 @@ class BatchRewriter:
         self.named = kept
         self.unnamed = unnamed
 
+    def prepare_here(self, body: bytes) -> bool:
+        """A Parse the pooler answers itself, between transactions (a LISTEN the
+        pool's listening server runs: net/listen_hub.py): the client's name stands for
+        the statement from now on, as after any Parse. False when the name is taken:
+        the server path reports that as PostgreSQL does."""
+        name_end = _name_end(body, 0)
+        if not name_end:
+            return False
+        name = body[: name_end - 1]
+        if name and name in self.named:
+            return False
+        entry = self.registry.lookup(body, name_end, self.context)
+        if name:
+            self.named[name] = entry
+            entry.kinds |= 1  # registry.NAMED
+        else:
+            self.unnamed = entry
+            entry.kinds |= 2  # registry.UNNAMED
+        return True
+
+    def statement_text(self, name: bytes) -> bytes | None:
+        """The text of the client's statement `name` (b"": the unnamed one)."""
+        entry = self.named.get(name) if name else self.unnamed
+        return None if entry is None else entry.query
+
     def forget_statements(self) -> None:
         """The client's names after DEALLOCATE ALL or DISCARD ALL: none."""
         self.named.clear()

@@ -268,6 +268,7 @@ class BackendScanner(_Stream):
     __slots__ = (
         "cleanup_flags",
         "copy_in_started",
+        "discarded_all",
         "error_count",
         "hook",
         "in_copy",
@@ -293,6 +294,8 @@ class BackendScanner(_Stream):
         # The server dropped all its prepared statements (DEALLOCATE ALL / DISCARD ALL)
         # while no hook was set; with one, the hook is told at once.
         self.statements_reset = False
+        # DISCARD ALL ran, which also UNLISTENs everything (read and reset by the relay).
+        self.discarded_all = False
         # Rewrites the response stream of clients using shared prepared statements.
         self.hook: BatchRewriter | None = None
 
@@ -365,6 +368,8 @@ class BackendScanner(_Stream):
                     tag = data[pos + 5 : end - 1]
                     self.cleanup_flags = tag_cleanup_effect(tag, self.cleanup_flags)
                     if tag == b"DEALLOCATE ALL" or tag == b"DISCARD ALL":
+                        if tag == b"DISCARD ALL":
+                            self.discarded_all = True
                         if hook is not None:
                             hook.server_reset()  # here, before the replies queued behind
                         else:

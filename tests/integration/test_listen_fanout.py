@@ -1,0 +1,505 @@
+"""listen_fanout: one server connection per pool LISTENs for all of its clients.
+
+A transaction-mode client's plain LISTEN between transactions is run on the pool's
+listening server (outside the pool), and notifications on its channels are passed on
+to it: at once between transactions, after the transaction when it is in one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import signal
+import time
+from collections.abc import Callable
+
+import asyncpg
+import psycopg
+import psycopg2
+import psycopg2.extensions
+
+from helpers import EXAMPLE_DB, ExamplePostgres
+from helpers import pgwire as w
+from helpers.console import admin_console, admin_rows
+from helpers.pooler import PoolerFactory, PoolerProcess
+from pg_doorman.protocol.listen import RESERVED
+
+HUB_LOG = "listens for the pool's clients (listen_fanout)"
+WARNED = "LISTEN has no effect after this transaction in transaction pooling mode"
+
+
+def fanout_pool(pg: ExamplePostgres, pool_size: int = 1, **settings: object) -> dict[str, object]:
+    user = {"username": pg.md5_user.name, "pool_size": pool_size}
+    return {EXAMPLE_DB: {"users": [user], "listen_fanout": True, **settings}}
+
+
+def logged_in(proc: PoolerProcess, pg: ExamplePostgres) -> w.PgWire:
+    return w.PgWire.connect(
+        proc.host, proc.port, pg.md5_user.name, EXAMPLE_DB, pg.md5_user.password
+    )
+
+
+def notification(payload: bytes) -> tuple[int, str, str]:
+    """A NotificationResponse's sender pid, channel and payload."""
+    pid = int.from_bytes(payload[:4], "big", signed=True)
+    channel, message, _ = payload[4:].split(b"\x00")
+    return pid, channel.decode(), message.decode()
+
+
+def heard(conn: w.PgWire, wait: float = 0.3) -> list[tuple[int, str, str]]:
+    """The notifications that came to an idle client (and nothing else did)."""
+    messages = conn.read_available(wait=wait)
+    assert all(type_ == b"A" for type_, _ in messages), messages
+    return [notification(payload) for _, payload in messages]
+
+
+def backends(pg: ExamplePostgres) -> list[tuple[int, str]]:
+    """The md5 user's backends: pid and last query."""
+    out = pg.psql(
+        "select pid, query from pg_stat_activity"
+        f" where usename = '{pg.md5_user.name}' and backend_type = 'client backend'"
+        " order by pid",
+        database=EXAMPLE_DB,
+    )
+    rows = [line.split("|", 1) for line in out.splitlines() if line.strip()]
+    return [(int(pid), query) for pid, query in rows]
+
+
+def listening_backends(pg: ExamplePostgres) -> list[int]:
+    return [pid for pid, query in backends(pg) if "LISTEN" in query]
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def backend_pid(conn: w.PgWire) -> int:
+    [(pid,)] = w.rows(conn.simple_query("select pg_backend_pid()"))
+    assert pid is not None
+    return int(pid)
+
+
+def test_one_server_listens_for_every_client(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    proc = pooler(pools=fanout_pool(pg))
+    first, second, third, sender = (logged_in(proc, pg) for _ in range(4))
+    try:
+        for conn, statement in (
+            (first, "LISTEN jobs"),
+            (second, "listen JOBS;"),  # the same channel: unquoted names fold
+            (third, 'LISTEN "Other Channel"'),
+        ):
+            reply = conn.simple_query(statement)
+            assert w.msg_types(reply) == "CZ"
+            assert w.command_tag(reply[0][1]) == "LISTEN"
+        # Their pool's one server is free for everyone, and does not listen itself.
+        sender_pid = backend_pid(sender)
+        assert backend_pid(first) == sender_pid
+        reply = first.simple_query("select count(*) from pg_listening_channels()")
+        assert w.rows(reply) == [("0",)]
+        # One more server listens, for all three.
+        [hub_pid] = listening_backends(pg)
+        assert hub_pid != sender_pid
+        assert len(backends(pg)) == 2
+
+        assert w.msg_types(sender.simple_query("NOTIFY jobs, 'one'")) == "CZ"
+        assert heard(first, wait=1) == [(sender_pid, "jobs", "one")]
+        assert heard(second, wait=1) == [(sender_pid, "jobs", "one")]
+        assert heard(third) == []
+        pg.psql("""NOTIFY "Other Channel", 'two'""", database=EXAMPLE_DB)
+        [(_, channel, payload)] = heard(third, wait=1)
+        assert (channel, payload) == ("Other Channel", "two")
+        assert heard(first) == [] and heard(second) == []
+
+        # LISTEN again is answered at once; UNLISTEN of a channel never listened on
+        # too, as PostgreSQL does.
+        assert w.msg_types(first.simple_query("LISTEN jobs")) == "CZ"
+        reply = first.simple_query("UNLISTEN nothing_here")
+        assert w.command_tag(reply[0][1]) == "UNLISTEN"
+        # After UNLISTEN a client hears no more of that channel; the others still do.
+        reply = first.simple_query("UNLISTEN jobs")
+        assert w.msg_types(reply) == "CZ" and w.command_tag(reply[0][1]) == "UNLISTEN"
+        assert w.msg_types(sender.simple_query("NOTIFY jobs, 'three'")) == "CZ"
+        assert heard(second, wait=1) == [(sender_pid, "jobs", "three")]
+        assert heard(first) == []
+
+        # A notification during a transaction comes after its ReadyForQuery.
+        assert w.msg_types(second.simple_query("BEGIN")) == "CZ"
+        pg.psql("NOTIFY jobs, 'four'", database=EXAMPLE_DB)
+        time.sleep(0.3)
+        assert second.read_available(wait=0.2) == []
+        reply = second.simple_query("COMMIT")
+        assert w.msg_types(reply[:2]) == "CZ"
+        rest = reply[2:] or second.read_available(wait=1)
+        assert [type_ for type_, _ in rest] == [b"A"]
+        assert notification(rest[0][1])[1:] == ("jobs", "four")
+    finally:
+        for conn in (first, second, third, sender):
+            conn.close()
+    assert WARNED not in proc.log_text()
+    assert proc.log_text().count(HUB_LOG) == 1
+    # With its last listener gone the listening server closes.
+    wait_for(lambda: listening_backends(pg) == [])
+    assert len(backends(pg)) == 1
+
+
+def test_drivers_listen_through_the_pool(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    """asyncpg's add_listener, psycopg's notifies() and psycopg2's poll() hear
+    notifications sent through the pooler, with one server for all of them."""
+    proc = pooler(pools=fanout_pool(pg, 2))
+    dsn = proc.dsn(pg.md5_user.name, pg.md5_user.password)
+
+    async def with_asyncpg() -> list[tuple[str, str]]:
+        heard: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        listener = await asyncpg.connect(dsn, statement_cache_size=0)
+        sender = await asyncpg.connect(dsn)
+
+        def on_notify(_c: object, _pid: int, channel: str, payload: str) -> None:
+            heard.put_nowait((channel, payload))
+
+        try:
+            await listener.add_listener("Doorman Jobs", on_notify)
+            for text in ("a", "b"):
+                await sender.execute("select pg_notify('Doorman Jobs', $1)", text)
+            got = [await asyncio.wait_for(heard.get(), 10) for _ in range(2)]
+            assert await listener.fetchval("select $1::int", 3) == 3
+            await listener.remove_listener("Doorman Jobs", on_notify)
+            await sender.execute("NOTIFY \"Doorman Jobs\", 'c'")
+            await asyncio.sleep(0.3)
+            assert heard.empty()
+            return got
+        finally:
+            await listener.close()
+            await sender.close()
+
+    assert asyncio.run(with_asyncpg()) == [("Doorman Jobs", "a"), ("Doorman Jobs", "b")]
+
+    async def with_asyncpg_statement_cache() -> list[str]:
+        """With its statement cache asyncpg prepares LISTEN as a named statement
+        (Parse, Describe, Flush), then binds it (Bind, Execute, Sync)."""
+        heard: asyncio.Queue[str] = asyncio.Queue()
+        listener = await asyncpg.connect(dsn)
+
+        def on_notify(_c: object, _pid: int, _channel: str, payload: str) -> None:
+            heard.put_nowait(payload)
+
+        try:
+            await listener.add_listener("cached", on_notify)
+            # Again after remove_listener: the statement comes from the cache, bound only.
+            await listener.remove_listener("cached", on_notify)
+            await listener.add_listener("cached", on_notify)
+            pg.psql("NOTIFY cached, 'x'", database=EXAMPLE_DB)
+            got = [await asyncio.wait_for(heard.get(), 10)]
+            assert await listener.fetchval("select 4") == 4
+            return got
+        finally:
+            await listener.close()
+
+    assert asyncio.run(with_asyncpg_statement_cache()) == ["x"]
+
+    with psycopg.connect(dsn, autocommit=True) as conn, psycopg.connect(dsn) as sender:
+        conn.execute("LISTEN doorman_jobs")
+        # A binary cursor sends even a statement without parameters in the extended
+        # protocol (Parse, Bind, Describe, Execute, Sync).
+        conn.cursor(binary=True).execute("LISTEN doorman_other")
+        with sender.transaction():
+            sender.execute("select pg_notify('doorman_jobs', %s)", ["from psycopg"])
+            sender.execute("select pg_notify('doorman_other', %s)", ["binary"])
+        got = list(conn.notifies(timeout=10, stop_after=2))
+        assert [(n.channel, n.payload) for n in got] == [
+            ("doorman_jobs", "from psycopg"),
+            ("doorman_other", "binary"),
+        ]
+        assert conn.execute("select 1").fetchone() == (1,)
+
+    conn2 = psycopg2.connect(dsn)
+    conn2.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
+    try:
+        conn2.cursor().execute("LISTEN doorman_jobs")
+        pg.psql("NOTIFY doorman_jobs, 'from psql'", database=EXAMPLE_DB)
+        deadline = time.monotonic() + 10
+        while not conn2.notifies and time.monotonic() < deadline:
+            time.sleep(0.05)
+            conn2.poll()
+        assert [(n.channel, n.payload) for n in conn2.notifies] == [("doorman_jobs", "from psql")]
+    finally:
+        conn2.close()
+    assert WARNED not in proc.log_text()
+
+
+def test_what_the_hub_does_not_read_goes_to_the_server(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """A LISTEN inside a transaction, among other statements, or in the extended
+    protocol runs on the client's server as without listen_fanout (and is warned
+    about); a LISTEN PostgreSQL refuses gets PostgreSQL's error."""
+    proc = pooler(pools=fanout_pool(pg))
+    conn = logged_in(proc, pg)
+    try:
+        for statements in (
+            ["BEGIN", "LISTEN jobs", "COMMIT"],
+            ["LISTEN a; LISTEN b"],
+            ["LISTEN jobs -- a comment"],
+        ):
+            for statement in statements:
+                expected = "C" * (statement.count(";") + 1) + "Z"
+                assert w.msg_types(conn.simple_query(statement)) == expected
+            [(type_, payload)] = conn.read_available(wait=1)
+            assert type_ == b"N" and w.error_fields(payload)["M"] == WARNED
+        reply = conn.simple_query("LISTEN select")
+        assert w.msg_types(reply) == "EZ"
+        assert w.error_fields(reply[0][1])["C"] == "42601"
+    finally:
+        conn.close()
+    assert HUB_LOG not in proc.log_text()
+    with psycopg.connect(proc.dsn(pg.md5_user.name, pg.md5_user.password)) as psy:
+        notices: list[str | None] = []
+        psy.add_notice_handler(lambda d: notices.append(d.message_primary))
+        psy.execute("LISTEN jobs")  # in the transaction psycopg began
+        psy.commit()
+        assert notices == [WARNED]
+
+
+def test_losing_the_listening_server_disconnects_its_clients(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """Notifications may have been lost with it: listeners between transactions are
+    disconnected at once, one in a transaction when it ends; the next LISTEN opens a
+    new listening server."""
+    proc = pooler(pools=fanout_pool(pg, 2))
+    idle, busy, bystander = (logged_in(proc, pg) for _ in range(3))
+    try:
+        for conn in (idle, busy):
+            assert w.msg_types(conn.simple_query("LISTEN jobs")) == "CZ"
+        assert w.msg_types(busy.simple_query("BEGIN")) == "CZ"
+        [hub_pid] = listening_backends(pg)
+        pg.psql(f"select pg_terminate_backend({hub_pid})", database=EXAMPLE_DB)
+        type_, payload = idle.read_message(timeout=10)
+        assert type_ == b"E"
+        fields = w.error_fields(payload)
+        assert fields["S"] == "FATAL" and fields["C"] == "08006"
+        assert "LISTEN again" in fields["M"]
+        # The transaction goes on to its end; then the client is told.
+        assert w.rows(busy.simple_query("select 1")) == [("1",)]
+        reply = busy.simple_query("COMMIT")
+        assert w.msg_types(reply[:2]) == "CZ"
+        rest = reply[2:] or [busy.read_message(timeout=10)]
+        assert rest[0][0] == b"E" and "LISTEN again" in w.error_fields(rest[0][1])["M"]
+        # A client that never listened is not affected.
+        assert w.rows(bystander.simple_query("select 2")) == [("2",)]
+    finally:
+        for conn in (idle, busy, bystander):
+            conn.close()
+    again = logged_in(proc, pg)
+    try:
+        assert w.msg_types(again.simple_query("LISTEN jobs")) == "CZ"
+        [new_hub] = listening_backends(pg)
+        assert new_hub != hub_pid
+        pg.psql("NOTIFY jobs, 'after'", database=EXAMPLE_DB)
+        assert [n[1:] for n in heard(again, wait=1)] == [("jobs", "after")]
+    finally:
+        again.close()
+    assert "listening server" in proc.log_text()
+
+
+def test_a_retired_pool_closes_its_listening_server(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    proc = pooler(pools=fanout_pool(pg))
+    conn = logged_in(proc, pg)
+    try:
+        assert w.msg_types(conn.simple_query("LISTEN jobs")) == "CZ"
+        assert len(listening_backends(pg)) == 1
+        config = copy.deepcopy(proc.config)
+        config["pools"][EXAMPLE_DB]["pool_mode"] = "session"  # retires the pool
+        proc.reload_and_wait(config)
+        type_, payload = conn.read_message(timeout=10)
+        assert type_ == b"E"
+        assert w.error_fields(payload)["C"] == "57P01"
+    finally:
+        conn.close()
+    wait_for(lambda: listening_backends(pg) == [])
+
+
+def test_a_slow_listen_holds_what_the_client_sent_after_it(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """A LISTEN and a query sent together: the query's reply comes after LISTEN's,
+    once the listening server (opened for it) has run the LISTEN."""
+    proc = pooler(pools=fanout_pool(pg))
+    conn = logged_in(proc, pg)
+    try:
+        conn.send_raw(w.query("LISTEN jobs") + w.query("select 5"))
+        replies = [conn.read_message(timeout=10) for _ in range(5)]
+        assert [type_ for type_, _ in replies] == [b"C", b"Z", b"T", b"D", b"C"]
+        assert w.command_tag(replies[0][1]) == "LISTEN"
+        assert conn.read_message(timeout=10)[0] == b"Z"
+    finally:
+        conn.close()
+
+
+def test_the_reserved_words_are_postgresqls(pg: ExamplePostgres) -> None:
+    """The words that cannot name a channel unquoted: those PostgreSQL reserves, and
+    those that may only name a function or a type."""
+    out = pg.psql("select word from pg_get_keywords() where catcode in ('R', 'T')")
+    assert set(out.split()) == RESERVED
+
+
+def test_show_servers_lists_the_listening_server(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    proc = pooler(pools=fanout_pool(pg))
+    conn = logged_in(proc, pg)
+    try:
+        assert w.msg_types(conn.simple_query("LISTEN jobs")) == "CZ"
+        [hub_pid] = listening_backends(pg)
+        rows = [r for r in admin_rows(proc, "SERVERS") if r["user"] == pg.md5_user.name]
+        listening = [r for r in rows if r["state"] == "listen"]
+        assert len(listening) == 1
+        assert listening[0]["server_process_id"] == str(hub_pid)
+        assert listening[0]["database_name"] == EXAMPLE_DB
+        assert int(listening[0]["query_count"] or 0) >= 1
+    finally:
+        conn.close()
+
+
+def test_a_listener_is_let_go_at_shutdown_without_waiting(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """Between transactions a listening client is closed at once (57P01), as an idle
+    one is, and the listening server is closed."""
+    proc = pooler(general={"shutdown_timeout": 60_000}, pools=fanout_pool(pg))
+    conn = logged_in(proc, pg)
+    try:
+        assert w.msg_types(conn.simple_query("LISTEN jobs")) == "CZ"
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        type_, payload = conn.read_message(timeout=10)
+        assert type_ == b"E"
+        assert w.error_fields(payload)["C"] == "57P01"
+        assert proc.wait_exit(timeout=20) == 0
+        assert time.monotonic() - started < 20
+    finally:
+        conn.close()
+    wait_for(lambda: listening_backends(pg) == [])
+
+
+def test_a_listening_server_that_cannot_open_fails_only_the_listen(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """The role may hold one connection, which the pool's server has: the listening
+    server is refused, the LISTEN fails with PostgreSQL's error, and the client goes
+    on (the next LISTEN tries again)."""
+    role = pg.md5_user.name
+    proc = pooler(pools=fanout_pool(pg, min_pool_size=1))
+    conn = logged_in(proc, pg)
+    try:
+        assert w.rows(conn.simple_query("select 1")) == [("1",)]
+        pg.psql(f"ALTER ROLE {role} CONNECTION LIMIT 1")
+        reply = conn.simple_query("LISTEN jobs")
+        assert w.msg_types(reply) == "EZ"
+        fields = w.error_fields(reply[0][1])
+        assert fields["S"] == "ERROR" and fields["C"] == "53300"
+        assert w.rows(conn.simple_query("select 2")) == [("2",)]
+        pg.psql(f"ALTER ROLE {role} CONNECTION LIMIT -1")
+        assert w.msg_types(conn.simple_query("LISTEN jobs")) == "CZ"
+        pg.psql("NOTIFY jobs, 'now'", database=EXAMPLE_DB)
+        assert [n[1:] for n in heard(conn, wait=1)] == [("jobs", "now")]
+    finally:
+        pg.psql(f"ALTER ROLE {role} CONNECTION LIMIT -1")
+        conn.close()
+
+
+def test_while_paused_the_listening_server_opens_only_after_resume(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    proc = pooler(pools=fanout_pool(pg))
+    conn = logged_in(proc, pg)
+    console = admin_console(proc)
+    try:
+        assert w.rows(conn.simple_query("select 1")) == [("1",)]
+        assert w.first_error(console.simple_query("PAUSE")) is None
+        conn.send_raw(w.query("LISTEN jobs"))
+        time.sleep(0.5)
+        assert conn.read_available(wait=0.2) == []
+        assert listening_backends(pg) == []
+        assert w.first_error(console.simple_query("RESUME")) is None
+        type_, payload = conn.read_message(timeout=10)
+        assert type_ == b"C" and w.command_tag(payload) == "LISTEN"
+        assert conn.read_message(timeout=10)[0] == b"Z"
+        assert len(listening_backends(pg)) == 1
+    finally:
+        console.close()
+        conn.close()
+
+
+def test_discard_all_unlistens_the_fanned_out_channels_too(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    proc = pooler(pools=fanout_pool(pg))
+    conn = logged_in(proc, pg)
+    try:
+        assert w.msg_types(conn.simple_query("LISTEN jobs")) == "CZ"
+        assert len(listening_backends(pg)) == 1
+        assert w.msg_types(conn.simple_query("DISCARD ALL")) == "CZ"
+        pg.psql("NOTIFY jobs, 'gone'", database=EXAMPLE_DB)
+        assert heard(conn, wait=0.5) == []
+        wait_for(lambda: listening_backends(pg) == [])
+    finally:
+        conn.close()
+
+
+def test_a_client_holding_too_many_notifications_is_disconnected(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """Notifications held through a long transaction are bounded (16 MiB); the
+    client is told why, and the other listener keeps hearing them."""
+    proc = pooler(pools=fanout_pool(pg))
+    busy, other = logged_in(proc, pg), logged_in(proc, pg)
+    try:
+        for conn in (busy, other):
+            assert w.msg_types(conn.simple_query("LISTEN jobs")) == "CZ"
+        assert w.msg_types(busy.simple_query("BEGIN")) == "CZ"
+        # 2,200 distinct notifications of 8,000 bytes: more than 16 MiB.
+        pg.psql(
+            "select count(pg_notify('jobs', i || repeat('x', 7990)))"
+            " from generate_series(1, 2200) as i",
+            database=EXAMPLE_DB,
+        )
+        type_, payload = busy.read_message(timeout=20)
+        assert type_ == b"E"
+        fields = w.error_fields(payload)
+        assert fields["S"] == "FATAL" and fields["C"] == "54000"
+        got = 0
+        while got < 2200:
+            type_, payload = other.read_message(timeout=20)
+            assert type_ == b"A"
+            got += 1
+        assert notification(payload)[2].startswith("2200x")
+    finally:
+        busy.close()
+        other.close()
+
+
+def test_reconnect_replaces_the_listening_server_too(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """RECONNECT (say, after a failover) replaces the pool's servers: the listening
+    one is closed and its clients are told to reconnect and LISTEN again."""
+    proc = pooler(pools=fanout_pool(pg))
+    conn, bystander = logged_in(proc, pg), logged_in(proc, pg)
+    console = admin_console(proc)
+    try:
+        assert w.msg_types(conn.simple_query("LISTEN jobs")) == "CZ"
+        [old] = listening_backends(pg)
+        assert w.first_error(console.simple_query("RECONNECT")) is None
+        type_, payload = conn.read_message(timeout=10)
+        assert type_ == b"E" and "LISTEN again" in w.error_fields(payload)["M"]
+        wait_for(lambda: old not in listening_backends(pg))
+        assert w.rows(bystander.simple_query("select 1")) == [("1",)]
+    finally:
+        console.close()
+        conn.close()
+        bystander.close()
