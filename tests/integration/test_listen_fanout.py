@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 import asyncpg
+import pg8000.native
 import psycopg
 import psycopg2
 import psycopg2.extensions
@@ -146,8 +147,8 @@ def test_one_server_listens_for_every_client(pg: ExamplePostgres, pooler: Pooler
 
 
 def test_drivers_listen_through_the_pool(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
-    """asyncpg's add_listener, psycopg's notifies() and psycopg2's poll() hear
-    notifications sent through the pooler, with one server for all of them."""
+    """asyncpg's add_listener, psycopg's notifies(), pg8000's notifications and
+    psycopg2's poll() hear notifications sent through the pooler."""
     proc = pooler(pools=fanout_pool(pg, 2))
     dsn = proc.dsn(pg.md5_user.name, pg.md5_user.password)
 
@@ -213,6 +214,20 @@ def test_drivers_listen_through_the_pool(pg: ExamplePostgres, pooler: PoolerFact
             ("doorman_other", "binary"),
         ]
         assert conn.execute("select 1").fetchone() == (1,)
+
+    # pg8000 reads notifications with the replies to its next statement.
+    listener8 = pg8000.native.Connection(
+        pg.md5_user.name, host=proc.host, port=proc.port, database=EXAMPLE_DB,
+        password=pg.md5_user.password,
+    )  # fmt: skip
+    try:
+        listener8.run("LISTEN doorman_jobs")
+        pg.psql("NOTIFY doorman_jobs, 'for pg8000'", database=EXAMPLE_DB)
+        time.sleep(0.3)
+        assert listener8.run("select 1") == [[1]]
+        assert [(n[1], n[2]) for n in listener8.notifications] == [("doorman_jobs", "for pg8000")]
+    finally:
+        listener8.close()
 
     conn2 = psycopg2.connect(dsn)
     conn2.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
