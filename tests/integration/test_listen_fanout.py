@@ -274,6 +274,8 @@ def test_what_the_hub_does_not_read_goes_to_the_server(
         psy.add_notice_handler(lambda d: notices.append(d.message_primary))
         psy.execute("LISTEN jobs")  # in the transaction psycopg began
         psy.commit()
+        # The warning follows COMMIT's ReadyForQuery: read with the next reply.
+        assert psy.execute("select 1").fetchone() == (1,)
         assert notices == [WARNED]
 
 
