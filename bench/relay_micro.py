@@ -6,7 +6,7 @@ pool. What remains is the interpreter's share of the per-transaction CPU, the pa
 the pooler's code controls (syscalls and the event loop come on top). Run:
 
     python -m bench.relay_micro [--transactions N] [--mode simple|extended|prepared]
-                                [--queued [--pressure]]
+                                [--queued [--pressure]] [--listen-fanout]
 
 With --queued two clients share the one server: each sends its next request while
 the other's transaction runs, so every transaction waits in the pool's queue and is
@@ -81,7 +81,11 @@ def _query_reply(value: bytes) -> bytes:
 
 
 async def run(
-    transactions: int, mode: str, queued: bool = False, pressure: bool = False
+    transactions: int,
+    mode: str,
+    queued: bool = False,
+    pressure: bool = False,
+    listen_fanout: bool = False,
 ) -> list[float]:
     loop = asyncio.get_running_loop()
     # With pressure: room for 19 more servers, and the warm threshold (5 % of 20) is
@@ -99,6 +103,7 @@ async def run(
             "pools": {
                 "bench": {
                     "scaling_warm_pool_ratio": warm_ratio,
+                    "listen_fanout": listen_fanout,
                     "users": [{"username": "bench", "password": "", "pool_size": pool_size}],
                 }
             },
@@ -211,15 +216,24 @@ def main() -> None:
         action="store_true",
         help="with --queued: pool_size 20, so each wait also runs the pool-pressure check",
     )
+    parser.add_argument(
+        "--listen-fanout",
+        action="store_true",
+        help="the pool reads each transaction's first statement for a LISTEN",
+    )
     args = parser.parse_args()
     if args.pressure and not args.queued:
         parser.error("--pressure needs --queued")
     # The pooler's own loop (uvloop when installed): the pool reads its clock.
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        timings = runner.run(run(args.transactions, args.mode, args.queued, args.pressure))
+        timings = runner.run(
+            run(args.transactions, args.mode, args.queued, args.pressure, args.listen_fanout)
+        )
     mode = f"{args.mode}, queued" if args.queued else args.mode
     if args.pressure:
         mode += " under pool pressure"
+    if args.listen_fanout:
+        mode += ", listen_fanout"
     print(
         f"{mode}: {statistics.median(timings):.2f} µs of Python per transaction "
         f"(median of {len(timings)} batches of 1000; best {min(timings):.2f}; "

@@ -1237,6 +1237,7 @@ class ClientConnection(asyncio.Protocol):
             if (
                 (msg_type == codes.PARSE or msg_type == codes.BIND)
                 and pool.settings.listen_fanout
+                and self._may_start_listen(buf, n)
                 and self._fans_out(pool)
             ):
                 rewriter = self.rewriter
@@ -1289,6 +1290,22 @@ class ClientConnection(asyncio.Protocol):
         spelling = self.parameters.get("client_encoding", "UTF8")
         encoding = "".join(c for c in spelling if c.isalnum()).lower()
         return encoding in ("utf8", "unicode")
+
+    def _may_start_listen(self, buf: bytes, n: int) -> bool:
+        """Whether the Parse or Bind starting `buf` may begin a LISTEN or UNLISTEN
+        batch: the first byte of its statement's text says (read_extended makes sure).
+        A Parse whose text is yet to come may (read_extended waits for the rest of a
+        short one); a Bind must name a statement known here."""
+        if buf[0] == codes.BIND:
+            rewriter = self.rewriter
+            if rewriter is None:
+                return False  # nothing knows the text of a statement prepared earlier
+            text = rewriter.bound_text(buf, n)
+            return text is not None and len(text) > 0 and _MAY_BE_LISTEN[text[0]] != 0
+        i = 5
+        while i < n and buf[i] != 0:  # the statement's name
+            i += 1
+        return i + 1 >= n or _MAY_BE_LISTEN[buf[i + 1]] != 0
 
     def _prepared_here(self, batch: ExtendedStatement) -> bool:
         """A batch's Parse, if any, names the statement here, as a server would (False:

@@ -702,6 +702,19 @@ class BatchRewriter:
             entry.kinds |= 2  # registry.UNNAMED
         return True
 
+    def bound_text(self, data: bytes, end: i64) -> bytes | None:
+        """The text of the statement the Bind starting `data` (up to `end`) names;
+        None if its names are not all there yet or the statement is unknown."""
+        portal_end = _name_end_before(data, 5, end)
+        if not portal_end:
+            return None
+        name_end = _name_end_before(data, portal_end, end)
+        if not name_end:
+            return None
+        name = data[portal_end : name_end - 1]
+        entry = self.named.get(name) if name else self.unnamed
+        return None if entry is None else entry.query
+
     def statement_text(self, name: bytes) -> bytes | None:
         """The text of the client's statement `name` (b"": the unnamed one)."""
         entry = self.named.get(name) if name else self.unnamed
