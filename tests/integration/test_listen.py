@@ -24,6 +24,11 @@ from helpers import pgwire as w
 from helpers.pooler import PoolerFactory, PoolerProcess
 
 LOGGED = "ran LISTEN in transaction pooling mode"
+# Backends whose last statement was a LISTEN (pinned servers' or listening servers').
+LISTENING_BACKENDS = (
+    "select count(*) from pg_stat_activity"
+    " where backend_type = 'client backend' and query ilike 'LISTEN%'"
+)
 
 
 def md5_user_pool(pg: ExamplePostgres, pool_size: int = 1, **settings: object) -> dict[str, object]:
@@ -336,10 +341,13 @@ def test_a_pinned_client_is_let_go_at_shutdown_without_waiting(
         busy.close()
 
 
-def test_a_pinned_client_between_transactions_goes_when_its_pool_is_retired(
-    pg: ExamplePostgres, pooler: PoolerFactory
+@pytest.mark.parametrize("setting", ["pin_on_listen", "listen_fanout"])
+def test_a_listener_between_transactions_goes_when_its_pool_is_retired(
+    pg: ExamplePostgres, pooler: PoolerFactory, setting: str
 ) -> None:
-    proc = pooler(pools=md5_user_pool(pg, 1, pin_on_listen=True))
+    """Its LISTEN lives on a server of the old pool (the one it is pinned to, or the
+    pool's listening server): it is told to reconnect, and that server is closed."""
+    proc = pooler(pools=md5_user_pool(pg, 1, **{setting: True}))
     conn = logged_in(proc, pg)
     try:
         assert w.msg_types(conn.simple_query("LISTEN doorman_listen")) == "CZ"
@@ -351,7 +359,11 @@ def test_a_pinned_client_between_transactions_goes_when_its_pool_is_retired(
         assert w.error_fields(payload)["C"] == "57P01"
     finally:
         conn.close()
-    # Its server went back through the cleanup and was closed with the old pool; the
-    # new pool serves the next client.
+    # The server that listened was cleaned up or closed with the old pool; the new
+    # pool serves the next client, and no backend listens any more.
     with psycopg.connect(proc.dsn(pg.md5_user.name, pg.md5_user.password)) as other:
         assert other.execute("select count(*) from pg_listening_channels()").fetchone() == (0,)
+    deadline = time.monotonic() + 10
+    while pg.psql(LISTENING_BACKENDS, database=EXAMPLE_DB).strip() != "0":
+        assert time.monotonic() < deadline, "a backend still listens"
+        time.sleep(0.05)

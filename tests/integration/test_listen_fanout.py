@@ -8,7 +8,6 @@ to it: at once between transactions, after the transaction when it is in one.
 from __future__ import annotations
 
 import asyncio
-import copy
 import signal
 import time
 from collections.abc import Callable
@@ -38,6 +37,13 @@ def logged_in(proc: PoolerProcess, pg: ExamplePostgres) -> w.PgWire:
     return w.PgWire.connect(
         proc.host, proc.port, pg.md5_user.name, EXAMPLE_DB, pg.md5_user.password
     )
+
+
+def listens(conn: w.PgWire, channel: str = "jobs") -> None:
+    """`conn` LISTENs on `channel`, answered as by PostgreSQL."""
+    reply = conn.simple_query(f"LISTEN {channel}")
+    assert w.msg_types(reply) == "CZ"
+    assert w.command_tag(reply[0][1]) == "LISTEN"
 
 
 def notification(payload: bytes) -> tuple[int, str, str]:
@@ -116,7 +122,7 @@ def test_one_server_listens_for_every_client(pg: ExamplePostgres, pooler: Pooler
 
         # LISTEN again is answered at once; UNLISTEN of a channel never listened on
         # too, as PostgreSQL does.
-        assert w.msg_types(first.simple_query("LISTEN jobs")) == "CZ"
+        listens(first)
         reply = first.simple_query("UNLISTEN nothing_here")
         assert w.command_tag(reply[0][1]) == "UNLISTEN"
         # After UNLISTEN a client hears no more of that channel; the others still do.
@@ -289,7 +295,7 @@ def test_losing_the_listening_server_disconnects_its_clients(
     idle, busy, bystander = (logged_in(proc, pg) for _ in range(3))
     try:
         for conn in (idle, busy):
-            assert w.msg_types(conn.simple_query("LISTEN jobs")) == "CZ"
+            listens(conn)
         assert w.msg_types(busy.simple_query("BEGIN")) == "CZ"
         [hub_pid] = listening_backends(pg)
         pg.psql(f"select pg_terminate_backend({hub_pid})", database=EXAMPLE_DB)
@@ -311,7 +317,7 @@ def test_losing_the_listening_server_disconnects_its_clients(
             conn.close()
     again = logged_in(proc, pg)
     try:
-        assert w.msg_types(again.simple_query("LISTEN jobs")) == "CZ"
+        listens(again)
         [new_hub] = listening_backends(pg)
         assert new_hub != hub_pid
         pg.psql("NOTIFY jobs, 'after'", database=EXAMPLE_DB)
@@ -319,25 +325,6 @@ def test_losing_the_listening_server_disconnects_its_clients(
     finally:
         again.close()
     assert "listening server" in proc.log_text()
-
-
-def test_a_retired_pool_closes_its_listening_server(
-    pg: ExamplePostgres, pooler: PoolerFactory
-) -> None:
-    proc = pooler(pools=fanout_pool(pg))
-    conn = logged_in(proc, pg)
-    try:
-        assert w.msg_types(conn.simple_query("LISTEN jobs")) == "CZ"
-        assert len(listening_backends(pg)) == 1
-        config = copy.deepcopy(proc.config)
-        config["pools"][EXAMPLE_DB]["pool_mode"] = "session"  # retires the pool
-        proc.reload_and_wait(config)
-        type_, payload = conn.read_message(timeout=10)
-        assert type_ == b"E"
-        assert w.error_fields(payload)["C"] == "57P01"
-    finally:
-        conn.close()
-    wait_for(lambda: listening_backends(pg) == [])
 
 
 def test_a_slow_listen_holds_what_the_client_sent_after_it(
@@ -370,7 +357,7 @@ def test_show_servers_lists_the_listening_server(
     proc = pooler(pools=fanout_pool(pg))
     conn = logged_in(proc, pg)
     try:
-        assert w.msg_types(conn.simple_query("LISTEN jobs")) == "CZ"
+        listens(conn)
         [hub_pid] = listening_backends(pg)
         rows = [r for r in admin_rows(proc, "SERVERS") if r["user"] == pg.md5_user.name]
         listening = [r for r in rows if r["state"] == "listen"]
@@ -390,7 +377,7 @@ def test_a_listener_is_let_go_at_shutdown_without_waiting(
     proc = pooler(general={"shutdown_timeout": 60_000}, pools=fanout_pool(pg))
     conn = logged_in(proc, pg)
     try:
-        assert w.msg_types(conn.simple_query("LISTEN jobs")) == "CZ"
+        listens(conn)
         started = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         type_, payload = conn.read_message(timeout=10)
@@ -421,7 +408,7 @@ def test_a_listening_server_that_cannot_open_fails_only_the_listen(
         assert fields["S"] == "ERROR" and fields["C"] == "53300"
         assert w.rows(conn.simple_query("select 2")) == [("2",)]
         pg.psql(f"ALTER ROLE {role} CONNECTION LIMIT -1")
-        assert w.msg_types(conn.simple_query("LISTEN jobs")) == "CZ"
+        listens(conn)
         pg.psql("NOTIFY jobs, 'now'", database=EXAMPLE_DB)
         assert [n[1:] for n in heard(conn, wait=1)] == [("jobs", "now")]
     finally:
@@ -458,7 +445,7 @@ def test_discard_all_unlistens_the_fanned_out_channels_too(
     proc = pooler(pools=fanout_pool(pg))
     conn = logged_in(proc, pg)
     try:
-        assert w.msg_types(conn.simple_query("LISTEN jobs")) == "CZ"
+        listens(conn)
         assert len(listening_backends(pg)) == 1
         assert w.msg_types(conn.simple_query("DISCARD ALL")) == "CZ"
         pg.psql("NOTIFY jobs, 'gone'", database=EXAMPLE_DB)
@@ -477,7 +464,7 @@ def test_a_client_holding_too_many_notifications_is_disconnected(
     busy, other = logged_in(proc, pg), logged_in(proc, pg)
     try:
         for conn in (busy, other):
-            assert w.msg_types(conn.simple_query("LISTEN jobs")) == "CZ"
+            listens(conn)
         assert w.msg_types(busy.simple_query("BEGIN")) == "CZ"
         # 2,200 distinct notifications of 8,000 bytes: more than 16 MiB.
         pg.psql(
@@ -509,7 +496,7 @@ def test_reconnect_replaces_the_listening_server_too(
     conn, bystander = logged_in(proc, pg), logged_in(proc, pg)
     console = admin_console(proc)
     try:
-        assert w.msg_types(conn.simple_query("LISTEN jobs")) == "CZ"
+        listens(conn)
         [old] = listening_backends(pg)
         assert w.first_error(console.simple_query("RECONNECT")) is None
         type_, payload = conn.read_message(timeout=10)

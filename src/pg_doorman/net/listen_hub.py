@@ -45,8 +45,12 @@ logger: Final = logging.getLogger("pg_doorman.listen")
 
 # How often a hub waiting to open its connection looks whether its pool was resumed.
 _PAUSED_POLL: Final = 0.05
-# The client's encoding is the hub's: notifications are passed on byte for byte.
+# Notifications are passed on byte for byte, so the connection reads them in UTF8,
+# the only client_encoding of clients that listen through it.
 _SET_ENCODING: Final = "SET client_encoding TO 'UTF8'"
+# What the listening server may send besides notifications, errors and ReadyForQuery:
+# nothing to act on.
+_IGNORED: Final = frozenset((codes.COMMAND_COMPLETE, codes.NOTICE_RESPONSE, codes.PARAMETER_STATUS))
 LOST_MESSAGE: Final = (
     "the server connection that delivered this client's notifications was lost;"
     " reconnect and LISTEN again"
@@ -369,6 +373,3 @@ class ListenHub:
             if not transport.is_closing():
                 transport.write(messages.TERMINATE)
                 transport.close()
-
-
-_IGNORED: Final = frozenset((codes.COMMAND_COMPLETE, codes.NOTICE_RESPONSE, codes.PARAMETER_STATUS))

@@ -711,9 +711,7 @@ class BatchRewriter:
         name_end = _name_end_before(data, portal_end, end)
         if not name_end:
             return None
-        name = data[portal_end : name_end - 1]
-        entry = self.named.get(name) if name else self.unnamed
-        return None if entry is None else entry.query
+        return self.statement_text(data[portal_end : name_end - 1])
 
     def statement_text(self, name: bytes) -> bytes | None:
         """The text of the client's statement `name` (b"": the unnamed one)."""
