@@ -21,7 +21,9 @@ import psycopg2.extensions
 from helpers import EXAMPLE_DB, ExamplePostgres
 from helpers import pgwire as w
 from helpers.console import admin_console, admin_rows
+from helpers.metrics import scrape, value
 from helpers.pooler import PoolerFactory, PoolerProcess
+from pg_doorman.app.embedded_pg import free_port
 from pg_doorman.protocol.listen import RESERVED
 
 HUB_LOG = "listens for the pool's clients (listen_fanout)"
@@ -507,3 +509,65 @@ def test_reconnect_replaces_the_listening_server_too(
         console.close()
         conn.close()
         bystander.close()
+
+
+def test_metrics_count_listeners_channels_and_notifications(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    port = free_port()
+    proc = pooler(web={"enabled": True, "host": "127.0.0.1", "port": port}, pools=fanout_pool(pg))
+    mine = {"user": pg.md5_user.name, "database": EXAMPLE_DB}
+    first, second = logged_in(proc, pg), logged_in(proc, pg)
+    try:
+        listens(first)
+        listens(second)
+        listens(second, "other")
+        pg.psql("NOTIFY jobs, 'a'", database=EXAMPLE_DB)
+        pg.psql("NOTIFY other, 'b'", database=EXAMPLE_DB)
+        assert len(heard(first, wait=1)) == 1
+        assert len(heard(second, wait=1)) == 2
+        families = scrape(port)
+        assert (
+            value(
+                families["pg_doorman_pools_listen_clients"],
+                "pg_doorman_pools_listen_clients",
+                **mine,
+            )
+            == 2
+        )
+        assert (
+            value(
+                families["pg_doorman_pools_listen_channels"],
+                "pg_doorman_pools_listen_channels",
+                **mine,
+            )
+            == 2
+        )
+        assert (
+            value(
+                families["pg_doorman_pools_notifications"],
+                "pg_doorman_pools_notifications_total",
+                **mine,
+            )
+            == 3
+        )
+    finally:
+        first.close()
+        second.close()
+    wait_for(lambda: listening_backends(pg) == [])
+    families = scrape(port)
+    assert (
+        value(
+            families["pg_doorman_pools_listen_clients"], "pg_doorman_pools_listen_clients", **mine
+        )
+        == 0
+    )
+    # A counter: it keeps its count when the listening server closes.
+    assert (
+        value(
+            families["pg_doorman_pools_notifications"],
+            "pg_doorman_pools_notifications_total",
+            **mine,
+        )
+        == 3
+    )

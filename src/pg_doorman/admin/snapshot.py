@@ -37,7 +37,7 @@ _SUMMED = (
     "bytes_received", "bytes_sent", "xact_time", "query_time", "wait_time", "wait_count",
     "client_named", "client_anonymous", "client_prepared_bytes", "hits", "misses",
     "tls_servers", "tls_handshakes", "tls_handshake_seconds", "tls_handshake_errors",
-    *SCALING_KEYS,
+    "listen_clients", "listen_channels", "notifications", *SCALING_KEYS,
 )  # fmt: skip
 _MAXED = ("paused", "fallback_active", "maxwait", "oldest_active")
 _RATES = ("xact_count", "query_count", "received", "sent", "errors")
@@ -77,6 +77,10 @@ def take(pooler: Pooler) -> Snapshot:
         data = _pool_data(database, user, pool, clients, now)
         fallback = pooler.fallbacks.get(database)
         data["fallback_active"] = int(fallback is not None and fallback.active(now))
+        hub = pooler.listen_hubs.get(pool)
+        data["listen_clients"] = len(hub.channels_of) if hub is not None else 0
+        data["listen_channels"] = len(hub.subscribers) if hub is not None else 0
+        data["notifications"] = pool.notifications_passed
         pools.append(data)
         for server in pool.servers:
             if not isinstance(server, ServerConnection):

@@ -313,6 +313,7 @@ class ListenHub:
         listeners = self.subscribers.get(channel) if channel is not None else None
         if not listeners:
             return  # UNLISTENed since it was sent
+        self.pool.notifications_passed += len(listeners)
         for client in list(listeners):
             client.notify(notification)
 

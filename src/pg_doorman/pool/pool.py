@@ -299,6 +299,8 @@ class Pool:
         self.tls_handshakes = 0
         self.tls_handshake_seconds = 0.0
         self.tls_handshake_errors = 0
+        # listen_fanout: notifications passed on to clients (one per client reached).
+        self.notifications_passed = 0
         self.server_parameters: dict[str, str] | None = None
         # Kept here rather than on the pooler's entry for this pool, which is not
         # compiled: clients read both once per transaction.

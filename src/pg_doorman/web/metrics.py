@@ -370,6 +370,17 @@ def _pool_metrics(pools: list[PoolData]) -> Iterable[Metric]:
         "pg_doorman_pool_scaling", "How the pool opened servers under pressure, by type", ["type"]
     )
     inflight = gauge("pg_doorman_pool_scaling_inflight_creates", "Servers being opened now")
+    listen_clients = gauge(
+        "pg_doorman_pools_listen_clients",
+        "Clients listening through the pool's listening server (listen_fanout)",
+    )
+    listen_channels = gauge(
+        "pg_doorman_pools_listen_channels", "Channels the pool's listening server listens on"
+    )
+    notifications = counter(
+        "pg_doorman_pools_notifications_total",
+        "Notifications passed on to listening clients (one per client reached)",
+    )
 
     for p in pools:
         labels = [p["user"], p["database"]]
@@ -406,8 +417,12 @@ def _pool_metrics(pools: list[PoolData]) -> Iterable[Metric]:
         inflight.add_metric(labels, p["sv_login"])
         for key, kind in SCALING_TYPES.items():
             scaling.add_metric([*labels, kind], p[key])
+        listen_clients.add_metric(labels, p["listen_clients"])
+        listen_channels.add_metric(labels, p["listen_channels"])
+        notifications.add_metric(labels, p["notifications"])
     yield from (
         clients, servers, pool_size, paused, maxwait, oldest, bytes_total, errors, queries,
         transactions, *durations.values(), *percentiles.values(), cache_entries, cache_bytes,
         client_entries, hits, misses, tls_servers, tls_handshakes, tls_errors, scaling, inflight,
+        listen_clients, listen_channels, notifications,
     )  # fmt: skip
