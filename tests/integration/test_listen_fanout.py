@@ -571,3 +571,24 @@ def test_metrics_count_listeners_channels_and_notifications(
         )
         == 3
     )
+
+
+def test_with_workers_each_has_its_listening_server(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """Clients spread over two worker processes all hear a notification: each worker
+    listens for its own clients."""
+    proc = pooler(general={"workers": 2}, pools=fanout_pool(pg))
+    clients = [logged_in(proc, pg) for _ in range(6)]
+    try:
+        for conn in clients:
+            listens(conn)
+        # The supervisor hands each new connection to the worker with fewer.
+        assert len(listening_backends(pg)) == 2
+        pg.psql("NOTIFY jobs, 'all'", database=EXAMPLE_DB)
+        for conn in clients:
+            assert [n[1:] for n in heard(conn, wait=1)] == [("jobs", "all")]
+    finally:
+        for conn in clients:
+            conn.close()
+    wait_for(lambda: listening_backends(pg) == [])
