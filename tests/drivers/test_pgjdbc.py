@@ -1,4 +1,4 @@
-"""pgjdbc with prepareThreshold=1 through the pooler (transaction mode)."""
+"""pgjdbc through the pooler (transaction mode): prepareThreshold=1, LISTEN."""
 
 from __future__ import annotations
 
@@ -12,35 +12,73 @@ from helpers import ExamplePostgres
 from helpers.pooler import PoolerFactory
 
 SOURCE = Path(__file__).resolve().parent / "java" / "Workload.java"
+LISTEN_SOURCE = SOURCE.with_name("Listen.java")
 JAR = Path("/usr/share/java/postgresql.jar")  # Debian's libpostgresql-jdbc-java
 
 
-def test_pgjdbc_prepare_threshold_1(
-    pg: ExamplePostgres, pooler: PoolerFactory, tmp_path: Path
-) -> None:
+def compiled(source: Path, tmp_path: Path) -> str:
+    """`source` compiled into tmp_path against pgjdbc (the test skips without a JDK or
+    the driver); the java binary to run it with."""
     javac, java = shutil.which("javac"), shutil.which("java")
     if javac is None or java is None:
         pytest.skip("no JDK found; install default-jdk-headless")
     if not JAR.exists():
         pytest.skip(f"{JAR} not found; install libpostgresql-jdbc-java")
+    subprocess.run(
+        [javac, "-cp", str(JAR), "-d", str(tmp_path), str(source)], check=True, timeout=120
+    )
+    return java
+
+
+def run_class(java: str, tmp_path: Path, name: str, url: str) -> str:
+    """Run a compiled class with the JDBC url; its last line of output."""
+    result = subprocess.run(
+        [java, "-cp", f"{tmp_path}:{JAR}", name, url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    last: str = result.stdout.strip().splitlines()[-1]
+    return last
+
+
+def test_pgjdbc_prepare_threshold_1(
+    pg: ExamplePostgres, pooler: PoolerFactory, tmp_path: Path
+) -> None:
+    java = compiled(SOURCE, tmp_path)
     user = pg.md5_user
     pg.psql(f"grant create on schema public to {user.name}", database="example_db")
     proc = pooler(
         general={"server_prepared_statements_cache_size": 5},
         pools={"example_db": {"users": [{"username": user.name, "pool_size": 2}]}},
     )
-    subprocess.run(
-        [javac, "-cp", str(JAR), "-d", str(tmp_path), str(SOURCE)], check=True, timeout=120
-    )
     url = (
         f"jdbc:postgresql://{proc.host}:{proc.port}/example_db?user={user.name}"
         f"&password={user.password}&prepareThreshold=1&sslmode=disable"
     )
-    result = subprocess.run(
-        [java, "-cp", f"{tmp_path}:{JAR}", "Workload", url],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    assert run_class(java, tmp_path, "Workload", url) == f"ok {8 * 61}"
+
+
+def test_pgjdbc_listens_through_the_pool(
+    pg: ExamplePostgres, pooler: PoolerFactory, tmp_path: Path
+) -> None:
+    """With listen_fanout: pgjdbc sends LISTEN in the extended protocol (Parse, Bind,
+    Describe, Execute, Sync); the listener hears notifications sent through the
+    pooler while the sender has the pool's one server."""
+    java = compiled(LISTEN_SOURCE, tmp_path)
+    user = pg.md5_user
+    proc = pooler(
+        pools={
+            "example_db": {
+                "users": [{"username": user.name, "pool_size": 1}],
+                "listen_fanout": True,
+            }
+        }
     )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.strip().splitlines()[-1] == f"ok {8 * 61}"
+    url = (
+        f"jdbc:postgresql://{proc.host}:{proc.port}/example_db?user={user.name}"
+        f"&password={user.password}&sslmode=disable"
+    )
+    assert run_class(java, tmp_path, "Listen", url) == "ok 20"
+    assert "LISTEN has no effect" not in proc.log_text()
