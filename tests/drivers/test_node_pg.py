@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from helpers import ExamplePostgres
+from helpers.listen import fanout_pool
 from helpers.pooler import PoolerFactory
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
@@ -57,14 +58,7 @@ def test_node_pg_listens_through_the_pool(pg: ExamplePostgres, pooler: PoolerFac
     hear every notification (node-postgres sends LISTEN as a simple query)."""
     node = node_with_pg()
     user = pg.md5_user
-    proc = pooler(
-        pools={
-            "example_db": {
-                "users": [{"username": user.name, "pool_size": 1}],
-                "listen_fanout": True,
-            }
-        }
-    )
+    proc = pooler(pools=fanout_pool(pg))
     summary = run_script(node, "listen.js", proc.dsn(user.name, user.password))
     assert summary == {"ok": True, "heard": 41}
     assert "LISTEN has no effect" not in proc.log_text()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from helpers import ExamplePostgres
+from helpers.listen import fanout_pool
 from helpers.pooler import PoolerFactory
 
 SOURCE = Path(__file__).resolve().parent / "java" / "Workload.java"
@@ -68,14 +69,7 @@ def test_pgjdbc_listens_through_the_pool(
     pooler while the sender has the pool's one server."""
     java = compiled(LISTEN_SOURCE, tmp_path)
     user = pg.md5_user
-    proc = pooler(
-        pools={
-            "example_db": {
-                "users": [{"username": user.name, "pool_size": 1}],
-                "listen_fanout": True,
-            }
-        }
-    )
+    proc = pooler(pools=fanout_pool(pg))
     url = (
         f"jdbc:postgresql://{proc.host}:{proc.port}/example_db?user={user.name}"
         f"&password={user.password}&sslmode=disable"

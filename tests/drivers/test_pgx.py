@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from helpers import ExamplePostgres
+from helpers.listen import fanout_pool
 from helpers.pooler import PoolerFactory
 
 SOURCE = Path(__file__).resolve().parent / "go" / "main.go"
@@ -71,13 +72,6 @@ def test_pgx_v4_listens_through_the_pool(
     while the sender has the pool's one server."""
     binary = built(LISTEN_SOURCE, tmp_path)
     user = pg.md5_user
-    proc = pooler(
-        pools={
-            "example_db": {
-                "users": [{"username": user.name, "pool_size": 1}],
-                "listen_fanout": True,
-            }
-        }
-    )
+    proc = pooler(pools=fanout_pool(pg))
     assert run_binary(binary, proc.dsn(user.name, user.password)) == "ok 20"
     assert "LISTEN has no effect" not in proc.log_text()

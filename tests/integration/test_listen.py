@@ -21,6 +21,7 @@ import pytest
 
 from helpers import EXAMPLE_DB, ExamplePostgres
 from helpers import pgwire as w
+from helpers.listen import md5_user_pool
 from helpers.pooler import PoolerFactory, PoolerProcess
 
 LOGGED = "ran LISTEN in transaction pooling mode"
@@ -29,12 +30,6 @@ LISTENING_BACKENDS = (
     "select count(*) from pg_stat_activity"
     " where backend_type = 'client backend' and query ilike 'LISTEN%'"
 )
-
-
-def md5_user_pool(pg: ExamplePostgres, pool_size: int = 1, **settings: object) -> dict[str, object]:
-    """The md5 user's pool (`pool_size` servers; one by default) with `settings`."""
-    user = {"username": pg.md5_user.name, "pool_size": pool_size}
-    return {EXAMPLE_DB: {"users": [user], **settings}}
 
 
 def logged_in(proc: PoolerProcess, pg: ExamplePostgres) -> w.PgWire:

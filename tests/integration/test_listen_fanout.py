@@ -21,6 +21,7 @@ import psycopg2.extensions
 from helpers import EXAMPLE_DB, ExamplePostgres
 from helpers import pgwire as w
 from helpers.console import admin_console, admin_rows
+from helpers.listen import fanout_pool
 from helpers.metrics import scrape, value
 from helpers.pooler import PoolerFactory, PoolerProcess
 from pg_doorman.app.embedded_pg import free_port
@@ -28,11 +29,6 @@ from pg_doorman.protocol.listen import RESERVED
 
 HUB_LOG = "listens for the pool's clients (listen_fanout)"
 WARNED = "LISTEN has no effect after this transaction in transaction pooling mode"
-
-
-def fanout_pool(pg: ExamplePostgres, pool_size: int = 1, **settings: object) -> dict[str, object]:
-    user = {"username": pg.md5_user.name, "pool_size": pool_size}
-    return {EXAMPLE_DB: {"users": [user], "listen_fanout": True, **settings}}
 
 
 def logged_in(proc: PoolerProcess, pg: ExamplePostgres) -> w.PgWire:
