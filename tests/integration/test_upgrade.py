@@ -390,14 +390,25 @@ def test_tls_and_session_pooled_clients_stay_and_are_told_to_reconnect(
             conn.close()
 
 
-@pytest.mark.parametrize("setting", ["pin_on_listen", "listen_fanout"])
+@pytest.mark.parametrize(
+    ("setting", "statement"),
+    [
+        ("pin_on_listen", "LISTEN doorman_upgrade"),
+        ("listen_fanout", "LISTEN doorman_upgrade"),
+        ("pin_on_advisory_lock", "select pg_advisory_lock(77)"),
+    ],
+)
 def test_a_client_that_listens_stays_and_is_told_to_reconnect(
-    pg: ExamplePostgres, pooler: PoolerFactory, successors: list[int], setting: str
+    pg: ExamplePostgres,
+    pooler: PoolerFactory,
+    successors: list[int],
+    setting: str,
+    statement: str,
 ) -> None:
     """A client that ran LISTEN with pin_on_listen (its LISTENs live on the server it
-    holds) or listen_fanout (on the pool's listening server) is disconnected at once
-    (it is between transactions), not moved without them; a client beside it that did
-    not LISTEN moves."""
+    holds) or listen_fanout (on the pool's listening server), or holds an advisory lock
+    (on the server it holds), is disconnected at once (it is between transactions), not
+    moved without them; a client beside it that did neither moves."""
     listener_user, plain_user = pg.md5_user, pg.trust_user
     proc = pooler(general={"shutdown_timeout": 60_000}, pools={"example_db": {setting: True}})
     listener = psycopg.connect(
@@ -405,7 +416,8 @@ def test_a_client_that_listens_stays_and_is_told_to_reconnect(
     )
     plain = psycopg.connect(proc.dsn(plain_user.name), autocommit=True)
     try:
-        listener.execute("LISTEN doorman_upgrade")
+        listener.execute(statement)
+        assert listener.execute("select 1").fetchone() == (1,)  # after the lock check
         plain.execute("select 1")
         started = time.monotonic()
         upgrade(proc, successors)

@@ -9,7 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pg_doorman.protocol import codes, messages
+from pg_doorman.protocol.advisory import CALLS_LOCK, CALLS_UNLOCK
 from pg_doorman.protocol.framing import (
+    CLEAN_ADVISORY,
     CLEAN_DECLARE,
     CLEAN_LISTEN,
     CLEAN_PREPARE,
@@ -344,6 +346,8 @@ def test_message_buffer_rejects_negative_length() -> None:
         (b"CREATE INDEX", 0, 0),
         (b"DISCARD TEMP", CLEAN_TEMP | CLEAN_LISTEN, CLEAN_LISTEN),
         (b"DISCARD ALL", CLEAN_TEMP, 0),
+        # It releases the advisory locks; calls sent with it may still come after it.
+        (b"DISCARD ALL", CLEAN_ADVISORY | CALLS_LOCK | CALLS_UNLOCK, CALLS_LOCK | CALLS_UNLOCK),
         (b"SELECT 1", CLEAN_SET, CLEAN_SET),
         (b"INSERT 0 1", 0, 0),
     ],
@@ -354,7 +358,7 @@ def test_tag_cleanup_effect(tag: bytes, before: int, after: int) -> None:
 
 def test_cleanup_queries_order() -> None:
     flags = CLEAN_SET | CLEAN_PREPARE | CLEAN_DECLARE | CLEAN_LISTEN | CLEAN_TEMP
-    assert cleanup_queries(flags) == [
+    assert cleanup_queries(flags | CLEAN_ADVISORY) == [
         "RESET SESSION AUTHORIZATION",
         "RESET ROLE",
         "RESET ALL",
@@ -362,5 +366,9 @@ def test_cleanup_queries_order() -> None:
         "CLOSE ALL",  # before the temporary tables its cursors may read
         "UNLISTEN *",
         "DISCARD TEMP",
+        "SELECT pg_catalog.pg_advisory_unlock_all()",
     ]
     assert cleanup_queries(0) == []
+    # A lock function called in a transaction that never ended (its client left).
+    assert cleanup_queries(CALLS_LOCK) == ["SELECT pg_catalog.pg_advisory_unlock_all()"]
+    assert cleanup_queries(CALLS_UNLOCK) == []

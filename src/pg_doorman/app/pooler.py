@@ -176,6 +176,7 @@ def pool_settings(
         round_robin=general.server_round_robin,
         cleanup_server_connections=pool.cleanup_server_connections,
         pin_on_listen=pool.pin_on_listen,
+        pin_on_advisory_lock=pool.pin_on_advisory_lock,
         listen_fanout=pool.listen_fanout,
         max_concurrent_creates=max(
             min(general.max_concurrent_creates, general.scaling_max_parallel_creates), 1

@@ -821,6 +821,7 @@ _POOL_SPEC: dict[str, Parser] = {
     "server_lifetime": _duration,
     "cleanup_server_connections": _bool,
     "pin_on_listen": _bool,
+    "pin_on_advisory_lock": _bool,
     "listen_fanout": _bool,
     "log_client_parameter_status_changes": _bool,
     "prepared_statements_cache_size": _non_negative,

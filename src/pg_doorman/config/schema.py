@@ -218,6 +218,7 @@ class PoolConfig:
     server_lifetime: int | None = None
     cleanup_server_connections: bool = True
     pin_on_listen: bool = False
+    pin_on_advisory_lock: bool = True
     listen_fanout: bool = False
     log_client_parameter_status_changes: bool = False
     prepared_statements_cache_size: int | None = None

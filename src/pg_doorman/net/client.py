@@ -38,7 +38,12 @@ from pg_doorman.pool.pool import AcquireError, Pool
 from pg_doorman.prepared.registry import StatementEntry
 from pg_doorman.prepared.rewriter import BatchRewriter
 from pg_doorman.protocol import codes, messages, sqlstate
-from pg_doorman.protocol.framing import CLEAN_PREPARE, FrontendScanner, MessageBuffer
+from pg_doorman.protocol.framing import (
+    CLEAN_ADVISORY,
+    CLEAN_PREPARE,
+    FrontendScanner,
+    MessageBuffer,
+)
 from pg_doorman.protocol.listen import (
     INCOMPLETE,
     LISTEN,
@@ -83,6 +88,11 @@ _NOT_WAITING: Final = 0
 _WAIT_MESSAGE: Final = 1  # the client's next message
 _WAIT_SERVER: Final = 2  # a server from the pool's queue (the pool's first login)
 _WAIT_TASK: Final = 3  # an auth_query lookup or a PAM check (a task of the pooler's)
+
+# Why a transaction-mode client keeps its server between transactions (`pinned_for`):
+# its LISTENs (pin_on_listen), its session-level advisory locks (pin_on_advisory_lock).
+PIN_LISTEN: Final = 1
+PIN_LOCKS: Final = 2
 
 _STATE_NAMES: Final = {STARTUP: "startup", LOGIN: "login", IDLE: "idle", WAITING: "waiting"}
 _STATE_NAMES.update({ACTIVE: "active", CLOSED: "closed"})
@@ -187,6 +197,7 @@ class ClientConnection(asyncio.Protocol):
         "over_limit",
         "parameters",
         "pinned",
+        "pinned_for",
         "pool",
         "pooler",
         "port",
@@ -242,9 +253,12 @@ class ClientConnection(asyncio.Protocol):
         # Set at shutdown or when its pool goes away: the FATAL message to close with
         # as soon as the current transaction ends.
         self.closing_after_transaction: str | None = None
-        # Ran LISTEN in a transaction-mode pool with pin_on_listen: keeps its server
-        # between transactions, as in session mode, until it disconnects.
+        # Keeps its server between transactions in a transaction-mode pool, as in
+        # session mode: for its LISTENs (pin_on_listen) until it disconnects, for its
+        # session-level advisory locks (pin_on_advisory_lock) while it holds any.
+        # `pinned_for` says why (PIN_* bits).
         self.pinned = False
+        self.pinned_for = 0
         # listen_fanout: the pool's hub this client listens through (net/listen_hub.py),
         # and notifications that came while it was in a transaction, for after it.
         self.listen_hub: ListenHub | None = None
@@ -746,6 +760,7 @@ class ClientConnection(asyncio.Protocol):
         if pool.settings.prepared_statements:
             self.rewriter = BatchRewriter(pool.statements, self._planning_context())
             self.frontend.rewriter = self.rewriter
+        self.frontend.watch_advisory = not pool.settings.session_mode
         greeting = (
             self._take_auth_final(),
             messages.AUTH_OK,
@@ -1145,6 +1160,9 @@ class ClientConnection(asyncio.Protocol):
         except ProtocolError as exc:
             self.fail(sqlstate.PROTOCOL_VIOLATION, f"invalid message from client: {exc}")
             return
+        if frontend.advisory_seen:
+            server.scanner.cleanup_flags |= frontend.advisory_seen  # see net/server.py
+            frontend.advisory_seen = 0
         if len(out):
             if frontend.named_parse_seen:
                 frontend.named_parse_seen = False
@@ -1658,14 +1676,17 @@ class ClientConnection(asyncio.Protocol):
             return "TLS"  # its encryption state lives in this process
         if self.pool.settings.session_mode:
             return "session pooling"  # it holds its server
-        if self.pinned:
+        if self.pinned_for & PIN_LISTEN:
             return "LISTEN"  # it holds its server, which has the LISTENs
+        if self.pinned:
+            return "advisory locks"  # held by its server's session
         if self.listen_hub is not None:
             return "LISTEN"  # its LISTENs live on this process's listening server
         return None
 
     def pinned_between_transactions(self) -> bool:
-        """Holds its server for its LISTENs, with no request in flight on it."""
+        """Holds its server (for its LISTENs or advisory locks), with no request in
+        flight on it."""
         server = self.server
         return (
             self.pinned
@@ -1673,6 +1694,83 @@ class ClientConnection(asyncio.Protocol):
             and server.between_requests(self)
             and server.scanner.status == codes.TX_IDLE
         )
+
+    # ---- session-level advisory locks (pin_on_advisory_lock) -------------------
+
+    def await_lock_check(self, server: ServerConnection) -> None:
+        """Its transaction called advisory lock functions: `server` is asked whether
+        its session holds locks. Meanwhile what the client sends waits here."""
+        self.detach_server(server)
+        self.state = WAITING
+        self._checking = True
+
+    def locks_checked(self, server: ServerConnection, reply: bytes | None) -> None:
+        """The answer: a client holding locks keeps (or gets back) `server`, one
+        holding none goes on through the pool, and the server goes back to it."""
+        self._checking = False
+        if reply is None:  # the server is closed
+            if self.state != CLOSED:
+                self.fail(
+                    sqlstate.CONNECTION_FAILURE,
+                    "server connection lost after the transaction",
+                    detail="Its session-level advisory locks are released.",
+                )
+            return
+        types = messages.message_types(reply)
+        # An error (none is expected) is taken as locks held: kept, they are released
+        # at the latest when the client disconnects.
+        holds = codes.DATA_ROW in types or codes.ERROR_RESPONSE in types
+        scanner = server.scanner
+        if holds:
+            scanner.cleanup_flags |= CLEAN_ADVISORY
+        else:
+            scanner.cleanup_flags &= ~CLEAN_ADVISORY
+        now = _now()
+        if self.state == CLOSED:
+            server.finish(now)
+            return
+        pool = self.pool
+        assert pool is not None
+        if holds:
+            if not self.pinned_for & PIN_LOCKS:
+                self.pinned_for |= PIN_LOCKS
+                self.pinned = True
+                logger.info(
+                    "pool %s: client %s holds session-level advisory locks; it keeps"
+                    " server %d until it releases them (pin_on_advisory_lock)",
+                    pool.name,
+                    self.name,
+                    server.server_id,
+                )
+            self._attach(server, now)
+        else:
+            if self.pinned_for & PIN_LOCKS:
+                self.unpin(PIN_LOCKS, server)
+            server.client = self  # the owner of what finish() keeps for it
+            server.finish(now)
+            self.state = IDLE
+        if self.held_notifications is not None:
+            self.deliver_held_notifications()
+        self.resume_reading()
+        data, self._pending = self._pending, b""
+        if holds:
+            if len(data):
+                self._forward(server, data)
+        elif len(data):
+            self._between_transactions(data)
+
+    def unpin(self, reason: int, server: ServerConnection) -> None:
+        """It no longer needs `server` for `reason` (a PIN_* bit)."""
+        self.pinned_for &= ~reason
+        if not self.pinned_for:
+            self.pinned = False
+            if reason == PIN_LOCKS and self.pool is not None:
+                logger.info(
+                    "pool %s: client %s holds no advisory locks; server %d goes back to the pool",
+                    self.pool.name,
+                    self.name,
+                    server.server_id,
+                )
 
     def export_session(self) -> SessionState | None:
         """This session for the new process, or None while it is in a transaction or
@@ -1779,6 +1877,7 @@ class ClientConnection(asyncio.Protocol):
                 rewriter.unnamed = registry.lookup(body, 0, registry.shared_context(context))
             self.rewriter = rewriter
             self.frontend.rewriter = rewriter
+        self.frontend.watch_advisory = not pool.settings.session_mode
         # Counted against max_connections, but never refused: it is already connected.
         self.pooler.register_client(self)
         self.state = IDLE

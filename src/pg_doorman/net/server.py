@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 from pg_doorman.auth.md5 import md5_password_response, md5_salted_response
 from pg_doorman.auth.scram import ScramClientSession, ScramError, ScramVerifier
+from pg_doorman.net.client import PIN_LISTEN, PIN_LOCKS
 from pg_doorman.net.inbox import AwaitableInbox
 from pg_doorman.net.server_tls import ServerTls, TlsRefused, connect_tls
 from pg_doorman.net.sockopts import set_buffer_sizes
@@ -25,7 +26,9 @@ from pg_doorman.net.writer import SocketWriter
 from pg_doorman.pool.pool import AcquireError, ConnectTimeout, LoginRefused, Pool
 from pg_doorman.prepared.registry import ServerStatements
 from pg_doorman.protocol import codes, messages, sqlstate
+from pg_doorman.protocol.advisory import CALLS_ANY, CALLS_LOCK
 from pg_doorman.protocol.framing import (
+    CLEAN_ADVISORY,
     CLEAN_LISTEN,
     CLEAN_PREPARE,
     CLEAN_SET,
@@ -68,6 +71,27 @@ _LISTEN_WARNING: Final = messages.notice_response(
 )
 
 _DISCARD_TEMP: Final = messages.query("DISCARD TEMP")
+
+# After a transaction that called advisory lock functions (pin_on_advisory_lock): any
+# lock left is a session-level one, and a DataRow says there is one.
+_HOLDS_LOCKS: Final = messages.query(
+    "SELECT 1 FROM pg_catalog.pg_locks WHERE locktype = 'advisory'"
+    " AND pid = pg_catalog.pg_backend_pid() LIMIT 1"
+)
+# _after_lock_calls() results.
+_LOCKS_CHECK: Final = 1
+_LOCKS_WARN: Final = 2
+# Sent after the ReadyForQuery of such a transaction with pin_on_advisory_lock off.
+_LOCKS_WARNING: Final = messages.notice_response(
+    sqlstate.WARNING,
+    "session-level advisory locks are released when this transaction ends in"
+    " transaction pooling mode",
+    "WARNING",
+    hint="The connection's server goes back to the pool when the transaction ends, and"
+    " the pooler releases the locks its session holds first. Use pg_advisory_xact_lock,"
+    ' a pool with pool_mode = "session", or set pin_on_advisory_lock = true on this'
+    " pool.",
+)
 
 # checkout_state() results.
 EXPIRED: Final = 1
@@ -559,6 +583,7 @@ class ServerConnection(asyncio.Protocol):
         if scanner.error_count != self._errors_seen:
             self._count_errors()
         listened = 0
+        locks = 0
         held = False
         if scanner.ready_count:
             ready = scanner.ready_count
@@ -610,11 +635,17 @@ class ServerConnection(asyncio.Protocol):
                     if client.listen_hub is not None:
                         # DISCARD ALL includes UNLISTEN *: for its listen_fanout LISTENs too.
                         client.listen_hub.leave(client)
+                    if client.pinned_for & PIN_LOCKS:
+                        client.unpin(PIN_LOCKS, self)  # DISCARD ALL released its locks too
                 if not self.pool.settings.session_mode:
                     listened = scanner.cleanup_flags & CLEAN_LISTEN
                     if listened and (client.pinned or self._pin(client)):
                         listened = 0  # its LISTENs stay in force
-                    if not client.pinned or client.closing_after_transaction is not None:
+                    if scanner.cleanup_flags & CALLS_ANY:
+                        locks = self._after_lock_calls(client)
+                    if locks == _LOCKS_CHECK:
+                        pass  # the server stays out of the pool until it is known
+                    elif not client.pinned or client.closing_after_transaction is not None:
                         # Give the server back before the last write to the client, so
                         # the next waiter starts while these bytes are on their way.
                         client.detach_server(self)
@@ -622,6 +653,11 @@ class ServerConnection(asyncio.Protocol):
         client.write(out)
         if listened:
             self._warn_listen(client)
+        if locks:
+            if locks == _LOCKS_CHECK:
+                self._check_locks(client)
+            else:
+                client.write(_LOCKS_WARNING)
         if held:
             # Notifications for its LISTENs (listen_fanout) that came during the
             # transaction: after it, as PostgreSQL delivers them.
@@ -632,6 +668,7 @@ class ServerConnection(asyncio.Protocol):
         from now on, so that notifications reach it (True); else False."""
         if not self.pool.settings.pin_on_listen:
             return False
+        client.pinned_for |= PIN_LISTEN
         client.pinned = True
         logger.info(
             "pool %s: client %s ran LISTEN; it keeps server %d until it disconnects"
@@ -641,6 +678,36 @@ class ServerConnection(asyncio.Protocol):
             self.server_id,
         )
         return True
+
+    def _after_lock_calls(self, client: ClientConnection) -> int:
+        """The transaction that just ended called advisory lock functions: whether
+        the server's session holds locks must be checked (_LOCKS_CHECK), the client
+        warned that they are released at check-in (_LOCKS_WARN), or neither (0)."""
+        scanner = self.scanner
+        calls = scanner.cleanup_flags & CALLS_ANY
+        scanner.cleanup_flags ^= calls
+        if calls & CALLS_LOCK:
+            scanner.cleanup_flags |= CLEAN_ADVISORY
+        if client.closing_after_transaction is not None:
+            return 0  # it is let go now: its locks are released at check-in
+        if client.pinned_for & PIN_LISTEN:
+            # It keeps this server anyway (and a check would hold back its
+            # notifications): its locks too, released when it disconnects.
+            if calls & CALLS_LOCK:
+                client.pinned_for |= PIN_LOCKS
+            return 0
+        if not self.pool.settings.pin_on_advisory_lock:
+            return _LOCKS_WARN if calls & CALLS_LOCK else 0
+        if calls & CALLS_LOCK or client.pinned_for & PIN_LOCKS:
+            return _LOCKS_CHECK
+        return 0  # an unlock by a client that held no locks here
+
+    def _check_locks(self, client: ClientConnection) -> None:
+        """Ask the server whether its session holds advisory locks; meanwhile the
+        client's next request waits (ClientConnection.locks_checked decides)."""
+        client.await_lock_check(self)
+        self.client = None
+        self.capture_query(_HOLDS_LOCKS, client.locks_checked, "advisory lock check")
 
     def _warn_listen(self, client: ClientConnection) -> None:
         """The transaction that just ended ran LISTEN, which cannot outlive it here:

@@ -74,6 +74,8 @@ class PoolSettings:
     cleanup_server_connections: bool = True
     # A transaction-mode client that ran LISTEN keeps its server until it disconnects.
     pin_on_listen: bool = False
+    # A transaction-mode client holding session-level advisory locks keeps its server.
+    pin_on_advisory_lock: bool = True
     # A transaction-mode client's plain LISTEN goes through the pool's one listening
     # server (net/listen_hub.py).
     listen_fanout: bool = False

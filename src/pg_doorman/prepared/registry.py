@@ -13,6 +13,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Final
 
+from pg_doorman.protocol.advisory import advisory_calls
 from pg_doorman.protocol.messages import build
 
 
@@ -20,6 +21,7 @@ class StatementEntry:
     """One distinct statement of a pool."""
 
     __slots__ = (
+        "advisory_calls",
         "context",
         "evicted",
         "hits",
@@ -47,6 +49,9 @@ class StatementEntry:
         self.misses = 0  # Parses (or re-Parses) sent to a server
         self.kinds = 0  # NAMED | UNNAMED: how clients have prepared it
         self.evicted = False  # dropped from the pool registry (clients may still use it)
+        # The session-level advisory lock functions it calls (protocol.advisory bits),
+        # reported at each Bind of it.
+        self.advisory_calls = advisory_calls(query, 0, len(query))
 
 
 NAMED: Final = 1

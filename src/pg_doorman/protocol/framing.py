@@ -14,6 +14,7 @@ import struct
 from typing import TYPE_CHECKING, Final
 
 from pg_doorman.protocol import codes
+from pg_doorman.protocol.advisory import CALLS_ANY, CALLS_LOCK, advisory_calls
 from pg_doorman.protocol.messages import ProtocolError
 
 if TYPE_CHECKING:
@@ -129,6 +130,10 @@ CLEAN_LISTEN: Final = 8  # LISTEN seen: UNLISTEN * so notifications don't leak
 # A table, view or sequence created (maybe temporary): DISCARD TEMP, before another
 # client's transaction (net/server.py finish()).
 CLEAN_TEMP: Final = 16
+# Session-level advisory locks may be held (a transaction called one of their lock
+# functions): pg_advisory_unlock_all() at check-in. The calls themselves are reported
+# as protocol.advisory's CALLS_* bits, in the same flags, until the transaction ends.
+CLEAN_ADVISORY: Final = 32
 
 # Tags of the statements that may create temporary objects, which would outlive the
 # transaction (their rows readable by the server's next client) unless ON COMMIT DROP.
@@ -145,7 +150,9 @@ def tag_cleanup_effect(tag: bytes, flags: int) -> int:
         if tag == b"DECLARE CURSOR":
             return flags | CLEAN_DECLARE
         if tag == b"DISCARD ALL":
-            return 0
+            # The calls stay: reported as the client's bytes are forwarded, they may
+            # come from statements sent behind it.
+            return flags & CALLS_ANY
         if tag == b"DEALLOCATE ALL":
             return flags & ~CLEAN_PREPARE
         if tag == b"DISCARD TEMP":
@@ -181,6 +188,8 @@ def cleanup_queries(flags: int) -> list[str]:
         statements.append("UNLISTEN *")
     if flags & CLEAN_TEMP:
         statements.append("DISCARD TEMP")
+    if flags & (CLEAN_ADVISORY | CALLS_LOCK):
+        statements.append("SELECT pg_catalog.pg_advisory_unlock_all()")
     return statements
 
 
@@ -429,6 +438,9 @@ _FRONTEND_VALID: Final = codes.type_table(b"BCDEFHPQSXcdfp")
 _REWRITTEN: Final = codes.type_table(b"PBDCSEHQF")
 _REWRITTEN_WHOLE: Final = codes.type_table(b"PBDCS")
 _MAY_BE_DEALLOCATE: Final = codes.MAY_START_DEALLOCATE
+# Bytes of a Query text kept across reads: more than the longest advisory lock
+# function's name with a character on either side.
+_SCAN_OVERLAP: Final = 32
 _DEALLOCATE_MAX: Final = codes.DEALLOCATE_MAX
 
 
@@ -442,6 +454,8 @@ class FrontendScanner(_Stream):
     """
 
     __slots__ = (
+        "_scan_tail",
+        "advisory_seen",
         "batch_open",
         "copy_in",
         "flush_seen",
@@ -450,6 +464,7 @@ class FrontendScanner(_Stream):
         "rewriter",
         "syncs_after_execute",
         "terminated",
+        "watch_advisory",
     )
 
     def __init__(self) -> None:
@@ -462,6 +477,14 @@ class FrontendScanner(_Stream):
         self.named_parse_seen = False
         self.flush_seen = False
         self.rewriter: BatchRewriter | None = None
+        # Transaction pooling: Query texts (and, without a rewriter, Parse texts) are
+        # read for session-level advisory lock calls, reported in `advisory_seen`
+        # (protocol.advisory bits, read and reset by the client).
+        self.watch_advisory = False
+        self.advisory_seen = 0
+        # The end of a Query text read so far whose rest is still to come (None: no
+        # such Query): a name split between two reads is found across them.
+        self._scan_tail: bytes | None = None
 
     def on_copy_in_started(self) -> None:
         # The backend ignores Sync and Flush while in copy-in, so Syncs the client
@@ -490,6 +513,8 @@ class FrontendScanner(_Stream):
         n: i64 = len(data)
         pos: i64 = self.need
         if pos:
+            if self._scan_tail is not None:
+                self._scan_query_rest(data, pos if pos < n else n, pos <= n)
             if pos >= n:
                 self.need = pos - n
                 return data
@@ -551,6 +576,12 @@ class FrontendScanner(_Stream):
                     self.pending_ready += 1
                     self.syncs_after_execute = 0
                     self.batch_open = False
+                    if msg_type == _QUERY and self.watch_advisory:
+                        if end <= n:
+                            self.advisory_seen |= advisory_calls(data, pos + 5, end)
+                        else:
+                            self.advisory_seen |= advisory_calls(data, pos + 5, n)
+                            self._scan_tail = data[max(pos + 5, n - _SCAN_OVERLAP) : n]
             elif msg_type == _TERMINATE:
                 self.terminated = True
                 return self._output(data, parts, start, pos)
@@ -558,8 +589,11 @@ class FrontendScanner(_Stream):
                 if msg_type == _PARSE:
                     if end > n:
                         break  # need the statement name: hold the message
-                    if rewriter is None and length > 4 and data[pos + 5] != 0:
-                        self.named_parse_seen = True
+                    if rewriter is None:
+                        if length > 4 and data[pos + 5] != 0:
+                            self.named_parse_seen = True
+                        if self.watch_advisory:  # with a rewriter, its Binds report them
+                            self.advisory_seen |= advisory_calls(data, pos + 5, end)
                     self.batch_open = True
                 elif msg_type == _EXECUTE:
                     self.syncs_after_execute = 0
@@ -577,6 +611,20 @@ class FrontendScanner(_Stream):
         if pos < n:
             self._hold(data, pos)
         return self._output(data, parts, start, pos)
+
+    def _scan_query_rest(self, data: bytes, upto: i64, last: bool) -> None:
+        """Read data[:upto], the next part of a Query text begun in an earlier read
+        (`last`: its end), and across the boundary with the part before."""
+        tail = self._scan_tail
+        assert tail is not None
+        window = tail + data[: upto if upto < _SCAN_OVERLAP else _SCAN_OVERLAP]
+        self.advisory_seen |= advisory_calls(window, 0, len(window)) | advisory_calls(data, 0, upto)
+        if last:
+            self._scan_tail = None
+        elif upto < _SCAN_OVERLAP:
+            self._scan_tail = window[-_SCAN_OVERLAP:]
+        else:
+            self._scan_tail = data[upto - _SCAN_OVERLAP : upto]
 
     @staticmethod
     def _output(data: bytes, parts: list[bytes] | None, start: int, upto: int) -> bytes:

@@ -1,0 +1,2 @@
+def mentions(data: bytes, start: int, end: int, /) -> bool:
+    """Whether data[start:end] contains "advisory_" or "ADVISORY_"."""

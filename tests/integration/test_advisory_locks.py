@@ -1,0 +1,335 @@
+"""Session-level advisory locks in transaction pooling mode.
+
+A `pg_advisory_lock` outlives its transaction, on the server that ran it. With
+pin_on_advisory_lock (the default) the pooler asks that server, after a transaction
+that called such a function, whether its session holds advisory locks; while it does,
+the client keeps the server, so its own unlock reaches the lock and no other client is
+handed a server whose session holds someone else's lock. Off, the pooler releases the
+locks at check-in and warns the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import asyncpg
+import psycopg
+import pytest
+
+from helpers import EXAMPLE_DB, ExamplePostgres
+from helpers import pgwire as w
+from helpers.listen import md5_user_pool
+from helpers.pooler import PoolerFactory, PoolerProcess
+
+PINNED = "holds session-level advisory locks; it keeps server"
+UNPINNED = "holds no advisory locks; server"
+
+
+def logged_in(proc: PoolerProcess, pg: ExamplePostgres) -> w.PgWire:
+    return w.PgWire.connect(
+        proc.host, proc.port, pg.md5_user.name, EXAMPLE_DB, pg.md5_user.password
+    )
+
+
+def assert_logged(proc: PoolerProcess, text: str, times: int) -> None:
+    """`text` is logged `times` times (the check that logs it runs after the reply)."""
+    deadline = time.monotonic() + 10
+    while proc.log_text().count(text) < times and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.1)
+    assert proc.log_text().count(text) == times
+
+
+def value(conn: w.PgWire, sql: str) -> str | None:
+    reply = conn.simple_query(sql)
+    assert w.first_error(reply) is None, w.first_error(reply)
+    ((result,),) = w.rows(reply)
+    return result
+
+
+def test_the_lock_holder_keeps_its_server_until_it_unlocks(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    proc = pooler(pools=md5_user_pool(pg, pool_size=2))
+    holder = logged_in(proc, pg)
+    other = logged_in(proc, pg)
+    try:
+        assert value(holder, "select pg_advisory_lock(4201)") == ""
+        pid = value(holder, "select pg_backend_pid()")
+        # The other client, on the pool's other server, cannot take it...
+        assert value(other, "select pg_try_advisory_lock(4201)") == "f"
+        # ... and the holder stays on its server, where its unlock finds the lock
+        # (through PgBouncer it lands on any server and returns false).
+        for _ in range(5):
+            assert value(holder, "select pg_backend_pid()") == pid
+        assert value(holder, "select pg_advisory_unlock(4201)") == "t"
+        assert value(other, "select pg_try_advisory_lock(4201)") == "t"
+        assert value(other, "select pg_advisory_unlock(4201)") == "t"
+        assert value(other, "select 1") == "1"  # answered after the check
+    finally:
+        holder.close()
+        other.close()
+    # Each client kept its server while it held the lock, and only then.
+    assert_logged(proc, PINNED, 2)
+    assert_logged(proc, UNPINNED, 2)
+
+
+def times_out_waiting(proc: PoolerProcess, pg: ExamplePostgres) -> bool:
+    """A new client's query waits for a server until query_wait_timeout."""
+    conn = logged_in(proc, pg)
+    try:
+        conn.send_raw(w.query("select 1"))
+        replies = conn.wait_closed()
+    finally:
+        conn.close()
+    error = w.first_error(replies)
+    return error is not None and error.sqlstate == "53300"
+
+
+def test_the_server_goes_back_to_the_pool_once_the_locks_are_released(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    # One server: while the holder keeps it, another client waits (here until its
+    # query_wait_timeout); after the unlock the other client is served.
+    proc = pooler(pools=md5_user_pool(pg), general={"query_wait_timeout": 500})
+    holder = logged_in(proc, pg)
+    try:
+        reply = holder.simple_query("select pg_advisory_lock_shared(1), pg_advisory_lock(2)")
+        assert w.rows(reply) == [("", "")]
+        assert times_out_waiting(proc, pg)
+        # Two locks taken, one released: still held, still pinned.
+        assert value(holder, "select pg_advisory_unlock(2)") == "t"
+        assert times_out_waiting(proc, pg)
+        assert value(holder, "select pg_advisory_unlock_shared(1)") == "t"
+        other = logged_in(proc, pg)
+        try:
+            assert value(other, "select 1") == "1"
+        finally:
+            other.close()
+        assert value(holder, "select 2") == "2"
+    finally:
+        holder.close()
+
+
+def test_a_disconnecting_holder_leaves_no_lock_behind(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    proc = pooler(pools=md5_user_pool(pg))
+    holder = logged_in(proc, pg)
+    assert value(holder, "select pg_advisory_lock(4202)") == ""
+    holder.close()
+    other = logged_in(proc, pg)
+    try:
+        # The pool's one server, which held the lock, is handed over without it.
+        assert value(other, "select pg_try_advisory_lock(4202)") == "t"
+        assert value(other, "select count(*) from pg_locks where locktype = 'advisory'") == "1"
+    finally:
+        other.close()
+
+
+def test_a_failed_try_lock_or_a_transaction_lock_does_not_pin(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    proc = pooler(pools=md5_user_pool(pg, pool_size=2), general={"query_wait_timeout": 2000})
+    holder = logged_in(proc, pg)
+    trier = logged_in(proc, pg)
+    third = logged_in(proc, pg)
+    try:
+        assert value(holder, "select pg_advisory_lock(4203)") == ""
+        assert value(trier, "select pg_try_advisory_lock(4203)") == "f"
+        # The trier holds nothing: its server went back, so the third client has one.
+        assert value(third, "select 3") == "3"
+        assert w.msg_types(trier.simple_query("begin")) == "CZ"
+        assert value(trier, "select pg_advisory_xact_lock(4204)") == ""
+        assert w.msg_types(trier.simple_query("commit")) == "CZ"
+        assert value(third, "select pg_try_advisory_lock(4204)") == "t"
+        assert value(third, "select pg_advisory_unlock(4204)") == "t"
+        assert value(third, "select 1") == "1"  # answered after the check
+    finally:
+        for conn in (holder, trier, third):
+            conn.close()
+    assert_logged(proc, PINNED, 2)  # the holder, and the third client for a moment
+    assert_logged(proc, UNPINNED, 1)
+
+
+def test_a_request_sent_during_the_check_waits_for_it(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    proc = pooler(pools=md5_user_pool(pg, pool_size=2))
+    conn = logged_in(proc, pg)
+    try:
+        # Sent together: the second arrives while the server is being asked.
+        conn.send_raw(
+            w.query("select pg_advisory_lock(4205), pg_backend_pid()")
+            + w.query("select pg_backend_pid(), pg_advisory_unlock(4205)")
+            + w.query("select count(*) from pg_locks where locktype = 'advisory'")
+        )
+        first = conn.read_until_ready()
+        second = conn.read_until_ready()
+        third = conn.read_until_ready()
+        ((_, pid),) = w.rows(first)
+        assert w.rows(second) == [(pid, "t")]
+        assert w.rows(third) == [("0",)]
+        assert conn.read_available(wait=0.2) == []
+    finally:
+        conn.close()
+
+
+def test_upper_case_and_schema_qualified_names_are_found(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    proc = pooler(pools=md5_user_pool(pg, pool_size=2))
+    holder = logged_in(proc, pg)
+    try:
+        assert value(holder, "SELECT PG_ADVISORY_LOCK(4206)") == ""
+        pid = value(holder, "select pg_backend_pid()")
+        assert value(holder, "select pg_catalog.pg_try_advisory_lock(4207)") == "t"
+        assert value(holder, "select pg_backend_pid()") == pid
+        assert value(holder, 'select "pg_advisory_unlock_all"()') == ""
+        assert value(holder, "select 1") == "1"  # sent after the check, answered after it
+    finally:
+        holder.close()
+    assert_logged(proc, PINNED, 1)
+    assert_logged(proc, UNPINNED, 1)
+
+
+def read_lock_warning(conn: w.PgWire) -> None:
+    """The next message is the warning that the locks are released."""
+    type_, payload = conn.read_message(timeout=10)
+    assert type_ == b"N"
+    fields = w.error_fields(payload)
+    assert (fields["S"], fields["C"]) == ("WARNING", "01000")
+    assert fields["M"].startswith("session-level advisory locks are released")
+    assert "pin_on_advisory_lock" in fields["H"]
+
+
+def test_without_pinning_the_locks_are_released_and_the_client_warned(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    proc = pooler(pools=md5_user_pool(pg, pin_on_advisory_lock=False))
+    holder = logged_in(proc, pg)
+    other = logged_in(proc, pg)
+    try:
+        reply = holder.simple_query("select pg_advisory_lock(4208)")
+        assert w.msg_types(reply) == "TDCZ"  # PostgreSQL's reply, untouched
+        read_lock_warning(holder)
+        assert holder.read_available(wait=0.2) == []
+        # The pool's one server, without the lock: no one is locked out by it.
+        assert value(other, "select pg_try_advisory_lock(4208)") == "t"
+        read_lock_warning(other)
+        # Within the transaction it holds the lock (the unlock finds it); an unlock
+        # alone draws no warning.
+        assert w.msg_types(other.simple_query("begin")) == "CZ"
+        assert value(other, "select pg_advisory_lock(4208)") == ""
+        assert value(other, "select pg_advisory_unlock(4208)") == "t"
+        assert w.msg_types(other.simple_query("commit")) == "CZ"
+        read_lock_warning(other)
+        assert value(other, "select pg_advisory_unlock(4208)") == "f"
+        assert other.read_available(wait=0.2) == []
+    finally:
+        holder.close()
+        other.close()
+    assert PINNED not in proc.log_text()
+
+
+def test_discard_all_lets_the_server_go(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    proc = pooler(pools=md5_user_pool(pg), general={"query_wait_timeout": 2000})
+    holder = logged_in(proc, pg)
+    other = logged_in(proc, pg)
+    try:
+        assert value(holder, "select pg_advisory_lock(4209)") == ""
+        assert w.msg_types(holder.simple_query("DISCARD ALL")) == "CZ"
+        assert value(other, "select pg_try_advisory_lock(4209)") == "t"
+        assert value(other, "select pg_advisory_unlock(4209)") == "t"
+        assert value(other, "select 1") == "1"  # answered after the check
+    finally:
+        holder.close()
+        other.close()
+    assert_logged(proc, UNPINNED, 2)  # the holder at DISCARD ALL, the other at its unlock
+
+
+def test_session_mode_is_untouched(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    proc = pooler(pools=md5_user_pool(pg, pool_mode="session"))
+    holder = logged_in(proc, pg)
+    try:
+        assert value(holder, "select pg_advisory_lock(4210)") == ""
+        assert holder.read_available(wait=0.2) == []
+        assert value(holder, "select pg_advisory_unlock(4210)") == "t"
+    finally:
+        holder.close()
+    assert PINNED not in proc.log_text()
+
+
+@pytest.mark.parametrize("statement_cache_size", [0, 100])
+def test_asyncpg_prepared_lock_and_unlock(
+    pg: ExamplePostgres, pooler: PoolerFactory, statement_cache_size: int
+) -> None:
+    proc = pooler(pools=md5_user_pool(pg, pool_size=2))
+    user = pg.md5_user
+
+    async def main() -> None:
+        dsn = proc.dsn(user.name, user.password)
+        holder = await asyncpg.connect(dsn, statement_cache_size=statement_cache_size)
+        other = await asyncpg.connect(dsn, statement_cache_size=statement_cache_size)
+        try:
+            for key in (11, 12):
+                await holder.execute("select pg_advisory_lock($1)", key)
+            pid = await holder.fetchval("select pg_backend_pid()")
+            assert not await other.fetchval("select pg_try_advisory_lock($1)", 11)
+            for _ in range(3):
+                assert await holder.fetchval("select pg_backend_pid()") == pid
+            for key in (11, 12):
+                assert await holder.fetchval("select pg_advisory_unlock($1)", key)
+            assert await other.fetchval("select pg_try_advisory_lock($1)", 12)
+        finally:
+            await holder.close()
+            await other.close()
+
+    asyncio.run(main())
+    assert_logged(proc, PINNED, 2)  # the holder, then the other client
+    assert_logged(proc, UNPINNED, 1)  # the holder, after its last unlock
+
+
+def test_psycopg_prepared_statements(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    proc = pooler(pools=md5_user_pool(pg, pool_size=2))
+    user = pg.md5_user
+    dsn = proc.dsn(user.name, user.password)
+    with (
+        psycopg.connect(dsn, autocommit=True, prepare_threshold=0) as holder,
+        psycopg.connect(dsn, autocommit=True) as other,
+    ):
+        # Prepared on first use: later executions are Binds of the named statement.
+        for key in (21, 22, 21):
+            holder.execute("select pg_advisory_lock(%s)", (key,))
+        assert other.execute("select pg_try_advisory_lock(21)").fetchone() == (False,)
+        for key in (21, 22, 21):
+            row = holder.execute("select pg_advisory_unlock(%s)", (key,)).fetchone()
+            assert row == (True,)
+        assert other.execute("select pg_try_advisory_lock(21)").fetchone() == (True,)
+
+
+def test_a_holder_whose_server_is_terminated_is_told_and_others_go_on(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    proc = pooler(pools=md5_user_pool(pg, pool_size=2))
+    holder = logged_in(proc, pg)
+    other = logged_in(proc, pg)
+    try:
+        assert value(holder, "select pg_advisory_lock(4211)") == ""
+        pid = value(holder, "select pg_backend_pid()")
+        assert value(other, f"select pg_terminate_backend({pid})") == "t"
+        # Its locks went with the server: it is disconnected, not moved to another.
+        # PostgreSQL's FATAL, then the pooler's.
+        replies = holder.wait_closed()
+        codes = [w.error_fields(payload)["C"] for type_, payload in replies if type_ == b"E"]
+        assert codes == ["57P01", "08006"], replies
+        assert value(other, "select pg_try_advisory_lock(4211)") == "t"
+        third = logged_in(proc, pg)
+        try:
+            assert value(third, "select 3") == "3"
+        finally:
+            third.close()
+    finally:
+        holder.close()
+        other.close()
