@@ -56,8 +56,8 @@ UNLOCK = CALLS_UNLOCK
         ("select advisory_lock(1)", 0),
         ("select 1", 0),
         ("", 0),
-        # Mixed case is not read (documented).
-        ("select Pg_Advisory_Lock(1)", 0),
+        ("select Pg_Advisory_Lock(1)", LOCK),
+        ("select pg_ADVISORY_unlock_ALL()", UNLOCK),
         # In a text where an upper-case spelling comes first, a later one is found too.
         ("select pg_advisory_xact_lock(1), PG_ADVISORY_LOCK(2)", LOCK),
         ("select PG_ADVISORY_XACT_LOCK(1), pg_advisory_unlock(2)", UNLOCK),
@@ -135,8 +135,14 @@ def test_a_prepared_statement_carries_its_calls() -> None:
 def test_the_c_helper_agrees_with_find() -> None:
     from pg_doorman.protocol import _advisory
 
-    texts = [b"", b"advisory", b"advisory_", b"xADVISORY_x", b"Advisory_", b"pg_advisory_lock(1)"]
+    texts = [b"", b"advisory", b"advisory_", b"xADVISORY_x", b"AdVisory_", b"pg_advisory_lock(1)"]
+    texts += [b"_advisory_", b"advisory__", b"advisor_y_", b"adv@sory_", b"\xc1DVISORY_"]
     texts.append(b"x" * 100 + b"advisory_" + b"y" * 100)
+    # Every byte in every place of the word: only the letters' other case matches.
+    word = b"advisory_"
+    for i in range(len(word)):
+        for byte in range(256):
+            texts.append(b"q" + word[:i] + bytes([byte]) + word[i + 1 :] + b"q")
     for text in texts:
         for start in range(len(text) + 2):
             for end in (*range(start, min(len(text) + 3, start + 12)), len(text), len(text) + 5):

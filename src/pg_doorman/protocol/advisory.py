@@ -4,12 +4,13 @@ A session-level advisory lock (`pg_advisory_lock` and its `_shared` and `pg_try_
 forms) outlives the transaction that takes it; in transaction pooling mode it would
 stay on a server the pool hands to other clients, and the client's own unlock would
 run on another server. The pooler reads each Query's and each prepared statement's
-text for those names, spelt in lower or upper case (PostgreSQL folds unquoted names to
-lower case; mixed spellings are not found), and then asks the server which locks its
-session holds (net/server.py). The transaction-level functions
-(`pg_advisory_xact_lock`, ...) end with their transaction and are not reported.
+text for those names, in any case (PostgreSQL folds unquoted names to lower case), and
+then asks the server which locks its session holds (net/server.py). The
+transaction-level functions (`pg_advisory_xact_lock`, ...) end with their transaction
+and are not reported.
 
-The common text names none of them and costs one or two substring searches.
+The common text names none of them: it costs one pass for "advisory_" (_advisory.c in
+the compiled build).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ CALLS_UNLOCK: Final = 128  # pg_advisory_unlock[_shared], pg_advisory_unlock_all
 CALLS_ANY: Final = 192  # both: a literal, so that the compiled build inlines it
 
 _INFIX: Final = b"advisory_"
-_INFIX_UPPER: Final = b"ADVISORY_"
+_INFIX_LAST: Final = b"_"
 # What may follow a function's name: its argument list, after optional whitespace or a
 # comment, or the closing quote of a quoted name.
 _AFTER_NAME: Final = frozenset(b'( \t\n\r\f/-"')
@@ -37,8 +38,8 @@ _AFTER_NAME: Final = frozenset(b'( \t\n\r\f/-"')
 
 def mentions_with_find(data: bytes, start: int, end: int) -> bool:
     """`_advisory.mentions` with the standard library: data[start:end] contains
-    "advisory_" or "ADVISORY_"."""
-    return data.find(_INFIX, start, end) >= 0 or data.find(_INFIX_UPPER, start, end) >= 0
+    "advisory_" in any mix of case."""
+    return data.find(_INFIX_LAST, start, end) >= 0 and _INFIX in data[start:end].lower()
 
 
 def _pick_mentions() -> Callable[[bytes, int, int], bool]:
