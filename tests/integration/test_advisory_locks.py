@@ -11,6 +11,7 @@ locks at check-in and warns the client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import asyncpg
@@ -26,9 +27,10 @@ PINNED = "holds session-level advisory locks; it keeps server"
 UNPINNED = "holds no advisory locks; server"
 
 
-def logged_in(proc: PoolerProcess, pg: ExamplePostgres) -> w.PgWire:
-    return w.PgWire.connect(
-        proc.host, proc.port, pg.md5_user.name, EXAMPLE_DB, pg.md5_user.password
+def logged_in(proc: PoolerProcess, pg: ExamplePostgres) -> contextlib.closing[w.PgWire]:
+    """A raw connection of the md5 user, closed when the `with` block ends."""
+    return contextlib.closing(
+        w.PgWire.connect(proc.host, proc.port, pg.md5_user.name, EXAMPLE_DB, pg.md5_user.password)
     )
 
 
@@ -52,9 +54,7 @@ def test_the_lock_holder_keeps_its_server_until_it_unlocks(
     pg: ExamplePostgres, pooler: PoolerFactory
 ) -> None:
     proc = pooler(pools=md5_user_pool(pg, pool_size=2))
-    holder = logged_in(proc, pg)
-    other = logged_in(proc, pg)
-    try:
+    with logged_in(proc, pg) as holder, logged_in(proc, pg) as other:
         assert value(holder, "select pg_advisory_lock(4201)") == ""
         pid = value(holder, "select pg_backend_pid()")
         # The other client, on the pool's other server, cannot take it...
@@ -67,9 +67,6 @@ def test_the_lock_holder_keeps_its_server_until_it_unlocks(
         assert value(other, "select pg_try_advisory_lock(4201)") == "t"
         assert value(other, "select pg_advisory_unlock(4201)") == "t"
         assert value(other, "select 1") == "1"  # answered after the check
-    finally:
-        holder.close()
-        other.close()
     # Each client kept its server while it held the lock, and only then.
     assert_logged(proc, PINNED, 2)
     assert_logged(proc, UNPINNED, 2)
@@ -77,12 +74,9 @@ def test_the_lock_holder_keeps_its_server_until_it_unlocks(
 
 def times_out_waiting(proc: PoolerProcess, pg: ExamplePostgres) -> bool:
     """A new client's query waits for a server until query_wait_timeout."""
-    conn = logged_in(proc, pg)
-    try:
+    with logged_in(proc, pg) as conn:
         conn.send_raw(w.query("select 1"))
         replies = conn.wait_closed()
-    finally:
-        conn.close()
     error = w.first_error(replies)
     return error is not None and error.sqlstate == "53300"
 
@@ -93,8 +87,7 @@ def test_the_server_goes_back_to_the_pool_once_the_locks_are_released(
     # One server: while the holder keeps it, another client waits (here until its
     # query_wait_timeout); after the unlock the other client is served.
     proc = pooler(pools=md5_user_pool(pg), general={"query_wait_timeout": 500})
-    holder = logged_in(proc, pg)
-    try:
+    with logged_in(proc, pg) as holder:
         reply = holder.simple_query("select pg_advisory_lock_shared(1), pg_advisory_lock(2)")
         assert w.rows(reply) == [("", "")]
         assert times_out_waiting(proc, pg)
@@ -102,40 +95,32 @@ def test_the_server_goes_back_to_the_pool_once_the_locks_are_released(
         assert value(holder, "select pg_advisory_unlock(2)") == "t"
         assert times_out_waiting(proc, pg)
         assert value(holder, "select pg_advisory_unlock_shared(1)") == "t"
-        other = logged_in(proc, pg)
-        try:
+        with logged_in(proc, pg) as other:
             assert value(other, "select 1") == "1"
-        finally:
-            other.close()
         assert value(holder, "select 2") == "2"
-    finally:
-        holder.close()
 
 
 def test_a_disconnecting_holder_leaves_no_lock_behind(
     pg: ExamplePostgres, pooler: PoolerFactory
 ) -> None:
     proc = pooler(pools=md5_user_pool(pg))
-    holder = logged_in(proc, pg)
-    assert value(holder, "select pg_advisory_lock(4202)") == ""
-    holder.close()
-    other = logged_in(proc, pg)
-    try:
+    with logged_in(proc, pg) as holder:
+        assert value(holder, "select pg_advisory_lock(4202)") == ""
+    with logged_in(proc, pg) as other:
         # The pool's one server, which held the lock, is handed over without it.
         assert value(other, "select pg_try_advisory_lock(4202)") == "t"
         assert value(other, "select count(*) from pg_locks where locktype = 'advisory'") == "1"
-    finally:
-        other.close()
 
 
 def test_a_failed_try_lock_or_a_transaction_lock_does_not_pin(
     pg: ExamplePostgres, pooler: PoolerFactory
 ) -> None:
     proc = pooler(pools=md5_user_pool(pg, pool_size=2), general={"query_wait_timeout": 2000})
-    holder = logged_in(proc, pg)
-    trier = logged_in(proc, pg)
-    third = logged_in(proc, pg)
-    try:
+    with (
+        logged_in(proc, pg) as holder,
+        logged_in(proc, pg) as trier,
+        logged_in(proc, pg) as third,
+    ):
         assert value(holder, "select pg_advisory_lock(4203)") == ""
         assert value(trier, "select pg_try_advisory_lock(4203)") == "f"
         # The trier holds nothing: its server went back, so the third client has one.
@@ -146,9 +131,6 @@ def test_a_failed_try_lock_or_a_transaction_lock_does_not_pin(
         assert value(third, "select pg_try_advisory_lock(4204)") == "t"
         assert value(third, "select pg_advisory_unlock(4204)") == "t"
         assert value(third, "select 1") == "1"  # answered after the check
-    finally:
-        for conn in (holder, trier, third):
-            conn.close()
     assert_logged(proc, PINNED, 2)  # the holder, and the third client for a moment
     assert_logged(proc, UNPINNED, 1)
 
@@ -157,8 +139,7 @@ def test_a_request_sent_during_the_check_waits_for_it(
     pg: ExamplePostgres, pooler: PoolerFactory
 ) -> None:
     proc = pooler(pools=md5_user_pool(pg, pool_size=2))
-    conn = logged_in(proc, pg)
-    try:
+    with logged_in(proc, pg) as conn:
         # Sent together: the second arrives while the server is being asked.
         conn.send_raw(
             w.query("select pg_advisory_lock(4205), pg_backend_pid()")
@@ -172,24 +153,19 @@ def test_a_request_sent_during_the_check_waits_for_it(
         assert w.rows(second) == [(pid, "t")]
         assert w.rows(third) == [("0",)]
         assert conn.read_available(wait=0.2) == []
-    finally:
-        conn.close()
 
 
 def test_upper_case_and_schema_qualified_names_are_found(
     pg: ExamplePostgres, pooler: PoolerFactory
 ) -> None:
     proc = pooler(pools=md5_user_pool(pg, pool_size=2))
-    holder = logged_in(proc, pg)
-    try:
+    with logged_in(proc, pg) as holder:
         assert value(holder, "SELECT PG_ADVISORY_LOCK(4206)") == ""
         pid = value(holder, "select pg_backend_pid()")
         assert value(holder, "select pg_catalog.pg_try_advisory_lock(4207)") == "t"
         assert value(holder, "select pg_backend_pid()") == pid
         assert value(holder, 'select "pg_advisory_unlock_all"()') == ""
         assert value(holder, "select 1") == "1"  # sent after the check, answered after it
-    finally:
-        holder.close()
     assert_logged(proc, PINNED, 1)
     assert_logged(proc, UNPINNED, 1)
 
@@ -208,9 +184,7 @@ def test_without_pinning_the_locks_are_released_and_the_client_warned(
     pg: ExamplePostgres, pooler: PoolerFactory
 ) -> None:
     proc = pooler(pools=md5_user_pool(pg, pin_on_advisory_lock=False))
-    holder = logged_in(proc, pg)
-    other = logged_in(proc, pg)
-    try:
+    with logged_in(proc, pg) as holder, logged_in(proc, pg) as other:
         reply = holder.simple_query("select pg_advisory_lock(4208)")
         assert w.msg_types(reply) == "TDCZ"  # PostgreSQL's reply, untouched
         read_lock_warning(holder)
@@ -227,37 +201,26 @@ def test_without_pinning_the_locks_are_released_and_the_client_warned(
         read_lock_warning(other)
         assert value(other, "select pg_advisory_unlock(4208)") == "f"
         assert other.read_available(wait=0.2) == []
-    finally:
-        holder.close()
-        other.close()
     assert PINNED not in proc.log_text()
 
 
 def test_discard_all_lets_the_server_go(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
     proc = pooler(pools=md5_user_pool(pg), general={"query_wait_timeout": 2000})
-    holder = logged_in(proc, pg)
-    other = logged_in(proc, pg)
-    try:
+    with logged_in(proc, pg) as holder, logged_in(proc, pg) as other:
         assert value(holder, "select pg_advisory_lock(4209)") == ""
         assert w.msg_types(holder.simple_query("DISCARD ALL")) == "CZ"
         assert value(other, "select pg_try_advisory_lock(4209)") == "t"
         assert value(other, "select pg_advisory_unlock(4209)") == "t"
         assert value(other, "select 1") == "1"  # answered after the check
-    finally:
-        holder.close()
-        other.close()
     assert_logged(proc, UNPINNED, 2)  # the holder at DISCARD ALL, the other at its unlock
 
 
 def test_session_mode_is_untouched(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
     proc = pooler(pools=md5_user_pool(pg, pool_mode="session"))
-    holder = logged_in(proc, pg)
-    try:
+    with logged_in(proc, pg) as holder:
         assert value(holder, "select pg_advisory_lock(4210)") == ""
         assert holder.read_available(wait=0.2) == []
         assert value(holder, "select pg_advisory_unlock(4210)") == "t"
-    finally:
-        holder.close()
     assert PINNED not in proc.log_text()
 
 
@@ -313,9 +276,7 @@ def test_a_holder_whose_server_is_terminated_is_told_and_others_go_on(
     pg: ExamplePostgres, pooler: PoolerFactory
 ) -> None:
     proc = pooler(pools=md5_user_pool(pg, pool_size=2))
-    holder = logged_in(proc, pg)
-    other = logged_in(proc, pg)
-    try:
+    with logged_in(proc, pg) as holder, logged_in(proc, pg) as other:
         assert value(holder, "select pg_advisory_lock(4211)") == ""
         pid = value(holder, "select pg_backend_pid()")
         assert value(other, f"select pg_terminate_backend({pid})") == "t"
@@ -325,11 +286,5 @@ def test_a_holder_whose_server_is_terminated_is_told_and_others_go_on(
         codes = [w.error_fields(payload)["C"] for type_, payload in replies if type_ == b"E"]
         assert codes == ["57P01", "08006"], replies
         assert value(other, "select pg_try_advisory_lock(4211)") == "t"
-        third = logged_in(proc, pg)
-        try:
+        with logged_in(proc, pg) as third:
             assert value(third, "select 3") == "3"
-        finally:
-            third.close()
-    finally:
-        holder.close()
-        other.close()
