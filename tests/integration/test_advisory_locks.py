@@ -21,7 +21,10 @@ import pytest
 from helpers import EXAMPLE_DB, ExamplePostgres
 from helpers import pgwire as w
 from helpers.listen import md5_user_pool
+from helpers.metrics import scrape
+from helpers.metrics import value as metric
 from helpers.pooler import PoolerFactory, PoolerProcess
+from pg_doorman.app.embedded_pg import free_port
 
 PINNED = "holds session-level advisory locks; it keeps server"
 UNPINNED = "holds no advisory locks; server"
@@ -288,3 +291,33 @@ def test_a_holder_whose_server_is_terminated_is_told_and_others_go_on(
         assert value(other, "select pg_try_advisory_lock(4211)") == "t"
         with logged_in(proc, pg) as third:
             assert value(third, "select 3") == "3"
+
+
+def test_the_metrics_count_the_clients_that_hold_locks(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    port = free_port()
+    web = {"enabled": True, "host": "127.0.0.1", "port": port}
+    proc = pooler(web=web, pools=md5_user_pool(pg, pool_size=3, pin_on_listen=True))
+    mine = {"user": pg.md5_user.name, "database": EXAMPLE_DB}
+
+    def pinned(reason: str) -> float:
+        families = scrape(port)
+        family = families["pg_doorman_pools_pinned_clients"]
+        return metric(family, "pg_doorman_pools_pinned_clients", reason=reason, **mine)
+
+    with logged_in(proc, pg) as first, logged_in(proc, pg) as second:
+        assert (pinned("advisory_lock"), pinned("listen")) == (0, 0)
+        assert value(first, "select pg_advisory_lock(4212)") == ""
+        assert value(second, "select pg_advisory_lock(4213)") == ""
+        assert value(second, "select 1") == "1"  # answered after the check
+        assert (pinned("advisory_lock"), pinned("listen")) == (2, 0)
+        assert w.msg_types(second.simple_query("LISTEN doorman_pinned")) == "CZ"
+        assert (pinned("advisory_lock"), pinned("listen")) == (2, 1)
+        assert value(first, "select pg_advisory_unlock(4212)") == "t"
+        assert value(first, "select 1") == "1"
+        assert (pinned("advisory_lock"), pinned("listen")) == (1, 1)
+    deadline = time.monotonic() + 10  # the pooler sees them leave a moment later
+    while (pinned("advisory_lock"), pinned("listen")) != (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (pinned("advisory_lock"), pinned("listen")) == (0, 0)

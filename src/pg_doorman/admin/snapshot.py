@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from pg_doorman.net.client import PIN_LISTEN, PIN_LOCKS
 from pg_doorman.net.server import ServerConnection
 
 if TYPE_CHECKING:
@@ -37,7 +38,8 @@ _SUMMED = (
     "bytes_received", "bytes_sent", "xact_time", "query_time", "wait_time", "wait_count",
     "client_named", "client_anonymous", "client_prepared_bytes", "hits", "misses",
     "tls_servers", "tls_handshakes", "tls_handshake_seconds", "tls_handshake_errors",
-    "listen_clients", "listen_channels", "notifications", *SCALING_KEYS,
+    "listen_clients", "listen_channels", "notifications", "pinned_listen", "pinned_locks",
+    *SCALING_KEYS,
 )  # fmt: skip
 _MAXED = ("paused", "fallback_active", "maxwait", "oldest_active")
 _RATES = ("xact_count", "query_count", "received", "sent", "errors")
@@ -81,6 +83,8 @@ def take(pooler: Pooler) -> Snapshot:
         data["listen_clients"] = len(hub.channels_of) if hub is not None else 0
         data["listen_channels"] = len(hub.subscribers) if hub is not None else 0
         data["notifications"] = pool.notifications_passed
+        data["pinned_listen"] = sum(1 for c in clients if c.pinned_for & PIN_LISTEN)
+        data["pinned_locks"] = sum(1 for c in clients if c.pinned_for & PIN_LOCKS)
         pools.append(data)
         for server in pool.servers:
             if not isinstance(server, ServerConnection):

@@ -639,7 +639,7 @@ class ServerConnection(asyncio.Protocol):
                         client.unpin(PIN_LOCKS, self)  # DISCARD ALL released its locks too
                 if not self.pool.settings.session_mode:
                     listened = scanner.cleanup_flags & CLEAN_LISTEN
-                    if listened and (client.pinned or self._pin(client)):
+                    if listened and (client.pinned_for & PIN_LISTEN or self._pin(client)):
                         listened = 0  # its LISTENs stay in force
                     if scanner.cleanup_flags & CALLS_ANY:
                         locks = self._after_lock_calls(client)
