@@ -5,8 +5,10 @@ for all of its clients (net/listen_hub.py); the pooler must know exactly which c
 a statement names, so only the plain forms are read here: one `LISTEN` or `UNLISTEN`
 statement, nothing else in the query, no comments, the channel an unquoted identifier
 of ASCII letters, digits, `_` and `$` that is not a reserved word, or a quoted one, and
-short enough not to be truncated. Anything else is None: it goes to a server as before,
-where PostgreSQL parses it (and reports its errors).
+short enough not to be truncated. Such a statement comes as a simple Query
+(parse_statement) or as an extended-protocol batch that prepares and/or executes it
+(read_extended). Anything else is None: it goes to a server as before, where
+PostgreSQL parses it (and reports its errors).
 """
 
 from __future__ import annotations
