@@ -196,7 +196,6 @@ class ClientConnection(asyncio.Protocol):
         "on_cancel",
         "over_limit",
         "parameters",
-        "pinned",
         "pinned_for",
         "pool",
         "pooler",
@@ -253,11 +252,10 @@ class ClientConnection(asyncio.Protocol):
         # Set at shutdown or when its pool goes away: the FATAL message to close with
         # as soon as the current transaction ends.
         self.closing_after_transaction: str | None = None
-        # Keeps its server between transactions in a transaction-mode pool, as in
-        # session mode: for its LISTENs (pin_on_listen) until it disconnects, for its
-        # session-level advisory locks (pin_on_advisory_lock) while it holds any.
-        # `pinned_for` says why (PIN_* bits).
-        self.pinned = False
+        # Nonzero: keeps its server between transactions in a transaction-mode pool,
+        # as in session mode, for the reasons its PIN_* bits name: its LISTENs
+        # (pin_on_listen) until it disconnects, its session-level advisory locks
+        # (pin_on_advisory_lock) while it holds any.
         self.pinned_for = 0
         # listen_fanout: the pool's hub this client listens through (net/listen_hub.py),
         # and notifications that came while it was in a transaction, for after it.
@@ -1678,7 +1676,7 @@ class ClientConnection(asyncio.Protocol):
             return "session pooling"  # it holds its server
         if self.pinned_for & PIN_LISTEN:
             return "LISTEN"  # it holds its server, which has the LISTENs
-        if self.pinned:
+        if self.pinned_for:
             return "advisory locks"  # held by its server's session
         if self.listen_hub is not None:
             return "LISTEN"  # its LISTENs live on this process's listening server
@@ -1689,7 +1687,7 @@ class ClientConnection(asyncio.Protocol):
         flight on it."""
         server = self.server
         return (
-            self.pinned
+            self.pinned_for != 0
             and server is not None
             and server.between_requests(self)
             and server.scanner.status == codes.TX_IDLE
@@ -1734,7 +1732,6 @@ class ClientConnection(asyncio.Protocol):
         if holds:
             if not self.pinned_for & PIN_LOCKS:
                 self.pinned_for |= PIN_LOCKS
-                self.pinned = True
                 logger.info(
                     "pool %s: client %s holds session-level advisory locks; it keeps"
                     " server %d until it releases them (pin_on_advisory_lock)",
@@ -1762,15 +1759,13 @@ class ClientConnection(asyncio.Protocol):
     def unpin(self, reason: int, server: ServerConnection) -> None:
         """It no longer needs `server` for `reason` (a PIN_* bit)."""
         self.pinned_for &= ~reason
-        if not self.pinned_for:
-            self.pinned = False
-            if reason == PIN_LOCKS and self.pool is not None:
-                logger.info(
-                    "pool %s: client %s holds no advisory locks; server %d goes back to the pool",
-                    self.pool.name,
-                    self.name,
-                    server.server_id,
-                )
+        if not self.pinned_for and reason == PIN_LOCKS and self.pool is not None:
+            logger.info(
+                "pool %s: client %s holds no advisory locks; server %d goes back to the pool",
+                self.pool.name,
+                self.name,
+                server.server_id,
+            )
 
     def export_session(self) -> SessionState | None:
         """This session for the new process, or None while it is in a transaction or

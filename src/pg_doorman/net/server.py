@@ -645,7 +645,7 @@ class ServerConnection(asyncio.Protocol):
                         locks = self._after_lock_calls(client)
                     if locks == _LOCKS_CHECK:
                         pass  # the server stays out of the pool until it is known
-                    elif not client.pinned or client.closing_after_transaction is not None:
+                    elif not client.pinned_for or client.closing_after_transaction is not None:
                         # Give the server back before the last write to the client, so
                         # the next waiter starts while these bytes are on their way.
                         client.detach_server(self)
@@ -669,7 +669,6 @@ class ServerConnection(asyncio.Protocol):
         if not self.pool.settings.pin_on_listen:
             return False
         client.pinned_for |= PIN_LISTEN
-        client.pinned = True
         logger.info(
             "pool %s: client %s ran LISTEN; it keeps server %d until it disconnects"
             " (pin_on_listen)",
@@ -782,7 +781,7 @@ class ServerConnection(asyncio.Protocol):
         if (
             scanner.cleanup_flags & CLEAN_TEMP
             and owner is not None
-            and not owner.pinned
+            and not owner.pinned_for
             and not settings.session_mode
             and settings.cleanup_server_connections
         ):
