@@ -39,10 +39,10 @@ COMPILED_MODULES: tuple[str, ...] = (
     "pg_doorman.auth.methods",
     "pg_doorman.auth.scram",
     "pg_doorman.memo",
-    "pg_doorman.protocol.advisory",
     "pg_doorman.protocol.codes",
     "pg_doorman.protocol.framing",
     "pg_doorman.protocol.messages",
+    "pg_doorman.protocol.text_effects",
     "pg_doorman.protocol.startup",
     "pg_doorman.app.dispatch",
     "pg_doorman.net.client",
@@ -58,13 +58,13 @@ COMPILED_MODULES: tuple[str, ...] = (
 
 # Helpers written in C, built with the modules above: what the standard library lacks
 # on the hot path (net/_send.c: a socket send that keeps the GIL; net/_resume.c: a
-# coroutine step that ends without StopIteration; protocol/_advisory.c: a substring
-# test without bytes.find's argument parsing). They have no Python source; with the
+# coroutine step that ends without StopIteration; protocol/_text_effects.c: substring
+# tests without bytes.find's argument parsing). They have no Python source; with the
 # sources (`python`) their callers use the library instead.
 C_HELPERS: tuple[str, ...] = (
     "pg_doorman.net._send",
     "pg_doorman.net._resume",
-    "pg_doorman.protocol._advisory",
+    "pg_doorman.protocol._text_effects",
 )
 
 # Everything a build holds, each with its source's digest in the manifest.

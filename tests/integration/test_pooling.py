@@ -242,22 +242,112 @@ def test_session_authorization_is_reset_between_clients(
 
 
 @pytest.mark.parametrize(
+    "statement",
+    [
+        "select set_config('statement_timeout', '7s', false)",
+        "SELECT pg_catalog.SET_CONFIG('statement_timeout', '7s', FALSE), 1",
+        # A parameter the pooler cannot read: taken as session-level.
+        "select set_config('statement_timeout', '7s', %s)",
+        # Its SET is tagged DO: every DO block counts as one that may set.
+        "do $$ begin set statement_timeout = '7s'; end $$",
+    ],
+)
+@pytest.mark.parametrize("prepare", [False, True])
+def test_set_config_for_the_session_is_reset_between_clients(
+    pg: ExamplePostgres, pooler: PoolerFactory, statement: str, prepare: bool
+) -> None:
+    """set_config(..., false) sets a parameter for the session with the tag SELECT 1,
+    a DO block's SET with the tag DO: read from the text, they get the same RESET ALL at
+    check-in as a SET. A setting local to the transaction needs none, and is gone
+    anyway."""
+    users = [{"username": pg.md5_user.name, "pool_size": 1}]
+    proc = pooler(pools={"example_db": {"users": users}})
+    user = pg.md5_user
+    dsn = proc.dsn(user.name, user.password)
+    with psycopg.connect(dsn, autocommit=True) as a:
+        params = (False,) if "%s" in statement else None
+        a.execute(statement, params, prepare=prepare)
+        a.execute("select set_config('doorman.user', 'alice', false)", prepare=prepare)
+        a_pid = a.execute("select pg_backend_pid()").fetchone()
+        with psycopg.connect(dsn, autocommit=True) as b:
+            assert b.execute("select pg_backend_pid()").fetchone() == a_pid  # same server
+            assert b.execute("show statement_timeout").fetchone() == ("0",)
+            custom = b.execute("select current_setting('doorman.user', true)").fetchone()
+            assert custom in ((None,), ("",))
+            with b.transaction():
+                b.execute("select set_config('statement_timeout', '9s', true)", prepare=prepare)
+                assert b.execute("show statement_timeout").fetchone() == ("9s",)
+            assert b.execute("show statement_timeout").fetchone() == ("0",)
+
+
+def test_texts_are_read_without_prepared_statements(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """With general.prepared_statements off, Parse texts pass through unrenamed and are
+    read as they go (psycopg sends its queries with an unnamed Parse; a named one is
+    read after its name, tests/unit/test_text_effects.py)."""
+    users = [{"username": pg.md5_user.name, "pool_size": 1}]
+    proc = pooler(general={"prepared_statements": False}, pools={"example_db": {"users": users}})
+    user = pg.md5_user
+    dsn = proc.dsn(user.name, user.password)
+    exists = "select to_regclass('pg_temp.doorman_tmp') is not null"
+    with psycopg.connect(dsn, autocommit=True) as a:
+        with a.transaction():
+            a.execute("create temp table doorman_tmp as select %s::text as v", ["secret"])
+        a.execute("select set_config('statement_timeout', %s, false)", ["7s"])
+        a.execute("do $$ begin set work_mem = '7MB'; end $$")
+        with psycopg.connect(dsn, autocommit=True) as b:
+            assert b.execute(exists).fetchone() == (False,)
+            assert b.execute("show statement_timeout").fetchone() == ("0",)
+            assert b.execute("show work_mem").fetchone() != ("7MB",)
+
+
+def test_set_config_through_asyncpg(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    """asyncpg prepares every statement, its arguments bound as parameters."""
+    users = [{"username": pg.md5_user.name, "pool_size": 1}]
+    proc = pooler(pools={"example_db": {"users": users}})
+    user = pg.md5_user
+
+    async def main() -> None:
+        dsn = proc.dsn(user.name, user.password)
+        a = await asyncpg.connect(dsn)
+        b = await asyncpg.connect(dsn)
+        try:
+            await a.fetchval("select set_config($1, $2, $3)", "work_mem", "7MB", False)
+            assert await b.fetchval("show work_mem") != "7MB"
+            await a.fetchval("select set_config('work_mem', $1, false)", "8MB")
+            assert await b.fetchval("show work_mem") != "8MB"
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
     "create",
     [
-        "create temp table doorman_tmp as select 'secret' as v where false",  # tag SELECT 0
         "create temp table doorman_tmp (v text)",
         "create temp view doorman_tmp as select 'secret'::text as v",
         "create temp sequence doorman_tmp",
+        # Tagged SELECT n: read from the text.
+        "create temp table doorman_tmp as select 'secret' as v where false",
+        "select 'secret' as v into temporary doorman_tmp",
+        "create table pg_temp.doorman_tmp as select 'secret' as v",
+        # Tagged DO.
+        "do $$ begin execute 'create temp table doorman_tmp (v text)'; end $$",
     ],
 )
+@pytest.mark.parametrize("prepare", [False, True])
 def test_temporary_objects_do_not_reach_the_next_client(
-    pg: ExamplePostgres, pooler: PoolerFactory, create: str
+    pg: ExamplePostgres, pooler: PoolerFactory, create: str, prepare: bool
 ) -> None:
     """A temporary table that outlives its transaction would hand its rows to the next
-    client of that server. After a CREATE TABLE/VIEW/SEQUENCE the server keeps its
-    temporary objects for the client that made them, and another client's checkout
-    drops them first (DISCARD TEMP). (CREATE TABLE ... AS reports the tag SELECT: not
-    seen, see docs/configuration.md.)"""
+    client of that server. After a CREATE TABLE/VIEW/SEQUENCE, or a statement whose
+    text names temporary objects, the server keeps its temporary objects for the client
+    that made them, and another client's checkout drops them first (DISCARD TEMP).
+    With `prepare` the statement goes as a prepared statement, through the pool's
+    registry (a DO block cannot be prepared: sent as it is)."""
     users = [{"username": pg.md5_user.name, "pool_size": 1}]
     proc = pooler(pools={"example_db": {"users": users}})
     user = pg.md5_user
@@ -265,19 +355,15 @@ def test_temporary_objects_do_not_reach_the_next_client(
     dsn = proc.dsn(user.name, user.password)
     with psycopg.connect(dsn, autocommit=True) as a:
         with a.transaction():
-            a.execute(create)
+            a.execute(create, prepare=prepare and not create.startswith("do "))
         # Its own later transactions on the same server still have it, as before.
         assert a.execute(exists).fetchone() == (True,)
         a_pid = a.execute("select pg_backend_pid()").fetchone()
         with psycopg.connect(dsn, autocommit=True) as b:
             assert b.execute("select pg_backend_pid()").fetchone() == a_pid  # same server
-            left = b.execute(exists).fetchone()
+            assert b.execute(exists).fetchone() == (False,)
         # The other client's checkout dropped them for good.
-        assert a.execute(exists).fetchone() == left
-    if " as select " in create and "view" not in create:
-        assert left == (True,)  # documented: CREATE TABLE AS is reported as SELECT
-    else:
-        assert left == (False,)
+        assert a.execute(exists).fetchone() == (False,)
 
 
 def test_temporary_objects_are_dropped_ahead_of_a_parameter_sync(

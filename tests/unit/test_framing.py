@@ -9,7 +9,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pg_doorman.protocol import codes, messages
-from pg_doorman.protocol.advisory import CALLS_LOCK, CALLS_UNLOCK
 from pg_doorman.protocol.framing import (
     CLEAN_ADVISORY,
     CLEAN_DECLARE,
@@ -26,6 +25,7 @@ from pg_doorman.protocol.framing import (
     tag_cleanup_effect,
 )
 from pg_doorman.protocol.messages import ProtocolError
+from pg_doorman.protocol.text_effects import CALLS_LOCK, CALLS_UNLOCK
 
 
 def msg(t: bytes, body: bytes = b"") -> bytes:

@@ -758,7 +758,7 @@ class ClientConnection(asyncio.Protocol):
         if pool.settings.prepared_statements:
             self.rewriter = BatchRewriter(pool.statements, self._planning_context())
             self.frontend.rewriter = self.rewriter
-        self.frontend.watch_advisory = not pool.settings.session_mode
+        self.frontend.watch_texts = not pool.settings.session_mode
         greeting = (
             self._take_auth_final(),
             messages.AUTH_OK,
@@ -1158,9 +1158,9 @@ class ClientConnection(asyncio.Protocol):
         except ProtocolError as exc:
             self.fail(sqlstate.PROTOCOL_VIOLATION, f"invalid message from client: {exc}")
             return
-        if frontend.advisory_seen:
-            server.scanner.cleanup_flags |= frontend.advisory_seen  # see net/server.py
-            frontend.advisory_seen = 0
+        if frontend.effects_seen:
+            server.scanner.cleanup_flags |= frontend.effects_seen  # see net/server.py
+            frontend.effects_seen = 0
         if len(out):
             if frontend.named_parse_seen:
                 frontend.named_parse_seen = False
@@ -1872,7 +1872,7 @@ class ClientConnection(asyncio.Protocol):
                 rewriter.unnamed = registry.lookup(body, 0, registry.shared_context(context))
             self.rewriter = rewriter
             self.frontend.rewriter = rewriter
-        self.frontend.watch_advisory = not pool.settings.session_mode
+        self.frontend.watch_texts = not pool.settings.session_mode
         # Counted against max_connections, but never refused: it is already connected.
         self.pooler.register_client(self)
         self.state = IDLE

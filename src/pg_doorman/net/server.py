@@ -26,7 +26,6 @@ from pg_doorman.net.writer import SocketWriter
 from pg_doorman.pool.pool import AcquireError, ConnectTimeout, LoginRefused, Pool
 from pg_doorman.prepared.registry import ServerStatements
 from pg_doorman.protocol import codes, messages, sqlstate
-from pg_doorman.protocol.advisory import CALLS_ANY, CALLS_LOCK
 from pg_doorman.protocol.framing import (
     CLEAN_ADVISORY,
     CLEAN_LISTEN,
@@ -38,6 +37,7 @@ from pg_doorman.protocol.framing import (
     cleanup_queries,
 )
 from pg_doorman.protocol.messages import ProtocolError
+from pg_doorman.protocol.text_effects import CALLS_ANY, CALLS_LOCK
 
 if TYPE_CHECKING:
     from pg_doorman.net.client import ClientConnection

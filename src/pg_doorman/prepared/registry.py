@@ -13,15 +13,14 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Final
 
-from pg_doorman.protocol.advisory import advisory_calls
 from pg_doorman.protocol.messages import build
+from pg_doorman.protocol.text_effects import text_effects
 
 
 class StatementEntry:
     """One distinct statement of a pool."""
 
     __slots__ = (
-        "advisory_calls",
         "context",
         "evicted",
         "hits",
@@ -32,6 +31,7 @@ class StatementEntry:
         "named_by_bind",
         "parse_message",
         "query",
+        "text_effects",
     )
 
     def __init__(
@@ -49,9 +49,9 @@ class StatementEntry:
         self.misses = 0  # Parses (or re-Parses) sent to a server
         self.kinds = 0  # NAMED | UNNAMED: how clients have prepared it
         self.evicted = False  # dropped from the pool registry (clients may still use it)
-        # The session-level advisory lock functions it calls (protocol.advisory bits),
-        # reported at each Bind of it.
-        self.advisory_calls = advisory_calls(query, 0, len(query))
+        # What it may leave on the session unseen by the tags (protocol.text_effects
+        # bits), reported at each Bind of it.
+        self.text_effects = text_effects(query, 0, len(query))
 
 
 NAMED: Final = 1

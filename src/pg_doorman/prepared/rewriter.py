@@ -774,10 +774,10 @@ class BatchRewriter:
         entry = self._resolve(client_name)
         if entry is None:
             return self._missing(client_name)
-        if entry.advisory_calls:
+        if entry.text_effects:
             replies = self.server_replies
             if replies is not None:
-                replies.cleanup_flags |= entry.advisory_calls  # see net/server.py
+                replies.cleanup_flags |= entry.text_effects  # see net/server.py
         prefix = self._ensure_on_server(entry)
         self._push(BIND, client_name)
         self.resume_at = name_end

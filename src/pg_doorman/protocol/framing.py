@@ -14,8 +14,8 @@ import struct
 from typing import TYPE_CHECKING, Final
 
 from pg_doorman.protocol import codes
-from pg_doorman.protocol.advisory import CALLS_ANY, CALLS_LOCK, advisory_calls
 from pg_doorman.protocol.messages import ProtocolError
+from pg_doorman.protocol.text_effects import CALLS_ANY, CALLS_LOCK, text_effects
 
 if TYPE_CHECKING:
     # i64 is int when interpreted; compiled, a variable so typed is a machine integer
@@ -122,6 +122,7 @@ _HAS_PREFIX: Final = 2
 
 
 # ---- cleanup flags armed by CommandComplete tags -------------------------------
+# (and by what protocol.text_effects reads in statement texts: CLEAN_SET, CLEAN_TEMP)
 
 CLEAN_SET: Final = 1  # SET seen: RESET ALL (and the identity resets) at check-in
 CLEAN_PREPARE: Final = 2  # server-side prepared statements exist: DEALLOCATE ALL
@@ -132,7 +133,7 @@ CLEAN_LISTEN: Final = 8  # LISTEN seen: UNLISTEN * so notifications don't leak
 CLEAN_TEMP: Final = 16
 # Session-level advisory locks may be held (a transaction called one of their lock
 # functions): pg_advisory_unlock_all() at check-in. The calls themselves are reported
-# as protocol.advisory's CALLS_* bits, in the same flags, until the transaction ends.
+# as protocol.text_effects' CALLS_* bits, in the same flags, until the transaction ends.
 CLEAN_ADVISORY: Final = 32
 
 # Tags of the statements that may create temporary objects, which would outlive the
@@ -438,8 +439,8 @@ _FRONTEND_VALID: Final = codes.type_table(b"BCDEFHPQSXcdfp")
 _REWRITTEN: Final = codes.type_table(b"PBDCSEHQF")
 _REWRITTEN_WHOLE: Final = codes.type_table(b"PBDCS")
 _MAY_BE_DEALLOCATE: Final = codes.MAY_START_DEALLOCATE
-# Bytes of a Query text kept across reads: more than the longest advisory lock
-# function's name with a character on either side.
+# Bytes of a Query text kept across reads: more than the longest name text_effects
+# looks for (an advisory lock function's) with a character on either side.
 _SCAN_OVERLAP: Final = 32
 _DEALLOCATE_MAX: Final = codes.DEALLOCATE_MAX
 
@@ -455,16 +456,16 @@ class FrontendScanner(_Stream):
 
     __slots__ = (
         "_scan_tail",
-        "advisory_seen",
         "batch_open",
         "copy_in",
+        "effects_seen",
         "flush_seen",
         "named_parse_seen",
         "pending_ready",
         "rewriter",
         "syncs_after_execute",
         "terminated",
-        "watch_advisory",
+        "watch_texts",
     )
 
     def __init__(self) -> None:
@@ -478,10 +479,10 @@ class FrontendScanner(_Stream):
         self.flush_seen = False
         self.rewriter: BatchRewriter | None = None
         # Transaction pooling: Query texts (and, without a rewriter, Parse texts) are
-        # read for session-level advisory lock calls, reported in `advisory_seen`
-        # (protocol.advisory bits, read and reset by the client).
-        self.watch_advisory = False
-        self.advisory_seen = 0
+        # read for what they may leave on the session unseen by the tags, reported in
+        # `effects_seen` (protocol.text_effects bits, read and reset by the client).
+        self.watch_texts = False
+        self.effects_seen = 0
         # The end of a Query text read so far whose rest is still to come (None: no
         # such Query): a name split between two reads is found across them.
         self._scan_tail: bytes | None = None
@@ -576,11 +577,11 @@ class FrontendScanner(_Stream):
                     self.pending_ready += 1
                     self.syncs_after_execute = 0
                     self.batch_open = False
-                    if msg_type == _QUERY and self.watch_advisory:
+                    if msg_type == _QUERY and self.watch_texts:
                         if end <= n:
-                            self.advisory_seen |= advisory_calls(data, pos + 5, end)
+                            self.effects_seen |= text_effects(data, pos + 5, end)
                         else:
-                            self.advisory_seen |= advisory_calls(data, pos + 5, n)
+                            self.effects_seen |= text_effects(data, pos + 5, n)
                             self._scan_tail = data[max(pos + 5, n - _SCAN_OVERLAP) : n]
             elif msg_type == _TERMINATE:
                 self.terminated = True
@@ -590,10 +591,14 @@ class FrontendScanner(_Stream):
                     if end > n:
                         break  # need the statement name: hold the message
                     if rewriter is None:
-                        if length > 4 and data[pos + 5] != 0:
+                        named = length > 4 and data[pos + 5] != 0
+                        if named:
                             self.named_parse_seen = True
-                        if self.watch_advisory:  # with a rewriter, its Binds report them
-                            self.advisory_seen |= advisory_calls(data, pos + 5, end)
+                        if self.watch_texts:  # with a rewriter, its Binds report them
+                            # The text, after the statement's name and its NUL.
+                            name_end = data.find(b"\x00", pos + 5, end) if named else pos + 5
+                            if name_end >= 0:  # else malformed: the server refuses it
+                                self.effects_seen |= text_effects(data, name_end + 1, end)
                     self.batch_open = True
                 elif msg_type == _EXECUTE:
                     self.syncs_after_execute = 0
@@ -618,7 +623,7 @@ class FrontendScanner(_Stream):
         tail = self._scan_tail
         assert tail is not None
         window = tail + data[: upto if upto < _SCAN_OVERLAP else _SCAN_OVERLAP]
-        self.advisory_seen |= advisory_calls(window, 0, len(window)) | advisory_calls(data, 0, upto)
+        self.effects_seen |= text_effects(window, 0, len(window)) | text_effects(data, 0, upto)
         if last:
             self._scan_tail = None
         elif upto < _SCAN_OVERLAP:
