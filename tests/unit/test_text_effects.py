@@ -170,20 +170,30 @@ def test_the_bits_are_the_cleanup_flags() -> None:
         ("create table pg_temp_3.t as select 1", TEMP),
         ("do $$ begin execute 'create temp table t (a int)'; end $$", TEMP | SESSION_SET),
         ("create temp\ntable t as select 1", TEMP),
-        ("temp", TEMP),
+        ("create temp /* kept */ table t as select 1", TEMP),
+        ("create temporary table if not exists t as select 1", TEMP),
+        ("CREATE TEMP RECURSIVE VIEW v (n) AS SELECT 1", TEMP),
+        ("create global temporary sequence s", TEMP),
+        ("select 1 into\n  temp t", TEMP),
+        ("select 1 INTO TEMP", TEMP),
+        ("temp", TEMP),  # the rest of a text cut there may name the table
         ("Temp", TEMP),
         # Other words that contain it.
         ("select attempts, template, temperature, contempt from t", 0),
         ("select temp_buffers, temps, tempo, x_temp from t", 0),
         ("show temp_tablespaces", 0),
         ("select 1", 0),
-        # The word elsewhere (in a string, a column): a false alarm, read the same.
-        ("select * from readings where kind = 'temp'", TEMP),
-        ("select temp from weather", TEMP),
+        # The word alone: a column, a value, DISCARD TEMP.
+        ("select * from readings where kind = 'temp' and x = 1", 0),
+        ("select temp, temp as t from weather where temp > 30", 0),
+        ("discard temp;", 0),
+        ("select 1 from pinto temp where true", 0),
+        ("select 'temp table'", TEMP),  # in a string: a false alarm
         # set_config at session level, or not plainly local.
         ("select set_config('app.user', 'alice', false)", SESSION_SET),
         ("SELECT SET_CONFIG('statement_timeout', '5s', FALSE)", SESSION_SET),
         ("select pg_catalog.set_config('a.b', 'c', false)", SESSION_SET),
+        ("SELECT pg_catalog.set_config('search_path', '', false);", SESSION_SET),  # pg_dump
         ("select \"set_config\"('a.b', 'c', false)", SESSION_SET),
         ("select set_config ( 'a.b' , 'c' , false )", SESSION_SET),
         ("select set_config('a.b', $1, $2)", SESSION_SET),

@@ -9,9 +9,10 @@ Three things leave no such tag, and are read from the texts instead:
   locks its session holds (net/server.py). The transaction-level functions
   (`pg_advisory_xact_lock`, ...) end with their transaction and are not reported.
 - Temporary tables made by `CREATE TEMP TABLE ... AS` or `SELECT ... INTO TEMP`, whose
-  tag is `SELECT n` like any query's, or inside a `DO` block: any text with the word
-  `temp` or `temporary`, or a name in `pg_temp`, counts as one that may have made some.
-  A false alarm costs a `DISCARD TEMP` when the server next changes hands.
+  tag is `SELECT n` like any query's, or inside a `DO` block: a text with `temp` or
+  `temporary` before TABLE, VIEW, SEQUENCE or RECURSIVE or after INTO, or a name in
+  `pg_temp`, counts as one that may have made some (in a string or a comment too). A
+  false alarm costs a `DISCARD TEMP` when the server next changes hands.
 - `set_config(name, value, false)`, a session-level setting made inside a query. A
   call whose third argument is not plainly true (a parameter, an expression, a text cut
   short) counts as session-level; it costs a `RESET ALL` at check-in. So does a `DO`
@@ -54,6 +55,8 @@ _TEMP: Final = b"temp"
 _AFTER_NAME: Final = frozenset(b'( \t\n\r\f/-"')
 _SPACE: Final = frozenset(b" \t\n\r\f")
 _COMMENT_START: Final = frozenset(b"/-")
+# The kinds of object that CREATE TEMP makes (RECURSIVE: CREATE TEMP RECURSIVE VIEW).
+_TEMP_OBJECTS: Final = (b"table", b"view", b"sequence", b"recursive")
 # Third arguments of set_config that make the setting last only to the transaction's
 # end, as PostgreSQL reads a boolean (lowered, spaces around removed).
 _LOCAL: Final = frozenset(
@@ -164,8 +167,9 @@ def _function_prefix(text: bytes, at: int, kind: int) -> bool:
 
 
 def _names_temp(text: bytes) -> bool:
-    """The word `temp` or `temporary`, or a name beginning `pg_temp` (the session's
-    temporary schema, `pg_temp_3` among them)."""
+    """`temp` or `temporary` as a statement making a temporary object writes it (before
+    TABLE, VIEW, SEQUENCE or RECURSIVE, or after INTO), or a name beginning `pg_temp`
+    (the session's temporary schema, `pg_temp_3` among them)."""
     at = text.find(_TEMP)
     while at >= 0:
         if text.endswith(b"pg_", 0, at):
@@ -174,10 +178,32 @@ def _names_temp(text: bytes) -> bool:
             word_end = at + 4
             if text.startswith(b"orary", word_end):
                 word_end += 5
-            if word_end == len(text) or not _continues_name(text[word_end]):
+            if (word_end == len(text) or not _continues_name(text[word_end])) and (
+                _temp_object_follows(text, word_end) or _follows_into(text, at)
+            ):
                 return True
         at = text.find(_TEMP, at + 1)
     return False
+
+
+def _temp_object_follows(text: bytes, at: int) -> bool:
+    """What follows the word at `at` is a kind of object made temporary, a comment (not
+    read further), or the end of the text (the rest may come in the next read)."""
+    at = _skip_spaces(text, at)
+    if at == len(text) or text[at] in _COMMENT_START:
+        return True
+    for kind in _TEMP_OBJECTS:
+        if text.startswith(kind, at):
+            end = at + len(kind)
+            return end == len(text) or not _continues_name(text[end])
+    return False
+
+
+def _follows_into(text: bytes, at: int) -> bool:
+    """The word at `at` comes after INTO (SELECT ... INTO TEMP name)."""
+    while at > 0 and text[at - 1] in _SPACE:
+        at -= 1
+    return text.endswith(b"into", 0, at) and (at == 4 or not _continues_name(text[at - 5]))
 
 
 def _sets_for_session(text: bytes) -> bool:
