@@ -300,6 +300,9 @@ def test_the_c_helper_agrees_with_find() -> None:
         ("delete from t where x = 'do $$'", 0),
         ("select 1; do $$ begin end $$", 0),  # documented: only a text that starts with it
         ("domain", 0),
+        ("\tDOMAIN", 0),
+        ("\r\n\tDO $$ BEGIN END $$", SESSION_SET),
+        ("Do$x", 0),
     ],
 )
 def test_do_blocks(text: str, found: int) -> None:

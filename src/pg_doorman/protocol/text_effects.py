@@ -112,16 +112,29 @@ def text_effects(data: bytes, start: i64, end: i64) -> int:
     return found
 
 
-def _is_do_block(data: bytes, start: int, end: int) -> bool:
-    """The text is a DO statement (after any white space)."""
-    text = data[start : min(end, start + 64)].lstrip().lower()
-    return text.startswith(b"do") and (len(text) == 2 or not _continues_name(text[2]))
+def _is_do_block(data: bytes, start: i64, end: i64) -> bool:
+    """data[start:end] is a DO statement (after any white space). Read in place: ORMs
+    send many texts that start with a newline."""
+    at = start
+    while at < end and (data[at] == 0x20 or 0x09 <= data[at] <= 0x0D):
+        at += 1
+    return (
+        at + 2 <= end
+        and data[at] | 0x20 == 0x64
+        and data[at + 1] | 0x20 == 0x6F
+        and (at + 2 == end or not _continues_name(data[at + 2]))
+    )
 
 
 def _continues_name(byte: int) -> bool:
-    """Letters (lowered already), digits, `_`, `$` and non-ASCII bytes continue a name."""
+    """Letters, digits, `_`, `$` and non-ASCII bytes continue a name."""
     return (
-        byte == 0x5F or byte == 0x24 or 0x30 <= byte <= 0x39 or 0x61 <= byte <= 0x7A or byte >= 0x80
+        0x61 <= byte <= 0x7A
+        or 0x41 <= byte <= 0x5A
+        or 0x30 <= byte <= 0x39
+        or byte == 0x5F
+        or byte == 0x24
+        or byte >= 0x80
     )
 
 
