@@ -86,6 +86,7 @@ async def run(
     queued: bool = False,
     pressure: bool = False,
     listen_fanout: bool = False,
+    log_min_duration: int = -1,
 ) -> list[float]:
     loop = asyncio.get_running_loop()
     # With pressure: room for 19 more servers, and the warm threshold (5 % of 20) is
@@ -99,6 +100,7 @@ async def run(
                 "pg_hba": "host all all 127.0.0.1/32 trust",
                 "log_client_connections": False,
                 "log_client_disconnections": False,
+                "log_min_duration_statement": log_min_duration,
             },
             "pools": {
                 "bench": {
@@ -201,6 +203,7 @@ async def run(
             transport.written.clear()
         server_transport.written.clear()
     assert pool.stats.xact_count >= transactions
+    assert server.slow_query_seconds == (log_min_duration / 1000 if log_min_duration >= 0 else -1)
     return timings
 
 
@@ -221,19 +224,35 @@ def main() -> None:
         action="store_true",
         help="the pool reads each transaction's first statement for a LISTEN",
     )
+    parser.add_argument(
+        "--log-min-duration",
+        type=int,
+        default=-1,
+        metavar="MS",
+        help="log_min_duration_statement: each request's start is kept for a slow log",
+    )
     args = parser.parse_args()
     if args.pressure and not args.queued:
         parser.error("--pressure needs --queued")
     # The pooler's own loop (uvloop when installed): the pool reads its clock.
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         timings = runner.run(
-            run(args.transactions, args.mode, args.queued, args.pressure, args.listen_fanout)
+            run(
+                args.transactions,
+                args.mode,
+                args.queued,
+                args.pressure,
+                args.listen_fanout,
+                args.log_min_duration,
+            )
         )
     mode = f"{args.mode}, queued" if args.queued else args.mode
     if args.pressure:
         mode += " under pool pressure"
     if args.listen_fanout:
         mode += ", listen_fanout"
+    if args.log_min_duration >= 0:
+        mode += f", log_min_duration_statement {args.log_min_duration} ms"
     print(
         f"{mode}: {statistics.median(timings):.2f} µs of Python per transaction "
         f"(median of {len(timings)} batches of 1000; best {min(timings):.2f}; "

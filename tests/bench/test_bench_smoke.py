@@ -113,6 +113,17 @@ def test_relay_micro_runs(mode: str, queued: str) -> None:
     assert ("compiled hot path" in proc.stdout) is compiled
 
 
+def test_relay_micro_with_the_slow_request_log() -> None:
+    """--log-min-duration turns log_min_duration_statement on (above every request's
+    time here, so what is measured is keeping each request's start; the benchmark
+    checks that its server took the setting)."""
+    argv = [sys.executable, "-m", "bench.relay_micro", "--transactions", "3000"]
+    argv += ["--log-min-duration", "60000"]
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("simple, log_min_duration_statement 60000 ms: ")
+
+
 def test_login_micro_runs() -> None:
     """The in-memory login benchmark completes real SCRAM logins: it checks the
     pooler's answer at each step (SASL, SASLContinue, then ReadyForQuery)."""

@@ -155,6 +155,40 @@ def test_client_login_timeout_is_a_duration_with_pgbouncers_default() -> None:
     expect_error({"general": {"client_login_timeout": "soon"}}, "general.client_login_timeout", "")
 
 
+def test_log_min_duration_statement_is_a_duration_or_off() -> None:
+    """Not a PgDoorman key: PostgreSQL's name and meaning (-1 off, 0 every request), in
+    [general] and per pool."""
+    from pg_doorman.app.pooler import pool_settings
+
+    assert parse_config({}).general.log_min_duration_statement == -1
+    for value, expected in [(250, 250), ("2s", 2000), (0, 0), (-1, -1), ("off", -1), ("-1", -1)]:
+        general = parse_config({"general": {"log_min_duration_statement": value}}).general
+        assert general.log_min_duration_statement == expected, value
+    expect_error(
+        {"general": {"log_min_duration_statement": -5}},
+        "general.log_min_duration_statement",
+        "or -1 (off)",
+    )
+    expect_error(
+        pool_with(log_min_duration_statement="soon", users=[user()]),
+        "pools.mydb.log_min_duration_statement",
+        "a duration",
+    )
+    data = pool_with(users=[user()])
+    data["general"]["log_min_duration_statement"] = "1s"
+    config = parse_config(data)
+    pool = config.pools["mydb"]
+    assert pool_settings(config, "mydb", pool, pool.users[0]).slow_query_seconds == 1.0
+    data["pools"]["mydb"]["log_min_duration_statement"] = "off"
+    config = parse_config(data)
+    pool = config.pools["mydb"]
+    assert pool_settings(config, "mydb", pool, pool.users[0]).slow_query_seconds == -1.0
+    data["pools"]["mydb"]["log_min_duration_statement"] = 0
+    config = parse_config(data)
+    pool = config.pools["mydb"]
+    assert pool_settings(config, "mydb", pool, pool.users[0]).slow_query_seconds == 0.0
+
+
 def test_minimal_pool_and_user_defaults() -> None:
     config = parse_config({"pools": {"db": {"users": [user(username="u")]}}})
     pool = config.pools["db"]

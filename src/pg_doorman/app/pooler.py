@@ -148,6 +148,10 @@ def _ms(value: int | None, default: int) -> float:
     return (default if value is None else value) / 1000.0
 
 
+def _seconds_or_off(ms: int) -> float:
+    return -1.0 if ms < 0 else ms / 1000.0
+
+
 def pool_settings(
     config: Config,
     name: str,
@@ -178,6 +182,7 @@ def pool_settings(
         pin_on_listen=pool.pin_on_listen,
         pin_on_advisory_lock=pool.pin_on_advisory_lock,
         listen_fanout=pool.listen_fanout,
+        slow_query_seconds=_seconds_or_off(config.pool_setting(pool, "log_min_duration_statement")),
         max_concurrent_creates=max(
             min(general.max_concurrent_creates, general.scaling_max_parallel_creates), 1
         ),

@@ -318,6 +318,16 @@ def _duration(value: object, path: str, ctx: _Context) -> int:
         raise ConfigError(path, str(exc)) from None
 
 
+def _duration_or_off(value: object, path: str, ctx: _Context) -> int:
+    """A duration, or -1 (also "-1" or "off"): the feature is off."""
+    if value == -1 or (isinstance(value, str) and value.strip().lower() in ("-1", "off")):
+        return -1
+    try:
+        return parse_duration_ms(value)
+    except ValueError as exc:
+        raise ConfigError(path, f"{exc}; or -1 (off)") from None
+
+
 def _byte_size(value: object, path: str, ctx: _Context) -> int:
     try:
         return parse_byte_size(value)
@@ -569,6 +579,7 @@ _GENERAL_SPEC: dict[str, Parser] = {
     "log_level": _log_level,
     "log_client_connections": _bool,
     "log_client_disconnections": _bool,
+    "log_min_duration_statement": _duration_or_off,
     "syslog_prog_name": _name,
     "daemon_pid_file": _name,
     "worker_threads": _positive,
@@ -824,6 +835,7 @@ _POOL_SPEC: dict[str, Parser] = {
     "pin_on_advisory_lock": _bool,
     "listen_fanout": _bool,
     "log_client_parameter_status_changes": _bool,
+    "log_min_duration_statement": _duration_or_off,
     "prepared_statements_cache_size": _non_negative,
     "server_prepared_statements_cache_size": _non_negative,
     "startup_parameters": _startup_parameters,

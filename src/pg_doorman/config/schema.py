@@ -59,6 +59,7 @@ PoolOverride = Literal[
     "idle_timeout",
     "server_lifetime",
     "prepared_statements_cache_size",
+    "log_min_duration_statement",
 ]
 
 
@@ -98,6 +99,8 @@ class GeneralConfig:
     log_level: str | None = None
     log_client_connections: bool = True
     log_client_disconnections: bool = True
+    # Requests that take at least this long (ms) are logged with their statement; -1: off.
+    log_min_duration_statement: int = -1
     syslog_prog_name: str | None = None
     daemon_pid_file: str = "/tmp/pg_doorman.pid"
     worker_threads: int = 4
@@ -221,6 +224,7 @@ class PoolConfig:
     pin_on_advisory_lock: bool = True
     listen_fanout: bool = False
     log_client_parameter_status_changes: bool = False
+    log_min_duration_statement: int | None = None  # None: the [general] value
     prepared_statements_cache_size: int | None = None
     server_prepared_statements_cache_size: int | None = None
     startup_parameters: dict[str, str] = field(default_factory=dict)

@@ -1110,6 +1110,8 @@ class ClientConnection(asyncio.Protocol):
         if server is not None:
             if self.frontend.pending_ready == 0:
                 server.query_started = _now()  # a new request starts
+                if server.slow_query_seconds >= 0.0 and server.request_data is None:
+                    server.request_data = data  # kept for its log line (slow_queries.py)
             self._forward(server, data)
         elif self.state == WAITING:
             # Clients wait for answers before sending much more; only a flood is paused.
@@ -1438,6 +1440,8 @@ class ClientConnection(asyncio.Protocol):
             server.capture_query(self.pool.check_query, self._check_query_done)
             return
         self._attach(server, now)
+        if server.slow_query_seconds >= 0.0:
+            server.request_data = data
         self._forward(server, data)
 
     def _check_query_done(self, server: ServerConnection, reply: bytes | None) -> None:
@@ -1752,6 +1756,8 @@ class ClientConnection(asyncio.Protocol):
         data, self._pending = self._pending, b""
         if holds:
             if len(data):
+                if server.slow_query_seconds >= 0.0 and server.request_data is None:
+                    server.request_data = data
                 self._forward(server, data)
         elif len(data):
             self._between_transactions(data)

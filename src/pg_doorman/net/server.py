@@ -21,6 +21,7 @@ from pg_doorman.auth.scram import ScramClientSession, ScramError, ScramVerifier
 from pg_doorman.net.client import PIN_LISTEN, PIN_LOCKS
 from pg_doorman.net.inbox import AwaitableInbox
 from pg_doorman.net.server_tls import ServerTls, TlsRefused, connect_tls
+from pg_doorman.net.slow_queries import log_slow_query
 from pg_doorman.net.sockopts import set_buffer_sizes
 from pg_doorman.net.writer import SocketWriter
 from pg_doorman.pool.pool import AcquireError, ConnectTimeout, LoginRefused, Pool
@@ -169,6 +170,10 @@ class ServerConnection(asyncio.Protocol):
         # Per transaction: when it and the current query started, byte counts at attach.
         self.xact_started = 0.0
         self.query_started = 0.0
+        # log_min_duration_statement: the pool's threshold (s) as of this checkout
+        # (negative: off), and the bytes that began the request being timed.
+        self.slow_query_seconds = -1.0
+        self.request_data: bytes | None = None
         self._xact_base_sent = 0
         self._xact_base_received = 0
         self._errors_seen = 0
@@ -448,6 +453,8 @@ class ServerConnection(asyncio.Protocol):
         self.mode = ACTIVE
         self.served_clients += 1
         self.xact_started = self.query_started = now
+        self.slow_query_seconds = self.pool.settings.slow_query_seconds
+        self.request_data = None
         self._xact_base_sent = self.bytes_sent
         self._xact_base_received = self.bytes_received
         if client.write_paused and self.transport is not None:
@@ -589,6 +596,10 @@ class ServerConnection(asyncio.Protocol):
             ready = scanner.ready_count
             now = _now()
             stats = self.pool.stats
+            if self.slow_query_seconds >= 0.0:
+                if now - self.query_started >= self.slow_query_seconds:
+                    log_slow_query(self, client, now - self.query_started, ready)
+                self.request_data = None
             self.queries += ready
             client.queries += ready
             frontend.pending_ready -= ready
@@ -622,6 +633,8 @@ class ServerConnection(asyncio.Protocol):
                         self.bytes_sent - self._xact_base_sent,
                         self.bytes_received - self._xact_base_received,
                     )
+                elif frontend.pending_ready > 0:
+                    self.query_started = now  # a request sent ahead runs from now on
             if ended:
                 frontend.pending_ready = 0
                 self.transactions += 1
@@ -767,6 +780,7 @@ class ServerConnection(asyncio.Protocol):
         (`now`: time.monotonic())."""
         owner = self.client
         self.client = None
+        self.request_data = None  # not the read buffer kept while idle
         if self._reading_paused:
             self.resume_relay()
         if self.closed:

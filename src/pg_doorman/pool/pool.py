@@ -79,6 +79,9 @@ class PoolSettings:
     # A transaction-mode client's plain LISTEN goes through the pool's one listening
     # server (net/listen_hub.py).
     listen_fanout: bool = False
+    # Requests that take at least this long (seconds) are logged with their statement
+    # (net/slow_queries.py); negative: off.
+    slow_query_seconds: float = -1.0
     # Servers the pool may be opening at once (the lower of max_concurrent_creates and
     # scaling_max_parallel_creates).
     max_concurrent_creates: int = 4
