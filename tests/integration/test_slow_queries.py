@@ -14,7 +14,10 @@ import psycopg
 from helpers import EXAMPLE_DB, ExamplePostgres
 from helpers import pgwire as w
 from helpers.listen import md5_user_pool
+from helpers.metrics import scrape
+from helpers.metrics import value as metric
 from helpers.pooler import PoolerFactory, PoolerProcess
+from pg_doorman.app.embedded_pg import free_port
 
 LINE = re.compile(r"client #c\d+ from [0-9.]+: request took ([0-9.]+) ms on server \d+ \(pid \d+\)")
 
@@ -41,7 +44,19 @@ def raw(proc: PoolerProcess, pg: ExamplePostgres) -> contextlib.closing[w.PgWire
 def test_slow_requests_are_logged_with_their_statement(
     pg: ExamplePostgres, pooler: PoolerFactory
 ) -> None:
-    proc = pooler(general={"log_min_duration_statement": "150ms"}, pools=md5_user_pool(pg, 2))
+    port = free_port()
+    proc = pooler(
+        general={"log_min_duration_statement": "150ms"},
+        pools=md5_user_pool(pg, 2),
+        web={"enabled": True, "host": "127.0.0.1", "port": port},
+    )
+
+    def counted() -> float:
+        family = scrape(port)["pg_doorman_pools_slow_requests"]
+        mine = {"user": pg.md5_user.name, "database": EXAMPLE_DB}
+        return metric(family, "pg_doorman_pools_slow_requests_total", **mine)
+
+    assert counted() == 0
     with raw(proc, pg) as conn:
         conn.simple_query("select 1")
         conn.simple_query("select pg_sleep(0.3) as\n  slept")
@@ -70,6 +85,7 @@ def test_slow_requests_are_logged_with_their_statement(
         "select pg_sleep($1) as again",
     ], lines
     assert "secret value" not in proc.log_text()
+    assert counted() == 4
 
 
 def test_think_time_inside_a_transaction_is_not_counted(

@@ -39,7 +39,7 @@ _SUMMED = (
     "client_named", "client_anonymous", "client_prepared_bytes", "hits", "misses",
     "tls_servers", "tls_handshakes", "tls_handshake_seconds", "tls_handshake_errors",
     "listen_clients", "listen_channels", "notifications", "pinned_listen", "pinned_locks",
-    *SCALING_KEYS,
+    "slow_requests", *SCALING_KEYS,
 )  # fmt: skip
 _MAXED = ("paused", "fallback_active", "maxwait", "oldest_active")
 _RATES = ("xact_count", "query_count", "received", "sent", "errors")
@@ -83,6 +83,7 @@ def take(pooler: Pooler) -> Snapshot:
         data["listen_clients"] = len(hub.channels_of) if hub is not None else 0
         data["listen_channels"] = len(hub.subscribers) if hub is not None else 0
         data["notifications"] = pool.notifications_passed
+        data["slow_requests"] = pool.slow_requests
         data["pinned_listen"] = sum(1 for c in clients if c.pinned_for & PIN_LISTEN)
         data["pinned_locks"] = sum(1 for c in clients if c.pinned_for & PIN_LOCKS)
         pools.append(data)

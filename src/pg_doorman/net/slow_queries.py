@@ -37,6 +37,7 @@ def log_slow_query(
     server: ServerConnection, client: ClientConnection, seconds: float, requests: int
 ) -> None:
     """One line for the request(s) whose ReadyForQuery just came after `seconds`."""
+    server.pool.slow_requests += requests
     statement = describe_request(server.request_data, client.rewriter)
     together = f" (with {requests - 1} more request(s) sent with it)" if requests > 1 else ""
     where = f" from {client.address}" if client.address else ""

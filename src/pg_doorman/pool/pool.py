@@ -306,6 +306,8 @@ class Pool:
         self.tls_handshake_errors = 0
         # listen_fanout: notifications passed on to clients (one per client reached).
         self.notifications_passed = 0
+        # log_min_duration_statement: requests logged as slow (net/slow_queries.py).
+        self.slow_requests = 0
         self.server_parameters: dict[str, str] | None = None
         # Kept here rather than on the pooler's entry for this pool, which is not
         # compiled: clients read both once per transaction.

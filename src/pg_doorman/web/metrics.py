@@ -381,6 +381,10 @@ def _pool_metrics(pools: list[PoolData]) -> Iterable[Metric]:
         "pg_doorman_pools_notifications_total",
         "Notifications passed on to listening clients (one per client reached)",
     )
+    slow = counter(
+        "pg_doorman_pools_slow_requests_total",
+        "Requests that took at least log_min_duration_statement (each logged)",
+    )
     pinned = gauge(
         "pg_doorman_pools_pinned_clients",
         "Transaction-mode clients keeping their server between transactions, by reason",
@@ -425,11 +429,12 @@ def _pool_metrics(pools: list[PoolData]) -> Iterable[Metric]:
         listen_clients.add_metric(labels, p["listen_clients"])
         listen_channels.add_metric(labels, p["listen_channels"])
         notifications.add_metric(labels, p["notifications"])
+        slow.add_metric(labels, p["slow_requests"])
         pinned.add_metric([*labels, "listen"], p["pinned_listen"])
         pinned.add_metric([*labels, "advisory_lock"], p["pinned_locks"])
     yield from (
         clients, servers, pool_size, paused, maxwait, oldest, bytes_total, errors, queries,
         transactions, *durations.values(), *percentiles.values(), cache_entries, cache_bytes,
         client_entries, hits, misses, tls_servers, tls_handshakes, tls_errors, scaling, inflight,
-        listen_clients, listen_channels, notifications, pinned,
+        listen_clients, listen_channels, notifications, slow, pinned,
     )  # fmt: skip
