@@ -10,6 +10,8 @@ from pg_doorman.net.slow_queries import TEXT_LIMIT, describe_request
 from pg_doorman.prepared.registry import PoolStatements
 from pg_doorman.prepared.rewriter import BatchRewriter
 
+NOT_FOUND = "(statement not in the request's first bytes)"
+
 
 @pytest.mark.parametrize(
     ("data", "shown"),
@@ -19,6 +21,11 @@ from pg_doorman.prepared.rewriter import BatchRewriter
         # The rest of a long text came in later reads.
         (w.query("select 'abc'")[:12], "select ..."),
         (w.query("select 'x" + "y" * 2000 + "'"), "select 'x" + "y" * (TEXT_LIMIT - 9) + " ..."),
+        (w.query("select 'x" + "y" * 100_000 + "'"), "select 'x" + "y" * (TEXT_LIMIT - 9) + " ..."),
+        (
+            w.parse("s" * 3000, "select 1") + w.sync(),
+            "(statement not in the request's first bytes)",
+        ),
         (
             w.parse("", "select $1::int") + w.bind("", "", [b"1"]) + w.execute() + w.sync(),
             "select $1::int",
@@ -29,9 +36,9 @@ from pg_doorman.prepared.rewriter import BatchRewriter
         (w.bind("", "s7", []) + w.execute() + w.sync(), '(prepared statement "s7")'),
         (w.bind("", "", []) + w.execute() + w.sync(), "(the unnamed prepared statement)"),
         (b"F\x00\x00\x00\x0e\x00\x00\x03\xe8\x00\x00\x00\x00\x00\x00", "(function call, oid 1000)"),
-        (w.execute() + w.sync(), "(statement not in the request's first bytes)"),
-        (b"Q\xff\xff\xff\xffselect", "(statement not in the request's first bytes)"),
-        (b"", "(statement not in the request's first bytes)"),
+        (w.execute() + w.sync(), NOT_FOUND),
+        (b"Q\xff\xff\xff\xffselect", NOT_FOUND),
+        (b"", NOT_FOUND),
         (None, "(statement not kept: sent while an earlier request was unanswered)"),
         (w.query("select 'été'"), "select 'été'"),
         (b"Q\x00\x00\x00\x0dselect \xff\x00", "select \ufffd"),

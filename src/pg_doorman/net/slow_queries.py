@@ -25,6 +25,8 @@ logger = logging.getLogger("pg_doorman.slow_queries")
 
 # Bytes of a statement's text in its log line.
 TEXT_LIMIT: Final = 1024
+# Bytes of a message read for it: the text and, ahead of it, a name or two.
+_READ_LIMIT: Final = TEXT_LIMIT + 1024
 _QUERY: Final = ord("Q")
 _PARSE: Final = ord("P")
 _BIND: Final = ord("B")
@@ -64,8 +66,9 @@ def describe_request(data: bytes | None, rewriter: BatchRewriter | None) -> str:
         length = int.from_bytes(data[pos + 1 : pos + 5], "big")
         if length < 4 or length > codes.MAX_MESSAGE_SIZE:
             break
-        body = data[pos + 5 : pos + 1 + length]
-        cut = pos + 1 + length > len(data)  # the rest came in a later read
+        # Not the whole of a long text (a copy), and maybe not all of it arrived yet.
+        body = data[pos + 5 : pos + 1 + min(length, _READ_LIMIT)]
+        cut = pos + 1 + length > len(data) or length > _READ_LIMIT
         if kind == _QUERY:
             text, ended = _until_nul(body, 0)
             return _shown(text, cut and not ended)
