@@ -37,6 +37,7 @@ NOT_FOUND = "(statement not in the request's first bytes)"
         (w.bind("", "", []) + w.execute() + w.sync(), "(the unnamed prepared statement)"),
         (b"F\x00\x00\x00\x0e\x00\x00\x03\xe8\x00\x00\x00\x00\x00\x00", "(function call, oid 1000)"),
         (w.execute() + w.sync(), NOT_FOUND),
+        (w.sync() + w.query("select 'the next request'"), NOT_FOUND),
         (b"Q\xff\xff\xff\xffselect", NOT_FOUND),
         (b"", NOT_FOUND),
         (None, "(statement not kept: sent while an earlier request was unanswered)"),

@@ -31,8 +31,8 @@ _QUERY: Final = ord("Q")
 _PARSE: Final = ord("P")
 _BIND: Final = ord("B")
 _FUNCTION_CALL: Final = ord("F")
-# What may come ahead of the statement in a batch.
-_AHEAD: Final = frozenset(b"DCEHS")
+# What may come ahead of the statement in a batch (a Sync ends the request instead).
+_AHEAD: Final = frozenset(b"DCEH")
 
 
 def log_slow_query(
