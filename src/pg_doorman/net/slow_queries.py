@@ -27,12 +27,8 @@ logger = logging.getLogger("pg_doorman.slow_queries")
 TEXT_LIMIT: Final = 1024
 # Bytes of a message read for it: the text and, ahead of it, a name or two.
 _READ_LIMIT: Final = TEXT_LIMIT + 1024
-_QUERY: Final = ord("Q")
-_PARSE: Final = ord("P")
-_BIND: Final = ord("B")
-_FUNCTION_CALL: Final = ord("F")
 # What may come ahead of the statement in a batch (a Sync ends the request instead).
-_AHEAD: Final = frozenset(b"DCEH")
+_AHEAD: Final = frozenset((codes.DESCRIBE, codes.CLOSE, codes.EXECUTE, codes.FLUSH))
 
 
 def log_slow_query(
@@ -69,22 +65,22 @@ def describe_request(data: bytes | None, rewriter: BatchRewriter | None) -> str:
         # Not the whole of a long text (a copy), and maybe not all of it arrived yet.
         body = data[pos + 5 : pos + 1 + min(length, _READ_LIMIT)]
         cut = pos + 1 + length > len(data) or length > _READ_LIMIT
-        if kind == _QUERY:
+        if kind == codes.QUERY:
             text, ended = _until_nul(body, 0)
             return _shown(text, cut and not ended)
-        if kind == _PARSE or kind == _BIND:
+        if kind == codes.PARSE or kind == codes.BIND:
             # A Parse: the statement's name, then its text; a Bind: the portal's name,
             # then the statement's.
             first_end = body.find(b"\x00")
             if first_end < 0:
                 break
             second, ended = _until_nul(body, first_end + 1)
-            if kind == _PARSE:
+            if kind == codes.PARSE:
                 return _shown(second, not ended)
             if not ended:
                 break
             return _bound(second, rewriter)
-        if kind == _FUNCTION_CALL and len(body) >= 4:
+        if kind == codes.FUNCTION_CALL and len(body) >= 4:
             return f"(function call, oid {int.from_bytes(body[:4], 'big')})"
         if kind not in _AHEAD or cut:
             break
