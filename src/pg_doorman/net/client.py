@@ -1110,8 +1110,6 @@ class ClientConnection(asyncio.Protocol):
         if server is not None:
             if self.frontend.pending_ready == 0:
                 server.query_started = _now()  # a new request starts
-                if server.slow_query_seconds >= 0.0 and server.request_data is None:
-                    server.request_data = data  # kept for its log line (slow_queries.py)
             self._forward(server, data)
         elif self.state == WAITING:
             # Clients wait for answers before sending much more; only a flood is paused.
@@ -1155,6 +1153,12 @@ class ClientConnection(asyncio.Protocol):
         if server.scanner.param_changes != self._param_mark and not server.sync_pending:
             self._follow_server_parameters(server)
         frontend = self.frontend
+        if (
+            server.slow_query_seconds >= 0.0
+            and frontend.pending_ready == 0
+            and server.request_data is None
+        ):
+            server.request_data = data  # a request starts: kept for its log line
         try:
             out = frontend.feed(data)
         except ProtocolError as exc:
@@ -1440,8 +1444,6 @@ class ClientConnection(asyncio.Protocol):
             server.capture_query(self.pool.check_query, self._check_query_done)
             return
         self._attach(server, now)
-        if server.slow_query_seconds >= 0.0:
-            server.request_data = data
         self._forward(server, data)
 
     def _check_query_done(self, server: ServerConnection, reply: bytes | None) -> None:
@@ -1756,8 +1758,6 @@ class ClientConnection(asyncio.Protocol):
         data, self._pending = self._pending, b""
         if holds:
             if len(data):
-                if server.slow_query_seconds >= 0.0 and server.request_data is None:
-                    server.request_data = data
                 self._forward(server, data)
         elif len(data):
             self._between_transactions(data)
