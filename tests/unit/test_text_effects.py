@@ -237,6 +237,15 @@ def test_temporary_tables_and_set_config(text: str, found: int) -> None:
     assert_effects(text, found)
 
 
+def test_only_the_start_of_a_text_is_read_for_a_do_statement() -> None:
+    """The rest of a Query read in pieces may begin with the word `do`: not a DO."""
+    text = "select '" + "x" * 70_000 + "' as a, 1 as do"
+    stream = w.query(text)
+    assert feed_in_pieces(stream, []) == 0
+    assert feed_in_pieces(stream, [stream.index(b"do")]) == 0
+    assert feed_in_pieces(stream, [stream.index(b"do") - 1]) == 0
+
+
 def test_the_scanner_reads_set_config_across_reads() -> None:
     padding = "x" * 70_000
     stream = w.query(f"select '{padding}', set_config('a.b', 'c', false)") + w.query("select 1")

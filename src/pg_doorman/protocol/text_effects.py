@@ -92,17 +92,25 @@ _candidates: Final = _pick_candidates()
 
 def text_effects(data: bytes, start: i64, end: i64) -> int:
     """SETS_PARAMETERS, MAY_CREATE_TEMP, CALLS_LOCK and CALLS_UNLOCK, ORed, for the text
-    in data[start:end] (0: none of them)."""
-    found = 0
+    that begins at data[start] and is read up to `end` (0: none of them)."""
+    found = words_effects(data, start, end)
     if start < end:
         first = data[start]
         # "d", "D", or white space (and control bytes, read as none) ahead of it.
         if (first == 0x64 or first == 0x44 or first <= 0x20) and _is_do_block(data, start, end):
-            found = SETS_PARAMETERS
+            found |= SETS_PARAMETERS
+    return found
+
+
+def words_effects(data: bytes, start: i64, end: i64) -> int:
+    """What the words in data[start:end] say, anywhere in a text (the rest of a text
+    read in pieces too): text_effects() but for a DO statement, which only its start
+    shows."""
     seen = _candidates(data, start, end)
     if not seen:
-        return found
+        return 0
     text = data[start:end].lower()
+    found = 0
     if seen & SEEN_ADVISORY:
         found |= _advisory_calls(text)
     if seen & SEEN_SET_CONFIG and _sets_for_session(text):
