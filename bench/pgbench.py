@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.procstat import machine_times, steal_percent, usage
+from bench.procstat import machine_times, per_transaction_us, steal_percent, usage
 from bench.targets import DATABASE, HOST, USER, pg_client_env
 
 SCRIPTS_DIR = Path(__file__).resolve().parent / "scripts"
@@ -207,10 +207,8 @@ def run_pgbench(
     if before is not None and after is not None:
         result.rss_bytes = after.rss_bytes
         if result.transactions:
-            spent = after.cpu_seconds - before.cpu_seconds
-            result.cpu_us_per_tx = spent * 1e6 / result.transactions
-            user = after.user_seconds - before.user_seconds
-            result.user_us_per_tx = user * 1e6 / result.transactions
+            cpu, user = per_transaction_us(before, after, result.transactions)
+            result.cpu_us_per_tx, result.user_us_per_tx = cpu, user
     if proc.returncode == 0 and result.transactions > 0 and not result.error:
         result.ok = True
     elif not result.error and proc.returncode == 0:

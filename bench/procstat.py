@@ -14,9 +14,19 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 @dataclass(frozen=True)
 class Usage:
-    cpu_seconds: float  # utime + stime
-    user_seconds: float  # utime alone: the process's own code, no syscalls
+    # Whole clock ticks, so that differences of two readings are exact: in seconds the
+    # user part of a difference could come out a rounding error above the whole.
+    cpu_ticks: int  # utime + stime
+    user_ticks: int  # utime alone: the process's own code, no syscalls
     rss_bytes: int
+
+    @property
+    def cpu_seconds(self) -> float:
+        return self.cpu_ticks / CLK_TCK
+
+    @property
+    def user_seconds(self) -> float:
+        return self.user_ticks / CLK_TCK
 
 
 def _stat_fields(pid: int) -> list[bytes] | None:
@@ -60,9 +70,18 @@ def usage(pid: int) -> Usage:
         user_ticks += int(fields[11])
         ticks += int(fields[11]) + int(fields[12])
         pages += int(fields[21])
-    return Usage(
-        cpu_seconds=ticks / CLK_TCK, user_seconds=user_ticks / CLK_TCK, rss_bytes=pages * PAGE_SIZE
-    )
+    return Usage(cpu_ticks=ticks, user_ticks=user_ticks, rss_bytes=pages * PAGE_SIZE)
+
+
+def per_transaction_us(before: Usage, after: Usage, transactions: int) -> tuple[float, float]:
+    """CPU time and its user part per transaction, in µs, between two readings.
+
+    A worker that exits between the readings takes its ticks out of both sums, so each
+    difference is kept at zero or above and the user part within the whole."""
+    spent = max(0, after.cpu_ticks - before.cpu_ticks)
+    user = min(max(0, after.user_ticks - before.user_ticks), spent)
+    scale = 1e6 / CLK_TCK / transactions
+    return spent * scale, user * scale
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from bench.pgbench import RunResult
 
 from bench import procstat, report, run
@@ -363,3 +364,17 @@ def test_a_run_with_too_much_steal_is_measured_again_and_the_report_says_so(
     doc["meta"]["notes"] = harness.notes
     text = report.results_markdown(doc, None)
     assert "- Note: S-simple c=10 pg_doorman round 2: measured again after 35.0 % steal" in text
+
+
+def test_cpu_per_transaction_keeps_the_user_part_within_the_whole() -> None:
+    tick_us = 1e6 / procstat.CLK_TCK
+    before = procstat.Usage(cpu_ticks=1003, user_ticks=701, rss_bytes=0)
+    # No system time spent between the readings: the user part is the whole, exactly.
+    after = procstat.Usage(cpu_ticks=1010, user_ticks=708, rss_bytes=0)
+    cpu, user = procstat.per_transaction_us(before, after, 3)
+    assert cpu == user == pytest.approx(7 * tick_us / 3)
+    # A worker gone between the readings: its ticks leave both sums.
+    gone = procstat.Usage(cpu_ticks=900, user_ticks=600, rss_bytes=0)
+    assert procstat.per_transaction_us(before, gone, 3) == (0.0, 0.0)
+    shrunk = procstat.Usage(cpu_ticks=1020, user_ticks=650, rss_bytes=0)
+    assert procstat.per_transaction_us(before, shrunk, 10) == (pytest.approx(1.7 * tick_us), 0.0)
