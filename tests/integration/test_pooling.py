@@ -248,32 +248,42 @@ def test_session_authorization_is_reset_between_clients(
         "SELECT pg_catalog.SET_CONFIG('statement_timeout', '7s', FALSE), 1",
         # A parameter the pooler cannot read: taken as session-level.
         "select set_config('statement_timeout', '7s', %s)",
+        # An application's own setting.
+        "select set_config('doorman.user', 'alice', false)",
         # Its SET is tagged DO: every DO block counts as one that may set.
         "do $$ begin set statement_timeout = '7s'; end $$",
+        # After another statement in the same Query (sent as a simple Query only).
+        "select 1; do $$ begin set statement_timeout = '7s'; end $$",
     ],
 )
 @pytest.mark.parametrize("prepare", [False, True])
 def test_set_config_for_the_session_is_reset_between_clients(
     pg: ExamplePostgres, pooler: PoolerFactory, statement: str, prepare: bool
 ) -> None:
-    """set_config(..., false) sets a parameter for the session with the tag SELECT 1,
-    a DO block's SET with the tag DO: read from the text, they get the same RESET ALL at
-    check-in as a SET. A setting local to the transaction needs none, and is gone
+    """set_config(..., false) sets a parameter for the session with the tag SELECT 1
+    (read from the text), a DO block's SET with the tag DO: they get the same RESET ALL
+    at check-in as a SET. A setting local to the transaction needs none, and is gone
     anyway."""
     users = [{"username": pg.md5_user.name, "pool_size": 1}]
     proc = pooler(pools={"example_db": {"users": users}})
     user = pg.md5_user
     dsn = proc.dsn(user.name, user.password)
+    custom = "select current_setting('doorman.user', true)"
     with psycopg.connect(dsn, autocommit=True) as a:
         params = (False,) if "%s" in statement else None
-        a.execute(statement, params, prepare=prepare)
-        a.execute("select set_config('doorman.user', 'alice', false)", prepare=prepare)
-        a_pid = a.execute("select pg_backend_pid()").fetchone()
+        several = statement.startswith("select 1;")  # no Parse takes two statements
+        with a.transaction():
+            a.execute(statement, params, prepare=prepare and not several)
+            # It took effect, and nothing else in the transaction asks for a reset.
+            if "doorman.user" in statement:
+                assert a.execute(custom).fetchone() == ("alice",)
+            else:
+                assert a.execute("show statement_timeout").fetchone() == ("7s",)
+            a_pid = a.execute("select pg_backend_pid()").fetchone()
         with psycopg.connect(dsn, autocommit=True) as b:
             assert b.execute("select pg_backend_pid()").fetchone() == a_pid  # same server
             assert b.execute("show statement_timeout").fetchone() == ("0",)
-            custom = b.execute("select current_setting('doorman.user', true)").fetchone()
-            assert custom in ((None,), ("",))
+            assert b.execute(custom).fetchone() in ((None,), ("",))
             with b.transaction():
                 b.execute("select set_config('statement_timeout', '9s', true)", prepare=prepare)
                 assert b.execute("show statement_timeout").fetchone() == ("9s",)

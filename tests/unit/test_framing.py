@@ -339,6 +339,11 @@ def test_message_buffer_rejects_negative_length() -> None:
         (b"DEALLOCATE ALL", CLEAN_PREPARE | CLEAN_SET, CLEAN_SET),
         (b"DISCARD ALL", CLEAN_SET | CLEAN_PREPARE | CLEAN_DECLARE | CLEAN_LISTEN, 0),
         (b"LISTEN", 0, CLEAN_LISTEN),
+        # A DO block's SETs are tagged DO.
+        (b"DO", 0, CLEAN_SET),
+        (b"DO", CLEAN_TEMP, CLEAN_TEMP | CLEAN_SET),
+        (b"DROP TABLE", 0, 0),
+        (b"DELETE 1", 0, 0),
         # Any of these may have created a temporary object.
         (b"CREATE TABLE", 0, CLEAN_TEMP),
         (b"CREATE VIEW", CLEAN_SET, CLEAN_SET | CLEAN_TEMP),

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Final
 
 from pg_doorman.protocol import codes
 from pg_doorman.protocol.messages import ProtocolError
-from pg_doorman.protocol.text_effects import CALLS_ANY, CALLS_LOCK, text_effects, words_effects
+from pg_doorman.protocol.text_effects import CALLS_ANY, CALLS_LOCK, text_effects
 
 if TYPE_CHECKING:
     # i64 is int when interpreted; compiled, a variable so typed is a machine integer
@@ -148,6 +148,10 @@ def tag_cleanup_effect(tag: bytes, flags: int) -> int:
         if tag == b"SET":
             return flags | CLEAN_SET
     elif first == b"D":
+        if tag == b"DO":
+            # A DO block's SETs and set_config calls are tagged DO, wherever it stands
+            # in a text: each one counts as one that may have set parameters.
+            return flags | CLEAN_SET
         if tag == b"DECLARE CURSOR":
             return flags | CLEAN_DECLARE
         if tag == b"DISCARD ALL":
@@ -623,7 +627,7 @@ class FrontendScanner(_Stream):
         tail = self._scan_tail
         assert tail is not None
         window = tail + data[: upto if upto < _SCAN_OVERLAP else _SCAN_OVERLAP]
-        self.effects_seen |= words_effects(window, 0, len(window)) | words_effects(data, 0, upto)
+        self.effects_seen |= text_effects(window, 0, len(window)) | text_effects(data, 0, upto)
         if last:
             self._scan_tail = None
         elif upto < _SCAN_OVERLAP:

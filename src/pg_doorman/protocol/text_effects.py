@@ -15,8 +15,9 @@ Three things leave no such tag, and are read from the texts instead:
   false alarm costs a `DISCARD TEMP` when the server next changes hands.
 - `set_config(name, value, false)`, a session-level setting made inside a query. A
   call whose third argument is not plainly true (a parameter, an expression, a text cut
-  short) counts as session-level; it costs a `RESET ALL` at check-in. So does a `DO`
-  block, whose `SET`s are tagged `DO`.
+  short) counts as session-level; it costs a `RESET ALL` at check-in.
+
+A `DO` block's `SET`s are tagged `DO`; that tag is read with the others (framing).
 
 Names are matched in any case (PostgreSQL folds unquoted names to lower case). The
 common text names none of them: it costs one pass (_text_effects.c in the compiled
@@ -92,20 +93,8 @@ _candidates: Final = _pick_candidates()
 
 def text_effects(data: bytes, start: i64, end: i64) -> int:
     """SETS_PARAMETERS, MAY_CREATE_TEMP, CALLS_LOCK and CALLS_UNLOCK, ORed, for the text
-    that begins at data[start] and is read up to `end` (0: none of them)."""
-    found = words_effects(data, start, end)
-    if start < end:
-        first = data[start]
-        # "d", "D", or white space (and control bytes, read as none) ahead of it.
-        if (first == 0x64 or first == 0x44 or first <= 0x20) and _is_do_block(data, start, end):
-            found |= SETS_PARAMETERS
-    return found
-
-
-def words_effects(data: bytes, start: i64, end: i64) -> int:
-    """What the words in data[start:end] say, anywhere in a text (the rest of a text
-    read in pieces too): text_effects() but for a DO statement, which only its start
-    shows."""
+    in data[start:end] (0: none of them): a whole text, or a piece of one read in
+    several reads."""
     seen = _candidates(data, start, end)
     if not seen:
         return 0
@@ -118,20 +107,6 @@ def words_effects(data: bytes, start: i64, end: i64) -> int:
     if seen & SEEN_TEMP and _names_temp(text):
         found |= MAY_CREATE_TEMP
     return found
-
-
-def _is_do_block(data: bytes, start: i64, end: i64) -> bool:
-    """data[start:end] is a DO statement (after any white space). Read in place: ORMs
-    send many texts that start with a newline."""
-    at = start
-    while at < end and (data[at] == 0x20 or 0x09 <= data[at] <= 0x0D):
-        at += 1
-    return (
-        at + 2 <= end
-        and data[at] | 0x20 == 0x64
-        and data[at + 1] | 0x20 == 0x6F
-        and (at + 2 == end or not _continues_name(data[at + 2]))
-    )
 
 
 def _continues_name(byte: int) -> bool:
