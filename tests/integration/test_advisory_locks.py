@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import threading
 import time
 
 import asyncpg
@@ -20,6 +22,7 @@ import pytest
 
 from helpers import EXAMPLE_DB, ExamplePostgres
 from helpers import pgwire as w
+from helpers.fake_backend import LOGIN_OK, ONE_ROW, FakeBackend, read_message, read_startup
 from helpers.listen import md5_user_pool
 from helpers.metrics import scrape
 from helpers.metrics import value as metric
@@ -321,3 +324,68 @@ def test_the_metrics_count_the_clients_that_hold_locks(
     while (pinned("advisory_lock"), pinned("listen")) != (0, 0) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert (pinned("advisory_lock"), pinned("listen")) == (0, 0)
+
+
+class SlowLockCheckBackend(FakeBackend):
+    """Answers every query with one row, but the pooler's advisory lock check only once
+    `answer_check` is set. Records the texts of the queries it got."""
+
+    def __init__(self) -> None:
+        self.checking = threading.Event()
+        self.answer_check = threading.Event()
+        self.texts: list[bytes] = []
+        super().__init__()
+
+    def serve(self, sock: socket.socket) -> None:
+        read_startup(sock)
+        sock.sendall(LOGIN_OK)
+        while True:
+            msg_type, body = read_message(sock)
+            if msg_type == b"X":
+                return
+            self.texts.append(body.rstrip(b"\x00"))
+            if b"pg_locks" in body:
+                self.checking.set()
+                self.answer_check.wait(10)
+            sock.sendall(ONE_ROW)  # for the check: a row, so the locks are held
+
+
+def test_a_cancel_during_the_check_cancels_the_request_waiting_for_it(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """A request sent while the pooler asks the server about advisory locks waits for
+    the answer; a cancel meanwhile answers it with 57014, as PostgreSQL would a
+    running one, and it never reaches the server. What follows it runs after the
+    check."""
+    backend = SlowLockCheckBackend()
+    try:
+        user = pg.md5_user
+        users = [{"username": user.name, "pool_size": 1}]
+        proc = pooler(
+            pools={
+                EXAMPLE_DB: {
+                    "server_host": "127.0.0.1",
+                    "server_port": backend.port,
+                    "users": users,
+                }
+            }
+        )
+        with logged_in(proc, pg) as conn:
+            assert value(conn, "select pg_advisory_lock(4214)") == "1"
+            assert backend.checking.wait(5)
+            conn.send_raw(w.query("select 'canceled'"))
+            time.sleep(0.3)  # read by the pooler, held behind the check
+            assert conn.backend_pid is not None and conn.secret_key is not None
+            w.cancel(proc.host, proc.port, conn.backend_pid, conn.secret_key)
+            canceled = conn.read_until_ready(timeout=5)
+            error = w.first_error(canceled)
+            assert error is not None and error.sqlstate == "57014", canceled
+            assert w.msg_types(canceled) == "EZ"
+            conn.send_raw(w.query("select 'after'"))
+            backend.answer_check.set()
+            assert w.rows(conn.read_until_ready(timeout=5)) == [("1",)]
+        assert b"select 'canceled'" not in backend.texts
+        assert b"select 'after'" in backend.texts
+    finally:
+        backend.answer_check.set()
+        backend.close()

@@ -162,6 +162,7 @@ class ClientConnection(asyncio.Protocol):
         "_auth_final",
         "_check_query_next",
         "_checking",
+        "_checking_locks",
         "_discarding",
         "_fingerprint",
         "_fingerprint_synced",
@@ -275,6 +276,9 @@ class ClientConnection(asyncio.Protocol):
         # The pool's check query is running for this client; `_pending` holds what
         # follows it, whose replies must come after the check's.
         self._checking = False
+        # Its server is asked whether the session holds advisory locks; `_pending`
+        # holds what the client sent since, not yet forwarded.
+        self._checking_locks = False
         self._param_mark = 0
         self.rewriter: BatchRewriter | None = None
         # Startup parameters PostgreSQL doesn't report back (search_path before 18,
@@ -1122,7 +1126,10 @@ class ClientConnection(asyncio.Protocol):
     def cancel_waiting(self) -> bool:
         """A CancelRequest while queued for a server: answer the first request with
         57014 as PostgreSQL would, and keep waiting for whatever follows it. False when
-        there is nothing to cancel (not queued, or the request is still incomplete)."""
+        there is nothing to cancel (not queued, or the request is still incomplete).
+        The same for a request that waits for an advisory lock check."""
+        if self._checking_locks:
+            return self._cancel_behind_lock_check()
         if (
             self.state != WAITING
             or self.pool is None
@@ -1301,6 +1308,22 @@ class ClientConnection(asyncio.Protocol):
             self._pending = buf
             return
         self._start(server, buf, now)
+
+    def _cancel_behind_lock_check(self) -> bool:
+        """cancel_waiting() while the server is asked about advisory locks: the first
+        request sent since is answered with 57014 and never forwarded; what follows it
+        goes on waiting for the check (locks_checked)."""
+        end = first_request_end(self._pending)
+        if end is None:
+            return False
+        self._pending = self._pending[end:]
+        self.write(
+            messages.error_response(
+                "ERROR", sqlstate.QUERY_CANCELED, "canceling statement due to user request"
+            )
+            + messages.READY_IDLE
+        )
+        return True
 
     def _fans_out(self, pool: Pool) -> bool:
         """Whether this client's LISTENs go through the pool's hub: in transaction
@@ -1707,11 +1730,13 @@ class ClientConnection(asyncio.Protocol):
         self.detach_server(server)
         self.state = WAITING
         self._checking = True
+        self._checking_locks = True
 
     def locks_checked(self, server: ServerConnection, reply: bytes | None) -> None:
         """The answer: a client holding locks keeps (or gets back) `server`, one
         holding none goes on through the pool, and the server goes back to it."""
         self._checking = False
+        self._checking_locks = False
         if reply is None:  # the server is closed
             if self.state != CLOSED:
                 self.fail(
