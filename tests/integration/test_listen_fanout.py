@@ -81,6 +81,12 @@ def wait_for(check: Callable[[], bool], timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+def extended(conn: w.PgWire, sql: str) -> list[w.Message]:
+    """`sql` as an unnamed Parse, Bind, Execute and Sync; read to ReadyForQuery."""
+    conn.send_raw(w.parse("", sql) + w.bind("", "") + w.execute() + w.sync())
+    return conn.read_until_ready()
+
+
 def backend_pid(conn: w.PgWire) -> int:
     [(pid,)] = w.rows(conn.simple_query("select pg_backend_pid()"))
     assert pid is not None
@@ -449,6 +455,81 @@ def test_discard_all_unlistens_the_fanned_out_channels_too(
         pg.psql("NOTIFY jobs, 'gone'", database=EXAMPLE_DB)
         assert heard(conn, wait=0.5) == []
         wait_for(lambda: listening_backends(pg) == [])
+    finally:
+        conn.close()
+
+
+def test_an_unlisten_in_a_transaction_stops_delivery_when_it_commits(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """An UNLISTEN inside a transaction block runs on the client's server, which
+    listens on nothing: the hub stops delivering that channel to the client when the
+    transaction commits, as PostgreSQL would, and what it held for the channel during
+    the transaction is dropped. A rollback leaves the channel listened on."""
+    proc = pooler(pools=fanout_pool(pg))
+    conn = logged_in(proc, pg)
+    try:
+        listens(conn, "jobs")
+        listens(conn, "other")
+        # Rolled back (explicitly, and a COMMIT of a failed transaction): still heard.
+        for statements in (
+            ["BEGIN", "UNLISTEN jobs", "ROLLBACK"],
+            ["BEGIN", "UNLISTEN *", "select 1/0", "COMMIT"],
+        ):
+            for statement in statements:
+                conn.simple_query(statement)
+            pg.psql("NOTIFY jobs, 'kept'", database=EXAMPLE_DB)
+            assert [n[1:] for n in heard(conn, wait=1)] == [("jobs", "kept")]
+        # Committed, in the simple and the extended protocol: no more of that channel,
+        # not even what came during the transaction; the other channel still comes.
+        for unlisten in (
+            lambda: conn.simple_query("UNLISTEN jobs"),
+            lambda: extended(conn, "UNLISTEN jobs"),
+        ):
+            listens(conn, "jobs")
+            assert w.msg_types(conn.simple_query("BEGIN")) == "CZ"
+            reply = unlisten()
+            [tag] = [payload for type_, payload in reply if type_ == b"C"]
+            assert w.command_tag(tag) == "UNLISTEN"
+            pg.psql("NOTIFY jobs, 'during'; NOTIFY other, 'during'", database=EXAMPLE_DB)
+            reply = conn.simple_query("COMMIT")
+            assert w.msg_types(reply[:2]) == "CZ"
+            rest = reply[2:] or conn.read_available(wait=1)
+            assert [notification(payload)[1:] for _, payload in rest] == [("other", "during")]
+            pg.psql("NOTIFY jobs, 'after'; NOTIFY other, 'after'", database=EXAMPLE_DB)
+            assert [n[1:] for n in heard(conn, wait=1)] == [("other", "after")]
+        # UNLISTEN * in a transaction: nothing more, and the listening server closes.
+        assert w.msg_types(conn.simple_query("BEGIN")) == "CZ"
+        assert w.msg_types(conn.simple_query("UNLISTEN *")) == "CZ"
+        assert w.msg_types(conn.simple_query("COMMIT")) == "CZ"
+        pg.psql("NOTIFY other, 'gone'", database=EXAMPLE_DB)
+        assert heard(conn, wait=0.5) == []
+        wait_for(lambda: listening_backends(pg) == [])
+    finally:
+        conn.close()
+
+
+def test_with_pin_on_listen_a_channel_listened_both_ways_is_heard_once(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """With pin_on_listen as well, a LISTEN in a transaction pins the client to its
+    server, which then delivers that channel: the hub no longer does, though the client
+    LISTENed it there before, so each notification comes once. So for a plain LISTEN
+    sent to the pinned server later; channels only the hub listens on still come."""
+    proc = pooler(pools=fanout_pool(pg, pool_size=2, pin_on_listen=True))
+    conn = logged_in(proc, pg)
+    try:
+        for channel in ("jobs", "later", "hub_only"):
+            listens(conn, channel)  # through the hub
+        for statement in ("BEGIN", "LISTEN jobs", "COMMIT"):
+            assert w.msg_types(conn.simple_query(statement)) == "CZ"
+        assert "until it disconnects (pin_on_listen)" in proc.log_text()
+        listens(conn, "later")  # now on its server, which it keeps
+        for channel in ("jobs", "later", "hub_only"):
+            pg.psql(f"NOTIFY {channel}, 'once'", database=EXAMPLE_DB)
+        time.sleep(0.5)
+        got = sorted(n[1:] for n in heard(conn, wait=1))
+        assert got == [("hub_only", "once"), ("jobs", "once"), ("later", "once")]
     finally:
         conn.close()
 

@@ -48,8 +48,10 @@ from pg_doorman.protocol.listen import (
     INCOMPLETE,
     LISTEN,
     LISTEN_DONE,
+    UNLISTEN,
     UNLISTEN_DONE,
     ExtendedStatement,
+    channel_of,
     read_extended,
 )
 from pg_doorman.protocol.listen import MAY_START as MAY_START_LISTEN
@@ -133,6 +135,11 @@ _LISTEN_MAX: Final = 1024
 # Bytes of notifications a client may leave unread (or held through a transaction)
 # before it is disconnected: the hub cannot slow down for one client.
 _NOTIFY_BACKLOG: Final = 16 * 1024 * 1024
+# How a transaction's reply ends when it committed a LISTEN or UNLISTEN sent to a
+# server: in a transaction block, or on its own.
+_COMMITTED: Final = messages.command_complete("COMMIT") + messages.READY_IDLE
+_UNLISTENED: Final = UNLISTEN_DONE + messages.READY_IDLE
+_LISTENED: Final = LISTEN_DONE + messages.READY_IDLE
 # A TLS record's first byte when it carries a handshake message (the client's hello).
 _TLS_HANDSHAKE_RECORD: Final = 0x16
 # Names that may be spliced into SET statements; anything else is refused at login.
@@ -192,6 +199,7 @@ class ClientConnection(asyncio.Protocol):
         "extra_parameters",
         "frontend",
         "held_notifications",
+        "listen_at_commit",
         "listen_hub",
         "loop",
         "on_cancel",
@@ -262,6 +270,9 @@ class ClientConnection(asyncio.Protocol):
         # and notifications that came while it was in a transaction, for after it.
         self.listen_hub: ListenHub | None = None
         self.held_notifications: bytearray | None = None
+        # LISTENs and UNLISTENs it sent to its server (listen_fanout): the hub's part
+        # is done when the transaction commits (listen_statements_committed).
+        self.listen_at_commit: list[tuple[int, str]] | None = None
         # Its LISTEN runs on the hub's server: what to answer around the statement's
         # CommandComplete once it has (`_pending` holds what the client sent after).
         self._listening: tuple[bytes, bytes] | None = None
@@ -1114,6 +1125,8 @@ class ClientConnection(asyncio.Protocol):
         if server is not None:
             if self.frontend.pending_ready == 0:
                 server.query_started = _now()  # a new request starts
+            if self.listen_hub is not None:
+                self._note_listen_statement(data)
             self._forward(server, data)
         elif self.state == WAITING:
             # Clients wait for answers before sending much more; only a flood is paused.
@@ -1421,6 +1434,75 @@ class ClientConnection(asyncio.Protocol):
         if len(held) > _NOTIFY_BACKLOG:
             self._notifications_overflow()
 
+    def _note_listen_statement(self, data: bytes) -> None:
+        """A client that listens through the pool's hub sends its server a plain
+        LISTEN or UNLISTEN (in a transaction block, say, or once pinned to it). Noted
+        here, read as between transactions (one statement, at the start of what was
+        read; anything else is left as it was); listen_statements_committed() does
+        the hub's part when the transaction commits."""
+        statement: tuple[int, str] | None = None
+        first = data[0]
+        if first == codes.QUERY:
+            if len(data) > 5 and _MAY_BE_LISTEN[data[5]]:
+                length = int.from_bytes(data[1:5], "big")
+                if length <= _LISTEN_MAX and len(data) > length and data[length] == 0:
+                    statement = parse_listen(data[5:length])
+        elif (first == codes.PARSE or first == codes.BIND) and self._may_start_listen(
+            data, len(data)
+        ):
+            rewriter = self.rewriter
+            batch = read_extended(
+                data, _no_statement if rewriter is None else rewriter.statement_text
+            )
+            if isinstance(batch, ExtendedStatement) and batch.runs:
+                statement = (batch.op, batch.channel)
+        if statement is not None:
+            if self.listen_at_commit is None:
+                self.listen_at_commit = []
+            self.listen_at_commit.append(statement)
+
+    def listen_statements_committed(self, reply_end: bytes) -> None:
+        """Its transaction with LISTENs or UNLISTENs sent to a server has ended
+        (`reply_end`: the end of the reply). If it committed them:
+
+        - the hub stops delivering an UNLISTENed channel (the server listens on
+          nothing), and drops what it held for it during the transaction, as
+          PostgreSQL drops what comes for a channel before the UNLISTEN commits;
+        - a channel LISTENed on a server the client keeps (pin_on_listen) is heard
+          from that server from now on, and no longer through the hub, which would
+          deliver each notification a second time.
+
+        A rollback (or a reply that does not end in the commit) changes nothing."""
+        pending = self.listen_at_commit
+        self.listen_at_commit = None
+        hub = self.listen_hub
+        if pending is None or hub is None:
+            return
+        if (
+            not reply_end.endswith(_COMMITTED)
+            and not reply_end.endswith(_UNLISTENED)
+            and not reply_end.endswith(_LISTENED)
+        ):
+            return
+        unlistened = False
+        for op, channel in pending:
+            if op != LISTEN:
+                hub.unlisten(self, op, channel)
+                unlistened = True
+            elif self.pinned_for & PIN_LISTEN:
+                hub.unlisten(self, UNLISTEN, channel)
+        held = self.held_notifications
+        if unlistened and held:
+            kept = hub.channels_of.get(self, set())
+            still = bytearray()
+            pos = 0
+            while pos + 5 <= len(held):  # whole NotificationResponses, as notify() adds
+                end = pos + 1 + int.from_bytes(held[pos + 1 : pos + 5], "big")
+                if channel_of(bytes(held[pos + 5 : end])) in kept:
+                    still += held[pos:end]
+                pos = end
+            self.held_notifications = still
+
     def deliver_held_notifications(self) -> None:
         """Its transaction is over: what came meanwhile goes out."""
         held = self.held_notifications
@@ -1494,6 +1576,8 @@ class ClientConnection(asyncio.Protocol):
     def _attach(self, server: ServerConnection, now: float) -> None:
         self.server = server
         self.state = ACTIVE
+        if self.listen_at_commit is not None:
+            self.listen_at_commit = None  # from a transaction that never ended
         discard_temp = server.attach(self, now)
         if self.rewriter is not None:
             self.rewriter.attach(server.statements, server.scanner)

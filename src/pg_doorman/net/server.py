@@ -663,6 +663,8 @@ class ServerConnection(asyncio.Protocol):
                         # the next waiter starts while these bytes are on their way.
                         client.detach_server(self)
                         self.finish(now)
+                if client.listen_at_commit is not None:
+                    client.listen_statements_committed(out)  # once it is known pinned
         client.write(out)
         if listened:
             self._warn_listen(client)
