@@ -1440,6 +1440,9 @@ class ClientConnection(asyncio.Protocol):
         here, read as between transactions (one statement, at the start of what was
         read; anything else is left as it was); listen_statements_committed() does
         the hub's part when the transaction commits."""
+        frontend = self.frontend
+        if frontend.need > 0 or len(frontend.held) or frontend.copy_in:
+            return  # `data` goes on a message begun earlier: no statement starts it
         statement: tuple[int, str] | None = None
         first = data[0]
         if first == codes.QUERY:
@@ -1478,6 +1481,10 @@ class ClientConnection(asyncio.Protocol):
         hub = self.listen_hub
         if pending is None or hub is None:
             return
+        # Up to the last ReadyForQuery: a notification from a server the client
+        # keeps may follow it.
+        ready = reply_end.rfind(messages.READY_IDLE)
+        reply_end = reply_end[: ready + len(messages.READY_IDLE)] if ready >= 0 else b""
         if (
             not reply_end.endswith(_COMMITTED)
             and not reply_end.endswith(_UNLISTENED)
