@@ -89,3 +89,28 @@ class FakeBackend:
         finally:
             with self._lock:
                 self.open -= 1
+
+
+class QueryBackend(FakeBackend):
+    """Lets anyone in and answers each query with reply(): one row unless a subclass
+    says otherwise (None: no answer at all)."""
+
+    def serve(self, sock: socket.socket) -> None:
+        read_startup(sock)  # anyone is welcome
+        sock.sendall(LOGIN_OK)
+        while True:
+            msg_type, body = read_message(sock)
+            if msg_type == b"X":
+                return
+            text = body.rstrip(b"\x00")
+            reply = self.reply(text)
+            if reply is not None:
+                sock.sendall(reply)
+                self.answered(text)
+
+    def reply(self, text: bytes) -> bytes | None:
+        """The answer to a query whose text is `text`."""
+        return ONE_ROW
+
+    def answered(self, text: bytes) -> None:
+        """Called once the answer to `text` is sent."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import threading
 import time
 
@@ -22,7 +21,7 @@ import pytest
 
 from helpers import EXAMPLE_DB, ExamplePostgres
 from helpers import pgwire as w
-from helpers.fake_backend import LOGIN_OK, ONE_ROW, FakeBackend, read_message, read_startup
+from helpers.fake_backend import ONE_ROW, QueryBackend
 from helpers.listen import md5_user_pool
 from helpers.metrics import scrape
 from helpers.metrics import value as metric
@@ -326,7 +325,7 @@ def test_the_metrics_count_the_clients_that_hold_locks(
     assert (pinned("advisory_lock"), pinned("listen")) == (0, 0)
 
 
-class SlowLockCheckBackend(FakeBackend):
+class SlowLockCheckBackend(QueryBackend):
     """Answers every query with one row, but the pooler's advisory lock check only once
     `answer_check` is set. Records the texts of the queries it got."""
 
@@ -336,18 +335,12 @@ class SlowLockCheckBackend(FakeBackend):
         self.texts: list[bytes] = []
         super().__init__()
 
-    def serve(self, sock: socket.socket) -> None:
-        read_startup(sock)
-        sock.sendall(LOGIN_OK)
-        while True:
-            msg_type, body = read_message(sock)
-            if msg_type == b"X":
-                return
-            self.texts.append(body.rstrip(b"\x00"))
-            if b"pg_locks" in body:
-                self.checking.set()
-                self.answer_check.wait(10)
-            sock.sendall(ONE_ROW)  # for the check: a row, so the locks are held
+    def reply(self, text: bytes) -> bytes | None:
+        self.texts.append(text)
+        if b"pg_locks" in text:
+            self.checking.set()
+            self.answer_check.wait(10)
+        return ONE_ROW  # for the check: a row, so the locks are held
 
 
 def test_a_cancel_during_the_check_cancels_the_request_waiting_for_it(

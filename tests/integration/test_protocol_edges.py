@@ -11,7 +11,10 @@ import pytest
 
 from helpers import ExamplePostgres
 from helpers import pgwire as w
-from helpers.fake_backend import LOGIN_OK, ONE_ROW, FakeBackend, read_message, read_startup
+from helpers.fake_backend import (
+    ONE_ROW,
+    QueryBackend,
+)
 from helpers.pooler import PoolerFactory, PoolerProcess
 
 
@@ -196,7 +199,7 @@ def test_check_config_flag(pooler: PoolerFactory) -> None:
     assert "general.port" in failed.stderr
 
 
-class ProtocolBreakingBackend(FakeBackend):
+class ProtocolBreakingBackend(QueryBackend):
     """Lets anyone in, answers the empty query and any other query with one row,
     except `select broken`, which gets `broken_reply`."""
 
@@ -205,21 +208,16 @@ class ProtocolBreakingBackend(FakeBackend):
         self.broken_sent = threading.Event()
         super().__init__()
 
-    def serve(self, sock: socket.socket) -> None:
-        read_startup(sock)  # anyone is welcome
-        sock.sendall(LOGIN_OK)
-        while True:
-            msg_type, body = read_message(sock)
-            if msg_type == b"X":
-                return
-            text = body.rstrip(b"\x00")
-            if text == b"select broken":
-                sock.sendall(self.broken_reply)
-                self.broken_sent.set()
-            elif not text:
-                sock.sendall(w.message(b"I") + w.message(b"Z", b"I"))
-            else:
-                sock.sendall(ONE_ROW)
+    def reply(self, text: bytes) -> bytes | None:
+        if text == b"select broken":
+            return self.broken_reply
+        if not text:
+            return w.message(b"I") + w.message(b"Z", b"I")
+        return ONE_ROW
+
+    def answered(self, text: bytes) -> None:
+        if text == b"select broken":
+            self.broken_sent.set()
 
 
 @pytest.mark.parametrize(

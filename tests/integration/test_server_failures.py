@@ -23,7 +23,13 @@ import pytest
 from helpers import ExamplePostgres
 from helpers import pgwire as w
 from helpers.console import admin_console, pool_row
-from helpers.fake_backend import LOGIN_OK, ONE_ROW, FakeBackend, read_message, read_startup
+from helpers.fake_backend import (
+    ONE_ROW,
+    FakeBackend,
+    QueryBackend,
+    read_message,
+    read_startup,
+)
 from helpers.pooler import PoolerFactory
 
 
@@ -156,7 +162,7 @@ def test_retries_for_many_waiting_clients_keep_to_the_backoff(
         backend.close()
 
 
-class UnprobeableBackend(FakeBackend):
+class UnprobeableBackend(QueryBackend):
     """Lets anyone in and answers every query with one row, except the empty query
     the pooler's idle check sends, which it never answers."""
 
@@ -164,17 +170,11 @@ class UnprobeableBackend(FakeBackend):
         self.probed = threading.Event()
         super().__init__()
 
-    def serve(self, sock: socket.socket) -> None:
-        read_startup(sock)
-        sock.sendall(LOGIN_OK)
-        while True:
-            msg_type, body = read_message(sock)
-            if msg_type == b"X":
-                return
-            if not body.rstrip(b"\x00"):
-                self.probed.set()  # and no answer
-                continue
-            sock.sendall(ONE_ROW)
+    def reply(self, text: bytes) -> bytes | None:
+        if not text:
+            self.probed.set()  # and no answer
+            return None
+        return ONE_ROW
 
 
 def test_a_server_killed_during_its_idle_check_leaves_no_phantom(
