@@ -367,7 +367,7 @@ def test_a_cancel_during_the_check_cancels_the_request_waiting_for_it(
             assert value(conn, "select pg_advisory_lock(4214)") == "1"
             assert backend.checking.wait(5)
             conn.send_raw(w.query("select 'canceled'"))
-            time.sleep(0.3)  # read by the pooler, held behind the check
+            time.sleep(0.5)  # read by the pooler, held behind the check
             assert conn.backend_pid is not None and conn.secret_key is not None
             w.cancel(proc.host, proc.port, conn.backend_pid, conn.secret_key)
             canceled = conn.read_until_ready(timeout=5)
