@@ -20,14 +20,6 @@ class Usage:
     user_ticks: int  # utime alone: the process's own code, no syscalls
     rss_bytes: int
 
-    @property
-    def cpu_seconds(self) -> float:
-        return self.cpu_ticks / CLK_TCK
-
-    @property
-    def user_seconds(self) -> float:
-        return self.user_ticks / CLK_TCK
-
 
 def _stat_fields(pid: int) -> list[bytes] | None:
     try:

@@ -140,6 +140,13 @@ _NOTIFY_BACKLOG: Final = 16 * 1024 * 1024
 _COMMITTED: Final = messages.command_complete("COMMIT") + messages.READY_IDLE
 _UNLISTENED: Final = UNLISTEN_DONE + messages.READY_IDLE
 _LISTENED: Final = LISTEN_DONE + messages.READY_IDLE
+# The answer to a request canceled before it reached a server.
+_CANCELED_REQUEST: Final = (
+    messages.error_response(
+        "ERROR", sqlstate.QUERY_CANCELED, "canceling statement due to user request"
+    )
+    + messages.READY_IDLE
+)
 # A TLS record's first byte when it carries a handshake message (the client's hello).
 _TLS_HANDSHAKE_RECORD: Final = 0x16
 # Names that may be spliced into SET statements; anything else is refused at login.
@@ -1137,13 +1144,12 @@ class ClientConnection(asyncio.Protocol):
             self._between_transactions(data)
 
     def cancel_waiting(self) -> bool:
-        """A CancelRequest while queued for a server: answer the first request with
-        57014 as PostgreSQL would, and keep waiting for whatever follows it. False when
-        there is nothing to cancel (not queued, or the request is still incomplete).
-        The same for a request that waits for an advisory lock check."""
-        if self._checking_locks:
-            return self._cancel_behind_lock_check()
-        if (
+        """A CancelRequest while queued for a server, or while its server is asked
+        about advisory locks: answer the first request waiting with 57014 as PostgreSQL
+        would, and keep waiting for whatever follows it. False when there is nothing to
+        cancel (not waiting, or the request is still incomplete)."""
+        checking_locks = self._checking_locks
+        if not checking_locks and (
             self.state != WAITING
             or self.pool is None
             or self._check_query_next
@@ -1155,15 +1161,15 @@ class ClientConnection(asyncio.Protocol):
         if end is None:
             return False
         rest = self._pending[end:]
+        if checking_locks:
+            self._pending = rest  # waits for the check's answer (locks_checked)
+            self.write(_CANCELED_REQUEST)
+            return True
         self._pending = b""
+        assert self.pool is not None
         self.pool.cancel_wait(self)
         self.state = IDLE
-        self.write(
-            messages.error_response(
-                "ERROR", sqlstate.QUERY_CANCELED, "canceling statement due to user request"
-            )
-            + messages.READY_IDLE
-        )
+        self.write(_CANCELED_REQUEST)
         self.resume_reading()
         if rest:
             self._between_transactions(rest)
@@ -1282,10 +1288,7 @@ class ClientConnection(asyncio.Protocol):
                 and self._may_start_listen(buf, n)
                 and self._fans_out(pool)
             ):
-                rewriter = self.rewriter
-                batch = read_extended(
-                    buf, _no_statement if rewriter is None else rewriter.statement_text
-                )
+                batch = self._read_listen_batch(buf)
                 if batch == INCOMPLETE:
                     self._pending = buf
                     return
@@ -1322,22 +1325,6 @@ class ClientConnection(asyncio.Protocol):
             return
         self._start(server, buf, now)
 
-    def _cancel_behind_lock_check(self) -> bool:
-        """cancel_waiting() while the server is asked about advisory locks: the first
-        request sent since is answered with 57014 and never forwarded; what follows it
-        goes on waiting for the check (locks_checked)."""
-        end = first_request_end(self._pending)
-        if end is None:
-            return False
-        self._pending = self._pending[end:]
-        self.write(
-            messages.error_response(
-                "ERROR", sqlstate.QUERY_CANCELED, "canceling statement due to user request"
-            )
-            + messages.READY_IDLE
-        )
-        return True
-
     def _fans_out(self, pool: Pool) -> bool:
         """Whether this client's LISTENs go through the pool's hub: in transaction
         mode, in the hub's encoding (notifications are passed on byte for byte)."""
@@ -1364,6 +1351,11 @@ class ClientConnection(asyncio.Protocol):
         while i < n and buf[i] != 0:  # the statement's name
             i += 1
         return i + 1 >= n or _MAY_BE_LISTEN[buf[i + 1]] != 0
+
+    def _read_listen_batch(self, buf: bytes) -> ExtendedStatement | int | None:
+        """read_extended() of `buf`, a Bind's statement text known by the rewriter."""
+        rewriter = self.rewriter
+        return read_extended(buf, _no_statement if rewriter is None else rewriter.statement_text)
 
     def _prepared_here(self, batch: ExtendedStatement) -> bool:
         """A batch's Parse, if any, names the statement here, as a server would (False:
@@ -1453,10 +1445,7 @@ class ClientConnection(asyncio.Protocol):
         elif (first == codes.PARSE or first == codes.BIND) and self._may_start_listen(
             data, len(data)
         ):
-            rewriter = self.rewriter
-            batch = read_extended(
-                data, _no_statement if rewriter is None else rewriter.statement_text
-            )
+            batch = self._read_listen_batch(data)
             if isinstance(batch, ExtendedStatement) and batch.runs:
                 statement = (batch.op, batch.channel)
         if statement is not None:
