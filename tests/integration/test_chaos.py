@@ -70,7 +70,13 @@ class Tally:
         self.seed = seed
         self.done: Counter[str] = Counter()
         self.lost = 0
+        # What each loss looked like, for the failure message.
+        self.lost_to: Counter[str] = Counter()
         self.kills = 0
+
+    def lose(self, why: BaseException | str) -> None:
+        self.lost += 1
+        self.lost_to[why if isinstance(why, str) else f"{type(why).__name__}: {why}"[:120]] += 1
 
 
 async def one_action(conn: asyncpg.Connection, rng: random.Random, tally: Tally) -> str:
@@ -125,7 +131,7 @@ async def vanish(dsn: str, rng: random.Random, tally: Tally) -> None:
         await conn.execute("begin")
     except Exception as exc:
         lost_connection(exc, conn, "vanish")
-        tally.lost += 1
+        tally.lose(exc)
         if conn is not None:
             conn.terminate()
         return
@@ -150,19 +156,19 @@ async def client(dsn: str, seed: int, deadline: float, tally: Tally) -> None:
         if conn is not None and conn.is_closed():
             # Lost between two actions: a backend killed while asyncpg was still
             # cancelling the last one's query after the timeout gave up on it.
-            tally.lost += 1
+            tally.lose("closed between actions")
             conn = None
         try:
             if conn is None:
                 conn = await asyncpg.connect(dsn)
                 last = "connect"
             last = await one_action(conn, rng, tally)
-            lost = False
+            lost: Exception | None = None
         except Exception as exc:
             lost_connection(exc, conn, last)
-            lost = True
-        if lost:
-            tally.lost += 1
+            lost = exc
+        if lost is not None:
+            tally.lose(lost)
             assert conn is not None
             conn.terminate()
             conn = None
@@ -389,7 +395,7 @@ def test_the_books_balance_after_backends_die_under_load(
     proc = chaos_pooler(pg, pooler, workers, pool_mode)
     tally = run_clients(proc, pg, partial(killer, pg))
     context = f"seed {tally.seed} (CHAOS_SEED replays it), {tally.done}, lost {tally.lost} "
-    context += f"connections to {tally.kills} killed backends"
+    context += f"({dict(tally.lost_to)}) connections to {tally.kills} killed backends"
     assert tally.kills > 5, context
     # Each kill breaks at most the one client whose server it was.
     assert tally.lost <= tally.kills, context
@@ -416,7 +422,9 @@ def test_admin_commands_under_load_lose_no_client(
         commands = tuple(command for command in commands if command != "PAUSE")
     tally = run_clients(proc, pg, partial(operator, proc, commands))
     context = f"seed {tally.seed} (CHAOS_SEED replays it), {tally.done}, lost {tally.lost}"
-    assert tally.lost == 0, context
+    assert tally.lost == 0, (
+        f"{context} {dict(tally.lost_to)}; pooler log:\n{proc.log_text()[-3000:]}"
+    )
     assert tally.done["RECONNECT"] and tally.done["reload"], context
     assert tally.done["PAUSE"] or pool_mode == "session", context
     assert_books_balance(proc, pg, context, pool_mode)
@@ -433,7 +441,9 @@ def test_pool_changes_under_load_lose_no_client(
     proc = chaos_pooler(pg, pooler, workers)
     tally = run_clients(proc, pg, partial(reconfigurer, proc, pg.scram_user.name))
     context = f"seed {tally.seed} (CHAOS_SEED replays it), {tally.done}, lost {tally.lost}"
-    assert tally.lost == 0, context
+    assert tally.lost == 0, (
+        f"{context} {dict(tally.lost_to)}; pooler log:\n{proc.log_text()[-3000:]}"
+    )
     assert tally.done["reload"] > 10, context
     assert_books_balance(proc, pg, context)
     assert not closed_clients(proc), closed_clients(proc)
