@@ -545,6 +545,158 @@ def test_flush_mode_reparse(one_server: PoolerProcess, pg: ExamplePostgres) -> N
         conn.close()
 
 
+# Queries sent inside an extended-protocol batch, before its Sync; PostgreSQL skips what
+# follows a failing extended message up to the Sync, a Query too.
+_QUERIES_IN_A_BATCH = {
+    "error-before-the-queries": (
+        w.parse("", "select 1/0") + w.bind("", "") + w.execute() + w.query("select 42")
+        + w.parse("", "select 2") + w.bind("", "") + w.execute() + w.query("select 43")
+        + w.sync(),
+        "1EZ",  # 1/0 fails at Bind: the plan folds the constant
+    ),
+    "error-between-the-queries": (
+        w.parse("", "select 1") + w.bind("", "") + w.execute() + w.query("select 42")
+        + w.parse("", "select 1/0") + w.bind("", "") + w.execute() + w.query("select 43")
+        + w.sync(),
+        "12DCTDCZ1EZ",
+    ),
+    "the-query-fails": (
+        w.parse("", "select 1") + w.bind("", "") + w.execute() + w.query("select 1/0")
+        + w.parse("", "select 2") + w.bind("", "") + w.execute() + w.sync(),
+        "12DCEZ12DCZ",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(_QUERIES_IN_A_BATCH))
+def test_queries_inside_a_batch_are_answered_as_postgresql_does(
+    pg: ExamplePostgres, pooler: PoolerFactory, case: str
+) -> None:
+    """The answers are PostgreSQL's, and the pooler expects no ReadyForQuery for a Query
+    that PostgreSQL skipped: the pool's one server goes back to the pool at the Sync,
+    for the next client, while the first one stays connected."""
+    batch, types = _QUERIES_IN_A_BATCH[case]
+    proc = pooler(general={"query_wait_timeout": 3000}, pools=one_user_pool(pg, 1))
+
+    def exchange(conn: w.PgWire) -> list[w.Message]:
+        conn.send_raw(batch)
+        got = [m for _ in range(types.count("Z")) for m in conn.read_until_ready()]
+        return got + conn.read_available(0.2)
+
+    direct, pooled = on_both(pg, proc, exchange)
+    assert w.msg_types(direct) == types
+    assert pooled == direct
+    first, second = connect(proc, pg), connect(proc, pg)
+    try:
+        first.send_raw(batch)
+        for _ in range(types.count("Z")):
+            first.read_until_ready()
+        assert second.execute_query("select 'next client'") == [("next client",)]
+        assert first.execute_query("select 'first client'") == [("first client",)]
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_pinned_client_deallocates_its_statement(
+    one_server: PoolerProcess, pg: ExamplePostgres
+) -> None:
+    """A client that keeps its server between transactions (an advisory lock pins it)
+    DEALLOCATEs its statement by its own name, which the server does not know."""
+
+    def exchange(conn: w.PgWire) -> list[w.Message]:
+        got = conn.simple_query("select pg_advisory_lock(4242)")
+        conn.send_raw(w.parse("s1", "select 1") + w.bind("", "s1") + w.execute() + w.sync())
+        got += conn.read_until_ready()
+        got += conn.simple_query("DEALLOCATE s1")
+        got += conn.run_prepared("s1")
+        got += conn.simple_query("select pg_advisory_unlock(4242)")
+        return [m for m in got if m[0] != b"N"]
+
+    direct, pooled = on_both(pg, one_server, exchange)
+    assert w.msg_types(direct) == "TDCZ12DCZCZEZTDCZ"
+    assert w.comparable(pooled) == w.comparable(direct)
+
+
+@pytest.mark.parametrize("command", ["deallocate all", "discard all"])
+def test_an_extended_reset_keeps_the_unnamed_statement(
+    one_server: PoolerProcess, pg: ExamplePostgres, command: str
+) -> None:
+    """Run as an extended-protocol statement, DEALLOCATE ALL and DISCARD ALL drop the
+    named statements but not the unnamed one (only a simple Query drops that)."""
+
+    def exchange(conn: w.PgWire) -> list[w.Message]:
+        conn.send_raw(w.parse("", "select 11 as v") + w.bind("", "") + w.execute() + w.sync())
+        got = conn.read_until_ready()
+        conn.send_raw(w.parse("named", "select 12") + w.sync())
+        got += conn.read_until_ready()
+        conn.send_raw(w.parse("reset", command) + w.bind("", "reset") + w.execute() + w.sync())
+        got += conn.read_until_ready()
+        conn.send_raw(w.bind("", "") + w.execute() + w.sync())
+        got += conn.read_until_ready()
+        got += conn.run_prepared("named")
+        return got
+
+    direct, pooled = on_both(pg, one_server, exchange)
+    assert w.msg_types(direct) == "12DCZ1Z12CZ2DCZEZ"
+    assert w.comparable(pooled) == w.comparable(direct)
+
+
+def _copy_with_a_sync_inside(conn: w.PgWire) -> list[w.Message]:
+    # A Sync between CopyData messages, which PostgreSQL ignores during COPY FROM STDIN.
+    conn.send_raw(w.query("copy copied from stdin"))
+    got = conn.read_until(b"G")
+    conn.send_raw(w.copy_data("1\n") + w.sync() + w.copy_data("2\n") + w.copy_done())
+    return got + conn.read_until_ready()
+
+
+def _extended_copy(conn: w.PgWire) -> list[w.Message]:
+    # libpq's order: the Sync right behind the Execute, before the copy has begun.
+    conn.send_raw(w.parse("", "copy copied from stdin") + w.bind("", "") + w.execute() + w.sync())
+    got = conn.read_until(b"G")
+    conn.send_raw(w.copy_data("3\n") + w.copy_done() + w.sync())
+    return got + conn.read_until_ready()
+
+
+@pytest.mark.parametrize("copy", [_copy_with_a_sync_inside, _extended_copy])
+@pytest.mark.parametrize("trickled", [False, True], ids=["whole", "trickled"])
+def test_syncs_during_copy_in_expect_no_reply(
+    one_server: PoolerProcess,
+    pg: ExamplePostgres,
+    copy: Callable[[w.PgWire], list[w.Message]],
+    trickled: bool,
+) -> None:
+    """A Sync that reaches the server during COPY FROM STDIN is ignored there: the
+    pooler expects nothing for it, and a statement the server already has, used after
+    the copy in the same transaction, is answered as PostgreSQL answers it."""
+    user = pg.md5_user
+    wire = w.TricklingWire if trickled else w.PgWire
+    answers = []
+    for target in (pg, one_server):
+        conn = wire.connect(target.host, target.port, user.name, "example_db", user.password)
+        try:
+            conn.send_raw(
+                w.parse("s1", "select 5 as v") + w.bind("", "s1") + w.execute() + w.sync()
+            )
+            got = conn.read_until_ready()
+            got += conn.simple_query("begin")
+            got += conn.simple_query("create temp table copied(x int)")
+            got += copy(conn)
+            got += conn.read_available(0.2)
+            conn.send_raw(
+                w.parse("s2", "select 5 as v") + w.bind("", "s2") + w.execute() + w.sync()
+            )
+            got += conn.read_until_ready()
+            got += conn.simple_query("select count(*), sum(x) from copied")
+            got += conn.simple_query("commit")
+            answers.append(got + conn.read_available(0.2))
+        finally:
+            conn.close()
+    direct, pooled = answers
+    assert w.first_error(direct) is None, direct
+    assert pooled == direct
+
+
 # ---- parity with PostgreSQL -----------------------------------------------------------
 
 

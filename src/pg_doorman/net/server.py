@@ -570,6 +570,10 @@ class ServerConnection(asyncio.Protocol):
         if rewriter is not None:
             if scanner.hook is None and rewriter.leading_queries and scanner.ready_count:
                 rewriter.leading_queries = max(rewriter.leading_queries - scanner.ready_count, 0)
+            if rewriter.skipped_queries:
+                # Skipped after an error in the batch: no ReadyForQuery comes for them.
+                client.frontend.pending_ready -= rewriter.skipped_queries
+                rewriter.skipped_queries = 0
             if rewriter.desynced:
                 rewriter.desynced = False
                 self.statements_unknown = True

@@ -297,6 +297,7 @@ class BatchRewriter:
         "resume_at",
         "server",
         "server_replies",
+        "skipped_queries",
         "skipping",
         "unnamed",
     )
@@ -316,6 +317,10 @@ class BatchRewriter:
         # Queries sent while nothing else was expected: answered before anything queued.
         self.leading_queries = 0
         self.skipping = False  # after a synthetic error: drop client messages until Sync
+        # Queries (and FunctionCalls) sent after an extended-protocol message that
+        # failed, before its Sync: PostgreSQL skips them, so their ReadyForQuery never
+        # comes (read and reset by the server connection, which owes one fewer each).
+        self.skipped_queries = 0
         self.desynced = False
         # Synthetic answers due before the next server message; usually one.
         self._prefix: list[bytes] = []
@@ -362,6 +367,7 @@ class BatchRewriter:
             self._journal.clear()
         self.leading_queries = 0
         self.skipping = False
+        self.skipped_queries = 0
 
     @property
     def active(self) -> bool:
@@ -416,23 +422,29 @@ class BatchRewriter:
         return None  # Flush and anything else
 
     def _deallocate_here(self, body: bytes) -> bool:
-        """A `DEALLOCATE name` of one of the client's statements inside a transaction
-        block, with nothing in flight: the server does not know the client's name, so
-        the rewriter answers as PostgreSQL would. In a failed block the server answers
-        (25P02, before it looks at the name); DEALLOCATE ALL runs on the server."""
+        """A `DEALLOCATE name` of one of the client's statements, with a server
+        attached (inside a transaction block, or between transactions by a client
+        pinned to its server) and nothing in flight: the server does not know the
+        client's name, so the rewriter answers as PostgreSQL would. In a failed block
+        the server answers (25P02, before it looks at the name); DEALLOCATE ALL runs
+        on the server."""
         replies = self.server_replies
         if (
             self.expect.size
             or self.leading_queries
             or replies is None
-            or replies.status != codes.TX_IN_BLOCK
+            or (replies.status != codes.TX_IN_BLOCK and replies.status != codes.TX_IDLE)
             or body[-1:] != b"\x00"
         ):
             return False
         reply = self.deallocate(body[:-1], all_too=False)
         if reply is None:
             return False
-        self._push(SYNTH, reply + messages.READY_IN_TRANSACTION)
+        if replies.status == codes.TX_IDLE:
+            ready = messages.READY_IDLE
+        else:
+            ready = messages.READY_IN_TRANSACTION
+        self._push(SYNTH, reply + ready)
         self.answered_here = True
         return True
 
@@ -654,7 +666,9 @@ class BatchRewriter:
         """The server dropped all its statements (DISCARD ALL or DEALLOCATE ALL) at
         this point of its replies, with client messages still queued behind: it has
         only those whose Parse is among them. The client keeps only the names set by
-        the messages behind the command, which are still in the journal."""
+        the messages behind the command, which are still in the journal, and its
+        unnamed statement: PostgreSQL drops that one at every simple Query (frontend()
+        has seen to it), never at the command, which may run as an extended one."""
         server = self.server
         assert server is not None
         server.clear()
@@ -667,20 +681,16 @@ class BatchRewriter:
         command = expect.popped  # the reset's own entry
         named = self.named
         kept: dict[bytes, StatementEntry] = {}
-        unnamed: StatementEntry | None = None
         journal = self._journal
         for i in range(len(journal)):
             serial, name, _ = journal[i]
-            if serial <= command:
+            if serial <= command or not name:
                 continue
-            if not name:
-                unnamed = self.unnamed
-            elif name in named:
+            if name in named:
                 kept[name] = named[name]
             # Undone, the change leaves the name as the reset left it: unset.
             journal[i] = (serial, name, None)
         self.named = kept
-        self.unnamed = unnamed
 
     def prepare_here(self, body: bytes) -> bool:
         """A Parse the pooler answers itself, between transactions (a LISTEN the
@@ -958,7 +968,9 @@ class BatchRewriter:
         while expect.size and expect.kinds[expect.head] != SYNC:
             kind = expect.kinds[expect.head]
             payload = expect.popleft()
-            if kind == RECHECK_CLOSE:
+            if kind == QUERY:
+                self.skipped_queries += 1
+            elif kind == RECHECK_CLOSE:
                 # Skipped, and so is the Parse right behind it: see below.
                 doubted = payload
                 self.desynced = True

@@ -539,7 +539,9 @@ class FrontendScanner(_Stream):
                     f"invalid frontend message type {msg_type!r} or length {length}"
                 )
             end = pos + 1 + length
-            if rewriter is not None and _REWRITTEN[msg_type]:
+            # During COPY FROM STDIN the server ignores Sync and Flush (and refuses
+            # anything else but the copy's messages): none of it is the rewriter's.
+            if rewriter is not None and _REWRITTEN[msg_type] and not self.copy_in:
                 skipping = rewriter.skipping
                 if end > n and (
                     skipping
