@@ -10,6 +10,7 @@ import threading
 import time
 
 import psycopg
+import pytest
 
 from helpers import ExamplePostgres
 from helpers import pgwire as w
@@ -58,6 +59,68 @@ def test_copy_data_after_the_server_ended_the_copy_holds_no_server(
         assert conn.execute_query("select 'after'") == [("after",)]
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize("split", [3, 9], ids=["in-a-header", "in-a-body"])
+def test_copy_failing_while_a_message_is_half_sent_holds_no_server(
+    pg: ExamplePostgres, pooler: PoolerFactory, split: int
+) -> None:
+    """As above, but the error comes while the client is inside a CopyData message.
+    The server must get that message whole before anyone else's bytes, and is given
+    back once it has: the client is idle then, and must not keep it."""
+    proc = pooler(general={"query_wait_timeout": 3000}, pools=one_user_pool(pg, 1))
+    conn = connect(proc, pg)
+    try:
+        conn.send_raw(w.query("create temp table t (a int) on commit drop; copy t from stdin"))
+        conn.read_until(b"G")
+        rest = w.copy_data("1\n" * 1000) + w.copy_done()
+        conn.send_raw(w.copy_data("bad\n") + rest[:split])
+        got = conn.read_until_ready()
+        error = w.first_error(got)
+        assert error is not None and error.sqlstate == "22P02" and w.msg_types(got) == "EZ"
+        conn.send_raw(rest[split:])
+        assert conn.read_available(0.3) == []
+        assert served_quickly(proc, pg) < 2.0
+        assert conn.execute_query("select 'after'") == [("after",)]
+    finally:
+        conn.close()
+
+
+def test_a_copy_the_server_stopped_reading_fails_and_the_client_is_read_again(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """PostgreSQL stops reading a COPY whose row waits on another transaction's lock;
+    the pooler then stops reading the client. When the row fails, PostgreSQL answers at
+    once and ignores the rest of the data: the client must be read again (its next
+    query answered), whether its server was given back at the error or later."""
+    proc = pooler(pools=one_user_pool(pg, 2))
+    user = pg.md5_user
+    blocker = psycopg.connect(pg.dsn(database="example_db"))
+    outcome: dict[str, object] = {}
+
+    def copy_then_query() -> None:
+        with psycopg.connect(proc.dsn(user.name, user.password), autocommit=True) as conn:
+            try:
+                with conn.cursor() as cur, cur.copy("copy items from stdin") as copy:
+                    copy.write_row((100_000, "duplicate"))
+                    for i in range(300_000):
+                        copy.write_row((200_000 + i, f"row {i}"))
+            except psycopg.errors.UniqueViolation:
+                outcome["copy"] = "unique violation"
+            outcome["next"] = conn.execute("select 42").fetchone()
+
+    try:
+        blocker.execute("insert into items values (100000, 'held')")
+        thread = threading.Thread(target=copy_then_query, daemon=True)
+        thread.start()
+        time.sleep(1.5)  # the COPY waits on the lock, its data piles up in the pooler
+        blocker.commit()
+        thread.join(30)
+        assert outcome == {"copy": "unique violation", "next": (42,)}
+    finally:
+        blocker.execute("delete from items where id = 100000")
+        blocker.commit()
+        blocker.close()
 
 
 def test_a_flush_between_transactions_holds_no_server(

@@ -1212,6 +1212,8 @@ class ClientConnection(asyncio.Protocol):
             self.write(rewriter.drain())
         if frontend.terminated:
             self.close()
+        elif server.end_deferred and frontend.pending_ready <= 0 and self.server is server:
+            server.end_if_over(self)
 
     def _between_transactions(self, data: bytes) -> None:
         """No server attached: answer what needs none, else check one out."""

@@ -82,6 +82,11 @@ _HOLDS_LOCKS: Final = messages.query(
 # _after_lock_calls() results.
 _LOCKS_CHECK: Final = 1
 _LOCKS_WARN: Final = 2
+# What follows the last reply of a transaction (ServerConnection._end_transaction).
+_AFTER_LISTEN: Final = 1  # warn that its LISTEN ended with it
+_AFTER_LOCK_CHECK: Final = 2  # ask the server about the client's advisory locks
+_AFTER_LOCK_WARNING: Final = 4
+_AFTER_HELD: Final = 8  # deliver notifications held through it (listen_fanout)
 # Sent after the ReadyForQuery of such a transaction with pin_on_advisory_lock off.
 _LOCKS_WARNING: Final = messages.notice_response(
     sqlstate.WARNING,
@@ -182,6 +187,12 @@ class ServerConnection(asyncio.Protocol):
         self._after_quiet: Callable[[bool], None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._reading_paused = False
+        # The transport's buffer to the backend is over its high-water mark: its client
+        # is not read from (pause_writing), and nor is the next one (attach).
+        self.writing_paused = False
+        # Everything the client sent was answered, but it was still inside a message
+        # the server ignores (see end_if_over): the transaction ends with that message.
+        self.end_deferred = False
         self._quiet_ok = True
         self._captured: bytearray | None = None
         self.sync_pending = False  # its reply is swallowed (send_parameter_sync)
@@ -249,11 +260,13 @@ class ServerConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # The backend isn't reading: stop reading from the client feeding it.
+        self.writing_paused = True
         client = self.client
         if client is not None:
             client.pause_reading()
 
     def resume_writing(self) -> None:
+        self.writing_paused = False
         client = self.client
         if client is not None:
             client.resume_reading()
@@ -457,9 +470,14 @@ class ServerConnection(asyncio.Protocol):
         self.request_data = None
         self._xact_base_sent = self.bytes_sent
         self._xact_base_received = self.bytes_received
+        self.end_deferred = False
         if client.write_paused and self.transport is not None:
             self.transport.pause_reading()
             self._reading_paused = True
+        if self.writing_paused:
+            # Still draining what the last client sent (the rest of a failed COPY's
+            # data, which PostgreSQL reads and ignores): this one waits for it too.
+            client.pause_reading()
         owner = self.temp_owner
         if owner is None or owner is client:
             return False
@@ -593,9 +611,7 @@ class ServerConnection(asyncio.Protocol):
             frontend.on_copy_aborted_by_server()
         if scanner.error_count != self._errors_seen:
             self._count_errors()
-        listened = 0
-        locks = 0
-        held = False
+        after = 0
         if scanner.ready_count:
             ready = scanner.ready_count
             now = _now()
@@ -607,6 +623,7 @@ class ServerConnection(asyncio.Protocol):
             self.queries += ready
             client.queries += ready
             frontend.pending_ready -= ready
+            # _transaction_over(), written out: this runs at every ReadyForQuery.
             ended = (
                 frontend.pending_ready <= 0
                 and scanner.status == _READY_I
@@ -618,6 +635,8 @@ class ServerConnection(asyncio.Protocol):
                 and not frontend.need
                 and not len(frontend.held)
             )
+            if not ended and frontend.pending_ready <= 0 and frontend.mid_message:
+                self.end_deferred = True  # see end_if_over
             if ended and ready == 1 and self.query_started == self.xact_started:
                 stats.record_one_query_transaction(
                     now - self.xact_started,
@@ -640,47 +659,100 @@ class ServerConnection(asyncio.Protocol):
                 elif frontend.pending_ready > 0:
                     self.query_started = now  # a request sent ahead runs from now on
             if ended:
-                frontend.pending_ready = 0
-                self.transactions += 1
-                client.transactions += 1
-                self.xact_started = now
-                self._xact_base_sent = self.bytes_sent
-                self._xact_base_received = self.bytes_received
-                held = client.held_notifications is not None
-                if scanner.discarded_all:
-                    scanner.discarded_all = False
-                    if client.listen_hub is not None:
-                        # DISCARD ALL includes UNLISTEN *: for its listen_fanout LISTENs too.
-                        client.listen_hub.leave(client)
-                    if client.pinned_for & PIN_LOCKS:
-                        client.unpin(PIN_LOCKS, self)  # DISCARD ALL released its locks too
-                if not self.pool.settings.session_mode:
-                    listened = scanner.cleanup_flags & CLEAN_LISTEN
-                    if listened and (client.pinned_for & PIN_LISTEN or self._pin(client)):
-                        listened = 0  # its LISTENs stay in force
-                    if scanner.cleanup_flags & CALLS_ANY:
-                        locks = self._after_lock_calls(client)
-                    if locks == _LOCKS_CHECK:
-                        pass  # the server stays out of the pool until it is known
-                    elif not client.pinned_for or client.closing_after_transaction is not None:
-                        # Give the server back before the last write to the client, so
-                        # the next waiter starts while these bytes are on their way.
-                        client.detach_server(self)
-                        self.finish(now)
-                if client.listen_at_commit is not None:
-                    client.listen_statements_committed(out)  # once it is known pinned
+                after = self._end_transaction(client, now, out)
         client.write(out)
-        if listened:
-            self._warn_listen(client)
-        if locks:
+        if after:
+            self._after_transaction(client, after)
+
+    def _transaction_over(self, client: ClientConnection) -> bool:
+        """Everything `client` sent has been answered, outside a transaction block and
+        a COPY, and neither side is inside a message."""
+        frontend = client.frontend
+        scanner = self.scanner
+        return (
+            frontend.pending_ready <= 0
+            and scanner.status == _READY_I
+            and not frontend.batch_open
+            and not scanner.in_copy
+            and not frontend.copy_in
+            and not scanner.need
+            and not len(scanner.held)
+            and not frontend.need
+            and not len(frontend.held)
+        )
+
+    def _end_transaction(self, client: ClientConnection, now: float, out: bytes) -> int:
+        """The books of a transaction that just ended (its last reply, `out`, still to
+        be written to the client): the server goes back to the pool unless the client
+        keeps it. Returns the _AFTER_* bits of what follows that write."""
+        frontend = client.frontend
+        scanner = self.scanner
+        frontend.pending_ready = 0
+        self.end_deferred = False
+        self.transactions += 1
+        client.transactions += 1
+        self.xact_started = now
+        self._xact_base_sent = self.bytes_sent
+        self._xact_base_received = self.bytes_received
+        after = _AFTER_HELD if client.held_notifications is not None else 0
+        if scanner.discarded_all:
+            scanner.discarded_all = False
+            if client.listen_hub is not None:
+                # DISCARD ALL includes UNLISTEN *: for its listen_fanout LISTENs too.
+                client.listen_hub.leave(client)
+            if client.pinned_for & PIN_LOCKS:
+                client.unpin(PIN_LOCKS, self)  # DISCARD ALL released its locks too
+        if not self.pool.settings.session_mode:
+            if scanner.cleanup_flags & CLEAN_LISTEN and not (
+                client.pinned_for & PIN_LISTEN or self._pin(client)
+            ):
+                after |= _AFTER_LISTEN  # it ran LISTEN, which ends with the transaction
+            locks = 0
+            if scanner.cleanup_flags & CALLS_ANY:
+                locks = self._after_lock_calls(client)
             if locks == _LOCKS_CHECK:
-                self._check_locks(client)
+                after |= _AFTER_LOCK_CHECK  # the server stays out of the pool until known
             else:
-                client.write(_LOCKS_WARNING)
-        if held:
+                if locks == _LOCKS_WARN:
+                    after |= _AFTER_LOCK_WARNING
+                if not client.pinned_for or client.closing_after_transaction is not None:
+                    # Give the server back before the last write to the client, so
+                    # the next waiter starts while these bytes are on their way.
+                    client.detach_server(self)
+                    self.finish(now)
+        if client.listen_at_commit is not None:
+            client.listen_statements_committed(out)  # once it is known pinned
+        return after
+
+    def _after_transaction(self, client: ClientConnection, after: int) -> None:
+        """What follows a transaction's last reply to `client` (_end_transaction)."""
+        if after & _AFTER_LISTEN:
+            self._warn_listen(client)
+        if after & _AFTER_LOCK_CHECK:
+            self._check_locks(client)
+        elif after & _AFTER_LOCK_WARNING:
+            client.write(_LOCKS_WARNING)
+        if after & _AFTER_HELD:
             # Notifications for its LISTENs (listen_fanout) that came during the
             # transaction: after it, as PostgreSQL delivers them.
             client.deliver_held_notifications()
+
+    def end_if_over(self, client: ClientConnection) -> None:
+        """The transaction's last reply came while the client was still inside a
+        message (the rest of a CopyData, which PostgreSQL ignores once a COPY failed):
+        the server could not be given back then, as it must get whole messages. Once
+        the client has sent the rest, and nothing else is owed, the transaction ends
+        here, as it would have at that reply."""
+        if self._transaction_over(client):
+            now = _now()
+            self.pool.stats.record_transaction(
+                now - self.xact_started,
+                self.bytes_sent - self._xact_base_sent,
+                self.bytes_received - self._xact_base_received,
+            )
+            after = self._end_transaction(client, now, b"")
+            if after:
+                self._after_transaction(client, after)
 
     def _pin(self, client: ClientConnection) -> bool:
         """With pin_on_listen, a client whose transaction ran LISTEN keeps this server
@@ -789,6 +861,8 @@ class ServerConnection(asyncio.Protocol):
         self.request_data = None  # not the read buffer kept while idle
         if self._reading_paused:
             self.resume_relay()
+        if self.writing_paused and owner is not None:
+            owner.resume_reading()  # paused for this server's sake only (pause_writing)
         if self.closed:
             self._retire("closed")
             return
