@@ -292,3 +292,57 @@ def test_a_server_that_does_not_prove_itself_is_refused(
         assert "TypeError" not in proc.log_text()
     finally:
         backend.close()
+
+
+class CutMidRowBackend(QueryBackend):
+    """Answers `select cut` with its RowDescription and the first half of its
+    DataRow, then hangs up; anything else with one row."""
+
+    def reply(self, text: bytes) -> bytes | None:
+        if text == b"select cut":
+            return ONE_ROW[: ONE_ROW.index(b"D") + 7]
+        return ONE_ROW
+
+    def answered(self, text: bytes) -> None:
+        if text == b"select cut":
+            raise EOFError  # closes the socket
+
+
+def test_a_server_lost_in_the_middle_of_a_row_sends_no_error_inside_it(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """The client already has part of a DataRow when the server goes: an ErrorResponse
+    written behind it would be read as the rest of the row. The client sees the
+    connection close after the bytes it was sent, and others are served."""
+    backend = CutMidRowBackend()
+    try:
+        user = pg.md5_user
+        proc = pooler(
+            pools={
+                "example_db": {
+                    "server_host": "127.0.0.1",
+                    "server_port": backend.port,
+                    "users": [{"username": user.name, "pool_size": 1}],
+                }
+            },
+        )
+
+        def connect() -> w.PgWire:
+            return w.PgWire.connect(proc.host, proc.port, user.name, "example_db", user.password)
+
+        cut = connect()
+        cut.send_raw(w.query("select cut"))
+        cut.read_until(b"T")
+        rest = cut.read_bytes(7)  # the DataRow's header and first two bytes, no more
+        assert rest == ONE_ROW[ONE_ROW.index(b"D") : ONE_ROW.index(b"D") + 7]
+        with pytest.raises(w.ConnectionClosed):
+            extra = cut.read_bytes(1, timeout=5)
+            raise AssertionError(f"more bytes after the cut row: {extra!r}")
+        cut.close()
+        later = connect()
+        try:
+            assert later.execute_query("select 1") == [("1",)]
+        finally:
+            later.close()
+    finally:
+        backend.close()

@@ -1761,6 +1761,17 @@ class ClientConnection(asyncio.Protocol):
         """The attached server died or broke the protocol."""
         if self.server is server:
             self.server = None
+        if server.scanner.need and self.state != CLOSED:
+            # The client has part of a message the server was sending: an error now
+            # would be read as the rest of it. It sees the connection close instead.
+            logger.info(
+                "client %s: server connection lost during the transaction (%s), in the"
+                " middle of a message to the client: closed without an error message",
+                self.name,
+                sqlstate.CONNECTION_FAILURE,
+            )
+            self.close()
+            return
         what = (
             "The PostgreSQL backend sent data that is not valid protocol; the pooler closed it"
             if broke_protocol
