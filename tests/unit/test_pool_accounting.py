@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers.implementation import expect_compiled
-from pg_doorman.net.server import IDLE, ServerConnection
+from pg_doorman.net.server import ACTIVE, IDLE, ServerConnection
 from pg_doorman.pool.pool import DatabaseBudget, IdleServers, Pool, PoolSettings
 
 
@@ -288,3 +288,25 @@ def test_a_queue_that_never_empties_is_compacted_in_order() -> None:
             model.append(served)
             assert pool.waiting == 8 and len(pool._waiters) < 8 + 128
         assert pool._waiters[pool._head :] == model
+
+
+def test_a_server_that_speaks_between_two_clients_is_closed_when_given_back() -> None:
+    """Handed on by the pool to a login that attaches it only on the next loop turn,
+    a server that sends something meanwhile (a notice, a FATAL) is not relayed to
+    anyone, and is closed, not reused, once given back."""
+
+    async def main() -> None:
+        pool = Pool(PoolSettings("db", "u", pool_size=1), never_opens, asyncio.get_running_loop())
+        server = await open_idle_server(pool)
+        pool.servers.add(server)
+        pool.size = 1
+        server.mode = ACTIVE  # as between the hand-over and the login's attach
+        server.data_received(b"N\x00\x00\x00\x04")
+        assert server.spoiled
+        server.finish(time.monotonic())
+        await asyncio.sleep(0)  # the transport's close reports connection_lost
+        assert server.closed
+        assert pool.size == 0 and not pool.idle
+        pool.close("done")
+
+    asyncio.run(main())

@@ -567,7 +567,13 @@ class ServerConnection(asyncio.Protocol):
 
     def _relay(self, data: bytes) -> None:
         client = self.client
-        assert client is not None
+        if client is None:
+            # Handed on by the pool and not attached yet (a login that learns the
+            # pool's parameters takes it on the next loop turn): no one to tell what
+            # these bytes mean. The server is closed when it is given back.
+            if not self.spoiled:
+                self.spoiled = "server sent data between two clients"
+            return
         if self.sync_pending:
             try:
                 data = self._swallow_sync_reply(data)
