@@ -2,8 +2,9 @@
 
 Each step, a client writes one to four batches at once (simple queries, and
 extended-protocol batches that parse, bind and run the unnamed statement, some
-stopping at a row limit), cut into pieces at random places, and only then reads the
-replies. Three clients share a pool of one of the shapes in helpers.pooler.RANDOM_POOLS.
+stopping at a row limit, some with a simple query before their Sync), cut into pieces
+at random places, and only then reads the replies. Three clients share a pool of one
+of the shapes in helpers.pooler.RANDOM_POOLS.
 Each batch parses what it runs, so no batch depends on the outcome of another in the
 same write: what docs/prepared-statements.md lists as differences in a pipeline cannot
 arise, and every reply must be PostgreSQL's, message for message.
@@ -53,6 +54,16 @@ STATEMENTS = (
 )
 
 
+# A simple query sent inside an extended batch, before its Sync: PostgreSQL runs it in
+# its place (with a ReadyForQuery of its own), or skips it with the rest of the batch
+# after an error. It cannot fail itself, and its row tells which happened. An extended
+# statement follows it: as the last message before the Sync, PostgreSQL 18 would fail
+# the session's next command (see framing.QUERY_IN_BATCH), which through the pooler
+# may be another client's, on a server the pooler closes instead.
+INNER_QUERY = "select 'inner query'"
+AFTER_INNER = "select 'after the inner query'"
+
+
 def random_batch(rng: random.Random) -> tuple[str, bytes]:
     if rng.random() < 0.45:
         sql = rng.choice(QUERIES)
@@ -69,6 +80,9 @@ def random_batch(rng: random.Random) -> tuple[str, bytes]:
     if rows and rng.random() < 0.5:
         data += w.execute("", 0)  # the rest of a suspended portal
         text += " Execute(0)"
+    if rng.random() < 0.15:
+        data += w.query(INNER_QUERY) + w.parse("", AFTER_INNER) + w.bind("", "") + w.execute()
+        text += f" Query({INNER_QUERY!r}) Parse/Bind({AFTER_INNER!r}) Execute(0)"
     return text + " Sync", data + w.sync()
 
 
@@ -83,10 +97,13 @@ def cut(rng: random.Random, data: bytes) -> list[bytes]:
     return [piece for piece in pieces if piece]
 
 
-def read_replies(conn: w.PgWire, batches: int) -> list[w.Message]:
+def read_replies(conn: w.PgWire, batches: list[tuple[str, bytes]]) -> list[w.Message]:
     out: list[w.Message] = []
-    for _ in range(batches):
-        out += conn.read_until_ready()
+    for text, _ in batches:
+        got = conn.read_until_ready()
+        if INNER_QUERY in text and w.rows(got)[-1:] == [("inner query",)]:
+            got += conn.read_until_ready()  # it ran: the Sync's ReadyForQuery follows
+        out += got
     return out
 
 
@@ -137,7 +154,7 @@ def test_random_pipeline(
                 for piece in pieces:
                     conn.send_raw(piece)
                     time.sleep(0.001)
-                answers.append(w.comparable(read_replies(conn, len(batches))))
+                answers.append(w.comparable(read_replies(conn, batches)))
             if answers[0] != answers[1]:
                 listing = "\n".join(program)
                 pytest.fail(

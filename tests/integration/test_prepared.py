@@ -560,6 +560,13 @@ _QUERIES_IN_A_BATCH = {
         + w.sync(),
         "12DCTDCZ1EZ",
     ),
+    # PostgreSQL then fails the session's next command with XX000 ("unexpected state
+    # STARTED"): the pooler closes the server rather than give it to another client.
+    "the-query-last": (
+        w.parse("", "select 1") + w.bind("", "") + w.execute() + w.query("select 42")
+        + w.sync(),
+        "12DCTDCZZ",
+    ),
     "the-query-fails": (
         w.parse("", "select 1") + w.bind("", "") + w.execute() + w.query("select 1/0")
         + w.parse("", "select 2") + w.bind("", "") + w.execute() + w.sync(),

@@ -33,6 +33,7 @@ from pg_doorman.protocol.framing import (
     CLEAN_PREPARE,
     CLEAN_SET,
     CLEAN_TEMP,
+    QUERY_IN_BATCH,
     BackendScanner,
     MessageBuffer,
     cleanup_queries,
@@ -872,11 +873,14 @@ class ServerConnection(asyncio.Protocol):
         if self.closed:
             self._retire("closed")
             return
+        scanner = self.scanner
+        if scanner.cleanup_flags & QUERY_IN_BATCH and not self.spoiled:
+            # PostgreSQL would fail the next command, another client's (QUERY_IN_BATCH).
+            self.spoiled = "a simple query was sent inside an extended-protocol batch"
         if self.spoiled:
             self.close(self.spoiled)
             self._retire(self.spoiled)
             return
-        scanner = self.scanner
         settings = self.pool.settings
         if (
             scanner.cleanup_flags & CLEAN_TEMP

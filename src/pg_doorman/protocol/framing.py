@@ -135,6 +135,11 @@ CLEAN_TEMP: Final = 16
 # functions): pg_advisory_unlock_all() at check-in. The calls themselves are reported
 # as protocol.text_effects' CALLS_* bits, in the same flags, until the transaction ends.
 CLEAN_ADVISORY: Final = 32
+# A simple Query or FunctionCall sent inside an unfinished extended-protocol batch.
+# PostgreSQL 18 leaves such a session's next command, whatever it is, to fail with
+# XX000 "StartTransactionCommand: unexpected state STARTED": the server is closed at
+# check-in instead of reaching another client (net/server.py finish()).
+QUERY_IN_BATCH: Final = 256
 
 # Tags of the statements that may create temporary objects, which would outlive the
 # transaction (their rows readable by the server's next client) unless ON COMMIT DROP.
@@ -582,7 +587,9 @@ class FrontendScanner(_Stream):
                 else:
                     self.pending_ready += 1
                     self.syncs_after_execute = 0
-                    self.batch_open = False
+                    if self.batch_open:
+                        self.effects_seen |= QUERY_IN_BATCH
+                        self.batch_open = False
                     if msg_type == _QUERY and self.watch_texts:
                         if end <= n:
                             self.effects_seen |= text_effects(data, pos + 5, end)
