@@ -135,10 +135,12 @@ CLEAN_TEMP: Final = 16
 # functions): pg_advisory_unlock_all() at check-in. The calls themselves are reported
 # as protocol.text_effects' CALLS_* bits, in the same flags, until the transaction ends.
 CLEAN_ADVISORY: Final = 32
-# A simple Query or FunctionCall sent inside an unfinished extended-protocol batch.
-# PostgreSQL 18 leaves such a session's next command, whatever it is, to fail with
-# XX000 "StartTransactionCommand: unexpected state STARTED": the server is closed at
-# check-in instead of reaching another client (net/server.py finish()).
+# A simple Query or FunctionCall sent behind an Execute, before the batch's Sync.
+# PostgreSQL 18 (Parse/Bind/Execute/Query/Sync) then fails the session's next command,
+# whatever it is, with XX000 "StartTransactionCommand: unexpected state STARTED": the
+# server is closed at check-in instead of reaching another client (net/server.py
+# finish()). Not for a Query behind a batch without an Execute, as asyncpg sends its
+# COPY behind a Parse, Describe and Flush: that leaves the session as it should.
 QUERY_IN_BATCH: Final = 256
 
 # Tags of the statements that may create temporary objects, which would outlive the
@@ -468,6 +470,7 @@ class FrontendScanner(_Stream):
         "batch_open",
         "copy_in",
         "effects_seen",
+        "execute_open",
         "flush_seen",
         "named_parse_seen",
         "pending_ready",
@@ -482,6 +485,7 @@ class FrontendScanner(_Stream):
         self.pending_ready = 0
         self.batch_open = False
         self.copy_in = False
+        self.execute_open = False  # an Execute since the last Sync or Query
         self.syncs_after_execute = 0
         self.terminated = False
         self.named_parse_seen = False
@@ -584,12 +588,14 @@ class FrontendScanner(_Stream):
                         self.pending_ready += 1
                         self.syncs_after_execute += 1
                         self.batch_open = False
+                        self.execute_open = False
                 else:
                     self.pending_ready += 1
                     self.syncs_after_execute = 0
-                    if self.batch_open:
+                    self.batch_open = False
+                    if self.execute_open:
                         self.effects_seen |= QUERY_IN_BATCH
-                        self.batch_open = False
+                        self.execute_open = False
                     if msg_type == _QUERY and self.watch_texts:
                         if end <= n:
                             self.effects_seen |= text_effects(data, pos + 5, end)
@@ -616,6 +622,7 @@ class FrontendScanner(_Stream):
                 elif msg_type == _EXECUTE:
                     self.syncs_after_execute = 0
                     self.batch_open = True
+                    self.execute_open = True
                 elif msg_type == _COPY_DONE or msg_type == _COPY_FAIL:
                     self.copy_in = False
                 elif msg_type == _FLUSH:
