@@ -625,6 +625,43 @@ def test_a_pinned_client_deallocates_its_statement(
     assert w.comparable(pooled) == w.comparable(direct)
 
 
+def test_a_client_cannot_deallocate_the_pools_statements(
+    one_server: PoolerProcess, pg: ExamplePostgres
+) -> None:
+    """The name the pooler gives a statement on its servers is no client's: another
+    client that DEALLOCATEs it by that name, between transactions, pinned to its
+    server or inside a transaction block, gets PostgreSQL's answer for a statement its
+    session never prepared, and the statement stays for the client that prepared it."""
+    owner = connect(one_server, pg)
+    owner.send_raw(w.parse("s1", "select 41") + w.bind("", "s1") + w.execute() + w.sync())
+    assert w.rows(owner.read_until_ready()) == [("41",)]
+    # One server: the other client's session is on the server that has the statement.
+    (server_name,) = owner.execute_query("select name from pg_prepared_statements")[0]
+    assert server_name is not None and server_name.startswith("DOORMAN_")
+
+    def exchange(conn: w.PgWire) -> list[w.Message]:
+        deallocate = f'DEALLOCATE "{server_name}"'
+        got = conn.simple_query(deallocate)
+        got += conn.simple_query("select pg_advisory_lock(4243)")
+        got += conn.simple_query(deallocate)
+        got += conn.simple_query("select pg_advisory_unlock(4243)")
+        got += conn.simple_query("begin")
+        got += conn.simple_query(deallocate)
+        got += conn.simple_query("select 1")  # 25P02: the block failed
+        got += conn.simple_query("rollback")
+        return [m for m in got if m[0] != b"N"]
+
+    try:
+        direct, pooled = on_both(pg, one_server, exchange)
+        assert w.msg_types(direct) == "EZTDCZEZTDCZCZEZEZCZ"
+        assert w.comparable(pooled) == w.comparable(direct)
+        owner.send_raw(w.bind("", "s1") + w.execute() + w.sync())
+        assert w.rows(owner.read_until_ready()) == [("41",)]
+        assert owner.execute_query("select name from pg_prepared_statements") == [(server_name,)]
+    finally:
+        owner.close()
+
+
 @pytest.mark.parametrize("command", ["deallocate all", "discard all"])
 def test_an_extended_reset_keeps_the_unnamed_statement(
     one_server: PoolerProcess, pg: ExamplePostgres, command: str

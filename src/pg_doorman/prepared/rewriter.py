@@ -247,8 +247,13 @@ def _duplicate_statement_error(name: bytes) -> bytes:
     return messages.error_response("ERROR", sqlstate.DUPLICATE_PREPARED_STATEMENT, text)
 
 
+# The names the pooler gives its statements on servers (registry.statement_name).
+_SERVER_NAME: Final = re.compile(rb"DOORMAN_[0-9a-f]{16}")
 # A server-side statement name as PostgreSQL quotes it in an error message.
 _QUOTED_SERVER_NAME: Final = re.compile(rb'"DOORMAN_[0-9a-f]{16}"')
+
+# A Query that fails wherever it runs (a zero-length identifier is a syntax error).
+_ALWAYS_FAILS: Final = messages.build(b"Q", b'DEALLOCATE ""\x00')
 
 
 def _rename_in_error(body: bytes, client_name: bytes) -> bytes | None:
@@ -404,12 +409,12 @@ class BatchRewriter:
         if msg_type == codes.QUERY or msg_type == codes.FUNCTION_CALL:
             if (
                 msg_type == codes.QUERY
-                and self.named
                 and 5 < end - pos <= codes.DEALLOCATE_MAX + 5
                 and _MAY_BE_DEALLOCATE[data[pos + 5]]
-                and self._deallocate_here(data[pos + 5 : end])
             ):
-                return b""
+                answer = self._deallocate_here(data[pos + 5 : end])
+                if answer is not None:
+                    return answer
             if self.expect.size:
                 self.expect.append(QUERY)
                 if msg_type == codes.QUERY and (self.unnamed is not None or self._journal):
@@ -421,13 +426,16 @@ class BatchRewriter:
                 self.unnamed = None  # a simple Query drops the unnamed statement
         return None  # Flush and anything else
 
-    def _deallocate_here(self, body: bytes) -> bool:
+    def _deallocate_here(self, body: bytes) -> bytes | None:
         """A `DEALLOCATE name` of one of the client's statements, with a server
         attached (inside a transaction block, or between transactions by a client
         pinned to its server) and nothing in flight: the server does not know the
-        client's name, so the rewriter answers as PostgreSQL would. In a failed block
-        the server answers (25P02, before it looks at the name); DEALLOCATE ALL runs
-        on the server."""
+        client's name, so the rewriter answers as PostgreSQL would (b""). In a failed
+        block the server answers (25P02, before it looks at the name); DEALLOCATE ALL
+        runs on the server (None: the Query goes on as it is). One of a statement the
+        pooler prepared fails (see deallocate): inside a block the server must fail
+        it too, so it gets a Query that always fails instead, whose error is
+        replaced."""
         replies = self.server_replies
         if (
             self.expect.size
@@ -436,24 +444,31 @@ class BatchRewriter:
             or (replies.status != codes.TX_IN_BLOCK and replies.status != codes.TX_IDLE)
             or body[-1:] != b"\x00"
         ):
-            return False
+            return None
         reply = self.deallocate(body[:-1], all_too=False)
         if reply is None:
-            return False
+            return None
         if replies.status == codes.TX_IDLE:
             ready = messages.READY_IDLE
+        elif reply[:1] == b"E":
+            self.error_fix = _REPLACE_ERROR
+            self._error_fix_payload = reply
+            self._push(QUERY)  # an expected reply: the relay shows the rewriter its error
+            return _ALWAYS_FAILS
         else:
             ready = messages.READY_IN_TRANSACTION
         self._push(SYNTH, reply + ready)
         self.answered_here = True
-        return True
+        return b""
 
     def deallocate(self, query: bytes, all_too: bool) -> bytes | None:
-        """The CommandComplete for a simple-query DEALLOCATE (`query`, the text without
-        its NUL) of the client's protocol-level statements, which no server knows by
-        the client's names, after forgetting them; None when it is something else (an
+        """The reply to a simple-query DEALLOCATE (`query`, the text without its NUL)
+        of the client's protocol-level statements, which no server knows by the
+        client's names, after forgetting them; None when it is something else (an
         SQL-level PREPARE's name, or DEALLOCATE ALL unless `all_too`): the server
-        answers it."""
+        answers it. A name the pooler gives its statements on servers is none of the
+        client's: 26000, as PostgreSQL answers for a statement its session never
+        prepared, rather than taking a statement from under other clients."""
         parsed = parse_deallocate(query)
         if parsed is None:
             return None
@@ -464,6 +479,9 @@ class BatchRewriter:
             self.forget_statements()
             return messages.command_complete("DEALLOCATE ALL")
         if self.named.pop(name, None) is None:
+            if _SERVER_NAME.fullmatch(name) is not None:
+                self.unnamed = None
+                return _missing_statement_error(name)
             return None
         self.unnamed = None  # as any simple Query drops it
         return messages.command_complete("DEALLOCATE")
