@@ -7,7 +7,9 @@ import socket
 import struct
 import threading
 
+from . import ExamplePostgres
 from . import pgwire as w
+from .listen import md5_user_pool
 
 # What a trusting PostgreSQL answers a startup packet with.
 LOGIN_OK = (
@@ -24,6 +26,13 @@ ONE_ROW = (
     + w.message(b"C", w.cstr("SELECT 1"))
     + w.message(b"Z", b"I")
 )
+
+
+def stand_in_pool(
+    backend: FakeBackend, pg: ExamplePostgres, pool_size: int = 1
+) -> dict[str, object]:
+    """The pools of a pooler whose md5 user's pool is served by `backend`."""
+    return md5_user_pool(pg, pool_size, server_host="127.0.0.1", server_port=backend.port)
 
 
 def read_exact(sock: socket.socket, count: int) -> bytes:

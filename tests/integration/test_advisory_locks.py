@@ -21,7 +21,7 @@ import pytest
 
 from helpers import EXAMPLE_DB, ExamplePostgres
 from helpers import pgwire as w
-from helpers.fake_backend import ONE_ROW, QueryBackend
+from helpers.fake_backend import ONE_ROW, QueryBackend, stand_in_pool
 from helpers.listen import md5_user_pool
 from helpers.metrics import scrape
 from helpers.metrics import value as metric
@@ -352,17 +352,7 @@ def test_a_cancel_during_the_check_cancels_the_request_waiting_for_it(
     check."""
     backend = SlowLockCheckBackend()
     try:
-        user = pg.md5_user
-        users = [{"username": user.name, "pool_size": 1}]
-        proc = pooler(
-            pools={
-                EXAMPLE_DB: {
-                    "server_host": "127.0.0.1",
-                    "server_port": backend.port,
-                    "users": users,
-                }
-            }
-        )
+        proc = pooler(pools=stand_in_pool(backend, pg, 1))
         with logged_in(proc, pg) as conn:
             assert value(conn, "select pg_advisory_lock(4214)") == "1"
             assert backend.checking.wait(5)

@@ -14,7 +14,14 @@ from helpers import EXAMPLE_DB, ExamplePostgres
 from helpers import pgwire as w
 from helpers.console import admin_console as admin
 from helpers.console import pool_row
-from helpers.fake_backend import LOGIN_OK, ONE_ROW, FakeBackend, read_message, read_startup
+from helpers.fake_backend import (
+    LOGIN_OK,
+    ONE_ROW,
+    FakeBackend,
+    read_message,
+    read_startup,
+    stand_in_pool,
+)
 from helpers.pooler import PoolerFactory, PoolerProcess
 
 
@@ -95,13 +102,7 @@ def test_pause_waits_for_a_server_being_opened_and_closes_it(
     user = pg.md5_user
     proc = pooler(
         general={"query_wait_timeout": 30_000, "connect_timeout": 30_000},
-        pools={
-            EXAMPLE_DB: {
-                "server_host": "127.0.0.1",
-                "server_port": backend.port,
-                "users": [{"username": user.name, "pool_size": 2}],
-            }
-        },
+        pools=stand_in_pool(backend, pg, 2),
     )
     replies: list[list[w.Message]] = []
 

@@ -14,6 +14,7 @@ from helpers import pgwire as w
 from helpers.fake_backend import (
     ONE_ROW,
     QueryBackend,
+    stand_in_pool,
 )
 from helpers.pooler import PoolerFactory, PoolerProcess
 
@@ -236,15 +237,7 @@ def test_server_breaking_the_protocol_fails_its_client_only(
     backend = ProtocolBreakingBackend(broken_reply)
     try:
         user = pg.md5_user
-        proc = pooler(
-            pools={
-                "example_db": {
-                    "server_host": "127.0.0.1",
-                    "server_port": backend.port,
-                    "users": [{"username": user.name, "pool_size": 2}],
-                }
-            }
-        )
+        proc = pooler(pools=stand_in_pool(backend, pg, 2))
         bystander = w.PgWire.connect(proc.host, proc.port, user.name, "example_db", user.password)
         victim = w.PgWire.connect(proc.host, proc.port, user.name, "example_db", user.password)
         assert bystander.execute_query("select 1") == [("1",)]

@@ -29,6 +29,7 @@ from helpers.fake_backend import (
     QueryBackend,
     read_message,
     read_startup,
+    stand_in_pool,
 )
 from helpers.pooler import PoolerFactory
 
@@ -89,13 +90,7 @@ def test_failed_server_logins_do_not_open_more_servers(
         user = pg.md5_user
         proc = pooler(
             general={"connect_timeout": 200, "query_wait_timeout": 700},
-            pools={
-                "example_db": {
-                    "server_host": "127.0.0.1",
-                    "server_port": backend.port,
-                    "users": [{"username": user.name, "pool_size": 2}],
-                }
-            },
+            pools=stand_in_pool(backend, pg, 2),
         )
         for _ in range(3):
             with pytest.raises(w.ServerError) as info:
@@ -129,13 +124,7 @@ def test_retries_for_many_waiting_clients_keep_to_the_backoff(
         user = pg.md5_user
         proc = pooler(
             general={"query_wait_timeout": 2000},
-            pools={
-                "example_db": {
-                    "server_host": "127.0.0.1",
-                    "server_port": backend.port,
-                    "users": [{"username": user.name, "pool_size": 10}],
-                }
-            },
+            pools=stand_in_pool(backend, pg, 10),
         )
         errors: list[str] = []
 
@@ -191,13 +180,7 @@ def test_a_server_killed_during_its_idle_check_leaves_no_phantom(
                 "connect_timeout": 10_000,  # the check would give up only after this
                 "query_wait_timeout": 5000,
             },
-            pools={
-                "example_db": {
-                    "server_host": "127.0.0.1",
-                    "server_port": backend.port,
-                    "users": [{"username": user.name, "pool_size": 2}],
-                }
-            },
+            pools=stand_in_pool(backend, pg, 2),
         )
 
         def connect() -> w.PgWire:
@@ -318,13 +301,7 @@ def test_a_server_lost_in_the_middle_of_a_row_sends_no_error_inside_it(
     try:
         user = pg.md5_user
         proc = pooler(
-            pools={
-                "example_db": {
-                    "server_host": "127.0.0.1",
-                    "server_port": backend.port,
-                    "users": [{"username": user.name, "pool_size": 1}],
-                }
-            },
+            pools=stand_in_pool(backend, pg, 1),
         )
 
         def connect() -> w.PgWire:
