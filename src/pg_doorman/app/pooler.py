@@ -1258,9 +1258,26 @@ class Pooler:
             return None
         # A cancel may still be in flight when the transaction ends: never reuse it.
         server.spoiled = "a cancel request was forwarded to it"
-        task = self.loop.create_task(self._send_cancel(server))
+        if server.sync_pending:
+            # The pooler's SET of the client's parameters runs ahead of the client's
+            # query: a cancel now would interrupt it instead (and lose the client's
+            # parameters). It goes once the SET is answered.
+            synced: asyncio.Future[None] = self.loop.create_future()
+            server.cancels_after_sync.append(synced)
+            task = self.loop.create_task(self._send_cancel_after_sync(server, synced))
+        else:
+            task = self.loop.create_task(self._send_cancel(server))
         self.track(task)
         return task
+
+    async def _send_cancel_after_sync(
+        self, server: ServerConnection, synced: asyncio.Future[None]
+    ) -> None:
+        # Bounded: a SET that never ends is left to the cancel after all.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(synced, server.pool.settings.connect_timeout)
+        if not server.closed:
+            await self._send_cancel(server)
 
     async def _send_cancel(self, server: ServerConnection) -> None:
         settings = server.pool.settings

@@ -204,6 +204,10 @@ class ServerConnection(asyncio.Protocol):
         self.temp_owner: ClientConnection | None = None
         self._sync_settles: tuple[str, ...] = ()
         self._sync_notice = b""
+        # Client cancel requests that came while that reply was awaited: PostgreSQL
+        # would cancel the pooler's SET, not the client's query queued behind it, so
+        # they are sent once it is over (app/pooler.py cancel_here).
+        self.cancels_after_sync: list[asyncio.Future[None]] = []
         self._clears_statements = False
 
     # ---- asyncio.Protocol ---------------------------------------------------
@@ -243,6 +247,8 @@ class ServerConnection(asyncio.Protocol):
             self._timer.cancel()
         if isinstance(self._inbox, AwaitableInbox):
             self._inbox.wake()  # a login waiting for a message sees `closed` and fails
+        if self.cancels_after_sync:
+            self._sync_over()
         if was == ACTIVE and self.client is not None:
             client = self.client
             self.client = None
@@ -438,6 +444,8 @@ class ServerConnection(asyncio.Protocol):
         logger.debug("closing server %d (%s): %s", self.server_id, self.pool.name, reason)
         self.closed = True
         self.mode = CLOSED
+        if self.cancels_after_sync:
+            self._sync_over()
         if self.transport is not None:
             if self.writer is not None:
                 self.writer.stop()  # Terminate goes behind whatever the transport holds
@@ -542,7 +550,10 @@ class ServerConnection(asyncio.Protocol):
                 )
                 # The failed statement rolled back every SET in it.
                 self.set_extra_parameters({})
-                if self.client is not None:
+                if self.client is not None and fields.get("C") != sqlstate.QUERY_CANCELED:
+                    # Refused. A canceled statement (pg_cancel_backend, or a client's
+                    # cancel sent before app/pooler.py held them back) says nothing
+                    # about the parameters: the client keeps them for its next server.
                     self.client.parameters_refused(self)
             elif msg_type == codes.READY_FOR_QUERY:
                 self._sync_discarding = False
@@ -550,10 +561,20 @@ class ServerConnection(asyncio.Protocol):
                 if self._sync_replies > 0:
                     continue
                 self.sync_pending = False
+                if self.cancels_after_sync:
+                    self._sync_over()
                 # The client hears of a spelling it had not been told (its own startup
                 # "ISO" is "ISO, MDY") ahead of its transaction's reply.
                 notice, self._sync_notice = self._sync_notice, b""
                 return notice + inbox.take_rest()
+
+    def _sync_over(self) -> None:
+        """The parameter sync is answered (or the server is gone): the cancel requests
+        held back meanwhile go now."""
+        waiting, self.cancels_after_sync = self.cancels_after_sync, []
+        for synced in waiting:
+            if not synced.done():
+                synced.set_result(None)
 
     def _settle_parameters(self, values: list[str | None]) -> None:
         """The values set_config() returned: the server's spelling of what it applied."""
