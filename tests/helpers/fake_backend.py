@@ -123,3 +123,22 @@ class QueryBackend(FakeBackend):
 
     def answered(self, text: bytes) -> None:
         """Called once the answer to `text` is sent."""
+
+
+class GatedLoginBackend(FakeBackend):
+    """Answers a login only once `gate` is set, then every query with one row;
+    `login_started` is set when the first startup packet has arrived."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.login_started = threading.Event()
+        super().__init__()
+
+    def serve(self, sock: socket.socket) -> None:
+        read_startup(sock)
+        self.login_started.set()
+        if not self.gate.wait(30):
+            return
+        sock.sendall(LOGIN_OK)
+        while read_message(sock)[0] != b"X":
+            sock.sendall(ONE_ROW)

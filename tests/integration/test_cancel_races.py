@@ -20,7 +20,14 @@ import pytest
 from helpers import EXAMPLE_DB, ExamplePostgres
 from helpers import pgwire as w
 from helpers.console import admin_console, pool_row
-from helpers.fake_backend import ONE_ROW, FakeBackend, read_exact, read_message, stand_in_pool
+from helpers.fake_backend import (
+    ONE_ROW,
+    FakeBackend,
+    GatedLoginBackend,
+    read_exact,
+    read_message,
+    stand_in_pool,
+)
 from helpers.listen import md5_user_pool
 from helpers.pooler import PoolerFactory, PoolerProcess
 
@@ -342,6 +349,46 @@ def test_a_queued_client_that_leaves_is_forgotten(
         with contextlib.closing(login(proc, pg)) as later:
             assert w.rows(later.simple_query("select 'later'", timeout=3)) == [("later",)]
         assert len(backends_of(pg)) == 1
+
+
+def waited(row: dict[str, str | None]) -> int:
+    """A SHOW POOLS row's maxwait, in microseconds."""
+    return int(row["maxwait"] or 0) * 1_000_000 + int(row["maxwait_us"] or 0)
+
+
+def test_a_login_that_leaves_while_waiting_for_the_first_server_is_forgotten(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """A pool's first login waits for a server to learn its parameters. A client that
+    goes away meanwhile leaves the queue at once, not when the server comes or
+    query_wait_timeout passes, and the server it waited for serves the next client."""
+    backend = GatedLoginBackend()
+    try:
+        proc = pooler(
+            general={"query_wait_timeout": 30_000, "connect_timeout": 30_000},
+            pools=stand_in_pool(backend, pg),
+        )
+        user = pg.md5_user
+        leaving = w.PgWire(proc.host, proc.port)
+        leaving.send_raw(w.startup_message({"user": user.name, "database": EXAMPLE_DB}))
+        _, salt_reply = leaving.read_message()
+        leaving.send_raw(
+            w.password_message(w.md5_response(user.password, user.name, salt_reply[4:8]))
+        )
+        assert backend.login_started.wait(10)
+        time.sleep(0.2)
+        # Queued for the server being opened: the pool's oldest wait (not a client in
+        # cl_waiting, as it has not logged in).
+        assert waited(pool_counts(proc, pg)) >= 200_000
+        leaving.close_socket()
+        assert wait_for(lambda: waited(pool_counts(proc, pg)) == 0)
+        backend.gate.set()
+        with contextlib.closing(login(proc, pg)) as later:
+            assert w.rows(later.simple_query("select 1", timeout=5)) == [("1",)]
+        assert backend.counts() == (1, 1)  # the one server, kept
+    finally:
+        backend.gate.set()
+        backend.close()
 
 
 # ---- a cancel of a queued client ---------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from typing import Any
@@ -14,14 +13,7 @@ from helpers import EXAMPLE_DB, ExamplePostgres
 from helpers import pgwire as w
 from helpers.console import admin_console as admin
 from helpers.console import pool_row
-from helpers.fake_backend import (
-    LOGIN_OK,
-    ONE_ROW,
-    FakeBackend,
-    read_message,
-    read_startup,
-    stand_in_pool,
-)
+from helpers.fake_backend import GatedLoginBackend, stand_in_pool
 from helpers.pooler import PoolerFactory, PoolerProcess
 
 
@@ -72,25 +64,6 @@ def test_pause_waits_for_transactions_and_resume_releases_the_queue(
     finally:
         for conn in (busy, late, console):
             conn.close_socket()
-
-
-class GatedLoginBackend(FakeBackend):
-    """Answers a login only once `gate` is set, then every query with one row;
-    `login_started` is set when the first startup packet has arrived."""
-
-    def __init__(self) -> None:
-        self.gate = threading.Event()
-        self.login_started = threading.Event()
-        super().__init__()
-
-    def serve(self, sock: socket.socket) -> None:
-        read_startup(sock)
-        self.login_started.set()
-        if not self.gate.wait(30):
-            return
-        sock.sendall(LOGIN_OK)
-        while read_message(sock)[0] != b"X":
-            sock.sendall(ONE_ROW)
 
 
 def test_pause_waits_for_a_server_being_opened_and_closes_it(

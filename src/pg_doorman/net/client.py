@@ -366,6 +366,10 @@ class ClientConnection(asyncio.Protocol):
         if self._login_wait == _WAIT_MESSAGE:
             # Its next message will never come: let the login see the client gone.
             self.loop.call_soon(self._wake_login)
+        elif self._login_wait == _WAIT_SERVER:
+            # Nobody is left to log in: leave the pool's queue now, not when a server
+            # comes or query_wait_timeout passes.
+            self.loop.call_soon(self._abandon_server_wait)
         if was == WAITING and self.pool is not None:
             self.pool.cancel_wait(self)
         if self.listen_hub is not None:
@@ -664,6 +668,12 @@ class ClientConnection(asyncio.Protocol):
     def _login_data(self, data: bytes) -> None:
         self._inbox.feed(data)
         self._wake_login()
+
+    def _abandon_server_wait(self) -> None:
+        """End a login waiting for a server (see _fetch_server_parameters), unless the
+        server came first."""
+        if self._login_wait == _WAIT_SERVER:
+            self._resume_login(None)
 
     def _wake_login(self) -> None:
         """Resume a login waiting for the client's next message (or for its end)."""
@@ -1118,6 +1128,9 @@ class ClientConnection(asyncio.Protocol):
                 if self._login_wait == _WAIT_SERVER:  # abandoned: leave the queue
                     self._login_wait = _NOT_WAITING
                     pool.cancel_wait(self)
+            if outcome is None:  # the client went away (_abandon_server_wait)
+                pool.cancel_wait(self)
+                raise ConnectionError("client went away")
             if isinstance(outcome, AcquireError):
                 raise StartupError(outcome.code, outcome.message)
             server = outcome
