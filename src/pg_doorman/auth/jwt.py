@@ -210,7 +210,9 @@ def _rs256() -> tuple[padding.PKCS1v15, HashAlgorithm]:
 def _json_object(data: bytes, what: str) -> dict[str, Any]:
     try:
         value = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        # RecursionError: arrays or objects nested too deep, in a header that is read
+        # before the signature is checked (any client can send one).
         raise JwtError(f"the token's {what} is not JSON") from None
     if not isinstance(value, dict):
         raise JwtError(f"the token's {what} is not a JSON object")

@@ -40,9 +40,16 @@ class AuthDecision:
     # True when pg_hba itself refused (SQLSTATE 28000, said at once); False for password
     # problems, which the client only learns as a failed password exchange (28P01).
     by_hba: bool = False
+    # For a REJECT learnt through a password exchange: the exchange to fake, so that it
+    # looks like a real user's (PostgreSQL's mock authentication). SCRAM under a
+    # scram-sha-256 line, where an MD5 challenge would tell the user does not exist.
+    mock: ClientAuth = ClientAuth.MD5
 
 
 _PAM_DECISION: Final = AuthDecision(ClientAuth.PAM)
+# The reason of a REJECT when no pg_hba line matched (any other by_hba REJECT is a
+# line, or the legacy hba list, refusing the connection).
+NO_HBA_ENTRY: Final = "no pg_hba entry"
 
 
 def _for_user(user: str) -> str:
@@ -81,7 +88,7 @@ def decide_client_auth(
     if not hba_configured:
         return _PAM_DECISION if pam else _by_stored_password(stored_password, user)
     if rule is None:
-        return AuthDecision(ClientAuth.REJECT, "no pg_hba entry", by_hba=True)
+        return AuthDecision(ClientAuth.REJECT, NO_HBA_ENTRY, by_hba=True)
     if rule.method == "trust":
         return AuthDecision(ClientAuth.TRUST)
     if rule.method == "reject":
@@ -89,6 +96,9 @@ def decide_client_auth(
             ClientAuth.REJECT, f"rejected by pg_hba line {rule.line_no}", by_hba=True
         )
     decision = _PAM_DECISION if pam else _by_stored_password(stored_password, user)
+    if rule.method == "scram-sha-256" and decision.method == ClientAuth.REJECT:
+        # No usable password (or no such user): refused after a mock SCRAM exchange.
+        return AuthDecision(ClientAuth.REJECT, decision.reason, mock=ClientAuth.SCRAM)
     if rule.method == "scram-sha-256" and decision.method in (
         ClientAuth.MD5,
         ClientAuth.JWT,
@@ -101,12 +111,14 @@ def decide_client_auth(
                 ClientAuth.REJECT,
                 f"pg_hba line {rule.line_no} requires scram-sha-256 but{_for_user(user)} "
                 "the password is checked by PAM, in clear text",
+                mock=ClientAuth.SCRAM,
             )
         kind = "an md5 hash" if decision.method == ClientAuth.MD5 else "a JWT key"
         return AuthDecision(
             ClientAuth.REJECT,
             f"pg_hba line {rule.line_no} requires scram-sha-256 but the stored password"
             f"{_for_user(user)} is {kind}",
+            mock=ClientAuth.SCRAM,
         )
     # `md5` and `password` lines take either format: a SCRAM verifier upgrades the
     # exchange to SCRAM as in PostgreSQL, and cleartext is never asked for.

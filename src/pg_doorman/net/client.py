@@ -9,6 +9,7 @@ idle, and only a client that must wait leaves a callback in the pool's queue.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import re
@@ -20,8 +21,11 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 from pg_doorman.auth.hba import peer_address
 from pg_doorman.auth.jwt import JwtError
 from pg_doorman.auth.md5 import md5_password_hash, verify_md5_response
-from pg_doorman.auth.methods import ClientAuth
+from pg_doorman.auth.methods import NO_HBA_ENTRY, ClientAuth
 from pg_doorman.auth.scram import (
+    DEFAULT_ITERATIONS,
+    DEFAULT_SALT_LENGTH,
+    KEY_LENGTH,
     AuthenticationFailed,
     ScramError,
     ScramServerSession,
@@ -120,6 +124,14 @@ _PLANNING_CONTEXTS: Final[dict[tuple[str | None, ...], bytes]] = {}
 _PLANNING_CONTEXTS_MAX: Final = 256
 _PLANNING_CONTEXT_REMEMBERED: Final = 4096  # longest context kept
 _AUTH_SASL: Final = messages.auth_sasl(ScramServerSession.mechanisms)
+# The longest message a client may send during its login, length word included:
+# PostgreSQL reads a password or SASL message of at most PG_MAX_AUTH_TOKEN_LENGTH
+# (65535) bytes and refuses a longer length word at once, before reading the rest.
+_LOGIN_MESSAGE_MAX: Final = 65535 + 4
+# Bytes a client may have sent ahead during its login before its reading is paused
+# (until the login wants its next message): the kernel's buffers hold the rest, as
+# they do for PostgreSQL, not the pooler's memory.
+_LOGIN_BACKLOG: Final = 2 * _LOGIN_MESSAGE_MAX
 # Bytes a waiting client may send before its reading is paused.
 _WAITING_BACKLOG: Final = 64 * 1024
 # Messages that get no reply when they start a transaction: PostgreSQL ignores COPY
@@ -147,10 +159,20 @@ _CANCELED_REQUEST: Final = (
     )
     + messages.READY_IDLE
 )
+# Encryption requests a client has made (ClientConnection._negotiated).
+_SSL_ASKED: Final = 1
+_GSS_ASKED: Final = 2
 # A TLS record's first byte when it carries a handshake message (the client's hello).
 _TLS_HANDSHAKE_RECORD: Final = 0x16
 # Names that may be spliced into SET statements; anything else is refused at login.
 _GUC_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?")
+
+
+def _check_password_packet(body: bytes) -> None:
+    """A PasswordMessage holds one C string and nothing else, as PostgreSQL checks
+    (strlen + 1 == length) before it looks at the password."""
+    if body.find(b"\x00") != len(body) - 1:
+        raise StartupError(sqlstate.PROTOCOL_VIOLATION, "invalid password packet size")
 
 
 def first_request_end(buf: bytes) -> int | None:
@@ -185,6 +207,7 @@ class ClientConnection(asyncio.Protocol):
         "_login_coro",
         "_login_wait",
         "_memory_accounted",
+        "_negotiated",
         "_on_data",
         "_param_mark",
         "_pending",
@@ -284,6 +307,9 @@ class ClientConnection(asyncio.Protocol):
         # CommandComplete once it has (`_pending` holds what the client sent after).
         self._listening: tuple[bytes, bytes] | None = None
         self._startup_buf = bytearray()
+        # The encryption requests answered so far (_SSL_ASKED, _GSS_ASKED): each may
+        # come once, as in PostgreSQL.
+        self._negotiated = 0
         self._inbox = MessageBuffer()
         # The login coroutine, driven by this connection (see net/suspend.py).
         self._login_coro: Coroutine[Any, Any, None] | None = None
@@ -497,6 +523,20 @@ class ClientConnection(asyncio.Protocol):
                     forwarded.add_done_callback(self._close_after_cancel)
                 return
             # An SSLRequest or a GSSEncRequest.
+            ssl_request = isinstance(request, SSLRequest)
+            asked = _SSL_ASKED if ssl_request else _GSS_ASKED
+            if self._negotiated & asked or self.tls:
+                # PostgreSQL takes each request once (none inside TLS) and reads a second
+                # one as a startup packet of an unknown protocol version: so do we, rather
+                # than answer N for as long as the client asks.
+                code = codes.SSL_REQUEST_CODE if ssl_request else codes.GSSENC_REQUEST_CODE
+                self.fail(
+                    sqlstate.FEATURE_NOT_SUPPORTED,
+                    f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: "
+                    "server supports 3.0",
+                )
+                return
+            self._negotiated |= asked
             if buf:
                 # Bytes after the request would be read as if they came through the
                 # encrypted channel: refuse, as PostgreSQL does.
@@ -647,6 +687,7 @@ class ClientConnection(asyncio.Protocol):
         """The greeting is out: the client is idle and no longer timed as a login."""
         self.state = IDLE
         self.pooler.logging_in.pop(self, None)
+        self.resume_reading()  # if paused by _login_data: the relay or console reads now
 
     # ---- the login coroutine, driven without a task --------------------------
 
@@ -666,7 +707,12 @@ class ClientConnection(asyncio.Protocol):
             self._login_coro = None
 
     def _login_data(self, data: bytes) -> None:
-        self._inbox.feed(data)
+        inbox = self._inbox
+        inbox.feed(data)
+        if len(inbox) > _LOGIN_BACKLOG:
+            # Sent ahead of the login (or while it waits for a lookup, a PAM check or
+            # the pool's first server): no more until the login has read it.
+            self.pause_reading()
         self._wake_login()
 
     def _abandon_server_wait(self) -> None:
@@ -683,11 +729,12 @@ class ClientConnection(asyncio.Protocol):
     async def _next_message(self) -> tuple[int, bytes]:
         """The client's next whole message during the login."""
         while True:
-            msg = self._inbox.next_message()
+            msg = self._inbox.next_message(_LOGIN_MESSAGE_MAX)
             if msg is not None:
                 return msg
             if self.state == CLOSED:
                 raise ConnectionError("client went away")
+            self.resume_reading()  # paused by _login_data: the login reads again
             self._login_wait = _WAIT_MESSAGE
             await SUSPEND
 
@@ -740,10 +787,17 @@ class ClientConnection(asyncio.Protocol):
         )
         entry = self.pooler.pool_entry(database, user)
         if decision.method == ClientAuth.REJECT and decision.by_hba:
+            # PostgreSQL's words; the line that refused is for the log only, as there.
+            logger.info("client %s: %s", self.name, decision.reason)
+            refused = (
+                "no pg_hba.conf entry"
+                if decision.reason == NO_HBA_ENTRY
+                else "pg_hba.conf rejects connection"
+            )
             raise StartupError(
                 sqlstate.INVALID_AUTHORIZATION,
-                f'{decision.reason} for host "{self.address or "local"}", user "{user}", '
-                f'database "{database}"',
+                f'{refused} for host "{self.address or "[local]"}", user "{user}", '
+                f'database "{database}", {"SSL encryption" if self.tls else "no encryption"}',
             )
         talos = self.pooler.talos if user == TALOS_USER else None
         talos_login = talos is not None
@@ -762,7 +816,7 @@ class ClientConnection(asyncio.Protocol):
                     logger.info("client %s: %s", self.name, decision.reason)
                 # Ask for a password anyway, as PostgreSQL does, so a refusal doesn't
                 # tell which user names exist.
-                await self._auth_md5(None)  # always refuses
+                await self._refuse_after_password(decision.mock)
                 return
             if decision.method == ClientAuth.MD5:
                 await self._auth_md5(entry.password)
@@ -828,7 +882,9 @@ class ClientConnection(asyncio.Protocol):
                 f'no pg_hba entry matches the admin console for user "{user}"',
             )
         if user != general.admin_username:
-            await self._auth_md5(None)  # always refuses
+            await self._refuse_after_password(
+                ClientAuth.SCRAM if method == ClientAuth.SCRAM else ClientAuth.MD5
+            )
             return
         if method == ClientAuth.MD5:
             await self._auth_md5(md5_password_hash(general.admin_password, user))
@@ -931,6 +987,7 @@ class ClientConnection(asyncio.Protocol):
         msg_type, body = await self._next_message()
         if msg_type != codes.PASSWORD_MESSAGE:
             raise StartupError(sqlstate.PROTOCOL_VIOLATION, "expected a password response")
+        _check_password_packet(body)
         pooler = self.pooler
         try:
             token = talos.read(body.removesuffix(b"\x00").decode("utf-8"))
@@ -974,15 +1031,20 @@ class ClientConnection(asyncio.Protocol):
         ok = False
         try:
             if entry is None:
-                await self._auth_md5(None)  # no such user: refused like a wrong password
-                raise self._password_failed()
+                # No such user: refused like a wrong password, after the exchange a
+                # real user's login would have.
+                unknown = pooler.decide_looked_up_auth(
+                    database, user, "", address=self.address, unix=self.unix, ssl=self.tls
+                )
+                await self._refuse_after_password(unknown.mock)
+                raise self._password_failed()  # not reached: the exchange refuses
             decision = pooler.decide_looked_up_auth(
                 database, user, entry.password, address=self.address, unix=self.unix, ssl=self.tls
             )
             if decision.method == ClientAuth.REJECT:
                 if decision.reason:
                     logger.info("client %s: %s", self.name, decision.reason)
-                await self._auth_md5(None)
+                await self._refuse_after_password(decision.mock)
             elif decision.method == ClientAuth.MD5:
                 salt, response = await self._md5_exchange()
                 if not verify_md5_response(entry.password, salt, response):
@@ -1031,6 +1093,7 @@ class ClientConnection(asyncio.Protocol):
         msg_type, body = await self._next_message()
         if msg_type != codes.PASSWORD_MESSAGE:
             raise StartupError(sqlstate.PROTOCOL_VIOLATION, "expected a password response")
+        _check_password_packet(body)
         secret = body.removesuffix(b"\x00")
         try:
             password = secret.decode("utf-8")
@@ -1064,7 +1127,28 @@ class ClientConnection(asyncio.Protocol):
         msg_type, body = await self._next_message()
         if msg_type != codes.PASSWORD_MESSAGE:
             raise StartupError(sqlstate.PROTOCOL_VIOLATION, "expected a password response")
+        _check_password_packet(body)
         return salt, body
+
+    async def _refuse_after_password(self, mock: ClientAuth) -> None:
+        """Ask for a password the way a real user would be asked, then refuse it
+        (28P01): PostgreSQL's mock authentication. A mock SCRAM exchange offers the
+        same salt at every attempt for one user name (PostgreSQL's scram_mock_salt),
+        derived from a secret of the config that all workers share; its keys are
+        random, and it refuses even a proof that happened to match them."""
+        if mock != ClientAuth.SCRAM:
+            await self._auth_md5(None)  # always refuses
+            raise self._password_failed()  # not reached
+        secret = self.pooler.config.general.admin_password
+        salt = hashlib.sha256(f"pg_doorman mock salt\0{secret}\0{self.user}".encode()).digest()
+        verifier = ScramVerifier(
+            DEFAULT_ITERATIONS,
+            salt[:DEFAULT_SALT_LENGTH],
+            os.urandom(KEY_LENGTH),
+            os.urandom(KEY_LENGTH),
+        )
+        await self._auth_scram_with(verifier)
+        raise self._password_failed()
 
     async def _auth_md5(self, stored: str | None) -> None:
         """MD5 challenge; with no stored hash it always ends in a refusal."""
@@ -1078,6 +1162,7 @@ class ClientConnection(asyncio.Protocol):
         msg_type, body = await self._next_message()
         if msg_type != codes.PASSWORD_MESSAGE:
             raise StartupError(sqlstate.PROTOCOL_VIOLATION, "expected a password response")
+        _check_password_packet(body)
         verifier = entry.token_verifier
         if verifier is None:
             reason: str | None = "no key to check tokens with"

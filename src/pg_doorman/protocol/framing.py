@@ -50,7 +50,9 @@ class MessageBuffer:
     def __len__(self) -> int:
         return len(self._buf)
 
-    def next_message(self) -> tuple[int, bytes] | None:
+    def next_message(self, limit: i64 = _MAX) -> tuple[int, bytes] | None:
+        """The next whole message, None if it has not all come yet; ProtocolError when
+        its length word is below 4 or above `limit` (told as soon as the word is in)."""
         buf = self._buf
         size: i64 = len(buf)
         if size < 5:
@@ -60,7 +62,7 @@ class MessageBuffer:
         length = (length << 8) | buf[2]
         length = (length << 8) | buf[3]
         length = (length << 8) | buf[4]
-        if length < 4 or length > _MAX:
+        if length < 4 or length > limit:
             raise ProtocolError(f"invalid message length {length}")
         end = length + 1
         if size < end:
