@@ -311,17 +311,27 @@ def scram_verifier(password: str, salt: bytes | None = None, iterations: int = 4
 
 
 class ScramClient:
-    """Client side of SCRAM-SHA-256 without channel binding."""
+    """Client side of SCRAM-SHA-256; with `gs2_header` "p=tls-server-end-point,," and
+    the TLS session's `binding` data, of SCRAM-SHA-256-PLUS."""
 
-    def __init__(self, password: str, nonce: str | None = None) -> None:
+    def __init__(
+        self,
+        password: str,
+        nonce: str | None = None,
+        *,
+        gs2_header: str = "n,,",
+        binding: bytes = b"",
+    ) -> None:
         self.password = password
         self.nonce = nonce or _b64(os.urandom(18))
+        self.gs2_header = gs2_header
+        self.binding = binding
         # PostgreSQL takes the user from the startup packet and ignores n= here.
         self.client_first_bare = f"n=,r={self.nonce}"
         self._server_signature = b""
 
     def first_message(self) -> bytes:
-        return ("n,," + self.client_first_bare).encode()
+        return (self.gs2_header + self.client_first_bare).encode()
 
     def final_message(self, server_first: bytes) -> bytes:
         text = server_first.decode()
@@ -332,7 +342,8 @@ class ScramClient:
         salted = hashlib.pbkdf2_hmac("sha256", self.password.encode(), salt, iterations)
         client_key = _hmac256(salted, b"Client Key")
         stored_key = hashlib.sha256(client_key).digest()
-        without_proof = f"c=biws,r={server_nonce}"
+        channel = _b64(self.gs2_header.encode() + self.binding)  # "biws" for "n,,"
+        without_proof = f"c={channel},r={server_nonce}"
         auth_message = f"{self.client_first_bare},{text},{without_proof}".encode()
         signature = _hmac256(stored_key, auth_message)
         proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import socket
 import ssl
 import tempfile
@@ -654,3 +655,103 @@ def test_direct_tls_without_a_certificate_is_closed(
         )
     with psycopg.connect(proc.dsn(user.name, user.password), autocommit=True) as conn:
         assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_libpq_channel_binding_required(
+    pg: ExamplePostgres, pooler: PoolerFactory, certs: Certs
+) -> None:
+    """Over TLS the pooler offers SCRAM-SHA-256-PLUS: libpq with channel_binding=require
+    logs in, by SSLRequest and by direct TLS, and through the pool's SCRAM passthrough."""
+    proc = pooler(general=tls_general(certs))
+    user = pg.scram_user
+    for negotiation in ("postgres", "direct"):
+        dsn = tls_dsn(
+            proc,
+            user.name,
+            user.password,
+            certs,
+            channel_binding="require",
+            sslnegotiation=negotiation,
+        )
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            assert conn.pgconn.ssl_in_use
+            assert conn.execute("select current_user").fetchone() == (user.name,)
+
+
+def plus_login(
+    proc: PoolerProcess, certs: Certs, user: str, mechanism: str, client: w.ScramClient
+) -> list[w.Message]:
+    """A SCRAM login over TLS with `mechanism` and `client`'s GS2 header and binding
+    data: the pooler's replies, up to ReadyForQuery or the connection's end."""
+    conn = w.PgWire("127.0.0.1", proc.port)
+    try:
+        assert conn.start_tls(client_context(certs), server_hostname="127.0.0.1") == b"S"
+        conn.send_raw(w.startup_message({"user": user, "database": "example_db"}))
+        kind, payload = conn.read_message()
+        assert (kind, payload[:4]) == (b"R", w.AUTH_SASL.to_bytes(4, "big"))
+        assert payload[4:] == b"SCRAM-SHA-256-PLUS\x00SCRAM-SHA-256\x00\x00"
+        conn.send_raw(w.sasl_initial_response(mechanism, client.first_message()))
+        kind, payload = conn.read_message()
+        if kind != b"R":
+            return [(kind, payload), *conn.wait_closed()]
+        conn.send_raw(w.sasl_response(client.final_message(payload[4:])))
+        reply = conn.read_message()
+        if reply[0] == b"E":
+            return [reply, *conn.wait_closed()]
+        return [reply, *conn.read_until_ready()]
+    finally:
+        conn.close_socket()
+
+
+def test_scram_plus_binds_the_login_to_the_tls_session(
+    pg: ExamplePostgres, pooler: PoolerFactory, certs: Certs
+) -> None:
+    """The binding data is the hash of the certificate the client was shown
+    (tls-server-end-point): right, it logs in; anything else, or a client that says it
+    could bind but was not offered to (a downgrade), is refused with 08P01."""
+    proc = pooler(general=tls_general(certs))
+    user = pg.scram_user
+    with socket.create_connection(("127.0.0.1", proc.port)) as sock:
+        sock.sendall(w.ssl_request())
+        assert sock.recv(1) == b"S"
+        with client_context(certs).wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+            shown = tls.getpeercert(binary_form=True)
+    assert shown is not None
+    binding = hashlib.sha256(shown).digest()  # trustme signs with SHA-256
+    bound = "p=tls-server-end-point,,"
+
+    def login(mechanism: str, **client: Any) -> list[w.Message]:
+        return plus_login(proc, certs, user.name, mechanism, w.ScramClient(user.password, **client))
+
+    accepted = login("SCRAM-SHA-256-PLUS", gs2_header=bound, binding=binding)
+    assert w.msg_types(accepted)[-1] == "Z", accepted
+    assert w.msg_types(login("SCRAM-SHA-256"))[-1] == "Z"  # "n,,": may not bind
+    refused = {
+        "wrong data": login("SCRAM-SHA-256-PLUS", gs2_header=bound, binding=b"\x00" * 32),
+        "no data": login("SCRAM-SHA-256-PLUS", gs2_header=bound),
+        "other type": login("SCRAM-SHA-256-PLUS", gs2_header="p=tls-unique,,", binding=binding),
+        "PLUS unbound": login("SCRAM-SHA-256-PLUS"),
+        "bound without PLUS": login("SCRAM-SHA-256", gs2_header=bound, binding=binding),
+        "downgrade": login("SCRAM-SHA-256", gs2_header="y,,"),
+    }
+    for case, replies in refused.items():
+        error = w.first_error(replies)
+        assert error is not None and error.sqlstate == "08P01", (case, replies)
+        assert not [m for m in replies if m[0] == b"R" and m[1][:4] == bytes(4)], case
+
+
+def test_scram_plus_is_not_offered_without_tls(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
+    """Without TLS there is nothing to bind to: SCRAM-SHA-256 alone is offered, and a
+    client that picks SCRAM-SHA-256-PLUS anyway is refused."""
+    proc = pooler()
+    conn = w.PgWire(proc.host, proc.port)
+    try:
+        conn.send_raw(w.startup_message({"user": pg.scram_user.name, "database": "example_db"}))
+        kind, payload = conn.read_message()
+        assert (kind, payload[4:]) == (b"R", b"SCRAM-SHA-256\x00\x00")
+        client = w.ScramClient(pg.scram_user.password, gs2_header="p=tls-server-end-point,,")
+        conn.send_raw(w.sasl_initial_response("SCRAM-SHA-256-PLUS", client.first_message()))
+        error = w.first_error(conn.wait_closed())
+        assert error is not None and error.sqlstate == "08P01"
+    finally:
+        conn.close_socket()

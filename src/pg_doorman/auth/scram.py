@@ -4,9 +4,11 @@
 client's ClientKey from its proof; `ScramClientSession` logs in to PostgreSQL with a
 plaintext password or with such a recovered ClientKey (passthrough: no password stored).
 
-Like PostgreSQL without TLS channel binding: the GS2 header is "n,," (or "y,," from a
-client that could bind but was not offered SCRAM-SHA-256-PLUS), no authorization
-identity, and the user name in client-first-message is ignored.
+Like PostgreSQL: over TLS the server also offers SCRAM-SHA-256-PLUS with the
+tls-server-end-point channel binding (RFC 5929), the GS2 header is then
+"p=tls-server-end-point,,", else "n,," (or "y,," from a client that could bind but was
+not offered it); no authorization identity, and the user name in client-first-message
+is ignored.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ if TYPE_CHECKING:
     from _hashlib import HASH
 
 MECHANISM: Final = "SCRAM-SHA-256"
+MECHANISM_PLUS: Final = "SCRAM-SHA-256-PLUS"
+CHANNEL_BINDING: Final = "tls-server-end-point"  # the only type PostgreSQL supports
 DEFAULT_ITERATIONS: Final = 4096
 DEFAULT_SALT_LENGTH: Final = 16  # what PostgreSQL generates
 KEY_LENGTH: Final = 32  # SHA-256 output
@@ -266,9 +270,20 @@ class ScramServerSession:
     """The pooler's side of a client's SCRAM-SHA-256 login against a stored verifier."""
 
     mechanisms: ClassVar[tuple[str, ...]] = (MECHANISM,)
+    # Over TLS with a certificate that allows binding: PostgreSQL's order.
+    mechanisms_with_binding: ClassVar[tuple[str, ...]] = (MECHANISM_PLUS, MECHANISM)
 
-    def __init__(self, verifier: ScramVerifier, *, nonce: str | None = None) -> None:
+    def __init__(
+        self,
+        verifier: ScramVerifier,
+        *,
+        nonce: str | None = None,
+        channel_binding: bytes | None = None,
+    ) -> None:
+        """`channel_binding`: the tls-server-end-point data of the TLS session the
+        login runs in; with it SCRAM-SHA-256-PLUS is offered (mechanisms_with_binding)."""
         self._verifier = verifier
+        self._binding = channel_binding
         self._server_nonce = _check_nonce(nonce, "server nonce") if nonce else _new_nonce()
         self._state = "start"  # -> "first" -> "done"; "failed" after any error
         self._gs2_header = ""
@@ -282,9 +297,10 @@ class ScramServerSession:
         if self._state != "start":
             raise ScramError("unexpected client-first-message")
         self._state = "failed"  # until this message is accepted
-        if mechanism == MECHANISM + "-PLUS":
-            raise ScramError("channel binding (SCRAM-SHA-256-PLUS) is not supported")
-        if mechanism != MECHANISM:
+        plus = mechanism == MECHANISM_PLUS
+        if plus and self._binding is None:
+            raise ScramError("channel binding (SCRAM-SHA-256-PLUS) is not offered here")
+        if not plus and mechanism != MECHANISM:
             raise ScramError(f"unsupported SASL mechanism {mechanism!r}")
         text = _decode(data, "client-first-message")
         parts = text.split(",", 2)
@@ -292,8 +308,26 @@ class ScramServerSession:
             raise ScramError("malformed client-first-message")
         flag, authzid, bare = parts
         if flag.startswith("p"):
-            raise ScramError("the client requested channel binding (p=...), which is not supported")
-        if flag not in ("n", "y"):
+            if not plus:
+                raise ScramError(
+                    "the client selected SCRAM-SHA-256 without channel binding, but its "
+                    "message includes channel binding data"
+                )
+            if flag != "p=" + CHANNEL_BINDING:
+                raise ScramError(f"unsupported channel binding type {flag[2:22]!r}")
+        elif plus:
+            raise ScramError(
+                "the client selected SCRAM-SHA-256-PLUS, but its message does not include "
+                "channel binding data"
+            )
+        elif flag == "y" and self._binding is not None:
+            # A client that can bind was told the server cannot: someone in between
+            # took SCRAM-SHA-256-PLUS off the list (a downgrade).
+            raise ScramError(
+                "channel binding negotiation error: the client supports channel binding "
+                "but thinks the server does not, and this server does"
+            )
+        elif flag not in ("n", "y"):
             raise ScramError(f"malformed channel binding flag {flag[:20]!r}")
         if authzid:
             raise ScramError("authorization identities (a=...) are not supported")
@@ -322,7 +356,11 @@ class ScramServerSession:
         channel = _expect(attributes, 0, "c", "client-final-message")
         nonce = _expect(attributes, 1, "r", "client-final-message")
         proof_text = _expect(attributes, len(attributes) - 1, "p", "client-final-message")
-        if _unb64(channel, "channel binding") != self._gs2_header.encode("ascii"):
+        expected = self._gs2_header.encode("ascii")
+        if self._gs2_header[0] == "p":
+            assert self._binding is not None
+            expected += self._binding
+        if not hmac.compare_digest(_unb64(channel, "channel binding"), expected):
             raise ScramError("channel binding attribute does not match client-first-message")
         if nonce != self._nonce:
             raise ScramError("nonce mismatch in client-final-message")

@@ -36,7 +36,12 @@ from pg_doorman.auth.talos import TALOS_USER
 from pg_doorman.memo import remember
 from pg_doorman.net.session_state import SessionState
 from pg_doorman.net.suspend import SUSPEND, resume
-from pg_doorman.net.tls import TlsReader, negotiated_postgresql, start_tls_with_hello
+from pg_doorman.net.tls import (
+    TlsReader,
+    negotiated_postgresql,
+    start_tls_with_hello,
+    tls_end_point,
+)
 from pg_doorman.net.writer import SocketWriter
 from pg_doorman.pool.pool import AcquireError, Pool
 from pg_doorman.prepared.registry import StatementEntry
@@ -124,6 +129,7 @@ _PLANNING_CONTEXTS: Final[dict[tuple[str | None, ...], bytes]] = {}
 _PLANNING_CONTEXTS_MAX: Final = 256
 _PLANNING_CONTEXT_REMEMBERED: Final = 4096  # longest context kept
 _AUTH_SASL: Final = messages.auth_sasl(ScramServerSession.mechanisms)
+_AUTH_SASL_WITH_BINDING: Final = messages.auth_sasl(ScramServerSession.mechanisms_with_binding)
 # The longest message a client may send during its login, length word included:
 # PostgreSQL reads a password or SASL message of at most PG_MAX_AUTH_TOKEN_LENGTH
 # (65535) bytes and refuses a longer length word at once, before reading the rest.
@@ -214,6 +220,7 @@ class ClientConnection(asyncio.Protocol):
         "_raw_parameters",
         "_restoring",
         "_startup_buf",
+        "_tls_end_point",
         "_writer",
         "address",
         "admin",
@@ -310,6 +317,8 @@ class ClientConnection(asyncio.Protocol):
         # The encryption requests answered so far (_SSL_ASKED, _GSS_ASKED): each may
         # come once, as in PostgreSQL.
         self._negotiated = 0
+        # Its TLS session's channel binding data (net/tls.py tls_end_point), if any.
+        self._tls_end_point: bytes | None = None
         self._inbox = MessageBuffer()
         # The login coroutine, driven by this connection (see net/suspend.py).
         self._login_coro: Coroutine[Any, Any, None] | None = None
@@ -668,6 +677,7 @@ class ClientConnection(asyncio.Protocol):
             self.close()
             return
         self.tls = True
+        self._tls_end_point = tls_end_point(context)
         self.pooler.tls_sessions += 1
         self._on_data = self._startup_data
         if self._startup_buf:
@@ -1181,8 +1191,9 @@ class ClientConnection(asyncio.Protocol):
 
     async def _auth_scram_with(self, verifier: ScramVerifier) -> bytes:
         """SCRAM-SHA-256 exchange; returns the client's recovered ClientKey."""
-        session = ScramServerSession(verifier)
-        self.write(_AUTH_SASL)
+        end_point = self._tls_end_point
+        session = ScramServerSession(verifier, channel_binding=end_point)
+        self.write(_AUTH_SASL if end_point is None else _AUTH_SASL_WITH_BINDING)
         msg_type, body = await self._next_message()
         if msg_type != codes.PASSWORD_MESSAGE:
             raise StartupError(sqlstate.PROTOCOL_VIOLATION, "expected a SASL response")

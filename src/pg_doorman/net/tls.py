@@ -12,6 +12,7 @@ import asyncio
 import functools
 import hashlib
 import ssl
+import weakref
 from collections.abc import Coroutine
 from typing import Any, cast
 
@@ -51,7 +52,42 @@ def client_tls_context(general: GeneralConfig) -> ssl.SSLContext | None:
                 "tls_ca_cert", f"cannot load the CA {general.tls_ca_cert!r}: {ssl_reason(exc)}"
             ) from None
         context.verify_mode = ssl.CERT_REQUIRED
+    end_point = _server_end_point(general.tls_certificate)
+    if end_point is not None:
+        _END_POINTS[context] = end_point
     return context
+
+
+# The tls-server-end-point channel binding data of each context's certificate.
+_END_POINTS: weakref.WeakKeyDictionary[ssl.SSLContext, bytes] = weakref.WeakKeyDictionary()
+
+
+def tls_end_point(context: ssl.SSLContext) -> bytes | None:
+    """What SCRAM-SHA-256-PLUS binds a login to over TLS with `context` (RFC 5929's
+    tls-server-end-point); None when the certificate allows no binding."""
+    return _END_POINTS.get(context)
+
+
+def _server_end_point(certificate_file: str) -> bytes | None:
+    """The hash of the certificate the pooler presents (the file's first) with the
+    hash function of its signature, SHA-256 in place of MD5 or SHA-1, as PostgreSQL
+    computes it; None for a signature without one (Ed25519), where PostgreSQL offers
+    no binding either."""
+    # Imported here, as in auth/jwt.py: a pooler without client TLS never loads them.
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    try:
+        with open(certificate_file, "rb") as file:
+            certificate = x509.load_pem_x509_certificate(file.read())
+    except (OSError, ValueError):
+        return None  # loaded by OpenSSL all the same (another encoding): no binding
+    algorithm = certificate.signature_hash_algorithm
+    if algorithm is None:
+        return None
+    if isinstance(algorithm, hashes.MD5 | hashes.SHA1):
+        algorithm = hashes.SHA256()
+    return certificate.fingerprint(algorithm)
 
 
 def client_tls_identity(general: GeneralConfig) -> tuple[object, ...]:
