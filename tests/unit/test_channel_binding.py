@@ -1,6 +1,6 @@
 """The tls-server-end-point data SCRAM-SHA-256-PLUS binds a login to (RFC 5929): the
 certificate's hash with the hash function of its signature (SHA-256 for MD5 and SHA-1,
-which this OpenSSL no longer signs with), none for a signature without a hash
+not tested: OpenSSL 3 refuses to sign with them), none for a signature without a hash
 function."""
 
 from __future__ import annotations

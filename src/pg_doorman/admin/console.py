@@ -57,6 +57,25 @@ def result(columns: Columns, rows: Rows, tag: str) -> bytes:
     return b"".join(parts)
 
 
+def split_statements(text: str) -> list[str]:
+    """The statements of one Query: `text` cut at the semicolons outside quoted text
+    (`SET application_name = 'a;b'` is one statement), each trimmed, empty ones left out."""
+    parts: list[str] = []
+    start = 0
+    quote = ""
+    for i, char in enumerate(text):
+        if quote:
+            if char == quote:
+                quote = ""  # a doubled quote closes and opens again: still inside
+        elif char in "'\"":
+            quote = char
+        elif char == ";":
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [part.strip() for part in parts if part.strip()]
+
+
 def _unquote(value: str) -> str:
     value = value.strip()
     if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
@@ -142,7 +161,7 @@ class AdminConsole:
 
     async def _run(self, text: str) -> bytes:
         replies: list[bytes] = []
-        statements = [s.strip() for s in text.split(";") if s.strip()]
+        statements = split_statements(text)
         if not statements:
             replies.append(messages.EMPTY_QUERY)
         for statement in statements:

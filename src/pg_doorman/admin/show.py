@@ -20,6 +20,7 @@ from pg_doorman.config.loader import (
     GENERAL_NOT_APPLICABLE,
     GENERAL_NOT_IMPLEMENTED,
     POOL_NOT_APPLICABLE,
+    POOL_NOT_IMPLEMENTED,
     WEB_NOT_IMPLEMENTED,
 )
 from pg_doorman.config.schema import AuthQueryConfig, TalosConfig
@@ -122,7 +123,8 @@ class ShowTables:
         )
         for name, pool in config.pools.items():
             prefix = f"pools.{_key(name)}"
-            rows.extend(_settings_rows(prefix, pool, PoolConfig(name=name), POOL_NOT_APPLICABLE))
+            ignored = POOL_NOT_APPLICABLE | POOL_NOT_IMPLEMENTED
+            rows.extend(_settings_rows(prefix, pool, PoolConfig(name=name), ignored))
             users = ", ".join(user.username for user in pool.users)
             rows.append([f"{prefix}.users", users, "-", "yes"])
             if pool.auth_query is not None:

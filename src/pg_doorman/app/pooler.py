@@ -519,6 +519,11 @@ class Pooler:
                 # servers before anyone logs in again.
                 keep_client_key(credentials, entry.credentials.scram_client_key)
             pool = Pool(settings, self.connect_server, self.loop)
+            # PAUSE (or KILL) of the database stays in force until RESUME: a
+            # replacement or a new user's pool opens no server meanwhile.
+            paused = entry.pool.paused if entry is not None else self._database_paused(name)
+            if paused:
+                pool.pause()
             self._credentials[pool] = credentials
             entry = PoolEntry(
                 pool=pool,
@@ -540,6 +545,11 @@ class Pooler:
             synced += ("application_name",)
         pool.set_synced_parameters(synced)
         return entry
+
+    def _database_paused(self, database: str) -> bool:
+        """Whether the database has pools and all of them are paused (PAUSE/KILL)."""
+        pools = [entry.pool for (db, _), entry in self.entries.items() if db == database]
+        return bool(pools) and all(pool.paused for pool in pools)
 
     def _budget_for(self, name: str, pool_config: PoolConfig) -> DatabaseBudget | None:
         """The database's max_db_connections budget (this worker's share), if it has one."""
@@ -800,6 +810,13 @@ class Pooler:
             notes.append(f"pool {user}@{database} added")
         for name in self.fallbacks.keys() - config.pools.keys():
             del self.fallbacks[name]
+        # A database gone, or without max_db_connections now: its budget leaves SHOW
+        # POOL_COORDINATOR and /metrics (retired pools keep their own reference to it
+        # until their last server closes).
+        for name in list(self.budgets):
+            kept = config.pools.get(name)
+            if kept is None or not kept.max_db_connections:
+                del self.budgets[name]
         notes.extend(self._reload_auth_queries(config))
         for _, entry in self.listed_entries():
             entry.pool.retain(0)  # opens min_pool_size servers of new pools

@@ -318,6 +318,15 @@ def _duration(value: object, path: str, ctx: _Context) -> int:
         raise ConfigError(path, str(exc)) from None
 
 
+def _positive_duration(value: object, path: str, ctx: _Context) -> int:
+    """A duration that must not be 0: a zero connect or wait timeout fails every login
+    that needs a new server at once."""
+    ms = _duration(value, path, ctx)
+    if ms == 0:
+        raise ConfigError(path, "must be greater than 0")
+    return ms
+
+
 def _duration_or_off(value: object, path: str, ctx: _Context) -> int:
     """A duration, or -1 (also "-1" or "off"): the feature is off."""
     if value == -1 or (isinstance(value, str) and value.strip().lower() in ("-1", "off")):
@@ -559,8 +568,8 @@ _GENERAL_SPEC: dict[str, Parser] = {
     "max_connections": _positive,
     "unix_socket_dir": _name,
     "unix_socket_mode": _unix_socket_mode,
-    "connect_timeout": _duration,
-    "query_wait_timeout": _duration,
+    "connect_timeout": _positive_duration,
+    "query_wait_timeout": _positive_duration,
     "client_login_timeout": _duration,
     "idle_timeout": _duration,
     "server_lifetime": _duration,
@@ -626,7 +635,11 @@ _GENERAL_SPEC: dict[str, Parser] = {
     "query_interner_anon_idle_ttl_seconds": _non_negative,
 }
 
-GENERAL_NOT_IMPLEMENTED = frozenset({"worker_threads"})
+# Documented PgDoorman settings nothing here acts on yet: syslog (logs go to stderr),
+# daemon mode (no -d), the time limit of one streamed oversized message.
+GENERAL_NOT_IMPLEMENTED = frozenset(
+    {"worker_threads", "syslog_prog_name", "daemon_pid_file", "proxy_copy_data_timeout"}
+)
 # scaling_fast_retries: PgDoorman's threads spin this many times for a server another
 # thread is about to return; on one event loop nothing can return meanwhile, and a
 # returned server goes straight to the longest-waiting client.
@@ -827,7 +840,7 @@ _POOL_SPEC: dict[str, Parser] = {
     "pool_mode": _pool_mode,
     "application_name": _string,
     # Plain integers (ms) in PgDoorman; unit strings are accepted here as well.
-    "connect_timeout": _duration,
+    "connect_timeout": _positive_duration,
     "idle_timeout": _duration,
     "server_lifetime": _duration,
     "cleanup_server_connections": _bool,
@@ -863,6 +876,7 @@ _POOL_SPEC: dict[str, Parser] = {
 # burst gate; here a finished server opening wakes the queue (see GENERAL_NOT_APPLICABLE
 # for scaling_fast_retries).
 POOL_NOT_APPLICABLE = frozenset({"scaling_fast_retries", "scaling_cooldown_sleep"})
+POOL_NOT_IMPLEMENTED = frozenset({"log_client_parameter_status_changes"})
 
 
 def _pools(
@@ -880,6 +894,7 @@ def _pools(
             pool_path,
             _POOL_SPEC,
             ctx,
+            not_implemented=POOL_NOT_IMPLEMENTED,
             not_applicable=POOL_NOT_APPLICABLE,
             defaults=_field_defaults(PoolConfig),
         )

@@ -732,9 +732,16 @@ class Pool:
             waiter.on_acquire_error(code, message)
 
     def update_settings(self, settings: PoolSettings) -> None:
-        """Apply reloaded settings that need no new servers (sizes, timeouts)."""
+        """Apply reloaded settings that need no new servers (sizes, timeouts).
+
+        A smaller pool_size closes idle servers above it at once (oldest first), as
+        PgBouncer does: kept idle they would be handed out again, so more than
+        pool_size transactions could hold a server at a time. Busy ones above it close
+        when they are released."""
         self.settings = settings
         self.statements.capacity = settings.statements_cache_size
+        while self.idle and self.size > settings.pool_size:
+            self.discard(self.idle.popleft(), "pool_size lowered by a reload")
         if self._wait_timer is not None:
             # Waiters' deadlines follow the new query_wait_timeout: check them anew.
             self._wait_timer.cancel()
