@@ -903,7 +903,9 @@ class Pooler:
         for client in self.clients_of(pool):
             if client.server is None or client.pinned_between_transactions():
                 client.fail(sqlstate.ADMIN_SHUTDOWN, message)
-            else:
+            elif not pool.settings.session_mode:
+                # A session-mode client keeps its retired pool until it disconnects
+                # (docs/admin.md): only a shutdown ends its session after a transaction.
                 client.closing_after_transaction = message
         self._close_listen_hub(pool, message)
         pool.close(message)
@@ -1530,7 +1532,9 @@ class Pooler:
             client.closing_after_transaction = "pooler is shut down now"
         emigration = self.emigration
         for client in clients:
-            between = client.server is None or client.pinned_between_transactions()
+            # A session-mode client cannot move (move_blocker): between transactions
+            # it is told at once, as an idle one is; in one, when it ends (net/server.py).
+            between = client.server is None or client.pinned_between_transactions(session_too=True)
             if between and (emigration is None or not emigration.take(client)):
                 client.fail(sqlstate.ADMIN_SHUTDOWN, "pooler is shutting down")
         if self.clients:

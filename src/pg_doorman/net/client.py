@@ -430,12 +430,19 @@ class ClientConnection(asyncio.Protocol):
         server = self.server
         if server is not None:
             server.pause_relay()
+        else:
+            # What is answered here without a server (the cached check query, a local
+            # DEALLOCATE) would pile up unsent: read no more requests until it has gone.
+            self.pause_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
         server = self.server
         if server is not None:
             server.resume_relay()
+            if server.writing_paused:
+                return  # still paused for the server's sake (ServerConnection.pause_writing)
+        self.resume_reading()
 
     def pause_reading(self) -> None:
         if not self.reading_paused and self.transport is not None:
@@ -443,7 +450,12 @@ class ClientConnection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self.reading_paused and self.transport is not None and self.state != WAITING:
+        if (
+            self.reading_paused
+            and self.transport is not None
+            and self.state != WAITING
+            and not (self.write_paused and self.server is None)  # see pause_writing
+        ):
             self.reading_paused = False
             self.transport.resume_reading()
 
@@ -1822,6 +1834,8 @@ class ClientConnection(asyncio.Protocol):
         self.server = None
         if self.state == ACTIVE:
             self.state = IDLE
+        if self.write_paused:
+            self.pause_reading()  # no server to hold back now (see pause_writing)
         # Released only when nothing is pending, so the rest of the accounting is clear.
         self.frontend.syncs_after_execute = 0
         if self.rewriter is not None:
@@ -1913,12 +1927,16 @@ class ClientConnection(asyncio.Protocol):
             return "LISTEN"  # its LISTENs live on this process's listening server
         return None
 
-    def pinned_between_transactions(self) -> bool:
-        """Holds its server (for its LISTENs or advisory locks), with no request in
-        flight on it."""
+    def pinned_between_transactions(self, *, session_too: bool = False) -> bool:
+        """Holds its server (for its LISTENs or advisory locks; with `session_too`,
+        also as a session-mode client), with no request in flight on it."""
         server = self.server
+        pool = self.pool
         return (
-            self.pinned_for != 0
+            (
+                self.pinned_for != 0
+                or (session_too and pool is not None and pool.settings.session_mode)
+            )
             and server is not None
             and server.between_requests(self)
             and server.scanner.status == codes.TX_IDLE
@@ -2117,13 +2135,16 @@ class ClientConnection(asyncio.Protocol):
         delta = held - self._memory_accounted
         if not delta:
             return True
-        self._memory_accounted = held
-        if not self.pooler.memory.add(delta) and delta > 0:
+        if not self.pooler.memory.add(delta):
+            # Refused growth is not counted: what this client gives back when it goes
+            # (connection_lost) is only what the budget holds for it, so repeated
+            # refusals cannot drive the shared count below zero and lift the limit.
             self.fail(
                 sqlstate.OUT_OF_MEMORY,
                 "pooler is temporarily out of memory (max_memory_usage); try again later",
             )
             return False
+        self._memory_accounted = held
         return True
 
 

@@ -749,6 +749,11 @@ class ServerConnection(asyncio.Protocol):
                     # the next waiter starts while these bytes are on their way.
                     client.detach_server(self)
                     self.finish(now)
+        elif client.closing_after_transaction is not None:
+            # Shutting down (app/pooler.py): a session ends with its transaction; the
+            # client is told once this reply is written (detach_server).
+            client.detach_server(self)
+            self.finish(now)
         if client.listen_at_commit is not None:
             client.listen_statements_committed(out)  # once it is known pinned
         return after
@@ -848,8 +853,12 @@ class ServerConnection(asyncio.Protocol):
         new = scanner.error_count - self._errors_seen
         self._errors_seen = scanner.error_count
         code = "XX000"
-        if scanner.last_error is not None:
-            code = messages.parse_error_fields(scanner.last_error).get("C", code)
+        last = scanner.last_error
+        if last is not None:
+            # Not kept with the server: PostgreSQL quotes the offending value in its
+            # message, and a 40 MB one would stay in memory until the next error.
+            scanner.last_error = None
+            code = messages.parse_error_fields(last).get("C", code)
         stats = self.pool.stats
         for _ in range(new):
             stats.record_error(code)
