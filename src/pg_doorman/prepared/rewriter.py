@@ -763,6 +763,16 @@ class BatchRewriter:
         if fix == _REPLACE_ERROR:
             return payload
         if fix == _RENAME_IN_ERROR:
+            if b"\x00C" + sqlstate.INVALID_SQL_STATEMENT_NAME.encode() + b"\x00" in (
+                b"\x00" + body
+            ) and _QUOTED_SERVER_NAME.search(body):
+                # The server lacks a statement of ours that its record says it has:
+                # something the pooler could not see by its tag dropped it (DEALLOCATE
+                # run by a DO block or a function, another client's doing). Without
+                # this the record stays wrong and every later use of the statement on
+                # this server fails the same way; with it the server's statements are
+                # reset at check-in and parsed again when next needed.
+                self.desynced = True
             return _rename_in_error(body, payload)
         return None
 
