@@ -264,7 +264,8 @@ def test_scram_malformed_client_final_is_refused(
     first = server_first(conn, client)
     nonce = dict(item.split("=", 1) for item in first.decode().split(","))["r"]
     final = {
-        "wrong_nonce": lambda: final_with(first, client, r=nonce[:-1] + "A"),
+        # Its last character changed ("B" where it is an "A" already).
+        "wrong_nonce": lambda: final_with(first, client, r=nonce[:-1] + "AB"[nonce[-1] == "A"]),
         "short_nonce": lambda: final_with(first, client, r=client.nonce),
         "bad_base64_proof": lambda: final_with(first, client, p="!!!notbase64!!!"),
         "short_proof": lambda: final_with(first, client, p=base64.b64encode(b"x" * 31).decode()),
