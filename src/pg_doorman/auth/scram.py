@@ -36,6 +36,8 @@ DEFAULT_ITERATIONS: Final = 4096
 DEFAULT_SALT_LENGTH: Final = 16  # what PostgreSQL generates
 KEY_LENGTH: Final = 32  # SHA-256 output
 _NONCE_BYTES: Final = 18  # PostgreSQL's and libpq's raw nonce length
+# PostgreSQL's scram_iterations is an int: anything above is no count it could send.
+MAX_ITERATIONS: Final = 2**31 - 1
 
 _DIGITS: Final = re.compile(r"[0-9]+")
 
@@ -93,6 +95,13 @@ def _unb64(text: str, what: str, length: int | None = None) -> bytes:
     if length is not None and len(data) != length:
         raise ScramError(f"{what} must be {length} bytes, got {len(data)}")
     return data
+
+
+def _valid_iterations(text: str) -> bool:
+    # Length first: int() refuses (ValueError) strings of thousands of digits.
+    return (
+        len(text) <= 10 and _DIGITS.fullmatch(text) is not None and 1 <= int(text) <= MAX_ITERATIONS
+    )
 
 
 def _new_nonce() -> str:
@@ -180,7 +189,7 @@ class ScramVerifier:
             raise ScramError("not a SCRAM-SHA-256 verifier") from None
         if mechanism != MECHANISM:
             raise ScramError("not a SCRAM-SHA-256 verifier")
-        if not _DIGITS.fullmatch(iterations_text) or int(iterations_text) < 1:
+        if not _valid_iterations(iterations_text):
             raise ScramError("invalid iteration count in SCRAM-SHA-256 verifier")
         salt = _unb64(salt_text, "verifier salt")
         if not salt:
@@ -444,7 +453,7 @@ class ScramClientSession:
         salt = _unb64(salt_text, "salt")
         if not salt:
             raise ScramError("empty salt in server-first-message")
-        if not _DIGITS.fullmatch(iterations_text) or int(iterations_text) < 1:
+        if not _valid_iterations(iterations_text):
             raise ScramError(f"invalid iteration count {iterations_text[:20]!r}")
         if self._password is not None:
             self._client_key, self._server_key = _derive_keys(

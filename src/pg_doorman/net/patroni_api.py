@@ -34,6 +34,8 @@ class Member:
     state: str  # running, streaming, stopped, ...
     host: str
     port: int
+    # Its tags that are set (true): nofailover, noloadbalance, nosync, ...
+    tags: frozenset[str] = frozenset()
 
 
 def parse_cluster(body: bytes) -> list[Member]:
@@ -56,6 +58,7 @@ def parse_cluster(body: bytes) -> list[Member]:
             continue
         if not isinstance(port, int) or not 0 < port < 65536:
             continue
+        tags = member.get("tags")
         found.append(
             Member(
                 name=str(member.get("name", "")),
@@ -63,6 +66,9 @@ def parse_cluster(body: bytes) -> list[Member]:
                 state=str(member.get("state", "")),
                 host=host,
                 port=port,
+                tags=frozenset(str(name) for name, value in tags.items() if value is True)
+                if isinstance(tags, dict)
+                else frozenset(),
             )
         )
     return found
@@ -124,7 +130,8 @@ def request_for(url: str) -> tuple[str, int, bool, bytes]:
         raise PatroniApiError(f"not an http(s) URL: {url!r}")
     tls = parts.scheme == "https"
     port = parts.port or (443 if tls else 80)
-    path = parts.path.rstrip("/") + "/cluster"
+    # As in PgDoorman, a URL may already name the endpoint (http://node:8008/cluster).
+    path = parts.path.rstrip("/").removesuffix("/cluster") + "/cluster"
     host_header = parts.netloc.rpartition("@")[2]
     lines = [
         f"GET {path} HTTP/1.1",

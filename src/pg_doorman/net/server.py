@@ -298,11 +298,20 @@ class ServerConnection(asyncio.Protocol):
         """Run the startup exchange until the first ReadyForQuery."""
         self._send(messages.startup_message(startup))
         scram: ScramClientSession | None = None
+        # Set once the server's SASLFinal checked out: a server that says
+        # AuthenticationOk before that never proved it knows the password.
+        scram_proven = False
         while True:
             msg_type, body = await self._next_message()
             if msg_type == codes.AUTHENTICATION:
                 code, payload = messages.parse_auth_request(body)
                 if code == codes.AUTH_OK:
+                    if scram is not None and not scram_proven:
+                        raise AcquireError(
+                            sqlstate.INVALID_PASSWORD,
+                            "server ended the SCRAM exchange without its final message: "
+                            "it did not prove that it knows the password",
+                        )
                     continue
                 if code == codes.AUTH_SASL:
                     mechanisms = messages.parse_sasl_mechanisms(payload)
@@ -312,6 +321,7 @@ class ServerConnection(asyncio.Protocol):
                             f"server offers unsupported SASL mechanisms {mechanisms}",
                         )
                     scram = _scram_session(creds)
+                    scram_proven = False
                     self._send(
                         messages.sasl_initial_response("SCRAM-SHA-256", scram.client_first())
                     )
@@ -330,6 +340,7 @@ class ServerConnection(asyncio.Protocol):
                         scram.handle_server_final(payload)
                     except Exception as unproven:  # not `exc`: typed ScramError above
                         raise AcquireError(sqlstate.INVALID_PASSWORD, str(unproven)) from unproven
+                    scram_proven = True
                 elif code == codes.AUTH_MD5:
                     self._send(messages.password_message(_md5_answer(creds, payload[:4])))
                 elif code == codes.AUTH_CLEARTEXT:
@@ -813,7 +824,12 @@ class ServerConnection(asyncio.Protocol):
         if calls & CALLS_LOCK:
             scanner.cleanup_flags |= CLEAN_ADVISORY
         if client.closing_after_transaction is not None:
-            return 0  # it is let go now: its locks are released at check-in
+            # It is let go now: its locks are released at check-in. Locks it may hold
+            # keep it from moving to an upgrade's new process (move_blocker), which
+            # would go on as if it still held them: it is told to reconnect instead.
+            if calls & CALLS_LOCK and self.pool.settings.pin_on_advisory_lock:
+                client.pinned_for |= PIN_LOCKS
+            return 0
         if client.pinned_for & PIN_LISTEN:
             # It keeps this server anyway (and a check would hold back its
             # notifications): its locks too, released when it disconnects.

@@ -36,6 +36,11 @@ logger = logging.getLogger(__name__)
 
 # Roles tried first: a synchronous (or quorum) standby is the promotion candidate.
 SYNCHRONOUS_ROLES: Final = frozenset(("sync_standby", "quorum_standby"))
+# Patroni states of a PostgreSQL that serves (a leader "running", a replica
+# "streaming"): as in PgDoorman, members stopped, crashed, starting or restoring are no
+# candidates, nor members tagged never to be promoted or to take load.
+SERVING_STATES: Final = frozenset(("running", "streaming"))
+EXCLUDING_TAGS: Final = frozenset(("nofailover", "noloadbalance"))
 FAILURE_REASONS: Final = (
     "connect_error",
     "startup_error",
@@ -84,14 +89,20 @@ def failure_reason(error: BaseException) -> str:
     return "other"
 
 
+def eligible(member: Member) -> bool:
+    """Whether Patroni says the member serves and may be fallen back on."""
+    return member.state in SERVING_STATES and not member.tags & EXCLUDING_TAGS
+
+
 def candidate_waves(members: Sequence[Member], skipped: set[tuple[str, int]]) -> list[list[Member]]:
-    """Synchronous standbys, then every other member, each in listed order."""
+    """Synchronous standbys, then every other member, each in listed order; members
+    that do not serve (eligible()) are left out."""
     first: list[Member] = []
     second: list[Member] = []
     seen: set[tuple[str, int]] = set()
     for member in members:
         address = (member.host, member.port)
-        if address in skipped or address in seen:
+        if address in skipped or address in seen or not eligible(member):
             continue
         seen.add(address)
         (first if member.role in SYNCHRONOUS_ROLES else second).append(member)
@@ -218,6 +229,8 @@ class Fallback:
         breakdown = ", ".join(f"{reasons[r]} {r}" for r in FAILURE_REASONS if reasons[r])
         if not members:
             detail = "the Patroni API lists no members"
+        elif not any(eligible(m) for m in members):
+            detail = "the Patroni API lists no running member to fall back on"
         elif not breakdown:
             detail = "every member failed recently and is skipped for now"
         else:
