@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import os
 import re
 import signal
@@ -668,3 +669,189 @@ def test_asyncpg_and_pg8000_sessions_move_with_their_statements(
             conn8.close()
 
     asyncio.run(main())
+
+
+def children_of(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def test_a_lock_taken_in_the_transaction_that_spans_the_upgrade_is_not_lost_silently(
+    pg: ExamplePostgres, pooler: PoolerFactory, successors: list[int]
+) -> None:
+    """pin_on_advisory_lock (the default): a client holding a session-level advisory
+    lock must not move without it (docs/admin.md: such clients are disconnected). Here
+    the lock is taken in the transaction that is running when the upgrade starts: when
+    that transaction ends, the client either keeps its lock or is told 57P01 -- never
+    moved to the new process with the lock silently released."""
+    proc = pooler(general={"shutdown_timeout": 20_000})
+    user = pg.md5_user
+    locker = psycopg.connect(proc.dsn(user.name, user.password))  # not autocommit
+    direct = psycopg.connect(pg.user_dsn(user), autocommit=True)
+    try:
+        assert locker.execute("select pg_advisory_lock(4242)").fetchone() == ("",)
+        upgrade(proc, successors)
+        locker.commit()  # the transaction ends on the old process
+        assert proc.wait_exit() == 0
+        try:
+            locker.execute("select 1")
+        except psycopg.OperationalError as exc:
+            # The 57P01 is read, or (tcp_so_linger = 0) lost to the reset that follows.
+            assert "shut" in str(exc) or "closed the connection" in str(exc), exc
+            assert "stays (advisory locks)" in proc.log_text()
+            return  # told to reconnect: correct
+        # It moved: then its lock must still be held.
+        taken = direct.execute("select pg_try_advisory_lock(4242)").fetchone()
+        assert taken == (False,), (
+            "the client moved to the new process, but its session-level advisory lock"
+            " was released; it was not told"
+        )
+    finally:
+        locker.close()
+        direct.close()
+
+
+def _big_session(conn: psycopg.Connection[tuple[object, ...]], statements: int) -> None:
+    padding = "y" * 3000
+    for n in range(statements):
+        row = conn.execute(f"select {n} as n, '{padding}' as pad", prepare=True).fetchone()
+        assert row is not None and row[0] == n
+
+
+@pytest.mark.parametrize("busy", [True, False], ids=["workers-busy", "burst"])
+def test_sessions_moving_into_busy_workers_are_not_dropped(
+    pg: ExamplePostgres, pooler: PoolerFactory, successors: list[int], busy: bool
+) -> None:
+    """Upgrade to two workers. The clients' transactions end while the new workers are
+    busy (stopped for a moment here): the new supervisor must hold the arriving sessions
+    until a worker takes them, not disconnect them because the workers' channels are
+    full (`burst`: idle sessions that all move at once, workers not stopped). Each
+    session carries ~150 kB of prepared statements (below the 192 KiB that
+    one hand-over message holds)."""
+    proc = pooler(
+        general={"workers": 1, "shutdown_timeout": 30_000},
+        pools={"example_db": {"users": [{"username": pg.trust_user.name, "pool_size": 20}]}},
+    )
+    config = proc.config
+    config["general"]["workers"] = 2
+    proc.write_config(config)
+    user = pg.trust_user
+    conns = [psycopg.connect(proc.dsn(user.name)) for _ in range(8)]
+    stopped: list[psutil.Process] = []
+    try:
+        for conn in conns:
+            _big_session(conn, 35)
+            conn.commit()
+            if busy:
+                conn.execute("select 1")  # a transaction open across the upgrade
+        new_pid = upgrade(proc, successors)
+        if not busy:
+            assert proc.wait_exit() == 0
+            conns_ok = _still_there(conns)
+            assert conns_ok == [], f"{len(conns_ok)} of {len(conns)} dropped: {conns_ok[0]}"
+            return
+        stopped = [psutil.Process(pid) for pid in children_of(new_pid)]
+        assert len(stopped) == 2
+        for process in stopped:
+            process.suspend()
+        for conn in conns:
+            conn.commit()  # each session now moves
+        time.sleep(1.0)
+        for process in stopped:
+            process.resume()
+        stopped = []
+        assert proc.wait_exit() == 0
+        lost = _still_there(conns)
+        assert lost == [], f"{len(lost)} of {len(conns)} sessions dropped: {lost[0]}"
+    finally:
+        for process in stopped:
+            with contextlib.suppress(psutil.Error):
+                process.resume()
+        for conn in conns:
+            conn.close()
+
+
+def _still_there(conns: list[psycopg.Connection[tuple[object, ...]]]) -> list[str]:
+    """The errors of the sessions that did not go on."""
+    lost = []
+    for n, conn in enumerate(conns):
+        try:
+            assert conn.execute("select %s::int", [n]).fetchone() == (n,)
+            conn.commit()
+        except psycopg.OperationalError as exc:
+            lost.append(str(exc).strip())
+    return lost
+
+
+def test_a_client_in_copy_and_one_in_a_pipeline_move_after_they_finish(
+    pg: ExamplePostgres, pooler: PoolerFactory, successors: list[int]
+) -> None:
+    """A COPY FROM STDIN in progress and an extended-protocol pipeline whose Sync has
+    not been sent yet when the upgrade starts: both finish on the old process with
+    every reply, once, and go on in the new one."""
+    proc = pooler()
+    user = pg.md5_user
+    copier = w.PgWire.connect(proc.host, proc.port, user.name, "example_db", user.password)
+    piper = w.PgWire.connect(proc.host, proc.port, user.name, "example_db", user.password)
+    try:
+        copier.send_raw(w.query("begin; create temp table c (x int); copy c from stdin"))
+        got = copier.read_until(b"G")
+        assert w.first_error(got) is None, got
+        copier.send_raw(w.copy_data("1\n2\n"))
+        piper.send_raw(
+            w.parse("s1", "select $1::int + 1") + w.bind("", "s1", ["1"]) + w.execute()
+            + w.flush()
+        )  # fmt: skip
+        early = piper.read_until(b"D")
+        assert w.msg_types(early) == "12D"
+        upgrade(proc, successors)
+        copier.send_raw(w.copy_data("3\n") + w.copy_done())
+        assert w.msg_types(copier.read_until(b"Z")) == "CZ"
+        piper.send_raw(w.bind("", "s1", ["41"]) + w.execute() + w.sync())
+        rest = piper.read_until_ready()
+        assert w.msg_types(rest) == "C2DCZ", w.msg_types(rest)
+        assert w.rows(rest) == [("42",)]
+        assert w.rows(copier.simple_query("select count(*) from c")) == [("3",)]
+        assert w.msg_types(copier.simple_query("commit")) == "CZ"
+        assert proc.wait_exit() == 0
+        assert sum(int(n) for n in MOVED.findall(proc.log_text())) == 2
+        piper.send_raw(w.bind("", "s1", ["9"]) + w.execute() + w.sync())
+        assert w.rows(piper.read_until_ready()) == [("10",)]
+        assert w.rows(copier.simple_query("select 5")) == [("5",)]
+    finally:
+        copier.close_socket()
+        piper.close_socket()
+
+
+def test_a_new_process_that_fails_to_start_leaves_the_old_one_serving(
+    pg: ExamplePostgres, pooler: PoolerFactory, successors: list[int]
+) -> None:
+    """The config passes `-t`, but the new process cannot start (its metrics port is
+    taken by someone else): the old process says why and serves on; fixed, the next
+    upgrade goes through."""
+    proc = pooler()
+    user = pg.md5_user
+    idle = psycopg.connect(proc.dsn(user.name, user.password), autocommit=True)
+    blocker = socket.socket()
+    try:
+        idle.execute("select 1")
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        good = copy.deepcopy(proc.config)
+        broken = copy.deepcopy(proc.config)
+        broken["web"] = {"enabled": True, "host": "127.0.0.1", "port": blocker.getsockname()[1]}
+        proc.write_config(broken)
+        proc.send_signal(signal.SIGUSR2)
+        proc.wait_for_log("this process serves on", timeout=40)
+        assert "exited with 1" in proc.log_text(), proc.log_tail()
+        assert proc.running
+        assert idle.execute("select 2").fetchone() == (2,)
+        with psycopg.connect(proc.dsn(user.name, user.password), autocommit=True) as fresh:
+            assert fresh.execute("select 3").fetchone() == (3,)
+        proc.write_config(good)
+        upgrade(proc, successors)
+        assert proc.wait_exit() == 0
+        assert idle.execute("select 4").fetchone() == (4,)
+    finally:
+        blocker.close()
+        idle.close()

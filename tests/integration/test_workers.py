@@ -552,3 +552,56 @@ def test_a_worker_whose_supervisor_died_while_it_started_stops(
     finally:
         ours.close()
         theirs.close()
+
+
+def test_a_restarted_worker_runs_the_configuration_the_others_run(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """docs/workers.md: every worker applies the same reading of the file. A file
+    edited on disk but not reloaded (here: made invalid) must not stop a crashed
+    worker from coming back with the configuration the pooler runs."""
+    proc = pooler(general={"workers": WORKERS})
+    proc.wait_for_log("all 2 workers ready", timeout=30)
+    pids = _worker_pids(proc)
+    proc.config_path.write_text(proc.config_path.read_text() + "\n[general.oops\n")
+    os.kill(pids[1], signal.SIGKILL)
+    proc.wait_for_log("worker 1 exited", timeout=10)
+    time.sleep(5.0)  # a restart takes 1 s, plus the worker's start
+    log = proc.log_text()
+    assert log.count("worker 1 exited") == 1, "worker 1 never came back:\n" + proc.log_tail(20)
+    current = _worker_pids(proc)
+    assert pids[1] not in current
+    user = pg.md5_user
+    for _ in range(4):  # the two workers take turns
+        with psycopg.connect(proc.dsn(user.name, user.password), autocommit=True) as conn:
+            assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_a_reloaded_shutdown_timeout_is_what_the_supervisor_waits(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """shutdown_timeout is reloadable (docs/configuration.md). After a reload that
+    raises it, SIGTERM lets a running transaction finish within the new timeout; the
+    supervisor must not kill its workers at the old timeout + 5 s."""
+    proc = pooler(general={"workers": WORKERS, "shutdown_timeout": 1000})
+    proc.wait_for_log("all 2 workers ready", timeout=30)
+    config = proc.config
+    config["general"]["shutdown_timeout"] = 30_000
+    proc.write_config(config)
+    proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while proc.log_text().count("configuration reloaded") < 2:
+        assert time.monotonic() < deadline, proc.log_tail()
+        time.sleep(0.05)
+    user = pg.md5_user
+    busy = psycopg.connect(proc.dsn(user.name, user.password))
+    try:
+        busy.execute("select 1")  # in a transaction
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(8.0)  # beyond the old 1 s + 5 s
+        assert busy.execute("select 2").fetchone() == (2,), "the transaction was cut"
+        busy.commit()
+        assert proc.wait_exit(30) == 0
+        assert "did not stop in time" not in proc.log_text()
+    finally:
+        busy.close()

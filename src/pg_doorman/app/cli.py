@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     # Set by the supervisor when it starts a worker process (general.workers > 1).
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--rundir", help=argparse.SUPPRESS)
+    # The configuration the other workers run (app.cluster.publish_running_config).
+    parser.add_argument("--config-snapshot", help=argparse.SUPPRESS)
     parser.add_argument("--dispatch-fd", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--previous-fd", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--moved-clients", action="store_true", help=argparse.SUPPRESS)
@@ -80,7 +82,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     worker_index = worker.index if worker is not None else None
     setup_logging(args.log_level or "info", args.log_format, worker_index)
     try:
-        config = load_checked_config(args.config)
+        if args.config_snapshot is not None:
+            from pg_doorman.app.cluster import read_config_snapshot
+
+            config = read_config_snapshot(args.config_snapshot)
+        else:
+            config = load_checked_config(args.config)
     except ConfigError as exc:
         print(f"pg_doorman: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG

@@ -75,6 +75,23 @@ def write_config_snapshot(rundir: str, config: Config) -> str:
     return path
 
 
+def running_config_path(rundir: str) -> str:
+    """Where the configuration the workers run now is kept (publish_running_config)."""
+    return os.path.join(rundir, "config-running.pickle")
+
+
+def publish_running_config(rundir: str, config: Config) -> None:
+    """`config`, as the workers run it now (a reload's restart-only keys at their
+    running values), for what starts or stops them later: a worker restarted after a
+    crash starts from it rather than from the file, which may have changed since (or
+    no longer load), and the supervisor waits its shutdown_timeout. Replaced whole."""
+    path = running_config_path(rundir)
+    temporary = f"{path}.{os.getpid()}"
+    with open(temporary, "wb") as file:
+        pickle.dump(config, file, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(temporary, path)
+
+
 def read_config_snapshot(path: str) -> Config:
     try:
         with open(path, "rb") as file:
@@ -217,14 +234,21 @@ async def run_control(pooler: Pooler, payload: dict[str, Any]) -> dict[str, Any]
         if op == "reload":
             snapshot = payload.get("snapshot")
             if snapshot is None:
-                return {"notes": pooler.reload_file()}
-            try:
-                config = read_config_snapshot(str(snapshot))
-            except ConfigError as exc:
-                # Whoever asked may have stopped waiting: say it here too.
-                logger.error("reload failed, the old configuration stays: %s", exc)
-                raise
-            return {"notes": pooler.apply_config(config)}
+                notes = pooler.reload_file()
+            else:
+                try:
+                    config = read_config_snapshot(str(snapshot))
+                except ConfigError as exc:
+                    # Whoever asked may have stopped waiting: say it here too.
+                    logger.error("reload failed, the old configuration stays: %s", exc)
+                    raise
+                notes = pooler.apply_config(config)
+            if pooler.cluster is not None:
+                try:
+                    publish_running_config(pooler.cluster.info.rundir, pooler.config)
+                except OSError as exc:
+                    logger.warning("cannot keep the reloaded configuration: %s", exc)
+            return {"notes": notes}
         if op == "log_level":
             apply_log_filter(str(payload["value"]))
             return {}

@@ -297,13 +297,20 @@ class Dispatcher:
         closes its own copy either way; False if no worker could take it (the client is
         then disconnected). `kind`: the message sent with it (its socket's family, or a
         moved client's state)."""
+        if self._send(fd, kind):
+            return True
+        self.dropped += 1
+        logger.warning("no worker could take a new connection: it is closed")
+        return False
+
+    def _send(self, fd: int, kind: bytes) -> bool:
+        """Pass `fd` with `kind` to the least-loaded worker that takes it now; False if
+        none does (every channel full, or no worker serving)."""
         rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd.to_bytes(_FD_SIZE, sys.byteorder))]
         tried: set[int] | None = None
         while True:
             index = self._least_loaded(tried)
             if index is None:
-                self.dropped += 1
-                logger.warning("no worker could take a new connection: it is closed")
                 return False
             channel = self.channels[index]
             assert channel is not None
@@ -325,8 +332,10 @@ class Dispatcher:
     def send_moved(self, fd: int, state: bytes) -> bool:
         """Pass a client an old process handed over, with its session `state`, to the
         least-loaded worker, as dispatch() passes a new one. The caller closes its own
-        copy of `fd`; False if no worker could take it."""
-        return self.dispatch(fd, KIND_MOVED + state)
+        copy of `fd` once it went; False if no worker could take it now (their channels
+        are full, or none serves): the caller keeps it and tries again, as a session
+        is worth more than a new connection, which the client would simply retry."""
+        return self._send(fd, KIND_MOVED + state)
 
     def send_successor(self, index: int, fd: int) -> bool:
         """Give worker `index` the channel to an upgrade's new process (a copy of `fd`)."""

@@ -291,14 +291,29 @@ class Immigration:
         self.arrive = arrive
         self.received = 0
         self._space = socket.CMSG_SPACE(_FD_SIZE)
+        self._reading = False
 
     def start(self) -> None:
         self.channel.setblocking(False)
-        self.loop.add_reader(self.channel.fileno(), self._receive)
+        self.resume()
+
+    def pause(self) -> None:
+        """Take no more clients until resume(): whoever places them cannot keep up. The
+        old process's sends then find the channel full and are tried again there."""
+        if self._reading:
+            self._reading = False
+            with contextlib.suppress(ValueError, OSError):
+                self.loop.remove_reader(self.channel.fileno())
+
+    def resume(self) -> None:
+        if not self._reading and self.channel.fileno() != -1:
+            self._reading = True
+            self.loop.add_reader(self.channel.fileno(), self._receive)
 
     def stop(self) -> None:
         if self.channel.fileno() == -1:
             return
+        self.pause()
         with contextlib.suppress(ValueError, OSError):
             self.loop.remove_reader(self.channel.fileno())
         self.channel.close()
@@ -306,7 +321,7 @@ class Immigration:
             logger.info("upgrade: %d clients came from the previous process", self.received)
 
     def _receive(self) -> None:
-        while self.channel.fileno() != -1:
+        while self._reading and self.channel.fileno() != -1:
             try:
                 data, ancillary, flags, _ = self.channel.recvmsg(MAX_STATE + 1, self._space)
             except (BlockingIOError, InterruptedError):

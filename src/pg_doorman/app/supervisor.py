@@ -10,6 +10,7 @@ console and /metrics, which the supervisor serves, cover all of them.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -21,7 +22,15 @@ import tempfile
 from collections.abc import Sequence
 
 from pg_doorman.admin.snapshot import Snapshot, merge, resident_memory
-from pg_doorman.app.cluster import CALL_TIMEOUT, WorkerInfo, request, write_config_snapshot
+from pg_doorman.app.cluster import (
+    CALL_TIMEOUT,
+    WorkerInfo,
+    publish_running_config,
+    read_config_snapshot,
+    request,
+    running_config_path,
+    write_config_snapshot,
+)
 from pg_doorman.app.dispatch import Dispatcher, LoadBoard, channel_pair
 from pg_doorman.app.migration import Immigration, refuse_moved
 from pg_doorman.app.upgrade import (
@@ -37,6 +46,10 @@ logger = logging.getLogger("pg_doorman.supervisor")
 
 READY_TIMEOUT = 30.0
 RESTART_DELAY = 1.0
+# A client an upgrade's old process handed over, that no worker could take at once
+# (their channels full, or none serving): tried again this often, for this long.
+MOVED_RETRY = 0.02
+MOVED_PATIENCE = 10.0
 
 
 def worker_count(config: Config) -> int:
@@ -71,6 +84,10 @@ class Supervisor:
         # arrive on it, and the workers send cancel requests for its clients back.
         self._previous = take_migration_channel()
         self._immigration: Immigration | None = None
+        # Its clients that no worker could take yet, oldest first (descriptor, state,
+        # when to give up); no more are read meanwhile (Immigration.pause).
+        self._held: collections.deque[tuple[int, bytes, float]] = collections.deque()
+        self._held_timer: asyncio.TimerHandle | None = None
 
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
@@ -83,6 +100,9 @@ class Supervisor:
             listeners = listeners_for(self.config.general)
             self._listeners = listeners
             board = LoadBoard(os.path.join(self.rundir, "load"), self.count, create=True)
+            # Every worker starts from this reading of the file, a restarted one too
+            # (the workers replace it with each reload they apply).
+            publish_running_config(self.rundir, self.config)
             self.dispatcher = Dispatcher(loop, listeners, board, self.count)
             for index in range(self.count):
                 await self._spawn(index)
@@ -117,6 +137,7 @@ class Supervisor:
                 channel.close()
             if self._immigration is not None:
                 self._immigration.stop()
+            self._refuse_held("the pooler is shutting down")
             self.stopping = True
             self.dispatcher.stop_listening()
             await self._stop_workers()
@@ -134,6 +155,7 @@ class Supervisor:
             await self._stop_workers()
             return 1
         finally:
+            self._refuse_held("the pooler is shutting down")
             if self._previous is not None:
                 self._previous.close()
             if self.dispatcher is not None:
@@ -211,6 +233,7 @@ class Supervisor:
             sys.executable, "-m", "pg_doorman", self.config.source, *self.log_args,
             "--worker", f"{index}/{self.count}", "--rundir", self.rundir,
             "--dispatch-fd", str(theirs.fileno()), "--supervisor-pid", str(os.getpid()),
+            "--config-snapshot", running_config_path(self.rundir),
         ]  # fmt: skip
         fds = [theirs.fileno()]
         previous = self._previous
@@ -290,13 +313,52 @@ class Supervisor:
         Pooler.cancel_here)."""
         assert self.dispatcher is not None
         try:
-            if not self.dispatcher.send_moved(fd, session.encode()):
-                refuse_moved(fd, "no worker takes it")
+            state = session.encode()
+            if self._held or not self.dispatcher.send_moved(fd, state):
+                # The workers' channels are full (or no worker serves right now): it
+                # waits here, after those already waiting, and no more are read.
+                deadline = asyncio.get_running_loop().time() + MOVED_PATIENCE
+                self._held.append((fd, state, deadline))
+                if self._immigration is not None:
+                    self._immigration.pause()
+                self._arm_held()
                 return
         except BaseException:
             os.close(fd)
             raise
         os.close(fd)
+
+    def _arm_held(self) -> None:
+        if self._held_timer is None:
+            loop = asyncio.get_running_loop()
+            self._held_timer = loop.call_later(MOVED_RETRY, self._send_held)
+
+    def _send_held(self) -> None:
+        """Pass on the clients that waited for a worker, in order; read on once all
+        went."""
+        self._held_timer = None
+        assert self.dispatcher is not None
+        now = asyncio.get_running_loop().time()
+        while self._held:
+            fd, state, deadline = self._held[0]
+            if self.dispatcher.send_moved(fd, state):
+                os.close(fd)
+            elif now >= deadline:
+                refuse_moved(fd, "no worker takes it")
+            else:
+                self._arm_held()
+                return
+            self._held.popleft()
+        if self._immigration is not None:
+            self._immigration.resume()
+
+    def _refuse_held(self, why: str) -> None:
+        if self._held_timer is not None:
+            self._held_timer.cancel()
+            self._held_timer = None
+        while self._held:
+            fd, _, _ = self._held.popleft()
+            refuse_moved(fd, why)
 
     def _forward(self, signum: int) -> None:
         for worker in self.workers:
@@ -304,10 +366,18 @@ class Supervisor:
                 with contextlib.suppress(ProcessLookupError):
                     worker.send_signal(signum)
 
+    def _running_config(self) -> Config:
+        """The configuration the workers run: the last reload they applied (SIGHUP or
+        the console's RELOAD), else the one they started with."""
+        try:
+            return read_config_snapshot(running_config_path(self.rundir))
+        except ConfigError:
+            return self.config
+
     async def _stop_workers(self) -> None:
         """SIGTERM (graceful: transactions finish), then SIGKILL after the timeout."""
         self._forward(signal.SIGTERM)
-        timeout = self.config.general.shutdown_timeout / 1000.0 + 5.0
+        timeout = self._running_config().general.shutdown_timeout / 1000.0 + 5.0
         running = [w for w in self.workers if w is not None and w.returncode is None]
         if not running:
             return
