@@ -16,7 +16,7 @@ import re
 import ssl
 import time
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeVar, cast
 
 from pg_doorman.auth.hba import peer_address
 from pg_doorman.auth.jwt import JwtError
@@ -172,13 +172,6 @@ _GSS_ASKED: Final = 2
 _TLS_HANDSHAKE_RECORD: Final = 0x16
 # Names that may be spliced into SET statements; anything else is refused at login.
 _GUC_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?")
-
-
-def _check_password_packet(body: bytes) -> None:
-    """A PasswordMessage holds one C string and nothing else, as PostgreSQL checks
-    (strlen + 1 == length) before it looks at the password."""
-    if body.find(b"\x00") != len(body) - 1:
-        raise StartupError(sqlstate.PROTOCOL_VIOLATION, "invalid password packet size")
 
 
 def first_request_end(buf: bytes) -> int | None:
@@ -839,7 +832,6 @@ class ClientConnection(asyncio.Protocol):
                 # Ask for a password anyway, as PostgreSQL does, so a refusal doesn't
                 # tell which user names exist.
                 await self._refuse_after_password(decision.mock)
-                return
             if decision.method == ClientAuth.MD5:
                 await self._auth_md5(entry.password)
             elif decision.method == ClientAuth.SCRAM:
@@ -907,7 +899,6 @@ class ClientConnection(asyncio.Protocol):
             await self._refuse_after_password(
                 ClientAuth.SCRAM if method == ClientAuth.SCRAM else ClientAuth.MD5
             )
-            return
         if method == ClientAuth.MD5:
             await self._auth_md5(md5_password_hash(general.admin_password, user))
         elif method == ClientAuth.SCRAM:
@@ -1005,11 +996,7 @@ class ClientConnection(asyncio.Protocol):
     async def _talos_login(self, talos: Talos, database: str) -> PoolEntry:
         """Log in as `talos` with a token: the session runs as the pool user the token
         picks (pg_hba has let `talos` through, and must let that user through too)."""
-        self.write(messages.auth_request(codes.AUTH_CLEARTEXT))
-        msg_type, body = await self._next_message()
-        if msg_type != codes.PASSWORD_MESSAGE:
-            raise StartupError(sqlstate.PROTOCOL_VIOLATION, "expected a password response")
-        _check_password_packet(body)
+        body = await self._password_response(messages.auth_request(codes.AUTH_CLEARTEXT))
         pooler = self.pooler
         try:
             token = talos.read(body.removesuffix(b"\x00").decode("utf-8"))
@@ -1059,7 +1046,6 @@ class ClientConnection(asyncio.Protocol):
                     database, user, "", address=self.address, unix=self.unix, ssl=self.tls
                 )
                 await self._refuse_after_password(unknown.mock)
-                raise self._password_failed()  # not reached: the exchange refuses
             decision = pooler.decide_looked_up_auth(
                 database, user, entry.password, address=self.address, unix=self.unix, ssl=self.tls
             )
@@ -1111,11 +1097,7 @@ class ClientConnection(asyncio.Protocol):
     async def _auth_pam(self, entry: PoolEntry) -> None:
         """A cleartext password, checked by the user's PAM service in a PAM thread
         (the login waits as for a lookup)."""
-        self.write(messages.auth_request(codes.AUTH_CLEARTEXT))
-        msg_type, body = await self._next_message()
-        if msg_type != codes.PASSWORD_MESSAGE:
-            raise StartupError(sqlstate.PROTOCOL_VIOLATION, "expected a password response")
-        _check_password_packet(body)
+        body = await self._password_response(messages.auth_request(codes.AUTH_CLEARTEXT))
         secret = body.removesuffix(b"\x00")
         try:
             password = secret.decode("utf-8")
@@ -1145,22 +1127,30 @@ class ClientConnection(asyncio.Protocol):
     async def _md5_exchange(self) -> tuple[bytes, bytes]:
         """Send an MD5 challenge; returns its salt and the client's answer."""
         salt = os.urandom(4)
-        self.write(messages.auth_md5(salt))
+        body = await self._password_response(messages.auth_md5(salt))
+        return salt, body
+
+    async def _password_response(self, request: bytes) -> bytes:
+        """Send the authentication `request` and read the client's PasswordMessage: one
+        C string and nothing else, as PostgreSQL checks (strlen + 1 == length) before
+        it looks at the password."""
+        self.write(request)
         msg_type, body = await self._next_message()
         if msg_type != codes.PASSWORD_MESSAGE:
             raise StartupError(sqlstate.PROTOCOL_VIOLATION, "expected a password response")
-        _check_password_packet(body)
-        return salt, body
+        if body.find(b"\x00") != len(body) - 1:
+            raise StartupError(sqlstate.PROTOCOL_VIOLATION, "invalid password packet size")
+        return body
 
-    async def _refuse_after_password(self, mock: ClientAuth) -> None:
+    async def _refuse_after_password(self, mock: ClientAuth) -> NoReturn:
         """Ask for a password the way a real user would be asked, then refuse it
         (28P01): PostgreSQL's mock authentication. A mock SCRAM exchange offers the
         same salt at every attempt for one user name (PostgreSQL's scram_mock_salt),
         derived from a secret of the config that all workers share; its keys are
         random, and it refuses even a proof that happened to match them."""
         if mock != ClientAuth.SCRAM:
-            await self._auth_md5(None)  # always refuses
-            raise self._password_failed()  # not reached
+            await self._md5_exchange()
+            raise self._password_failed()
         secret = self.pooler.config.general.admin_password
         salt = hashlib.sha256(f"pg_doorman mock salt\0{secret}\0{self.user}".encode()).digest()
         verifier = ScramVerifier(
@@ -1180,11 +1170,7 @@ class ClientConnection(asyncio.Protocol):
 
     async def _auth_token(self, entry: PoolEntry) -> None:
         """A JWT sent as a cleartext password, checked with the user's public key."""
-        self.write(messages.auth_request(codes.AUTH_CLEARTEXT))
-        msg_type, body = await self._next_message()
-        if msg_type != codes.PASSWORD_MESSAGE:
-            raise StartupError(sqlstate.PROTOCOL_VIOLATION, "expected a password response")
-        _check_password_packet(body)
+        body = await self._password_response(messages.auth_request(codes.AUTH_CLEARTEXT))
         verifier = entry.token_verifier
         if verifier is None:
             reason: str | None = "no key to check tokens with"
