@@ -250,15 +250,19 @@ def _duplicate_statement_error(name: bytes) -> bytes:
 # The names the pooler gives its statements on servers (registry.statement_name).
 _SERVER_NAME: Final = re.compile(rb"DOORMAN_[0-9a-f]{16}")
 # A server-side statement name as PostgreSQL quotes it in an error message.
-_QUOTED_SERVER_NAME: Final = re.compile(rb'"DOORMAN_[0-9a-f]{16}"')
+_QUOTED_SERVER_NAME: Final = re.compile(b'"' + _SERVER_NAME.pattern + b'"')
 
 # A Query that fails wherever it runs (a zero-length identifier is a syntax error).
 _ALWAYS_FAILS: Final = messages.build(b"Q", b'DEALLOCATE ""\x00')
 
 
-def _rename_in_error(body: bytes, client_name: bytes) -> bytes | None:
+_MISSING_CODE: Final = sqlstate.INVALID_SQL_STATEMENT_NAME.encode()
+
+
+def _rename_in_error(body: bytes, client_name: bytes) -> tuple[bytes | None, bool]:
     """The ErrorResponse `body` with the server's name for a statement replaced by the
-    client's, as PostgreSQL would have worded it (None: no name to replace)."""
+    client's, as PostgreSQL would have worded it (None: no name to replace), and
+    whether it says that statement does not exist (26000)."""
     fields = body.split(b"\x00")
     changed = False
     code = b""
@@ -272,11 +276,12 @@ def _rename_in_error(body: bytes, client_name: bytes) -> bytes | None:
                 fields[i] = b"".join((field[:start], b'"', client_name, b'"', field[end:]))
                 changed = True
     if not changed:
-        return None
-    if not client_name and code == sqlstate.INVALID_SQL_STATEMENT_NAME.encode():
+        return None, False
+    missing = code == _MISSING_CODE
+    if not client_name and missing:
         fields = [b"M" + _UNNAMED_MISSING.encode() if f[:1] == b"M" else f for f in fields]
     out = b"\x00".join(fields)
-    return b"E" + (len(out) + 4).to_bytes(4, "big") + out
+    return b"E" + (len(out) + 4).to_bytes(4, "big") + out, missing
 
 
 class BatchRewriter:
@@ -763,9 +768,8 @@ class BatchRewriter:
         if fix == _REPLACE_ERROR:
             return payload
         if fix == _RENAME_IN_ERROR:
-            if b"\x00C" + sqlstate.INVALID_SQL_STATEMENT_NAME.encode() + b"\x00" in (
-                b"\x00" + body
-            ) and _QUOTED_SERVER_NAME.search(body):
+            renamed, missing = _rename_in_error(body, payload)
+            if missing:
                 # The server lacks a statement of ours that its record says it has:
                 # something the pooler could not see by its tag dropped it (DEALLOCATE
                 # run by a DO block or a function, another client's doing). Without
@@ -773,7 +777,7 @@ class BatchRewriter:
                 # this server fails the same way; with it the server's statements are
                 # reset at check-in and parsed again when next needed.
                 self.desynced = True
-            return _rename_in_error(body, payload)
+            return renamed
         return None
 
     def _invalid(self, text: str) -> bytes:
