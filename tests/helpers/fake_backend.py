@@ -11,14 +11,19 @@ from . import ExamplePostgres
 from . import pgwire as w
 from .listen import md5_user_pool
 
-# What a trusting PostgreSQL answers a startup packet with.
-LOGIN_OK = (
-    w.message(b"R", struct.pack("!i", 0))
-    + w.message(b"S", w.cstr("server_version") + w.cstr("18.0"))
-    + w.message(b"S", w.cstr("client_encoding") + w.cstr("UTF8"))
-    + w.message(b"K", struct.pack("!ii", 4242, 99))
-    + w.message(b"Z", b"I")
-)
+
+def login_ok(pid: int = 4242) -> bytes:
+    """What a trusting PostgreSQL answers a startup packet with, for backend `pid`."""
+    return (
+        w.message(b"R", struct.pack("!i", 0))
+        + w.message(b"S", w.cstr("server_version") + w.cstr("18.0"))
+        + w.message(b"S", w.cstr("client_encoding") + w.cstr("UTF8"))
+        + w.message(b"K", struct.pack("!ii", pid, 99))
+        + w.message(b"Z", b"I")
+    )
+
+
+LOGIN_OK = login_ok()
 # The reply to any query: one row, one column, the text "1".
 ONE_ROW = (
     w.message(b"T", struct.pack("!h", 1) + w.cstr("x") + bytes(18))

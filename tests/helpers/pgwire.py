@@ -201,6 +201,12 @@ def sasl_response(data: bytes) -> bytes:
 # --- backend message decoding -----------------------------------------------------------
 
 
+def error_response(code: str, text: str, severity: str = "ERROR") -> bytes:
+    """An ErrorResponse as a server sends it: severity, SQLSTATE and message."""
+    fields = f"S{severity}\0V{severity}\0C{code}\0M{text}\0\0"
+    return message(b"E", fields.encode())
+
+
 def error_fields(payload: bytes) -> dict[str, str]:
     """Fields of an ErrorResponse/NoticeResponse payload, keyed by field code."""
     fields: dict[str, str] = {}

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
+import psycopg
 import tomli_w
 
 from pg_doorman.app.embedded_pg import free_port, make_dsn
@@ -472,3 +473,12 @@ RANDOM_POOLS: Final = (
     PoolShape(3, session=True),
     PoolShape(4, server_cache=1, workers=2, unix_round_robin_sync=True),
 )
+
+
+def serve_a_client(proc: PoolerProcess, pg: ExamplePostgres) -> float:
+    """Connect a new client (the md5 user) and run a query: the seconds it took."""
+    user = pg.md5_user
+    started = time.monotonic()
+    with psycopg.connect(proc.dsn(user.name, user.password), autocommit=True) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+    return time.monotonic() - started

@@ -24,6 +24,7 @@ from helpers.fake_backend import (
     ONE_ROW,
     FakeBackend,
     GatedLoginBackend,
+    login_ok,
     read_exact,
     read_message,
     stand_in_pool,
@@ -34,22 +35,9 @@ from helpers.pooler import PoolerFactory, PoolerProcess
 CANCEL_CODE = 80877102
 
 
-def error_reply(code: str, message: str) -> bytes:
-    fields = b"SERROR\x00" + b"C" + code.encode() + b"\x00" + b"M" + message.encode() + b"\x00\x00"
-    return w.message(b"E", fields) + w.message(b"Z", b"I")
-
-
-CANCELED = error_reply("57014", "canceling statement due to user request")
-
-
-def login_ok(pid: int) -> bytes:
-    return (
-        w.message(b"R", struct.pack("!i", 0))
-        + w.message(b"S", w.cstr("server_version") + w.cstr("18.0"))
-        + w.message(b"S", w.cstr("client_encoding") + w.cstr("UTF8"))
-        + w.message(b"K", struct.pack("!ii", pid, 99))
-        + w.message(b"Z", b"I")
-    )
+CANCELED = w.error_response("57014", "canceling statement due to user request") + w.message(
+    b"Z", b"I"
+)
 
 
 class CancelBackend(FakeBackend):

@@ -14,7 +14,6 @@ import struct
 import time
 from pathlib import Path
 
-import psycopg
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -22,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from helpers import ExamplePostgres
 from helpers import pgwire as w
 from helpers.console import admin_rows
-from helpers.pooler import PoolerFactory, PoolerProcess, Replace
+from helpers.pooler import PoolerFactory, PoolerProcess, Replace, serve_a_client
 
 PROTOCOL = struct.Struct("!ii")
 
@@ -83,12 +82,6 @@ def fatal_of(data: bytes) -> dict[str, str]:
     return errors[0]
 
 
-def still_serves(pg: ExamplePostgres, proc: PoolerProcess) -> None:
-    user = pg.md5_user
-    with psycopg.connect(proc.dsn(user.name, user.password), autocommit=True) as conn:
-        assert conn.execute("select 1").fetchone() == (1,)
-
-
 def no_traceback(proc: PoolerProcess) -> None:
     log = proc.log_text()
     assert "Traceback" not in log, proc.log_tail()
@@ -118,7 +111,7 @@ def test_unsupported_major_protocol_is_0a000_as_in_postgresql(
         assert fatal_of(replies["pg"])["C"] == "0A000"
     assert fatal_of(replies["pooler"])["C"] == "0A000", replies
     assert fatal_of(replies["pooler"])["S"] == "FATAL"
-    still_serves(pg, proc)
+    serve_a_client(proc, pg)
 
 
 @pytest.mark.parametrize(
@@ -139,7 +132,7 @@ def test_parameter_list_not_terminated_is_08p01(
         sock.sendall(startup_packet(body))
         fields = fatal_of(read_all(sock))
     assert (fields["S"], fields["C"]) == ("FATAL", "08P01")
-    still_serves(pg, proc)
+    serve_a_client(proc, pg)
 
 
 def test_second_ssl_request_after_n_is_refused_as_postgresql_does(
@@ -210,7 +203,7 @@ def test_cancel_request_of_the_wrong_length(
     if reply:
         assert fatal_of(reply)["C"] == "08P01"
     no_traceback(proc)
-    still_serves(pg, proc)
+    serve_a_client(proc, pg)
 
 
 # ---- SCRAM ---------------------------------------------------------------------------
@@ -342,7 +335,7 @@ def test_scram_messages_out_of_order(pg: ExamplePostgres, pooler: PoolerFactory,
     else:
         assert refusal(conn).sqlstate == "08P01"
     no_traceback(proc)
-    still_serves(pg, proc)
+    serve_a_client(proc, pg)
 
 
 def test_scram_second_initial_response_instead_of_final(
@@ -435,29 +428,24 @@ def test_md5_answer_without_its_nul_is_refused_as_postgresql_does(
 # ---- pg_hba ---------------------------------------------------------------------------
 
 
-def test_no_matching_hba_entry_uses_postgresql_words(
-    pg: ExamplePostgres, pooler: PoolerFactory
+@pytest.mark.parametrize(
+    ("hba", "refusal"),
+    [
+        ("host all all 10.0.0.0/8 trust\n", "no pg_hba.conf entry"),
+        ("host all all 127.0.0.1/32 reject\n", "pg_hba.conf rejects connection"),
+    ],
+    ids=["no-entry", "reject"],
+)
+def test_hba_refusals_use_postgresql_words(
+    pg: ExamplePostgres, pooler: PoolerFactory, hba: str, refusal: str
 ) -> None:
     user = pg.scram_user
-    proc = pooler(general={"pg_hba": "host all all 10.0.0.0/8 trust\n"})
+    proc = pooler(general={"pg_hba": hba})
     with pytest.raises(w.ServerError) as info:
         w.PgWire.connect(proc.host, proc.port, user.name, "example_db", user.password)
     assert info.value.sqlstate == "28000"
     assert info.value.message == (
-        f'no pg_hba.conf entry for host "127.0.0.1", user "{user.name}", '
-        'database "example_db", no encryption'
-    )
-
-
-def test_hba_reject_uses_postgresql_words(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
-    user = pg.scram_user
-    proc = pooler(general={"pg_hba": "host all all 127.0.0.1/32 reject\n"})
-    with pytest.raises(w.ServerError) as info:
-        w.PgWire.connect(proc.host, proc.port, user.name, "example_db", user.password)
-    assert info.value.sqlstate == "28000"
-    assert info.value.message == (
-        f'pg_hba.conf rejects connection for host "127.0.0.1", user "{user.name}", '
-        'database "example_db", no encryption'
+        f'{refusal} for host "127.0.0.1", user "{user.name}", database "example_db", no encryption'
     )
 
 
@@ -507,7 +495,7 @@ def test_many_half_open_logins_do_not_block_a_normal_client(
         started = time.monotonic()
         lists = {r["list"]: r["items"] for r in admin_rows(proc, "LISTS")}
         assert int(lists["login_clients"] or 0) >= 40
-        still_serves(pg, proc)
+        serve_a_client(proc, pg)
         assert time.monotonic() - started < 2.5  # served, not behind the silent ones
         time.sleep(max(0.0, started + 3.5 - time.monotonic()))
         for sock in silent:  # all cut by the timeout
@@ -518,7 +506,7 @@ def test_many_half_open_logins_do_not_block_a_normal_client(
         assert lists["login_clients"] == "0"
         clients = [r for r in admin_rows(proc, "CLIENTS") if r["user"] != "admin"]
         assert clients == []
-        still_serves(pg, proc)
+        serve_a_client(proc, pg)
     finally:
         for sock in silent:
             sock.close()

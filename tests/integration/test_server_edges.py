@@ -56,10 +56,6 @@ def _serve_queries(sock: socket.socket) -> None:
         sock.sendall(ONE_ROW)
 
 
-def _error(code: str, text: str) -> bytes:
-    return w.message(b"E", b"SFATAL\0VFATAL\0C" + code.encode() + b"\0M" + text.encode() + b"\0\0")
-
-
 class LoginBackend(FakeBackend):
     """A stand-in PostgreSQL that checks the pooler's password for user `app` the way
     PostgreSQL does, by the method `method` ("scram", "md5", "password"), with a SCRAM
@@ -104,7 +100,9 @@ class LoginBackend(FakeBackend):
         )
         self.results.append("ok" if ok else "refused")
         if not ok:
-            sock.sendall(_error("28P01", 'password authentication failed for user "app"'))
+            sock.sendall(
+                w.error_response("28P01", 'password authentication failed for user "app"', "FATAL")
+            )
             return
         sock.sendall(LOGIN_OK)
         _serve_queries(sock)
@@ -396,7 +394,7 @@ class RefusingBackend(FakeBackend):
 
     def serve(self, sock: socket.socket) -> None:
         _read_startup_or_ssl(sock)
-        sock.sendall(_error(self.code, self.text))
+        sock.sendall(w.error_response(self.code, self.text, "FATAL"))
         while sock.recv(4096):
             pass
 

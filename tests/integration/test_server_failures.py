@@ -49,13 +49,8 @@ class LoginFailingBackend(FakeBackend):
         if self.mode != "silent":
             read_startup(sock)
             if self.mode == "refuse":
-                sock.sendall(
-                    w.message(
-                        b"E",
-                        b"SFATAL\0VFATAL\0C22023\0"
-                        + b'Minvalid value for parameter "work_mem": "lots"\0\0',
-                    )
-                )
+                text = 'invalid value for parameter "work_mem": "lots"'
+                sock.sendall(w.error_response("22023", text, "FATAL"))
             else:
                 sock.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
         while sock.recv(4096):  # until the pooler closes it

@@ -52,6 +52,27 @@ def wait_pool(proc: PoolerProcess, user: str, **expected: str) -> dict[str, str 
         time.sleep(0.1)
 
 
+def send_until_stopped(
+    sock: socket.socket, block: bytes, seconds: float, most: int
+) -> tuple[int, memoryview]:
+    """Send `block` over and over without blocking, for `seconds` or until `most` bytes
+    have gone, however slowly the pooler takes them: the bytes sent, and what is left of
+    the block under way (the whole block when none is)."""
+    sock.setblocking(False)
+    sent = 0
+    deadline = time.monotonic() + seconds
+    pending = memoryview(block)
+    while time.monotonic() < deadline and sent < most:
+        try:
+            n = sock.send(pending)
+        except BlockingIOError:
+            time.sleep(0.01)
+            continue
+        sent += n
+        pending = pending[n:] if n < len(pending) else memoryview(block)
+    return sent, pending
+
+
 # ---- session mode: the server is cleaned before the next client -------------------
 
 
@@ -349,22 +370,8 @@ def test_a_server_that_stops_reading_stops_the_client_too(
     chunk = w.copy_data(row * 64)  # 64 KB
     total_chunks = 3000  # ~190 MB
     conn.send_raw(w.query("copy sess_locked from stdin"))
-    conn.sock.setblocking(False)
-    sent = 0
-    pushed = 0
-    deadline = time.monotonic() + 3
-    pending = memoryview(chunk)
-    while time.monotonic() < deadline and pushed < total_chunks:
-        try:
-            n = conn.sock.send(pending)
-        except BlockingIOError:
-            time.sleep(0.01)
-            continue
-        sent += n
-        pending = pending[n:]
-        if not len(pending):
-            pushed += 1
-            pending = memoryview(chunk)
+    sent, pending = send_until_stopped(conn.sock, chunk, 3, total_chunks * len(chunk))
+    pushed = sent // len(chunk)
     peak = proc.rss_bytes()
     assert sent < 60 * 1024 * 1024, sent  # stopped well before everything went
     assert peak - baseline < 40 * 1024 * 1024, (baseline, peak)
@@ -422,18 +429,7 @@ def test_locally_answered_queries_to_a_client_that_does_not_read_stay_bounded(
         assert w.msg_types(conn.simple_query(";")) == "IZ"  # the pool caches the answer
         baseline = proc.rss_bytes()
         block = w.query(";") * 10_000  # 70 KB
-        conn.sock.setblocking(False)
-        sent = 0
-        deadline = time.monotonic() + 8
-        pending = memoryview(block)
-        while time.monotonic() < deadline and sent < 14_000_000:
-            try:
-                n = conn.sock.send(pending)
-            except BlockingIOError:
-                time.sleep(0.01)
-                continue
-            sent += n
-            pending = pending[n:] if n < len(pending) else memoryview(block)
+        sent, pending = send_until_stopped(conn.sock, block, 8, 14_000_000)
         time.sleep(0.5)
         peak = proc.rss_bytes()
         assert peak - baseline < 20 * 1024 * 1024, (sent, baseline, peak)

@@ -15,7 +15,7 @@ import pytest
 from helpers import ExamplePostgres
 from helpers import pgwire as w
 from helpers.both import connect, on_both
-from helpers.pooler import PoolerFactory, PoolerProcess, PoolShape
+from helpers.pooler import PoolerFactory, PoolerProcess, PoolShape, serve_a_client
 
 
 def one_user_pool(pg: ExamplePostgres, size: int) -> dict[str, object]:
@@ -26,15 +26,6 @@ def one_evicting_server(pg: ExamplePostgres, pooler: PoolerFactory) -> PoolerPro
     """A pool of one server that keeps one prepared statement: nearly every batch
     evicts one."""
     return pooler(**PoolShape(1, server_cache=1).config(pg))
-
-
-def served_quickly(proc: PoolerProcess, pg: ExamplePostgres) -> float:
-    """Seconds another client takes to connect and run a query."""
-    user = pg.md5_user
-    started = time.monotonic()
-    with psycopg.connect(proc.dsn(user.name, user.password), autocommit=True) as conn:
-        assert conn.execute("select 1").fetchone() == (1,)
-    return time.monotonic() - started
 
 
 def test_copy_data_after_the_server_ended_the_copy_holds_no_server(
@@ -55,7 +46,7 @@ def test_copy_data_after_the_server_ended_the_copy_holds_no_server(
         # The rest of the client's COPY: more data than one read, then CopyDone.
         conn.send_raw(w.copy_data("1\n" * 150_000) + w.copy_data("2\n") + w.copy_done())
         assert conn.read_available(0.3) == []
-        assert served_quickly(proc, pg) < 2.0
+        assert serve_a_client(proc, pg) < 2.0
         assert conn.execute_query("select 'after'") == [("after",)]
     finally:
         conn.close()
@@ -80,7 +71,7 @@ def test_copy_failing_while_a_message_is_half_sent_holds_no_server(
         assert error is not None and error.sqlstate == "22P02" and w.msg_types(got) == "EZ"
         conn.send_raw(rest[split:])
         assert conn.read_available(0.3) == []
-        assert served_quickly(proc, pg) < 2.0
+        assert serve_a_client(proc, pg) < 2.0
         assert conn.execute_query("select 'after'") == [("after",)]
     finally:
         conn.close()
@@ -131,7 +122,7 @@ def test_a_flush_between_transactions_holds_no_server(
     try:
         conn.send_raw(w.flush())
         assert conn.read_available(0.3) == []
-        assert served_quickly(proc, pg) < 2.0
+        assert serve_a_client(proc, pg) < 2.0
         # Flush as part of a request still works: ParseComplete comes without a Sync.
         conn.send_raw(w.parse("s", "select 5") + w.flush())
         assert conn.read_until(b"1") == [(b"1", b"")]
@@ -296,7 +287,7 @@ def test_an_extended_copy_ended_by_an_error_gives_the_server_back(
         answers = [started, error, conn.read_until_ready(), conn.read_available(0.2)]
         assert conn.execute_query("select count(*) from t") == [("0",)]
         # Still connected: the pooler's only server must be free for others.
-        assert served_quickly(proc, pg) < 2.0
+        assert serve_a_client(proc, pg) < 2.0
         return answers
 
     direct, pooled = on_both(pg, proc, exchange)
