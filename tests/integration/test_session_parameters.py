@@ -382,3 +382,51 @@ def test_a_startup_parameter_postgresql_refuses(pg: ExamplePostgres, pooler: Poo
         assert conn.execute_query("select 1") == [("1",)]
     finally:
         conn.close()
+
+
+PARAMETER_LINE = re.compile(
+    r"client (#c\d+) \(([^)]*)\): parameter (\S+) changed from (.*) to (.*)$"
+)
+
+
+def _parameter_lines(proc: PoolerProcess) -> list[tuple[str, ...]]:
+    found = (PARAMETER_LINE.search(line) for line in proc.log_text().splitlines())
+    return [match.groups() for match in found if match is not None]
+
+
+@pytest.mark.parametrize("enabled", [True, False], ids=["on", "off"])
+def test_parameter_status_changes_are_logged_when_asked(
+    pg: ExamplePostgres, pooler: PoolerFactory, enabled: bool
+) -> None:
+    """log_client_parameter_status_changes: a line for each ParameterStatus a client
+    gets (its SET, a ROLLBACK undoing one), none for what the pooler sets on a server to
+    give the next client its own values."""
+    user = pg.md5_user
+    pool = {"users": [{"username": user.name, "pool_size": 1}]}
+    pool["log_client_parameter_status_changes"] = enabled
+    proc = pooler(pools={EXAMPLE_DB: pool})
+    who = f"{user.name}@{EXAMPLE_DB}"
+    with w.PgWire.connect(proc.host, proc.port, user.name, EXAMPLE_DB, user.password) as first:
+        zone = first.parameters["TimeZone"]
+        first.simple_query("set timezone = 'Asia/Tokyo'")
+        # PostgreSQL reports a change when a query ends: one query each.
+        for query in ("begin", "set application_name = 'inside'", "rollback"):
+            first.simple_query(query)
+        assert first.parameters["TimeZone"] == "Asia/Tokyo"
+        assert first.parameters["application_name"] == "pg_doorman"
+        # The same server, given back the other client's time zone first: no line.
+        with w.PgWire.connect(
+            proc.host, proc.port, user.name, EXAMPLE_DB, user.password, params={"TimeZone": "UTC"}
+        ) as second:
+            assert w.rows(second.simple_query("show timezone")) == [("UTC",)]
+        assert w.rows(first.simple_query("show timezone")) == [("Asia/Tokyo",)]
+    lines = _parameter_lines(proc)
+    if not enabled:
+        assert lines == []
+        return
+    assert len({line[0] for line in lines}) == 1, lines  # the first client only
+    assert [line[1:] for line in lines] == [
+        (who, "TimeZone", repr(zone), "'Asia/Tokyo'"),
+        (who, "application_name", "'pg_doorman'", "'inside'"),
+        (who, "application_name", "'inside'", "'pg_doorman'"),
+    ]

@@ -25,10 +25,6 @@ def _pool(**keys: Any) -> dict[str, Any]:
         ({"general": {"syslog_prog_name": "pg_doorman"}}, "general.syslog_prog_name"),
         ({"general": {"proxy_copy_data_timeout": "1s"}}, "general.proxy_copy_data_timeout"),
         ({"general": {"daemon_pid_file": "/run/pgd.pid"}}, "general.daemon_pid_file"),
-        (
-            _pool(log_client_parameter_status_changes=True),
-            "pools.db.log_client_parameter_status_changes",
-        ),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )

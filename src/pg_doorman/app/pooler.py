@@ -183,6 +183,7 @@ def pool_settings(
         pin_on_advisory_lock=pool.pin_on_advisory_lock,
         listen_fanout=pool.listen_fanout,
         slow_query_seconds=_seconds_or_off(config.pool_setting(pool, "log_min_duration_statement")),
+        log_parameter_changes=pool.log_client_parameter_status_changes,
         max_concurrent_creates=max(
             min(general.max_concurrent_creates, general.scaling_max_parallel_creates), 1
         ),

@@ -876,7 +876,7 @@ _POOL_SPEC: dict[str, Parser] = {
 # burst gate; here a finished server opening wakes the queue (see GENERAL_NOT_APPLICABLE
 # for scaling_fast_retries).
 POOL_NOT_APPLICABLE = frozenset({"scaling_fast_retries", "scaling_cooldown_sleep"})
-POOL_NOT_IMPLEMENTED = frozenset({"log_client_parameter_status_changes"})
+POOL_NOT_IMPLEMENTED: frozenset[str] = frozenset()
 
 
 def _pools(

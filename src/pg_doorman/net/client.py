@@ -1810,9 +1810,26 @@ class ClientConnection(asyncio.Protocol):
         SETs, a ROLLBACK undoing them, the values the pooler set for it): adopt them,
         to carry to the next server, and key what it prepares next by them."""
         self._param_mark = server.scanner.param_changes
+        if server.scanner.reported:
+            self._log_parameter_changes(server.scanner.reported)
         self.accept_server_parameters(server)
         if self.rewriter is not None:
             self.rewriter.set_context(self._planning_context())
+
+    def _log_parameter_changes(self, reported: list[tuple[str, str | None, str]]) -> None:
+        """log_client_parameter_status_changes: the ParameterStatus messages relayed to
+        this client since the last call."""
+        for name, before, value in reported:
+            logger.info(
+                "client %s (%s@%s): parameter %s changed from %r to %r",
+                self.name,
+                self.user,
+                self.database,
+                name,
+                before,
+                value,
+            )
+        reported.clear()
 
     def detach_server(self, server: ServerConnection) -> None:
         if server.scanner.param_changes != self._param_mark:

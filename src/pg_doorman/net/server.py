@@ -486,7 +486,12 @@ class ServerConnection(asyncio.Protocol):
         self.mode = ACTIVE
         self.served_clients += 1
         self.xact_started = self.query_started = now
-        self.slow_query_seconds = self.pool.settings.slow_query_seconds
+        settings = self.pool.settings
+        self.slow_query_seconds = settings.slow_query_seconds
+        if settings.log_parameter_changes:
+            self.scanner.reported = []
+        elif self.scanner.reported is not None:
+            self.scanner.reported = None
         self.request_data = None
         self._xact_base_sent = self.bytes_sent
         self._xact_base_received = self.bytes_received

@@ -82,6 +82,9 @@ class PoolSettings:
     # Requests that take at least this long (seconds) are logged with their statement
     # (net/slow_queries.py); negative: off.
     slow_query_seconds: float = -1.0
+    # Log each session parameter a server reports changed to its client
+    # (log_client_parameter_status_changes).
+    log_parameter_changes: bool = False
     # Servers the pool may be opening at once (the lower of max_concurrent_creates and
     # scaling_max_parallel_creates).
     max_concurrent_creates: int = 4

@@ -299,6 +299,7 @@ class BackendScanner(_Stream):
         "param_changes",
         "parameters",
         "ready_count",
+        "reported",
         "statements_reset",
         "status",
     )
@@ -314,6 +315,9 @@ class BackendScanner(_Stream):
         self.last_error: bytes | None = None
         self.cleanup_flags = 0
         self.param_changes = 0
+        # When a list: each ParameterStatus relayed, as (name, value before, value), for
+        # log_client_parameter_status_changes (read and emptied by the client).
+        self.reported: list[tuple[str, str | None, str]] | None = None
         # The server dropped all its prepared statements (DEALLOCATE ALL / DISCARD ALL)
         # while no hook was set; with one, the hook is told at once.
         self.statements_reset = False
@@ -431,9 +435,12 @@ class BackendScanner(_Stream):
         self.param_changes += 1
         parts = body.split(b"\x00")
         if len(parts) >= 2:
-            self.parameters[parts[0].decode("utf-8", "replace")] = parts[1].decode(
-                "utf-8", "replace"
-            )
+            name = parts[0].decode("utf-8", "replace")
+            value = parts[1].decode("utf-8", "replace")
+            reported = self.reported
+            if reported is not None:
+                reported.append((name, self.parameters.get(name), value))
+            self.parameters[name] = value
 
 
 # Frontend message types the relay acts on.
