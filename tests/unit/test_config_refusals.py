@@ -22,9 +22,7 @@ def _pool(**keys: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("data", "key_path"),
     [
-        ({"general": {"syslog_prog_name": "pg_doorman"}}, "general.syslog_prog_name"),
         ({"general": {"proxy_copy_data_timeout": "1s"}}, "general.proxy_copy_data_timeout"),
-        ({"general": {"daemon_pid_file": "/run/pgd.pid"}}, "general.daemon_pid_file"),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )

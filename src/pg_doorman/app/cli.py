@@ -1,4 +1,4 @@
-"""Command line: `pg_doorman [CONFIG] [-l LEVEL] [-F FORMAT] [-t]` and `pg_doorman demo`."""
+"""Command line: `pg_doorman [CONFIG] [-l LEVEL] [-F FORMAT] [-t] [-d]` and `pg_doorman demo`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from pg_doorman import __version__
-from pg_doorman.app import event_loop
+from pg_doorman.app import daemon, event_loop
 from pg_doorman.app.cluster import WorkerInfo
 from pg_doorman.app.logsetup import LEVELS, setup_logging
 from pg_doorman.app.upgrade import (
@@ -51,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "-t", "--test-config", action="store_true", help="validate the config and exit"
+    )
+    parser.add_argument(
+        "-d",
+        "--daemon",
+        action="store_true",
+        help="run in the background, the PID in general.daemon_pid_file; the command "
+        "exits once the pooler serves (0), or with its error",
     )
     parser.add_argument("-V", "--version", action="version", version=f"pg_doorman {__version__}")
     # Set by the supervisor when it starts a worker process (general.workers > 1).
@@ -92,8 +99,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pg_doorman: invalid configuration: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     log_level = args.log_level or config.general.log_level or "info"
-    if args.log_level is None and config.general.log_level:
-        setup_logging(config.general.log_level, args.log_format, worker_index)
+    # -t only checks: its messages are for whoever runs it (an upgrade reads them too).
+    syslog_ident = None if args.test_config else config.general.syslog_prog_name
+    to_syslog = False
+    if syslog_ident or (args.log_level is None and config.general.log_level):
+        to_syslog = setup_logging(
+            log_level, args.log_format, worker_index, syslog_ident=syslog_ident
+        )
     if worker is None:  # workers would repeat what the supervisor already said
         for warning in config.warnings:
             logger.warning("config: %s", warning)
@@ -111,13 +123,47 @@ def main(argv: Sequence[str] | None = None) -> int:
                 supervisor_pid=args.supervisor_pid,
             )
         )
+    if args.daemon:
+        try:
+            launcher_code = _daemonize(config, to_syslog)
+        except daemon.PidFileError as exc:
+            print(f"pg_doorman: {exc}", file=sys.stderr)
+            daemon.finish(1)
+            return 1
+        if launcher_code is not None:
+            return launcher_code
+    code = 1
+    try:
+        code = _run_pooler(config, log_level, args.log_format, args_list)
+    finally:
+        daemon.finish(code)
+    return code
+
+
+def _daemonize(config: Config, to_syslog: bool) -> int | None:
+    """-d: detach (see app.daemon). In the command that was started: its exit code;
+    None in the daemon."""
+    pid_file = config.general.daemon_pid_file
+    if started_by_upgrade():  # by an upgrade of a daemon: already detached
+        daemon.adopt(pid_file)
+        return None
+    if not to_syslog:
+        print(
+            "pg_doorman: warning: without general.syslog_prog_name (or its syslog socket) "
+            "the daemon's log is discarded once it serves",
+            file=sys.stderr,
+        )
+    return daemon.detach(pid_file)
+
+
+def _run_pooler(config: Config, log_level: str, log_format: str, argv: list[str]) -> int:
     from pg_doorman.app.supervisor import Supervisor, worker_count
 
     if worker_count(config) > 1:
         return run_loop(
-            lambda: Supervisor(config, log_level, args.log_format, upgrade_argv=args_list).serve()
+            lambda: Supervisor(config, log_level, log_format, upgrade_argv=argv).serve()
         )
-    return run_loop(lambda: serve(config, upgrade_argv=args_list))
+    return run_loop(lambda: serve(config, upgrade_argv=argv))
 
 
 async def _exit_with_parent(stop: asyncio.Event, parent: int | None) -> None:

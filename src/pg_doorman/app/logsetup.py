@@ -1,9 +1,13 @@
-"""Logging: human-readable text or one JSON object per line (-F structured)."""
+"""Logging: human-readable text or one JSON object per line (-F structured), to stderr
+or, with general.syslog_prog_name, to the local syslog socket."""
 
 from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
+import os
+import socket
 import sys
 import time
 
@@ -46,8 +50,99 @@ def parse_level(name: str) -> int:
         raise ValueError(f"unknown log level {name!r}; use one of {', '.join(LEVELS)}") from None
 
 
-def setup_logging(level: str = "info", fmt: str = "text", worker: int | None = None) -> None:
-    """Log to stderr; `worker`: the index of a worker process, shown on each line."""
+SYSLOG_SOCKET_ENV = "PG_DOORMAN_SYSLOG_SOCKET"
+DEFAULT_SYSLOG_SOCKET = "/dev/log"
+
+
+class SyslogFormatter(logging.Formatter):
+    """`ident[pid]: ` before what `inner` makes of the record. The pid is the record's,
+    so it stays right in a process forked after logging was set up (daemon mode)."""
+
+    def __init__(self, ident: str, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.ident = ident
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{self.ident}[{record.process}]: {self.inner.format(record)}"
+
+
+class _SyslogHandler(logging.handlers.SysLogHandler):
+    append_nul = False  # today's syslog daemons take the datagram as the message
+    _failing = False  # the last record could not be sent
+    _sent = True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._sent = True
+        super().emit(record)  # failures end in handleError
+        if self._sent:
+            self._failing = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        # A syslog daemon that went away: one line on stderr, not a traceback per record.
+        self._sent = False
+        if not self._failing:
+            self._failing = True
+            print(f"pg_doorman: cannot write to syslog at {self.address}", file=sys.stderr)
+
+
+def syslog_socket_path() -> str:
+    return os.environ.get(SYSLOG_SOCKET_ENV) or DEFAULT_SYSLOG_SOCKET
+
+
+def _open_syslog(ident: str, fmt: str, worker: int | None) -> logging.Handler | None:
+    """A handler writing to the syslog socket, or None (said on stderr, except in a
+    worker, whose supervisor already said it) if nothing listens there."""
+    path = syslog_socket_path()
+    socktype: socket.SocketKind | None = None
+    error: OSError | None = None
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        try:
+            with socket.socket(socket.AF_UNIX, kind) as probe:
+                probe.connect(path)
+        except OSError as exc:
+            error = error or exc
+            continue
+        socktype = kind
+        break
+    if socktype is None:
+        if worker is None:
+            reason = error.strerror if error is not None and error.strerror else error
+            print(
+                f"pg_doorman: cannot log to syslog at {path} ({reason}): logging to stderr",
+                file=sys.stderr,
+            )
+        return None
+    handler = _SyslogHandler(
+        address=path, facility=logging.handlers.SysLogHandler.LOG_DAEMON, socktype=socktype
+    )
+    inner: logging.Formatter
+    if fmt == "structured":
+        inner = StructuredFormatter(worker)
+    else:
+        tag = "" if worker is None else f"[w{worker}] "
+        inner = logging.Formatter(f"%(levelname)s {tag}%(name)s: %(message)s")
+    handler.setFormatter(SyslogFormatter(ident, inner))
+    return handler
+
+
+# The stderr handler of a process that logs to syslog too, or that becomes a daemon:
+# it goes once the process serves (see stderr_done).
+_stderr_until_serving: logging.Handler | None = None
+
+
+def setup_logging(
+    level: str = "info",
+    fmt: str = "text",
+    worker: int | None = None,
+    *,
+    syslog_ident: str | None = None,
+) -> bool:
+    """Log to stderr, or to syslog with `syslog_ident`; `worker`: the index of a worker
+    process, shown on each line. The main process also logs to stderr until it serves
+    (stderr_done), so that what stops it from starting shows where it was started.
+    True if the log goes to syslog."""
+    global _stderr_until_serving
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "structured":
         handler.setFormatter(StructuredFormatter(worker))
@@ -56,10 +151,37 @@ def setup_logging(level: str = "info", fmt: str = "text", worker: int | None = N
         handler.setFormatter(
             logging.Formatter(f"%(asctime)s %(levelname)-7s {tag}%(name)s: %(message)s")
         )
+    syslog = _open_syslog(syslog_ident, fmt, worker) if syslog_ident else None
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    for old in root.handlers:
+        old.close()
+    if syslog is None:
+        root.handlers[:] = [handler]
+        _stderr_until_serving = None
+    elif worker is None:
+        root.handlers[:] = [syslog, handler]
+        _stderr_until_serving = handler
+    else:
+        root.handlers[:] = [syslog]
     root.setLevel(parse_level(level))
     set_startup_level(level)
+    return syslog is not None
+
+
+def stderr_done(*, detached: bool) -> None:
+    """The process serves: stop logging to stderr if the log goes to syslog, or if the
+    process is a daemon (`detached`), whose stderr is /dev/null from now on."""
+    global _stderr_until_serving
+    root = logging.getLogger()
+    if detached:
+        for handler in root.handlers[:]:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr:
+                root.removeHandler(handler)
+        if not root.handlers:  # not even Python's last resort: it writes to stderr
+            root.addHandler(logging.NullHandler())
+    elif _stderr_until_serving is not None:
+        root.removeHandler(_stderr_until_serving)
+    _stderr_until_serving = None
 
 
 _startup_level = "info"

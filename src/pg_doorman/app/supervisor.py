@@ -22,6 +22,7 @@ import tempfile
 from collections.abc import Sequence
 
 from pg_doorman.admin.snapshot import Snapshot, merge, resident_memory
+from pg_doorman.app import daemon
 from pg_doorman.app.cluster import (
     CALL_TIMEOUT,
     WorkerInfo,
@@ -244,8 +245,13 @@ class Supervisor:
             if previous.fileno() != -1:
                 args += ["--previous-fd", str(previous.fileno())]
                 fds.append(previous.fileno())
+        # A daemon's stdout and stderr are the terminal it was started from until it
+        # serves: a worker keeping them would write there long after.
+        output = asyncio.subprocess.DEVNULL if daemon.active() else None
         try:
-            self.workers[index] = await asyncio.create_subprocess_exec(*args, pass_fds=fds)
+            self.workers[index] = await asyncio.create_subprocess_exec(
+                *args, pass_fds=fds, stdout=output, stderr=output
+            )
         finally:
             theirs.close()
 

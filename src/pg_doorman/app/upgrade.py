@@ -30,6 +30,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
+from pg_doorman.app import daemon
 from pg_doorman.app.dispatch import bind_listeners
 from pg_doorman.app.migration import channel_pair
 from pg_doorman.config.schema import GeneralConfig
@@ -110,9 +111,12 @@ def listeners_for(general: GeneralConfig) -> list[socket.socket]:
 
 
 def announce_ready() -> None:
-    """This process serves: tell systemd, and the process it replaces if any."""
+    """This process serves: tell systemd, and the process it replaces if any (a daemon
+    takes the PID file over first, and lets the command that started it exit)."""
     global _ready_fd
-    sd_notify("READY=1")
+    daemon.serving()
+    # A daemon is not the process systemd started (Type=notify with -d).
+    sd_notify(f"MAINPID={os.getpid()}\nREADY=1" if daemon.forked_here() else "READY=1")
     if _ready_fd is None:
         return
     fd, _ready_fd = _ready_fd, None
