@@ -238,6 +238,13 @@ class AdminConsole:
             self.pooler.entries_of(database)  # every worker has the same pools
         except UnknownDatabase as exc:
             raise AdminError(sqlstate.INVALID_CATALOG_NAME, str(exc)) from None
+        if command == "resume" and database is not None and self.pooler.paused_all:
+            # As PgBouncer: a PAUSE of the whole pooler ends as a whole.
+            raise AdminError(
+                sqlstate.OBJECT_NOT_IN_PREREQUISITE_STATE,
+                f'database "{database}" is paused by PAUSE or KILL of all databases; '
+                "RESUME without a database ends that",
+            )
         if command == "pause":
             return await self._pause(database, scope)
         replies = await self.pooler.everywhere({"op": command, "database": database})

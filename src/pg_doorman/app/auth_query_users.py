@@ -254,6 +254,7 @@ class AuthQueryUsers:
         """Take a reloaded pool config with the same lookup: pools keep running where
         their kind allows, the others are retired."""
         self.pool_config = pool_config
+        self.lookup.connections.pause_patience = config.general.query_wait_timeout / 1000.0
         if self.shared is not None:
             server_user = self._user_config(self.auth_query.server_user or "", "")
             shared = self.pooler.pool_entry_for(
@@ -295,8 +296,11 @@ def new_auth_query_users(
     assert aq is not None
     settings = pooler.lookup_pool_settings(config, database, pool_config)
     pool = Pool(settings, pooler.connect_server, pooler.loop)
+    if pooler.database_paused(database):
+        pool.pause()  # a lookup enabled by a reload during PAUSE waits for RESUME too
     pooler.set_credentials(pool, BackendCredentials(user=aq.user, password=aq.password or None))
-    lookup = AuthQuery(aq, LookupConnections(pool, pooler.connect_server))
+    patience = config.general.query_wait_timeout / 1000.0
+    lookup = AuthQuery(aq, LookupConnections(pool, pooler.connect_server, patience))
     users = AuthQueryUsers(pooler, database, pool_config, lookup)
     users.build(config)
     return users

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import pickle
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -90,6 +91,33 @@ def publish_running_config(rundir: str, config: Config) -> None:
     with open(temporary, "wb") as file:
         pickle.dump(config, file, protocol=pickle.HIGHEST_PROTOCOL)
     os.replace(temporary, path)
+
+
+def _pause_state_path(rundir: str) -> str:
+    return os.path.join(rundir, "pause-state.json")
+
+
+def publish_pause_state(rundir: str, paused_all: bool, databases: Iterable[str]) -> None:
+    """What PAUSE and KILL hold until RESUME, for a worker restarted after a crash:
+    it starts paused as the others are. Replaced whole."""
+    path = _pause_state_path(rundir)
+    temporary = f"{path}.{os.getpid()}"
+    with open(temporary, "w") as file:
+        json.dump({"all": paused_all, "databases": sorted(databases)}, file)
+    os.replace(temporary, path)
+
+
+def read_pause_state(rundir: str) -> tuple[bool, set[str]]:
+    """The pause state publish_pause_state kept; nothing paused if there is none."""
+    try:
+        with open(_pause_state_path(rundir)) as file:
+            state = json.load(file)
+        return bool(state["all"]), {str(name) for name in state["databases"]}
+    except FileNotFoundError:
+        return False, set()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.error("cannot read the pause state, starting unpaused: %s", exc)
+        return False, set()
 
 
 def read_config_snapshot(path: str) -> Config:
@@ -221,7 +249,7 @@ async def run_control(pooler: Pooler, payload: dict[str, Any]) -> dict[str, Any]
                 "opening": sum(pool.connecting + pool.probing for pool in pools),
             }
         if op == "wait_paused":
-            await pooler.wait_paused([e.pool for e in pooler.entries_of(database)])
+            await pooler.wait_paused(pooler.pools_of(database))
             return {}
         if op == "resume":
             pooler.resume(database)

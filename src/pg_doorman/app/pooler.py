@@ -24,6 +24,8 @@ from pg_doorman.app.auth_query_users import AuthQueryUsers, lookup_settings, new
 from pg_doorman.app.cluster import (
     Cluster,
     WorkerInfo,
+    publish_pause_state,
+    read_pause_state,
     run_control,
     share,
     write_config_snapshot,
@@ -372,6 +374,14 @@ class Pooler:
         self.talos = _talos(config.talos)
         # Pools with an auth_query: their looked-up users, by pool name.
         self.auth_queries: dict[str, AuthQueryUsers] = {}
+        # PAUSE / KILL: a state of the pooler rather than of the pools that exist, so
+        # that a pool a reload adds or replaces, or one created for a user first seen
+        # later, starts paused too. `paused_all`: PAUSE (or KILL) without a database.
+        self.paused_all = False
+        self.paused_databases: set[str] = set()
+        if self.cluster is not None:
+            # A worker restarted after a crash: paused as its siblings are.
+            self.paused_all, self.paused_databases = read_pause_state(self.cluster.info.rundir)
         self.hba: HbaRules | None = (
             HbaRules.parse(config.general.pg_hba) if config.general.pg_hba else None
         )
@@ -520,10 +530,9 @@ class Pooler:
                 # servers before anyone logs in again.
                 keep_client_key(credentials, entry.credentials.scram_client_key)
             pool = Pool(settings, self.connect_server, self.loop)
-            # PAUSE (or KILL) of the database stays in force until RESUME: a
-            # replacement or a new user's pool opens no server meanwhile.
-            paused = entry.pool.paused if entry is not None else self._database_paused(name)
-            if paused:
+            # PAUSE (or KILL) stays in force until RESUME: a replacement or a new
+            # user's pool opens no server meanwhile.
+            if self.database_paused(name):
                 pool.pause()
             self._credentials[pool] = credentials
             entry = PoolEntry(
@@ -547,10 +556,9 @@ class Pooler:
         pool.set_synced_parameters(synced)
         return entry
 
-    def _database_paused(self, database: str) -> bool:
-        """Whether the database has pools and all of them are paused (PAUSE/KILL)."""
-        pools = [entry.pool for (db, _), entry in self.entries.items() if db == database]
-        return bool(pools) and all(pool.paused for pool in pools)
+    def database_paused(self, database: str) -> bool:
+        """Whether PAUSE or KILL holds the database's pools until RESUME."""
+        return self.paused_all or database in self.paused_databases
 
     def _budget_for(self, name: str, pool_config: PoolConfig) -> DatabaseBudget | None:
         """The database's max_db_connections budget (this worker's share), if it has one."""
@@ -720,12 +728,38 @@ class Pooler:
     def clients_of(self, pool: Pool) -> list[ClientConnection]:
         return [client for client in self.clients.values() if client.pool is pool]
 
+    def pools_of(self, database: str | None) -> list[Pool]:
+        """The pools PAUSE, RESUME and KILL act on: the users' pools of one database (all
+        when None) and the connections its auth_query looks users up on."""
+        pools = [entry.pool for entry in self.entries_of(database)]
+        for name, users in self.auth_queries.items():
+            if database in (None, name):
+                pools.append(users.lookup.connections.pool)
+        return pools
+
     def pause(self, database: str | None) -> list[Pool]:
         """Queue new transactions of these pools; returns them for wait_paused()."""
-        pools = [entry.pool for entry in self.entries_of(database)]
+        pools = self.pools_of(database)
+        self._hold(database)
         for pool in pools:
             pool.pause()
         return pools
+
+    def _hold(self, database: str | None) -> None:
+        """Record a PAUSE or KILL: pools created from now on start paused too."""
+        if database is None:
+            self.paused_all = True
+        else:
+            self.paused_databases.add(database)
+        self._publish_pause_state()
+
+    def _publish_pause_state(self) -> None:
+        if self.cluster is None:
+            return
+        try:
+            publish_pause_state(self.cluster.info.rundir, self.paused_all, self.paused_databases)
+        except OSError as exc:
+            logger.warning("cannot keep the pause state for a restarted worker: %s", exc)
 
     async def wait_paused(self, pools: list[Pool], *, poll: float = 0.02) -> None:
         """Return once no server of `pools` is busy, then close their servers, as
@@ -740,8 +774,17 @@ class Pooler:
                 pool.close_idle("database paused")
 
     def resume(self, database: str | None) -> None:
-        for entry in self.entries_of(database):
-            entry.pool.resume()
+        """Undo PAUSE and KILL: of every database when None (the pooler's own pause
+        included), else of that database, unless the whole pooler is paused."""
+        if database is None:
+            self.paused_all = False
+            self.paused_databases.clear()
+        else:
+            self.paused_databases.discard(database)
+        self._publish_pause_state()
+        for pool in self.pools_of(database):
+            if not self.database_paused(pool.settings.database):
+                pool.resume()
 
     def reconnect(self, database: str | None) -> None:
         for entry in self.entries_of(database):
@@ -751,13 +794,19 @@ class Pooler:
     def kill(self, database: str | None) -> int:
         """Disconnect the clients and servers of these pools, which stay paused until
         RESUME (as in PgBouncer). Returns how many clients were disconnected."""
-        killed = 0
-        for entry in self.entries_of(database):
-            pool = entry.pool
+        pools = self.pools_of(database)
+        self._hold(database)
+        for pool in pools:
             pool.pause()
-            for client in self.clients_of(pool):
+        killed = 0
+        # Clients of a pool a reload retired (a session that keeps its old pool)
+        # belong to the database as well.
+        for client in list(self.clients.values()):
+            own = client.pool
+            if own is not None and database in (None, own.settings.database):
                 client.fail(sqlstate.ADMIN_SHUTDOWN, "database killed by the administrator")
                 killed += 1
+        for pool in pools:
             pool.fail_waiters(sqlstate.ADMIN_SHUTDOWN, "database killed by the administrator")
             pool.close_all("KILL by admin")
         return killed
@@ -801,6 +850,10 @@ class Pooler:
         self.memory.limit = self._share(new.max_memory_usage)
         previous = self.entries
         self.config = config
+        if self.paused_databases - config.pools.keys():
+            # A database that is gone can't be resumed by name: its pause goes with it.
+            self.paused_databases &= config.pools.keys()
+            self._publish_pause_state()
         self.entries = self._entries_from(config)
         for key, entry in previous.items():
             current = self.entries.get(key)

@@ -193,6 +193,10 @@ def parse_startup_parameters(
 OpenConnection = Callable[[Pool], Awaitable[ServerConnection]]
 
 
+# How often a lookup waiting for RESUME looks whether the pool is still paused.
+_PAUSED_POLL: Final = 0.05
+
+
 class LookupConnections:
     """Up to `workers` connections that run lookups one at a time each.
 
@@ -200,18 +204,37 @@ class LookupConnections:
     never offered to clients.
     """
 
-    def __init__(self, pool: Pool, open_connection: OpenConnection) -> None:
+    def __init__(
+        self, pool: Pool, open_connection: OpenConnection, pause_patience: float = 5.0
+    ) -> None:
         self.pool = pool
         self._open_connection = open_connection
         self._slots = asyncio.Semaphore(pool.settings.pool_size)
+        # While the database is paused (PAUSE, KILL) a lookup waits this long for
+        # RESUME, as a queued client does (query_wait_timeout).
+        self.pause_patience = pause_patience
         self.queries = 0
         self.errors = 0  # counted by AuthQuery, which also sees errors in the replies
 
     async def run(self, message: bytes) -> bytes:
         """Send one lookup and return its whole reply (through ReadyForQuery)."""
         async with self._slots:
+            await self._unpaused()
             self.queries += 1
             return await self._run(message)
+
+    async def _unpaused(self) -> None:
+        """Return once the pool is not paused: no lookup reaches a paused database."""
+        pool = self.pool
+        deadline = time.monotonic() + self.pause_patience
+        while pool.paused and not pool.closed:
+            if time.monotonic() >= deadline:
+                raise AuthQueryError(
+                    sqlstate.CANNOT_CONNECT_NOW,
+                    "the database is paused (PAUSE) and was not resumed within "
+                    f"query_wait_timeout ({self.pause_patience:g}s)",
+                )
+            await asyncio.sleep(_PAUSED_POLL)
 
     async def _run(self, message: bytes) -> bytes:
         server = self._idle_connection()
