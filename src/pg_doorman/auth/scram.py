@@ -159,11 +159,56 @@ def saslprep(password: str) -> bytes:
     return unicodedata.normalize("NFKC", mapped).encode("utf-8")
 
 
-@functools.lru_cache(maxsize=64)
-def _derive_keys(password: str, salt: bytes, iterations: int) -> tuple[bytes, bytes]:
-    """(ClientKey, ServerKey). Cached: a pool logs in many times with the same values."""
-    salted = hashlib.pbkdf2_hmac("sha256", saslprep(password), salt, iterations)
-    return _hmac(salted, b"Client Key"), _hmac(salted, b"Server Key")
+# ---- keys from a password ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyDerivation:
+    """The PBKDF2 that turns a password into (ClientKey, ServerKey) for one salt and
+    iteration count. Its cost grows with `iterations` (PostgreSQL allows up to 2^31-1),
+    so callers on an event loop run it elsewhere (auth/key_derivation.py)."""
+
+    password: str
+    salt: bytes
+    iterations: int
+
+    def run(self) -> tuple[bytes, bytes]:
+        """Compute the keys. Touches no shared state: safe in any thread (hashlib lets
+        other threads run during the PBKDF2 itself)."""
+        salted = hashlib.pbkdf2_hmac("sha256", saslprep(self.password), self.salt, self.iterations)
+        # hmac.digest, not _hmac: a salted password is used twice, then never again.
+        return (
+            hmac.digest(salted, b"Client Key", "sha256"),
+            hmac.digest(salted, b"Server Key", "sha256"),
+        )
+
+
+# The derived keys, least recently used first: a pool logs in again and again with the
+# same password, salt and iteration count, and a miss may cost seconds.
+_KEY_CACHE_SIZE: Final = 1024
+_derived_keys: dict[KeyDerivation, tuple[bytes, bytes]] = {}
+
+
+def cached_keys(derivation: KeyDerivation) -> tuple[bytes, bytes] | None:
+    keys = _derived_keys.pop(derivation, None)
+    if keys is not None:
+        _derived_keys[derivation] = keys  # now the most recently used
+    return keys
+
+
+def remember_keys(derivation: KeyDerivation, keys: tuple[bytes, bytes]) -> None:
+    if derivation not in _derived_keys and len(_derived_keys) >= _KEY_CACHE_SIZE:
+        del _derived_keys[next(iter(_derived_keys))]
+    _derived_keys[derivation] = keys
+
+
+def derive_keys_here(derivation: KeyDerivation) -> tuple[bytes, bytes]:
+    """The keys, from the cache or computed on the calling thread (and cached)."""
+    keys = cached_keys(derivation)
+    if keys is None:
+        keys = derivation.run()
+        remember_keys(derivation, keys)
+    return keys
 
 
 # ---- stored verifier ------------------------------------------------------------------
@@ -228,7 +273,8 @@ def make_scram_verifier(
         salt = secrets.token_bytes(DEFAULT_SALT_LENGTH)
     elif not salt:
         raise ValueError("salt must not be empty")
-    client_key, server_key = _derive_keys(password, salt, iterations)
+    # Not through the cache: a random salt is never asked for again.
+    client_key, server_key = KeyDerivation(password, salt, iterations).run()
     return ScramVerifier(iterations, salt, _sha256(client_key), server_key).to_text()
 
 
@@ -429,14 +475,29 @@ class ScramClientSession:
         self._nonce = _check_nonce(nonce, "client nonce") if nonce else _new_nonce()
         self._client_first_bare = f"n={_escape_username(username)},r={self._nonce}"
         self._auth_message = b""
-        self._state = "start"  # -> "final_sent" -> "done"; "failed" after a bad server-first
+        self._server_first = b""
+        self._combined_nonce = ""
+        # -> "first_read" -> "final_sent" -> "done"; "failed" after a bad server-first
+        self._state = "start"
 
     def client_first(self) -> bytes:
         """The SASLInitialResponse data: ``n,,n=,r=<nonce>``."""
         return ("n,," + self._client_first_bare).encode("utf-8")
 
     def handle_server_first(self, data: bytes) -> bytes:
-        """AuthenticationSASLContinue data -> SASLResponse data (client-final-message)."""
+        """AuthenticationSASLContinue data -> SASLResponse data (client-final-message).
+
+        Runs a PBKDF2 not cached yet on the calling thread: an event loop uses
+        read_server_first, use_keys and client_final instead."""
+        derivation = self.read_server_first(data)
+        if derivation is not None:
+            self.use_keys(derive_keys_here(derivation))
+        return self.client_final()
+
+    def read_server_first(self, data: bytes) -> KeyDerivation | None:
+        """Check the AuthenticationSASLContinue data (server-first-message). None when
+        the keys are at hand (passthrough, or cached): client_final() answers at once.
+        Otherwise the PBKDF2 to run, whose keys go to use_keys() first."""
         if self._state != "start":
             raise ScramError("unexpected server-first-message")
         self._state = "failed"
@@ -455,14 +516,33 @@ class ScramClientSession:
             raise ScramError("empty salt in server-first-message")
         if not _valid_iterations(iterations_text):
             raise ScramError(f"invalid iteration count {iterations_text[:20]!r}")
-        if self._password is not None:
-            self._client_key, self._server_key = _derive_keys(
-                self._password, salt, int(iterations_text)
-            )
-        assert self._client_key is not None
-        without_proof = f"c={_b64(b'n,,')},r={nonce}"
+        self._server_first = data
+        self._combined_nonce = nonce
+        self._state = "first_read"
+        if self._password is None:
+            return None
+        derivation = KeyDerivation(self._password, salt, int(iterations_text))
+        keys = cached_keys(derivation)
+        if keys is None:
+            return derivation
+        self.use_keys(keys)
+        return None
+
+    def use_keys(self, keys: tuple[bytes, bytes]) -> None:
+        """(ClientKey, ServerKey) of the derivation read_server_first asked for."""
+        self._client_key, self._server_key = keys
+
+    def client_final(self) -> bytes:
+        """The SASLResponse data (client-final-message), once the keys are known."""
+        if self._state != "first_read" or self._client_key is None:
+            raise ScramError("no server-first-message or no keys to answer it with")
+        without_proof = f"c={_b64(b'n,,')},r={self._combined_nonce}"
         self._auth_message = b",".join(
-            (self._client_first_bare.encode("utf-8"), data, without_proof.encode("ascii"))
+            (
+                self._client_first_bare.encode("utf-8"),
+                self._server_first,
+                without_proof.encode("ascii"),
+            )
         )
         signature = _hmac(_sha256(self._client_key), self._auth_message)
         proof = _xor(self._client_key, signature)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeVar, cast
 
 from pg_doorman.auth.hba import peer_address
 from pg_doorman.auth.jwt import JwtError
+from pg_doorman.auth.key_derivation import verifier_of
 from pg_doorman.auth.md5 import md5_password_hash, verify_md5_response
 from pg_doorman.auth.methods import NO_HBA_ENTRY, ClientAuth
 from pg_doorman.auth.scram import (
@@ -30,7 +31,6 @@ from pg_doorman.auth.scram import (
     ScramError,
     ScramServerSession,
     ScramVerifier,
-    make_scram_verifier,
 )
 from pg_doorman.auth.talos import TALOS_USER
 from pg_doorman.memo import remember
@@ -902,9 +902,10 @@ class ClientConnection(asyncio.Protocol):
         if method == ClientAuth.MD5:
             await self._auth_md5(md5_password_hash(general.admin_password, user))
         elif method == ClientAuth.SCRAM:
-            await self._auth_scram_with(
-                ScramVerifier.parse(make_scram_verifier(general.admin_password))
+            verifier = await self._wait_for(
+                verifier_of(general.admin_password), "the admin password's SCRAM verifier"
             )
+            await self._auth_scram_with(verifier)
         elif method == ClientAuth.REJECT:
             raise StartupError(
                 sqlstate.INVALID_AUTHORIZATION, f'pg_hba rejects the admin console for "{user}"'

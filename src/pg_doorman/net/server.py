@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, cast
 
+from pg_doorman.auth.key_derivation import derive_keys
 from pg_doorman.auth.md5 import md5_password_response, md5_salted_response
 from pg_doorman.auth.scram import ScramClientSession, ScramError, ScramVerifier
 from pg_doorman.net.client import PIN_LISTEN, PIN_LOCKS
@@ -329,10 +330,12 @@ class ServerConnection(asyncio.Protocol):
                     if scram is None:
                         raise AcquireError(sqlstate.PROTOCOL_VIOLATION, "unexpected SASL continue")
                     try:
-                        final = scram.handle_server_first(payload)
+                        derivation = scram.read_server_first(payload)
                     except ScramError as exc:
                         raise AcquireError(sqlstate.PROTOCOL_VIOLATION, str(exc)) from exc
-                    self._send(messages.password_message(final))
+                    if derivation is not None:  # a PBKDF2 not cached yet: off the loop
+                        scram.use_keys(await derive_keys(derivation))
+                    self._send(messages.password_message(scram.client_final()))
                 elif code == codes.AUTH_SASL_FINAL:
                     if scram is None:
                         raise AcquireError(sqlstate.PROTOCOL_VIOLATION, "unexpected SASL final")
