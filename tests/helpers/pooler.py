@@ -23,6 +23,7 @@ import psycopg
 import tomli_w
 
 from pg_doorman.app.embedded_pg import free_port, make_dsn
+from pg_doorman.auth.mock_auth import MOCK_AUTH_SECRET_ENV
 
 from . import EXAMPLE_DB, ExamplePostgres
 
@@ -205,6 +206,9 @@ class PoolerProcess:
             raise RuntimeError("pooler already running")
         self._note_unexpected_exit()
         env = dict(os.environ)
+        # Each pooler makes its own, as when started by hand (this process may hold
+        # one made by a login run in it).
+        env.pop(MOCK_AUTH_SECRET_ENV, None)
         env.update(self.extra_env)
         # Run this checkout's code even when the package is not installed.
         env["PYTHONPATH"] = os.pathsep.join(

@@ -9,6 +9,7 @@ answer is PostgreSQL's to copy, sends the same bytes to the real PostgreSQL too.
 from __future__ import annotations
 
 import base64
+import hmac
 import socket
 import struct
 import time
@@ -22,6 +23,7 @@ from helpers import ExamplePostgres
 from helpers import pgwire as w
 from helpers.console import admin_rows
 from helpers.pooler import PoolerFactory, PoolerProcess, Replace, serve_a_client
+from pg_doorman.auth.mock_auth import MOCK_AUTH_SECRET_ENV
 
 PROTOCOL = struct.Struct("!ii")
 
@@ -588,6 +590,19 @@ def test_queries_sent_ahead_of_the_login_are_all_answered(
         conn.close()
 
 
+def mock_exchange_salt(proc: PoolerProcess, user: str) -> bytes:
+    """The salt a SCRAM exchange for `user` offers, run to its end: 28P01."""
+    conn = sasl_started(proc, user)
+    client = w.ScramClient("whatever")
+    first = server_first(conn, client)
+    salt = dict(item.split("=", 1) for item in first.decode().split(","))["s"]
+    conn.send_raw(w.sasl_response(client.final_message(first)))
+    error = refusal(conn)
+    assert error.sqlstate == "28P01"
+    assert error.message == f'password authentication failed for user "{user}"'
+    return base64.b64decode(salt)
+
+
 def test_an_unknown_user_fails_a_whole_scram_exchange_like_a_wrong_password(
     pg: ExamplePostgres, pooler: PoolerFactory
 ) -> None:
@@ -595,18 +610,36 @@ def test_an_unknown_user_fails_a_whole_scram_exchange_like_a_wrong_password(
     gets the wrong-password error; its salt is the same at every attempt, as a real
     user's is."""
     proc = pooler(general={"pg_hba": "host all all 127.0.0.1/32 scram-sha-256\n"})
-    salts = []
-    for _ in range(2):
-        conn = sasl_started(proc, "no_such_user")
-        client = w.ScramClient("whatever")
-        first = server_first(conn, client)
-        salts.append(dict(item.split("=", 1) for item in first.decode().split(","))["s"])
-        conn.send_raw(w.sasl_response(client.final_message(first)))
-        error = refusal(conn)
-        assert error.sqlstate == "28P01"
-        assert error.message == 'password authentication failed for user "no_such_user"'
+    salts = [mock_exchange_salt(proc, "no_such_user") for _ in range(2)]
     assert salts[0] == salts[1]
     no_traceback(proc)
     w.PgWire.connect(
         proc.host, proc.port, pg.scram_user.name, "example_db", pg.scram_user.password
     ).close()
+
+
+def test_mock_salts_come_from_a_random_secret_every_process_shares(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """An unknown user's salt is no function of the config (anyone knowing or guessing
+    admin_password could tell mock exchanges apart, or test guesses of the password
+    offline): two poolers with the same config offer different salts. Within one
+    pooler every worker offers the same one, and PG_DOORMAN_MOCK_AUTH_SECRET, when
+    set, is the secret."""
+    scram_hba = {"pg_hba": "host all all 127.0.0.1/32 scram-sha-256\n"}
+    first, second = pooler(general=scram_hba), pooler(general=scram_hba)
+    assert mock_exchange_salt(first, "nobody") != mock_exchange_salt(second, "nobody")
+
+    secret = "kept across restarts"
+    workers = pooler(general={**scram_hba, "workers": 2}, env={MOCK_AUTH_SECRET_ENV: secret})
+    expected = hmac.digest(secret.encode(), b"pg_doorman mock salt\0nobody", "sha256")[:16]
+    # Held open at once, so that the supervisor hands them to both workers.
+    exchanges = [sasl_started(workers, "nobody") for _ in range(6)]
+    salts = set()
+    for conn in exchanges:
+        first = server_first(conn, w.ScramClient("whatever"))
+        salts.add(base64.b64decode(dict(i.split("=", 1) for i in first.decode().split(","))["s"]))
+        conn.close_socket()
+    assert salts == {expected}
+    assert mock_exchange_salt(workers, "somebody") != expected
+    assert mock_exchange_salt(workers, "nobody") == expected

@@ -23,6 +23,7 @@ from pg_doorman.app.upgrade import (
     started_by_upgrade,
     take_migration_channel,
 )
+from pg_doorman.auth.mock_auth import mock_auth_secret
 from pg_doorman.config import Config, ConfigError, load_config
 
 logger = logging.getLogger("pg_doorman")
@@ -86,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pg_doorman.app.upgrade import take_inherited
 
         take_inherited()
+    # Made before any worker or upgraded process is started, which inherit it.
+    mock_auth_secret()
     worker_index = worker.index if worker is not None else None
     setup_logging(args.log_level or "info", args.log_format, worker_index)
     try:

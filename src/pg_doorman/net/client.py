@@ -9,7 +9,6 @@ idle, and only a client that must wait leaves a callback in the pool's queue.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import re
@@ -23,6 +22,7 @@ from pg_doorman.auth.jwt import JwtError
 from pg_doorman.auth.key_derivation import verifier_of
 from pg_doorman.auth.md5 import md5_password_hash, verify_md5_response
 from pg_doorman.auth.methods import NO_HBA_ENTRY, ClientAuth
+from pg_doorman.auth.mock_auth import mock_salt
 from pg_doorman.auth.scram import (
     DEFAULT_ITERATIONS,
     DEFAULT_SALT_LENGTH,
@@ -1147,16 +1147,14 @@ class ClientConnection(asyncio.Protocol):
         """Ask for a password the way a real user would be asked, then refuse it
         (28P01): PostgreSQL's mock authentication. A mock SCRAM exchange offers the
         same salt at every attempt for one user name (PostgreSQL's scram_mock_salt),
-        derived from a secret of the config that all workers share; its keys are
+        derived from a random secret all the pooler's processes share; its keys are
         random, and it refuses even a proof that happened to match them."""
         if mock != ClientAuth.SCRAM:
             await self._md5_exchange()
             raise self._password_failed()
-        secret = self.pooler.config.general.admin_password
-        salt = hashlib.sha256(f"pg_doorman mock salt\0{secret}\0{self.user}".encode()).digest()
         verifier = ScramVerifier(
             DEFAULT_ITERATIONS,
-            salt[:DEFAULT_SALT_LENGTH],
+            mock_salt(self.user, DEFAULT_SALT_LENGTH),
             os.urandom(KEY_LENGTH),
             os.urandom(KEY_LENGTH),
         )
