@@ -363,7 +363,7 @@ class HandshakeDropBackend(FakeBackend):
 
 
 @pytest.mark.parametrize("read_hello", [False, True], ids=["at-once", "after-hello"])
-@pytest.mark.parametrize("mode", ["require", "prefer"])
+@pytest.mark.parametrize("mode", ["require"])  # prefer then logs in in plain text
 def test_tls_server_closing_during_the_handshake(
     pooler: PoolerFactory, read_hello: bool, mode: str
 ) -> None:

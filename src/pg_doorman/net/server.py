@@ -21,7 +21,7 @@ from pg_doorman.auth.md5 import md5_password_response, md5_salted_response
 from pg_doorman.auth.scram import ScramClientSession, ScramError, ScramVerifier
 from pg_doorman.net.client import PIN_LISTEN, PIN_LOCKS
 from pg_doorman.net.inbox import AwaitableInbox
-from pg_doorman.net.server_tls import ServerTls, TlsRefused, connect_tls
+from pg_doorman.net.server_tls import ServerTls, TlsHandshakeFailed, TlsRefused, connect_tls
 from pg_doorman.net.slow_queries import log_slow_query
 from pg_doorman.net.sockopts import set_buffer_sizes
 from pg_doorman.net.writer import SocketWriter
@@ -1197,25 +1197,45 @@ async def open_server(
                     path = f"{host.rstrip('/')}/.s.PGSQL.{port}"
                     _, server = await loop.create_unix_connection(factory, path)
                 elif tls is not None and tls.tls_first:
-                    server = await connect_tls(pool, factory, host, port, tls, not tls.required)
+                    try:
+                        server = await connect_tls(pool, factory, host, port, tls, not tls.required)
+                    except TlsHandshakeFailed as failed:
+                        # prefer, as libpq: the server said S but the handshake failed;
+                        # a new connection without SSLRequest logs in in plain text.
+                        if not tls.retries_in_plain:
+                            raise
+                        logger.warning(
+                            "pool %s: %s; server_tls_mode prefer: connecting again without TLS",
+                            pool.name,
+                            failed,
+                        )
+                        _, server = await loop.create_connection(factory, host, port)
                 else:
                     _, server = await loop.create_connection(factory, host, port)
                 try:
                     await server.login(startup, creds)
                 except LoginRefused as refused:
-                    # allow: PostgreSQL refused the plain login (a hostssl rule): try TLS.
-                    # Only PostgreSQL's refusal: a login the pooler gave up itself
-                    # (passthrough without a ClientKey yet, also 28000) gains nothing, and
-                    # the retry's late failure would fail clients who queued meanwhile.
+                    # PostgreSQL refused the login (28000: a hostssl or hostnossl rule), so
+                    # the other transport may pass, as libpq tries it: allow goes from
+                    # plain to TLS, prefer from TLS to plain. Only PostgreSQL's refusal:
+                    # a login the pooler gave up itself (passthrough without a ClientKey
+                    # yet, also 28000) gains nothing, and the retry's late failure would
+                    # fail clients who queued meanwhile.
                     # (Named apart from `exc` below, which the compiled build types once.)
-                    if tls is None or not tls.retries_over_tls or refused.code != "28000":
+                    if tls is None or refused.code != "28000":
                         raise
-                    server.close("login refused without TLS")
+                    was_tls = server.tls
+                    if not (tls.retries_in_plain if was_tls else tls.retries_over_tls):
+                        raise
+                    server.close(f"login refused {'over' if was_tls else 'without'} TLS")
                     server = None
-                    try:
-                        server = await connect_tls(pool, factory, host, port, tls, False)
-                    except TlsRefused:
-                        raise refused from None
+                    if was_tls:
+                        _, server = await loop.create_connection(factory, host, port)
+                    else:
+                        try:
+                            server = await connect_tls(pool, factory, host, port, tls, False)
+                        except TlsRefused:
+                            raise refused from None
                     await server.login(startup, creds)
         except BaseException as failure:
             # However the attempt ended, the connection given up on never joins the pool.
@@ -1227,7 +1247,7 @@ async def open_server(
             sqlstate.CONNECTION_FAILURE,
             f"timeout connecting to server {host}:{port} (connect timeout {connect_timeout:g}s)",
         ) from None
-    except TlsRefused as no_tls:  # require and the verify modes
+    except (TlsRefused, TlsHandshakeFailed) as no_tls:  # require, verify-*, allow's retry
         raise AcquireError(sqlstate.CONNECTION_FAILURE, str(no_tls)) from None
     except OSError as exc:
         raise AcquireError(

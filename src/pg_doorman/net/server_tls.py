@@ -55,6 +55,12 @@ class ServerTls:
         """allow: a plain login the server refuses (28000) is tried again over TLS."""
         return self.mode == "allow"
 
+    @property
+    def retries_in_plain(self) -> bool:
+        """prefer: a failed TLS handshake, or a login over TLS the server refuses
+        (28000), is tried again in plain text on a new connection, as libpq does."""
+        return self.mode == "prefer"
+
 
 PLAIN: Final = ServerTls("disable")
 
@@ -138,11 +144,22 @@ def _build_context(tls: ServerTls, ca_path: str, pair_path: str) -> ssl.SSLConte
 def _handshake_failure(exc: OSError) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"certificate verify failed: {exc.verify_message}"
-    return ssl_reason(exc)
+    reason = ssl_reason(exc)
+    if reason:
+        return reason
+    # The event loop reports a peer that hung up mid-handshake without a message.
+    if isinstance(exc, ConnectionError):
+        return "the server closed the connection"
+    return type(exc).__name__
 
 
 class TlsRefused(Exception):
     """The server answered N to SSLRequest."""
+
+
+class TlsHandshakeFailed(Exception):
+    """The server answered S to SSLRequest, then the TLS handshake failed (no common
+    protocol version or cipher, an alert, the server hung up)."""
 
 
 class _Negotiation(asyncio.Protocol):
@@ -189,7 +206,8 @@ async def connect_tls(
 ) -> ServerConnection:
     """Connect, ask for TLS and run the handshake; returns the connection, not yet
     logged in. A server that answers N gets the startup in plain text when
-    `plain_if_refused` (prefer), otherwise TlsRefused."""
+    `plain_if_refused` (prefer), otherwise TlsRefused. A handshake that fails raises
+    TlsHandshakeFailed, the connection closed."""
     loop = asyncio.get_running_loop()
     answer: asyncio.Future[bytes] = loop.create_future()
     transport, negotiation = await loop.create_connection(lambda: _Negotiation(answer), host, port)
@@ -219,15 +237,15 @@ async def connect_tls(
         except BaseException as exc:
             pool.tls_handshake_errors += 1
             if isinstance(exc, OSError):
-                raise AcquireError(
-                    sqlstate.CONNECTION_FAILURE,
-                    f"TLS handshake with server {where} failed: {_handshake_failure(exc)}",
+                raise TlsHandshakeFailed(
+                    f"TLS handshake with server {where} failed: {_handshake_failure(exc)}"
                 ) from None
             raise
+        if secure is None:
+            pool.tls_handshake_errors += 1
+            raise TlsHandshakeFailed(f"server {where} closed during the TLS handshake")
         pool.tls_handshakes += 1
         pool.tls_handshake_seconds += time.monotonic() - started
-        if secure is None:
-            raise AcquireError(sqlstate.CONNECTION_FAILURE, f"server {where} closed during TLS")
         server = factory()
         server.tls = True
         secure.set_protocol(TlsReader(server))
