@@ -1,4 +1,5 @@
-"""Command line: `pg_doorman [CONFIG] [-l LEVEL] [-F FORMAT] [-t] [-d]` and `pg_doorman demo`."""
+"""Command line: `pg_doorman [CONFIG] [-l LEVEL] [-F FORMAT] [-n] [-t] [-d]`,
+`pg_doorman generate` and `pg_doorman demo`."""
 
 from __future__ import annotations
 
@@ -29,27 +30,54 @@ from pg_doorman.config import Config, ConfigError, load_config
 logger = logging.getLogger("pg_doorman")
 
 EXIT_CONFIG = 2
+EXIT_USAGE = 2
+
+LOG_FORMATS = ("text", "structured", "debug")
+# PgDoorman's third format; here the text format, which already names each line's logger.
+_LOG_FORMAT_ALIASES = {"debug": "text"}
+# PgDoorman's -l also takes tracing's level numbers.
+_LEVEL_NUMBERS = {"1": "error", "2": "warn", "3": "info", "4": "debug", "5": "trace"}
+
+
+def _log_level(text: str) -> str:
+    """A -l value as PgDoorman spells it (`INFO`, `Warn`, `4`) in this pooler's names."""
+    name = text.strip().lower()
+    return _LEVEL_NUMBERS.get(name, name)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pg_doorman",
-        description="PostgreSQL connection pooler. `pg_doorman demo` starts a local "
-        "PostgreSQL with the pooler in front.",
+        description="PostgreSQL connection pooler. `pg_doorman generate` writes a config "
+        "for a PostgreSQL server; `pg_doorman demo` starts a local PostgreSQL with the "
+        "pooler in front.",
     )
     parser.add_argument(
         "config", nargs="?", default="pg_doorman.toml", help="config file (.toml or .yaml)"
     )
     parser.add_argument(
-        "-l", "--log-level", choices=sorted(LEVELS), help="log level (default: info)"
+        "-l",
+        "--log-level",
+        type=_log_level,
+        choices=sorted(LEVELS),
+        help="log level, any case (default: $LOG_LEVEL, else general.log_level, else info)",
     )
     parser.add_argument(
         "-F",
         "--log-format",
-        choices=("text", "structured"),
-        default="text",
-        help="log format; structured = one JSON object per line",
+        type=str.lower,
+        choices=LOG_FORMATS,
+        help="log format; structured = one JSON object per line; debug = text "
+        "(default: $LOG_FORMAT, else text)",
     )
+    parser.add_argument(
+        "-n",
+        "--no-color",
+        action="store_true",
+        help="accepted for PgDoorman's command lines (and NO_COLOR): the log has no colours",
+    )
+    # PgDoorman's own binary upgrade passes its listening socket so; refused in main().
+    parser.add_argument("--inherit-fd", type=int, help=argparse.SUPPRESS)
     parser.add_argument(
         "-t", "--test-config", action="store_true", help="validate the config and exit"
     )
@@ -73,15 +101,61 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    if args_list and args_list[0] == "demo":
+def _parse_args(args_list: list[str]) -> argparse.Namespace:
+    """The command line, with LOG_LEVEL and LOG_FORMAT (PgDoorman's variables) as the
+    defaults of -l and -F; -F debug becomes text."""
+    parser = _parser()
+    args = parser.parse_args(args_list)
+    if args.log_level is None and os.environ.get("LOG_LEVEL"):
+        args.log_level = _log_level(os.environ["LOG_LEVEL"])
+        if args.log_level not in LEVELS:
+            parser.error(f"LOG_LEVEL: unknown log level {os.environ['LOG_LEVEL']!r}")
+    if args.log_format is None:
+        args.log_format = os.environ.get("LOG_FORMAT", "text").strip().lower() or "text"
+        if args.log_format not in LOG_FORMATS:
+            parser.error(f"LOG_FORMAT: unknown log format {os.environ['LOG_FORMAT']!r}")
+    args.log_format = _LOG_FORMAT_ALIASES.get(args.log_format, args.log_format)
+    return args
+
+
+def _subcommand(name: str, rest: list[str]) -> int | None:
+    """Run a subcommand; None if `name` is none."""
+    if name == "demo":
         from pg_doorman.app.demo import demo_main
 
-        return demo_main(args_list[1:])
+        return demo_main(rest)
+    if name == "generate":
+        from pg_doorman.app.generate import generate_main
+
+        return generate_main(rest)
+    if name == "generate-docs":
+        print(
+            "pg_doorman: generate-docs (PgDoorman's reference pages) is not supported: "
+            "the configuration is described in docs/configuration.md",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list:
+        code = _subcommand(args_list[0], args_list[1:])
+        if code is not None:
+            return code
     # Until the event loop handles it: SIGUSR2's default action would kill the process.
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-    args = _parser().parse_args(args_list)
+    args = _parse_args(args_list)
+    if args.inherit_fd is not None:
+        print(
+            "pg_doorman: --inherit-fd is PgDoorman's binary upgrade hand-off, which this "
+            "pooler does not take part in: stop PgDoorman, then start pg_doorman; later "
+            "upgrades of pg_doorman keep the socket themselves (docs/admin.md, "
+            '"Binary upgrade")',
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     worker = _worker_info(args)
     if worker is None:
         from pg_doorman.app.upgrade import take_inherited
