@@ -21,25 +21,15 @@ import pytest
 
 from helpers import ExamplePostgres
 from helpers.pooler import SRC_DIR, PoolerFactory, PoolerProcess
+from helpers.processes import process_alive
 
 LAUNCH_TIMEOUT = 60.0
 SYSLOG_ENV = "PG_DOORMAN_SYSLOG_SOCKET"
 
 
-def _alive(pid: int) -> bool:
-    """Running, and not a zombie waiting for a parent that does not reap it."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    return True
-
-
 def _wait_gone(pid: int, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
-    while _alive(pid):
+    while process_alive(pid):
         assert time.monotonic() < deadline, f"process {pid} still runs"
         time.sleep(0.05)
 
@@ -90,7 +80,7 @@ class Daemons:
                 os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 15
         for pid in self.pids:
-            while _alive(pid) and time.monotonic() < deadline:
+            while process_alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -165,7 +155,7 @@ def test_a_daemon_detaches_serves_and_removes_its_pid_file_on_sigterm(
     # Before it detached, the command said that the log goes nowhere without syslog.
     assert "syslog_prog_name" in launched.stderr
     pid = int(pid_file_of(proc).read_text())
-    assert pid != stale.pid and _alive(pid)
+    assert pid != stale.pid and process_alive(pid)
     # Detached: its own session, no longer a child of anything the command left.
     assert os.getsid(pid) != os.getsid(0)
     assert oct(os.stat(pid_file_of(proc)).st_mode & 0o777) == oct(0o640)  # umask 027
@@ -290,7 +280,7 @@ def test_an_upgrade_of_a_daemon_hands_the_pid_file_to_the_new_process(
         # one, which names itself in the file.
         _wait_gone(old)
         new = daemons.note(proc)
-        assert new is not None and new != old and _alive(new)
+        assert new is not None and new != old and process_alive(new)
         assert client.execute("select 1").fetchone() == (1,)  # moved, still served
     assert query_through(proc, pg) == 100
     os.kill(new, signal.SIGTERM)

@@ -15,19 +15,11 @@ from helpers import EXAMPLE_DB, ITEMS_ROWS, MD5_USER, SCRAM_USER, TRUST_USER, Ex
 from helpers import pgwire as pw
 from helpers.pgwire import PgWire, ServerError
 from helpers.pooler import PoolerFactory
+from helpers.processes import process_alive
 from pg_doorman.app.embedded_pg import PostgresNotAvailable, find_pg_bin
 
 ALL_USERS = [MD5_USER, SCRAM_USER, TRUST_USER]
 PASSWORD_USERS = [MD5_USER, SCRAM_USER]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return False
-    return data[data.rfind(b")") + 2 :][:1] not in (b"Z", b"X")
 
 
 def _wire(pg: ExamplePostgres, user: str = TRUST_USER) -> PgWire:
@@ -185,7 +177,7 @@ def test_kill_then_start_recovers(pg: ExamplePostgres) -> None:
         assert postmaster is not None and conn.backend_pid in children
         pg.kill()
         assert not pg.running
-        assert not [pid for pid in [postmaster, *children] if _alive(pid)]
+        assert not [pid for pid in [postmaster, *children] if process_alive(pid)]
         # Killed: no goodbye, unless the backend saw the postmaster die a moment first.
         goodbye = conn.wait_closed()
         assert goodbye == [] or [t for t, _ in goodbye] == [b"E"]

@@ -28,6 +28,7 @@ from helpers import pgwire as w
 from helpers.cancel import cancel_midway
 from helpers.console import admin_console
 from helpers.pooler import PoolerFactory, PoolerProcess
+from helpers.processes import process_alive
 
 SUCCESSOR = re.compile(r"upgrade: new process (\d+) serves")
 MOVED = re.compile(r"upgrade: (\d+) clients moved to the new process")
@@ -44,20 +45,10 @@ def successors() -> Iterator[list[int]]:
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 15
     for pid in pids:
-        while _alive(pid) and time.monotonic() < deadline:
+        while process_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
-        return f.read().split()[2] != "Z"
-    return True
 
 
 def upgrade(proc: PoolerProcess, successors: list[int], *, by_console: bool = False) -> int:
@@ -87,7 +78,7 @@ def upgrade_successor(proc: PoolerProcess, pid: int, successors: list[int]) -> i
     whose log they all share): once `pid` has exited, the PID of the one after it."""
     os.kill(pid, signal.SIGUSR2)
     deadline = time.monotonic() + 40
-    while _alive(pid):
+    while process_alive(pid):
         assert time.monotonic() < deadline, proc.log_tail()
         time.sleep(0.05)
     newest = int(SUCCESSOR.findall(proc.log_text())[-1])
@@ -177,7 +168,7 @@ def test_an_upgrade_hands_over_without_refusing_anyone(
         # The new process serves TCP and the Unix socket.
         assert server_pid(proc, dsn) > 0
         assert server_pid(proc, unix_dsn) > 0
-        assert _alive(new_pid)
+        assert process_alive(new_pid)
 
 
 def test_an_invalid_config_cancels_the_upgrade(
@@ -206,7 +197,7 @@ def test_upgrade_from_the_admin_console(
     assert proc.wait_exit() == 0
     user = pg.md5_user
     assert server_pid(proc, proc.dsn(user.name, user.password)) > 0
-    assert _alive(new_pid)
+    assert process_alive(new_pid)
     # The new process can be upgraded in turn.
     third = upgrade_successor(proc, new_pid, successors)
     assert third != new_pid
@@ -316,7 +307,7 @@ def test_clients_move_to_the_new_process_with_their_sessions(
         # ids name: each cancel request still finds its session.
         cancel_midway(busy)
         busy.rollback()
-        assert not _alive(old_pid or 0) and _alive(new_pid)
+        assert not process_alive(old_pid or 0) and process_alive(new_pid)
     finally:
         idle.close()
         busy.close()

@@ -21,6 +21,7 @@ from helpers import pgwire as w
 from helpers.console import admin_console as admin
 from helpers.console import show_table as table
 from helpers.pooler import PoolerFactory, PoolerProcess
+from helpers.processes import process_alive
 from pg_doorman.app.dispatch import LoadBoard
 from pg_doorman.app.embedded_pg import free_port
 
@@ -300,7 +301,7 @@ def test_sigterm_stops_every_worker(pg: ExamplePostgres, pooler: PoolerFactory) 
     assert proc.wait_exit(20) == 0
     for pid in pids:
         deadline = time.monotonic() + 5
-        while _alive(pid):
+        while process_alive(pid):
             assert time.monotonic() < deadline, f"worker {pid} outlived the supervisor"
             time.sleep(0.05)
 
@@ -320,14 +321,6 @@ def _worker_index(pid: int) -> int:
     return int(args[args.index(b"--worker") + 1].split(b"/")[0])
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_shutdown_command_stops_the_supervisor(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
     proc = start(pooler)
     pids = _worker_pids(proc)
@@ -336,7 +329,7 @@ def test_shutdown_command_stops_the_supervisor(pg: ExamplePostgres, pooler: Pool
     assert w.rows(got) == [("t",)]
     console.close_socket()
     assert proc.wait_exit(20) == 0
-    assert not any(_alive(pid) for pid in pids)
+    assert not any(process_alive(pid) for pid in pids)
 
 
 def test_unix_socket_and_sighup_reach_every_worker(
