@@ -1809,8 +1809,11 @@ class ClientConnection(asyncio.Protocol):
         SETs, a ROLLBACK undoing them, the values the pooler set for it): adopt them,
         to carry to the next server, and key what it prepares next by them."""
         self._param_mark = server.scanner.param_changes
-        if server.scanner.reported:
-            self._log_parameter_changes(server.scanner.reported)
+        reported = server.scanner.reported
+        if reported:
+            if self.pool is not None and self.pool.settings.log_parameter_changes:
+                self._log_parameter_changes(reported)
+            reported.clear()
         self.accept_server_parameters(server)
         if self.rewriter is not None:
             self.rewriter.set_context(self._planning_context())
@@ -1828,7 +1831,6 @@ class ClientConnection(asyncio.Protocol):
                 before,
                 value,
             )
-        reported.clear()
 
     def detach_server(self, server: ServerConnection) -> None:
         if server.scanner.param_changes != self._param_mark:

@@ -489,12 +489,7 @@ class ServerConnection(asyncio.Protocol):
         self.mode = ACTIVE
         self.served_clients += 1
         self.xact_started = self.query_started = now
-        settings = self.pool.settings
-        self.slow_query_seconds = settings.slow_query_seconds
-        if settings.log_parameter_changes:
-            self.scanner.reported = []
-        elif self.scanner.reported is not None:
-            self.scanner.reported = None
+        self.slow_query_seconds = self.pool.settings.slow_query_seconds
         self.request_data = None
         self._xact_base_sent = self.bytes_sent
         self._xact_base_received = self.bytes_received
@@ -996,6 +991,7 @@ class ServerConnection(asyncio.Protocol):
         """The attached client disconnected."""
         client = self.client
         self.client = None
+        self.scanner.reported.clear()  # what it was not told of is no one else's
         if client is None or self.closed:
             self._retire("client gone")
             return

@@ -315,9 +315,9 @@ class BackendScanner(_Stream):
         self.last_error: bytes | None = None
         self.cleanup_flags = 0
         self.param_changes = 0
-        # When a list: each ParameterStatus relayed, as (name, value before, value), for
-        # log_client_parameter_status_changes (read and emptied by the client).
-        self.reported: list[tuple[str, str | None, str]] | None = None
+        # Each ParameterStatus relayed, as (name, value before, value), until the client
+        # reads them (log_client_parameter_status_changes) and empties the list.
+        self.reported: list[tuple[str, str | None, str]] = []
         # The server dropped all its prepared statements (DEALLOCATE ALL / DISCARD ALL)
         # while no hook was set; with one, the hook is told at once.
         self.statements_reset = False
@@ -437,9 +437,7 @@ class BackendScanner(_Stream):
         if len(parts) >= 2:
             name = parts[0].decode("utf-8", "replace")
             value = parts[1].decode("utf-8", "replace")
-            reported = self.reported
-            if reported is not None:
-                reported.append((name, self.parameters.get(name), value))
+            self.reported.append((name, self.parameters.get(name), value))
             self.parameters[name] = value
 
 
