@@ -128,7 +128,7 @@ def test_defaults_match_pgdoorman() -> None:
         "prepared_statements": True,
         "prepared_statements_cache_size": 8192,
         "server_prepared_statements_cache_size": None,
-        "client_anonymous_prepared_cache_size": None,
+        "client_anonymous_prepared_cache_size": 256,
         "pg_hba": None,
         "hba": [],
         "startup_parameters": {},

@@ -488,8 +488,10 @@ def _read_keys(
     not_applicable: frozenset[str] = frozenset(),
     defaults: Mapping[str, Any] | None = None,
     aliases: Mapping[str, str] | None = None,
+    hints: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Parse the keys of one table that ``spec`` knows; warn about all the others.
+    """Parse the keys of one table that ``spec`` knows; warn about all the others
+    (``hints`` adds, per unknown key, where the setting belongs instead).
 
     Keys in ``not_implemented``/``not_applicable`` warn only when their value would
     change something: a PgDoorman file that spells out the defaults loads quietly.
@@ -505,7 +507,8 @@ def _read_keys(
             ctx.warn(key_path, f"deprecated name, use {name}")
         parser = spec.get(name)
         if parser is None:
-            ctx.warn(key_path, UNKNOWN_KEY)
+            hint = hints.get(key) if hints else None
+            ctx.warn(key_path, f"{UNKNOWN_KEY}; {hint}" if hint else UNKNOWN_KEY)
             continue
         value = values[name] = parser(raw, key_path, ctx)
         if _is_inert(name, value, defaults or {}):
@@ -654,6 +657,11 @@ GENERAL_NOT_APPLICABLE = frozenset(
     }
 )
 _GENERAL_ALIASES = {"client_prepared_statements_cache_size": "client_anonymous_prepared_cache_size"}
+# Keys PgDoorman's own files and pages put in [general], where PgDoorman ignores them too.
+_GENERAL_HINTS = {
+    "talos": "[talos] is a top-level section",
+    "pool_mode": "pool_mode belongs in [pools.<name>] or a user",
+}
 
 
 def _general(value: object, path: str, ctx: _Context) -> GeneralConfig:
@@ -666,6 +674,7 @@ def _general(value: object, path: str, ctx: _Context) -> GeneralConfig:
         not_applicable=GENERAL_NOT_APPLICABLE,
         defaults=_field_defaults(GeneralConfig),
         aliases=_GENERAL_ALIASES,
+        hints=_GENERAL_HINTS,
     )
     general = GeneralConfig(**values)
     _check_general(general, path)

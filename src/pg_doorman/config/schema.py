@@ -125,7 +125,7 @@ class GeneralConfig:
     prepared_statements: bool = True
     prepared_statements_cache_size: int = 8192
     server_prepared_statements_cache_size: int | None = None
-    client_anonymous_prepared_cache_size: int | None = None
+    client_anonymous_prepared_cache_size: int = 256
 
     # Client authentication: pg_hba rule text, or the legacy CIDR allow-list.
     pg_hba: str | None = None
