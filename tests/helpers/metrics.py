@@ -15,7 +15,9 @@ def scrape(port: int) -> dict[str, list[Sample]]:
         text = response.read().decode()
     families: dict[str, list[Sample]] = {}
     for family in text_string_to_metric_families(text):
-        families[family.name] = list(family.samples)
+        # A gauge `x` and a counter `x_total` (PgDoorman exports such pairs) both parse
+        # as family `x`: keep the samples of both.
+        families.setdefault(family.name, []).extend(family.samples)
     return families
 
 

@@ -32,7 +32,7 @@ COLUMNS = {
     ],
     "POOLS_EXTENDED": [
         "database", "user", "cl_active", "cl_waiting", "sv_active", "sv_idle", "sv_used",
-        "sv_login", "pool_size", "maxwait", "maxwait_us", "pool_mode", "bytes_received",
+        "sv_login", "pool_size", "maxwait", "maxwait_us", "pool_mode", "bytes_recieved",
         "bytes_sent", "query_0.99", "transaction_0.99", "query_0.95", "transaction_0.95",
         "query_0.5", "transaction_0.5",
     ],
@@ -42,8 +42,8 @@ COLUMNS = {
         "client_anonymous_count", "client_anonymous_evictions_alive", "async_clients",
     ],
     "CLIENTS": [
-        "client_id", "database", "user", "application_name", "addr", "port", "tls", "state",
-        "wait", "transaction_count", "query_count", "error_count", "age_seconds",
+        "client_id", "database", "user", "application_name", "addr", "tls", "state", "wait",
+        "transaction_count", "query_count", "error_count", "age_seconds", "port",
     ],
     "SERVERS": [
         "server_id", "server_process_id", "database_name", "user", "application_name",
@@ -145,7 +145,7 @@ def test_every_show_table_after_a_known_workload(
         extended = only(seen["POOLS_EXTENDED"], user=user)
         assert int(str(extended["query_0.5"])) > 0
         assert int(str(extended["query_0.99"])) >= int(str(extended["query_0.5"]))
-        assert extended["bytes_received"] == stats["total_received"]
+        assert extended["bytes_recieved"] == stats["total_received"]
 
         client = only(seen["CLIENTS"], user=user)
         assert client["application_name"] == "workload" and client["state"] == "idle"

@@ -668,6 +668,12 @@ def test_metrics(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
     assert value(pools, "pg_doorman_auth_query_dynamic_pools_total", event="created", **db) == 1
     current = families["pg_doorman_auth_query_dynamic_pools_current"]
     assert value(current, "pg_doorman_auth_query_dynamic_pools_current", **db) == 1
+    # PgDoorman's gauges of the same numbers, by `type` (`result` for auth).
+    assert value(cache, "pg_doorman_auth_query_cache", type="entries", **db) == 2
+    assert value(cache, "pg_doorman_auth_query_cache", type="misses", **db) == 2
+    assert value(auth, "pg_doorman_auth_query_auth", result="success", **db) == 1
+    assert value(executor, "pg_doorman_auth_query_executor", type="queries", **db) == 2
+    assert value(pools, "pg_doorman_auth_query_dynamic_pools", type="current", **db) == 1
 
 
 def test_looked_up_users_share_max_db_connections_with_configured_ones(
@@ -700,4 +706,4 @@ def test_looked_up_users_share_max_db_connections_with_configured_ones(
         (row,) = show_table(console, "POOL_COORDINATOR")
     finally:
         console.close()
-    assert row["max_db_connections"] == "1" and int(row["evictions"] or 0) >= 2
+    assert row["max_db_conn"] == "1" and int(row["evictions"] or 0) >= 2

@@ -114,25 +114,26 @@ def test_an_idle_server_of_another_user_is_closed_for_a_waiting_one(
     assert "evicted for example_user_scram@example_db" in proc.log_text()
     assert "evicted for example_user_md5@example_db" in proc.log_text()
     (row,) = admin_rows(proc, "POOL_COORDINATOR")
+    exhaustions = row.pop("exhaustions")
     assert row == {
         "database": "example_db",
-        "max_db_connections": "1",
-        "current_connections": "1",
-        "reserve_pool_size": "0",
-        "reserve_in_use": "0",
-        "waiting_users": "0",
+        "max_db_conn": "1",
+        "current": "1",
+        "reserve_size": "0",
+        "reserve_used": "0",
         "evictions": "4",
-        "reserve_opened": "0",
+        "reserve_acq": "0",
+        "waiting_users": "0",
     }
-    families = scrape(port)
-    for name, expected in [
-        ("pg_doorman_pool_coordinator_evictions_total", 4),
-        ("pg_doorman_pool_coordinator_max_connections", 1),
-        ("pg_doorman_pool_coordinator_connections", 1),
-        ("pg_doorman_pool_coordinator_reserve_opened_total", 0),
+    family = scrape(port)["pg_doorman_pool_coordinator"]
+    for name, kind, expected in [
+        ("pg_doorman_pool_coordinator_total", "evictions", 4),
+        ("pg_doorman_pool_coordinator", "max_connections", 1),
+        ("pg_doorman_pool_coordinator", "connections", 1),
+        ("pg_doorman_pool_coordinator_total", "reserve_acquisitions", 0),
+        ("pg_doorman_pool_coordinator_total", "exhaustions", int(exhaustions or 0)),
     ]:
-        family = families[name.removesuffix("_total")]
-        assert value(family, name, database="example_db") == expected, name
+        assert value(family, name, type=kind, database="example_db") == expected, kind
 
 
 def test_min_connection_lifetime_keeps_a_young_server(
@@ -258,7 +259,7 @@ def test_the_limit_holds_under_load_from_both_users(
     assert len(done) == 6 and all(count > 0 for count in done), done
     # The workers' shares add up to the configured limit.
     (row,) = admin_rows(proc, "POOL_COORDINATOR")
-    assert row["max_db_connections"] == "2"
+    assert row["max_db_conn"] == "2"
     assert row["waiting_users"] == "0"
 
 
@@ -293,7 +294,7 @@ def test_reload_lowers_the_limit(pg: ExamplePostgres, pooler: PoolerFactory) -> 
         wait_for(1)
         assert conns[0].execute("select 1").fetchone() == (1,)
         (row,) = admin_rows(proc, "POOL_COORDINATOR")
-        assert row["max_db_connections"] == "1" and row["current_connections"] == "1"
+        assert row["max_db_conn"] == "1" and row["current"] == "1"
     finally:
         for conn in conns:
             conn.close()

@@ -86,10 +86,9 @@ def test_metrics_match_a_known_workload(pg: ExamplePostgres, pooler: PoolerFacto
 
         connections = families["pg_doorman_connections"]
         assert value(connections, "pg_doorman_connections_total", type="total") >= 1
-        assert value(families["pg_doorman_connection_count"], "pg_doorman_connection_count") == 1
         per_worker = families["pg_doorman_worker_connection_count"]
         assert [(s.labels, s.value) for s in per_worker] == [({"worker": "0"}, 1)]
-        assert value(families["pg_doorman_users_configured"], "pg_doorman_users_configured") == 3
+        assert len(families["pg_doorman_users_configured"]) == 3
         assert value(families["pg_doorman_total_memory"], "pg_doorman_total_memory") > 10_000_000
         info = families["pg_doorman_build_info"]
         assert info[0].labels["version"] and info[0].value == 1

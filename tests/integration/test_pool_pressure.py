@@ -133,8 +133,8 @@ def test_at_most_scaling_max_parallel_creates_servers_open_at_once(
             name = "pg_doorman_pool_scaling_total"
             assert value(total, name, type="creates_started", **labels) == 6
             assert value(total, name, type="burst_gate_waits", **labels) >= 1
-            inflight = families["pg_doorman_pool_scaling_inflight_creates"]
-            assert value(inflight, "pg_doorman_pool_scaling_inflight_creates", **labels) == 0
+            gauge = "pg_doorman_pool_scaling"
+            assert value(total, gauge, type="inflight_creates", **labels) == 0
         finally:
             for conn in conns:
                 conn.close()

@@ -230,7 +230,7 @@ def test_a_database_removed_by_a_reload_leaves_show_pool_coordinator_and_metrics
         assert all(r["database"] != "second_db" for r in show_table(console, "POOLS"))
         rows = show_table(console, "POOL_COORDINATOR")
         assert rows == [], rows
-        samples = scrape(web_port)["pg_doorman_pool_coordinator_max_connections"]
+        samples = scrape(web_port)["pg_doorman_pool_coordinator"]
         assert not [s for s in samples if s.labels.get("database") == "second_db"], samples
     finally:
         console.close()

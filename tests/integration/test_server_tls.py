@@ -282,7 +282,7 @@ def test_require_runs_the_backend_over_tls(pooler: PoolerFactory, ssl_pg: SslPos
     rows = pool_servers(proc, TLS_ONLY)
     assert rows and all(r["tls"] == "true" for r in rows), rows
     samples = [s for family in scrape(port).values() for s in family]
-    mine = {"user": TLS_ONLY, "database": TLS_DB}
+    mine = {"pool": TLS_DB}
     assert value(samples, "pg_doorman_server_tls_connections", **mine) >= 1
     handshakes = "pg_doorman_server_tls_handshake_duration_seconds"
     assert value(samples, f"{handshakes}_count", **mine) >= 1
@@ -383,8 +383,7 @@ def test_verify_ca_refuses_a_certificate_from_another_ca(
     errors = value(
         scrape(port)["pg_doorman_server_tls_handshake_errors"],
         "pg_doorman_server_tls_handshake_errors_total",
-        user=TLS_ONLY,
-        database=TLS_DB,
+        pool=TLS_DB,
     )
     assert errors >= 1
 

@@ -213,7 +213,7 @@ def pools_extended(snap: Snapshot) -> Table:
     columns = _typed(
         "database", "user", "cl_active:int", "cl_waiting:int", "sv_active:int",
         "sv_idle:int", "sv_used:int", "sv_login:int", "pool_size:int", "maxwait:int",
-        "maxwait_us:int", "pool_mode", "bytes_received:int", "bytes_sent:int",
+        "maxwait_us:int", "pool_mode", "bytes_recieved:int", "bytes_sent:int",
         "query_0.99:int", "transaction_0.99:int", "query_0.95:int",
         "transaction_0.95:int", "query_0.5:int", "transaction_0.5:int",
     )  # fmt: skip
@@ -273,10 +273,12 @@ def prepared_statements(snap: Snapshot) -> Table:
 
 
 def clients(snap: Snapshot) -> Table:
+    # PgDoorman's columns in its order; `port` (PgBouncer has it) comes last so that
+    # scripts reading PgDoorman's columns by position still work.
     columns = _typed(
-        "client_id", "database", "user", "application_name", "addr", "port:int", "tls",
-        "state", "wait", "transaction_count:int", "query_count:int", "error_count:int",
-        "age_seconds:int",
+        "client_id", "database", "user", "application_name", "addr", "tls", "state",
+        "wait", "transaction_count:int", "query_count:int", "error_count:int",
+        "age_seconds:int", "port:int",
     )  # fmt: skip
     return columns, list(snap["clients"])
 
@@ -336,15 +338,27 @@ def _by_database(rows: list[dict[str, Any]], names: tuple[str, ...]) -> Table:
     return columns, table
 
 
+# PgDoorman's column names and order, then this pooler's `waiting_users`.
 POOL_COORDINATOR_COLUMNS: Final = (
-    "max_db_connections", "current_connections", "reserve_pool_size", "reserve_in_use",
-    "waiting_users", "evictions", "reserve_opened",
-)  # fmt: skip
+    ("max_db_conn", "max_db_connections"),
+    ("current", "current_connections"),
+    ("reserve_size", "reserve_pool_size"),
+    ("reserve_used", "reserve_in_use"),
+    ("evictions", "evictions"),
+    ("reserve_acq", "reserve_opened"),
+    ("exhaustions", "exhaustions"),
+    ("waiting_users", "waiting_users"),
+)
 
 
 def pool_coordinator(snap: Snapshot) -> Table:
     """One row per database with max_db_connections: its servers against the limit."""
-    return _by_database(snap["coordinator"], POOL_COORDINATOR_COLUMNS)
+    columns = _typed("database", *(f"{column}:int" for column, _ in POOL_COORDINATOR_COLUMNS))
+    rows: Rows = [
+        [row["database"], *(row[key] for _, key in POOL_COORDINATOR_COLUMNS)]
+        for row in sorted(snap["coordinator"], key=lambda row: row["database"])
+    ]
+    return columns, rows
 
 
 def pool_scaling(snap: Snapshot) -> Table:
@@ -374,7 +388,7 @@ def connections(snap: Snapshot) -> Table:
 
 
 def lists(snap: Snapshot) -> Table:
-    states = [row[7] for row in snap["clients"]]
+    states = [row[6] for row in snap["clients"]]
     free_servers = sum(p["sv_idle"] for p in snap["pools"])
     all_servers = len(snap["servers"])
     items = [

@@ -64,9 +64,9 @@ def take(pooler: Pooler) -> Snapshot:
             wait = "read"
         client_rows.append(
             [
-                c.name, c.database, c.user, c.application_name, c.address or "unix", c.port,
+                c.name, c.database, c.user, c.application_name, c.address or "unix",
                 "true" if c.tls else "false", state, wait, c.transactions, c.queries, c.errors,
-                int(now - c.connected_at),
+                int(now - c.connected_at), c.port,
             ]
         )  # fmt: skip
     server_rows = []
@@ -143,6 +143,7 @@ def take(pooler: Pooler) -> Snapshot:
                 "waiting_users": len(budget.starving),
                 "evictions": budget.evictions,
                 "reserve_opened": budget.reserve_opened,
+                "exhaustions": budget.exhaustions,
             }
             for name, budget in pooler.budgets.items()
         ],

@@ -876,6 +876,8 @@ class DatabaseBudget:
         self.starving: list[Pool] = []
         self.evictions = 0
         self.reserve_opened = 0
+        # Times a server could not open for the limit and the reserve (clients wait).
+        self.exhaustions = 0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._quiet = False
@@ -921,6 +923,7 @@ class DatabaseBudget:
             self.reserve_opened += 1
             self.count += 1
             return True
+        self.exhaustions += 1
         self._starve(pool, now)
         return False
 

@@ -28,10 +28,10 @@ from pg_doorman.stats.counters import ERROR_CLASSES, PERCENTILES, cumulative_of,
 
 POOL_LABELS = ["user", "database"]
 _LOG_LEVELS = {
-    logging.DEBUG: 4,
-    logging.INFO: 3,
-    logging.WARNING: 2,
-    logging.ERROR: 1,
+    logging.DEBUG: "debug",
+    logging.INFO: "info",
+    logging.WARNING: "warn",
+    logging.ERROR: "error",
 }
 
 
@@ -71,28 +71,38 @@ def _collect(snap: Snapshot) -> Iterable[Metric]:
         "Resident memory of the pooler's processes, bytes",
         snap["memory"],
     )
-    yield GaugeMetricFamily(
-        "pg_doorman_log_level",
-        "Log level: 0 off, 1 error, 2 warn, 3 info, 4 debug",
-        _LOG_LEVELS.get(snap["log_level"], 0),
+    log_level = GaugeMetricFamily(
+        "pg_doorman_log_level", "The log level, in the label `level` (always 1)", labels=["level"]
     )
-    yield GaugeMetricFamily(
-        "pg_doorman_users_configured", "Configured (database, user) pools", len(snap["pools"])
+    log_level.add_metric([_LOG_LEVELS.get(snap["log_level"], "off")], 1)
+    yield log_level
+    users = GaugeMetricFamily(
+        "pg_doorman_users_configured",
+        "One series per (user, database) pool, always 1",
+        labels=[*POOL_LABELS, "pool_mode"],
     )
+    for p in snap["pools"]:
+        users.add_metric([p["user"], p["database"], p["pool_mode"]], 1)
+    yield users
     yield GaugeMetricFamily(
         "pg_doorman_workers", "Worker processes serving clients", snap["workers"]
     )
     connections = CounterMetricFamily(
         "pg_doorman_connections_total", "Client sockets accepted, by type", labels=["type"]
     )
-    connections.add_metric(["total"], snap["accepted"])
-    connections.add_metric(["plain"], snap["plain"])
-    connections.add_metric(["tls"], snap["tls"])
-    connections.add_metric(["cancel"], snap["cancel_requests"])
-    yield connections
-    yield GaugeMetricFamily(
-        "pg_doorman_connection_count", "Client connections open now", snap["connections"]
+    # PgDoorman's older name for the same numbers, a gauge.
+    connection_count = GaugeMetricFamily(
+        "pg_doorman_connection_count",
+        "Client sockets accepted, by type (deprecated: pg_doorman_connections_total)",
+        labels=["type"],
     )
+    for kind, key in (
+        ("total", "accepted"), ("plain", "plain"), ("tls", "tls"), ("cancel", "cancel_requests"),
+    ):  # fmt: skip
+        connections.add_metric([kind], snap[key])
+        connection_count.add_metric([kind], snap[key])
+    yield connections
+    yield connection_count
     per_worker = GaugeMetricFamily(
         "pg_doorman_worker_connection_count",
         "Client connections open now, by worker process",
@@ -110,42 +120,49 @@ def _collect(snap: Snapshot) -> Iterable[Metric]:
     )
 
 
+# PgDoorman's `type` labels of the coordinator's gauge and counter, by snapshot key.
+COORDINATOR_GAUGES: Final = {
+    "connections": "current_connections",
+    "reserve_in_use": "reserve_in_use",
+    "max_connections": "max_db_connections",
+    "reserve_pool_size": "reserve_pool_size",
+}
+COORDINATOR_COUNTERS: Final = {
+    "evictions": "evictions",
+    "reserve_acquisitions": "reserve_opened",
+    "exhaustions": "exhaustions",
+}
+
+
 def _coordinator_metrics(rows: list[dict[str, Any]]) -> Iterable[Metric]:
-    """Per database with max_db_connections."""
-    labels = ["database"]
-    limit = GaugeMetricFamily(
-        "pg_doorman_pool_coordinator_max_connections",
-        "max_db_connections: servers all users of the database may hold",
+    """Per database with max_db_connections, as PgDoorman exports them."""
+    labels = ["type", "database"]
+    state = GaugeMetricFamily(
+        "pg_doorman_pool_coordinator",
+        "max_db_connections by type: connections (servers of the database now, opening "
+        "ones included), reserve_in_use, max_connections, reserve_pool_size",
         labels=labels,
     )
-    current = GaugeMetricFamily(
-        "pg_doorman_pool_coordinator_connections",
-        "Servers all users of the database hold now, opening ones included",
+    totals = CounterMetricFamily(
+        "pg_doorman_pool_coordinator_total",
+        "max_db_connections events by type: evictions (idle servers closed for another "
+        "user), reserve_acquisitions (servers opened from the reserve), exhaustions "
+        "(servers that could not open: clients wait)",
         labels=labels,
     )
     waiting = GaugeMetricFamily(
         "pg_doorman_pool_coordinator_waiting_users",
         "Users of the database whose clients wait for room under max_db_connections",
-        labels=labels,
-    )
-    evictions = CounterMetricFamily(
-        "pg_doorman_pool_coordinator_evictions",
-        "Idle servers closed for another user's waiting clients",
-        labels=labels,
-    )
-    reserve = CounterMetricFamily(
-        "pg_doorman_pool_coordinator_reserve_opened",
-        "Servers opened over max_db_connections from reserve_pool_size",
-        labels=labels,
+        labels=["database"],
     )
     for row in rows:
-        db = [row["database"]]
-        limit.add_metric(db, row["max_db_connections"])
-        current.add_metric(db, row["current_connections"])
-        waiting.add_metric(db, row["waiting_users"])
-        evictions.add_metric(db, row["evictions"])
-        reserve.add_metric(db, row["reserve_opened"])
-    yield from (limit, current, waiting, evictions, reserve)
+        db = row["database"]
+        for kind, key in COORDINATOR_GAUGES.items():
+            state.add_metric([kind, db], row[key])
+        for kind, key in COORDINATOR_COUNTERS.items():
+            totals.add_metric([kind, db], row[key])
+        waiting.add_metric([db], row["waiting_users"])
+    yield from (state, totals, waiting)
 
 
 def _fallback_metrics(rows: list[dict[str, Any]]) -> Iterable[Metric]:
@@ -267,8 +284,21 @@ def _auth_query_metrics(rows: list[dict[str, Any]]) -> Iterable[Metric]:
         "Pools of looked-up users created and closed",
         labels=[*labels, "event"],
     )
+    # PgDoorman's gauges of the same numbers, one family each, by `type` (or `result`).
+    gauges = {
+        name: GaugeMetricFamily(
+            f"pg_doorman_auth_query_{name}",
+            f"auth_query {name.replace('_', ' ')} by {label}",
+            labels=[label, "database"],
+        )
+        for name, label in (
+            ("cache", "type"), ("auth", "result"), ("executor", "type"), ("dynamic_pools", "type"),
+        )
+    }  # fmt: skip
     for row in rows:
         db = row["database"]
+        for family, kind, key in AUTH_QUERY_GAUGES:
+            gauges[family].add_metric([kind, db], row[key])
         entries.add_metric([db], row["cache_entries"])
         for result, key in (
             ("hit", "cache_hits"),
@@ -284,7 +314,24 @@ def _auth_query_metrics(rows: list[dict[str, Any]]) -> Iterable[Metric]:
         pools_now.add_metric([db], row["dynamic_pools_current"])
         pools_total.add_metric([db, "created"], row["dynamic_pools_created"])
         pools_total.add_metric([db, "destroyed"], row["dynamic_pools_destroyed"])
-    yield from (entries, cache, auth, executor, pools_now, pools_total)
+    yield from (entries, cache, auth, executor, pools_now, pools_total, *gauges.values())
+
+
+# (family, PgDoorman's label value, snapshot key) of the auth_query gauges.
+AUTH_QUERY_GAUGES: Final = (
+    ("cache", "entries", "cache_entries"),
+    ("cache", "hits", "cache_hits"),
+    ("cache", "misses", "cache_misses"),
+    ("cache", "refetches", "cache_refetches"),
+    ("cache", "rate_limited", "cache_rate_limited"),
+    ("auth", "success", "auth_success"),
+    ("auth", "failure", "auth_failure"),
+    ("executor", "queries", "executor_queries"),
+    ("executor", "errors", "executor_errors"),
+    ("dynamic_pools", "current", "dynamic_pools_current"),
+    ("dynamic_pools", "created", "dynamic_pools_created"),
+    ("dynamic_pools", "destroyed", "dynamic_pools_destroyed"),
+)
 
 
 # SHOW POOL_SCALING columns and PgDoorman's `type` labels for them.
@@ -335,12 +382,12 @@ def _pool_metrics(pools: list[PoolData]) -> Iterable[Metric]:
     percentiles = {
         "query": gauge(
             "pg_doorman_pools_queries_percentile",
-            "Query duration percentile over the recent stats periods, µs",
+            "Query duration percentile over the recent stats periods, ms",
             ["percentile"],
         ),
         "transaction": gauge(
             "pg_doorman_pools_transactions_percentile",
-            "Transaction duration percentile over the recent stats periods, µs",
+            "Transaction duration percentile over the recent stats periods, ms",
             ["percentile"],
         ),
     }
@@ -351,25 +398,51 @@ def _pool_metrics(pools: list[PoolData]) -> Iterable[Metric]:
     client_entries = gauge(
         "pg_doorman_clients_prepared_cache_entries", "Statements prepared by connected clients"
     )
+    client_bytes = gauge(
+        "pg_doorman_clients_prepared_cache_bytes", "Bytes of the statements clients prepared"
+    )
+    client_named = gauge(
+        "pg_doorman_clients_prepared_named_entries", "Named statements of connected clients"
+    )
+    client_anonymous = gauge(
+        "pg_doorman_clients_prepared_anonymous_entries",
+        "Connected clients holding an unnamed statement",
+    )
+    # PgDoorman's async (Flush-only) clients and their unnamed statement LRU: no such
+    # thing here, exported at 0 so dashboards find the series.
+    async_clients = gauge("pg_doorman_async_clients_count", "Async clients (always 0)")
+    anonymous_evictions = counter(
+        "pg_doorman_clients_prepared_anonymous_evictions_total",
+        "Unnamed statements evicted from client caches (always 0)",
+    )
     hits = counter("pg_doorman_servers_prepared_hits_total", "Statement uses a server had prepared")
     misses = counter(
         "pg_doorman_servers_prepared_misses_total", "Statements (re)prepared on a server"
     )
-    tls_servers = gauge("pg_doorman_server_tls_connections", "Server connections using TLS")
+    # Labelled by `pool` (the database's name) alone, as in PgDoorman.
+    tls_servers = GaugeMetricFamily(
+        "pg_doorman_server_tls_connections", "Server connections using TLS", labels=["pool"]
+    )
     tls_handshakes = SummaryMetricFamily(
         "pg_doorman_server_tls_handshake_duration_seconds",
         "TLS handshakes completed with servers",
-        labels=POOL_LABELS,
+        labels=["pool"],
     )
-    tls_errors = counter(
-        "pg_doorman_server_tls_handshake_errors_total", "TLS handshakes with servers that failed"
+    tls_errors = CounterMetricFamily(
+        "pg_doorman_server_tls_handshake_errors",
+        "TLS handshakes with servers that failed",
+        labels=["pool"],
     )
-    # PgDoorman's counter; its gauge shares the base name, which the exposition format
-    # does not allow: here it is pg_doorman_pool_scaling_inflight_creates.
+    # [servers using TLS, handshakes, failed handshakes] and handshake seconds, by pool.
+    tls_counts: dict[str, list[int]] = {}
+    tls_seconds: dict[str, float] = {}
+    # PgDoorman's gauge (`type="inflight_creates"`) and counter (`..._total`).
     scaling = counter(
         "pg_doorman_pool_scaling", "How the pool opened servers under pressure, by type", ["type"]
     )
-    inflight = gauge("pg_doorman_pool_scaling_inflight_creates", "Servers being opened now")
+    inflight = gauge(
+        "pg_doorman_pool_scaling", "Servers being opened now (type inflight_creates)", ["type"]
+    )
     listen_clients = gauge(
         "pg_doorman_pools_listen_clients",
         "Clients listening through the pool's listening server (listen_fanout)",
@@ -414,16 +487,26 @@ def _pool_metrics(pools: list[PoolData]) -> Iterable[Metric]:
             h = p["histograms"][kind]
             for q in PERCENTILES:
                 seconds = quantile_of(h["counts"], q, h["base"])
-                percentile.add_metric([*labels, str(round(q * 100))], int(seconds * 1_000_000))
+                # Milliseconds, as in PgDoorman (SHOW POOLS_EXTENDED has µs).
+                percentile.add_metric([*labels, str(round(q * 100))], seconds * 1000)
         cache_entries.add_metric(labels, len(p["statements"]))
         cache_bytes.add_metric(labels, sum(row[5] for row in p["statements"]))
         client_entries.add_metric(labels, p["client_named"] + p["client_anonymous"])
+        client_bytes.add_metric(labels, p["client_prepared_bytes"])
+        client_named.add_metric(labels, p["client_named"])
+        client_anonymous.add_metric(labels, p["client_anonymous"])
+        async_clients.add_metric(labels, 0)
+        anonymous_evictions.add_metric(labels, 0)
         hits.add_metric(labels, p["hits"])
         misses.add_metric(labels, p["misses"])
-        tls_servers.add_metric(labels, p["tls_servers"])
-        tls_handshakes.add_metric(labels, p["tls_handshakes"], p["tls_handshake_seconds"])
-        tls_errors.add_metric(labels, p["tls_handshake_errors"])
-        inflight.add_metric(labels, p["sv_login"])
+        tls = tls_counts.setdefault(p["database"], [0, 0, 0])
+        tls[0] += p["tls_servers"]
+        tls[1] += p["tls_handshakes"]
+        tls[2] += p["tls_handshake_errors"]
+        tls_seconds[p["database"]] = (
+            tls_seconds.get(p["database"], 0.0) + p["tls_handshake_seconds"]
+        )
+        inflight.add_metric([*labels, "inflight_creates"], p["sv_login"])
         for key, kind in SCALING_TYPES.items():
             scaling.add_metric([*labels, kind], p[key])
         listen_clients.add_metric(labels, p["listen_clients"])
@@ -432,9 +515,15 @@ def _pool_metrics(pools: list[PoolData]) -> Iterable[Metric]:
         slow.add_metric(labels, p["slow_requests"])
         pinned.add_metric([*labels, "listen"], p["pinned_listen"])
         pinned.add_metric([*labels, "advisory_lock"], p["pinned_locks"])
+    for database, (servers_now, handshakes, failed) in tls_counts.items():
+        tls_servers.add_metric([database], servers_now)
+        tls_handshakes.add_metric([database], handshakes, tls_seconds[database])
+        tls_errors.add_metric([database], failed)
     yield from (
         clients, servers, pool_size, paused, maxwait, oldest, bytes_total, errors, queries,
         transactions, *durations.values(), *percentiles.values(), cache_entries, cache_bytes,
-        client_entries, hits, misses, tls_servers, tls_handshakes, tls_errors, scaling, inflight,
+        client_entries, client_bytes, client_named, client_anonymous, async_clients,
+        anonymous_evictions, hits, misses, tls_servers, tls_handshakes, tls_errors, scaling,
+        inflight,
         listen_clients, listen_channels, notifications, slow, pinned,
     )  # fmt: skip
