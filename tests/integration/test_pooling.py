@@ -9,11 +9,13 @@ import time
 
 import asyncpg
 import psycopg
+import psycopg2
 import pytest
 
 from helpers import EXAMPLE_DB, ExamplePostgres
 from helpers import pgwire as w
 from helpers.console import admin_console, pool_row
+from helpers.listen import md5_user_pool
 from helpers.pooler import PoolerFactory, PoolerProcess, pooler_hba
 
 
@@ -665,3 +667,34 @@ def test_max_connections(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
         with pytest.raises(psycopg.OperationalError) as info:
             psycopg.connect(dsn)
         assert "too many clients" in str(info.value)
+
+
+@pytest.mark.parametrize("mode", ["transaction", "session"])
+def test_large_objects_through_libpq_function_calls(
+    pg: ExamplePostgres, pooler: PoolerFactory, mode: str
+) -> None:
+    """psycopg2's large objects go through libpq's lo_* functions, which send
+    FunctionCall messages (the `F` message no other driver here uses)."""
+    proc = pooler(pools=md5_user_pool(pg, 2, pool_mode=mode))
+    user = pg.md5_user
+    data = bytes(range(256)) * 4000
+    conn = psycopg2.connect(proc.dsn(user.name, user.password))
+    try:
+        written = conn.lobject(0, "wb")
+        written.write(data)
+        oid = written.oid
+        written.close()
+        conn.commit()
+        read = conn.lobject(oid, "rb")
+        assert read.read() == data
+        read.seek(1000)
+        assert read.read(10) == data[1000:1010]
+        read.close()
+        conn.rollback()
+        conn.lobject(oid).unlink()
+        conn.commit()
+        with conn.cursor() as cur:
+            cur.execute("select count(*) from pg_largeobject_metadata where oid = %s", (oid,))
+            assert cur.fetchone() == (0,)
+    finally:
+        conn.close()
