@@ -434,5 +434,8 @@ async def serve(
     if channel is not None:
         pooler.emigrate_to(channel)
     await pooler.shutdown()
+    if upgrade is None or upgrade.successor is None:
+        for socket_file in pooler.socket_files:
+            socket_file.remove()
     logger.info("pg_doorman stopped")
     return 0

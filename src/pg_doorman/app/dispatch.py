@@ -26,6 +26,7 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, TypeVar, cast
 
+from pg_doorman.app.socket_file import bind_unix_listener
 from pg_doorman.config.schema import GeneralConfig
 from pg_doorman.net.session_state import MAX_STATE
 from pg_doorman.net.sockopts import apply_socket_options
@@ -111,10 +112,15 @@ def bind_listeners(general: GeneralConfig) -> list[socket.socket]:
     host = general.host or None
     listeners: list[socket.socket] = []
     try:
-        seen = set()
-        for family, kind, proto, _, address in socket.getaddrinfo(
+        found = socket.getaddrinfo(
             host, general.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        ):
+        )
+        # IPv6 only where IPv4 has its own socket (no host: both wildcards); otherwise
+        # the system's default, as PgDoorman: "::" also takes IPv4 clients unless
+        # net.ipv6.bindv6only is set.
+        has_ipv4 = any(family == socket.AF_INET for family, *_ in found)
+        seen = set()
+        for family, kind, proto, _, address in found:
             if (family, address) in seen:
                 continue
             seen.add((family, address))
@@ -124,7 +130,7 @@ def bind_listeners(general: GeneralConfig) -> list[socket.socket]:
             # As PgDoorman: a second instance can bind the port while this one drains.
             if hasattr(socket, "SO_REUSEPORT"):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
+            if family == socket.AF_INET6 and has_ipv4:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
                 sock.bind(address)
@@ -139,10 +145,7 @@ def bind_listeners(general: GeneralConfig) -> list[socket.socket]:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             listeners.append(sock)
             try:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)  # left behind by a pooler that did not exit cleanly
-                sock.bind(path)
-                os.chmod(path, general.unix_socket_mode_bits)
+                bind_unix_listener(sock, path, general.unix_socket_mode_bits)
             except OSError as exc:
                 # Too long a path has no errno, only a message.
                 reason = exc.strerror or str(exc)

@@ -42,6 +42,7 @@ from pg_doorman.app.migration import (
     unpack_arrival,
     wait_for_receipt,
 )
+from pg_doorman.app.socket_file import SocketFile, socket_files
 from pg_doorman.app.upgrade import listeners_for
 from pg_doorman.auth import pam
 from pg_doorman.auth.auth_query import AuthQueryError
@@ -201,6 +202,12 @@ def pool_settings(
         server_user=user.server_username or user.username,
         application_name=pool.application_name or "pg_doorman",
         startup_parameters={**general.startup_parameters, **pool.startup_parameters},
+        tcp_keepalive=(
+            general.tcp_keepalives_idle,
+            general.tcp_keepalives_interval,
+            general.tcp_keepalives_count,
+        ),
+        tcp_socket_buffer_size=general.tcp_socket_buffer_size,
         unix_socket_buffer_size=general.unix_socket_buffer_size,
         prepared_statements=general.prepared_statements and mode == "transaction",
         statements_cache_size=max(config.pool_setting(pool, "prepared_statements_cache_size"), 1),
@@ -416,6 +423,8 @@ class Pooler:
         self._servers: list[asyncio.Server] = []
         # The listening sockets themselves: an upgrade hands them to a new process.
         self.listeners: list[socket.socket] = []
+        # The Unix socket file of those, removed at exit unless an upgrade took it over.
+        self.socket_files: list[SocketFile] = []
         # Whether each accepted client socket needs its options set (see _tune_listeners).
         self.tune_each_client = True
         # With workers: the supervisor accepts and sends connections here.
@@ -1443,6 +1452,7 @@ class Pooler:
         # The same listening sockets the supervisor binds with workers; the TCP ones
         # already carry the client socket options.
         self.listeners = listeners_for(general)
+        self.socket_files = socket_files(self.listeners)
         for sock in self.listeners:
             if sock.family == socket.AF_UNIX:
                 server = await _unix_server(self.loop, unix_factory, sock, backlog)

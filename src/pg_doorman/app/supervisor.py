@@ -34,6 +34,7 @@ from pg_doorman.app.cluster import (
 )
 from pg_doorman.app.dispatch import Dispatcher, LoadBoard, channel_pair
 from pg_doorman.app.migration import Immigration, refuse_moved
+from pg_doorman.app.socket_file import socket_files
 from pg_doorman.app.upgrade import (
     Upgrade,
     announce_ready,
@@ -100,6 +101,8 @@ class Supervisor:
         try:
             listeners = listeners_for(self.config.general)
             self._listeners = listeners
+            # Removed at exit unless an upgrade's new process took the listeners over.
+            files = socket_files(listeners)
             board = LoadBoard(os.path.join(self.rundir, "load"), self.count, create=True)
             # Every worker starts from this reading of the file, a restarted one too
             # (the workers replace it with each reload they apply).
@@ -146,6 +149,9 @@ class Supervisor:
                 watcher.cancel()
             if web is not None:
                 web.close()
+            if self.upgrade is None or self.upgrade.successor is None:
+                for socket_file in files:
+                    socket_file.remove()
             return 0
         except OSError as exc:
             if exc.strerror and exc.strerror.startswith("cannot listen"):

@@ -23,7 +23,7 @@ from pg_doorman.net.client import PIN_LISTEN, PIN_LOCKS
 from pg_doorman.net.inbox import AwaitableInbox
 from pg_doorman.net.server_tls import ServerTls, TlsHandshakeFailed, TlsRefused, connect_tls
 from pg_doorman.net.slow_queries import log_slow_query
-from pg_doorman.net.sockopts import set_buffer_sizes
+from pg_doorman.net.sockopts import apply_server_socket_options, set_buffer_sizes
 from pg_doorman.net.writer import SocketWriter
 from pg_doorman.pool.pool import AcquireError, ConnectTimeout, LoginRefused, Pool
 from pg_doorman.prepared.registry import ServerStatements
@@ -219,8 +219,10 @@ class ServerConnection(asyncio.Protocol):
         self.writer = SocketWriter(self.transport)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            settings = self.pool.settings
+            apply_server_socket_options(
+                sock, settings.tcp_keepalive, settings.tcp_socket_buffer_size
+            )
         elif sock is not None and self.pool.settings.unix_socket_buffer_size:
             set_buffer_sizes(sock, self.pool.settings.unix_socket_buffer_size)
         self.peer = transport.get_extra_info("peername") or ""

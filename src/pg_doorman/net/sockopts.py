@@ -1,5 +1,5 @@
-"""The [general] tcp_* options of client connections, and the buffer sizes of
-Unix-socket connections (unix_socket_buffer_size).
+"""The [general] tcp_* options of client and server connections, and the buffer sizes
+of Unix-socket connections (unix_socket_buffer_size).
 
 Linux copies a listening socket's options to every connection it accepts, so setting
 them once on the listener saves several setsockopt calls per connection.
@@ -43,6 +43,24 @@ def apply_socket_options(sock: socket.socket, general: GeneralConfig) -> None:
         if general.tcp_socket_buffer_size:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, general.tcp_socket_buffer_size)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, general.tcp_socket_buffer_size)
+
+
+def apply_server_socket_options(
+    sock: socket.socket, keepalive: tuple[int, int, int], buffer_size: int
+) -> None:
+    """A TCP connection to PostgreSQL: TCP_NODELAY, keepalive with the [general]
+    tcp_keepalives_idle/_interval/_count (seconds), and tcp_socket_buffer_size (0: the
+    kernel's autotuning). As PgDoorman: no linger and no user timeout here."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            idle, interval, count = keepalive
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+        if buffer_size:
+            set_buffer_sizes(sock, buffer_size)
 
 
 def options_key(general: GeneralConfig) -> tuple[object, ...]:

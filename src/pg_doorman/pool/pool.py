@@ -98,6 +98,10 @@ class PoolSettings:
     server_user: str = ""
     application_name: str = "pg_doorman"
     startup_parameters: dict[str, str] = field(default_factory=dict)
+    # TCP keepalive of servers reached over TCP: idle, interval (seconds), probes.
+    tcp_keepalive: tuple[int, int, int] = (5, 5, 5)
+    # SO_SNDBUF/SO_RCVBUF of servers reached over TCP (0: the kernel's autotuning).
+    tcp_socket_buffer_size: int = 0
     # SO_SNDBUF/SO_RCVBUF of servers reached over a Unix socket (0: the kernel's).
     unix_socket_buffer_size: int = 0
     # Protocol-level prepared statements shared across clients (transaction mode).
