@@ -364,19 +364,23 @@ async def serve(
     # Handlers first: a signal sent as soon as the port accepts (a reload right after a
     # readiness probe, say) must not find the default action, which kills the process.
     stop = asyncio.Event()
+    # Set with stop: running transactions are not waited for (SIGQUIT, or a second
+    # SIGINT/SIGTERM, as in PgBouncer).
+    immediate = asyncio.Event()
     signals = 0
 
     def on_signal(signum: int) -> None:
         nonlocal signals
         signals += 1
-        if signals == 1:
-            logger.info("received %s: shutting down gracefully", signal.Signals(signum).name)
-            stop.set()
-        else:
-            logger.warning("received %s again: exiting now", signal.Signals(signum).name)
-            raise SystemExit(1)
+        name = signal.Signals(signum).name
+        if signum != signal.SIGQUIT and signals == 1:
+            logger.info("received %s: shutting down gracefully", name)
+        elif not immediate.is_set():
+            logger.warning("received %s: shutting down now, transactions are cut", name)
+            immediate.set()
+        stop.set()
 
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
         loop.add_signal_handler(signum, on_signal, signum)
     if worker is not None:
         # A terminal's Ctrl-C reaches every process of the group; the supervisor
@@ -385,6 +389,9 @@ async def serve(
         pooler.track(loop.create_task(_exit_with_parent(stop, supervisor_pid)))
 
     def on_reload() -> None:
+        if stop.is_set():
+            logger.info("SIGHUP ignored: the pooler is shutting down")
+            return
         if worker is not None:
             # The supervisor reloads every worker with one reading of the file; a
             # worker reading it on its own could see another version of it.
@@ -433,9 +440,9 @@ async def serve(
     channel = None if upgrade is None else upgrade.take_channel()
     if channel is not None:
         pooler.emigrate_to(channel)
-    await pooler.shutdown()
+    await pooler.shutdown(immediate=immediate)
     if upgrade is None or upgrade.successor is None:
         for socket_file in pooler.socket_files:
             socket_file.remove()
     logger.info("pg_doorman stopped")
-    return 0
+    return 1 if immediate.is_set() else 0

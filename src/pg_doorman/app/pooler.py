@@ -1577,9 +1577,12 @@ class Pooler:
         if client.transport is None:
             self._moved_client_closed()
 
-    async def shutdown(self, timeout: float | None = None) -> None:
+    async def shutdown(
+        self, timeout: float | None = None, *, immediate: asyncio.Event | None = None
+    ) -> None:
         """Stop accepting, let transactions finish, then close everything. During an
-        upgrade, clients that can move to the new process go there instead."""
+        upgrade, clients that can move to the new process go there instead. Once
+        `immediate` is set, running transactions are no longer waited for."""
         if timeout is None:
             timeout = self.config.general.shutdown_timeout / 1000.0
         self.shutting_down = True
@@ -1601,11 +1604,14 @@ class Pooler:
             between = client.server is None or client.pinned_between_transactions(session_too=True)
             if between and (emigration is None or not emigration.take(client)):
                 client.fail(sqlstate.ADMIN_SHUTDOWN, "pooler is shutting down")
-        if self.clients:
+        if self.clients and (immediate is None or not immediate.is_set()):
             logger.info("waiting up to %.0fs for %d clients to finish", timeout, len(self.clients))
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await self._drained.wait()
+            waits = [asyncio.ensure_future(self._drained.wait())]
+            if immediate is not None:
+                waits.append(asyncio.ensure_future(immediate.wait()))
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            for wait in waits:
+                wait.cancel()
         if emigration is not None:
             emigration.close()
             await emigration.delivered()
@@ -1623,6 +1629,9 @@ class Pooler:
         for hub in list(self.listen_hubs.values()):
             hub.close("pooler is shutting down")
         for pool in self.pools:
+            # Servers still in a transaction (timeout, immediate stop) get a Terminate
+            # now, as idle ones do: PostgreSQL rolls back rather than seeing a reset.
+            pool.close_all("pooler is shutting down")
             pool.close("pooler is shutting down")
         for users in self.auth_queries.values():
             users.close("pooler is shutting down", retire=False)

@@ -1,7 +1,8 @@
 """Several worker processes behind one port (`general.workers` > 1).
 
 The supervisor starts the workers, restarts one that dies, reloads them all on SIGHUP
-(the file read once, here: app.cluster) and stops them all on SIGINT/SIGTERM. It owns
+(the file read once, here: app.cluster) and stops them all on SIGINT/SIGTERM (a
+second one, or SIGQUIT, stops them at once: the workers get SIGQUIT). It owns
 the listening sockets and hands each accepted connection to the least-loaded worker
 (app.dispatch). Pool budgets are split between workers (cluster.share), and the admin
 console and /metrics, which the supervisor serves, cover all of them.
@@ -79,6 +80,9 @@ class Supervisor:
         # The supervisor's end of each worker's dispatch channel, until that worker serves.
         self._channels: list[socket.socket | None] = [None] * self.count
         self._stop = asyncio.Event()
+        self._stop_signals = 0
+        # The workers are stopped without waiting for transactions (SIGQUIT to them).
+        self._immediate = False
         self._listeners: list[socket.socket] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._reloading = asyncio.Lock()
@@ -94,8 +98,8 @@ class Supervisor:
     async def serve(self) -> int:
         loop = asyncio.get_running_loop()
         # First: a stop asked for while the workers start is carried out once they run.
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, self._stop.set)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT):
+            loop.add_signal_handler(signum, self._on_stop_signal, signum)
         loop.add_signal_handler(signal.SIGHUP, self._on_reload)
         loop.add_signal_handler(signal.SIGUSR2, self._on_upgrade)
         try:
@@ -152,7 +156,7 @@ class Supervisor:
             if self.upgrade is None or self.upgrade.successor is None:
                 for socket_file in files:
                     socket_file.remove()
-            return 0
+            return 1 if self._immediate else 0
         except OSError as exc:
             if exc.strerror and exc.strerror.startswith("cannot listen"):
                 logger.error("%s", exc.strerror)
@@ -173,7 +177,22 @@ class Supervisor:
                     channel.close()
             shutil.rmtree(self.rundir, ignore_errors=True)
 
+    def _on_stop_signal(self, signum: int) -> None:
+        self._stop_signals += 1
+        name = signal.Signals(signum).name
+        if signum != signal.SIGQUIT and self._stop_signals == 1:
+            logger.info("received %s: stopping the workers gracefully", name)
+        elif not self._immediate:
+            logger.warning("received %s: stopping the workers now, transactions are cut", name)
+            self._immediate = True
+            if self.stopping:  # they were told to stop gracefully: now at once
+                self._forward(signal.SIGQUIT)
+        self._stop.set()
+
     def _on_reload(self) -> None:
+        if self._stop.is_set():
+            logger.info("SIGHUP ignored: the pooler is shutting down")
+            return
         task = asyncio.get_running_loop().create_task(self._reload())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -387,8 +406,9 @@ class Supervisor:
             return self.config
 
     async def _stop_workers(self) -> None:
-        """SIGTERM (graceful: transactions finish), then SIGKILL after the timeout."""
-        self._forward(signal.SIGTERM)
+        """SIGTERM (graceful: transactions finish) or SIGQUIT (at once), then SIGKILL
+        after the timeout."""
+        self._forward(signal.SIGQUIT if self._immediate else signal.SIGTERM)
         timeout = self._running_config().general.shutdown_timeout / 1000.0 + 5.0
         running = [w for w in self.workers if w is not None and w.returncode is None]
         if not running:
