@@ -152,7 +152,8 @@ class PoolerProcess:
 
     @property
     def host(self) -> str:
-        return str(self.config["general"].get("host", "127.0.0.1"))
+        """The address to reach the pooler at (an IPv6 one without its brackets)."""
+        return str(self.config["general"].get("host", "127.0.0.1")).strip("[]")
 
     @property
     def port(self) -> int:

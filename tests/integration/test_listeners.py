@@ -13,6 +13,7 @@ import stat
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from test_upgrade import successors, upgrade  # noqa: F401 (successors: a fixtur
 from helpers import EXAMPLE_DB, ExamplePostgres
 from helpers.pooler import PoolerFactory, PoolerProcess
 from helpers.processes import process_alive
+from pg_doorman.app.embedded_pg import free_port
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux sockets")
 
@@ -140,6 +142,25 @@ def test_host_ipv6_wildcard_takes_ipv6_and_ipv4_clients(
         dsn = f"host={host} port={proc.port} dbname={EXAMPLE_DB} user={user.name}"
         with psycopg.connect(dsn, password=user.password, autocommit=True) as conn:
             assert conn.execute("select inet_client_addr() is not null").fetchone() == (True,)
+
+
+def test_bracketed_ipv6_host_and_a_dual_stack_web_listener(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """host = "[::1]" (an IPv6 address as URLs write it, which PgDoorman takes) listens
+    on ::1; the web listener binds as the pooler's do, so [web] host = "::" answers
+    IPv4 scrapes too unless the system sets net.ipv6.bindv6only."""
+    web_port = free_port()
+    proc = pooler(general={"host": "[::1]"}, web={"enabled": True, "host": "::", "port": web_port})
+    user = pg.md5_user
+    dsn = f"host=::1 port={proc.port} dbname={EXAMPLE_DB} user={user.name}"
+    with psycopg.connect(dsn, password=user.password, autocommit=True) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)
+    hosts = ["[::1]"] if _bindv6only() else ["[::1]", "127.0.0.1"]
+    for host in hosts:
+        url = f"http://{host}:{web_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert b"pg_doorman_pools_clients" in response.read()
 
 
 # ---- the Unix socket file -----------------------------------------------------------

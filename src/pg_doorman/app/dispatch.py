@@ -101,19 +101,15 @@ def channel_pair() -> tuple[socket.socket, socket.socket]:
     return ours, theirs
 
 
-def bind_listeners(general: GeneralConfig) -> list[socket.socket]:
-    """The pooler's listening sockets: TCP on host:port (every address the host
-    resolves to) and, with unix_socket_dir, the Unix socket. The TCP ones carry the
-    client socket options, which accepted connections inherit (Linux).
-
-    Every socket is bound before any listens, and TCP listens last: once the TCP port
-    accepts (what health checks and supervisors probe), the Unix socket does too."""
-    backlog = general.backlog or min(general.max_connections, 4096)
-    host = general.host or None
-    listeners: list[socket.socket] = []
+def bind_tcp(host: str | None, port: int) -> list[socket.socket]:
+    """Bound, non-blocking TCP sockets (not listening yet) on every address `host`
+    resolves to (None or "": every interface). An IPv6 address may be written in
+    brackets, as in a URL ("[::1]"). OSError names the address if one cannot bind."""
+    name = host[1:-1] if host and host.startswith("[") and host.endswith("]") else host
+    sockets: list[socket.socket] = []
     try:
         found = socket.getaddrinfo(
-            host, general.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            name or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
         # IPv6 only where IPv4 has its own socket (no host: both wildcards); otherwise
         # the system's default, as PgDoorman: "::" also takes IPv4 clients unless
@@ -125,7 +121,7 @@ def bind_listeners(general: GeneralConfig) -> list[socket.socket]:
                 continue
             seen.add((family, address))
             sock = socket.socket(family, kind, proto)
-            listeners.append(sock)
+            sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             # As PgDoorman: a second instance can bind the port while this one drains.
             if hasattr(socket, "SO_REUSEPORT"):
@@ -136,10 +132,29 @@ def bind_listeners(general: GeneralConfig) -> list[socket.socket]:
                 sock.bind(address)
             except OSError as exc:
                 raise OSError(
-                    exc.errno, f"cannot listen on {general.host}:{general.port}: {exc.strerror}"
+                    exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}"
                 ) from None
-            apply_socket_options(sock, general)
             sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def bind_listeners(general: GeneralConfig) -> list[socket.socket]:
+    """The pooler's listening sockets: TCP on host:port (every address the host
+    resolves to) and, with unix_socket_dir, the Unix socket. The TCP ones carry the
+    client socket options, which accepted connections inherit (Linux).
+
+    Every socket is bound before any listens, and TCP listens last: once the TCP port
+    accepts (what health checks and supervisors probe), the Unix socket does too."""
+    backlog = general.backlog or min(general.max_connections, 4096)
+    listeners: list[socket.socket] = []
+    try:
+        listeners += bind_tcp(general.host, general.port)
+        for sock in listeners:
+            apply_socket_options(sock, general)
         if general.unix_socket_dir:
             path = os.path.join(general.unix_socket_dir, f".s.PGSQL.{general.port}")
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

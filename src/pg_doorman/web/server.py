@@ -12,6 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from pg_doorman.admin.snapshot import Snapshot
+from pg_doorman.app.dispatch import bind_tcp
 from pg_doorman.web.metrics import render
 
 logger = logging.getLogger("pg_doorman.web")
@@ -33,23 +34,27 @@ class WebServer:
         self._healthy = healthy
         self.host = host
         self.port = port
-        self._server: asyncio.Server | None = None
+        self._servers: list[asyncio.Server] = []
         self.scrapes = 0
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(
-            self._serve,
-            self.host,
-            self.port,
-            reuse_address=True,
-            reuse_port=True,
-            limit=MAX_REQUEST_HEAD,
-        )
+        # Bound as the pooler's listeners are: "::" takes IPv4 too, "[::1]" is read.
+        sockets = bind_tcp(self.host, self.port)
+        try:
+            for sock in sockets:
+                self._servers.append(
+                    await asyncio.start_server(self._serve, sock=sock, limit=MAX_REQUEST_HEAD)
+                )
+        except BaseException:
+            self.close()
+            for sock in sockets:
+                sock.close()
+            raise
         logger.info("metrics on http://%s:%d/metrics", self.host, self.port)
 
     def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = b""
