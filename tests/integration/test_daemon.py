@@ -21,7 +21,7 @@ import pytest
 
 from helpers import ExamplePostgres
 from helpers.pooler import SRC_DIR, PoolerFactory, PoolerProcess
-from helpers.processes import process_alive
+from pg_doorman.app.embedded_pg import process_alive
 
 LAUNCH_TIMEOUT = 60.0
 SYSLOG_ENV = "PG_DOORMAN_SYSLOG_SOCKET"

@@ -15,8 +15,7 @@ from helpers import EXAMPLE_DB, ITEMS_ROWS, MD5_USER, SCRAM_USER, TRUST_USER, Ex
 from helpers import pgwire as pw
 from helpers.pgwire import PgWire, ServerError
 from helpers.pooler import PoolerFactory
-from helpers.processes import process_alive
-from pg_doorman.app.embedded_pg import PostgresNotAvailable, find_pg_bin
+from pg_doorman.app.embedded_pg import PostgresNotAvailable, find_pg_bin, process_alive
 
 ALL_USERS = [MD5_USER, SCRAM_USER, TRUST_USER]
 PASSWORD_USERS = [MD5_USER, SCRAM_USER]

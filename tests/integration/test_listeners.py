@@ -23,8 +23,7 @@ from test_upgrade import successors, upgrade  # noqa: F401 (successors: a fixtur
 
 from helpers import EXAMPLE_DB, ExamplePostgres
 from helpers.pooler import PoolerFactory, PoolerProcess
-from helpers.processes import process_alive
-from pg_doorman.app.embedded_pg import free_port
+from pg_doorman.app.embedded_pg import free_port, process_alive
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux sockets")
 

@@ -13,7 +13,7 @@ import pytest
 from helpers import EXAMPLE_DB, ExamplePostgres
 from helpers import pgwire as w
 from helpers.pooler import PoolerFactory, PoolerProcess
-from helpers.processes import process_alive
+from pg_doorman.app.embedded_pg import process_alive
 
 WORKERS = 2
 # PostgreSQL's log lines for a client that went away without a Terminate message.

@@ -28,7 +28,7 @@ from helpers import pgwire as w
 from helpers.cancel import cancel_midway
 from helpers.console import admin_console
 from helpers.pooler import PoolerFactory, PoolerProcess
-from helpers.processes import process_alive
+from pg_doorman.app.embedded_pg import process_alive
 
 SUCCESSOR = re.compile(r"upgrade: new process (\d+) serves")
 MOVED = re.compile(r"upgrade: (\d+) clients moved to the new process")

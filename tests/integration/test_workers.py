@@ -21,9 +21,8 @@ from helpers import pgwire as w
 from helpers.console import admin_console as admin
 from helpers.console import show_table as table
 from helpers.pooler import PoolerFactory, PoolerProcess
-from helpers.processes import process_alive
 from pg_doorman.app.dispatch import LoadBoard
-from pg_doorman.app.embedded_pg import free_port
+from pg_doorman.app.embedded_pg import free_port, process_alive
 
 WORKERS = 2
 CLIENTS = 24

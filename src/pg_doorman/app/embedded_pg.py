@@ -139,7 +139,7 @@ def _claim(port: int) -> bool:
                 owner = int(path.read_text(encoding="ascii"))
             except (OSError, ValueError):
                 return False  # being written right now
-            if owner == os.getpid() or _alive(owner):
+            if owner == os.getpid() or process_alive(owner):
                 return False
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()  # left behind by a process that is gone
@@ -344,7 +344,8 @@ def _children_of(pid: int) -> list[int]:
     return children
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Running: not gone, and not a zombie waiting for a parent that does not reap it."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
@@ -632,7 +633,7 @@ class LocalPostgres:
                     os.kill(child, signal.SIGKILL)
             proc.wait()
             deadline = time.monotonic() + 10
-            while any(_alive(c) for c in children) and time.monotonic() < deadline:
+            while any(process_alive(c) for c in children) and time.monotonic() < deadline:
                 time.sleep(0.01)
         self._proc = None
         _running.discard(self)
