@@ -86,10 +86,16 @@ def publish_running_config(rundir: str, config: Config) -> None:
     running values), for what starts or stops them later: a worker restarted after a
     crash starts from it rather than from the file, which may have changed since (or
     no longer load), and the supervisor waits its shutdown_timeout. Replaced whole."""
-    path = running_config_path(rundir)
+    _replace_whole(
+        running_config_path(rundir), pickle.dumps(config, protocol=pickle.HIGHEST_PROTOCOL)
+    )
+
+
+def _replace_whole(path: str, data: bytes) -> None:
+    """Write `path` so that a reader sees the old file or the new one, never half."""
     temporary = f"{path}.{os.getpid()}"
     with open(temporary, "wb") as file:
-        pickle.dump(config, file, protocol=pickle.HIGHEST_PROTOCOL)
+        file.write(data)
     os.replace(temporary, path)
 
 
@@ -100,11 +106,8 @@ def _pause_state_path(rundir: str) -> str:
 def publish_pause_state(rundir: str, paused_all: bool, databases: Iterable[str]) -> None:
     """What PAUSE and KILL hold until RESUME, for a worker restarted after a crash:
     it starts paused as the others are. Replaced whole."""
-    path = _pause_state_path(rundir)
-    temporary = f"{path}.{os.getpid()}"
-    with open(temporary, "w") as file:
-        json.dump({"all": paused_all, "databases": sorted(databases)}, file)
-    os.replace(temporary, path)
+    state = {"all": paused_all, "databases": sorted(databases)}
+    _replace_whole(_pause_state_path(rundir), json.dumps(state).encode())
 
 
 def read_pause_state(rundir: str) -> tuple[bool, set[str]]:

@@ -803,10 +803,7 @@ class Pooler:
     def kill(self, database: str | None) -> int:
         """Disconnect the clients and servers of these pools, which stay paused until
         RESUME (as in PgBouncer). Returns how many clients were disconnected."""
-        pools = self.pools_of(database)
-        self._hold(database)
-        for pool in pools:
-            pool.pause()
+        pools = self.pause(database)
         killed = 0
         # Clients of a pool a reload retired (a session that keeps its old pool)
         # belong to the database as well.
