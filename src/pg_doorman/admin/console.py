@@ -13,7 +13,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Final
 
 from pg_doorman import __version__
-from pg_doorman.admin.show import TEXT, Columns, Rows, ShowTables
+from pg_doorman.admin.show import TEXT, Columns, Rows, ShowTables, TableUnavailable
 from pg_doorman.app.logsetup import apply_log_filter
 from pg_doorman.protocol import codes, messages, sqlstate
 from pg_doorman.protocol.framing import MessageBuffer
@@ -192,8 +192,11 @@ class AdminConsole:
                 return result(*local(), "SHOW")
             from_snapshot = self._tables.from_snapshot.get(name)
             if from_snapshot is not None:
-                snapshot = await self.pooler.cluster_snapshot()
-                return result(*from_snapshot(snapshot), "SHOW")
+                snapshot = await self.pooler.cluster_snapshot(sockets=name == "sockets")
+                try:
+                    return result(*from_snapshot(snapshot), "SHOW")
+                except TableUnavailable as exc:
+                    raise AdminError(sqlstate.FEATURE_NOT_SUPPORTED, str(exc)) from None
         elif command == "set":
             return await self._set(statement)
         elif command in ("pause", "resume", "reconnect", "kill") and len(args) <= 1:

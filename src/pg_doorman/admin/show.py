@@ -26,6 +26,7 @@ from pg_doorman.config.loader import (
 from pg_doorman.config.schema import AuthQueryConfig, TalosConfig
 from pg_doorman.prepared.registry import NAMED, UNNAMED
 from pg_doorman.stats.counters import PERCENTILES, quantile_of, recent_count_of
+from pg_doorman.stats.sockets import COLUMNS as SOCKET_COLUMNS
 
 if TYPE_CHECKING:
     from pg_doorman.app.pooler import Pooler
@@ -89,13 +90,14 @@ class ShowTables:
             "pool_coordinator": pool_coordinator,
             "pool_scaling": pool_scaling,
             "startup_parameters": startup_parameters,
+            "sockets": sockets,
         }
 
     def help(self) -> Table:
         items = [
             "SHOW HELP|CONFIG|DATABASES|POOLS|POOLS_EXTENDED|POOLS_MEMORY|CLIENTS|SERVERS"
             "|STATS|CONNECTIONS|LISTS|USERS|VERSION|LOG_LEVEL|PREPARED_STATEMENTS|LATENCY"
-            "|AUTH_QUERY|POOL_COORDINATOR|POOL_SCALING|STARTUP_PARAMETERS",
+            "|AUTH_QUERY|POOL_COORDINATOR|POOL_SCALING|STARTUP_PARAMETERS|SOCKETS",
             "SHOW LISTS",
             "SHOW CONNECTIONS",
             "SHOW STATS",
@@ -376,6 +378,20 @@ def startup_parameters(snap: Snapshot) -> Table:
     columns = _typed("user", "database", "parameter", "value", "source", "state")
     rows: Rows = sorted(snap["startup_parameters"], key=lambda row: (row[1], row[0], row[2]))
     return columns, rows
+
+
+class TableUnavailable(Exception):
+    """A SHOW table this system cannot produce (the console answers with an error)."""
+
+
+def sockets(snap: Snapshot) -> Table:
+    """One row: the pooler's sockets by kind and state (with workers: every process's)."""
+    counts = snap["sockets"]
+    if counts is None:
+        raise TableUnavailable("SHOW SOCKETS needs /proc, which only Linux has")
+    return _typed(*(f"{name}:int" for name in SOCKET_COLUMNS)), [
+        [counts[name] for name in SOCKET_COLUMNS]
+    ]
 
 
 def connections(snap: Snapshot) -> Table:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from pg_doorman.net.client import PIN_LISTEN, PIN_LOCKS
 from pg_doorman.net.server import ServerConnection
+from pg_doorman.stats.sockets import SocketCounts, add_up
 
 if TYPE_CHECKING:
     from pg_doorman.app.auth_query_users import AuthQueryUsers
@@ -46,8 +47,9 @@ _RATES = ("xact_count", "query_count", "received", "sent", "errors")
 _HISTOGRAMS = ("query", "transaction", "wait")
 
 
-def take(pooler: Pooler) -> Snapshot:
-    """This process's state."""
+def take(pooler: Pooler, sockets: SocketCounts | None) -> Snapshot:
+    """This process's state; `sockets`: its sockets by kind and state (stats.sockets),
+    None where they cannot be counted."""
     now = time.monotonic()
     by_pool: dict[Pool, list[ClientConnection]] = {}
     client_rows = []
@@ -127,6 +129,7 @@ def take(pooler: Pooler) -> Snapshot:
             str(pooler.worker.index if pooler.worker is not None else 0): len(pooler.clients)
         },
         "login_clients": logging_in,
+        "sockets": sockets,
         "clients": client_rows,
         "servers": server_rows,
         "pools": pools,
@@ -354,6 +357,7 @@ def merge(snapshots: list[Snapshot]) -> Snapshot:
     ):  # fmt: skip
         out[key] = sum(s[key] for s in snapshots)
     out["log_level"] = min(s["log_level"] for s in snapshots)
+    out["sockets"] = add_up(s["sockets"] for s in snapshots)
     out["worker_connections"] = {
         index: count for s in snapshots for index, count in s["worker_connections"].items()
     }

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from pg_doorman.admin.snapshot import take as take_snapshot
 from pg_doorman.app.logsetup import apply_log_filter
 from pg_doorman.config import Config, ConfigError
+from pg_doorman.stats.sockets import counted as counted_sockets
 
 if TYPE_CHECKING:
     from pg_doorman.app.pooler import Pooler
@@ -238,7 +239,8 @@ async def run_control(pooler: Pooler, payload: dict[str, Any]) -> dict[str, Any]
         if op == "ping":
             return {}
         if op == "snapshot":
-            return take_snapshot(pooler)
+            sockets = await counted_sockets() if payload.get("sockets", True) else None
+            return take_snapshot(pooler, sockets)
         if op in ("cancel", "cancel_here"):
             search = op == "cancel"
             sending = pooler.cancel_here(int(payload["pid"]), int(payload["secret"]), search=search)

@@ -91,6 +91,8 @@ from pg_doorman.pool.pool import AcquireError, DatabaseBudget, Pool, PoolSetting
 from pg_doorman.protocol import messages, sqlstate
 from pg_doorman.protocol.startup import StartupError
 from pg_doorman.stats.counters import STATS_PERIOD
+from pg_doorman.stats.sockets import add_up
+from pg_doorman.stats.sockets import counted as counted_sockets
 
 if TYPE_CHECKING:
     from pg_doorman.web.server import WebServer
@@ -1005,12 +1007,19 @@ class Pooler:
         path = write_config_snapshot(self.cluster.info.rundir, config)
         return await self.everywhere({"op": "reload", "snapshot": path})
 
-    async def cluster_snapshot(self) -> Snapshot:
-        """The state of the whole pooler, every worker process included."""
-        local = take_snapshot(self)
+    async def cluster_snapshot(self, sockets: bool = True) -> Snapshot:
+        """The state of the whole pooler, every worker process included; its sockets
+        counted only with `sockets` (SHOW SOCKETS, /metrics): a /proc scan is not free."""
+        local = take_snapshot(self, await counted_sockets() if sockets else None)
         if self.cluster is None:
             return local
-        return merge([local, *await self.cluster.others({"op": "snapshot"})])
+        others = await self.cluster.others({"op": "snapshot", "sockets": sockets})
+        merged = merge([local, *others])
+        if sockets:
+            # The supervisor's (the listeners, /metrics) belong to the pooler too.
+            supervisor = await counted_sockets(os.getppid())
+            merged["sockets"] = add_up([merged["sockets"], supervisor])
+        return merged
 
     async def everywhere(
         self, payload: dict[str, Any], timeout: float | None = 10.0
@@ -1250,6 +1259,8 @@ class Pooler:
             for sock in server.sockets:
                 if sock.family in (socket.AF_INET, socket.AF_INET6):
                     apply_socket_options(sock, general)
+        if self.web is not None:
+            self.web.set_buffer_size(general.tcp_socket_buffer_size)
         self._set_client_tuning()
 
     def _set_client_tuning(self) -> None:
@@ -1395,7 +1406,11 @@ class Pooler:
             from pg_doorman.web.server import WebServer
 
             self.web = WebServer(
-                self.cluster_snapshot, lambda: not self.shutting_down, web.host, web.port
+                self.cluster_snapshot,
+                lambda: not self.shutting_down,
+                web.host,
+                web.port,
+                general.tcp_socket_buffer_size,
             )
             try:
                 await self.web.start()

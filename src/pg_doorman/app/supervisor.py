@@ -44,6 +44,8 @@ from pg_doorman.app.upgrade import (
 )
 from pg_doorman.config import Config, ConfigError
 from pg_doorman.net.session_state import SessionState
+from pg_doorman.stats.sockets import add_up
+from pg_doorman.stats.sockets import counted as counted_sockets
 
 logger = logging.getLogger("pg_doorman.supervisor")
 
@@ -128,7 +130,11 @@ class Supervisor:
                 from pg_doorman.web.server import WebServer
 
                 web = WebServer(
-                    self.snapshot, self.healthy, self.config.web.host, self.config.web.port
+                    self.snapshot,
+                    self.healthy,
+                    self.config.web.host,
+                    self.config.web.port,
+                    self.config.general.tcp_socket_buffer_size,
                 )
                 await web.start()
             # Logged once everything serves, /metrics included.
@@ -442,6 +448,7 @@ class Supervisor:
             raise RuntimeError("no worker answered")
         merged = merge(snapshots)
         merged["memory"] += resident_memory()  # the supervisor's own
+        merged["sockets"] = add_up([merged["sockets"], await counted_sockets()])
         return merged
 
     def healthy(self) -> bool:

@@ -25,6 +25,7 @@ from pg_doorman import __version__
 from pg_doorman.admin.snapshot import PoolData, Snapshot
 from pg_doorman.pool.fallback import DURATION_BUCKETS, FAILURE_REASONS
 from pg_doorman.stats.counters import ERROR_CLASSES, PERCENTILES, cumulative_of, quantile_of
+from pg_doorman.stats.sockets import totals_by_kind
 
 POOL_LABELS = ["user", "database"]
 _LOG_LEVELS = {
@@ -111,6 +112,15 @@ def _collect(snap: Snapshot) -> Iterable[Metric]:
     for index, count in sorted(snap["worker_connections"].items(), key=lambda i: int(i[0])):
         per_worker.add_metric([index], count)
     yield per_worker
+    if snap["sockets"] is not None:  # Linux only, as in PgDoorman
+        sockets = GaugeMetricFamily(
+            "pg_doorman_sockets",
+            "Sockets the pooler's processes hold, by type: tcp, tcp6, unix, unknown",
+            labels=["type"],
+        )
+        for kind, count in totals_by_kind(snap["sockets"]).items():
+            sockets.add_metric([kind], count)
+        yield sockets
     yield from _pool_metrics(snap["pools"])
     yield from _auth_query_metrics(snap["auth_query"])
     yield from _coordinator_metrics(snap["coordinator"])

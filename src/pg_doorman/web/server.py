@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 
 from pg_doorman.admin.snapshot import Snapshot
 from pg_doorman.app.dispatch import bind_tcp
+from pg_doorman.net.sockopts import INHERITS_SOCKET_OPTIONS, set_buffer_sizes
 from pg_doorman.web.metrics import render
 
 logger = logging.getLogger("pg_doorman.web")
@@ -29,17 +30,25 @@ class WebServer:
         healthy: Callable[[], bool],
         host: str,
         port: int,
+        buffer_size: int = 0,
     ) -> None:
         self._snapshot = snapshot
         self._healthy = healthy
         self.host = host
         self.port = port
+        # general.tcp_socket_buffer_size, as on the pooler's own connections (0: the
+        # kernel's autotuning).
+        self.buffer_size = buffer_size
         self._servers: list[asyncio.Server] = []
         self.scrapes = 0
 
     async def start(self) -> None:
         # Bound as the pooler's listeners are: "::" takes IPv4 too, "[::1]" is read.
         sockets = bind_tcp(self.host, self.port)
+        if self.buffer_size:
+            # Before listening, so that the window scale offered to scrapers fits.
+            for sock in sockets:
+                set_buffer_sizes(sock, self.buffer_size)
         try:
             for sock in sockets:
                 self._servers.append(
@@ -52,11 +61,24 @@ class WebServer:
             raise
         logger.info("metrics on http://%s:%d/metrics", self.host, self.port)
 
+    def set_buffer_size(self, size: int) -> None:
+        """A new tcp_socket_buffer_size (reload): for the connections accepted from now
+        on, which inherit it from the listener (Linux); 0 leaves the buffers as they are."""
+        self.buffer_size = size
+        if size:
+            for server in self._servers:
+                for sock in server.sockets:
+                    set_buffer_sizes(sock, size)
+
     def close(self) -> None:
         for server in self._servers:
             server.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.buffer_size and not INHERITS_SOCKET_OPTIONS:
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                set_buffer_sizes(sock, self.buffer_size)
         head = b""
         try:
             async with asyncio.timeout(READ_TIMEOUT):
