@@ -2,8 +2,9 @@
 
 A client's Parse is mapped by content (query text, parameter types and the client's
 startup settings that change name resolution) to one server-side statement whose name
-is derived from that content, so every server connection of a pool, in any worker
-process, calls the same statement by the same name.
+is derived from that content (and the registry's generation: see
+PoolStatements.replan), so every server connection of a pool, in any worker process,
+calls the same statement by the same name.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class StatementEntry:
     __slots__ = (
         "context",
         "evicted",
+        "generation",
         "hits",
         "key",
         "kinds",
@@ -35,9 +37,16 @@ class StatementEntry:
     )
 
     def __init__(
-        self, key: bytes, context: bytes, name: bytes, parse_message: bytes, query: bytes
+        self,
+        key: bytes,
+        context: bytes,
+        name: bytes,
+        parse_message: bytes,
+        query: bytes,
+        generation: int = 0,
     ) -> None:
         self.key = key  # the Parse body after the client's name, then `context`
+        self.generation = generation  # the registry's when the entry was made (see replan)
         self.context = context  # the settings the text is read under (see lookup)
         self.name = name  # server-side name, no NUL
         # How a Bind to the unnamed portal names it (the portal's NUL, the name, its
@@ -61,8 +70,11 @@ UNNAMED: Final = 2
 _SHARED_CONTEXTS: Final = 1024
 
 
-def statement_name(key: bytes) -> bytes:
-    return b"DOORMAN_" + hashlib.blake2b(key, digest_size=8).hexdigest().encode()
+def statement_name(key: bytes, generation: int = 0) -> bytes:
+    # Generation 0 hashes with blake2b's default salt (all zeros): the names of a
+    # registry that never replanned are the same in every process.
+    salt = generation.to_bytes(16, "big")
+    return b"DOORMAN_" + hashlib.blake2b(key, digest_size=8, salt=salt).hexdigest().encode()
 
 
 class PoolStatements:
@@ -72,7 +84,14 @@ class PoolStatements:
     keep their statements until their own LRU lets them go.
     """
 
-    __slots__ = ("_contexts", "_entries", "capacity", "closed_hits", "closed_misses")
+    __slots__ = (
+        "_contexts",
+        "_entries",
+        "capacity",
+        "closed_hits",
+        "closed_misses",
+        "generation",
+    )
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -82,6 +101,8 @@ class PoolStatements:
         self.closed_hits = 0
         self.closed_misses = 0
         self._contexts: dict[bytes, bytes] = {}
+        # Part of every server name: a new one (see replan) renames every statement.
+        self.generation = 0
 
     def lookup(self, parse_body: bytes, name_end: int, context: bytes) -> StatementEntry:
         """Entry for a Parse body (`name_end`: index after the client name's NUL) read
@@ -93,15 +114,34 @@ class PoolStatements:
         if entry is not None:
             entries.move_to_end(key)
             return entry
-        name = statement_name(key)
+        generation = self.generation
+        name = statement_name(key, generation)
         body = name + b"\x00" + rest
         message = build(b"P", body)
         query_end = rest.find(b"\x00")
-        entry = StatementEntry(key, context, name, message, rest[:query_end])
+        entry = StatementEntry(key, context, name, message, rest[:query_end], generation)
         entries[key] = entry
         if len(entries) > self.capacity:
             entries.popitem(last=False)[1].evicted = True
         return entry
+
+    def replan(self, entry: StatementEntry) -> None:
+        """PostgreSQL refused to run `entry` as the server had parsed it: what its text
+        means changed since (a table it reads gained or lost a column: 0A000 "cached
+        plan must not change result type"). Such a change usually spoils the
+        statement on every server that has it, and others with it. A client parses
+        its text again to recover (drivers do, and PostgreSQL plans the unnamed
+        statement afresh at each Parse), so from now on every Parse gets a statement
+        under a new name, which servers parse anew; the old ones stay for the
+        clients' statements prepared before, as in PostgreSQL, until the servers'
+        LRU lets them go. A refusal of a statement older than the last new
+        generation changes nothing more."""
+        if entry.generation != self.generation:
+            return
+        self.generation += 1
+        for old in self._entries.values():
+            old.evicted = True
+        self._entries.clear()
 
     def shared_context(self, context: bytes) -> bytes:
         """This pool's one object equal to `context`: entries keep the context they

@@ -284,6 +284,19 @@ def _rename_in_error(body: bytes, client_name: bytes) -> tuple[bytes | None, boo
     return b"E" + (len(out) + 4).to_bytes(4, "big") + out, missing
 
 
+_FEATURE_NOT_SUPPORTED: Final = b"C" + sqlstate.FEATURE_NOT_SUPPORTED.encode()
+# The routine that refuses a statement whose result columns changed since its Parse;
+# unlike the message, routine names are never translated.
+_REVALIDATE: Final = b"RRevalidateCachedQuery"
+
+
+def _plan_changed(body: bytes) -> bool:
+    """The ErrorResponse `body` refuses a statement parsed before a change to what its
+    text means (0A000 "cached plan must not change result type")."""
+    fields = body.split(b"\x00")
+    return _FEATURE_NOT_SUPPORTED in fields and _REVALIDATE in fields
+
+
 class BatchRewriter:
     """Statement mapping of one client plus the response queue of its current server."""
 
@@ -768,6 +781,10 @@ class BatchRewriter:
         if fix == _REPLACE_ERROR:
             return payload
         if fix == _RENAME_IN_ERROR:
+            if _plan_changed(body):
+                entry = self.named.get(payload) if payload else self.unnamed
+                if entry is not None:
+                    self.registry.replan(entry)
             renamed, missing = _rename_in_error(body, payload)
             if missing:
                 # The server lacks a statement of ours that its record says it has:
