@@ -1095,11 +1095,9 @@ def test_dedicated_auth_query_user_must_not_be_a_static_user() -> None:
     )
 
 
-def test_empty_pg_hba_warns() -> None:
-    config = parse_config(merged({"general": {"pg_hba": "# nothing yet\n\n"}}))
-    assert config.warnings == [
-        "general.pg_hba: contains no rules, so every client login will be rejected"
-    ]
+def test_pg_hba_without_rules_is_an_error() -> None:
+    for text in ("# nothing yet\n\n", ""):
+        expect_error(merged({"general": {"pg_hba": text}}), "general.pg_hba", "contains no rules")
 
 
 def test_log_level_is_accepted() -> None:

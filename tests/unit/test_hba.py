@@ -176,9 +176,10 @@ def test_addresses() -> None:
 def test_ipv4_mapped_clients_match_ipv4_rules() -> None:
     rules = HbaRules.parse("host all all 127.0.0.1/32 trust\nhost all all ::/0 reject\n")
     assert line_of(rules, addr="::ffff:127.0.0.1") == 1
-    assert line_of(rules, addr="::ffff:127.0.0.2") == 2
-    mapped_rule = HbaRules.parse("host all all ::ffff:0:0/96 trust\n")
-    assert line_of(mapped_rule, addr="::ffff:10.0.0.1") == 1  # IPv6 rule still applies
+    # An IPv4 client, as in PostgreSQL: IPv6 lines never match it, not even these.
+    assert line_of(rules, addr="::ffff:127.0.0.2") is None
+    mapped_rule = HbaRules.parse("host all all ::ffff:0:0/96 trust\nhost all all ::/0 trust\n")
+    assert line_of(mapped_rule, addr="::ffff:10.0.0.1") is None
 
 
 def test_a_tcp_client_without_an_address_only_matches_all() -> None:
@@ -299,7 +300,9 @@ def test_ipv6_cidr_membership_agrees_with_ipaddress(
 ) -> None:
     network = ipaddress.ip_network(f"{base}/{prefix}", strict=False)
     rules = HbaRules.parse(f"host all all {base}/{prefix} trust\n")
-    assert (line_of(rules, addr=str(client)) == 1) == (client in network)
+    # An IPv4-mapped client is an IPv4 client: no IPv6 line matches it.
+    expected = client in network and client.ipv4_mapped is None
+    assert (line_of(rules, addr=str(client)) == 1) == expected
 
 
 @given(

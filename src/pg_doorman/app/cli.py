@@ -271,7 +271,7 @@ def load_checked_config(path: str) -> Config:
     from pg_doorman.net.tls import TlsSetupError, client_tls_context
 
     config = load_config(path)
-    if config.general.pg_hba:
+    if config.general.pg_hba is not None:  # empty text too: it has no rules
         try:
             HbaRules.parse(config.general.pg_hba)
         except HbaError as exc:

@@ -391,8 +391,9 @@ class Pooler:
         if self.cluster is not None:
             # A worker restarted after a crash: paused as its siblings are.
             self.paused_all, self.paused_databases = read_pause_state(self.cluster.info.rundir)
+        # Empty rule text is still pg_hba (an error), never "no pg_hba".
         self.hba: HbaRules | None = (
-            HbaRules.parse(config.general.pg_hba) if config.general.pg_hba else None
+            HbaRules.parse(config.general.pg_hba) if config.general.pg_hba is not None else None
         )
         self.shutting_down = False
         self.accepted_total = 0
@@ -850,7 +851,7 @@ class Pooler:
         if new.log_level and new.log_level != old.log_level:
             apply_log_filter(new.log_level)
             notes.append(f"log level set to {new.log_level}")
-        self.hba = HbaRules.parse(new.pg_hba) if new.pg_hba else None
+        self.hba = HbaRules.parse(new.pg_hba) if new.pg_hba is not None else None
         talos = _talos(config.talos)
         if talos != self.talos:
             self.talos = talos

@@ -91,11 +91,12 @@ def peer_address(text: str) -> Address | None:
 def _address_in(address: Address | None, network: Network) -> bool:
     if address is None:
         return False
-    if address.version == network.version and address in network:
-        return True
-    # A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d; IPv4 rules apply to them.
-    mapped = address.ipv4_mapped if isinstance(address, IPv6Address) else None
-    return mapped is not None and network.version == 4 and mapped in network
+    if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+        # A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d. They are judged
+        # as IPv4 clients, as PostgreSQL (whose IPv6 sockets take no IPv4 clients)
+        # judges them: IPv4 lines only, never an IPv6 line such as ::/0.
+        address = address.ipv4_mapped
+    return address.version == network.version and address in network
 
 
 @dataclass(frozen=True)
@@ -263,14 +264,16 @@ def _user_field(field: list[_Token], where: _Line) -> frozenset[str] | None:
 
 
 def _refuse_special(token: _Token, what: str, where: _Line) -> None:
-    if token.quoted:
-        return
-    if token.text.startswith("@") and len(token.text) > 1:
-        raise where.error(f"file inclusion ({token.text}) in the {what} field is not supported")
+    # PostgreSQL 16+ reads any token starting with "/" as a regular expression, quoted
+    # or not (quotes let it hold commas): taken as a name, it would match nothing.
     if token.text.startswith("/"):
         raise where.error(
             f"regular expressions ({token.text}) in the {what} field are not supported"
         )
+    if token.quoted:
+        return
+    if token.text.startswith("@") and len(token.text) > 1:
+        raise where.error(f"file inclusion ({token.text}) in the {what} field is not supported")
 
 
 def _single(field: list[_Token], what: str, where: _Line) -> _Token:

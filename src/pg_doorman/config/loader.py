@@ -432,7 +432,8 @@ def _pg_hba(value: object, path: str, ctx: _Context) -> str:
             f"expected rule text, or a table {{path=...}} or {{content=...}}, got {_show(value)}",
         )
     if not any(line.split("#", 1)[0].strip() for line in text.splitlines()):
-        ctx.warn(path, "contains no rules, so every client login will be rejected")
+        # PostgreSQL refuses such a file too; only leaving pg_hba out turns it off.
+        raise ConfigError(path, "contains no rules, so every client login would be rejected")
     return text
 
 
