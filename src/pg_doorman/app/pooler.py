@@ -60,6 +60,7 @@ from pg_doorman.auth.passthrough import keep_client_key
 from pg_doorman.auth.scram import ScramVerifier, is_scram_verifier
 from pg_doorman.auth.talos import Talos, TalosKeyError
 from pg_doorman.config import (
+    ADMIN_DATABASES,
     Config,
     ConfigError,
     GeneralConfig,
@@ -100,7 +101,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("pg_doorman")
 KeyT = TypeVar("KeyT")
 
-ADMIN_DATABASES = frozenset(("pgdoorman", "pgbouncer"))
 # Distinct (database, user, address, ...) logins whose auth verdicts are remembered;
 # past that the memo starts over, so a scan from many addresses can't grow it.
 _AUTH_CACHE_SIZE = 4096

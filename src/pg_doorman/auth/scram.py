@@ -26,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Final
 
+from pg_doorman.memo import remember
+
 if TYPE_CHECKING:
     from _hashlib import HASH
 
@@ -50,17 +52,34 @@ class AuthenticationFailed(Exception):
     """The client's proof or the server's signature did not verify."""
 
 
+# The standard library's functions the login calls, bound once: compiled, a call of
+# `binascii.b2a_base64` looks the module's attribute up first, every time.
+_sha256_new: Final = hashlib.sha256
+_b2a_base64: Final = binascii.b2a_base64
+_a2b_base64: Final = binascii.a2b_base64
+_compare_digest: Final = hmac.compare_digest
+_from_bytes: Final = int.from_bytes  # a classmethod: looked up, it is bound anew each call
+_urandom: Final = os.urandom
+
 _IPAD: Final = bytes(b ^ 0x36 for b in range(256))
 _OPAD: Final = bytes(b ^ 0x5C for b in range(256))
 
+# SHA-256 states after the pads of each key used (see _hmac), by key. A dictionary
+# rather than functools.lru_cache: its wrapper builds a tuple to key a bytes argument
+# and keeps a recency list, each call. Emptied when full (memo.remember).
+_HMAC_PADS: Final[dict[bytes, tuple[HASH, HASH]]] = {}
+_HMAC_PADS_MAX: Final = 256
 
-@functools.lru_cache(maxsize=256)
+
 def _hmac_pads(key: bytes) -> tuple[HASH, HASH]:
     """SHA-256 states after the inner and outer pad of `key` (RFC 2104)."""
-    if len(key) > 64:
-        key = hashlib.sha256(key).digest()
-    block = key.ljust(64, b"\x00")
-    return hashlib.sha256(block.translate(_IPAD)), hashlib.sha256(block.translate(_OPAD))
+    pads = _HMAC_PADS.get(key)
+    if pads is None:
+        block = _sha256(key) if len(key) > 64 else key
+        block = block.ljust(64, b"\x00")
+        pads = _sha256_new(block.translate(_IPAD)), _sha256_new(block.translate(_OPAD))
+        remember(_HMAC_PADS, key, pads, _HMAC_PADS_MAX)
+    return pads
 
 
 def _hmac(key: bytes, data: bytes) -> bytes:
@@ -75,26 +94,41 @@ def _hmac(key: bytes, data: bytes) -> bytes:
 
 
 def _sha256(data: bytes) -> bytes:
-    return hashlib.sha256(data).digest()
+    return _sha256_new(data).digest()
 
 
 def _xor(a: bytes, b: bytes) -> bytes:
-    return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(len(a), "big")
+    return (_from_bytes(a, "big") ^ _from_bytes(b, "big")).to_bytes(len(a), "big")
 
 
 def _b64(data: bytes) -> str:
     # binascii directly: base64.b64encode is a Python wrapper around it.
-    return binascii.b2a_base64(data, newline=False).decode("ascii")
+    return _b2a_base64(data, newline=False).decode("ascii")
 
 
 def _unb64(text: str, what: str, length: int | None = None) -> bytes:
     try:
-        data = binascii.a2b_base64(text.encode("ascii"), strict_mode=True)
+        data = _a2b_base64(text.encode("ascii"), strict_mode=True)
     except (binascii.Error, UnicodeEncodeError):
         raise ScramError(f"invalid base64 in {what}") from None
     if length is not None and len(data) != length:
         raise ScramError(f"{what} must be {length} bytes, got {len(data)}")
     return data
+
+
+# The base64 text of each salt sent, by salt: a user's salt goes out at every login.
+_SALT_TEXTS: Final[dict[bytes, str]] = {}
+_SALT_TEXTS_MAX: Final = 1024
+
+
+def _salt_and_iterations(verifier: ScramVerifier) -> str:
+    """The ``s=<salt>,i=<iterations>`` part of a server-first-message."""
+    salt = verifier.salt
+    text = _SALT_TEXTS.get(salt)
+    if text is None:
+        text = _b64(salt)
+        remember(_SALT_TEXTS, salt, text, _SALT_TEXTS_MAX)
+    return f"s={text},i={verifier.iterations}"
 
 
 def _valid_iterations(text: str) -> bool:
@@ -106,7 +140,7 @@ def _valid_iterations(text: str) -> bool:
 
 def _new_nonce() -> str:
     # os.urandom is what secrets.token_bytes returns, without its interpreted wrapper.
-    return _b64(os.urandom(_NONCE_BYTES))
+    return _b64(_urandom(_NONCE_BYTES))
 
 
 def _check_nonce(nonce: str, what: str) -> str:
@@ -300,9 +334,10 @@ def _attributes(text: str, what: str) -> list[tuple[str, str]]:
     """``a=x,b=y`` into an ordered list of (letter, value)."""
     attributes = []
     for part in text.split(","):
-        # A letter, then "=": tested directly, as a regex match per attribute costs
-        # more than the rest of the parse.
-        if len(part) < 2 or part[1] != "=" or not (part[0].isascii() and part[0].isalpha()):
+        # An ASCII letter, then "=": tested on the code points, as a regex match per
+        # attribute costs more than the rest of the parse (and, compiled, str.isalpha()
+        # is a generic call; `| 0x20` folds the upper case letters onto the lower).
+        if len(part) < 2 or part[1] != "=" or not 0x61 <= (ord(part[0]) | 0x20) <= 0x7A:
             raise ScramError(f"malformed attribute {part[:20]!r} in {what}")
         attributes.append((part[0], part[2:]))
     return attributes
@@ -397,7 +432,7 @@ class ScramServerSession:
         self._client_first_bare = bare
         self._nonce = client_nonce + self._server_nonce
         verifier = self._verifier
-        self._server_first = f"r={self._nonce},s={_b64(verifier.salt)},i={verifier.iterations}"
+        self._server_first = f"r={self._nonce},{_salt_and_iterations(verifier)}"
         self._state = "first"
         return self._server_first.encode("ascii")
 
@@ -415,7 +450,7 @@ class ScramServerSession:
         if self._gs2_header[0] == "p":
             assert self._binding is not None
             expected += self._binding
-        if not hmac.compare_digest(_unb64(channel, "channel binding"), expected):
+        if not _compare_digest(_unb64(channel, "channel binding"), expected):
             raise ScramError("channel binding attribute does not match client-first-message")
         if nonce != self._nonce:
             raise ScramError("nonce mismatch in client-final-message")
@@ -425,7 +460,7 @@ class ScramServerSession:
         auth_bytes = auth_message.encode("latin-1")
         verifier = self._verifier
         client_key = _xor(proof, _hmac(verifier.stored_key, auth_bytes))
-        if not hmac.compare_digest(_sha256(client_key), verifier.stored_key):
+        if not _compare_digest(_sha256(client_key), verifier.stored_key):
             raise AuthenticationFailed("SCRAM proof does not verify (wrong password)")
         self._client_key = client_key
         self._state = "done"

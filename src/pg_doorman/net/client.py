@@ -33,6 +33,7 @@ from pg_doorman.auth.scram import (
     ScramVerifier,
 )
 from pg_doorman.auth.talos import TALOS_USER
+from pg_doorman.config import ADMIN_DATABASES
 from pg_doorman.memo import remember
 from pg_doorman.net.session_state import SessionState
 from pg_doorman.net.suspend import SUSPEND, resume
@@ -124,6 +125,7 @@ _PLANNING: Final = frozenset(
     )
 )
 _PLANNING_ORDER: Final = tuple(sorted(_PLANNING))
+_ADMIN_DATABASES: Final = ADMIN_DATABASES
 # Planning contexts built (see _planning_context), by their values in _PLANNING_ORDER.
 _PLANNING_CONTEXTS: Final[dict[tuple[str | None, ...], bytes]] = {}
 _PLANNING_CONTEXTS_MAX: Final = 256
@@ -794,13 +796,15 @@ class ClientConnection(asyncio.Protocol):
             raise StartupError(sqlstate.CANNOT_CONNECT_NOW, "the pooler is shutting down")
         if self.over_limit:
             raise StartupError(sqlstate.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
-        if self.pooler.is_admin_database(database):
+        # The pooler's lookups read here, not through its is_admin_database and
+        # pool_entry: its methods run interpreted, a frame each per login.
+        if database in _ADMIN_DATABASES:
             await self._admin_login(database, user)
             return
         decision = self.pooler.decide_auth(
             database, user, address=self.address, unix=self.unix, ssl=self.tls
         )
-        entry = self.pooler.pool_entry(database, user)
+        entry = self.pooler.entries.get((database, user))
         if decision.method == ClientAuth.REJECT and decision.by_hba:
             # PostgreSQL's words; the line that refused is for the log only, as there.
             logger.info("client %s: %s", self.name, decision.reason)

@@ -7,6 +7,12 @@ draw from disjoint ranges and a cancel key tells which worker owns the client.
 from __future__ import annotations
 
 import os
+from typing import Final
+
+# Bound once: compiled, `os.urandom` is a lookup in the module at every call, and
+# `int.from_bytes` binds the classmethod anew each time.
+_urandom: Final = os.urandom
+_from_bytes: Final = int.from_bytes
 
 
 class IdAllocator:
@@ -36,7 +42,7 @@ class IdAllocator:
     @staticmethod
     def cancel_secret() -> int:
         # BackendKeyData carries a signed int32: four bytes of the OS's CSPRNG.
-        return int.from_bytes(os.urandom(4), "big", signed=True)
+        return _from_bytes(_urandom(4), "big", signed=True)
 
     def owner_of(self, client_id: int) -> int:
         return client_id >> self.WORKER_SHIFT

@@ -105,7 +105,9 @@ def parse_startup_packet(packet: bytes) -> StartupPacket:
             sqlstate.FEATURE_NOT_SUPPORTED,
             f"unsupported frontend protocol {major}.{minor}: server supports 3.0",
         )
-    return StartupMessage(minor, *_parse_parameters(packet[8:]))
+    # Unpacked first: compiled, a call with `*args` is a generic call of the class.
+    parameters, options = _parse_parameters(packet[8:])
+    return StartupMessage(minor, parameters, options)
 
 
 def _parse_parameters(raw: bytes) -> tuple[dict[str, str], list[str]]:
