@@ -113,6 +113,13 @@ class _Stream:
         self.held_total = 0
         return joined
 
+    def _refuse(self, resumed: int) -> None:
+        """The read being refused (ProtocolError) goes out in no part. If it began
+        with the rest of a message whose start has gone out (`resumed` bytes of it),
+        the peer is left inside that message, and `need` says so: the connection must
+        be neither handed to another client nor sent a message of the pooler's."""
+        self.need = resumed
+
     def _hold(self, data: bytes, pos: int) -> None:
         held = self.held
         held += memoryview(data)[pos:]
@@ -337,6 +344,8 @@ class BackendScanner(_Stream):
                 return b""
         n: i64 = len(data)
         pos: i64 = self.need
+        # The rest of a message begun in an earlier read, whose start has gone out.
+        resumed: i64 = pos
         if pos:
             if pos >= n:
                 self.need = pos - n
@@ -357,6 +366,7 @@ class BackendScanner(_Stream):
             end = pos + 1 + length
             if not decoded[msg_type]:
                 if length < 4 or length > _MAX:
+                    self._refuse(resumed)
                     raise ProtocolError(f"invalid backend message length {length}")
                 if hook is not None:
                     action = hook.backend(msg_type)
@@ -375,6 +385,7 @@ class BackendScanner(_Stream):
                 pos = end
                 continue
             if length < 4 or length > _MAX or (msg_type == _Z and length != 5):
+                self._refuse(resumed)
                 raise ProtocolError(f"invalid backend message length {length}")
             if end > n:
                 break
@@ -533,6 +544,7 @@ class FrontendScanner(_Stream):
                 return b""
         n: i64 = len(data)
         pos: i64 = self.need
+        resumed: i64 = pos  # as in BackendScanner.feed
         if pos:
             if self._scan_tail is not None:
                 self._scan_query_rest(data, pos if pos < n else n, pos <= n)
@@ -551,6 +563,7 @@ class FrontendScanner(_Stream):
             length = (length << 8) | data[pos + 3]
             length = (length << 8) | data[pos + 4]
             if not valid[msg_type] or length < 4 or length > _MAX:
+                self._refuse(resumed)
                 raise ProtocolError(
                     f"invalid frontend message type {msg_type!r} or length {length}"
                 )

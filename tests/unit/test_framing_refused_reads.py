@@ -1,0 +1,33 @@
+"""A refused read leaves the scanners inside the message whose start went out."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from pg_doorman.protocol import messages
+from pg_doorman.protocol.framing import BackendScanner, FrontendScanner
+from pg_doorman.protocol.messages import ProtocolError
+
+# A header no peer may send: a negative length.
+BROKEN_HEADER = b"D\xff\xff\xff\xf0"
+
+
+def test_the_backend_scanner_stays_inside_a_row_whose_end_came_with_a_broken_header() -> None:
+    row = messages.build(b"D", struct.pack("!hi", 1, 1000) + b"x" * 1000)
+    scanner = BackendScanner({})
+    assert scanner.feed(row[:-10]) == row[:-10]
+    with pytest.raises(ProtocolError):
+        scanner.feed(row[-10:] + BROKEN_HEADER)
+    # Its last ten bytes never went to the client: it is still inside the row.
+    assert scanner.need == 10 and scanner.mid_message
+
+
+def test_the_frontend_scanner_stays_inside_copy_data_whose_end_came_with_a_broken_header() -> None:
+    copy_data = messages.build(b"d", b"1\n" * 500)
+    scanner = FrontendScanner()
+    assert scanner.feed(copy_data[:9]) == copy_data[:9]
+    with pytest.raises(ProtocolError):
+        scanner.feed(copy_data[9:] + b"\x00" * 5)
+    assert scanner.need == len(copy_data) - 9 and scanner.mid_message
