@@ -10,7 +10,10 @@
   in <file> and valid for two minutes: another pg_doorman can check it.
 
 Only RS256 is accepted: a token's header cannot pick another algorithm (no `none`, no
-HMAC keyed with the public key).
+HMAC keyed with the public key), nor a key (`jwk`, `jku`, `x5u` and `kid` are not read
+here). Keys are RSA keys of at least 2048 bits. Parsing is strict, so that a token reads
+one way only: canonical base64url, JSON without NaN/Infinity or repeated member names,
+and `exp`/`nbf` finite numbers.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import base64
 import binascii
 import hashlib
 import json
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -39,12 +43,24 @@ SERVER_TOKEN_LIFETIME = 120
 LEEWAY = 30
 # A token longer than this is refused before any decoding (a password message can be 1 GB).
 MAX_TOKEN_BYTES = 16 * 1024
+# Smaller RSA keys can be factored: whoever does it signs tokens for anyone.
+MIN_RSA_KEY_BITS = 2048
 _HEADER = {"alg": "RS256", "typ": "JWT"}
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 
 class JwtError(Exception):
     """A token or key that can't be used; the message says why (for the log)."""
+
+
+class _RepeatedName(ValueError):
+    """A JSON object names a member twice: parsers differ on which one counts."""
+
+
+def excerpt(value: object) -> str:
+    """A value of an unverified token as the log shows it: quoted, and short."""
+    text = repr(value)
+    return text if len(text) <= 64 else f"{text[:60]}..."
 
 
 def is_public_key_password(password: str) -> bool:
@@ -60,13 +76,17 @@ def _b64url(data: bytes) -> str:
 
 
 def _unb64url(text: str, what: str) -> bytes:
-    # Strict: the standard decoder would skip characters outside the alphabet.
+    # Strict: the standard decoder would skip characters outside the alphabet, and
+    # ignore the unused low bits of the last character (one signature, four spellings).
     if not _BASE64URL.fullmatch(text) or len(text) % 4 == 1:
         raise JwtError(f"the token's {what} is not base64url")
     try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
     except (binascii.Error, ValueError):
         raise JwtError(f"the token's {what} is not base64url") from None
+    if _b64url(data) != text:
+        raise JwtError(f"the token's {what} is not canonical base64url")
+    return data
 
 
 def _read(path: str) -> bytes:
@@ -97,6 +117,7 @@ class TokenVerifier:
             raise JwtError(f"{path} is not a PEM public key") from None
         if not isinstance(key, rsa.RSAPublicKey):
             raise JwtError(f"{path} is not an RSA public key (RS256 needs one)")
+        _check_key_size(path, key.key_size)
         return cls(path, hashlib.sha256(data).hexdigest(), key)
 
     def refusal(self, password_message: bytes, user: str) -> str | None:
@@ -114,7 +135,7 @@ class TokenVerifier:
         claims = self.claims(token, now)
         if claims.get("preferred_username") != user:
             raise JwtError(
-                f"the token is for {claims.get('preferred_username')!r}, not for {user!r}"
+                f"the token is for {excerpt(claims.get('preferred_username'))}, not for {user!r}"
             )
 
     def claims(self, token: str, now: float | None = None) -> dict[str, Any]:
@@ -124,7 +145,10 @@ class TokenVerifier:
 
         header, parts = token_header(token)
         if header.get("alg") != "RS256":
-            raise JwtError(f"the token's algorithm is {header.get('alg')!r}, not RS256")
+            raise JwtError(f"the token's algorithm is {excerpt(header.get('alg'))}, not RS256")
+        if "crit" in header:
+            # Extensions the token says must be understood: none is (RFC 7515, 4.1.11).
+            raise JwtError("the token's header has crit: no extension is supported")
         signature = _unb64url(parts[2], "signature")
         try:
             self.key.verify(signature, f"{parts[0]}.{parts[1]}".encode("ascii"), *_rs256())
@@ -132,9 +156,11 @@ class TokenVerifier:
             raise JwtError("the token's signature does not match the key") from None
         claims = _json_object(_unb64url(parts[1], "claims"), "claims")
         now = time.time() if now is None else now
-        exp = _number(claims.get("exp"))
-        if exp is None:
+        if "exp" not in claims:
             raise JwtError("the token has no exp claim")
+        exp = _number(claims["exp"])
+        if exp is None:
+            raise JwtError("the token's exp claim is not a number")
         if now > exp + LEEWAY:
             raise JwtError("the token has expired")
         if "nbf" in claims:
@@ -176,6 +202,7 @@ class TokenSigner:
             raise JwtError(f"{path} is not an unencrypted PEM private key: {exc}") from None
         if not isinstance(key, rsa.RSAPrivateKey):
             raise JwtError(f"{path} is not an RSA private key (RS256 needs one)")
+        _check_key_size(path, key.key_size)
         return cls(path, hashlib.sha256(data).hexdigest(), key)
 
     def token_for(self, user: str, now: float | None = None) -> str:
@@ -209,7 +236,11 @@ def _rs256() -> tuple[padding.PKCS1v15, HashAlgorithm]:
 
 def _json_object(data: bytes, what: str) -> dict[str, Any]:
     try:
-        value = json.loads(data)
+        value = json.loads(
+            data, object_pairs_hook=_unique_members, parse_constant=_not_a_json_number
+        )
+    except _RepeatedName as exc:
+        raise JwtError(f"the token's {what} has the member {exc} twice") from None
     except (ValueError, UnicodeDecodeError, RecursionError):
         # RecursionError: arrays or objects nested too deep, in a header that is read
         # before the signature is checked (any client can send one).
@@ -219,8 +250,34 @@ def _json_object(data: bytes, what: str) -> dict[str, Any]:
     return value
 
 
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    members: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in members:
+            raise _RepeatedName(excerpt(name))
+        members[name] = value
+    return members
+
+
+def _not_a_json_number(name: str) -> None:
+    # Python's json reads NaN, Infinity and -Infinity; JSON has no such numbers.
+    raise ValueError(f"{name} is not JSON")
+
+
+def _check_key_size(path: str, bits: int) -> None:
+    if bits < MIN_RSA_KEY_BITS:
+        raise JwtError(
+            f"{path} is a {bits}-bit RSA key: at least {MIN_RSA_KEY_BITS} bits are required"
+        )
+
+
 def _number(value: object) -> float | None:
-    """A JSON number as a float; None for anything else (true and false included)."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    return None
+    """A JSON number as a finite float; None for anything else (true and false, and
+    integers beyond a float's range, included)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None

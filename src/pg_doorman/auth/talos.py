@@ -11,6 +11,7 @@ roles it holds, and the pooler picks the pool user the session runs as.
   token's role. No role, or an unknown one, refuses the token.
 - The pool user: the token's `clientId` when the database has a user of that name,
   else `srv-<clientId>` when it has that one, else the role's name.
+- The session's application_name is the `clientId`, its control characters as '?'.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pg_doorman.auth.jwt import JwtError, TokenVerifier, token_header
+from pg_doorman.auth.jwt import JwtError, TokenVerifier, excerpt, token_header
 from pg_doorman.config.schema import TalosConfig
 
 logger = logging.getLogger("pg_doorman.talos")
@@ -72,7 +73,7 @@ class Talos:
             raise JwtError("the token's header names no key (kid)")
         verifier = self.keys.get(kid)
         if verifier is None:
-            raise JwtError(f"no [talos] key named {kid!r}")
+            raise JwtError(f"no [talos] key named {excerpt(kid)}")
         claims = verifier.claims(token, now)
         client_id = claims.get("clientId", "")
         if not isinstance(client_id, str):
@@ -100,7 +101,7 @@ class Talos:
         """The pool user a token's session runs as, and which rule chose it."""
         client_id = token.client_id
         # A name with control characters is not used to pick a user.
-        if client_id and all(" " <= ch != "\x7f" for ch in client_id):
+        if client_id and not _has_control_characters(client_id):
             if has_user(client_id):
                 return client_id, "personal"
             service = f"srv-{client_id}"
@@ -109,3 +110,20 @@ class Talos:
         elif client_id:
             logger.warning("talos: clientId %r has control characters: role user used", client_id)
         return token.role, "role"
+
+
+def session_application_name(client_id: str) -> str:
+    """A clientId as the session's application_name. Its control characters become
+    '?' (as PostgreSQL cleans such names): a NUL would cut the greeting's
+    ParameterStatus short, and the client would refuse the whole login."""
+    if not _has_control_characters(client_id):
+        return client_id
+    return "".join("?" if _is_control(ch) else ch for ch in client_id)
+
+
+def _is_control(ch: str) -> bool:
+    return ch < " " or ch == "\x7f"
+
+
+def _has_control_characters(text: str) -> bool:
+    return any(_is_control(ch) for ch in text)

@@ -32,7 +32,7 @@ from pg_doorman.auth.scram import (
     ScramServerSession,
     ScramVerifier,
 )
-from pg_doorman.auth.talos import TALOS_USER
+from pg_doorman.auth.talos import TALOS_USER, session_application_name
 from pg_doorman.config import ADMIN_DATABASES
 from pg_doorman.memo import remember
 from pg_doorman.net.session_state import SessionState
@@ -1035,7 +1035,7 @@ class ClientConnection(asyncio.Protocol):
             route,
         )
         self.user = user
-        self.application_name = token.client_id
+        self.application_name = session_application_name(token.client_id)
         return entry
 
     async def _looked_up_login(self, database: str, user: str) -> PoolEntry:
