@@ -14,6 +14,7 @@ from pg_doorman.protocol.framing import (
     CLEAN_DECLARE,
     CLEAN_LISTEN,
     CLEAN_PREPARE,
+    CLEAN_RESET,
     CLEAN_SET,
     CLEAN_TEMP,
     BackendScanner,
@@ -331,8 +332,11 @@ def test_message_buffer_rejects_negative_length() -> None:
     ("tag", "before", "after"),
     [
         (b"SET", 0, CLEAN_SET),
-        # RESET x looks like RESET ALL: other SETs may remain.
-        (b"RESET", CLEAN_SET | CLEAN_DECLARE, CLEAN_SET | CLEAN_DECLARE),
+        # RESET x looks like RESET ALL: other SETs may remain. It is noted, as it may
+        # have undone the settings the pooler applied for the client.
+        (b"RESET", CLEAN_SET | CLEAN_DECLARE, CLEAN_SET | CLEAN_DECLARE | CLEAN_RESET),
+        (b"RESET", 0, CLEAN_RESET),
+        (b"DISCARD ALL", CLEAN_RESET | CLEAN_SET, 0),
         (b"DECLARE CURSOR", 0, CLEAN_DECLARE),
         (b"CLOSE CURSOR ALL", CLEAN_DECLARE, 0),
         (b"PREPARE", 0, CLEAN_PREPARE),

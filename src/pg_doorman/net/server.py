@@ -32,6 +32,7 @@ from pg_doorman.protocol.framing import (
     CLEAN_ADVISORY,
     CLEAN_LISTEN,
     CLEAN_PREPARE,
+    CLEAN_RESET,
     CLEAN_SET,
     CLEAN_TEMP,
     QUERY_IN_BATCH,
@@ -742,6 +743,8 @@ class ServerConnection(asyncio.Protocol):
         after = _AFTER_HELD if client.held_notifications is not None else 0
         if scanner.discarded_all:
             scanner.discarded_all = False
+            # It undid the startup settings the pooler applied for the client too.
+            self.set_extra_parameters({})
             if client.listen_hub is not None:
                 # DISCARD ALL includes UNLISTEN *: for its listen_fanout LISTENs too.
                 client.listen_hub.leave(client)
@@ -933,6 +936,12 @@ class ServerConnection(asyncio.Protocol):
             self.close(self.spoiled)
             self._retire(self.spoiled)
             return
+        if scanner.cleanup_flags & CLEAN_RESET:
+            scanner.cleanup_flags &= ~CLEAN_RESET
+            if self.extra_parameters:
+                # Which of them the RESET undid is unknown: RESET ALL undoes the rest,
+                # and the next client's are applied afresh.
+                scanner.cleanup_flags |= CLEAN_SET
         settings = self.pool.settings
         if (
             scanner.cleanup_flags & CLEAN_TEMP

@@ -151,6 +151,11 @@ CLEAN_ADVISORY: Final = 32
 # finish()). Not for a Query behind a batch without an Execute, as asyncpg sends its
 # COPY behind a Parse, Describe and Flush: that leaves the session as it should.
 QUERY_IN_BATCH: Final = 256
+# RESET seen (of one parameter or all: the same tag). It may have undone the startup
+# settings the pooler applied for the client (net/server.py extra_parameters): while the
+# server holds any, it gets the RESET ALL of CLEAN_SET at check-in, so that the pooler
+# knows its settings again (net/server.py finish()).
+CLEAN_RESET: Final = 512
 
 # Tags of the statements that may create temporary objects, which would outlive the
 # transaction (their rows readable by the server's next client) unless ON COMMIT DROP.
@@ -188,9 +193,11 @@ def tag_cleanup_effect(tag: bytes, flags: int) -> int:
             return flags & ~CLEAN_DECLARE
     elif first == b"L" and tag == b"LISTEN":
         return flags | CLEAN_LISTEN
-    # "RESET" and "UNLISTEN" change nothing: RESET of one parameter and RESET ALL
-    # share their tag, as do UNLISTEN of one channel and UNLISTEN *, so a SET of
-    # another parameter or another channel's LISTEN may still need undoing.
+    elif first == b"R" and tag == b"RESET":
+        return flags | CLEAN_RESET
+    # "RESET" undoes nothing of the flags, nor does "UNLISTEN": RESET of one parameter
+    # and RESET ALL share their tag, as do UNLISTEN of one channel and UNLISTEN *, so a
+    # SET of another parameter or another channel's LISTEN may still need undoing.
     return flags
 
 
