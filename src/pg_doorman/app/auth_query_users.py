@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pg_doorman.auth.auth_query import (
@@ -28,6 +29,7 @@ from pg_doorman.auth.auth_query import (
     LookupConnections,
 )
 from pg_doorman.auth.methods import JWT_PRIVATE_KEY_PREFIX, JWT_PUBLIC_KEY_PREFIX
+from pg_doorman.auth.scram import ScramVerifier
 from pg_doorman.config import Config, PoolConfig, UserConfig
 from pg_doorman.config.loader import STARTUP_PARAMETERS_BUDGET, startup_size
 from pg_doorman.config.schema import AuthQueryConfig
@@ -38,6 +40,15 @@ if TYPE_CHECKING:
     from pg_doorman.app.pooler import PoolEntry, Pooler
 
 logger = logging.getLogger("pg_doorman.auth_query")
+
+
+@dataclass(frozen=True)
+class LookedUpUser:
+    """A user the lookup found: what its login is checked against."""
+
+    password: str  # "" when there is no usable one (NULL, a key file's name)
+    parameters: dict[str, str]
+    scram_verifier: ScramVerifier | None
 
 
 def lookup_settings(pool_settings: PoolSettings, auth_query: AuthQueryConfig) -> PoolSettings:
@@ -124,20 +135,45 @@ class AuthQueryUsers:
         for user, entry in self.users.items():
             yield (self.database, user), entry
 
-    async def entry(self, user: str) -> PoolEntry | None:
-        """The entry a looked-up user logs in with; None if the lookup found nobody."""
+    async def find(self, user: str) -> LookedUpUser | None:
+        """What a login of `user` is checked against; None if the lookup found nobody.
+        No pool yet: that waits for the login to succeed (admit)."""
         found, password, parameters = await self.lookup.user(user)
         if not found:
             return None
-        return self._entry_with(user, password, parameters)
+        return self._looked_up(user, password, parameters)
 
-    async def refetch(self, user: str) -> PoolEntry | None:
-        """After a failed password exchange: the entry with a newly fetched password,
-        or None when there is nothing new (rate limited, unchanged, or gone)."""
+    async def find_again(self, user: str) -> LookedUpUser | None:
+        """After a failed password exchange: the user fetched anew, or None when there
+        is nothing new (rate limited, unchanged, or gone)."""
         fresh = await self.lookup.refetch(user)
         if fresh is None or not fresh[0]:
             return None
-        return self._entry_with(user, fresh[1], fresh[2])
+        return self._looked_up(user, fresh[1], fresh[2])
+
+    def _looked_up(self, user: str, password: str, parameters: dict[str, str]) -> LookedUpUser:
+        if password.startswith((JWT_PUBLIC_KEY_PREFIX, JWT_PRIVATE_KEY_PREFIX)):
+            # Key files come from the config only: the database can't make the pooler
+            # open a file of its choosing. Such a user has no usable password.
+            logger.warning("auth_query: user %r: a looked-up password names a JWT key", user)
+            password = ""
+        entry = self.users.get(user)
+        if entry is not None and entry.password == password:
+            verifier = entry.scram_verifier  # parsed once per password, not per login
+        else:
+            verifier = self.pooler.scram_verifier_of(password)
+        return LookedUpUser(password, parameters, verifier)
+
+    async def entry(self, user: str) -> PoolEntry | None:
+        """The entry of a user who has already logged in (a client handed over by the
+        process a binary upgrade replaces); None if the lookup found nobody."""
+        looked_up = await self.find(user)
+        return None if looked_up is None else self.admit(user, looked_up)
+
+    def admit(self, user: str, looked_up: LookedUpUser) -> PoolEntry:
+        """The entry a user who has just logged in with `looked_up` is served by: its
+        pool is created (or updated) here, once the password has been checked."""
+        return self._entry_with(user, looked_up.password, looked_up.parameters)
 
     def _fitting(
         self, user: str, parameters: dict[str, str]
@@ -179,11 +215,6 @@ class AuthQueryUsers:
     def _entry_with(self, user: str, password: str, parameters: dict[str, str]) -> PoolEntry:
         from pg_doorman.app.pooler import PoolEntry
 
-        if password.startswith((JWT_PUBLIC_KEY_PREFIX, JWT_PRIVATE_KEY_PREFIX)):
-            # Key files come from the config only: the database can't make the pooler
-            # open a file of its choosing. Such a user has no usable password.
-            logger.warning("auth_query: user %r: a looked-up password names a JWT key", user)
-            password = ""
         entry = self.users.get(user)
         # In use again: the sweep must not close the pool under a login in progress.
         self._unused_since.pop(user, None)

@@ -20,7 +20,12 @@ from pg_doorman import implementation
 from pg_doorman.admin.snapshot import Snapshot, merge
 from pg_doorman.admin.snapshot import take as take_snapshot
 from pg_doorman.app import event_loop
-from pg_doorman.app.auth_query_users import AuthQueryUsers, lookup_settings, new_auth_query_users
+from pg_doorman.app.auth_query_users import (
+    AuthQueryUsers,
+    LookedUpUser,
+    lookup_settings,
+    new_auth_query_users,
+)
 from pg_doorman.app.cluster import (
     Cluster,
     WorkerInfo,
@@ -356,6 +361,13 @@ def backend_credentials(user: UserConfig) -> BackendCredentials:
     return BackendCredentials(user=server_user)
 
 
+def _lookup_failed(user: str, exc: AuthQueryError) -> StartupError:
+    # The reason is in the log; the client learns the login could not be checked.
+    return StartupError(
+        sqlstate.CONNECTION_FAILURE, f'could not look up user "{user}": {exc.message}'
+    )
+
+
 class Pooler:
     def __init__(
         self,
@@ -685,27 +697,38 @@ class Pooler:
         """Whether users not configured in this pool are looked up by auth_query."""
         return database in self.auth_queries
 
+    async def looked_up_user(self, database: str, user: str) -> LookedUpUser | None:
+        """What a login of a user the pool's auth_query looks up is checked against
+        (None: no such user); StartupError when the lookup itself fails."""
+        try:
+            return await self.auth_queries[database].find(user)
+        except AuthQueryError as exc:
+            raise _lookup_failed(user, exc) from None
+
     async def looked_up_entry(self, database: str, user: str) -> PoolEntry | None:
-        """A user found by the pool's auth_query (None: no such user); StartupError
-        when the lookup itself fails."""
+        """The entry of a looked-up user who has already logged in (a client handed
+        over by a binary upgrade's old process); None: no such user."""
         try:
             return await self.auth_queries[database].entry(user)
         except AuthQueryError as exc:
-            # The reason is in the log; the client learns the login could not be checked.
-            raise StartupError(
-                sqlstate.CONNECTION_FAILURE,
-                f'could not look up user "{user}": {exc.message}',
-            ) from None
+            raise _lookup_failed(user, exc) from None
 
-    async def looked_up_again(self, database: str, user: str) -> PoolEntry | None:
+    async def looked_up_again(self, database: str, user: str) -> LookedUpUser | None:
         """After a failed password: the user fetched anew if allowed and changed."""
         users = self.auth_queries.get(database)
         if users is None:
             return None
         try:
-            return await users.refetch(user)
+            return await users.find_again(user)
         except AuthQueryError:
             return None  # logged by the lookup; the login fails as it would have
+
+    def admit_looked_up(self, database: str, user: str, looked_up: LookedUpUser) -> PoolEntry:
+        """The entry (and pool) of a looked-up user whose login has just succeeded."""
+        users = self.auth_queries.get(database)
+        if users is None:  # a reload removed the lookup during the password exchange
+            raise StartupError(sqlstate.CANNOT_CONNECT_NOW, "the user lookup was stopped")
+        return users.admit(user, looked_up)
 
     def count_looked_up_login(self, database: str, ok: bool) -> None:
         users = self.auth_queries.get(database)
@@ -1122,8 +1145,11 @@ class Pooler:
         self, database: str, user: str, stored: str, *, address: str, unix: bool, ssl: bool
     ) -> AuthDecision:
         """decide_auth for a user found by auth_query, whose password is not in the
-        config (not remembered: the lookup's cache has its own lifetime)."""
-        return self._decide_auth(
+        config (not remembered: the lookup's cache has its own lifetime). A refusal
+        for want of a usable password fakes a SCRAM exchange, as PostgreSQL (whose
+        default password_encryption is SCRAM) does for a role that does not exist or
+        has no password: an MD5 challenge would set such names apart from SCRAM roles."""
+        decision = self._decide_auth(
             database,
             user,
             stored,
@@ -1131,6 +1157,9 @@ class Pooler:
             unix=unix,
             ssl=ssl,
         )
+        if decision.method == ClientAuth.REJECT and not decision.by_hba:
+            return AuthDecision(ClientAuth.REJECT, decision.reason, mock=ClientAuth.SCRAM)
+        return decision
 
     def _decide_auth(
         self,

@@ -41,6 +41,9 @@ PARAMETERS_COLUMN = "startup_parameters"
 # Users remembered per pool, found or not; past that the expired ones go, then the
 # oldest half, so a scan of made-up user names can't grow the cache without bound.
 MAX_CACHED_USERS = 10_000
+# PostgreSQL keeps NAMEDATALEN - 1 bytes of a role name: a longer name, compared as
+# `name` in the lookup, would find the role of its first 63 bytes (an alias of it).
+ROLE_NAME_MAX: Final = 63
 
 
 class AuthQueryError(Exception):
@@ -362,7 +365,10 @@ class AuthQuery:
         return len(self._cache)
 
     async def user(self, user: str) -> User:
-        """A user as looked up, from the cache while it is fresh."""
+        """A user as looked up, from the cache while it is fresh. A name longer than
+        PostgreSQL keeps is nobody, without a lookup (and without a cache entry)."""
+        if len(user.encode()) > ROLE_NAME_MAX:
+            return False, "", {}
         cached = self._cache.get(user)
         if cached is not None and cached.expires_at > self._clock():
             self.stats.cache_hits += 1

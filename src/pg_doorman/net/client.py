@@ -1039,28 +1039,28 @@ class ClientConnection(asyncio.Protocol):
         return entry
 
     async def _looked_up_login(self, database: str, user: str) -> PoolEntry:
-        """Log in a user the pool's auth_query looks up (pg_hba has let it through)."""
+        """Log in a user the pool's auth_query looks up (pg_hba has let it through).
+        The user's pool is made only once the login has succeeded: a name that merely
+        exists in PostgreSQL opens nothing."""
         pooler = self.pooler
-        entry = await self._wait_for(pooler.looked_up_entry(database, user), "the user lookup")
+        found = await self._wait_for(pooler.looked_up_user(database, user), "the user lookup")
         ok = False
         try:
-            if entry is None:
-                # No such user: refused like a wrong password, after the exchange a
-                # real user's login would have.
-                unknown = pooler.decide_looked_up_auth(
-                    database, user, "", address=self.address, unix=self.unix, ssl=self.tls
-                )
-                await self._refuse_after_password(unknown.mock)
+            if found is None:
+                # No such user: refused like a wrong password, after the exchange
+                # PostgreSQL's mock authentication would have.
+                await self._refuse_after_password(ClientAuth.SCRAM)
             decision = pooler.decide_looked_up_auth(
-                database, user, entry.password, address=self.address, unix=self.unix, ssl=self.tls
+                database, user, found.password, address=self.address, unix=self.unix, ssl=self.tls
             )
+            client_key: bytes | None = None
             if decision.method == ClientAuth.REJECT:
                 if decision.reason:
                     logger.info("client %s: %s", self.name, decision.reason)
                 await self._refuse_after_password(decision.mock)
             elif decision.method == ClientAuth.MD5:
                 salt, response = await self._md5_exchange()
-                if not verify_md5_response(entry.password, salt, response):
+                if not verify_md5_response(found.password, salt, response):
                     # The password may have changed in PostgreSQL since it was cached:
                     # the same answer is checked against a fresh copy.
                     fresh = await self._wait_for(
@@ -1068,10 +1068,11 @@ class ClientConnection(asyncio.Protocol):
                     )
                     if fresh is None or not verify_md5_response(fresh.password, salt, response):
                         raise self._password_failed()
-                    entry = fresh
+                    found = fresh
             elif decision.method == ClientAuth.SCRAM:
+                assert found.scram_verifier is not None
                 try:
-                    await self._auth_scram(entry)
+                    client_key = await self._auth_scram_with(found.scram_verifier)
                 except StartupError as failed:
                     if failed.code == sqlstate.INVALID_PASSWORD:
                         # A SCRAM proof can't be checked again against a new verifier;
@@ -1082,6 +1083,11 @@ class ClientConnection(asyncio.Protocol):
                     raise
             elif decision.method != ClientAuth.TRUST:
                 await self._auth_md5(None)  # nothing else is looked up
+            entry = pooler.admit_looked_up(database, user, found)
+            if client_key is not None:
+                # Passthrough: the ClientKey lets the pooler log in to the backend as
+                # this user.
+                entry.credentials.scram_client_key = client_key
             ok = True
         finally:
             pooler.count_looked_up_login(database, ok)
