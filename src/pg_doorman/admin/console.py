@@ -57,23 +57,61 @@ def result(columns: Columns, rows: Rows, tag: str) -> bytes:
     return b"".join(parts)
 
 
+# One piece of a query: quoted text (to its end when unclosed; a doubled quote reads as
+# two pieces), a `--` comment, a `/*` that opens one, a `;`, plain text, any other char.
+_PIECE = re.compile(r"""'[^']*(?:'|\Z)|"[^"]*(?:"|\Z)|--[^\n]*|/\*|;|[^'";/-]+|.""", re.DOTALL)
+_COMMENT_MARK = re.compile(r"/\*|\*/")
+
+
 def split_statements(text: str) -> list[str]:
     """The statements of one Query: `text` cut at the semicolons outside quoted text
-    (`SET application_name = 'a;b'` is one statement), each trimmed, empty ones left out."""
+    (`SET application_name = 'a;b'` is one statement) and comments, each trimmed, empty
+    ones left out. Comments (`-- ...` to the end of the line, `/* ... */`, nested as in
+    PostgreSQL) count as a space: psql sends them along with the statements of a script."""
     parts: list[str] = []
-    start = 0
-    quote = ""
-    for i, char in enumerate(text):
-        if quote:
-            if char == quote:
-                quote = ""  # a doubled quote closes and opens again: still inside
-        elif char in "'\"":
-            quote = char
-        elif char == ";":
-            parts.append(text[start:i])
-            start = i + 1
-    parts.append(text[start:])
+    current: list[str] = []
+    position, end = 0, len(text)
+    while position < end:
+        piece = _PIECE.match(text, position)
+        assert piece is not None  # `.` matches any character
+        token = piece.group()
+        position = piece.end()
+        if token == ";":
+            parts.append("".join(current))
+            current = []
+        elif token == "/*":
+            depth = 1
+            while depth and (mark := _COMMENT_MARK.search(text, position)) is not None:
+                depth += 1 if mark.group() == "/*" else -1
+                position = mark.end()
+            if depth:
+                position = end  # unclosed: a comment to the end
+            current.append(" ")
+        elif token.startswith("--"):
+            current.append(" ")
+        else:
+            current.append(token)
+    parts.append("".join(current))
     return [part.strip() for part in parts if part.strip()]
+
+
+# How much of a statement an error message repeats.
+_QUOTED_CHARS: Final = 200
+
+
+def _quoted(statement: str) -> str:
+    """`statement` as an error message repeats it: its start only, when it is long."""
+    if len(statement) <= _QUOTED_CHARS:
+        return statement
+    return f"{statement[:_QUOTED_CHARS]}... ({len(statement)} characters)"
+
+
+def _shortened(message: str) -> str:
+    """An error message that repeats what the client sent (a log level, a database
+    name) cut to a readable length."""
+    if len(message) <= 4 * _QUOTED_CHARS:
+        return message
+    return f"{message[: 4 * _QUOTED_CHARS]}..."
 
 
 def _unquote(value: str) -> str:
@@ -107,6 +145,7 @@ class AdminConsole:
         self._worker: asyncio.Task[None] | None = None
         self._waiting: asyncio.Future[list[dict[str, Any]]] | None = None
         self._cancel_requested = False
+        self._terminated = False  # a Terminate came: close once the queries are answered
         client.on_cancel = self.cancel
 
     def greeting(self) -> bytes:
@@ -125,13 +164,19 @@ class AdminConsole:
     # ---- input --------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if self._terminated:
+            return
         self._inbox.feed(data)
         try:
             while (msg := self._inbox.next_message()) is not None:
                 msg_type, body = msg
                 if msg_type == codes.TERMINATE:
-                    self.client.close()
-                    return
+                    # Queries sent before it are answered first, as PostgreSQL does.
+                    self._terminated = True
+                    if not self._queries and (self._worker is None or self._worker.done()):
+                        self.client.close()
+                        return
+                    break
                 if msg_type != codes.QUERY:
                     self.client.fail(
                         sqlstate.PROTOCOL_VIOLATION,
@@ -156,11 +201,19 @@ class AdminConsole:
         while self._queries and not self.client.transport_closed:
             text = self._queries.popleft()
             self.client.write(await self._run(text))
+        if self._terminated:
+            self.client.close()
 
     # ---- dispatch -----------------------------------------------------------
 
     async def _run(self, text: str) -> bytes:
         replies: list[bytes] = []
+        if "\x00" in text:
+            # PostgreSQL's answer to a Query with bytes after its terminator.
+            error = messages.error_response(
+                "ERROR", sqlstate.PROTOCOL_VIOLATION, "invalid message format"
+            )
+            return error + messages.READY_IDLE
         statements = split_statements(text)
         if not statements:
             replies.append(messages.EMPTY_QUERY)
@@ -168,13 +221,15 @@ class AdminConsole:
             try:
                 replies.append(await self._statement(statement))
             except AdminError as exc:
-                replies.append(messages.error_response("ERROR", exc.code, exc.message))
+                replies.append(messages.error_response("ERROR", exc.code, _shortened(exc.message)))
                 break
             except Exception:  # a bug here must not leave the console without an answer
-                logger.exception("admin command failed: %s", statement)
+                logger.exception("admin command failed: %s", _quoted(statement))
                 replies.append(
                     messages.error_response(
-                        "ERROR", sqlstate.INTERNAL_ERROR, f"internal error running: {statement}"
+                        "ERROR",
+                        sqlstate.INTERNAL_ERROR,
+                        f"internal error running: {_quoted(statement)}",
                     )
                 )
                 break
@@ -211,7 +266,7 @@ class AdminConsole:
         elif command in ("select", "with") and "pg_catalog" in statement.lower():
             # psql's describe and tab-completion queries: an empty answer, no error.
             return result([("?column?", TEXT)], [], "SELECT 0")
-        raise AdminError(sqlstate.SYNTAX_ERROR, f"unsupported admin command: {statement}")
+        raise AdminError(sqlstate.SYNTAX_ERROR, f"unsupported admin command: {_quoted(statement)}")
 
     async def _set(self, statement: str) -> bytes:
         match = _SET.fullmatch(statement)

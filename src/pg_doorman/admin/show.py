@@ -24,6 +24,7 @@ from pg_doorman.config.loader import (
     WEB_NOT_IMPLEMENTED,
 )
 from pg_doorman.config.schema import AuthQueryConfig, TalosConfig
+from pg_doorman.net.patroni_api import redacted_url
 from pg_doorman.prepared.registry import NAMED, UNNAMED
 from pg_doorman.stats.counters import PERCENTILES, quantile_of, recent_count_of
 from pg_doorman.stats.sockets import COLUMNS as SOCKET_COLUMNS
@@ -452,6 +453,9 @@ def _settings_rows(
         default = _format(getattr(defaults, name))
         if name in _SECRET_KEYS:
             value = default = "********"
+        elif name == "patroni_api_urls":
+            urls = getattr(current, name)
+            value = _format(None if urls is None else [redacted_url(url) for url in urls])
         changeable = key not in RESTART_REQUIRED and name not in ignored
         yield [key, value, default or "-", "yes" if changeable else "no"]
 

@@ -15,7 +15,7 @@ import json
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 # A /cluster answer lists a handful of members; anything this big is not one.
 MAX_RESPONSE = 4 * 1024 * 1024
@@ -123,11 +123,22 @@ def _dechunked(data: bytes) -> bytes:
         position = start + size + 2
 
 
+def redacted_url(url: str) -> str:
+    """`url` with the password of its user info (HTTP Basic credentials) masked, for the
+    log and SHOW CONFIG."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    credentials, _, host = parts.netloc.rpartition("@")
+    user = credentials.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:********@{host}"))
+
+
 def request_for(url: str) -> tuple[str, int, bool, bytes]:
     """Host, port, whether TLS, and the request bytes of GET <url>/cluster."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise PatroniApiError(f"not an http(s) URL: {url!r}")
+        raise PatroniApiError(f"not an http(s) URL: {redacted_url(url)!r}")
     tls = parts.scheme == "https"
     port = parts.port or (443 if tls else 80)
     # As in PgDoorman, a URL may already name the endpoint (http://node:8008/cluster).
@@ -190,7 +201,7 @@ async def fetch_cluster(urls: Sequence[str], timeout: float) -> tuple[str, list[
             for task in done:
                 error = task.exception()  # retrieved for every task, winner or not
                 if error is not None:
-                    failures.append(f"{tasks[task]}: {error}")
+                    failures.append(f"{redacted_url(tasks[task])}: {error}")
                 elif winner is None:
                     winner = task
             if winner is not None:
