@@ -569,6 +569,21 @@ def test_an_unknown_user_is_not_told_apart_by_the_auth_method(
     assert first_auth_request(proc, "no_such_user") == w.AUTH_SASL
 
 
+@pytest.mark.parametrize(
+    "pg_hba", [None, "host all all 127.0.0.1/32 md5\n"], ids=["no-pg_hba", "md5-line"]
+)
+def test_an_unknown_user_gets_postgresqls_mock_scram_under_any_password_line(
+    pg: ExamplePostgres, pooler: PoolerFactory, pg_hba: str | None
+) -> None:
+    """Without pg_hba or under an md5 line PostgreSQL still fakes SCRAM for a role that
+    does not exist (its default password_encryption): an MD5 challenge there would
+    set unknown names apart from the SCRAM users, before any password is sent."""
+    proc = pooler(general={} if pg_hba is None else {"pg_hba": pg_hba})
+    assert first_auth_request(proc, pg.scram_user.name) == w.AUTH_SASL
+    assert first_auth_request(proc, "no_such_user") == w.AUTH_SASL
+    assert mock_exchange_salt(proc, "no_such_user") == mock_exchange_salt(proc, "no_such_user")
+
+
 def test_queries_sent_ahead_of_the_login_are_all_answered(
     pg: ExamplePostgres, pooler: PoolerFactory
 ) -> None:

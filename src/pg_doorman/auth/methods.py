@@ -41,9 +41,11 @@ class AuthDecision:
     # problems, which the client only learns as a failed password exchange (28P01).
     by_hba: bool = False
     # For a REJECT learnt through a password exchange: the exchange to fake, so that it
-    # looks like a real user's (PostgreSQL's mock authentication). SCRAM under a
-    # scram-sha-256 line, where an MD5 challenge would tell the user does not exist.
-    mock: ClientAuth = ClientAuth.MD5
+    # looks like a real user's (PostgreSQL's mock authentication). SCRAM, as PostgreSQL
+    # fakes it for a role that does not exist or has no password under any password
+    # line (its default password_encryption): an MD5 challenge would set such names
+    # apart from the SCRAM users most servers have.
+    mock: ClientAuth = ClientAuth.SCRAM
 
 
 _PAM_DECISION: Final = AuthDecision(ClientAuth.PAM)
