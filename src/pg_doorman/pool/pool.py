@@ -397,13 +397,20 @@ class Pool:
         if not fresh and not server.is_usable(now):
             self.discard(server, "lifetime reached")
             return
+        budget = self.budget
+        if not fresh and budget is not None and self.waiting:
+            reason = budget.reason_to_close(self, server, now)
+            if reason is not None:
+                # Its slot goes to the database's other users (freed, feed) before this
+                # pool's own queue asks for one again (discard, _grow).
+                self.discard(server, reason)
+                return
         waiter = self._next_waiter()
         if waiter is not None:
             if not fresh and self.size >= self.settings.warm_threshold:
                 self.scaling.antic_notify += 1
             self._hand_over(waiter, server, now)
             return
-        budget = self.budget
         if budget is not None and budget.count > budget.limit:
             # Opened from the reserve (or the limit was lowered): not kept idle.
             self.discard(server, "over max_db_connections")
@@ -930,6 +937,33 @@ class DatabaseBudget:
         self.exhaustions += 1
         self._starve(pool, now)
         return False
+
+    def reason_to_close(self, pool: Pool, server: PooledServer, now: float) -> str | None:
+        """Why a server `pool` got back should close rather than serve its queue (None:
+        it serves it). Over the limit and the reserve (a reload lowered them) it closes,
+        or the count would never come down while clients queue. At the limit, a user
+        whose clients have waited longer for room gets the slot, as an idle server would
+        be taken for it (past min_connection_lifetime, above `pool`'s floor): else a user
+        that keeps its queue full would hold the database's servers for good."""
+        if self.count > self.limit + self.reserve:
+            return "over max_db_connections"
+        if self.count < self.limit or not self.starving:
+            return None
+        if pool.size <= self._floor(pool) or now - server.created < self.min_lifetime:
+            return None
+        mine = pool.oldest_wait(now)
+        for other in self.starving:
+            if (
+                other is not pool
+                and not other.closed
+                and not other.paused
+                and other.waiting > other.connecting + other.probing
+                and other.size < other.settings.pool_size
+                and other.oldest_wait(now) > mine
+            ):
+                self.evictions += 1
+                return f"closed for {other.name}, waiting longer (max_db_connections)"
+        return None
 
     def freed(self, pool: Pool) -> None:
         """A server of `pool` closed, or failed to open."""
