@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import select
 import socket
 import time
 from collections.abc import Callable
@@ -105,6 +106,13 @@ _LOCKS_WARNING: Final = messages.notice_response(
 # checkout_state() results.
 EXPIRED: Final = 1
 NEEDS_PROBE: Final = 2
+# The server sent something (its goodbye) that the event loop has not read yet.
+SPOKE: Final = 3
+# Idle for longer than this, a server's socket is polled at checkout for a goodbye the
+# event loop has not read yet. A server back in use within it was just serving, and a
+# busy pool's checkouts stay free of the extra system call.
+_IDLE_WATCH_AFTER: Final = 0.1
+_READABLE: Final = select.POLLIN | select.POLLPRI | getattr(select, "POLLRDHUP", 0)
 
 
 @dataclass
@@ -167,6 +175,7 @@ class ServerConnection(asyncio.Protocol):
         self.idle_limit = pool.idle_limit()
         self._expires_at = self.lifetime_deadline
         self._probe_at = _NEVER
+        self._watch_at = 0.0
         self._fingerprint: tuple[object, ...] | None = None
         self._fingerprint_at = -1
         self._fingerprint_synced: tuple[str, ...] = ()
@@ -211,6 +220,8 @@ class ServerConnection(asyncio.Protocol):
         # they are sent once it is over (app/pooler.py cancel_here).
         self.cancels_after_sync: list[asyncio.Future[None]] = []
         self._clears_statements = False
+        # Polls the socket at checkout (checkout_state): None when there is none.
+        self._idle_watch: select.poll | None = None
 
     # ---- asyncio.Protocol ---------------------------------------------------
 
@@ -227,6 +238,9 @@ class ServerConnection(asyncio.Protocol):
         elif sock is not None and self.pool.settings.unix_socket_buffer_size:
             set_buffer_sizes(sock, self.pool.settings.unix_socket_buffer_size)
         self.peer = transport.get_extra_info("peername") or ""
+        if sock is not None:
+            self._idle_watch = select.poll()
+            self._idle_watch.register(sock.fileno(), _READABLE)
 
     def data_received(self, data: bytes) -> None:
         # Dispatch on the mode rather than through a stored bound method: switching
@@ -402,11 +416,18 @@ class ServerConnection(asyncio.Protocol):
             self._expires_at = min(self._expires_at, deadline)
 
     def checkout_state(self, now: float) -> int:
-        """For an idle server being checked out: 0 use it, EXPIRED, or NEEDS_PROBE."""
+        """For an idle server being checked out: 0 use it, EXPIRED, NEEDS_PROBE or
+        SPOKE."""
         if now >= self._expires_at or self.closed or self.spoiled:
             return EXPIRED
         if now >= self._probe_at:
             return NEEDS_PROBE
+        watch = self._idle_watch
+        if now >= self._watch_at and watch is not None and watch.poll(0):
+            # Its goodbye (PostgreSQL shut down, pg_terminate_backend, an
+            # idle_session_timeout) came while the event loop was busy: a client's
+            # request written to it now would be lost with it.
+            return SPOKE
         return 0
 
     def mark_idle(self, now: float) -> None:
@@ -421,6 +442,7 @@ class ServerConnection(asyncio.Protocol):
         self._expires_at = expires
         check = self.pool.settings.idle_check_timeout
         self._probe_at = now + check if check > 0 else _NEVER
+        self._watch_at = now + _IDLE_WATCH_AFTER
 
     def params_fingerprint(self, synced: tuple[str, ...]) -> tuple[object, ...]:
         """The server's session parameters as one comparable value, cached until they

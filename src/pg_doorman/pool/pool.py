@@ -170,6 +170,7 @@ _PATIENCE_MIN: Final = 0.005
 _PATIENCE_MAX: Final = 0.5
 _PATIENCE_RESERVE: Final = 0.5
 _EXPIRED: Final = 1  # PooledServer.checkout_state()
+_NEEDS_PROBE: Final = 2
 # Distinct client parameter sets a pool shares one object for; past that a client
 # keeps its own, which still compares equal.
 _SHARED_FINGERPRINTS: Final = 1024
@@ -453,8 +454,10 @@ class Pool:
                 return server
             if state == _EXPIRED:
                 self.discard(server, "lifetime or idle timeout reached")
-            else:
+            elif state == _NEEDS_PROBE:
                 self._probe(server)
+            else:
+                self.discard(server, "server sent data while idle")
         return None
 
     def _probe(self, server: PooledServer) -> None:
