@@ -3,8 +3,10 @@ server of the database, and a lowered limit is reached while clients keep queuei
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -53,6 +55,34 @@ def run_in_thread(
     thread = threading.Thread(target=run)
     thread.start()
     return thread
+
+
+@contextlib.contextmanager
+def busy_md5_clients(
+    proc: PoolerProcess, pg: ExamplePostgres, count: int, sql: str
+) -> Iterator[list[BaseException]]:
+    """`count` md5 clients running `sql` in a loop until the block ends; yields the
+    list their errors go to."""
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def busy() -> None:
+        try:
+            with connect(proc, pg, "md5") as conn:
+                while not stop.is_set():
+                    conn.execute(sql)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=busy) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield errors
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
 
 
 def test_the_user_waiting_longest_gets_the_next_server_of_the_database(
@@ -115,30 +145,14 @@ def test_a_busy_user_does_not_starve_another_at_the_limit(
     names = (pg.md5_user.name, pg.scram_user.name)
     scram = connect(proc, pg, "scram")
     scram.execute("select 1")  # logged in (its login borrows a server)
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def busy() -> None:
-        try:
-            with connect(proc, pg, "md5") as conn:
-                while not stop.is_set():
-                    conn.execute("select pg_sleep(0.02)")
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=busy) for _ in range(8)]
-    for thread in threads:
-        thread.start()
     most = 0
     try:
-        wait_until_waiting(proc, pg.md5_user.name, 6)
-        for _ in range(5):
-            assert scram.execute("select 1").fetchone() == (1,)
-            most = max(most, len(backends(pg, *names)))
+        with busy_md5_clients(proc, pg, 8, "select pg_sleep(0.02)") as errors:
+            wait_until_waiting(proc, pg.md5_user.name, 6)
+            for _ in range(5):
+                assert scram.execute("select 1").fetchone() == (1,)
+                most = max(most, len(backends(pg, *names)))
     finally:
-        stop.set()
-        for thread in threads:
-            thread.join(10)
         scram.close()
     assert errors == []
     assert most <= 2
@@ -161,21 +175,7 @@ def test_a_lowered_limit_is_reached_while_clients_keep_queueing(
         },
     )
     user = pg.md5_user.name
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def busy() -> None:
-        try:
-            with connect(proc, pg, "md5") as conn:
-                while not stop.is_set():
-                    conn.execute("select pg_sleep(0.2)")
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=busy) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    try:
+    with busy_md5_clients(proc, pg, 6, "select pg_sleep(0.2)") as errors:
         deadline = time.monotonic() + 10
         while len(backends(pg, user)) < 4:
             assert time.monotonic() < deadline, backends(pg, user)
@@ -189,8 +189,4 @@ def test_a_lowered_limit_is_reached_while_clients_keep_queueing(
             time.sleep(0.05)
         (row,) = admin_rows(proc, "POOL_COORDINATOR")
         assert row["current"] == "2"
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(10)
     assert errors == []
