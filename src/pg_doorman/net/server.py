@@ -175,7 +175,7 @@ class ServerConnection(asyncio.Protocol):
         self.idle_limit = pool.idle_limit()
         self._expires_at = self.lifetime_deadline
         self._probe_at = _NEVER
-        self._watch_at = 0.0
+        self._look_at = 0.0
         self._fingerprint: tuple[object, ...] | None = None
         self._fingerprint_at = -1
         self._fingerprint_synced: tuple[str, ...] = ()
@@ -420,14 +420,15 @@ class ServerConnection(asyncio.Protocol):
         SPOKE."""
         if now >= self._expires_at or self.closed or self.spoiled:
             return EXPIRED
-        if now >= self._probe_at:
-            return NEEDS_PROBE
-        watch = self._idle_watch
-        if now >= self._watch_at and watch is not None and watch.poll(0):
-            # Its goodbye (PostgreSQL shut down, pg_terminate_backend, an
-            # idle_session_timeout) came while the event loop was busy: a client's
-            # request written to it now would be lost with it.
-            return SPOKE
+        if now >= self._look_at:  # one comparison for both checks below
+            if now >= self._probe_at:
+                return NEEDS_PROBE
+            watch = self._idle_watch
+            if watch is not None and watch.poll(0):
+                # Its goodbye (PostgreSQL shut down, pg_terminate_backend, an
+                # idle_session_timeout) came while the event loop was busy: a client's
+                # request written to it now would be lost with it.
+                return SPOKE
         return 0
 
     def mark_idle(self, now: float) -> None:
@@ -441,8 +442,10 @@ class ServerConnection(asyncio.Protocol):
             expires = min(expires, now + self.idle_limit)
         self._expires_at = expires
         check = self.pool.settings.idle_check_timeout
-        self._probe_at = now + check if check > 0 else _NEVER
-        self._watch_at = now + _IDLE_WATCH_AFTER
+        probe_at = now + check if check > 0 else _NEVER
+        self._probe_at = probe_at
+        look_at = now + _IDLE_WATCH_AFTER
+        self._look_at = probe_at if probe_at < look_at else look_at
 
     def params_fingerprint(self, synced: tuple[str, ...]) -> tuple[object, ...]:
         """The server's session parameters as one comparable value, cached until they
@@ -951,35 +954,38 @@ class ServerConnection(asyncio.Protocol):
             self._retire("closed")
             return
         scanner = self.scanner
-        if scanner.cleanup_flags & QUERY_IN_BATCH and not self.spoiled:
+        flags = scanner.cleanup_flags  # read once: most transactions leave none
+        if flags & QUERY_IN_BATCH and not self.spoiled:
             # PostgreSQL would fail the next command, another client's (QUERY_IN_BATCH).
             self.spoiled = "a simple query was sent inside an extended-protocol batch"
         if self.spoiled:
             self.close(self.spoiled)
             self._retire(self.spoiled)
             return
-        if scanner.cleanup_flags & CLEAN_RESET:
-            scanner.cleanup_flags &= ~CLEAN_RESET
-            if self.extra_parameters:
-                # Which of them the RESET undid is unknown: RESET ALL undoes the rest,
-                # and the next client's are applied afresh.
-                scanner.cleanup_flags |= CLEAN_SET
         settings = self.pool.settings
-        if (
-            scanner.cleanup_flags & CLEAN_TEMP
-            and owner is not None
-            and not owner.pinned_for
-            and not settings.session_mode
-            and settings.cleanup_server_connections
-        ):
-            # Its temporary objects stay for the client that made them, as long as it
-            # gets this server back; another client's checkout drops them first
-            # (client._attach), so nobody else ever sees them.
-            scanner.cleanup_flags &= ~CLEAN_TEMP
-            self.temp_owner = owner
+        if flags:
+            if flags & CLEAN_RESET:
+                flags &= ~CLEAN_RESET
+                if self.extra_parameters:
+                    # Which of them the RESET undid is unknown: RESET ALL undoes the
+                    # rest, and the next client's are applied afresh.
+                    flags |= CLEAN_SET
+            if (
+                flags & CLEAN_TEMP
+                and owner is not None
+                and not owner.pinned_for
+                and not settings.session_mode
+                and settings.cleanup_server_connections
+            ):
+                # Its temporary objects stay for the client that made them, as long as
+                # it gets this server back; another client's checkout drops them first
+                # (client._attach), so nobody else ever sees them.
+                flags &= ~CLEAN_TEMP
+                self.temp_owner = owner
+            scanner.cleanup_flags = flags
         if (
             scanner.status == _READY_I
-            and not scanner.cleanup_flags
+            and not flags
             and not self.statements_unknown
             and not settings.session_mode
         ):
