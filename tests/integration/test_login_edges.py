@@ -176,7 +176,7 @@ def test_gssenc_request_twice_is_refused_as_postgresql_does(
 def test_plaintext_after_ssl_request_in_the_same_packet_is_refused(
     pg: ExamplePostgres, pooler: PoolerFactory, request_kind: str
 ) -> None:
-    """CVE-2021-23222: bytes buffered behind an SSLRequest (without a certificate the
+    """CVE-2021-23214: bytes buffered behind an SSLRequest (without a certificate the
     answer is N) must not be read as the startup packet."""
     proc = pooler()
     request = w.ssl_request() if request_kind == "ssl" else w.gssenc_request()

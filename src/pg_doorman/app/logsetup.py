@@ -7,9 +7,11 @@ import json
 import logging
 import logging.handlers
 import os
+import re
 import socket
 import sys
 import time
+from typing import Final
 
 LEVELS = {
     "error": logging.ERROR,
@@ -20,6 +22,45 @@ LEVELS = {
     "trace": logging.DEBUG,
     "off": logging.CRITICAL + 10,
 }
+
+
+# Characters of a log message longer than this are left out (the rest is counted): one
+# client's 10 KB user name or long statement must not take that much room per line.
+MESSAGE_LIMIT: Final = 4096
+# What would start a new line for some reader (str.splitlines, a terminal, syslog) or
+# drive a terminal: C0 and C1 control characters, DEL, the Unicode line separators.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED_ESCAPES: Final = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escaped(match: re.Match[str]) -> str:
+    char = match.group()
+    named = _NAMED_ESCAPES.get(char)
+    if named is not None:
+        return named
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def one_line(message: str) -> str:
+    """`message` as one line of printable text, at most MESSAGE_LIMIT characters (plus
+    a count of those left out): control characters become escapes, as in repr(), so
+    that a name or statement a client sent cannot forge a log line of its own."""
+    if len(message) > MESSAGE_LIMIT:
+        left_out = len(message) - MESSAGE_LIMIT
+        message = f"{message[:MESSAGE_LIMIT]}... ({left_out} more characters)"
+    if message.isprintable():  # nearly always: skip the search
+        return message
+    return _UNSAFE.sub(_escaped, message)
+
+
+class TextFormatter(logging.Formatter):
+    """Python's formatter, with the message made one line (one_line); a traceback
+    still follows on lines of its own."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = one_line(record.message)
+        return super().formatMessage(record)
 
 
 class StructuredFormatter(logging.Formatter):
@@ -33,7 +74,9 @@ class StructuredFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            # Escaped, not only JSON-quoted: a reader printing the decoded message
+            # (jq -r) must not see lines a client wrote.
+            "message": one_line(record.getMessage()),
             "pid": record.process,
         }
         if self.worker is not None:
@@ -121,7 +164,7 @@ def _open_syslog(ident: str, fmt: str, worker: int | None) -> logging.Handler | 
         inner = StructuredFormatter(worker)
     else:
         tag = "" if worker is None else f"[w{worker}] "
-        inner = logging.Formatter(f"%(levelname)s {tag}%(name)s: %(message)s")
+        inner = TextFormatter(f"%(levelname)s {tag}%(name)s: %(message)s")
     handler.setFormatter(SyslogFormatter(ident, inner))
     return handler
 
@@ -149,7 +192,7 @@ def setup_logging(
     else:
         tag = "" if worker is None else f"[w{worker}] "
         handler.setFormatter(
-            logging.Formatter(f"%(asctime)s %(levelname)-7s {tag}%(name)s: %(message)s")
+            TextFormatter(f"%(asctime)s %(levelname)-7s {tag}%(name)s: %(message)s")
         )
     syslog = _open_syslog(syslog_ident, fmt, worker) if syslog_ident else None
     root = logging.getLogger()

@@ -170,6 +170,10 @@ _CANCELED_REQUEST: Final = (
 # Encryption requests a client has made (ClientConnection._negotiated).
 _SSL_ASKED: Final = 1
 _GSS_ASKED: Final = 2
+_INJECTION_DETAIL: Final = (
+    "This could be either a client-software bug or evidence of an attempted "
+    "man-in-the-middle attack."
+)
 # A TLS record's first byte when it carries a handshake message (the client's hello).
 _TLS_HANDSHAKE_RECORD: Final = 0x16
 # Names that may be spliced into SET statements; anything else is refused at login.
@@ -555,8 +559,13 @@ class ClientConnection(asyncio.Protocol):
             self._negotiated |= asked
             if buf:
                 # Bytes after the request would be read as if they came through the
-                # encrypted channel: refuse, as PostgreSQL does.
-                self.fail(sqlstate.PROTOCOL_VIOLATION, "unexpected data after SSL request")
+                # encrypted channel: refuse, in PostgreSQL's words (CVE-2021-23214).
+                kind = "SSL request" if ssl_request else "GSSAPI encryption request"
+                self.fail(
+                    sqlstate.PROTOCOL_VIOLATION,
+                    f"received unencrypted data after {kind}",
+                    detail=_INJECTION_DETAIL,
+                )
                 return
             context = self.pooler.tls_context
             if (
