@@ -6,6 +6,7 @@ schema change spoiled on the servers."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import asyncpg
 import psycopg
@@ -14,6 +15,7 @@ import pytest
 from helpers import ExamplePostgres
 from helpers import pgwire as w
 from helpers.both import connect
+from helpers.console import admin_rows
 from helpers.pooler import PoolerFactory, PoolerProcess
 
 # One step: (client, bytes sent in one write, ReadyForQuery messages to read).
@@ -136,7 +138,15 @@ def test_statement_parsed_again_on_a_new_server(pg: ExamplePostgres, pooler: Poo
         conn.send_raw(P("s", "select $1::int * 3", [23]) + S())
         assert w.msg_types(conn.read_until_ready()) == "1Z"
         pid = conn.execute_query("select pg_backend_pid()")[0][0]
-        pg.psql(f"select pg_terminate_backend({pid})")
+        # Waits for the backend to be gone, then for the pooler to have read its
+        # goodbye: a Bind sent before that reaches the dying server, which is another
+        # test's subject (test_idle_server_goodbye.py).
+        assert any(row["server_process_id"] == pid for row in admin_rows(proc, "SERVERS"))
+        pg.psql(f"select pg_terminate_backend({pid}, 10000)")
+        deadline = time.monotonic() + 10
+        while any(row["server_process_id"] == pid for row in admin_rows(proc, "SERVERS")):
+            assert time.monotonic() < deadline, "the pooler never noticed the server go"
+            time.sleep(0.02)
         conn.send_raw(B("", "s", ["5"]) + E() + S())
         got = conn.read_until_ready()
         assert w.rows(got) == [("15",)], got
