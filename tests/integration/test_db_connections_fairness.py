@@ -10,24 +10,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import psycopg
+from test_db_connections import backends, connect
 
 from helpers import ExamplePostgres
 from helpers.console import admin_rows
 from helpers.pooler import PoolerFactory, PoolerProcess, deep_merge
-
-
-def backends(pg: ExamplePostgres, *users: str) -> list[int]:
-    names = ", ".join(f"'{user}'" for user in users)
-    out = pg.psql(
-        f"select pid from pg_stat_activity where usename in ({names}) "
-        "and backend_type = 'client backend' order by pid"
-    )
-    return [int(line) for line in out.split()]
-
-
-def connect(proc: PoolerProcess, pg: ExamplePostgres, which: str) -> psycopg.Connection[Any]:
-    user = pg.md5_user if which == "md5" else pg.scram_user
-    return psycopg.connect(proc.dsn(user.name, user.password), autocommit=True)
 
 
 def waiting(proc: PoolerProcess, user: str) -> int:

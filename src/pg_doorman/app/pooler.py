@@ -65,7 +65,6 @@ from pg_doorman.auth.passthrough import keep_client_key
 from pg_doorman.auth.scram import ScramVerifier, is_scram_verifier
 from pg_doorman.auth.talos import Talos, TalosKeyError
 from pg_doorman.config import (
-    ADMIN_DATABASES,
     Config,
     ConfigError,
     GeneralConfig,
@@ -1110,9 +1109,6 @@ class Pooler:
             client.login_timed_out()
 
     # ---- authentication -----------------------------------------------------
-
-    def is_admin_database(self, database: str) -> bool:
-        return database in ADMIN_DATABASES
 
     def decide_auth(
         self, database: str, user: str, *, address: str, unix: bool, ssl: bool

@@ -805,8 +805,8 @@ class ClientConnection(asyncio.Protocol):
             raise StartupError(sqlstate.CANNOT_CONNECT_NOW, "the pooler is shutting down")
         if self.over_limit:
             raise StartupError(sqlstate.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
-        # The pooler's lookups read here, not through its is_admin_database and
-        # pool_entry: its methods run interpreted, a frame each per login.
+        # The pooler's lookups read here, not through its pool_entry: its methods run
+        # interpreted, a frame each per login.
         if database in _ADMIN_DATABASES:
             await self._admin_login(database, user)
             return
