@@ -35,9 +35,11 @@ from pg_doorman.auth.scram import (
 from pg_doorman.auth.talos import TALOS_USER, session_application_name
 from pg_doorman.config import ADMIN_DATABASES
 from pg_doorman.memo import remember
+from pg_doorman.net.client_hello import NO_APPLICATION_PROTOCOL_ALERT, read_client_hello
 from pg_doorman.net.session_state import SessionState
 from pg_doorman.net.suspend import SUSPEND, resume
 from pg_doorman.net.tls import (
+    ALPN_PROTOCOL,
     TlsReader,
     negotiated_postgresql,
     start_tls_with_hello,
@@ -176,6 +178,7 @@ _INJECTION_DETAIL: Final = (
 )
 # A TLS record's first byte when it carries a handshake message (the client's hello).
 _TLS_HANDSHAKE_RECORD: Final = 0x16
+_ALPN_POSTGRESQL: Final = ALPN_PROTOCOL.encode()
 # Names that may be spliced into SET statements; anything else is refused at login.
 _GUC_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)?")
 
@@ -207,6 +210,8 @@ class ClientConnection(asyncio.Protocol):
         "_discarding",
         "_fingerprint",
         "_fingerprint_synced",
+        "_hello_context",
+        "_hello_timer",
         "_inbox",
         "_listening",
         "_login_coro",
@@ -318,6 +323,11 @@ class ClientConnection(asyncio.Protocol):
         self._negotiated = 0
         # Its TLS session's channel binding data (net/tls.py tls_end_point), if any.
         self._tls_end_point: bytes | None = None
+        # Set from the S answered to its SSLRequest until its TLS hello has come whole:
+        # the context the handshake will use, and the backstop that cuts a client
+        # sending none (as the TLS layer cuts a handshake, at tls_handshake_timeout).
+        self._hello_context: ssl.SSLContext | None = None
+        self._hello_timer: asyncio.TimerHandle | None = None
         self._inbox = MessageBuffer()
         # The login coroutine, driven by this connection (see net/suspend.py).
         self._login_coro: Coroutine[Any, Any, None] | None = None
@@ -393,6 +403,11 @@ class ClientConnection(asyncio.Protocol):
         if was == CLOSED:
             return  # a failed TLS handshake reports it twice: ours, then the TLS layer's
         self.state = CLOSED
+        if self._hello_context is not None:
+            # Gone between the S and its TLS hello: a handshake it gave up.
+            self._stop_waiting_for_hello()
+            logger.info("client %s: TLS handshake failed: closed before its hello", self.name)
+            self.pooler.login_failures += 1
         if self._writer is not None:
             self._writer.stop()  # the transport closes the descriptor once this returns
         self.pooler.logging_in.pop(self, None)
@@ -485,6 +500,8 @@ class ClientConnection(asyncio.Protocol):
         return final
 
     def close(self) -> None:
+        if self._hello_context is not None:
+            self._stop_waiting_for_hello()  # closed by the pooler, which says why itself
         if self.transport is not None and not self.transport.is_closing():
             if self._writer is not None:
                 self._writer.stop()  # what comes later is the closing transport's to drop
@@ -604,24 +621,51 @@ class ClientConnection(asyncio.Protocol):
             self.pooler.login_failures += 1
             self.close()
             return
-        if len(buf) < 5:
-            return  # the record header: type, version, length
-        end = 5 + ((buf[3] << 8) | buf[4])
-        if len(buf) < end:
+        self._take_hello(context, direct=True)
+
+    def _hello_after_ssl_request(self, data: bytes) -> None:
+        self._startup_buf += data
+        context = self._hello_context
+        if context is not None:
+            self._take_hello(context, direct=False)
+
+    def _take_hello(self, context: ssl.SSLContext, *, direct: bool) -> None:
+        """Start the handshake once the client's TLS hello is in `_startup_buf`, unless
+        its ALPN offer leaves out postgresql."""
+        buf = self._startup_buf
+        hello = read_client_hello(buf)
+        if hello is None:
             return
-        if len(buf) > end:
+        if direct and len(buf) > hello.end:
             # The client sends nothing more before the server's hello.
             logger.info("client %s: direct TLS with data after its hello", self.name)
             self.pooler.login_failures += 1
             self.close()
             return
-        hello = bytes(buf)
+        if hello.alpn is not None and _ALPN_POSTGRESQL not in hello.alpn:
+            # As PostgreSQL, with or without an SSLRequest: a client that offers ALPN
+            # means another protocol if postgresql is not among its offers.
+            offered = ", ".join(repr(name.decode("ascii", "replace")) for name in hello.alpn[:8])
+            logger.info(
+                "client %s: TLS handshake refused: the client's ALPN offer (%s) lacks "
+                "postgresql; sent a no_application_protocol alert",
+                self.name,
+                offered,
+            )
+            self.write(NO_APPLICATION_PROTOCOL_ALERT)
+            self.pooler.login_failures += 1
+            self.close()
+            return
+        self._stop_waiting_for_hello()
+        first_bytes = bytes(buf)
         buf.clear()
         transport = self.transport
         assert transport is not None
         transport.pause_reading()
         self._on_data = self._startup_during_handshake
-        self.pooler.track(self.loop.create_task(self._tls_handshake(transport, context, hello)))
+        self.pooler.track(
+            self.loop.create_task(self._tls_handshake(transport, context, first_bytes, direct))
+        )
 
     def _startup_during_handshake(self, data: bytes) -> None:
         # Decrypted data that the TLS layer hands over as soon as the handshake is
@@ -630,20 +674,31 @@ class ClientConnection(asyncio.Protocol):
         self._startup_buf += data
 
     def _start_tls(self, context: ssl.SSLContext) -> None:
-        """Answer S and hand the socket to TLS; the startup packet comes through it."""
-        transport = self.transport
-        assert transport is not None
-        # Nothing may reach _startup_data before the handshake: the next bytes are the
-        # client's TLS hello.
-        transport.pause_reading()
-        self._on_data = self._startup_during_handshake
+        """Answer S; the client's TLS hello comes next, and the startup packet through
+        the TLS session."""
         self.write(messages.SSL_ACCEPTED)
-        self.pooler.track(self.loop.create_task(self._tls_handshake(transport, context)))
+        self._hello_context = context
+        self._hello_timer = self.loop.call_later(
+            self.pooler.tls_handshake_timeout, self._no_hello_in_time
+        )
+        self._on_data = self._hello_after_ssl_request
+
+    def _no_hello_in_time(self) -> None:
+        if self._hello_context is not None:
+            logger.info("client %s: TLS handshake failed: no hello in time", self.name)
+            self.pooler.login_failures += 1
+            self.close()
+
+    def _stop_waiting_for_hello(self) -> None:
+        self._hello_context = None
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+            self._hello_timer = None
 
     async def _tls_handshake(
-        self, transport: asyncio.Transport, context: ssl.SSLContext, hello: bytes = b""
+        self, transport: asyncio.Transport, context: ssl.SSLContext, hello: bytes, direct: bool
     ) -> None:
-        """`hello`: the client's TLS hello, already read (direct TLS)."""
+        """`hello`: the client's TLS hello, already read; `direct`: without an SSLRequest."""
         limiter = self.pooler.tls_limiter
         if limiter is not None:
             delay = limiter.delay(_now())
@@ -666,10 +721,7 @@ class ClientConnection(asyncio.Protocol):
                 server_side=True,
                 ssl_handshake_timeout=self.pooler.tls_handshake_timeout,
             )
-            if hello:
-                tls_transport = await start_tls_with_hello(opening, transport, hello)
-            else:
-                tls_transport = await opening
+            tls_transport = await start_tls_with_hello(opening, transport, hello)
         except OSError as exc:  # ssl.SSLError, TimeoutError and resets included
             logger.info("client %s: TLS handshake failed: %s", self.name, exc)
             self.pooler.login_failures += 1
@@ -685,7 +737,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self.transport = tls_transport
         self._writer = SocketWriter(tls_transport)
-        if hello and not negotiated_postgresql(tls_transport):
+        if direct and not negotiated_postgresql(tls_transport):
             # As PostgreSQL: direct TLS needs ALPN, so that a TLS connection meant for
             # another protocol is never taken for ours.
             logger.info("client %s: direct TLS without the postgresql ALPN protocol", self.name)

@@ -35,6 +35,8 @@ def client_tls_context(general: GeneralConfig) -> ssl.SSLContext | None:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     # What PostgreSQL 17 negotiates; direct TLS requires it (negotiated_postgresql).
+    # OpenSSL goes on without ALPN when the client offers only other protocols: such a
+    # hello is refused before it gets here (net/client_hello.py).
     context.set_alpn_protocols([ALPN_PROTOCOL])
     try:
         context.load_cert_chain(general.tls_certificate, general.tls_private_key)
