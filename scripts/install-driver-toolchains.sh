@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Toolchains for tests/drivers: node-postgres (npm registry), pgjdbc and pgx v4 (Debian).
+# Toolchains for tests/drivers: node-postgres and pg-cursor (npm registry, pinned by
+# tests/drivers/node/package-lock.json), pgjdbc and pgx v4 (Debian).
 # Idempotent and non-interactive; a toolchain that can't be installed makes its test skip.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

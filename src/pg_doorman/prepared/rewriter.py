@@ -297,6 +297,48 @@ def _plan_changed(body: bytes) -> bool:
     return _FEATURE_NOT_SUPPORTED in fields and _REVALIDATE in fields
 
 
+_PROTOCOL_VIOLATION: Final = b"C" + sqlstate.PROTOCOL_VIOLATION.encode()
+# The routine that refuses a Bind whose result formats don't match the statement's
+# columns ("bind message has 2 result formats but query has 3 columns").
+_RESULT_FORMATS: Final = b"RPortalSetResultFormat"
+
+
+def _reshaped_statement_error(body: bytes) -> bytes | None:
+    """PostgreSQL's 0A000 "cached plan must not change result type" for the
+    ErrorResponse `body`, when it refuses a Bind's result formats (None otherwise).
+
+    A client names one format per column of its statement as it was described. When
+    the server that runs the Bind lacked the statement and parsed its text again after
+    a table it reads gained or lost a column, its columns no longer match. PostgreSQL,
+    which keeps a session's statement as it was first parsed, refuses the Bind with
+    0A000, and drivers recover from that by preparing again (pgjdbc, pgx); they don't
+    from this one, so every later use failed the same way. The server's message
+    becomes the DETAIL: a client that simply miscounted its formats still reads why."""
+    fields = body.split(b"\x00")
+    if _PROTOCOL_VIOLATION not in fields or _RESULT_FORMATS not in fields:
+        return None
+    out = []
+    for field in fields:
+        kind = field[:1]
+        if kind == b"C":
+            field = _FEATURE_NOT_SUPPORTED
+        elif kind == b"M":
+            # The server's words stay as the detail, for a client that miscounted.
+            out.append(b"Mcached plan must not change result type")
+            field = b"D" + field[1:]
+        elif kind == b"D":
+            continue
+        elif kind == b"F":
+            field = b"Fplancache.c"
+        elif kind == b"R":
+            field = _REVALIDATE
+        elif kind == b"L":
+            continue  # a line of another source file
+        out.append(field)
+    payload = b"\x00".join(out)
+    return b"E" + (len(payload) + 4).to_bytes(4, "big") + payload
+
+
 class BatchRewriter:
     """Statement mapping of one client plus the response queue of its current server."""
 
@@ -781,6 +823,9 @@ class BatchRewriter:
         if fix == _REPLACE_ERROR:
             return payload
         if fix == _RENAME_IN_ERROR:
+            reshaped = _reshaped_statement_error(body)
+            if reshaped is not None:
+                return reshaped
             if _plan_changed(body):
                 entry = self.named.get(payload) if payload else self.unnamed
                 if entry is not None:
