@@ -837,6 +837,7 @@ IMPLEMENTED = (
     *PATRONI_FALLBACK,
     *POOL_PRESSURE,
     "unix_socket_buffer_size",
+    "proxy_copy_data_timeout",
 )
 
 
@@ -846,6 +847,7 @@ def test_not_implemented_keys_warn_when_set() -> None:
             "general": {
                 "worker_threads": 8,
                 "unix_socket_buffer_size": "2MB",
+                "proxy_copy_data_timeout": "1s",
                 "tls_certificate": "c.pem",
                 "tls_private_key": "k.pem",
                 "tls_ca_cert": "ca.pem",

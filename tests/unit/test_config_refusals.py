@@ -22,7 +22,7 @@ def _pool(**keys: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("data", "key_path"),
     [
-        ({"general": {"proxy_copy_data_timeout": "1s"}}, "general.proxy_copy_data_timeout"),
+        ({"general": {"worker_threads": 8}}, "general.worker_threads"),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )

@@ -639,9 +639,8 @@ _GENERAL_SPEC: dict[str, Parser] = {
     "query_interner_anon_idle_ttl_seconds": _non_negative,
 }
 
-# Documented PgDoorman settings nothing here acts on yet: its thread count, the time
-# limit of one streamed oversized message.
-GENERAL_NOT_IMPLEMENTED = frozenset({"worker_threads", "proxy_copy_data_timeout"})
+# Documented PgDoorman settings nothing here acts on yet: its thread count.
+GENERAL_NOT_IMPLEMENTED = frozenset({"worker_threads"})
 # scaling_fast_retries: PgDoorman's threads spin this many times for a server another
 # thread is about to return; on one event loop nothing can return meanwhile, and a
 # returned server goes straight to the longest-waiting client.

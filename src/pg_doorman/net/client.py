@@ -33,9 +33,10 @@ from pg_doorman.auth.scram import (
     ScramVerifier,
 )
 from pg_doorman.auth.talos import TALOS_USER, session_application_name
-from pg_doorman.config import ADMIN_DATABASES
+from pg_doorman.config import ADMIN_DATABASES, format_duration_ms
 from pg_doorman.memo import remember
 from pg_doorman.net.client_hello import NO_APPLICATION_PROTOCOL_ALERT, read_client_hello
+from pg_doorman.net.send_queue import untaken_bytes
 from pg_doorman.net.session_state import SessionState
 from pg_doorman.net.suspend import SUSPEND, resume
 from pg_doorman.net.tls import (
@@ -144,6 +145,9 @@ _LOGIN_MESSAGE_MAX: Final = 65535 + 4
 _LOGIN_BACKLOG: Final = 2 * _LOGIN_MESSAGE_MAX
 # Bytes a waiting client may send before its reading is paused.
 _WAITING_BACKLOG: Final = 64 * 1024
+# A client paused inside a large message (proxy_copy_data_timeout) is checked this many
+# times per timeout for whether it took any of it since.
+_STALL_CHECKS: Final = 4
 # Messages that get no reply when they start a transaction: PostgreSQL ignores COPY
 # messages outside a COPY (the leftovers of one the server ended with an error before
 # CopyDone), and a Flush has nothing to flush. Checking a server out for them would
@@ -223,6 +227,9 @@ class ClientConnection(asyncio.Protocol):
         "_pending",
         "_raw_parameters",
         "_restoring",
+        "_stall_since",
+        "_stall_timer",
+        "_stall_untaken",
         "_startup_buf",
         "_tls_end_point",
         "_writer",
@@ -359,6 +366,12 @@ class ClientConnection(asyncio.Protocol):
         self._auth_final = b""
         # A session an upgrade's old process handed over, until the loop adopts it.
         self._restoring: SessionState | None = None
+        # Armed while paused inside a large message its server relays (see
+        # _watch_stall): the bytes it had yet to take at the last check, and since when
+        # it has taken none.
+        self._stall_timer: asyncio.TimerHandle | None = None
+        self._stall_untaken = 0
+        self._stall_since = 0.0
 
     # ---- asyncio.Protocol ---------------------------------------------------
 
@@ -410,6 +423,9 @@ class ClientConnection(asyncio.Protocol):
             self.pooler.login_failures += 1
         if self._writer is not None:
             self._writer.stop()  # the transport closes the descriptor once this returns
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
         self.pooler.logging_in.pop(self, None)
         self._on_data = _ignore
         if self._login_wait == _WAIT_MESSAGE:
@@ -444,6 +460,8 @@ class ClientConnection(asyncio.Protocol):
         server = self.server
         if server is not None:
             server.pause_relay()
+            if server.scanner.need:
+                self._watch_stall(server)  # paused inside a message
         else:
             # What is answered here without a server (the cached check query, a local
             # DEALLOCATE) would pile up unsent: read no more requests until it has gone.
@@ -451,12 +469,80 @@ class ClientConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
         server = self.server
         if server is not None:
             server.resume_relay()
             if server.writing_paused:
                 return  # still paused for the server's sake (ServerConnection.pause_writing)
         self.resume_reading()
+
+    def _watch_stall(self, server: ServerConnection) -> None:
+        """Paused in the middle of a message its server is relaying: when the message
+        has at least message_size_to_be_stream bytes, the client may go
+        proxy_copy_data_timeout without taking any of it, then it and the server are
+        closed. What is timed is a stall, not the whole message: a slow reader that
+        keeps taking bytes is never cut."""
+        general = self.pooler.config.general
+        if (
+            general.proxy_copy_data_timeout <= 0
+            or server.scanner.passing_size < general.message_size_to_be_stream
+            or self._stall_timer is not None
+            or self.transport is None
+        ):
+            return
+        self._stall_untaken = untaken_bytes(self.transport)
+        self._stall_since = _now()
+        delay = general.proxy_copy_data_timeout / (1000 * _STALL_CHECKS)
+        self._stall_timer = self.loop.call_later(delay, self._check_stall)
+
+    def _check_stall(self) -> None:
+        self._stall_timer = None
+        server = self.server
+        if (
+            server is None
+            or not self.write_paused
+            or not server.scanner.need
+            or self.state == CLOSED
+            or self.transport is None
+        ):
+            return
+        timeout = self.pooler.config.general.proxy_copy_data_timeout  # a reload's too
+        if timeout <= 0:
+            return
+        now = _now()
+        untaken = untaken_bytes(self.transport)
+        if untaken < self._stall_untaken:
+            self._stall_since = now  # it took some: a new stall starts from here
+        self._stall_untaken = untaken
+        if now - self._stall_since >= timeout / 1000:
+            self._cut_off_stalled(server, timeout)
+            return
+        delay = timeout / (1000 * _STALL_CHECKS)
+        self._stall_timer = self.loop.call_later(delay, self._check_stall)
+
+    def _cut_off_stalled(self, server: ServerConnection, timeout: int) -> None:
+        """The client took nothing of a large message for proxy_copy_data_timeout. It is
+        inside the message, so no error can reach it: its connection is dropped, with
+        what the pooler still holds for it, and the server, which can finish the
+        message for no one, is closed."""
+        logger.warning(
+            "client %s (pool %s): took nothing of a %d-byte message from server %d for %s"
+            " (proxy_copy_data_timeout); closing the client and the server",
+            self.name,
+            server.pool.name,
+            server.scanner.passing_size,
+            server.server_id,
+            format_duration_ms(timeout),
+        )
+        self.server = None
+        server.abandon("its client stopped reading inside a message (proxy_copy_data_timeout)")
+        if self._writer is not None:
+            self._writer.stop()
+        assert self.transport is not None
+        self.transport.abort()  # close() would wait for the buffer to drain
 
     def pause_reading(self) -> None:
         if not self.reading_paused and self.transport is not None:

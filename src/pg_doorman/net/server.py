@@ -1041,6 +1041,13 @@ class ServerConnection(asyncio.Protocol):
             return
         self.finish(_now())
 
+    def abandon(self, reason: str) -> None:
+        """Close this server in the middle of a reply: its client is being cut off
+        (proxy_copy_data_timeout), and the rest of the message is no one else's."""
+        self.client = None
+        self.close(reason)
+        self._retire(reason)
+
     def between_requests(self, client: ClientConnection) -> bool:
         """Nothing of `client`'s is half-sent to this server or still owed by it."""
         frontend = client.frontend

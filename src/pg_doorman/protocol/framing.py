@@ -312,6 +312,7 @@ class BackendScanner(_Stream):
         "last_error",
         "param_changes",
         "parameters",
+        "passing_size",
         "ready_count",
         "reported",
         "statements_reset",
@@ -325,6 +326,9 @@ class BackendScanner(_Stream):
         self.ready_count = 0
         self.copy_in_started = 0
         self.in_copy = False
+        # The whole size of the message `need` counts the rest of (meaningless while
+        # `need` is 0): the relay bounds how long a client may stall inside a large one.
+        self.passing_size: i64 = 0
         self.error_count = 0
         self.last_error: bytes | None = None
         self.cleanup_flags = 0
@@ -387,6 +391,7 @@ class BackendScanner(_Stream):
                         start = end if action & _DROP else pos
                 if end > n:
                     self.need = end - n
+                    self.passing_size = length + 1
                     pos = n
                     break
                 pos = end
