@@ -40,7 +40,11 @@ def logged_in(proc: PoolerProcess, pg: ExamplePostgres) -> contextlib.closing[w.
 
 
 def assert_logged(proc: PoolerProcess, text: str, times: int) -> None:
-    """`text` is logged `times` times (the check that logs it runs after the reply)."""
+    """`text` is logged `times` times (the check that logs it runs after the reply).
+
+    The line is logged when the check answers, and only for a client still connected:
+    a test lets each client it counts send a query after its last lock call, which is
+    answered after the check, before it disconnects."""
     deadline = time.monotonic() + 10
     while proc.log_text().count(text) < times and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -72,6 +76,7 @@ def test_the_lock_holder_keeps_its_server_until_it_unlocks(
         assert value(other, "select pg_try_advisory_lock(4201)") == "t"
         assert value(other, "select pg_advisory_unlock(4201)") == "t"
         assert value(other, "select 1") == "1"  # answered after the check
+        assert value(holder, "select 1") == "1"  # answered after its unlock's check
     # Each client kept its server while it held the lock, and only then.
     assert_logged(proc, PINNED, 2)
     assert_logged(proc, UNPINNED, 2)
@@ -100,9 +105,10 @@ def test_the_server_goes_back_to_the_pool_once_the_locks_are_released(
         assert value(holder, "select pg_advisory_unlock(2)") == "t"
         assert times_out_waiting(proc, pg)
         assert value(holder, "select pg_advisory_unlock_shared(1)") == "t"
+        # Answered after the check: the server is back before the other client waits.
+        assert value(holder, "select 2") == "2"
         with logged_in(proc, pg) as other:
             assert value(other, "select 1") == "1"
-        assert value(holder, "select 2") == "2"
 
 
 def test_a_disconnecting_holder_leaves_no_lock_behind(
@@ -127,6 +133,7 @@ def test_a_failed_try_lock_or_a_transaction_lock_does_not_pin(
         logged_in(proc, pg) as third,
     ):
         assert value(holder, "select pg_advisory_lock(4203)") == ""
+        assert value(holder, "select 1") == "1"  # answered after the check
         assert value(trier, "select pg_try_advisory_lock(4203)") == "f"
         # The trier holds nothing: its server went back, so the third client has one.
         assert value(third, "select 3") == "3"
@@ -312,7 +319,8 @@ def test_the_metrics_count_the_clients_that_hold_locks(
         assert (pinned("advisory_lock"), pinned("listen")) == (0, 0)
         assert value(first, "select pg_advisory_lock(4212)") == ""
         assert value(second, "select pg_advisory_lock(4213)") == ""
-        assert value(second, "select 1") == "1"  # answered after the check
+        for conn in (first, second):
+            assert value(conn, "select 1") == "1"  # answered after its check
         assert (pinned("advisory_lock"), pinned("listen")) == (2, 0)
         assert w.msg_types(second.simple_query("LISTEN doorman_pinned")) == "CZ"
         assert (pinned("advisory_lock"), pinned("listen")) == (2, 1)
