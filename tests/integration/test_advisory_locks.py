@@ -380,3 +380,53 @@ def test_a_cancel_during_the_check_cancels_the_request_waiting_for_it(
     finally:
         backend.answer_check.set()
         backend.close()
+
+
+def test_the_client_s_statement_timeout_does_not_cut_the_check(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """The check runs in the client's session, under its statement_timeout. Held up
+    (here by an exclusive lock on the pg_locks view) it waits rather than being
+    cancelled, which would have left the client pinned without a lock; an error of
+    the check is logged."""
+    proc = pooler(pools=md5_user_pool(pg, pool_size=2))
+    with logged_in(proc, pg) as holder:
+        assert value(holder, "select pg_advisory_lock(4215)") == ""
+        reply = holder.simple_query("set statement_timeout = 100")
+        assert w.first_error(reply) is None, reply
+        with psycopg.connect(pg.dsn("postgres", database=EXAMPLE_DB)) as blocker:
+            blocker.execute("lock table pg_catalog.pg_locks in access exclusive mode")
+            assert value(holder, "select pg_advisory_unlock(4215)") == "t"
+            holder.send_raw(w.query("select 'after the check'"))
+            time.sleep(0.5)  # the check waits for the view's lock, past the timeout
+        # The lock is gone with the blocker's transaction: the check answers.
+        assert w.rows(holder.read_until_ready(timeout=10)) == [("after the check",)]
+    assert_logged(proc, UNPINNED, 1)
+    assert "advisory lock check" not in proc.log_text()
+
+
+class FailingLockCheckBackend(QueryBackend):
+    """Answers every query with one row, and the pooler's advisory lock check with an
+    error."""
+
+    def reply(self, text: bytes) -> bytes | None:
+        if b"pg_locks" in text:
+            error = w.cstr("SERROR") + w.cstr("C57014") + w.cstr("Mcanceling statement") + b"\0"
+            return w.message(b"E", error) + w.message(b"Z", b"I")
+        return ONE_ROW
+
+
+def test_a_failed_check_keeps_the_client_pinned_and_says_why(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    backend = FailingLockCheckBackend()
+    try:
+        proc = pooler(pools=stand_in_pool(backend, pg, 1))
+        with logged_in(proc, pg) as conn:
+            assert value(conn, "select pg_advisory_lock(4216)") == "1"
+            assert value(conn, "select 2") == "1"  # answered after the check
+        assert_logged(proc, "the advisory lock check on server", 1)
+        assert "failed (canceling statement); the client keeps the server" in proc.log_text()
+        assert_logged(proc, PINNED, 1)
+    finally:
+        backend.close()

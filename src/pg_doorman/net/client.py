@@ -2126,10 +2126,18 @@ class ClientConnection(asyncio.Protocol):
                     detail="Its session-level advisory locks are released.",
                 )
             return
-        types = messages.message_types(reply)
         # An error (none is expected) is taken as locks held: kept, they are released
         # at the latest when the client disconnects.
-        holds = codes.DATA_ROW in types or codes.ERROR_RESPONSE in types
+        error = messages.first_error_message(reply)
+        holds = error is not None or codes.DATA_ROW in messages.message_types(reply)
+        if error is not None and self.state != CLOSED:
+            logger.warning(
+                "client %s: the advisory lock check on server %d failed (%s); the client"
+                " keeps the server as if it held locks",
+                self.name,
+                server.server_id,
+                error,
+            )
         scanner = server.scanner
         if holds:
             scanner.cleanup_flags |= CLEAN_ADVISORY

@@ -78,9 +78,12 @@ _LISTEN_WARNING: Final = messages.notice_response(
 _DISCARD_TEMP: Final = messages.query("DISCARD TEMP")
 
 # After a transaction that called advisory lock functions (pin_on_advisory_lock): any
-# lock left is a session-level one, and a DataRow says there is one.
+# lock left is a session-level one, and a DataRow says there is one. The client's
+# statement_timeout does not apply to it (SET LOCAL lasts for this query string's
+# implicit transaction): cut short, the check would leave the client pinned.
 _HOLDS_LOCKS: Final = messages.query(
-    "SELECT 1 FROM pg_catalog.pg_locks WHERE locktype = 'advisory'"
+    "SET LOCAL statement_timeout = 0;"
+    " SELECT 1 FROM pg_catalog.pg_locks WHERE locktype = 'advisory'"
     " AND pid = pg_catalog.pg_backend_pid() LIMIT 1"
 )
 # _after_lock_calls() results.

@@ -298,3 +298,15 @@ def message_types(data: bytes) -> list[int]:
         types.append(data[pos])
         pos += 1 + length
     return types
+
+
+def first_error_message(data: bytes) -> str | None:
+    """The message (M field) of the first ErrorResponse among the complete messages in
+    data, or None when there is none."""
+    pos = 0
+    while len(data) - pos >= 5:
+        (length,) = _UINT32.unpack_from(data, pos + 1)
+        if data[pos] == codes.ERROR_RESPONSE:
+            return parse_error_fields(data[pos + 5 : pos + 1 + length]).get("M", "")
+        pos += 1 + length
+    return None
