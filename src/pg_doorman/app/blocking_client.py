@@ -24,7 +24,12 @@ _MAX_MESSAGE = 64 * 1024 * 1024
 
 
 class ConnectError(Exception):
-    """The connection or the login failed; the message says why (never the password)."""
+    """The connection or the login failed; the message says why (never the password).
+    `password_used`: the server had asked for the password when it failed."""
+
+    def __init__(self, message: str, *, password_used: bool = False) -> None:
+        super().__init__(message)
+        self.password_used = password_used
 
 
 class QueryError(Exception):
@@ -124,10 +129,11 @@ class BlockingConnection:
             )
         )
         scram: ScramClientSession | None = None
+        password_used = False
         while True:
             kind, body = self._read()
             if kind == codes.ERROR_RESPONSE:
-                raise ConnectError(_server_error(body)[1])
+                raise ConnectError(_server_error(body)[1], password_used=password_used)
             if kind == codes.READY_FOR_QUERY:
                 return
             if kind != codes.AUTHENTICATION:
@@ -141,6 +147,7 @@ class BlockingConnection:
                     f'the server asks for a password for user "{params.user}": '
                     "give --password or set PGPASSWORD"
                 )
+            password_used = True
             if code == codes.AUTH_CLEARTEXT:
                 self._send(msg.password_message(msg.cstring(password)))
             elif code == codes.AUTH_MD5:
@@ -158,7 +165,7 @@ class BlockingConnection:
                     else:
                         scram.handle_server_final(payload)
                 except (ScramError, AuthenticationFailed) as exc:
-                    raise ConnectError(f"SCRAM login failed: {exc}") from exc
+                    raise ConnectError(f"SCRAM login failed: {exc}", password_used=True) from exc
             else:
                 raise ConnectError(f"the server asks for an unsupported login method ({code})")
 

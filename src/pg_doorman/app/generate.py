@@ -2,12 +2,16 @@
 
 One pool per database that accepts connections, and in each pool every role that can
 log in with a password, its password being the hash PostgreSQL stores. Reading the
-hashes (pg_shadow) needs a superuser. The flags are PgDoorman's.
+hashes (pg_shadow) needs a superuser. Without --password or PGPASSWORD the password
+comes from libpq's password file (app/pgpass.py). With --reference, every key of the
+configuration at its default instead (app/reference_config.py), PostgreSQL not asked.
+The flags are PgDoorman's.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import getpass
 import os
 import secrets
@@ -16,6 +20,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from pg_doorman.app import pgpass
 from pg_doorman.app.blocking_client import (
     BlockingConnection,
     ConnectError,
@@ -23,6 +28,7 @@ from pg_doorman.app.blocking_client import (
     QueryError,
 )
 from pg_doorman.app.generated_config import FORMATS, GeneratedConfig, GeneratedUser, render
+from pg_doorman.app.reference_config import render_reference
 from pg_doorman.auth.md5 import is_md5_hash
 from pg_doorman.auth.scram import is_scram_verifier
 
@@ -66,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Write a pg_doorman configuration for a PostgreSQL server: a pool per "
         "database, its roles with their password hashes as users (needs a superuser). "
-        "Connection flags default to PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE.",
+        "Connection flags default to PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE; "
+        "without a password, ~/.pgpass (or PGPASSFILE) is read as libpq reads it.",
     )
     parser.add_argument("--host", help="PostgreSQL host or Unix socket directory (localhost)")
     parser.add_argument("-p", "--port", type=int, help="PostgreSQL port (5432)")
@@ -92,8 +99,13 @@ def _parser() -> argparse.ArgumentParser:
         type=str.lower,
         help="output format; default: from the output file's extension (.yaml/.yml), else toml",
     )
-    # PgDoorman's: refused below with a pointer to what to use instead.
-    parser.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--reference",
+        action="store_true",
+        help="write every configuration key at its default, with a comment each, "
+        "without connecting to PostgreSQL (the connection and pool flags are ignored)",
+    )
+    # PgDoorman's Russian comments: refused below.
     parser.add_argument(
         "--ru", "--russian-comments", dest="ru", action="store_true", help=argparse.SUPPRESS
     )
@@ -102,14 +114,46 @@ def _parser() -> argparse.ArgumentParser:
 
 def _connect_params(args: argparse.Namespace) -> ConnectParams:
     user = args.user or os.environ.get("PGUSER") or getpass.getuser()
+    # An empty password counts as none, as in libpq: the password file may give one.
+    password = args.password if args.password is not None else os.environ.get("PGPASSWORD")
     return ConnectParams(
         host=args.host or os.environ.get("PGHOST") or "localhost",
         port=args.port if args.port is not None else _env_port("PGPORT"),
         user=user,
         database=args.database or os.environ.get("PGDATABASE") or user,
-        password=args.password if args.password is not None else os.environ.get("PGPASSWORD"),
+        password=password or None,
         tls=args.ssl,
     )
+
+
+def _home_directory() -> str | None:
+    home = os.path.expanduser("~")  # HOME, else the password database, as libpq
+    return None if home == "~" else home
+
+
+def password_from_file(params: ConnectParams) -> tuple[str, str] | None:
+    """(password, the file it came from) for `params` from libpq's password file; None
+    when there is no such file, no line matches, or the file may not be used (said on
+    stderr, as libpq says it)."""
+    path = pgpass.password_file_path(os.environ, _home_directory())
+    if path is None:
+        return None
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None  # no file is the usual case: nothing to say
+    problem = pgpass.file_problem(path, mode)
+    if problem is not None:
+        print(f"{PROG}: {problem}", file=sys.stderr)
+        return None
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        print(f'{PROG}: WARNING: password file "{path}" ignored: {reason}', file=sys.stderr)
+        return None
+    password = pgpass.find_password(text, params.host, params.port, params.database, params.user)
+    return (password, path) if password else None
 
 
 def output_format(args: argparse.Namespace) -> str:
@@ -165,12 +209,20 @@ def write_private(path: str, text: str) -> None:
 def generate(args: argparse.Namespace) -> tuple[str, str]:
     """(the configuration text, a one-line summary for stderr)."""
     params = _connect_params(args)
+    from_file = password_from_file(params) if params.password is None else None
+    if from_file is not None:
+        params = dataclasses.replace(params, password=from_file[0])
     try:
         with BlockingConnection.connect(params) as conn:
             databases, users, skipped = read_catalog(conn, params.user)
     except ConnectError as exc:
+        # libpq's hint: a stale line in the file is the likely cause of a refusal.
+        origin = ""
+        if from_file is not None and exc.password_used:
+            origin = f' (password from file "{from_file[1]}")'
+
         raise GenerateError(
-            f'cannot log in to PostgreSQL at {params.where()} as "{params.user}": {exc}'
+            f'cannot log in to PostgreSQL at {params.where()} as "{params.user}": {exc}{origin}'
         ) from exc
     except QueryError as exc:
         raise GenerateError(f"reading the catalog failed: {exc.message}") from exc
@@ -191,20 +243,22 @@ def generate(args: argparse.Namespace) -> tuple[str, str]:
     return render(config, output_format(args), comments=not args.no_comments), summary
 
 
+def reference(args: argparse.Namespace) -> tuple[str, str]:
+    """(every key at its default, a one-line summary); PostgreSQL is not asked."""
+    text = render_reference(output_format(args), comments=not args.no_comments)
+    return text, "reference configuration, every key at its default"
+
+
 def generate_main(argv: Sequence[str]) -> int:
     args = _parser().parse_args(list(argv))
-    if args.reference:
+    if args.ru:
         print(
-            f"{PROG}: --reference is not supported: the commented samples pg_doorman.toml "
-            "and pg_doorman.yaml and docs/configuration.md describe every key",
+            f"{PROG}: --ru is not supported: the comments are in English only",
             file=sys.stderr,
         )
         return EXIT_USAGE
-    if args.ru:
-        print(f"{PROG}: --ru is not supported: comments are in English only", file=sys.stderr)
-        return EXIT_USAGE
     try:
-        text, summary = generate(args)
+        text, summary = reference(args) if args.reference else generate(args)
         if args.output:
             write_private(args.output, text)
         else:

@@ -77,7 +77,7 @@ def _scalar(value: Scalar) -> str:
     return quoted(value)
 
 
-def _toml_key(name: str) -> str:
+def toml_key(name: str) -> str:
     if name and all(c.isascii() and (c.isalnum() or c in "_-") for c in name):
         return name
     return quoted(name)
@@ -185,7 +185,7 @@ def render_toml(config: GeneratedConfig, comments: bool = True) -> str:
         # The notes that are the same for every pool come with the first one only.
         first = comments and number == 0
         out.append("")
-        table = f"pools.{_toml_key(name)}"
+        table = f"pools.{toml_key(name)}"
         if comments:
             out += _comment(_pool_note(name))
         out.append(f"[{table}]")
