@@ -54,6 +54,7 @@ from pg_doorman.protocol import codes, messages, sqlstate
 from pg_doorman.protocol.framing import (
     CLEAN_ADVISORY,
     CLEAN_PREPARE,
+    CLEAN_RESET,
     FrontendScanner,
     MessageBuffer,
 )
@@ -1863,6 +1864,27 @@ class ClientConnection(asyncio.Protocol):
             server.send_parameter_sync(statement, settles, discard_temp)
         self._param_mark = server.scanner.param_changes
 
+    def reapply_startup_settings(self, server: ServerConnection) -> None:
+        """Set this client's startup settings again on the server it keeps, after its
+        DISCARD ALL or RESET (sent as its transaction ends, ahead of whatever it sends
+        next; the reply is swallowed): those that went back to a default, not those it has SET
+        itself since, as a RESET in a session of its own would have left them.
+        pg_settings.source tells which; a custom setting (`app.x`), which pg_settings
+        does not list, counts as reset when it is empty."""
+        wanted = self.extra_parameters
+        rows = ", ".join(f"({quote_literal(n)}, {quote_literal(v)})" for n, v in wanted.items())
+        statement = (
+            "SELECT pg_catalog.set_config(w.name, w.value, false)"
+            f" FROM (VALUES {rows}) AS w(name, value)"
+            " LEFT JOIN pg_catalog.pg_settings s ON lower(s.name) = lower(w.name)"
+            " WHERE CASE WHEN s.name IS NULL"
+            " THEN coalesce(pg_catalog.current_setting(w.name, true), '') = ''"
+            " ELSE s.source <> 'session' END"
+        )
+        server.set_extra_parameters(dict(wanted))
+        server.send_parameter_sync(statement, ())
+        self._param_mark = server.scanner.param_changes
+
     def _parameter_sync_statement(self, server: ServerConnection) -> tuple[str, tuple[str, ...]]:
         """A statement that gives the server this client's session parameters, and
         for each value it selects, the synced parameter it settles ("" for none).
@@ -2160,6 +2182,14 @@ class ClientConnection(asyncio.Protocol):
                     server.server_id,
                 )
             self._attach(server, now)
+            if (
+                scanner.cleanup_flags & CLEAN_RESET
+                and self.extra_parameters
+                and not server.sync_pending
+            ):
+                # Its RESET in the checked transaction (a DISCARD ALL is seen to by
+                # _attach): there is no next checkout to set its startup settings.
+                server.reapply_startup_settings(self)
         else:
             if self.pinned_for & PIN_LOCKS:
                 self.unpin(PIN_LOCKS, server)

@@ -769,7 +769,8 @@ class ServerConnection(asyncio.Protocol):
         self._xact_base_sent = self.bytes_sent
         self._xact_base_received = self.bytes_received
         after = _AFTER_HELD if client.held_notifications is not None else 0
-        if scanner.discarded_all:
+        undone = scanner.discarded_all
+        if undone:
             scanner.discarded_all = False
             # It undid the startup settings the pooler applied for the client too.
             self.set_extra_parameters({})
@@ -801,9 +802,25 @@ class ServerConnection(asyncio.Protocol):
             # client is told once this reply is written (detach_server).
             client.detach_server(self)
             self.finish(now)
+        if (
+            client.server is self
+            and client.extra_parameters
+            and (undone or scanner.cleanup_flags & CLEAN_RESET)
+            and not after & _AFTER_LOCK_CHECK  # then once the check has answered
+        ):
+            # It keeps this server (a session, or pinned): there is no next checkout to
+            # set its startup settings again after its DISCARD ALL or RESET, which went
+            # back to the server's defaults, not to them as its own session's would.
+            self.reapply_startup_settings(client)
         if client.listen_at_commit is not None:
             client.listen_statements_committed(out)  # once it is known pinned
         return after
+
+    def reapply_startup_settings(self, client: ClientConnection) -> None:
+        """`client` keeps this server after its RESET or DISCARD ALL: its startup
+        settings are set again now, ahead of whatever it sends next."""
+        self.scanner.cleanup_flags &= ~CLEAN_RESET
+        client.reapply_startup_settings(self)
 
     def _after_transaction(self, client: ClientConnection, after: int) -> None:
         """What follows a transaction's last reply to `client` (_end_transaction)."""
