@@ -17,7 +17,7 @@ from typing import Any
 from pg_doorman import __version__
 from pg_doorman.app import daemon, event_loop
 from pg_doorman.app.cluster import WorkerInfo
-from pg_doorman.app.logsetup import LEVELS, setup_logging
+from pg_doorman.app.logsetup import LEVELS, setup_logging, skip_unused_record_fields
 from pg_doorman.app.upgrade import (
     Upgrade,
     announce_ready,
@@ -164,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Made before any worker or upgraded process is started, which inherit it.
     mock_auth_secret()
     worker_index = worker.index if worker is not None else None
+    skip_unused_record_fields()
     setup_logging(args.log_level or "info", args.log_format, worker_index)
     try:
         if args.config_snapshot is not None:

@@ -86,6 +86,20 @@ class StructuredFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+def skip_unused_record_fields() -> None:
+    """Stop building the LogRecord fields that no format of ours prints: the caller's
+    file, line and function (a walk up the stack per record), the thread and its name,
+    the multiprocessing process name and, from Python 3.12, the asyncio task name.
+    These are the standard library's own switches for it; the process id stays (the
+    structured and syslog formats show it). Each client's connection and disconnection
+    line is a record: this is most of what such a line costs."""
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logMultiprocessing = False
+    if sys.version_info >= (3, 12):
+        logging.logAsyncioTasks = False
+
+
 def parse_level(name: str) -> int:
     try:
         return LEVELS[name.lower()]
