@@ -1495,11 +1495,23 @@ class ClientConnection(asyncio.Protocol):
         while True:
             n = len(buf)
             if n < 5:
+                if n and not _VALID_TYPES[buf[0]]:
+                    # Refused by its type byte, as PostgreSQL does before the length.
+                    self.fail(
+                        sqlstate.PROTOCOL_VIOLATION,
+                        f"invalid message from client: type {buf[0]!r}",
+                    )
+                    return
                 self._pending = buf
                 return
             msg_type = buf[0]
             length = (buf[1] << 24) | (buf[2] << 16) | (buf[3] << 8) | buf[4]
-            if not _VALID_TYPES[msg_type] or length < 4 or length > codes.MAX_MESSAGE_SIZE:
+            if (
+                not _VALID_TYPES[msg_type]
+                or length < 4
+                or length > codes.MAX_MESSAGE_SIZE
+                or (length > codes.SMALL_MESSAGE_MAX and codes.SMALL_FRONTEND_TYPES[msg_type])
+            ):
                 self.fail(
                     sqlstate.PROTOCOL_VIOLATION,
                     f"invalid message from client: type {msg_type!r} length {length}",
@@ -2021,6 +2033,7 @@ class ClientConnection(asyncio.Protocol):
             self.pause_reading()  # no server to hold back now (see pause_writing)
         # Released only when nothing is pending, so the rest of the accounting is clear.
         self.frontend.syncs_after_execute = 0
+        self.frontend.copy_ended_ahead = False
         if self.rewriter is not None:
             self.rewriter.server = None
         if self.closing_after_transaction is not None:

@@ -65,6 +65,9 @@ AUTH_SASL_FINAL: Final = 12
 MAX_MESSAGE_SIZE: Final = 256 * 1024 * 1024
 # PostgreSQL itself caps startup packets at 10000 bytes.
 MAX_STARTUP_PACKET: Final = 10000
+# PostgreSQL refuses a longer length word at once for the frontend messages in
+# SMALL_FRONTEND_TYPES (its PQ_SMALL_MESSAGE_LIMIT), before reading their bodies.
+SMALL_MESSAGE_MAX: Final = 10000
 
 
 def type_table(types: Iterable[int]) -> bytes:
@@ -78,6 +81,11 @@ def type_table(types: Iterable[int]) -> bytes:
         table[code] = 1
     return bytes(table)
 
+
+# Close, Describe, Execute, Flush, Sync, Terminate, CopyDone and CopyFail: messages of
+# a few bytes, whose length word may not exceed SMALL_MESSAGE_MAX. One that does is
+# garbage read as a length: waiting for that many bytes would hold the server for good.
+SMALL_FRONTEND_TYPES: Final = type_table(b"CDEHSXcf")
 
 # First bytes of a Query text that could be a DEALLOCATE, which the pooler may answer
 # itself (checked before the text is parsed).

@@ -476,6 +476,8 @@ _COPY_FAIL: Final = codes.COPY_FAIL
 _FLUSH: Final = codes.FLUSH
 _COPY_DATA: Final = codes.COPY_DATA
 _FRONTEND_VALID: Final = codes.type_table(b"BCDEFHPQSXcdfp")
+_FRONTEND_SMALL: Final = codes.SMALL_FRONTEND_TYPES
+_SMALL_MAX: Final = codes.SMALL_MESSAGE_MAX
 # Messages a rewriter sees; the first five it needs whole.
 _REWRITTEN: Final = codes.type_table(b"PBDCSEHQF")
 _REWRITTEN_WHOLE: Final = codes.type_table(b"PBDCS")
@@ -498,6 +500,7 @@ class FrontendScanner(_Stream):
     __slots__ = (
         "_scan_tail",
         "batch_open",
+        "copy_ended_ahead",
         "copy_in",
         "effects_seen",
         "execute_open",
@@ -506,6 +509,7 @@ class FrontendScanner(_Stream):
         "pending_ready",
         "rewriter",
         "syncs_after_execute",
+        "syncs_before_copy_end",
         "terminated",
         "watch_texts",
     )
@@ -515,6 +519,11 @@ class FrontendScanner(_Stream):
         self.pending_ready = 0
         self.batch_open = False
         self.copy_in = False
+        # A CopyDone or CopyFail sent behind the last Execute or Query before the
+        # server said a COPY began (the client sent its data without waiting), and
+        # the Syncs sent between that Execute and it.
+        self.copy_ended_ahead = False
+        self.syncs_before_copy_end = 0
         self.execute_open = False  # an Execute since the last Sync or Query
         self.syncs_after_execute = 0
         self.terminated = False
@@ -533,13 +542,21 @@ class FrontendScanner(_Stream):
     def on_copy_in_started(self) -> None:
         # The backend ignores Sync and Flush while in copy-in, so Syncs the client
         # sent after the COPY's Execute will never be answered.
+        ignored = self.syncs_after_execute
+        ended_ahead = self.copy_ended_ahead
+        if ended_ahead:
+            # The client's copy is already over: only the Syncs before its end went
+            # into the copy; those behind it are answered, and the client's messages
+            # from there on are no copy's.
+            ignored = self.syncs_before_copy_end
+            self.copy_ended_ahead = False
         if self.rewriter is not None:
-            self.rewriter.copy_in_started(self.syncs_after_execute)
-        self.pending_ready -= self.syncs_after_execute
+            self.rewriter.copy_in_started(ignored)
+        self.pending_ready -= ignored
         if self.pending_ready < 0:
             self.pending_ready = 0
         self.syncs_after_execute = 0
-        self.copy_in = True
+        self.copy_in = not ended_ahead
 
     def on_copy_aborted_by_server(self) -> None:
         self.copy_in = False
@@ -574,7 +591,12 @@ class FrontendScanner(_Stream):
             length = (length << 8) | data[pos + 2]
             length = (length << 8) | data[pos + 3]
             length = (length << 8) | data[pos + 4]
-            if not valid[msg_type] or length < 4 or length > _MAX:
+            if (
+                not valid[msg_type]
+                or length < 4
+                or length > _MAX
+                or (length > _SMALL_MAX and _FRONTEND_SMALL[msg_type])
+            ):
                 self._refuse(resumed)
                 raise ProtocolError(
                     f"invalid frontend message type {msg_type!r} or length {length}"
@@ -624,6 +646,7 @@ class FrontendScanner(_Stream):
                 else:
                     self.pending_ready += 1
                     self.syncs_after_execute = 0
+                    self.copy_ended_ahead = False
                     self.batch_open = False
                     if self.execute_open:
                         self.effects_seen |= QUERY_IN_BATCH
@@ -653,9 +676,13 @@ class FrontendScanner(_Stream):
                     self.batch_open = True
                 elif msg_type == _EXECUTE:
                     self.syncs_after_execute = 0
+                    self.copy_ended_ahead = False
                     self.batch_open = True
                     self.execute_open = True
                 elif msg_type == _COPY_DONE or msg_type == _COPY_FAIL:
+                    if not self.copy_in:
+                        self.copy_ended_ahead = True
+                        self.syncs_before_copy_end = self.syncs_after_execute
                     self.copy_in = False
                 elif msg_type == _FLUSH:
                     self.flush_seen = True
@@ -666,6 +693,11 @@ class FrontendScanner(_Stream):
                 return self._output(data, parts, start, n)
             pos = end
         if pos < n:
+            if not valid[data[pos]]:
+                # PostgreSQL refuses a message by its type byte, before its length
+                # arrives: a client that sent no more would wait for good.
+                self._refuse(resumed)
+                raise ProtocolError(f"invalid frontend message type {data[pos]!r}")
             self._hold(data, pos)
         return self._output(data, parts, start, pos)
 
