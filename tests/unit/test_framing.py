@@ -381,3 +381,36 @@ def test_cleanup_queries_order() -> None:
     # A lock function called in a transaction that never ended (its client left).
     assert cleanup_queries(CALLS_LOCK) == ["SELECT pg_catalog.pg_advisory_unlock_all()"]
     assert cleanup_queries(CALLS_UNLOCK) == []
+
+
+def test_the_literal_copies_of_protocol_constants_agree() -> None:
+    """The hot-path modules spell some constants of codes as literals, which mypyc
+    inlines (a copy made as `codes.X` is a module global read at each use)."""
+    from pg_doorman.net import client, server
+    from pg_doorman.protocol import framing
+
+    copies = {
+        "_MAX": codes.MAX_MESSAGE_SIZE,
+        "_SMALL_MAX": codes.SMALL_MESSAGE_MAX,
+        "_DEALLOCATE_MAX": codes.DEALLOCATE_MAX,
+        "_Z": codes.READY_FOR_QUERY,
+        "_E": codes.ERROR_RESPONSE,
+        "_C": codes.COMMAND_COMPLETE,
+        "_S": codes.PARAMETER_STATUS,
+        "_G": codes.COPY_IN_RESPONSE,
+        "_H": codes.COPY_OUT_RESPONSE,
+        "_W": codes.COPY_BOTH_RESPONSE,
+        "_QUERY": codes.QUERY,
+        "_SYNC": codes.SYNC,
+        "_FUNCTION_CALL": codes.FUNCTION_CALL,
+        "_EXECUTE": codes.EXECUTE,
+        "_TERMINATE": codes.TERMINATE,
+        "_PARSE": codes.PARSE,
+        "_COPY_DONE": codes.COPY_DONE,
+        "_COPY_FAIL": codes.COPY_FAIL,
+        "_FLUSH": codes.FLUSH,
+        "_COPY_DATA": codes.COPY_DATA,
+    }
+    assert {name: getattr(framing, name) for name in copies} == copies
+    assert client._DEALLOCATE_MAX == codes.DEALLOCATE_MAX
+    assert server._READY_I == codes.TX_IDLE

@@ -155,7 +155,7 @@ _STALL_CHECKS: Final = 4
 # hold it with no ReadyForQuery to give it back: they are dropped instead.
 _DROPPED_BETWEEN: Final = codes.type_table(b"cdfH")
 _MAY_BE_DEALLOCATE: Final = codes.MAY_START_DEALLOCATE
-_DEALLOCATE_MAX: Final = codes.DEALLOCATE_MAX
+_DEALLOCATE_MAX: Final = 201  # codes.DEALLOCATE_MAX, a literal (see protocol/framing.py _Z)
 _MAY_BE_LISTEN: Final = MAY_START_LISTEN
 # Longest Query read as a LISTEN (listen_fanout): a longer one is not held back whole.
 _LISTEN_MAX: Final = 1024

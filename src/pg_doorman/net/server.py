@@ -60,7 +60,7 @@ CLOSED: Final = 5
 _MODE_NAMES: Final = {LOGIN: "login", IDLE: "idle", ACTIVE: "active", CLEANUP: "cleanup"}
 _MODE_NAMES.update({PROBE: "probe", CLOSED: "closed"})
 
-_READY_I: Final = codes.TX_IDLE
+_READY_I: Final = 0x49  # codes.TX_IDLE, a literal (see protocol/framing.py _Z)
 _now: Final = time.monotonic
 _NEVER: Final = float("inf")
 

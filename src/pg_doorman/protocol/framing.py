@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 _LENGTH: Final = struct.Struct("!I")
 _unpack_length: Final = _LENGTH.unpack_from
-_MAX: Final = codes.MAX_MESSAGE_SIZE
+_MAX: Final = 256 * 1024 * 1024  # codes.MAX_MESSAGE_SIZE (a literal: see _Z below)
 # Up to this many bytes in all, joined() concatenates a few parts rather than join them.
 _SMALL_JOIN: Final = 2048
 
@@ -221,14 +221,16 @@ def cleanup_queries(flags: int) -> list[str]:
     return statements
 
 
-# Backend message types the relay must decode.
-_Z: Final = codes.READY_FOR_QUERY
-_E: Final = codes.ERROR_RESPONSE
-_C: Final = codes.COMMAND_COMPLETE
-_S: Final = codes.PARAMETER_STATUS
-_G: Final = codes.COPY_IN_RESPONSE
-_H: Final = codes.COPY_OUT_RESPONSE
-_W: Final = codes.COPY_BOTH_RESPONSE
+# Backend message types the relay must decode. Literals, not codes.X: mypyc inlines a
+# literal Final, where a copy of another module's is a module global read at each use
+# (tests/unit/test_framing.py checks they agree).
+_Z: Final = 0x5A  # codes.READY_FOR_QUERY
+_E: Final = 0x45  # codes.ERROR_RESPONSE
+_C: Final = 0x43  # codes.COMMAND_COMPLETE
+_S: Final = 0x53  # codes.PARAMETER_STATUS
+_G: Final = 0x47  # codes.COPY_IN_RESPONSE
+_H: Final = 0x48  # codes.COPY_OUT_RESPONSE
+_W: Final = 0x57  # codes.COPY_BOTH_RESPONSE
 _BACKEND_DECODED: Final = codes.type_table((_Z, _E, _C, _S, _G, _H, _W))
 
 
@@ -465,19 +467,19 @@ class BackendScanner(_Stream):
 
 
 # Frontend message types the relay acts on.
-_QUERY: Final = codes.QUERY
-_SYNC: Final = codes.SYNC
-_FUNCTION_CALL: Final = codes.FUNCTION_CALL
-_EXECUTE: Final = codes.EXECUTE
-_TERMINATE: Final = codes.TERMINATE
-_PARSE: Final = codes.PARSE
-_COPY_DONE: Final = codes.COPY_DONE
-_COPY_FAIL: Final = codes.COPY_FAIL
-_FLUSH: Final = codes.FLUSH
-_COPY_DATA: Final = codes.COPY_DATA
+_QUERY: Final = 0x51  # codes.QUERY
+_SYNC: Final = 0x53  # codes.SYNC
+_FUNCTION_CALL: Final = 0x46  # codes.FUNCTION_CALL
+_EXECUTE: Final = 0x45  # codes.EXECUTE
+_TERMINATE: Final = 0x58  # codes.TERMINATE
+_PARSE: Final = 0x50  # codes.PARSE
+_COPY_DONE: Final = 0x63  # codes.COPY_DONE
+_COPY_FAIL: Final = 0x66  # codes.COPY_FAIL
+_FLUSH: Final = 0x48  # codes.FLUSH
+_COPY_DATA: Final = 0x64  # codes.COPY_DATA
 _FRONTEND_VALID: Final = codes.type_table(b"BCDEFHPQSXcdfp")
 _FRONTEND_SMALL: Final = codes.SMALL_FRONTEND_TYPES
-_SMALL_MAX: Final = codes.SMALL_MESSAGE_MAX
+_SMALL_MAX: Final = 10000  # codes.SMALL_MESSAGE_MAX
 # Messages a rewriter sees; the first five it needs whole.
 _REWRITTEN: Final = codes.type_table(b"PBDCSEHQF")
 _REWRITTEN_WHOLE: Final = codes.type_table(b"PBDCS")
@@ -485,7 +487,7 @@ _MAY_BE_DEALLOCATE: Final = codes.MAY_START_DEALLOCATE
 # Bytes of a Query text kept across reads: more than the longest name text_effects
 # looks for (an advisory lock function's) with a character on either side.
 _SCAN_OVERLAP: Final = 32
-_DEALLOCATE_MAX: Final = codes.DEALLOCATE_MAX
+_DEALLOCATE_MAX: Final = 201  # codes.DEALLOCATE_MAX
 
 
 class FrontendScanner(_Stream):
