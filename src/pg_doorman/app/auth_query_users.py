@@ -262,7 +262,9 @@ class AuthQueryUsers:
 
     def sweep(self, in_use: set[Pool], logged_in: set[str], now: float) -> None:
         """Close passthrough pools that have had no client for idle_timeout; forget
-        dedicated-mode users no client of this pool is logged in as (`logged_in`)."""
+        dedicated-mode users no client of this pool is logged in as (`logged_in`), and
+        the lookup's expired cache entries."""
+        self.lookup.drop_expired()
         if self.shared is not None:
             for user in [user for user in self.users if user not in logged_in]:
                 del self.users[user]

@@ -396,6 +396,17 @@ class AuthQuery:
     def forget(self) -> None:
         self._cache.clear()
 
+    def drop_expired(self) -> int:
+        """Forget the users whose cached answer has expired; how many went. Run from the
+        pooler's periodic sweep: names tried once (a scan of made-up users) leave the
+        cache after their ttl instead of staying until it is full."""
+        now = self._clock()
+        cache = self._cache
+        expired = [name for name, entry in cache.items() if entry.expires_at <= now]
+        for name in expired:
+            del cache[name]
+        return len(expired)
+
     async def _fetch(self, user: str) -> _Cached:
         # Logins of one user at the same moment share one lookup, which runs as a task
         # of its own: a client that gives up waiting does not cancel it for the others.
