@@ -23,11 +23,13 @@ _SWITCHES = ("_srcfile", "logThreads", "logMultiprocessing", "logProcesses", "lo
 @pytest.fixture(autouse=True)
 def _restore_logging() -> Iterator[None]:
     saved = {name: getattr(logging, name) for name in _SWITCHES if hasattr(logging, name)}
+    factory = logging.getLogRecordFactory()
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     yield
     for name, value in saved.items():
         setattr(logging, name, value)
+    logging.setLogRecordFactory(factory)
     for handler in root.handlers:
         if handler not in handlers:
             handler.close()
@@ -77,7 +79,7 @@ def test_a_record_is_made_without_looking_up_its_caller(monkeypatch: pytest.Monk
 def test_the_lines_read_as_before(monkeypatch: pytest.MonkeyPatch) -> None:
     from pg_doorman.app.logsetup import StructuredFormatter, TextFormatter
 
-    text = TextFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    text = TextFormatter()
     structured = StructuredFormatter(worker=3)
     before, _ = _log_one(monkeypatch)
     skip_unused_record_fields()

@@ -11,7 +11,7 @@ import re
 import socket
 import sys
 import time
-from typing import Final
+from typing import Final, TextIO
 
 LEVELS = {
     "error": logging.ERROR,
@@ -54,36 +54,139 @@ def one_line(message: str) -> str:
     return _UNSAFE.sub(_escaped, message)
 
 
-class TextFormatter(logging.Formatter):
-    """Python's formatter, with the message made one line (one_line); a traceback
-    still follows on lines of its own."""
+def _traceback_after(formatter: logging.Formatter, record: logging.LogRecord, line: str) -> str:
+    """`line` followed by the record's traceback and stack, as logging.Formatter.format
+    adds them (the traceback text is kept on the record, as it does)."""
+    if record.exc_info and not record.exc_text:
+        record.exc_text = formatter.formatException(record.exc_info)
+    if record.exc_text:
+        if line[-1:] != "\n":
+            line += "\n"
+        line += record.exc_text
+    if record.stack_info:
+        if line[-1:] != "\n":
+            line += "\n"
+        line += formatter.formatStack(record.stack_info)
+    return line
 
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        record.message = one_line(record.message)
-        return super().formatMessage(record)
+
+# "%03d" of each whole number of milliseconds: a lookup, where formatting one with a
+# width costs a line as much as its level, logger name and message together.
+_MILLISECOND_TEXTS: Final = tuple(f"{millis:03d}" for millis in range(1000))
+
+
+def _milliseconds(msecs: float) -> str:
+    """A record's milliseconds (a float) as "%03d" formats them: truncated, 3 digits."""
+    if 0.0 <= msecs < 1000.0:
+        return _MILLISECOND_TEXTS[int(msecs)]
+    return f"{int(msecs):03d}"
+
+
+class TextFormatter(logging.Formatter):
+    """`2026-01-01 12:00:00,123 INFO    [w1] pg_doorman.client: message`, or without the
+    time and the level's padding for syslog, which stamps its own (`timestamp=False`).
+    The message is made one line (one_line); a traceback still follows on lines of its
+    own. The same text as Python's Formatter makes with the format string passed to it
+    here, built without its interpreted steps: each client's connection and disconnection is a line,
+    and the date and time part is formatted once per second, not once per line."""
+
+    def __init__(self, worker: int | None = None, *, timestamp: bool = True) -> None:
+        tag = "" if worker is None else f"[w{worker}] "
+        if timestamp:
+            fmt = f"%(asctime)s %(levelname)-7s {tag}%(name)s: %(message)s"
+        else:
+            fmt = f"%(levelname)s {tag}%(name)s: %(message)s"
+        super().__init__(fmt)
+        self.tag = tag
+        self.timestamp = timestamp
+        # The second last formatted and its local date and time, swapped as one object so
+        # that threads formatting at once never pair a second with another one's text.
+        self._second: tuple[int, str] = (-1, "")
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.message = message = one_line(record.getMessage())
+        if self.timestamp:
+            created = record.created
+            second = self._second
+            if second[0] != int(created):  # time.localtime rounds down, as int() does here
+                second = (
+                    int(created),
+                    time.strftime(self.default_time_format, self.converter(created)),
+                )
+                self._second = second
+            # Formatter.formatTime's "%s,%03d" with record.msecs; "%-7s" of the level.
+            record.asctime = asctime = f"{second[1]},{_milliseconds(record.msecs)}"
+            line = f"{asctime} {record.levelname.ljust(7)} {self.tag}{record.name}: {message}"
+        else:
+            line = f"{record.levelname} {self.tag}{record.name}: {message}"
+        if record.exc_info or record.exc_text or record.stack_info:
+            return _traceback_after(self, record, line)
+        return line
+
+
+# json.dumps(value, ensure_ascii=False) of a str, without the encoder object json.dumps
+# builds on each call with a keyword argument.
+_json_string: Final = json.encoder.encode_basestring
 
 
 class StructuredFormatter(logging.Formatter):
+    """One JSON object per line: what json.dumps(..., ensure_ascii=False) makes of
+    {timestamp, level, logger, message, pid[, worker][, exception]}, written directly;
+    the date and time part is formatted once per second."""
+
     def __init__(self, worker: int | None = None) -> None:
         super().__init__()
         self.worker = worker
+        self._worker_field = "" if worker is None else f', "worker": {int(worker)}'
+        self._second: tuple[int, str] = (-1, "")  # as TextFormatter's, in UTC
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname,
-            "logger": record.name,
-            # Escaped, not only JSON-quoted: a reader printing the decoded message
-            # (jq -r) must not see lines a client wrote.
-            "message": one_line(record.getMessage()),
-            "pid": record.process,
-        }
-        if self.worker is not None:
-            entry["worker"] = self.worker
+        created = record.created
+        second = self._second
+        if second[0] != int(created):
+            second = (int(created), time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)))
+            self._second = second
+        pid = record.process
+        # Escaped, not only JSON-quoted: a reader printing the decoded message (jq -r)
+        # must not see lines a client wrote.
+        message = _json_string(one_line(record.getMessage()))
+        line = (
+            f'{{"timestamp": "{second[1]}.{_milliseconds(record.msecs)}Z",'
+            f' "level": {_json_string(record.levelname)},'
+            f' "logger": {_json_string(record.name)},'
+            f' "message": {message},'
+            f' "pid": {"null" if pid is None else int(pid)}{self._worker_field}'
+        )
         if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+            line += f', "exception": {_json_string(self.formatException(record.exc_info))}'
+        return line + "}"
+
+
+class LineHandler(logging.StreamHandler[TextIO]):
+    """Python's StreamHandler writing the same line the same way (one write of the line
+    and its newline, then a flush, under the handler's lock; a failure goes to
+    handleError), without the interpreted calls in between (filter, acquire, emit,
+    format, flush and their lock again): each client's connection and disconnection
+    is a line. A handler given filters takes Python's path."""
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        if self.filters:
+            return bool(super().handle(record))
+        lock = self.lock
+        if lock is None:  # made by Handler.__init__; only a subclass could drop it
+            return bool(super().handle(record))
+        with lock:
+            try:
+                formatter = self.formatter
+                line = formatter.format(record) if formatter else self.format(record)
+                stream = self.stream
+                stream.write(line + self.terminator)
+                stream.flush()
+            except RecursionError:  # as StreamHandler.emit: not reported as a log failure
+                raise
+            except Exception:
+                self.handleError(record)
+        return True
 
 
 def skip_unused_record_fields() -> None:
@@ -97,7 +200,7 @@ def skip_unused_record_fields() -> None:
     logging.logThreads = False
     logging.logMultiprocessing = False
     if sys.version_info >= (3, 12):
-        logging.logAsyncioTasks = False
+        logging.logAsyncioTasks = False  # type: ignore[attr-defined,unused-ignore]
 
 
 def parse_level(name: str) -> int:
@@ -177,8 +280,7 @@ def _open_syslog(ident: str, fmt: str, worker: int | None) -> logging.Handler | 
     if fmt == "structured":
         inner = StructuredFormatter(worker)
     else:
-        tag = "" if worker is None else f"[w{worker}] "
-        inner = TextFormatter(f"%(levelname)s {tag}%(name)s: %(message)s")
+        inner = TextFormatter(worker, timestamp=False)
     handler.setFormatter(SyslogFormatter(ident, inner))
     return handler
 
@@ -200,14 +302,10 @@ def setup_logging(
     (stderr_done), so that what stops it from starting shows where it was started.
     True if the log goes to syslog."""
     global _stderr_until_serving
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "structured":
-        handler.setFormatter(StructuredFormatter(worker))
-    else:
-        tag = "" if worker is None else f"[w{worker}] "
-        handler.setFormatter(
-            TextFormatter(f"%(asctime)s %(levelname)-7s {tag}%(name)s: %(message)s")
-        )
+    handler = LineHandler(sys.stderr)
+    handler.setFormatter(
+        StructuredFormatter(worker) if fmt == "structured" else TextFormatter(worker)
+    )
     syslog = _open_syslog(syslog_ident, fmt, worker) if syslog_ident else None
     root = logging.getLogger()
     for old in root.handlers:
