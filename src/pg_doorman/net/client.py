@@ -47,7 +47,7 @@ from pg_doorman.net.tls import (
     tls_end_point,
 )
 from pg_doorman.net.writer import SocketWriter
-from pg_doorman.pool.pool import AcquireError, Pool
+from pg_doorman.pool.pool import AcquireError, LoginParameters, Pool
 from pg_doorman.prepared.registry import StatementEntry
 from pg_doorman.prepared.rewriter import BatchRewriter
 from pg_doorman.protocol import codes, messages, sqlstate
@@ -1002,19 +1002,32 @@ class ClientConnection(asyncio.Protocol):
             )
         if pool.server_parameters is None:
             await self._fetch_server_parameters(pool)
-        settings = dict(params)
-        settings.update(parse_options(params.get("options", "")))
-        if talos_login:
-            settings["application_name"] = self.application_name  # the token's clientId
-        self._adopt_startup_parameters(settings, pool)
+        # Most logins to a pool send the same settings: worked out once, then copied.
+        encoded = b"" if talos_login else startup.encoded_parameters
+        worked_out = pool.login_parameters(encoded)
+        if worked_out is None:
+            settings = dict(params)
+            settings.update(parse_options(params.get("options", "")))
+            if talos_login:
+                settings["application_name"] = self.application_name  # the token's clientId
+            worked_out = self._work_out_startup_parameters(settings, pool)
+            pool.remember_login_parameters(encoded, worked_out)
+        self.parameters = worked_out.reported.copy()
+        self.extra_parameters = worked_out.extra.copy()
+        self._raw_parameters = worked_out.raw
+        if worked_out.application_name is not None:
+            self.application_name = worked_out.application_name
         if pool.settings.prepared_statements:
-            self.rewriter = BatchRewriter(pool.statements, self._planning_context())
+            context = worked_out.planning_context
+            if context is None:
+                context = worked_out.planning_context = self._planning_context()
+            self.rewriter = BatchRewriter(pool.statements, context)
             self.frontend.rewriter = self.rewriter
         self.frontend.watch_texts = not pool.settings.session_mode
         greeting = (
             self._take_auth_final(),
             messages.AUTH_OK,
-            messages.parameter_statuses(self.parameters),
+            worked_out.statuses,
             messages.backend_key_data(self.client_id, self.secret),
             messages.READY_IDLE,
         )
@@ -1081,14 +1094,17 @@ class ClientConnection(asyncio.Protocol):
         if rest:
             console.data_received(rest)
 
-    def _adopt_startup_parameters(self, startup: dict[str, str], pool: Pool) -> None:
+    @staticmethod
+    def _work_out_startup_parameters(startup: dict[str, str], pool: Pool) -> LoginParameters:
         """Split the client's startup parameters into reported and extra ones."""
         server_parameters = pool.server_parameters
         assert server_parameters is not None
         synced = pool.synced_parameters
         canonical = pool.parameter_names()
         # What the greeting reports: the server's set, overridden by the client's wishes.
-        self.parameters = dict(server_parameters)
+        reported = dict(server_parameters)
+        extra: dict[str, str] = {}
+        raw: tuple[str, ...] = ()
         for raw_name, value in startup.items():
             lowered = raw_name.lower()
             if lowered in _NOT_REPORTED:
@@ -1103,24 +1119,28 @@ class ClientConnection(asyncio.Protocol):
                     elif default is not None and same_parameter(name, value, default):
                         value = default  # "utf8": reported as the server spells it
                     else:
-                        self._raw_parameters += (name,)
-                self.parameters[name] = value
+                        raw += (name,)
+                reported[name] = value
                 if name not in synced and lowered != "application_name":
                     # Reported by the server but not followed by default (search_path
                     # on PostgreSQL 18): apply it like any other startup setting.
-                    self.extra_parameters[name] = value
+                    extra[name] = value
             elif lowered == "application_name":
-                self.parameters["application_name"] = value
+                reported["application_name"] = value
             else:
                 if not _GUC_NAME.fullmatch(raw_name):
                     raise StartupError(
                         sqlstate.PROTOCOL_VIOLATION,
                         f"invalid configuration parameter name {raw_name!r}",
                     )
-                self.extra_parameters[raw_name] = value
-        if "application_name" not in synced:
-            # Shown to this client, but the backend keeps the pool's name.
-            self.application_name = startup.get("application_name", "")
+                extra[raw_name] = value
+        # Shown to this client when not synced, but the backend keeps the pool's name.
+        application_name = (
+            None if "application_name" in synced else startup.get("application_name", "")
+        )
+        return LoginParameters(
+            reported, extra, raw, application_name, messages.parameter_statuses(reported)
+        )
 
     def _planning_context(self) -> bytes:
         """Settings that change what a statement text means (search_path above all):

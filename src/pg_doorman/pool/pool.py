@@ -176,6 +176,9 @@ _NEEDS_PROBE: Final = 2
 _SHARED_FINGERPRINTS: Final = 1024
 # Distinct startup values whose server spelling a pool remembers (see canonical_parameter).
 _CANONICAL_VALUES: Final = 1024
+# Distinct startup packets whose settings a pool remembers (see login_parameters).
+_LOGIN_PARAMETERS: Final = 256
+_LOGIN_PARAMETERS_REMEMBERED: Final = 2048  # longest encoded settings kept
 # Bound once: compiled, `time.monotonic()` is a module attribute lookup per call, and
 # random.uniform is interpreted Python; both ran at every queued transaction.
 _now: Final = time.monotonic
@@ -185,6 +188,31 @@ _random: Final = random.random
 def _jittered(value: float) -> float:
     """`value` times a random factor in [1 - _JITTER, 1 + _JITTER)."""
     return value * (1.0 - _JITTER + 2.0 * _JITTER * _random())
+
+
+class LoginParameters:
+    """What one set of startup settings comes to in a pool: the parameters the greeting
+    reports (and its ParameterStatus run), those set on each server, the ones still in
+    the client's own spelling, the application_name the client is shown, and its
+    planning context once asked for. Shared by the logins that send the same settings:
+    each takes copies of the dicts."""
+
+    __slots__ = ("application_name", "extra", "planning_context", "raw", "reported", "statuses")
+
+    def __init__(
+        self,
+        reported: dict[str, str],
+        extra: dict[str, str],
+        raw: tuple[str, ...],
+        application_name: str | None,
+        statuses: bytes,
+    ) -> None:
+        self.reported = reported
+        self.extra = extra
+        self.raw = raw
+        self.application_name = application_name  # None: the login's own stands
+        self.statuses = statuses
+        self.planning_context: bytes | None = None
 
 
 class IdleServers:
@@ -329,6 +357,11 @@ class Pool:
         self._fingerprints: dict[tuple[object, ...], tuple[object, ...]] = {}
         self._parameter_names: dict[str, str] | None = None
         self._canonical: dict[tuple[str, str, str], str] = {}
+        # Startup settings already worked out, by the packet's encoded settings; valid
+        # for the `server_parameters` object they were worked out from (see
+        # login_parameters).
+        self._login_parameters: dict[bytes, LoginParameters] = {}
+        self._login_parameters_basis: dict[str, str] | None = None
         self._connect_failures = 0
         self._tasks: set[asyncio.Task[None]] = set()
         # max_db_connections: shared with the other user pools of the database.
@@ -805,6 +838,7 @@ class Pool:
             self.synced_parameters = synced
             self._fingerprints = {}
             self._parameter_names = None
+            self._login_parameters = {}
 
     def parameter_names(self) -> dict[str, str]:
         """Lower-cased parameter name -> the spelling the server reports (or we sync).
@@ -828,7 +862,29 @@ class Pool:
         """A server applied `value` over its session default and showed `canonical`."""
         assert self.server_parameters is not None
         key = (name, self.server_parameters.get(name, ""), value)
-        remember(self._canonical, key, canonical, _CANONICAL_VALUES)
+        if self._canonical.get(key) != canonical:
+            remember(self._canonical, key, canonical, _CANONICAL_VALUES)
+            # Settings worked out before may hold the value in the client's spelling.
+            self._login_parameters = {}
+
+    def login_parameters(self, encoded: bytes) -> LoginParameters | None:
+        """What a startup packet's settings (`encoded`, as sent) came to at an earlier
+        login, if still true: it depends on the server parameters, the synced ones and
+        the spellings learnt, and is forgotten when any of them changes."""
+        if self._login_parameters_basis is not self.server_parameters:
+            # A new set of server parameters (it is replaced, never changed in place).
+            self._login_parameters_basis = self.server_parameters
+            self._login_parameters = {}
+            return None
+        return self._login_parameters.get(encoded)
+
+    def remember_login_parameters(self, encoded: bytes, outcome: LoginParameters) -> None:
+        if (
+            encoded
+            and len(encoded) <= _LOGIN_PARAMETERS_REMEMBERED
+            and self._login_parameters_basis is self.server_parameters
+        ):
+            remember(self._login_parameters, encoded, outcome, _LOGIN_PARAMETERS)
 
     def shared_fingerprint(self, fingerprint: tuple[object, ...]) -> tuple[object, ...]:
         """This pool's one object equal to a client's parameter fingerprint: clients

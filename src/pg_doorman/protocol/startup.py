@@ -40,18 +40,22 @@ class CancelRequest:
 class StartupMessage:
     # A plain class: a dataclass's generated __init__ would run interpreted at every
     # login, even in the compiled build.
-    __slots__ = ("minor_version", "parameters", "protocol_options")
+    __slots__ = ("encoded_parameters", "minor_version", "parameters", "protocol_options")
 
     def __init__(
         self,
         minor_version: int,
         parameters: dict[str, str],
         protocol_options: list[str] | None = None,
+        encoded_parameters: bytes = b"",
     ) -> None:
         self.minor_version = minor_version
         self.parameters = parameters
         # Protocol options (`_pq_.*`) the client asked for; we support none of them.
         self.protocol_options = protocol_options if protocol_options is not None else []
+        # The packet's name/value section as sent (b"" when built otherwise): logins
+        # sending the same one share what their settings come to (Pool.login_parameters).
+        self.encoded_parameters = encoded_parameters
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, StartupMessage):
@@ -106,8 +110,9 @@ def parse_startup_packet(packet: bytes) -> StartupPacket:
             f"unsupported frontend protocol {major}.{minor}: server supports 3.0",
         )
     # Unpacked first: compiled, a call with `*args` is a generic call of the class.
-    parameters, options = _parse_parameters(packet[8:])
-    return StartupMessage(minor, parameters, options)
+    encoded = packet[8:]
+    parameters, options = _parse_parameters(encoded)
+    return StartupMessage(minor, parameters, options, encoded)
 
 
 def _parse_parameters(raw: bytes) -> tuple[dict[str, str], list[str]]:
