@@ -3,20 +3,18 @@ as the defaults), and `generate` logging in with a password from libpq's passwor
 
 from __future__ import annotations
 
-import os
 import socket
 import stat
 import subprocess
-import sys
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
 import yaml
+from test_generate import run_pg_doorman
 
 from helpers import ExamplePostgres
-from helpers.pooler import SRC_DIR
 from pg_doorman.app.embedded_pg import free_port
 from pg_doorman.app.reference_config import SAMPLE_POOL
 from pg_doorman.auth.scram import make_scram_verifier
@@ -25,26 +23,6 @@ from pg_doorman.config.schema import GeneralConfig, TalosConfig, WebConfig
 
 PGPASS_SUPERUSER = "pgpass_superuser"
 PGPASS_PASSWORD = "pgpass-secret:with\\escapes"
-
-
-def run_pg_doorman(
-    *args: str, env: Mapping[str, str] | None = None, cwd: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    """pg_doorman from the sources, without the caller's PG* variables."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    full_env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(SRC_DIR), os.environ.get("PYTHONPATH", "")) if p
-    )
-    full_env.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "pg_doorman", *args],
-        capture_output=True,
-        text=True,
-        env=full_env,
-        cwd=cwd,
-        timeout=60,
-        check=False,
-    )
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_log_record_fields import _restore_logging  # noqa: F401 (an autouse fixture)
 
 from pg_doorman.app import logsetup
 from pg_doorman.app.logsetup import (
@@ -32,25 +33,7 @@ from pg_doorman.app.logsetup import (
     skip_unused_record_fields,
 )
 
-_SWITCHES = ("_srcfile", "logThreads", "logMultiprocessing", "logProcesses", "logAsyncioTasks")
 NOON = 1_780_000_000  # a whole second: 2026-05-28 20:26:40 UTC
-
-
-@pytest.fixture(autouse=True)
-def _restore_logging() -> Iterator[None]:
-    saved = {name: getattr(logging, name) for name in _SWITCHES if hasattr(logging, name)}
-    factory = logging.getLogRecordFactory()
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    for name, value in saved.items():
-        setattr(logging, name, value)
-    logging.setLogRecordFactory(factory)
-    for handler in root.handlers:
-        if handler not in handlers:
-            handler.close()
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 # --- what the lines were: Python's own Formatter and json.dumps ------------------------
