@@ -268,9 +268,13 @@ class ListenHub:
                 if msg_type == codes.NOTIFICATION_RESPONSE:
                     self._notify(messages.build(b"A", body), body)
                 elif msg_type == codes.ERROR_RESPONSE:
+                    fields = messages.parse_error_fields(body)
+                    if fields.get("V", fields.get("S")) in ("FATAL", "PANIC"):
+                        # The server's goodbye (pg_terminate_backend, a shutdown), also
+                        # while a statement runs: lost for the reason it gives.
+                        self.lost(f"server closed the connection: {fields.get('M', '?')}")
+                        return
                     if not self._in_flight:
-                        # FATAL ahead of a disconnect (pg_terminate_backend, shutdown).
-                        fields = messages.parse_error_fields(body)
                         logger.warning(
                             "pool %s: listening server %d: %s",
                             self.pool.name,

@@ -404,8 +404,21 @@ class ServerConnection(asyncio.Protocol):
                     f"unexpected message {chr(msg_type)!r} during server login",
                 )
         if len(self._inbox):
-            raise AcquireError(sqlstate.PROTOCOL_VIOLATION, "server sent data after login")
+            raise await self._spoke_after_login()
         self.mode = IDLE
+
+    async def _spoke_after_login(self) -> AcquireError:
+        """Why a login fails whose server sent more after its ReadyForQuery, unasked:
+        its FATAL goodbye (pg_terminate_backend, a shutdown) came with it, said as the
+        server said it; anything else breaks the protocol."""
+        msg_type, body = await self._next_message()  # a goodbye split across reads
+        if msg_type != codes.ERROR_RESPONSE:
+            return AcquireError(sqlstate.PROTOCOL_VIOLATION, "server sent data after login")
+        fields = messages.parse_error_fields(body)
+        return AcquireError(
+            fields.get("C", sqlstate.CONNECTION_FAILURE),
+            "server closed the connection right after login: " + fields.get("M", "no reason given"),
+        )
 
     # ---- pool protocol ------------------------------------------------------
 
