@@ -56,7 +56,7 @@ def _log_one(monkeypatch: pytest.MonkeyPatch) -> tuple[logging.LogRecord, int]:
         return find_caller(self, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(logging.Logger, "findCaller", counting)
-    logger = logging.getLogger("pg_doorman.client.zz_tmp_connect")
+    logger = logging.getLogger("pg_doorman.client.line_fields")
     keep = _Keep()
     logger.addHandler(keep)
     logger.setLevel(logging.INFO)
@@ -87,7 +87,7 @@ def test_the_lines_read_as_before(monkeypatch: pytest.MonkeyPatch) -> None:
     after.created, after.msecs = before.created, before.msecs
     assert text.format(after) == text.format(before)
     assert text.format(after).endswith(
-        "INFO    pg_doorman.client.zz_tmp_connect: client #c7 connected (bench@bench) "
+        "INFO    pg_doorman.client.line_fields: client #c7 connected (bench@bench) "
         "from 127.0.0.1"
     )
     assert json.loads(structured.format(after)) == json.loads(structured.format(before))
