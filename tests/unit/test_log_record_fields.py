@@ -87,8 +87,7 @@ def test_the_lines_read_as_before(monkeypatch: pytest.MonkeyPatch) -> None:
     after.created, after.msecs = before.created, before.msecs
     assert text.format(after) == text.format(before)
     assert text.format(after).endswith(
-        "INFO    pg_doorman.client.line_fields: client #c7 connected (bench@bench) "
-        "from 127.0.0.1"
+        "INFO    pg_doorman.client.line_fields: client #c7 connected (bench@bench) from 127.0.0.1"
     )
     assert json.loads(structured.format(after)) == json.loads(structured.format(before))
     assert json.loads(structured.format(after))["pid"] == os.getpid()
