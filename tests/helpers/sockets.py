@@ -18,3 +18,18 @@ def connect(listener: socket.socket) -> tuple[socket.socket, socket.socket]:
     client = socket.create_connection(listener.getsockname())
     accepted, _ = listener.accept()
     return client, accepted
+
+
+def pump(source: socket.socket, sink: socket.socket) -> None:
+    """Relay `source` to `sink` until either end closes, then shut both down: a
+    shutdown, unlike a close, wakes the other direction's thread blocked in recv and
+    lets the peers see the end at once."""
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)

@@ -20,6 +20,7 @@ import pytest
 from helpers import EXAMPLE_DB, ExamplePostgres
 from helpers import pgwire as w
 from helpers.pooler import ADMIN_PASSWORD, ADMIN_USER, PoolerFactory, PoolerProcess
+from helpers.sockets import pump
 
 SLOW_ROLE = "slow_scram_role"
 SLOW_PASSWORD = "slow-secret"
@@ -53,22 +54,12 @@ class LoginRelay:
                 return
             server_side = socket.create_connection(self.target)
             self.sockets += [pooler_side, server_side]
-            for pump in (
-                threading.Thread(target=self._pump, args=(pooler_side, server_side)),
+            for thread in (
+                threading.Thread(target=pump, args=(pooler_side, server_side)),
                 threading.Thread(target=self._watch_server, args=(server_side, pooler_side)),
             ):
-                pump.daemon = True
-                pump.start()
-
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            sink.close()
+                thread.daemon = True
+                thread.start()
 
     def _watch_server(self, source: socket.socket, sink: socket.socket) -> None:
         """Forward PostgreSQL's messages one at a time, so that the event is set right

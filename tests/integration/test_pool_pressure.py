@@ -17,6 +17,7 @@ from helpers import ExamplePostgres
 from helpers.console import admin_rows
 from helpers.metrics import scrape, value
 from helpers.pooler import PoolerFactory, PoolerProcess
+from helpers.sockets import pump
 from pg_doorman.app.embedded_pg import free_port
 
 
@@ -56,22 +57,10 @@ class SlowConnects:
             with self.lock:
                 self.opening -= 1
         for source, sink in ((client, server), (server, client)):
-            threading.Thread(target=_pump, args=(source, sink), daemon=True).start()
+            threading.Thread(target=pump, args=(source, sink), daemon=True).start()
 
     def close(self) -> None:
         self.listener.close()
-
-
-def _pump(source: socket.socket, sink: socket.socket) -> None:
-    try:
-        while data := source.recv(65536):
-            sink.sendall(data)
-    except OSError:
-        pass
-    finally:
-        for sock in (source, sink):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
 
 
 def connect(proc: PoolerProcess, pg: ExamplePostgres) -> psycopg.Connection[Any]:

@@ -17,6 +17,7 @@ from helpers import EXAMPLE_DB, ExamplePostgres
 from helpers import pgwire as w
 from helpers.listen import fanout_pool
 from helpers.pooler import PoolerFactory, PoolerProcess
+from helpers.sockets import pump
 
 TERMINATED = "terminating connection due to administrator command"
 # AuthenticationRequest codes that wait for the client: cleartext, MD5, SASL, SASL continue.
@@ -58,19 +59,9 @@ class TerminatingProxy:
             self._sockets += [downstream, upstream]
             terminate = self.armed.is_set()
             self.armed.clear()
-            threading.Thread(target=self._pump, args=(downstream, upstream), daemon=True).start()
-            target = self._terminate_after_login if terminate else self._pump
+            threading.Thread(target=pump, args=(downstream, upstream), daemon=True).start()
+            target = self._terminate_after_login if terminate else pump
             threading.Thread(target=target, args=(upstream, downstream), daemon=True).start()
-
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            sink.close()
 
     def _terminate_after_login(self, server: socket.socket, client: socket.socket) -> None:
         held = b""
