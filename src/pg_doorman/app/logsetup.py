@@ -136,7 +136,6 @@ class StructuredFormatter(logging.Formatter):
 
     def __init__(self, worker: int | None = None) -> None:
         super().__init__()
-        self.worker = worker
         self._worker_field = "" if worker is None else f', "worker": {int(worker)}'
         self._second: tuple[int, str] = (-1, "")  # as TextFormatter's, in UTC
 
