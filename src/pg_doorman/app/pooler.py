@@ -1013,9 +1013,11 @@ class Pooler:
 
     def apply_config(self, config: Config) -> list[str]:
         notes = self.reload(config)
-        logger.info("configuration reloaded from %s", config.source)
+        # The changes first: the closing line tells a reader (and a script tailing the
+        # log) that everything the reload did is already written.
         for note in notes:
             logger.info("reload: %s", note)
+        logger.info("configuration reloaded from %s", config.source)
         return notes
 
     async def reload_everywhere(self) -> list[dict[str, Any]]:
