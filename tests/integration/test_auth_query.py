@@ -695,12 +695,23 @@ def test_looked_up_users_share_max_db_connections_with_configured_ones(
         )
         return out.split()
 
+    def settled_backends(expected: list[str]) -> list[str]:
+        """backends(), read again until they are `expected` (at most 5 s): an evicted
+        server leaves pg_stat_activity only once its backend has exited, which may come
+        after the client it made room for has its answer."""
+        deadline = time.monotonic() + 5
+        found = backends()
+        while found != expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+            found = backends()
+        return found
+
     with psycopg.connect(proc.dsn(trust.name, ""), autocommit=True) as configured:
         assert configured.execute("select current_user").fetchone() == (trust.name,)
         assert current_user(proc, user.name, user.password) == user.name
-        assert backends() == [user.name]
+        assert settled_backends([user.name]) == [user.name]
         assert configured.execute("select current_user").fetchone() == (trust.name,)
-        assert backends() == [trust.name]
+        assert settled_backends([trust.name]) == [trust.name]
     console = admin_console(proc)
     try:
         (row,) = show_table(console, "POOL_COORDINATOR")

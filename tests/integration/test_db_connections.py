@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -25,6 +26,20 @@ def backends(pg: ExamplePostgres, *users: str) -> list[int]:
         "and backend_type = 'client backend' order by pid"
     )
     return [int(line) for line in out.split()]
+
+
+def settled_backends(
+    pg: ExamplePostgres, *users: str, until: Callable[[list[int]], bool]
+) -> list[int]:
+    """backends(), read again until `until` holds (at most 5 s): a server the pooler
+    closed (an eviction) leaves pg_stat_activity only once its backend has exited,
+    which may come after the client the eviction served has its answer."""
+    deadline = time.monotonic() + 5
+    found = backends(pg, *users)
+    while not until(found) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        found = backends(pg, *users)
+    return found
 
 
 USERS = [
@@ -85,7 +100,8 @@ def test_a_user_waits_while_the_others_hold_every_server(
         holders[0].execute("commit")  # its server goes idle and is taken for the waiter
         thread.join(5)
         assert outcome and outcome[0][0] == (42,)
-        assert len(backends(pg, *names)) == 2
+        found = settled_backends(pg, *names, until=lambda pids: len(pids) == 2)
+        assert len(found) == 2, found
     finally:
         for conn in [*holders, waiter]:
             conn.close()
@@ -108,7 +124,7 @@ def test_an_idle_server_of_another_user_is_closed_for_a_waiting_one(
         assert backends(pg, pg.md5_user.name) == [idle_pid]
         taken = pid_of(second)
         assert taken != idle_pid
-        assert backends(pg, *names) == [taken]
+        assert settled_backends(pg, *names, until=lambda pids: pids == [taken]) == [taken]
         # And back: the md5 user gets a server again the same way.
         assert pid_of(first) not in (idle_pid, taken)
     assert "evicted for example_user_scram@example_db" in proc.log_text()
@@ -149,7 +165,8 @@ def test_min_connection_lifetime_keeps_a_young_server(
         # Taken only once it had been open for min_connection_lifetime.
         assert time.monotonic() - opened >= 1.4
         assert row[0] != idle_pid
-        assert idle_pid not in backends(pg, pg.md5_user.name)
+        found = settled_backends(pg, pg.md5_user.name, until=lambda pids: idle_pid not in pids)
+        assert idle_pid not in found
 
 
 def test_the_reserve_opens_after_reserve_pool_timeout_and_closes_after_use(

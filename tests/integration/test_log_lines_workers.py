@@ -16,6 +16,7 @@ import psycopg
 from helpers import EXAMPLE_DB, ExamplePostgres, UserSpec
 from helpers import pgwire as w
 from helpers.console import admin_console as admin
+from helpers.console import show_table
 from helpers.pooler import PoolerFactory, PoolerProcess
 
 WORKERS = 2
@@ -57,6 +58,12 @@ def _three_clients(
     try:
         assert w.first_error(console.simple_query("SET log_level = 'warn'")) is None
         _visit(proc, pg.scram_user)
+        # Its disconnection is handled after it got its last answer, maybe after the next
+        # SET: only once the pooler lists it no more was its line dropped at warn.
+        deadline = time.monotonic() + 10
+        while any(r["user"] == pg.scram_user.name for r in show_table(console, "CLIENTS")):
+            assert time.monotonic() < deadline, "the scram user's client is still listed"
+            time.sleep(0.05)
         assert w.first_error(console.simple_query("SET log_level = 'info'")) is None
         _visit(proc, pg.trust_user)
     finally:
