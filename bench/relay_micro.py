@@ -162,7 +162,10 @@ async def run(
             if sent == messages.SYNC:
                 server.data_received(messages.READY_IDLE)
             else:
-                server.data_received(messages.PARSE_COMPLETE + messages.READY_IDLE)
+                # The pool's first Parse of a text comes with a Describe of it, which
+                # teaches the pooler its result columns (prepared/registry.py).
+                described = messages.build(b"t", b"\x00\x01\x00\x00\x00\x17") + row_description
+                server.data_received(messages.PARSE_COMPLETE + described + messages.READY_IDLE)
         rows = _query_reply(b"1")[len(row_description) :]
         if mode == "prepared":
             request = bind + execute + messages.SYNC

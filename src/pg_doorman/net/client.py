@@ -1499,6 +1499,25 @@ class ClientConnection(asyncio.Protocol):
         elif server.end_deferred and frontend.pending_ready <= 0 and self.server is server:
             server.end_if_over(self)
 
+    def resume_after_check(self, server: ServerConnection) -> None:
+        """The check the client's bytes were held for (prepared.rewriter
+        BatchRewriter.checking) is answered: forward them now."""
+        rewriter = self.rewriter
+        assert rewriter is not None
+        rewriter.resume_due = False
+        if self.server is not server or self.state == CLOSED:
+            return
+        ahead = rewriter.take_resume_bytes()
+        if len(ahead):
+            server.bytes_sent += len(ahead)
+            server_writer = server.writer
+            assert server_writer is not None
+            server_writer.write(ahead)
+        data = self.frontend.resume()
+        if len(data):
+            self._forward(server, data)
+        rewriter.resumed()
+
     def _between_transactions(self, data: bytes) -> None:
         """No server attached: answer what needs none, else check one out."""
         if self._discarding:

@@ -690,6 +690,10 @@ class ServerConnection(asyncio.Protocol):
             self.statements.clear()
             if rewriter is not None:
                 rewriter.forget_statements()
+        # A check the client's bytes waited for is answered (or can no longer be):
+        # they go on after the replies that came before it (below). Read here, where
+        # the rewriter is last used: kept for the end, it would cost every reply.
+        resume = rewriter is not None and rewriter.resume_due
         frontend = client.frontend
         if scanner.copy_in_started:
             frontend.on_copy_in_started()
@@ -750,6 +754,8 @@ class ServerConnection(asyncio.Protocol):
         client.write(out)
         if after:
             self._after_transaction(client, after)
+        if resume:
+            client.resume_after_check(self)
 
     def _transaction_over(self, client: ClientConnection) -> bool:
         """Everything `client` sent has been answered, outside a transaction block and
@@ -1067,12 +1073,37 @@ class ServerConnection(asyncio.Protocol):
         if client is None or self.closed:
             self._retire("client gone")
             return
+        if client.frontend.paused and self._only_check_due(client):
+            # Nothing of the client's reached the server but what the pooler sent to
+            # check a statement (rewriter.BatchRewriter.checking): a Sync ends it,
+            # and the server is as the client left it before.
+            self._run_quiet([], self._check_abandoned, CLEANUP, raw=messages.SYNC)
+            return
         if not self.between_requests(client):
             # The server is mid-reply or holds a half-sent batch: its state is unknown.
             self.close("client disconnected while the server was busy")
             self._retire("client gone mid-request")
             return
         self.finish(_now())
+
+    def _only_check_due(self, client: ClientConnection) -> bool:
+        frontend = client.frontend
+        scanner = self.scanner
+        return not (
+            frontend.pending_ready > 0
+            or frontend.batch_open
+            or frontend.need
+            or frontend.copy_in
+            or scanner.in_copy
+            or scanner.mid_message
+        )
+
+    def _check_abandoned(self, ok: bool) -> None:
+        if ok:
+            self.finish(_now())
+        else:
+            self.close("client disconnected during a statement check")
+            self._retire("client gone mid-request")
 
     def abandon(self, reason: str) -> None:
         """Close this server in the middle of a reply: its client is being cut off

@@ -33,6 +33,7 @@ class StatementEntry:
         "named_by_bind",
         "parse_message",
         "query",
+        "shape",
         "text_effects",
     )
 
@@ -58,6 +59,9 @@ class StatementEntry:
         self.misses = 0  # Parses (or re-Parses) sent to a server
         self.kinds = 0  # NAMED | UNNAMED: how clients have prepared it
         self.evicted = False  # dropped from the pool registry (clients may still use it)
+        # Its result columns as the pool's first Parse of it gave them (row_shape; b"":
+        # none), learnt from a Describe of it; None until then.
+        self.shape: bytes | None = None
         # What it may leave on the session unseen by the tags (protocol.text_effects
         # bits), reported at each Bind of it.
         self.text_effects = text_effects(query, 0, len(query))
@@ -68,6 +72,29 @@ UNNAMED: Final = 2
 # Distinct client settings a pool shares one object for (see shared_context); past
 # that, equal contexts still match by value.
 _SHARED_CONTEXTS: Final = 1024
+
+
+def row_shape(body: bytes) -> bytes:
+    """What PostgreSQL compares of a statement's result columns to refuse a statement
+    whose row type changed since its Parse (RevalidateCachedQuery, equalRowTypes): the
+    number of columns and each one's name, type OID and typmod, from a RowDescription
+    `body`. Where a column comes from and how it is sent (format) don't count; the
+    collation, which it also compares, is not in the message. Compared as bytes:
+    NoData stands for no row type at all (b""), not a row of no columns."""
+    parts = [body[:2]]
+    count = int.from_bytes(body[:2], "big")
+    pos = 2
+    for _ in range(count):
+        name_end = body.find(b"\x00", pos) + 1
+        if not name_end or name_end + 18 > len(body):
+            return body  # malformed: compared whole
+        parts.append(body[pos:name_end])
+        # After the name: table OID (4), column number (2), type OID (4), type
+        # length (2), typmod (4), format (2).
+        parts.append(body[name_end + 6 : name_end + 10])
+        parts.append(body[name_end + 12 : name_end + 16])
+        pos = name_end + 18
+    return b"".join(parts)
 
 
 def statement_name(key: bytes, generation: int = 0) -> bytes:
@@ -87,6 +114,7 @@ class PoolStatements:
     __slots__ = (
         "_contexts",
         "_entries",
+        "_shapes",
         "capacity",
         "closed_hits",
         "closed_misses",
@@ -103,6 +131,9 @@ class PoolStatements:
         self._contexts: dict[bytes, bytes] = {}
         # Part of every server name: a new one (see replan) renames every statement.
         self.generation = 0
+        # The shapes learnt (see learn), by server name: an entry made again for a text
+        # after its eviction gets its old one's, as servers may still have it.
+        self._shapes: OrderedDict[bytes, bytes] = OrderedDict()
 
     def lookup(self, parse_body: bytes, name_end: int, context: bytes) -> StatementEntry:
         """Entry for a Parse body (`name_end`: index after the client name's NUL) read
@@ -120,6 +151,7 @@ class PoolStatements:
         message = build(b"P", body)
         query_end = rest.find(b"\x00")
         entry = StatementEntry(key, context, name, message, rest[:query_end], generation)
+        entry.shape = self._shapes.get(name)
         entries[key] = entry
         if len(entries) > self.capacity:
             entries.popitem(last=False)[1].evicted = True
@@ -142,6 +174,19 @@ class PoolStatements:
         for old in self._entries.values():
             old.evicted = True
         self._entries.clear()
+        self._shapes.clear()  # the old names' entries keep theirs
+
+    def learn(self, entry: StatementEntry, shape: bytes) -> None:
+        """`entry`'s result columns, from a Describe of its first Parse."""
+        if entry.shape is not None:
+            return
+        entry.shape = shape
+        if entry.generation == self.generation:
+            shapes = self._shapes
+            shapes[entry.name] = shape
+            # Twice the entries: those evicted that clients still use come back.
+            while len(shapes) > 2 * self.capacity:
+                shapes.popitem(last=False)
 
     def shared_context(self, context: bytes) -> bytes:
         """This pool's one object equal to `context`: entries keep the context they

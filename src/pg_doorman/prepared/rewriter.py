@@ -18,7 +18,12 @@ import re
 from typing import TYPE_CHECKING, Final
 
 from pg_doorman.prepared.deallocate import parse_deallocate
-from pg_doorman.prepared.registry import PoolStatements, ServerStatements, StatementEntry
+from pg_doorman.prepared.registry import (
+    PoolStatements,
+    ServerStatements,
+    StatementEntry,
+    row_shape,
+)
 from pg_doorman.protocol import codes, messages, sqlstate
 
 if TYPE_CHECKING:
@@ -54,10 +59,26 @@ HIDDEN_PROBE: Final = 14
 # the pooler refuses so that the server fails at the same place: replaced by the
 # payload, the pooler's own error.
 REFUSED: Final = 15
+# A Describe of a statement we parsed, added to learn its result columns
+# (StatementEntry.shape): ParameterDescription, then RowDescription/NoData, all dropped.
+SHAPE_LEARN: Final = 16
+SHAPE_LEARN_ROWS: Final = 17
+# Likewise, added to check a statement parsed again on a server against the columns it
+# was first described with: the client's bytes wait for the answer (see _check_shape).
+SHAPE_CHECK: Final = 18
+SHAPE_CHECK_ROWS: Final = 19
 
 # Backend actions returned to the scanner (bit flags).
 DROP: Final = 1
 HAS_PREFIX: Final = 2
+# The message is a RowDescription or NoData the rewriter reads (shape_seen()).
+CAPTURE: Final = 4
+
+# BatchRewriter.answered_here: the message is answered by the rewriter alone, or the
+# client's bytes from this message on wait for the answer to a check (see
+# _check_shape; the scanner holds them until resume_due).
+ANSWERED: Final = 1
+HOLD: Final = 2
 
 _ASYNC_TYPES: Final = codes.type_table(
     (codes.NOTICE_RESPONSE, codes.NOTIFICATION_RESPONSE, codes.PARAMETER_STATUS)
@@ -234,6 +255,22 @@ _REPLACE_ERROR: Final = 2
 _DESCRIBE_NOTHING: Final = messages.build(b"D", b"SDOORMAN_refused\x00")
 
 
+def _error_with_routine(code: str, message: str, source: str, routine: str) -> bytes:
+    fields = [b"SERROR", b"VERROR", b"C" + code.encode(), b"M" + message.encode()]
+    fields += [b"F" + source.encode(), b"R" + routine.encode()]
+    return messages.build(b"E", b"\x00".join(fields) + b"\x00\x00")
+
+
+# PostgreSQL's refusal of a statement whose result columns changed since its Parse;
+# drivers tell it by its routine (asyncpg then prepares the statement again).
+_RESULT_TYPE_CHANGED: Final = _error_with_routine(
+    sqlstate.FEATURE_NOT_SUPPORTED,
+    "cached plan must not change result type",
+    "plancache.c",
+    "RevalidateCachedQuery",
+)
+
+
 def _missing_statement_error(name: bytes) -> bytes:
     if name:
         text = f'prepared statement "{name.decode("utf-8", "replace")}" does not exist'
@@ -347,11 +384,18 @@ class BatchRewriter:
         "_bind_length",
         "_bind_name",
         "_error_fix_payload",
+        "_instead",
         "_journal",
         "_last_parse",
         "_last_parse_entry",
         "_prefix",
+        "_reshaped",
+        "_resume_bytes",
+        "_shape_checking",
+        "_shape_entries",
+        "_shape_entry",
         "answered_here",
+        "checking",
         "context",
         "desynced",
         "error_fix",
@@ -360,6 +404,7 @@ class BatchRewriter:
         "named",
         "registry",
         "resume_at",
+        "resume_due",
         "server",
         "server_replies",
         "skipped_queries",
@@ -413,9 +458,25 @@ class BatchRewriter:
         # a refusal's is replaced by the payload.
         self.error_fix = 0
         self._error_fix_payload = b""
-        # The message frontend() was just given is answered by the rewriter alone and
-        # must not be counted as owing a ReadyForQuery (read and reset by the scanner).
-        self.answered_here = False
+        # ANSWERED: the message frontend() was just given is answered by the rewriter
+        # alone and must not be counted as owing a ReadyForQuery; HOLD: the client's
+        # bytes from that message on wait (read and reset by the scanner).
+        self.answered_here = 0
+        # The bytes _parse_for returned stand for the whole message (a check, a refusal).
+        self._instead = False
+        # The entries of the SHAPE_* replies expected, oldest first, and the one whose
+        # RowDescription or NoData is being read (see shape_seen).
+        self._shape_entries: list[StatementEntry] = []
+        self._shape_entry: StatementEntry | None = None
+        self._shape_checking = False
+        # A check holds the client's bytes (see _check_shape); once it is answered (or
+        # can no longer be), `resume_due` asks the relay to forward them again.
+        self.checking = False
+        self.resume_due = False
+        # What a check found changed: the client's next use of the statement on this
+        # server is refused (0A000), and the bytes to send the server first (a Close).
+        self._reshaped: StatementEntry | None = None
+        self._resume_bytes = b""
         # Set (to a position past the message's start) when frontend()'s replacement
         # stands only for the bytes up to it: the client's bytes from there on are
         # forwarded as they are (read and reset by the scanner).
@@ -430,6 +491,8 @@ class BatchRewriter:
             self.expect.clear()
         if self._journal:
             self._journal.clear()
+        if self._shape_entries:
+            self._shape_entries.clear()
         self.leading_queries = 0
         self.skipping = False
         self.skipped_queries = 0
@@ -518,7 +581,7 @@ class BatchRewriter:
         else:
             ready = messages.READY_IN_TRANSACTION
         self._push(SYNTH, reply + ready)
-        self.answered_here = True
+        self.answered_here = ANSWERED
         return b""
 
     def deallocate(self, query: bytes, all_too: bool) -> bytes | None:
@@ -629,15 +692,106 @@ class BatchRewriter:
         self._push(kind, entry.name)
         return close_statement(entry.name) + entry.parse_message
 
-    def _ensure_on_server(self, entry: StatementEntry) -> bytes:
-        """The Parse to send first if the server lacks the statement, else b''."""
+    def _parse_for(self, entry: StatementEntry) -> bytes:
+        """The Parse to send ahead of a Bind or Describe of `entry`, which the server
+        lacks (or may have lost to a query ahead). Sets `_instead` when the bytes
+        returned stand for the whole message: a check of a statement whose columns are
+        known (see _check_shape), or the refusal of one such a check found changed."""
         server = self.server
         assert server is not None
-        if not server.has(entry.name):
-            return self._send_parse(entry, HIDDEN_PARSE)
-        if self._query_ahead():
-            return self._parse_again(entry, HIDDEN_PARSE)
-        return b""
+        again = entry.name in server
+        if entry is self._reshaped:
+            # As PostgreSQL refuses it in the session that prepared it (the client
+            # prepares it again: a new statement, see registry.replan).
+            self._instead = True
+            return self._refuse(_RESULT_TYPE_CHANGED)
+        if entry.shape is not None:
+            self._instead = True
+            return self._check_shape(entry, again)
+        if again:
+            out = self._parse_again(entry, HIDDEN_PARSE)
+        else:
+            out = self._send_parse(entry, HIDDEN_PARSE)
+        return out + self._learn_shape(entry)
+
+    def _learn_shape(self, entry: StatementEntry) -> bytes:
+        """A Describe of `entry`, just parsed, to learn its result columns: sent along
+        with the client's messages, its answer dropped (see shape_seen)."""
+        self._push(SHAPE_LEARN, entry.name)
+        self._shape_entries.append(entry)
+        return messages.build(b"D", b"S" + entry.name + b"\x00")
+
+    def _check_shape(self, entry: StatementEntry, again: bool) -> bytes:
+        """Parse `entry` on a server that lacks it (`again`: that may have lost it)
+        with a Describe and a Flush behind, and have the client's bytes from the
+        message that needs it on wait for the answer (HOLD). PostgreSQL fixes a
+        statement's result columns at its Parse and refuses it once they changed
+        (0A000); parsed anew, the text may read a table changed since, and the client
+        would decode the new columns as the old ones. See shape_seen for the answer.
+        Only where the server parses the text again: the statements a server has are
+        PostgreSQL's to check."""
+        if again:
+            out = self._parse_again(entry, HIDDEN_PARSE)
+        else:
+            out = self._send_parse(entry, HIDDEN_PARSE)
+        self._push(SHAPE_CHECK, entry.name)
+        self._shape_entries.append(entry)
+        self.checking = True
+        self.answered_here = HOLD
+        return b"".join((out, messages.build(b"D", b"S" + entry.name + b"\x00"), messages.FLUSH))
+
+    def shape_seen(self, data: bytes, pos: i64, end: i64) -> None:
+        """The RowDescription or NoData in data[pos:end] answers the Describe that
+        backend() just matched it to (CAPTURE)."""
+        entry = self._shape_entry
+        self._shape_entry = None
+        if entry is None:
+            return
+        shape = row_shape(data[pos + 5 : end]) if data[pos] == codes.ROW_DESCRIPTION else b""
+        if not self._shape_checking:
+            self.registry.learn(entry, shape)
+            return
+        self._shape_checking = False
+        self.checking = False
+        self.resume_due = True
+        if shape == entry.shape:
+            return  # the held bytes go on: the server has the statement now
+        # Changed: what PostgreSQL does when a statement's columns changed under it.
+        # Every Parse of the text from now on gets a new statement (replan); this one,
+        # parsed here under the name of the old, is closed, so that no client binds it
+        # for the old one; the message held is refused as PostgreSQL refuses it.
+        self.registry.replan(entry)
+        server = self.server
+        if server is not None:
+            server.forget(entry.name)
+        self._push(RECHECK_CLOSE, entry.name)
+        self._resume_bytes = close_statement(entry.name)
+        self._reshaped = entry
+
+    def take_resume_bytes(self) -> bytes:
+        """What to send the server before the held bytes go on (see shape_seen)."""
+        out = self._resume_bytes
+        self._resume_bytes = b""
+        return out
+
+    def resumed(self) -> None:
+        """The held bytes have gone on: a later use of a statement found changed on
+        this server is checked again (the table may be as it was by then)."""
+        self._reshaped = None
+
+    def wants_whole(self) -> bool:
+        """The reply next due answers a Describe the rewriter added: the scanner reads
+        it whole, to read it or to drop all of it."""
+        expect = self.expect
+        return expect.size > 0 and expect.kinds[expect.head] >= SHAPE_LEARN
+
+    def _shape_dropped(self, kind: int) -> None:
+        """A SHAPE_* reply will never come (an error before it, or the queue reset)."""
+        if self._shape_entries:
+            del self._shape_entries[0]
+        if kind == SHAPE_CHECK or kind == SHAPE_CHECK_ROWS:
+            self.checking = False
+            self.resume_due = True
 
     def _parse(self, body: bytes) -> bytes:
         name_end = _name_end(body, 0)
@@ -658,22 +812,28 @@ class BatchRewriter:
             if len(body) <= _REMEMBERED_PARSE_MAX:
                 self._last_parse = body
                 self._last_parse_entry = entry
+        server = self.server
+        assert server is not None
+        present = server.has(entry.name)
+        # Behind a batch not answered yet, the server's record is a guess: the Parse
+        # that put the statement there may fail, or the transaction be failed by then.
+        # Let the server answer (Close first: harmless if the statement is not there).
+        again = present and (self._query_ahead() or self.expect.syncs > 0)
+        if entry.shape is not None and (again or not present):
+            # The text is parsed anew where other clients' statements of it were
+            # described before: checked first, the client's names untouched until the
+            # Parse is taken again (once changed, the text gets a new statement).
+            return self._check_shape(entry, again)
         if name:
             self.named[name] = entry
             entry.kinds |= 1  # registry.NAMED
         elif name_end:  # without its NUL the Parse fails without touching any name
             self.unnamed = entry
             entry.kinds |= 2  # registry.UNNAMED
-        server = self.server
-        assert server is not None
         replies = self.server_replies
-        if not server.has(entry.name):
+        if not present:
             out = self._send_parse(entry, PARSE)
-        elif self._query_ahead() or self.expect.syncs:
-            # Behind a batch not answered yet, the server's record is a guess: the
-            # Parse that put the statement there may fail, or the transaction be
-            # failed by then. Let the server answer (Close first: harmless if the
-            # statement is not there).
+        elif again:
             out = self._parse_again(entry, PARSE)
         elif replies is not None and replies.status == codes.TX_FAILED:
             # In a failed transaction PostgreSQL refuses the Parse (unless it is a
@@ -687,6 +847,8 @@ class BatchRewriter:
             return b""
         if name_end:
             self._record(name, previous)
+        if entry.shape is None and (again or not present):
+            out += self._learn_shape(entry)
         return out
 
     def _probe(self, body: bytes, name_end: int, kind: int) -> bytes:
@@ -882,7 +1044,15 @@ class BatchRewriter:
             replies = self.server_replies
             if replies is not None:
                 replies.cleanup_flags |= entry.text_effects  # see net/server.py
-        prefix = self._ensure_on_server(entry)
+        server = self.server
+        assert server is not None
+        if server.has(entry.name) and not self._query_ahead():
+            prefix = b""
+        else:
+            prefix = self._parse_for(entry)
+            if self._instead:
+                self._instead = False
+                return prefix  # held for a check, or refused
         self._push(BIND, client_name)
         self.resume_at = name_end
         name = entry.name
@@ -906,7 +1076,15 @@ class BatchRewriter:
         entry = self._resolve(name)
         if entry is None:
             return self._missing(name)
-        prefix = self._ensure_on_server(entry)
+        server = self.server
+        assert server is not None
+        if server.has(entry.name) and not self._query_ahead():
+            prefix = b""
+        else:
+            prefix = self._parse_for(entry)
+            if self._instead:
+                self._instead = False
+                return prefix  # held for a check, or refused
         self._push(DESCRIBE_S, name)
         return prefix + messages.build(b"D", b"S" + entry.name + b"\x00")
 
@@ -1016,6 +1194,20 @@ class BatchRewriter:
                 expect.popleft()
                 return action | DROP
             ok = False
+        elif kind == SHAPE_LEARN or kind == SHAPE_CHECK:
+            if msg_type == codes.PARAMETER_DESCRIPTION:
+                expect.replace_first(kind + 1)  # its _ROWS kind
+                return action | DROP
+            ok = False
+        elif kind == SHAPE_LEARN_ROWS or kind == SHAPE_CHECK_ROWS:
+            if _ROW_DESCRIPTION_OR_NO_DATA[msg_type]:
+                expect.popleft()
+                entries = self._shape_entries
+                if entries:
+                    self._shape_entry = entries.pop(0)
+                self._shape_checking = kind == SHAPE_CHECK_ROWS
+                return action | DROP | CAPTURE
+            ok = False
         else:
             ok = False
         if ok:
@@ -1086,6 +1278,9 @@ class BatchRewriter:
             self.skipping = True
 
     def _undo(self, kind: int, payload: bytes) -> None:
+        if kind >= SHAPE_LEARN:
+            self._shape_dropped(kind)
+            return
         server = self.server
         if server is None:
             return
@@ -1120,3 +1315,7 @@ class BatchRewriter:
         if self.expect.size:
             self.expect.clear()
         self._journal.clear()
+        self._shape_entries.clear()
+        if self.checking:
+            self.checking = False
+            self.resume_due = True

@@ -128,6 +128,8 @@ class _Stream:
 
 _DROP: Final = 1  # BatchRewriter.backend() result bits
 _HAS_PREFIX: Final = 2
+_CAPTURE: Final = 4
+_HOLD: Final = 2  # BatchRewriter.answered_here: the client's bytes wait from here
 
 
 # ---- cleanup flags armed by CommandComplete tags -------------------------------
@@ -382,8 +384,12 @@ class BackendScanner(_Stream):
                     self._refuse(resumed)
                     raise ProtocolError(f"invalid backend message length {length}")
                 if hook is not None:
+                    if end > n and hook.wants_whole():
+                        break  # the answer to a Describe of the pooler's: read whole
                     action = hook.backend(msg_type)
                     if action:
+                        if action & _CAPTURE:
+                            hook.shape_seen(data, pos, end)
                         if action & _HAS_PREFIX:
                             parts = _plus(parts, data[start:pos], hook.take_prefix())
                         elif parts is None:
@@ -508,6 +514,7 @@ class FrontendScanner(_Stream):
         "execute_open",
         "flush_seen",
         "named_parse_seen",
+        "paused",
         "pending_ready",
         "rewriter",
         "syncs_after_execute",
@@ -531,6 +538,9 @@ class FrontendScanner(_Stream):
         self.terminated = False
         self.named_parse_seen = False
         self.flush_seen = False
+        # The bytes in `held` wait for the rewriter (BatchRewriter.checking) from a
+        # message on: what comes meanwhile joins them, until resume().
+        self.paused = False
         self.rewriter: BatchRewriter | None = None
         # Transaction pooling: Query texts (and, without a rewriter, Parse texts) are
         # read for what they may leave on the session unseen by the tags, reported in
@@ -570,6 +580,9 @@ class FrontendScanner(_Stream):
         rewriter, extended-protocol messages are replaced by what it returns.
         """
         if len(self.held):
+            if self.paused:
+                self.held += data
+                return b""
             data = self._join(data)
             if not len(data):
                 return b""
@@ -634,8 +647,16 @@ class FrontendScanner(_Stream):
                     else:
                         start = end
                     if rewriter.answered_here:
+                        if rewriter.answered_here == _HOLD:
+                            # This message and all behind it wait: the replacement is
+                            # what the rewriter needs answered first.
+                            rewriter.answered_here = 0
+                            self.paused = True
+                            self.held += memoryview(data)[pos:]
+                            self.held_total = 0
+                            return self._output(data, parts, pos, pos)
                         # A Query the rewriter answered: no reply comes from the server.
-                        rewriter.answered_here = False
+                        rewriter.answered_here = 0
                         pos = end
                         continue
             if msg_type == _SYNC or msg_type == _QUERY or msg_type == _FUNCTION_CALL:
@@ -702,6 +723,14 @@ class FrontendScanner(_Stream):
                 raise ProtocolError(f"invalid frontend message type {data[pos]!r}")
             self._hold(data, pos)
         return self._output(data, parts, start, pos)
+
+    def resume(self) -> bytes:
+        """The bytes held while paused, to be fed again."""
+        data = bytes(self.held)
+        self.held.clear()
+        self.held_total = 0
+        self.paused = False
+        return data
 
     def _scan_query_rest(self, data: bytes, upto: i64, last: bool) -> None:
         """Read data[:upto], the next part of a Query text begun in an earlier read
