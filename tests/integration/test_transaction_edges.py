@@ -523,16 +523,19 @@ def test_statements_prepared_behind_a_reset_in_one_write_stay_usable(
             assert w.msg_types(got) == "CZ12DCZ"
             assert w.rows(conn.run_prepared("u")) == [("3",)]
         # A statement the client prepared before the reset, bound behind it in the same
-        # write: PostgreSQL answers 26000. The pooler resolves the client's names as
-        # they arrive, before the reset has run, so it still knows "x" and runs it, on
-        # a server that has it again (a documented difference).
+        # write: PostgreSQL answers 26000. Behind a query not answered yet the pooler
+        # parses the statement again, and as it knows the statement's result columns,
+        # checks them first: the Bind waits for that answer, which comes after the
+        # reset's, so "x" is gone by then, as in PostgreSQL.
         conn.send_raw(w.query("DISCARD ALL"))
         conn.read_until_ready()
         conn.send_raw(w.parse("x", "select 5") + w.sync())
         conn.read_until_ready()
         conn.send_raw(w.query("DISCARD ALL") + w.bind("", "x") + w.execute() + w.sync())
         got = conn.read_until_ready() + conn.read_until_ready()
-        assert w.msg_types(got) == "CZ2DCZ"
+        assert w.msg_types(got) == "CZEZ"
+        error = w.first_error(got)
+        assert error is not None and error.sqlstate == "26000", error
         # Inside a transaction, with DEALLOCATE ALL.
         conn.execute_query("begin")
         conn.send_raw(w.query("deallocate all") + w.parse("v", "select 4") + w.sync())
