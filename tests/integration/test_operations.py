@@ -278,6 +278,7 @@ def test_sighup_reloads_pools_and_retires_removed_ones(
         # The removed pool's idle client is told why it is disconnected.
         with pytest.raises(psycopg.OperationalError, match="configuration reload"):
             doomed.execute("select 1")
+        doomed.close()  # not the exit's COMMIT on a connection the pooler closed
     with psycopg.connect(
         proc.dsn(pg.md5_user.name, "test", database="second_db"), autocommit=True
     ) as conn:

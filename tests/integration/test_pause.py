@@ -247,6 +247,7 @@ def test_kill_disconnects_a_session_a_reload_left_on_its_old_pool(
             assert tags(console.simple_query(f"KILL {EXAMPLE_DB}")) == ["KILL"]
             with pytest.raises(psycopg.OperationalError):
                 session.execute("select 3")
+            session.close()  # not the exit's COMMIT on a connection the pooler closed
     finally:
         console.simple_query("RESUME")
         console.close()

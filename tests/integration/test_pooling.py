@@ -501,6 +501,7 @@ def test_query_wait_timeout(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
             with pytest.raises(psycopg.OperationalError) as info:
                 waiter.execute("select 1")
             assert "query_wait_timeout" in str(info.value)
+            waiter.close()  # not the exit's COMMIT on a connection the pooler closed
         holder.rollback()
 
 

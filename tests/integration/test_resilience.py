@@ -172,6 +172,7 @@ def test_backend_killed_mid_transaction(pg: ExamplePostgres, pooler: PoolerFacto
         pg.psql(f"select pg_terminate_backend({pid})")
         with pytest.raises(psycopg.OperationalError):
             victim.execute("select 1")
+        victim.close()  # not the exit's COMMIT on a connection the pooler closed
         assert bystander.execute("select 1").fetchone() == (1,)
     with connect(pg, proc, autocommit=True) as later:
         assert later.execute("select 2").fetchone() == (2,)
@@ -231,6 +232,10 @@ def test_graceful_shutdown_lets_transaction_finish(
         conn.commit()
         with pytest.raises(psycopg.OperationalError):
             conn.execute("select 3")
+        # Closed here, not by the block's exit: a FATAL that arrived as the answer to
+        # "select 3" may leave libpq unaware yet that the socket is gone, and the exit's
+        # COMMIT would fail on it.
+        conn.close()
     assert proc.wait_exit() == 0
 
 
