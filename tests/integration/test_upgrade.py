@@ -664,6 +664,78 @@ def test_asyncpg_and_pg8000_sessions_move_with_their_statements(
     asyncio.run(main())
 
 
+SELECT_V = "select v from tr where id = $1"
+AS_INT = 1078530011  # the bits of pi as a float4, read as an int4
+AS_REAL = 1078530048.0  # the int4 stored, turned into a real by the ALTER
+
+
+@pytest.mark.parametrize("parsed_here_first", [False, True], ids=["alone", "parsed-here-first"])
+def test_a_statement_whose_columns_changed_before_the_upgrade_is_refused_after_it(
+    pg: ExamplePostgres, pooler: PoolerFactory, successors: list[int], parsed_here_first: bool
+) -> None:
+    """The new process knows the result columns the client prepared its statement
+    with: a column type changed before the upgrade gets PostgreSQL's 0A000 after it,
+    as directly, whether the new process first parses the text for this client or
+    already has it from another. Before, the new process took the columns the text
+    gave when it parsed it, and asyncpg read the float's bytes as an int."""
+    user = pg.scram_user
+    proc = pooler()
+
+    def new_table() -> None:
+        pg.psql(
+            "drop table if exists tr; create table tr(id int, v int);"
+            f" insert into tr values (1, {AS_INT}); grant all on tr to public",
+            database=pg.database,
+        )
+
+    def to_real() -> None:
+        pg.psql("alter table tr alter column v type real", database=pg.database)
+
+    async def directly() -> type[BaseException]:
+        conn = await asyncpg.connect(pg.user_dsn(user))
+        try:
+            statement = await conn.prepare(SELECT_V)
+            assert await statement.fetchval(1) == AS_INT
+            to_real()
+            with pytest.raises(asyncpg.PostgresError) as refused:
+                await statement.fetchval(1)
+            return type(refused.value)
+        finally:
+            await conn.close()
+
+    async def pooled() -> type[BaseException]:
+        dsn = proc.dsn(user.name, user.password)
+        conn = await asyncpg.connect(dsn)
+        try:
+            statement = await conn.prepare(SELECT_V)
+            assert await statement.fetchval(1) == AS_INT
+            to_real()
+            await asyncio.to_thread(upgrade, proc, successors)
+            assert await asyncio.to_thread(proc.wait_exit) == 0
+            assert moved_count(proc) == 1
+            if parsed_here_first:
+                other = await asyncpg.connect(dsn)
+                try:
+                    assert await other.fetchval(SELECT_V, 1) == AS_REAL
+                finally:
+                    await other.close()
+            with pytest.raises(asyncpg.PostgresError) as refused:
+                await statement.fetchval(1)
+            assert refused.value.sqlstate == "0A000"
+            # Prepared again, it reads the new column.
+            assert await (await conn.prepare(SELECT_V)).fetchval(1) == AS_REAL
+            assert await conn.fetchval(SELECT_V, 1) == AS_REAL
+            return type(refused.value)
+        finally:
+            await conn.close()
+
+    new_table()
+    expected = asyncio.run(directly())
+    assert expected is asyncpg.exceptions.InvalidCachedStatementError
+    new_table()
+    assert asyncio.run(pooled()) is expected
+
+
 def children_of(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         return [int(p) for p in f.read().split()]

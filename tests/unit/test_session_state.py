@@ -38,8 +38,11 @@ def a_session(**changes: object) -> SessionState:
         extra_parameters={"statement_timeout": "4321"},
         raw_parameters=("DateStyle",),
         server_parameters={"server_version": "16.4", "DateStyle": "ISO, MDY"},
-        named=[(b"s1", b"select $1\x00\x00\x01\x00\x00\x00\x17", b"search_path=a")],
-        unnamed=(b"select 2\x00\x00\x00", b""),
+        named=[
+            (b"s1", b"select $1\x00\x00\x01\x00\x00\x00\x17", b"search_path=a", b"\x00\x01?"),
+            (b"s2", b"select\x00\x00\x00", b"", None),  # its columns not known
+        ],
+        unnamed=(b"select 2\x00\x00\x00", b"", b""),  # b"": no row (NoData)
         pending=b"Q\x00\x00\x00\x0dselect 1\x00",
         scram_client_key=bytes(range(32)),
         pam_password=None,
@@ -52,6 +55,19 @@ def test_a_session_survives_encoding() -> None:
     assert SessionState.decode(session.encode()) == session
     bare = a_session(named=[], unnamed=None, pending=b"", scram_client_key=None, pam_password="pw")
     assert SessionState.decode(bare.encode()) == bare
+
+
+def test_statements_from_a_process_that_carried_no_columns_are_read() -> None:
+    """The state of a version before the result columns were carried: the statements
+    arrive with their columns not known."""
+    import json
+
+    document = json.loads(a_session().encode()[len(MAGIC) :])
+    document["named"] = [item[:3] for item in document["named"]]
+    document["unnamed"] = document["unnamed"][:2]
+    session = SessionState.decode(MAGIC + json.dumps(document).encode())
+    assert [(n, s) for n, _, _, s in session.named] == [(b"s1", None), (b"s2", None)]
+    assert session.unnamed == (b"select 2\x00\x00\x00", b"", None)
 
 
 @pytest.mark.parametrize(
@@ -77,6 +93,8 @@ def test_what_is_not_a_session_state_is_refused(data: bytes, says: str) -> None:
         ("parameters", {"a": 1}),
         ("named", [["czE=", "eA=="]]),
         ("named", [["not base64!", "eA==", ""]]),
+        ("named", [["czE=", "eA==", "", 7]]),
+        ("named", [["czE=", "eA==", "", None, None]]),
         ("raw_parameters", "DateStyle"),
         ("unnamed", ["eA=="]),
     ],

@@ -125,3 +125,46 @@ def test_changed_columns_refuse_the_held_message() -> None:
         "cached plan must not change result type",
         "RevalidateCachedQuery",
     )
+
+
+# ---- statements that came with a binary upgrade's clients ----------------------------
+
+BODY = b"select v\x00\x00\x00"  # a Parse body after the client's name
+INT_SHAPE = row_shape(description(column(b"v", 23)))
+REAL_SHAPE = row_shape(description(column(b"v", 700)))
+
+
+def test_a_moved_statement_teaches_the_pool_its_columns() -> None:
+    """Not known here yet: the pool takes the columns the old process knew, so that
+    its first Parse here checks them rather than learning what the text gives now."""
+    registry = PoolStatements(10)
+    entry = registry.moved_in(BODY, b"", INT_SHAPE)
+    assert entry is registry.lookup(BODY, 0, b"") and entry.shape == INT_SHAPE
+    # Another client's, moved with the same columns or none known, shares it.
+    assert registry.moved_in(BODY, b"", INT_SHAPE) is entry
+    assert registry.moved_in(BODY, b"", None) is entry
+
+
+def test_a_moved_statement_known_here_with_other_columns_is_its_clients_own() -> None:
+    """Known here with other columns: the client's entry is its own, under a name no
+    server has, and a Bind of it is checked and refused; the pool's is untouched."""
+    registry = PoolStatements(10)
+    here = registry.moved_in(BODY, b"", REAL_SHAPE)
+    moved = registry.moved_in(BODY, b"", INT_SHAPE)
+    assert moved is not here and moved.shape == INT_SHAPE and here.shape == REAL_SHAPE
+    assert moved.name != here.name and moved.query == here.query
+    assert moved.parse_message == messages.build(b"P", moved.name + b"\x00" + BODY)
+    assert registry.lookup(BODY, 0, b"") is here  # clients' Parses get the pool's
+    client = Client(registry)
+    client.rewriter.named[b"s"] = moved
+    out = client.frontend.feed(_bind("s") + EXECUTE + messages.SYNC)
+    assert out == moved.parse_message + messages.build(b"D", b"S" + moved.name + b"\x00") + (
+        messages.FLUSH
+    )
+    generation = registry.generation
+    assert client.reply(messages.PARSE_COMPLETE + PARAMS + REAL_ROWS) == b""
+    assert registry.generation == generation  # the pool's statement is as it was
+    assert client.rewriter.take_resume_bytes() == messages.build(b"C", b"S" + moved.name + b"\x00")
+    assert client.frontend.feed(client.frontend.resume()).startswith(
+        messages.build(b"D", b"SDOORMAN_refused\x00")
+    )

@@ -2291,16 +2291,18 @@ class ClientConnection(asyncio.Protocol):
             or pool.server_parameters is None
         ):
             return None
-        named: list[tuple[bytes, bytes, bytes]] = []
-        unnamed: tuple[bytes, bytes] | None = None
+        named: list[tuple[bytes, bytes, bytes, bytes | None]] = []
+        unnamed: tuple[bytes, bytes, bytes | None] | None = None
         rewriter = self.rewriter
         if rewriter is not None:
             if rewriter.expect.size or rewriter.skipping:
                 return None
             for name, statement in rewriter.named.items():
-                named.append((name, _statement_body(statement), statement.context))
-            if rewriter.unnamed is not None:
-                unnamed = (_statement_body(rewriter.unnamed), rewriter.unnamed.context)
+                body = _statement_body(statement)
+                named.append((name, body, statement.context, statement.shape))
+            nameless = rewriter.unnamed
+            if nameless is not None:
+                unnamed = (_statement_body(nameless), nameless.context, nameless.shape)
         credentials = entry.credentials
         return SessionState(
             client_id=self.client_id,
@@ -2366,12 +2368,10 @@ class ClientConnection(asyncio.Protocol):
         if pool.settings.prepared_statements:
             registry = pool.statements
             rewriter = BatchRewriter(registry, self._planning_context())
-            for name, body, context in session.named:
-                shared = registry.shared_context(context)
-                rewriter.named[name] = registry.lookup(body, 0, shared)
+            for name, body, context, shape in session.named:
+                rewriter.named[name] = registry.moved_in(body, context, shape)
             if session.unnamed is not None:
-                body, context = session.unnamed
-                rewriter.unnamed = registry.lookup(body, 0, registry.shared_context(context))
+                rewriter.unnamed = registry.moved_in(*session.unnamed)
             self.rewriter = rewriter
             self.frontend.rewriter = rewriter
         self.frontend.watch_texts = not pool.settings.session_mode

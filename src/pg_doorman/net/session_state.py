@@ -40,6 +40,14 @@ def _int(value: Any) -> int:
     return value
 
 
+def _shape_text(shape: bytes | None) -> str | None:
+    return None if shape is None else _b64(shape)
+
+
+def _shape(value: Any) -> bytes | None:
+    return None if value is None else _bytes(value)
+
+
 def _strings(value: Any) -> dict[str, str]:
     if not isinstance(value, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
@@ -66,9 +74,11 @@ class SessionState:
     # The pool's server defaults: the new process may not have logged in yet.
     server_parameters: dict[str, str]
     # Protocol-level statements: (client's name, Parse body after the name, the
-    # settings it was read under), and the unnamed one as (body, settings).
-    named: list[tuple[bytes, bytes, bytes]] = field(default_factory=list)
-    unnamed: tuple[bytes, bytes] | None = None
+    # settings it was read under, its result columns as the old process knew them:
+    # registry.row_shape, None if not known), and the unnamed one as (body, settings,
+    # columns).
+    named: list[tuple[bytes, bytes, bytes, bytes | None]] = field(default_factory=list)
+    unnamed: tuple[bytes, bytes, bytes | None] | None = None
     # Bytes the client sent that no server has seen yet (a query queued for a server).
     pending: bytes = b""
     # Passthrough credentials learnt at a login (the new process has seen none yet).
@@ -90,8 +100,10 @@ class SessionState:
             "extra_parameters": self.extra_parameters,
             "raw_parameters": list(self.raw_parameters),
             "server_parameters": self.server_parameters,
-            "named": [[_b64(n), _b64(b), _b64(c)] for n, b, c in self.named],
-            "unnamed": None if self.unnamed is None else [_b64(p) for p in self.unnamed],
+            "named": [[_b64(n), _b64(b), _b64(c), _shape_text(s)] for n, b, c, s in self.named],
+            "unnamed": None
+            if self.unnamed is None
+            else [_b64(self.unnamed[0]), _b64(self.unnamed[1]), _shape_text(self.unnamed[2])],
             "pending": _b64(self.pending),
             "scram_client_key": None
             if self.scram_client_key is None
@@ -113,16 +125,19 @@ class SessionState:
             raise ValueError("session state is not an object")
         try:
             named = []
+            # Without the columns: from a process that did not learn them.
             for item in doc["named"]:
-                if not isinstance(item, list) or len(item) != 3:
-                    raise ValueError("a prepared statement is not [name, body, context]")
-                named.append((_bytes(item[0]), _bytes(item[1]), _bytes(item[2])))
+                if not isinstance(item, list) or len(item) not in (3, 4):
+                    raise ValueError("a prepared statement is not [name, body, context, shape]")
+                shape = _shape(item[3]) if len(item) == 4 else None
+                named.append((_bytes(item[0]), _bytes(item[1]), _bytes(item[2]), shape))
             unnamed_doc = doc["unnamed"]
             unnamed = None
             if unnamed_doc is not None:
-                if not isinstance(unnamed_doc, list) or len(unnamed_doc) != 2:
-                    raise ValueError("the unnamed statement is not [body, context]")
-                unnamed = (_bytes(unnamed_doc[0]), _bytes(unnamed_doc[1]))
+                if not isinstance(unnamed_doc, list) or len(unnamed_doc) not in (2, 3):
+                    raise ValueError("the unnamed statement is not [body, context, shape]")
+                shape = _shape(unnamed_doc[2]) if len(unnamed_doc) == 3 else None
+                unnamed = (_bytes(unnamed_doc[0]), _bytes(unnamed_doc[1]), shape)
             raw = doc["raw_parameters"]
             if not isinstance(raw, list):
                 raise ValueError("raw_parameters is not a list")

@@ -72,6 +72,10 @@ UNNAMED: Final = 2
 # Distinct client settings a pool shares one object for (see shared_context); past
 # that, equal contexts still match by value.
 _SHARED_CONTEXTS: Final = 1024
+# Generations of the entries made for statements that came with a binary upgrade's
+# clients and that this process knows with other result columns (see moved_in): above
+# any a registry reaches by replanning, so that no server has them under these names.
+_MOVED_GENERATIONS: Final = 1 << 64
 
 
 def row_shape(body: bytes) -> bytes:
@@ -114,6 +118,7 @@ class PoolStatements:
     __slots__ = (
         "_contexts",
         "_entries",
+        "_moved_apart",
         "_shapes",
         "capacity",
         "closed_hits",
@@ -134,6 +139,7 @@ class PoolStatements:
         # The shapes learnt (see learn), by server name: an entry made again for a text
         # after its eviction gets its old one's, as servers may still have it.
         self._shapes: OrderedDict[bytes, bytes] = OrderedDict()
+        self._moved_apart = 0  # entries moved_in made apart from the registry
 
     def lookup(self, parse_body: bytes, name_end: int, context: bytes) -> StatementEntry:
         """Entry for a Parse body (`name_end`: index after the client name's NUL) read
@@ -175,6 +181,37 @@ class PoolStatements:
             old.evicted = True
         self._entries.clear()
         self._shapes.clear()  # the old names' entries keep theirs
+
+    def moved_in(self, parse_body: bytes, context: bytes, shape: bytes | None) -> StatementEntry:
+        """The entry for a statement a client prepared in the process before a binary
+        upgrade, which knew its result columns as `shape` (None: not known). Until now
+        unknown here, the pool takes them: the first Parse of it here checks them
+        rather than learning what the text gives now. Known here with other columns
+        (the schema changed since the client prepared it, and another client here
+        parsed it since): the client gets an entry of its own, under a name no server
+        has, with its columns, so that each use is checked and refused as PostgreSQL
+        refuses it in the session that prepared it."""
+        entry = self.lookup(parse_body, 0, self.shared_context(context))
+        if shape is None or shape == entry.shape:
+            return entry
+        if entry.shape is None:
+            self.learn(entry, shape)
+            return entry
+        self._moved_apart += 1
+        generation = _MOVED_GENERATIONS + self._moved_apart
+        name = statement_name(entry.key, generation)
+        rest = entry.key[: len(entry.key) - len(entry.context)]
+        apart = StatementEntry(
+            entry.key,
+            entry.context,
+            name,
+            build(b"P", name + b"\x00" + rest),
+            entry.query,
+            generation,
+        )
+        apart.shape = shape
+        apart.evicted = True  # not in the registry: no other client finds it
+        return apart
 
     def learn(self, entry: StatementEntry, shape: bytes) -> None:
         """`entry`'s result columns, from a Describe of its first Parse."""
