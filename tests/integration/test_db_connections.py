@@ -214,6 +214,7 @@ def test_min_guaranteed_pool_size_is_never_taken(
         pid_of(scram_a)  # the second and last server of the database
         with pytest.raises(psycopg.errors.TooManyConnections, match="query_wait_timeout"):
             scram_b.execute("select 1")
+        scram_b.close()  # not the exit's COMMIT on a connection the pooler closed
         assert kept in backends(pg, pg.md5_user.name)
         assert pid_of(md5) == kept
         scram_a.execute("commit")
