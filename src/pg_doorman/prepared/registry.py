@@ -200,15 +200,8 @@ class PoolStatements:
         self._moved_apart += 1
         generation = _MOVED_GENERATIONS + self._moved_apart
         name = statement_name(entry.key, generation)
-        rest = entry.key[: len(entry.key) - len(entry.context)]
-        apart = StatementEntry(
-            entry.key,
-            entry.context,
-            name,
-            build(b"P", name + b"\x00" + rest),
-            entry.query,
-            generation,
-        )
+        message = build(b"P", name + b"\x00" + parse_body)
+        apart = StatementEntry(entry.key, entry.context, name, message, entry.query, generation)
         apart.shape = shape
         apart.evicted = True  # not in the registry: no other client finds it
         return apart
