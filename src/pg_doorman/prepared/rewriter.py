@@ -83,8 +83,15 @@ HOLD: Final = 2
 _ASYNC_TYPES: Final = codes.type_table(
     (codes.NOTICE_RESPONSE, codes.NOTIFICATION_RESPONSE, codes.PARAMETER_STATUS)
 )
-_EXECUTE_END: Final = codes.type_table(
-    (codes.COMMAND_COMPLETE, codes.EMPTY_QUERY_RESPONSE, codes.PORTAL_SUSPENDED)
+# 1 for the replies that end an Execute's, 2 for CopyInResponse (see _copy_in_began):
+# one table read for every message of an Execute's reply, rows included.
+_EXECUTE_END: Final = bytes(
+    1
+    if code in (codes.COMMAND_COMPLETE, codes.EMPTY_QUERY_RESPONSE, codes.PORTAL_SUSPENDED)
+    else 2
+    if code == codes.COPY_IN_RESPONSE
+    else 0
+    for code in range(256)
 )
 _ROW_DESCRIPTION_OR_NO_DATA: Final = codes.type_table((codes.ROW_DESCRIPTION, codes.NO_DATA))
 
@@ -187,18 +194,21 @@ class Expectations:
         self.queries = 0
         self.syncs = 0
 
-    def void_syncs_after_head(self, count: int) -> None:
-        """Up to `count` Syncs expected right behind the oldest entry will get no reply:
-        they become empty synthetic answers, so that later entries keep their serials."""
+    def void_syncs_after_head(self) -> int:
+        """The Syncs expected right behind the oldest entry will get no reply: they
+        become empty synthetic answers, so that later entries keep their serials.
+        Returns how many."""
         kinds = self.kinds
         i = self.head + 1
         end = self.head + self.size
-        while count and i < end and kinds[i] == SYNC:
+        voided = 0
+        while i < end and kinds[i] == SYNC:
             kinds[i] = SYNTH
             self.payloads[i] = b""
-            self.syncs -= 1
-            count -= 1
+            voided += 1
             i += 1
+        self.syncs -= voided
+        return voided
 
     def all_synthetic(self) -> bool:
         kinds = self.kinds
@@ -400,6 +410,7 @@ class BatchRewriter:
         "desynced",
         "error_fix",
         "expect",
+        "ignored_syncs",
         "leading_queries",
         "named",
         "registry",
@@ -431,6 +442,10 @@ class BatchRewriter:
         # failed, before its Sync: PostgreSQL skips them, so their ReadyForQuery never
         # comes (read and reset by the server connection, which owes one fewer each).
         self.skipped_queries = 0
+        # Syncs PostgreSQL ignores because a COPY FROM STDIN began before them (see
+        # _copy_in_began): no ReadyForQuery comes for them (read and reset by the
+        # client's scanner, which owes one fewer each).
+        self.ignored_syncs = 0
         self.desynced = False
         # Synthetic answers due before the next server message; usually one.
         self._prefix: list[bytes] = []
@@ -496,6 +511,7 @@ class BatchRewriter:
         self.leading_queries = 0
         self.skipping = False
         self.skipped_queries = 0
+        self.ignored_syncs = 0
 
     @property
     def active(self) -> bool:
@@ -1164,8 +1180,12 @@ class BatchRewriter:
                 self._lost(kind, msg_type)
             return action
         if kind == EXECUTE:
-            if _EXECUTE_END[msg_type]:
-                expect.popleft()
+            end = _EXECUTE_END[msg_type]
+            if end:
+                if end == 1:
+                    expect.popleft()
+                else:
+                    self._copy_in_began()
             return action
         if kind == QUERY:
             return action
@@ -1216,13 +1236,21 @@ class BatchRewriter:
             self._lost(kind, msg_type)
         return action
 
-    def copy_in_started(self, syncs_after_execute: int) -> None:
-        """The Execute at the head of the queue started a COPY FROM STDIN: PostgreSQL
-        ignores the Syncs the client sent behind it before the copy began (libpq
-        sends one), so their ReadyForQuery never comes."""
-        expect = self.expect
-        if syncs_after_execute and expect.size and expect.kinds[expect.head] == EXECUTE:
-            expect.void_syncs_after_head(syncs_after_execute)
+    def _copy_in_began(self) -> None:
+        """The Execute at the head of the queue began a COPY FROM STDIN: PostgreSQL
+        ignores the Syncs the client sent behind it until the copy's end (libpq sends
+        one before its data), so their ReadyForQuery never comes. Decided here, at
+        the CopyInResponse's place among the replies, for this Execute's own Syncs:
+        the client may have pipelined more batches behind them, copies too, whose
+        replies may be in the same read (copy_end_ahead marks where each copy ends)."""
+        self.ignored_syncs += self.expect.void_syncs_after_head()
+
+    def copy_end_ahead(self) -> None:
+        """The client ended a copy (CopyDone, CopyFail) before the server said it began:
+        a mark behind the Syncs sent before it, so that a CopyInResponse voids no Sync
+        sent after it (see _copy_in_began). The mark answers nothing (an empty
+        synthetic entry, dropped when it comes first)."""
+        self._push(SYNTH)
 
     def only_synthetic_due(self) -> bool:
         """Everything still expected is ours to answer: the server will send nothing."""

@@ -562,8 +562,12 @@ class FrontendScanner(_Stream):
             # from there on are no copy's.
             ignored = self.syncs_before_copy_end
             self.copy_ended_ahead = False
-        if self.rewriter is not None:
-            self.rewriter.copy_in_started(ignored)
+        rewriter = self.rewriter
+        if rewriter is not None:
+            # It knows each copy's own Syncs (the counts here are the last Execute's,
+            # wrong when the client pipelined more batches behind the copy).
+            ignored = rewriter.ignored_syncs
+            rewriter.ignored_syncs = 0
         self.pending_ready -= ignored
         if self.pending_ready < 0:
             self.pending_ready = 0
@@ -706,6 +710,8 @@ class FrontendScanner(_Stream):
                     if not self.copy_in:
                         self.copy_ended_ahead = True
                         self.syncs_before_copy_end = self.syncs_after_execute
+                        if rewriter is not None and rewriter.expect.size:
+                            rewriter.copy_end_ahead()
                     self.copy_in = False
                 elif msg_type == _FLUSH:
                     self.flush_seen = True
