@@ -9,36 +9,36 @@ import asyncio
 import struct
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import asyncpg
 import psycopg
 import pytest
 
-from helpers import ExamplePostgres
+from helpers import ExamplePostgres, UserSpec
 from helpers import pgwire as w
 from helpers.both import connect
+from helpers.column_change import AS_INT, AS_REAL, SELECT_V, new_table, to_real
 from helpers.console import admin_rows
 from helpers.pooler import PoolerFactory, PoolerProcess
 
-SELECT_V = "select v from tr where id = $1"
-AS_INT = 1078530011  # the bits of pi as a float4, read as an int4
-AS_REAL = 1078530048.0  # the int4 stored, turned into a real by the ALTER
+T = TypeVar("T")
 
 
 def pool_of(user: str, size: int) -> dict[str, object]:
     return {"example_db": {"users": [{"username": user, "pool_size": size}]}}
 
 
-def _new_table(pg: ExamplePostgres) -> None:
-    pg.psql(
-        "drop table if exists tr; create table tr(id int, v int);"
-        f" insert into tr values (1, {AS_INT}); grant all on tr to public",
-        database=pg.database,
-    )
-
-
-def _to_real(pg: ExamplePostgres) -> None:
-    pg.psql("alter table tr alter column v type real", database=pg.database)
+def _direct_then_pooled(
+    pg: ExamplePostgres, proc: PoolerProcess, user: UserSpec, run: Callable[[str], T]
+) -> tuple[T, T]:
+    """`run(dsn)` straight against PostgreSQL, then through the pooler, each time on
+    the table made afresh."""
+    outcomes = []
+    for dsn in (pg.user_dsn(user), proc.dsn(user.name, user.password)):
+        new_table(pg)
+        outcomes.append(run(dsn))
+    return outcomes[0], outcomes[1]
 
 
 def _pooler(pooler: PoolerFactory, user: str, servers: int, cache: int) -> PoolerProcess:
@@ -55,7 +55,7 @@ async def _asyncpg_outside_a_transaction(dsn: str, pg: ExamplePostgres) -> list[
     conn = await asyncpg.connect(dsn)
     try:
         before = await conn.fetchval(SELECT_V, 1)
-        _to_real(pg)
+        to_real(pg)
         for k in range(8):  # the server's statements go: the next Bind parses it again
             assert await conn.fetchval(f"select $1::int + {k}", 1) == 1 + k
         return [before, await conn.fetchval(SELECT_V, 1)]
@@ -70,11 +70,9 @@ def test_asyncpg_reprepares_after_a_column_type_change(
     asyncpg read the float's four bytes as an int (1317048864), without an error."""
     user = pg.scram_user
     proc = _pooler(pooler, user.name, 3, 3)
-    outcomes = []
-    for dsn in (pg.user_dsn(user), proc.dsn(user.name, user.password)):
-        _new_table(pg)
-        outcomes.append(asyncio.run(_asyncpg_outside_a_transaction(dsn, pg)))
-    direct, pooled = outcomes
+    direct, pooled = _direct_then_pooled(
+        pg, proc, user, lambda dsn: asyncio.run(_asyncpg_outside_a_transaction(dsn, pg))
+    )
     assert direct == [AS_INT, AS_REAL]
     assert pooled == direct
 
@@ -83,7 +81,7 @@ async def _asyncpg_in_a_transaction(dsn: str, pg: ExamplePostgres) -> list[objec
     conn = await asyncpg.connect(dsn)
     try:
         out: list[object] = [await conn.fetchval(SELECT_V, 1)]
-        _to_real(pg)
+        to_real(pg)
         for k in range(8):
             await conn.fetchval(f"select $1::int * {k + 2}", 1)
         tx = conn.transaction()
@@ -108,11 +106,9 @@ def test_asyncpg_in_a_transaction_gets_the_error(
 ) -> None:
     user = pg.scram_user
     proc = _pooler(pooler, user.name, 3, 3)
-    outcomes = []
-    for dsn in (pg.user_dsn(user), proc.dsn(user.name, user.password)):
-        _new_table(pg)
-        outcomes.append(asyncio.run(_asyncpg_in_a_transaction(dsn, pg)))
-    direct, pooled = outcomes
+    direct, pooled = _direct_then_pooled(
+        pg, proc, user, lambda dsn: asyncio.run(_asyncpg_in_a_transaction(dsn, pg))
+    )
     assert direct == [AS_INT, "InvalidCachedStatementError", "transaction failed", AS_REAL]
     assert pooled == direct
 
@@ -124,13 +120,13 @@ def test_asyncpg_on_a_server_that_kept_the_statement(
     as before, and asyncpg prepares it again."""
     user = pg.scram_user
     proc = _pooler(pooler, user.name, 1, 100)
-    _new_table(pg)
+    new_table(pg)
 
     async def main() -> list[object]:
         conn = await asyncpg.connect(proc.dsn(user.name, user.password))
         try:
             before = await conn.fetchval(SELECT_V, 1)
-            _to_real(pg)
+            to_real(pg)
             return [before, await conn.fetchval(SELECT_V, 1), await conn.fetchval(SELECT_V, 1)]
         finally:
             await conn.close()
@@ -147,7 +143,7 @@ def _psycopg_outcomes(dsn: str, pg: ExamplePostgres) -> list[object]:
     with psycopg.connect(dsn, autocommit=True, prepare_threshold=0) as conn:
         cur = conn.cursor(binary=True)
         out.append(cur.execute(query, (1,)).fetchone())
-        _to_real(pg)
+        to_real(pg)
         for k in range(8):
             cur.execute(f"select %s::int + {k}", (1,))
         for _ in range(2):
@@ -166,11 +162,7 @@ def test_psycopg_binary_gets_the_error_then_the_new_type(
 ) -> None:
     user = pg.md5_user
     proc = _pooler(pooler, user.name, 3, 3)
-    outcomes = []
-    for dsn in (pg.user_dsn(user), proc.dsn(user.name, user.password)):
-        _new_table(pg)
-        outcomes.append(_psycopg_outcomes(dsn, pg))
-    direct, pooled = outcomes
+    direct, pooled = _direct_then_pooled(pg, proc, user, lambda dsn: _psycopg_outcomes(dsn, pg))
     assert direct == [(AS_INT,), "0A000", "0A000", (AS_REAL,)]
     assert pooled == direct
 
@@ -186,7 +178,7 @@ def test_statements_parsed_again_with_the_same_columns(
     table meanwhile changes none of their columns. Every result is right."""
     user = pg.scram_user
     proc = _pooler(pooler, user.name, 3, 2)
-    _new_table(pg)
+    new_table(pg)
     texts = [f"select v + {k}, id from tr where id = $1" for k in range(6)]
 
     async def client(n: int) -> None:
@@ -256,7 +248,7 @@ def test_held_bytes_with_a_sync_and_a_query_behind(
     steps: list[Step] = [
         (P("s", SELECT_V, [23]) + w.describe("S", "s") + S(), 1),
         (BIND_BINARY + E() + S(), 1),
-        lambda: _to_real(pg),
+        lambda: to_real(pg),
         (P("", "select 1") + B("", "") + E() + S(), 1),  # the server lets `s` go
         (BIND_BINARY + E() + S() + Q("select 2"), 2),
         (BIND_BINARY + E() + S(), 1),  # refused again, as PostgreSQL does
@@ -265,7 +257,7 @@ def test_held_bytes_with_a_sync_and_a_query_behind(
     ]
     outcomes = []
     for target in (pg, proc):
-        _new_table(pg)
+        new_table(pg)
         conn = connect(target, pg)
         try:
             outcomes.append(_play(conn, steps))
@@ -291,7 +283,7 @@ def test_client_gone_while_its_bytes_are_held(pg: ExamplePostgres, pooler: Poole
     Before, the server was closed (a Bind sent, its reply never read)."""
     user = pg.md5_user
     proc = _pooler(pooler, user.name, 1, 1)
-    _new_table(pg)
+    new_table(pg)
     conn = connect(proc, pg)
     conn.send_raw(P("s", SELECT_V, [23]) + w.describe("S", "s") + S())
     conn.read_until_ready()
@@ -343,7 +335,7 @@ def test_unchanged_statement_on_a_new_server_is_not_refused(
     """A statement parsed again on a server, its columns as they were: no error."""
     user = pg.md5_user
     proc = _pooler(pooler, user.name, 1, 1)
-    _new_table(pg)
+    new_table(pg)
     conn = connect(proc, pg)
     formats = [1] if binary else []
     try:

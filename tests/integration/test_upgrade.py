@@ -26,6 +26,7 @@ import trustme
 from helpers import ExamplePostgres
 from helpers import pgwire as w
 from helpers.cancel import cancel_midway
+from helpers.column_change import AS_INT, AS_REAL, SELECT_V, new_table, to_real
 from helpers.console import admin_console
 from helpers.pooler import PoolerFactory, PoolerProcess
 from pg_doorman.app.embedded_pg import process_alive
@@ -664,11 +665,6 @@ def test_asyncpg_and_pg8000_sessions_move_with_their_statements(
     asyncio.run(main())
 
 
-SELECT_V = "select v from tr where id = $1"
-AS_INT = 1078530011  # the bits of pi as a float4, read as an int4
-AS_REAL = 1078530048.0  # the int4 stored, turned into a real by the ALTER
-
-
 @pytest.mark.parametrize("parsed_here_first", [False, True], ids=["alone", "parsed-here-first"])
 def test_a_statement_whose_columns_changed_before_the_upgrade_is_refused_after_it(
     pg: ExamplePostgres, pooler: PoolerFactory, successors: list[int], parsed_here_first: bool
@@ -681,22 +677,12 @@ def test_a_statement_whose_columns_changed_before_the_upgrade_is_refused_after_i
     user = pg.scram_user
     proc = pooler()
 
-    def new_table() -> None:
-        pg.psql(
-            "drop table if exists tr; create table tr(id int, v int);"
-            f" insert into tr values (1, {AS_INT}); grant all on tr to public",
-            database=pg.database,
-        )
-
-    def to_real() -> None:
-        pg.psql("alter table tr alter column v type real", database=pg.database)
-
     async def directly() -> type[BaseException]:
         conn = await asyncpg.connect(pg.user_dsn(user))
         try:
             statement = await conn.prepare(SELECT_V)
             assert await statement.fetchval(1) == AS_INT
-            to_real()
+            to_real(pg)
             with pytest.raises(asyncpg.PostgresError) as refused:
                 await statement.fetchval(1)
             return type(refused.value)
@@ -709,7 +695,7 @@ def test_a_statement_whose_columns_changed_before_the_upgrade_is_refused_after_i
         try:
             statement = await conn.prepare(SELECT_V)
             assert await statement.fetchval(1) == AS_INT
-            to_real()
+            to_real(pg)
             await asyncio.to_thread(upgrade, proc, successors)
             assert await asyncio.to_thread(proc.wait_exit) == 0
             assert moved_count(proc) == 1
@@ -729,10 +715,10 @@ def test_a_statement_whose_columns_changed_before_the_upgrade_is_refused_after_i
         finally:
             await conn.close()
 
-    new_table()
+    new_table(pg)
     expected = asyncio.run(directly())
     assert expected is asyncpg.exceptions.InvalidCachedStatementError
-    new_table()
+    new_table(pg)
     assert asyncio.run(pooled()) is expected
 
 
