@@ -554,25 +554,25 @@ class FrontendScanner(_Stream):
     def on_copy_in_started(self) -> None:
         # The backend ignores Sync and Flush while in copy-in, so Syncs the client
         # sent after the COPY's Execute will never be answered.
-        ignored = self.syncs_after_execute
         ended_ahead = self.copy_ended_ahead
-        if ended_ahead:
-            # The client's copy is already over: only the Syncs before its end went
-            # into the copy; those behind it are answered, and the client's messages
-            # from there on are no copy's.
-            ignored = self.syncs_before_copy_end
-            self.copy_ended_ahead = False
+        self.copy_ended_ahead = False
         rewriter = self.rewriter
         if rewriter is not None:
             # It knows each copy's own Syncs (the counts here are the last Execute's,
             # wrong when the client pipelined more batches behind the copy).
             ignored = rewriter.ignored_syncs
             rewriter.ignored_syncs = 0
+        elif ended_ahead:
+            # The client's copy is already over: only the Syncs before its end went
+            # into the copy; those behind it are answered.
+            ignored = self.syncs_before_copy_end
+        else:
+            ignored = self.syncs_after_execute
         self.pending_ready -= ignored
         if self.pending_ready < 0:
             self.pending_ready = 0
         self.syncs_after_execute = 0
-        self.copy_in = not ended_ahead
+        self.copy_in = not ended_ahead  # messages behind an ended copy are no copy's
 
     def on_copy_aborted_by_server(self) -> None:
         self.copy_in = False
