@@ -20,6 +20,7 @@ from pg_doorman.protocol.framing import (
     BackendScanner,
     FrontendScanner,
     MessageBuffer,
+    RefusedMessage,
     cleanup_queries,
     joined,
     joined_with_rest,
@@ -231,6 +232,20 @@ def test_frontend_scanner_rejects_server_message_types() -> None:
     scanner = FrontendScanner()
     with pytest.raises(ProtocolError):
         scanner.feed(messages.READY_IDLE)
+
+
+def test_a_refused_frontend_message_lets_the_whole_messages_before_it_through() -> None:
+    # PostgreSQL runs what came before a bad message: the client forwards it.
+    scanner = FrontendScanner()
+    before = messages.query("select 1") + msg(b"P", b"\x00select 2\x00\x00\x00") + messages.SYNC
+    for bad in (b"e\x00\x00\x00\x04", b"S\x00\x00\x4e\x20", b"e"):
+        scanner = FrontendScanner()
+        with pytest.raises(RefusedMessage) as refused:
+            scanner.feed(before + bad)
+        assert refused.value.forward == before
+        assert scanner.pending_ready == 2 and scanner.terminated
+        # It keeps the refused bytes: nothing counts the client between requests.
+        assert scanner.mid_message and scanner.need == 0
 
 
 def test_frontend_scanner_syncs_ignored_during_copy_in() -> None:

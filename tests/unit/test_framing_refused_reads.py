@@ -1,4 +1,5 @@
-"""A refused read leaves the scanners inside the message whose start went out."""
+"""A read refused after part of a message went out: the backend scanner stays inside
+that message, the frontend scanner passes its end on before the refused one."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import struct
 import pytest
 
 from pg_doorman.protocol import messages
-from pg_doorman.protocol.framing import BackendScanner, FrontendScanner
+from pg_doorman.protocol.framing import BackendScanner, FrontendScanner, RefusedMessage
 from pg_doorman.protocol.messages import ProtocolError
 
 # A header no peer may send: a negative length.
@@ -24,10 +25,14 @@ def test_the_backend_scanner_stays_inside_a_row_whose_end_came_with_a_broken_hea
     assert scanner.need == 10 and scanner.mid_message
 
 
-def test_the_frontend_scanner_stays_inside_copy_data_whose_end_came_with_a_broken_header() -> None:
+def test_the_frontend_scanner_passes_on_the_end_of_copy_data_before_a_broken_header() -> None:
+    # PostgreSQL reads the CopyData whole before it meets the bad header: its end
+    # goes on with what else came before (RefusedMessage.forward), and the scanner
+    # is past it, at the refused message, where the stream ends.
     copy_data = messages.build(b"d", b"1\n" * 500)
     scanner = FrontendScanner()
     assert scanner.feed(copy_data[:9]) == copy_data[:9]
-    with pytest.raises(ProtocolError):
-        scanner.feed(copy_data[9:] + b"\x00" * 5)
-    assert scanner.need == len(copy_data) - 9 and scanner.mid_message
+    with pytest.raises(RefusedMessage) as refused:
+        scanner.feed(copy_data[9:] + messages.SYNC + b"\x00" * 5)
+    assert refused.value.forward == copy_data[9:] + messages.SYNC
+    assert scanner.need == 0 and scanner.terminated

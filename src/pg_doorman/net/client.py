@@ -57,6 +57,7 @@ from pg_doorman.protocol.framing import (
     CLEAN_RESET,
     FrontendScanner,
     MessageBuffer,
+    RefusedMessage,
 )
 from pg_doorman.protocol.listen import (
     INCOMPLETE,
@@ -149,6 +150,10 @@ _WAITING_BACKLOG: Final = 64 * 1024
 # A client paused inside a large message (proxy_copy_data_timeout) is checked this many
 # times per timeout for whether it took any of it since.
 _STALL_CHECKS: Final = 4
+# A refused message's FATAL waits for the replies owed before it, but no longer than
+# the server stays silent this long: the count of what is owed can be more than will
+# come (without the rewriter, after COPYs the client pipelined: docs/configuration.md).
+_REFUSAL_SILENCE: Final = 1.0
 # Messages that get no reply when they start a transaction: PostgreSQL ignores COPY
 # messages outside a COPY (the leftovers of one the server ended with an error before
 # CopyDone), and a Flush has nothing to flush. Checking a server out for them would
@@ -227,6 +232,7 @@ class ClientConnection(asyncio.Protocol):
         "_param_mark",
         "_pending",
         "_raw_parameters",
+        "_refusal_timer",
         "_restoring",
         "_stall_since",
         "_stall_timer",
@@ -260,6 +266,7 @@ class ClientConnection(asyncio.Protocol):
         "port",
         "queries",
         "reading_paused",
+        "refusal",
         "rewriter",
         "secret",
         "server",
@@ -293,6 +300,10 @@ class ClientConnection(asyncio.Protocol):
         self.entry: PoolEntry | None = None
         self.server: ServerConnection | None = None
         self.frontend = FrontendScanner()
+        # Why a message of the client's was refused, while the replies owed for what
+        # it sent before that message are still coming (_refuse_after_replies).
+        self.refusal: str | None = None
+        self._refusal_timer: asyncio.TimerHandle | None = None
         self.parameters: dict[str, str] = {}
         self.write_paused = False
         self.reading_paused = False
@@ -427,6 +438,9 @@ class ClientConnection(asyncio.Protocol):
         if self._stall_timer is not None:
             self._stall_timer.cancel()
             self._stall_timer = None
+        if self._refusal_timer is not None:
+            self._refusal_timer.cancel()
+            self._refusal_timer = None
         self.pooler.logging_in.pop(self, None)
         self._on_data = _ignore
         if self._login_wait == _WAIT_MESSAGE:
@@ -1471,9 +1485,11 @@ class ClientConnection(asyncio.Protocol):
             server.request_data = data  # a request starts: kept for its log line
         try:
             out = frontend.feed(data)
-        except ProtocolError as exc:
-            self.fail(sqlstate.PROTOCOL_VIOLATION, f"invalid message from client: {exc}")
-            return
+        except RefusedMessage as refused:
+            # What came before it goes on, as PostgreSQL runs it; the scanner reads
+            # nothing after it (terminated).
+            out = refused.forward
+            self.refusal = f"invalid message from client: {refused}"
         if frontend.effects_seen:
             server.scanner.cleanup_flags |= frontend.effects_seen  # see net/server.py
             frontend.effects_seen = 0
@@ -1495,9 +1511,55 @@ class ClientConnection(asyncio.Protocol):
             # (Otherwise they go out with its reply, in one write.)
             self.write(rewriter.drain())
         if frontend.terminated:
-            self.close()
+            if self.refusal is None:
+                self.close()
+            else:
+                self._refuse_after_replies(server)
         elif server.end_deferred and frontend.pending_ready <= 0 and self.server is server:
             server.end_if_over(self)
+
+    def _refuse_after_replies(self, server: ServerConnection) -> None:
+        """A message of the client's is no message: PostgreSQL answers what came
+        before it, then ends the session with a FATAL 08P01. So does the pooler: what
+        came before has gone to the server, and the FATAL follows the last reply owed
+        for it (net/server.py _relay), goes now if none is, or goes once the server
+        has been silent for _REFUSAL_SILENCE. Nothing after the refused message is
+        read; reading on shows the client leaving."""
+        self._on_data = _ignore
+        frontend = self.frontend
+        if frontend.pending_ready <= 0 or frontend.copy_in or server.scanner.in_copy:
+            # Nothing owed, or a COPY FROM STDIN whose data would have to come after
+            # the refused message: the server would wait for it in vain.
+            self.refuse_now()
+        else:
+            self._refusal_timer = self.loop.call_later(
+                _REFUSAL_SILENCE, self._refuse_if_silent, server, server.bytes_received
+            )
+
+    def _refuse_if_silent(self, server: ServerConnection, received: int) -> None:
+        """Still waiting for the replies owed before a refused message: refuse now if
+        the server sent nothing since the last look (`received` bytes then)."""
+        self._refusal_timer = None
+        if self.state == CLOSED or self.refusal is None:
+            return
+        if self.server is not server or server.bytes_received == received:
+            self.refuse_now()
+            return
+        self._refusal_timer = self.loop.call_later(
+            _REFUSAL_SILENCE, self._refuse_if_silent, server, server.bytes_received
+        )
+
+    def refuse_now(self) -> None:
+        """The FATAL for the refused message (`refusal`), behind the replies owed."""
+        reason = self.refusal
+        assert reason is not None
+        if self._refusal_timer is not None:
+            self._refusal_timer.cancel()
+            self._refusal_timer = None
+        # The refused message's first byte, which the scanner kept so that no reply
+        # ended the transaction meanwhile, is not a message the server is inside of.
+        self.frontend.held.clear()
+        self.fail(sqlstate.PROTOCOL_VIOLATION, reason)
 
     def resume_after_check(self, server: ServerConnection) -> None:
         """The check the client's bytes were held for (prepared.rewriter

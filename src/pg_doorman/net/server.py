@@ -94,6 +94,7 @@ _AFTER_LISTEN: Final = 1  # warn that its LISTEN ended with it
 _AFTER_LOCK_CHECK: Final = 2  # ask the server about the client's advisory locks
 _AFTER_LOCK_WARNING: Final = 4
 _AFTER_HELD: Final = 8  # deliver notifications held through it (listen_fanout)
+_AFTER_REFUSE: Final = 16  # the FATAL for a message of the client's that was refused
 # Sent after the ReadyForQuery of such a transaction with pin_on_advisory_lock off.
 _LOCKS_WARNING: Final = messages.notice_response(
     sqlstate.WARNING,
@@ -697,6 +698,11 @@ class ServerConnection(asyncio.Protocol):
         frontend = client.frontend
         if scanner.copy_in_started:
             frontend.on_copy_in_started()
+            if client.refusal is not None:
+                # Its data would have to come after the refused message.
+                client.write(out)
+                client.refuse_now()
+                return
         if frontend.copy_in and not scanner.in_copy:
             frontend.on_copy_aborted_by_server()
         if scanner.error_count != self._errors_seen:
@@ -728,6 +734,8 @@ class ServerConnection(asyncio.Protocol):
             )
             if not ended and frontend.pending_ready <= 0 and frontend.mid_message:
                 self.end_deferred = True  # see end_if_over
+                if client.refusal is not None:
+                    after = _AFTER_REFUSE  # every reply owed before the refused message came
             if ended and ready == 1 and self.query_started == self.xact_started:
                 stats.record_one_query_transaction(
                     now - self.xact_started,
@@ -853,6 +861,8 @@ class ServerConnection(asyncio.Protocol):
             # Notifications for its LISTENs (listen_fanout) that came during the
             # transaction: after it, as PostgreSQL delivers them.
             client.deliver_held_notifications()
+        if after & _AFTER_REFUSE:
+            client.refuse_now()
 
     def end_if_over(self, client: ClientConnection) -> None:
         """The transaction's last reply came while the client was still inside a

@@ -496,6 +496,20 @@ _SCAN_OVERLAP: Final = 32
 _DEALLOCATE_MAX: Final = 201  # codes.DEALLOCATE_MAX
 
 
+class RefusedMessage(ProtocolError):
+    """A client message that is no message (an unknown type, an impossible length).
+
+    `forward` is what the client sent before it in the same read, whole messages as
+    the scanner (and its rewriter) let them through: PostgreSQL would run those and
+    answer them before it reads the bad one and ends the session, so they may still
+    go to the server.
+    """
+
+    def __init__(self, message: str, forward: bytes) -> None:
+        super().__init__(message)
+        self.forward = forward
+
+
 class FrontendScanner(_Stream):
     """Walks client->server bytes and keeps the request/response accounting.
 
@@ -574,13 +588,26 @@ class FrontendScanner(_Stream):
         self.syncs_after_execute = 0
         self.copy_in = not ended_ahead  # messages behind an ended copy are no copy's
 
+    def _stop_at(self, data: bytes, pos: int) -> None:
+        """A client message at data[pos] is refused, and what came before it goes on
+        (RefusedMessage.forward). The stream ends there, as at a Terminate; the
+        scanner keeps the refused message's first byte as a tail it cannot get past,
+        so that no reply ends the client's transaction meanwhile."""
+        self.terminated = True
+        self.need = 0
+        held = self.held
+        held.clear()
+        held.append(data[pos])
+        self.held_total = 0
+
     def on_copy_aborted_by_server(self) -> None:
         self.copy_in = False
 
     def feed(self, data: bytes) -> bytes:
         """Account for client bytes; return what may be forwarded to the server.
 
-        Stops at Terminate (which is never forwarded) and sets `terminated`. With a
+        Stops at Terminate (which is never forwarded) and sets `terminated`, as it
+        does at a message that is no message, raising RefusedMessage. With a
         rewriter, extended-protocol messages are replaced by what it returns.
         """
         if len(self.held):
@@ -592,7 +619,6 @@ class FrontendScanner(_Stream):
                 return b""
         n: i64 = len(data)
         pos: i64 = self.need
-        resumed: i64 = pos  # as in BackendScanner.feed
         if pos:
             if self._scan_tail is not None:
                 self._scan_query_rest(data, pos if pos < n else n, pos <= n)
@@ -616,9 +642,10 @@ class FrontendScanner(_Stream):
                 or length > _MAX
                 or (length > _SMALL_MAX and _FRONTEND_SMALL[msg_type])
             ):
-                self._refuse(resumed)
-                raise ProtocolError(
-                    f"invalid frontend message type {msg_type!r} or length {length}"
+                self._stop_at(data, pos)
+                raise RefusedMessage(
+                    f"invalid frontend message type {msg_type!r} or length {length}",
+                    self._output(data, parts, start, pos),
                 )
             end = pos + 1 + length
             # During COPY FROM STDIN the server ignores Sync and Flush (and refuses
@@ -725,8 +752,11 @@ class FrontendScanner(_Stream):
             if not valid[data[pos]]:
                 # PostgreSQL refuses a message by its type byte, before its length
                 # arrives: a client that sent no more would wait for good.
-                self._refuse(resumed)
-                raise ProtocolError(f"invalid frontend message type {data[pos]!r}")
+                self._stop_at(data, pos)
+                raise RefusedMessage(
+                    f"invalid frontend message type {data[pos]!r}",
+                    self._output(data, parts, start, pos),
+                )
             self._hold(data, pos)
         return self._output(data, parts, start, pos)
 
