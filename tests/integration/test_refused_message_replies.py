@@ -19,6 +19,8 @@ import pytest
 from helpers import EXAMPLE_DB, ExamplePostgres
 from helpers import pgwire as w
 from helpers.both import Endpoint, connect
+from helpers.fake_backend import ONE_ROW, QueryBackend, stand_in_pool
+from helpers.pgwire import ConnectionClosed
 from helpers.pooler import PoolerFactory, PoolerProcess, PoolShape
 from helpers.random_pipeline import cut, random_batch
 from helpers.seeds import seeds
@@ -29,6 +31,7 @@ TABLE = "refused_replies"
 # 10,000 bytes (PostgreSQL's limit for the messages that are always small).
 UNKNOWN_TYPE = b"e\x00\x00\x00\x04"
 HUGE_SYNC = b"S" + struct.pack("!I", 20_000)
+ROW_DESCRIPTION = w.message(b"T", struct.pack("!h", 1) + w.cstr("x") + bytes(18))
 
 
 def insert(n: int) -> str:
@@ -57,6 +60,15 @@ SCENARIOS: dict[str, bytes] = {
     # sends the FATAL alone: docs/configuration.md).
     "a-copy-then-an-unknown-type": (
         w.query(f"copy {TABLE} from stdin") + UNKNOWN_TYPE
+    ),
+    # The copy's data and end came before the bad message: it runs to its end.
+    "a-copy-with-its-data-then-an-unknown-type": (
+        w.query(f"copy {TABLE} from stdin") + w.copy_data("7\n") + w.copy_done()
+        + UNKNOWN_TYPE
+    ),
+    "an-extended-copy-with-its-data-then-a-bad-length": (
+        extended(f"copy {TABLE} from stdin") + w.copy_data("8\n") + w.copy_done()
+        + w.sync() + HUGE_SYNC
     ),
     "an-unknown-type-alone": UNKNOWN_TYPE,
 }  # fmt: skip
@@ -241,3 +253,63 @@ def test_random_pipelines_cut_short_by_a_refused_message(
     program = " | ".join(text for text, _ in batches) + f" | {bad!r}"
     assert pooled == direct, program
     next_client_is_served(proc, pg)
+
+
+class StalledRowBackend(QueryBackend):
+    """Answers `select stalled` with the first half of a row, then nothing more."""
+
+    HALF_ROW = w.message(b"D", struct.pack("!hi", 1, 1000) + b"x" * 1000)[:500]
+
+    def reply(self, text: bytes) -> bytes | None:
+        if text == b"select stalled":
+            return ROW_DESCRIPTION + self.HALF_ROW
+        return ONE_ROW
+
+
+def test_a_server_silent_inside_a_row_gets_the_client_closed_without_an_error(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """A refused message waits for a reply whose row stops halfway: after the server's
+    silence the client sees its connection close, with no error behind the half row
+    (it would read the error as the rest of the row), and the pooler serves others."""
+    backend = StalledRowBackend()
+    try:
+        proc = pooler(pools=stand_in_pool(backend, pg))
+        conn = connect(proc, pg)
+        try:
+            conn.send_raw(w.query("select stalled") + UNKNOWN_TYPE)
+            start = len(conn.raw_received)
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    conn.read_bytes(1, timeout=10)
+            assert bytes(conn.raw_received[start:]) == ROW_DESCRIPTION + backend.HALF_ROW
+        finally:
+            conn.close_socket()
+        other = connect(proc, pg)
+        try:
+            assert other.execute_query("select 1") == [("1",)]
+        finally:
+            other.close()
+    finally:
+        backend.close()
+
+
+def test_a_client_slow_to_read_the_replies_still_gets_them_all(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """The replies owed before a refused message are more than the sockets hold, and
+    the client reads nothing for a while: the server waits on the pooler, which is
+    not the server's silence. Every row comes, then the FATAL."""
+    rows = 20
+    data = w.query(f"select repeat('x', 1000000) from generate_series(1, {rows})") + UNKNOWN_TYPE
+    proc = pooler(pools=PoolShape(1).config(pg)["pools"])
+    conn = connect(proc, pg)
+    try:
+        conn.send_raw(data)
+        time.sleep(2.5)  # the pooler stops reading the server meanwhile
+        replies = conn.wait_closed(timeout=20)
+    finally:
+        conn.close_socket()
+    assert w.msg_types(replies) == "T" + "D" * rows + "CZE"
+    error = w.first_error(replies)
+    assert error is not None and (error.severity, error.sqlstate) == ("FATAL", "08P01")

@@ -1542,7 +1542,10 @@ class ClientConnection(asyncio.Protocol):
         self._refusal_timer = None
         if self.state == CLOSED or self.refusal is None:
             return
-        if self.server is not server or server.bytes_received == received:
+        if self.server is not server or (
+            server.bytes_received == received and not self.write_paused
+        ):
+            # (Paused, the client is slower than the server: not the server's silence.)
             self.refuse_now()
             return
         self._refusal_timer = self.loop.call_later(
@@ -1559,6 +1562,19 @@ class ClientConnection(asyncio.Protocol):
         # The refused message's first byte, which the scanner kept so that no reply
         # ended the transaction meanwhile, is not a message the server is inside of.
         self.frontend.held.clear()
+        server = self.server
+        if server is not None and server.scanner.need and self.state != CLOSED:
+            # The client has part of a message the server is sending: an error now
+            # would be read as the rest of it. It sees the connection close instead.
+            logger.info(
+                "client %s: %s (%s), in the middle of a message to the client: closed"
+                " without an error message",
+                self.name,
+                reason,
+                sqlstate.PROTOCOL_VIOLATION,
+            )
+            self.close()
+            return
         self.fail(sqlstate.PROTOCOL_VIOLATION, reason)
 
     def resume_after_check(self, server: ServerConnection) -> None:

@@ -698,8 +698,9 @@ class ServerConnection(asyncio.Protocol):
         frontend = client.frontend
         if scanner.copy_in_started:
             frontend.on_copy_in_started()
-            if client.refusal is not None:
-                # Its data would have to come after the refused message.
+            if client.refusal is not None and frontend.copy_in:
+                # Its data would have to come after the refused message (not so for
+                # a copy the client ended before the server said it began).
                 client.write(out)
                 client.refuse_now()
                 return
