@@ -480,6 +480,17 @@ RANDOM_POOLS: Final = (
 )
 
 
+# The three ways the pooler keeps count of the replies a client is owed, for tests
+# that run an exchange under each: with prepared statements kept (the rewriter pairs
+# replies with requests), without (the client's scanner alone counts the
+# ReadyForQuery owed), and in session pooling.
+ACCOUNTING_SETUPS: Final[dict[str, dict[str, object]]] = {
+    "prepared-statements": {},
+    "no-prepared-statements": {"prepared_statements": False},
+    "session-pooling": {"pool_mode": "session"},
+}
+
+
 def serve_a_client(proc: PoolerProcess, pg: ExamplePostgres) -> float:
     """Connect a new client (the md5 user) and run a query: the seconds it took."""
     user = pg.md5_user

@@ -14,7 +14,7 @@ import pytest
 from helpers import ExamplePostgres
 from helpers import pgwire as w
 from helpers.both import connect
-from helpers.pooler import PoolerFactory, PoolShape
+from helpers.pooler import ACCOUNTING_SETUPS, PoolerFactory, PoolShape
 
 COPY = "copy cc from stdin"
 
@@ -82,14 +82,9 @@ SCENARIOS = {
 }  # fmt: skip
 
 
-# Prepared statements kept (the rewriter pairs replies with requests), not kept (the
-# client's scanner alone counts the ReadyForQuery owed: it gets the same replies, but
-# may keep its server, see docs/configuration.md), and session pooling.
-SETUPS: dict[str, dict[str, object]] = {
-    "prepared-statements": {},
-    "no-prepared-statements": {"prepared_statements": False},
-    "session-pooling": {"pool_mode": "session"},
-}
+# Without prepared statements the client gets the same replies, but may keep its
+# server (docs/configuration.md).
+SETUPS = ACCOUNTING_SETUPS
 
 
 @pytest.mark.parametrize("setup", list(SETUPS))

@@ -21,7 +21,7 @@ from helpers import pgwire as w
 from helpers.both import Endpoint, connect
 from helpers.fake_backend import ONE_ROW, QueryBackend, stand_in_pool
 from helpers.pgwire import ConnectionClosed
-from helpers.pooler import PoolerFactory, PoolerProcess, PoolShape
+from helpers.pooler import ACCOUNTING_SETUPS, PoolerFactory, PoolerProcess, PoolShape
 from helpers.random_pipeline import cut, random_batch
 from helpers.seeds import seeds
 
@@ -132,11 +132,7 @@ def next_client_is_served(proc: PoolerProcess, pg: ExamplePostgres) -> None:
         other.close()
 
 
-SETUPS: dict[str, dict[str, object]] = {
-    "prepared-statements": {},
-    "no-prepared-statements": {"prepared_statements": False},
-    "session-pooling": {"pool_mode": "session"},
-}
+SETUPS = ACCOUNTING_SETUPS
 
 
 @pytest.mark.parametrize("setup", list(SETUPS))
