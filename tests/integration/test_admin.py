@@ -243,6 +243,29 @@ def test_unknown_command_errors_and_session_continues(
         console.close_socket()
 
 
+@pytest.mark.parametrize(
+    "refused",
+    [w.parse("", "SHOW POOLS") + w.sync(), b"e\x00\x00\x00\x04"],
+    ids=["extended-protocol", "no-message"],
+)
+def test_queries_before_a_refused_message_are_answered_first(
+    pg: ExamplePostgres, pooler: PoolerFactory, refused: bytes
+) -> None:
+    """As PostgreSQL answers what came before a message it refuses: the queries sent
+    with it are answered, then the FATAL comes."""
+    proc = pooler()
+    console = admin(proc)
+    try:
+        console.send_raw(w.query("SHOW VERSION") + w.query("SHOW LISTS") + refused)
+        replies = console.wait_closed()
+    finally:
+        console.close_socket()
+    types = w.msg_types(replies)
+    assert types.startswith("TDCZTD") and types.endswith("CZE"), types
+    error = w.first_error(replies)
+    assert error is not None and (error.severity, error.sqlstate) == ("FATAL", "08P01")
+
+
 def test_set_log_level_at_runtime(pg: ExamplePostgres, pooler: PoolerFactory) -> None:
     proc = pooler()
     console = admin(proc)

@@ -146,6 +146,9 @@ class AdminConsole:
         self._waiting: asyncio.Future[list[dict[str, Any]]] | None = None
         self._cancel_requested = False
         self._terminated = False  # a Terminate came: close once the queries are answered
+        # A message refused (not a Query, or not a message): why, for the FATAL that
+        # follows the answers to the queries before it, as from PostgreSQL.
+        self._refusal: str | None = None
         client.on_cancel = self.cancel
 
     def greeting(self) -> bytes:
@@ -178,18 +181,26 @@ class AdminConsole:
                         return
                     break
                 if msg_type != codes.QUERY:
-                    self.client.fail(
-                        sqlstate.PROTOCOL_VIOLATION,
-                        "the admin console supports the simple query protocol only",
-                    )
-                    return
+                    self._refuse("the admin console supports the simple query protocol only")
+                    break
                 self._queries.append(messages.parse_query_text(body))
         except ProtocolError as exc:
-            self.client.fail(sqlstate.PROTOCOL_VIOLATION, f"invalid message: {exc}")
+            self._refuse(f"invalid message: {exc}")
+        if (
+            self._refusal is not None
+            and not self._queries
+            and (self._worker is None or self._worker.done())
+        ):
+            self.client.fail(sqlstate.PROTOCOL_VIOLATION, self._refusal)
             return
         if self._queries and (self._worker is None or self._worker.done()):
             self._worker = self.pooler.loop.create_task(self._work())
             self.pooler.track(self._worker)
+
+    def _refuse(self, reason: str) -> None:
+        """Nothing after this message is read; the queries before it are answered."""
+        self._terminated = True
+        self._refusal = reason
 
     def cancel(self) -> None:
         """A CancelRequest for this session: stop waiting (PAUSE), if it is."""
@@ -201,7 +212,9 @@ class AdminConsole:
         while self._queries and not self.client.transport_closed:
             text = self._queries.popleft()
             self.client.write(await self._run(text))
-        if self._terminated:
+        if self._refusal is not None:
+            self.client.fail(sqlstate.PROTOCOL_VIOLATION, self._refusal)
+        elif self._terminated:
             self.client.close()
 
     # ---- dispatch -----------------------------------------------------------
