@@ -1552,6 +1552,17 @@ class ClientConnection(asyncio.Protocol):
             _REFUSAL_SILENCE, self._refuse_if_silent, server, server.bytes_received
         )
 
+    def refused_at_copy(self, replies: bytes) -> bool:
+        """A COPY FROM STDIN began for what the client sent before a refused message:
+        its data would have to come after that message (not so for a copy the client
+        ended before the server said it began). True when the FATAL went now, behind
+        `replies`."""
+        if not self.frontend.copy_in:
+            return False
+        self.write(replies)
+        self.refuse_now()
+        return True
+
     def refuse_now(self) -> None:
         """The FATAL for the refused message (`refusal`), behind the replies owed."""
         reason = self.refusal

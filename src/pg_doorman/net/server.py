@@ -698,11 +698,7 @@ class ServerConnection(asyncio.Protocol):
         frontend = client.frontend
         if scanner.copy_in_started:
             frontend.on_copy_in_started()
-            if client.refusal is not None and frontend.copy_in:
-                # Its data would have to come after the refused message (not so for
-                # a copy the client ended before the server said it began).
-                client.write(out)
-                client.refuse_now()
+            if client.refusal is not None and client.refused_at_copy(out):
                 return
         if frontend.copy_in and not scanner.in_copy:
             frontend.on_copy_aborted_by_server()
