@@ -1574,19 +1574,24 @@ class ClientConnection(asyncio.Protocol):
         # ended the transaction meanwhile, is not a message the server is inside of.
         self.frontend.held.clear()
         server = self.server
-        if server is not None and server.scanner.need and self.state != CLOSED:
-            # The client has part of a message the server is sending: an error now
-            # would be read as the rest of it. It sees the connection close instead.
-            logger.info(
-                "client %s: %s (%s), in the middle of a message to the client: closed"
-                " without an error message",
-                self.name,
-                reason,
-                sqlstate.PROTOCOL_VIOLATION,
-            )
-            self.close()
+        if server is not None and server.scanner.need:
+            self._close_inside_a_message(sqlstate.PROTOCOL_VIOLATION, reason)
             return
         self.fail(sqlstate.PROTOCOL_VIOLATION, reason)
+
+    def _close_inside_a_message(self, code: str, message: str) -> None:
+        """Instead of fail(): the client has part of a message its server is sending,
+        and an error now would be read as the rest of it. It sees the connection close."""
+        if self.state == CLOSED:
+            return
+        logger.info(
+            "client %s: %s (%s), in the middle of a message to the client: closed"
+            " without an error message",
+            self.name,
+            message,
+            code,
+        )
+        self.close()
 
     def resume_after_check(self, server: ServerConnection) -> None:
         """The check the client's bytes were held for (prepared.rewriter
@@ -2208,16 +2213,10 @@ class ClientConnection(asyncio.Protocol):
         """The attached server died or broke the protocol."""
         if self.server is server:
             self.server = None
-        if server.scanner.need and self.state != CLOSED:
-            # The client has part of a message the server was sending: an error now
-            # would be read as the rest of it. It sees the connection close instead.
-            logger.info(
-                "client %s: server connection lost during the transaction (%s), in the"
-                " middle of a message to the client: closed without an error message",
-                self.name,
-                sqlstate.CONNECTION_FAILURE,
+        if server.scanner.need:
+            self._close_inside_a_message(
+                sqlstate.CONNECTION_FAILURE, "server connection lost during the transaction"
             )
-            self.close()
             return
         what = (
             "The PostgreSQL backend sent data that is not valid protocol; the pooler closed it"

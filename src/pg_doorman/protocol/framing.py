@@ -113,13 +113,6 @@ class _Stream:
         self.held_total = 0
         return joined
 
-    def _refuse(self, resumed: int) -> None:
-        """The read being refused (ProtocolError) goes out in no part. If it began
-        with the rest of a message whose start has gone out (`resumed` bytes of it),
-        the peer is left inside that message, and `need` says so: the connection must
-        be neither handed to another client nor sent a message of the pooler's."""
-        self.need = resumed
-
     def _hold(self, data: bytes, pos: int) -> None:
         held = self.held
         held += memoryview(data)[pos:]
@@ -347,6 +340,13 @@ class BackendScanner(_Stream):
         self.discarded_all = False
         # Rewrites the response stream of clients using shared prepared statements.
         self.hook: BatchRewriter | None = None
+
+    def _refuse(self, resumed: int) -> None:
+        """The read being refused (ProtocolError) goes out in no part. If it began
+        with the rest of a message whose start has gone out (`resumed` bytes of it),
+        the peer is left inside that message, and `need` says so: the connection must
+        be neither handed to another client nor sent a message of the pooler's."""
+        self.need = resumed
 
     def feed(self, data: bytes) -> bytes:
         self.ready_count = 0
