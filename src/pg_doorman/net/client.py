@@ -584,12 +584,17 @@ class ClientConnection(asyncio.Protocol):
 
     def fail(self, code: str, message: str, *, detail: str | None = None) -> None:
         """Send a FATAL error and close: the session cannot go on (once: a client
-        already being closed, by KILL say, is not told twice)."""
+        already being closed, by KILL say, is not told twice). A client inside a
+        message its server is sending is closed without it (_close_inside_a_message)."""
         if self.state == CLOSED or self.transport is None or self.transport.is_closing():
             return
         logger.info("client %s: %s (%s)", self.name, message, code)
         if self.state < IDLE:
             self.pooler.login_failures += 1
+        server = self.server
+        if server is not None and server.scanner.need:
+            self._close_inside_a_message(code, message)
+            return
         error = messages.error_response("FATAL", code, message, detail=detail)
         if self._writer is not None:
             self._writer.write(self._take_auth_final() + error)
@@ -1573,14 +1578,10 @@ class ClientConnection(asyncio.Protocol):
         # The refused message's first byte, which the scanner kept so that no reply
         # ended the transaction meanwhile, is not a message the server is inside of.
         self.frontend.held.clear()
-        server = self.server
-        if server is not None and server.scanner.need:
-            self._close_inside_a_message(sqlstate.PROTOCOL_VIOLATION, reason)
-            return
         self.fail(sqlstate.PROTOCOL_VIOLATION, reason)
 
     def _close_inside_a_message(self, code: str, message: str) -> None:
-        """Instead of fail(): the client has part of a message its server is sending,
+        """Instead of a FATAL: the client has part of a message its server is sending,
         and an error now would be read as the rest of it. It sees the connection close."""
         if self.state == CLOSED:
             return

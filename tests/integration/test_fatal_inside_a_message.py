@@ -1,0 +1,130 @@
+"""A session the pooler ends while the client is inside a message its server is
+sending (a large row read slowly): a FATAL then would be read as the rest of that
+message, so the client sees its connection close instead; between messages it gets
+the FATAL."""
+
+from __future__ import annotations
+
+import signal
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from helpers import EXAMPLE_DB, ExamplePostgres
+from helpers import pgwire as w
+from helpers.console import admin_console
+from helpers.listen import md5_user_pool
+from helpers.pooler import PoolerFactory, PoolerProcess
+
+ROW_BYTES = 16 * 1024 * 1024
+# One DataRow far larger than what the socket buffers between the pooler and a client
+# that stops reading can hold: the pooler is left inside it.
+BIG_ROW = f"select repeat('x', {ROW_BYTES})"
+READY_IDLE = b"Z\x00\x00\x00\x05I"
+INSIDE = "in the middle of a message to the client: closed without an error message"
+
+
+class RawClients:
+    def __init__(self) -> None:
+        self.opened: list[w.PgWire] = []
+
+    def login(self, proc: PoolerProcess, pg: ExamplePostgres) -> w.PgWire:
+        user = pg.md5_user
+        conn = w.PgWire.connect(proc.host, proc.port, user.name, EXAMPLE_DB, user.password)
+        self.opened.append(conn)
+        return conn
+
+
+@pytest.fixture
+def raw() -> Iterator[RawClients]:
+    clients = RawClients()
+    yield clients
+    for conn in clients.opened:
+        conn.close_socket()
+
+
+def inside_a_big_row(
+    raw: RawClients, proc: PoolerProcess, pg: ExamplePostgres
+) -> tuple[w.PgWire, bytes]:
+    """A client that has read the start of BIG_ROW and then stops reading; what it read."""
+    conn = raw.login(proc, pg)
+    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+    conn.send_raw(w.query(BIG_ROW))
+    conn.sock.settimeout(30)
+    got = bytearray()
+    while len(got) < 256 * 1024:
+        chunk = conn.sock.recv(64 * 1024)
+        assert chunk, "closed before the row came"
+        got += chunk
+    return conn, bytes(got)
+
+
+def rest_of_the_stream(sock: socket.socket) -> bytes:
+    sock.settimeout(30)
+    got = bytearray()
+    while True:
+        try:
+            chunk = sock.recv(1024 * 1024)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        got += chunk
+    return bytes(got)
+
+
+def assert_cut_inside_the_row(stream: bytes) -> None:
+    """`stream` is a RowDescription and the start of the DataRow, nothing after: every
+    byte past the row's headers is the row's own."""
+    assert stream[:1] == b"T"
+    row = 1 + int.from_bytes(stream[1:5], "big")
+    assert stream[row : row + 1] == b"D"
+    assert int.from_bytes(stream[row + 1 : row + 5], "big") == 4 + 2 + 4 + ROW_BYTES
+    value = stream[row + 11 :]
+    assert 0 < len(value) < ROW_BYTES
+    assert value == b"x" * len(value), value[-200:]
+
+
+def fatal_of(conn: w.PgWire) -> tuple[str, str]:
+    """The FATAL an idle client finds waiting."""
+    messages = conn.wait_closed()
+    errors = [w.error_fields(p) for t, p in messages if t == b"E"]
+    assert len(errors) == 1, messages
+    return errors[0]["C"], errors[0]["M"]
+
+
+def test_kill_closes_a_client_inside_a_row_and_tells_an_idle_one(
+    pg: ExamplePostgres, pooler: PoolerFactory, raw: RawClients
+) -> None:
+    proc = pooler(general={"proxy_copy_data_timeout": 0}, pools=md5_user_pool(pg, pool_size=2))
+    idle = raw.login(proc, pg)
+    assert w.rows(idle.simple_query("select 1")) == [("1",)]
+    reading, start = inside_a_big_row(raw, proc, pg)
+    console = admin_console(proc)
+    try:
+        assert w.first_error(console.simple_query(f"KILL {EXAMPLE_DB}")) is None
+        assert_cut_inside_the_row(start + rest_of_the_stream(reading.sock))
+        assert fatal_of(idle) == ("57P01", "database killed by the administrator")
+        proc.wait_for_log(f"database killed by the administrator (57P01), {INSIDE}")
+        assert w.first_error(console.simple_query(f"RESUME {EXAMPLE_DB}")) is None
+    finally:
+        console.close()
+    after = raw.login(proc, pg)
+    assert w.rows(after.simple_query("select 2")) == [("2",)]
+
+
+def test_a_stop_past_shutdown_timeout_closes_a_client_inside_a_row(
+    pg: ExamplePostgres, pooler: PoolerFactory, raw: RawClients
+) -> None:
+    proc = pooler(
+        general={"proxy_copy_data_timeout": 0, "shutdown_timeout": 1000},
+        pools=md5_user_pool(pg, pool_size=2),
+    )
+    reading, start = inside_a_big_row(raw, proc, pg)
+    proc.send_signal(signal.SIGTERM)
+    # Nothing more is read until the second the transaction had to end is over.
+    proc.wait_for_log("pooler is shutting down (57P01)")
+    assert_cut_inside_the_row(start + rest_of_the_stream(reading.sock))
+    assert proc.wait_exit() == 0
+    assert f"pooler is shutting down (57P01), {INSIDE}" in proc.log_text()
