@@ -241,11 +241,16 @@ MUTATIONS = (
 )
 
 
-def framing(data: bytes) -> str:
+def framing(data: bytes, last: bytes = b"") -> str:
     """How PostgreSQL reads `data` as frontend messages: 'complete', 'incomplete' (it
-    waits for more), or 'invalid' (it closes the connection)."""
+    waits for more), 'invalid' (it closes the connection), or 'swallowed': complete,
+    but `last`, the message that ends `data`, is read as part of an earlier message
+    (a length made to reach the end), so nothing can answer it."""
     pos = 0
+    last_read_alone = not last
     while pos < len(data):
+        if pos == len(data) - len(last):
+            last_read_alone = True
         if len(data) - pos < 5:
             return "incomplete" if data[pos] in _FRONTEND_TYPES else "invalid"
         type_ = data[pos]
@@ -254,7 +259,9 @@ def framing(data: bytes) -> str:
         if type_ not in _FRONTEND_TYPES or length < 4 or length > limit:
             return "invalid"
         pos += 1 + length
-    return "complete" if pos == len(data) else "incomplete"
+    if pos != len(data):
+        return "incomplete"
+    return "complete" if last_read_alone else "swallowed"
 
 
 # --- the hostile client ------------------------------------------------------------------
@@ -301,12 +308,12 @@ def probe_stream(probe: str) -> bytes:
     an extended-protocol batch; a Query that ends a transaction (in a COPY it is taken
     as the COPY's error, and the server then skips to the next Sync when the COPY came
     from an Execute); then a Query whose row marks the end of the answers."""
-    return (
-        w.sync()
-        + w.query(f"rollback; select '{probe}-a'")
-        + w.sync()
-        + w.query(f"select '{probe}'")
-    )
+    return w.sync() + w.query(f"rollback; select '{probe}-a'") + w.sync() + probe_query(probe)
+
+
+def probe_query(probe: str) -> bytes:
+    """The probe's last message, whose row marks the end of the answers."""
+    return w.query(f"select '{probe}'")
 
 
 def check_received(conn: w.PgWire, me: int, context: str, findings: Findings) -> None:
@@ -351,6 +358,7 @@ def hostile(
                 marker = f"h{me}-{op}"
                 kind, plan = mutate(rng, valid_stream(rng, marker))
                 probe = f"h{me}-{op}-probe"
+                last = probe_query(probe)
                 context = f"seed {seed} hostile {me} op {op} {kind}"
                 start = len(conn.received)
                 sent = b""
@@ -373,18 +381,21 @@ def hostile(
                     if dropped:
                         outcome = "dropped"
                     else:
-                        # Where PostgreSQL would wait for the rest of a message, a
-                        # short wait shows whether the pooler refused it instead.
-                        wait = 1.0 if framing(sent) == "incomplete" else ANSWER_TIMEOUT
+                        # Where PostgreSQL would wait for the rest of a message or
+                        # never read the probe, a short wait shows whether the pooler
+                        # refused the stream instead.
+                        shape = framing(sent, last)
+                        wait = ANSWER_TIMEOUT if shape in ("complete", "invalid") else 1.0
                         outcome = _read_reply(conn, probe, time.monotonic() + wait)
                 with findings.lock:
                     findings.ops[kind] += 1
                     findings.outcomes[f"{kind}:{outcome}"] += 1
                 got = w.msg_types(conn.received[start:])
-                if outcome == "timeout" and framing(sent) != "incomplete":
+                shape = framing(sent, last)
+                if outcome == "timeout" and shape in ("complete", "invalid"):
                     findings.problem(
                         f"{context}: no answer in {ANSWER_TIMEOUT}s to a stream PostgreSQL "
-                        f"reads as {framing(sent)}; got {got!r}; sent {sent!r}; plan "
+                        f"reads as {shape}; got {got!r}; sent {sent!r}; plan "
                         f"{[(st.kind, len(st.data), st.seconds) for st in plan]}; "
                         f"{diagnose(conn.sock.getsockname()[1]) if diagnose else ''}"
                     )
