@@ -107,6 +107,8 @@ def test_kill_closes_a_client_inside_a_row_and_tells_an_idle_one(
         assert_cut_inside_the_row(start + rest_of_the_stream(reading.sock))
         assert fatal_of(idle) == ("57P01", "database killed by the administrator")
         proc.wait_for_log(f"database killed by the administrator (57P01), {INSIDE}")
+        # One line per client.
+        assert proc.log_text().count("database killed by the administrator (57P01)") == 2
         assert w.first_error(console.simple_query(f"RESUME {EXAMPLE_DB}")) is None
     finally:
         console.close()

@@ -588,13 +588,13 @@ class ClientConnection(asyncio.Protocol):
         message its server is sending is closed without it (_close_inside_a_message)."""
         if self.state == CLOSED or self.transport is None or self.transport.is_closing():
             return
-        logger.info("client %s: %s (%s)", self.name, message, code)
-        if self.state < IDLE:
-            self.pooler.login_failures += 1
         server = self.server
         if server is not None and server.scanner.need:
             self._close_inside_a_message(code, message)
             return
+        logger.info("client %s: %s (%s)", self.name, message, code)
+        if self.state < IDLE:
+            self.pooler.login_failures += 1
         error = messages.error_response("FATAL", code, message, detail=detail)
         if self._writer is not None:
             self._writer.write(self._take_auth_final() + error)
