@@ -20,6 +20,7 @@ if _TESTS_DIR not in sys.path:
 
 from helpers import ExamplePostgres, start_example_postgres  # noqa: E402
 from helpers.pooler import PoolerFactory  # noqa: E402
+from helpers.raw_clients import RawClients  # noqa: E402
 
 # The session cluster once created; the revive fixture below restarts it if a test
 # stopped or killed it and failed before starting it again.
@@ -75,6 +76,14 @@ def pooler(pg: ExamplePostgres, tmp_path: Path) -> Iterator[PoolerFactory]:
     problems = factory.close()
     if problems:
         pytest.fail("\n\n".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def raw() -> Iterator[RawClients]:
+    """Raw clients that read slowly or not at all (helpers.raw_clients)."""
+    clients = RawClients()
+    yield clients
+    clients.close()
 
 
 @pytest.fixture

@@ -6,51 +6,26 @@ the FATAL."""
 from __future__ import annotations
 
 import signal
-import socket
-from collections.abc import Iterator
-
-import pytest
 
 from helpers import EXAMPLE_DB, ExamplePostgres
 from helpers import pgwire as w
 from helpers.console import admin_console
 from helpers.listen import md5_user_pool
 from helpers.pooler import PoolerFactory, PoolerProcess
+from helpers.raw_clients import RawClients, read_to_the_end
 
 ROW_BYTES = 16 * 1024 * 1024
 # One DataRow far larger than what the socket buffers between the pooler and a client
 # that stops reading can hold: the pooler is left inside it.
 BIG_ROW = f"select repeat('x', {ROW_BYTES})"
-READY_IDLE = b"Z\x00\x00\x00\x05I"
 INSIDE = "in the middle of a message to the client: closed without an error message"
-
-
-class RawClients:
-    def __init__(self) -> None:
-        self.opened: list[w.PgWire] = []
-
-    def login(self, proc: PoolerProcess, pg: ExamplePostgres) -> w.PgWire:
-        user = pg.md5_user
-        conn = w.PgWire.connect(proc.host, proc.port, user.name, EXAMPLE_DB, user.password)
-        self.opened.append(conn)
-        return conn
-
-
-@pytest.fixture
-def raw() -> Iterator[RawClients]:
-    clients = RawClients()
-    yield clients
-    for conn in clients.opened:
-        conn.close_socket()
 
 
 def inside_a_big_row(
     raw: RawClients, proc: PoolerProcess, pg: ExamplePostgres
 ) -> tuple[w.PgWire, bytes]:
     """A client that has read the start of BIG_ROW and then stops reading; what it read."""
-    conn = raw.login(proc, pg)
-    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
-    conn.send_raw(w.query(BIG_ROW))
+    conn = raw.send_and_stop_reading(proc, pg, BIG_ROW)
     conn.sock.settimeout(30)
     got = bytearray()
     while len(got) < 256 * 1024:
@@ -58,20 +33,6 @@ def inside_a_big_row(
         assert chunk, "closed before the row came"
         got += chunk
     return conn, bytes(got)
-
-
-def rest_of_the_stream(sock: socket.socket) -> bytes:
-    sock.settimeout(30)
-    got = bytearray()
-    while True:
-        try:
-            chunk = sock.recv(1024 * 1024)
-        except ConnectionResetError:
-            break
-        if not chunk:
-            break
-        got += chunk
-    return bytes(got)
 
 
 def assert_cut_inside_the_row(stream: bytes) -> None:
@@ -104,7 +65,7 @@ def test_kill_closes_a_client_inside_a_row_and_tells_an_idle_one(
     console = admin_console(proc)
     try:
         assert w.first_error(console.simple_query(f"KILL {EXAMPLE_DB}")) is None
-        assert_cut_inside_the_row(start + rest_of_the_stream(reading.sock))
+        assert_cut_inside_the_row(start + read_to_the_end(reading.sock))
         assert fatal_of(idle) == ("57P01", "database killed by the administrator")
         proc.wait_for_log(f"database killed by the administrator (57P01), {INSIDE}")
         # One line per client.
@@ -127,6 +88,6 @@ def test_a_stop_past_shutdown_timeout_closes_a_client_inside_a_row(
     proc.send_signal(signal.SIGTERM)
     # Nothing more is read until the second the transaction had to end is over.
     proc.wait_for_log("pooler is shutting down (57P01)")
-    assert_cut_inside_the_row(start + rest_of_the_stream(reading.sock))
+    assert_cut_inside_the_row(start + read_to_the_end(reading.sock))
     assert proc.wait_exit() == 0
     assert f"pooler is shutting down (57P01), {INSIDE}" in proc.log_text()

@@ -5,21 +5,19 @@ what is timed is the stall, not the transfer."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import asyncpg
 import psycopg
-import pytest
 
 from helpers import ExamplePostgres
 from helpers import pgwire as w
 from helpers.console import admin_rows
 from helpers.listen import md5_user_pool
 from helpers.pooler import PoolerFactory, PoolerProcess
+from helpers.raw_clients import READY_IDLE, RawClients, read_to_the_end
 
-READY_IDLE = b"Z\x00\x00\x00\x05I"
 CUT = "(proxy_copy_data_timeout); closing the client and the server"
 # One DataRow of 8 MB: far more than the kernel's socket buffers hold between the pooler
 # and a raw client with a small receive buffer that reads nothing, so the pooler is left
@@ -28,52 +26,6 @@ BIG_ROW = "select repeat('x', 8*1024*1024)"
 BIG_ROW_BYTES = 8 * 1024 * 1024
 # 48 rows of 512 kB each: as much data, in messages below message_size_to_be_stream.
 SMALL_ROWS = "select repeat('y', 512*1024) from generate_series(1, 48)"
-
-
-class RawClients:
-    """Raw connections of the md5 user, closed when the test ends (before its pooler
-    stops, which would wait for the clients still inside a transaction)."""
-
-    def __init__(self) -> None:
-        self.opened: list[w.PgWire] = []
-
-    def login(self, proc: PoolerProcess, pg: ExamplePostgres, receive_buffer: int) -> w.PgWire:
-        user = pg.md5_user
-        conn = w.PgWire.connect(proc.host, proc.port, user.name, "example_db", user.password)
-        self.opened.append(conn)
-        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
-        return conn
-
-    def send_and_stop_reading(self, proc: PoolerProcess, pg: ExamplePostgres, sql: str) -> w.PgWire:
-        conn = self.login(proc, pg, 32 * 1024)
-        conn.send_raw(w.query(sql))
-        return conn
-
-
-@pytest.fixture
-def raw() -> Iterator[RawClients]:
-    clients = RawClients()
-    yield clients
-    for conn in clients.opened:
-        conn.close_socket()
-
-
-def read_to_the_end(sock: socket.socket, pause: float = 0.0, size: int = 256 * 1024) -> bytes:
-    """Everything until ReadyForQuery, or until the pooler closes the connection;
-    `pause` seconds between reads."""
-    sock.settimeout(30)
-    got = bytearray()
-    while not got.endswith(READY_IDLE):
-        try:
-            chunk = sock.recv(size)
-        except ConnectionResetError:
-            break
-        if not chunk:
-            break
-        got += chunk
-        if pause:
-            time.sleep(pause)
-    return bytes(got)
 
 
 def wait_for(check: Callable[[], bool], timeout: float = 15.0) -> bool:
