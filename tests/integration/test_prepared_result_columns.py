@@ -269,6 +269,41 @@ def test_held_bytes_with_a_sync_and_a_query_behind(
     assert pooled == direct
 
 
+def test_unnamed_parse_refused_in_a_failed_transaction_drops_the_old_one(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """In a failed transaction a Parse of the unnamed statement fails (but for an empty
+    query), and PostgreSQL has dropped the old unnamed statement before it looked at
+    the new text: a Bind of it then gets 26000. Here the text was described before and
+    the server lacks it, so its Parse is the one the pooler sends to check the
+    columns; that one fails the same."""
+    user = pg.md5_user
+    proc = _pooler(pooler, user.name, 1, 2)
+    steps: list[Step] = [
+        (P("", "select 1 as one") + B("", "") + E() + S(), 1),  # described
+        (P("", "select 3 as three") + B("", "") + E() + S(), 1),
+        (P("", "select 2 as two") + B("", "") + E() + S(), 1),  # the server lets `one` go
+        (Q("begin"), 1),
+        (Q("select 1/0"), 1),
+        (P("", "") + S(), 1),  # an empty query is prepared in a failed transaction
+        (P("", "select 1 as one") + S(), 1),
+        (B("", "", ["1"]) + E() + S(), 1),
+        (Q("rollback"), 1),
+        (P("", "select 1 as one") + B("", "") + E() + S(), 1),
+    ]
+    outcomes = []
+    for target in (pg, proc):
+        conn = connect(target, pg)
+        try:
+            outcomes.append(_play(conn, steps))
+        finally:
+            conn.close()
+    direct, pooled = outcomes
+    codes = [dict(fields)["C"] for reply in direct for t, fields in reply if t == b"E"]
+    assert codes == ["22012", "25P02", "26000"]
+    assert pooled == direct
+
+
 def _wait_for(what: str, ready: Callable[[], bool]) -> None:
     deadline = time.monotonic() + 10
     while not ready():

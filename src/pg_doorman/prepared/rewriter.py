@@ -393,6 +393,7 @@ class BatchRewriter:
         "_bind_head",
         "_bind_length",
         "_bind_name",
+        "_checked_unnamed_parse",
         "_error_fix_payload",
         "_instead",
         "_journal",
@@ -488,6 +489,9 @@ class BatchRewriter:
         # can no longer be), `resume_due` asks the relay to forward them again.
         self.checking = False
         self.resume_due = False
+        # The message the check holds is the client's Parse of its unnamed statement
+        # (see backend(): the check's Parse failing drops that statement).
+        self._checked_unnamed_parse = False
         # What a check found changed: the client's next use of the statement on this
         # server is refused (0A000), and the bytes to send the server first (a Close).
         self._reshaped: StatementEntry | None = None
@@ -750,6 +754,7 @@ class BatchRewriter:
             out = self._parse_again(entry, HIDDEN_PARSE)
         else:
             out = self._send_parse(entry, HIDDEN_PARSE)
+        self._checked_unnamed_parse = False  # _parse says when it is
         self._push(SHAPE_CHECK, entry.name)
         self._shape_entries.append(entry)
         self.checking = True
@@ -768,6 +773,7 @@ class BatchRewriter:
             self.registry.learn(entry, shape)
             return
         self._shape_checking = False
+        self._checked_unnamed_parse = False
         self.checking = False
         self.resume_due = True
         if shape == entry.shape:
@@ -808,6 +814,7 @@ class BatchRewriter:
         if kind == SHAPE_CHECK or kind == SHAPE_CHECK_ROWS:
             self.checking = False
             self.resume_due = True
+            self._checked_unnamed_parse = False
 
     def _parse(self, body: bytes) -> bytes:
         name_end = _name_end(body, 0)
@@ -839,7 +846,9 @@ class BatchRewriter:
             # The text is parsed anew where other clients' statements of it were
             # described before: checked first, the client's names untouched until the
             # Parse is taken again (once changed, the text gets a new statement).
-            return self._check_shape(entry, again)
+            out = self._check_shape(entry, again)
+            self._checked_unnamed_parse = not name and name_end > 0
+            return out
         if name:
             self.named[name] = entry
             entry.kinds |= 1  # registry.NAMED
@@ -1163,6 +1172,16 @@ class BatchRewriter:
                 return action  # a simple query's error; its ReadyForQuery follows
             failed = expect.popped
             payload = expect.popleft()
+            if (
+                kind == HIDDEN_PARSE
+                and self._checked_unnamed_parse
+                and expect.size
+                and expect.kinds[expect.head] == SHAPE_CHECK
+            ):
+                # The check's Parse failed (in a failed transaction, say), and the
+                # client's, held behind it, gets its error: PostgreSQL drops the
+                # unnamed statement before it parses the text.
+                self.unnamed = None
             if kind == BIND or kind == DESCRIBE_S:
                 self.error_fix = _RENAME_IN_ERROR
                 self._error_fix_payload = payload
