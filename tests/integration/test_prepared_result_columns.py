@@ -238,6 +238,29 @@ def _play(conn: w.PgWire, steps: list[Step]) -> list[list[w.Reply]]:
     return replies
 
 
+def _play_direct_then_pooled(
+    pg: ExamplePostgres,
+    proc: PoolerProcess,
+    steps: list[Step],
+    before: Callable[[], None] = lambda: None,
+) -> tuple[list[list[w.Reply]], list[list[w.Reply]]]:
+    """`steps` on a connection straight to PostgreSQL, then on one through the pooler
+    (`before` each time): their replies."""
+    outcomes = []
+    for target in (pg, proc):
+        before()
+        conn = connect(target, pg)
+        try:
+            outcomes.append(_play(conn, steps))
+        finally:
+            conn.close()
+    return outcomes[0], outcomes[1]
+
+
+def _error_codes(replies: list[list[w.Reply]]) -> list[str]:
+    return [dict(fields)["C"] for reply in replies for t, fields in reply if t == b"E"]
+
+
 def test_held_bytes_with_a_sync_and_a_query_behind(
     pg: ExamplePostgres, pooler: PoolerFactory
 ) -> None:
@@ -255,17 +278,8 @@ def test_held_bytes_with_a_sync_and_a_query_behind(
         (P("s2", SELECT_V, [23]) + w.describe("S", "s2") + S(), 1),
         (B("", "s2", ["1"], result_formats=[1]) + E() + S(), 1),
     ]
-    outcomes = []
-    for target in (pg, proc):
-        new_table(pg)
-        conn = connect(target, pg)
-        try:
-            outcomes.append(_play(conn, steps))
-        finally:
-            conn.close()
-    direct, pooled = outcomes
-    codes = [dict(fields)["C"] for reply in direct for t, fields in reply if t == b"E"]
-    assert codes == ["0A000", "0A000"]
+    direct, pooled = _play_direct_then_pooled(pg, proc, steps, before=lambda: new_table(pg))
+    assert _error_codes(direct) == ["0A000", "0A000"]
     assert pooled == direct
 
 
@@ -291,16 +305,8 @@ def test_unnamed_parse_refused_in_a_failed_transaction_drops_the_old_one(
         (Q("rollback"), 1),
         (P("", "select 1 as one") + B("", "") + E() + S(), 1),
     ]
-    outcomes = []
-    for target in (pg, proc):
-        conn = connect(target, pg)
-        try:
-            outcomes.append(_play(conn, steps))
-        finally:
-            conn.close()
-    direct, pooled = outcomes
-    codes = [dict(fields)["C"] for reply in direct for t, fields in reply if t == b"E"]
-    assert codes == ["22012", "25P02", "26000"]
+    direct, pooled = _play_direct_then_pooled(pg, proc, steps)
+    assert _error_codes(direct) == ["22012", "25P02", "26000"]
     assert pooled == direct
 
 
