@@ -489,8 +489,8 @@ class BatchRewriter:
         # can no longer be), `resume_due` asks the relay to forward them again.
         self.checking = False
         self.resume_due = False
-        # The message the check holds is the client's Parse of its unnamed statement
-        # (see backend(): the check's Parse failing drops that statement).
+        # The message the last check holds is the client's Parse of its unnamed
+        # statement (see backend(): the check's Parse failing drops that statement).
         self._checked_unnamed_parse = False
         # What a check found changed: the client's next use of the statement on this
         # server is refused (0A000), and the bytes to send the server first (a Close).
@@ -741,7 +741,9 @@ class BatchRewriter:
         self._shape_entries.append(entry)
         return messages.build(b"D", b"S" + entry.name + b"\x00")
 
-    def _check_shape(self, entry: StatementEntry, again: bool) -> bytes:
+    def _check_shape(
+        self, entry: StatementEntry, again: bool, unnamed_parse: bool = False
+    ) -> bytes:
         """Parse `entry` on a server that lacks it (`again`: that may have lost it)
         with a Describe and a Flush behind, and have the client's bytes from the
         message that needs it on wait for the answer (HOLD). PostgreSQL fixes a
@@ -754,7 +756,7 @@ class BatchRewriter:
             out = self._parse_again(entry, HIDDEN_PARSE)
         else:
             out = self._send_parse(entry, HIDDEN_PARSE)
-        self._checked_unnamed_parse = False  # _parse says when it is
+        self._checked_unnamed_parse = unnamed_parse
         self._push(SHAPE_CHECK, entry.name)
         self._shape_entries.append(entry)
         self.checking = True
@@ -773,7 +775,6 @@ class BatchRewriter:
             self.registry.learn(entry, shape)
             return
         self._shape_checking = False
-        self._checked_unnamed_parse = False
         self.checking = False
         self.resume_due = True
         if shape == entry.shape:
@@ -814,7 +815,6 @@ class BatchRewriter:
         if kind == SHAPE_CHECK or kind == SHAPE_CHECK_ROWS:
             self.checking = False
             self.resume_due = True
-            self._checked_unnamed_parse = False
 
     def _parse(self, body: bytes) -> bytes:
         name_end = _name_end(body, 0)
@@ -846,9 +846,7 @@ class BatchRewriter:
             # The text is parsed anew where other clients' statements of it were
             # described before: checked first, the client's names untouched until the
             # Parse is taken again (once changed, the text gets a new statement).
-            out = self._check_shape(entry, again)
-            self._checked_unnamed_parse = not name and name_end > 0
-            return out
+            return self._check_shape(entry, again, unnamed_parse=not name and name_end > 0)
         if name:
             self.named[name] = entry
             entry.kinds |= 1  # registry.NAMED
