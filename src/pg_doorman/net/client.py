@@ -1821,7 +1821,9 @@ class ClientConnection(asyncio.Protocol):
 
     def notify(self, notification: bytes) -> None:
         """A notification on a channel this client listens on: sent now between
-        transactions, else held until its transaction is over."""
+        transactions, else held until its transaction is over (or, for a client that
+        keeps its server, until that server's message to it is whole: the server's
+        relay sends it then)."""
         if self.state == CLOSED:
             return
         if self.state == IDLE or self.pinned_between_transactions():

@@ -756,6 +756,10 @@ class ServerConnection(asyncio.Protocol):
                     self.query_started = now  # a request sent ahead runs from now on
             if ended:
                 after = self._end_transaction(client, now, out)
+        elif client.held_notifications is not None and client.pinned_between_transactions():
+            # The hub's notifications held while this server, which the client keeps,
+            # was inside a message to it (notify()): out now that the message is whole.
+            after = _AFTER_HELD
         client.write(out)
         if after:
             self._after_transaction(client, after)
