@@ -81,3 +81,104 @@ def test_a_reshaped_statement_gets_postgresql_s_error(
                 fields[:] = [(key, value) for key, value in fields if key != "D"]
     assert details == []
     assert pooled == direct
+
+
+SELECT_RERUN = "select * from rerun where id = $1"
+
+
+def rerun_steps() -> list[Step]:
+    """Statements the server holds for the pool when a table they read changes, then
+    parsed again by clients in a batch of their own (as psycopg, pgjdbc and
+    node-postgres run each query outside a transaction block), which PostgreSQL
+    plans afresh; and one prepared before the change, bound without a new Parse,
+    which it refuses."""
+
+    def run(name: str) -> bytes:
+        return P(name, SELECT_RERUN, [23]) + B("", name, ["1"]) + w.describe("P") + E() + S()
+
+    return [
+        (0, run(""), 1),
+        (0, run("s"), 1),
+        (1, Q("alter table rerun add column b int default 7"), 1),
+        (0, run(""), 1),  # unnamed, as every execution of psycopg's and node-postgres's
+        (1, Q("alter table rerun add column c int default 8"), 1),
+        (1, run("t"), 1),  # named, as pgjdbc's from the fifth execution on
+        (0, run(""), 1),
+        (0, B("", "s", ["1"]) + E() + S(), 1),  # prepared before: refused
+        (0, run("s2"), 1),
+        # Another Parse (sent to the server) between, and two Binds of the statement.
+        (1, Q("alter table rerun drop column b"), 1),
+        (0, P("", SELECT_RERUN, [23]) + P("o", "select 2") + B("", "", ["1"]) + E()
+            + B("", "", ["1"]) + w.describe("P") + E() + S(), 1),
+        # A Query between may begin a transaction block: not run again.
+        (1, Q("alter table rerun drop column c"), 1),
+        (0, P("q", SELECT_RERUN, [23]) + Q("select 3") + B("", "q", ["1"]) + E() + S(), 2),
+        (0, run(""), 1),
+    ]  # fmt: skip
+
+
+def test_a_batch_refused_for_a_schema_change_runs_again(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """A client's Parse the server already had (for another client, before a table
+    changed) is not sent, so the server refuses the Bind behind it (0A000 "cached
+    plan must not change result type") where PostgreSQL alone would have parsed the
+    text again. When the batch is a transaction of its own, the pooler runs it again
+    with the text parsed anew, and the client gets what PostgreSQL would have sent."""
+    user = pg.md5_user
+    pg.psql(f"grant create on schema public to {user.name}", database="example_db")
+    proc = pooler(pools=one_user_pool(user.name, 1))
+    replies = []
+    for target in (pg, proc):
+        pg.psql(
+            "drop table if exists rerun; create table rerun(id int, a int);"
+            f" alter table rerun owner to {user.name}; insert into rerun values (1, 10)",
+            database="example_db",
+        )
+        replies.append([by_column_names(reply) for reply in play(target, pg, rerun_steps())])
+    direct, pooled = replies
+    codes = [dict(fields)["C"] for reply in direct for t, fields in reply if t == b"E"]
+    assert codes == ["0A000"]  # the statement prepared before the change
+    # Behind a Query the server's refusal reaches the client (where PostgreSQL parses
+    # the text anew): the batch is not run again.
+    refused = pooled.pop(-2)
+    direct.pop(-2)
+    assert [t for t, _ in refused] == [b"1", b"T", b"D", b"C", b"Z", b"E", b"Z"]
+    assert dict(refused[5][1])["C"] == "0A000"
+    assert pooled == direct
+    assert proc.log_text().count("ran again with the text parsed anew") == 3
+
+
+def test_inside_a_transaction_block_the_refusal_reaches_the_client(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """The error fails the block, which may hold the client's earlier work: the batch
+    cannot run again, and the client gets the server's 0A000 (where PostgreSQL alone
+    parses the text anew), once; after the ROLLBACK the text runs with the new column."""
+    user = pg.md5_user
+    pg.psql(f"grant create on schema public to {user.name}", database="example_db")
+    proc = pooler(pools=one_user_pool(user.name, 1))
+    run = P("", SELECT_RERUN, [23]) + B("", "", ["1"]) + w.describe("P") + E() + S()
+    steps: list[Step] = [
+        (0, run, 1),
+        (1, Q("alter table rerun add column b int default 7"), 1),
+        (0, Q("begin"), 1),
+        (0, run, 1),
+        (0, Q("rollback"), 1),
+        (0, run, 1),
+    ]
+    replies = []
+    for target in (pg, proc):
+        pg.psql(
+            "drop table if exists rerun; create table rerun(id int, a int);"
+            f" alter table rerun owner to {user.name}; insert into rerun values (1, 10)",
+            database="example_db",
+        )
+        replies.append([by_column_names(reply) for reply in play(target, pg, steps)])
+    direct, pooled = replies
+    assert w.msg_types(direct[3]) == "12TDCZ"
+    assert [t for t, _ in pooled[3]] == [b"1", b"E", b"Z"]
+    assert dict(pooled[3][1][1])["C"] == "0A000"
+    assert pooled[3][2] == (b"Z", b"E")
+    assert pooled[:3] == direct[:3] and pooled[4:] == direct[4:]
+    assert "ran again" not in proc.log_text()

@@ -1041,6 +1041,7 @@ class ClientConnection(asyncio.Protocol):
             if context is None:
                 context = worked_out.planning_context = self._planning_context()
             self.rewriter = BatchRewriter(pool.statements, context)
+            self.rewriter.client_stream = self.frontend
             self.frontend.rewriter = self.rewriter
         self.frontend.watch_texts = not pool.settings.session_mode
         greeting = (
@@ -1601,6 +1602,7 @@ class ClientConnection(asyncio.Protocol):
         assert rewriter is not None
         rewriter.resume_due = False
         if self.server is not server or self.state == CLOSED:
+            rewriter.rerun_bytes = b""
             return
         ahead = rewriter.take_resume_bytes()
         if len(ahead):
@@ -1609,6 +1611,13 @@ class ClientConnection(asyncio.Protocol):
             assert server_writer is not None
             server_writer.write(ahead)
         data = self.frontend.resume()
+        rerun = rewriter.rerun_bytes
+        if len(rerun):
+            # A batch refused for a schema change runs again (rewriter _rerun). Its
+            # Sync was counted when it came; the ReadyForQuery then is not.
+            rewriter.rerun_bytes = b""
+            self.frontend.pending_ready -= 1
+            data = rerun + data
         if len(data):
             self._forward(server, data)
         rewriter.resumed()
@@ -2463,6 +2472,7 @@ class ClientConnection(asyncio.Protocol):
                 rewriter.named[name] = registry.moved_in(body, context, shape)
             if session.unnamed is not None:
                 rewriter.unnamed = registry.moved_in(*session.unnamed)
+            rewriter.client_stream = self.frontend
             self.rewriter = rewriter
             self.frontend.rewriter = rewriter
         self.frontend.watch_texts = not pool.settings.session_mode

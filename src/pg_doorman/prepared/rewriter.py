@@ -29,7 +29,7 @@ from pg_doorman.protocol import codes, messages, sqlstate
 if TYPE_CHECKING:
     from mypy_extensions import i64  # a machine integer when compiled (see framing)
 
-    from pg_doorman.protocol.framing import BackendScanner
+    from pg_doorman.protocol.framing import BackendScanner, FrontendScanner
 
 logger: Final = logging.getLogger("pg_doorman.prepared")
 
@@ -59,14 +59,17 @@ HIDDEN_PROBE: Final = 14
 # the pooler refuses so that the server fails at the same place: replaced by the
 # payload, the pooler's own error.
 REFUSED: Final = 15
+# The ReadyForQuery that ends a batch the server refused for a schema change, which
+# the rewriter runs again (see _rerun): dropped, the batch run again sends its own.
+RERUN_SYNC: Final = 16
 # A Describe of a statement we parsed, added to learn its result columns
 # (StatementEntry.shape): ParameterDescription, then RowDescription/NoData, all dropped.
-SHAPE_LEARN: Final = 16
-SHAPE_LEARN_ROWS: Final = 17
+SHAPE_LEARN: Final = 17
+SHAPE_LEARN_ROWS: Final = 18
 # Likewise, added to check a statement parsed again on a server against the columns it
 # was first described with: the client's bytes wait for the answer (see _check_shape).
-SHAPE_CHECK: Final = 18
-SHAPE_CHECK_ROWS: Final = 19
+SHAPE_CHECK: Final = 19
+SHAPE_CHECK_ROWS: Final = 20
 
 # Backend actions returned to the scanner (bit flags).
 DROP: Final = 1
@@ -261,6 +264,15 @@ _MAY_BE_DEALLOCATE: Final = codes.MAY_START_DEALLOCATE
 # BatchRewriter.error_fix: what to do with the server's next ErrorResponse.
 _RENAME_IN_ERROR: Final = 1
 _REPLACE_ERROR: Final = 2
+# As _RENAME_IN_ERROR, unless the error refuses the statement for a schema change:
+# then the batch runs again (see _rerun).
+_RERUN_IF_REPLANNED: Final = 3
+# BatchRewriter._rerun_state: how far the batch that may run again has come.
+_RERUN_PARSED: Final = 1  # its Parse was not sent: the server had the statement
+_RERUN_BOUND: Final = 2  # then the first Bind
+_RERUN_SYNCED: Final = 3  # then the Sync, in the same read as the Bind
+# The longest batch kept to run again: its bytes are kept until it is answered.
+_RERUN_MAX: Final = 65536
 # No server statement has this name: the rewriter only creates DOORMAN_<16 hex digits>.
 _DESCRIBE_NOTHING: Final = messages.build(b"D", b"SDOORMAN_refused\x00")
 
@@ -400,6 +412,12 @@ class BatchRewriter:
         "_last_parse",
         "_last_parse_entry",
         "_prefix",
+        "_rerun_bind",
+        "_rerun_data",
+        "_rerun_end",
+        "_rerun_parse",
+        "_rerun_start",
+        "_rerun_state",
         "_reshaped",
         "_resume_bytes",
         "_shape_checking",
@@ -407,6 +425,7 @@ class BatchRewriter:
         "_shape_entry",
         "answered_here",
         "checking",
+        "client_stream",
         "context",
         "desynced",
         "error_fix",
@@ -415,6 +434,7 @@ class BatchRewriter:
         "leading_queries",
         "named",
         "registry",
+        "rerun_bytes",
         "resume_at",
         "resume_due",
         "server",
@@ -433,6 +453,8 @@ class BatchRewriter:
         self.server: ServerStatements | None = None
         # The current server's reply stream: its transaction status.
         self.server_replies: BackendScanner | None = None
+        # The client's stream (set by the client): whether it is inside a message.
+        self.client_stream: FrontendScanner | None = None
         # A queue of its own only once the client uses the extended protocol: most idle
         # clients never do.
         self.expect: Expectations = _NOTHING_EXPECTED
@@ -496,6 +518,20 @@ class BatchRewriter:
         # server is refused (0A000), and the bytes to send the server first (a Close).
         self._reshaped: StatementEntry | None = None
         self._resume_bytes = b""
+        # A batch the server may refuse because a table changed since it parsed the
+        # statement (see _rerun): how far it has come (_RERUN_*; 0: no such batch),
+        # the client's Parse, which the server was not sent, the read holding its
+        # first Bind and its Sync, where the Bind starts and the Sync ends, and the
+        # serial of the reply to the Bind.
+        self._rerun_state: i64 = 0
+        self._rerun_parse = b""
+        self._rerun_data = b""
+        self._rerun_start: i64 = 0
+        self._rerun_end: i64 = 0
+        self._rerun_bind = -1
+        # The client's messages of such a batch, to be fed again (read and reset by
+        # the client with the bytes a check held: resume_due).
+        self.rerun_bytes = b""
         # Set (to a position past the message's start) when frontend()'s replacement
         # stands only for the bytes up to it: the client's bytes from there on are
         # forwarded as they are (read and reset by the scanner).
@@ -516,6 +552,9 @@ class BatchRewriter:
         self.skipping = False
         self.skipped_queries = 0
         self.ignored_syncs = 0
+        if self._rerun_state:
+            self._forget_rerun()
+        self.rerun_bytes = b""
 
     @property
     def active(self) -> bool:
@@ -527,6 +566,8 @@ class BatchRewriter:
     def frontend(self, msg_type: i64, data: bytes, pos: i64, end: i64) -> bytes | None:
         """Replacement for one client message (None: forward unchanged)."""
         if msg_type == codes.SYNC:
+            if self._rerun_state:
+                self._rerun_sync(data, end)
             self.skipping = False
             self._push(SYNC)
             return None
@@ -541,6 +582,8 @@ class BatchRewriter:
         if msg_type == codes.PARSE:
             return self._parse(data[pos + 5 : end])
         if msg_type == codes.BIND:
+            if self._rerun_state == _RERUN_PARSED:
+                self._rerun_bound(data, pos)
             return self._bind(data, pos, end)
         if msg_type == codes.EXECUTE:
             self._push(EXECUTE)
@@ -550,6 +593,8 @@ class BatchRewriter:
         if msg_type == codes.CLOSE:
             return self._close(data[pos + 5 : end])
         if msg_type == codes.QUERY or msg_type == codes.FUNCTION_CALL:
+            if self._rerun_state:
+                self._forget_rerun()  # it may run something the batch depends on
             if (
                 msg_type == codes.QUERY
                 and 5 < end - pos <= codes.DEALLOCATE_MAX + 5
@@ -867,6 +912,16 @@ class BatchRewriter:
             self._push(SYNTH, messages.PARSE_COMPLETE)
             if previous is not entry or self._journal:
                 self._record(name, previous, previous is entry)
+            if (
+                name_end
+                and self.expect.size == 1
+                and replies is not None
+                and replies.status == codes.TX_IDLE
+            ):
+                # It starts a batch outside a transaction block: kept, in case the
+                # server refuses the statement for a schema change (see _rerun).
+                self._rerun_state = _RERUN_PARSED
+                self._rerun_parse = body
             return b""
         if name_end:
             self._record(name, previous)
@@ -879,6 +934,102 @@ class BatchRewriter:
         self._push(kind)
         length = len(body) - name_end + 5
         return b"".join((b"P", length.to_bytes(4, "big"), b"\x00", body[name_end:]))
+
+    def _rerun_bound(self, data: bytes, pos: i64) -> None:
+        """The first Bind behind a Parse the server was not sent (see _rerun), at
+        data[pos]: where the batch would run again from."""
+        expect = self.expect
+        if not expect.size:
+            # The Parse's answer has gone out already, with a reply of the server's
+            # to something else in between: not the simple batch _rerun takes.
+            self._forget_rerun()
+            return
+        self._rerun_state = _RERUN_BOUND
+        self._rerun_data = data
+        self._rerun_start = pos
+        self._rerun_bind = expect.popped + expect.size  # the serial of its reply
+
+    def _rerun_sync(self, data: bytes, end: i64) -> None:
+        """A Sync (ending at data[end]) of the batch that may run again: its end, if
+        everything from the Bind on came in one read (kept as a reference to it)."""
+        state = self._rerun_state
+        if state == _RERUN_SYNCED:
+            return  # a later batch's: it makes the batch one not to run again
+        if (
+            state == _RERUN_BOUND
+            and data is self._rerun_data
+            and end - self._rerun_start <= _RERUN_MAX
+        ):
+            self._rerun_state = _RERUN_SYNCED
+            self._rerun_end = end
+        else:
+            self._forget_rerun()
+
+    def _forget_rerun(self) -> None:
+        self._rerun_state = 0
+        self._rerun_parse = b""
+        self._rerun_data = b""
+        self._rerun_start = 0
+        self._rerun_end = 0
+        self._rerun_bind = -1
+
+    def _may_rerun(self, failed: int, client_name: bytes) -> bool:
+        """The error that answers the expected reply numbered `failed` (a Bind of the
+        client's statement `client_name`) may be the refusal of a batch that can run
+        again (see _rerun): the first Bind behind the Parse, of its statement, the
+        batch complete, with nothing sent after it that is answered (the server
+        skipped to the Sync, the last reply due), and the client not inside a message
+        the server has begun to receive."""
+        body = self._rerun_parse
+        stream = self.client_stream
+        return (
+            self._rerun_state == _RERUN_SYNCED
+            and failed == self._rerun_bind
+            and self.expect.size == 1
+            and self.expect.kinds[self.expect.head] == SYNC
+            and client_name == body[: _name_end(body, 0) - 1]
+            and (
+                stream is None
+                or not (stream.need or stream.paused or stream.copy_in or stream.terminated)
+            )
+        )
+
+    def _rerun(self, entry: StatementEntry) -> bool:
+        """The server refused `entry` at the client's first Bind of it, behind a Parse
+        of it that the server was not sent (it had the statement), because a table it
+        reads changed since the server parsed it: PostgreSQL alone would have parsed
+        the client's text anew and run it. The batch is a transaction of its own
+        (sent outside a transaction block), and what the server ran of it before the
+        Bind changed nothing a second run would repeat (no Execute before the first
+        Bind), and it skipped the rest: the client's name gets the text's statement
+        of the registry's new generation (replan), and its messages from the Bind to
+        the Sync are fed again (rerun_bytes, with resume_due), behind the server's
+        ReadyForQuery for the refused batch, which is dropped (RERUN_SYNC). False
+        when the registry gives the same statement (it was not replanned)."""
+        body = self._rerun_parse
+        name_end = _name_end(body, 0)
+        fresh = self.registry.lookup(body, name_end, self.context)
+        if fresh is entry:
+            return False
+        name = body[: name_end - 1]
+        if name:
+            self.named[name] = fresh
+            fresh.kinds |= 1  # registry.NAMED
+        else:
+            self.unnamed = fresh
+            fresh.kinds |= 2  # registry.UNNAMED
+        self.rerun_bytes = self._rerun_data[self._rerun_start : self._rerun_end]
+        self._forget_rerun()
+        expect = self.expect
+        expect.replace_first(RERUN_SYNC)
+        expect.syncs -= 1
+        self.resume_due = True
+        logger.info(
+            "prepared statements: a statement was refused after a schema change"
+            " (cached plan must not change result type); its batch ran again with"
+            " the text parsed anew"
+        )
+        return True
 
     def _resolve(self, name: bytes) -> StatementEntry | None:
         entry = self.named.get(name) if name else self.unnamed
@@ -1007,14 +1158,21 @@ class BatchRewriter:
         self._error_fix_payload = b""
         if fix == _REPLACE_ERROR:
             return payload
-        if fix == _RENAME_IN_ERROR:
+        if fix == _RENAME_IN_ERROR or fix == _RERUN_IF_REPLANNED:
+            rerun = fix == _RERUN_IF_REPLANNED
             reshaped = _reshaped_statement_error(body)
             if reshaped is not None:
+                if rerun:
+                    self._forget_rerun()
                 return reshaped
             if _plan_changed(body):
                 entry = self.named.get(payload) if payload else self.unnamed
                 if entry is not None:
                     self.registry.replan(entry)
+                    if rerun and self._rerun(entry):
+                        return b""  # dropped: the batch runs again
+            if rerun:
+                self._forget_rerun()
             renamed, missing = _rename_in_error(body, payload)
             if missing:
                 # The server lacks a statement of ours that its record says it has:
@@ -1189,10 +1347,20 @@ class BatchRewriter:
             self._undo(kind, payload)
             self._skip_to_sync()
             self._settle_error(failed)
+            if self._rerun_state:
+                if kind == BIND and self._may_rerun(failed, payload):
+                    self.error_fix = _RERUN_IF_REPLANNED
+                else:
+                    self._forget_rerun()
             return action
         if msg_type == codes.READY_FOR_QUERY:
             if kind == SYNC or kind == QUERY:
                 expect.popleft()
+                if self._rerun_state:
+                    self._forget_rerun()  # the batch ran
+            elif kind == RERUN_SYNC:
+                expect.popleft()
+                return action | DROP  # see _rerun
             else:
                 self._lost(kind, msg_type)
             return action
@@ -1359,6 +1527,8 @@ class BatchRewriter:
         self.desynced = True
         if self.expect.size:
             self.expect.clear()
+        if self._rerun_state:
+            self._forget_rerun()
         self._journal.clear()
         self._shape_entries.clear()
         if self.checking:

@@ -411,9 +411,16 @@ class BackendScanner(_Stream):
                 break
             if hook is not None:
                 action = hook.backend(msg_type)
-                if action & _HAS_PREFIX:
-                    parts = _plus(parts, data[start:pos], hook.take_prefix())
-                    start = pos
+                if action:
+                    if action & _HAS_PREFIX:
+                        parts = _plus(parts, data[start:pos], hook.take_prefix())
+                        start = pos
+                    if action & _DROP:
+                        # The ReadyForQuery of a batch the hook runs again (rewriter
+                        # RERUN_SYNC): the batch's own comes later. Not counted.
+                        parts = _plus(parts, data[start:pos], b"")
+                        start = pos = end
+                        continue
             if msg_type == _Z:
                 self.ready_count += 1
                 self.status = data[pos + 5]
@@ -441,6 +448,10 @@ class BackendScanner(_Stream):
                     if fixed is not None:
                         parts = _plus(parts, data[start:pos], fixed)
                         start = end
+                        if not len(fixed):
+                            # Dropped: the hook runs the failed batch again.
+                            self.error_count -= 1
+                            self.last_error = None
             elif msg_type == _S:
                 self._parameter_status(data[pos + 5 : end])
             elif msg_type == _G:
