@@ -76,3 +76,28 @@ def test_pgjdbc_listens_through_the_pool(
     )
     assert run_class(java, tmp_path, "Listen", url) == "ok 20"
     assert "LISTEN has no effect" not in proc.log_text()
+
+
+def test_pgjdbc_after_a_table_gains_a_column(
+    pg: ExamplePostgres, pooler: PoolerFactory, tmp_path: Path
+) -> None:
+    """Both servers hold the pool's statement for the query when a column is added.
+    A connection that has not prepared the query parses it; the pooler does not send
+    that Parse, the server refuses the statement it parsed before (0A000), and the
+    pooler runs the batch again with the text parsed anew: every connection gets the
+    new column and no error, as from PostgreSQL."""
+    java = compiled(SOURCE.with_name("SchemaChange.java"), tmp_path)
+    user = pg.md5_user
+    pg.psql(
+        "DROP TABLE IF EXISTS jdbc_schema_change; CREATE TABLE jdbc_schema_change (id int);"
+        " INSERT INTO jdbc_schema_change VALUES (1);"
+        f" ALTER TABLE jdbc_schema_change OWNER TO {user.name};",
+        database="example_db",
+    )
+    proc = pooler(pools={"example_db": {"users": [{"username": user.name, "pool_size": 2}]}})
+    url = (
+        f"jdbc:postgresql://{proc.host}:{proc.port}/example_db?user={user.name}"
+        f"&password={user.password}&sslmode=disable"
+    )
+    assert run_class(java, tmp_path, "SchemaChange", url) == "ok 2 4"
+    assert "ran again with the text parsed anew" in proc.log_text()
