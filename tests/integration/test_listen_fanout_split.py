@@ -11,53 +11,37 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from helpers import EXAMPLE_DB, ExamplePostgres
 from helpers import pgwire as w
+from helpers.pg_relay import PostgresRelay, end_user_backends
 from helpers.pooler import PoolerFactory, PoolerProcess
-from helpers.sockets import pump
 
 SPLIT_AT = 12  # bytes of a split notification passed on before the pause
 
 
-class SplittingProxy:
+class SplittingProxy(PostgresRelay):
     """A TCP relay in front of PostgreSQL that passes on a NotificationResponse on
     channel `split_channel` in two parts: its first SPLIT_AT bytes, then, once
     `release` is set, the rest. Everything else goes on as it comes."""
 
     def __init__(self, pg: ExamplePostgres, split_channel: str) -> None:
-        self.pg = pg
         self.channel = split_channel.encode()
         self.split_sent = threading.Event()  # the first part is on its way
         self.release = threading.Event()
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self._listener.getsockname()[1]
-        self._sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(pg)
 
     def close(self) -> None:
         self.release.set()
-        self._listener.close()
-        for sock in self._sockets:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
+        super().close()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                downstream, _ = self._listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection((self.pg.host, self.pg.port))
-            self._sockets += [downstream, upstream]
-            threading.Thread(target=pump, args=(downstream, upstream), daemon=True).start()
-            threading.Thread(target=self._relay, args=(upstream, downstream), daemon=True).start()
+    def relay_for_connection(self) -> Callable[[socket.socket, socket.socket], None]:
+        return self._relay
 
-    def _relay(self, server: socket.socket, client: socket.socket) -> None:
+    def _relay(self, server: socket.socket, pooler: socket.socket) -> None:
         """Server to pooler, message by message (every backend message is framed)."""
         held = b""
         try:
@@ -70,15 +54,15 @@ class SplittingProxy:
                 end = 1 + struct.unpack("!i", held[1:5])[0]
                 message, held = held[:end], held[end:]
                 if message[:1] == b"A" and message[9:].split(b"\x00")[0] == self.channel:
-                    client.sendall(message[:SPLIT_AT])
+                    pooler.sendall(message[:SPLIT_AT])
                     self.split_sent.set()
                     self.release.wait()
                     message = message[SPLIT_AT:]
-                client.sendall(message)
+                pooler.sendall(message)
         except OSError:
             pass
         finally:
-            for sock in (server, client):
+            for sock in (server, pooler):
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
 
@@ -88,12 +72,7 @@ def proxy(pg: ExamplePostgres) -> Iterator[SplittingProxy]:
     relay = SplittingProxy(pg, split_channel="pinned")
     yield relay
     relay.close()
-    user = pg.md5_user.name
-    pg.psql(f"select pg_terminate_backend(pid) from pg_stat_activity where usename = '{user}'")
-    count = f"select count(*) from pg_stat_activity where usename = '{user}'"
-    deadline = time.monotonic() + 10
-    while pg.psql(count).strip() != "0" and time.monotonic() < deadline:
-        time.sleep(0.05)
+    end_user_backends(pg)
 
 
 def pinned_listener(proc: PoolerProcess, pg: ExamplePostgres) -> w.PgWire:

@@ -7,7 +7,7 @@ from test_prepared_replan import Step, one_user_pool, play
 
 from helpers import ExamplePostgres
 from helpers import pgwire as w
-from helpers.pooler import PoolerFactory
+from helpers.pooler import PoolerFactory, PoolerProcess
 
 P, B, E, S, Q = w.parse, w.bind, w.execute, w.sync, w.query
 SELECT_ALL = "select * from reshaped where id = $1"
@@ -46,27 +46,35 @@ def by_column_names(reply: list[w.Reply]) -> list[w.Reply]:
     ]
 
 
+def direct_then_pooled(
+    pg: ExamplePostgres, proc: PoolerProcess, table: str, steps: list[Step]
+) -> tuple[list[list[w.Reply]], list[list[w.Reply]]]:
+    """The replies to `steps` from PostgreSQL, then through `proc`, each starting from
+    `table` made anew (columns id and a, one row), owned by the md5 user."""
+    user = pg.md5_user
+    pg.psql(f"grant create on schema public to {user.name}", database="example_db")
+    replies = []
+    for target in (pg, proc):
+        pg.psql(
+            f"drop table if exists {table}; create table {table}(id int, a int);"
+            f" alter table {table} owner to {user.name}; insert into {table} values (1, 10)",
+            database="example_db",
+        )
+        replies.append([by_column_names(reply) for reply in play(target, pg, steps)])
+    return replies[0], replies[1]
+
+
 def test_a_reshaped_statement_gets_postgresql_s_error(
     pg: ExamplePostgres, pooler: PoolerFactory
 ) -> None:
     """The pooler used to pass on the server's 08P01 "bind message has 2 result
     formats but query has 3 columns", which drivers do not recover from (pgjdbc kept
     failing with it on every use)."""
-    user = pg.md5_user
-    pg.psql(f"grant create on schema public to {user.name}", database="example_db")
     proc = pooler(
         general={"server_prepared_statements_cache_size": 1},
-        pools=one_user_pool(user.name, 1),
+        pools=one_user_pool(pg.md5_user.name, 1),
     )
-    replies = []
-    for target in (pg, proc):
-        pg.psql(
-            "drop table if exists reshaped; create table reshaped(id int, a int);"
-            f" alter table reshaped owner to {user.name}; insert into reshaped values (1, 10)",
-            database="example_db",
-        )
-        replies.append([by_column_names(reply) for reply in play(target, pg, reshape_steps())])
-    direct, pooled = replies
+    direct, pooled = direct_then_pooled(pg, proc, "reshaped", reshape_steps())
     codes = [dict(fields)["C"] for reply in direct for t, fields in reply if t == b"E"]
     assert codes == ["0A000", "0A000", "25P02"]
     # The pooler finds the change itself, with a Describe of the statement it parses
@@ -125,18 +133,8 @@ def test_a_batch_refused_for_a_schema_change_runs_again(
     plan must not change result type") where PostgreSQL alone would have parsed the
     text again. When the batch is a transaction of its own, the pooler runs it again
     with the text parsed anew, and the client gets what PostgreSQL would have sent."""
-    user = pg.md5_user
-    pg.psql(f"grant create on schema public to {user.name}", database="example_db")
-    proc = pooler(pools=one_user_pool(user.name, 1))
-    replies = []
-    for target in (pg, proc):
-        pg.psql(
-            "drop table if exists rerun; create table rerun(id int, a int);"
-            f" alter table rerun owner to {user.name}; insert into rerun values (1, 10)",
-            database="example_db",
-        )
-        replies.append([by_column_names(reply) for reply in play(target, pg, rerun_steps())])
-    direct, pooled = replies
+    proc = pooler(pools=one_user_pool(pg.md5_user.name, 1))
+    direct, pooled = direct_then_pooled(pg, proc, "rerun", rerun_steps())
     codes = [dict(fields)["C"] for reply in direct for t, fields in reply if t == b"E"]
     assert codes == ["0A000"]  # the statement prepared before the change
     # Behind a Query the server's refusal reaches the client (where PostgreSQL parses
@@ -155,9 +153,7 @@ def test_inside_a_transaction_block_the_refusal_reaches_the_client(
     """The error fails the block, which may hold the client's earlier work: the batch
     cannot run again, and the client gets the server's 0A000 (where PostgreSQL alone
     parses the text anew), once; after the ROLLBACK the text runs with the new column."""
-    user = pg.md5_user
-    pg.psql(f"grant create on schema public to {user.name}", database="example_db")
-    proc = pooler(pools=one_user_pool(user.name, 1))
+    proc = pooler(pools=one_user_pool(pg.md5_user.name, 1))
     run = P("", SELECT_RERUN, [23]) + B("", "", ["1"]) + w.describe("P") + E() + S()
     steps: list[Step] = [
         (0, run, 1),
@@ -167,15 +163,7 @@ def test_inside_a_transaction_block_the_refusal_reaches_the_client(
         (0, Q("rollback"), 1),
         (0, run, 1),
     ]
-    replies = []
-    for target in (pg, proc):
-        pg.psql(
-            "drop table if exists rerun; create table rerun(id int, a int);"
-            f" alter table rerun owner to {user.name}; insert into rerun values (1, 10)",
-            database="example_db",
-        )
-        replies.append([by_column_names(reply) for reply in play(target, pg, steps)])
-    direct, pooled = replies
+    direct, pooled = direct_then_pooled(pg, proc, "rerun", steps)
     assert w.msg_types(direct[3]) == "12TDCZ"
     assert [t for t, _ in pooled[3]] == [b"1", b"E", b"Z"]
     assert dict(pooled[3][1][1])["C"] == "0A000"

@@ -3,19 +3,18 @@ client's error say it was terminated, with PostgreSQL's reason."""
 
 from __future__ import annotations
 
-import contextlib
 import re
 import socket
 import struct
 import threading
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from helpers import EXAMPLE_DB, ExamplePostgres
 from helpers import pgwire as w
 from helpers.listen import fanout_pool
+from helpers.pg_relay import PostgresRelay, end_user_backends
 from helpers.pooler import PoolerFactory, PoolerProcess
 from helpers.sockets import pump
 
@@ -24,7 +23,7 @@ TERMINATED = "terminating connection due to administrator command"
 ASKING = {struct.pack("!i", code) for code in (3, 5, 10, 11)}
 
 
-class TerminatingProxy:
+class TerminatingProxy(PostgresRelay):
     """A TCP relay in front of PostgreSQL. Armed, it terminates the next connection's
     backend (pg_terminate_backend) as soon as its login is over, and passes the
     server's ReadyForQuery on only together with the FATAL that follows it, in one
@@ -32,36 +31,15 @@ class TerminatingProxy:
     the login."""
 
     def __init__(self, pg: ExamplePostgres) -> None:
-        self.pg = pg
         self.armed = threading.Event()
         self.terminated: list[int] = []
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self._listener.getsockname()[1]
-        self._sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(pg)
 
-    def close(self) -> None:
-        self._listener.close()
-        for sock in self._sockets:
-            # shutdown, not only close: it wakes the pump blocked in recv on it, and
-            # PostgreSQL's end sees the connection end now.
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                downstream, _ = self._listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection((self.pg.host, self.pg.port))
-            self._sockets += [downstream, upstream]
-            terminate = self.armed.is_set()
+    def relay_for_connection(self) -> Callable[[socket.socket, socket.socket], None]:
+        if self.armed.is_set():
             self.armed.clear()
-            threading.Thread(target=pump, args=(downstream, upstream), daemon=True).start()
-            target = self._terminate_after_login if terminate else pump
-            threading.Thread(target=target, args=(upstream, downstream), daemon=True).start()
+            return self._terminate_after_login
+        return pump
 
     def _terminate_after_login(self, server: socket.socket, client: socket.socket) -> None:
         held = b""
@@ -98,13 +76,7 @@ def proxy(pg: ExamplePostgres) -> Iterator[TerminatingProxy]:
     relay = TerminatingProxy(pg)
     yield relay
     relay.close()
-    # Gone before the next test, which may count the user's backends.
-    user = pg.md5_user.name
-    pg.psql(f"select pg_terminate_backend(pid) from pg_stat_activity where usename = '{user}'")
-    count = f"select count(*) from pg_stat_activity where usename = '{user}'"
-    deadline = time.monotonic() + 10
-    while pg.psql(count).strip() != "0" and time.monotonic() < deadline:
-        time.sleep(0.05)
+    end_user_backends(pg)
 
 
 def fanout_through(proxy: TerminatingProxy, pg: ExamplePostgres) -> dict[str, object]:

@@ -1011,13 +1011,7 @@ class BatchRewriter:
         fresh = self.registry.lookup(body, name_end, self.context)
         if fresh is entry:
             return False
-        name = body[: name_end - 1]
-        if name:
-            self.named[name] = fresh
-            fresh.kinds |= 1  # registry.NAMED
-        else:
-            self.unnamed = fresh
-            fresh.kinds |= 2  # registry.UNNAMED
+        self._call(body[: name_end - 1], fresh)
         self.rerun_bytes = self._rerun_data[self._rerun_start : self._rerun_end]
         self._forget_rerun()
         expect = self.expect
@@ -1117,14 +1111,17 @@ class BatchRewriter:
         name = body[: name_end - 1]
         if name and name in self.named:
             return False
-        entry = self.registry.lookup(body, name_end, self.context)
+        self._call(name, self.registry.lookup(body, name_end, self.context))
+        return True
+
+    def _call(self, name: bytes, entry: StatementEntry) -> None:
+        """The client's statement `name` (b"": its unnamed one) is `entry` from now on."""
         if name:
             self.named[name] = entry
             entry.kinds |= 1  # registry.NAMED
         else:
             self.unnamed = entry
             entry.kinds |= 2  # registry.UNNAMED
-        return True
 
     def bound_text(self, data: bytes, end: i64) -> bytes | None:
         """The text of the statement the Bind starting `data` (up to `end`) names;
