@@ -455,6 +455,33 @@ def test_an_error_before_a_late_sync_skips_everything_up_to_it(
     assert pooled == direct
 
 
+def test_a_query_skipped_after_an_error_leaves_the_batch_open(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """A Query sent inside an extended-protocol batch behind a message that fails is
+    skipped, as everything up to the Sync is: the server still waits for that Sync.
+    The Query closed the batch on the client's side, and once the server's replies
+    had answered all else (the previous batch's ReadyForQuery came with the error)
+    the transaction was taken for over: its server went back to the pool (closed,
+    for the Query inside a batch), and the rest of the batch ran on another one,
+    which did not skip it."""
+    proc = pooler(pools=one_user_pool(pg, 2))
+
+    def exchange(conn: w.PgWire) -> list[list[w.Message]]:
+        conn.send_raw(
+            w.parse("", "select 1") + w.bind("", "") + w.execute() + w.sync()
+            + w.parse("", "select nope") + w.bind("", "") + w.execute()
+            + w.query("select 2")
+        )  # fmt: skip
+        first = conn.read_until_ready() + conn.read_until(b"E")
+        conn.send_raw(w.parse("", "select 3") + w.bind("", "") + w.execute() + w.sync())
+        return [first, conn.read_until_ready()]
+
+    direct, pooled = on_both(pg, proc, exchange)
+    assert [w.msg_types(a) for a in direct] == ["12DCZE", "Z"]
+    assert pooled == direct
+
+
 # A reset and the next command in one write, as drivers' pools send them: "u" is
 # prepared behind the DISCARD ALL and used at once.
 _RESET_THEN_PREPARE = (

@@ -679,6 +679,10 @@ class ServerConnection(asyncio.Protocol):
                 # Skipped after an error in the batch: no ReadyForQuery comes for them.
                 client.frontend.pending_ready -= rewriter.skipped_queries
                 rewriter.skipped_queries = 0
+                if rewriter.skipping:
+                    # The server skips on to a Sync not sent yet: the batch is still
+                    # open, though a skipped Query closed it on the client's side.
+                    client.frontend.batch_open = True
             if rewriter.desynced:
                 rewriter.desynced = False
                 self.statements_unknown = True
