@@ -3,14 +3,13 @@ receives from its servers; and the clean-up such tests need afterwards."""
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import threading
 import time
 from collections.abc import Callable
 
 from . import ExamplePostgres
-from .sockets import pump
+from .sockets import pump, shut_down
 
 
 class PostgresRelay:
@@ -27,11 +26,10 @@ class PostgresRelay:
 
     def close(self) -> None:
         self._listener.close()
+        # shutdown, not only close: it wakes the pump blocked in recv on each, and
+        # PostgreSQL's end sees the connection end now.
+        shut_down(*self._sockets)
         for sock in self._sockets:
-            # shutdown, not only close: it wakes the pump blocked in recv on it, and
-            # PostgreSQL's end sees the connection end now.
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
             sock.close()
 
     def _accept(self) -> None:

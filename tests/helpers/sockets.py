@@ -30,6 +30,11 @@ def pump(source: socket.socket, sink: socket.socket) -> None:
     except OSError:
         pass
     finally:
-        for sock in (source, sink):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        shut_down(source, sink)
+
+
+def shut_down(*sockets: socket.socket) -> None:
+    """Shut each socket down in both directions, ignoring ones already gone."""
+    for sock in sockets:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)

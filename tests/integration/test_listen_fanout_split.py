@@ -6,7 +6,6 @@ once that one is whole."""
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import struct
 import threading
@@ -19,6 +18,7 @@ from helpers import EXAMPLE_DB, ExamplePostgres
 from helpers import pgwire as w
 from helpers.pg_relay import PostgresRelay, end_user_backends
 from helpers.pooler import PoolerFactory, PoolerProcess
+from helpers.sockets import shut_down
 
 SPLIT_AT = 12  # bytes of a split notification passed on before the pause
 
@@ -62,9 +62,7 @@ class SplittingProxy(PostgresRelay):
         except OSError:
             pass
         finally:
-            for sock in (server, pooler):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+            shut_down(server, pooler)
 
 
 @pytest.fixture
