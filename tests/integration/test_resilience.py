@@ -255,7 +255,7 @@ def test_backend_dying_while_client_idles_in_transaction(
     # The client learns about it without sending anything ...
     received = idle.wait_closed()
     codes = [w.error_fields(p).get("C") for t, p in received if t == b"E"]
-    assert "57P01" in codes or "08006" in codes
+    assert codes == ["57P01"], received
     # ... and the only server slot serves someone else right away.
     started = time.monotonic()
     with connect(pg, proc, autocommit=True) as other:
@@ -299,3 +299,34 @@ def test_sighup_with_a_broken_file_keeps_serving(
     proc.wait_for_log("reload failed, the old configuration stays")
     with connect(pg, proc, autocommit=True) as conn:
         assert conn.execute("select 1").fetchone() == (1,)
+
+
+def goodbye_during_a_query(pg: ExamplePostgres, host: str, port: int) -> list[w.Message]:
+    """What a client gets whose backend pg_terminate_backend ends inside a query."""
+    user = pg.md5_user
+    victim = w.PgWire.connect(host, port, user.name, "example_db", user.password)
+    pid = int(victim.execute_query("select pg_backend_pid()")[0][0] or 0)
+    victim.send_raw(w.query("select pg_sleep(10)"))
+    assert victim.read_available(0.2) == []
+    pg.psql(f"select pg_terminate_backend({pid})")
+    return victim.wait_closed()
+
+
+@pytest.mark.parametrize("mode", ["transaction", "session"])
+def test_a_terminated_server_s_goodbye_is_all_its_client_gets(
+    pg: ExamplePostgres, pooler: PoolerFactory, mode: str
+) -> None:
+    """PostgreSQL's FATAL says why the session ended, and the client gets it alone, as
+    from PostgreSQL: no error of the pooler's behind it, which drivers that keep the
+    last error (asyncpg) would report instead. The pooler's 08006 is for a server that
+    vanished without a word."""
+    direct = goodbye_during_a_query(pg, pg.host, pg.port)
+    proc = pooler(pools={"example_db": {"pool_mode": mode}})
+    pooled = goodbye_during_a_query(pg, proc.host, proc.port)
+    # The query's RowDescription (PostgreSQL sends it as the query starts), the FATAL.
+    assert [t for t, _ in direct] == [b"T", b"E"], direct
+    assert pooled == direct
+    assert w.error_fields(pooled[-1][1])["C"] == "57P01"
+    proc.wait_for_log("its server closed the connection after a FATAL error")
+    with connect(pg, proc, autocommit=True) as later:
+        assert later.execute("select 1").fetchone() == (1,)

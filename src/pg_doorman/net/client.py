@@ -2230,6 +2230,18 @@ class ClientConnection(asyncio.Protocol):
                 sqlstate.CONNECTION_FAILURE, "server connection lost during the transaction"
             )
             return
+        if server.said_goodbye and not broke_protocol:
+            # Its FATAL (pg_terminate_backend, a shutdown, idle_session_timeout) went to
+            # the client, which reads it as the reason, as from PostgreSQL alone: an
+            # error of the pooler's behind it would take its place in drivers that keep
+            # the last one (asyncpg).
+            logger.info(
+                "client %s: its server closed the connection after a FATAL error,"
+                " which was relayed",
+                self.name,
+            )
+            self.close()
+            return
         what = (
             "The PostgreSQL backend sent data that is not valid protocol; the pooler closed it"
             if broke_protocol

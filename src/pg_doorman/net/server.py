@@ -167,6 +167,9 @@ class ServerConnection(asyncio.Protocol):
         self.discarded = False
         # Why this backend must not be reused ("": it may): closed at its check-in.
         self.spoiled = ""
+        # The last error relayed from it was FATAL or PANIC: PostgreSQL said why it is
+        # closing the session, and its client needs no other word from the pooler.
+        self.said_goodbye = False
         self.peer: tuple[str, int] | str = ""
         # The host (or socket directory) and port it was opened at: its pool's, or a
         # Patroni fallback member's. Cancel requests go there.
@@ -961,7 +964,12 @@ class ServerConnection(asyncio.Protocol):
             # Not kept with the server: PostgreSQL quotes the offending value in its
             # message, and a 40 MB one would stay in memory until the next error.
             scanner.last_error = None
-            code = messages.parse_error_fields(last).get("C", code)
+            fields = messages.parse_error_fields(last)
+            code = fields.get("C", code)
+            # V is the severity not translated (PostgreSQL 9.6 on), S as the server's
+            # lc_messages says it.
+            if fields.get("V", fields.get("S")) in ("FATAL", "PANIC"):
+                self.said_goodbye = True
         stats = self.pool.stats
         for _ in range(new):
             stats.record_error(code)
