@@ -362,3 +362,66 @@ def test_a_listener_between_transactions_goes_when_its_pool_is_retired(
     while pg.psql(LISTENING_BACKENDS, database=EXAMPLE_DB).strip() != "0":
         assert time.monotonic() < deadline, "a backend still listens"
         time.sleep(0.05)
+
+
+# ---- the sender's pid in a notification ------------------------------------------
+
+
+def own_and_other_notification(
+    pg: ExamplePostgres, listener: w.PgWire
+) -> tuple[tuple[int, str, str], tuple[int, str, str]]:
+    """`listener` LISTENs, notifies itself, then hears a notification sent by psql: the
+    two notifications as (pid, channel, payload), the second's pid checked against the
+    pid psql's backend had."""
+    assert w.msg_types(listener.simple_query("LISTEN doorman_pid")) == "CZ"
+    reply = listener.simple_query("NOTIFY doorman_pid, 'mine'")
+    own = [notification(p) for t, p in reply if t == b"A"]
+    out = pg.psql("select pg_backend_pid(); NOTIFY doorman_pid, 'theirs'", database=EXAMPLE_DB)
+    type_, payload = listener.read_message(timeout=10)
+    assert type_ == b"A"
+    other = notification(payload)
+    assert other[0] == int(out.split()[0])
+    assert len(own) == 1, reply
+    return own[0], other
+
+
+@pytest.mark.parametrize("setting", ["session", "pin_on_listen"])
+def test_a_client_s_own_notification_names_it_by_its_pid(
+    pg: ExamplePostgres, pooler: PoolerFactory, setting: str
+) -> None:
+    """A notification's sender pid is what drivers compare with the pid of the
+    connection's BackendKeyData to tell its own notifications from others' (asyncpg's
+    get_server_pid, psycopg's info.backend_pid, pgjdbc's getBackendPID). The pooler
+    gives clients a pid of its own there, so a notification the client's session sent
+    names the client by that pid, as PostgreSQL names it by the backend's; one another
+    session sent keeps that session's PostgreSQL pid."""
+    user = pg.md5_user
+    direct = w.PgWire.connect(pg.host, pg.port, user.name, EXAMPLE_DB, user.password)
+    try:
+        own, other = own_and_other_notification(pg, direct)
+        assert own == (direct.backend_pid, "doorman_pid", "mine")
+        assert other[1:] == ("doorman_pid", "theirs") and other[0] != direct.backend_pid
+    finally:
+        direct.close()
+
+    settings: dict[str, object] = (
+        {"pool_mode": "session"} if setting == "session" else {"pin_on_listen": True}
+    )
+    proc = pooler(pools=md5_user_pool(pg, 2, **settings))
+    listener = logged_in(proc, pg)
+    try:
+        server_pid = int(backend_pid(listener))
+        assert listener.backend_pid != server_pid  # the pooler's, not PostgreSQL's
+        own, other = own_and_other_notification(pg, listener)
+        assert own == (listener.backend_pid, "doorman_pid", "mine")
+        assert other[1:] == ("doorman_pid", "theirs")
+        assert other[0] not in (listener.backend_pid, server_pid)
+        # Split across reads, the pid is rewritten all the same: a payload of 8000
+        # bytes, which the server sends in more than one write.
+        long = "x" * 7990
+        reply = listener.simple_query(f"NOTIFY doorman_pid, '{long}'")
+        assert [notification(p) for t, p in reply if t == b"A"] == [
+            (listener.backend_pid, "doorman_pid", long)
+        ]
+    finally:
+        listener.close()

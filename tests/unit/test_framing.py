@@ -429,3 +429,42 @@ def test_the_literal_copies_of_protocol_constants_agree() -> None:
     assert {name: getattr(framing, name) for name in copies} == copies
     assert client._DEALLOCATE_MAX == codes.DEALLOCATE_MAX
     assert server._READY_I == codes.TX_IDLE
+
+
+def notification_from(pid: int, payload: bytes = b"hello") -> bytes:
+    return msg(b"A", struct.pack("!i", pid) + b"chan\x00" + payload + b"\x00")
+
+
+def test_a_notification_of_the_server_s_own_session_names_its_client() -> None:
+    """The sender pid of a NotificationResponse its own backend sent becomes the pid the
+    client was given, wherever the reads cut the stream; others' pass untouched, and
+    nothing changes while no client is served (notify_as 0)."""
+    stream = b"".join(
+        [
+            notification_from(4242),
+            data_row(20),
+            notification_from(777, b"x" * 300),
+            notification_from(4242, b"y" * 300),
+            messages.READY_IDLE,
+        ]
+    )
+    expected = b"".join(
+        [
+            notification_from(9001),
+            data_row(20),
+            notification_from(777, b"x" * 300),
+            notification_from(9001, b"y" * 300),
+            messages.READY_IDLE,
+        ]
+    )
+    for cut in range(1, len(stream)):
+        for second in (cut + 1, cut + 7, len(stream)):
+            scanner = BackendScanner({})
+            scanner.notify_from = 4242
+            scanner.notify_as = 9001
+            out = b"".join(scanner.feed(part) for part in split(stream, [cut, second]))
+            assert out == expected, (cut, second)
+            assert scanner.need == 0 and scanner.status == codes.TX_IDLE
+    idle = BackendScanner({})
+    idle.notify_from = 4242
+    assert idle.feed(stream) == stream

@@ -392,6 +392,7 @@ class ServerConnection(asyncio.Protocol):
                 self.parameters[name] = value
             elif msg_type == codes.BACKEND_KEY_DATA:
                 self.backend_pid, self.backend_secret = messages.parse_backend_key_data(body)
+                self.scanner.notify_from = self.backend_pid
             elif msg_type == codes.READY_FOR_QUERY:
                 break
             elif msg_type == codes.ERROR_RESPONSE:
@@ -536,6 +537,7 @@ class ServerConnection(asyncio.Protocol):
         self.client = client
         self.mode = ACTIVE
         self.served_clients += 1
+        self.scanner.notify_as = client.client_id
         self.xact_started = self.query_started = now
         self.slow_query_seconds = self.pool.settings.slow_query_seconds
         self.request_data = None

@@ -226,6 +226,7 @@ _S: Final = 0x53  # codes.PARAMETER_STATUS
 _G: Final = 0x47  # codes.COPY_IN_RESPONSE
 _H: Final = 0x48  # codes.COPY_OUT_RESPONSE
 _W: Final = 0x57  # codes.COPY_BOTH_RESPONSE
+_A: Final = 0x41  # codes.NOTIFICATION_RESPONSE
 _BACKEND_DECODED: Final = codes.type_table((_Z, _E, _C, _S, _G, _H, _W))
 
 
@@ -279,6 +280,14 @@ def _plus(parts: list[bytes] | None, before: bytes, inserted: bytes) -> list[byt
     return parts
 
 
+def _int32_at(data: bytes, at: i64) -> i64:
+    """The big-endian 32-bit word at `at` (the caller checked it is there)."""
+    word: i64 = data[at]
+    word = (word << 8) | data[at + 1]
+    word = (word << 8) | data[at + 2]
+    return (word << 8) | data[at + 3]
+
+
 def _select_tag_at(data: bytes, at: i64) -> bool:
     """Whether the six bytes at `at` spell SELECT (the caller checked they are there)."""
     return (
@@ -307,6 +316,8 @@ class BackendScanner(_Stream):
         "hook",
         "in_copy",
         "last_error",
+        "notify_as",
+        "notify_from",
         "param_changes",
         "parameters",
         "passing_size",
@@ -340,6 +351,12 @@ class BackendScanner(_Stream):
         self.discarded_all = False
         # Rewrites the response stream of clients using shared prepared statements.
         self.hook: BatchRewriter | None = None
+        # A NotificationResponse from this server's own session (its sender is the
+        # backend `notify_from`) names as its sender the client it serves, by the pid
+        # that client was given in its BackendKeyData (`notify_as`; 0: none, as is
+        # its pid). Drivers tell a client's own notifications by that pid.
+        self.notify_from: i64 = 0
+        self.notify_as: i64 = 0
 
     def _refuse(self, resumed: int) -> None:
         """The read being refused (ProtocolError) goes out in no part. If it began
@@ -383,6 +400,11 @@ class BackendScanner(_Stream):
                 if length < 4 or length > _MAX:
                     self._refuse(resumed)
                     raise ProtocolError(f"invalid backend message length {length}")
+                own = False
+                if msg_type == _A and self.notify_as:
+                    if n - pos < 9:
+                        break  # held until its sender's pid is all here
+                    own = _int32_at(data, pos + 5) == self.notify_from
                 if hook is not None:
                     if end > n and hook.wants_whole():
                         break  # the answer to a Describe of the pooler's: read whole
@@ -397,6 +419,10 @@ class BackendScanner(_Stream):
                         else:
                             parts.append(data[start:pos])
                         start = end if action & _DROP else pos
+                if own:
+                    sender = int(self.notify_as).to_bytes(4, "big")
+                    parts = _plus(parts, data[start : pos + 5], sender)
+                    start = pos + 9
                 if end > n:
                     self.need = end - n
                     self.passing_size = length + 1
