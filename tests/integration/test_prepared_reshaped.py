@@ -118,6 +118,12 @@ def rerun_steps() -> list[Step]:
         (1, Q("alter table rerun drop column b"), 1),
         (0, P("", SELECT_RERUN, [23]) + P("o", "select 2") + B("", "", ["1"]) + E()
             + B("", "", ["1"]) + w.describe("P") + E() + S(), 1),
+        # Prepared as asyncpg prepares (Parse, Describe, Sync), then run: the Describe
+        # is refused, after the ParameterDescription.
+        (0, P("d", SELECT_RERUN, [23]) + w.describe("S", "d") + S(), 1),
+        (1, Q("alter table rerun add column d int default 9"), 1),
+        (1, P("e", SELECT_RERUN, [23]) + w.describe("S", "e") + S(), 1),
+        (1, B("", "e", ["1"]) + E() + S(), 1),
         # A Query between may begin a transaction block: not run again.
         (1, Q("alter table rerun drop column c"), 1),
         (0, P("q", SELECT_RERUN, [23]) + Q("select 3") + B("", "q", ["1"]) + E() + S(), 2),
@@ -144,7 +150,7 @@ def test_a_batch_refused_for_a_schema_change_runs_again(
     assert [t for t, _ in refused] == [b"1", b"T", b"D", b"C", b"Z", b"E", b"Z"]
     assert dict(refused[5][1])["C"] == "0A000"
     assert pooled == direct
-    assert proc.log_text().count("ran again with the text parsed anew") == 3
+    assert proc.log_text().count("ran again with the text parsed anew") == 4
 
 
 def test_inside_a_transaction_block_the_refusal_reaches_the_client(
@@ -170,3 +176,90 @@ def test_inside_a_transaction_block_the_refusal_reaches_the_client(
     assert pooled[3][2] == (b"Z", b"E")
     assert pooled[:3] == direct[:3] and pooled[4:] == direct[4:]
     assert "ran again" not in proc.log_text()
+
+
+INFERRED = "select id from rerun where a = $1"  # $1's type inferred from column a
+
+
+def test_a_statement_whose_parameter_type_changed_is_parsed_anew(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """A text whose parameter type PostgreSQL infers from a column: after the column
+    turns from int to text, a Parse of it infers text, but the server's statement
+    keeps the int of its first Parse, and its Bind fails the analysis again (42883
+    "operator does not exist: text = integer"). The pooler used to bind the server's
+    statement for every client that parsed the text, and each failed, until the
+    server let it go; now the batch runs again with the text parsed anew, as for a
+    changed result, and in a transaction block the client meets the error once."""
+    proc = pooler(pools=one_user_pool(pg.md5_user.name, 1))
+    run = P("", INFERRED) + B("", "", ["10"]) + w.describe("P") + E() + S()
+    steps: list[Step] = [
+        (0, run, 1),
+        (1, run, 1),
+        (1, Q("alter table rerun alter column a type text"), 1),
+        (0, run, 1),
+        (1, run, 1),
+        (1, Q("alter table rerun alter column a type int using a::int"), 1),
+        (0, Q("begin"), 1),
+        (0, run, 1),
+        (0, Q("rollback"), 1),
+        (0, run, 1),
+        (1, run, 1),
+    ]
+    direct, pooled = direct_then_pooled(pg, proc, "rerun", steps)
+    assert all(w.msg_types(reply) in ("12TDCZ", "CZ") for reply in direct), direct
+    in_block = pooled.pop(7)
+    direct.pop(7)
+    assert [t for t, _ in in_block] == [b"1", b"E", b"Z"]
+    assert dict(in_block[1][1])["C"] == "42883"
+    assert pooled == direct
+    assert proc.log_text().count("ran again with the text parsed anew") == 1
+
+
+def prepare_as_asyncpg(conn: w.PgWire, name: str) -> list[w.Reply]:
+    """asyncpg's prepare and first use: Parse, Describe and Flush, and once the
+    Describe is answered (or refused), Bind, Execute and Sync."""
+    conn.send_raw(P(name, SELECT_RERUN, [23]) + w.describe("S", name) + w.flush())
+    got: list[w.Message] = []
+    while not got or got[-1][0] not in (b"T", b"n", b"E"):
+        got.append(conn.read_message(timeout=10))
+    conn.send_raw(B("", name, ["1"]) + E() + S())
+    got += conn.read_until_ready()
+    return by_column_names(w.comparable(got))
+
+
+def test_a_statement_prepared_with_a_flush_after_a_schema_change_is_parsed_anew(
+    pg: ExamplePostgres, pooler: PoolerFactory
+) -> None:
+    """A batch that ends with a Flush rather than a Sync, as asyncpg prepares each
+    statement new to a connection: when the server refuses the Describe for a
+    changed table, the pooler brings the server back with a Sync of its own and
+    describes the statement parsed anew; asyncpg used to raise
+    InvalidCachedStatementError from the first query of the text on each new
+    connection until the server let the statement go."""
+    proc = pooler(pools=one_user_pool(pg.md5_user.name, 1))
+    user = pg.md5_user
+    pg.psql(f"grant create on schema public to {user.name}", database="example_db")
+    replies = []
+    for target in (pg, proc):
+        pg.psql(
+            "drop table if exists rerun; create table rerun(id int, a int);"
+            f" alter table rerun owner to {user.name}; insert into rerun values (1, 10)",
+            database="example_db",
+        )
+        got = []
+        for step in range(3):
+            if step == 1:
+                pg.psql("alter table rerun add column b int default 7", database="example_db")
+            conn = w.PgWire.connect(
+                target.host, target.port, user.name, "example_db", user.password
+            )
+            try:
+                got.append(prepare_as_asyncpg(conn, f"p{step}"))
+            finally:
+                conn.close()
+        replies.append(got)
+    direct, pooled = replies
+    assert [w.msg_types(r) for r in direct] == ["1tT2DCZ"] * 3, direct
+    assert pooled == direct
+    assert proc.log_text().count("ran again with the text parsed anew") == 1

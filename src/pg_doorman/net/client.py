@@ -1614,9 +1614,9 @@ class ClientConnection(asyncio.Protocol):
         rerun = rewriter.rerun_bytes
         if len(rerun):
             # A batch refused for a schema change runs again (rewriter _rerun). Its
-            # Sync was counted when it came; the ReadyForQuery then is not.
+            # Sync (if it has come) was counted then; the ReadyForQuery then is not.
             rewriter.rerun_bytes = b""
-            self.frontend.pending_ready -= 1
+            self.frontend.pending_ready -= rewriter.rerun_syncs
             data = rerun + data
         if len(data):
             self._forward(server, data)

@@ -267,10 +267,17 @@ _REPLACE_ERROR: Final = 2
 # As _RENAME_IN_ERROR, unless the error refuses the statement for a schema change:
 # then the batch runs again (see _rerun).
 _RERUN_IF_REPLANNED: Final = 3
+# Nothing to change in the error, but the ParameterDescription held before it goes
+# out first (see _held_params).
+_RELEASE_HELD: Final = 4
 # BatchRewriter._rerun_state: how far the batch that may run again has come.
 _RERUN_PARSED: Final = 1  # its Parse was not sent: the server had the statement
-_RERUN_BOUND: Final = 2  # then the first Bind
-_RERUN_SYNCED: Final = 3  # then the Sync, in the same read as the Bind
+_RERUN_BOUND: Final = 2  # then the first Bind or Describe of a statement
+_RERUN_SYNCED: Final = 3  # then the Sync, in the same read as that message
+# Or then a Flush in that read, the last message the client sent (asyncpg prepares
+# with Parse, Describe and Flush, and binds once it has the answer).
+_RERUN_FLUSHED: Final = 4
+_SYNC_MESSAGE: Final = b"S\x00\x00\x00\x04"
 # The longest batch kept to run again: its bytes are kept until it is answered.
 _RERUN_MAX: Final = 65536
 # No server statement has this name: the rewriter only creates DOORMAN_<16 hex digits>.
@@ -350,10 +357,19 @@ _REVALIDATE: Final = b"RRevalidateCachedQuery"
 
 
 def _plan_changed(body: bytes) -> bool:
-    """The ErrorResponse `body` refuses a statement parsed before a change to what its
-    text means (0A000 "cached plan must not change result type")."""
+    """The ErrorResponse `body`, answering a Bind or a Describe of a statement, refuses
+    a statement parsed before a change to what its text means: 0A000 "cached plan
+    must not change result type", or an error of parse analysis (class 42, raised in
+    PostgreSQL's parse_*.c or analyze.c), which a Bind meets only when the server
+    analyses the text again for a changed table, with the parameter types of its
+    first Parse (a column turned from int to text: 42883 "operator does not exist:
+    text = integer", where a Parse of the text now infers text)."""
     fields = body.split(b"\x00")
-    return _FEATURE_NOT_SUPPORTED in fields and _REVALIDATE in fields
+    if _FEATURE_NOT_SUPPORTED in fields and _REVALIDATE in fields:
+        return True
+    if not any(field[:3] == b"C42" for field in fields):
+        return False
+    return any(field[:7] == b"Fparse_" or field == b"Fanalyze.c" for field in fields)
 
 
 _PROTOCOL_VIOLATION: Final = b"C" + sqlstate.PROTOCOL_VIOLATION.encode()
@@ -407,6 +423,8 @@ class BatchRewriter:
         "_bind_name",
         "_checked_unnamed_parse",
         "_error_fix_payload",
+        "_held_params",
+        "_holding_params",
         "_instead",
         "_journal",
         "_last_parse",
@@ -435,6 +453,7 @@ class BatchRewriter:
         "named",
         "registry",
         "rerun_bytes",
+        "rerun_syncs",
         "resume_at",
         "resume_due",
         "server",
@@ -530,8 +549,17 @@ class BatchRewriter:
         self._rerun_end: i64 = 0
         self._rerun_bind = -1
         # The client's messages of such a batch, to be fed again (read and reset by
-        # the client with the bytes a check held: resume_due).
+        # the client with the bytes a check held: resume_due), and how many Syncs of
+        # the client's are among them (counted when they first came).
         self.rerun_bytes = b""
+        self.rerun_syncs: i64 = 0
+        # The server's ParameterDescription for a Describe of such a batch, held until
+        # the RowDescription after it (then it goes out before it) or an error (then
+        # it goes out before the error, or not at all when the batch runs again, which
+        # describes the statement anew): PostgreSQL sends it before it finds that the
+        # statement's result changed. _holding_params: the next captured message is it.
+        self._held_params = b""
+        self._holding_params = False
         # Set (to a position past the message's start) when frontend()'s replacement
         # stands only for the bytes up to it: the client's bytes from there on are
         # forwarded as they are (read and reset by the scanner).
@@ -555,6 +583,8 @@ class BatchRewriter:
         if self._rerun_state:
             self._forget_rerun()
         self.rerun_bytes = b""
+        self._held_params = b""
+        self._holding_params = False
 
     @property
     def active(self) -> bool:
@@ -565,6 +595,8 @@ class BatchRewriter:
 
     def frontend(self, msg_type: i64, data: bytes, pos: i64, end: i64) -> bytes | None:
         """Replacement for one client message (None: forward unchanged)."""
+        if self._rerun_state == _RERUN_FLUSHED:
+            self._forget_rerun()  # the Flush was not the last message
         if msg_type == codes.SYNC:
             if self._rerun_state:
                 self._rerun_sync(data, end)
@@ -589,6 +621,8 @@ class BatchRewriter:
             self._push(EXECUTE)
             return None
         if msg_type == codes.DESCRIBE:
+            if self._rerun_state == _RERUN_PARSED and data[pos + 5] == 0x53:  # b"S"
+                self._rerun_bound(data, pos)
             return self._describe(data[pos + 5 : end])
         if msg_type == codes.CLOSE:
             return self._close(data[pos + 5 : end])
@@ -612,6 +646,12 @@ class BatchRewriter:
                 self.leading_queries += 1
             if msg_type == codes.QUERY:
                 self.unnamed = None  # a simple Query drops the unnamed statement
+        if msg_type == codes.FLUSH and self._rerun_state == _RERUN_BOUND:
+            if data is self._rerun_data and end - self._rerun_start <= _RERUN_MAX:
+                self._rerun_state = _RERUN_FLUSHED
+                self._rerun_end = end
+            else:
+                self._forget_rerun()
         return None  # Flush and anything else
 
     def _deallocate_here(self, body: bytes) -> bytes | None:
@@ -810,7 +850,12 @@ class BatchRewriter:
 
     def shape_seen(self, data: bytes, pos: i64, end: i64) -> None:
         """The RowDescription or NoData in data[pos:end] answers the Describe that
-        backend() just matched it to (CAPTURE)."""
+        backend() just matched it to (CAPTURE); or the ParameterDescription to hold
+        (see _held_params)."""
+        if self._holding_params:
+            self._holding_params = False
+            self._held_params = data[pos:end]
+            return
         entry = self._shape_entry
         self._shape_entry = None
         if entry is None:
@@ -851,7 +896,18 @@ class BatchRewriter:
         """The reply next due answers a Describe the rewriter added: the scanner reads
         it whole, to read it or to drop all of it."""
         expect = self.expect
-        return expect.size > 0 and expect.kinds[expect.head] >= SHAPE_LEARN
+        if not expect.size:
+            return False
+        kind = expect.kinds[expect.head]
+        return kind >= SHAPE_LEARN or (kind == DESCRIBE_S and self._describe_may_rerun())
+
+    def _describe_may_rerun(self) -> bool:
+        """The Describe at the head of the queue is the first message of a batch that
+        may run again (see _rerun): its replies wait for the end of the Describe."""
+        state = self._rerun_state
+        return (
+            state == _RERUN_SYNCED or state == _RERUN_FLUSHED
+        ) and self.expect.popped == self._rerun_bind
 
     def _shape_dropped(self, kind: int) -> None:
         """A SHAPE_* reply will never come (an error before it, or the queue reset)."""
@@ -914,7 +970,7 @@ class BatchRewriter:
                 self._record(name, previous, previous is entry)
             if (
                 name_end
-                and self.expect.size == 1
+                and (self.expect.size == 1 or self._only_closes_ahead())
                 and replies is not None
                 and replies.status == codes.TX_IDLE
             ):
@@ -929,6 +985,18 @@ class BatchRewriter:
             out += self._learn_shape(entry)
         return out
 
+    def _only_closes_ahead(self) -> bool:
+        """Of the replies due, all but the last (the answer of the message just
+        seen) answer Closes the rewriter sent ahead of it, of statements no longer
+        used (see _closes_ahead): it begins a batch. After a schema change they
+        lead the first batch on each server."""
+        expect = self.expect
+        kinds = expect.kinds
+        for at in range(expect.head, expect.head + expect.size - 1):
+            if kinds[at] != HIDDEN_CLOSE:
+                return False
+        return True
+
     def _probe(self, body: bytes, name_end: int, kind: int) -> bytes:
         """The client's Parse (`body`), renamed to the server's unnamed statement."""
         self._push(kind)
@@ -936,8 +1004,8 @@ class BatchRewriter:
         return b"".join((b"P", length.to_bytes(4, "big"), b"\x00", body[name_end:]))
 
     def _rerun_bound(self, data: bytes, pos: i64) -> None:
-        """The first Bind behind a Parse the server was not sent (see _rerun), at
-        data[pos]: where the batch would run again from."""
+        """The first Bind, or Describe of a statement, behind a Parse the server was
+        not sent (see _rerun), at data[pos]: where the batch would run again from."""
         expect = self.expect
         if not expect.size:
             # The Parse's answer has gone out already, with a reply of the server's
@@ -974,19 +1042,23 @@ class BatchRewriter:
         self._rerun_bind = -1
 
     def _may_rerun(self, failed: int, client_name: bytes) -> bool:
-        """The error that answers the expected reply numbered `failed` (a Bind of the
-        client's statement `client_name`) may be the refusal of a batch that can run
-        again (see _rerun): the first Bind behind the Parse, of its statement, the
-        batch complete, with nothing sent after it that is answered (the server
-        skipped to the Sync, the last reply due), and the client not inside a message
-        the server has begun to receive."""
+        """The error that answers the expected reply numbered `failed` (a Bind or
+        Describe of the client's statement `client_name`) may be the refusal of a batch
+        that can run again (see _rerun): the first Bind or Describe of a statement
+        behind the Parse, of its statement, the batch complete, with nothing sent
+        after it that is answered (the server skipped to the Sync, the last reply
+        due; or, with a Flush last, nothing is due), and the client not inside a
+        message the server has begun to receive."""
         body = self._rerun_parse
         stream = self.client_stream
+        state = self._rerun_state
+        expect = self.expect
         return (
-            self._rerun_state == _RERUN_SYNCED
-            and failed == self._rerun_bind
-            and self.expect.size == 1
-            and self.expect.kinds[self.expect.head] == SYNC
+            failed == self._rerun_bind
+            and (
+                (state == _RERUN_SYNCED and expect.size == 1 and expect.kinds[expect.head] == SYNC)
+                or (state == _RERUN_FLUSHED and not expect.size)
+            )
             and client_name == body[: _name_end(body, 0) - 1]
             and (
                 stream is None
@@ -995,17 +1067,20 @@ class BatchRewriter:
         )
 
     def _rerun(self, entry: StatementEntry) -> bool:
-        """The server refused `entry` at the client's first Bind of it, behind a Parse
-        of it that the server was not sent (it had the statement), because a table it
+        """The server refused `entry` at the client's first Bind or Describe of it
+        (drivers that prepare describe first: asyncpg, with a Flush behind), behind a
+        Parse of it that the server was not sent (it had the statement), because a
+        table it
         reads changed since the server parsed it: PostgreSQL alone would have parsed
         the client's text anew and run it. The batch is a transaction of its own
         (sent outside a transaction block), and what the server ran of it before the
         Bind changed nothing a second run would repeat (no Execute before the first
         Bind), and it skipped the rest: the client's name gets the text's statement
-        of the registry's new generation (replan), and its messages from the Bind to
-        the Sync are fed again (rerun_bytes, with resume_due), behind the server's
-        ReadyForQuery for the refused batch, which is dropped (RERUN_SYNC). False
-        when the registry gives the same statement (it was not replanned)."""
+        of the registry's new generation (replan), and its messages from that one to
+        the Sync (or the Flush) are fed again (rerun_bytes, with resume_due), behind
+        the server's ReadyForQuery for the refused batch, which is dropped
+        (RERUN_SYNC). False when the registry gives the same statement (it was not
+        replanned)."""
         body = self._rerun_parse
         name_end = _name_end(body, 0)
         fresh = self.registry.lookup(body, name_end, self.context)
@@ -1013,10 +1088,20 @@ class BatchRewriter:
             return False
         self._call(body[: name_end - 1], fresh)
         self.rerun_bytes = self._rerun_data[self._rerun_start : self._rerun_end]
-        self._forget_rerun()
         expect = self.expect
-        expect.replace_first(RERUN_SYNC)
-        expect.syncs -= 1
+        if self._rerun_state == _RERUN_SYNCED:
+            expect.replace_first(RERUN_SYNC)
+            expect.syncs -= 1
+            self.rerun_syncs = 1
+        else:
+            # The server skips to a Sync the client has not sent (it waits for the
+            # answer to its Flush): the pooler sends one, whose ReadyForQuery is its,
+            # and the client's messages count again from there.
+            self._resume_bytes = _SYNC_MESSAGE
+            self._push(RERUN_SYNC)
+            self.skipping = False
+            self.rerun_syncs = 0
+        self._forget_rerun()
         self.resume_due = True
         logger.info(
             "prepared statements: a statement was refused after a schema change"
@@ -1148,7 +1233,19 @@ class BatchRewriter:
     def fixed_error(self, body: bytes) -> bytes | None:
         """What to send the client instead of the ErrorResponse `body` the server just
         sent (None: pass it on). A refusal's error is replaced by the pooler's own; a
-        Bind's or Describe's names the statement by the client's name."""
+        Bind's or Describe's names the statement by the client's name. A
+        ParameterDescription held before it (see _held_params) goes out first, unless
+        the batch runs again (b"": the error is dropped)."""
+        held = self._held_params
+        if not len(held):
+            return self._fixed_error(body)
+        self._held_params = b""
+        fixed = self._fixed_error(body)
+        if fixed is None:
+            return held + messages.build(b"E", body)
+        return held + fixed if len(fixed) else fixed
+
+    def _fixed_error(self, body: bytes) -> bytes | None:
         fix = self.error_fix
         payload = self._error_fix_payload
         self.error_fix = 0
@@ -1345,10 +1442,15 @@ class BatchRewriter:
             self._skip_to_sync()
             self._settle_error(failed)
             if self._rerun_state:
-                if kind == BIND and self._may_rerun(failed, payload):
+                if (
+                    kind == BIND or kind == DESCRIBE_S or kind == DESCRIBE_S_ROWS
+                ) and self._may_rerun(failed, payload):
                     self.error_fix = _RERUN_IF_REPLANNED
+                    self._error_fix_payload = payload
                 else:
                     self._forget_rerun()
+            if len(self._held_params) and not self.error_fix:
+                self.error_fix = _RELEASE_HELD
             return action
         if msg_type == codes.READY_FOR_QUERY:
             if kind == SYNC or kind == QUERY:
@@ -1384,11 +1486,20 @@ class BatchRewriter:
             ok = msg_type == codes.BIND_COMPLETE
         elif kind == DESCRIBE_S:
             if msg_type == codes.PARAMETER_DESCRIPTION:
+                if self._describe_may_rerun():
+                    self._holding_params = True
+                    # The client's name stays with it, for an error (see _may_rerun).
+                    expect.kinds[expect.head] = DESCRIBE_S_ROWS
+                    return action | DROP | CAPTURE
                 expect.replace_first(DESCRIBE_S_ROWS)
                 return action
             ok = False
         elif kind == DESCRIBE_S_ROWS or kind == DESCRIBE_P:
             ok = _ROW_DESCRIPTION_OR_NO_DATA[msg_type] == 1
+            if ok and len(self._held_params):
+                self._prefix.append(self._held_params)
+                self._held_params = b""
+                action |= HAS_PREFIX
         elif kind == CLOSE:
             ok = msg_type == codes.CLOSE_COMPLETE
         elif kind == HIDDEN_CLOSE or kind == RECHECK_CLOSE:
