@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from helpers.pooler import ADMIN_PASSWORD, ADMIN_USER, PoolerProcess
+from helpers.pooler import PoolerProcess, general_section
 from pg_doorman.app.embedded_pg import LocalPostgres, free_port
 
 # Passing directly, they may fail through the pooler, for these reasons.
@@ -155,13 +155,7 @@ def session_pooler_config(server: LocalPostgres, port: int) -> dict[str, Any]:
         for database in DATABASES
     }
     return {
-        "general": {
-            "host": "127.0.0.1",
-            "port": port,
-            "admin_username": ADMIN_USER,
-            "admin_password": ADMIN_PASSWORD,
-            "pg_hba": "host all postgres 127.0.0.1/32 trust\n",
-        },
+        "general": general_section(port, "host all postgres 127.0.0.1/32 trust\n"),
         "pools": pools,
     }
 

@@ -91,17 +91,24 @@ def pooler_hba(trust_users: Sequence[str] = ()) -> str:
     return "\n".join(lines) + "\n"
 
 
+def general_section(port: int, pg_hba: str) -> dict[str, Any]:
+    """A pooler's `[general]` on 127.0.0.1:`port`, with the tests' admin user."""
+    return {
+        "host": "127.0.0.1",
+        "port": port,
+        "admin_username": ADMIN_USER,
+        "admin_password": ADMIN_PASSWORD,
+        "pg_hba": pg_hba,
+    }
+
+
 def default_pooler_config(pg: ExamplePostgres, port: int) -> dict[str, Any]:
     """Pool `example_db` in front of `pg` with the three example users."""
     users = list(pg.users.values())
     return {
-        "general": {
-            "host": "127.0.0.1",
-            "port": port,
-            "admin_username": ADMIN_USER,
-            "admin_password": ADMIN_PASSWORD,
-            "pg_hba": pooler_hba([u.name for u in users if u.method == "trust"]),
-        },
+        "general": general_section(
+            port, pooler_hba([u.name for u in users if u.method == "trust"])
+        ),
         "pools": {
             EXAMPLE_DB: {
                 "server_host": pg.host,

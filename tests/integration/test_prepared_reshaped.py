@@ -46,20 +46,25 @@ def by_column_names(reply: list[w.Reply]) -> list[w.Reply]:
     ]
 
 
+def make_table(pg: ExamplePostgres, table: str) -> None:
+    """`table` made anew (columns id and a, one row), owned by the md5 user."""
+    user = pg.md5_user
+    pg.psql(
+        f"grant create on schema public to {user.name};"
+        f" drop table if exists {table}; create table {table}(id int, a int);"
+        f" alter table {table} owner to {user.name}; insert into {table} values (1, 10)",
+        database="example_db",
+    )
+
+
 def direct_then_pooled(
     pg: ExamplePostgres, proc: PoolerProcess, table: str, steps: list[Step]
 ) -> tuple[list[list[w.Reply]], list[list[w.Reply]]]:
     """The replies to `steps` from PostgreSQL, then through `proc`, each starting from
-    `table` made anew (columns id and a, one row), owned by the md5 user."""
-    user = pg.md5_user
-    pg.psql(f"grant create on schema public to {user.name}", database="example_db")
+    `table` made anew (make_table)."""
     replies = []
     for target in (pg, proc):
-        pg.psql(
-            f"drop table if exists {table}; create table {table}(id int, a int);"
-            f" alter table {table} owner to {user.name}; insert into {table} values (1, 10)",
-            database="example_db",
-        )
+        make_table(pg, table)
         replies.append([by_column_names(reply) for reply in play(target, pg, steps)])
     return replies[0], replies[1]
 
@@ -239,14 +244,9 @@ def test_a_statement_prepared_with_a_flush_after_a_schema_change_is_parsed_anew(
     connection until the server let the statement go."""
     proc = pooler(pools=one_user_pool(pg.md5_user.name, 1))
     user = pg.md5_user
-    pg.psql(f"grant create on schema public to {user.name}", database="example_db")
     replies = []
     for target in (pg, proc):
-        pg.psql(
-            "drop table if exists rerun; create table rerun(id int, a int);"
-            f" alter table rerun owner to {user.name}; insert into rerun values (1, 10)",
-            database="example_db",
-        )
+        make_table(pg, "rerun")
         got = []
         for step in range(3):
             if step == 1:
