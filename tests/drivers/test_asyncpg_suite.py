@@ -56,7 +56,7 @@ DIFFERENCES = {
 # Not run: they start clusters of their own (initdb, TLS certificates) or check
 # asyncpg's own source code.
 IGNORED = ("tests/test_connect.py", "tests/test__sourcecode.py")
-# Databases the suite connects to besides `postgres` (it creates them).
+# Databases the suite connects to (it creates all but `postgres`).
 DATABASES = ("postgres", "testdb", "asyncpg_intro_test")
 
 
