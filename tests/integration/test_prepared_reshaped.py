@@ -99,16 +99,19 @@ def test_a_reshaped_statement_gets_postgresql_s_error(
 SELECT_RERUN = "select * from rerun where id = $1"
 
 
+def run(name: str, text: str = SELECT_RERUN, value: str = "1") -> bytes:
+    """A batch of its own that parses `text` (its parameter an int4 when it is
+    SELECT_RERUN, else inferred) as `name` and runs it with `value`."""
+    types = [23] if text == SELECT_RERUN else []
+    return P(name, text, types) + B("", name, [value]) + w.describe("P") + E() + S()
+
+
 def rerun_steps() -> list[Step]:
     """Statements the server holds for the pool when a table they read changes, then
     parsed again by clients in a batch of their own (as psycopg, pgjdbc and
     node-postgres run each query outside a transaction block), which PostgreSQL
     plans afresh; and one prepared before the change, bound without a new Parse,
     which it refuses."""
-
-    def run(name: str) -> bytes:
-        return P(name, SELECT_RERUN, [23]) + B("", name, ["1"]) + w.describe("P") + E() + S()
-
     return [
         (0, run(""), 1),
         (0, run("s"), 1),
@@ -165,14 +168,13 @@ def test_inside_a_transaction_block_the_refusal_reaches_the_client(
     cannot run again, and the client gets the server's 0A000 (where PostgreSQL alone
     parses the text anew), once; after the ROLLBACK the text runs with the new column."""
     proc = pooler(pools=one_user_pool(pg.md5_user.name, 1))
-    run = P("", SELECT_RERUN, [23]) + B("", "", ["1"]) + w.describe("P") + E() + S()
     steps: list[Step] = [
-        (0, run, 1),
+        (0, run(""), 1),
         (1, Q("alter table rerun add column b int default 7"), 1),
         (0, Q("begin"), 1),
-        (0, run, 1),
+        (0, run(""), 1),
         (0, Q("rollback"), 1),
-        (0, run, 1),
+        (0, run(""), 1),
     ]
     direct, pooled = direct_then_pooled(pg, proc, "rerun", steps)
     assert w.msg_types(direct[3]) == "12TDCZ"
@@ -197,19 +199,19 @@ def test_a_statement_whose_parameter_type_changed_is_parsed_anew(
     server let it go; now the batch runs again with the text parsed anew, as for a
     changed result, and in a transaction block the client meets the error once."""
     proc = pooler(pools=one_user_pool(pg.md5_user.name, 1))
-    run = P("", INFERRED) + B("", "", ["10"]) + w.describe("P") + E() + S()
+    inferred = run("", INFERRED, "10")
     steps: list[Step] = [
-        (0, run, 1),
-        (1, run, 1),
+        (0, inferred, 1),
+        (1, inferred, 1),
         (1, Q("alter table rerun alter column a type text"), 1),
-        (0, run, 1),
-        (1, run, 1),
+        (0, inferred, 1),
+        (1, inferred, 1),
         (1, Q("alter table rerun alter column a type int using a::int"), 1),
         (0, Q("begin"), 1),
-        (0, run, 1),
+        (0, inferred, 1),
         (0, Q("rollback"), 1),
-        (0, run, 1),
-        (1, run, 1),
+        (0, inferred, 1),
+        (1, inferred, 1),
     ]
     direct, pooled = direct_then_pooled(pg, proc, "rerun", steps)
     assert all(w.msg_types(reply) in ("12TDCZ", "CZ") for reply in direct), direct

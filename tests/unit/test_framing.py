@@ -439,24 +439,20 @@ def test_a_notification_of_the_server_s_own_session_names_its_client() -> None:
     """The sender pid of a NotificationResponse its own backend sent becomes the pid the
     client was given, wherever the reads cut the stream; others' pass untouched, and
     nothing changes while no client is served (notify_as 0)."""
-    stream = b"".join(
-        [
-            notification_from(4242),
-            data_row(20),
-            notification_from(777, b"x" * 300),
-            notification_from(4242, b"y" * 300),
-            messages.READY_IDLE,
-        ]
-    )
-    expected = b"".join(
-        [
-            notification_from(9001),
-            data_row(20),
-            notification_from(777, b"x" * 300),
-            notification_from(9001, b"y" * 300),
-            messages.READY_IDLE,
-        ]
-    )
+
+    def notifications(own: int) -> bytes:
+        """Two notifications of the session `own` around one of another's."""
+        return b"".join(
+            [
+                notification_from(own),
+                data_row(20),
+                notification_from(777, b"x" * 300),
+                notification_from(own, b"y" * 300),
+                messages.READY_IDLE,
+            ]
+        )
+
+    stream, expected = notifications(4242), notifications(9001)
     for cut in range(1, len(stream)):
         for second in (cut + 1, cut + 7, len(stream)):
             scanner = BackendScanner({})

@@ -424,7 +424,6 @@ class BatchRewriter:
         "_checked_unnamed_parse",
         "_error_fix_payload",
         "_held_params",
-        "_holding_params",
         "_instead",
         "_journal",
         "_last_parse",
@@ -434,6 +433,7 @@ class BatchRewriter:
         "_rerun_data",
         "_rerun_end",
         "_rerun_parse",
+        "_rerun_replies",
         "_rerun_start",
         "_rerun_state",
         "_reshaped",
@@ -548,6 +548,9 @@ class BatchRewriter:
         self._rerun_start: i64 = 0
         self._rerun_end: i64 = 0
         self._rerun_bind = -1
+        # With a Flush last: how many replies had been due in all when it came (more
+        # by the error, the client sent more behind it).
+        self._rerun_replies: i64 = 0
         # The client's messages of such a batch, to be fed again (read and reset by
         # the client with the bytes a check held: resume_due), and how many Syncs of
         # the client's are among them (counted when they first came).
@@ -557,9 +560,8 @@ class BatchRewriter:
         # the RowDescription after it (then it goes out before it) or an error (then
         # it goes out before the error, or not at all when the batch runs again, which
         # describes the statement anew): PostgreSQL sends it before it finds that the
-        # statement's result changed. _holding_params: the next captured message is it.
+        # statement's result changed.
         self._held_params = b""
-        self._holding_params = False
         # Set (to a position past the message's start) when frontend()'s replacement
         # stands only for the bytes up to it: the client's bytes from there on are
         # forwarded as they are (read and reset by the scanner).
@@ -584,7 +586,6 @@ class BatchRewriter:
             self._forget_rerun()
         self.rerun_bytes = b""
         self._held_params = b""
-        self._holding_params = False
 
     @property
     def active(self) -> bool:
@@ -595,8 +596,6 @@ class BatchRewriter:
 
     def frontend(self, msg_type: i64, data: bytes, pos: i64, end: i64) -> bytes | None:
         """Replacement for one client message (None: forward unchanged)."""
-        if self._rerun_state == _RERUN_FLUSHED:
-            self._forget_rerun()  # the Flush was not the last message
         if msg_type == codes.SYNC:
             if self._rerun_state:
                 self._rerun_sync(data, end)
@@ -650,6 +649,7 @@ class BatchRewriter:
             if data is self._rerun_data and end - self._rerun_start <= _RERUN_MAX:
                 self._rerun_state = _RERUN_FLUSHED
                 self._rerun_end = end
+                self._rerun_replies = self.expect.popped + self.expect.size
             else:
                 self._forget_rerun()
         return None  # Flush and anything else
@@ -852,8 +852,7 @@ class BatchRewriter:
         """The RowDescription or NoData in data[pos:end] answers the Describe that
         backend() just matched it to (CAPTURE); or the ParameterDescription to hold
         (see _held_params)."""
-        if self._holding_params:
-            self._holding_params = False
+        if data[pos] == codes.PARAMETER_DESCRIPTION:
             self._held_params = data[pos:end]
             return
         entry = self._shape_entry
@@ -1047,8 +1046,9 @@ class BatchRewriter:
         that can run again (see _rerun): the first Bind or Describe of a statement
         behind the Parse, of its statement, the batch complete, with nothing sent
         after it that is answered (the server skipped to the Sync, the last reply
-        due; or, with a Flush last, nothing is due), and the client not inside a
-        message the server has begun to receive."""
+        due; or, with a Flush last, nothing is due and nothing was sent after the
+        Flush), and the client not inside a message the server has begun to
+        receive."""
         body = self._rerun_parse
         stream = self.client_stream
         state = self._rerun_state
@@ -1057,7 +1057,11 @@ class BatchRewriter:
             failed == self._rerun_bind
             and (
                 (state == _RERUN_SYNCED and expect.size == 1 and expect.kinds[expect.head] == SYNC)
-                or (state == _RERUN_FLUSHED and not expect.size)
+                or (
+                    state == _RERUN_FLUSHED
+                    and not expect.size
+                    and expect.popped == self._rerun_replies
+                )
             )
             and client_name == body[: _name_end(body, 0) - 1]
             and (
@@ -1070,9 +1074,8 @@ class BatchRewriter:
         """The server refused `entry` at the client's first Bind or Describe of it
         (drivers that prepare describe first: asyncpg, with a Flush behind), behind a
         Parse of it that the server was not sent (it had the statement), because a
-        table it
-        reads changed since the server parsed it: PostgreSQL alone would have parsed
-        the client's text anew and run it. The batch is a transaction of its own
+        table it reads changed since the server parsed it: PostgreSQL alone would have
+        parsed the client's text anew and run it. The batch is a transaction of its own
         (sent outside a transaction block), and what the server ran of it before the
         Bind changed nothing a second run would repeat (no Execute before the first
         Bind), and it skipped the rest: the client's name gets the text's statement
@@ -1487,7 +1490,6 @@ class BatchRewriter:
         elif kind == DESCRIBE_S:
             if msg_type == codes.PARAMETER_DESCRIPTION:
                 if self._describe_may_rerun():
-                    self._holding_params = True
                     # The client's name stays with it, for an error (see _may_rerun).
                     expect.kinds[expect.head] = DESCRIBE_S_ROWS
                     return action | DROP | CAPTURE
