@@ -14,7 +14,8 @@ from helpers.pooler import PoolerFactory
 
 DEFAULT_SEARCH_PATH = '"$user", public'
 # Startup settings the pooler applies for a client in transaction mode: search_path
-# (reported by PostgreSQL 18, not followed) and statement_timeout (never reported).
+# (reported by PostgreSQL 18: followed when changed) and statement_timeout (never
+# reported).
 STARTUP_SETTINGS = {"search_path": "pg_catalog,public", "statement_timeout": "7s"}
 
 

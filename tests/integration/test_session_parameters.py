@@ -42,9 +42,15 @@ PROFILES: tuple[dict[str, str], ...] = (
 LOGGED_ROLE = "params_logged"
 
 
+# Reported settings that are not synced but follow a client that changes them
+# (search_path from PostgreSQL 18, default_transaction_read_only from 14).
+FOLLOWED = ("search_path", "default_transaction_read_only")
+
+
 def _believed(conn: w.PgWire) -> dict[str, str | None]:
-    """The synced parameters as the client was told them (greeting and since)."""
-    return {name: conn.parameters.get(name) for name in SYNCED}
+    """The synced and followed parameters as the client was told them (greeting and
+    since)."""
+    return {name: conn.parameters.get(name) for name in SYNCED + FOLLOWED}
 
 
 def _login(
@@ -222,12 +228,22 @@ SETS = (
     "set timezone = 'Asia/Kolkata'; select 1/0",
     "set datestyle = 'SQL'; select 2",
 )
+# Changes of the followed settings, where PostgreSQL reports them.
+FOLLOWED_SETS = (
+    "set search_path = 'pg_catalog, public'",
+    "select set_config('search_path', 'information_schema', false)",
+    "set local search_path = 'public'",
+    "set default_transaction_read_only = on",
+    "set default_transaction_read_only = off",
+)
 # RESET and SET ... TO DEFAULT go back to the server's session defaults, which are a
 # client's own only when it sent none at startup (docs/configuration.md).
 RESETS = ("reset timezone", "reset all", "set datestyle to default", "discard all")
 PROBES = (
     "show timezone",
     "show datestyle",
+    "show search_path",
+    "show transaction_read_only",
     "select '2020-03-04 05:06:07+00'::timestamptz::text",
     "select '01/02/2020'::date::text, '2020-01-02 03:04:05'::timestamp",
     "select '1 day 02:03:04'::interval::text, interval '-1 year 2 mons'",
@@ -240,13 +256,13 @@ STATEMENT_NAMES = ("", "s1", "s2")
 
 
 def random_step(
-    rng: random.Random, profile: dict[str, str], in_transaction: bool
+    rng: random.Random, profile: dict[str, str], in_transaction: bool, sets: tuple[str, ...]
 ) -> tuple[str | None, str]:
     """A simple query (name None), or a statement to prepare under a name ("" for the
     unnamed one) and run, for the settings-dependent probes."""
     kind = rng.random()
     if kind < 0.25:
-        return None, rng.choice(SETS)
+        return None, rng.choice(sets)
     if kind < 0.35 and not profile:
         reset = rng.choice(RESETS)
         return None, "select 3" if reset == "discard all" and in_transaction else reset
@@ -297,10 +313,12 @@ def test_random_session_parameter_program(
     direct = [_login(pg, pg, p) for p in profiles]
     pooled = [_login(proc, pg, p) for p in profiles]
     program = [f"  profiles: {profiles}"]
+    followed = all(name in direct[0].parameters for name in FOLLOWED)
+    sets = SETS + FOLLOWED_SETS if followed else SETS
     try:
         for step in range(BATCHES):
             client = next_client(rng, direct, servers)
-            name, sql = random_step(rng, profiles[client], direct[client].status != "I")
+            name, sql = random_step(rng, profiles[client], direct[client].status != "I", sets)
             if name is None:
                 program.append(f"  {step:2d} client {client}: {sql}")
                 got = direct[client].simple_query(sql)

@@ -283,6 +283,9 @@ def test_clients_move_to_the_new_process_with_their_sessions(
     busy = psycopg.connect(dsn, application_name="busy")
     try:
         assert idle.execute("select %s::int + 1", [1], prepare=True).fetchone() == (2,)
+        # A reported setting it changed follows it (PostgreSQL 18 reports search_path).
+        follows = idle.info.parameter_status("search_path") is not None
+        idle.execute("set search_path to pg_catalog, public")
         key = idle.pgconn.backend_pid
         busy.execute("select 1")  # a transaction open across the upgrade
         old_pid = proc.pid
@@ -297,6 +300,8 @@ def test_clients_move_to_the_new_process_with_their_sessions(
         # The prepared statement is known by its name: psycopg sends only Bind now.
         assert idle.execute("select %s::int + 1", [41], prepare=True).fetchone() == (42,)
         assert idle.execute("show statement_timeout").fetchone() == ("4321ms",)
+        if follows:
+            assert idle.execute("show search_path").fetchone() == ("pg_catalog, public",)
         assert busy.execute("select 3").fetchone() == (3,)
         busy.commit()
         clients = {row["application_name"]: row for row in show(proc, "CLIENTS")}

@@ -35,7 +35,8 @@ def a_session(**changes: object) -> SessionState:
         unix=False,
         age=12.5,
         parameters={"DateStyle": "ISO, MDY", "application_name": "app"},
-        extra_parameters={"statement_timeout": "4321"},
+        extra_parameters={"statement_timeout": "4321", "search_path": "app, public"},
+        startup_settings={"statement_timeout": "4321"},
         raw_parameters=("DateStyle",),
         server_parameters={"server_version": "16.4", "DateStyle": "ISO, MDY"},
         named=[
@@ -70,6 +71,18 @@ def test_statements_from_a_process_that_carried_no_columns_are_read() -> None:
     assert session.unnamed == (b"select 2\x00\x00\x00", b"", None)
 
 
+def test_settings_from_a_process_that_carried_only_startup_ones_are_read() -> None:
+    """The state of a version whose extra parameters were the startup settings alone:
+    they stay the startup settings."""
+    import json
+
+    document = json.loads(a_session().encode()[len(MAGIC) :])
+    del document["startup_settings"]
+    session = SessionState.decode(MAGIC + json.dumps(document).encode())
+    assert session.startup_settings == session.extra_parameters
+    assert session.extra_parameters == {"statement_timeout": "4321", "search_path": "app, public"}
+
+
 @pytest.mark.parametrize(
     ("data", "says"),
     [
@@ -96,6 +109,7 @@ def test_what_is_not_a_session_state_is_refused(data: bytes, says: str) -> None:
         ("named", [["czE=", "eA==", "", 7]]),
         ("named", [["czE=", "eA==", "", None, None]]),
         ("raw_parameters", "DateStyle"),
+        ("startup_settings", {"a": 1}),
         ("unnamed", ["eA=="]),
     ],
 )

@@ -130,6 +130,11 @@ _PLANNING: Final = frozenset(
     )
 )
 _PLANNING_ORDER: Final = tuple(sorted(_PLANNING))
+# Settings PostgreSQL reports (search_path from version 18, default_transaction_read_only
+# from 14) that are not synced: a transaction-mode client's changes to them, by SET,
+# RESET, set_config() or a ROLLBACK, follow it to its next servers as its startup
+# settings do, and the server it leaves is known to hold them.
+_FOLLOWED_SETTINGS: Final = frozenset(("search_path", "default_transaction_read_only"))
 _ADMIN_DATABASES: Final = ADMIN_DATABASES
 # Planning contexts built (see _planning_context), by their values in _PLANNING_ORDER.
 _PLANNING_CONTEXTS: Final[dict[tuple[str | None, ...], bytes]] = {}
@@ -270,6 +275,7 @@ class ClientConnection(asyncio.Protocol):
         "rewriter",
         "secret",
         "server",
+        "startup_settings",
         "state",
         "tls",
         "transactions",
@@ -362,9 +368,12 @@ class ClientConnection(asyncio.Protocol):
         self._checking_locks = False
         self._param_mark = 0
         self.rewriter: BatchRewriter | None = None
-        # Startup parameters PostgreSQL doesn't report back (search_path before 18,
-        # statement_timeout, ...): SET on each server this client uses.
+        # Settings SET on each server this client uses: its startup parameters that
+        # are not synced (statement_timeout, search_path, ...), and the reported
+        # settings it changed since (_FOLLOWED_SETTINGS).
         self.extra_parameters: dict[str, str] = {}
+        # The startup part of them: what a RESET on a server it keeps goes back to.
+        self.startup_settings: dict[str, str] = {}
         self._fingerprint: tuple[object, ...] | None = None
         self._fingerprint_synced: tuple[str, ...] = ()
         # Synced parameters still holding the client's own spelling from its startup
@@ -1033,6 +1042,7 @@ class ClientConnection(asyncio.Protocol):
             pool.remember_login_parameters(encoded, worked_out)
         self.parameters = worked_out.reported.copy()
         self.extra_parameters = worked_out.extra.copy()
+        self.startup_settings = worked_out.extra  # shared with the pool's memo: never changed
         self._raw_parameters = worked_out.raw
         if worked_out.application_name is not None:
             self.application_name = worked_out.application_name
@@ -2028,7 +2038,26 @@ class ClientConnection(asyncio.Protocol):
         itself since, as a RESET in a session of its own would have left them.
         pg_settings.source tells which; a custom setting (`app.x`), which pg_settings
         does not list, counts as reset when it is empty."""
-        wanted = self.extra_parameters
+        if server.scanner.param_changes != self._param_mark:
+            self._follow_server_parameters(server)  # the RESET's reports, logged
+        wanted = self.startup_settings
+        if not wanted:
+            return
+        pool = self.pool
+        assert pool is not None and pool.server_parameters is not None
+        # What it keeps now: its followed settings as reported (the RESET's reports
+        # included), and its startup settings, which the statement below sets again
+        # where the RESET took them back to the default (it cannot tell RESET x from
+        # RESET ALL, so a followed one is taken as reset when it is at the default).
+        keeps = dict(self.extra_parameters)
+        for name, value in wanted.items():
+            if name not in _FOLLOWED_SETTINGS or keeps.get(name) in (
+                None,
+                pool.server_parameters.get(name),
+            ):
+                keeps[name] = value
+        self.extra_parameters = keeps
+        self._fingerprint = None
         rows = ", ".join(f"({quote_literal(n)}, {quote_literal(v)})" for n, v in wanted.items())
         statement = (
             "SELECT pg_catalog.set_config(w.name, w.value, false)"
@@ -2038,9 +2067,8 @@ class ClientConnection(asyncio.Protocol):
             " THEN coalesce(pg_catalog.current_setting(w.name, true), '') = ''"
             " ELSE s.source <> 'session' END"
         )
-        server.set_extra_parameters(dict(wanted))
-        server.send_parameter_sync(statement, ())
-        self._param_mark = server.scanner.param_changes
+        server.set_extra_parameters(dict(keeps))
+        server.send_parameter_sync(statement, (), tell=True)
 
     def _parameter_sync_statement(self, server: ServerConnection) -> tuple[str, tuple[str, ...]]:
         """A statement that gives the server this client's session parameters, and
@@ -2138,6 +2166,7 @@ class ClientConnection(asyncio.Protocol):
                 ", ".join(self.extra_parameters),
             )
             self.extra_parameters = {}
+            self.startup_settings = {}
         self._fingerprint = None
 
     def _follow_server_parameters(self, server: ServerConnection) -> None:
@@ -2147,12 +2176,44 @@ class ClientConnection(asyncio.Protocol):
         self._param_mark = server.scanner.param_changes
         reported = server.scanner.reported
         if reported:
-            if self.pool is not None and self.pool.settings.log_parameter_changes:
+            pool = self.pool
+            assert pool is not None
+            if pool.settings.log_parameter_changes:
                 self._log_parameter_changes(reported)
+            if not pool.settings.session_mode:
+                self._follow_settings(server, reported)
             reported.clear()
         self.accept_server_parameters(server)
         if self.rewriter is not None:
             self.rewriter.set_context(self._planning_context())
+
+    def _follow_settings(
+        self, server: ServerConnection, reported: list[tuple[str, str | None, str]]
+    ) -> None:
+        """Take the values of _FOLLOWED_SETTINGS the server reported as this client's
+        own, in the order they came: its next servers get them (set_config, as its
+        startup settings), and this one is known to hold them, so the next client
+        here without them gets them reset. A value back at the pool's default is
+        dropped, unless it overrides a startup setting."""
+        pool = self.pool
+        assert pool is not None and pool.server_parameters is not None
+        mine = self.extra_parameters
+        held: dict[str, str] | None = None
+        for name, _before, value in reported:
+            if name not in _FOLLOWED_SETTINGS:
+                continue
+            if held is None:
+                held = dict(server.extra_parameters)
+            self.parameters[name] = value
+            if value == pool.server_parameters.get(name) and name not in self.startup_settings:
+                mine.pop(name, None)
+                held.pop(name, None)
+            else:
+                mine[name] = value
+                held[name] = value
+        if held is not None:
+            server.set_extra_parameters(held)
+            self._fingerprint = None
 
     def _log_parameter_changes(self, reported: list[tuple[str, str | None, str]]) -> None:
         """log_client_parameter_status_changes: the ParameterStatus messages relayed to
@@ -2348,7 +2409,7 @@ class ClientConnection(asyncio.Protocol):
             self._attach(server, now)
             if (
                 scanner.cleanup_flags & CLEAN_RESET
-                and self.extra_parameters
+                and self.startup_settings
                 and not server.sync_pending
             ):
                 # Its RESET in the checked transaction (a DISCARD ALL is seen to by
@@ -2428,6 +2489,7 @@ class ClientConnection(asyncio.Protocol):
             age=time.monotonic() - self.connected_at,
             parameters=dict(self.parameters),
             extra_parameters=dict(self.extra_parameters),
+            startup_settings=dict(self.startup_settings),
             raw_parameters=self._raw_parameters,
             server_parameters=dict(pool.server_parameters),
             named=named,
@@ -2476,6 +2538,7 @@ class ClientConnection(asyncio.Protocol):
             pool.server_parameters = dict(session.server_parameters)
         self.parameters = dict(session.parameters)
         self.extra_parameters = dict(session.extra_parameters)
+        self.startup_settings = dict(session.startup_settings)
         self._raw_parameters = session.raw_parameters
         if pool.settings.prepared_statements:
             registry = pool.statements

@@ -222,6 +222,7 @@ class ServerConnection(asyncio.Protocol):
         self.temp_owner: ClientConnection | None = None
         self._sync_settles: tuple[str, ...] = ()
         self._sync_notice = b""
+        self._sync_tells = False  # the client hears the parameters it sets (a RESET's)
         # Client cancel requests that came while that reply was awaited: PostgreSQL
         # would cancel the pooler's SET, not the client's query queued behind it, so
         # they are sent once it is over (app/pooler.py cancel_here).
@@ -558,17 +559,23 @@ class ServerConnection(asyncio.Protocol):
         return True
 
     def send_parameter_sync(
-        self, statement: str, settles: tuple[str, ...], discard_temp: bool = False
+        self,
+        statement: str,
+        settles: tuple[str, ...],
+        discard_temp: bool = False,
+        tell: bool = False,
     ) -> None:
         """SET the client's session parameters before its transaction (`statement`, if
         any), after dropping another client's temporary objects (`discard_temp`); the
         replies are swallowed in front of the relay. `settles` names, for each value the
         statement selects, the synced parameter whose server spelling it is ("" for
-        none)."""
+        none). With `tell`, the client hears of each parameter the statement changes,
+        as after a RESET in a session of its own."""
         assert self.transport is not None
         self.sync_pending = True
         self._sync_settles = settles
         self._sync_notice = b""
+        self._sync_tells = tell
         self._inbox = MessageBuffer()
         out = b""
         if discard_temp:
@@ -594,6 +601,8 @@ class ServerConnection(asyncio.Protocol):
                 name, value = messages.parse_parameter_status(body)
                 self.parameters[name] = value
                 self.scanner.param_changes += 1
+                if self._sync_tells:
+                    self._sync_notice += messages.parameter_status(name, value)
             elif msg_type == codes.ERROR_RESPONSE and self._sync_discarding:
                 fields = messages.parse_error_fields(body)
                 logger.warning(
@@ -841,7 +850,7 @@ class ServerConnection(asyncio.Protocol):
             self.finish(now)
         if (
             client.server is self
-            and client.extra_parameters
+            and client.startup_settings
             and (undone or scanner.cleanup_flags & CLEAN_RESET)
             and not after & _AFTER_LOCK_CHECK  # then once the check has answered
         ):

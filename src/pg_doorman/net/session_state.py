@@ -84,6 +84,9 @@ class SessionState:
     # Passthrough credentials learnt at a login (the new process has seen none yet).
     scram_client_key: bytes | None = None
     pam_password: str | None = None
+    # The startup part of extra_parameters (from a process that kept only those:
+    # all of them).
+    startup_settings: dict[str, str] = field(default_factory=dict)
 
     def encode(self) -> bytes:
         document = {
@@ -98,6 +101,7 @@ class SessionState:
             "age": self.age,
             "parameters": self.parameters,
             "extra_parameters": self.extra_parameters,
+            "startup_settings": self.startup_settings,
             "raw_parameters": list(self.raw_parameters),
             "server_parameters": self.server_parameters,
             "named": [[_b64(n), _b64(b), _b64(c), _shape_text(s)] for n, b, c, s in self.named],
@@ -161,6 +165,7 @@ class SessionState:
                 age=float(age),
                 parameters=_strings(doc["parameters"]),
                 extra_parameters=_strings(doc["extra_parameters"]),
+                startup_settings=_strings(doc.get("startup_settings", doc["extra_parameters"])),
                 raw_parameters=tuple(_text(name) for name in raw),
                 server_parameters=_strings(doc["server_parameters"]),
                 named=named,
