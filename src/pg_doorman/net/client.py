@@ -2040,9 +2040,7 @@ class ClientConnection(asyncio.Protocol):
         does not list, counts as reset when it is empty."""
         if server.scanner.param_changes != self._param_mark:
             self._follow_server_parameters(server)  # the RESET's reports, logged
-        wanted = self.startup_settings
-        if not wanted:
-            return
+        wanted = self.startup_settings  # never empty: both callers check
         pool = self.pool
         assert pool is not None and pool.server_parameters is not None
         # What it keeps now: its followed settings as reported (the RESET's reports
